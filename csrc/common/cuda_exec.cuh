@@ -1,0 +1,36 @@
+// CUDA execution policy: one grid-stride kernel template runs any functor from the *_impl.h headers.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace rrm {
+
+template <class F>
+__global__ void for_each_kernel(int64_t n, F f) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    f(t);
+  }
+}
+
+struct CudaExec {
+  static constexpr int kChannelsPerThread = 1;
+  static constexpr bool kIsCuda = true;
+  static constexpr bool kSortCsr = true;
+  static constexpr int kBlock = 256;
+  template <class F>
+  void for_each(int64_t n, const F& f, int64_t /*grain*/ = 0) const {
+    if (n <= 0) return;
+    const int64_t want = (n + kBlock - 1) / kBlock;
+    const int64_t max_blocks = 65535LL * 32;
+    const unsigned blocks = static_cast<unsigned>(std::min(want, max_blocks));
+    for_each_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(n, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace rrm

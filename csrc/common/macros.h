@@ -1,0 +1,45 @@
+// Portability macros and atomics shared by the CPU and CUDA builds.
+//
+// Every per-element function in csrc/<op>/<op>_common.h is RRM_HOST_DEVICE, so the CPU build runs
+// exactly the code the GPU threads run (and tests can exercise it on a machine without a GPU).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define RRM_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define RRM_HOST_DEVICE inline
+#endif
+
+namespace rrm {
+
+// Compare-and-swap on a 32-bit word; returns the value that was there before.
+RRM_HOST_DEVICE int32_t atomic_cas(int32_t* addr, int32_t expected, int32_t desired) {
+#if defined(__CUDA_ARCH__)
+  return atomicCAS(reinterpret_cast<int*>(addr), expected, desired);
+#else
+  __atomic_compare_exchange_n(addr, &expected, desired, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+  return expected;  // on failure `expected` holds the current value; on success it is unchanged
+#endif
+}
+
+// Fetch-and-add on a 32-bit word; returns the old value.
+RRM_HOST_DEVICE int32_t atomic_add(int32_t* addr, int32_t v) {
+#if defined(__CUDA_ARCH__)
+  return atomicAdd(reinterpret_cast<int*>(addr), v);
+#else
+  return __atomic_fetch_add(addr, v, __ATOMIC_ACQ_REL);
+#endif
+}
+
+// A load that may race with atomic_cas on the same word.
+RRM_HOST_DEVICE int32_t atomic_load(const int32_t* addr) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const volatile int*>(addr);
+#else
+  return __atomic_load_n(addr, __ATOMIC_ACQUIRE);
+#endif
+}
+
+}  // namespace rrm

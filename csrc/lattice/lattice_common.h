@@ -1,0 +1,434 @@
+// Per-element math of the permutohedral lattice (Adams, Baek & Davis, Eurographics 2010), written
+// once as RRM_HOST_DEVICE functors. The CPU build (CpuExec, EmulatedCudaExec) and the CUDA build
+// (CudaExec) run these same bodies; lattice_impl.h strings them together.
+//
+// Conventions (identical to Kraehenbuehl's densecrf, so that dense_crf matches pydensecrf):
+//   d            feature dimension, 1 <= d <= kMaxDim; points live on the plane H_d in R^{d+1}
+//   entry e      pixel i's r-th simplex corner, e = i * (d + 1) + r, 0 <= r <= d
+//   key          the first d integer coordinates of a lattice point (the last one is implied, since
+//                the coordinates of a point of H_d sum to 0); int32 here, int16 in densecrf, which
+//                silently wraps for large coordinates -- the Python layer refuses features that
+//                would overflow int32 instead.
+//   vertex v     a distinct lattice point of one image, 0 <= v < num_vertices[b]
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace rrm {
+namespace lattice {
+
+constexpr int kMaxDim = 16;
+
+// Scale of feature k before elevation: sqrt(2/3) * (d+1) / sqrt((k+1)(k+2)). The (k+1)(k+2) term
+// is the diagonal of the elevation matrix E (Adams et al. p.5); sqrt(2/3)(d+1) makes the blur's
+// expected standard deviation one lattice step (p.6), i.e. the "accurate" variant densecrf uses.
+RRM_HOST_DEVICE double feature_scale(int k, int d) {
+  return sqrt(2.0 / 3.0) * (d + 1) / sqrt(static_cast<double>((k + 1) * (k + 2)));
+}
+
+// Slice normalisation of the [1/2, 1, 1/2] blur along d+1 axes: alpha = 1 / (1 + 2^-d).
+RRM_HOST_DEVICE double slice_alpha(int d) { return 1.0 / (1.0 + pow(2.0, -d)); }
+
+RRM_HOST_DEVICE uint32_t hash_key(const int32_t* key, int d) {
+  uint32_t h = 0;
+  for (int i = 0; i < d; ++i) {
+    h += static_cast<uint32_t>(key[i]);
+    h *= 2531011u;
+  }
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  return h;
+}
+
+RRM_HOST_DEVICE bool keys_equal(const int32_t* a, const int32_t* b, int d) {
+  for (int i = 0; i < d; ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Embed: one thread per pixel. Elevates the feature vector onto H_d, finds the enclosing simplex
+//    (rounding to the nearest 0-coloured point, ranking the residuals, fixing up the sum), and
+//    writes the d+1 corner keys and barycentric weights.
+template <typename scalar_t>
+struct EmbedFunctor {
+  const scalar_t* features;  // (B, d, N) contiguous
+  int32_t* keys;             // (B, N*(d+1), d)
+  scalar_t* weights;         // (B, N*(d+1))
+  const scalar_t* scale;     // (d,) feature_scale(k, d) rounded to scalar_t, as densecrf does
+  int64_t N;
+  int d;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / N, i = t % N;
+    const scalar_t* f = features + b * d * N + i;
+    scalar_t elevated[kMaxDim + 1];
+    int32_t rem0[kMaxDim + 1];
+    int rank[kMaxDim + 1];
+    scalar_t bary[kMaxDim + 2];
+    // Elevation e = E f: e_j = sum_{k>=j} c_k - j c_{j-1}, with c_k = f_k * scale_k.
+    scalar_t sm = 0;
+    for (int j = d; j > 0; --j) {
+      const scalar_t cf = f[(j - 1) * N] * scale[j - 1];
+      elevated[j] = sm - static_cast<scalar_t>(j) * cf;
+      sm += cf;
+    }
+    elevated[0] = sm;
+    // Nearest 0-coloured lattice point: round every coordinate to a multiple of d+1 (ties down).
+    const scalar_t down_factor = scalar_t(1) / static_cast<scalar_t>(d + 1);
+    const scalar_t up_factor = static_cast<scalar_t>(d + 1);
+    int sum = 0;
+    for (int k = 0; k <= d; ++k) {
+      const scalar_t v = down_factor * elevated[k];
+      const scalar_t up = ceil(v) * up_factor;
+      const scalar_t dn = floor(v) * up_factor;
+      rem0[k] = static_cast<int32_t>((up - elevated[k] < elevated[k] - dn) ? up : dn);
+      sum += rem0[k] / (d + 1);  // exact: rem0 is a multiple of d+1
+    }
+    // Rank of each residual (descending); ties broken as densecrf does.
+    for (int k = 0; k <= d; ++k) rank[k] = 0;
+    for (int k = 0; k < d; ++k) {
+      const scalar_t dk = elevated[k] - static_cast<scalar_t>(rem0[k]);
+      for (int j = k + 1; j <= d; ++j) {
+        if (dk < elevated[j] - static_cast<scalar_t>(rem0[j]))
+          rank[k]++;
+        else
+          rank[j]++;
+      }
+    }
+    // If the rounded point is off the plane (sum != 0), move the extreme coordinates back.
+    for (int k = 0; k <= d; ++k) {
+      rank[k] += sum;
+      if (rank[k] < 0) {
+        rank[k] += d + 1;
+        rem0[k] += d + 1;
+      } else if (rank[k] > d) {
+        rank[k] -= d + 1;
+        rem0[k] -= d + 1;
+      }
+    }
+    // Barycentric coordinates from the sorted residuals (Adams et al. p.10), with wrap-around.
+    for (int k = 0; k <= d + 1; ++k) bary[k] = 0;
+    for (int k = 0; k <= d; ++k) {
+      const scalar_t v = (elevated[k] - static_cast<scalar_t>(rem0[k])) * down_factor;
+      bary[d - rank[k]] += v;
+      bary[d - rank[k] + 1] -= v;
+    }
+    bary[0] += scalar_t(1) + bary[d + 1];
+    // Corner r of the simplex: rem0 + the canonical simplex's r-th vertex, permuted by rank.
+    const int64_t E = N * (d + 1);
+    for (int r = 0; r <= d; ++r) {
+      const int64_t e = b * E + i * (d + 1) + r;
+      int32_t* key = keys + e * d;
+      for (int k = 0; k < d; ++k) {
+        // canonical[r][rank] = r if rank <= d - r else r - (d + 1)
+        key[k] = rem0[k] + ((rank[k] <= d - r) ? r : r - (d + 1));
+      }
+      weights[e] = bary[r];
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// 2. Insert: one thread per entry. Open addressing with linear probing; a slot holds the id of the
+//    first entry whose key claimed it (atomic CAS from -1), keys are compared through that entry.
+//    Keys were written by EmbedFunctor in an earlier launch, so they are visible to every thread.
+//    Which entry owns a slot depends on thread timing; the filter's result does not (see
+//    lattice_impl.h).
+struct InsertFunctor {
+  int32_t* table;        // (chunk, cap) initialised to -1
+  int32_t* entry_slot;   // (chunk, E) out: slot of the entry's key
+  const int32_t* keys;   // (chunk, E, d)
+  int64_t E, cap;        // cap is a power of two >= 2E, so probing always ends
+  int d;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / E, e = t % E;
+    int32_t* tab = table + b * cap;
+    const int32_t* kb = keys + b * E * d;
+    const int32_t* key = kb + e * d;
+    int64_t slot = hash_key(key, d) & (cap - 1);
+    for (;;) {
+      int32_t cur = atomic_load(tab + slot);
+      if (cur == -1) {
+        cur = atomic_cas(tab + slot, -1, static_cast<int32_t>(e));
+        if (cur == -1) break;  // claimed
+      }
+      if (keys_equal(kb + static_cast<int64_t>(cur) * d, key, d)) break;
+      slot = (slot + 1) & (cap - 1);
+    }
+    entry_slot[t] = static_cast<int32_t>(slot);
+  }
+};
+
+// 3. Assign: the owner entry of each slot takes the next vertex id of its image.
+struct AssignFunctor {
+  const int32_t* table;       // (chunk, cap)
+  const int32_t* entry_slot;  // (chunk, E)
+  int32_t* entry_vertex;      // (chunk, E) out (owners only)
+  int32_t* vertex_owner;      // (chunk, E) out: owner entry of vertex v
+  int32_t* num_vertices;      // (chunk,) zero-initialised counters
+  int64_t E, cap;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / E, e = t % E;
+    if (table[b * cap + entry_slot[t]] == static_cast<int32_t>(e)) {
+      const int32_t v = atomic_add(num_vertices + b, 1);
+      entry_vertex[t] = v;
+      vertex_owner[b * E + v] = static_cast<int32_t>(e);
+    }
+  }
+};
+
+// 4. Resolve: every other entry copies its owner's vertex id.
+struct ResolveFunctor {
+  const int32_t* table;
+  const int32_t* entry_slot;
+  int32_t* entry_vertex;
+  int64_t E, cap;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / E, e = t % E;
+    const int32_t owner = table[b * cap + entry_slot[t]];
+    if (owner != static_cast<int32_t>(e)) entry_vertex[t] = entry_vertex[b * E + owner];
+  }
+};
+
+// Read-only lookup after insertion: vertex id of `key`, or -1 when it is not a lattice point.
+RRM_HOST_DEVICE int32_t lookup_vertex(const int32_t* tab, const int32_t* kb, const int32_t* entry_vertex_b,
+                                      const int32_t* key, int64_t cap, int d) {
+  int64_t slot = hash_key(key, d) & (cap - 1);
+  for (;;) {
+    const int32_t cur = tab[slot];
+    if (cur == -1) return -1;
+    if (keys_equal(kb + static_cast<int64_t>(cur) * d, key, d)) return entry_vertex_b[cur];
+    slot = (slot + 1) & (cap - 1);
+  }
+}
+
+// 5. Blur neighbours: one thread per (vertex, axis). Along axis j the neighbours of key k are
+//    k - 1 (all coordinates) with k_j + d, and k + 1 with k_j - d (for j == d only the implied last
+//    coordinate moves, so the stored d coordinates are just -1 / +1).
+struct NeighborFunctor {
+  const int32_t* table;
+  const int32_t* keys;
+  const int32_t* entry_vertex;
+  const int32_t* vertex_owner;
+  const int32_t* num_vertices;
+  int32_t* neighbors;  // (chunk, d+1, M, 2)
+  int64_t E, cap, M;
+  int d;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t v = t % M;
+    const int j = static_cast<int>((t / M) % (d + 1));
+    const int64_t b = t / (M * (d + 1));
+    int32_t* out = neighbors + t * 2;
+    if (v >= num_vertices[b]) {
+      out[0] = -1;
+      out[1] = -1;
+      return;
+    }
+    const int32_t* kb = keys + b * E * d;
+    const int32_t* key = kb + static_cast<int64_t>(vertex_owner[b * E + v]) * d;
+    int32_t n1[kMaxDim], n2[kMaxDim];
+    for (int k = 0; k < d; ++k) {
+      n1[k] = key[k] - 1;
+      n2[k] = key[k] + 1;
+    }
+    if (j < d) {
+      n1[j] = key[j] + d;
+      n2[j] = key[j] - d;
+    }
+    const int32_t* tab = table + b * cap;
+    out[0] = lookup_vertex(tab, kb, entry_vertex + b * E, n1, cap, d);
+    out[1] = lookup_vertex(tab, kb, entry_vertex + b * E, n2, cap, d);
+  }
+};
+
+// Splat lists (CUDA / emulated path): count the entries of every vertex.
+struct CountFunctor {
+  const int32_t* entry_vertex;  // (chunk, E)
+  int32_t* counts;              // (chunk, M)
+  int64_t E, M;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / E;
+    atomic_add(counts + b * M + entry_vertex[t], 1);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Filtering. Values are pixel-major (B, N, C); lattice values vertex-major (B, M, C). A "thread"
+// handles one item and channels [c0, c1): the CPU takes all channels (vectorisable inner loops),
+// the GPU one channel (coalesced accesses across a warp).
+//
+// All three stages are gathers, so they are deterministic and need no atomics: the splat of
+// vertex v sums its entries in increasing entry order (the splat lists are sorted).
+
+// Splat: L[v] = sum_{e in list(v)} w_e * pre[i_e] * in[i_e]
+template <typename scalar_t>
+struct SplatFunctor {
+  const scalar_t* in;             // (B, N, C)
+  const scalar_t* pre;            // (B, N) per-pixel factor, or nullptr
+  const scalar_t* weights;        // (B, E)
+  const int64_t* offsets;         // (B, M+1)
+  const int32_t* entries;         // (B, E) entry ids grouped by vertex
+  const int32_t* num_vertices;    // (B,)
+  scalar_t* out;                  // (B, M, C)
+  int64_t N, E, M, C;
+  int d, cpt;                     // channels per thread
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t chunks = (C + cpt - 1) / cpt;
+    const int64_t ch = t % chunks, bv = t / chunks;
+    const int64_t b = bv / M, v = bv % M;
+    const int64_t c0 = ch * cpt, c1 = (c0 + cpt < C) ? c0 + cpt : C;
+    scalar_t* o = out + bv * C;
+    for (int64_t c = c0; c < c1; ++c) o[c] = 0;
+    if (v >= num_vertices[b]) return;
+    const int64_t* off = offsets + b * (M + 1);
+    const int32_t* ent = entries + b * E;
+    const scalar_t* wb = weights + b * E;
+    for (int64_t p = off[v]; p < off[v + 1]; ++p) {
+      const int64_t e = ent[p];
+      const int64_t i = e / (d + 1);
+      scalar_t w = wb[e];
+      if (pre) w *= pre[b * N + i];
+      const scalar_t* x = in + (b * N + i) * C;
+      for (int64_t c = c0; c < c1; ++c) o[c] += w * x[c];
+    }
+  }
+};
+
+// Blur along axis j: new[v] = old[v] + (old[n1] + old[n2]) / 2, missing neighbours read as 0.
+template <typename scalar_t>
+struct BlurFunctor {
+  const scalar_t* old_values;  // (B, M, C)
+  scalar_t* new_values;        // (B, M, C)
+  const int32_t* neighbors;    // (B, d+1, M, 2)
+  int64_t M, C;
+  int d, j, cpt;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t chunks = (C + cpt - 1) / cpt;
+    const int64_t ch = t % chunks, bv = t / chunks;
+    const int64_t b = bv / M, v = bv % M;
+    const int64_t c0 = ch * cpt, c1 = (c0 + cpt < C) ? c0 + cpt : C;
+    const int32_t* nb = neighbors + ((b * (d + 1) + j) * M + v) * 2;
+    const int32_t n1 = nb[0], n2 = nb[1];
+    const scalar_t* o = old_values + bv * C;
+    const scalar_t* a = old_values + (b * M + n1) * C;
+    const scalar_t* z = old_values + (b * M + n2) * C;
+    scalar_t* w = new_values + bv * C;
+    const scalar_t half = scalar_t(0.5);
+    for (int64_t c = c0; c < c1; ++c) {
+      const scalar_t s = (n1 >= 0 ? a[c] : scalar_t(0)) + (n2 >= 0 ? z[c] : scalar_t(0));
+      w[c] = o[c] + half * s;
+    }
+  }
+};
+
+// Slice: s_i = alpha * sum_r w_{i,r} L[v_{i,r}]; then
+//   out[i] = s_i * post[i]                          (coef == nullptr)
+//   out[i] += coef[c] * post[i] * s_i   per channel (coef != nullptr: mean-field accumulation)
+// post may be nullptr (1).
+template <typename scalar_t>
+struct SliceFunctor {
+  const scalar_t* lattice_values;  // (B, M, C)
+  const scalar_t* weights;         // (B, E)
+  const int32_t* entry_vertex;     // (B, E)
+  const scalar_t* post;            // (B, N) or nullptr
+  const scalar_t* coef;            // (C,) or nullptr
+  scalar_t* out;                   // (B, N, C)
+  scalar_t alpha;
+  int64_t N, E, M, C;
+  int d, cpt;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t chunks = (C + cpt - 1) / cpt;
+    const int64_t ch = t % chunks, bi = t / chunks;
+    const int64_t b = bi / N, i = bi % N;
+    const int64_t c0 = ch * cpt, c1 = (c0 + cpt < C) ? c0 + cpt : C;
+    scalar_t* o = out + bi * C;
+    const scalar_t* wb = weights + b * E + i * (d + 1);
+    const int32_t* vb = entry_vertex + b * E + i * (d + 1);
+    const scalar_t* Lb = lattice_values + b * M * C;
+    scalar_t scale = alpha;
+    if (post) scale *= post[bi];
+    if (coef) {
+      for (int64_t c = c0; c < c1; ++c) {
+        scalar_t s = 0;
+        for (int r = 0; r <= d; ++r) s += wb[r] * Lb[static_cast<int64_t>(vb[r]) * C + c];
+        o[c] += coef[c] * scale * s;
+      }
+    } else {
+      for (int64_t c = c0; c < c1; ++c) o[c] = 0;
+      for (int r = 0; r <= d; ++r) {
+        const scalar_t w = wb[r];
+        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * C;
+        for (int64_t c = c0; c < c1; ++c) o[c] += w * L[c];
+      }
+      for (int64_t c = c0; c < c1; ++c) o[c] *= scale;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Mean-field helpers (one thread per pixel; labels are few, the loop over them is short).
+
+// q = softmax(x) over the last dimension, max-subtracted as densecrf's expAndNormalize.
+template <typename scalar_t>
+struct SoftmaxFunctor {
+  const scalar_t* x;  // (B*N, L)
+  scalar_t* q;        // (B*N, L)
+  int64_t L;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const scalar_t* a = x + t * L;
+    scalar_t* o = q + t * L;
+    scalar_t mx = a[0];
+    for (int64_t l = 1; l < L; ++l) mx = a[l] > mx ? a[l] : mx;
+    scalar_t s = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      o[l] = exp(a[l] - mx);
+      s += o[l];
+    }
+    const scalar_t inv = scalar_t(1) / s;
+    for (int64_t l = 0; l < L; ++l) o[l] *= inv;
+  }
+};
+
+// acc[i] -= C m[i] for a full (L, L) compatibility matrix (energy convention).
+template <typename scalar_t>
+struct MatVecSubFunctor {
+  const scalar_t* m;       // (B*N, L)
+  const scalar_t* compat;  // (L, L)
+  scalar_t* acc;           // (B*N, L)
+  int64_t L;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const scalar_t* mi = m + t * L;
+    scalar_t* a = acc + t * L;
+    for (int64_t l = 0; l < L; ++l) {
+      scalar_t s = 0;
+      for (int64_t k = 0; k < L; ++k) s += compat[l * L + k] * mi[k];
+      a[l] -= s;
+    }
+  }
+};
+
+// Normaliser from n = K 1: symmetric 1/sqrt(n + 1e-20), after/before 1/(n + 1e-20) (densecrf).
+template <typename scalar_t>
+struct NormFunctor {
+  scalar_t* n;  // in: K 1, out: the normaliser (in place)
+  bool symmetric;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const double v = static_cast<double>(n[t]) + 1e-20;
+    n[t] = static_cast<scalar_t>(symmetric ? 1.0 / sqrt(v) : 1.0 / v);
+  }
+};
+
+}  // namespace lattice
+}  // namespace rrm

@@ -1,0 +1,45 @@
+// CUDA launchers of the lattice ops: the same algorithms (lattice_impl.h) and per-thread bodies
+// (lattice_common.h) as the CPU, run by CudaExec on the current stream, whole batch at once.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/cuda_exec.cuh"
+#include "lattice/lattice.h"
+#include "lattice/lattice_impl.h"
+
+namespace rrm {
+namespace lattice {
+namespace {
+
+at::Tensor filter_cuda(const at::Tensor& values, const at::Tensor& features, bool reverse) {
+  check_filter_args(values, features);
+  const c10::cuda::CUDAGuard guard(values.device());
+  return permutohedral_filter(CudaExec{}, values, features, reverse, values.size(0));
+}
+
+at::Tensor crf_cuda(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
+                    const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations) {
+  check_crf_args(unary, features, compat, diagonal, normalization, iterations);
+  const c10::cuda::CUDAGuard guard(unary.device());
+  std::vector<bool> diag(diagonal.begin(), diagonal.end());
+  return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0));
+}
+
+at::Tensor num_vertices_cuda(const at::Tensor& features) {
+  RRM_CHECK_DIM(features, 3, "features");
+  RRM_CHECK_FLOATING(features, "features");
+  const c10::cuda::CUDAGuard guard(features.device());
+  if (features.size(0) == 0 || features.size(2) == 0) return at::zeros({features.size(0)}, features.options().dtype(at::kLong));
+  return build(CudaExec{}, features.contiguous(), features.size(0)).num_vertices.to(at::kLong);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
+  m.impl("permutohedral_filter", &filter_cuda);
+  m.impl("dense_crf", &crf_cuda);
+  m.impl("lattice_num_vertices", &num_vertices_cuda);
+}
+
+}  // namespace lattice
+}  // namespace rrm

@@ -1,0 +1,279 @@
+// Host-side algorithms of the permutohedral lattice, written once against an execution policy
+// (common/exec.h, common/cuda_exec.cuh): building a batch of lattices, filtering with them, and the
+// dense-CRF mean-field loop. Included by lattice_cpu.cpp (CpuExec, EmulatedCudaExec) and
+// lattice_cuda.cu (CudaExec).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "lattice/lattice_common.h"
+
+namespace rrm {
+namespace lattice {
+
+// A batch of lattices, one per image, as plain tensors on the values' device.
+//   entry_vertex  (B, E) int32    vertex of pixel i's r-th corner, E = N (d+1), e = i (d+1) + r
+//   entry_weight  (B, E) scalar   its barycentric weight
+//   num_vertices  (B,)   int32    M_b, the number of lattice points of image b
+//   neighbors     (B, d+1, M, 2) int32, M = max_b M_b: blur neighbours along each axis (-1: none)
+//   offsets       (B, M+1) int64, entries (B, E) int32: the entries of vertex v, in increasing order,
+//                 are entries[b, offsets[b, v] : offsets[b, v+1]] (splat as a gather)
+struct Lattice {
+  int64_t B = 0, N = 0, E = 0, M = 0;
+  int d = 0;
+  at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, entries;
+};
+
+inline int64_t next_pow2(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// Splat lists by a serial counting sort per image (CPU): entries come out in increasing order.
+inline void build_splat_lists_counting(Lattice& lat) {
+  const int64_t B = lat.B, E = lat.E, M = lat.M;
+  lat.offsets = at::zeros({B, M + 1}, lat.entry_vertex.options().dtype(at::kLong));
+  lat.entries = at::empty({B, E}, lat.entry_vertex.options());
+  const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
+  int64_t* off = lat.offsets.data_ptr<int64_t>();
+  int32_t* ent = lat.entries.data_ptr<int32_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> cursor;
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t* o = off + b * (M + 1);
+      const int32_t* evb = ev + b * E;
+      for (int64_t e = 0; e < E; ++e) o[evb[e] + 1]++;
+      for (int64_t v = 0; v < M; ++v) o[v + 1] += o[v];
+      cursor.assign(o, o + M);
+      int32_t* eb = ent + b * E;
+      for (int64_t e = 0; e < E; ++e) eb[cursor[evb[e]]++] = static_cast<int32_t>(e);
+    }
+  });
+}
+
+// Splat lists with device-friendly primitives (CUDA, emulated): counts by atomics, offsets by a
+// scan, entries by a *stable* sort of (image, vertex) keys, so that they too come out in increasing
+// order and the splat sums are deterministic.
+template <class Exec>
+void build_splat_lists_sorted(const Exec& exec, Lattice& lat) {
+  const int64_t B = lat.B, E = lat.E, M = lat.M;
+  auto counts = at::zeros({B, M}, lat.entry_vertex.options());
+  exec.for_each(B * E, CountFunctor{lat.entry_vertex.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), E, M});
+  lat.offsets = at::zeros({B, M + 1}, counts.options().dtype(at::kLong));
+  lat.offsets.narrow(1, 1, M).copy_(at::cumsum(counts, 1));
+  auto base = at::arange(B, counts.options().dtype(at::kLong)).mul_(M).unsqueeze(1);
+  auto keys = lat.entry_vertex.to(at::kLong).add_(base).reshape({B * E});
+  auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  lat.entries = order.remainder_(E).to(at::kInt).reshape({B, E});
+}
+
+// Builds the lattices of a batch. features: (B, d, N) contiguous, float or double.
+// Images are processed `chunk` at a time (the hash tables and keys of a chunk are workspace).
+template <class Exec>
+Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
+  Lattice lat;
+  lat.B = features.size(0);
+  lat.d = static_cast<int>(features.size(1));
+  lat.N = features.size(2);
+  lat.E = lat.N * (lat.d + 1);
+  const int d = lat.d;
+  const int64_t B = lat.B, N = lat.N, E = lat.E;
+  const auto iopt = features.options().dtype(at::kInt);
+  lat.entry_vertex = at::empty({B, E}, iopt);
+  lat.entry_weight = at::empty({B, E}, features.options());
+  lat.num_vertices = at::zeros({B}, iopt);
+  const int64_t cap = next_pow2(std::max<int64_t>(2 * E, 16));
+  chunk = std::max<int64_t>(1, std::min(chunk, B));
+  std::vector<at::Tensor> nbr_chunks;
+  std::vector<int64_t> chunk_m;
+
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rrm_lattice_build", [&] {
+    std::vector<scalar_t> scale_host(d);
+    for (int k = 0; k < d; ++k) scale_host[k] = static_cast<scalar_t>(feature_scale(k, d));
+    auto scale = at::from_blob(scale_host.data(), {d}, features.options().device(at::kCPU))
+                     .to(features.device(), /*non_blocking=*/false, /*copy=*/true);
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t nb = std::min(chunk, B - b0);
+      auto keys = at::empty({nb, E, d}, iopt);
+      auto table = at::full({nb, cap}, -1, iopt);
+      auto slot = at::empty({nb, E}, iopt);
+      auto owner = at::empty({nb, E}, iopt);
+      int32_t* ev = lat.entry_vertex.data_ptr<int32_t>() + b0 * E;
+      int32_t* nv = lat.num_vertices.data_ptr<int32_t>() + b0;
+      exec.for_each(nb * N,
+                    EmbedFunctor<scalar_t>{features.data_ptr<scalar_t>() + b0 * d * N, keys.data_ptr<int32_t>(),
+                                           lat.entry_weight.data_ptr<scalar_t>() + b0 * E,
+                                           scale.data_ptr<scalar_t>(), N, d},
+                    256);
+      exec.for_each(nb * E, InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(),
+                                          keys.data_ptr<int32_t>(), E, cap, d});
+      exec.for_each(nb * E, AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
+                                          owner.data_ptr<int32_t>(), nv, E, cap});
+      exec.for_each(nb * E, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
+      // The one host synchronisation of a build: the vertex count sizes everything that follows.
+      const int64_t M = lat.num_vertices.narrow(0, b0, nb).max().item<int32_t>();
+      auto nbr = at::empty({nb, d + 1, M, 2}, iopt);
+      exec.for_each(nb * (d + 1) * M,
+                    NeighborFunctor{table.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), ev,
+                                    owner.data_ptr<int32_t>(), nv, nbr.data_ptr<int32_t>(), E, cap, M, d},
+                    256);
+      nbr_chunks.push_back(nbr);
+      chunk_m.push_back(M);
+    }
+  });
+  lat.M = *std::max_element(chunk_m.begin(), chunk_m.end());
+  if (nbr_chunks.size() == 1) {
+    lat.neighbors = nbr_chunks[0];
+  } else {
+    for (auto& t : nbr_chunks)
+      if (t.size(2) < lat.M) t = at::constant_pad_nd(t, {0, 0, 0, lat.M - t.size(2)}, -1);
+    lat.neighbors = at::cat(nbr_chunks, 0);
+  }
+  if (Exec::kSortCsr)
+    build_splat_lists_sorted(exec, lat);
+  else
+    build_splat_lists_counting(lat);
+  return lat;
+}
+
+// Work buffers of one filter call, reusable across calls on the same lattice and channel count.
+struct FilterWorkspace {
+  at::Tensor a, b;  // (B, M, C)
+};
+
+// out = alpha * S^T B S (pre * in), optionally post-multiplied / accumulated (see SliceFunctor).
+// B = B_d ... B_0 (forward) or B_0 ... B_d (reverse: the exact adjoint of the forward filter).
+// in, out: (B, N, C) contiguous, same dtype as the lattice weights.
+template <class Exec, typename scalar_t>
+void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out,
+            const scalar_t* post, const scalar_t* coef, int64_t C, bool reverse, FilterWorkspace& ws) {
+  const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
+  const int d = lat.d;
+  if (!ws.a.defined() || ws.a.size(2) != C) {
+    ws.a = at::empty({B, M, C}, lat.entry_weight.options());
+    ws.b = at::empty({B, M, C}, lat.entry_weight.options());
+  }
+  const int cpt = Exec::kChannelsPerThread > 0 ? Exec::kChannelsPerThread : static_cast<int>(C);
+  const int64_t chunks = (C + cpt - 1) / cpt;
+  scalar_t* cur = ws.a.data_ptr<scalar_t>();
+  scalar_t* nxt = ws.b.data_ptr<scalar_t>();
+  const scalar_t* w = lat.entry_weight.data_ptr<scalar_t>();
+  const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
+  const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
+  exec.for_each(B * M * chunks,
+                SplatFunctor<scalar_t>{in, pre, w, lat.offsets.data_ptr<int64_t>(), lat.entries.data_ptr<int32_t>(),
+                                       nv, cur, N, E, M, C, d, cpt},
+                grain);
+  for (int s = 0; s <= d; ++s) {
+    const int j = reverse ? d - s : s;
+    exec.for_each(B * M * chunks,
+                  BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, C, d, j, cpt}, grain);
+    std::swap(cur, nxt);
+  }
+  exec.for_each(B * N * chunks,
+                SliceFunctor<scalar_t>{cur, w, ev, post, coef, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M,
+                                       C, d, cpt},
+                grain);
+}
+
+// values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
+template <class Exec>
+at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, const at::Tensor& features,
+                                bool reverse, int64_t chunk) {
+  const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
+  auto out = at::empty({B, N, C}, values.options());
+  if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
+  auto lat = build(exec, features.contiguous(), chunk);
+  auto in = values.transpose(1, 2).contiguous();  // pixel-major
+  FilterWorkspace ws;
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter", [&] {
+    filter<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), nullptr, nullptr,
+                           C, reverse, ws);
+  });
+  return out.transpose(1, 2).contiguous();
+}
+
+// Dense-CRF mean field (densecrf semantics).
+//   unary     (B, L, N) energies (-log p)
+//   features  T tensors (B, d_t, N), already divided by their standard deviations
+//   compat    (T, L, L) energy-convention compatibility (Potts w -> -w I)
+//   diagonal  T flags: compat[t] is diagonal (cheaper path)
+//   norms     per term: 0 symmetric, 1 after, 2 before, 3 none (densecrf's NORMALIZE_* semantics)
+// Returns Q (B, L, N).
+template <class Exec>
+at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vector<at::Tensor>& features,
+                     const at::Tensor& compat, const std::vector<bool>& diagonal, const std::vector<int64_t>& norms,
+                     int64_t iterations,
+                     int64_t chunk) {
+  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
+  const int64_t T = static_cast<int64_t>(features.size());
+  auto neg_unary = unary.neg().transpose(1, 2).contiguous();  // (B, N, L)
+  auto q = at::empty_like(neg_unary);
+  if (B == 0 || N == 0) return q.transpose(1, 2).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf", [&] {
+    const int64_t BN = B * N;
+    exec.for_each(BN, SoftmaxFunctor<scalar_t>{neg_unary.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
+    if (iterations == 0 || T == 0) return;
+    std::vector<Lattice> lats;
+    std::vector<FilterWorkspace> wss(T);
+    std::vector<at::Tensor> pre(T), post(T), coefs(T);
+    auto compat_c = compat.contiguous();
+    for (int64_t t = 0; t < T; ++t) {
+      lats.push_back(build(exec, features[t].contiguous(), chunk));
+      // Normaliser n = K 1 by the same lattice (forward order), then 1/sqrt or 1/x.
+      auto ones = at::ones({B, N, 1}, unary.options());
+      auto kn = at::empty({B, N, 1}, unary.options());
+      filter<Exec, scalar_t>(exec, lats[t], ones.data_ptr<scalar_t>(), nullptr, kn.data_ptr<scalar_t>(), nullptr,
+                             nullptr, 1, false, wss[t]);
+      wss[t] = FilterWorkspace{};
+      const int64_t norm = norms[t];
+      if (norm == 3) {
+        // NO_NORMALIZATION: densecrf computes a mean norm but never applies it to the messages.
+      } else {
+        exec.for_each(BN, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
+        auto n = kn.reshape({B, N});
+        if (norm == 0) {
+          pre[t] = n;
+          post[t] = n;
+        } else if (norm == 1) {
+          post[t] = n;
+        } else {
+          pre[t] = n;
+        }
+      }
+      // Diagonal compatibility enters the slice as a per-label coefficient: acc -= c_l m_l.
+      if (diagonal[t]) coefs[t] = compat_c[t].diagonal().neg().contiguous();
+    }
+    auto acc = at::empty_like(neg_unary);
+    at::Tensor m;
+    auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
+    for (int64_t it = 0; it < iterations; ++it) {
+      acc.copy_(neg_unary);
+      for (int64_t t = 0; t < T; ++t) {
+        if (diagonal[t]) {
+          filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), acc.data_ptr<scalar_t>(),
+                                 ptr(post[t]), coefs[t].data_ptr<scalar_t>(), L, false, wss[t]);
+        } else {
+          if (!m.defined()) m = at::empty_like(neg_unary);
+          filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), m.data_ptr<scalar_t>(),
+                                 ptr(post[t]), nullptr, L, false, wss[t]);
+          auto ct = compat_c[t].contiguous();
+          exec.for_each(BN, MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), ct.data_ptr<scalar_t>(),
+                                                       acc.data_ptr<scalar_t>(), L},
+                        256);
+        }
+      }
+      exec.for_each(BN, SoftmaxFunctor<scalar_t>{acc.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
+    }
+  });
+  return q.transpose(1, 2).contiguous();
+}
+
+}  // namespace lattice
+}  // namespace rrm

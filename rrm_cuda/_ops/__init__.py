@@ -1,0 +1,3 @@
+"""Thin wrappers over ``torch.ops.rrm_cuda.*``: fake (meta) kernels and autograd registrations."""
+
+from . import lattice  # noqa: F401

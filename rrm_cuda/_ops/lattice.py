@@ -1,0 +1,68 @@
+"""Fake kernels and autograd for the permutohedral-lattice ops (schemas: csrc/rrm.cpp)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._ext import ops
+
+
+@torch.library.register_fake("rrm_cuda::permutohedral_filter")
+def _filter_fake(values, features, reverse=False):
+    torch._check(values.dim() == 3 and features.dim() == 3)
+    return values.new_empty(values.shape)
+
+
+@torch.library.register_fake("rrm_cuda::_permutohedral_filter_emulated")
+def _filter_emulated_fake(values, features, reverse=False):
+    return values.new_empty(values.shape)
+
+
+@torch.library.register_fake("rrm_cuda::lattice_num_vertices")
+def _num_vertices_fake(features):
+    return features.new_empty((features.shape[0],), dtype=torch.long)
+
+
+@torch.library.register_fake("rrm_cuda::dense_crf")
+def _crf_fake(unary, features, compat, diagonal, normalization, iterations):
+    return unary.new_empty(unary.shape)
+
+
+@torch.library.register_fake("rrm_cuda::_dense_crf_emulated")
+def _crf_emulated_fake(unary, features, compat, diagonal, normalization, iterations):
+    return unary.new_empty(unary.shape)
+
+
+def _filter_setup_context(ctx, inputs, output):
+    _, features, reverse = inputs
+    ctx.save_for_backward(features)
+    ctx.reverse = reverse
+
+
+def _filter_backward(ctx, grad):
+    (features,) = ctx.saved_tensors
+    # K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order.
+    grad_values = ops.permutohedral_filter(grad.contiguous(), features, not ctx.reverse)
+    return grad_values, None, None
+
+
+torch.library.register_autograd(
+    "rrm_cuda::permutohedral_filter", _filter_backward, setup_context=_filter_setup_context
+)
+
+
+class PermutohedralFilterFunction(torch.autograd.Function):
+    """``torch.autograd.Function`` form of :func:`rrm_cuda.permutohedral_filter` (values only are
+    differentiable; the backward is the exact adjoint: the same filter with the blur order reversed)."""
+
+    @staticmethod
+    def forward(values, features, reverse=False):
+        return ops.permutohedral_filter(values, features, reverse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _filter_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _filter_backward(ctx, grad)

@@ -1,0 +1,83 @@
+"""Argument validation shared by the public API: every error names the argument and shows the value."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(
+    x: object,
+    name: str,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    finite: bool = True,
+    nonempty: bool = False,
+) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions; got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}); got {str(x.dtype).replace('torch.', '')}")
+    if nonempty and x.numel() == 0:
+        raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
+    if finite and x.is_floating_point() and x.numel() > 0 and not bool(torch.isfinite(x).all()):
+        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+        raise ValueError(f"{name} contains {bad} values")
+    return x
+
+
+def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(f"{items[0][0]} and {k} must be on the same device; got {dev} and {v.device}")
+    return dev
+
+
+def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -> float | torch.Tensor:
+    """A positive finite scalar, or a per-image tensor of shape (B,)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            value = float(value)
+        else:
+            if value.dim() != 1 or (batch is not None and value.shape[0] != batch):
+                raise ValueError(f"{name} must be a number or a tensor of shape (B,) = ({batch},); got {tuple(value.shape)}")
+            if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+                raise ValueError(f"{name} must be positive and finite; got {value.tolist()}")
+            return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number; got {type(value).__name__}") from None
+    if not (v > 0 and v < float("inf")):
+        raise ValueError(f"{name} must be positive and finite; got {value}")
+    return v
+
+
+def memory(nbytes: int, device: torch.device, what: str) -> None:
+    """Refuse work whose buffers cannot fit, instead of letting the OS kill the process."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        limit = free
+    else:
+        try:
+            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover
+            return
+    if nbytes > limit:
+        raise MemoryError(
+            f"{what} would need about {nbytes / 2**30:.1f} GiB of {device.type} memory, more than the "
+            f"{limit / 2**30:.1f} GiB available; use smaller images or batches"
+        )

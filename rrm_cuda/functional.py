@@ -1,0 +1,320 @@
+"""Public functional API of rrm_cuda.
+
+Shapes: B batch, C channels, L labels, d feature dimension, ``*S`` spatial dimensions (H, W for
+images; any number, flattened to N internally).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from ._ext import ops
+
+Compat = Union[float, int, Tensor, None]
+
+_NORMALIZATIONS = {"symmetric": 0, "after": 1, "before": 2, "none": 3}
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _COMPUTE_DTYPES else torch.float32
+
+
+def _check_key_range(features: Tensor, name: str) -> None:
+    """Lattice keys are int32: refuse features whose elevated coordinates could overflow them."""
+    d = features.shape[1]
+    if features.numel() == 0:
+        return
+    fmax = float(features.detach().abs().amax())
+    bound = 2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0) * fmax
+    if bound > 2**30:
+        raise ValueError(
+            f"{name}: feature values up to {fmax:.3g} overflow the lattice's integer keys "
+            f"(|f| * {2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0):.3g} must stay below 2^30); "
+            "a standard deviation (sigma) is probably far too small for the coordinates"
+        )
+
+
+def _lattice_bytes(B: int, N: int, d: int, C: int, itemsize: int, device: torch.device) -> int:
+    E = N * (d + 1)
+    chunk = B if device.type == "cuda" else 1
+    per_entry = 4 + itemsize + 4  # vertex, weight, splat list
+    workspace = chunk * E * (4 * d + 4 + 4 + 8 + 4) + chunk * 2 * E * 4 * 2  # keys, slot, owner, table
+    worst_vertices = E  # M <= E
+    neighbors = B * (d + 1) * worst_vertices * 2 * 4 + B * (worst_vertices + 1) * 8
+    buffers = 2 * B * worst_vertices * C * itemsize + 2 * B * N * C * itemsize
+    return B * E * per_entry + workspace + neighbors + buffers
+
+
+def _check_lattice_features(features: Tensor, name: str, C: int, dtype: torch.dtype) -> None:
+    B, d, N = features.shape
+    if d < 1 or d > 16:
+        raise ValueError(f"{name} must have 1 <= d <= 16 feature channels; got shape {tuple(features.shape)}")
+    if N * (d + 1) >= 2**30:
+        raise ValueError(f"{name}: N * (d + 1) must be < 2^30 lattice entries per image; got N={N}, d={d}")
+    _check_key_range(features, name)
+    itemsize = torch.finfo(dtype).bits // 8
+    V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}")
+
+
+def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = False) -> Tensor:
+    r"""Gaussian filtering on the permutohedral lattice, one lattice per image.
+
+    ``out[b, :, i] ≈ Σ_j exp(-½‖f_i − f_j‖²) · values[b, :, j]`` with ``f = features[b, :, ·]``
+    (already divided by their standard deviations), computed in O(N·d·C) by splatting onto the
+    lattice, blurring along its d+1 axes and slicing, exactly as densecrf does (no normalisation,
+    self term included). Differentiable w.r.t. ``values``: the backward is the exact adjoint (the
+    same filter with the blur order reversed, ``reverse=True``).
+
+    Args:
+        values: (B, C, *S) floating tensor, any C >= 1.
+        features: (B, d, *S) positions, 1 <= d <= 16, same spatial size as ``values``.
+        reverse: blur the axes in reverse order (the adjoint of the forward filter).
+
+    Returns:
+        (B, C, *S) tensor of ``values``' dtype (fp16/bf16 are computed in fp32).
+
+    Example:
+        >>> v = torch.ones(1, 1, 4, 4)
+        >>> yy, xx = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+        >>> f = torch.stack([xx, yy])[None] / 2.0
+        >>> permutohedral_filter(v, f).shape
+        torch.Size([1, 1, 4, 4])
+    """
+    V.tensor(values, "values", dtypes=V.FLOAT_DTYPES)
+    V.tensor(features, "features", dtypes=V.FLOAT_DTYPES)
+    if values.dim() < 3:
+        raise ValueError(f"values must have shape (B, C, *S); got {tuple(values.shape)}")
+    if features.dim() != values.dim():
+        raise ValueError(
+            f"features must have shape (B, d, *S) matching values (B, C, *S) = {tuple(values.shape)}; "
+            f"got {tuple(features.shape)}"
+        )
+    if features.shape[0] != values.shape[0] or features.shape[2:] != values.shape[2:]:
+        raise ValueError(
+            f"values {tuple(values.shape)} and features {tuple(features.shape)} must agree in B and *S"
+        )
+    V.same_device({"values": values, "features": features})
+    dtype = _compute_dtype(values.dtype)
+    B, C = values.shape[:2]
+    v = values.reshape(B, C, -1).to(dtype)
+    f = features.reshape(B, features.shape[1], -1).to(dtype)
+    _check_lattice_features(f, "features", C, dtype)
+    out = ops.permutohedral_filter(v, f, reverse)
+    return out.reshape(values.shape).to(values.dtype)
+
+
+def lattice_num_vertices(features: Tensor) -> Tensor:
+    """Number of lattice points of each image: (B, d, *S) -> (B,) int64 (occupancy diagnostics)."""
+    V.tensor(features, "features", dtypes=V.FLOAT_DTYPES)
+    if features.dim() < 3:
+        raise ValueError(f"features must have shape (B, d, *S); got {tuple(features.shape)}")
+    f = features.reshape(features.shape[0], features.shape[1], -1).to(_compute_dtype(features.dtype))
+    _check_lattice_features(f, "features", 1, f.dtype)
+    return ops.lattice_num_vertices(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense CRF
+
+
+def _per_image(sigma: float | Tensor, B: int, like: Tensor) -> Tensor | float:
+    if isinstance(sigma, Tensor):
+        return sigma.to(device=like.device, dtype=like.dtype).reshape(B, 1, 1)
+    return sigma
+
+
+def position_features(batch: int, spatial: Sequence[int], sxy: float | Tensor, *, dtype=torch.float32,
+                      device=None) -> Tensor:
+    """(B, len(S), N) pixel positions divided by ``sxy``, in densecrf's order: x (the last, column
+    axis) first, then y (rows), then z. ``sxy``: a number or a per-image (B,) tensor."""
+    sxy = V.positive(sxy, "sxy", batch)
+    grids = torch.meshgrid(*[torch.arange(s, dtype=dtype, device=device) for s in spatial], indexing="ij")
+    pos = torch.stack([g.reshape(-1) for g in reversed(grids)])  # x, y, (z)
+    pos = pos.unsqueeze(0).expand(batch, -1, -1)
+    return pos / _per_image(sxy, batch, pos)
+
+
+def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor, *, dtype=torch.float32) -> Tensor:
+    """(B, len(S) + c, N) features ``(x/sxy, y/sxy, I_1/srgb, …, I_c/srgb)`` of pydensecrf's
+    addPairwiseBilateral, for an image (B, c, *S) of any channel count on the 0–255 scale."""
+    B, c = image.shape[:2]
+    srgb = V.positive(srgb, "srgb", B)
+    pos = position_features(B, image.shape[2:], sxy, dtype=dtype, device=image.device)
+    col = image.reshape(B, c, -1).to(dtype)
+    return torch.cat([pos, col / _per_image(srgb, B, col)], dim=1)
+
+
+def unary_from_probs(probs: Tensor, clip: float = 1e-5) -> Tensor:
+    """``-log(clip(p, clip, 1))``: pydensecrf.utils.unary_from_softmax on tensors (any shape)."""
+    return -torch.log(probs.clamp(min=clip, max=1.0))
+
+
+def _compat_matrix(compat: Compat, L: int, name: str, dtype, device) -> tuple[Tensor, bool] | None:
+    """-> ((L, L) energy-convention matrix, is_diagonal), or None when the term is switched off."""
+    if compat is None:
+        return None
+    if isinstance(compat, Tensor):
+        c = compat.to(device=device, dtype=dtype)
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+        if c.dim() == 0:
+            compat = float(c)
+        elif c.dim() == 1:
+            if c.shape[0] != L:
+                raise ValueError(f"{name} as a vector must have shape (L,) = ({L},); got {tuple(c.shape)}")
+            return torch.diag(c), True
+        elif c.dim() == 2:
+            if tuple(c.shape) != (L, L):
+                raise ValueError(f"{name} as a matrix must have shape (L, L) = ({L}, {L}); got {tuple(c.shape)}")
+            return 0.5 * (c + c.T), False
+        else:
+            raise ValueError(f"{name} must be a number, (L,) or (L, L); got shape {tuple(c.shape)}")
+    try:
+        w = float(compat)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, a tensor or None; got {type(compat).__name__}") from None
+    if not math.isfinite(w):
+        raise ValueError(f"{name} must be finite; got {compat}")
+    if w == 0:
+        return None
+    # Potts: a reward w for agreeing labels, i.e. the energy -w * I (densecrf's PottsCompatibility).
+    return -w * torch.eye(L, dtype=dtype, device=device), True
+
+
+def dense_crf(
+    unary: Tensor | None = None,
+    image: Tensor | None = None,
+    *,
+    probs: Tensor | None = None,
+    iterations: int = 10,
+    gaussian_sxy: float | Tensor = 3.0,
+    gaussian_compat: Compat = 3.0,
+    bilateral_sxy: float | Tensor = 80.0,
+    bilateral_srgb: float | Tensor = 13.0,
+    bilateral_compat: Compat = 10.0,
+    pairwise: Sequence[tuple[Tensor, Compat]] = (),
+    normalization: str = "symmetric",
+    clip: float = 1e-5,
+) -> Tensor:
+    r"""Fully connected CRF mean-field inference (Krähenbühl & Koltun 2011) with pydensecrf's semantics.
+
+    ``Q⁰ = softmax(−U)``; each iteration ``Q = softmax(−U − Σ_k C_k m_k)`` with messages
+    ``m_k = D_k^{-½} K_k D_k^{-½} Q`` (``normalization="symmetric"``, pydensecrf's default) or
+    ``D_k^{-1} K_k Q`` (``"after"``), ``K_k`` a Gaussian kernel over the term's features computed on
+    the permutohedral lattice, ``D_k = diag(K_k 1)``. Each lattice is built once per image and term
+    and reused by every iteration.
+
+    Compatibilities ``C_k``: a number ``w`` is Potts, a *reward* ``w`` for agreeing labels
+    (``C = −w·I``, pydensecrf's ``compat=w``); an (L,) vector is a per-label energy ``diag(c)``; an
+    (L, L) matrix is an energy (symmetrised). ``0`` or ``None`` switches a term off.
+
+    Args:
+        unary: (B, L, *S) energies (−log p). Give this or ``probs``.
+        image: (B, c, *S) colours on the 0–255 scale (uint8 or float), any c (RGB, grey,
+            multispectral); needed by the bilateral term.
+        probs: (B, L, *S) scores; the unary is ``−log(clip(probs, clip, 1))`` (pydensecrf's
+            ``unary_from_softmax``; scores need not sum to 1).
+        iterations: mean-field iterations (pydensecrf's ``inference(n)``).
+        gaussian_sxy, gaussian_compat: the smoothness kernel over positions (``addPairwiseGaussian``).
+        bilateral_sxy, bilateral_srgb, bilateral_compat: the appearance kernel over positions and
+            colours (``addPairwiseBilateral``). Sigmas may be per-image (B,) tensors.
+        pairwise: extra terms ``(features, compat)`` with features (B, d, *S) already divided by
+            their standard deviations (depth, 3-D coordinates, other modalities).
+        normalization: ``"symmetric"`` | ``"after"`` | ``"before"`` | ``"none"``.
+
+    Returns:
+        Q: (B, L, *S) probabilities (float32 unless the input is float64). Not differentiable.
+
+    Example:
+        >>> probs = torch.softmax(torch.randn(1, 3, 8, 8), 1)
+        >>> image = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
+        >>> q = dense_crf(probs=probs, image=image, iterations=5)
+        >>> q.shape, bool(torch.allclose(q.sum(1), torch.ones(1, 8, 8)))
+        (torch.Size([1, 3, 8, 8]), True)
+    """
+    if (unary is None) == (probs is None):
+        raise ValueError("give exactly one of unary (energies) and probs (scores)")
+    if probs is not None:
+        V.tensor(probs, "probs", dtypes=V.FLOAT_DTYPES)
+        if probs.numel() and bool((probs < 0).any()):
+            raise ValueError("probs must be non-negative scores (got negative values)")
+        src_name, src = "probs", probs
+    else:
+        V.tensor(unary, "unary", dtypes=V.FLOAT_DTYPES)
+        src_name, src = "unary", unary
+    if src.dim() < 3:
+        raise ValueError(f"{src_name} must have shape (B, L, *S); got {tuple(src.shape)}")
+    B, L = src.shape[:2]
+    spatial = tuple(src.shape[2:])
+    if L < 2:
+        raise ValueError(f"{src_name} must have at least 2 labels (dimension 1); got shape {tuple(src.shape)}")
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative int; got {iterations!r}")
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {sorted(_NORMALIZATIONS)}; got {normalization!r}")
+    dtype = _compute_dtype(src.dtype)
+    device = src.device
+    u = unary_from_probs(probs.to(dtype), clip) if probs is not None else unary.to(dtype)
+    u = u.reshape(B, L, -1)
+    N = u.shape[2]
+
+    feats: list[Tensor] = []
+    compats: list[Tensor] = []
+    diags: list[bool] = []
+
+    def add(features: Tensor, compat: Compat, name: str) -> None:
+        cm = _compat_matrix(compat, L, name, dtype, device)
+        if cm is None:
+            return
+        f = features.reshape(B, features.shape[1], -1).to(dtype)
+        _check_lattice_features(f, name.replace("compat", "features"), L, dtype)
+        feats.append(f.contiguous())
+        compats.append(cm[0])
+        diags.append(cm[1])
+
+    if gaussian_compat is not None and not (isinstance(gaussian_compat, (int, float)) and gaussian_compat == 0):
+        add(position_features(B, spatial, V.positive(gaussian_sxy, "gaussian_sxy", B), dtype=dtype, device=device),
+            gaussian_compat, "gaussian_compat")
+    if bilateral_compat is not None and not (isinstance(bilateral_compat, (int, float)) and bilateral_compat == 0):
+        if image is None:
+            raise ValueError("image is required by the bilateral term; pass bilateral_compat=0 to switch it off")
+        V.tensor(image, "image", finite=True)
+        if image.dim() != len(spatial) + 2 or image.shape[0] != B or tuple(image.shape[2:]) != spatial:
+            raise ValueError(
+                f"image must have shape (B, c, *S) = ({B}, c, {', '.join(map(str, spatial))}); got {tuple(image.shape)}"
+            )
+        if image.dtype == torch.bool or image.is_complex():
+            raise TypeError(f"image must be uint8 or floating; got {image.dtype}")
+        V.same_device({src_name: src, "image": image})
+        add(
+            bilateral_features(image, V.positive(bilateral_sxy, "bilateral_sxy", B),
+                               V.positive(bilateral_srgb, "bilateral_srgb", B), dtype=dtype),
+            bilateral_compat,
+            "bilateral_compat",
+        )
+    for k, item in enumerate(pairwise):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"pairwise[{k}] must be a (features, compat) pair")
+        f, c = item
+        V.tensor(f, f"pairwise[{k}] features", dtypes=V.FLOAT_DTYPES)
+        if f.dim() < 2 or f.shape[0] != B or math.prod(f.shape[2:]) != N:
+            raise ValueError(f"pairwise[{k}] features must have shape (B, d, *S) with B={B}, S={spatial}; "
+                             f"got {tuple(f.shape)}")
+        V.same_device({src_name: src, f"pairwise[{k}] features": f})
+        add(f, c, f"pairwise[{k}] compat")
+
+    if B == 0 or N == 0:
+        return torch.empty((B, L, *spatial), dtype=dtype, device=device)
+    if not feats:
+        return torch.softmax(-u, dim=1).reshape(B, L, *spatial)
+    compat = torch.stack(compats)
+    norms = [_NORMALIZATIONS[normalization]] * len(feats)
+    q = ops.dense_crf(u.detach().contiguous(), [f.detach() for f in feats], compat, diags, norms, iterations)
+    return q.reshape(B, L, *spatial)

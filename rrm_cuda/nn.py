@@ -1,0 +1,83 @@
+"""nn.Module twins of the functional API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from . import functional as F
+
+
+class PermutohedralFilter(nn.Module):
+    """Module form of :func:`rrm_cuda.permutohedral_filter` (no parameters)."""
+
+    def __init__(self, reverse: bool = False) -> None:
+        super().__init__()
+        self.reverse = reverse
+
+    def forward(self, values: Tensor, features: Tensor) -> Tensor:
+        return F.permutohedral_filter(values, features, reverse=self.reverse)
+
+
+class DenseCRF(nn.Module):
+    """Module form of :func:`rrm_cuda.dense_crf` holding the kernel parameters.
+
+    Defaults are pydensecrf's usual ones (and RRM's pseudo-label CRF): Gaussian sxy 3 compat 3,
+    bilateral sxy 80 srgb 13 compat 10, 10 iterations, symmetric normalisation.
+
+    ``forward(unary=None, image=None, probs=None, pairwise=())`` -> Q (B, L, *S).
+    """
+
+    def __init__(
+        self,
+        iterations: int = 10,
+        gaussian_sxy: float = 3.0,
+        gaussian_compat: F.Compat = 3.0,
+        bilateral_sxy: float = 80.0,
+        bilateral_srgb: float = 13.0,
+        bilateral_compat: F.Compat = 10.0,
+        normalization: str = "symmetric",
+        clip: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.iterations = iterations
+        self.gaussian_sxy = gaussian_sxy
+        self.gaussian_compat = gaussian_compat
+        self.bilateral_sxy = bilateral_sxy
+        self.bilateral_srgb = bilateral_srgb
+        self.bilateral_compat = bilateral_compat
+        self.normalization = normalization
+        self.clip = clip
+
+    def forward(
+        self,
+        unary: Tensor | None = None,
+        image: Tensor | None = None,
+        probs: Tensor | None = None,
+        pairwise: Sequence[tuple[Tensor, F.Compat]] = (),
+    ) -> Tensor:
+        return F.dense_crf(
+            unary,
+            image,
+            probs=probs,
+            iterations=self.iterations,
+            gaussian_sxy=self.gaussian_sxy,
+            gaussian_compat=self.gaussian_compat,
+            bilateral_sxy=self.bilateral_sxy,
+            bilateral_srgb=self.bilateral_srgb,
+            bilateral_compat=self.bilateral_compat,
+            pairwise=pairwise,
+            normalization=self.normalization,
+            clip=self.clip,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"iterations={self.iterations}, gaussian=(sxy={self.gaussian_sxy}, compat={self.gaussian_compat}), "
+            f"bilateral=(sxy={self.bilateral_sxy}, srgb={self.bilateral_srgb}, compat={self.bilateral_compat}), "
+            f"normalization={self.normalization!r}"
+        )
+
+
+__all__ = ["DenseCRF", "PermutohedralFilter"]
