@@ -7,6 +7,7 @@ feature-centre loss of RRM (Zhang et al., AAAI 2020 / Pattern Recognition 2022).
 
 from . import _ops  # noqa: F401  (fake kernels, autograd)
 from ._ext import build_info
+from .energy import DenseEnergyLoss, DenseEnergyLossFunction, dense_energy_loss
 from .functional import (
     bilateral_features,
     dense_crf,
@@ -21,10 +22,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DenseCRF",
+    "DenseEnergyLoss",
+    "DenseEnergyLossFunction",
     "PermutohedralFilter",
     "bilateral_features",
     "build_info",
     "dense_crf",
+    "dense_energy_loss",
     "lattice_num_vertices",
     "permutohedral_filter",
     "position_features",

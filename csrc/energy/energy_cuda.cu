@@ -1,0 +1,28 @@
+// CUDA launcher of the dense-CRF energy op: the same algorithm (energy_impl.h) and per-thread bodies
+// (energy_common.h, lattice_common.h) as the CPU, run by CudaExec on the current stream, whole
+// batch at once. The energy is reduced from per-pixel terms by at::sum (deterministic).
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/cuda_exec.cuh"
+#include "energy/energy.h"
+#include "energy/energy_impl.h"
+
+namespace rrm {
+namespace energy {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> energy_cuda(const at::Tensor& probs, const at::Tensor& gate,
+                                               const at::Tensor& features, const std::optional<at::Tensor>& mass,
+                                               int64_t grad_mode) {
+  check_energy_args(probs, gate, features, mass, grad_mode);
+  const c10::cuda::CUDAGuard guard(probs.device());
+  return dense_energy(CudaExec{}, probs, gate, features, mass, grad_mode, probs.size(0));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) { m.impl("dense_energy", &energy_cuda); }
+
+}  // namespace energy
+}  // namespace rrm

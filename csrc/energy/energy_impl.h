@@ -1,0 +1,106 @@
+// Host-side algorithm of the dense-CRF energy loss, written once against an execution policy
+// (common/exec.h, common/cuda_exec.cuh). Included by energy_cpu.cpp (CpuExec, EmulatedCudaExec) and
+// energy_cuda.cu (CudaExec).
+//
+// One lattice per image, shared by all K channels (lattice::build); one splat and d+1 blurs over
+// all channels at once (the lattice's SplatFunctor / BlurFunctor); then a slice fused with the gate,
+// the masked probabilities and the dot product (EnergySliceFunctor), which also writes the rloss
+// gradient or the first half of the exact one. The exact gradient's second half, W^T (S s), is one
+// more splat (pre-multiplied by the gate) and blur in reverse axis order on the same lattice, done
+// in the forward call so that the backward is a product with the saved direction: no lattice is
+// rebuilt and nothing is filtered in the backward.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "energy/energy_common.h"
+#include "lattice/lattice_common.h"
+#include "lattice/lattice_impl.h"
+
+namespace rrm {
+namespace energy {
+
+// Args:
+//   probs     (B, K, N) ROI-masked probabilities s
+//   gate      (B, N)    S, a constant for the gradient
+//   features  (B, d, N) lattice features, already divided by their standard deviations
+//   mass      (B, N) or none: adds sum_i S(i) m(i) (W 1)(i) to each image's energy (a constant for
+//             the gradient; m = ROI gives the non-negative Potts form when s sums to the ROI)
+//   grad_mode kNoGrad, kRlossGrad or kExactGrad
+//   chunk     images per lattice-build chunk (workspace granularity)
+// Returns:
+//   energy    (B,)  per-image e_b (see energy_common.h); the loss divides their sum by B
+//   grad_dir  (B, K, N) d e_b / d s for the chosen mode, or an empty (0,) tensor for kNoGrad
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tensor& probs, const at::Tensor& gate,
+                                                const at::Tensor& features, const std::optional<at::Tensor>& mass,
+                                                int64_t grad_mode, int64_t chunk) {
+  const int64_t B = probs.size(0), K = probs.size(1), N = probs.size(2);
+  auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options()) : at::zeros({B, K, N}, probs.options());
+  if (B == 0 || K == 0 || N == 0) return {at::zeros({B}, probs.options()), grad};
+  const bool has_mass = mass.has_value() && mass->defined();
+  const int64_t C = K + (has_mass ? 1 : 0);
+  auto p = probs.contiguous();
+  auto g = gate.contiguous();
+  auto m = has_mass ? mass->contiguous() : at::Tensor();
+  const lattice::Lattice lat = lattice::build(exec, features.contiguous(), chunk);
+  const int64_t E = lat.E, M = lat.M;
+  const int d = lat.d;
+  const int cpt = Exec::kChannelsPerThread > 0 ? Exec::kChannelsPerThread : static_cast<int>(C);
+  const int64_t chunks = (C + cpt - 1) / cpt;
+  auto in = at::empty({B, N, C}, probs.options());
+  auto terms = at::empty({B, chunks, N}, probs.options());
+  auto ws_a = at::empty({B, M, C}, probs.options());
+  auto ws_b = at::empty({B, M, C}, probs.options());
+  const int64_t grain = std::max<int64_t>(1, 4096 / C);
+
+  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
+    const scalar_t* w = lat.entry_weight.data_ptr<scalar_t>();
+    const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
+    const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
+    const int64_t* off = lat.offsets.data_ptr<int64_t>();
+    const int32_t* ent = lat.entries.data_ptr<int32_t>();
+    const int32_t* nbr = lat.neighbors.data_ptr<int32_t>();
+    const scalar_t alpha = static_cast<scalar_t>(lattice::slice_alpha(d));
+    scalar_t* in_p = in.data_ptr<scalar_t>();
+    const scalar_t* gate_p = g.data_ptr<scalar_t>();
+    scalar_t* grad_p = grad_mode == kNoGrad ? nullptr : grad.data_ptr<scalar_t>();
+
+    // Splat (optionally pre-multiplied per pixel) and blur every channel; returns the blurred buffer.
+    auto splat_blur = [&](const scalar_t* pre, bool reverse) -> scalar_t* {
+      scalar_t* cur = ws_a.data_ptr<scalar_t>();
+      scalar_t* nxt = ws_b.data_ptr<scalar_t>();
+      exec.for_each(B * M * chunks,
+                    lattice::SplatFunctor<scalar_t>{in_p, pre, w, off, ent, nv, cur, N, E, M, C, d, cpt}, grain);
+      for (int s = 0; s <= d; ++s) {
+        const int j = reverse ? d - s : s;
+        exec.for_each(B * M * chunks, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, C, d, j, cpt}, grain);
+        std::swap(cur, nxt);
+      }
+      return cur;
+    };
+
+    exec.for_each(B * N, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C}, 256);
+    const scalar_t* blurred = splat_blur(nullptr, false);
+    const scalar_t grad_scale = grad_mode == kRlossGrad ? scalar_t(-2) : scalar_t(-1);
+    exec.for_each(B * chunks * N,
+                  EnergySliceFunctor<scalar_t>{blurred, w, ev, in_p, gate_p, has_mass ? m.data_ptr<scalar_t>() : nullptr,
+                                               terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, K, d,
+                                               cpt},
+                  grain);
+    if (grad_mode == kExactGrad) {
+      const scalar_t* adj = splat_blur(gate_p, true);
+      exec.for_each(B * chunks * N,
+                    AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, K, d, cpt}, grain);
+    }
+  });
+  // Fixed-order reduction of the per-pixel terms (deterministic on every device).
+  return {terms.sum({1, 2}), grad};
+}
+
+}  // namespace energy
+}  // namespace rrm

@@ -1,0 +1,47 @@
+"""Fake kernels and autograd for the dense-CRF energy op (schema: csrc/rrm.cpp, kernels: csrc/energy).
+
+The op returns, next to the per-image energy, the gradient direction ``d energy_b / d probs`` of the
+requested mode (computed in the forward pass on the lattice it already built), so the backward is a
+product with the incoming per-image gradient: no lattice rebuild and no filtering in the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._ext import ops
+
+
+def _energy_fake(probs, gate, features, mass=None, grad_mode=0):
+    torch._check(probs.dim() == 3 and gate.dim() == 2 and features.dim() == 3)
+    energy = probs.new_empty((probs.shape[0],))
+    grad_dir = probs.new_empty(probs.shape) if grad_mode != 0 else probs.new_empty((0,))
+    return energy, grad_dir
+
+
+torch.library.register_fake("rrm_cuda::dense_energy")(_energy_fake)
+torch.library.register_fake("rrm_cuda::_dense_energy_emulated")(_energy_fake)
+
+
+def _energy_setup_context(ctx, inputs, output):
+    grad_mode = inputs[4]
+    _, grad_dir = output
+    ctx.grad_mode = grad_mode
+    ctx.mark_non_differentiable(grad_dir)
+    ctx.save_for_backward(grad_dir)
+
+
+def _energy_backward(ctx, grad_energy, _grad_dir_unused):
+    (grad_dir,) = ctx.saved_tensors
+    if ctx.grad_mode == 0:
+        raise RuntimeError(
+            "rrm_cuda::dense_energy was called with grad_mode=0 (no gradient direction computed); "
+            "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it"
+        )
+    grad_probs = grad_dir * grad_energy.reshape(-1, 1, 1).to(grad_dir.dtype)
+    # gate, features and mass are constants of the loss (the gate is held constant, as in rloss).
+    return grad_probs, None, None, None, None
+
+
+for _name in ("rrm_cuda::dense_energy", "rrm_cuda::_dense_energy_emulated"):
+    torch.library.register_autograd(_name, _energy_backward, setup_context=_energy_setup_context)

@@ -1,0 +1,1 @@
+"""Drop-in shims for code written against other tools (pydensecrf, RRM/rloss's DenseEnergyLoss)."""

@@ -1,0 +1,308 @@
+"""Dense-CRF energy loss with RRM / rloss semantics (SPEC §3), fused on the permutohedral lattice.
+
+``E = −(1/B) Σ_{b,k,i} ŝ_k(i) · S(i) · (W ŝ_k)(i)``, ``ŝ = probs · roi``, ``W`` the unnormalised
+bilateral lattice filter over ``(x/σxy, y/σxy, I/σrgb)`` (one lattice per image, shared by all K
+channels), ``S`` the gate of RRM (held constant for the gradient). ``loss = weight · E``.
+
+Public API: :func:`dense_energy_loss` (functional, exact gradient by default), :class:`DenseEnergyLoss`
+(``nn.Module`` with the original module's constructor and ``forward`` signature, rloss gradient by
+default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`` over
+``torch.ops.rrm_cuda.dense_energy``, with the original's name).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _validate as V
+from ._ext import ops
+from .functional import _check_lattice_features, bilateral_features
+
+_GRAD_MODES = {"rloss": 1, "exact": 2}
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_values(
+    images: Tensor,
+    probs: Tensor,
+    rois: Tensor | None,
+    seg_label: Tensor | None,
+    distribution: bool,
+    ignore_index: int,
+) -> None:
+    """Data-dependent checks (skipped while torch.compile traces: they would break the graph)."""
+    images, probs = images.detach(), probs.detach()
+    for name, t in (("images", images), ("segmentations", probs), ("ROIs", rois), ("seg_label", seg_label)):
+        if t is not None and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise ValueError(f"{name} contains {bad} values")
+    if images.numel() and (bool((images < 0).any()) or bool((images > 255).any())):
+        raise ValueError(
+            f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
+            f"[{float(images.min()):.4g}, {float(images.max()):.4g}]"
+        )
+    if probs.numel():
+        lo, hi = float(probs.min()), float(probs.max())
+        if lo < 0 or hi > 1:
+            raise ValueError(
+                f"segmentations must be probabilities in [0, 1] (softmax outputs, not logits); got values in "
+                f"[{lo:.4g}, {hi:.4g}]"
+            )
+        if distribution:
+            tol = 1e-3 if probs.dtype in _COMPUTE_DTYPES else 1e-2
+            dev = float((probs.sum(1, dtype=torch.float32) - 1).abs().max())
+            if dev > tol:
+                raise ValueError(
+                    "segmentations must be a probability distribution over dimension 1 (softmax) for the gate "
+                    f"and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
+                )
+    if rois is not None and rois.numel() and not bool(((rois == 0) | (rois == 1)).all()):
+        raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
+    if seg_label is not None and seg_label.numel():
+        K = probs.shape[1]
+        lab = seg_label.to(torch.float64)
+        ok = ((lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))).all()
+        if not bool(ok):
+            raise ValueError(
+                f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other values "
+                f"(e.g. {float(lab[~((lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index)))][0]):g})"
+            )
+
+
+def dense_energy_loss(
+    images: Tensor,
+    segmentations: Tensor,
+    rois: Tensor | None = None,
+    seg_label: Tensor | None = None,
+    *,
+    sigma_rgb: float = 15.0,
+    sigma_xy: float = 100.0,
+    scale_factor: float = 1.0,
+    weight: float = 1.0,
+    gradient: str = "exact",
+    gate: bool = True,
+    nonnegative: bool = False,
+    ignore_index: int = 255,
+) -> Tensor:
+    r"""Dense-CRF energy loss of RRM / rloss on the permutohedral lattice (CPU and CUDA, fused).
+
+    1. If ``scale_factor != 1``, downscale as the original module does: images, ROIs and labels
+       nearest, probabilities bilinear (``align_corners=False``); the filter then uses
+       ``sigma_xy · scale_factor``.
+    2. ``ŝ = segmentations · roi``; gate ``S = 1`` where ``seg_label == ignore_index``, elsewhere
+       ``S = max(0, roi − max_k segmentations_k)`` (``gate=False``: ``S = 1``, plain rloss Potts).
+    3. ``E = −(1/B) Σ_{b,k,i} S ŝ_k W ŝ_k`` with ``W`` the bilateral lattice filter over
+       ``(x/σxy, y/σxy, I_1/σrgb, …, I_c/σrgb)``; returns ``weight · E``.
+
+    ``nonnegative=True`` adds the constant the original drops, ``(1/B) Σ_i S roi (W 1)``, so that
+    the value is the gated Potts relaxation ``(1/B) Σ_k (S ŝ_k)ᵀ W (roi − ŝ_k) ≥ 0`` (it needs
+    ``segmentations`` to sum to 1); the gradient is unchanged.
+
+    Gradients flow to ``segmentations`` only (through the ROI mask and the downscaling); the gate is
+    a constant. ``gradient="exact"``: the true gradient of the value,
+    ``−(1/B)[S·Wŝ + Wᵀ(S·ŝ)]`` (``Wᵀ``: the lattice with the blur order reversed);
+    ``gradient="rloss"``: the original ``−(2/B)·S·Wŝ`` (which treats W as symmetric), to reproduce
+    old runs. Both are computed in the forward pass on the lattice already built; the backward only
+    scales them.
+
+    Args:
+        images: (B, c, H, W) images on the 0–255 scale, any channel count c (RGB, grey,
+            multispectral), float or uint8.
+        segmentations: (B, K, H, W) softmax probabilities (float16/bfloat16 are computed in float32).
+        rois: (B, H, W) crop-validity mask of 0/1 (None: all ones).
+        seg_label: (B, 1, H, W) or (B, H, W) pseudo labels 0..K−1, ``ignore_index`` = unlabelled
+            (None: every pixel labelled).
+        sigma_rgb, sigma_xy: the bilateral kernel's standard deviations (RRM: 15, 100).
+        scale_factor: downscaling factor in (0, 1] (RRM: 0.5).
+        weight: the loss weight (RRM: 1e-7).
+        gradient: ``"exact"`` or ``"rloss"``.
+        gate: use RRM's gate S (False: plain rloss, S = 1).
+        nonnegative: add back the dropped constant (see above).
+        ignore_index: the unlabelled value of ``seg_label``.
+
+    Returns:
+        A 0-dim tensor, float64 for float64 segmentations and float32 otherwise.
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> images = torch.randint(0, 256, (2, 3, 16, 16)).float()
+        >>> probs = torch.softmax(torch.randn(2, 4, 16, 16), 1).requires_grad_()
+        >>> rois = torch.ones(2, 16, 16)
+        >>> labels = torch.full((2, 1, 16, 16), 255.0)
+        >>> loss = dense_energy_loss(images, probs, rois, labels, sigma_rgb=15, sigma_xy=100)
+        >>> loss.backward()
+        >>> bool(loss < 0), probs.grad.shape
+        (True, torch.Size([2, 4, 16, 16]))
+    """
+    V.tensor(images, "images", ndim=4, finite=False)
+    if images.dtype == torch.bool or images.is_complex():
+        raise TypeError(f"images must be uint8 or floating; got {images.dtype}")
+    V.tensor(segmentations, "segmentations", ndim=4, dtypes=V.FLOAT_DTYPES, finite=False)
+    B, K, H, W = segmentations.shape
+    if images.shape[0] != B or images.shape[2:] != segmentations.shape[2:]:
+        raise ValueError(
+            f"images must have shape (B, c, H, W) = ({B}, c, {H}, {W}) like segmentations; got {tuple(images.shape)}"
+        )
+    if images.shape[1] < 1 or images.shape[1] > 14:
+        raise ValueError(f"images must have 1 to 14 channels (2 + c <= 16 lattice features); got {images.shape[1]}")
+    if rois is not None:
+        V.tensor(rois, "ROIs", finite=False)
+        if tuple(rois.shape) != (B, H, W):
+            raise ValueError(f"ROIs must have shape (B, H, W) = ({B}, {H}, {W}); got {tuple(rois.shape)}")
+    if seg_label is not None:
+        V.tensor(seg_label, "seg_label", finite=False)
+        if tuple(seg_label.shape) not in ((B, 1, H, W), (B, H, W)):
+            raise ValueError(
+                f"seg_label must have shape (B, 1, H, W) = ({B}, 1, {H}, {W}) or (B, H, W); got {tuple(seg_label.shape)}"
+            )
+    V.same_device({"segmentations": segmentations, "images": images, "ROIs": rois, "seg_label": seg_label})
+    if gradient not in _GRAD_MODES:
+        raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
+    sigma_rgb = V.positive(sigma_rgb, "sigma_rgb")
+    sigma_xy = V.positive(sigma_xy, "sigma_xy")
+    scale_factor = V.positive(scale_factor, "scale_factor")
+    if scale_factor > 1:
+        raise ValueError(f"scale_factor must be in (0, 1]; got {scale_factor}")
+    try:
+        weight = float(weight)
+    except (TypeError, ValueError):
+        raise TypeError(f"weight must be a number; got {type(weight).__name__}") from None
+    if weight != weight or weight in (float("inf"), float("-inf")):
+        raise ValueError(f"weight must be finite; got {weight}")
+    if not _compiling():
+        _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
+
+    dtype = segmentations.dtype if segmentations.dtype in _COMPUTE_DTYPES else torch.float32
+    probs = segmentations.to(dtype)
+    img = images.to(dtype)
+    roi = rois.to(dtype) if rois is not None else None
+    lab = seg_label.reshape(B, 1, H, W).to(dtype) if seg_label is not None else None
+    if scale_factor != 1.0:
+        img = F.interpolate(img, scale_factor=scale_factor)
+        probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+        roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
+        lab = F.interpolate(lab, scale_factor=scale_factor, mode="nearest") if lab is not None else None
+    h, w = probs.shape[2:]
+    if roi is None:
+        roi = probs.new_ones((B, h, w))
+    if gate:
+        g = roi - probs.detach().amax(1) if K > 0 else roi.clone()
+        if lab is not None:
+            g = torch.where((lab.long() == ignore_index).squeeze(1), torch.ones_like(g), g)
+        g = g.clamp(min=0)
+    else:
+        g = probs.new_ones((B, h, w))
+    s_hat = probs * roi.unsqueeze(1)
+    feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)
+    if not _compiling():
+        _check_lattice_features(feats, "images (bilateral features)", K + 1, dtype)
+    mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
+    mass = roi.reshape(B, -1).detach() if nonnegative else None
+    energy, _ = ops.dense_energy(
+        s_hat.reshape(B, K, -1), g.reshape(B, -1).detach(), feats.detach().contiguous(), mass, mode
+    )
+    return energy.sum() * (weight / max(B, 1))
+
+
+class DenseEnergyLossFunction(torch.autograd.Function):
+    """Thin ``torch.autograd.Function`` over ``torch.ops.rrm_cuda.dense_energy`` (the original's name).
+
+    ``apply(probs, gate, features, mass, gradient)`` with probs (B, K, N) ROI-masked probabilities,
+    gate (B, N), features (B, d, N) already divided by their sigmas, mass (B, N) or None, gradient
+    ``"exact"`` | ``"rloss"`` -> (B,) per-image energies ``−Σ S ŝ W ŝ`` (``+ Σ S m W1`` with a mass).
+    The loss of the original module is ``weight · energies.sum() / B``.
+    """
+
+    @staticmethod
+    def forward(probs, gate, features, mass, gradient="exact"):
+        energy, grad_dir = ops.dense_energy(probs, gate, features, mass, _GRAD_MODES[gradient])
+        return energy, grad_dir
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_energy, _grad_dir):
+        (grad_dir,) = ctx.saved_tensors
+        return grad_dir * grad_energy.reshape(-1, 1, 1), None, None, None, None
+
+
+class DenseEnergyLoss(nn.Module):
+    """RRM's / rloss's ``DenseEnergyLoss`` module, fused (drop-in: same constructor and ``forward``).
+
+    ``DenseEnergyLoss(weight, sigma_rgb, sigma_xy, scale_factor)`` (RRM: 1e-7, 15, 100, 0.5);
+    ``forward(images, segmentations, ROIs, seg_label)`` with images (B, 3, H, W) RGB on 0–255,
+    segmentations (B, K, H, W) softmax probabilities, ROIs (B, H, W) 0/1 crop mask, seg_label
+    (B, 1, H, W) pseudo labels with 255 = unlabelled. Returns ``weight · E`` as a tensor of shape
+    (1,), as the original does (on the inputs' device rather than always on the CPU).
+
+    ``gradient="rloss"`` by default here: the original's ``−(2/B)·S·AS·ROI``, so that old runs
+    reproduce; pass ``gradient="exact"`` for the true gradient. ``gate``, ``nonnegative`` and
+    ``image_channels`` (3 as the original; None accepts any channel count) as in
+    :func:`dense_energy_loss`.
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        sigma_rgb: float,
+        sigma_xy: float,
+        scale_factor: float,
+        *,
+        gradient: str = "rloss",
+        gate: bool = True,
+        nonnegative: bool = False,
+        image_channels: int | None = 3,
+    ) -> None:
+        super().__init__()
+        if gradient not in _GRAD_MODES:
+            raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
+        self.weight = weight
+        self.sigma_rgb = V.positive(sigma_rgb, "sigma_rgb")
+        self.sigma_xy = V.positive(sigma_xy, "sigma_xy")
+        self.scale_factor = V.positive(scale_factor, "scale_factor")
+        self.gradient = gradient
+        self.gate = gate
+        self.nonnegative = nonnegative
+        self.image_channels = image_channels
+
+    def forward(self, images: Tensor, segmentations: Tensor, ROIs: Tensor, seg_label: Tensor) -> Tensor:  # noqa: N803
+        if self.image_channels is not None and isinstance(images, Tensor) and images.dim() == 4:
+            if images.shape[1] != self.image_channels:
+                raise ValueError(
+                    f"images must have {self.image_channels} channels (RGB); got shape {tuple(images.shape)} "
+                    "(pass image_channels=None for greyscale or multispectral images)"
+                )
+        loss = dense_energy_loss(
+            images,
+            segmentations,
+            ROIs,
+            seg_label,
+            sigma_rgb=self.sigma_rgb,
+            sigma_xy=self.sigma_xy,
+            scale_factor=self.scale_factor,
+            weight=self.weight,
+            gradient=self.gradient,
+            gate=self.gate,
+            nonnegative=self.nonnegative,
+        )
+        return loss.reshape(1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, "
+            f"scale_factor={self.scale_factor}, gradient={self.gradient!r}, gate={self.gate}, "
+            f"nonnegative={self.nonnegative}"
+        )
+
+
+__all__ = ["DenseEnergyLoss", "DenseEnergyLossFunction", "dense_energy_loss"]
