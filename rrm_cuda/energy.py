@@ -59,19 +59,19 @@ def _check_values(
             dev = float((probs.sum(1, dtype=torch.float32) - 1).abs().max())
             if dev > tol:
                 raise ValueError(
-                    "segmentations must be a probability distribution over dimension 1 (softmax) for the gate "
-                    f"and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
+                    "segmentations must be a probability distribution over dimension 1 (softmax) for the "
+                    f"gate and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
                 )
     if rois is not None and rois.numel() and not bool(((rois == 0) | (rois == 1)).all()):
         raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
     if seg_label is not None and seg_label.numel():
         K = probs.shape[1]
         lab = seg_label.to(torch.float64)
-        ok = ((lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))).all()
-        if not bool(ok):
+        ok = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
+        if not bool(ok.all()):
             raise ValueError(
-                f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other values "
-                f"(e.g. {float(lab[~((lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index)))][0]):g})"
+                f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
+                f"values (e.g. {float(lab[~ok][0]):g})"
             )
 
 
@@ -148,10 +148,13 @@ def dense_energy_loss(
     B, K, H, W = segmentations.shape
     if images.shape[0] != B or images.shape[2:] != segmentations.shape[2:]:
         raise ValueError(
-            f"images must have shape (B, c, H, W) = ({B}, c, {H}, {W}) like segmentations; got {tuple(images.shape)}"
+            f"images must have shape (B, c, H, W) = ({B}, c, {H}, {W}) like segmentations; "
+            f"got {tuple(images.shape)}"
         )
     if images.shape[1] < 1 or images.shape[1] > 14:
-        raise ValueError(f"images must have 1 to 14 channels (2 + c <= 16 lattice features); got {images.shape[1]}")
+        raise ValueError(
+            f"images must have 1 to 14 channels (2 + c <= 16 lattice features); got {images.shape[1]}"
+        )
     if rois is not None:
         V.tensor(rois, "ROIs", finite=False)
         if tuple(rois.shape) != (B, H, W):
@@ -160,7 +163,8 @@ def dense_energy_loss(
         V.tensor(seg_label, "seg_label", finite=False)
         if tuple(seg_label.shape) not in ((B, 1, H, W), (B, H, W)):
             raise ValueError(
-                f"seg_label must have shape (B, 1, H, W) = ({B}, 1, {H}, {W}) or (B, H, W); got {tuple(seg_label.shape)}"
+                f"seg_label must have shape (B, 1, H, W) = ({B}, 1, {H}, {W}) or (B, H, W); "
+                f"got {tuple(seg_label.shape)}"
             )
     V.same_device({"segmentations": segmentations, "images": images, "ROIs": rois, "seg_label": seg_label})
     if gradient not in _GRAD_MODES:
@@ -187,7 +191,9 @@ def dense_energy_loss(
     if scale_factor != 1.0:
         img = F.interpolate(img, scale_factor=scale_factor)
         probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-        roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
+        roi = (
+            F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
+        )
         lab = F.interpolate(lab, scale_factor=scale_factor, mode="nearest") if lab is not None else None
     h, w = probs.shape[2:]
     if roi is None:
@@ -200,6 +206,8 @@ def dense_energy_loss(
     else:
         g = probs.new_ones((B, h, w))
     s_hat = probs * roi.unsqueeze(1)
+    if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
+        return s_hat.sum() * weight
     feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)
     if not _compiling():
         _check_lattice_features(feats, "images (bilateral features)", K + 1, dtype)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .._ext import ops
-
 
 def _energy_fake(probs, gate, features, mass=None, grad_mode=0):
     torch._check(probs.dim() == 3 and gate.dim() == 2 and features.dim() == 3)

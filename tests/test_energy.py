@@ -1,0 +1,395 @@
+"""Dense-CRF energy loss (rrm_cuda.dense_energy_loss, DenseEnergyLoss, torch.ops.rrm_cuda.dense_energy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rrm_cuda
+from rrm_cuda import reference as R
+
+ops = torch.ops.rrm_cuda
+
+
+def _smooth(shape, scale=3.0, seed=0, dtype=torch.float64, cells=4):
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = shape
+    x = torch.randn(B, C, cells, cells, generator=g, dtype=dtype) * scale
+    return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
+
+
+def _inputs(B=2, K=3, H=10, W=9, dtype=torch.float64, seed=0, channels=3):
+    g = torch.Generator().manual_seed(seed)
+    images = (_smooth((B, channels, H, W), 60.0, seed, dtype) + 128).clamp(0, 255).round()
+    probs = torch.softmax(_smooth((B, K, H, W), 3.0, seed + 1, dtype), 1)
+    rois = torch.ones(B, H, W, dtype=dtype)
+    rois[:, :, -2:] = 0
+    labels = torch.randint(0, K, (B, 1, H, W), generator=g).to(dtype)
+    labels[:, :, : H // 3] = 255
+    return images, probs, rois, labels
+
+
+def _op_inputs(B=2, K=3, N=30, d=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(B, K, N, generator=g, dtype=dtype)
+    gate = torch.rand(B, N, generator=g, dtype=dtype)
+    feats = torch.rand(B, d, N, generator=g, dtype=dtype) * 3
+    mass = torch.rand(B, N, generator=g, dtype=dtype)
+    return probs, gate, feats, mass
+
+
+def _gate(probs, rois, labels):
+    g = rois - probs.amax(1)
+    g = torch.where((labels.long() == 255).squeeze(1), torch.ones_like(g), g)
+    return g.clamp(min=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward vs reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("gate,nonnegative", [(True, False), (False, False), (True, True)])
+def test_forward_vs_reference(dtype, contiguous, gate, nonnegative):
+    images, probs, rois, labels = _inputs(dtype=dtype)
+    if not contiguous:
+        probs = probs.transpose(2, 3).contiguous().transpose(2, 3)
+        images = images.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        assert not probs.is_contiguous() and not images.is_contiguous()
+    out = rrm_cuda.dense_energy_loss(
+        images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=6.0, gate=gate, nonnegative=nonnegative
+    )
+    B, K = probs.shape[:2]
+    s_hat = (probs * rois.unsqueeze(1)).reshape(B, K, -1)
+    S = _gate(probs, rois, labels).reshape(B, -1) if gate else torch.ones_like(s_hat[:, 0])
+    feats = R.rloss_features(images, 15.0, 6.0)
+    mass = rois.reshape(B, -1) if nonnegative else None
+    ref = R.dense_energy_reference(s_hat, S, feats, mass).sum() / B
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert out.dtype == dtype and out.dim() == 0
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    if nonnegative:
+        assert float(out) >= 0
+
+
+def test_module_forward_matches_original_restatement():
+    images, probs, rois, labels = _inputs(H=12, W=14, dtype=torch.float32)
+    m = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 100.0, 0.5)
+    out = m(images, probs, rois, labels)
+    ref = R.dense_energy_loss_module_reference(images, probs, rois, labels, 1e-3, 15.0, 100.0, 0.5)
+    assert out.shape == (1,)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_close_to_exact_dense_gaussian():
+    # SPEC §1: the lattice underestimates the Gaussian sum (≈0.55x at d=5) with ~10 % scatter.
+    images, probs, rois, labels = _inputs(B=1, K=4, H=20, W=20)
+    B, K = probs.shape[:2]
+    s_hat = probs.reshape(B, K, -1)
+    S = torch.ones(B, 400, dtype=torch.float64)
+    feats = R.rloss_features(images, 15.0, 5.0)
+    e = rrm_cuda.dense_energy_loss(images, probs, sigma_rgb=15.0, sigma_xy=5.0, gate=False)
+    exact = R.dense_energy_reference(s_hat, S, feats, filter_fn=R.dense_gaussian_filter).sum()
+    ratio = float(e / exact)
+    assert 0.4 < ratio < 0.75, ratio
+    a = ops.permutohedral_filter(s_hat, feats, False)
+    b = R.dense_gaussian_filter(s_hat, feats)
+    c = (a * b).sum() / (b * b).sum()
+    assert float((a - c * b).norm() / (c * b).norm()) < 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny hand-computed case
+
+
+def test_hand_computed():
+    # d = 1, every pixel at feature 0: the pixel splats with weight 1 onto the lattice point 0; the
+    # blur along axis 0 leaves it (its neighbour holds 0) and along axis 1 adds 1/2 * 1/2 of it back
+    # from the weight-0 corner, so W_ij = alpha * 1.25 = (2/3) * 1.25 = 5/6 for every pair.
+    probs = torch.tensor([[[0.2, 0.7], [0.8, 0.3]]], dtype=torch.float64)
+    gate = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    feats = torch.zeros(1, 1, 2, dtype=torch.float64)
+    energy, grad = ops.dense_energy(probs, gate, feats, None, 1)
+    as0, as1 = 5 / 6 * 0.9, 5 / 6 * 1.1
+    expected = -(1.0 * (0.2 * as0 + 0.8 * as1) + 0.5 * (0.7 * as0 + 0.3 * as1))
+    torch.testing.assert_close(energy, torch.tensor([expected], dtype=torch.float64))
+    torch.testing.assert_close(
+        grad, -2 * torch.tensor([[[as0, 0.5 * as0], [as1, 0.5 * as1]]], dtype=torch.float64)
+    )
+    # mass m: + sum_i S m (W 1) with W 1 = 5/6 * 2
+    e2, _ = ops.dense_energy(probs, gate, feats, torch.ones(1, 2, dtype=torch.float64), 0)
+    torch.testing.assert_close(e2, energy + 1.5 * 5 / 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+
+
+@pytest.mark.parametrize("with_mass", [False, True])
+@pytest.mark.parametrize("op", ["dense_energy", "_dense_energy_emulated"])
+def test_gradcheck_exact(with_mass, op):
+    probs, gate, feats, mass = _op_inputs(N=24)
+    probs.requires_grad_()
+    fn = getattr(ops, op)
+    m = mass if with_mass else None
+    assert torch.autograd.gradcheck(lambda p: fn(p, gate, feats, m, 2)[0], (probs,), fast_mode=True)
+
+
+def test_gradcheck_functional_through_downscale():
+    # Gate off (S = 1 is constant) so the value's true gradient is what the exact mode returns;
+    # the gradient flows through the ROI mask and the bilinear downscaling.
+    images, probs, rois, _ = _inputs(B=1, K=2, H=8, W=8)
+    probs.requires_grad_()
+    fn = lambda p: rrm_cuda.dense_energy_loss(  # noqa: E731
+        images, p, rois, sigma_rgb=15.0, sigma_xy=8.0, scale_factor=0.5, gate=False, nonnegative=True
+    )
+    assert torch.autograd.gradcheck(fn, (probs,), fast_mode=True)
+
+
+def test_exact_gradient_vs_reference():
+    probs, gate, feats, mass = _op_inputs(K=4, N=40)
+    p1 = probs.clone().requires_grad_()
+    p2 = probs.clone().requires_grad_()
+    ops.dense_energy(p1, gate, feats, mass, 2)[0].sum().backward()
+    R.dense_energy_reference(p2, gate, feats, mass).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-12)
+    # S W s + W^T (S s) differs from the rloss formula 2 S W s: W is not symmetric, S not constant.
+    g_rloss = ops.dense_energy(probs, gate, feats, mass, 1)[1]
+    assert float((g_rloss - p1.grad).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_rloss_gradient_equals_original(scale):
+    images, probs, rois, labels = _inputs(H=12, W=12)
+    p1 = probs.clone().requires_grad_()
+    p2 = probs.clone().requires_grad_()
+    rrm_cuda.DenseEnergyLoss(1.0, 15.0, 40.0, scale)(images, p1, rois, labels).sum().backward()
+    R.dense_energy_loss_module_reference(images, p2, rois, labels, 1.0, 15.0, 40.0, scale).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck():
+    samples = []
+    probs, gate, feats, mass = _op_inputs(N=20, dtype=torch.float32)
+    samples.append((probs.clone().requires_grad_(), gate, feats, None, 2))
+    samples.append((probs.clone().requires_grad_(), gate, feats, mass, 1))
+    samples.append((probs, gate, feats[:, :2].contiguous(), None, 0))
+    for args in samples:
+        torch.library.opcheck(ops.dense_energy.default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# empty and bad inputs
+
+
+def test_empty_inputs():
+    e, g = ops.dense_energy(torch.empty(0, 3, 5), torch.empty(0, 5), torch.empty(0, 5, 5), None, 2)
+    assert e.shape == (0,) and g.shape == (0, 3, 5)
+    e, g = ops.dense_energy(torch.empty(2, 3, 0), torch.empty(2, 0), torch.empty(2, 5, 0), None, 0)
+    assert e.tolist() == [0.0, 0.0] and g.shape == (0,)
+    out = rrm_cuda.dense_energy_loss(torch.empty(0, 3, 4, 4), torch.empty(0, 2, 4, 4))
+    assert float(out) == 0.0
+    images, probs, rois, labels = _inputs(H=4, W=4)
+    out = rrm_cuda.dense_energy_loss(images[:, :, :0], probs[:, :, :0], rois[:, :0], labels[:, :, :0])
+    assert float(out) == 0.0
+
+
+def _bad(**over):
+    images, probs, rois, labels = _inputs(H=6, W=6)
+    args = dict(images=images, segmentations=probs, rois=rois, seg_label=labels)
+    kwargs = dict(sigma_rgb=15.0, sigma_xy=10.0)
+    for k, v in over.items():
+        (args if k in args else kwargs)[k] = v(args[k]) if callable(v) and k in args else v
+    return lambda: rrm_cuda.dense_energy_loss(**args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "over,exc,match",
+    [
+        (dict(seg_label=lambda t: t.masked_fill(t == 0, 7)), ValueError, "seg_label must hold class indices"),
+        (dict(seg_label=lambda t: t + 0.5), ValueError, "seg_label"),
+        (dict(rois=lambda t: t * 0.5), ValueError, "ROIs must be a 0/1"),
+        (dict(images=lambda t: t + 300), ValueError, "images must be on the 0-255"),
+        (dict(images=lambda t: t[:, :1].expand(-1, 20, -1, -1)), ValueError, "images must have 1 to 14"),
+        (dict(segmentations=lambda t: t * 3), ValueError, "segmentations must be probabilities"),
+        (dict(segmentations=lambda t: t * 0.5), ValueError, "probability distribution"),
+        (dict(segmentations=lambda t: t[:1]), ValueError, "images must have shape"),
+        (dict(rois=lambda t: t[:, :3]), ValueError, "ROIs must have shape"),
+        (dict(seg_label=lambda t: t[:, :, :3]), ValueError, "seg_label must have shape"),
+        (dict(segmentations=lambda t: t.long()), TypeError, "segmentations must have dtype"),
+        (dict(segmentations=lambda t: t[0]), ValueError, "segmentations must have 4 dimensions"),
+        (dict(images=lambda t: t.bool()), TypeError, "images must be uint8 or floating"),
+        (dict(segmentations=lambda t: t.masked_fill(t > 0.9, float("nan"))), ValueError, "contains NaN"),
+        (dict(images=lambda t: t.masked_fill(t > 200, float("inf"))), ValueError, "images contains Inf"),
+        (dict(images=lambda t: t.to("meta")), ValueError, "same device"),
+        (dict(sigma_rgb=0.0), ValueError, "sigma_rgb must be positive"),
+        (dict(sigma_xy=-1.0), ValueError, "sigma_xy must be positive"),
+        (dict(scale_factor=0.0), ValueError, "scale_factor must be positive"),
+        (dict(scale_factor=2.0), ValueError, "scale_factor must be in"),
+        (dict(gradient="approx"), ValueError, "gradient must be"),
+        (dict(weight="a"), TypeError, "weight must be a number"),
+        (dict(segmentations=[1.0]), TypeError, "segmentations must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs(over, exc, match):
+    with pytest.raises(exc, match=match):
+        _bad(**over)()
+
+
+def test_bad_inputs_module_and_op():
+    images, probs, rois, labels = _inputs(H=6, W=6)
+    with pytest.raises(ValueError, match="images must have 3 channels"):
+        rrm_cuda.DenseEnergyLoss(1.0, 15.0, 10.0, 1.0)(images[:, :1], probs, rois, labels)
+    with pytest.raises(ValueError, match="sigma_xy must be positive"):
+        rrm_cuda.DenseEnergyLoss(1.0, 15.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="scale_factor must be positive"):
+        rrm_cuda.DenseEnergyLoss(1.0, 15.0, 10.0, -0.5)
+    probs, gate, feats, mass = _op_inputs()
+    with pytest.raises(ValueError, match="gate must have shape"):
+        ops.dense_energy(probs, gate[:, :3], feats, None, 0)
+    with pytest.raises(ValueError, match="features must have shape"):
+        ops.dense_energy(probs, gate, feats[:1], None, 0)
+    with pytest.raises(ValueError, match="mass must have shape"):
+        ops.dense_energy(probs, gate, feats, mass[:1], 0)
+    with pytest.raises(TypeError, match="probs and features must have the same dtype"):
+        ops.dense_energy(probs, gate, feats.float(), None, 0)
+    with pytest.raises(ValueError, match="grad_mode must be"):
+        ops.dense_energy(probs, gate, feats, None, 3)
+    with pytest.raises(ValueError, match="features must have 1 <= d <= 16"):
+        ops.dense_energy(probs, gate, torch.rand(2, 17, 30, dtype=torch.float64), None, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# options, module == functional
+
+
+def test_module_equals_functional_and_compat():
+    from rrm_cuda.compat.rloss import DenseEnergyLoss as Compat
+
+    images, probs, rois, labels = _inputs(H=12, W=12, dtype=torch.float32)
+    for gradient in ("rloss", "exact"):
+        p1 = probs.clone().requires_grad_()
+        p2 = probs.clone().requires_grad_()
+        m = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 100.0, 0.5, gradient=gradient)
+        out = m(images, p1, rois, labels)
+        ref = rrm_cuda.dense_energy_loss(
+            images,
+            p2,
+            rois,
+            labels,
+            sigma_rgb=15.0,
+            sigma_xy=100.0,
+            scale_factor=0.5,
+            weight=1e-3,
+            gradient=gradient,
+        )
+        torch.testing.assert_close(out, ref.reshape(1))
+        out.sum().backward()
+        ref.backward()
+        torch.testing.assert_close(p1.grad, p2.grad)
+    assert Compat is rrm_cuda.DenseEnergyLoss and Compat(1e-7, 15, 100, 0.5).gradient == "rloss"
+
+
+def test_any_image_channels():
+    for c in (1, 6):
+        images, probs, rois, labels = _inputs(channels=c)
+        out = rrm_cuda.DenseEnergyLoss(1.0, 15.0, 6.0, 1.0, image_channels=None)(images, probs, rois, labels)
+        B, K = probs.shape[:2]
+        S = _gate(probs, rois, labels).reshape(B, -1)
+        s_hat = (probs * rois.unsqueeze(1)).reshape(B, K, -1)
+        ref = R.dense_energy_reference(s_hat, S, R.rloss_features(images, 15.0, 6.0)).sum() / B
+        torch.testing.assert_close(out, ref.reshape(1))
+
+
+def test_half_inputs_and_autocast():
+    images, probs, rois, labels = _inputs(dtype=torch.float32)
+    ref = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=6.0)
+    for dt in (torch.float16, torch.bfloat16):
+        p = probs.to(dt).requires_grad_()
+        out = rrm_cuda.dense_energy_loss(images.to(dt), p, rois, labels, sigma_rgb=15.0, sigma_xy=6.0)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=2e-2, atol=1e-2)
+        out.backward()
+        assert p.grad.dtype == dt and bool(torch.isfinite(p.grad).all())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.randn(2, 3, 10, 9, requires_grad=True)
+        probs_ac = torch.softmax(F.conv2d(logits, torch.eye(3).reshape(3, 3, 1, 1)), 1)
+        out = rrm_cuda.dense_energy_loss(images, probs_ac, rois, labels, sigma_rgb=15.0, sigma_xy=6.0)
+    out.backward()
+    assert logits.grad is not None and bool(torch.isfinite(logits.grad).all())
+
+
+def test_no_grad_mode_skips_gradient():
+    probs, gate, feats, _ = _op_inputs()
+    e0, g0 = ops.dense_energy(probs, gate, feats, None, 0)
+    e2, g2 = ops.dense_energy(probs, gate, feats, None, 2)
+    assert g0.shape == (0,) and g2.shape == probs.shape
+    torch.testing.assert_close(e0, e2)
+
+
+# ---------------------------------------------------------------------------------------------
+# emulated CUDA launch == CPU; CPU == CUDA
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_cuda_equals_cpu(mode, dtype):
+    probs, gate, feats, mass = _op_inputs(K=5, N=300, dtype=dtype)
+    e1, g1 = ops.dense_energy(probs, gate, feats, mass, mode)
+    e2, g2 = ops._dense_energy_emulated(probs, gate, feats, mass, mode)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(e1, e2, rtol=tol, atol=tol)
+    torch.testing.assert_close(g1, g2, rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+def test_cpu_equals_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    assert rrm_cuda.build_info()["with_cuda"], "a GPU is present but rrm_cuda was built without CUDA"
+    images, probs, rois, labels = _inputs(B=3, K=4, H=40, W=36, dtype=torch.float32)
+    for gradient in ("exact", "rloss"):
+        outs, grads = [], []
+        for dev in ("cpu", "cuda"):
+            p = probs.to(dev).requires_grad_()
+            out = rrm_cuda.dense_energy_loss(
+                images.to(dev),
+                p,
+                rois.to(dev),
+                labels.to(dev),
+                sigma_rgb=15.0,
+                sigma_xy=20.0,
+                scale_factor=0.5,
+                gradient=gradient,
+                nonnegative=True,
+            )
+            out.backward()
+            outs.append(out.cpu())
+            grads.append(p.grad.cpu())
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_torch_compile():
+    images, probs, rois, labels = _inputs(dtype=torch.float32)
+
+    def loss(p):
+        return rrm_cuda.dense_energy_loss(
+            images, torch.softmax(p, 1), rois, labels, sigma_rgb=15.0, sigma_xy=6.0, scale_factor=0.5
+        )
+
+    logits = torch.log(probs)
+    l1 = logits.clone().requires_grad_()
+    l2 = logits.clone().requires_grad_()
+    ref = loss(l1)
+    ref.backward()
+    out = torch.compile(loss, fullgraph=True, backend="aot_eager")(l2)
+    out.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(l2.grad, l1.grad)
