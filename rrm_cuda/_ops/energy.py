@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _ext  # noqa: F401  (loads the extension, which registers the schemas)
+
 
 def _energy_fake(probs, gate, features, mass=None, grad_mode=0):
     torch._check(probs.dim() == 3 and gate.dim() == 2 and features.dim() == 3)
