@@ -28,6 +28,11 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _range(t: Tensor) -> tuple[float, float]:
+    lo, hi = torch.aminmax(t)
+    return float(lo), float(hi)
+
+
 def _check_values(
     images: Tensor,
     probs: Tensor,
@@ -36,39 +41,51 @@ def _check_values(
     distribution: bool,
     ignore_index: int,
 ) -> None:
-    """Data-dependent checks (skipped while torch.compile traces: they would break the graph)."""
+    """Data-dependent checks (skipped while torch.compile traces: they would break the graph).
+
+    One min/max pass per tensor: NaN propagates into it and ±Inf falls outside the allowed range, so
+    the finiteness checks cost nothing extra on valid inputs.
+    """
     images, probs = images.detach(), probs.detach()
-    for name, t in (("images", images), ("segmentations", probs), ("ROIs", rois), ("seg_label", seg_label)):
-        if t is not None and t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            raise ValueError(f"{name} contains {bad} values")
-    if images.numel() and (bool((images < 0).any()) or bool((images > 255).any())):
-        raise ValueError(
-            f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
-            f"[{float(images.min()):.4g}, {float(images.max()):.4g}]"
-        )
+
+    def nonfinite(name: str, t: Tensor) -> None:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains {'NaN' if bool(torch.isnan(t).any()) else 'Inf'} values")
+
+    if images.numel():
+        lo, hi = _range(images)
+        if not (lo >= 0 and hi <= 255):
+            nonfinite("images", images)
+            raise ValueError(
+                f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
+                f"[{lo:.4g}, {hi:.4g}]"
+            )
     if probs.numel():
-        lo, hi = float(probs.min()), float(probs.max())
-        if lo < 0 or hi > 1:
+        lo, hi = _range(probs)
+        if not (lo >= 0 and hi <= 1):
+            nonfinite("segmentations", probs)
             raise ValueError(
                 f"segmentations must be probabilities in [0, 1] (softmax outputs, not logits); got values in "
                 f"[{lo:.4g}, {hi:.4g}]"
             )
         if distribution:
             tol = 1e-3 if probs.dtype in _COMPUTE_DTYPES else 1e-2
-            dev = float((probs.sum(1, dtype=torch.float32) - 1).abs().max())
+            lo, hi = _range(probs.sum(1, dtype=torch.float32))
+            dev = max(abs(lo - 1), abs(hi - 1))
             if dev > tol:
                 raise ValueError(
                     "segmentations must be a probability distribution over dimension 1 (softmax) for the "
                     f"gate and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
                 )
     if rois is not None and rois.numel() and not bool(((rois == 0) | (rois == 1)).all()):
+        nonfinite("ROIs", rois)
         raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
     if seg_label is not None and seg_label.numel():
         K = probs.shape[1]
-        lab = seg_label.to(torch.float64)
+        lab = seg_label if seg_label.is_floating_point() else seg_label.long()
         ok = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
         if not bool(ok.all()):
+            nonfinite("seg_label", lab)
             raise ValueError(
                 f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
                 f"values (e.g. {float(lab[~ok][0]):g})"
@@ -89,6 +106,7 @@ def dense_energy_loss(
     gate: bool = True,
     nonnegative: bool = False,
     ignore_index: int = 255,
+    check_inputs: bool = True,
 ) -> Tensor:
     r"""Dense-CRF energy loss of RRM / rloss on the permutohedral lattice (CPU and CUDA, fused).
 
@@ -125,6 +143,9 @@ def dense_energy_loss(
         gate: use RRM's gate S (False: plain rloss, S = 1).
         nonnegative: add back the dropped constant (see above).
         ignore_index: the unlabelled value of ``seg_label``.
+        check_inputs: check the values (ranges, labels, ROI, distribution, NaN/Inf) at the price of a
+            few passes over the inputs; shapes, dtypes and devices are always checked. Value checks
+            are skipped while ``torch.compile`` traces.
 
     Returns:
         A 0-dim tensor, float64 for float64 segmentations and float32 otherwise.
@@ -180,7 +201,7 @@ def dense_energy_loss(
         raise TypeError(f"weight must be a number; got {type(weight).__name__}") from None
     if weight != weight or weight in (float("inf"), float("-inf")):
         raise ValueError(f"weight must be finite; got {weight}")
-    if not _compiling():
+    if check_inputs and not _compiling():
         _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
 
     dtype = segmentations.dtype if segmentations.dtype in _COMPUTE_DTYPES else torch.float32
@@ -254,8 +275,8 @@ class DenseEnergyLoss(nn.Module):
     (1,), as the original does (on the inputs' device rather than always on the CPU).
 
     ``gradient="rloss"`` by default here: the original's ``−(2/B)·S·AS·ROI``, so that old runs
-    reproduce; pass ``gradient="exact"`` for the true gradient. ``gate``, ``nonnegative`` and
-    ``image_channels`` (3 as the original; None accepts any channel count) as in
+    reproduce; pass ``gradient="exact"`` for the true gradient. ``gate``, ``nonnegative``, ``check_inputs``
+    and ``image_channels`` (3 as the original; None accepts any channel count) as in
     :func:`dense_energy_loss`.
     """
 
@@ -270,6 +291,7 @@ class DenseEnergyLoss(nn.Module):
         gate: bool = True,
         nonnegative: bool = False,
         image_channels: int | None = 3,
+        check_inputs: bool = True,
     ) -> None:
         super().__init__()
         if gradient not in _GRAD_MODES:
@@ -282,6 +304,7 @@ class DenseEnergyLoss(nn.Module):
         self.gate = gate
         self.nonnegative = nonnegative
         self.image_channels = image_channels
+        self.check_inputs = check_inputs
 
     def forward(self, images: Tensor, segmentations: Tensor, ROIs: Tensor, seg_label: Tensor) -> Tensor:  # noqa: N803
         if self.image_channels is not None and isinstance(images, Tensor) and images.dim() == 4:
@@ -302,6 +325,7 @@ class DenseEnergyLoss(nn.Module):
             gradient=self.gradient,
             gate=self.gate,
             nonnegative=self.nonnegative,
+            check_inputs=self.check_inputs,
         )
         return loss.reshape(1)
 

@@ -214,6 +214,9 @@ def _bad(**over):
         (dict(images=lambda t: t + 300), ValueError, "images must be on the 0-255"),
         (dict(images=lambda t: t[:, :1].expand(-1, 20, -1, -1)), ValueError, "images must have 1 to 14"),
         (dict(segmentations=lambda t: t * 3), ValueError, "segmentations must be probabilities"),
+        (dict(segmentations=lambda t: t - 0.5), ValueError, "not logits"),
+        (dict(rois=lambda t: t.masked_fill(t == 0, float("nan"))), ValueError, "ROIs contains NaN"),
+        (dict(seg_label=lambda t: t.long().masked_fill(t == 1, -1)), ValueError, "seg_label must hold"),
         (dict(segmentations=lambda t: t * 0.5), ValueError, "probability distribution"),
         (dict(segmentations=lambda t: t[:1]), ValueError, "images must have shape"),
         (dict(rois=lambda t: t[:, :3]), ValueError, "ROIs must have shape"),
@@ -393,3 +396,13 @@ def test_torch_compile():
     out.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(l2.grad, l1.grad)
+
+
+def test_check_inputs_off_skips_value_checks_only():
+    images, probs, rois, labels = _inputs(H=6, W=6)
+    out = rrm_cuda.dense_energy_loss(
+        images, probs * 0.5, rois, labels, sigma_rgb=15.0, sigma_xy=10.0, check_inputs=False
+    )
+    assert bool(torch.isfinite(out))
+    with pytest.raises(ValueError, match="ROIs must have shape"):
+        rrm_cuda.dense_energy_loss(images, probs, rois[:, :2], labels, check_inputs=False)

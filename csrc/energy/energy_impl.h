@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>  // lattice_impl.h uses at::parallel_for (not pulled in by ATen.h under nvcc)
 
 #include <algorithm>
 #include <optional>
