@@ -55,6 +55,7 @@ PHOTOS = (
 )
 WEIGHT, SIGMA_RGB, SIGMA_XY = 1e-7, 15.0, 100.0
 SLOW_S = 3.0
+RTOL = 1e-3  # float32 sums of ~4M lattice terms in different orders (measured: ~1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +223,8 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         vals[key], grads[key] = v.detach().reshape(()), p.grad
     truth = "reference" if with_reference else "baseline"
     checks = {
-        f"value rrm_cuda vs {truth}": check_close("value", vals["rrm_cuda"], vals[truth], 1e-4),
-        f"rloss grad rrm_cuda vs {truth}": check_close("grad", grads["rrm_cuda"], grads[truth], 1e-4),
+        f"value rrm_cuda vs {truth}": check_close("value", vals["rrm_cuda"], vals[truth], RTOL),
+        f"rloss grad rrm_cuda vs {truth}": check_close("grad", grads["rrm_cuda"], grads[truth], RTOL),
     }
     if with_reference:
         checks["value baseline vs reference"] = check_close(
