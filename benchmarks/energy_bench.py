@@ -143,10 +143,11 @@ def measure(fn, min_run_time: float, sync: bool = False) -> dict:
     t0 = time.perf_counter()
     stmt()  # warm-up
     timer = Timer(stmt="stmt()", globals={"stmt": stmt})
-    if time.perf_counter() - t0 > SLOW_S:
+    warm = time.perf_counter() - t0
+    if warm > SLOW_S:
         m = Measurement.merge([timer.timeit(1), timer.timeit(1)])[0]
-    else:
-        m = timer.blocked_autorange(min_run_time=min_run_time)
+    else:  # at least ~3 runs even when one call takes a large part of min_run_time
+        m = timer.blocked_autorange(min_run_time=max(min_run_time, 3 * warm))
     return {"median_ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
 
 
@@ -321,6 +322,7 @@ def main() -> None:
     args = ap.parse_args()
 
     all_threads = torch.get_num_threads()
+    load_start = os.getloadavg()  # the machine may be shared: record how busy it was
     if args.quick:
         settings = [("rrm-quick", 2, args.classes, 81, 0.5, True)]
         mrt = args.min_run_time or 0.2
@@ -347,7 +349,8 @@ def main() -> None:
         cpu_count=os.cpu_count(),
         threads=all_threads,
         device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        loadavg_start=os.getloadavg(),
+        loadavg_start=load_start,
+        loadavg_end=os.getloadavg(),
         build_info=rrm_cuda.build_info(),
         time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         quick=args.quick,
