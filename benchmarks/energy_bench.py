@@ -369,6 +369,7 @@ def plot(results, path, meta) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, res in zip(axes[0], results):
@@ -382,6 +383,7 @@ def plot(results, path, meta) -> None:
         )
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("forward+backward, median ms (log)")
         ax.set_title(
             f"{res['setting']}: B={res['batch']} K={res['classes']} {res['filtered'][0]}²", fontsize=9
