@@ -18,17 +18,13 @@ Compared, in the same run on the same machine:
     (``rrm_cuda.reference.dense_energy_loss_module_reference``).
 
 Medians and IQRs from ``torch.utils.benchmark.Timer.blocked_autorange``; correctness is checked
-before timing. Writes ``benchmarks/results/energy_<device-tag>.json`` and ``.png``.
+before timing. Writes ``benchmarks/results/energy_<device-tag>.json`` and ``.png`` (benchmarks/_common.py helpers).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 
@@ -39,6 +35,10 @@ from torch.utils.benchmark import Measurement, Timer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+sys.path.insert(0, HERE)
+
+import _common as C  # noqa: E402
 
 import rrm_cuda  # noqa: E402
 from rrm_cuda import reference as R  # noqa: E402
@@ -94,9 +94,7 @@ def _baseline_image(args):
     f = feats.unsqueeze(0).contiguous()
     out = torch.empty_like(s_hat)
     for k in range(s_hat.shape[0]):
-        out[k] = torch.ops.rrm_cuda.permutohedral_filter(s_hat[k].reshape(1, 1, -1).contiguous(), f, False)[
-            0, 0
-        ]
+        out[k] = torch.ops.rrm_cuda.permutohedral_filter(s_hat[k].reshape(1, 1, -1).contiguous(), f, False)[0, 0]
     return out
 
 
@@ -174,19 +172,6 @@ def check_close(name, a, b, rtol):
     return err
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=HERE, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_tag() -> str:
-    if torch.cuda.is_available():
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
-    return f"cpu-{os.cpu_count()}cores"
-
-
 def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=True):  # noqa: N803
     torch.set_num_threads(all_threads)
     images, probs, rois, labels = make_inputs(B, K, size)
@@ -195,18 +180,13 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         f"\n== {name}: batch {B}, {K} classes, {size}x{size} crops, scale {scale} -> {h}x{h}",
         flush=True,
     )
-    mods = {
-        g: rrm_cuda.DenseEnergyLoss(WEIGHT, SIGMA_RGB, SIGMA_XY, scale, gradient=g)
-        for g in ("rloss", "exact")
-    }
+    mods = {g: rrm_cuda.DenseEnergyLoss(WEIGHT, SIGMA_RGB, SIGMA_XY, scale, gradient=g) for g in ("rloss", "exact")}
 
     def ours(g):
         return lambda p: mods[g](images, p, rois, labels)
 
     def ref(p):
-        return R.dense_energy_loss_module_reference(
-            images, p, rois, labels, WEIGHT, SIGMA_RGB, SIGMA_XY, scale
-        )
+        return R.dense_energy_loss_module_reference(images, p, rois, labels, WEIGHT, SIGMA_RGB, SIGMA_XY, scale)
 
     def base(p):
         return baseline_loss(images, p, rois, labels, scale, pool)
@@ -214,9 +194,7 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
     # correctness before timing: values and rloss gradients against the re-stated original
     # (the slow reference is skipped at full scale unless asked for: the baseline is then the check)
     grads, vals = {}, {}
-    impls = [("rrm_cuda", ours("rloss")), ("baseline", base)] + (
-        [("reference", ref)] if with_reference else []
-    )
+    impls = [("rrm_cuda", ours("rloss")), ("baseline", base)] + ([("reference", ref)] if with_reference else [])
     for key, fn in impls:
         p = probs.clone().requires_grad_()
         v = fn(p)
@@ -228,9 +206,7 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         f"rloss grad rrm_cuda vs {truth}": check_close("grad", grads["rrm_cuda"], grads[truth], RTOL),
     }
     if with_reference:
-        checks["value baseline vs reference"] = check_close(
-            "value", vals["baseline"], vals["reference"], RTOL
-        )
+        checks["value baseline vs reference"] = check_close("value", vals["baseline"], vals["reference"], RTOL)
     print("correctness:", {k: f"{v:.2e}" for k, v in checks.items()}, flush=True)
 
     rows = []
@@ -277,13 +253,9 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         ("fwd+bwd", "rrm_cuda[exact]"),
     ):
         for t in sorted({1, all_threads}):
-            ratios[f"baseline / {impl} {mode} ({t} thr)"] = med("baseline-per-channel", mode) / med(
-                impl, mode, t
-            )
+            ratios[f"baseline / {impl} {mode} ({t} thr)"] = med("baseline-per-channel", mode) / med(impl, mode, t)
             if with_reference:
-                ratios[f"reference / {impl} {mode} ({t} thr)"] = med("pytorch-reference", mode) / med(
-                    impl, mode, t
-                )
+                ratios[f"reference / {impl} {mode} ({t} thr)"] = med("pytorch-reference", mode) / med(impl, mode, t)
     print("  ratios (same run):")
     for k, v in ratios.items():
         print(f"    {k:<52} {v:7.2f}x")
@@ -295,9 +267,7 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         scale=scale,
         filtered=[h, h],
         lattice_vertices=rrm_cuda.lattice_num_vertices(
-            rrm_cuda.bilateral_features(
-                F.interpolate(images, scale_factor=scale), SIGMA_XY * scale, SIGMA_RGB
-            )
+            rrm_cuda.bilateral_features(F.interpolate(images, scale_factor=scale), SIGMA_XY * scale, SIGMA_RGB)
         ).tolist(),
         correctness=checks,
         rows=rows,
@@ -306,9 +276,7 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and short timing (smoke test)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--classes", type=int, default=21)
@@ -318,7 +286,7 @@ def main() -> None:
     ap.add_argument(
         "--reference-full", action="store_true", help="also time the (slow) pure-PyTorch reference at 513x513"
     )
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out-dir", "--out", dest="out_dir", default=C.RESULTS, help="where the JSON/PNG go")
     args = ap.parse_args()
 
     all_threads = torch.get_num_threads()
@@ -339,59 +307,38 @@ def main() -> None:
         pool.close()
         pool.join()
 
-    meta = dict(
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = C.metadata(device)
+    meta.update(
         benchmark="energy",
-        git_commit=git_commit(),
-        torch=torch.__version__,
-        python=platform.python_version(),
-        machine=platform.machine(),
-        processor=platform.processor(),
-        cpu_count=os.cpu_count(),
-        threads=all_threads,
-        device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         loadavg_start=load_start,
         loadavg_end=os.getloadavg(),
-        build_info=rrm_cuda.build_info(),
-        time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         quick=args.quick,
+        settings=[{k: v for k, v in r.items() if k != "rows"} for r in results],
     )
-    os.makedirs(args.out, exist_ok=True)
-    tag = device_tag() + ("-quick" if args.quick else "")
-    path = os.path.join(args.out, f"energy_{tag}.json")
-    with open(path, "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
-    print(f"\nwrote {path}")
-    plot(results, os.path.join(args.out, f"energy_{tag}.png"), meta)
-
-
-def plot(results, path, meta) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, res in zip(axes[0], results):
-        rows = [r for r in res["rows"] if r["mode"] == "fwd+bwd"]
-        labels = [f"{r['impl']}\n{r['device']} {r['threads'] or ''}thr".replace(" 0thr", "") for r in rows]
-        ax.barh(
-            range(len(rows)),
-            [r["median_ms"] for r in rows],
-            xerr=[r["iqr_ms"] for r in rows],
-            color="tab:blue",
+    rows = [
+        C.Row(
+            workload=f"{r['setting']} {row['mode']}",
+            method=_method(row),
+            median_ms=row["median_ms"],
+            iqr_ms=row["iqr_ms"],
+            threads=row["threads"] or None,
+            device=row["device"],
+            extra={"runs": row["runs"]},
         )
-        ax.set_yticks(range(len(rows)), labels, fontsize=7)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("forward+backward, median ms (log)")
-        ax.set_title(
-            f"{res['setting']}: B={res['batch']} K={res['classes']} {res['filtered'][0]}²", fontsize=9
-        )
-    fig.suptitle(f"dense energy loss — {meta['device']}, {meta['threads']} threads", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    print(f"wrote {path}")
+        for r in results
+        for row in r["rows"]
+    ]
+    baseline = _method({"impl": "baseline-per-channel", "device": "cpu", "threads": all_threads})
+    print()
+    C.print_table(rows, baseline)
+    tag = C.device_tag(device) + ("-quick" if args.quick else "")
+    for path in C.write_results("energy", tag, meta, rows, baseline, args.out_dir, "dense energy loss, fwd / fwd+bwd"):
+        print(f"wrote {path}")
+
+
+def _method(row: dict) -> str:
+    return f"{row['impl']} {row['device']}" + (f" {row['threads']}thr" if row["device"] == "cpu" else "")
 
 
 if __name__ == "__main__":

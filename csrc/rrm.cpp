@@ -32,7 +32,9 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // grad_mode: 0 none, 1 rloss (-2 S W s), 2 exact (-(S W s + W^T (S s)), the gate held constant).
   // -> (energy (B,) per image: -sum_{k,i} S s_k W s_k [+ const], grad_dir (B, K, N) = d energy_b / d s,
   //     or (0,) for grad_mode 0). The loss is weight * energy.sum() / B.
-  m.def("dense_energy(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0) -> (Tensor, Tensor)");
+  m.def(
+      "dense_energy(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0) -> "
+      "(Tensor, Tensor)");
   // CPU only, for tests: the CUDA launch decomposition emulated serially in reverse thread order.
   m.def(
       "_dense_energy_emulated(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0) -> "

@@ -169,13 +169,10 @@ def dense_energy_loss(
     B, K, H, W = segmentations.shape
     if images.shape[0] != B or images.shape[2:] != segmentations.shape[2:]:
         raise ValueError(
-            f"images must have shape (B, c, H, W) = ({B}, c, {H}, {W}) like segmentations; "
-            f"got {tuple(images.shape)}"
+            f"images must have shape (B, c, H, W) = ({B}, c, {H}, {W}) like segmentations; got {tuple(images.shape)}"
         )
     if images.shape[1] < 1 or images.shape[1] > 14:
-        raise ValueError(
-            f"images must have 1 to 14 channels (2 + c <= 16 lattice features); got {images.shape[1]}"
-        )
+        raise ValueError(f"images must have 1 to 14 channels (2 + c <= 16 lattice features); got {images.shape[1]}")
     if rois is not None:
         V.tensor(rois, "ROIs", finite=False)
         if tuple(rois.shape) != (B, H, W):
@@ -212,9 +209,7 @@ def dense_energy_loss(
     if scale_factor != 1.0:
         img = F.interpolate(img, scale_factor=scale_factor)
         probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-        roi = (
-            F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
-        )
+        roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
         lab = F.interpolate(lab, scale_factor=scale_factor, mode="nearest") if lab is not None else None
     h, w = probs.shape[2:]
     if roi is None:

@@ -258,9 +258,7 @@ def dense_energy_loss_module_reference(
     import torch.nn.functional as F  # noqa: N812
 
     scaled_images = F.interpolate(images, scale_factor=scale_factor)
-    scaled_segs = F.interpolate(
-        segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False
-    )
+    scaled_segs = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
     scaled_ROIs = F.interpolate(ROIs.unsqueeze(1), scale_factor=scale_factor).squeeze(1)  # noqa: N806
     scaled_seg_label = F.interpolate(seg_label, scale_factor=scale_factor, mode="nearest")
     unlabel_region = (scaled_seg_label.long() == 255).squeeze(1)

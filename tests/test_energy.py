@@ -115,9 +115,7 @@ def test_hand_computed():
     as0, as1 = 5 / 6 * 0.9, 5 / 6 * 1.1
     expected = -(1.0 * (0.2 * as0 + 0.8 * as1) + 0.5 * (0.7 * as0 + 0.3 * as1))
     torch.testing.assert_close(energy, torch.tensor([expected], dtype=torch.float64))
-    torch.testing.assert_close(
-        grad, -2 * torch.tensor([[[as0, 0.5 * as0], [as1, 0.5 * as1]]], dtype=torch.float64)
-    )
+    torch.testing.assert_close(grad, -2 * torch.tensor([[[as0, 0.5 * as0], [as1, 0.5 * as1]]], dtype=torch.float64))
     # mass m: + sum_i S m (W 1) with W 1 = 5/6 * 2
     e2, _ = ops.dense_energy(probs, gate, feats, torch.ones(1, 2, dtype=torch.float64), 0)
     torch.testing.assert_close(e2, energy + 1.5 * 5 / 3)

@@ -24,12 +24,12 @@ inline void check_energy_args(const at::Tensor& probs, const at::Tensor& gate, c
   RRM_CHECK_SAME_DEVICE(probs, gate, "probs", "gate");
   RRM_CHECK_SAME_DEVICE(probs, features, "probs", "features");
   const int64_t B = probs.size(0), N = probs.size(2);
-  TORCH_CHECK_VALUE(gate.size(0) == B && gate.size(1) == N, "gate must have shape (B, N) = (", B, ", ", N,
-                    "); got ", gate.sizes());
-  TORCH_CHECK_VALUE(features.size(0) == B && features.size(2) == N, "features must have shape (B, d, N) with B = ",
-                    B, ", N = ", N, "; got ", features.sizes());
-  TORCH_CHECK_VALUE(features.size(1) >= 1 && features.size(1) <= lattice::kMaxDim, "features must have 1 <= d <= ",
-                    lattice::kMaxDim, " channels; got shape ", features.sizes());
+  TORCH_CHECK_VALUE(gate.size(0) == B && gate.size(1) == N, "gate must have shape (B, N) = (", B, ", ", N, "); got ",
+                    gate.sizes());
+  TORCH_CHECK_VALUE(features.size(0) == B && features.size(2) == N, "features must have shape (B, d, N) with B = ", B,
+                    ", N = ", N, "; got ", features.sizes());
+  TORCH_CHECK_VALUE(features.size(1) >= 1 && features.size(1) <= lattice::kMaxDim,
+                    "features must have 1 <= d <= ", lattice::kMaxDim, " channels; got shape ", features.sizes());
   TORCH_CHECK_VALUE(N * (features.size(1) + 1) < (int64_t{1} << 30),
                     "features: N * (d + 1) must be < 2^30 lattice entries per image; got ", features.sizes());
   TORCH_CHECK_VALUE(grad_mode >= kNoGrad && grad_mode <= kExactGrad,

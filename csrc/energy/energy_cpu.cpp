@@ -21,8 +21,8 @@ std::tuple<at::Tensor, at::Tensor> energy_cpu(const at::Tensor& probs, const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> energy_emulated(const at::Tensor& probs, const at::Tensor& gate,
-                                                   const at::Tensor& features,
-                                                   const std::optional<at::Tensor>& mass, int64_t grad_mode) {
+                                                   const at::Tensor& features, const std::optional<at::Tensor>& mass,
+                                                   int64_t grad_mode) {
   check_energy_args(probs, gate, features, mass, grad_mode);
   return dense_energy(EmulatedCudaExec{}, probs, gate, features, mass, grad_mode, probs.size(0));
 }

@@ -88,15 +88,15 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     exec.for_each(B * N, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C}, 256);
     const scalar_t* blurred = splat_blur(nullptr, false);
     const scalar_t grad_scale = grad_mode == kRlossGrad ? scalar_t(-2) : scalar_t(-1);
-    exec.for_each(B * chunks * N,
-                  EnergySliceFunctor<scalar_t>{blurred, w, ev, in_p, gate_p, has_mass ? m.data_ptr<scalar_t>() : nullptr,
-                                               terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, K, d,
-                                               cpt},
-                  grain);
+    exec.for_each(
+        B * chunks * N,
+        EnergySliceFunctor<scalar_t>{blurred, w, ev, in_p, gate_p, has_mass ? m.data_ptr<scalar_t>() : nullptr,
+                                     terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, K, d, cpt},
+        grain);
     if (grad_mode == kExactGrad) {
       const scalar_t* adj = splat_blur(gate_p, true);
-      exec.for_each(B * chunks * N,
-                    AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, K, d, cpt}, grain);
+      exec.for_each(B * chunks * N, AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, K, d, cpt},
+                    grain);
     }
   });
   // Fixed-order reduction of the per-pixel terms (deterministic on every device).
