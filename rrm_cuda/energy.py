@@ -136,7 +136,8 @@ def dense_energy_loss(
         rois: (B, H, W) crop-validity mask of 0/1 (None: all ones).
         seg_label: (B, 1, H, W) or (B, H, W) pseudo labels 0..K−1, ``ignore_index`` = unlabelled
             (None: every pixel labelled).
-        sigma_rgb, sigma_xy: the bilateral kernel's standard deviations (RRM: 15, 100).
+        sigma_rgb, sigma_xy: the bilateral kernel's standard deviations (RRM: 15, 100); numbers or
+            per-image (B,) tensors.
         scale_factor: downscaling factor in (0, 1] (RRM: 0.5).
         weight: the loss weight (RRM: 1e-7).
         gradient: ``"exact"`` or ``"rloss"``.
@@ -187,8 +188,8 @@ def dense_energy_loss(
     V.same_device({"segmentations": segmentations, "images": images, "ROIs": rois, "seg_label": seg_label})
     if gradient not in _GRAD_MODES:
         raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
-    sigma_rgb = V.positive(sigma_rgb, "sigma_rgb")
-    sigma_xy = V.positive(sigma_xy, "sigma_xy")
+    sigma_rgb = V.positive(sigma_rgb, "sigma_rgb", B)
+    sigma_xy = V.positive(sigma_xy, "sigma_xy", B)
     scale_factor = V.positive(scale_factor, "scale_factor")
     if scale_factor > 1:
         raise ValueError(f"scale_factor must be in (0, 1]; got {scale_factor}")

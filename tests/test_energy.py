@@ -317,6 +317,22 @@ def test_any_image_channels():
         torch.testing.assert_close(out, ref.reshape(1))
 
 
+def test_per_image_sigmas():
+    images, probs, rois, labels = _inputs(B=2)
+    both = rrm_cuda.dense_energy_loss(
+        images, probs, rois, labels, sigma_rgb=torch.tensor([15.0, 30.0]), sigma_xy=torch.tensor([6.0, 9.0])
+    )
+    one = [
+        rrm_cuda.dense_energy_loss(
+            images[b : b + 1], probs[b : b + 1], rois[b : b + 1], labels[b : b + 1], sigma_rgb=sr, sigma_xy=sx
+        )
+        for b, (sr, sx) in enumerate(((15.0, 6.0), (30.0, 9.0)))
+    ]
+    torch.testing.assert_close(both, (one[0] + one[1]) / 2)
+    with pytest.raises(ValueError, match="sigma_rgb must be a number or a tensor of shape"):
+        rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=torch.tensor([15.0, 30.0, 1.0]))
+
+
 def test_half_inputs_and_autocast():
     images, probs, rois, labels = _inputs(dtype=torch.float32)
     ref = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=6.0)
