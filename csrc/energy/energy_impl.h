@@ -41,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
                                                 const at::Tensor& features, const std::optional<at::Tensor>& mass,
                                                 int64_t grad_mode, int64_t chunk) {
   const int64_t B = probs.size(0), K = probs.size(1), N = probs.size(2);
-  auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options()) : at::zeros({B, K, N}, probs.options());
+  // Every entry of grad is written by EnergySliceFunctor (no memset needed).
+  auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options()) : at::empty({B, K, N}, probs.options());
   if (B == 0 || K == 0 || N == 0) return {at::zeros({B}, probs.options()), grad};
   const bool has_mass = mass.has_value() && mass->defined();
   const int64_t C = K + (has_mass ? 1 : 0);
