@@ -70,8 +70,14 @@ def normalize(raw: np.ndarray) -> np.ndarray:
     return ((raw.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1).copy()
 
 
-def augment(raw: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: int,
-            scale_range: tuple[float, float] = (0.7, 1.3), flip: bool = True) -> dict[str, np.ndarray]:
+def augment(
+    raw: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    crop: int,
+    scale_range: tuple[float, float] = (0.7, 1.3),
+    flip: bool = True,
+) -> dict[str, np.ndarray]:
     """RRM/PSA augmentation: random rescale, horizontal flip, random crop with zero padding.
 
     Args:
@@ -100,15 +106,22 @@ def augment(raw: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: i
 
     sy, dy, ly = offsets(nh)
     sx, dx, lx = offsets(nw)
-    out_raw[dy:dy + ly, dx:dx + lx] = raw[sy:sy + ly, sx:sx + lx]
-    out_mask[dy:dy + ly, dx:dx + lx] = mask[sy:sy + ly, sx:sx + lx]
-    roi[dy:dy + ly, dx:dx + lx] = 1.0
+    out_raw[dy : dy + ly, dx : dx + lx] = raw[sy : sy + ly, sx : sx + lx]
+    out_mask[dy : dy + ly, dx : dx + lx] = mask[sy : sy + ly, sx : sx + lx]
+    roi[dy : dy + ly, dx : dx + lx] = 1.0
     return {"raw": out_raw, "mask": out_mask, "roi": roi}
 
 
-def make_sample(raw: np.ndarray, mask: np.ndarray, labels: np.ndarray, name: str, index: int,
-                crop: int | None, rng: np.random.Generator | None,
-                scale_range: tuple[float, float] = (0.7, 1.3)) -> dict:
+def make_sample(
+    raw: np.ndarray,
+    mask: np.ndarray,
+    labels: np.ndarray,
+    name: str,
+    index: int,
+    crop: int | None,
+    rng: np.random.Generator | None,
+    scale_range: tuple[float, float] = (0.7, 1.3),
+) -> dict:
     """Build a sample dict (see the module docstring) from an (H, W, 3) image and its (H, W) mask."""
     if crop is not None:
         if rng is None:
@@ -162,9 +175,16 @@ class VOCSegmentation(AugmentedDataset):
     is skipped with a warning (the next readable image takes its place), never a crash mid-epoch.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train_aug", crop: int | None = 321,
-                 cls_labels: str | os.PathLike | None = None, mask_dir: str | None = None, seed: int = 0,
-                 scale_range: tuple[float, float] = (0.7, 1.3)) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train_aug",
+        crop: int | None = 321,
+        cls_labels: str | os.PathLike | None = None,
+        mask_dir: str | None = None,
+        seed: int = 0,
+        scale_range: tuple[float, float] = (0.7, 1.3),
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"VOC root folder not found: {self.root}")
@@ -174,7 +194,11 @@ class VOCSegmentation(AugmentedDataset):
         self.crop, self.seed, self.scale_range = crop, seed, scale_range
         self.ids = self._read_list(split)
         if mask_dir is None:
-            mask_dir = "SegmentationClassAug" if (self.root / "SegmentationClassAug").is_dir() else "SegmentationClass"
+            mask_dir = (
+                "SegmentationClassAug"
+                if (self.root / "SegmentationClassAug").is_dir()
+                else "SegmentationClass"
+            )
         self.mask_dir = self.root / mask_dir
         self.cls_labels: dict | None = None
         cls_path = Path(cls_labels) if cls_labels is not None else self.root / "cls_labels.npy"
@@ -183,8 +207,10 @@ class VOCSegmentation(AugmentedDataset):
         if cls_path.is_file():
             self.cls_labels = np.load(cls_path, allow_pickle=True).item()
         if (self.cls_labels is None or crop is None) and not self.mask_dir.is_dir():
-            raise FileNotFoundError(f"mask folder not found: {self.mask_dir} (needed for "
-                                    f"{'evaluation' if crop is None else 'image-level labels without cls_labels.npy'})")
+            raise FileNotFoundError(
+                f"mask folder not found: {self.mask_dir} (needed for "
+                f"{'evaluation' if crop is None else 'image-level labels without cls_labels.npy'})"
+            )
         for i in self.ids:
             p = self.image_dir / f"{i}.jpg"
             if not p.is_file():
@@ -192,8 +218,11 @@ class VOCSegmentation(AugmentedDataset):
         self._bad: set[int] = set()
 
     def _read_list(self, split: str) -> list[str]:
-        cands = [Path(split)] if os.sep in split or split.endswith(".txt") else [
-            self.root / "ImageSets" / "Segmentation" / f"{split}.txt", self.root / f"{split}.txt"]
+        cands = (
+            [Path(split)]
+            if os.sep in split or split.endswith(".txt")
+            else [self.root / "ImageSets" / "Segmentation" / f"{split}.txt", self.root / f"{split}.txt"]
+        )
         for p in cands:
             if p.is_file():
                 ids = [Path(line.split()[0]).stem for line in p.read_text().splitlines() if line.strip()]
@@ -236,10 +265,15 @@ class VOCSegmentation(AugmentedDataset):
                 raw, mask, labels = self._load(i)
             except (OSError, SyntaxError, ValueError) as e:  # PIL's decoding errors
                 self._bad.add(i)
-                warnings.warn(f"skipping unreadable image {self.image_dir / (self.ids[i] + '.jpg')}: {e}",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"skipping unreadable image {self.image_dir / (self.ids[i] + '.jpg')}: {e}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 continue
-            return make_sample(raw, mask, labels, self.ids[i], i, self.crop, self.rng(index), self.scale_range)
+            return make_sample(
+                raw, mask, labels, self.ids[i], i, self.crop, self.rng(index), self.scale_range
+            )
         raise RuntimeError(f"no readable image in {self.image_dir}")
 
 
@@ -263,7 +297,16 @@ def _backgrounds() -> list[np.ndarray]:
     try:
         from skimage import data as skdata
 
-        for name in ("grass", "gravel", "brick", "coffee", "rocket", "astronaut", "chelsea", "immunohistochemistry"):
+        for name in (
+            "grass",
+            "gravel",
+            "brick",
+            "coffee",
+            "rocket",
+            "astronaut",
+            "chelsea",
+            "immunohistochemistry",
+        ):
             try:
                 img = np.asarray(getattr(skdata, name)())
             except Exception:  # a sample missing from this scikit-image version
@@ -309,14 +352,19 @@ def _shape_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         rr, cc = ellipse(cy, cx, ry, rx, shape=(h, w), rotation=rng.uniform(0, np.pi))
     else:
         n = 4 if kind == 1 else 3
-        ang = np.sort(rng.uniform(0, 2 * np.pi, n)) if kind == 2 else np.arange(4) * np.pi / 2 + rng.uniform(0, 1)
+        ang = (
+            np.sort(rng.uniform(0, 2 * np.pi, n))
+            if kind == 2
+            else np.arange(4) * np.pi / 2 + rng.uniform(0, 1)
+        )
         rr, cc = polygon(cy + ry * np.sin(ang), cx + rx * np.cos(ang), shape=(h, w))
     m[rr, cc] = True
     return m
 
 
-def synthetic_scene(seed: Sequence[int] | int, size: tuple[int, int] = (96, 96),
-                    backgrounds: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_scene(
+    seed: Sequence[int] | int, size: tuple[int, int] = (96, 96), backgrounds: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One generated scene: 1–3 textured objects of :data:`SYNTH_CLASSES` on a (tinted, partly
     desaturated) crop of a bundled photo or texture. Deterministic in ``seed``.
 
@@ -328,7 +376,9 @@ def synthetic_scene(seed: Sequence[int] | int, size: tuple[int, int] = (96, 96),
     s = rng.uniform(0.5, 1.0) * min(bg.shape[0], bg.shape[1]) / max(h, w)
     ch, cw = min(bg.shape[0], int(h * s)), min(bg.shape[1], int(w * s))
     y0, x0 = int(rng.integers(0, bg.shape[0] - ch + 1)), int(rng.integers(0, bg.shape[1] - cw + 1))
-    img = np.asarray(Image.fromarray(bg[y0:y0 + ch, x0:x0 + cw]).resize((w, h), Image.BILINEAR)).astype(np.float32)
+    img = np.asarray(Image.fromarray(bg[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BILINEAR)).astype(
+        np.float32
+    )
     grey = img.mean(2, keepdims=True)
     tint = rng.uniform(0.8, 1.2, 3).astype(np.float32)
     img = (0.6 * grey + 0.4 * img) * tint * rng.uniform(0.6, 1.0)
@@ -361,8 +411,15 @@ class SyntheticScenes(AugmentedDataset):
         seed: dataset seed; image i of a split is ``synthetic_scene((seed, split_id, i))``.
     """
 
-    def __init__(self, split: str = "train", length: int = 200, size: tuple[int, int] = (96, 96),
-                 crop: int | None = 80, seed: int = 0, scale_range: tuple[float, float] = (0.7, 1.3)) -> None:
+    def __init__(
+        self,
+        split: str = "train",
+        length: int = 200,
+        size: tuple[int, int] = (96, 96),
+        crop: int | None = 80,
+        seed: int = 0,
+        scale_range: tuple[float, float] = (0.7, 1.3),
+    ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
         self.split, self.length, self.size = split, length, tuple(size)
@@ -378,20 +435,36 @@ class SyntheticScenes(AugmentedDataset):
         if index not in self._cache:
             if self._bgs is None:
                 self._bgs = _backgrounds()
-            self._cache[index] = synthetic_scene((self.seed, 0 if self.split == "train" else 1, index),
-                                                 self.size, self._bgs)
+            self._cache[index] = synthetic_scene(
+                (self.seed, 0 if self.split == "train" else 1, index), self.size, self._bgs
+            )
         return self._cache[index]
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images")
         raw, mask = self.scene(index)
-        return make_sample(raw, mask, labels_from_mask(mask), f"synthetic_{self.split}_{index:04d}", index,
-                           self.crop, self.rng(index), self.scale_range)
+        return make_sample(
+            raw,
+            mask,
+            labels_from_mask(mask),
+            f"synthetic_{self.split}_{index:04d}",
+            index,
+            self.crop,
+            self.rng(index),
+            self.scale_range,
+        )
 
 
-def build_dataset(data: str, split: str, crop: int | None, seed: int = 0, length: int | None = None,
-                  size: tuple[int, int] = (96, 96), cls_labels: str | None = None) -> AugmentedDataset:
+def build_dataset(
+    data: str,
+    split: str,
+    crop: int | None,
+    seed: int = 0,
+    length: int | None = None,
+    size: tuple[int, int] = (96, 96),
+    cls_labels: str | None = None,
+) -> AugmentedDataset:
     """``data`` = "embedded" (synthetic scenes) or a VOC2012 folder; ``split`` "train"/"val" for the
     embedded data (train maps from "train_aug"), a list name or file for VOC."""
     if data == "embedded":

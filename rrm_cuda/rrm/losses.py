@@ -45,8 +45,17 @@ def _missing(op: str, flag: str) -> RuntimeError:
     )
 
 
-def energy_loss(images: Tensor, probs: Tensor, rois: Tensor, seg_label: Tensor, *, weight: float = 1e-7,
-                sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale_factor: float = 0.5) -> Tensor:
+def energy_loss(
+    images: Tensor,
+    probs: Tensor,
+    rois: Tensor,
+    seg_label: Tensor,
+    *,
+    weight: float = 1e-7,
+    sigma_rgb: float = 15.0,
+    sigma_xy: float = 100.0,
+    scale_factor: float = 0.5,
+) -> Tensor:
     """Dense-CRF energy loss via ``rrm_cuda.DenseEnergyLoss(weight, sigma_rgb, sigma_xy, scale_factor)``.
 
     images (B, 3, H, W) 0–255; probs (B, K, H, W) softmax; rois (B, H, W); seg_label (B, 1, H, W)

@@ -7,13 +7,33 @@ import torch
 from torch import Tensor
 
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 
 
-def confusion_matrix(pred: Tensor | np.ndarray, target: Tensor | np.ndarray, num_classes: int = 21,
-                     ignore_index: int = 255) -> np.ndarray:
+def confusion_matrix(
+    pred: Tensor | np.ndarray, target: Tensor | np.ndarray, num_classes: int = 21, ignore_index: int = 255
+) -> np.ndarray:
     """Confusion matrix ``M[t, p]`` = number of pixels of true class t predicted p.
 
     Pixels whose target is ``ignore_index`` or outside [0, num_classes) are skipped, and so are pixels
@@ -38,7 +58,9 @@ def confusion_matrix(pred: Tensor | np.ndarray, target: Tensor | np.ndarray, num
     keep = (t >= 0) & (t < num_classes) & (t != ignore_index) & (p != ignore_index)
     if bool(((p[keep] < 0) | (p[keep] >= num_classes)).any()):
         raise ValueError(f"pred has labels outside [0, {num_classes}) other than {ignore_index}")
-    return np.bincount(t[keep] * num_classes + p[keep], minlength=num_classes**2).reshape(num_classes, num_classes)
+    return np.bincount(t[keep] * num_classes + p[keep], minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
 
 
 def iou_from_confusion(conf: np.ndarray) -> np.ndarray:

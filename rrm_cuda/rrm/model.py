@@ -27,14 +27,22 @@ NUM_SEG_CLASSES = 21  # with background
 class ResBlock(nn.Module):
     """Pre-activation basic block of "wider or deeper" (PSA's ``resnet38d.ResBlock``, same names)."""
 
-    def __init__(self, cin: int, cmid: int, cout: int, stride: int = 1, first_dilation: int | None = None,
-                 dilation: int = 1) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cmid: int,
+        cout: int,
+        stride: int = 1,
+        first_dilation: int | None = None,
+        dilation: int = 1,
+    ) -> None:
         super().__init__()
         self.same_shape = cin == cout and stride == 1
         first_dilation = dilation if first_dilation is None else first_dilation
         self.bn_branch2a = nn.BatchNorm2d(cin)
-        self.conv_branch2a = nn.Conv2d(cin, cmid, 3, stride, padding=first_dilation, dilation=first_dilation,
-                                       bias=False)
+        self.conv_branch2a = nn.Conv2d(
+            cin, cmid, 3, stride, padding=first_dilation, dilation=first_dilation, bias=False
+        )
         self.bn_branch2b1 = nn.BatchNorm2d(cmid)
         self.conv_branch2b1 = nn.Conv2d(cmid, cout, 3, padding=dilation, dilation=dilation, bias=False)
         if not self.same_shape:
@@ -58,7 +66,9 @@ class ResBlockBottleneck(nn.Module):
         self.conv_branch2a = nn.Conv2d(cin, cout // 4, 1, stride, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(cout // 4)
         self.dropout_2b1 = nn.Dropout2d(dropout)
-        self.conv_branch2b1 = nn.Conv2d(cout // 4, cout // 2, 3, padding=dilation, dilation=dilation, bias=False)
+        self.conv_branch2b1 = nn.Conv2d(
+            cout // 4, cout // 2, 3, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn_branch2b2 = nn.BatchNorm2d(cout // 2)
         self.dropout_2b2 = nn.Dropout2d(dropout)
         self.conv_branch2b2 = nn.Conv2d(cout // 2, cout, 1, bias=False)
@@ -220,8 +230,14 @@ class RFAM(nn.Module):
     forward: (B, C, h, w) -> (logits (B, K, h, w), features (B, 2d, h, w)).
     """
 
-    def __init__(self, cin: int, dim: int = 256, num_classes: int = NUM_SEG_CLASSES, reweight: bool = True,
-                 cap: float = 10.0) -> None:
+    def __init__(
+        self,
+        cin: int,
+        dim: int = 256,
+        num_classes: int = NUM_SEG_CLASSES,
+        reweight: bool = True,
+        cap: float = 10.0,
+    ) -> None:
         super().__init__()
         self.reweight, self.cap = reweight, cap
         self.query = nn.Conv2d(cin, dim, 1)
@@ -256,7 +272,9 @@ class LocalBranch(nn.Module):
 
     forward: (B, C, h, w) -> (logits (B, K, h, w), features (B, dim, h, w))."""
 
-    def __init__(self, cin: int, dim: int = 512, num_classes: int = NUM_SEG_CLASSES, dilation: int = 12) -> None:
+    def __init__(
+        self, cin: int, dim: int = 512, num_classes: int = NUM_SEG_CLASSES, dilation: int = 12
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, dim, 3, padding=dilation, dilation=dilation)
         self.conv2 = nn.Conv2d(dim, num_classes, 3, padding=dilation, dilation=dilation)
@@ -292,9 +310,17 @@ class RRM(nn.Module):
     forward: (B, 3, H, W) normalised image -> :class:`RRMOutput` at stride 8.
     """
 
-    def __init__(self, backbone: str = "resnet38", local_dim: int | None = None, global_dim: int | None = None,
-                 rfam_reweight: bool = True, freeze_bn: bool = True, width: float | None = None,
-                 depth: int | None = None, dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        backbone: str = "resnet38",
+        local_dim: int | None = None,
+        global_dim: int | None = None,
+        rfam_reweight: bool = True,
+        freeze_bn: bool = True,
+        width: float | None = None,
+        depth: int | None = None,
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         if backbone == "resnet38":
             self.backbone = ResNet38(width if width is not None else 1.0, depth)
@@ -358,18 +384,23 @@ class RRM(nn.Module):
         own = self.state_dict()
         mapped: dict[str, Tensor] = {}
         for k, v in state.items():
-            k = k[len("module."):] if k.startswith("module.") else k
+            k = k[len("module.") :] if k.startswith("module.") else k
             for cand in (k, f"backbone.{k}"):
                 if cand in own:
                     if own[cand].shape != v.shape:
-                        raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model expects "
-                                         f"{tuple(own[cand].shape)}")
+                        raise ValueError(
+                            f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[cand].shape)}"
+                        )
                     mapped[cand] = v
                     break
         if not mapped:
-            raise ValueError(f"{path}: no parameter name matched the RRM model (is it a ResNet-38 state dict?)")
+            raise ValueError(
+                f"{path}: no parameter name matched the RRM model (is it a ResNet-38 state dict?)"
+            )
         result = self.load_state_dict(mapped, strict=False)
-        return list(result.missing_keys), [k for k in state if k not in mapped and f"backbone.{k}" not in mapped]
+        return list(result.missing_keys), [
+            k for k in state if k not in mapped and f"backbone.{k}" not in mapped
+        ]
 
 
 def output_size(size: int) -> int:
@@ -382,4 +413,3 @@ def output_size(size: int) -> int:
 def expected_feature_size(hw: Sequence[int]) -> tuple[int, int]:
     """(H, W) -> (h, w) of the stride-8 feature grid."""
     return output_size(hw[0]), output_size(hw[1])
-

@@ -15,8 +15,9 @@ from torch import Tensor
 from ..functional import dense_crf, unary_from_probs
 
 IGNORE = 255
-PSEUDO_CRF = dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0,
-                  bilateral_compat=10.0)
+PSEUDO_CRF = dict(
+    gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0
+)
 # Energy of a padding label: exp(-1e4) is exactly 0 in fp32/fp64, so a padded label keeps Q = 0 in
 # every mean-field iteration and, with Potts compatibilities, sends no message to the real labels.
 _PAD_ENERGY = 1.0e4
@@ -28,8 +29,14 @@ def normalize_cam(cam: Tensor, labels: Tensor, eps: float = 1e-5) -> Tensor:
     return cam / (cam.flatten(2).amax(2)[:, :, None, None] + eps)
 
 
-def multiscale_cam(model: torch.nn.Module, images: Tensor, labels: Tensor, out_size: Sequence[int],
-                   scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0), cam_scale1: Tensor | None = None) -> Tensor:
+def multiscale_cam(
+    model: torch.nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    out_size: Sequence[int],
+    scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0),
+    cam_scale1: Tensor | None = None,
+) -> Tensor:
     """Multi-scale CAM, normalised: the CAMs at ``scales`` resized to the scale-1 grid, averaged,
     upsampled (bilinear) to ``out_size``, times the label vector, each class divided by its max + 1e-5.
 
@@ -56,8 +63,13 @@ def multiscale_cam(model: torch.nn.Module, images: Tensor, labels: Tensor, out_s
         for s in scales:
             if float(s) == 1.0:
                 continue
-            x = F.interpolate(images, scale_factor=float(s), mode="bilinear", align_corners=False,
-                              recompute_scale_factor=False)
+            x = F.interpolate(
+                images,
+                scale_factor=float(s),
+                mode="bilinear",
+                align_corners=False,
+                recompute_scale_factor=False,
+            )
             cam = net.cam(net.backbone(x)).float()
             total += F.interpolate(cam, size=base.shape[2:], mode="bilinear", align_corners=False)
         cam = F.interpolate(total / len(scales), size=tuple(out_size), mode="bilinear", align_corners=False)
@@ -77,8 +89,9 @@ class ReliableLabels:
     crf_ha: Tensor
 
 
-def _batched_crf(image: Tensor, cams: Tensor, present: Tensor, alphas: Sequence[float], iterations: int,
-                 crf_params: dict) -> list[Tensor]:
+def _batched_crf(
+    image: Tensor, cams: Tensor, present: Tensor, alphas: Sequence[float], iterations: int, crf_params: dict
+) -> list[Tensor]:
     """CRFs on [bg_α, present-class CAMs] for every α in one batched call. Each image keeps only its
     present classes (as the original does), padded to a common label count with labels of energy
     ``_PAD_ENERGY`` that stay at probability 0. Returns per α a (B, 21, H, W) probability tensor."""
@@ -97,29 +110,44 @@ def _batched_crf(image: Tensor, cams: Tensor, present: Tensor, alphas: Sequence[
         u[:, 0] = unary_from_probs((1.0 - mx) ** alpha)
         for b in range(B):
             idx = present[b].nonzero().flatten()
-            u[b, 1:1 + idx.numel()] = unary_from_probs(cams[b, idx])
+            u[b, 1 : 1 + idx.numel()] = unary_from_probs(cams[b, idx])
         unaries.append(u)
     img = image.float().expand(B, -1, -1, -1).repeat(len(alphas), 1, 1, 1)
     q = dense_crf(torch.cat(unaries), img, iterations=iterations, **crf_params)
     for a, o in enumerate(outs):
-        qa = q[a * B:(a + 1) * B]
+        qa = q[a * B : (a + 1) * B]
         o[:, 0] = qa[:, 0]
         for b in range(B):
             idx = present[b].nonzero().flatten()
-            o[b, idx + 1] = qa[b, 1:1 + idx.numel()]
+            o[b, idx + 1] = qa[b, 1 : 1 + idx.numel()]
     return outs
 
 
-def reliable_label_parts(image: Tensor, cams: Tensor, labels: Tensor, *, iterations: int = 10,
-                         crf_params: dict | None = None, alphas: tuple[float, float] = (4.0, 32.0),
-                         crf_threshold: float = 0.8, bg_threshold: float = 0.8, cam_min: float = 0.1,
-                         cam_percentile: float = 0.6) -> ReliableLabels:
+def reliable_label_parts(
+    image: Tensor,
+    cams: Tensor,
+    labels: Tensor,
+    *,
+    iterations: int = 10,
+    crf_params: dict | None = None,
+    alphas: tuple[float, float] = (4.0, 32.0),
+    crf_threshold: float = 0.8,
+    bg_threshold: float = 0.8,
+    cam_min: float = 0.1,
+    cam_percentile: float = 0.6,
+) -> ReliableLabels:
     """:func:`reliable_labels` with its intermediate results (for panels and tests)."""
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must have shape (B, 3, H, W); got {tuple(image.shape)}")
-    if cams.dim() != 4 or cams.shape[1] != 20 or cams.shape[0] != image.shape[0] or cams.shape[2:] != image.shape[2:]:
-        raise ValueError(f"cams must have shape (B, 20, H, W) matching image {tuple(image.shape)}; "
-                         f"got {tuple(cams.shape)}")
+    if (
+        cams.dim() != 4
+        or cams.shape[1] != 20
+        or cams.shape[0] != image.shape[0]
+        or cams.shape[2:] != image.shape[2:]
+    ):
+        raise ValueError(
+            f"cams must have shape (B, 20, H, W) matching image {tuple(image.shape)}; got {tuple(cams.shape)}"
+        )
     if labels.shape != (cams.shape[0], 20):
         raise ValueError(f"labels must have shape (B, 20) = ({cams.shape[0]}, 20); got {tuple(labels.shape)}")
     crf_params = dict(PSEUDO_CRF if crf_params is None else crf_params)
@@ -157,10 +185,19 @@ def reliable_label_parts(image: Tensor, cams: Tensor, labels: Tensor, *, iterati
     return ReliableLabels(label, crf_label, cam_sure, crf_la, crf_ha)
 
 
-def reliable_labels(image: Tensor, cams: Tensor, labels: Tensor, *, iterations: int = 10,
-                    crf_params: dict | None = None, alphas: tuple[float, float] = (4.0, 32.0),
-                    crf_threshold: float = 0.8, bg_threshold: float = 0.8, cam_min: float = 0.1,
-                    cam_percentile: float = 0.6) -> Tensor:
+def reliable_labels(
+    image: Tensor,
+    cams: Tensor,
+    labels: Tensor,
+    *,
+    iterations: int = 10,
+    crf_params: dict | None = None,
+    alphas: tuple[float, float] = (4.0, 32.0),
+    crf_threshold: float = 0.8,
+    bg_threshold: float = 0.8,
+    cam_min: float = 0.1,
+    cam_percentile: float = 0.6,
+) -> Tensor:
     """RRM's reliable pseudo labels (SPEC §5), batched; both CRFs of the batch run in one
     :func:`rrm_cuda.dense_crf` call.
 
@@ -190,6 +227,15 @@ def reliable_labels(image: Tensor, cams: Tensor, labels: Tensor, *, iterations: 
         >>> int(lab[0, 10, 8]), int(lab[0, 5, 8]), int(lab[0, 0, 0])
         (4, 255, 0)
     """
-    return reliable_label_parts(image, cams, labels, iterations=iterations, crf_params=crf_params, alphas=alphas,
-                                crf_threshold=crf_threshold, bg_threshold=bg_threshold, cam_min=cam_min,
-                                cam_percentile=cam_percentile).label
+    return reliable_label_parts(
+        image,
+        cams,
+        labels,
+        iterations=iterations,
+        crf_params=crf_params,
+        alphas=alphas,
+        crf_threshold=crf_threshold,
+        bg_threshold=bg_threshold,
+        cam_min=cam_min,
+        cam_percentile=cam_percentile,
+    ).label

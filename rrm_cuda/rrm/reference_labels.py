@@ -29,7 +29,9 @@ def crf_inference(img: np.ndarray, probs: np.ndarray, labels: int = 21, t: int =
     return np.array(q).reshape((labels, h, w))
 
 
-def _crf_with_alpha(ori_img: np.ndarray, cam_dict: dict[int, np.ndarray], alpha: float, crf: CRF) -> np.ndarray:
+def _crf_with_alpha(
+    ori_img: np.ndarray, cam_dict: dict[int, np.ndarray], alpha: float, crf: CRF
+) -> np.ndarray:
     v = np.array(list(cam_dict.values()))
     bg_score = np.power(1 - np.max(v, axis=0, keepdims=True), alpha)
     bgcam_score = np.concatenate((bg_score, v), axis=0)
@@ -41,8 +43,9 @@ def _crf_with_alpha(ori_img: np.ndarray, cam_dict: dict[int, np.ndarray], alpha:
     return n_crf_al
 
 
-def compute_seg_label(ori_img: np.ndarray, cam_label: np.ndarray, norm_cam: np.ndarray,
-                      crf: CRF | None = None) -> np.ndarray:
+def compute_seg_label(
+    ori_img: np.ndarray, cam_label: np.ndarray, norm_cam: np.ndarray, crf: CRF | None = None
+) -> np.ndarray:
     """ori_img (H, W, 3) uint8, cam_label (20,), norm_cam (20, H, W) -> (H, W) labels {0..20, 255}."""
     crf = crf_inference if crf is None else crf
     cam_label = cam_label.astype(np.uint8)
