@@ -45,6 +45,16 @@ def _missing(op: str, flag: str) -> RuntimeError:
     )
 
 
+def check_available(energy: bool, bcd: bool) -> None:
+    """Raise at start-up (not at the first pseudo-label iteration) if an enabled loss's op is missing."""
+    import rrm_cuda
+
+    if energy and not hasattr(rrm_cuda, "DenseEnergyLoss"):
+        raise _missing("DenseEnergyLoss", "--energy-weight 0")
+    if bcd and not hasattr(rrm_cuda, "bcd_loss"):
+        raise _missing("bcd_loss", "--bcd-weight 0")
+
+
 def energy_loss(
     images: Tensor,
     probs: Tensor,
