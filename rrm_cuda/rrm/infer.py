@@ -8,6 +8,7 @@ written as VOC-palette PNGs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import Tensor
 from ..functional import dense_crf
 from .data import build_dataset, save_mask_png
 from .model import RRM
-from .train import TrainConfig, config_from_dict, resolve_device
+from .train import TrainConfig, build_model, config_from_dict, resolve_device
 
 # SPEC §5 inference CRF (RRM's infer script): Gaussian sxy 3 compat 3; bilateral sxy 83 srgb 5 compat 4.
 INFER_CRF = dict(
@@ -34,7 +35,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = config_from_dict(state["config"])
-    model = RRM(cfg.backbone, rfam_reweight=cfg.rfam_reweight, freeze_bn=cfg.freeze_bn)
+    model = build_model(dataclasses.replace(cfg, pretrained=None))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 

@@ -90,12 +90,15 @@ class ResNet38(nn.Module):
 
     ``width`` scales every channel count (1.0: the real network, conv6 = 4096 channels; 1/16: a
     small network for CPU demos); ``depth`` caps the number of residual blocks per stage (None: the
-    real 3/3/6/3 blocks of stages 2–5). Stages 2, 3, 4 stride 2; b5 dilation 2; b6, b7 dilation 4.
+    real 3/3/6/3 blocks of stages 2–5); ``dropout`` the Dropout2d rates inside b6 and b7. Stages 2, 3,
+    4 stride 2; b5 dilation 2; b6, b7 dilation 4.
 
     forward: (B, 3, H, W) normalised image -> conv6 (B, out_channels, ceil(H/8), ceil(W/8)).
     """
 
-    def __init__(self, width: float = 1.0, depth: int | None = None) -> None:
+    def __init__(
+        self, width: float = 1.0, depth: int | None = None, dropout: tuple[float, float] = (0.3, 0.5)
+    ) -> None:
         super().__init__()
 
         def c(n: int) -> int:
@@ -118,8 +121,8 @@ class ResNet38(nn.Module):
         self.b5 = ResBlock(c(512), c(512), c(1024), stride=1, first_dilation=1, dilation=2)
         for i in range(1, blocks(3)):
             setattr(self, f"b5_{i}", ResBlock(c(1024), c(512), c(1024), dilation=2))
-        self.b6 = ResBlockBottleneck(c(1024), c(2048), stride=1, dilation=4, dropout=0.3)
-        self.b7 = ResBlockBottleneck(c(2048), c(4096), dilation=4, dropout=0.5)
+        self.b6 = ResBlockBottleneck(c(1024), c(2048), stride=1, dilation=4, dropout=dropout[0])
+        self.b7 = ResBlockBottleneck(c(2048), c(4096), dilation=4, dropout=dropout[1])
         self.bn7 = nn.BatchNorm2d(c(4096))
         self.out_channels = c(4096)
         self._stages = [name for name, _ in self.named_children() if name not in ("conv1a", "bn7")]
@@ -306,6 +309,9 @@ class RRM(nn.Module):
         rfam_reweight: R-FAM's attention re-weighting (see :class:`RFAM`).
         freeze_bn: keep the backbone's BatchNorm frozen (statistics and affine).
         width, depth: backbone overrides (see :class:`ResNet38`).
+        dropout: rate of the classifier's Dropout2d; the backbone's b6/b7 rates are PSA's 0.3/0.5
+            scaled by ``dropout / 0.5``. Default 0.5 for "resnet38"; 0 for "small", a from-scratch
+            network of 256 channels that dropout only slows down (measured on the embedded data).
 
     forward: (B, 3, H, W) normalised image -> :class:`RRMOutput` at stride 8.
     """
@@ -319,15 +325,20 @@ class RRM(nn.Module):
         freeze_bn: bool = True,
         width: float | None = None,
         depth: int | None = None,
-        dropout: float = 0.5,
+        dropout: float | None = None,
     ) -> None:
         super().__init__()
+        if dropout is None:
+            dropout = 0.0 if backbone == "small" else 0.5
+        rates = (0.6 * dropout, dropout)
         if backbone == "resnet38":
-            self.backbone = ResNet38(width if width is not None else 1.0, depth)
+            self.backbone = ResNet38(width if width is not None else 1.0, depth, rates)
             local_dim = 512 if local_dim is None else local_dim
             global_dim = 256 if global_dim is None else global_dim
         elif backbone == "small":
-            self.backbone = ResNet38(width if width is not None else 1 / 16, 1 if depth is None else depth)
+            self.backbone = ResNet38(
+                width if width is not None else 1 / 16, 1 if depth is None else depth, rates
+            )
             local_dim = 64 if local_dim is None else local_dim
             global_dim = 32 if global_dim is None else global_dim
         else:

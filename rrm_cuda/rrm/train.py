@@ -63,6 +63,7 @@ class TrainConfig:
     pretrained: str | None = None
     rfam_reweight: bool = True
     freeze_bn: bool = True
+    dropout: float | None = None  # classifier Dropout2d (b6/b7 scaled alike); None: 0.5, or 0 for "small"
     # optimisation
     batch_size: int = 4
     iterations: int = 20000
@@ -263,7 +264,7 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 
 def build_model(cfg: TrainConfig) -> RRM:
-    model = RRM(cfg.backbone, rfam_reweight=cfg.rfam_reweight, freeze_bn=cfg.freeze_bn)
+    model = RRM(cfg.backbone, rfam_reweight=cfg.rfam_reweight, freeze_bn=cfg.freeze_bn, dropout=cfg.dropout)
     if cfg.pretrained:
         model.load_pretrained(cfg.pretrained)
     return model
@@ -276,8 +277,10 @@ def build_model(cfg: TrainConfig) -> RRM:
 def save_panel(
     path: Path, raw: Tensor, cam: Tensor, crf_label: Tensor, label: Tensor, pred: Tensor, gt: Tensor
 ) -> None:
-    """PNG panel, one row per image: image, CAM (max over classes), CRF label, reliable label, prediction,
-    ground truth (labels in the VOC palette). raw (B, 3, H, W) uint8; cam (B, 20, H, W); the rest (B, H, W)."""
+    """PNG panel, one row per image: image, CAM (max over classes), CRF label, reliable label,
+    prediction, ground truth (labels in the VOC palette).
+
+    raw (B, 3, H, W) uint8; cam (B, 20, H, W); the others (B, H, W) labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -613,9 +616,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = time.time()
     result = train(cfg)
     if _rank() == 0:
-        print(
-            f"done: {result['iteration']} iterations in {time.time() - t:.1f} s, outputs in {result['out_dir']}"
-        )
+        it, where = result["iteration"], result["out_dir"]
+        print(f"done: {it} iterations in {time.time() - t:.1f} s, outputs in {where}")
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0
