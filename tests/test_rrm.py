@@ -143,19 +143,19 @@ def test_rfam_reweighting():
     torch.manual_seed(0)
     model = RRM("small")
     feats = torch.randn(2, model.backbone.out_channels, 6, 5) * 3
+    n, cap = 30, model.global_branch.cap
     with torch.no_grad():
         a = model.global_branch.attention(feats)
-    n, cap = 30, model.global_branch.cap
-    torch.testing.assert_close(a.sum(-1), torch.ones(2, n))
-    # kept weights lay in [1/N, cap/N] before the common row rescaling: their ratio is at most cap
-    kept_max = a.amax(-1)
-    kept_min = torch.where(a > 0, a, torch.full_like(a, 2.0)).amin(-1)
-    assert bool((kept_max / kept_min <= cap * (1 + 1e-5)).all())
-    with torch.no_grad():
         q, k = model.global_branch.query(feats).flatten(2), model.global_branch.key(feats).flatten(2)
         raw = torch.softmax(q.transpose(1, 2) @ k, -1)
         assert float(raw.amax()) > cap / n  # the cap is active on these inputs
-        assert bool((a[raw < 1.0 / n] == 0).all())  # below-uniform weights removed
+        b = raw.clamp(max=cap / n) * (raw >= 1.0 / n)
+        want = b + (1 - b.sum(-1, keepdim=True)) / n  # by hand, the docstring's formula
+        torch.testing.assert_close(a, want)
+        torch.testing.assert_close(a.sum(-1), torch.ones(2, n))
+        share = (1 - b.sum(-1, keepdim=True)) / n
+        assert bool((a <= cap / n + share + 1e-6).all()) and bool((a >= share - 1e-7).all())
+        assert float(a.amax()) < float(raw.amax())  # the dominant weight was cut
         model.global_branch.reweight = False
         torch.testing.assert_close(model.global_branch.attention(feats), raw)
 

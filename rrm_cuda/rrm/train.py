@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+import rrm_cuda
+
 from . import losses as L
 from .data import IGNORE, AugmentedDataset, build_dataset, colorize
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou
@@ -128,18 +130,20 @@ PRESETS: dict[str, dict] = {
         val_length=24,
         image_size=80,
         crop=64,
-        batch_size=8,
-        iterations=500,
-        warmup_cls_iterations=380,
-        lr=0.01,
+        batch_size=4,
+        iterations=360,
+        warmup_cls_iterations=280,
+        lr=0.03,
         weight_decay=1e-4,
+        threads=1,
         freeze_bn=False,
         cam_scales=(1.0, 0.5, 1.5),
         workers=0,
         checkpoint_every=250,
         panel_every=100,
-        energy_weight=0.0,
-        bcd_weight=0.0,
+        # SPEC's weights once this build of rrm_cuda provides the ops, off until then.
+        energy_weight=1e-7 if hasattr(rrm_cuda, "DenseEnergyLoss") else 0.0,
+        bcd_weight=1.0 if hasattr(rrm_cuda, "bcd_loss") else 0.0,
         out_dir="runs/rrm-cpu-demo",
     ),
 }
