@@ -109,9 +109,7 @@ def test_mxnet_conversion_maps_every_key():
     ref = ResNet38(width=1 / 16)  # every block of the real network, few channels
     target = {k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}
     rng = np.random.default_rng(0)
-    params = {
-        _psa_to_mxnet(k): rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in target.items()
-    }
+    params = {_psa_to_mxnet(k): rng.standard_normal(tuple(v.shape)).astype(np.float32) for k, v in target.items()}
     assert "arg:res4b5_branch2b1_weight" in params and "arg:res7a_branch2b2_weight" in params
     params["arg:linear1000_weight"] = np.zeros((1000, 4), np.float32)
     state = convert_mxnet_resnet38(params)
@@ -485,9 +483,7 @@ def test_train_infer_evaluate_end_to_end(tmp_path, capsys):
     assert (out / "panels" / "iter_000003.png").is_file() and (out / "model_final.pt").is_file()
     assert "segmentation branch mIoU" in capsys.readouterr().out
 
-    names = infer.run_inference(
-        out / "model_final.pt", tmp_path / "pred", crf=True, scales=(1.0, 0.5), flip=True
-    )
+    names = infer.run_inference(out / "model_final.pt", tmp_path / "pred", crf=True, scales=(1.0, 0.5), flip=True)
     assert len(names) == 2
     with Image.open(tmp_path / "pred" / f"{names[0]}.png") as im:
         assert im.mode == "P" and im.size == (40, 40)

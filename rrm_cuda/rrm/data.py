@@ -194,11 +194,7 @@ class VOCSegmentation(AugmentedDataset):
         self.crop, self.seed, self.scale_range = crop, seed, scale_range
         self.ids = self._read_list(split)
         if mask_dir is None:
-            mask_dir = (
-                "SegmentationClassAug"
-                if (self.root / "SegmentationClassAug").is_dir()
-                else "SegmentationClass"
-            )
+            mask_dir = "SegmentationClassAug" if (self.root / "SegmentationClassAug").is_dir() else "SegmentationClass"
         self.mask_dir = self.root / mask_dir
         self.cls_labels: dict | None = None
         cls_path = Path(cls_labels) if cls_labels is not None else self.root / "cls_labels.npy"
@@ -271,9 +267,7 @@ class VOCSegmentation(AugmentedDataset):
                     stacklevel=2,
                 )
                 continue
-            return make_sample(
-                raw, mask, labels, self.ids[i], i, self.crop, self.rng(index), self.scale_range
-            )
+            return make_sample(raw, mask, labels, self.ids[i], i, self.crop, self.rng(index), self.scale_range)
         raise RuntimeError(f"no readable image in {self.image_dir}")
 
 
@@ -352,11 +346,7 @@ def _shape_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         rr, cc = ellipse(cy, cx, ry, rx, shape=(h, w), rotation=rng.uniform(0, np.pi))
     else:
         n = 4 if kind == 1 else 3
-        ang = (
-            np.sort(rng.uniform(0, 2 * np.pi, n))
-            if kind == 2
-            else np.arange(4) * np.pi / 2 + rng.uniform(0, 1)
-        )
+        ang = np.sort(rng.uniform(0, 2 * np.pi, n)) if kind == 2 else np.arange(4) * np.pi / 2 + rng.uniform(0, 1)
         rr, cc = polygon(cy + ry * np.sin(ang), cx + rx * np.cos(ang), shape=(h, w))
     m[rr, cc] = True
     return m
@@ -376,9 +366,7 @@ def synthetic_scene(
     s = rng.uniform(0.5, 1.0) * min(bg.shape[0], bg.shape[1]) / max(h, w)
     ch, cw = min(bg.shape[0], int(h * s)), min(bg.shape[1], int(w * s))
     y0, x0 = int(rng.integers(0, bg.shape[0] - ch + 1)), int(rng.integers(0, bg.shape[1] - cw + 1))
-    img = np.asarray(Image.fromarray(bg[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BILINEAR)).astype(
-        np.float32
-    )
+    img = np.asarray(Image.fromarray(bg[y0 : y0 + ch, x0 : x0 + cw]).resize((w, h), Image.BILINEAR)).astype(np.float32)
     grey = img.mean(2, keepdims=True)
     tint = rng.uniform(0.8, 1.2, 3).astype(np.float32)
     img = (0.6 * grey + 0.4 * img) * tint * rng.uniform(0.6, 1.0)

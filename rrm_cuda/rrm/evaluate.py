@@ -18,9 +18,7 @@ from .data import AugmentedDataset, build_dataset
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou, pixel_accuracy
 
 
-def evaluate_predictions(
-    pred_dir: str | Path, dataset: AugmentedDataset, limit: int | None = None
-) -> np.ndarray:
+def evaluate_predictions(pred_dir: str | Path, dataset: AugmentedDataset, limit: int | None = None) -> np.ndarray:
     """Accumulate the 21×21 confusion matrix of ``<pred_dir>/<name>.png`` against the dataset's
     ground truth (evaluation mode: whole images). A missing prediction raises FileNotFoundError
     naming it."""
@@ -49,8 +47,7 @@ def iou_table(conf: np.ndarray) -> str:
     iou = iou_from_confusion(conf)
     lines = [f"{'class':<14s}{'IoU':>8s}"]
     lines += [
-        f"{VOC_CLASSES[c]:<14s}{(f'{100 * v:8.2f}' if np.isfinite(v) else '       -')}"
-        for c, v in enumerate(iou)
+        f"{VOC_CLASSES[c]:<14s}{(f'{100 * v:8.2f}' if np.isfinite(v) else '       -')}" for c, v in enumerate(iou)
     ]
     lines.append(f"{'mIoU':<14s}{100 * mean_iou(conf):8.2f}")
     lines.append(f"{'pixel acc.':<14s}{100 * pixel_accuracy(conf):8.2f}")
@@ -87,21 +84,13 @@ def save_confusion(conf: np.ndarray, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="rrm-eval", description="mIoU of predicted masks (21 classes, ignore 255)"
-    )
+    p = argparse.ArgumentParser(prog="rrm-eval", description="mIoU of predicted masks (21 classes, ignore 255)")
     p.add_argument("--pred", default=None, help="folder of <name>.png predictions")
     p.add_argument("--checkpoint", default=None, help="predict with this checkpoint first (into <out>/pred)")
-    p.add_argument(
-        "--data", default=None, help="'embedded' or a VOC2012 folder (default: embedded / the checkpoint's)"
-    )
+    p.add_argument("--data", default=None, help="'embedded' or a VOC2012 folder (default: embedded / the checkpoint's)")
     p.add_argument("--split", default=None, help="split or list file (default: val)")
-    p.add_argument(
-        "--length", type=int, default=None, help="embedded data: number of images (default: as trained)"
-    )
-    p.add_argument(
-        "--image-size", type=int, default=None, help="embedded data: image side (default: as trained)"
-    )
+    p.add_argument("--length", type=int, default=None, help="embedded data: number of images (default: as trained)")
+    p.add_argument("--image-size", type=int, default=None, help="embedded data: image side (default: as trained)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", required=True, help="folder for confusion.csv / confusion.png")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0])

@@ -22,9 +22,7 @@ from .model import RRM
 from .train import TrainConfig, build_model, config_from_dict, resolve_device
 
 # SPEC §5 inference CRF (RRM's infer script): Gaussian sxy 3 compat 3; bilateral sxy 83 srgb 5 compat 4.
-INFER_CRF = dict(
-    gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=83.0, bilateral_srgb=5.0, bilateral_compat=4.0
-)
+INFER_CRF = dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=83.0, bilateral_srgb=5.0, bilateral_compat=4.0)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[RRM, TrainConfig]:

@@ -58,9 +58,7 @@ def confusion_matrix(
     keep = (t >= 0) & (t < num_classes) & (t != ignore_index) & (p != ignore_index)
     if bool(((p[keep] < 0) | (p[keep] >= num_classes)).any()):
         raise ValueError(f"pred has labels outside [0, {num_classes}) other than {ignore_index}")
-    return np.bincount(t[keep] * num_classes + p[keep], minlength=num_classes**2).reshape(
-        num_classes, num_classes
-    )
+    return np.bincount(t[keep] * num_classes + p[keep], minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(conf: np.ndarray) -> np.ndarray:

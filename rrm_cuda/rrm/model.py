@@ -66,9 +66,7 @@ class ResBlockBottleneck(nn.Module):
         self.conv_branch2a = nn.Conv2d(cin, cout // 4, 1, stride, bias=False)
         self.bn_branch2b1 = nn.BatchNorm2d(cout // 4)
         self.dropout_2b1 = nn.Dropout2d(dropout)
-        self.conv_branch2b1 = nn.Conv2d(
-            cout // 4, cout // 2, 3, padding=dilation, dilation=dilation, bias=False
-        )
+        self.conv_branch2b1 = nn.Conv2d(cout // 4, cout // 2, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn_branch2b2 = nn.BatchNorm2d(cout // 2)
         self.dropout_2b2 = nn.Dropout2d(dropout)
         self.conv_branch2b2 = nn.Conv2d(cout // 2, cout, 1, bias=False)
@@ -96,9 +94,7 @@ class ResNet38(nn.Module):
     forward: (B, 3, H, W) normalised image -> conv6 (B, out_channels, ceil(H/8), ceil(W/8)).
     """
 
-    def __init__(
-        self, width: float = 1.0, depth: int | None = None, dropout: tuple[float, float] = (0.3, 0.5)
-    ) -> None:
+    def __init__(self, width: float = 1.0, depth: int | None = None, dropout: tuple[float, float] = (0.3, 0.5)) -> None:
         super().__init__()
 
         def c(n: int) -> int:
@@ -280,9 +276,7 @@ class LocalBranch(nn.Module):
 
     forward: (B, C, h, w) -> (logits (B, K, h, w), features (B, dim, h, w))."""
 
-    def __init__(
-        self, cin: int, dim: int = 512, num_classes: int = NUM_SEG_CLASSES, dilation: int = 12
-    ) -> None:
+    def __init__(self, cin: int, dim: int = 512, num_classes: int = NUM_SEG_CLASSES, dilation: int = 12) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, dim, 3, padding=dilation, dilation=dilation)
         self.conv2 = nn.Conv2d(dim, num_classes, 3, padding=dilation, dilation=dilation)
@@ -340,9 +334,7 @@ class RRM(nn.Module):
             local_dim = 512 if local_dim is None else local_dim
             global_dim = 256 if global_dim is None else global_dim
         elif backbone == "small":
-            self.backbone = ResNet38(
-                width if width is not None else 1 / 16, 1 if depth is None else depth, rates
-            )
+            self.backbone = ResNet38(width if width is not None else 1 / 16, 1 if depth is None else depth, rates)
             local_dim = 64 if local_dim is None else local_dim
             global_dim = 32 if global_dim is None else global_dim
         else:
@@ -411,13 +403,9 @@ class RRM(nn.Module):
                     mapped[cand] = v
                     break
         if not mapped:
-            raise ValueError(
-                f"{path}: no parameter name matched the RRM model (is it a ResNet-38 state dict?)"
-            )
+            raise ValueError(f"{path}: no parameter name matched the RRM model (is it a ResNet-38 state dict?)")
         result = self.load_state_dict(mapped, strict=False)
-        return list(result.missing_keys), [
-            k for k in state if k not in mapped and f"backbone.{k}" not in mapped
-        ]
+        return list(result.missing_keys), [k for k in state if k not in mapped and f"backbone.{k}" not in mapped]
 
 
 def output_size(size: int) -> int:

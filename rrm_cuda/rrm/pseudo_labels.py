@@ -15,9 +15,7 @@ from torch import Tensor
 from ..functional import dense_crf, unary_from_probs
 
 IGNORE = 255
-PSEUDO_CRF = dict(
-    gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0
-)
+PSEUDO_CRF = dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0)
 # Energy of a padding label: exp(-1e4) is exactly 0 in fp32/fp64, so a padded label keeps Q = 0 in
 # every mean-field iteration and, with Potts compatibilities, sends no message to the real labels.
 _PAD_ENERGY = 1.0e4
@@ -139,12 +137,7 @@ def reliable_label_parts(
     """:func:`reliable_labels` with its intermediate results (for panels and tests)."""
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must have shape (B, 3, H, W); got {tuple(image.shape)}")
-    if (
-        cams.dim() != 4
-        or cams.shape[1] != 20
-        or cams.shape[0] != image.shape[0]
-        or cams.shape[2:] != image.shape[2:]
-    ):
+    if cams.dim() != 4 or cams.shape[1] != 20 or cams.shape[0] != image.shape[0] or cams.shape[2:] != image.shape[2:]:
         raise ValueError(
             f"cams must have shape (B, 20, H, W) matching image {tuple(image.shape)}; got {tuple(cams.shape)}"
         )

@@ -29,9 +29,7 @@ def crf_inference(img: np.ndarray, probs: np.ndarray, labels: int = 21, t: int =
     return np.array(q).reshape((labels, h, w))
 
 
-def _crf_with_alpha(
-    ori_img: np.ndarray, cam_dict: dict[int, np.ndarray], alpha: float, crf: CRF
-) -> np.ndarray:
+def _crf_with_alpha(ori_img: np.ndarray, cam_dict: dict[int, np.ndarray], alpha: float, crf: CRF) -> np.ndarray:
     v = np.array(list(cam_dict.values()))
     bg_score = np.power(1 - np.max(v, axis=0, keepdims=True), alpha)
     bgcam_score = np.concatenate((bg_score, v), axis=0)

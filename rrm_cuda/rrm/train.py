@@ -198,9 +198,7 @@ def param_groups(model: RRM, cfg: TrainConfig) -> list[dict]:
         groups[(2 if id(p) in new_ids else 0) + (1 if p.dim() == 1 else 0)].append(p)
     mults, wds = (1.0, 2.0, 10.0, 20.0), (cfg.weight_decay, 0.0, cfg.weight_decay, 0.0)
     return [
-        {"params": g, "lr": cfg.lr * m, "lr_mult": m, "weight_decay": wd}
-        for g, m, wd in zip(groups, mults, wds)
-        if g
+        {"params": g, "lr": cfg.lr * m, "lr_mult": m, "weight_decay": wd} for g, m, wd in zip(groups, mults, wds) if g
     ]
 
 
@@ -216,9 +214,7 @@ class ResumableSampler(DistributedSampler):
     """DistributedSampler (works with 1 process too) that can start an epoch part-way (resume)."""
 
     def __init__(self, dataset: AugmentedDataset, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -303,9 +299,7 @@ def save_panel(
             colorize(gt[i].cpu().numpy()),
         )
         for j, (ax, img) in enumerate(zip(axes[i], cols)):
-            ax.imshow(
-                img, cmap="jet" if j == 1 else None, vmin=0 if j == 1 else None, vmax=1 if j == 1 else None
-            )
+            ax.imshow(img, cmap="jet" if j == 1 else None, vmin=0 if j == 1 else None, vmax=1 if j == 1 else None)
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(titles[j], fontsize=9)
@@ -419,9 +413,7 @@ def train(cfg: TrainConfig) -> dict:
     per_rank = cfg.batch_size // world
     per_epoch = sampler.num_samples // per_rank
     if per_epoch == 0:
-        raise ValueError(
-            f"the dataset ({len(dataset)} images) is smaller than one batch per process ({per_rank})"
-        )
+        raise ValueError(f"the dataset ({len(dataset)} images) is smaller than one batch per process ({per_rank})")
 
     log_file = out / "log.csv"
     new_log = not (log_file.is_file() and start > 0)
