@@ -106,7 +106,9 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # AAAI 2020: from a VOC classification checkpoint (PSA's res38_cls.pth).
+    # AAAI 2020: from a VOC classification checkpoint (PSA's res38_cls.pth). The AAAI model had no
+    # R-FAM and no BCD: BCD is off and the attention runs without re-weighting (the closest this
+    # model gets). Momentum stays at the explicit 0.9; ``--momentum 1e-5`` is the original's.
     "aaai": dict(
         backbone="resnet38",
         batch_size=4,
