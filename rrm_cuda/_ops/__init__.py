@@ -1,3 +1,4 @@
 """Thin wrappers over ``torch.ops.rrm_cuda.*``: fake (meta) kernels and autograd registrations."""
 
+from . import bcd  # noqa: F401
 from . import lattice  # noqa: F401
