@@ -46,7 +46,9 @@ def _flat_features(features: Tensor, name: str = "features") -> Tensor:
     return features.reshape(features.shape[0], features.shape[1], -1)  # a view for NCHW and channels-last
 
 
-def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, int]:
+def _flat_labels(
+    labels: Tensor, features: Tensor, num_classes: int, ignore_index: int | None
+) -> tuple[Tensor, int]:
     if _checking():
         V.tensor(labels, "labels")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -54,8 +56,10 @@ def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_inde
                 f"labels must have an integer dtype (or be soft masks (B, K, *S) of a float dtype); got "
                 f"{str(labels.dtype).replace('torch.', '')}"
             )
-        if labels.dim() != features.dim() - 1 or labels.shape[0] != features.shape[0] or (
-            labels.shape[1:] != features.shape[2:]
+        if (
+            labels.dim() != features.dim() - 1
+            or labels.shape[0] != features.shape[0]
+            or (labels.shape[1:] != features.shape[2:])
         ):
             raise ValueError(
                 f"labels must have shape (B, *S) = {(features.shape[0], *features.shape[2:])} to match features "
@@ -65,7 +69,9 @@ def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_inde
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index ({ignore_index}) must not be a class in [0, num_classes = {num_classes})")
+            raise ValueError(
+                f"ignore_index ({ignore_index}) must not be a class in [0, num_classes = {num_classes})"
+            )
     return labels.reshape(labels.shape[0], -1), _NO_IGNORE if ignore_index is None else int(ignore_index)
 
 
@@ -146,8 +152,10 @@ def masked_feature_centers(
         f = _flat_features(features)
         if _checking():
             V.tensor(labels, "labels", dtypes=V.FLOAT_DTYPES)
-            if labels.dim() != features.dim() or labels.shape[0] != features.shape[0] or (
-                labels.shape[2:] != features.shape[2:]
+            if (
+                labels.dim() != features.dim()
+                or labels.shape[0] != features.shape[0]
+                or (labels.shape[2:] != features.shape[2:])
             ):
                 raise ValueError(
                     f"soft masks (labels) must have shape (B, K, *S) with B, *S of features "
@@ -172,7 +180,9 @@ def masked_feature_centers(
     return sums / (counts + eps).unsqueeze(-1), counts
 
 
-def feature_center_cosine(features: Tensor, labels: Tensor, centers: Tensor, *, ignore_index: int | None = None) -> Tensor:
+def feature_center_cosine(
+    features: Tensor, labels: Tensor, centers: Tensor, *, ignore_index: int | None = None
+) -> Tensor:
     r"""Per-(image, class) sums of the cosine between each pixel's feature and its class centre,
     in one pass over the features:
     ``out[b, k] = Σ_{p: labels[b, p] = k} cos(F[b, :, p], centers[b, k])``,
@@ -251,8 +261,10 @@ def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
         V.tensor(features, "features", dtypes=V.FLOAT_DTYPES, finite=False, nonempty=True)
         if seg_logits.dim() < 3:
             raise ValueError(f"seg_logits must have shape (B, K, *S); got {tuple(seg_logits.shape)}")
-        if features.dim() != seg_logits.dim() or features.shape[0] != seg_logits.shape[0] or (
-            features.shape[2:] != seg_logits.shape[2:]
+        if (
+            features.dim() != seg_logits.dim()
+            or features.shape[0] != seg_logits.shape[0]
+            or (features.shape[2:] != seg_logits.shape[2:])
         ):
             raise ValueError(
                 f"features must have shape (B, C, *S) with B, *S of seg_logits {tuple(seg_logits.shape)}; "

@@ -24,7 +24,9 @@ def _register_fakes(emulated: bool) -> None:
     def _sums_fake(features, labels, num_classes, ignore_index=-1):
         B, C, _ = features.shape
         ct = _compute_dtype(features.dtype)
-        return features.new_empty((B, num_classes, C), dtype=ct), features.new_empty((B, num_classes), dtype=ct)
+        return features.new_empty((B, num_classes, C), dtype=ct), features.new_empty(
+            (B, num_classes), dtype=ct
+        )
 
     @torch.library.register_fake(name("masked_feature_gather"))
     def _gather_fake(values, labels, ignore_index=-1):
