@@ -31,10 +31,18 @@ def tensor(
         raise TypeError(f"{name} must have dtype in ({names}); got {str(x.dtype).replace('torch.', '')}")
     if nonempty and x.numel() == 0:
         raise ValueError(f"{name} must not be empty; got shape {tuple(x.shape)}")
-    if finite and x.is_floating_point() and x.numel() > 0 and not bool(torch.isfinite(x).all()):
-        bad = "NaN" if bool(torch.isnan(x).any()) else "Inf"
-        raise ValueError(f"{name} contains {bad} values")
+    if finite:
+        check_finite(x, name)
     return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    if x.is_floating_point() and x.numel() > 0:
+        # amin / amax propagate NaN and see Inf, without allocating a mask of x's size
+        lo, hi = torch.aminmax(x.detach())
+        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+            bad = "NaN" if bool(torch.isnan(lo)) or bool(torch.isnan(hi)) else "Inf"
+            raise ValueError(f"{name} contains {bad} values")
 
 
 def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:

@@ -22,6 +22,11 @@ _NORMALIZATIONS = {"symmetric": 0, "after": 1, "before": 2, "none": 3}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
+def _flat(x: Tensor) -> Tensor:
+    """(B, C, *S) -> (B, C, N), also for empty tensors."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _COMPUTE_DTYPES else torch.float32
 
@@ -53,14 +58,16 @@ def _lattice_bytes(B: int, N: int, d: int, C: int, itemsize: int, device: torch.
 
 
 def _check_lattice_features(features: Tensor, name: str, C: int, dtype: torch.dtype) -> None:
+    """Features (B, d, N): dimension, size, memory, finiteness and integer-key range."""
     B, d, N = features.shape
     if d < 1 or d > 16:
         raise ValueError(f"{name} must have 1 <= d <= 16 feature channels; got shape {tuple(features.shape)}")
     if N * (d + 1) >= 2**30:
         raise ValueError(f"{name}: N * (d + 1) must be < 2^30 lattice entries per image; got N={N}, d={d}")
-    _check_key_range(features, name)
     itemsize = torch.finfo(dtype).bits // 8
     V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}")
+    V.check_finite(features, name)
+    _check_key_range(features, name)
 
 
 def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = False) -> Tensor:
@@ -87,8 +94,8 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
         >>> permutohedral_filter(v, f).shape
         torch.Size([1, 1, 4, 4])
     """
-    V.tensor(values, "values", dtypes=V.FLOAT_DTYPES)
-    V.tensor(features, "features", dtypes=V.FLOAT_DTYPES)
+    V.tensor(values, "values", dtypes=V.FLOAT_DTYPES, finite=False)
+    V.tensor(features, "features", dtypes=V.FLOAT_DTYPES, finite=False)
     if values.dim() < 3:
         raise ValueError(f"values must have shape (B, C, *S); got {tuple(values.shape)}")
     if features.dim() != values.dim():
@@ -103,9 +110,11 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
     V.same_device({"values": values, "features": features})
     dtype = _compute_dtype(values.dtype)
     B, C = values.shape[:2]
-    v = values.reshape(B, C, -1).to(dtype)
-    f = features.reshape(B, features.shape[1], -1).to(dtype)
+    f = _flat(features)
     _check_lattice_features(f, "features", C, dtype)
+    V.check_finite(values, "values")
+    v = _flat(values).to(dtype)
+    f = f.to(dtype)
     out = ops.permutohedral_filter(v, f, reverse)
     return out.reshape(values.shape).to(values.dtype)
 
@@ -115,7 +124,7 @@ def lattice_num_vertices(features: Tensor) -> Tensor:
     V.tensor(features, "features", dtypes=V.FLOAT_DTYPES)
     if features.dim() < 3:
         raise ValueError(f"features must have shape (B, d, *S); got {tuple(features.shape)}")
-    f = features.reshape(features.shape[0], features.shape[1], -1).to(_compute_dtype(features.dtype))
+    f = _flat(features).to(_compute_dtype(features.dtype))
     _check_lattice_features(f, "features", 1, f.dtype)
     return ops.lattice_num_vertices(f)
 
@@ -147,7 +156,7 @@ def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor,
     B, c = image.shape[:2]
     srgb = V.positive(srgb, "srgb", B)
     pos = position_features(B, image.shape[2:], sxy, dtype=dtype, device=image.device)
-    col = image.reshape(B, c, -1).to(dtype)
+    col = _flat(image).to(dtype)
     return torch.cat([pos, col / _per_image(srgb, B, col)], dim=1)
 
 
@@ -262,7 +271,7 @@ def dense_crf(
     dtype = _compute_dtype(src.dtype)
     device = src.device
     u = unary_from_probs(probs.to(dtype), clip) if probs is not None else unary.to(dtype)
-    u = u.reshape(B, L, -1)
+    u = _flat(u)
     N = u.shape[2]
 
     feats: list[Tensor] = []
@@ -273,7 +282,7 @@ def dense_crf(
         cm = _compat_matrix(compat, L, name, dtype, device)
         if cm is None:
             return
-        f = features.reshape(B, features.shape[1], -1).to(dtype)
+        f = _flat(features).to(dtype)
         _check_lattice_features(f, name.replace("compat", "features"), L, dtype)
         feats.append(f.contiguous())
         compats.append(cm[0])

@@ -1,0 +1,166 @@
+"""Drop-in for ``pydensecrf.densecrf``: ``DenseCRF``, ``DenseCRF2D`` and the kernel / normalisation
+constants, numpy in and out, with pydensecrf's semantics (checked against pydensecrf2 in the tests).
+
+Differences from pydensecrf, all additive: ``device=`` picks CPU or CUDA; inputs are validated with
+errors that name the argument; any number of labels and feature dimensions up to 16. Parameter
+learning (``kernel`` types other than the diagonal one only matter there) is not offered;
+``kernel`` is accepted for compatibility and does not change inference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ... import functional as F
+
+# pydensecrf's enums (KernelType, NormalizationType)
+CONST_KERNEL = 0
+DIAG_KERNEL = 1
+FULL_KERNEL = 2
+NO_NORMALIZATION = 0
+NORMALIZE_BEFORE = 1
+NORMALIZE_AFTER = 2
+NORMALIZE_SYMMETRIC = 3
+
+_NORM_CODE = {NORMALIZE_SYMMETRIC: 0, NORMALIZE_AFTER: 1, NORMALIZE_BEFORE: 2, NO_NORMALIZATION: 3}
+
+
+def _compat_arg(compat, L: int):
+    if isinstance(compat, (int, float, np.integer, np.floating)):
+        return float(compat)
+    arr = np.asarray(compat, dtype=np.float32)
+    if arr.ndim == 0:
+        return float(arr)
+    if arr.ndim == 1 and arr.shape[0] == L:
+        return torch.from_numpy(arr.copy())
+    if arr.ndim == 2 and arr.shape == (L, L):
+        return torch.from_numpy(arr.copy())
+    raise ValueError(f"compat must be a number, an ({L},) vector or an ({L}, {L}) matrix; got shape {arr.shape}")
+
+
+class DenseCRF:
+    """Fully connected CRF over ``N`` variables with ``M`` labels (pydensecrf's ``DenseCRF(N, M)``)."""
+
+    def __init__(self, nvar: int, nlabels: int, device: str | torch.device = "cpu") -> None:
+        if int(nvar) < 1:
+            raise ValueError(f"nvar must be >= 1; got {nvar}")
+        if int(nlabels) < 2:
+            raise ValueError(f"nlabels must be >= 2; got {nlabels}")
+        self.N = int(nvar)
+        self.M = int(nlabels)
+        self.device = torch.device(device)
+        self._unary: torch.Tensor | None = None
+        self._terms: list[tuple[torch.Tensor, object, int]] = []
+
+    # -- unary ------------------------------------------------------------------------------
+    def setUnaryEnergy(self, unary, feat=None) -> None:  # noqa: N802 (pydensecrf's name)
+        """``unary``: float32 (M, N) energies (−log p), C-contiguous as pydensecrf requires."""
+        if feat is not None:
+            raise ValueError("setUnaryEnergy(unary, feat): learned (logistic) unaries are not supported")
+        u = np.asarray(unary)
+        if u.dtype != np.float32:
+            raise TypeError(f"unary must be float32 (as pydensecrf requires); got {u.dtype}")
+        if u.shape != (self.M, self.N):
+            raise ValueError(f"unary must have shape (M, N) = ({self.M}, {self.N}); got {u.shape}")
+        if not np.isfinite(u).all():
+            raise ValueError("unary contains NaN or Inf")
+        self._unary = torch.from_numpy(np.ascontiguousarray(u).copy())
+
+    # -- pairwise ---------------------------------------------------------------------------
+    def addPairwiseEnergy(  # noqa: N802
+        self, features, compat, kernel: int = DIAG_KERNEL, normalization: int = NORMALIZE_SYMMETRIC
+    ) -> None:
+        """``features``: float32 (D, N), already divided by their standard deviations."""
+        f = np.asarray(features)
+        if f.dtype != np.float32:
+            raise TypeError(f"features must be float32 (as pydensecrf requires); got {f.dtype}")
+        if f.ndim != 2 or f.shape[1] != self.N:
+            raise ValueError(f"features must have shape (D, N) with N = {self.N}; got {f.shape}")
+        if not np.isfinite(f).all():
+            raise ValueError("features contain NaN or Inf")
+        if kernel not in (CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL):
+            raise ValueError(f"kernel must be CONST_KERNEL, DIAG_KERNEL or FULL_KERNEL; got {kernel}")
+        if normalization not in _NORM_CODE:
+            raise ValueError(f"normalization must be one of the NORMALIZE_* constants; got {normalization}")
+        self._terms.append(
+            (torch.from_numpy(np.ascontiguousarray(f).copy()), _compat_arg(compat, self.M), _NORM_CODE[normalization])
+        )
+
+    # -- inference --------------------------------------------------------------------------
+    def inference(self, n_iterations: int) -> np.ndarray:
+        """Returns Q as a float32 (M, N) array (pydensecrf returns the same values as a matrix)."""
+        if self._unary is None:
+            raise ValueError("setUnaryEnergy must be called before inference")
+        if int(n_iterations) < 0:
+            raise ValueError(f"n_iterations must be >= 0; got {n_iterations}")
+        return self._run(int(n_iterations))
+
+    def _run(self, iterations: int) -> np.ndarray:
+        dev = self.device
+        u = self._unary.to(dev).unsqueeze(0)
+        if not self._terms:
+            return torch.softmax(-u, 1)[0].cpu().numpy()
+        feats, compats, diags, norms = [], [], [], []
+        for f, c, n in self._terms:
+            cm = F._compat_matrix(c, self.M, "compat", torch.float32, dev)
+            if cm is None:
+                continue
+            f = f.to(dev).unsqueeze(0)
+            F._check_lattice_features(f, "features", self.M, torch.float32)
+            feats.append(f)
+            compats.append(cm[0])
+            diags.append(cm[1])
+            norms.append(n)
+        if not feats:
+            return torch.softmax(-u, 1)[0].cpu().numpy()
+        q = torch.ops.rrm_cuda.dense_crf(u, feats, torch.stack(compats), diags, norms, iterations)
+        return q[0].cpu().numpy()
+
+
+class DenseCRF2D(DenseCRF):
+    """``DenseCRF2D(W, H, M)``: a CRF over an image of width W and height H (pixel j*W + i)."""
+
+    def __init__(self, W: int, H: int, nlabels: int, device: str | torch.device = "cpu") -> None:  # noqa: N803
+        if int(W) < 1 or int(H) < 1:
+            raise ValueError(f"W and H must be >= 1; got W={W}, H={H}")
+        super().__init__(int(W) * int(H), nlabels, device)
+        self.W = int(W)
+        self.H = int(H)
+
+    def addPairwiseGaussian(  # noqa: N802
+        self, sxy, compat, kernel: int = DIAG_KERNEL, normalization: int = NORMALIZE_SYMMETRIC
+    ) -> None:
+        """Smoothness kernel over (x/sx, y/sy); ``sxy`` a number or an (sx, sy) pair."""
+        sx, sy = (sxy, sxy) if np.isscalar(sxy) else sxy
+        F.V.positive(sx, "sxy")
+        F.V.positive(sy, "sxy")
+        yy, xx = np.mgrid[0 : self.H, 0 : self.W].astype(np.float32)
+        feats = np.stack([xx.reshape(-1) / np.float32(sx), yy.reshape(-1) / np.float32(sy)])
+        self.addPairwiseEnergy(feats.astype(np.float32), compat, kernel, normalization)
+
+    def addPairwiseBilateral(  # noqa: N802
+        self, sxy, srgb, rgbim, compat, kernel: int = DIAG_KERNEL, normalization: int = NORMALIZE_SYMMETRIC
+    ) -> None:
+        """Appearance kernel over (x/sx, y/sy, r/sr, g/sg, b/sb); ``rgbim`` uint8 (H, W, 3)."""
+        im = np.asarray(rgbim)
+        if im.dtype != np.uint8:
+            raise TypeError(f"rgbim must be a uint8 array (as pydensecrf requires); got {im.dtype}")
+        if im.shape != (self.H, self.W, 3):
+            raise ValueError(f"rgbim must have shape (H, W, 3) = ({self.H}, {self.W}, 3); got {im.shape}")
+        sx, sy = (sxy, sxy) if np.isscalar(sxy) else sxy
+        sr, sg, sb = (srgb, srgb, srgb) if np.isscalar(srgb) else srgb
+        for name, s in (("sxy", sx), ("sxy", sy), ("srgb", sr), ("srgb", sg), ("srgb", sb)):
+            F.V.positive(s, name)
+        yy, xx = np.mgrid[0 : self.H, 0 : self.W].astype(np.float32)
+        col = im.reshape(-1, 3).astype(np.float32)
+        feats = np.stack(
+            [
+                xx.reshape(-1) / np.float32(sx),
+                yy.reshape(-1) / np.float32(sy),
+                col[:, 0] / np.float32(sr),
+                col[:, 1] / np.float32(sg),
+                col[:, 2] / np.float32(sb),
+            ]
+        )
+        self.addPairwiseEnergy(feats.astype(np.float32), compat, kernel, normalization)

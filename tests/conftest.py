@@ -1,0 +1,51 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import rrm_cuda
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def cuda_available() -> bool:
+    """True when a GPU is usable. A GPU without CUDA in the build is a failure, not a skip."""
+    if not torch.cuda.is_available():
+        return False
+    if not rrm_cuda.build_info()["with_cuda"]:
+        pytest.fail("a CUDA device is present but rrm_cuda was built without CUDA kernels (rebuild with FORCE_CUDA=1)")
+    return True
+
+
+@pytest.fixture
+def cuda():
+    if not cuda_available():
+        pytest.skip("no CUDA device")
+    return torch.device("cuda")
+
+
+def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A bundled scikit-image photograph as uint8 (H, W, 3), centre-cropped to ``size`` (H, W)."""
+    skdata = pytest.importorskip("skimage.data")
+    img = getattr(skdata, name)()
+    if img.ndim == 2:
+        img = np.stack([img] * 3, -1)
+    img = img[..., :3]
+    if size is not None:
+        H, W = size
+        y0 = (img.shape[0] - H) // 2
+        x0 = (img.shape[1] - W) // 2
+        assert y0 >= 0 and x0 >= 0, (img.shape, size)
+        img = img[y0 : y0 + H, x0 : x0 + W]
+    return np.ascontiguousarray(img)
+
+
+def smooth_probs(L: int, H: int, W: int, seed: int = 0, sharp: float = 20.0, sigma: float = 8.0) -> np.ndarray:
+    """Spatially smooth random class scores (L, H, W), like a network's softmax output."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    logits = ndimage.gaussian_filter(rng.normal(size=(L, H, W)), (0, sigma, sigma)) * sharp
+    p = np.exp(logits - logits.max(0))
+    return (p / p.sum(0)).astype(np.float32)

@@ -1,0 +1,112 @@
+"""rrm_cuda.compat.pydensecrf: a drop-in for pydensecrf.densecrf / pydensecrf.utils."""
+
+import sys
+
+import numpy as np
+import pytest
+
+import rrm_cuda.compat.pydensecrf.densecrf as rdcrf
+import rrm_cuda.compat.pydensecrf.utils as rutils
+from tests.conftest import photo, smooth_probs
+
+pdcrf = pytest.importorskip("pydensecrf.densecrf")
+putils = pytest.importorskip("pydensecrf.utils")
+
+
+def _run(mod, utils, probs, img, *, gauss_kw, bil_kw, iters=10):
+    L, H, W = probs.shape
+    d = mod.DenseCRF2D(W, H, L)
+    d.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(probs)))
+    d.addPairwiseGaussian(**gauss_kw)
+    d.addPairwiseBilateral(rgbim=img, **bil_kw)
+    return np.array(d.inference(iters))
+
+
+@pytest.mark.parametrize(
+    "compat",
+    ["potts", "diag", "matrix"],
+)
+@pytest.mark.parametrize("norm", ["NORMALIZE_SYMMETRIC", "NORMALIZE_AFTER"])
+def test_densecrf2d_matches_pydensecrf(compat, norm):
+    img = photo("chelsea", (60, 80))
+    L = 4
+    probs = smooth_probs(L, 60, 80, seed=2)
+    rng = np.random.default_rng(0)
+    c = {"potts": 5.0, "diag": rng.uniform(-3, 0, L).astype(np.float32),
+         "matrix": rng.uniform(-2, 2, (L, L)).astype(np.float32)}[compat]
+    outs = []
+    for mod, utils in ((pdcrf, putils), (rdcrf, rutils)):
+        nrm = getattr(mod, norm)
+        outs.append(
+            _run(mod, utils, probs, img, gauss_kw=dict(sxy=3, compat=3, normalization=nrm),
+                 bil_kw=dict(sxy=(60, 70), srgb=13, compat=c, kernel=mod.DIAG_KERNEL, normalization=nrm))
+        )
+    assert outs[1].shape == outs[0].shape == (L, 60 * 80)
+    assert np.abs(outs[1] - outs[0]).max() < 1e-3
+    assert (outs[1].argmax(0) == outs[0].argmax(0)).mean() >= 0.999
+
+
+def test_densecrf_generic_features_and_utils():
+    rng = np.random.default_rng(1)
+    L, H, W = 3, 20, 24
+    labels = rng.integers(0, L + 1, (H, W))
+    img = photo("coffee", (H, W))
+    for mod, utils in ((pdcrf, putils), (rdcrf, rutils)):
+        np.testing.assert_allclose(
+            utils.unary_from_labels(labels, L, 0.7), putils.unary_from_labels(labels, L, 0.7), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            utils.create_pairwise_bilateral((5, 5), (10, 10, 10), img, chdim=2),
+            putils.create_pairwise_bilateral((5, 5), (10, 10, 10), img, chdim=2),
+        )
+        np.testing.assert_allclose(
+            utils.create_pairwise_gaussian((2, 3), (H, W)), putils.create_pairwise_gaussian((2, 3), (H, W))
+        )
+        np.testing.assert_allclose(
+            utils.unary_from_softmax(smooth_probs(L, H, W), scale=0.8),
+            putils.unary_from_softmax(smooth_probs(L, H, W), scale=0.8),
+            rtol=1e-6,
+        )
+    outs = []
+    for mod, utils in ((pdcrf, putils), (rdcrf, rutils)):
+        d = mod.DenseCRF(H * W, L)
+        d.setUnaryEnergy(utils.unary_from_labels(labels, L, 0.7))
+        d.addPairwiseEnergy(utils.create_pairwise_gaussian((3, 3), (H, W)), compat=3)
+        d.addPairwiseEnergy(utils.create_pairwise_bilateral((20, 20), (13, 13, 13), img, chdim=2), compat=10)
+        outs.append(np.array(d.inference(5)))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-3
+
+
+def test_alias_makes_pydensecrf_imports_resolve_to_the_shim(monkeypatch):
+    import rrm_cuda.compat as compat
+
+    for name in ("pydensecrf", "pydensecrf.densecrf", "pydensecrf.utils"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    compat.install_pydensecrf_alias()
+    import pydensecrf.densecrf as dcrf
+
+    assert dcrf is rdcrf
+
+
+def test_bad_inputs():
+    d = rdcrf.DenseCRF2D(8, 6, 3)
+    with pytest.raises(TypeError, match="unary must be float32"):
+        d.setUnaryEnergy(np.zeros((3, 48)))
+    with pytest.raises(ValueError, match=r"unary must have shape \(M, N\) = \(3, 48\)"):
+        d.setUnaryEnergy(np.zeros((3, 40), np.float32))
+    with pytest.raises(ValueError, match="unary contains NaN"):
+        d.setUnaryEnergy(np.full((3, 48), np.nan, np.float32))
+    with pytest.raises(TypeError, match="rgbim must be a uint8"):
+        d.addPairwiseBilateral(sxy=3, srgb=3, rgbim=np.zeros((6, 8, 3)), compat=3)
+    with pytest.raises(ValueError, match=r"rgbim must have shape \(H, W, 3\)"):
+        d.addPairwiseBilateral(sxy=3, srgb=3, rgbim=np.zeros((8, 6, 3), np.uint8), compat=3)
+    with pytest.raises(ValueError, match="sxy must be positive"):
+        d.addPairwiseGaussian(sxy=0, compat=3)
+    with pytest.raises(ValueError, match="features must have shape"):
+        d.addPairwiseEnergy(np.zeros((2, 5), np.float32), compat=3)
+    with pytest.raises(ValueError, match="compat must be a number"):
+        d.addPairwiseGaussian(sxy=3, compat=np.ones(5))
+    with pytest.raises(ValueError, match="setUnaryEnergy must be called"):
+        d.inference(5)
+    with pytest.raises(ValueError, match="nlabels must be >= 2"):
+        rdcrf.DenseCRF2D(8, 6, 1)

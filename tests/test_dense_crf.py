@@ -1,0 +1,296 @@
+"""rrm_cuda.dense_crf: mean field against the slow reference, pydensecrf2 on real photographs,
+the compatibility and normalisation conventions, and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import rrm_cuda
+from rrm_cuda.reference import dense_crf_reference, gaussian_filter_exact
+from tests.conftest import photo, smooth_probs
+
+ops = torch.ops.rrm_cuda
+
+
+def _crf_inputs(B=2, L=4, H=12, W=10, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    unary = torch.rand(B, L, H, W, generator=g, dtype=dtype) * 3
+    image = torch.randint(0, 256, (B, 3, H, W), generator=g).to(torch.uint8)
+    return unary, image
+
+
+def _ref_features(B, H, W, image, dtype, gsxy=3.0, bsxy=80.0, bsrgb=13.0):
+    pos = rrm_cuda.position_features(B, (H, W), gsxy, dtype=dtype)
+    bil = rrm_cuda.bilateral_features(image, bsxy, bsrgb, dtype=dtype)
+    return pos, bil
+
+
+# ---- forward vs reference --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalization", ["symmetric", "after", "before", "none"])
+def test_matches_reference(dtype, normalization):
+    unary, image = _crf_inputs(dtype=dtype)
+    B, L, H, W = unary.shape
+    q = rrm_cuda.dense_crf(unary, image, iterations=5, normalization=normalization, bilateral_sxy=5.0)
+    pos, bil = _ref_features(B, H, W, image, dtype, bsxy=5.0)
+    eye = torch.eye(L, dtype=dtype)
+    ref = dense_crf_reference(unary.reshape(B, L, -1), [pos, bil], [-3 * eye, -10 * eye], 5, normalization)
+    tol = 2e-4 if dtype == torch.float32 else 1e-10  # float32: 5 iterations amplify rounding
+    torch.testing.assert_close(q.reshape(B, L, -1), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["vector", "matrix"])
+def test_label_compat_matches_reference(kind):
+    unary, image = _crf_inputs(L=3)
+    B, L, H, W = unary.shape
+    if kind == "vector":
+        c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        cm = torch.diag(c)
+    else:
+        c = torch.tensor([[0.0, 1.0, 2.0], [0.5, 0.0, 1.0], [3.0, 1.0, -1.0]], dtype=torch.float64)
+        cm = 0.5 * (c + c.T)
+    q = rrm_cuda.dense_crf(unary, image, iterations=4, gaussian_compat=c, bilateral_compat=None)
+    pos, _ = _ref_features(B, H, W, image, torch.float64)
+    ref = dense_crf_reference(unary.reshape(B, L, -1), [pos], [cm], 4)
+    torch.testing.assert_close(q.reshape(B, L, -1), ref)
+
+
+def test_extra_pairwise_terms_and_volumes():
+    """A 3-D volume with a depth-like extra modality: any spatial rank, any feature dimension."""
+    g = torch.Generator().manual_seed(3)
+    unary = torch.rand(1, 3, 4, 5, 6, generator=g, dtype=torch.float64)
+    depth = torch.rand(1, 1, 4, 5, 6, generator=g, dtype=torch.float64) * 4
+    grey = torch.rand(1, 1, 4, 5, 6, generator=g, dtype=torch.float64) * 255
+    q = rrm_cuda.dense_crf(unary, grey, iterations=3, bilateral_sxy=4.0, bilateral_srgb=20.0,
+                           pairwise=[(depth, 2.0)])
+    pos = rrm_cuda.position_features(1, (4, 5, 6), 3.0, dtype=torch.float64)
+    bil = rrm_cuda.bilateral_features(grey, 4.0, 20.0, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)
+    ref = dense_crf_reference(unary.reshape(1, 3, -1), [pos, bil, depth.reshape(1, 1, -1)],
+                              [-3 * eye, -10 * eye, -2 * eye], 3)
+    torch.testing.assert_close(q.reshape(1, 3, -1), ref)
+
+
+def test_probs_input_and_per_image_sigma():
+    probs = torch.from_numpy(np.stack([smooth_probs(3, 16, 16, seed=s) for s in range(2)]))
+    image = torch.randint(0, 256, (2, 3, 16, 16)).to(torch.uint8)
+    sig = torch.tensor([40.0, 80.0])
+    q = rrm_cuda.dense_crf(probs=probs, image=image, bilateral_sxy=sig)
+    for b in range(2):
+        qb = rrm_cuda.dense_crf(probs=probs[b : b + 1], image=image[b : b + 1], bilateral_sxy=float(sig[b]))
+        torch.testing.assert_close(q[b : b + 1], qb)
+    u = rrm_cuda.unary_from_probs(probs)
+    torch.testing.assert_close(rrm_cuda.dense_crf(u, image), rrm_cuda.dense_crf(probs=probs, image=image))
+
+
+def test_layouts_and_half():
+    unary, image = _crf_inputs(dtype=torch.float32)
+    ref = rrm_cuda.dense_crf(unary, image)
+    cl = rrm_cuda.dense_crf(unary.contiguous(memory_format=torch.channels_last),
+                            image.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, ref)
+    nc = rrm_cuda.dense_crf(unary.transpose(2, 3).contiguous().transpose(2, 3), image)
+    torch.testing.assert_close(nc, ref)
+    h = rrm_cuda.dense_crf(unary.half(), image)
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, rrm_cuda.dense_crf(unary.half().float(), image), rtol=1e-5, atol=1e-5)
+
+
+def test_emulated_cuda_launch_matches_cpu():
+    unary, image = _crf_inputs(B=2, L=5)
+    B, L, H, W = unary.shape
+    pos, bil = _ref_features(B, H, W, image, torch.float64)
+    c = torch.stack([-3 * torch.eye(L, dtype=torch.float64), torch.rand(L, L, dtype=torch.float64)])
+    args = (unary.reshape(B, L, -1), [pos, bil], c, [True, False], [0, 1], 4)
+    torch.testing.assert_close(ops._dense_crf_emulated(*args), ops.dense_crf(*args), rtol=1e-12, atol=1e-12)
+
+
+def test_lattice_approximates_exact_crf():
+    """With d=2 positions only, mean field on the lattice is close to mean field with the exact
+    Gaussian (the lattice is ~0.9x the exact kernel; symmetric normalisation removes most of it)."""
+    unary, image = _crf_inputs(B=1, L=3, H=14, W=14)
+    pos = rrm_cuda.position_features(1, (14, 14), 2.0, dtype=torch.float64)
+    eye = torch.eye(3, dtype=torch.float64)
+    lat = dense_crf_reference(unary.reshape(1, 3, -1), [pos], [-3 * eye], 5)
+    ex = dense_crf_reference(unary.reshape(1, 3, -1), [pos], [-3 * eye], 5, filter_fn=gaussian_filter_exact)
+    assert float((lat - ex).abs().max()) < 0.05
+    assert float((lat.argmax(1) == ex.argmax(1)).double().mean()) > 0.97
+
+
+# ---- tiny hand-computed case -----------------------------------------------------------------
+def test_zero_iterations_is_softmax_and_uniform_unary_stays_uniform():
+    unary, image = _crf_inputs()
+    torch.testing.assert_close(rrm_cuda.dense_crf(unary, image, iterations=0), torch.softmax(-unary, 1))
+    flat = torch.zeros(1, 3, 6, 6, dtype=torch.float64)
+    q = rrm_cuda.dense_crf(flat, torch.zeros(1, 3, 6, 6), iterations=3)
+    torch.testing.assert_close(q, torch.full_like(q, 1 / 3))
+
+
+def test_potts_sign_is_a_reward():
+    """Potts compat w > 0 pulls a pixel towards its neighbours' label."""
+    unary = torch.zeros(1, 2, 9, 9, dtype=torch.float64)
+    unary[0, 1] = 2.0  # everywhere label 0 is favoured ...
+    unary[0, 0, 4, 4], unary[0, 1, 4, 4] = 0.2, 0.0  # ... except weakly at the centre
+    q = rrm_cuda.dense_crf(unary, None, iterations=5, bilateral_compat=0, gaussian_compat=5.0)
+    assert q[0, 0, 4, 4] > 0.5 > torch.softmax(-unary, 1)[0, 0, 4, 4]
+
+
+# ---- pydensecrf parity on real photographs ---------------------------------------------------
+def _pydensecrf(probs, img, iterations, gauss, bil):
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_softmax
+
+    L, H, W = probs.shape
+    d = dcrf.DenseCRF2D(W, H, L)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    d.addPairwiseGaussian(sxy=gauss[0], compat=gauss[1])
+    d.addPairwiseBilateral(sxy=bil[0], srgb=bil[1], rgbim=np.ascontiguousarray(img), compat=bil[2])
+    return np.array(d.inference(iterations)).reshape(L, H, W)
+
+
+PARITY_CASES = [
+    # photo, size (H, W), labels, (gauss sxy, compat), (bil sxy, srgb, compat): RRM pseudo-label and
+    # inference settings (SPEC §5)
+    ("chelsea", (120, 160), 21, (3, 3), (80, 13, 10)),
+    ("astronaut", (128, 128), 2, (3, 3), (80, 13, 10)),
+    ("coffee", (96, 144), 21, (3, 3), (83, 5, 4)),
+    ("rocket", (100, 75), 2, (3, 3), (83, 5, 4)),
+]
+
+
+@pytest.mark.parametrize("name,size,L,gauss,bil", PARITY_CASES)
+def test_pydensecrf_parity(name, size, L, gauss, bil):
+    img = photo(name, size)
+    H, W = size
+    probs = smooth_probs(L, H, W, seed=L + H)
+    ref = _pydensecrf(probs, img, 10, gauss, bil)
+    q = rrm_cuda.dense_crf(
+        probs=torch.from_numpy(probs)[None],
+        image=torch.from_numpy(img).permute(2, 0, 1)[None],
+        gaussian_sxy=gauss[0], gaussian_compat=gauss[1],
+        bilateral_sxy=bil[0], bilateral_srgb=bil[1], bilateral_compat=bil[2],
+    )[0].numpy()
+    assert np.abs(q - ref).max() < 1e-3
+    assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.999
+
+
+@pytest.mark.slow
+def test_pydensecrf_parity_full_size_batch():
+    """Full-size photos batched together, each compared with its own pydensecrf run."""
+    imgs = [photo("astronaut", (375, 500)), photo("coffee", (375, 500))]
+    probs = [smooth_probs(21, 375, 500, seed=s) for s in range(2)]
+    q = rrm_cuda.dense_crf(probs=torch.from_numpy(np.stack(probs)),
+                           image=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))
+    for b in range(2):
+        ref = _pydensecrf(probs[b], imgs[b], 10, (3, 3), (80, 13, 10))
+        assert np.abs(q[b].numpy() - ref).max() < 1e-3
+        assert (q[b].numpy().argmax(0) == ref.argmax(0)).mean() >= 0.999
+
+
+# ---- opcheck ---------------------------------------------------------------------------------
+def test_opcheck():
+    unary, image = _crf_inputs(B=1, L=3, H=6, W=5)
+    B, L, H, W = unary.shape
+    pos, bil = _ref_features(B, H, W, image, torch.float64)
+    c = torch.stack([-3 * torch.eye(L, dtype=torch.float64), torch.rand(L, L, dtype=torch.float64)])
+    for args in [
+        (unary.reshape(B, L, -1), [pos, bil], c, [True, False], [0, 1], 3),
+        (unary.reshape(B, L, -1), [pos], c[:1], [True], [3], 0),
+    ]:
+        torch.library.opcheck(ops.dense_crf, args)
+
+
+# ---- empty inputs ----------------------------------------------------------------------------
+def test_empty():
+    q = rrm_cuda.dense_crf(torch.zeros(0, 3, 4, 4), torch.zeros(0, 3, 4, 4))
+    assert q.shape == (0, 3, 4, 4)
+    q = rrm_cuda.dense_crf(torch.zeros(2, 3, 0, 4), torch.zeros(2, 3, 0, 4))
+    assert q.shape == (2, 3, 0, 4)
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def test_bad_inputs():
+    unary, image = _crf_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match="exactly one of unary"):
+        rrm_cuda.dense_crf(unary, image, probs=unary)
+    with pytest.raises(ValueError, match="unary must have at least 2 labels"):
+        rrm_cuda.dense_crf(unary[:, :1], image)
+    with pytest.raises(ValueError, match="unary must have shape"):
+        rrm_cuda.dense_crf(unary[0, 0], image)
+    with pytest.raises(ValueError, match="unary contains NaN"):
+        rrm_cuda.dense_crf(unary.clone().fill_(math.nan), image)
+    with pytest.raises(ValueError, match="probs must be non-negative"):
+        rrm_cuda.dense_crf(probs=-unary, image=image)
+    with pytest.raises(TypeError, match="unary must have dtype"):
+        rrm_cuda.dense_crf(unary.int(), image)
+    with pytest.raises(ValueError, match="image is required"):
+        rrm_cuda.dense_crf(unary)
+    with pytest.raises(ValueError, match="image must have shape"):
+        rrm_cuda.dense_crf(unary, image[:, :, :5])
+    with pytest.raises(ValueError, match="image must have shape"):
+        rrm_cuda.dense_crf(unary, image[:1])
+    with pytest.raises(ValueError, match="image contains Inf"):
+        rrm_cuda.dense_crf(unary, image.float().fill_(math.inf))
+    with pytest.raises(ValueError, match="bilateral_sxy must be positive"):
+        rrm_cuda.dense_crf(unary, image, bilateral_sxy=0.0)
+    with pytest.raises(ValueError, match="gaussian_sxy must be positive"):
+        rrm_cuda.dense_crf(unary, image, gaussian_sxy=-1.0)
+    with pytest.raises(ValueError, match="bilateral_srgb must be positive"):
+        rrm_cuda.dense_crf(unary, image, bilateral_srgb=math.nan)
+    with pytest.raises(ValueError, match=r"bilateral_sxy must be a number or a tensor of shape \(B,\)"):
+        rrm_cuda.dense_crf(unary, image, bilateral_sxy=torch.ones(5))
+    with pytest.raises(ValueError, match="iterations must be a non-negative int"):
+        rrm_cuda.dense_crf(unary, image, iterations=-1)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        rrm_cuda.dense_crf(unary, image, normalization="sym")
+    with pytest.raises(ValueError, match=r"gaussian_compat as a vector must have shape \(L,\)"):
+        rrm_cuda.dense_crf(unary, image, gaussian_compat=torch.ones(7))
+    with pytest.raises(ValueError, match=r"bilateral_compat as a matrix must have shape"):
+        rrm_cuda.dense_crf(unary, image, bilateral_compat=torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"pairwise\[0\] features must have shape"):
+        rrm_cuda.dense_crf(unary, image, pairwise=[(torch.ones(2, 1, 5, 5), 1.0)])
+    with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
+        rrm_cuda.dense_crf(unary, image, gaussian_sxy=1e-9)
+    with pytest.raises(ValueError, match="compat must have shape"):
+        ops.dense_crf(unary.reshape(2, 4, -1), [], torch.zeros(1, 4, 4), [True], [0], 1)
+    with pytest.raises(ValueError, match="normalization entries must be"):
+        ops.dense_crf(unary.reshape(2, 4, -1), [torch.zeros(2, 2, 120)], torch.zeros(1, 4, 4), [True], [7], 1)
+
+
+# ---- module == functional --------------------------------------------------------------------
+def test_module_matches_functional():
+    unary, image = _crf_inputs(dtype=torch.float32)
+    m = rrm_cuda.DenseCRF(iterations=3, bilateral_sxy=50.0, bilateral_srgb=5.0, bilateral_compat=4.0)
+    assert "bilateral" in repr(m)
+    torch.testing.assert_close(
+        m(unary, image),
+        rrm_cuda.dense_crf(unary, image, iterations=3, bilateral_sxy=50.0, bilateral_srgb=5.0, bilateral_compat=4.0),
+    )
+
+
+# ---- CPU == CUDA -----------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_matches_cpu(cuda):
+    img = photo("chelsea", (150, 200))
+    probs = torch.from_numpy(np.stack([smooth_probs(21, 150, 200, seed=s) for s in range(3)]))
+    image = torch.from_numpy(np.stack([img] * 3)).permute(0, 3, 1, 2)
+    q_cpu = rrm_cuda.dense_crf(probs=probs, image=image)
+    q_gpu = rrm_cuda.dense_crf(probs=probs.to(cuda), image=image.to(cuda)).cpu()
+    torch.testing.assert_close(q_gpu, q_cpu, rtol=1e-4, atol=1e-4)
+    assert (q_gpu.argmax(1) == q_cpu.argmax(1)).double().mean() > 0.9999
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+def test_compile_fullgraph():
+    unary, image = _crf_inputs(B=1, L=3, H=6, W=5)
+    B, L, H, W = unary.shape
+    pos, bil = _ref_features(B, H, W, image, torch.float64)
+    c = -3 * torch.eye(L, dtype=torch.float64)[None].repeat(2, 1, 1)
+
+    def fn(u, p, b):
+        return ops.dense_crf(u * 1.0, [p, b], c, [True, True], [0, 0], 3)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(unary.reshape(B, L, -1), pos, bil), fn(unary.reshape(B, L, -1), pos, bil))

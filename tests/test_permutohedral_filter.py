@@ -1,0 +1,240 @@
+"""rrm_cuda.permutohedral_filter: the lattice against a faithful slow reference, the exact Gaussian,
+its adjoint, and bad input."""
+
+import math
+
+import pytest
+import torch
+
+import rrm_cuda
+from rrm_cuda.reference import (
+    gaussian_filter_exact,
+    lattice_num_vertices_reference,
+    permutohedral_filter_reference,
+)
+from tests.conftest import cuda_available
+
+ops = torch.ops.rrm_cuda
+
+
+def _inputs(B=2, C=3, N=200, d=3, dtype=torch.float64, scale=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, C, N, generator=g, dtype=dtype)
+    f = torch.randn(B, d, N, generator=g, dtype=dtype) * scale
+    return v, f
+
+
+# ---- forward vs reference --------------------------------------------------------------------
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_matches_reference(d, dtype, reverse):
+    v, f = _inputs(d=d, dtype=dtype, N=150 if d < 16 else 60)
+    out = ops.permutohedral_filter(v, f, reverse)
+    ref = permutohedral_filter_reference(v, f, reverse)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+
+
+def test_num_vertices_matches_reference():
+    _, f = _inputs(B=3, d=5, N=300)
+    assert ops.lattice_num_vertices(f).tolist() == lattice_num_vertices_reference(f).tolist()
+
+
+@pytest.mark.parametrize("layout", ["noncontiguous", "channels_last", "spatial"])
+def test_layouts(layout):
+    v, f = _inputs(B=2, C=4, N=64, d=3)
+    ref = permutohedral_filter_reference(v, f)
+    if layout == "noncontiguous":
+        out = rrm_cuda.permutohedral_filter(v.transpose(1, 2).contiguous().transpose(1, 2), f[:, :, :].flip(0).flip(0))
+    elif layout == "channels_last":
+        v4 = v.reshape(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+        f4 = f.reshape(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+        out = rrm_cuda.permutohedral_filter(v4, f4).reshape(2, 4, 64)
+    else:
+        out = rrm_cuda.permutohedral_filter(v.reshape(2, 4, 4, 4, 4), f.reshape(2, 3, 4, 4, 4)).reshape(2, 4, 64)
+    torch.testing.assert_close(out, ref)
+
+
+def test_half_inputs_computed_in_float32():
+    v, f = _inputs(dtype=torch.float32)
+    out = rrm_cuda.permutohedral_filter(v.half(), f.half())
+    assert out.dtype == torch.float16
+    ref = ops.permutohedral_filter(v.half().float(), f.half().float(), False)
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3 * float(ref.abs().max()))
+
+
+def test_emulated_cuda_launch_matches_cpu():
+    for d in (2, 5):
+        v, f = _inputs(B=3, C=5, N=120, d=d, dtype=torch.float64)
+        for rev in (False, True):
+            torch.testing.assert_close(
+                ops._permutohedral_filter_emulated(v, f, rev), ops.permutohedral_filter(v, f, rev), rtol=0, atol=0
+            )
+
+
+def test_deterministic():
+    v, f = _inputs(B=2, C=7, N=3000, d=5, dtype=torch.float32)
+    a = ops.permutohedral_filter(v, f, False)
+    for _ in range(3):
+        assert torch.equal(a, ops.permutohedral_filter(v, f, False))
+
+
+def test_bounded_by_exact_gaussian():
+    """d=2: the lattice is ~0.8-0.9x the exact Gaussian sum with a few % error after a rescale (SPEC §1)."""
+    g = torch.Generator().manual_seed(1)
+    v = torch.rand(1, 1, 400, generator=g, dtype=torch.float64)
+    f = torch.rand(1, 2, 400, generator=g, dtype=torch.float64) * 10
+    lat = ops.permutohedral_filter(v, f, False)
+    ex = gaussian_filter_exact(v, f)
+    ratio = float((lat * ex).sum() / (ex * ex).sum())
+    assert 0.7 < ratio < 1.0
+    rel = float((lat / ratio - ex).norm() / ex.norm())
+    assert rel < 0.05
+
+
+# ---- tiny hand-computed case -----------------------------------------------------------------
+def test_single_point_hand_computed():
+    """d = 1, one point at the origin: it sits on vertex [0] with weight 1; the simplex's other corner,
+    vertex [1], is created with weight 0. Blur along axis 0 (neighbours of [1]: [0] and [2]) gives
+    [1] = 0 + v/2; blur along axis 1 (neighbours of [0]: [-1] and [1]) gives [0] = v + v/4. Slice:
+    alpha * 1 * 5v/4 with alpha = 1 / (1 + 2^-1) = 2/3, so v = 3 -> 2.5."""
+    v = torch.tensor([[[3.0]]], dtype=torch.float64)
+    f = torch.zeros(1, 1, 1, dtype=torch.float64)
+    assert float(ops.permutohedral_filter(v, f, False)) == pytest.approx(2.5, rel=1e-14)
+    assert ops.lattice_num_vertices(f).tolist() == [2]
+
+
+def test_far_apart_points_do_not_interact():
+    v = torch.tensor([[[1.0, 2.0]]], dtype=torch.float64)
+    f = torch.tensor([[[0.0, 999.0]]], dtype=torch.float64)
+    out = ops.permutohedral_filter(v, f, False)
+    single = torch.stack([ops.permutohedral_filter(v[:, :, i : i + 1], f[:, :, i : i + 1], False) for i in range(2)], -1)
+    torch.testing.assert_close(out, single.reshape(1, 1, 2))
+
+
+# ---- gradients -------------------------------------------------------------------------------
+def test_gradcheck():
+    v, f = _inputs(B=2, C=2, N=30, d=3)
+    v.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: rrm_cuda.permutohedral_filter(x, f), (v,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda x: rrm_cuda.permutohedral_filter(x, f, reverse=True), (v,), fast_mode=True)
+
+
+def test_gradient_is_reference_adjoint():
+    v, f = _inputs(B=1, C=2, N=80, d=5)
+    v.requires_grad_(True)
+    w = torch.randn_like(v)
+    (rrm_cuda.permutohedral_filter(v, f) * w).sum().backward()
+    torch.testing.assert_close(v.grad, permutohedral_filter_reference(w, f, reverse=True))
+
+
+def test_autograd_function_form():
+    from rrm_cuda._ops.lattice import PermutohedralFilterFunction
+
+    v, f = _inputs(B=1, C=2, N=40, d=2)
+    v.requires_grad_(True)
+    out = PermutohedralFilterFunction.apply(v, f, False)
+    out.sum().backward()
+    torch.testing.assert_close(v.grad, ops.permutohedral_filter(torch.ones_like(v), f, True))
+
+
+# ---- opcheck ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [(2, 3, 50, 2, False), (1, 1, 20, 5, True), (3, 4, 10, 1, False)])
+def test_opcheck(args):
+    B, C, N, d, rev = args
+    v, f = _inputs(B=B, C=C, N=N, d=d)
+    v.requires_grad_(True)
+    torch.library.opcheck(ops.permutohedral_filter, (v, f, rev))
+    torch.library.opcheck(ops.lattice_num_vertices, (f,), test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- empty inputs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(0, 3, 10), (2, 0, 10), (2, 3, 0)])
+def test_empty(shape):
+    B, C, N = shape
+    v = torch.zeros(B, C, N)
+    f = torch.zeros(B, 2, N)
+    out = rrm_cuda.permutohedral_filter(v, f)
+    assert out.shape == v.shape
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def test_bad_inputs():
+    v, f = _inputs(dtype=torch.float32)
+    with pytest.raises(TypeError, match="values must be a torch.Tensor"):
+        rrm_cuda.permutohedral_filter(v.numpy(), f)
+    with pytest.raises(ValueError, match="values must have shape"):
+        rrm_cuda.permutohedral_filter(v[0, 0], f)
+    with pytest.raises(ValueError, match="features must have shape"):
+        rrm_cuda.permutohedral_filter(v, f[0])
+    with pytest.raises(ValueError, match="must agree in B"):
+        rrm_cuda.permutohedral_filter(v, f[:1])
+    with pytest.raises(ValueError, match="must agree in B"):
+        rrm_cuda.permutohedral_filter(v, f[:, :, :10])
+    with pytest.raises(TypeError, match="values must have dtype"):
+        rrm_cuda.permutohedral_filter(v.int(), f)
+    with pytest.raises(ValueError, match="values contains NaN"):
+        rrm_cuda.permutohedral_filter(v.clone().fill_(math.nan), f)
+    with pytest.raises(ValueError, match="features contains Inf"):
+        rrm_cuda.permutohedral_filter(v, f.clone().fill_(math.inf))
+    with pytest.raises(ValueError, match="1 <= d <= 16"):
+        rrm_cuda.permutohedral_filter(v, torch.zeros(2, 17, 200))
+    with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
+        rrm_cuda.permutohedral_filter(v, f * 1e9)
+    with pytest.raises(MemoryError, match="GiB"):
+        rrm_cuda.permutohedral_filter(
+            torch.zeros(1, 1, 1).expand(64, 4096, 2**20), torch.zeros(1, 1, 1).expand(64, 5, 2**20)
+        )
+    # the C++ checks are reached by direct op calls too, and name the argument
+    with pytest.raises(ValueError, match="values and features must agree|must agree in B and N"):
+        ops.permutohedral_filter(v, f[:, :, :5], False)
+    with pytest.raises(TypeError, match="same dtype"):
+        ops.permutohedral_filter(v, f.double(), False)
+
+
+# ---- module == functional --------------------------------------------------------------------
+def test_module_matches_functional():
+    v, f = _inputs()
+    m = rrm_cuda.PermutohedralFilter(reverse=True)
+    torch.testing.assert_close(m(v, f), rrm_cuda.permutohedral_filter(v, f, reverse=True))
+
+
+# ---- CPU == CUDA -----------------------------------------------------------------------------
+@pytest.mark.cuda
+def test_cuda_matches_cpu(cuda):
+    for d in (2, 5):
+        for dtype in (torch.float32, torch.float64):
+            v, f = _inputs(B=3, C=21, N=5000, d=d, dtype=dtype)
+            for rev in (False, True):
+                a = ops.permutohedral_filter(v, f, rev)
+                b = ops.permutohedral_filter(v.to(cuda), f.to(cuda), rev).cpu()
+                tol = 1e-5 if dtype == torch.float32 else 1e-12
+                torch.testing.assert_close(b, a, rtol=tol, atol=tol * float(a.abs().max()))
+
+
+@pytest.mark.cuda
+def test_cuda_gradcheck_and_opcheck(cuda):
+    v, f = _inputs(B=2, C=2, N=30, d=3)
+    v = v.to(cuda).requires_grad_(True)
+    f = f.to(cuda)
+    assert torch.autograd.gradcheck(lambda x: rrm_cuda.permutohedral_filter(x, f), (v,), fast_mode=True)
+    torch.library.opcheck(ops.permutohedral_filter, (v, f, False))
+
+
+def test_cuda_is_tested_when_present():
+    cuda_available()  # fails if a GPU is present but the build has no CUDA
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+def test_compile_fullgraph():
+    v, f = _inputs(B=1, C=2, N=50, d=2, dtype=torch.float32)
+    v.requires_grad_(True)
+
+    def fn(x, feats):
+        return ops.permutohedral_filter(x * 2.0, feats, False).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(v, f)
+    out.backward()
+    torch.testing.assert_close(out, fn(v.detach(), f))
