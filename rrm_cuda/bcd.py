@@ -62,8 +62,8 @@ def _flat_labels(
             or (labels.shape[1:] != features.shape[2:])
         ):
             raise ValueError(
-                f"labels must have shape (B, *S) = {(features.shape[0], *features.shape[2:])} to match features "
-                f"{tuple(features.shape)}; got {tuple(labels.shape)}"
+                f"labels must have shape (B, *S) = {(features.shape[0], *features.shape[2:])} to match "
+                f"features {tuple(features.shape)}; got {tuple(labels.shape)}"
             )
         V.same_device({"features": features, "labels": labels})
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:

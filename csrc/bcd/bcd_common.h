@@ -73,21 +73,29 @@ struct SegmentSumFunctor {
 };
 
 // ---------------------------------------------------------------------------------------------
-// 2. Gather (the adjoint of 1), one thread per output element (b, c, n):
+// 2. Gather (the adjoint of 1), one thread per run of `per` consecutive pixels of one (b, c) row:
 //    out[b, c, n] = values[b, key[b, n], c], 0 for ignored pixels. values (B, K, C) contiguous,
-//    out (B, C, N) contiguous.
+//    out (B, C, N) contiguous. The GPU uses per = 1 (one element per thread, coalesced writes); the
+//    CPU per = N (a whole row per task: no index arithmetic per element).
 template <typename in_t, typename out_t>
 struct GatherFunctor {
   const in_t* values;
   const int32_t* key;
   out_t* out;
-  int64_t C, N, K;
+  int64_t C, N, K, per;
   RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t n = t % N;
-    const int64_t c = (t / N) % C;
-    const int64_t b = t / (N * C);
-    const int32_t k = key[b * N + n];
-    out[t] = k < K ? static_cast<out_t>(values[(b * K + k) * C + c]) : out_t(0);
+    const int64_t runs = (N + per - 1) / per;
+    const int64_t row = t / runs;  // b * C + c
+    const int64_t n0 = (t % runs) * per;
+    const int64_t n1 = n0 + per < N ? n0 + per : N;
+    const int64_t c = row % C, b = row / C;
+    const int32_t* kb = key + b * N;
+    const in_t* vb = values + b * K * C + c;
+    out_t* o = out + row * N;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t k = kb[n];
+      o[n] = k < K ? static_cast<out_t>(vb[k * C]) : out_t(0);
+    }
   }
 };
 
@@ -113,10 +121,10 @@ struct PixelStatsFunctor {
     const int np = static_cast<int>(N - n0 < P ? N - n0 : P);
     acc_t s[P], q[P];
     int32_t kk[P];
-    for (int i = 0; i < np; ++i) {
+    for (int i = 0; i < P; ++i) {
       s[i] = 0;
       q[i] = 0;
-      kk[i] = key[b * N + n0 + i];
+      kk[i] = i < np ? key[b * N + n0 + i] : static_cast<int32_t>(K);
     }
     const scalar_t* fb = features + b * fv.sB + n0 * fv.sN;
     const out_t* cb = centers_t + b * C * K;
@@ -226,7 +234,8 @@ struct CosineGammaFunctor {
   }
 };
 
-// 7. grad_F, one thread per output element (b, c, n) of the (B, C, N) contiguous result:
+// 7. grad_F, one thread per run of `per` consecutive pixels of one (b, c) row of the (B, C, N)
+//    contiguous result (per = 1 on the GPU, N on the CPU, as in 2):
 //    alpha_p c[b, key_p, c] + beta_p F[b, c, p] (0 for ignored pixels).
 template <typename scalar_t, typename acc_t, typename out_t>
 struct CosineGradFeaturesFunctor {
@@ -237,20 +246,29 @@ struct CosineGradFeaturesFunctor {
   const out_t* alpha;
   const out_t* beta;
   scalar_t* out;  // (B, C, N)
-  int64_t C, N, K;
+  int64_t C, N, K, per;
   RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t n = t % N;
-    const int64_t c = (t / N) % C;
-    const int64_t b = t / (N * C);
-    const int32_t k = key[b * N + n];
-    if (k >= K) {
-      out[t] = scalar_t(0);
-      return;
+    const int64_t runs = (N + per - 1) / per;
+    const int64_t row = t / runs;  // b * C + c
+    const int64_t n0 = (t % runs) * per;
+    const int64_t n1 = n0 + per < N ? n0 + per : N;
+    const int64_t c = row % C, b = row / C;
+    const int32_t* kb = key + b * N;
+    const out_t* ab = alpha + b * N;
+    const out_t* bb = beta + b * N;
+    const out_t* cb = centers + b * K * C + c;
+    const scalar_t* fb = features + b * fv.sB + c * fv.sC;
+    scalar_t* o = out + row * N;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t k = kb[n];
+      if (k >= K) {
+        o[n] = scalar_t(0);
+        continue;
+      }
+      const acc_t v = static_cast<acc_t>(ab[n]) * static_cast<acc_t>(cb[k * C]) +
+                      static_cast<acc_t>(bb[n]) * static_cast<acc_t>(fb[n * fv.sN]);
+      o[n] = static_cast<scalar_t>(v);
     }
-    const acc_t f = static_cast<acc_t>(features[b * fv.sB + c * fv.sC + n * fv.sN]);
-    const acc_t v = static_cast<acc_t>(alpha[b * N + n]) * static_cast<acc_t>(centers[(b * K + k) * C + c]) +
-                    static_cast<acc_t>(beta[b * N + n]) * f;
-    out[t] = static_cast<scalar_t>(v);
   }
 };
 

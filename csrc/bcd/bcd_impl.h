@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +25,14 @@ namespace bcd {
 template <class Exec>
 constexpr int pixels_per_thread() {
   return Exec::kChannelsPerThread == 0 ? 32 : 1;
+}
+
+// Pixels of one (b, c) row per thread of the elementwise passes (gather, grad_F): the whole row on
+// the CPU, one pixel on the GPU. Returns (per, number of threads).
+template <class Exec>
+std::pair<int64_t, int64_t> row_runs(int64_t B, int64_t C, int64_t N) {
+  const int64_t per = Exec::kChannelsPerThread == 0 ? std::max<int64_t>(N, 1) : 1;
+  return {per, B * C * ((N + per - 1) / per)};
 }
 
 // Class keys and per-(image, class) segments of the labels.
@@ -137,10 +146,13 @@ at::Tensor masked_feature_gather(const Exec& exec, const at::Tensor& values, con
   if (out.numel() == 0) return out;
   auto key = make_keys(labels, K, ignore_index);
   auto v = values.contiguous();
+  const auto runs = row_runs<Exec>(B, C, N);
+  const int64_t per = runs.first, threads = runs.second;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rrm_bcd_gather", [&] {
-    exec.for_each(B * C * N, GatherFunctor<scalar_t, scalar_t>{v.data_ptr<scalar_t>(), key.data_ptr<int32_t>(),
-                                                               out.data_ptr<scalar_t>(), C, N, K},
-                  16384);
+    exec.for_each(threads,
+                  GatherFunctor<scalar_t, scalar_t>{v.data_ptr<scalar_t>(), key.data_ptr<int32_t>(),
+                                                    out.data_ptr<scalar_t>(), C, N, K, per},
+                  std::max<int64_t>(1, 16384 / per));
   });
   return out;
 }
@@ -219,6 +231,8 @@ std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& ex
   auto beta = at::empty({B, N}, c.options());
   auto gamma = at::empty({B, K}, c.options());
   const auto fv = view_of(features);
+  const auto runs = row_runs<Exec>(B, C, N);
+  const int64_t per = runs.first, threads = runs.second;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_cosine_backward", [&] {
     RRM_BCD_TYPES(Exec);
     exec.for_each(B * N,
@@ -231,11 +245,12 @@ std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& ex
                                                    cn.data_ptr<out_t>(), seg.perm.data_ptr<int32_t>(),
                                                    seg.offsets.data_ptr<int64_t>(), gamma.data_ptr<out_t>(), N, K},
                   1);
-    exec.for_each(B * C * N,
+    exec.for_each(threads,
                   CosineGradFeaturesFunctor<scalar_t, acc_t, out_t>{
                       features.data_ptr<scalar_t>(), fv, seg.key.data_ptr<int32_t>(), c.data_ptr<out_t>(),
-                      alpha.data_ptr<out_t>(), beta.data_ptr<out_t>(), grad_features.data_ptr<scalar_t>(), C, N, K},
-                  16384);
+                      alpha.data_ptr<out_t>(), beta.data_ptr<out_t>(), grad_features.data_ptr<scalar_t>(), C, N, K,
+                      per},
+                  std::max<int64_t>(1, 16384 / per));
   });
   // grad_c = sum_p alpha_p F_p - (gamma / |c|) c, with the second term 0 where |c| = 0.
   auto grad_centers = segment_sums(exec, features, seg, K, alpha);
