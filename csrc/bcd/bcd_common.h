@@ -100,24 +100,29 @@ struct GatherFunctor {
 };
 
 // ---------------------------------------------------------------------------------------------
-// 3. Per-pixel statistics, one thread per (b, block of P consecutive pixels):
-//    dot[b, n] = F[b, :, n] . centers[b, key, :] and norm[b, n] = |F[b, :, n]| (0 for ignored pixels).
-//    The channel loop is outside the pixel loop so that on the CPU (P = 32) a block reads
-//    pixel-contiguous features as P-wide rows; the GPU uses P = 1. centers_t is (B, C, K) contiguous
-//    (the centres transposed, so that the P pixels' centre entries of one channel share cache lines).
+// 3. Per-pixel statistics, in two steps.
+// 3a. One thread per (b, channel chunk j, block of P consecutive pixels): partial sums over the
+//     channels [j * chunk_c, (j + 1) * chunk_c) of F[b, c, n] * centers[b, key, c] and F[b, c, n]^2
+//     (0 for ignored pixels) into part_s / part_q (B, chunks, N). The channel loop is outside the
+//     pixel loop so that on the CPU (P = 32, one chunk of all channels) a block reads pixel-contiguous
+//     features as P-wide rows; the GPU uses P = 1 and chunks of 64 channels, which gives B * N * C / 64
+//     threads instead of B * N (enough to fill the GPU at the authors' B * N = 13k pixels) and coalesced
+//     reads (consecutive threads, consecutive pixels). centers_t is (B, C, K) contiguous (transposed, so
+//     that the P pixels' centre entries of one channel share cache lines).
 template <typename scalar_t, typename acc_t, typename out_t, int P>
 struct PixelStatsFunctor {
   const scalar_t* features;
   FeatureView fv;
-  const int32_t* key;       // (B, N)
-  const out_t* centers_t;   // (B, C, K)
-  out_t* dot;               // (B, N)
-  out_t* norm;              // (B, N)
-  int64_t C, N, K;
+  const int32_t* key;      // (B, N)
+  const out_t* centers_t;  // (B, C, K)
+  acc_t* part_s;           // (B, chunks, N)
+  acc_t* part_q;           // (B, chunks, N)
+  int64_t C, N, K, chunk_c, chunks;
   RRM_HOST_DEVICE void operator()(int64_t t) const {
     const int64_t blocks = (N + P - 1) / P;
-    const int64_t b = t / blocks;
     const int64_t n0 = (t % blocks) * P;
+    const int64_t j = (t / blocks) % chunks;
+    const int64_t b = t / (blocks * chunks);
     const int np = static_cast<int>(N - n0 < P ? N - n0 : P);
     acc_t s[P], q[P];
     int32_t kk[P];
@@ -126,9 +131,11 @@ struct PixelStatsFunctor {
       q[i] = 0;
       kk[i] = i < np ? key[b * N + n0 + i] : static_cast<int32_t>(K);
     }
+    const int64_t c0 = j * chunk_c;
+    const int64_t c1 = c0 + chunk_c < C ? c0 + chunk_c : C;
     const scalar_t* fb = features + b * fv.sB + n0 * fv.sN;
     const out_t* cb = centers_t + b * C * K;
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = c0; c < c1; ++c) {
       const scalar_t* fc = fb + c * fv.sC;
       const out_t* cc = cb + c * K;
       for (int i = 0; i < np; ++i) {
@@ -138,10 +145,32 @@ struct PixelStatsFunctor {
         q[i] += f * f;
       }
     }
+    const int64_t o = (b * chunks + j) * N + n0;
     for (int i = 0; i < np; ++i) {
-      dot[b * N + n0 + i] = static_cast<out_t>(s[i]);
-      norm[b * N + n0 + i] = static_cast<out_t>(sqrt(q[i]));
+      part_s[o + i] = s[i];
+      part_q[o + i] = q[i];
     }
+  }
+};
+
+// 3b. One thread per (b, n): dot = sum of the chunks' partial dots, norm = sqrt(sum of the partial
+//     squares), the chunks added in increasing order (deterministic).
+template <typename acc_t, typename out_t>
+struct FinishStatsFunctor {
+  const acc_t* part_s;  // (B, chunks, N)
+  const acc_t* part_q;
+  out_t* dot;   // (B, N)
+  out_t* norm;  // (B, N)
+  int64_t N, chunks;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / N, n = t % N;
+    acc_t s = 0, q = 0;
+    for (int64_t j = 0; j < chunks; ++j) {
+      s += part_s[(b * chunks + j) * N + n];
+      q += part_q[(b * chunks + j) * N + n];
+    }
+    dot[t] = static_cast<out_t>(s);
+    norm[t] = static_cast<out_t>(sqrt(q));
   }
 };
 

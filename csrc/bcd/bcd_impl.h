@@ -157,6 +157,13 @@ at::Tensor masked_feature_gather(const Exec& exec, const at::Tensor& values, con
   return out;
 }
 
+// Channels per thread of the per-pixel statistics: all of them on the CPU, chunks of 64 on the GPU
+// (and its emulation), whose partial sums are then added in a fixed order.
+template <class Exec>
+int64_t stats_chunk_channels(int64_t C) {
+  return Exec::kChannelsPerThread == 0 ? std::max<int64_t>(C, 1) : 64;
+}
+
 // Per-pixel dot products with the own class centre and feature norms, (B, N) each.
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> pixel_stats(const Exec& exec, const at::Tensor& features, const at::Tensor& key,
@@ -168,14 +175,23 @@ std::tuple<at::Tensor, at::Tensor> pixel_stats(const Exec& exec, const at::Tenso
   auto centers_t = centers.transpose(1, 2).contiguous();  // (B, C, K)
   constexpr int P = pixels_per_thread<Exec>();
   const int64_t blocks = (N + P - 1) / P;
+  const int64_t chunk_c = stats_chunk_channels<Exec>(C);
+  const int64_t chunks = std::max<int64_t>(1, (C + chunk_c - 1) / chunk_c);
   const auto fv = view_of(features);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_pixel_stats", [&] {
     RRM_BCD_TYPES(Exec);
-    exec.for_each(B * blocks,
+    const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    auto part_s = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
+    auto part_q = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
+    exec.for_each(B * chunks * blocks,
                   PixelStatsFunctor<scalar_t, acc_t, out_t, P>{
                       features.data_ptr<scalar_t>(), fv, key.data_ptr<int32_t>(), centers_t.data_ptr<out_t>(),
-                      dot.data_ptr<out_t>(), norm.data_ptr<out_t>(), C, N, K},
-                  std::max<int64_t>(1, 8192 / std::max<int64_t>(1, C)));
+                      part_s.data_ptr<acc_t>(), part_q.data_ptr<acc_t>(), C, N, K, chunk_c, chunks},
+                  std::max<int64_t>(1, 8192 / std::max<int64_t>(1, std::min(C, chunk_c))));
+    exec.for_each(B * N,
+                  FinishStatsFunctor<acc_t, out_t>{part_s.data_ptr<acc_t>(), part_q.data_ptr<acc_t>(),
+                                                   dot.data_ptr<out_t>(), norm.data_ptr<out_t>(), N, chunks},
+                  4096);
   });
   return {dot, norm};
 }
