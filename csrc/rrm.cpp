@@ -1,20 +1,9 @@
-// rrm_cuda: every op schema in one place, plus build information for Python.
+// rrm_cuda: every op schema in one place (the Python module entry point is python_module.cpp).
 //
 // Shapes use B batch, C channels, N pixels (any spatial layout, flattened), d feature dimension,
 // L labels, T pairwise terms. Kernels live in csrc/<op>/<op>_{cpu.cpp,cuda.cu}; Python wrappers,
 // fake kernels and autograd in rrm_cuda/_ops/<op>.py.
-#include <ATen/Parallel.h>
-#include <Python.h>
 #include <torch/library.h>
-
-#include <atomic>
-#include <set>
-#include <mutex>
-#include <string>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 TORCH_LIBRARY(rrm_cuda, m) {
   // ---- permutohedral lattice (csrc/lattice) ----
@@ -67,62 +56,3 @@ TORCH_LIBRARY(rrm_cuda, m) {
       "_feature_center_cosine_backward_emulated(Tensor grad, Tensor features, Tensor labels, Tensor centers, "
       "Tensor dot, Tensor norm, int ignore_index=-1) -> (Tensor, Tensor)");
 }
-
-namespace {
-
-PyObject* build_info(PyObject*, PyObject*) {
-#ifdef RRM_WITH_CUDA
-  const bool cuda = true;
-#else
-  const bool cuda = false;
-#endif
-#ifdef _OPENMP
-  const bool openmp = true;
-  const long omp_version = _OPENMP;
-#else
-  const bool openmp = false;
-  const long omp_version = 0;
-#endif
-  return Py_BuildValue("{s:O,s:O,s:l,s:s}", "with_cuda", cuda ? Py_True : Py_False, "with_openmp",
-                       openmp ? Py_True : Py_False, "openmp_version", omp_version, "compiler",
-#if defined(__clang__)
-                       "clang " __clang_version__
-#elif defined(__GNUC__)
-                       "gcc " __VERSION__
-#else
-                       "unknown"
-#endif
-  );
-}
-
-// Number of distinct threads that ran the bodies of one at::parallel_for over n items: proves the
-// extension's own parallel loops are really multi-threaded (not silently serial).
-PyObject* parallel_threads_used(PyObject*, PyObject* arg) {
-  const long n = PyLong_AsLong(arg);
-  if (n < 0 && PyErr_Occurred()) return nullptr;
-  std::mutex mu;
-  std::set<int> ids;
-  Py_BEGIN_ALLOW_THREADS;
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    volatile double sink = 0;
-    for (int64_t i = b; i < e; ++i)
-      for (int k = 0; k < 200000; ++k) sink = sink + k;
-    std::lock_guard<std::mutex> lock(mu);
-    ids.insert(at::get_thread_num());
-  });
-  Py_END_ALLOW_THREADS;
-  return PyLong_FromLong(static_cast<long>(ids.size()));
-}
-
-PyMethodDef methods[] = {
-    {"build_info", build_info, METH_NOARGS, "Build configuration of the extension (CUDA, OpenMP, compiler)."},
-    {"parallel_threads_used", parallel_threads_used, METH_O,
-     "Distinct threads used by at::parallel_for over n items inside the extension."},
-    {nullptr, nullptr, 0, nullptr}};
-
-PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "rrm_cuda native ops (registered under torch.ops.rrm_cuda)", -1,
-                      methods};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -61,7 +61,9 @@ def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -
             value = float(value)
         else:
             if value.dim() != 1 or (batch is not None and value.shape[0] != batch):
-                raise ValueError(f"{name} must be a number or a tensor of shape (B,) = ({batch},); got {tuple(value.shape)}")
+                raise ValueError(
+                    f"{name} must be a number or a tensor of shape (B,) = ({batch},); got {tuple(value.shape)}"
+                )
             if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
                 raise ValueError(f"{name} must be positive and finite; got {value.tolist()}")
             return value

@@ -104,9 +104,7 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
             f"got {tuple(features.shape)}"
         )
     if features.shape[0] != values.shape[0] or features.shape[2:] != values.shape[2:]:
-        raise ValueError(
-            f"values {tuple(values.shape)} and features {tuple(features.shape)} must agree in B and *S"
-        )
+        raise ValueError(f"values {tuple(values.shape)} and features {tuple(features.shape)} must agree in B and *S")
     V.same_device({"values": values, "features": features})
     dtype = _compute_dtype(values.dtype)
     B, C = values.shape[:2]
@@ -139,8 +137,9 @@ def _per_image(sigma: float | Tensor, B: int, like: Tensor) -> Tensor | float:
     return sigma
 
 
-def position_features(batch: int, spatial: Sequence[int], sxy: float | Tensor, *, dtype=torch.float32,
-                      device=None) -> Tensor:
+def position_features(
+    batch: int, spatial: Sequence[int], sxy: float | Tensor, *, dtype=torch.float32, device=None
+) -> Tensor:
     """(B, len(S), N) pixel positions divided by ``sxy``, in densecrf's order: x (the last, column
     axis) first, then y (rows), then z. ``sxy``: a number or a per-image (B,) tensor."""
     sxy = V.positive(sxy, "sxy", batch)
@@ -289,8 +288,11 @@ def dense_crf(
         diags.append(cm[1])
 
     if gaussian_compat is not None and not (isinstance(gaussian_compat, (int, float)) and gaussian_compat == 0):
-        add(position_features(B, spatial, V.positive(gaussian_sxy, "gaussian_sxy", B), dtype=dtype, device=device),
-            gaussian_compat, "gaussian_compat")
+        add(
+            position_features(B, spatial, V.positive(gaussian_sxy, "gaussian_sxy", B), dtype=dtype, device=device),
+            gaussian_compat,
+            "gaussian_compat",
+        )
     if bilateral_compat is not None and not (isinstance(bilateral_compat, (int, float)) and bilateral_compat == 0):
         if image is None:
             raise ValueError("image is required by the bilateral term; pass bilateral_compat=0 to switch it off")
@@ -303,8 +305,12 @@ def dense_crf(
             raise TypeError(f"image must be uint8 or floating; got {image.dtype}")
         V.same_device({src_name: src, "image": image})
         add(
-            bilateral_features(image, V.positive(bilateral_sxy, "bilateral_sxy", B),
-                               V.positive(bilateral_srgb, "bilateral_srgb", B), dtype=dtype),
+            bilateral_features(
+                image,
+                V.positive(bilateral_sxy, "bilateral_sxy", B),
+                V.positive(bilateral_srgb, "bilateral_srgb", B),
+                dtype=dtype,
+            ),
             bilateral_compat,
             "bilateral_compat",
         )
@@ -314,8 +320,9 @@ def dense_crf(
         f, c = item
         V.tensor(f, f"pairwise[{k}] features", dtypes=V.FLOAT_DTYPES)
         if f.dim() < 2 or f.shape[0] != B or math.prod(f.shape[2:]) != N:
-            raise ValueError(f"pairwise[{k}] features must have shape (B, d, *S) with B={B}, S={spatial}; "
-                             f"got {tuple(f.shape)}")
+            raise ValueError(
+                f"pairwise[{k}] features must have shape (B, d, *S) with B={B}, S={spatial}; got {tuple(f.shape)}"
+            )
         V.same_device({src_name: src, f"pairwise[{k}] features": f})
         add(f, c, f"pairwise[{k}] compat")
 

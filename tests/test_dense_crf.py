@@ -63,13 +63,13 @@ def test_extra_pairwise_terms_and_volumes():
     unary = torch.rand(1, 3, 4, 5, 6, generator=g, dtype=torch.float64)
     depth = torch.rand(1, 1, 4, 5, 6, generator=g, dtype=torch.float64) * 4
     grey = torch.rand(1, 1, 4, 5, 6, generator=g, dtype=torch.float64) * 255
-    q = rrm_cuda.dense_crf(unary, grey, iterations=3, bilateral_sxy=4.0, bilateral_srgb=20.0,
-                           pairwise=[(depth, 2.0)])
+    q = rrm_cuda.dense_crf(unary, grey, iterations=3, bilateral_sxy=4.0, bilateral_srgb=20.0, pairwise=[(depth, 2.0)])
     pos = rrm_cuda.position_features(1, (4, 5, 6), 3.0, dtype=torch.float64)
     bil = rrm_cuda.bilateral_features(grey, 4.0, 20.0, dtype=torch.float64)
     eye = torch.eye(3, dtype=torch.float64)
-    ref = dense_crf_reference(unary.reshape(1, 3, -1), [pos, bil, depth.reshape(1, 1, -1)],
-                              [-3 * eye, -10 * eye, -2 * eye], 3)
+    ref = dense_crf_reference(
+        unary.reshape(1, 3, -1), [pos, bil, depth.reshape(1, 1, -1)], [-3 * eye, -10 * eye, -2 * eye], 3
+    )
     torch.testing.assert_close(q.reshape(1, 3, -1), ref)
 
 
@@ -88,8 +88,10 @@ def test_probs_input_and_per_image_sigma():
 def test_layouts_and_half():
     unary, image = _crf_inputs(dtype=torch.float32)
     ref = rrm_cuda.dense_crf(unary, image)
-    cl = rrm_cuda.dense_crf(unary.contiguous(memory_format=torch.channels_last),
-                            image.contiguous(memory_format=torch.channels_last))
+    cl = rrm_cuda.dense_crf(
+        unary.contiguous(memory_format=torch.channels_last),
+        image.contiguous(memory_format=torch.channels_last),
+    )
     torch.testing.assert_close(cl, ref)
     nc = rrm_cuda.dense_crf(unary.transpose(2, 3).contiguous().transpose(2, 3), image)
     torch.testing.assert_close(nc, ref)
@@ -169,8 +171,11 @@ def test_pydensecrf_parity(name, size, L, gauss, bil):
     q = rrm_cuda.dense_crf(
         probs=torch.from_numpy(probs)[None],
         image=torch.from_numpy(img).permute(2, 0, 1)[None],
-        gaussian_sxy=gauss[0], gaussian_compat=gauss[1],
-        bilateral_sxy=bil[0], bilateral_srgb=bil[1], bilateral_compat=bil[2],
+        gaussian_sxy=gauss[0],
+        gaussian_compat=gauss[1],
+        bilateral_sxy=bil[0],
+        bilateral_srgb=bil[1],
+        bilateral_compat=bil[2],
     )[0].numpy()
     assert np.abs(q - ref).max() < 1e-3
     assert (q.argmax(0) == ref.argmax(0)).mean() >= 0.999
@@ -181,8 +186,9 @@ def test_pydensecrf_parity_full_size_batch():
     """Full-size photos batched together, each compared with its own pydensecrf run."""
     imgs = [photo("astronaut", (375, 500)), photo("coffee", (375, 500))]
     probs = [smooth_probs(21, 375, 500, seed=s) for s in range(2)]
-    q = rrm_cuda.dense_crf(probs=torch.from_numpy(np.stack(probs)),
-                           image=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2))
+    q = rrm_cuda.dense_crf(
+        probs=torch.from_numpy(np.stack(probs)), image=torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)
+    )
     for b in range(2):
         ref = _pydensecrf(probs[b], imgs[b], 10, (3, 3), (80, 13, 10))
         assert np.abs(q[b].numpy() - ref).max() < 1e-3

@@ -69,7 +69,10 @@ def test_emulated_cuda_launch_matches_cpu():
         v, f = _inputs(B=3, C=5, N=120, d=d, dtype=torch.float64)
         for rev in (False, True):
             torch.testing.assert_close(
-                ops._permutohedral_filter_emulated(v, f, rev), ops.permutohedral_filter(v, f, rev), rtol=0, atol=0
+                ops._permutohedral_filter_emulated(v, f, rev),
+                ops.permutohedral_filter(v, f, rev),
+                rtol=0,
+                atol=0,
             )
 
 
@@ -109,7 +112,9 @@ def test_far_apart_points_do_not_interact():
     v = torch.tensor([[[1.0, 2.0]]], dtype=torch.float64)
     f = torch.tensor([[[0.0, 999.0]]], dtype=torch.float64)
     out = ops.permutohedral_filter(v, f, False)
-    single = torch.stack([ops.permutohedral_filter(v[:, :, i : i + 1], f[:, :, i : i + 1], False) for i in range(2)], -1)
+    single = torch.stack(
+        [ops.permutohedral_filter(v[:, :, i : i + 1], f[:, :, i : i + 1], False) for i in range(2)], -1
+    )
     torch.testing.assert_close(out, single.reshape(1, 1, 2))
 
 

@@ -41,8 +41,8 @@ inline void check_crf_args(const at::Tensor& unary, at::TensorList features, con
   TORCH_CHECK_VALUE(compat.size(0) == T && compat.size(1) == unary.size(1) && compat.size(2) == unary.size(1),
                     "compat must have shape (T, L, L) = (", T, ", ", unary.size(1), ", ", unary.size(1), "); got ",
                     compat.sizes());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(diagonal.size()) == T, "diagonal must have one flag per pairwise term (",
-                    T, "); got ", diagonal.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(diagonal.size()) == T, "diagonal must have one flag per pairwise term (", T,
+                    "); got ", diagonal.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(normalization.size()) == T,
                     "normalization must have one entry per pairwise term (", T, "); got ", normalization);
   for (auto n : normalization)

@@ -140,10 +140,10 @@ struct EmbedFunctor {
 //    Which entry owns a slot depends on thread timing; the filter's result does not (see
 //    lattice_impl.h).
 struct InsertFunctor {
-  int32_t* table;        // (chunk, cap) initialised to -1
-  int32_t* entry_slot;   // (chunk, E) out: slot of the entry's key
-  const int32_t* keys;   // (chunk, E, d)
-  int64_t E, cap;        // cap is a power of two >= 2E, so probing always ends
+  int32_t* table;       // (chunk, cap) initialised to -1
+  int32_t* entry_slot;  // (chunk, E) out: slot of the entry's key
+  const int32_t* keys;  // (chunk, E, d)
+  int64_t E, cap;       // cap is a power of two >= 2E, so probing always ends
   int d;
 
   RRM_HOST_DEVICE void operator()(int64_t t) const {
@@ -272,15 +272,15 @@ struct CountFunctor {
 // Splat: L[v] = sum_{e in list(v)} w_e * pre[i_e] * in[i_e]
 template <typename scalar_t>
 struct SplatFunctor {
-  const scalar_t* in;             // (B, N, C)
-  const scalar_t* pre;            // (B, N) per-pixel factor, or nullptr
-  const scalar_t* weights;        // (B, E)
-  const int64_t* offsets;         // (B, M+1)
-  const int32_t* entries;         // (B, E) entry ids grouped by vertex
-  const int32_t* num_vertices;    // (B,)
-  scalar_t* out;                  // (B, M, C)
+  const scalar_t* in;           // (B, N, C)
+  const scalar_t* pre;          // (B, N) per-pixel factor, or nullptr
+  const scalar_t* weights;      // (B, E)
+  const int64_t* offsets;       // (B, M+1)
+  const int32_t* entries;       // (B, E) entry ids grouped by vertex
+  const int32_t* num_vertices;  // (B,)
+  scalar_t* out;                // (B, M, C)
   int64_t N, E, M, C;
-  int d, cpt;                     // channels per thread
+  int d, cpt;  // channels per thread
 
   RRM_HOST_DEVICE void operator()(int64_t t) const {
     const int64_t chunks = (C + cpt - 1) / cpt;

@@ -33,8 +33,8 @@ at::Tensor crf_cpu(const at::Tensor& unary, at::TensorList features, const at::T
 at::Tensor crf_emulated(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
                         const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations) {
   check_crf_args(unary, features, compat, diagonal, normalization, iterations);
-  return dense_crf(EmulatedCudaExec{}, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(), iterations,
-                   unary.size(0));
+  return dense_crf(EmulatedCudaExec{}, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(),
+                   iterations, unary.size(0));
 }
 
 at::Tensor num_vertices_cpu(const at::Tensor& features) {
@@ -42,7 +42,8 @@ at::Tensor num_vertices_cpu(const at::Tensor& features) {
   RRM_CHECK_FLOATING(features, "features");
   auto dummy = at::empty({features.size(0), 1, features.size(2)}, features.options());
   check_filter_args(dummy, features);
-  if (features.size(0) == 0 || features.size(2) == 0) return at::zeros({features.size(0)}, features.options().dtype(at::kLong));
+  if (features.size(0) == 0 || features.size(2) == 0)
+    return at::zeros({features.size(0)}, features.options().dtype(at::kLong));
   return build(CpuExec{}, features.contiguous(), 1).num_vertices.to(at::kLong);
 }
 

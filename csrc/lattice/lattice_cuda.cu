@@ -29,7 +29,8 @@ at::Tensor num_vertices_cuda(const at::Tensor& features) {
   RRM_CHECK_DIM(features, 3, "features");
   RRM_CHECK_FLOATING(features, "features");
   const c10::cuda::CUDAGuard guard(features.device());
-  if (features.size(0) == 0 || features.size(2) == 0) return at::zeros({features.size(0)}, features.options().dtype(at::kLong));
+  if (features.size(0) == 0 || features.size(2) == 0)
+    return at::zeros({features.size(0)}, features.options().dtype(at::kLong));
   return build(CudaExec{}, features.contiguous(), features.size(0)).num_vertices.to(at::kLong);
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <string>
@@ -105,13 +106,13 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       auto owner = at::empty({nb, E}, iopt);
       int32_t* ev = lat.entry_vertex.data_ptr<int32_t>() + b0 * E;
       int32_t* nv = lat.num_vertices.data_ptr<int32_t>() + b0;
-      exec.for_each(nb * N,
-                    EmbedFunctor<scalar_t>{features.data_ptr<scalar_t>() + b0 * d * N, keys.data_ptr<int32_t>(),
-                                           lat.entry_weight.data_ptr<scalar_t>() + b0 * E,
-                                           scale.data_ptr<scalar_t>(), N, d},
-                    256);
-      exec.for_each(nb * E, InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(),
-                                          keys.data_ptr<int32_t>(), E, cap, d});
+      exec.for_each(
+          nb * N,
+          EmbedFunctor<scalar_t>{features.data_ptr<scalar_t>() + b0 * d * N, keys.data_ptr<int32_t>(),
+                                 lat.entry_weight.data_ptr<scalar_t>() + b0 * E, scale.data_ptr<scalar_t>(), N, d},
+          256);
+      exec.for_each(nb * E, InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
+                                          E, cap, d});
       exec.for_each(nb * E, AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
                                           owner.data_ptr<int32_t>(), nv, E, cap});
       exec.for_each(nb * E, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
@@ -119,8 +120,8 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       const int64_t M = lat.num_vertices.narrow(0, b0, nb).max().item<int32_t>();
       auto nbr = at::empty({nb, d + 1, M, 2}, iopt);
       exec.for_each(nb * (d + 1) * M,
-                    NeighborFunctor{table.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), ev,
-                                    owner.data_ptr<int32_t>(), nv, nbr.data_ptr<int32_t>(), E, cap, M, d},
+                    NeighborFunctor{table.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), ev, owner.data_ptr<int32_t>(),
+                                    nv, nbr.data_ptr<int32_t>(), E, cap, M, d},
                     256);
       nbr_chunks.push_back(nbr);
       chunk_m.push_back(M);
@@ -167,25 +168,25 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
   exec.for_each(B * M * chunks,
-                SplatFunctor<scalar_t>{in, pre, w, lat.offsets.data_ptr<int64_t>(), lat.entries.data_ptr<int32_t>(),
-                                       nv, cur, N, E, M, C, d, cpt},
+                SplatFunctor<scalar_t>{in, pre, w, lat.offsets.data_ptr<int64_t>(), lat.entries.data_ptr<int32_t>(), nv,
+                                       cur, N, E, M, C, d, cpt},
                 grain);
   for (int s = 0; s <= d; ++s) {
     const int j = reverse ? d - s : s;
-    exec.for_each(B * M * chunks,
-                  BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, C, d, j, cpt}, grain);
+    exec.for_each(B * M * chunks, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, C, d, j, cpt},
+                  grain);
     std::swap(cur, nxt);
   }
-  exec.for_each(B * N * chunks,
-                SliceFunctor<scalar_t>{cur, w, ev, post, coef, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M,
-                                       C, d, cpt},
-                grain);
+  exec.for_each(
+      B * N * chunks,
+      SliceFunctor<scalar_t>{cur, w, ev, post, coef, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M, C, d, cpt},
+      grain);
 }
 
 // values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
 template <class Exec>
-at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, const at::Tensor& features,
-                                bool reverse, int64_t chunk) {
+at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, const at::Tensor& features, bool reverse,
+                                int64_t chunk) {
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
@@ -193,8 +194,8 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
   FilterWorkspace ws;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter", [&] {
-    filter<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), nullptr, nullptr,
-                           C, reverse, ws);
+    filter<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), nullptr, nullptr, C,
+                           reverse, ws);
   });
   return out.transpose(1, 2).contiguous();
 }
@@ -209,8 +210,7 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
 template <class Exec>
 at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vector<at::Tensor>& features,
                      const at::Tensor& compat, const std::vector<bool>& diagonal, const std::vector<int64_t>& norms,
-                     int64_t iterations,
-                     int64_t chunk) {
+                     int64_t iterations, int64_t chunk) {
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   auto neg_unary = unary.neg().transpose(1, 2).contiguous();  // (B, N, L)
@@ -264,9 +264,10 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
           filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), m.data_ptr<scalar_t>(),
                                  ptr(post[t]), nullptr, L, false, wss[t]);
           auto ct = compat_c[t].contiguous();
-          exec.for_each(BN, MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), ct.data_ptr<scalar_t>(),
-                                                       acc.data_ptr<scalar_t>(), L},
-                        256);
+          exec.for_each(
+              BN,
+              MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), ct.data_ptr<scalar_t>(), acc.data_ptr<scalar_t>(), L},
+              256);
         }
       }
       exec.for_each(BN, SoftmaxFunctor<scalar_t>{acc.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);

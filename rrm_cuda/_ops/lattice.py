@@ -46,9 +46,7 @@ def _filter_backward(ctx, grad):
     return grad_values, None, None
 
 
-torch.library.register_autograd(
-    "rrm_cuda::permutohedral_filter", _filter_backward, setup_context=_filter_setup_context
-)
+torch.library.register_autograd("rrm_cuda::permutohedral_filter", _filter_backward, setup_context=_filter_setup_context)
 
 
 class PermutohedralFilterFunction(torch.autograd.Function):

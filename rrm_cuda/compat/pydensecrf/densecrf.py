@@ -84,7 +84,11 @@ class DenseCRF:
         if normalization not in _NORM_CODE:
             raise ValueError(f"normalization must be one of the NORMALIZE_* constants; got {normalization}")
         self._terms.append(
-            (torch.from_numpy(np.ascontiguousarray(f).copy()), _compat_arg(compat, self.M), _NORM_CODE[normalization])
+            (
+                torch.from_numpy(np.ascontiguousarray(f).copy()),
+                _compat_arg(compat, self.M),
+                _NORM_CODE[normalization],
+            )
         )
 
     # -- inference --------------------------------------------------------------------------

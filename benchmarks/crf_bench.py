@@ -1,0 +1,189 @@
+"""Dense-CRF benchmark: rrm_cuda (CPU 1 thread / all threads, CUDA) against pydensecrf2 and the
+pure-PyTorch reference, on bundled photographs (scikit-image), 21 labels, 10 mean-field iterations.
+
+    python benchmarks/crf_bench.py            # full run (500x375, 512x512, batch 8)
+    python benchmarks/crf_bench.py --quick    # CI-sized
+
+Prints a table of medians with speed-ups over pydensecrf2 measured in the same run, and writes
+benchmarks/results/crf_<device>.json and .png. Every method's output is checked against
+pydensecrf2 (label agreement) before it is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+import rrm_cuda
+from rrm_cuda.reference import dense_crf_reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import Row, device_tag, metadata, print_table, threads, time_fn, write_results  # noqa: E402
+
+GAUSS = dict(sxy=3, compat=3)
+BIL = dict(sxy=80, srgb=13, compat=10)
+
+
+def photo(name: str, H: int, W: int) -> np.ndarray:
+    from skimage import data, transform
+
+    img = getattr(data, name)()[..., :3]
+    if img.shape[0] < H or img.shape[1] < W:
+        s = max(H / img.shape[0], W / img.shape[1])
+        img = (transform.rescale(img, s, channel_axis=-1, anti_aliasing=True) * 255).astype(np.uint8)
+    y0, x0 = (img.shape[0] - H) // 2, (img.shape[1] - W) // 2
+    return np.ascontiguousarray(img[y0 : y0 + H, x0 : x0 + W])
+
+
+def scores(L: int, H: int, W: int, seed: int) -> np.ndarray:
+    """Smooth random class scores, like a network's softmax."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    lg = ndimage.gaussian_filter(rng.normal(size=(L, H, W)), (0, 8, 8)) * 20
+    p = np.exp(lg - lg.max(0))
+    return (p / p.sum(0)).astype(np.float32)
+
+
+def pydensecrf_run(probs: np.ndarray, img: np.ndarray, iters: int):
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    L, H, W = probs.shape
+    d = dcrf.DenseCRF2D(W, H, L)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    d.addPairwiseGaussian(**GAUSS)
+    d.addPairwiseBilateral(rgbim=img, **BIL)
+    return np.array(d.inference(iters)).reshape(L, H, W)
+
+
+def ours(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
+    return rrm_cuda.dense_crf(
+        probs=probs,
+        image=image,
+        iterations=iters,
+        gaussian_sxy=GAUSS["sxy"],
+        gaussian_compat=GAUSS["compat"],
+        bilateral_sxy=BIL["sxy"],
+        bilateral_srgb=BIL["srgb"],
+        bilateral_compat=BIL["compat"],
+    )
+
+
+def reference(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
+    B, L, H, W = probs.shape
+    pos = rrm_cuda.position_features(B, (H, W), GAUSS["sxy"])
+    bil = rrm_cuda.bilateral_features(image, BIL["sxy"], BIL["srgb"])
+    eye = torch.eye(L)
+    u = rrm_cuda.unary_from_probs(probs).reshape(B, L, -1)
+    return dense_crf_reference(u, [pos, bil], [-GAUSS["compat"] * eye, -BIL["compat"] * eye], iters).reshape(B, L, H, W)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes and short timing (CI)")
+    ap.add_argument("--labels", type=int, default=21)
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8, help="batch size of the batched workload")
+    ap.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
+    ap.add_argument("--no-cuda", action="store_true", help="skip CUDA even when available")
+    ap.add_argument("--out-dir", default=None, help="where to write JSON/PNG (default benchmarks/results)")
+    args = ap.parse_args()
+
+    L, iters = args.labels, args.iterations
+    mrt = args.min_run_time if args.min_run_time is not None else (0.2 if args.quick else 2.0)
+    if args.quick:
+        workloads = [("chelsea", 120, 160, 1), ("coffee", 120, 160, 2), ("astronaut", 48, 64, 1)]
+        ref_max_pixels = 48 * 64
+    else:
+        workloads = [
+            ("coffee", 375, 500, 1),
+            ("astronaut", 512, 512, 1),
+            ("coffee", 375, 500, args.batch),
+            ("chelsea", 60, 80, 1),
+        ]
+        ref_max_pixels = 60 * 80
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+
+        have_pydensecrf = True
+    except ImportError:
+        have_pydensecrf = False
+        print("pydensecrf2 not installed (pip install pydensecrf2): its rows are skipped")
+    use_cuda = torch.cuda.is_available() and not args.no_cuda and rrm_cuda.build_info()["with_cuda"]
+    n_all = os.cpu_count() or 1
+    rows: list[Row] = []
+    names = ["astronaut", "coffee", "chelsea"]
+    for name, H, W, B in workloads:
+        wl = f"{W}x{H} {name} x{B}, L={L}"
+        imgs = [photo(names[(names.index(name) + b) % 3], H, W) for b in range(B)]
+        probs_np = [scores(L, H, W, seed=b) for b in range(B)]
+        probs = torch.from_numpy(np.stack(probs_np))
+        image = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+        print(f"== {wl}", flush=True)
+        ref_q = None
+        if have_pydensecrf:
+            ref_q = np.stack([pydensecrf_run(p, im, iters) for p, im in zip(probs_np, imgs)])
+            med, iqr = time_fn(
+                lambda: [pydensecrf_run(p, im, iters) for p, im in zip(probs_np, imgs)],
+                torch.device("cpu"),
+                mrt,
+            )
+            rows.append(Row(wl, "pydensecrf2 (1 thread)", med, iqr, 1))
+
+        def check(q: torch.Tensor, method: str) -> None:
+            if ref_q is None:
+                return
+            agree = float((q.cpu().numpy().argmax(1) == ref_q.argmax(1)).mean())
+            err = float(np.abs(q.cpu().numpy() - ref_q).max())
+            print(f"   {method}: labels agree with pydensecrf2 on {100 * agree:.3f}% of pixels, max |dQ| {err:.2e}")
+            if agree < 0.999:
+                raise SystemExit(f"{method} disagrees with pydensecrf2 on {wl}")
+
+        for n in sorted({1, n_all}):
+            with threads(n):
+                check(ours(probs, image, iters), f"rrm_cuda CPU {n} thread(s)")
+                med, iqr = time_fn(lambda: ours(probs, image, iters), torch.device("cpu"), mrt)
+            rows.append(Row(wl, f"rrm_cuda CPU ({n} thread{'s' if n > 1 else ''})", med, iqr, n))
+        if H * W * B <= ref_max_pixels:
+            check(reference(probs, image, iters), "reference")
+            med, iqr = time_fn(lambda: reference(probs, image, iters), torch.device("cpu"), mrt)
+            rows.append(Row(wl, f"pure-PyTorch reference ({n_all} threads)", med, iqr, n_all))
+        if use_cuda:
+            dev = torch.device("cuda")
+            pc, ic = probs.to(dev), image.to(dev)
+            check(ours(pc, ic, iters), "rrm_cuda CUDA")
+            med, iqr = time_fn(lambda: ours(pc, ic, iters), dev, mrt)
+            rows.append(Row(wl, f"rrm_cuda CUDA ({torch.cuda.get_device_name(dev)})", med, iqr, None, "cuda"))
+    baseline = "pydensecrf2 (1 thread)" if have_pydensecrf else None
+    print()
+    print_table(rows, baseline)
+    dev = torch.device("cuda") if use_cuda else torch.device("cpu")
+    meta = metadata(dev)
+    meta.update(
+        labels=L,
+        iterations=iters,
+        quick=args.quick,
+        kernels={"gaussian": GAUSS, "bilateral": BIL},
+        includes="lattice build + all iterations",
+    )
+    tag = device_tag(dev) + ("-quick" if args.quick else "")
+    kw = {"out_dir": args.out_dir} if args.out_dir else {}
+    paths = write_results(
+        "crf",
+        tag,
+        meta,
+        rows,
+        baseline,
+        title=f"dense CRF, {L} labels, {iters} it. ({meta['cpu'][:30]}, {dev})",
+        **kw,
+    )
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
