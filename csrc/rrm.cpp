@@ -30,7 +30,9 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // integer, each in [0, K) or == ignore_index (ignore_index must not be in [0, K)). Reductions come
   // back in the compute dtype (float64 for float64 features, float32 otherwise).
   // -> sums (B, K, C) = per-(image, class) feature sums, counts (B, K) = pixels per (image, class).
-  m.def("masked_feature_sums(Tensor features, Tensor labels, int num_classes, int ignore_index=-1) -> (Tensor, Tensor)");
+  m.def(
+      "masked_feature_sums(Tensor features, Tensor labels, int num_classes, int ignore_index=-1) -> "
+      "(Tensor, Tensor)");
   m.def(
       "_masked_feature_sums_emulated(Tensor features, Tensor labels, int num_classes, int ignore_index=-1) -> "
       "(Tensor, Tensor)");

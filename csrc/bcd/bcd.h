@@ -36,8 +36,7 @@ inline void check_labels(const at::Tensor& features, const at::Tensor& labels, i
                     num_classes);
   TORCH_CHECK_VALUE(ignore_index < 0 || ignore_index >= num_classes, "ignore_index (", ignore_index,
                     ") must not be a class index in [0, num_classes = ", num_classes, ")");
-  TORCH_CHECK_VALUE(features.size(2) < (int64_t{1} << 31), "features: N must be < 2^31 pixels; got ",
-                    features.size(2));
+  TORCH_CHECK_VALUE(features.size(2) < (int64_t{1} << 31), "features: N must be < 2^31 pixels; got ", features.size(2));
 }
 
 inline void check_centers(const at::Tensor& features, const at::Tensor& centers) {

@@ -15,8 +15,8 @@ namespace rrm {
 namespace bcd {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> sums_cuda(const at::Tensor& features, const at::Tensor& labels,
-                                             int64_t num_classes, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor> sums_cuda(const at::Tensor& features, const at::Tensor& labels, int64_t num_classes,
+                                             int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(features.device());
   return sums_op<CudaExec>(features, labels, num_classes, ignore_index);
 }

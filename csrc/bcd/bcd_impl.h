@@ -11,8 +11,8 @@
 
 #include <algorithm>
 #include <tuple>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bcd/bcd.h"
@@ -50,9 +50,8 @@ inline at::Tensor make_keys(const at::Tensor& labels, int64_t K, int64_t ignore_
     auto ok = at::logical_or(at::logical_and(l.ge(0), l.lt(K)), l.eq(ignore_index));
     if (!ok.all().item<bool>()) {
       auto bad = l.masked_select(ok.logical_not());
-      TORCH_CHECK_VALUE(false, "labels must lie in [0, num_classes = ", K, ") or equal ignore_index (",
-                        ignore_index, "); got values from ", bad.min().item<int64_t>(), " to ",
-                        bad.max().item<int64_t>());
+      TORCH_CHECK_VALUE(false, "labels must lie in [0, num_classes = ", K, ") or equal ignore_index (", ignore_index,
+                        "); got values from ", bad.min().item<int64_t>(), " to ", bad.max().item<int64_t>());
     }
   }
   return at::where(l.eq(ignore_index), at::scalar_tensor(K, l.options()), l).to(at::kInt).contiguous();
@@ -99,7 +98,7 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
 inline FeatureView view_of(const at::Tensor& f) { return FeatureView{f.stride(0), f.stride(1), f.stride(2)}; }
 
 // Picks the compute type (out_t) and the accumulation type (acc_t: double on the CPU) for scalar_t.
-#define RRM_BCD_TYPES(Exec)                                                                 \
+#define RRM_BCD_TYPES(Exec)                                                          \
   using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>; \
   using acc_t = std::conditional_t<Exec::kIsCuda, out_t, double>
 
@@ -118,9 +117,8 @@ at::Tensor segment_sums(const Exec& exec, const at::Tensor& features, const Segm
     RRM_BCD_TYPES(Exec);
     exec.for_each(B * K * C,
                   SegmentSumFunctor<scalar_t, acc_t, out_t>{
-                      features.data_ptr<scalar_t>(), fv, seg.perm.data_ptr<int32_t>(),
-                      seg.offsets.data_ptr<int64_t>(), weight.defined() ? weight.data_ptr<out_t>() : nullptr,
-                      out.data_ptr<out_t>(), C, N, K, c_fastest},
+                      features.data_ptr<scalar_t>(), fv, seg.perm.data_ptr<int32_t>(), seg.offsets.data_ptr<int64_t>(),
+                      weight.defined() ? weight.data_ptr<out_t>() : nullptr, out.data_ptr<out_t>(), C, N, K, c_fastest},
                   grain);
   });
   return out;
@@ -180,9 +178,9 @@ std::tuple<at::Tensor, at::Tensor> pixel_stats(const Exec& exec, const at::Tenso
   const auto fv = view_of(features);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_pixel_stats", [&] {
     RRM_BCD_TYPES(Exec);
-    const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-    auto part_s = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
-    auto part_q = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
+    const at::ScalarType acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    at::Tensor part_s = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
+    at::Tensor part_q = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
     exec.for_each(B * chunks * blocks,
                   PixelStatsFunctor<scalar_t, acc_t, out_t, P>{
                       features.data_ptr<scalar_t>(), fv, key.data_ptr<int32_t>(), centers_t.data_ptr<out_t>(),
@@ -197,9 +195,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_stats(const Exec& exec, const at::Tenso
 }
 
 // |centers| per (b, k), computed as the authors do (sqrt of the sum of squares).
-inline at::Tensor center_norms(const at::Tensor& centers) {
-  return centers.mul(centers).sum(-1).sqrt().contiguous();
-}
+inline at::Tensor center_norms(const at::Tensor& centers) { return centers.mul(centers).sum(-1).sqrt().contiguous(); }
 
 // features (B, C, N), labels (B, N), centers (B, K, C) ->
 //   (cos_sums (B, K): sum over the pixels of class k of cos(F_p, centers[b, k]), dot (B, N), norm (B, N)).
@@ -230,10 +226,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_center_cosine(const Exec&
 // grad (B, K) -> (grad_features (B, C, N) of features' dtype, grad_centers (B, K, C) of the compute dtype).
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& exec, const at::Tensor& grad,
-                                                                  const at::Tensor& features,
-                                                                  const at::Tensor& labels, const at::Tensor& centers,
-                                                                  const at::Tensor& dot_in, const at::Tensor& norm_in,
-                                                                  int64_t ignore_index) {
+                                                                  const at::Tensor& features, const at::Tensor& labels,
+                                                                  const at::Tensor& centers, const at::Tensor& dot_in,
+                                                                  const at::Tensor& norm_in, int64_t ignore_index) {
   const int64_t B = features.size(0), C = features.size(1), N = features.size(2), K = centers.size(1);
   auto grad_features = at::empty({B, C, N}, features.options());
   auto c = centers.contiguous();
@@ -262,10 +257,10 @@ std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& ex
                                                    seg.offsets.data_ptr<int64_t>(), gamma.data_ptr<out_t>(), N, K},
                   1);
     exec.for_each(threads,
-                  CosineGradFeaturesFunctor<scalar_t, acc_t, out_t>{
-                      features.data_ptr<scalar_t>(), fv, seg.key.data_ptr<int32_t>(), c.data_ptr<out_t>(),
-                      alpha.data_ptr<out_t>(), beta.data_ptr<out_t>(), grad_features.data_ptr<scalar_t>(), C, N, K,
-                      per},
+                  CosineGradFeaturesFunctor<scalar_t, acc_t, out_t>{features.data_ptr<scalar_t>(), fv,
+                                                                    seg.key.data_ptr<int32_t>(), c.data_ptr<out_t>(),
+                                                                    alpha.data_ptr<out_t>(), beta.data_ptr<out_t>(),
+                                                                    grad_features.data_ptr<scalar_t>(), C, N, K, per},
                   std::max<int64_t>(1, 16384 / per));
   });
   // grad_c = sum_p alpha_p F_p - (gamma / |c|) c, with the second term 0 where |c| = 0.
