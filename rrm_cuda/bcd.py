@@ -46,9 +46,7 @@ def _flat_features(features: Tensor, name: str = "features") -> Tensor:
     return features.reshape(features.shape[0], features.shape[1], -1)  # a view for NCHW and channels-last
 
 
-def _flat_labels(
-    labels: Tensor, features: Tensor, num_classes: int, ignore_index: int | None
-) -> tuple[Tensor, int]:
+def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, int]:
     if _checking():
         V.tensor(labels, "labels")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -69,9 +67,7 @@ def _flat_labels(
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
         if ignore_index is not None and 0 <= ignore_index < num_classes:
-            raise ValueError(
-                f"ignore_index ({ignore_index}) must not be a class in [0, num_classes = {num_classes})"
-            )
+            raise ValueError(f"ignore_index ({ignore_index}) must not be a class in [0, num_classes = {num_classes})")
     return labels.reshape(labels.shape[0], -1), _NO_IGNORE if ignore_index is None else int(ignore_index)
 
 
@@ -205,7 +201,7 @@ def feature_center_cosine(
     """
     f = _flat_features(features)
     if _checking():
-        V.tensor(centers, "centers", ndim=3, dtypes=V.FLOAT_DTYPES)
+        V.tensor(centers, "centers", ndim=3, dtypes=V.FLOAT_DTYPES, finite=False)  # checked on the output
         if centers.shape[0] != features.shape[0] or centers.shape[2] != features.shape[1]:
             raise ValueError(
                 f"centers must have shape (B, K, C) with B, C of features {tuple(features.shape)}; "

@@ -69,9 +69,7 @@ def test_forward_vs_reference(dtype, layout):
     centers, _ = rrm_cuda.masked_feature_centers(f, labels, K)
     torch.testing.assert_close(centers.double(), rs / (rn + 1e-7)[..., None], **_tol(ct))
     cos = rrm_cuda.feature_center_cosine(f, labels, centers)
-    rcos = R.feature_center_cosine_reference(
-        ref_in.reshape(B, C, -1), labels.reshape(B, -1), centers.double()
-    )
+    rcos = R.feature_center_cosine_reference(ref_in.reshape(B, C, -1), labels.reshape(B, -1), centers.double())
     torch.testing.assert_close(cos.double(), rcos, **_tol(ct))
     seg = _seg(B, K, h, w)
     loss = rrm_cuda.bcd_loss(seg, f)
@@ -152,9 +150,7 @@ def test_gradcheck_ops():
     kw = dict(fast_mode=True, atol=1e-6, rtol=1e-5)
     assert torch.autograd.gradcheck(lambda x: ops.masked_feature_sums(x, lab, K, 7)[0], (fl,), **kw)
     assert torch.autograd.gradcheck(lambda v: ops.masked_feature_gather(v, lab, 7), (values,), **kw)
-    assert torch.autograd.gradcheck(
-        lambda x, c: ops.feature_center_cosine(x, lab, c, 7)[0], (fl, centers), **kw
-    )
+    assert torch.autograd.gradcheck(lambda x, c: ops.feature_center_cosine(x, lab, c, 7)[0], (fl, centers), **kw)
     assert torch.autograd.gradcheck(
         lambda x, c: rrm_cuda.feature_center_cosine(x, labels, c, ignore_index=7), (f, centers), **kw
     )
@@ -222,9 +218,7 @@ def test_opcheck(i):
     torch.library.opcheck(ops.feature_center_cosine, (f, lab, c, -1))
     cos, dot, norm = ops.feature_center_cosine(f.detach(), lab, c.detach(), -1)
     grad = torch.randn_like(cos)
-    torch.library.opcheck(
-        ops.feature_center_cosine_backward, (grad, f.detach(), lab, c.detach(), dot, norm, -1)
-    )
+    torch.library.opcheck(ops.feature_center_cosine_backward, (grad, f.detach(), lab, c.detach(), dot, norm, -1))
 
 
 # ---- edge cases -------------------------------------------------------------------------------------
@@ -293,9 +287,7 @@ def test_ignore_index():
     c = torch.randn(B, K, C, dtype=torch.float64, requires_grad=True)
     fg = f.clone().requires_grad_()
     cos = rrm_cuda.feature_center_cosine(fg, lab, c, ignore_index=255)
-    torch.testing.assert_close(
-        cos, R.feature_center_cosine_reference(f.reshape(B, C, -1), lab.reshape(B, -1), c, 255)
-    )
+    torch.testing.assert_close(cos, R.feature_center_cosine_reference(f.reshape(B, C, -1), lab.reshape(B, -1), c, 255))
     (gf,) = torch.autograd.grad(cos.sum(), fg)
     assert not gf[0, :, :2].any() and not gf[1, :, 3, 3].any()
 
@@ -395,6 +387,12 @@ def test_bad_inputs():
         rrm_cuda.feature_center_cosine(f, lab, torch.randn(2, 3))
     with pytest.raises(ValueError, match="soft masks"):
         rrm_cuda.masked_feature_centers(f, torch.rand(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="features and labels must be on the same device"):
+        rrm_cuda.masked_feature_sums(f.to("meta"), lab, 3)
+    with pytest.raises(ValueError, match="seg_logits and features must be on the same device"):
+        rrm_cuda.bcd_loss(torch.randn(2, 3, 4, 4), f.to("meta"))
+    with pytest.raises(ValueError, match="features and centers must be on the same device"):
+        rrm_cuda.feature_center_cosine(f, lab, torch.randn(2, 3, 3, device="meta"))
     with pytest.raises(ValueError, match="reduction"):
         rrm_cuda.masked_feature_centers(f, lab, 3, reduction="max")
     # the raw ops check too

@@ -24,9 +24,7 @@ def _register_fakes(emulated: bool) -> None:
     def _sums_fake(features, labels, num_classes, ignore_index=-1):
         B, C, _ = features.shape
         ct = _compute_dtype(features.dtype)
-        return features.new_empty((B, num_classes, C), dtype=ct), features.new_empty(
-            (B, num_classes), dtype=ct
-        )
+        return features.new_empty((B, num_classes, C), dtype=ct), features.new_empty((B, num_classes), dtype=ct)
 
     @torch.library.register_fake(name("masked_feature_gather"))
     def _gather_fake(values, labels, ignore_index=-1):
@@ -68,9 +66,7 @@ def _sums_backward(ctx, grad_sums, grad_counts):
     return grad_features, None, None, None
 
 
-torch.library.register_autograd(
-    "rrm_cuda::masked_feature_sums", _sums_backward, setup_context=_sums_setup_context
-)
+torch.library.register_autograd("rrm_cuda::masked_feature_sums", _sums_backward, setup_context=_sums_setup_context)
 
 
 def _gather_setup_context(ctx, inputs, output):
