@@ -66,7 +66,7 @@ def build_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++20", *omp]
+    cxx += ["-std=c++20", "-ffp-contract=off", *omp]
     define_macros = [] if debug else [("NDEBUG", None)]
     include_dirs = [os.path.join(HERE, "csrc")]
     extra_link = list(omp)

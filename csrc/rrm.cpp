@@ -25,6 +25,39 @@ TORCH_LIBRARY(rrm_cuda, m) {
       "_dense_crf_emulated(Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, int[] normalization, "
       "int iterations) -> Tensor");
 
+  // ---- BCD loss (csrc/bcd) ----
+  // SPEC section 4. features (B, C, N) float32/float64/float16/bfloat16, any strides; labels (B, N)
+  // integer, each in [0, K) or == ignore_index (ignore_index must not be in [0, K)). Reductions come
+  // back in the compute dtype (float64 for float64 features, float32 otherwise).
+  // -> sums (B, K, C) = per-(image, class) feature sums, counts (B, K) = pixels per (image, class).
+  m.def(
+      "masked_feature_sums(Tensor features, Tensor labels, int num_classes, int ignore_index=-1) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "_masked_feature_sums_emulated(Tensor features, Tensor labels, int num_classes, int ignore_index=-1) -> "
+      "(Tensor, Tensor)");
+  // values (B, K, C), labels (B, N) -> (B, C, N): out[b, :, n] = values[b, labels[b, n], :], 0 where
+  // ignored. The adjoint of masked_feature_sums (its backward).
+  m.def("masked_feature_gather(Tensor values, Tensor labels, int ignore_index=-1) -> Tensor");
+  m.def("_masked_feature_gather_emulated(Tensor values, Tensor labels, int ignore_index=-1) -> Tensor");
+  // centers (B, K, C) of the compute dtype -> (cos_sums (B, K), dot (B, N), norm (B, N)):
+  // cos_sums[b, k] = sum_{n: labels = k} cos(F[b, :, n], centers[b, k]), cos(a, b) = a.b / (|a||b| + 1e-7);
+  // dot and norm are the per-pixel F.c and |F| (0 where ignored), kept for the backward.
+  m.def(
+      "feature_center_cosine(Tensor features, Tensor labels, Tensor centers, int ignore_index=-1) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def(
+      "_feature_center_cosine_emulated(Tensor features, Tensor labels, Tensor centers, int ignore_index=-1) -> "
+      "(Tensor, Tensor, Tensor)");
+  // grad (B, K) of cos_sums, plus the forward's inputs and its dot/norm -> (grad_features (B, C, N) in
+  // features' dtype, grad_centers (B, K, C)).
+  m.def(
+      "feature_center_cosine_backward(Tensor grad, Tensor features, Tensor labels, Tensor centers, Tensor dot, "
+      "Tensor norm, int ignore_index=-1) -> (Tensor, Tensor)");
+  m.def(
+      "_feature_center_cosine_backward_emulated(Tensor grad, Tensor features, Tensor labels, Tensor centers, "
+      "Tensor dot, Tensor norm, int ignore_index=-1) -> (Tensor, Tensor)");
+
   // ---- dense energy loss (csrc/energy) ----
   // Dense-CRF energy of RRM / rloss (SPEC §3) on already-downscaled tensors.
   // probs (B, K, N) ROI-masked probabilities s; gate (B, N) S; features (B, d, N) divided by their

@@ -7,6 +7,7 @@ feature-centre loss of RRM (Zhang et al., AAAI 2020 / Pattern Recognition 2022).
 
 from . import _ops  # noqa: F401  (fake kernels, autograd)
 from ._ext import build_info
+from .bcd import BCDLoss, bcd_loss, feature_center_cosine, masked_feature_centers, masked_feature_sums
 from .energy import DenseEnergyLoss, DenseEnergyLossFunction, dense_energy_loss
 from .functional import (
     bilateral_features,
@@ -21,6 +22,11 @@ from .nn import DenseCRF, PermutohedralFilter
 __version__ = "0.1.0"
 
 __all__ = [
+    "BCDLoss",
+    "bcd_loss",
+    "feature_center_cosine",
+    "masked_feature_centers",
+    "masked_feature_sums",
     "DenseCRF",
     "DenseEnergyLoss",
     "DenseEnergyLossFunction",

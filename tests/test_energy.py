@@ -385,7 +385,8 @@ def test_cpu_thread_count_does_not_change_result():
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(e1, e2, rtol=1e-6, atol=0)
-    torch.testing.assert_close(g1, g2, rtol=0, atol=0)  # per-pixel gathers: bitwise identical
+    # the CPU splat sums per-thread partial lattices: the last bits may depend on the thread count
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda

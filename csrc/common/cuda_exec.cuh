@@ -17,6 +17,17 @@ __global__ void for_each_kernel(int64_t n, F f) {
   }
 }
 
+// One thread per (b, i, c), c fastest, so that a warp reads consecutive channels of one item.
+template <class F>
+__global__ void for_each_item_kernel(int64_t B, int64_t n, int64_t C, F f) {
+  const int64_t total = B * n * C;
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t c = t % C, bi = t / C;
+    f(bi / n, bi % n, c, c + 1);
+  }
+}
+
 struct CudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr bool kIsCuda = true;
@@ -29,6 +40,15 @@ struct CudaExec {
     const int64_t max_blocks = 65535LL * 32;
     const unsigned blocks = static_cast<unsigned>(std::min(want, max_blocks));
     for_each_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(n, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <class F>
+  void for_each_item(int64_t B, int64_t n, int64_t C, const F& f, int64_t /*grain*/ = 0) const {
+    const int64_t total = B * n * C;
+    if (total <= 0) return;
+    const int64_t want = (total + kBlock - 1) / kBlock;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535LL * 32));
+    for_each_item_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(B, n, C, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

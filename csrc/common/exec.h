@@ -2,7 +2,10 @@
 //
 // Algorithms in csrc/<op>/<op>_impl.h are written once against this interface:
 //     exec.for_each(n, functor)   calls functor(t) for every t in [0, n), in any order / concurrently
-//     Exec::kChannelsPerThread    how many channels one thread handles (0 = all: the CPU's choice)
+//     exec.for_each_item(B, n, C, functor)
+//                                 calls functor(b, i, c0, c1) so that every (b < B, i < n, c < C) is
+//                                 covered once: the CPU gives each call all channels [0, C) and walks
+//                                 (b, i) without divisions; CUDA gives each thread one channel.
 // and the launchers choose the policy:
 //   CpuExec          at::parallel_for over chunks of t (OpenMP threads), the production CPU path;
 //   EmulatedCudaExec serial, but with the CUDA launch's decomposition (one thread per (item, channel),
@@ -19,8 +22,46 @@
 
 namespace rrm {
 
+// The CPU loops are compiled twice: for the x86-64 baseline and, where the processor has it, for
+// AVX2 (chosen at run time). `flatten` inlines the functor bodies into the AVX2 copy, so the
+// channel loops of splat/blur/slice vectorise 8 floats wide; the functors themselves stay baseline
+// code, so nothing AVX2 can leak into other translation units. FP contraction is off in the build
+// (setup.py), so both copies give bit-identical results.
+template <class F>
+inline void cpu_item_loop(int64_t begin, int64_t end, int64_t n, int64_t C, const F& f) {
+  int64_t b = begin / n, i = begin % n;
+  for (int64_t t = begin; t < end; ++t) {
+    f(b, i, int64_t{0}, C);
+    if (++i == n) {
+      i = 0;
+      ++b;
+    }
+  }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__)
+#define RRM_CPU_AVX2_DISPATCH 1
+template <class F>
+__attribute__((target("avx2"), flatten)) void cpu_item_loop_avx2(int64_t begin, int64_t end, int64_t n, int64_t C,
+                                                                 const F& f) {
+  int64_t b = begin / n, i = begin % n;
+  for (int64_t t = begin; t < end; ++t) {
+    f(b, i, int64_t{0}, C);
+    if (++i == n) {
+      i = 0;
+      ++b;
+    }
+  }
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
 struct CpuExec {
-  static constexpr int kChannelsPerThread = 0;
+  static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
   static constexpr bool kSortCsr = false;  // build splat lists with a serial counting sort
   template <class F>
@@ -29,6 +70,17 @@ struct CpuExec {
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) f(t);
     });
+  }
+  template <class F>
+  void for_each_item(int64_t B, int64_t n, int64_t C, const F& f, int64_t grain = 1024) const {
+    if (B <= 0 || n <= 0 || C <= 0) return;
+#ifdef RRM_CPU_AVX2_DISPATCH
+    if (cpu_has_avx2()) {
+      at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_item_loop_avx2(begin, end, n, C, f); });
+      return;
+    }
+#endif
+    at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_item_loop(begin, end, n, C, f); });
   }
 };
 
@@ -47,6 +99,14 @@ struct EmulatedCudaExec {
         if (t < n) f(t);
       }
     }
+  }
+  template <class F>
+  void for_each_item(int64_t B, int64_t n, int64_t C, const F& f, int64_t /*grain*/ = 0) const {
+    // Same decomposition as CudaExec::for_each_item: one thread per (b, i, c), c fastest.
+    for_each(B * n * C, [&](int64_t t) {
+      const int64_t c = t % C, bi = t / C;
+      f(bi / n, bi % n, c, c + 1);
+    });
   }
 };
 

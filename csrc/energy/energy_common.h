@@ -41,25 +41,13 @@ struct PackFunctor {
   }
 };
 
-// Thread index -> (image b, channel chunk ch, pixel i), pixel fastest so that a GPU warp writes
-// consecutive pixels of one channel (coalesced channel-major gradient rows).
-struct SliceIndex {
-  int64_t b, ch, i, c0, c1;
-  RRM_HOST_DEVICE SliceIndex(int64_t t, int64_t N, int64_t C, int cpt) {
-    const int64_t chunks = (C + cpt - 1) / cpt;
-    i = t % N;
-    ch = (t / N) % chunks;
-    b = t / (N * chunks);
-    c0 = ch * cpt;
-    c1 = (c0 + cpt < C) ? c0 + cpt : C;
-  }
-};
-
-// Forward slice fused with the gate, the ROI-masked probabilities and the dot product:
+// Forward slice fused with the gate, the ROI-masked probabilities and the dot product; one call per
+// (image b, pixel i, channels [c0, c1)) -- all channels on the CPU, one per thread on CUDA:
 //   as_c = alpha sum_r w_{i,r} L[v_{i,r}, c]
-//   terms[b, ch, i] = sum_{c in chunk} (c < K ? -S(i) s_c(i) as_c : S(i) m(i) as_c)
+//   terms[b, i, c0] = sum_{c in [c0, c1)} (c < K ? -S(i) s_c(i) as_c : S(i) m(i) as_c)
 //   grad[b, c, i]   = -2 S(i) as_c (rloss) or -S(i) as_c (exact; the adjoint pass adds the rest)
-// The per-pixel terms are reduced afterwards in a fixed order (deterministic, no float atomics).
+// terms (B, N, C) is zero-initialised; the per-pixel terms are reduced afterwards in a fixed order
+// (deterministic, no float atomics).
 template <typename scalar_t>
 struct EnergySliceFunctor {
   const scalar_t* lattice_values;  // (B, M, C) blurred
@@ -68,23 +56,22 @@ struct EnergySliceFunctor {
   const scalar_t* in;              // (B, N, C) the packed probabilities
   const scalar_t* gate;            // (B, N)
   const scalar_t* mass;            // (B, N) or nullptr (then C == K)
-  scalar_t* terms;                 // (B, chunks, N)
+  scalar_t* terms;                 // (B, N, C)
   scalar_t* grad;                  // (B, K, N) or nullptr
   scalar_t alpha, grad_scale;      // grad_scale: -2 (rloss) or -1 (exact)
   int64_t N, E, M, C, K;
-  int d, cpt;
+  int d;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const SliceIndex ix(t, N, C, cpt);
-    const int64_t bi = ix.b * N + ix.i;
-    const scalar_t* wb = weights + ix.b * E + ix.i * (d + 1);
-    const int32_t* vb = entry_vertex + ix.b * E + ix.i * (d + 1);
-    const scalar_t* Lb = lattice_values + ix.b * M * C;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    const int64_t bi = b * N + i;
+    const scalar_t* wb = weights + b * E + i * (d + 1);
+    const int32_t* vb = entry_vertex + b * E + i * (d + 1);
+    const scalar_t* Lb = lattice_values + b * M * C;
     const scalar_t* x = in + bi * C;
     const scalar_t S = gate[bi];
     scalar_t acc = 0;
-    for (int64_t t0 = ix.c0; t0 < ix.c1; t0 += kTile) {
-      const int64_t t1 = (t0 + kTile < ix.c1) ? t0 + kTile : ix.c1;
+    for (int64_t t0 = c0; t0 < c1; t0 += kTile) {
+      const int64_t t1 = (t0 + kTile < c1) ? t0 + kTile : c1;
       scalar_t s[kTile];
       for (int64_t c = t0; c < t1; ++c) s[c - t0] = 0;
       for (int r = 0; r <= d; ++r) {
@@ -96,13 +83,13 @@ struct EnergySliceFunctor {
         const scalar_t as = alpha * s[c - t0];
         if (c < K) {
           acc -= S * x[c] * as;
-          if (grad) grad[(ix.b * K + c) * N + ix.i] = grad_scale * S * as;
+          if (grad) grad[(b * K + c) * N + i] = grad_scale * S * as;
         } else {
           acc += S * mass[bi] * as;
         }
       }
     }
-    terms[t] = acc;
+    terms[bi * C + c0] = acc;
   }
 };
 
@@ -116,16 +103,15 @@ struct AdjointSliceFunctor {
   scalar_t* grad;                  // (B, K, N)
   scalar_t alpha;
   int64_t N, E, M, C, K;
-  int d, cpt;
+  int d;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const SliceIndex ix(t, N, C, cpt);
-    const int64_t c1 = ix.c1 < K ? ix.c1 : K;  // the constant channel (c == K) has no gradient
-    const scalar_t* wb = weights + ix.b * E + ix.i * (d + 1);
-    const int32_t* vb = entry_vertex + ix.b * E + ix.i * (d + 1);
-    const scalar_t* Lb = lattice_values + ix.b * M * C;
-    for (int64_t t0 = ix.c0; t0 < c1; t0 += kTile) {
-      const int64_t t1 = (t0 + kTile < c1) ? t0 + kTile : c1;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    const int64_t ce = c1 < K ? c1 : K;  // the constant channel (c == K) has no gradient
+    const scalar_t* wb = weights + b * E + i * (d + 1);
+    const int32_t* vb = entry_vertex + b * E + i * (d + 1);
+    const scalar_t* Lb = lattice_values + b * M * C;
+    for (int64_t t0 = c0; t0 < ce; t0 += kTile) {
+      const int64_t t1 = (t0 + kTile < ce) ? t0 + kTile : ce;
       scalar_t s[kTile];
       for (int64_t c = t0; c < t1; ++c) s[c - t0] = 0;
       for (int r = 0; r <= d; ++r) {
@@ -133,7 +119,7 @@ struct AdjointSliceFunctor {
         const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * C;
         for (int64_t c = t0; c < t1; ++c) s[c - t0] += w * L[c];
       }
-      for (int64_t c = t0; c < t1; ++c) grad[(ix.b * K + c) * N + ix.i] -= alpha * s[c - t0];
+      for (int64_t c = t0; c < t1; ++c) grad[(b * K + c) * N + i] -= alpha * s[c - t0];
     }
   }
 };

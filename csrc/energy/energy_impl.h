@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "energy/energy_common.h"
 #include "lattice/lattice_common.h"
@@ -52,35 +53,40 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   const lattice::Lattice lat = lattice::build(exec, features.contiguous(), chunk);
   const int64_t E = lat.E, M = lat.M;
   const int d = lat.d;
-  const int cpt = Exec::kChannelsPerThread > 0 ? Exec::kChannelsPerThread : static_cast<int>(C);
-  const int64_t chunks = (C + cpt - 1) / cpt;
   auto in = at::empty({B, N, C}, probs.options());
-  auto terms = at::empty({B, chunks, N}, probs.options());
-  auto ws_a = at::empty({B, M, C}, probs.options());
-  auto ws_b = at::empty({B, M, C}, probs.options());
-  const int64_t grain = std::max<int64_t>(1, 4096 / C);
+  auto terms = at::zeros({B, N, C}, probs.options());
+  lattice::FilterWorkspace ws;
+  ws.a = at::empty({B, M, C}, probs.options());
+  ws.b = at::empty({B, M, C}, probs.options());
+  const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
     const scalar_t* w = lat.entry_weight.data_ptr<scalar_t>();
     const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
     const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
-    const int64_t* off = lat.offsets.data_ptr<int64_t>();
-    const int32_t* ent = lat.entries.data_ptr<int32_t>();
     const int32_t* nbr = lat.neighbors.data_ptr<int32_t>();
     const scalar_t alpha = static_cast<scalar_t>(lattice::slice_alpha(d));
     scalar_t* in_p = in.data_ptr<scalar_t>();
     const scalar_t* gate_p = g.data_ptr<scalar_t>();
     scalar_t* grad_p = grad_mode == kNoGrad ? nullptr : grad.data_ptr<scalar_t>();
 
-    // Splat (optionally pre-multiplied per pixel) and blur every channel; returns the blurred buffer.
+    // Splat (optionally pre-multiplied per pixel) and blur every channel, as lattice::filter does
+    // before its slice; returns the blurred buffer.
     auto splat_blur = [&](const scalar_t* pre, bool reverse) -> scalar_t* {
-      scalar_t* cur = ws_a.data_ptr<scalar_t>();
-      scalar_t* nxt = ws_b.data_ptr<scalar_t>();
-      exec.for_each(B * M * chunks,
-                    lattice::SplatFunctor<scalar_t>{in_p, pre, w, off, ent, nv, cur, N, E, M, C, d, cpt}, grain);
+      scalar_t* cur = ws.a.data_ptr<scalar_t>();
+      scalar_t* nxt = ws.b.data_ptr<scalar_t>();
+      if constexpr (std::is_same_v<Exec, CpuExec>) {
+        lattice::splat_scatter_cpu<scalar_t>(lat, in_p, pre, cur, C, ws);
+      } else {
+        exec.for_each_item(B, M, C,
+                           lattice::SplatFunctor<scalar_t>{in_p, pre, lat.offsets.data_ptr<int64_t>(),
+                                                           lat.splat_pixel.data_ptr<int32_t>(),
+                                                           lat.splat_weight.data_ptr<scalar_t>(), nv, cur, N, E, M, C},
+                           grain);
+      }
       for (int s = 0; s <= d; ++s) {
         const int j = reverse ? d - s : s;
-        exec.for_each(B * M * chunks, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, C, d, j, cpt}, grain);
+        exec.for_each_item(B, M, C, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, C, d, j}, grain);
         std::swap(cur, nxt);
       }
       return cur;
@@ -89,15 +95,14 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     exec.for_each(B * N, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C}, 256);
     const scalar_t* blurred = splat_blur(nullptr, false);
     const scalar_t grad_scale = grad_mode == kRlossGrad ? scalar_t(-2) : scalar_t(-1);
-    exec.for_each(
-        B * chunks * N,
+    exec.for_each_item(
+        B, N, C,
         EnergySliceFunctor<scalar_t>{blurred, w, ev, in_p, gate_p, has_mass ? m.data_ptr<scalar_t>() : nullptr,
-                                     terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, K, d, cpt},
+                                     terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, K, d},
         grain);
     if (grad_mode == kExactGrad) {
       const scalar_t* adj = splat_blur(gate_p, true);
-      exec.for_each(B * chunks * N, AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, K, d, cpt},
-                    grain);
+      exec.for_each_item(B, N, C, AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, K, d}, grain);
     }
   });
   // Fixed-order reduction of the per-pixel terms (deterministic on every device).

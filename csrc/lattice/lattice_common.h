@@ -63,8 +63,7 @@ struct EmbedFunctor {
   int64_t N;
   int d;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t b = t / N, i = t % N;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
     const scalar_t* f = features + b * d * N + i;
     scalar_t elevated[kMaxDim + 1];
     int32_t rem0[kMaxDim + 1];
@@ -138,30 +137,43 @@ struct EmbedFunctor {
 //    first entry whose key claimed it (atomic CAS from -1), keys are compared through that entry.
 //    Keys were written by EmbedFunctor in an earlier launch, so they are visible to every thread.
 //    Which entry owns a slot depends on thread timing; the filter's result does not (see
-//    lattice_impl.h).
+//    lattice_impl.h). The table is sized from an estimate of the vertex count (small tables stay
+//    in cache): once half of it is claimed, or a probe sequence runs through the whole table, the
+//    image's overflow flag is raised and the host retries with a larger table.
 struct InsertFunctor {
   int32_t* table;       // (chunk, cap) initialised to -1
-  int32_t* entry_slot;  // (chunk, E) out: slot of the entry's key
+  int32_t* entry_slot;  // (chunk, E) out: slot of the entry's key (-1 on overflow)
+  int32_t* claimed;     // (chunk,) slots claimed so far
+  int32_t* overflow;    // (chunk,) set to 1 when the table is too small
   const int32_t* keys;  // (chunk, E, d)
-  int64_t E, cap;       // cap is a power of two >= 2E, so probing always ends
+  int64_t E, cap;       // cap is a power of two
   int d;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t b = t / E, e = t % E;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
     int32_t* tab = table + b * cap;
     const int32_t* kb = keys + b * E * d;
     const int32_t* key = kb + e * d;
     int64_t slot = hash_key(key, d) & (cap - 1);
-    for (;;) {
+    int32_t* out = entry_slot + b * E + e;
+    for (int64_t probe = 0; probe < cap; ++probe) {
       int32_t cur = atomic_load(tab + slot);
       if (cur == -1) {
+        if (atomic_load(claimed + b) >= cap / 2) break;  // too full: give up, the host retries
         cur = atomic_cas(tab + slot, -1, static_cast<int32_t>(e));
-        if (cur == -1) break;  // claimed
+        if (cur == -1) {  // claimed
+          atomic_add(claimed + b, 1);
+          *out = static_cast<int32_t>(slot);
+          return;
+        }
       }
-      if (keys_equal(kb + static_cast<int64_t>(cur) * d, key, d)) break;
+      if (keys_equal(kb + static_cast<int64_t>(cur) * d, key, d)) {
+        *out = static_cast<int32_t>(slot);
+        return;
+      }
       slot = (slot + 1) & (cap - 1);
     }
-    entry_slot[t] = static_cast<int32_t>(slot);
+    *out = -1;
+    atomic_cas(overflow + b, 0, 1);
   }
 };
 
@@ -174,8 +186,8 @@ struct AssignFunctor {
   int32_t* num_vertices;      // (chunk,) zero-initialised counters
   int64_t E, cap;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t b = t / E, e = t % E;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
+    const int64_t t = b * E + e;
     if (table[b * cap + entry_slot[t]] == static_cast<int32_t>(e)) {
       const int32_t v = atomic_add(num_vertices + b, 1);
       entry_vertex[t] = v;
@@ -191,8 +203,8 @@ struct ResolveFunctor {
   int32_t* entry_vertex;
   int64_t E, cap;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t b = t / E, e = t % E;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
+    const int64_t t = b * E + e;
     const int32_t owner = table[b * cap + entry_slot[t]];
     if (owner != static_cast<int32_t>(e)) entry_vertex[t] = entry_vertex[b * E + owner];
   }
@@ -223,11 +235,11 @@ struct NeighborFunctor {
   int64_t E, cap, M;
   int d;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t v = t % M;
-    const int j = static_cast<int>((t / M) % (d + 1));
-    const int64_t b = t / (M * (d + 1));
-    int32_t* out = neighbors + t * 2;
+  // item = j * M + v
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t item, int64_t, int64_t) const {
+    const int64_t v = item % M;
+    const int j = static_cast<int>(item / M);
+    int32_t* out = neighbors + (b * (d + 1) * M + item) * 2;
     if (v >= num_vertices[b]) {
       out[0] = -1;
       out[1] = -1;
@@ -255,9 +267,8 @@ struct CountFunctor {
   const int32_t* entry_vertex;  // (chunk, E)
   int32_t* counts;              // (chunk, M)
   int64_t E, M;
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t b = t / E;
-    atomic_add(counts + b * M + entry_vertex[t], 1);
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
+    atomic_add(counts + b * M + entry_vertex[b * E + e], 1);
   }
 };
 
@@ -269,36 +280,59 @@ struct CountFunctor {
 // All three stages are gathers, so they are deterministic and need no atomics: the splat of
 // vertex v sums its entries in increasing entry order (the splat lists are sorted).
 
-// Splat: L[v] = sum_{e in list(v)} w_e * pre[i_e] * in[i_e]
+// Splat: L[v] = sum_{p in list(v)} w_p * pre[i_p] * in[i_p]. The splat lists hold, grouped by
+// vertex and in increasing entry order, each entry's pixel and weight (gathered once at build).
 template <typename scalar_t>
 struct SplatFunctor {
-  const scalar_t* in;           // (B, N, C)
-  const scalar_t* pre;          // (B, N) per-pixel factor, or nullptr
-  const scalar_t* weights;      // (B, E)
-  const int64_t* offsets;       // (B, M+1)
-  const int32_t* entries;       // (B, E) entry ids grouped by vertex
-  const int32_t* num_vertices;  // (B,)
-  scalar_t* out;                // (B, M, C)
+  const scalar_t* in;            // (B, N, C)
+  const scalar_t* pre;           // (B, N) per-pixel factor, or nullptr
+  const int64_t* offsets;        // (B, M+1)
+  const int32_t* splat_pixel;    // (B, E)
+  const scalar_t* splat_weight;  // (B, E)
+  const int32_t* num_vertices;   // (B,)
+  scalar_t* out;                 // (B, M, C)
   int64_t N, E, M, C;
-  int d, cpt;  // channels per thread
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t chunks = (C + cpt - 1) / cpt;
-    const int64_t ch = t % chunks, bv = t / chunks;
-    const int64_t b = bv / M, v = bv % M;
-    const int64_t c0 = ch * cpt, c1 = (c0 + cpt < C) ? c0 + cpt : C;
-    scalar_t* o = out + bv * C;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t c0, int64_t c1) const {
+    scalar_t* o = out + (b * M + v) * C;
     for (int64_t c = c0; c < c1; ++c) o[c] = 0;
     if (v >= num_vertices[b]) return;
     const int64_t* off = offsets + b * (M + 1);
-    const int32_t* ent = entries + b * E;
-    const scalar_t* wb = weights + b * E;
-    for (int64_t p = off[v]; p < off[v + 1]; ++p) {
-      const int64_t e = ent[p];
-      const int64_t i = e / (d + 1);
-      scalar_t w = wb[e];
-      if (pre) w *= pre[b * N + i];
-      const scalar_t* x = in + (b * N + i) * C;
+    const int32_t* pix = splat_pixel + b * E;
+    const scalar_t* wb = splat_weight + b * E;
+    const scalar_t* xb = in + b * N * C;
+    const scalar_t* pb = pre ? pre + b * N : nullptr;
+    const int64_t p1 = off[v + 1];
+    for (int64_t p = off[v]; p < p1; ++p) {
+      const int64_t i = pix[p];
+      const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
+      const scalar_t* x = xb + i * C;
+      for (int64_t c = c0; c < c1; ++c) o[c] += w * x[c];
+    }
+  }
+};
+
+// Splat by scatter, the CPU's choice: pixels are read in order (Q is large, the lattice small and
+// cache-resident), each (pixel, corner) adds w * pre * x to its vertex row of a buffer private to
+// the calling thread. The host reduces the buffers afterwards.
+template <typename scalar_t>
+struct ScatterFunctor {
+  const scalar_t* in;           // (B, N, C)
+  const scalar_t* pre;          // (B, N) or nullptr
+  const scalar_t* weights;      // (B, E)
+  const int32_t* entry_vertex;  // (B, E)
+  scalar_t* out;                // (M, C) this thread's buffer for image b
+  int64_t N, E, C;
+  int d;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    const scalar_t* x = in + (b * N + i) * C;
+    const scalar_t* wb = weights + b * E + i * (d + 1);
+    const int32_t* vb = entry_vertex + b * E + i * (d + 1);
+    const scalar_t p = pre ? pre[b * N + i] : scalar_t(1);
+    for (int r = 0; r <= d; ++r) {
+      const scalar_t w = wb[r] * p;
+      scalar_t* o = out + static_cast<int64_t>(vb[r]) * C;
       for (int64_t c = c0; c < c1; ++c) o[c] += w * x[c];
     }
   }
@@ -311,31 +345,34 @@ struct BlurFunctor {
   scalar_t* new_values;        // (B, M, C)
   const int32_t* neighbors;    // (B, d+1, M, 2)
   int64_t M, C;
-  int d, j, cpt;
+  int d, j;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t chunks = (C + cpt - 1) / cpt;
-    const int64_t ch = t % chunks, bv = t / chunks;
-    const int64_t b = bv / M, v = bv % M;
-    const int64_t c0 = ch * cpt, c1 = (c0 + cpt < C) ? c0 + cpt : C;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t c0, int64_t c1) const {
     const int32_t* nb = neighbors + ((b * (d + 1) + j) * M + v) * 2;
     const int32_t n1 = nb[0], n2 = nb[1];
-    const scalar_t* o = old_values + bv * C;
-    const scalar_t* a = old_values + (b * M + n1) * C;
-    const scalar_t* z = old_values + (b * M + n2) * C;
-    scalar_t* w = new_values + bv * C;
+    const scalar_t* o = old_values + (b * M + v) * C;
+    scalar_t* w = new_values + (b * M + v) * C;
     const scalar_t half = scalar_t(0.5);
-    for (int64_t c = c0; c < c1; ++c) {
-      const scalar_t s = (n1 >= 0 ? a[c] : scalar_t(0)) + (n2 >= 0 ? z[c] : scalar_t(0));
-      w[c] = o[c] + half * s;
+    if (n1 >= 0 && n2 >= 0) {
+      const scalar_t* a = old_values + (b * M + n1) * C;
+      const scalar_t* z = old_values + (b * M + n2) * C;
+      for (int64_t c = c0; c < c1; ++c) w[c] = o[c] + half * (a[c] + z[c]);
+    } else if (n1 >= 0 || n2 >= 0) {
+      const scalar_t* a = old_values + (b * M + (n1 >= 0 ? n1 : n2)) * C;
+      for (int64_t c = c0; c < c1; ++c) w[c] = o[c] + half * a[c];
+    } else {
+      for (int64_t c = c0; c < c1; ++c) w[c] = o[c];
     }
   }
 };
 
 // Slice: s_i = alpha * sum_r w_{i,r} L[v_{i,r}]; then
-//   out[i] = s_i * post[i]                          (coef == nullptr)
-//   out[i] += coef[c] * post[i] * s_i   per channel (coef != nullptr: mean-field accumulation)
-// post may be nullptr (1).
+//   out[i] = post[i] * s_i                            (coef == nullptr)
+//   out[i] += coef[c] * post[i] * s_i   per channel   (coef != nullptr: mean-field accumulation)
+// post may be nullptr (1). One channel per thread on the GPU; on the CPU channels are summed in
+// register tiles of kSliceTile so that the loops over channels vectorise.
+constexpr int kSliceTile = 32;
+
 template <typename scalar_t>
 struct SliceFunctor {
   const scalar_t* lattice_values;  // (B, M, C)
@@ -346,34 +383,40 @@ struct SliceFunctor {
   scalar_t* out;                   // (B, N, C)
   scalar_t alpha;
   int64_t N, E, M, C;
-  int d, cpt;
+  int d;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t chunks = (C + cpt - 1) / cpt;
-    const int64_t ch = t % chunks, bi = t / chunks;
-    const int64_t b = bi / N, i = bi % N;
-    const int64_t c0 = ch * cpt, c1 = (c0 + cpt < C) ? c0 + cpt : C;
-    scalar_t* o = out + bi * C;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    scalar_t* o = out + (b * N + i) * C;
     const scalar_t* wb = weights + b * E + i * (d + 1);
     const int32_t* vb = entry_vertex + b * E + i * (d + 1);
     const scalar_t* Lb = lattice_values + b * M * C;
-    scalar_t scale = alpha;
-    if (post) scale *= post[bi];
-    if (coef) {
-      for (int64_t c = c0; c < c1; ++c) {
-        scalar_t s = 0;
-        for (int r = 0; r <= d; ++r) s += wb[r] * Lb[static_cast<int64_t>(vb[r]) * C + c];
-        o[c] += coef[c] * scale * s;
-      }
-    } else {
-      for (int64_t c = c0; c < c1; ++c) o[c] = 0;
+    const scalar_t scale = post ? alpha * post[b * N + i] : alpha;
+    if (c1 - c0 == 1) {  // one channel (the CUDA decomposition)
+      scalar_t s = 0;
+      for (int r = 0; r <= d; ++r) s += wb[r] * Lb[static_cast<int64_t>(vb[r]) * C + c0];
+      if (coef)
+        o[c0] += coef[c0] * scale * s;
+      else
+        o[c0] = scale * s;
+      return;
+    }
+#if !defined(__CUDA_ARCH__)
+    for (int64_t cb = c0; cb < c1; cb += kSliceTile) {
+      const int64_t nc = (c1 - cb < kSliceTile) ? c1 - cb : kSliceTile;
+      scalar_t acc[kSliceTile];
+      for (int64_t c = 0; c < nc; ++c) acc[c] = 0;
       for (int r = 0; r <= d; ++r) {
         const scalar_t w = wb[r];
-        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * C;
-        for (int64_t c = c0; c < c1; ++c) o[c] += w * L[c];
+        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * C + cb;
+        for (int64_t c = 0; c < nc; ++c) acc[c] += w * L[c];
       }
-      for (int64_t c = c0; c < c1; ++c) o[c] *= scale;
+      if (coef) {
+        for (int64_t c = 0; c < nc; ++c) o[cb + c] += coef[cb + c] * scale * acc[c];
+      } else {
+        for (int64_t c = 0; c < nc; ++c) o[cb + c] = scale * acc[c];
+      }
     }
+#endif
   }
 };
 
@@ -389,6 +432,7 @@ struct SoftmaxFunctor {
   RRM_HOST_DEVICE void operator()(int64_t t) const {
     const scalar_t* a = x + t * L;
     scalar_t* o = q + t * L;
+    using std::exp;
     scalar_t mx = a[0];
     for (int64_t l = 1; l < L; ++l) mx = a[l] > mx ? a[l] : mx;
     scalar_t s = 0;

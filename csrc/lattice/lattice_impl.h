@@ -9,7 +9,10 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
+
+#include "common/exec.h"
 
 #include "lattice/lattice_common.h"
 
@@ -21,12 +24,13 @@ namespace lattice {
 //   entry_weight  (B, E) scalar   its barycentric weight
 //   num_vertices  (B,)   int32    M_b, the number of lattice points of image b
 //   neighbors     (B, d+1, M, 2) int32, M = max_b M_b: blur neighbours along each axis (-1: none)
-//   offsets       (B, M+1) int64, entries (B, E) int32: the entries of vertex v, in increasing order,
-//                 are entries[b, offsets[b, v] : offsets[b, v+1]] (splat as a gather)
+//   offsets       (B, M+1) int64  the splat list of vertex v is [offsets[b, v], offsets[b, v+1])
+//   splat_pixel   (B, E) int32, splat_weight (B, E) scalar: pixel and weight of each list entry,
+//                 grouped by vertex, in increasing entry order (splat as a deterministic gather)
 struct Lattice {
   int64_t B = 0, N = 0, E = 0, M = 0;
   int d = 0;
-  at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, entries;
+  at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, splat_pixel, splat_weight;
 };
 
 inline int64_t next_pow2(int64_t x) {
@@ -36,13 +40,13 @@ inline int64_t next_pow2(int64_t x) {
 }
 
 // Splat lists by a serial counting sort per image (CPU): entries come out in increasing order.
-inline void build_splat_lists_counting(Lattice& lat) {
+inline at::Tensor splat_order_counting(Lattice& lat) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
   lat.offsets = at::zeros({B, M + 1}, lat.entry_vertex.options().dtype(at::kLong));
-  lat.entries = at::empty({B, E}, lat.entry_vertex.options());
+  auto order = at::empty({B, E}, lat.entry_vertex.options().dtype(at::kLong));
   const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
   int64_t* off = lat.offsets.data_ptr<int64_t>();
-  int32_t* ent = lat.entries.data_ptr<int32_t>();
+  int64_t* ord = order.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> cursor;
     for (int64_t b = b0; b < b1; ++b) {
@@ -51,26 +55,27 @@ inline void build_splat_lists_counting(Lattice& lat) {
       for (int64_t e = 0; e < E; ++e) o[evb[e] + 1]++;
       for (int64_t v = 0; v < M; ++v) o[v + 1] += o[v];
       cursor.assign(o, o + M);
-      int32_t* eb = ent + b * E;
-      for (int64_t e = 0; e < E; ++e) eb[cursor[evb[e]]++] = static_cast<int32_t>(e);
+      int64_t* ob = ord + b * E;
+      for (int64_t e = 0; e < E; ++e) ob[cursor[evb[e]]++] = e;
     }
   });
+  return order;
 }
 
 // Splat lists with device-friendly primitives (CUDA, emulated): counts by atomics, offsets by a
-// scan, entries by a *stable* sort of (image, vertex) keys, so that they too come out in increasing
-// order and the splat sums are deterministic.
+// scan, order by a *stable* sort of (image, vertex) keys, so that the entries of a vertex also come
+// out in increasing order and the splat sums are deterministic.
 template <class Exec>
-void build_splat_lists_sorted(const Exec& exec, Lattice& lat) {
+at::Tensor splat_order_sorted(const Exec& exec, Lattice& lat) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
   auto counts = at::zeros({B, M}, lat.entry_vertex.options());
-  exec.for_each(B * E, CountFunctor{lat.entry_vertex.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), E, M});
+  exec.for_each_item(B, E, 1, CountFunctor{lat.entry_vertex.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), E, M});
   lat.offsets = at::zeros({B, M + 1}, counts.options().dtype(at::kLong));
   lat.offsets.narrow(1, 1, M).copy_(at::cumsum(counts, 1));
   auto base = at::arange(B, counts.options().dtype(at::kLong)).mul_(M).unsqueeze(1);
   auto keys = lat.entry_vertex.to(at::kLong).add_(base).reshape({B * E});
   auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  lat.entries = order.remainder_(E).to(at::kInt).reshape({B, E});
+  return order.remainder_(E).reshape({B, E});
 }
 
 // Builds the lattices of a batch. features: (B, d, N) contiguous, float or double.
@@ -88,7 +93,6 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
   lat.entry_vertex = at::empty({B, E}, iopt);
   lat.entry_weight = at::empty({B, E}, features.options());
   lat.num_vertices = at::zeros({B}, iopt);
-  const int64_t cap = next_pow2(std::max<int64_t>(2 * E, 16));
   chunk = std::max<int64_t>(1, std::min(chunk, B));
   std::vector<at::Tensor> nbr_chunks;
   std::vector<int64_t> chunk_m;
@@ -101,28 +105,41 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t nb = std::min(chunk, B - b0);
       auto keys = at::empty({nb, E, d}, iopt);
-      auto table = at::full({nb, cap}, -1, iopt);
       auto slot = at::empty({nb, E}, iopt);
       auto owner = at::empty({nb, E}, iopt);
       int32_t* ev = lat.entry_vertex.data_ptr<int32_t>() + b0 * E;
       int32_t* nv = lat.num_vertices.data_ptr<int32_t>() + b0;
-      exec.for_each(
-          nb * N,
+      exec.for_each_item(
+          nb, N, 1,
           EmbedFunctor<scalar_t>{features.data_ptr<scalar_t>() + b0 * d * N, keys.data_ptr<int32_t>(),
                                  lat.entry_weight.data_ptr<scalar_t>() + b0 * E, scale.data_ptr<scalar_t>(), N, d},
           256);
-      exec.for_each(nb * E, InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
-                                          E, cap, d});
-      exec.for_each(nb * E, AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
-                                          owner.data_ptr<int32_t>(), nv, E, cap});
-      exec.for_each(nb * E, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
-      // The one host synchronisation of a build: the vertex count sizes everything that follows.
+      // Hash table sized for ~E/16 distinct points (typical occupancy is 1-15 %, SPEC §1), so that it
+      // stays in cache; grown 8x and rebuilt if an image has more. A size that can hold every
+      // entry (2E slots) always succeeds.
+      int64_t cap = next_pow2(std::max<int64_t>(64, E / 8));
+      at::Tensor table;
+      for (;;) {
+        table = at::full({nb, cap}, -1, iopt);
+        auto counters = at::zeros({2, nb}, iopt);  // claimed slots, overflow flags
+        exec.for_each_item(
+            nb, E, 1,
+            InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), counters.data_ptr<int32_t>(),
+                          counters.data_ptr<int32_t>() + nb, keys.data_ptr<int32_t>(), E, cap, d});
+        if (cap >= 2 * E || counters[1].max().item<int32_t>() == 0) break;
+        cap = std::min(next_pow2(2 * E), cap * 8);
+      }
+      exec.for_each_item(nb, E, 1,
+                         AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
+                                       owner.data_ptr<int32_t>(), nv, E, cap});
+      exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
+      // The vertex count sizes everything that follows (a host synchronisation on CUDA).
       const int64_t M = lat.num_vertices.narrow(0, b0, nb).max().item<int32_t>();
       auto nbr = at::empty({nb, d + 1, M, 2}, iopt);
-      exec.for_each(nb * (d + 1) * M,
-                    NeighborFunctor{table.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), ev, owner.data_ptr<int32_t>(),
-                                    nv, nbr.data_ptr<int32_t>(), E, cap, M, d},
-                    256);
+      exec.for_each_item(nb, (d + 1) * M, 1,
+                         NeighborFunctor{table.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), ev,
+                                         owner.data_ptr<int32_t>(), nv, nbr.data_ptr<int32_t>(), E, cap, M, d},
+                         256);
       nbr_chunks.push_back(nbr);
       chunk_m.push_back(M);
     }
@@ -135,17 +152,71 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       if (t.size(2) < lat.M) t = at::constant_pad_nd(t, {0, 0, 0, lat.M - t.size(2)}, -1);
     lat.neighbors = at::cat(nbr_chunks, 0);
   }
-  if (Exec::kSortCsr)
-    build_splat_lists_sorted(exec, lat);
-  else
-    build_splat_lists_counting(lat);
+  auto order = Exec::kSortCsr ? splat_order_sorted(exec, lat) : splat_order_counting(lat);
+  lat.splat_weight = lat.entry_weight.gather(1, order);
+  lat.splat_pixel = order.div(lat.d + 1, "floor").to(at::kInt);
   return lat;
 }
 
 // Work buffers of one filter call, reusable across calls on the same lattice and channel count.
 struct FilterWorkspace {
-  at::Tensor a, b;  // (B, M, C)
+  at::Tensor a, b;     // (B, M, C)
+  at::Tensor partial;  // CPU splat: (threads, M, C)
 };
+
+// CPU splat: each thread scatters a contiguous range of pixels of image b into its own (M, C)
+// buffer; the buffers are then summed in thread order. Reads the (large) input once, in order,
+// instead of gathering it vertex by vertex. The summation order depends on the thread count, so
+// results can differ across thread counts in the last bits (they do not differ across runs).
+template <typename scalar_t>
+void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out, int64_t C,
+                       FilterWorkspace& ws) {
+  const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 4095) / 4096));
+  if (!ws.partial.defined() || ws.partial.size(0) != T || ws.partial.size(2) != C)
+    ws.partial = at::empty({T, M, C}, lat.entry_weight.options());
+  scalar_t* part = ws.partial.data_ptr<scalar_t>();
+  const int64_t span = (N + T - 1) / T;
+  const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t Mb = nv[b];
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t* buf = part + t * M * C;
+        std::fill(buf, buf + Mb * C, scalar_t(0));
+        ScatterFunctor<scalar_t> f{
+            in, pre, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), buf, N, E, C, lat.d};
+        const int64_t i0 = b * N + t * span, i1 = b * N + std::min(N, (t + 1) * span);
+        if (i0 >= i1) continue;
+#ifdef RRM_CPU_AVX2_DISPATCH
+        if (cpu_has_avx2()) {
+          cpu_item_loop_avx2(i0, i1, N, C, f);
+          continue;
+        }
+#endif
+        cpu_item_loop(i0, i1, N, C, f);
+      }
+    });
+    scalar_t* ob = out + b * M * C;
+    at::parallel_for(0, M, 256, [&](int64_t v0, int64_t v1) {
+      for (int64_t v = v0; v < v1; ++v) {
+        scalar_t* o = ob + v * C;
+        if (v >= Mb) {
+          std::fill(o, o + C, scalar_t(0));
+          continue;
+        }
+        const scalar_t* p0 = part + v * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = p0[c];
+        for (int64_t t = 1; t < T; ++t) {
+          const int64_t i0 = b * N + t * span;
+          if (i0 >= b * N + N) break;
+          const scalar_t* pt = part + (t * M + v) * C;
+          for (int64_t c = 0; c < C; ++c) o[c] += pt[c];
+        }
+      }
+    });
+  }
+}
 
 // out = alpha * S^T B S (pre * in), optionally post-multiplied / accumulated (see SliceFunctor).
 // B = B_d ... B_0 (forward) or B_0 ... B_d (reverse: the exact adjoint of the forward filter).
@@ -159,28 +230,41 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
     ws.a = at::empty({B, M, C}, lat.entry_weight.options());
     ws.b = at::empty({B, M, C}, lat.entry_weight.options());
   }
-  const int cpt = Exec::kChannelsPerThread > 0 ? Exec::kChannelsPerThread : static_cast<int>(C);
-  const int64_t chunks = (C + cpt - 1) / cpt;
   scalar_t* cur = ws.a.data_ptr<scalar_t>();
   scalar_t* nxt = ws.b.data_ptr<scalar_t>();
-  const scalar_t* w = lat.entry_weight.data_ptr<scalar_t>();
-  const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
   const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C));
-  exec.for_each(B * M * chunks,
-                SplatFunctor<scalar_t>{in, pre, w, lat.offsets.data_ptr<int64_t>(), lat.entries.data_ptr<int32_t>(), nv,
-                                       cur, N, E, M, C, d, cpt},
-                grain);
+  const int64_t grain = std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C));
+  if constexpr (std::is_same_v<Exec, CpuExec>) {
+    splat_scatter_cpu<scalar_t>(lat, in, pre, cur, C, ws);
+  } else {
+    exec.for_each_item(
+        B, M, C,
+        SplatFunctor<scalar_t>{in, pre, lat.offsets.data_ptr<int64_t>(), lat.splat_pixel.data_ptr<int32_t>(),
+                               lat.splat_weight.data_ptr<scalar_t>(), nv, cur, N, E, M, C},
+        grain);
+  }
   for (int s = 0; s <= d; ++s) {
     const int j = reverse ? d - s : s;
-    exec.for_each(B * M * chunks, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, C, d, j, cpt},
-                  grain);
+    exec.for_each_item(B, M, C, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, C, d, j}, grain);
     std::swap(cur, nxt);
   }
-  exec.for_each(
-      B * N * chunks,
-      SliceFunctor<scalar_t>{cur, w, ev, post, coef, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M, C, d, cpt},
+  exec.for_each_item(
+      B, N, C,
+      SliceFunctor<scalar_t>{cur, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), post,
+                             coef, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M, C, d},
       grain);
+}
+
+// q = softmax(x) over the last dimension of (rows, L). The CPU uses ATen's vectorised softmax
+// (exp dominates the mean-field step otherwise); CUDA and its emulation the per-pixel functor.
+template <class Exec, typename scalar_t>
+void softmax_rows(const Exec& exec, const at::Tensor& x, at::Tensor& q) {
+  if constexpr (std::is_same_v<Exec, CpuExec>) {
+    at::_softmax_out(q, x, /*dim=*/-1, /*half_to_float=*/false);
+  } else {
+    const int64_t L = x.size(-1);
+    exec.for_each(x.numel() / L, SoftmaxFunctor<scalar_t>{x.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
+  }
 }
 
 // values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
@@ -218,7 +302,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
   if (B == 0 || N == 0) return q.transpose(1, 2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf", [&] {
     const int64_t BN = B * N;
-    exec.for_each(BN, SoftmaxFunctor<scalar_t>{neg_unary.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
+    softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
     std::vector<Lattice> lats;
     std::vector<FilterWorkspace> wss(T);
@@ -270,7 +354,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
               256);
         }
       }
-      exec.for_each(BN, SoftmaxFunctor<scalar_t>{acc.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
+      softmax_rows<Exec, scalar_t>(exec, acc, q);
     }
   });
   return q.transpose(1, 2).contiguous();

@@ -1,0 +1,305 @@
+// Per-thread math of the BCD-loss reductions (SPEC section 4), written once as RRM_HOST_DEVICE
+// functors. bcd_impl.h strings them together; CpuExec / EmulatedCudaExec (bcd_cpu.cpp) and CudaExec
+// (bcd_cuda.cu) run these same bodies.
+//
+// Conventions:
+//   features  (B, C, N) of scalar_t (float, double, Half, BFloat16), ANY strides (sB, sC, sN): NCHW,
+//             channels-last and sliced inputs are read in place, never copied
+//   key       (B, N) int32: the pixel's class in [0, K), or K for "ignored"
+//   segments  pixels of (image b, class k) in increasing pixel order:
+//             perm[b * N + j] for j in [offsets[b * (K + 1) + k], offsets[b * (K + 1) + k + 1]);
+//             every reduction walks its segment in that fixed order, so results do not depend on the
+//             number of threads or the order they run in (deterministic on CPU and GPU, no float atomics)
+//   acc_t     accumulation type: double on the CPU, the compute type (float / double) on the GPU
+//   out_t     the compute type: double for double features, float otherwise (fp16/bf16 accumulate in fp32)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace rrm {
+namespace bcd {
+
+// The authors' cosine: cos(a, b) = a.b / (|a| |b| + 1e-7) (SPEC section 4).
+constexpr double kCosEps = 1e-7;
+
+struct FeatureView {
+  int64_t sB, sC, sN;  // element strides of features (B, C, N)
+};
+
+// ---------------------------------------------------------------------------------------------
+// 1. Segmented sum, one thread per (b, k, c): out[b, k, c] = sum_{p in segment(b, k)} w_p F[b, c, p]
+//    (w = 1 when weight is null). The thread order is (b, c, k) with k fastest when the features are
+//    pixel-contiguous (a row F[b, c, :] is reused from cache by the K threads that share it) and
+//    (b, k, c) with c fastest when they are channel-contiguous (coalesced reads on the GPU).
+template <typename scalar_t, typename acc_t, typename out_t>
+struct SegmentSumFunctor {
+  const scalar_t* features;
+  FeatureView fv;
+  const int32_t* perm;     // (B, N)
+  const int64_t* offsets;  // (B, K + 1 + 1)
+  const out_t* weight;     // (B, N) or nullptr
+  out_t* out;              // (B, K, C) contiguous
+  int64_t C, N, K;
+  bool c_fastest;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    int64_t b, k, c;
+    if (c_fastest) {
+      c = t % C;
+      k = (t / C) % K;
+      b = t / (C * K);
+    } else {
+      k = t % K;
+      c = (t / K) % C;
+      b = t / (C * K);
+    }
+    const int64_t* off = offsets + b * (K + 2);
+    const int32_t* pb = perm + b * N;
+    const scalar_t* row = features + b * fv.sB + c * fv.sC;
+    acc_t acc = 0;
+    if (weight == nullptr) {
+      for (int64_t j = off[k]; j < off[k + 1]; ++j) acc += static_cast<acc_t>(row[pb[j] * fv.sN]);
+    } else {
+      const out_t* wb = weight + b * N;
+      for (int64_t j = off[k]; j < off[k + 1]; ++j) {
+        const int64_t n = pb[j];
+        acc += static_cast<acc_t>(wb[n]) * static_cast<acc_t>(row[n * fv.sN]);
+      }
+    }
+    out[(b * K + k) * C + c] = static_cast<out_t>(acc);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// 2. Gather (the adjoint of 1), one thread per run of `per` consecutive pixels of one (b, c) row:
+//    out[b, c, n] = values[b, key[b, n], c], 0 for ignored pixels. values (B, K, C) contiguous,
+//    out (B, C, N) contiguous. The GPU uses per = 1 (one element per thread, coalesced writes); the
+//    CPU per = N (a whole row per task: no index arithmetic per element).
+template <typename in_t, typename out_t>
+struct GatherFunctor {
+  const in_t* values;
+  const int32_t* key;
+  out_t* out;
+  int64_t C, N, K, per;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t runs = (N + per - 1) / per;
+    const int64_t row = t / runs;  // b * C + c
+    const int64_t n0 = (t % runs) * per;
+    const int64_t n1 = n0 + per < N ? n0 + per : N;
+    const int64_t c = row % C, b = row / C;
+    const int32_t* kb = key + b * N;
+    const in_t* vb = values + b * K * C + c;
+    out_t* o = out + row * N;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t k = kb[n];
+      o[n] = k < K ? static_cast<out_t>(vb[k * C]) : out_t(0);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// 3. Per-pixel statistics, in two steps.
+// 3a. One thread per (b, channel chunk j, block of P consecutive pixels): partial sums over the
+//     channels [j * chunk_c, (j + 1) * chunk_c) of F[b, c, n] * centers[b, key, c] and F[b, c, n]^2
+//     (0 for ignored pixels) into part_s / part_q (B, chunks, N). The channel loop is outside the
+//     pixel loop so that on the CPU (P = 32, one chunk of all channels) a block reads pixel-contiguous
+//     features as P-wide rows; the GPU uses P = 1 and chunks of 64 channels, which gives B * N * C / 64
+//     threads instead of B * N (enough to fill the GPU at the authors' B * N = 13k pixels) and coalesced
+//     reads (consecutive threads, consecutive pixels). centers_t is (B, C, K) contiguous (transposed, so
+//     that the P pixels' centre entries of one channel share cache lines).
+template <typename scalar_t, typename acc_t, typename out_t, int P>
+struct PixelStatsFunctor {
+  const scalar_t* features;
+  FeatureView fv;
+  const int32_t* key;      // (B, N)
+  const out_t* centers_t;  // (B, C, K)
+  acc_t* part_s;           // (B, chunks, N)
+  acc_t* part_q;           // (B, chunks, N)
+  int64_t C, N, K, chunk_c, chunks;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t blocks = (N + P - 1) / P;
+    const int64_t n0 = (t % blocks) * P;
+    const int64_t j = (t / blocks) % chunks;
+    const int64_t b = t / (blocks * chunks);
+    const int np = static_cast<int>(N - n0 < P ? N - n0 : P);
+    acc_t s[P], q[P];
+    int32_t kk[P];
+    for (int i = 0; i < P; ++i) {
+      s[i] = 0;
+      q[i] = 0;
+      kk[i] = i < np ? key[b * N + n0 + i] : static_cast<int32_t>(K);
+    }
+    const int64_t c0 = j * chunk_c;
+    const int64_t c1 = c0 + chunk_c < C ? c0 + chunk_c : C;
+    const scalar_t* fb = features + b * fv.sB + n0 * fv.sN;
+    const out_t* cb = centers_t + b * C * K;
+    for (int64_t c = c0; c < c1; ++c) {
+      const scalar_t* fc = fb + c * fv.sC;
+      const out_t* cc = cb + c * K;
+      for (int i = 0; i < np; ++i) {
+        if (kk[i] >= K) continue;
+        const acc_t f = static_cast<acc_t>(fc[i * fv.sN]);
+        s[i] += f * static_cast<acc_t>(cc[kk[i]]);
+        q[i] += f * f;
+      }
+    }
+    const int64_t o = (b * chunks + j) * N + n0;
+    for (int i = 0; i < np; ++i) {
+      part_s[o + i] = s[i];
+      part_q[o + i] = q[i];
+    }
+  }
+};
+
+// 3b. One thread per (b, n): dot = sum of the chunks' partial dots, norm = sqrt(sum of the partial
+//     squares), the chunks added in increasing order (deterministic).
+template <typename acc_t, typename out_t>
+struct FinishStatsFunctor {
+  const acc_t* part_s;  // (B, chunks, N)
+  const acc_t* part_q;
+  out_t* dot;   // (B, N)
+  out_t* norm;  // (B, N)
+  int64_t N, chunks;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / N, n = t % N;
+    acc_t s = 0, q = 0;
+    for (int64_t j = 0; j < chunks; ++j) {
+      s += part_s[(b * chunks + j) * N + n];
+      q += part_q[(b * chunks + j) * N + n];
+    }
+    dot[t] = static_cast<out_t>(s);
+    norm[t] = static_cast<out_t>(sqrt(q));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// 4. Cosine sums, one thread per (b, k): out[b, k] = sum_{p in segment(b, k)} dot_p / (norm_p |c_bk| + eps).
+template <typename acc_t, typename out_t>
+struct CosineSumFunctor {
+  const out_t* dot;          // (B, N)
+  const out_t* norm;         // (B, N)
+  const out_t* center_norm;  // (B, K)
+  const int32_t* perm;
+  const int64_t* offsets;
+  out_t* out;  // (B, K)
+  int64_t N, K;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / K, k = t % K;
+    const int64_t* off = offsets + b * (K + 2);
+    const int32_t* pb = perm + b * N;
+    const acc_t cn = static_cast<acc_t>(center_norm[t]);
+    acc_t acc = 0;
+    for (int64_t j = off[k]; j < off[k + 1]; ++j) {
+      const int64_t n = b * N + pb[j];
+      acc += static_cast<acc_t>(dot[n]) / (static_cast<acc_t>(norm[n]) * cn + static_cast<acc_t>(kCosEps));
+    }
+    out[t] = static_cast<out_t>(acc);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Backward of the cosine sums. With s = F.c, a = |F|, n = |c|, D = a n + eps, cos = s / D:
+//   dcos/dF = c / D - (s n / (a D^2)) F        (the second term is 0 at a = 0: torch's subgradient of |F|)
+//   dcos/dc = F / D - (s a / (n D^2)) c        (likewise 0 at n = 0)
+// so with g = grad[b, key_p]:
+//   grad_F[:, p] = alpha_p c_{b,key_p} + beta_p F_p,   alpha_p = g / D_p,   beta_p = -g s_p n / (a_p D_p^2)
+//   grad_c[b, k] = sum_p alpha_p F_p - (gamma_bk / n) c_bk,   gamma_bk = sum_p g s_p a_p / D_p^2
+//
+// 5. Per-pixel coefficients, one thread per (b, n): alpha, beta (0 for ignored pixels).
+template <typename acc_t, typename out_t>
+struct CosineCoefFunctor {
+  const out_t* grad;         // (B, K)
+  const out_t* dot;          // (B, N)
+  const out_t* norm;         // (B, N)
+  const out_t* center_norm;  // (B, K)
+  const int32_t* key;        // (B, N)
+  out_t* alpha;              // (B, N)
+  out_t* beta;               // (B, N)
+  int64_t N, K;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / N;
+    const int32_t k = key[t];
+    if (k >= K) {
+      alpha[t] = out_t(0);
+      beta[t] = out_t(0);
+      return;
+    }
+    const acc_t g = static_cast<acc_t>(grad[b * K + k]);
+    const acc_t cn = static_cast<acc_t>(center_norm[b * K + k]);
+    const acc_t a = static_cast<acc_t>(norm[t]);
+    const acc_t s = static_cast<acc_t>(dot[t]);
+    const acc_t D = a * cn + static_cast<acc_t>(kCosEps);
+    alpha[t] = static_cast<out_t>(g / D);
+    beta[t] = static_cast<out_t>(a > 0 ? -g * s * cn / (a * D * D) : acc_t(0));
+  }
+};
+
+// 6. gamma, one thread per (b, k): sum over the segment of g s_p a_p / D_p^2, in segment order.
+template <typename acc_t, typename out_t>
+struct CosineGammaFunctor {
+  const out_t* grad;
+  const out_t* dot;
+  const out_t* norm;
+  const out_t* center_norm;
+  const int32_t* perm;
+  const int64_t* offsets;
+  out_t* gamma;  // (B, K)
+  int64_t N, K;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / K, k = t % K;
+    const int64_t* off = offsets + b * (K + 2);
+    const int32_t* pb = perm + b * N;
+    const acc_t cn = static_cast<acc_t>(center_norm[t]);
+    acc_t acc = 0;
+    for (int64_t j = off[k]; j < off[k + 1]; ++j) {
+      const int64_t n = b * N + pb[j];
+      const acc_t a = static_cast<acc_t>(norm[n]);
+      const acc_t D = a * cn + static_cast<acc_t>(kCosEps);
+      acc += static_cast<acc_t>(dot[n]) * a / (D * D);
+    }
+    gamma[t] = static_cast<out_t>(static_cast<acc_t>(grad[t]) * acc);
+  }
+};
+
+// 7. grad_F, one thread per run of `per` consecutive pixels of one (b, c) row of the (B, C, N)
+//    contiguous result (per = 1 on the GPU, N on the CPU, as in 2):
+//    alpha_p c[b, key_p, c] + beta_p F[b, c, p] (0 for ignored pixels).
+template <typename scalar_t, typename acc_t, typename out_t>
+struct CosineGradFeaturesFunctor {
+  const scalar_t* features;
+  FeatureView fv;
+  const int32_t* key;
+  const out_t* centers;  // (B, K, C) contiguous
+  const out_t* alpha;
+  const out_t* beta;
+  scalar_t* out;  // (B, C, N)
+  int64_t C, N, K, per;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t runs = (N + per - 1) / per;
+    const int64_t row = t / runs;  // b * C + c
+    const int64_t n0 = (t % runs) * per;
+    const int64_t n1 = n0 + per < N ? n0 + per : N;
+    const int64_t c = row % C, b = row / C;
+    const int32_t* kb = key + b * N;
+    const out_t* ab = alpha + b * N;
+    const out_t* bb = beta + b * N;
+    const out_t* cb = centers + b * K * C + c;
+    const scalar_t* fb = features + b * fv.sB + c * fv.sC;
+    scalar_t* o = out + row * N;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int32_t k = kb[n];
+      if (k >= K) {
+        o[n] = scalar_t(0);
+        continue;
+      }
+      const acc_t v = static_cast<acc_t>(ab[n]) * static_cast<acc_t>(cb[k * C]) +
+                      static_cast<acc_t>(bb[n]) * static_cast<acc_t>(fb[n * fv.sN]);
+      o[n] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
+}  // namespace bcd
+}  // namespace rrm

@@ -1,0 +1,276 @@
+// Host-side algorithms of the BCD-loss reductions, written once against an execution policy
+// (common/exec.h, common/cuda_exec.cuh). Included by bcd_cpu.cpp (CpuExec, EmulatedCudaExec) and
+// bcd_cuda.cu (CudaExec). Passes over the features: sums 1 read; gather (their backward) 1 write;
+// cosine 1 read; cosine backward 2 reads + 1 write (the per-pixel dots and norms of the forward are
+// reused, not recomputed).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "bcd/bcd.h"
+#include "bcd/bcd_common.h"
+
+namespace rrm {
+namespace bcd {
+
+// Pixels per thread of the per-pixel statistics: a block of rows on the CPU, one pixel on the GPU.
+template <class Exec>
+constexpr int pixels_per_thread() {
+  return Exec::kChannelsPerThread == 0 ? 32 : 1;
+}
+
+// Pixels of one (b, c) row per thread of the elementwise passes (gather, grad_F): the whole row on
+// the CPU, one pixel on the GPU. Returns (per, number of threads).
+template <class Exec>
+std::pair<int64_t, int64_t> row_runs(int64_t B, int64_t C, int64_t N) {
+  const int64_t per = Exec::kChannelsPerThread == 0 ? std::max<int64_t>(N, 1) : 1;
+  return {per, B * C * ((N + per - 1) / per)};
+}
+
+// Class keys and per-(image, class) segments of the labels.
+//   key      (B, N) int32: label, or K for a pixel whose label is ignore_index
+//   perm     (B, N) int32: pixels sorted by key, stable (increasing pixel order inside a segment)
+//   offsets  (B, K + 2) int64: segment (b, k) is perm[b, offsets[b, k] : offsets[b, k + 1]]
+struct Segments {
+  at::Tensor key, perm, offsets;
+};
+
+// Validates the label values (one host synchronisation) and returns the class keys (B, N) int32.
+inline at::Tensor make_keys(const at::Tensor& labels, int64_t K, int64_t ignore_index) {
+  auto l = labels.to(at::kLong);
+  if (labels.numel() > 0) {
+    auto ok = at::logical_or(at::logical_and(l.ge(0), l.lt(K)), l.eq(ignore_index));
+    if (!ok.all().item<bool>()) {
+      auto bad = l.masked_select(ok.logical_not());
+      TORCH_CHECK_VALUE(false, "labels must lie in [0, num_classes = ", K, ") or equal ignore_index (", ignore_index,
+                        "); got values from ", bad.min().item<int64_t>(), " to ", bad.max().item<int64_t>());
+    }
+  }
+  return at::where(l.eq(ignore_index), at::scalar_tensor(K, l.options()), l).to(at::kInt).contiguous();
+}
+
+// Builds the segments of the labels. On the CPU (kSortCsr false) a serial counting sort per image,
+// parallel over images; on the GPU and its emulation a stable sort of (image, key) pairs -- both
+// give the same, increasing, pixel order inside each segment.
+template <class Exec>
+Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t ignore_index) {
+  const int64_t B = labels.size(0), N = labels.size(1);
+  const auto lopt = labels.options().dtype(at::kLong);
+  Segments s;
+  s.key = make_keys(labels, K, ignore_index);
+  if (!Exec::kSortCsr) {
+    s.perm = at::empty({B, N}, s.key.options());
+    s.offsets = at::zeros({B, K + 2}, lopt);
+    const int32_t* key = s.key.data_ptr<int32_t>();
+    int32_t* perm = s.perm.data_ptr<int32_t>();
+    int64_t* off = s.offsets.data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<int64_t> cursor;
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t* o = off + b * (K + 2);
+        const int32_t* kb = key + b * N;
+        for (int64_t n = 0; n < N; ++n) o[kb[n] + 1]++;
+        for (int64_t k = 0; k <= K; ++k) o[k + 1] += o[k];
+        cursor.assign(o, o + K + 1);
+        int32_t* pb = perm + b * N;
+        for (int64_t n = 0; n < N; ++n) pb[cursor[kb[n]]++] = static_cast<int32_t>(n);
+      }
+    });
+  } else {
+    auto keys = s.key.to(at::kLong).add(at::arange(B, lopt).mul_(K + 1).unsqueeze(1)).reshape({B * N});
+    auto counts = at::bincount(keys, {}, B * (K + 1)).reshape({B, K + 1});
+    s.offsets = at::zeros({B, K + 2}, lopt);
+    s.offsets.narrow(1, 1, K + 1).copy_(at::cumsum(counts, 1));
+    auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+    s.perm = order.remainder_(std::max<int64_t>(N, 1)).to(at::kInt).reshape({B, N}).contiguous();
+  }
+  return s;
+}
+
+inline FeatureView view_of(const at::Tensor& f) { return FeatureView{f.stride(0), f.stride(1), f.stride(2)}; }
+
+// Picks the compute type (out_t) and the accumulation type (acc_t: double on the CPU) for scalar_t.
+#define RRM_BCD_TYPES(Exec)                                                          \
+  using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>; \
+  using acc_t = std::conditional_t<Exec::kIsCuda, out_t, double>
+
+// Segmented (optionally weighted by a (B, N) compute-dtype tensor) sums: (B, K, C) of the compute dtype.
+template <class Exec>
+at::Tensor segment_sums(const Exec& exec, const at::Tensor& features, const Segments& seg, int64_t K,
+                        const at::Tensor& weight) {
+  const int64_t B = features.size(0), C = features.size(1), N = features.size(2);
+  auto out = at::empty({B, K, C}, features.options().dtype(compute_dtype(features.scalar_type())));
+  if (out.numel() == 0) return out;
+  const auto fv = view_of(features);
+  const bool c_fastest = fv.sC < fv.sN;
+  // about 64k pixel reads per parallel_for task
+  const int64_t grain = std::max<int64_t>(1, 65536 / (N / K + 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_segment_sums", [&] {
+    RRM_BCD_TYPES(Exec);
+    exec.for_each(B * K * C,
+                  SegmentSumFunctor<scalar_t, acc_t, out_t>{
+                      features.data_ptr<scalar_t>(), fv, seg.perm.data_ptr<int32_t>(), seg.offsets.data_ptr<int64_t>(),
+                      weight.defined() ? weight.data_ptr<out_t>() : nullptr, out.data_ptr<out_t>(), C, N, K, c_fastest},
+                  grain);
+  });
+  return out;
+}
+
+// features (B, C, N), labels (B, N) -> (sums (B, K, C), counts (B, K)), both of the compute dtype.
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> masked_feature_sums(const Exec& exec, const at::Tensor& features,
+                                                       const at::Tensor& labels, int64_t K, int64_t ignore_index) {
+  const Segments seg = make_segments(exec, labels, K, ignore_index);
+  auto sums = segment_sums(exec, features, seg, K, at::Tensor());
+  auto counts = (seg.offsets.narrow(1, 1, K) - seg.offsets.narrow(1, 0, K)).to(sums.scalar_type());
+  return {sums, counts};
+}
+
+// values (B, K, C), labels (B, N) -> (B, C, N) of values' dtype: out[b, :, n] = values[b, labels[b, n], :]
+// (0 where labels == ignore_index). The adjoint of the sums.
+template <class Exec>
+at::Tensor masked_feature_gather(const Exec& exec, const at::Tensor& values, const at::Tensor& labels,
+                                 int64_t ignore_index) {
+  const int64_t B = values.size(0), K = values.size(1), C = values.size(2), N = labels.size(1);
+  auto out = at::empty({B, C, N}, values.options());
+  if (out.numel() == 0) return out;
+  auto key = make_keys(labels, K, ignore_index);
+  auto v = values.contiguous();
+  const auto runs = row_runs<Exec>(B, C, N);
+  const int64_t per = runs.first, threads = runs.second;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "rrm_bcd_gather", [&] {
+    exec.for_each(threads,
+                  GatherFunctor<scalar_t, scalar_t>{v.data_ptr<scalar_t>(), key.data_ptr<int32_t>(),
+                                                    out.data_ptr<scalar_t>(), C, N, K, per},
+                  std::max<int64_t>(1, 16384 / per));
+  });
+  return out;
+}
+
+// Channels per thread of the per-pixel statistics: all of them on the CPU, chunks of 64 on the GPU
+// (and its emulation), whose partial sums are then added in a fixed order.
+template <class Exec>
+int64_t stats_chunk_channels(int64_t C) {
+  return Exec::kChannelsPerThread == 0 ? std::max<int64_t>(C, 1) : 64;
+}
+
+// Per-pixel dot products with the own class centre and feature norms, (B, N) each.
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> pixel_stats(const Exec& exec, const at::Tensor& features, const at::Tensor& key,
+                                               const at::Tensor& centers) {
+  const int64_t B = features.size(0), C = features.size(1), N = features.size(2), K = centers.size(1);
+  auto dot = at::zeros({B, N}, centers.options());
+  auto norm = at::zeros({B, N}, centers.options());
+  if (B * N == 0) return {dot, norm};
+  auto centers_t = centers.transpose(1, 2).contiguous();  // (B, C, K)
+  constexpr int P = pixels_per_thread<Exec>();
+  const int64_t blocks = (N + P - 1) / P;
+  const int64_t chunk_c = stats_chunk_channels<Exec>(C);
+  const int64_t chunks = std::max<int64_t>(1, (C + chunk_c - 1) / chunk_c);
+  const auto fv = view_of(features);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_pixel_stats", [&] {
+    RRM_BCD_TYPES(Exec);
+    const at::ScalarType acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+    at::Tensor part_s = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
+    at::Tensor part_q = at::empty({B, chunks, N}, centers.options().dtype(acc_dtype));
+    exec.for_each(B * chunks * blocks,
+                  PixelStatsFunctor<scalar_t, acc_t, out_t, P>{
+                      features.data_ptr<scalar_t>(), fv, key.data_ptr<int32_t>(), centers_t.data_ptr<out_t>(),
+                      part_s.data_ptr<acc_t>(), part_q.data_ptr<acc_t>(), C, N, K, chunk_c, chunks},
+                  std::max<int64_t>(1, 8192 / std::max<int64_t>(1, std::min(C, chunk_c))));
+    exec.for_each(B * N,
+                  FinishStatsFunctor<acc_t, out_t>{part_s.data_ptr<acc_t>(), part_q.data_ptr<acc_t>(),
+                                                   dot.data_ptr<out_t>(), norm.data_ptr<out_t>(), N, chunks},
+                  4096);
+  });
+  return {dot, norm};
+}
+
+// |centers| per (b, k), computed as the authors do (sqrt of the sum of squares).
+inline at::Tensor center_norms(const at::Tensor& centers) { return centers.mul(centers).sum(-1).sqrt().contiguous(); }
+
+// features (B, C, N), labels (B, N), centers (B, K, C) ->
+//   (cos_sums (B, K): sum over the pixels of class k of cos(F_p, centers[b, k]), dot (B, N), norm (B, N)).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_center_cosine(const Exec& exec, const at::Tensor& features,
+                                                                     const at::Tensor& labels,
+                                                                     const at::Tensor& centers, int64_t ignore_index) {
+  const int64_t B = features.size(0), K = centers.size(1), N = features.size(2);
+  auto c = centers.contiguous();
+  const Segments seg = make_segments(exec, labels, K, ignore_index);
+  at::Tensor dot, norm;
+  std::tie(dot, norm) = pixel_stats(exec, features, seg.key, c);
+  auto out = at::zeros({B, K}, c.options());
+  if (B == 0) return {out, dot, norm};
+  auto cn = center_norms(c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_cosine", [&] {
+    RRM_BCD_TYPES(Exec);
+    exec.for_each(B * K,
+                  CosineSumFunctor<acc_t, out_t>{dot.data_ptr<out_t>(), norm.data_ptr<out_t>(), cn.data_ptr<out_t>(),
+                                                 seg.perm.data_ptr<int32_t>(), seg.offsets.data_ptr<int64_t>(),
+                                                 out.data_ptr<out_t>(), N, K},
+                  1);
+  });
+  return {out, dot, norm};
+}
+
+// Backward of feature_center_cosine's first output, given the dot and norm it returned:
+// grad (B, K) -> (grad_features (B, C, N) of features' dtype, grad_centers (B, K, C) of the compute dtype).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& exec, const at::Tensor& grad,
+                                                                  const at::Tensor& features, const at::Tensor& labels,
+                                                                  const at::Tensor& centers, const at::Tensor& dot_in,
+                                                                  const at::Tensor& norm_in, int64_t ignore_index) {
+  const int64_t B = features.size(0), C = features.size(1), N = features.size(2), K = centers.size(1);
+  auto grad_features = at::empty({B, C, N}, features.options());
+  auto c = centers.contiguous();
+  auto g = grad.contiguous();
+  auto dot = dot_in.contiguous();
+  auto norm = norm_in.contiguous();
+  const Segments seg = make_segments(exec, labels, K, ignore_index);
+  if (B == 0 || C == 0) return {grad_features, at::zeros_like(c)};
+  auto cn = center_norms(c);
+  auto alpha = at::empty({B, N}, c.options());
+  auto beta = at::empty({B, N}, c.options());
+  auto gamma = at::empty({B, K}, c.options());
+  const auto fv = view_of(features);
+  const auto runs = row_runs<Exec>(B, C, N);
+  const int64_t per = runs.first, threads = runs.second;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_cosine_backward", [&] {
+    RRM_BCD_TYPES(Exec);
+    exec.for_each(B * N,
+                  CosineCoefFunctor<acc_t, out_t>{g.data_ptr<out_t>(), dot.data_ptr<out_t>(), norm.data_ptr<out_t>(),
+                                                  cn.data_ptr<out_t>(), seg.key.data_ptr<int32_t>(),
+                                                  alpha.data_ptr<out_t>(), beta.data_ptr<out_t>(), N, K},
+                  4096);
+    exec.for_each(B * K,
+                  CosineGammaFunctor<acc_t, out_t>{g.data_ptr<out_t>(), dot.data_ptr<out_t>(), norm.data_ptr<out_t>(),
+                                                   cn.data_ptr<out_t>(), seg.perm.data_ptr<int32_t>(),
+                                                   seg.offsets.data_ptr<int64_t>(), gamma.data_ptr<out_t>(), N, K},
+                  1);
+    exec.for_each(threads,
+                  CosineGradFeaturesFunctor<scalar_t, acc_t, out_t>{features.data_ptr<scalar_t>(), fv,
+                                                                    seg.key.data_ptr<int32_t>(), c.data_ptr<out_t>(),
+                                                                    alpha.data_ptr<out_t>(), beta.data_ptr<out_t>(),
+                                                                    grad_features.data_ptr<scalar_t>(), C, N, K, per},
+                  std::max<int64_t>(1, 16384 / per));
+  });
+  // grad_c = sum_p alpha_p F_p - (gamma / |c|) c, with the second term 0 where |c| = 0.
+  auto grad_centers = segment_sums(exec, features, seg, K, alpha);
+  auto coef = at::where(cn.gt(0), gamma / cn, at::zeros_like(cn));
+  grad_centers.sub_(coef.unsqueeze(-1) * c);
+  return {grad_features, grad_centers};
+}
+
+#undef RRM_BCD_TYPES
+
+}  // namespace bcd
+}  // namespace rrm

@@ -1,0 +1,487 @@
+"""BCD loss and its fused feature-centre reductions (SPEC §4).
+
+Order: forward vs reference · tiny hand-computed case · float64 gradcheck · gradient vs reference ·
+opcheck · edge cases · empty inputs · bad inputs · module == functional · emulated CUDA == CPU ·
+CPU == CUDA · torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rrm_cuda
+from rrm_cuda import reference as R
+
+ops = torch.ops.rrm_cuda
+NO_IGNORE = -(2**63)
+
+
+def _features(B, C, h, w, dtype=torch.float32, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, C, h, w, generator=g, dtype=torch.float64)
+    if layout == "noncontiguous":
+        f = torch.randn(B, 2 * C, h, w + 3, generator=g, dtype=torch.float64)[:, ::2, :, 1 : w + 1]
+    f = f.to(dtype)
+    if layout == "channels_last":
+        f = f.contiguous(memory_format=torch.channels_last)
+    return f
+
+
+def _seg(B, K, h, w, seed=1, bg_bias=0.5):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, K, h, w, generator=g, dtype=torch.float64)
+    s[:, 0] += bg_bias
+    return s
+
+
+def _labels(B, K, h, w, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, K, (B, h, w), generator=g)
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "noncontiguous", "channels_last"]
+
+
+# ---- forward vs reference ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_vs_reference(dtype, layout):
+    B, C, h, w, K = 3, 6, 5, 7, 4
+    f = _features(B, C, h, w, dtype, layout)
+    labels = _labels(B, K, h, w)
+    ref_in = f.to(torch.float64)  # the same (rounded) values, exactly
+    s, n = rrm_cuda.masked_feature_sums(f, labels, K)
+    rs, rn = R.masked_feature_sums_reference(ref_in.reshape(B, C, -1), labels.reshape(B, -1), K)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    assert s.dtype == ct and n.dtype == ct and s.shape == (B, K, C) and n.shape == (B, K)
+    torch.testing.assert_close(s.double(), rs, **_tol(ct))
+    torch.testing.assert_close(n.double(), rn)
+    centers, _ = rrm_cuda.masked_feature_centers(f, labels, K)
+    torch.testing.assert_close(centers.double(), rs / (rn + 1e-7)[..., None], **_tol(ct))
+    cos = rrm_cuda.feature_center_cosine(f, labels, centers)
+    rcos = R.feature_center_cosine_reference(ref_in.reshape(B, C, -1), labels.reshape(B, -1), centers.double())
+    torch.testing.assert_close(cos.double(), rcos, **_tol(ct))
+    seg = _seg(B, K, h, w)
+    loss = rrm_cuda.bcd_loss(seg, f)
+    assert loss.dtype == ct and loss.shape == ()
+    torch.testing.assert_close(loss.double(), R.bcd_loss_reference_loop(seg, ref_in), **_tol(ct))
+    torch.testing.assert_close(loss.double(), R.bcd_loss_reference_vectorized(seg, ref_in), **_tol(ct))
+
+
+def test_references_agree_and_large_channels_classes():
+    # C = 4096 channels, K = 256 classes (most absent), against both references.
+    B, C, h, w, K = 2, 4096, 6, 6, 256
+    f = _features(B, C, h, w, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    seg = torch.randn(B, K, h, w, generator=g)
+    ref_loop = R.bcd_loss_reference_loop(seg, f.double())
+    ref_vec = R.bcd_loss_reference_vectorized(seg, f.double())
+    torch.testing.assert_close(ref_loop, ref_vec, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rrm_cuda.bcd_loss(seg, f).double(), ref_loop, rtol=1e-5, atol=1e-5)
+    labels = seg.argmax(1)
+    s, n = rrm_cuda.masked_feature_sums(f, labels, K)
+    rs, rn = R.masked_feature_sums_reference(f.double().reshape(B, C, -1), labels.reshape(B, -1), K)
+    torch.testing.assert_close(s.double(), rs, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_masks_match_hard_labels():
+    B, C, h, w, K = 2, 5, 4, 4, 3
+    f = _features(B, C, h, w, torch.float64)
+    labels = _labels(B, K, h, w)
+    masks = torch.nn.functional.one_hot(labels, K).permute(0, 3, 1, 2).double()
+    for red in ("mean", "sum"):
+        a = rrm_cuda.masked_feature_centers(f, labels, K, reduction=red)
+        b = rrm_cuda.masked_feature_centers(f, masks, reduction=red)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# ---- tiny hand-computed case ------------------------------------------------------------------------
+
+
+def test_hand_computed():
+    # One image, 3 pixels, K = 3. Pixel 0: background, features (1, 0); pixels 1, 2: class 1,
+    # features (0, 1) and (0, 3); class 2 absent.
+    seg = torch.tensor([[[[9.0, 0.0, 0.0]], [[0.0, 9.0, 9.0]], [[0.0, 0.0, 0.0]]]], dtype=torch.float64)
+    f = torch.tensor([[[[1.0, 0.0, 0.0]], [[0.0, 1.0, 3.0]]]], dtype=torch.float64)
+    s, n = rrm_cuda.masked_feature_sums(f, seg.argmax(1), 3)
+    torch.testing.assert_close(s, torch.tensor([[[1.0, 0.0], [0.0, 4.0], [0.0, 0.0]]], dtype=torch.float64))
+    torch.testing.assert_close(n, torch.tensor([[1.0, 2.0, 0.0]], dtype=torch.float64))
+    eps = 1e-7
+    cb = 1 / (1 + eps)  # background centre (cb, 0)
+    ck = 4 / (2 + eps)  # class-1 centre (0, ck)
+    t1 = 1 - cb / (1 * cb + eps)
+    t2 = 1 - 0.5 * (ck / (1 * ck + eps) + 3 * ck / (3 * ck + eps))
+    compact = (t1 + t2) / (1 + 1)
+    l_ff = 0.0  # one foreground class
+    l_fb = 1 + 0.0  # orthogonal centres
+    expected = 0.5 * l_ff + 0.5 * l_fb + compact
+    assert abs(float(rrm_cuda.bcd_loss(seg, f)) - expected) < 1e-12
+    cos = rrm_cuda.feature_center_cosine(
+        f, seg.argmax(1), torch.tensor([[[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]]).double()
+    )
+    torch.testing.assert_close(
+        cos,
+        torch.tensor([[1 / (math.sqrt(2) + eps), 1 / (1 + eps) + 3 / (3 + eps), 0.0]], dtype=torch.float64),
+    )
+
+
+# ---- float64 gradcheck ------------------------------------------------------------------------------
+
+
+def test_gradcheck_ops():
+    B, C, h, w, K = 2, 3, 3, 4, 3
+    f = _features(B, C, h, w, torch.float64).requires_grad_()
+    labels = _labels(B, K, h, w)
+    labels[0, 0, 0] = 7  # an ignored pixel
+    lab = labels.reshape(B, -1)
+    centers = torch.randn(B, K, C, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(B, K, C, dtype=torch.float64, requires_grad=True)
+    fl = f.reshape(B, C, -1)
+    kw = dict(fast_mode=True, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda x: ops.masked_feature_sums(x, lab, K, 7)[0], (fl,), **kw)
+    assert torch.autograd.gradcheck(lambda v: ops.masked_feature_gather(v, lab, 7), (values,), **kw)
+    assert torch.autograd.gradcheck(lambda x, c: ops.feature_center_cosine(x, lab, c, 7)[0], (fl, centers), **kw)
+    assert torch.autograd.gradcheck(
+        lambda x, c: rrm_cuda.feature_center_cosine(x, labels, c, ignore_index=7), (f, centers), **kw
+    )
+
+
+@pytest.mark.parametrize("case", ["random", "no_background_image", "single_class"])
+def test_gradcheck_loss(case):
+    B, C, h, w, K = 2, 3, 3, 3, 4
+    seg = _seg(B, K, h, w)
+    if case == "no_background_image":
+        seg[1, 0] = -10
+    if case == "single_class":
+        seg[:, 2] = 10
+    f = _features(B, C, h, w, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: rrm_cuda.bcd_loss(seg, x), (f,), fast_mode=True, atol=1e-6)
+
+
+# ---- gradient vs reference --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradient_vs_reference(dtype, layout):
+    B, C, h, w, K = 3, 8, 6, 5, 5
+    seg = _seg(B, K, h, w)
+    f = _features(B, C, h, w, dtype, layout).requires_grad_()
+    (g,) = torch.autograd.grad(rrm_cuda.bcd_loss(seg, f), f)
+    assert g.dtype == dtype and g.shape == f.shape
+    fr = f.detach().double().requires_grad_()
+    (g_loop,) = torch.autograd.grad(R.bcd_loss_reference_loop(seg, fr), fr)
+    (g_vec,) = torch.autograd.grad(R.bcd_loss_reference_vectorized(seg, fr), fr)
+    torch.testing.assert_close(g_loop, g_vec, rtol=1e-10, atol=1e-12)
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g.double(), g_loop, **tol)
+
+
+def test_half_gradient_dtype():
+    B, C, h, w, K = 2, 4, 4, 4, 3
+    f = _features(B, C, h, w, torch.bfloat16).requires_grad_()
+    loss = rrm_cuda.bcd_loss(_seg(B, K, h, w), f)
+    (g,) = torch.autograd.grad(loss, f)
+    assert loss.dtype == torch.float32 and g.dtype == torch.bfloat16 and bool(torch.isfinite(g).all())
+
+
+# ---- opcheck ----------------------------------------------------------------------------------------
+
+
+def _op_samples():
+    out = []
+    for i, (B, C, N, K, dtype) in enumerate([(2, 3, 7, 4, torch.float64), (1, 5, 9, 2, torch.float32)]):
+        g = torch.Generator().manual_seed(10 + i)
+        f = torch.randn(B, C, N, generator=g, dtype=dtype, requires_grad=True)
+        lab = torch.randint(0, K, (B, N), generator=g)
+        lab[0, 0] = -1
+        c = torch.randn(B, K, C, generator=g, dtype=dtype, requires_grad=True)
+        out.append((f, lab, K, c))
+    return out
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_opcheck(i):
+    f, lab, K, c = _op_samples()[i]
+    torch.library.opcheck(ops.masked_feature_sums, (f, lab, K, -1))
+    torch.library.opcheck(ops.masked_feature_gather, (c, lab, -1))
+    torch.library.opcheck(ops.feature_center_cosine, (f, lab, c, -1))
+    cos, dot, norm = ops.feature_center_cosine(f.detach(), lab, c.detach(), -1)
+    grad = torch.randn_like(cos)
+    torch.library.opcheck(ops.feature_center_cosine_backward, (grad, f.detach(), lab, c.detach(), dot, norm, -1))
+
+
+# ---- edge cases -------------------------------------------------------------------------------------
+
+
+def _loss_matches(seg, f):
+    ref = R.bcd_loss_reference_loop(seg, f.double())
+    torch.testing.assert_close(rrm_cuda.bcd_loss(seg, f).double(), ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(R.bcd_loss_reference_vectorized(seg, f.double()), ref, rtol=1e-10, atol=1e-10)
+    fr = f.detach().double().requires_grad_()
+    fo = f.detach().double().requires_grad_()
+    (g_ref,) = torch.autograd.grad(R.bcd_loss_reference_loop(seg, fr), fr)
+    (g,) = torch.autograd.grad(rrm_cuda.bcd_loss(seg, fo), fo)
+    torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+    return ref
+
+
+def test_edge_cases():
+    B, C, h, w, K = 3, 4, 4, 4, 5
+    f = _features(B, C, h, w, torch.float64)
+    # a class present in one image only
+    seg = _seg(B, K, h, w)
+    seg[:, 4] = -10
+    seg[1, 4, 0, :] = 10
+    _loss_matches(seg, f)
+    # an image with no background
+    seg = _seg(B, K, h, w)
+    seg[2, 0] = -10
+    _loss_matches(seg, f)
+    # batch of one
+    _loss_matches(_seg(1, K, h, w), f[:1])
+    # every pixel one foreground class: no background anywhere -> 0.5 L_ff + 1 with L_ff = 0
+    seg = torch.zeros(B, K, h, w, dtype=torch.float64)
+    seg[:, 3] = 1
+    ref = _loss_matches(seg, f)
+    assert float(ref) > 1.0
+    # every pixel background: no foreground -> separation 0, compactness only
+    seg = torch.zeros(B, K, h, w, dtype=torch.float64)
+    seg[:, 0] = 1
+    ref = _loss_matches(seg, f)
+    assert 0 <= float(ref) < 1.0
+    # one class (background only, K = 1)
+    _loss_matches(torch.ones(B, 1, h, w, dtype=torch.float64), f)
+    # all classes absent from the labels: zero sums, zero counts
+    lab = torch.full((B, h, w), 9)
+    s, n = rrm_cuda.masked_feature_sums(f, lab, K, ignore_index=9)
+    assert not s.any() and not n.any()
+    assert not rrm_cuda.feature_center_cosine(f, lab, torch.ones(B, K, C).double(), ignore_index=9).any()
+
+
+def test_ignore_index():
+    B, C, h, w, K = 2, 4, 5, 5, 3
+    f = _features(B, C, h, w, torch.float64)
+    lab = _labels(B, K, h, w)
+    lab[0, :2] = 255
+    lab[1, 3, 3] = 255
+    s, n = rrm_cuda.masked_feature_sums(f, lab, K, ignore_index=255)
+    rs, rn = R.masked_feature_sums_reference(f.reshape(B, C, -1), lab.reshape(B, -1), K, 255)
+    torch.testing.assert_close(s, rs)
+    torch.testing.assert_close(n, rn)
+    assert float(n.sum()) == B * h * w - 2 * w - 1
+    # NaN in an ignored pixel is harmless
+    f2 = f.clone()
+    f2[0, :, 0, 0] = float("nan")
+    torch.testing.assert_close(rrm_cuda.masked_feature_sums(f2, lab, K, ignore_index=255)[0], s)
+    c = torch.randn(B, K, C, dtype=torch.float64, requires_grad=True)
+    fg = f.clone().requires_grad_()
+    cos = rrm_cuda.feature_center_cosine(fg, lab, c, ignore_index=255)
+    torch.testing.assert_close(cos, R.feature_center_cosine_reference(f.reshape(B, C, -1), lab.reshape(B, -1), c, 255))
+    (gf,) = torch.autograd.grad(cos.sum(), fg)
+    assert not gf[0, :, :2].any() and not gf[1, :, 3, 3].any()
+
+
+def test_cpu_deterministic():
+    # The fused ops give bitwise identical results whatever the thread count (fixed summation order)...
+    B, C, N, K = 4, 64, 150, 6
+    g = torch.Generator().manual_seed(5)
+    f = torch.randn(B, C, N, generator=g)
+    lab = torch.randint(0, K, (B, N), generator=g)
+    c = torch.randn(B, K, C, generator=g)
+    gr = torch.randn(B, K, generator=g)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, max(2, old)):
+            torch.set_num_threads(t)
+            cos = ops.feature_center_cosine(f, lab, c, -1)
+            results.append(
+                [
+                    *ops.masked_feature_sums(f, lab, K, -1),
+                    ops.masked_feature_gather(c, lab, -1),
+                    *cos,
+                    *ops.feature_center_cosine_backward(gr, f, lab, c, cos[1], cos[2], -1),
+                ]
+            )
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    # ... and the loss and its gradient are reproducible run to run.
+    fg = f.reshape(B, C, 10, 15).requires_grad_()
+    seg = _seg(B, K, 10, 15)
+    runs = [torch.autograd.grad(rrm_cuda.bcd_loss(seg, fg), fg)[0] for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+# ---- empty inputs -----------------------------------------------------------------------------------
+
+
+def test_empty_inputs():
+    # The ops accept zero-size tensors and return empty / zero results ...
+    f = torch.randn(2, 3, 0)
+    lab = torch.zeros(2, 0, dtype=torch.long)
+    s, n = ops.masked_feature_sums(f, lab, 4, -1)
+    assert s.shape == (2, 4, 3) and not s.any() and not n.any()
+    s, n = ops.masked_feature_sums(torch.randn(0, 3, 5), torch.zeros(0, 5, dtype=torch.long), 4, -1)
+    assert s.shape == (0, 4, 3) and n.shape == (0, 4)
+    s, _ = ops.masked_feature_sums(torch.randn(2, 0, 5), torch.zeros(2, 5, dtype=torch.long), 4, -1)
+    assert s.shape == (2, 4, 0)
+    cos, dot, norm = ops.feature_center_cosine(f, lab, torch.randn(2, 4, 3), -1)
+    assert cos.shape == (2, 4) and not cos.any() and dot.shape == (2, 0)
+    assert ops.masked_feature_gather(torch.randn(2, 4, 3), lab, -1).shape == (2, 3, 0)
+    # ... while the public API refuses them, naming the argument.
+    with pytest.raises(ValueError, match="features must not be empty"):
+        rrm_cuda.masked_feature_sums(torch.randn(2, 3, 0, 4), torch.zeros(2, 0, 4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="seg_logits must not be empty"):
+        rrm_cuda.bcd_loss(torch.randn(0, 3, 4, 4), torch.randn(0, 2, 4, 4))
+    with pytest.raises(ValueError, match="features must not be empty"):
+        rrm_cuda.bcd_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 0, 4, 4))
+
+
+# ---- bad inputs -------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    f = torch.randn(2, 3, 4, 4)
+    lab = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes = 3\)"):
+        rrm_cuda.masked_feature_sums(f, lab + 3, 3)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        rrm_cuda.masked_feature_sums(f, lab - 1, 3)
+    with pytest.raises(TypeError, match="labels must have an integer dtype"):
+        rrm_cuda.masked_feature_sums(f, lab.bool(), 3)
+    with pytest.raises(TypeError, match="labels must have an integer dtype"):
+        rrm_cuda.feature_center_cosine(f, lab.float(), torch.randn(2, 3, 3))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        rrm_cuda.masked_feature_sums(f, lab[:, :3], 3)
+    with pytest.raises(ValueError, match="ignore_index"):
+        rrm_cuda.masked_feature_sums(f, lab, 3, ignore_index=1)
+    with pytest.raises(ValueError, match="num_classes"):
+        rrm_cuda.masked_feature_sums(f, lab, 0)
+    with pytest.raises(TypeError, match="features must have dtype"):
+        rrm_cuda.masked_feature_sums(f.int(), lab, 3)
+    with pytest.raises(TypeError, match="features must be a torch.Tensor"):
+        rrm_cuda.bcd_loss(torch.randn(2, 3, 4, 4), [1.0])
+    with pytest.raises(ValueError, match="features contains NaN"):
+        rrm_cuda.bcd_loss(torch.randn(2, 3, 4, 4), f.index_fill(1, torch.tensor([0]), float("nan")))
+    with pytest.raises(ValueError, match="features contains NaN or Inf"):
+        rrm_cuda.masked_feature_sums(f.index_fill(3, torch.tensor([1]), float("inf")), lab, 3)
+    with pytest.raises(ValueError, match="seg_logits contains NaN"):
+        rrm_cuda.bcd_loss(torch.full((2, 3, 4, 4), float("nan")), f)
+    with pytest.raises(ValueError, match="features must have shape"):
+        rrm_cuda.bcd_loss(torch.randn(2, 3, 4, 5), f)
+    with pytest.raises(ValueError, match="centers must have shape"):
+        rrm_cuda.feature_center_cosine(f, lab, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="centers must have 3 dimensions"):
+        rrm_cuda.feature_center_cosine(f, lab, torch.randn(2, 3))
+    with pytest.raises(ValueError, match="soft masks"):
+        rrm_cuda.masked_feature_centers(f, torch.rand(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="features and labels must be on the same device"):
+        rrm_cuda.masked_feature_sums(f.to("meta"), lab, 3)
+    with pytest.raises(ValueError, match="seg_logits and features must be on the same device"):
+        rrm_cuda.bcd_loss(torch.randn(2, 3, 4, 4), f.to("meta"))
+    with pytest.raises(ValueError, match="features and centers must be on the same device"):
+        rrm_cuda.feature_center_cosine(f, lab, torch.randn(2, 3, 3, device="meta"))
+    with pytest.raises(ValueError, match="reduction"):
+        rrm_cuda.masked_feature_centers(f, lab, 3, reduction="max")
+    # the raw ops check too
+    with pytest.raises(TypeError, match="centers must have dtype Float"):
+        ops.feature_center_cosine(f.reshape(2, 3, -1), lab.reshape(2, -1), torch.randn(2, 3, 3).double(), -1)
+    with pytest.raises(ValueError, match="labels \\(B, N\\) must match features"):
+        ops.masked_feature_sums(f.reshape(2, 3, -1), lab.reshape(2, -1)[:, :5], 3, -1)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ops.masked_feature_gather(torch.randn(2, 3, 3), lab.reshape(2, -1) + 5, -1)
+    with pytest.raises(TypeError, match="features must be float32, float64, float16 or bfloat16"):
+        ops.masked_feature_sums(f.reshape(2, 3, -1).int(), lab.reshape(2, -1), 3, -1)
+
+
+# ---- module == functional ---------------------------------------------------------------------------
+
+
+def test_module_equals_functional():
+    seg, f = _seg(2, 4, 5, 5), _features(2, 6, 5, 5)
+    assert torch.equal(rrm_cuda.BCDLoss()(seg, f), rrm_cuda.bcd_loss(seg, f))
+
+
+# ---- emulated CUDA decomposition == CPU ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype,layout,C",
+    [
+        (torch.float32, "contiguous", 5),
+        (torch.float64, "channels_last", 5),
+        (torch.float16, "noncontiguous", 5),
+        (torch.float32, "channels_last", 130),  # three channel chunks of the GPU's per-pixel pass
+        (torch.float64, "contiguous", 130),
+    ],
+)
+def test_emulated_cuda_equals_cpu(dtype, layout, C):
+    B, h, w, K = 2, 6, 6, 4
+    f = _features(B, C, h, w, dtype, layout).reshape(B, C, -1)
+    lab = _labels(B, K, h, w).reshape(B, -1)
+    lab[1, 3] = 99
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = _tol(ct)
+    a = ops.masked_feature_sums(f, lab, K, 99)
+    b = ops._masked_feature_sums_emulated(f, lab, K, 99)
+    torch.testing.assert_close(a, b, **tol)
+    c = torch.randn(B, K, C, dtype=ct)
+    torch.testing.assert_close(
+        ops.masked_feature_gather(c, lab, 99), ops._masked_feature_gather_emulated(c, lab, 99), rtol=0, atol=0
+    )
+    a = ops.feature_center_cosine(f, lab, c, 99)
+    b = ops._feature_center_cosine_emulated(f, lab, c, 99)
+    torch.testing.assert_close(a, b, **tol)
+    g = torch.randn(B, K, dtype=ct)
+    ga = ops.feature_center_cosine_backward(g, f, lab, c, a[1], a[2], 99)
+    gb = ops._feature_center_cosine_backward_emulated(g, f, lab, c, a[1], a[2], 99)
+    torch.testing.assert_close(ga[0].float(), gb[0].float(), **tol)
+    torch.testing.assert_close(ga[1], gb[1], **tol)
+
+
+# ---- CPU == CUDA ------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cpu_equals_cuda(cuda):
+    # the `cuda` fixture (tests/conftest.py) skips without a GPU and FAILS on a GPU with a CPU-only build
+    B, C, h, w, K = 3, 32, 9, 9, 5
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        f = _features(B, C, h, w, dtype).requires_grad_()
+        seg = _seg(B, K, h, w)
+        loss = rrm_cuda.bcd_loss(seg, f)
+        (g,) = torch.autograd.grad(loss, f)
+        fc = f.detach().to(cuda).requires_grad_()
+        loss_c = rrm_cuda.bcd_loss(seg.to(cuda), fc)
+        (gc,) = torch.autograd.grad(loss_c, fc)
+        ct = torch.float64 if dtype == torch.float64 else torch.float32
+        torch.testing.assert_close(loss_c.cpu(), loss, **_tol(ct))
+        torch.testing.assert_close(gc.cpu().double(), g.double(), rtol=1e-3, atol=1e-5)
+        # bitwise reproducible on the GPU (no float atomics)
+        (gc2,) = torch.autograd.grad(rrm_cuda.bcd_loss(seg.to(cuda), fc), fc)
+        assert torch.equal(gc, gc2)
+
+
+# ---- torch.compile ----------------------------------------------------------------------------------
+
+
+def test_compile():
+    seg, f = _seg(2, 4, 5, 5), _features(2, 6, 5, 5).requires_grad_()
+    compiled = torch.compile(rrm_cuda.bcd_loss, fullgraph=True, backend="aot_eager")
+    out = compiled(seg, f)
+    (g,) = torch.autograd.grad(out, f)
+    (g_ref,) = torch.autograd.grad(rrm_cuda.bcd_loss(seg, f), f)
+    torch.testing.assert_close(out, rrm_cuda.bcd_loss(seg, f))
+    torch.testing.assert_close(g, g_ref)
