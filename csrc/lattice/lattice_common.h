@@ -398,14 +398,24 @@ struct SliceFunctor {
 #if !defined(__CUDA_ARCH__)
   template <int W>
   void fixed_width(int64_t bi, const scalar_t* wb, const int32_t* vb, const scalar_t* Lb, scalar_t scale) const {
-    scalar_t acc[W];
-    for (int c = 0; c < W; ++c) acc[c] = 0;
-    for (int r = 0; r <= d; ++r) {
+    scalar_t acc[W];  // W / 8 registers; initialised by the first corner (no zeroing pass)
+    {
+      const scalar_t w = wb[0];
+      const scalar_t* L = Lb + static_cast<int64_t>(vb[0]) * Cs;
+      for (int c = 0; c < W; ++c) acc[c] = w * L[c];
+    }
+    for (int r = 1; r <= d; ++r) {
       const scalar_t w = wb[r];
       const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
       for (int c = 0; c < W; ++c) acc[c] += w * L[c];
     }
-    for (int64_t c = 0; c < C; ++c) finish(bi, c, scale, acc[c]);
+    scalar_t* o = out + bi * C;
+    if (coef) {
+      const scalar_t* bs = base ? base + bi * C : o;
+      for (int64_t c = 0; c < C; ++c) o[c] = bs[c] + coef[c] * scale * acc[c];
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = scale * acc[c];
+    }
   }
 #endif
 
