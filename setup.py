@@ -117,8 +117,16 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy"],
     extras_require={
-        "test": ["pytest", "scikit-image", "pydensecrf2", "expecttest"],
-        "bench": ["matplotlib", "scikit-image", "pydensecrf2"],
+        "test": ["pytest", "scipy", "scikit-image", "matplotlib", "pillow", "tqdm", "pydensecrf2", "expecttest"],
+        "bench": ["scipy", "matplotlib", "scikit-image", "pydensecrf2"],
+        "rrm": ["scipy", "scikit-image", "matplotlib", "pillow", "tqdm"],
+    },
+    entry_points={
+        "console_scripts": [
+            "rrm-train = rrm_cuda.rrm.train:main",
+            "rrm-infer = rrm_cuda.rrm.infer:main",
+            "rrm-eval = rrm_cuda.rrm.evaluate:main",
+        ],
     },
     zip_safe=False,
 )

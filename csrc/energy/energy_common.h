@@ -50,7 +50,7 @@ struct PackFunctor {
 // (deterministic, no float atomics).
 template <typename scalar_t>
 struct EnergySliceFunctor {
-  const scalar_t* lattice_values;  // (B, M, C) blurred
+  const scalar_t* lattice_values;  // (B, M, Cs) blurred
   const scalar_t* weights;         // (B, E)
   const int32_t* entry_vertex;     // (B, E)
   const scalar_t* in;              // (B, N, C) the packed probabilities
@@ -59,14 +59,14 @@ struct EnergySliceFunctor {
   scalar_t* terms;                 // (B, N, C)
   scalar_t* grad;                  // (B, K, N) or nullptr
   scalar_t alpha, grad_scale;      // grad_scale: -2 (rloss) or -1 (exact)
-  int64_t N, E, M, C, K;
+  int64_t N, E, M, C, Cs, K;       // Cs: lattice row stride (C padded to 8 on the CPU)
   int d;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
     const int64_t bi = b * N + i;
     const scalar_t* wb = weights + b * E + i * (d + 1);
     const int32_t* vb = entry_vertex + b * E + i * (d + 1);
-    const scalar_t* Lb = lattice_values + b * M * C;
+    const scalar_t* Lb = lattice_values + b * M * Cs;
     const scalar_t* x = in + bi * C;
     const scalar_t S = gate[bi];
     scalar_t acc = 0;
@@ -76,7 +76,7 @@ struct EnergySliceFunctor {
       for (int64_t c = t0; c < t1; ++c) s[c - t0] = 0;
       for (int r = 0; r <= d; ++r) {
         const scalar_t w = wb[r];
-        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * C;
+        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
         for (int64_t c = t0; c < t1; ++c) s[c - t0] += w * L[c];
       }
       for (int64_t c = t0; c < t1; ++c) {
@@ -97,26 +97,26 @@ struct EnergySliceFunctor {
 // is the splat of S s blurred in reverse axis order, i.e. grad -= W^T (S s_c).
 template <typename scalar_t>
 struct AdjointSliceFunctor {
-  const scalar_t* lattice_values;  // (B, M, C) blurred in reverse order
+  const scalar_t* lattice_values;  // (B, M, Cs) blurred in reverse order
   const scalar_t* weights;         // (B, E)
   const int32_t* entry_vertex;     // (B, E)
   scalar_t* grad;                  // (B, K, N)
   scalar_t alpha;
-  int64_t N, E, M, C, K;
+  int64_t N, E, M, C, Cs, K;
   int d;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
     const int64_t ce = c1 < K ? c1 : K;  // the constant channel (c == K) has no gradient
     const scalar_t* wb = weights + b * E + i * (d + 1);
     const int32_t* vb = entry_vertex + b * E + i * (d + 1);
-    const scalar_t* Lb = lattice_values + b * M * C;
+    const scalar_t* Lb = lattice_values + b * M * Cs;
     for (int64_t t0 = c0; t0 < ce; t0 += kTile) {
       const int64_t t1 = (t0 + kTile < ce) ? t0 + kTile : ce;
       scalar_t s[kTile];
       for (int64_t c = t0; c < t1; ++c) s[c - t0] = 0;
       for (int r = 0; r <= d; ++r) {
         const scalar_t w = wb[r];
-        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * C;
+        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
         for (int64_t c = t0; c < t1; ++c) s[c - t0] += w * L[c];
       }
       for (int64_t c = t0; c < t1; ++c) grad[(b * K + c) * N + i] -= alpha * s[c - t0];

@@ -55,9 +55,12 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   const int d = lat.d;
   auto in = at::empty({B, N, C}, probs.options());
   auto terms = at::zeros({B, N, C}, probs.options());
+  // CPU lattice rows are padded to a multiple of 8 channels, as lattice::filter does.
+  constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
+  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
   lattice::FilterWorkspace ws;
-  ws.a = at::empty({B, M, C}, probs.options());
-  ws.b = at::empty({B, M, C}, probs.options());
+  ws.a = at::empty({B, M, Cs}, probs.options());
+  ws.b = at::empty({B, M, Cs}, probs.options());
   const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
@@ -75,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     auto splat_blur = [&](const scalar_t* pre, bool reverse) -> scalar_t* {
       scalar_t* cur = ws.a.data_ptr<scalar_t>();
       scalar_t* nxt = ws.b.data_ptr<scalar_t>();
-      if constexpr (std::is_same_v<Exec, CpuExec>) {
-        lattice::splat_scatter_cpu<scalar_t>(lat, in_p, pre, cur, C, ws);
+      if constexpr (kCpu) {
+        lattice::splat_scatter_cpu<scalar_t>(lat, in_p, pre, cur, C, Cs, ws);
       } else {
         exec.for_each_item(B, M, C,
                            lattice::SplatFunctor<scalar_t>{in_p, pre, lat.offsets.data_ptr<int64_t>(),
@@ -86,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       }
       for (int s = 0; s <= d; ++s) {
         const int j = reverse ? d - s : s;
-        exec.for_each_item(B, M, C, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, C, d, j}, grain);
+        exec.for_each_item(B, M, Cs, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, Cs, d, j}, grain);
         std::swap(cur, nxt);
       }
       return cur;
@@ -98,11 +101,12 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     exec.for_each_item(
         B, N, C,
         EnergySliceFunctor<scalar_t>{blurred, w, ev, in_p, gate_p, has_mass ? m.data_ptr<scalar_t>() : nullptr,
-                                     terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, K, d},
+                                     terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, Cs, K, d},
         grain);
     if (grad_mode == kExactGrad) {
       const scalar_t* adj = splat_blur(gate_p, true);
-      exec.for_each_item(B, N, C, AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, K, d}, grain);
+      exec.for_each_item(B, N, C, AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, Cs, K, d},
+                         grain);
     }
   });
   // Fixed-order reduction of the per-pixel terms (deterministic on every device).

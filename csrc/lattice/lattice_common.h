@@ -321,8 +321,8 @@ struct ScatterFunctor {
   const scalar_t* pre;          // (B, N) or nullptr
   const scalar_t* weights;      // (B, E)
   const int32_t* entry_vertex;  // (B, E)
-  scalar_t* out;                // (M, C) this thread's buffer for image b
-  int64_t N, E, C;
+  scalar_t* out;                // (M, Cs) this thread's buffer for image b
+  int64_t N, E, C, Cs;          // Cs >= C: row stride of the lattice buffers
   int d;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
@@ -332,7 +332,7 @@ struct ScatterFunctor {
     const scalar_t p = pre ? pre[b * N + i] : scalar_t(1);
     for (int r = 0; r <= d; ++r) {
       const scalar_t w = wb[r] * p;
-      scalar_t* o = out + static_cast<int64_t>(vb[r]) * C;
+      scalar_t* o = out + static_cast<int64_t>(vb[r]) * Cs;
       for (int64_t c = c0; c < c1; ++c) o[c] += w * x[c];
     }
   }
@@ -367,54 +367,95 @@ struct BlurFunctor {
 };
 
 // Slice: s_i = alpha * sum_r w_{i,r} L[v_{i,r}]; then
-//   out[i] = post[i] * s_i                            (coef == nullptr)
-//   out[i] += coef[c] * post[i] * s_i   per channel   (coef != nullptr: mean-field accumulation)
-// post may be nullptr (1). One channel per thread on the GPU; on the CPU channels are summed in
-// register tiles of kSliceTile so that the loops over channels vectorise.
+//   out[i] = post[i] * s_i                                       (coef == nullptr)
+//   out[i] = (base ? base[i] : out[i]) + coef[c] * post[i] * s_i  (coef != nullptr: mean field)
+// post may be nullptr (1). One channel per thread on the GPU. On the CPU the lattice rows are padded
+// to Cs = a multiple of 8 channels, so rows of up to 32 channels are summed in registers with
+// fixed-width loops (vectorised, unrolled); wider rows in tiles of kSliceTile.
 constexpr int kSliceTile = 32;
 
 template <typename scalar_t>
 struct SliceFunctor {
-  const scalar_t* lattice_values;  // (B, M, C)
+  const scalar_t* lattice_values;  // (B, M, Cs)
   const scalar_t* weights;         // (B, E)
   const int32_t* entry_vertex;     // (B, E)
   const scalar_t* post;            // (B, N) or nullptr
   const scalar_t* coef;            // (C,) or nullptr
+  const scalar_t* base;            // (B, N, C) or nullptr (with coef: out = base + ...)
   scalar_t* out;                   // (B, N, C)
   scalar_t alpha;
-  int64_t N, E, M, C;
+  int64_t N, E, M, C, Cs;
   int d;
 
+  RRM_HOST_DEVICE void finish(int64_t bi, int64_t c, scalar_t scale, scalar_t s) const {
+    scalar_t* o = out + bi * C;
+    if (coef)
+      o[c] = (base ? base[bi * C + c] : o[c]) + coef[c] * scale * s;
+    else
+      o[c] = scale * s;
+  }
+
+#if !defined(__CUDA_ARCH__)
+  template <int W>
+  void fixed_width(int64_t bi, const scalar_t* wb, const int32_t* vb, const scalar_t* Lb, scalar_t scale) const {
+    scalar_t acc[W];  // W / 8 registers; initialised by the first corner (no zeroing pass)
+    {
+      const scalar_t w = wb[0];
+      const scalar_t* L = Lb + static_cast<int64_t>(vb[0]) * Cs;
+      for (int c = 0; c < W; ++c) acc[c] = w * L[c];
+    }
+    for (int r = 1; r <= d; ++r) {
+      const scalar_t w = wb[r];
+      const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
+      for (int c = 0; c < W; ++c) acc[c] += w * L[c];
+    }
+    scalar_t* o = out + bi * C;
+    if (coef) {
+      const scalar_t* bs = base ? base + bi * C : o;
+      for (int64_t c = 0; c < C; ++c) o[c] = bs[c] + coef[c] * scale * acc[c];
+    } else {
+      for (int64_t c = 0; c < C; ++c) o[c] = scale * acc[c];
+    }
+  }
+#endif
+
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
-    scalar_t* o = out + (b * N + i) * C;
+    const int64_t bi = b * N + i;
     const scalar_t* wb = weights + b * E + i * (d + 1);
     const int32_t* vb = entry_vertex + b * E + i * (d + 1);
-    const scalar_t* Lb = lattice_values + b * M * C;
-    const scalar_t scale = post ? alpha * post[b * N + i] : alpha;
+    const scalar_t* Lb = lattice_values + b * M * Cs;
+    const scalar_t scale = post ? alpha * post[bi] : alpha;
     if (c1 - c0 == 1) {  // one channel (the CUDA decomposition)
       scalar_t s = 0;
-      for (int r = 0; r <= d; ++r) s += wb[r] * Lb[static_cast<int64_t>(vb[r]) * C + c0];
-      if (coef)
-        o[c0] += coef[c0] * scale * s;
-      else
-        o[c0] = scale * s;
+      for (int r = 0; r <= d; ++r) s += wb[r] * Lb[static_cast<int64_t>(vb[r]) * Cs + c0];
+      finish(bi, c0, scale, s);
       return;
     }
 #if !defined(__CUDA_ARCH__)
+    if (c0 == 0 && c1 == C) {
+      switch (Cs) {
+        case 8:
+          return fixed_width<8>(bi, wb, vb, Lb, scale);
+        case 16:
+          return fixed_width<16>(bi, wb, vb, Lb, scale);
+        case 24:
+          return fixed_width<24>(bi, wb, vb, Lb, scale);
+        case 32:
+          return fixed_width<32>(bi, wb, vb, Lb, scale);
+        default:
+          break;
+      }
+    }
     for (int64_t cb = c0; cb < c1; cb += kSliceTile) {
       const int64_t nc = (c1 - cb < kSliceTile) ? c1 - cb : kSliceTile;
       scalar_t acc[kSliceTile];
       for (int64_t c = 0; c < nc; ++c) acc[c] = 0;
       for (int r = 0; r <= d; ++r) {
         const scalar_t w = wb[r];
-        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * C + cb;
+        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs + cb;
         for (int64_t c = 0; c < nc; ++c) acc[c] += w * L[c];
       }
-      if (coef) {
-        for (int64_t c = 0; c < nc; ++c) o[cb + c] += coef[cb + c] * scale * acc[c];
-      } else {
-        for (int64_t c = 0; c < nc; ++c) o[cb + c] = scale * acc[c];
-      }
+      for (int64_t c = 0; c < nc; ++c) finish(bi, cb + c, scale, acc[c]);
     }
 #endif
   }

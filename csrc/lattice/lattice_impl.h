@@ -170,11 +170,11 @@ struct FilterWorkspace {
 // results can differ across thread counts in the last bits (they do not differ across runs).
 template <typename scalar_t>
 void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out, int64_t C,
-                       FilterWorkspace& ws) {
+                       int64_t Cs, FilterWorkspace& ws) {
   const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 4095) / 4096));
-  if (!ws.partial.defined() || ws.partial.size(0) != T || ws.partial.size(2) != C)
-    ws.partial = at::empty({T, M, C}, lat.entry_weight.options());
+  if (!ws.partial.defined() || ws.partial.size(0) != T || ws.partial.size(2) != Cs)
+    ws.partial = at::empty({T, M, Cs}, lat.entry_weight.options());
   scalar_t* part = ws.partial.data_ptr<scalar_t>();
   const int64_t span = (N + T - 1) / T;
   const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
@@ -182,10 +182,11 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
     const int64_t Mb = nv[b];
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        scalar_t* buf = part + t * M * C;
-        std::fill(buf, buf + Mb * C, scalar_t(0));
+        scalar_t* buf = part + t * M * Cs;
+        std::fill(buf, buf + Mb * Cs, scalar_t(0));
         ScatterFunctor<scalar_t> f{
-            in, pre, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), buf, N, E, C, lat.d};
+            in, pre,  lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), buf, N, E, C,
+            Cs, lat.d};
         const int64_t i0 = b * N + t * span, i1 = b * N + std::min(N, (t + 1) * span);
         if (i0 >= i1) continue;
 #ifdef RRM_CPU_AVX2_DISPATCH
@@ -197,21 +198,21 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
         cpu_item_loop(i0, i1, N, C, f);
       }
     });
-    scalar_t* ob = out + b * M * C;
+    scalar_t* ob = out + b * M * Cs;
     at::parallel_for(0, M, 256, [&](int64_t v0, int64_t v1) {
       for (int64_t v = v0; v < v1; ++v) {
-        scalar_t* o = ob + v * C;
+        scalar_t* o = ob + v * Cs;
         if (v >= Mb) {
-          std::fill(o, o + C, scalar_t(0));
+          std::fill(o, o + Cs, scalar_t(0));
           continue;
         }
-        const scalar_t* p0 = part + v * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = p0[c];
+        const scalar_t* p0 = part + v * Cs;
+        for (int64_t c = 0; c < Cs; ++c) o[c] = p0[c];
         for (int64_t t = 1; t < T; ++t) {
           const int64_t i0 = b * N + t * span;
           if (i0 >= b * N + N) break;
-          const scalar_t* pt = part + (t * M + v) * C;
-          for (int64_t c = 0; c < C; ++c) o[c] += pt[c];
+          const scalar_t* pt = part + (t * M + v) * Cs;
+          for (int64_t c = 0; c < Cs; ++c) o[c] += pt[c];
         }
       }
     });
@@ -223,19 +224,23 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
 // in, out: (B, N, C) contiguous, same dtype as the lattice weights.
 template <class Exec, typename scalar_t>
 void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out,
-            const scalar_t* post, const scalar_t* coef, int64_t C, bool reverse, FilterWorkspace& ws) {
+            const scalar_t* post, const scalar_t* coef, int64_t C, bool reverse, FilterWorkspace& ws,
+            const scalar_t* base = nullptr) {
   const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
   const int d = lat.d;
-  if (!ws.a.defined() || ws.a.size(2) != C) {
-    ws.a = at::empty({B, M, C}, lat.entry_weight.options());
-    ws.b = at::empty({B, M, C}, lat.entry_weight.options());
+  // CPU lattice rows are padded to a multiple of 8 channels (one AVX register), see SliceFunctor.
+  constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
+  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
+  if (!ws.a.defined() || ws.a.size(2) != Cs) {
+    ws.a = at::empty({B, M, Cs}, lat.entry_weight.options());
+    ws.b = at::empty({B, M, Cs}, lat.entry_weight.options());
   }
   scalar_t* cur = ws.a.data_ptr<scalar_t>();
   scalar_t* nxt = ws.b.data_ptr<scalar_t>();
   const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
   const int64_t grain = std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C));
-  if constexpr (std::is_same_v<Exec, CpuExec>) {
-    splat_scatter_cpu<scalar_t>(lat, in, pre, cur, C, ws);
+  if constexpr (kCpu) {
+    splat_scatter_cpu<scalar_t>(lat, in, pre, cur, C, Cs, ws);
   } else {
     exec.for_each_item(
         B, M, C,
@@ -245,13 +250,14 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   }
   for (int s = 0; s <= d; ++s) {
     const int j = reverse ? d - s : s;
-    exec.for_each_item(B, M, C, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, C, d, j}, grain);
+    exec.for_each_item(B, M, Cs, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, Cs, d, j},
+                       grain);
     std::swap(cur, nxt);
   }
   exec.for_each_item(
       B, N, C,
       SliceFunctor<scalar_t>{cur, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), post,
-                             coef, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M, C, d},
+                             coef, base, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M, C, Cs, d},
       grain);
 }
 
@@ -338,11 +344,14 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     at::Tensor m;
     auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
     for (int64_t it = 0; it < iterations; ++it) {
-      acc.copy_(neg_unary);
+      // acc = -U is folded into the first diagonal term's slice (base), saving a pass over (B, N, L).
+      const bool fold = diagonal[0];
+      if (!fold) acc.copy_(neg_unary);
       for (int64_t t = 0; t < T; ++t) {
         if (diagonal[t]) {
           filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), acc.data_ptr<scalar_t>(),
-                                 ptr(post[t]), coefs[t].data_ptr<scalar_t>(), L, false, wss[t]);
+                                 ptr(post[t]), coefs[t].data_ptr<scalar_t>(), L, false, wss[t],
+                                 (t == 0 && fold) ? neg_unary.data_ptr<scalar_t>() : nullptr);
         } else {
           if (!m.defined()) m = at::empty_like(neg_unary);
           filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), m.data_ptr<scalar_t>(),
