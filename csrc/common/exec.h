@@ -63,7 +63,7 @@ inline bool cpu_has_avx2() {
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
-  static constexpr bool kSortCsr = false;  // build splat lists with a serial counting sort
+  static constexpr bool kSortCsr = false;  // no device-style sorted lists: serial counting sorts
   template <class F>
   void for_each(int64_t n, const F& f, int64_t grain = 2048) const {
     if (n <= 0) return;

@@ -54,16 +54,19 @@ RRM_HOST_DEVICE bool keys_equal(const int32_t* a, const int32_t* b, int d) {
 // 1. Embed: one thread per pixel. Elevates the feature vector onto H_d, finds the enclosing simplex
 //    (rounding to the nearest 0-coloured point, ranking the residuals, fixing up the sum), and
 //    writes the d+1 corner keys and barycentric weights.
-template <typename scalar_t>
+// kD > 0 fixes d at compile time (the loops unroll; used for the common d = 2, 3, 5); kD = 0 reads
+// d_runtime.
+template <typename scalar_t, int kD = 0>
 struct EmbedFunctor {
   const scalar_t* features;  // (B, d, N) contiguous
   int32_t* keys;             // (B, N*(d+1), d)
   scalar_t* weights;         // (B, N*(d+1))
   const scalar_t* scale;     // (d,) feature_scale(k, d) rounded to scalar_t, as densecrf does
   int64_t N;
-  int d;
+  int d_runtime;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
+    const int d = kD > 0 ? kD : d_runtime;
     const scalar_t* f = features + b * d * N + i;
     scalar_t elevated[kMaxDim + 1];
     int32_t rem0[kMaxDim + 1];

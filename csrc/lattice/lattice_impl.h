@@ -26,7 +26,8 @@ namespace lattice {
 //   neighbors     (B, d+1, M, 2) int32, M = max_b M_b: blur neighbours along each axis (-1: none)
 //   offsets       (B, M+1) int64  the splat list of vertex v is [offsets[b, v], offsets[b, v+1])
 //   splat_pixel   (B, E) int32, splat_weight (B, E) scalar: pixel and weight of each list entry,
-//                 grouped by vertex, in increasing entry order (splat as a deterministic gather)
+//                 grouped by vertex, in increasing entry order (splat as a deterministic gather);
+//                 built for CUDA and its emulation only (the CPU splats by scatter)
 struct Lattice {
   int64_t B = 0, N = 0, E = 0, M = 0;
   int d = 0;
@@ -37,29 +38,6 @@ inline int64_t next_pow2(int64_t x) {
   int64_t p = 1;
   while (p < x) p <<= 1;
   return p;
-}
-
-// Splat lists by a serial counting sort per image (CPU): entries come out in increasing order.
-inline at::Tensor splat_order_counting(Lattice& lat) {
-  const int64_t B = lat.B, E = lat.E, M = lat.M;
-  lat.offsets = at::zeros({B, M + 1}, lat.entry_vertex.options().dtype(at::kLong));
-  auto order = at::empty({B, E}, lat.entry_vertex.options().dtype(at::kLong));
-  const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
-  int64_t* off = lat.offsets.data_ptr<int64_t>();
-  int64_t* ord = order.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<int64_t> cursor;
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t* o = off + b * (M + 1);
-      const int32_t* evb = ev + b * E;
-      for (int64_t e = 0; e < E; ++e) o[evb[e] + 1]++;
-      for (int64_t v = 0; v < M; ++v) o[v + 1] += o[v];
-      cursor.assign(o, o + M);
-      int64_t* ob = ord + b * E;
-      for (int64_t e = 0; e < E; ++e) ob[cursor[evb[e]]++] = e;
-    }
-  });
-  return order;
 }
 
 // Splat lists with device-friendly primitives (CUDA, emulated): counts by atomics, offsets by a
@@ -109,11 +87,27 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       auto owner = at::empty({nb, E}, iopt);
       int32_t* ev = lat.entry_vertex.data_ptr<int32_t>() + b0 * E;
       int32_t* nv = lat.num_vertices.data_ptr<int32_t>() + b0;
-      exec.for_each_item(
-          nb, N, 1,
-          EmbedFunctor<scalar_t>{features.data_ptr<scalar_t>() + b0 * d * N, keys.data_ptr<int32_t>(),
-                                 lat.entry_weight.data_ptr<scalar_t>() + b0 * E, scale.data_ptr<scalar_t>(), N, d},
-          256);
+      auto embed = [&](auto fixed_d) {
+        constexpr int kD = decltype(fixed_d)::value;
+        exec.for_each_item(nb, N, 1,
+                           EmbedFunctor<scalar_t, kD>{
+                               features.data_ptr<scalar_t>() + b0 * d * N, keys.data_ptr<int32_t>(),
+                               lat.entry_weight.data_ptr<scalar_t>() + b0 * E, scale.data_ptr<scalar_t>(), N, d},
+                           256);
+      };
+      switch (d) {  // the dense CRF's kernels (d = 2: positions, 5: positions + RGB) and d = 3 unroll
+        case 2:
+          embed(std::integral_constant<int, 2>{});
+          break;
+        case 3:
+          embed(std::integral_constant<int, 3>{});
+          break;
+        case 5:
+          embed(std::integral_constant<int, 5>{});
+          break;
+        default:
+          embed(std::integral_constant<int, 0>{});
+      }
       // Hash table sized for ~E/16 distinct points (typical occupancy is 1-15 %, SPEC §1), so that it
       // stays in cache; grown 8x and rebuilt if an image has more. A size that can hold every
       // entry (2E slots) always succeeds.
@@ -152,9 +146,13 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       if (t.size(2) < lat.M) t = at::constant_pad_nd(t, {0, 0, 0, lat.M - t.size(2)}, -1);
     lat.neighbors = at::cat(nbr_chunks, 0);
   }
-  auto order = Exec::kSortCsr ? splat_order_sorted(exec, lat) : splat_order_counting(lat);
-  lat.splat_weight = lat.entry_weight.gather(1, order);
-  lat.splat_pixel = order.div(lat.d + 1, "floor").to(at::kInt);
+  // Splat lists for the gather splat of CUDA (and its emulation). The CPU splats by scatter
+  // (splat_scatter_cpu) and needs none, which saves a sort and three (B, E) arrays per build.
+  if constexpr (Exec::kSortCsr) {
+    auto order = splat_order_sorted(exec, lat);
+    lat.splat_weight = lat.entry_weight.gather(1, order);
+    lat.splat_pixel = order.div(lat.d + 1, "floor").to(at::kInt);
+  }
   return lat;
 }
 
