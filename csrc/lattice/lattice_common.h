@@ -61,7 +61,8 @@ struct EmbedFunctor {
   const scalar_t* features;  // (B, d, N) contiguous
   int32_t* keys;             // (B, N*(d+1), d)
   scalar_t* weights;         // (B, N*(d+1))
-  const scalar_t* scale;     // (d,) feature_scale(k, d) rounded to scalar_t, as densecrf does
+  scalar_t scale[kMaxDim];   // feature_scale(k, d) rounded to scalar_t, as densecrf does (by value:
+                             // no host-to-device copy per build)
   int64_t N;
   int d_runtime;
 

@@ -76,10 +76,8 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
   std::vector<int64_t> chunk_m;
 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rrm_lattice_build", [&] {
-    std::vector<scalar_t> scale_host(d);
-    for (int k = 0; k < d; ++k) scale_host[k] = static_cast<scalar_t>(feature_scale(k, d));
-    auto scale = at::from_blob(scale_host.data(), {d}, features.options().device(at::kCPU))
-                     .to(features.device(), /*non_blocking=*/false, /*copy=*/true);
+    EmbedFunctor<scalar_t> proto{};  // the per-feature scales, passed to the kernels by value
+    for (int k = 0; k < d; ++k) proto.scale[k] = static_cast<scalar_t>(feature_scale(k, d));
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t nb = std::min(chunk, B - b0);
       auto keys = at::empty({nb, E, d}, iopt);
@@ -88,12 +86,14 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       int32_t* ev = lat.entry_vertex.data_ptr<int32_t>() + b0 * E;
       int32_t* nv = lat.num_vertices.data_ptr<int32_t>() + b0;
       auto embed = [&](auto fixed_d) {
-        constexpr int kD = decltype(fixed_d)::value;
-        exec.for_each_item(nb, N, 1,
-                           EmbedFunctor<scalar_t, kD>{
-                               features.data_ptr<scalar_t>() + b0 * d * N, keys.data_ptr<int32_t>(),
-                               lat.entry_weight.data_ptr<scalar_t>() + b0 * E, scale.data_ptr<scalar_t>(), N, d},
-                           256);
+        EmbedFunctor<scalar_t, decltype(fixed_d)::value> f{};
+        f.features = features.data_ptr<scalar_t>() + b0 * d * N;
+        f.keys = keys.data_ptr<int32_t>();
+        f.weights = lat.entry_weight.data_ptr<scalar_t>() + b0 * E;
+        for (int k = 0; k < d; ++k) f.scale[k] = proto.scale[k];
+        f.N = N;
+        f.d_runtime = d;
+        exec.for_each_item(nb, N, 1, f, 256);
       };
       switch (d) {  // the dense CRF's kernels (d = 2: positions, 5: positions + RGB) and d = 3 unroll
         case 2:
@@ -354,11 +354,10 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
           if (!m.defined()) m = at::empty_like(neg_unary);
           filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), m.data_ptr<scalar_t>(),
                                  ptr(post[t]), nullptr, L, false, wss[t]);
-          auto ct = compat_c[t].contiguous();
-          exec.for_each(
-              BN,
-              MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), ct.data_ptr<scalar_t>(), acc.data_ptr<scalar_t>(), L},
-              256);
+          exec.for_each(BN,
+                        MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), compat_c[t].data_ptr<scalar_t>(),
+                                                   acc.data_ptr<scalar_t>(), L},
+                        256);
         }
       }
       softmax_rows<Exec, scalar_t>(exec, acc, q);
