@@ -78,7 +78,10 @@ def build_extension():
         include_dirs += sorted(glob.glob(os.path.join(nv_root, "cu*", "include")))
         define_macros.append(("RRM_WITH_CUDA", None))
         nvcc = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
-        nvcc += ["-std=c++20", "--expt-relaxed-constexpr"]
+        # --fmad=false: no fused multiply-adds, like -ffp-contract=off on the CPU, so that CPU and CUDA
+        # round the lattice embedding alike (an FMA moves pixels whose elevated coordinates sit on a
+        # rounding tie, e.g. integer colours, to another simplex: seen on an H200 as CPU != CUDA).
+        nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "--fmad=false"]
         nvcc += [f"-Xcompiler={f}" for f in omp]
         ext = cpp_extension.CUDAExtension(
             "rrm_cuda._C",

@@ -122,6 +122,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized shapes and short timings")
     p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
+    p.add_argument("--skip-cpu", action="store_true", help="time CUDA only (CPU results are still checked)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0; quick 0.2)")
     p.add_argument("--skip", nargs="*", default=[], choices=list(METHODS), help="methods not to time")
     p.add_argument(
@@ -151,6 +152,8 @@ def main(argv=None) -> None:
         for device in devices:
             checks[f"{name} {device}"] = check(shape, device)
             print(f"correct: {name} on {device}: {checks[f'{name} {device}']}", flush=True)
+            if device.type == "cpu" and args.skip_cpu:
+                continue
             thread_counts = sorted({1, all_threads}) if device.type == "cpu" else [None]
             for n in thread_counts:
                 if n is None:

@@ -172,7 +172,7 @@ def check_close(name, a, b, rtol):
     return err
 
 
-def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=True):  # noqa: N803
+def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=True, skip_cpu=False):  # noqa: N803
     torch.set_num_threads(all_threads)
     images, probs, rois, labels = make_inputs(B, K, size)
     h = int(size * scale)
@@ -219,12 +219,13 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
             flush=True,
         )
 
-    add("baseline-per-channel", all_threads, "cpu", "fwd", measure(fwd(base, probs), mrt))
-    add("baseline-per-channel", all_threads, "cpu", "fwd+bwd", measure(fwd_bwd(base, probs), mrt))
-    if with_reference:
+    if not skip_cpu:
+        add("baseline-per-channel", all_threads, "cpu", "fwd", measure(fwd(base, probs), mrt))
+        add("baseline-per-channel", all_threads, "cpu", "fwd+bwd", measure(fwd_bwd(base, probs), mrt))
+    if with_reference and not skip_cpu:
         add("pytorch-reference", all_threads, "cpu", "fwd", measure(fwd(ref, probs), mrt))
         add("pytorch-reference", all_threads, "cpu", "fwd+bwd", measure(fwd_bwd(ref, probs), mrt))
-    for threads in sorted({1, all_threads}):
+    for threads in [] if skip_cpu else sorted({1, all_threads}):
         torch.set_num_threads(threads)
         add("rrm_cuda", threads, "cpu", "fwd", measure(fwd(ours("rloss"), probs), mrt))
         for g in ("rloss", "exact"):
@@ -252,7 +253,7 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         ("fwd+bwd", "rrm_cuda[rloss]"),
         ("fwd+bwd", "rrm_cuda[exact]"),
     ):
-        for t in sorted({1, all_threads}):
+        for t in [] if skip_cpu else sorted({1, all_threads}):
             ratios[f"baseline / {impl} {mode} ({t} thr)"] = med("baseline-per-channel", mode) / med(impl, mode, t)
             if with_reference:
                 ratios[f"reference / {impl} {mode} ({t} thr)"] = med("pytorch-reference", mode) / med(impl, mode, t)
@@ -286,6 +287,7 @@ def main() -> None:
     ap.add_argument(
         "--reference-full", action="store_true", help="also time the (slow) pure-PyTorch reference at 513x513"
     )
+    ap.add_argument("--skip-cpu", action="store_true", help="time CUDA only (CPU results are still checked)")
     ap.add_argument("--out-dir", "--out", dest="out_dir", default=C.RESULTS, help="where the JSON/PNG go")
     args = ap.parse_args()
 
@@ -302,7 +304,10 @@ def main() -> None:
 
     pool = mp.get_context("spawn").Pool(all_threads, initializer=_worker_init)
     try:
-        results = [run_setting(*st[:5], pool, all_threads, mrt, with_reference=st[5]) for st in settings]
+        results = [
+            run_setting(*st[:5], pool, all_threads, mrt, with_reference=st[5], skip_cpu=args.skip_cpu)
+            for st in settings
+        ]
     finally:
         pool.close()
         pool.join()

@@ -474,6 +474,58 @@ def test_cpu_equals_cuda(cuda):
         assert torch.equal(gc, gc2)
 
 
+@pytest.mark.cuda
+def test_cuda_gradcheck_ops_layouts_and_opcheck(cuda):
+    B, C, h, w, K = 2, 3, 3, 4, 3
+    labels = _labels(B, K, h, w).to(cuda)
+    labels[0, 0, 0] = 7
+    lab = labels.reshape(B, -1)
+    kw = dict(fast_mode=True, atol=1e-6, rtol=1e-5)
+    f = _features(B, C, h, w, torch.float64).to(cuda).requires_grad_()
+    fl = f.reshape(B, C, -1)
+    centers = torch.randn(B, K, C, dtype=torch.float64, device=cuda, requires_grad=True)
+    values = torch.randn(B, K, C, dtype=torch.float64, device=cuda, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: ops.masked_feature_sums(x, lab, K, 7)[0], (fl,), **kw)
+    assert torch.autograd.gradcheck(lambda v: ops.masked_feature_gather(v, lab, 7), (values,), **kw)
+    assert torch.autograd.gradcheck(lambda x, c: ops.feature_center_cosine(x, lab, c, 7)[0], (fl, centers), **kw)
+    seg = _seg(B, 4, h, w).to(cuda)
+    assert torch.autograd.gradcheck(lambda x: rrm_cuda.bcd_loss(seg, x), (f,), fast_mode=True, atol=1e-6)
+    torch.library.opcheck(ops.masked_feature_sums, (fl.detach(), lab, K, 7))
+    torch.library.opcheck(ops.feature_center_cosine, (fl.detach(), lab, centers.detach(), 7))
+    # every layout and dtype, and soft masks, equal the CPU
+    for layout in LAYOUTS:
+        for dtype in DTYPES:
+            x = _features(3, 40, 17, 13, dtype, layout)
+            lab3 = _labels(3, 6, 17, 13)
+            a = rrm_cuda.masked_feature_centers(x, lab3, 6)
+            b = rrm_cuda.masked_feature_centers(x.to(cuda), lab3.to(cuda), 6)
+            tol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.float16, torch.bfloat16) else dict(rtol=1e-5, atol=1e-5)
+            for u, v in zip(a, b):
+                torch.testing.assert_close(v.cpu(), u, **tol)
+    soft = torch.softmax(_seg(3, 6, 17, 13), 1).float()
+    x = _features(3, 40, 17, 13)
+    for u, v in zip(
+        rrm_cuda.masked_feature_centers(x, soft), rrm_cuda.masked_feature_centers(x.to(cuda), soft.to(cuda))
+    ):
+        torch.testing.assert_close(v.cpu(), u, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_large_shape_and_many_classes(cuda):
+    # the authors' shape and many classes: long per-(image, class) segments, K = 256
+    f = _features(4, 256, 41, 41)
+    seg = _seg(4, 21, 41, 41)
+    lf = rrm_cuda.bcd_loss(seg, f)
+    lg = rrm_cuda.bcd_loss(seg.to(cuda), f.to(cuda))
+    torch.testing.assert_close(lg.cpu(), lf, rtol=1e-4, atol=1e-5)
+    lab = torch.randint(0, 256, (2, 64, 64))
+    x = _features(2, 8, 64, 64)
+    for u, v in zip(
+        rrm_cuda.masked_feature_sums(x, lab, 256), rrm_cuda.masked_feature_sums(x.to(cuda), lab.to(cuda), 256)
+    ):
+        torch.testing.assert_close(v.cpu(), u, rtol=1e-5, atol=1e-4)
+
+
 # ---- torch.compile ----------------------------------------------------------------------------------
 
 

@@ -395,7 +395,7 @@ def test_cpu_equals_cuda(cuda):  # the fixture skips without a GPU, fails on a G
     for gradient in ("exact", "rloss"):
         outs, grads = [], []
         for dev in ("cpu", cuda):
-            p = probs.to(dev).requires_grad_()
+            p = probs.to(dev).detach().requires_grad_()
             out = rrm_cuda.dense_energy_loss(
                 images.to(dev),
                 p,
@@ -412,6 +412,49 @@ def test_cpu_equals_cuda(cuda):  # the fixture skips without a GPU, fails on a G
             grads.append(p.grad.cpu())
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("grad_mode", [0, 1, 2])
+@pytest.mark.parametrize("d", [3, 5, 7])
+def test_cuda_op_matches_cpu_and_gradcheck(cuda, grad_mode, d):
+    probs, gate, feats, mass = _op_inputs(B=3, K=5, N=400, d=d)
+    a = ops.dense_energy(probs, gate, feats, mass, grad_mode)
+    b = ops.dense_energy(probs.to(cuda), gate.to(cuda), feats.to(cuda), mass.to(cuda), grad_mode)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y.cpu(), x, rtol=1e-10, atol=1e-10)
+    if grad_mode == 2:
+        p = probs[:2, :, :24].to(cuda).requires_grad_()
+        args = (gate[:2, :24].to(cuda), feats[:2, :, :24].to(cuda), mass[:2, :24].to(cuda), 2)
+        assert torch.autograd.gradcheck(lambda q: ops.dense_energy(q, *args)[0], (p,), fast_mode=True)
+        torch.library.opcheck(ops.dense_energy, (p,) + args)
+
+
+@pytest.mark.cuda
+def test_cuda_module_autocast_and_full_size(cuda):
+    images, probs, rois, labels = _inputs(B=2, K=21, H=161, W=161, dtype=torch.float32, seed=3)
+    m = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 100.0, 0.5)
+    outs, grads = [], []
+    for dev in ("cpu", cuda):
+        p = probs.to(dev).detach().requires_grad_()
+        out = m(images.to(dev), p, rois.to(dev), labels.to(dev))
+        assert out.device.type == torch.device(dev).type
+        out.sum().backward()
+        outs.append(out.cpu())
+        grads.append(p.grad.cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-9)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        p = probs.detach().to(cuda, torch.bfloat16).requires_grad_()
+        out = rrm_cuda.dense_energy_loss(images.to(cuda), p, rois.to(cuda), labels.to(cuda), scale_factor=0.5)
+    out.backward()
+    assert p.grad.dtype == torch.bfloat16 and bool(torch.isfinite(p.grad).all())
+    ref = rrm_cuda.dense_energy_loss(
+        images, probs.bfloat16().float(), rois, labels, scale_factor=0.5, check_inputs=False
+    )
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="same device"):
+        rrm_cuda.dense_energy_loss(images, probs.to(cuda), rois.to(cuda), labels.to(cuda))
 
 
 # ---------------------------------------------------------------------------------------------

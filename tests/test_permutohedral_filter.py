@@ -227,6 +227,83 @@ def test_cuda_gradcheck_and_opcheck(cuda):
     torch.library.opcheck(ops.permutohedral_filter, (v, f, False))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [1, 3, 8, 16])
+@pytest.mark.parametrize("C", [1, 7, 64])
+def test_cuda_matches_cpu_any_d_and_c(cuda, d, C):
+    v, f = _inputs(B=2, C=C, N=700, d=d, dtype=torch.float32)
+    for rev in (False, True):
+        a = ops.permutohedral_filter(v, f, rev)
+        b = ops.permutohedral_filter(v.to(cuda), f.to(cuda), rev).cpu()
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    assert torch.equal(ops.lattice_num_vertices(f.to(cuda)).cpu(), ops.lattice_num_vertices(f)), (
+        "the CUDA and CPU lattices must have the same points"
+    )
+
+
+@pytest.mark.cuda
+def test_cuda_public_api_layouts_dtypes_and_backward(cuda):
+    v, f = _inputs(B=2, C=4, N=12 * 11, d=2, dtype=torch.float32)
+    v4, f4 = v.reshape(2, 4, 12, 11), f.reshape(2, 2, 12, 11)
+    for x in (v4, v4.contiguous(memory_format=torch.channels_last), v4.transpose(2, 3).contiguous().transpose(2, 3)):
+        a = rrm_cuda.permutohedral_filter(x, f4)
+        b = rrm_cuda.permutohedral_filter(x.to(cuda), f4.to(cuda))
+        assert b.device.type == cuda.type and b.dtype == x.dtype
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-4)
+    h = rrm_cuda.permutohedral_filter(v4.to(cuda).half(), f4.to(cuda))
+    assert h.dtype == torch.float16
+    torch.testing.assert_close(h.float().cpu(), rrm_cuda.permutohedral_filter(v4, f4), rtol=1e-2, atol=1e-2)
+    # backward on the GPU equals the backward on the CPU
+    grads = []
+    for dev in ("cpu", cuda):
+        x = v4.to(dev).detach().requires_grad_()
+        (rrm_cuda.permutohedral_filter(x, f4.to(dev)) * torch.arange(11.0, device=dev)).sum().backward()
+        grads.append(x.grad.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-4)
+    # empty inputs and a batch of one pixel per image
+    e = rrm_cuda.permutohedral_filter(torch.empty(2, 3, 0, device=cuda), torch.empty(2, 2, 0, device=cuda))
+    assert e.shape == (2, 3, 0)
+    one = rrm_cuda.permutohedral_filter(torch.ones(3, 2, 1, device=cuda), torch.zeros(3, 4, 1, device=cuda))
+    torch.testing.assert_close(one.cpu(), rrm_cuda.permutohedral_filter(torch.ones(3, 2, 1), torch.zeros(3, 4, 1)))
+
+
+@pytest.mark.cuda
+def test_cuda_bad_input(cuda):
+    v, f = _inputs(B=1, C=2, N=40, d=2, dtype=torch.float32)
+    with pytest.raises(ValueError, match="same device"):
+        rrm_cuda.permutohedral_filter(v.to(cuda), f)
+    bad = f.clone()
+    bad[0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="features contains NaN"):
+        rrm_cuda.permutohedral_filter(v.to(cuda), bad.to(cuda))
+    N = 2**20  # 64 images of 2^20 pixels with d = 16: far more lattice than the GPU's memory, refused up front
+    big_f = torch.zeros(1, 16, N, device=cuda).expand(64, 16, N)
+    big_v = torch.zeros(1, 1, N, device=cuda).expand(64, 1, N)
+    with pytest.raises(MemoryError, match="lattice of features"):
+        rrm_cuda.permutohedral_filter(big_v, big_f)
+
+
+@pytest.mark.cuda
+def test_cuda_many_images_and_large_image(cuda):
+    # many small images in one launch (a per-image table and counters), and one image large enough to
+    # grow the hash table past its first guess
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(37, 3, 257, generator=g)
+    f = torch.randn(37, 5, 257, generator=g) * torch.linspace(0.1, 20, 37)[:, None, None]
+    torch.testing.assert_close(
+        ops.permutohedral_filter(v.to(cuda), f.to(cuda), False).cpu(),
+        ops.permutohedral_filter(v, f, False),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+    v = torch.randn(1, 2, 200_000, generator=g)
+    f = torch.randn(1, 5, 200_000, generator=g) * 30  # nearly every pixel its own lattice point
+    a = ops.permutohedral_filter(v, f, False)
+    b = ops.permutohedral_filter(v.to(cuda), f.to(cuda), False).cpu()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+    assert int(ops.lattice_num_vertices(f.to(cuda))) == int(ops.lattice_num_vertices(f))
+
+
 def test_cuda_is_tested_when_present():
     cuda_available()  # fails if a GPU is present but the build has no CUDA
 

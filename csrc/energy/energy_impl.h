@@ -66,7 +66,6 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
     const scalar_t* w = lat.entry_weight.data_ptr<scalar_t>();
     const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
-    const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
     const int32_t* nbr = lat.neighbors.data_ptr<int32_t>();
     const scalar_t alpha = static_cast<scalar_t>(lattice::slice_alpha(d));
     scalar_t* in_p = in.data_ptr<scalar_t>();
@@ -81,11 +80,7 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       if constexpr (kCpu) {
         lattice::splat_scatter_cpu<scalar_t>(lat, in_p, pre, cur, C, Cs, ws);
       } else {
-        exec.for_each_item(B, M, C,
-                           lattice::SplatFunctor<scalar_t>{in_p, pre, lat.offsets.data_ptr<int64_t>(),
-                                                           lat.splat_pixel.data_ptr<int32_t>(),
-                                                           lat.splat_weight.data_ptr<scalar_t>(), nv, cur, N, E, M, C},
-                           grain);
+        lattice::splat_gather<Exec, scalar_t>(exec, lat, in_p, pre, cur, C, ws, grain);
       }
       for (int s = 0; s <= d; ++s) {
         const int j = reverse ? d - s : s;

@@ -281,37 +281,89 @@ struct CountFunctor {
 // handles one item and channels [c0, c1): the CPU takes all channels (vectorisable inner loops),
 // the GPU one channel (coalesced accesses across a warp).
 //
-// All three stages are gathers, so they are deterministic and need no atomics: the splat of
-// vertex v sums its entries in increasing entry order (the splat lists are sorted).
+// All three stages are gathers on the GPU, so they are deterministic and need no atomics: the
+// splat L[v] = sum_{p in list(v)} w_p * pre[i_p] * in[i_p] sums fixed chunks of the sorted splat
+// lists (each entry's pixel and weight, grouped by vertex, gathered once at build) in a fixed order.
 
-// Splat: L[v] = sum_{p in list(v)} w_p * pre[i_p] * in[i_p]. The splat lists hold, grouped by
-// vertex and in increasing entry order, each entry's pixel and weight (gathered once at build).
-template <typename scalar_t>
-struct SplatFunctor {
-  const scalar_t* in;            // (B, N, C)
-  const scalar_t* pre;           // (B, N) per-pixel factor, or nullptr
-  const int64_t* offsets;        // (B, M+1)
-  const int32_t* splat_pixel;    // (B, E)
-  const scalar_t* splat_weight;  // (B, E)
+// Splat as a deterministic two-step gather (CUDA and its emulation). The splat list of a vertex
+// can be long (a vertex of a smooth region of a bilateral lattice collects thousands of pixels), so
+// one thread per vertex would serialise on it: each list is cut into chunks of at most kSplatChunk
+// entries; SplatChunkFunctor sums a chunk (one thread per chunk and channel, in entry order), then
+// SplatReduceFunctor sums the chunks of a vertex in order. Fixed chunks: the same sums every run.
+constexpr int64_t kSplatChunk = 32;
+
+// Per (b, v): the entry ranges of v's chunks, at chunk_offsets[b, v] ... chunk_offsets[b, v+1]-1.
+struct ChunkRangeFunctor {
+  const int64_t* offsets;        // (B, M+1) splat list bounds
+  const int32_t* chunk_offsets;  // (B, M+1)
   const int32_t* num_vertices;   // (B,)
-  scalar_t* out;                 // (B, M, C)
-  int64_t N, E, M, C;
+  int32_t* chunk_begin;          // (B, K) out (zero-initialised: unused chunks are empty)
+  int32_t* chunk_end;            // (B, K) out
+  int64_t M, K;
 
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t c0, int64_t c1) const {
-    scalar_t* o = out + (b * M + v) * C;
-    for (int64_t c = c0; c < c1; ++c) o[c] = 0;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
     if (v >= num_vertices[b]) return;
     const int64_t* off = offsets + b * (M + 1);
+    int64_t k = b * K + chunk_offsets[b * (M + 1) + v];
+    const int64_t s1 = off[v + 1];
+    for (int64_t s = off[v]; s < s1; s += kSplatChunk, ++k) {
+      chunk_begin[k] = static_cast<int32_t>(s);
+      chunk_end[k] = static_cast<int32_t>(s + kSplatChunk < s1 ? s + kSplatChunk : s1);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct SplatChunkFunctor {
+  const scalar_t* in;            // (B, N, C)
+  const scalar_t* pre;           // (B, N) per-pixel factor, or nullptr
+  const int32_t* chunk_begin;    // (B, K)
+  const int32_t* chunk_end;      // (B, K)
+  const int32_t* splat_pixel;    // (B, E)
+  const scalar_t* splat_weight;  // (B, E)
+  scalar_t* partial;             // (B, K, C) out
+  int64_t N, E, K, C;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t c0, int64_t c1) const {
+    const int64_t t = b * K + k;
+    const int64_t s0 = chunk_begin[t], s1 = chunk_end[t];
     const int32_t* pix = splat_pixel + b * E;
     const scalar_t* wb = splat_weight + b * E;
     const scalar_t* xb = in + b * N * C;
     const scalar_t* pb = pre ? pre + b * N : nullptr;
-    const int64_t p1 = off[v + 1];
-    for (int64_t p = off[v]; p < p1; ++p) {
-      const int64_t i = pix[p];
-      const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
-      const scalar_t* x = xb + i * C;
-      for (int64_t c = c0; c < c1; ++c) o[c] += w * x[c];
+    for (int64_t c = c0; c < c1; ++c) {
+      scalar_t acc = 0;
+      for (int64_t p = s0; p < s1; ++p) {
+        const int64_t i = pix[p];
+        const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
+        acc += w * xb[i * C + c];
+      }
+      partial[t * C + c] = acc;
+    }
+  }
+};
+
+template <typename scalar_t>
+struct SplatReduceFunctor {
+  const scalar_t* partial;       // (B, K, C)
+  const int32_t* chunk_offsets;  // (B, M+1)
+  const int32_t* num_vertices;   // (B,)
+  scalar_t* out;                 // (B, M, C)
+  int64_t M, K, C;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t c0, int64_t c1) const {
+    scalar_t* o = out + (b * M + v) * C;
+    if (v >= num_vertices[b]) {
+      for (int64_t c = c0; c < c1; ++c) o[c] = 0;
+      return;
+    }
+    const int32_t* co = chunk_offsets + b * (M + 1);
+    const int64_t k0 = co[v], k1 = co[v + 1];
+    const scalar_t* pb = partial + b * K * C;
+    for (int64_t c = c0; c < c1; ++c) {
+      scalar_t acc = 0;
+      for (int64_t k = k0; k < k1; ++k) acc += pb[k * C + c];
+      o[c] = acc;
     }
   }
 };
@@ -467,28 +519,6 @@ struct SliceFunctor {
 
 // ---------------------------------------------------------------------------------------------
 // Mean-field helpers (one thread per pixel; labels are few, the loop over them is short).
-
-// q = softmax(x) over the last dimension, max-subtracted as densecrf's expAndNormalize.
-template <typename scalar_t>
-struct SoftmaxFunctor {
-  const scalar_t* x;  // (B*N, L)
-  scalar_t* q;        // (B*N, L)
-  int64_t L;
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const scalar_t* a = x + t * L;
-    scalar_t* o = q + t * L;
-    using std::exp;
-    scalar_t mx = a[0];
-    for (int64_t l = 1; l < L; ++l) mx = a[l] > mx ? a[l] : mx;
-    scalar_t s = 0;
-    for (int64_t l = 0; l < L; ++l) {
-      o[l] = exp(a[l] - mx);
-      s += o[l];
-    }
-    const scalar_t inv = scalar_t(1) / s;
-    for (int64_t l = 0; l < L; ++l) o[l] *= inv;
-  }
-};
 
 // acc[i] -= C m[i] for a full (L, L) compatibility matrix (energy convention).
 template <typename scalar_t>

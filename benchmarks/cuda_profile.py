@@ -1,0 +1,119 @@
+"""Where the GPU time of rrm_cuda's ops goes: CUDA-event timings of the parts (lattice build, one
+filter, the whole dense CRF, the energy loss) and torch.profiler's table of the kernels they launch.
+
+    python benchmarks/cuda_profile.py                # 512x512, 21 labels, 10 iterations; energy 8 x 21 x 160^2
+    python benchmarks/cuda_profile.py --out-dir DIR  # also writes cuda_profile_<gpu>.json
+
+Needs a CUDA device and a CUDA build. Reports only (no speed assertions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rrm_cuda  # noqa: E402
+
+ops = torch.ops.rrm_cuda
+
+
+def event_ms(fn, reps: int = 20) -> float:
+    """Median milliseconds of fn() by CUDA events, after a warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--labels", type=int, default=21)
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda_profile.py needs a CUDA device")
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    S, L = args.size, args.labels
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()[:S, :S].copy()).permute(2, 0, 1)[None].to(dev)
+    probs = torch.softmax(torch.randn(1, L, S // 8, S // 8, generator=g) * 3, 1)
+    probs = torch.nn.functional.interpolate(probs, size=(S, S), mode="bilinear").to(dev)
+    pos = rrm_cuda.position_features(1, (S, S), 3.0, device=dev)
+    bil = rrm_cuda.bilateral_features(img, 80.0, 13.0)
+    vals = torch.rand(1, L, S * S, device=dev)
+    res: dict[str, float] = {}
+    res["build bilateral (d=5)"] = event_ms(lambda: ops.lattice_num_vertices(bil))
+    res["build positions (d=2)"] = event_ms(lambda: ops.lattice_num_vertices(pos))
+    res["build + 1 filter, d=5, 21 ch"] = event_ms(lambda: ops.permutohedral_filter(vals, bil, False))
+    res["build + 1 filter, d=2, 21 ch"] = event_ms(lambda: ops.permutohedral_filter(vals, pos, False))
+    crf = lambda: rrm_cuda.dense_crf(probs=probs, image=img, iterations=args.iterations)  # noqa: E731
+    res[f"dense_crf {S}x{S}x{L}x{args.iterations} (public API)"] = event_ms(crf)
+    u = rrm_cuda.unary_from_probs(probs).reshape(1, L, -1).contiguous()
+    eye = torch.eye(L, device=dev)
+    compat = torch.stack([-3 * eye, -10 * eye])
+    raw = lambda: ops.dense_crf(u, [pos, bil], compat, [True, True], [0, 0], args.iterations)  # noqa: E731
+    res["dense_crf op alone (no Python checks)"] = event_ms(raw)
+    res["dense_crf op, 0 iterations (builds only)"] = event_ms(
+        lambda: ops.dense_crf(u, [pos, bil], compat, [True, True], [0, 0], 0)
+    )
+    for B in (1, 8):
+        ub = u.expand(B, -1, -1).contiguous()
+        pb, bb = pos.expand(B, -1, -1).contiguous(), bil.expand(B, -1, -1).contiguous()
+        res[f"dense_crf op batch {B}"] = event_ms(
+            lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations), reps=10
+        )
+    # energy loss at RRM's setting, on the energy benchmark's photographs
+    from benchmarks.energy_bench import make_inputs
+
+    images, p, rois, labels = (t.to(dev) for t in make_inputs(8, 21, 321))
+    p.requires_grad_()
+    for grad in ("rloss", "exact"):
+        m = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient=grad)
+        res[f"energy fwd+bwd 8x21x160^2 [{grad}]"] = event_ms(lambda: m(images, p, rois, labels).sum().backward())
+        m2 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient=grad, check_inputs=False)
+        res[f"energy fwd+bwd [{grad}], check_inputs=False"] = event_ms(
+            lambda: m2(images, p, rois, labels).sum().backward()
+        )
+    name = torch.cuda.get_device_name(dev)
+    print(f"device: {name}, torch {torch.__version__}")
+    for k, v in res.items():
+        print(f"  {k:<50} {v:9.3f} ms")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        crf()
+        torch.cuda.synchronize()
+    print("\nkernels of one dense_crf call:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        m(images, p, rois, labels).sum().backward()
+        torch.cuda.synchronize()
+    print("\nkernels of one energy-loss fwd+bwd (exact):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        tag = name.replace("NVIDIA ", "").replace(" ", "-").lower()
+        with open(os.path.join(args.out_dir, f"cuda_profile_{tag}.json"), "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, ms=res), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The GPU-machine session in one script: build in place for the local GPU, run the CUDA tests,
+# compute-sanitizer on every kernel, and the benchmarks. Each step has its own time limit, so a
+# hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
+# (JSON + PNG) to $OUT_DIR/results/.
+#
+#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile rrm
+#   OUT_DIR=/tmp/gpu bash benchmarks/gpu_check.sh build smoke tests
+#
+# Default steps: build smoke tests sanitize bench profile. SANITIZERS (default memcheck racecheck) and
+# BENCHES (default crf energy bcd) choose within a step. Needs nvcc (CUDA_HOME) and a CUDA torch.
+set -u
+OUT_DIR=${OUT_DIR:-${OUT:-/tmp/rrm-gpu}}
+mkdir -p "$OUT_DIR/results"
+LOG="$OUT_DIR/logs.txt"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1
+PY=${PY:-python3}
+STEPS=${*:-build smoke tests sanitize bench profile}
+status=0
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+  [ $rc -eq 0 ] || status=1
+  return $rc
+}
+
+has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
+  nproc
+} 2>&1 | tee -a "$LOG"
+
+if has build; then
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  step build 400 $PY setup.py build_ext --inplace || {
+    tail -40 "$LOG"
+    exit 1
+  }
+  $PY -c "import rrm_cuda; print(rrm_cuda.build_info())" 2>&1 | tee -a "$LOG"
+fi
+has smoke && step smoke 120 $PY tests/cuda_smoke.py
+has tests && step tests 300 $PY -m pytest -q -m cuda -ra -p no:cacheprovider tests
+has suite && step suite 400 $PY -m pytest -q -ra -p no:cacheprovider -x tests
+if has sanitize; then
+  for tool in memcheck racecheck initcheck synccheck; do
+    case " ${SANITIZERS:-memcheck racecheck} " in *" $tool "*) ;; *) continue ;; esac
+    step "compute-sanitizer $tool" 150 compute-sanitizer --tool $tool --error-exitcode 3 $PY tests/cuda_smoke.py
+  done
+fi
+if has bench; then
+  R="$OUT_DIR/results"
+  for b in ${BENCHES:-crf energy bcd}; do
+    case $b in
+      crf) step crf_bench 200 $PY benchmarks/crf_bench.py --skip-cpu --min-run-time 0.5 --out-dir "$R" ;;
+      energy) step energy_bench 200 $PY benchmarks/energy_bench.py --skip-cpu --min-run-time 0.5 --out-dir "$R" ;;
+      bcd) step bcd_bench 150 $PY benchmarks/bcd_bench.py --skip-cpu --skip reference_loop --min-run-time 0.5 \
+        --out-dir "$R" ;;
+    esac
+  done
+fi
+has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$OUT_DIR/results"
+if has rrm && [ -f benchmarks/rrm_bench.py ]; then
+  step rrm_bench 300 $PY benchmarks/rrm_bench.py --device cuda --out-dir "$OUT_DIR/results"
+fi
+grep -E "^=== .*rc=|passed|failed|MISMATCH|ERROR SUMMARY" "$LOG" | tail -40
+# the device tool brings back at most 8 files: pack the results into one
+if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ]; then
+  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+fi
+exit $status

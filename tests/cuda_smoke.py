@@ -1,0 +1,105 @@
+"""Every CUDA kernel of rrm_cuda once, on small inputs, compared with the CPU: the program that
+compute-sanitizer (memcheck, racecheck, initcheck, synccheck) runs on a GPU machine.
+
+    compute-sanitizer --tool memcheck --error-exitcode 3 python tests/cuda_smoke.py
+
+Exits non-zero on a mismatch. Not collected by pytest (the suite's CUDA tests are marked ``cuda``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import rrm_cuda
+
+ops = torch.ops.rrm_cuda
+
+
+def close(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    a, b = a.detach().cpu().double(), b.detach().cpu().double()
+    err = float((a - b).abs().max()) / max(1.0, float(b.abs().max())) if b.numel() else 0.0
+    print(f"{name:<48} max rel err {err:.2e}", flush=True)
+    if not err <= tol:
+        raise SystemExit(f"MISMATCH: {name}: {err:.3g} > {tol}")
+
+
+def main() -> None:
+    dev = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")  # "cpu": a dry run of the script itself
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device")
+    g = torch.Generator().manual_seed(0)
+    # permutohedral filter: unrolled d = 2, 5 and the generic path; both blur orders; table growth
+    for d, N, scale in ((2, 300, 2.0), (5, 300, 2.0), (8, 200, 2.0), (5, 3000, 40.0)):
+        v = torch.randn(2, 3, N, generator=g)
+        f = torch.randn(2, d, N, generator=g) * scale
+        for rev in (False, True):
+            close(
+                f"filter d={d} N={N} reverse={rev}",
+                ops.permutohedral_filter(v.to(dev), f.to(dev), rev),
+                ops.permutohedral_filter(v, f, rev),
+                1e-5,
+            )
+        close(f"num_vertices d={d}", ops.lattice_num_vertices(f.to(dev)), ops.lattice_num_vertices(f), 0)
+    x = torch.randn(2, 4, 60, generator=g, dtype=torch.float64)
+    f = torch.randn(2, 3, 60, generator=g, dtype=torch.float64)
+    xc = x.to(dev).detach().requires_grad_()
+    rrm_cuda.permutohedral_filter(xc, f.to(dev)).pow(2).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    rrm_cuda.permutohedral_filter(xr, f).pow(2).sum().backward()
+    close("filter backward float64", xc.grad, xr.grad, 1e-12)
+    # dense CRF: Potts and full compatibilities, two batch images, float32 and float64
+    for dtype in (torch.float32, torch.float64):
+        unary = torch.rand(2, 4, 17, 13, generator=g, dtype=dtype) * 3
+        image = torch.randint(0, 256, (2, 3, 17, 13), generator=g, dtype=torch.uint8)
+        full = torch.rand(4, 4, generator=g, dtype=dtype) - 3
+        for compat in (10.0, full):
+            kw = dict(iterations=3, bilateral_sxy=10.0, bilateral_compat=compat)
+            close(
+                f"dense_crf {dtype} {'potts' if isinstance(compat, float) else 'matrix'}",
+                rrm_cuda.dense_crf(unary.to(dev), image.to(dev), **kw),
+                rrm_cuda.dense_crf(unary, image, **kw),
+                1e-4 if dtype == torch.float32 else 1e-10,
+            )
+    # energy op: value only, rloss and exact gradients, with and without the mass term
+    probs = torch.rand(2, 3, 150, generator=g, dtype=torch.float64)
+    gate = torch.rand(2, 150, generator=g, dtype=torch.float64)
+    feats = torch.rand(2, 5, 150, generator=g, dtype=torch.float64) * 3
+    mass = torch.rand(2, 150, generator=g, dtype=torch.float64)
+    for mode in (0, 1, 2):
+        for m in (None, mass):
+            a = ops.dense_energy(probs.to(dev), gate.to(dev), feats.to(dev), None if m is None else m.to(dev), mode)
+            b = ops.dense_energy(probs, gate, feats, m, mode)
+            for k, (u, w) in enumerate(zip(a, b)):
+                close(f"dense_energy mode={mode} mass={m is not None} out{k}", u, w, 1e-10)
+    # BCD ops through the loss, forward and backward, float32 and float16
+    for dtype in (torch.float32, torch.float16):
+        feat = torch.randn(2, 16, 9, 11, generator=g).to(dtype)
+        seg = torch.randn(2, 5, 9, 11, generator=g)
+        fc = feat.to(dev).detach().requires_grad_()
+        lc = rrm_cuda.bcd_loss(seg.to(dev), fc)
+        lc.backward()
+        fr = feat.detach().clone().requires_grad_()
+        lr = rrm_cuda.bcd_loss(seg, fr)
+        lr.backward()
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        close(f"bcd_loss {dtype}", lc, lr, tol)
+        close(f"bcd_loss grad {dtype}", fc.grad, fr.grad, tol)
+    lab = torch.randint(0, 6, (2, 9, 11), generator=g)
+    lab[0, 0, 0] = 255
+    feat = torch.randn(2, 16, 9, 11, generator=g)
+    for k, (u, w) in enumerate(
+        zip(
+            rrm_cuda.masked_feature_sums(feat.to(dev), lab.to(dev), 6, ignore_index=255),
+            rrm_cuda.masked_feature_sums(feat, lab, 6, ignore_index=255),
+        )
+    ):
+        close(f"masked_feature_sums out{k}", u, w, 1e-5)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    print("cuda smoke: all kernels ran and matched the CPU")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
