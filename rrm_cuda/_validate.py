@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -36,13 +37,23 @@ def tensor(
     return x
 
 
+def finite_range(x: torch.Tensor, name: str) -> tuple[float, float] | None:
+    """(min, max) of a floating tensor, raising on NaN/Inf; None for empty or non-float tensors.
+
+    One pass (aminmax propagates NaN and sees Inf, without a mask of x's size) and one device
+    synchronisation: on a GPU each ``.item()`` stalls the host until the queue drains.
+    """
+    if not x.is_floating_point() or x.numel() == 0:
+        return None
+    lo, hi = torch.stack(list(torch.aminmax(x.detach()))).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
+        raise ValueError(f"{name} contains {bad} values")
+    return lo, hi
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
-    if x.is_floating_point() and x.numel() > 0:
-        # amin / amax propagate NaN and see Inf, without allocating a mask of x's size
-        lo, hi = torch.aminmax(x.detach())
-        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-            bad = "NaN" if bool(torch.isnan(lo)) or bool(torch.isnan(hi)) else "Inf"
-            raise ValueError(f"{name} contains {bad} values")
+    finite_range(x, name)
 
 
 def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:

@@ -28,11 +28,6 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _range(t: Tensor) -> tuple[float, float]:
-    lo, hi = torch.aminmax(t)
-    return float(lo), float(hi)
-
-
 def _check_values(
     images: Tensor,
     probs: Tensor,
@@ -52,44 +47,56 @@ def _check_values(
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains {'NaN' if bool(torch.isnan(t).any()) else 'Inf'} values")
 
+    # Every statistic is reduced on the device first and read back with a single synchronisation
+    # (on a GPU each read stalls the host until the queue drains).
+    stats: dict[str, Tensor] = {}
     if images.numel():
-        lo, hi = _range(images)
-        if not (lo >= 0 and hi <= 255):
-            nonfinite("images", images)
-            raise ValueError(
-                f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
-                f"[{lo:.4g}, {hi:.4g}]"
-            )
+        stats["img_lo"], stats["img_hi"] = torch.aminmax(images)
     if probs.numel():
-        lo, hi = _range(probs)
-        if not (lo >= 0 and hi <= 1):
+        stats["p_lo"], stats["p_hi"] = torch.aminmax(probs)
+        if distribution:
+            stats["sum_lo"], stats["sum_hi"] = torch.aminmax(probs.sum(1, dtype=torch.float32))
+    if rois is not None and rois.numel():
+        stats["roi_ok"] = ((rois == 0) | (rois == 1)).all()
+    if seg_label is not None and seg_label.numel():
+        K = probs.shape[1]
+        lab = seg_label if seg_label.is_floating_point() else seg_label.long()
+        ok = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
+        stats["lab_ok"] = ok.all()
+    if not stats:
+        return
+    v = dict(zip(stats, torch.stack([t.double() for t in stats.values()]).tolist()))
+
+    if "img_lo" in v and not (v["img_lo"] >= 0 and v["img_hi"] <= 255):
+        nonfinite("images", images)
+        raise ValueError(
+            f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
+            f"[{v['img_lo']:.4g}, {v['img_hi']:.4g}]"
+        )
+    if "p_lo" in v:
+        if not (v["p_lo"] >= 0 and v["p_hi"] <= 1):
             nonfinite("segmentations", probs)
             raise ValueError(
                 f"segmentations must be probabilities in [0, 1] (softmax outputs, not logits); got values in "
-                f"[{lo:.4g}, {hi:.4g}]"
+                f"[{v['p_lo']:.4g}, {v['p_hi']:.4g}]"
             )
         if distribution:
             tol = 1e-3 if probs.dtype in _COMPUTE_DTYPES else 1e-2
-            lo, hi = _range(probs.sum(1, dtype=torch.float32))
-            dev = max(abs(lo - 1), abs(hi - 1))
+            dev = max(abs(v["sum_lo"] - 1), abs(v["sum_hi"] - 1))
             if dev > tol:
                 raise ValueError(
                     "segmentations must be a probability distribution over dimension 1 (softmax) for the "
                     f"gate and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
                 )
-    if rois is not None and rois.numel() and not bool(((rois == 0) | (rois == 1)).all()):
+    if v.get("roi_ok", 1.0) != 1.0:
         nonfinite("ROIs", rois)
         raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
-    if seg_label is not None and seg_label.numel():
-        K = probs.shape[1]
-        lab = seg_label if seg_label.is_floating_point() else seg_label.long()
-        ok = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
-        if not bool(ok.all()):
-            nonfinite("seg_label", lab)
-            raise ValueError(
-                f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
-                f"values (e.g. {float(lab[~ok][0]):g})"
-            )
+    if v.get("lab_ok", 1.0) != 1.0:
+        nonfinite("seg_label", lab)
+        raise ValueError(
+            f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
+            f"values (e.g. {float(lab[~ok][0]):g})"
+        )
 
 
 def dense_energy_loss(

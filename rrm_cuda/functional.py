@@ -31,12 +31,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _COMPUTE_DTYPES else torch.float32
 
 
-def _check_key_range(features: Tensor, name: str) -> None:
-    """Lattice keys are int32: refuse features whose elevated coordinates could overflow them."""
+def _check_key_range(features: Tensor, name: str, fmax: float | None = None) -> None:
+    """Lattice keys are int32: refuse features whose elevated coordinates could overflow them.
+    ``fmax``: max |features| when already known."""
     d = features.shape[1]
     if features.numel() == 0:
         return
-    fmax = float(features.detach().abs().amax())
+    if fmax is None:
+        fmax = float(features.detach().abs().amax())
     bound = 2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0) * fmax
     if bound > 2**30:
         raise ValueError(
@@ -66,8 +68,9 @@ def _check_lattice_features(features: Tensor, name: str, C: int, dtype: torch.dt
         raise ValueError(f"{name}: N * (d + 1) must be < 2^30 lattice entries per image; got N={N}, d={d}")
     itemsize = torch.finfo(dtype).bits // 8
     V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}")
-    V.check_finite(features, name)
-    _check_key_range(features, name)
+    rng = V.finite_range(features, name)  # one synchronisation for finiteness and the key range
+    if rng is not None:
+        _check_key_range(features, name, max(abs(rng[0]), abs(rng[1])))
 
 
 def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = False) -> Tensor:
@@ -132,8 +135,17 @@ def lattice_num_vertices(features: Tensor) -> Tensor:
 
 
 def _per_image(sigma: float | Tensor, B: int, like: Tensor) -> Tensor | float:
+    """A divisor for features of ``like``: (B, 1, 1) per-image sigmas, or a number.
+
+    On CUDA a number becomes a device tensor: PyTorch divides a CUDA tensor by a Python number as
+    a multiplication by its reciprocal, which rounds differently from the CPU's (and densecrf's)
+    true division; a feature that then lands on a rounding tie of the lattice embedding (integer
+    colours and positions do) moves to another simplex, and CPU and CUDA results differ.
+    """
     if isinstance(sigma, Tensor):
         return sigma.to(device=like.device, dtype=like.dtype).reshape(B, 1, 1)
+    if like.device.type != "cpu":
+        return torch.full((), sigma, dtype=like.dtype, device=like.device)
     return sigma
 
 
@@ -250,8 +262,9 @@ def dense_crf(
     if (unary is None) == (probs is None):
         raise ValueError("give exactly one of unary (energies) and probs (scores)")
     if probs is not None:
-        V.tensor(probs, "probs", dtypes=V.FLOAT_DTYPES)
-        if probs.numel() and bool((probs < 0).any()):
+        V.tensor(probs, "probs", dtypes=V.FLOAT_DTYPES, finite=False)
+        rng = V.finite_range(probs, "probs")
+        if rng is not None and rng[0] < 0:
             raise ValueError("probs must be non-negative scores (got negative values)")
         src_name, src = "probs", probs
     else:

@@ -64,8 +64,10 @@ at::Tensor splat_order_sorted(const Exec& exec, Lattice& lat) {
                      ChunkRangeFunctor{lat.offsets.data_ptr<int64_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
                                        lat.num_vertices.data_ptr<int32_t>(), lat.chunk_begin.data_ptr<int32_t>(),
                                        lat.chunk_end.data_ptr<int32_t>(), M, lat.K});
-  auto base = at::arange(B, counts.options().dtype(at::kLong)).mul_(M).unsqueeze(1);
-  auto keys = lat.entry_vertex.to(at::kLong).add_(base).reshape({B * E});
+  // (image, vertex) keys in 32 bits when they fit: half the radix-sort passes of 64-bit keys.
+  const auto kdt = B * M < (int64_t(1) << 31) ? at::kInt : at::kLong;
+  auto base = at::arange(B, counts.options().dtype(kdt)).mul_(M).unsqueeze(1);
+  auto keys = lat.entry_vertex.to(kdt).add(base).reshape({B * E});  // not add_: to() may alias
   auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   return order.remainder_(E).reshape({B, E});
 }
