@@ -8,8 +8,9 @@ for float64 features, float32 otherwise (float16 / bfloat16 features accumulate 
 Passes over the features: :func:`masked_feature_sums` one read (backward: one write);
 :func:`feature_center_cosine` one read (backward: two reads and one write). On the CPU every sum
 runs in a fixed order, so the results do not depend on the number of threads; the CUDA kernels use
-no floating-point atomics either (per-(image, class[, channel]) threads walk their pixels in a fixed
-order), so they are bitwise reproducible on a given GPU, and differ from the CPU in rounding only.
+no floating-point atomics either (fixed chunks of each class's pixels are summed in a fixed order,
+then the chunks in order), so they are bitwise reproducible on a given GPU, and differ from the CPU in
+rounding only.
 """
 
 from __future__ import annotations

@@ -451,6 +451,40 @@ def test_emulated_cuda_equals_cpu(dtype, layout, C):
     torch.testing.assert_close(ga[1], gb[1], **tol)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("K", [3, 256])
+def test_emulated_cuda_chunks_equal_cpu(layout, K):
+    # The GPU path cuts segments into chunks (tiles of 32 lanes x 32 entries): a background segment of
+    # several tiles plus a partial one, classes shorter than a tile's lanes, empty classes, ignored
+    # pixels, and K = 256 (more classes than present: most segments empty).
+    B, C, h, w = 2, 7, 48, 50
+    f = _features(B, C, h, w, torch.float64, layout).reshape(B, C, -1)
+    g = torch.Generator().manual_seed(5)
+    ign = 99 if K < 99 else 999
+    lab = torch.zeros(B, h * w, dtype=torch.long)
+    lab[:, ::7] = 1  # 343 pixels: 10 lanes of one tile
+    lab[0, 5:25] = 2  # 20 pixels, fewer than the lanes
+    lab[1, torch.randint(0, h * w, (40,), generator=g)] = ign  # ignored
+    if K == 256:
+        lab[1, 100:130] = 200
+    tol = _tol(torch.float64)
+    torch.testing.assert_close(
+        ops._masked_feature_sums_emulated(f, lab, K, ign), ops.masked_feature_sums(f, lab, K, ign), **tol
+    )
+    c = torch.randn(B, K, C, dtype=torch.float64, generator=g)
+    a = ops.feature_center_cosine(f, lab, c, ign)
+    b = ops._feature_center_cosine_emulated(f, lab, c, ign)
+    torch.testing.assert_close(a, b, **tol)
+    gr = torch.randn(B, K, dtype=torch.float64, generator=g)
+    ga = ops.feature_center_cosine_backward(gr, f, lab, c, a[1], a[2], ign)
+    gb = ops._feature_center_cosine_backward_emulated(gr, f, lab, c, a[1], a[2], ign)
+    torch.testing.assert_close(ga, gb, **tol)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ops._masked_feature_sums_emulated(f, lab.clamp_max(K), K, ign)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ops._masked_feature_gather_emulated(c, lab - 1, ign)
+
+
 # ---- CPU == CUDA ------------------------------------------------------------------------------------
 
 

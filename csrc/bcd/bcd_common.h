@@ -301,5 +301,258 @@ struct CosineGradFeaturesFunctor {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// GPU (and emulated) segment machinery. The per-segment functors above give one thread a whole
+// segment, which on the GPU serialises the kernel on the background class (thousands of pixels).
+// The GPU path instead cuts every segment into chunks of at most kChunkSteps entries and sums in two
+// steps (chunk partials, then the chunks of a segment in order), so every sum still has a fixed
+// order: bitwise reproducible, no floating-point atomics.
+//
+// Chunk shape. A segment is cut into tiles of kChunkLanes * kChunkSteps consecutive (sorted) entries;
+// chunk l of a tile takes the entries l, l + kChunkLanes, l + 2 kChunkLanes, ... of the tile (lanes
+// interleaved rather than contiguous runs). With NCHW features (pixel-contiguous rows), the 32 threads
+// of a warp are the 32 lanes of one tile for one channel: at each step they read 32 consecutive
+// entries of the segment, i.e. increasing pixels of one row -- for a spatially coherent class (a
+// region of the image) one or two 128-byte lines per load instead of 32 lines for contiguous chunks
+// (or for channel-fastest threads, which read 32 rows N elements apart). Transposing the features to
+// channels-last first would make every load coalesced whatever the labels, but costs a read and a
+// write of the whole tensor (3 feature-sized transfers instead of 1), and ATen's strided copy has
+// the same uncoalesced side; so we read in place. With channels-last features the threads of a warp
+// are instead 32 consecutive channels of one chunk (coalesced whatever the labels).
+// Chunks of a segment: floor(len / T) full tiles of kChunkLanes chunks, then min(len mod T, kChunkLanes)
+// chunks (a chunk is never empty), so an image has at most min(N, N / kChunkSteps + K kChunkLanes)
+// chunks: the partial buffers are sized without a host synchronisation.
+constexpr int64_t kChunkLanes = 32;
+constexpr int64_t kChunkSteps = 32;
+constexpr int64_t kChunkTile = kChunkLanes * kChunkSteps;
+
+RRM_HOST_DEVICE int64_t chunks_of_segment(int64_t len) {
+  const int64_t rem = len % kChunkTile;
+  return (len / kChunkTile) * kChunkLanes + (rem < kChunkLanes ? rem : kChunkLanes);
+}
+
+// Upper bound of the chunks of one image, rounded up to a multiple of kChunkLanes (warps of lanes).
+inline int64_t chunk_capacity(int64_t N, int64_t K) {
+  int64_t cap = N / kChunkSteps + K * kChunkLanes;
+  if (cap > N) cap = N;
+  return (cap + kChunkLanes - 1) / kChunkLanes * kChunkLanes;
+}
+
+// S1. Class keys, one thread per pixel (B, N): key = label (K for ignore_index), sort key
+//     skey = key + b (K + 1) (so that one flat stable sort groups by image, then class); an invalid
+//     label sets *bad (every writer writes 1: no race on the value) and is treated as ignored.
+template <typename label_t, typename skey_t>
+struct KeysFunctor {
+  const label_t* labels;
+  int64_t lsB, lsN;  // element strides of labels (B, N)
+  int32_t* key;      // (B, N)
+  skey_t* skey;      // (B * N), or nullptr: not wanted
+  int32_t* bad;      // (1)
+  int64_t N, K, ignore_index;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / N, n = t % N;
+    const int64_t l = static_cast<int64_t>(labels[b * lsB + n * lsN]);
+    int64_t k = l;
+    if (l == ignore_index) {
+      k = K;
+    } else if (l < 0 || l >= K) {
+      *bad = 1;
+      k = K;
+    }
+    key[t] = static_cast<int32_t>(k);
+    if (skey != nullptr) skey[t] = static_cast<skey_t>(k + b * (K + 1));
+  }
+};
+
+// S2. Segment bounds and pixel order from the stable sort, one thread per sorted position t of the
+//     flat (B * N) order: perm[t] = the pixel (index - b N); the thread at the start of a run of equal
+//     keys writes the offsets of its class and of the empty classes before it; the image's last
+//     thread also closes the classes after it (offsets[b, K + 1] = N). No search, no bincount.
+template <typename skey_t>
+struct SegmentBoundsFunctor {
+  const skey_t* sorted;  // (B * N) sorted sort keys
+  const int64_t* order;  // (B * N) their original flat positions
+  int32_t* perm;         // (B, N)
+  int64_t* offsets;      // (B, K + 2)
+  int64_t N, K;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / N, j = t % N;
+    perm[t] = static_cast<int32_t>(order[t] - b * N);
+    const int64_t base = b * (K + 1);
+    const int64_t cur = static_cast<int64_t>(sorted[t]) - base;
+    const int64_t prev = j == 0 ? -1 : static_cast<int64_t>(sorted[t - 1]) - base;
+    int64_t* o = offsets + b * (K + 2);
+    for (int64_t k = prev + 1; k <= cur; ++k) o[k] = j;
+    if (j == N - 1)
+      for (int64_t k = cur + 1; k <= K + 1; ++k) o[k] = N;
+  }
+};
+
+// S3. Chunk offsets, one thread per image: chunk_offsets[b, k] = chunks of the classes before k
+//     (k in [0, K]; the ignored pixels get no chunks).
+struct ChunkOffsetsFunctor {
+  const int64_t* offsets;  // (B, K + 2)
+  int32_t* chunk_offsets;  // (B, K + 1)
+  int64_t K;
+  RRM_HOST_DEVICE void operator()(int64_t b) const {
+    const int64_t* o = offsets + b * (K + 2);
+    int32_t* co = chunk_offsets + b * (K + 1);
+    int64_t acc = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      co[k] = static_cast<int32_t>(acc);
+      acc += chunks_of_segment(o[k + 1] - o[k]);
+    }
+    co[K] = static_cast<int32_t>(acc);
+  }
+};
+
+// S4. Chunk table, one thread per (b, k): chunk q of image b takes the sorted entries
+//     chunk_begin[b, q], + kChunkLanes, ... < chunk_end[b, q]. Slots q >= chunk_offsets[b, K] are
+//     unused (left unwritten; readers check q against chunk_offsets[b, K]).
+struct ChunkTableFunctor {
+  const int64_t* offsets;        // (B, K + 2)
+  const int32_t* chunk_offsets;  // (B, K + 1)
+  int32_t* chunk_begin;          // (B, cap)
+  int32_t* chunk_end;            // (B, cap)
+  int64_t K, cap;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / K, k = t % K;
+    const int64_t s0 = offsets[b * (K + 2) + k], s1 = offsets[b * (K + 2) + k + 1];
+    int64_t q = b * cap + chunk_offsets[b * (K + 1) + k];
+    for (int64_t tile = s0; tile < s1; tile += kChunkTile) {
+      const int64_t tile_end = tile + kChunkTile < s1 ? tile + kChunkTile : s1;
+      for (int64_t l = 0; l < kChunkLanes && tile + l < tile_end; ++l, ++q) {
+        chunk_begin[q] = static_cast<int32_t>(tile + l);
+        chunk_end[q] = static_cast<int32_t>(tile_end);
+      }
+    }
+  }
+};
+
+// Chunk tables of the labels' segments (GPU path); the buffers of one image hold `cap` chunks.
+struct ChunkView {
+  const int32_t* chunk_begin;    // (B, cap)
+  const int32_t* chunk_end;      // (B, cap)
+  const int32_t* chunk_offsets;  // (B, K + 1)
+  int64_t cap;
+};
+
+// 1'. Segmented sums, step 1: one thread per (b, chunk q, c) sums its chunk's entries of channel c
+//     (times weight) into part[b, q, c] at element offset b cap C + q pq + c pc. lanes_fastest: the
+//     thread index runs (b, group of kChunkLanes chunks, c, lane) for pixel-contiguous features (a
+//     warp = the 32 lanes of one channel, part laid out (B, C, cap): pq = 1, pc = cap); otherwise
+//     (b, q, c) with c fastest (part (B, cap, C): pq = C, pc = 1).
+template <typename scalar_t, typename acc_t, typename out_t>
+struct SegmentChunkSumFunctor {
+  const scalar_t* features;
+  FeatureView fv;
+  const int32_t* perm;  // (B, N)
+  ChunkView cv;
+  const out_t* weight;  // (B, N) or nullptr
+  acc_t* part;
+  int64_t C, N, K, pq, pc;
+  bool lanes_fastest;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t per_image = cv.cap * C;
+    const int64_t b = t / per_image, r = t % per_image;
+    int64_t q, c;
+    if (lanes_fastest) {
+      q = (r / (kChunkLanes * C)) * kChunkLanes + r % kChunkLanes;
+      c = (r / kChunkLanes) % C;
+    } else {
+      q = r / C;
+      c = r % C;
+    }
+    if (q >= cv.chunk_offsets[b * (K + 1) + K]) return;
+    const int64_t j0 = cv.chunk_begin[b * cv.cap + q], j1 = cv.chunk_end[b * cv.cap + q];
+    const int32_t* pb = perm + b * N;
+    const scalar_t* row = features + b * fv.sB + c * fv.sC;
+    acc_t acc = 0;
+    if (weight == nullptr) {
+      for (int64_t j = j0; j < j1; j += kChunkLanes) acc += static_cast<acc_t>(row[pb[j] * fv.sN]);
+    } else {
+      const out_t* wb = weight + b * N;
+      for (int64_t j = j0; j < j1; j += kChunkLanes) {
+        const int64_t n = pb[j];
+        acc += static_cast<acc_t>(wb[n]) * static_cast<acc_t>(row[n * fv.sN]);
+      }
+    }
+    part[b * per_image + q * pq + c * pc] = acc;
+  }
+};
+
+// 1''. Segmented sums, step 2: one thread per (b, k, c), c fastest: the chunks of segment (b, k) in
+//      increasing order (0 for an empty class).
+template <typename acc_t, typename out_t>
+struct SegmentReduceFunctor {
+  const acc_t* part;
+  ChunkView cv;
+  out_t* out;  // (B, K, C)
+  int64_t C, K, pq, pc;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t c = t % C, bk = t / C;
+    const int64_t b = bk / K, k = bk % K;
+    const int32_t* co = cv.chunk_offsets + b * (K + 1);
+    const acc_t* pb = part + b * cv.cap * C + c * pc;
+    acc_t acc = 0;
+    for (int64_t q = co[k]; q < co[k + 1]; ++q) acc += pb[q * pq];
+    out[t] = static_cast<out_t>(acc);
+  }
+};
+
+// 4' / 6'. Cosine sums and gamma, step 1: one thread per (b, chunk q): the chunk's sum of
+//     dot / D (kGamma false) or dot a / D^2 (kGamma true), D = a |c_bk| + eps, into part[b, q]. The
+//     class of the chunk is the key of its first pixel.
+template <typename acc_t, typename out_t, bool kGamma>
+struct CosineChunkFunctor {
+  const out_t* dot;          // (B, N)
+  const out_t* norm;         // (B, N)
+  const out_t* center_norm;  // (B, K)
+  const int32_t* key;        // (B, N)
+  const int32_t* perm;       // (B, N)
+  ChunkView cv;
+  acc_t* part;  // (B, cap)
+  int64_t N, K;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / cv.cap, q = t % cv.cap;
+    if (q >= cv.chunk_offsets[b * (K + 1) + K]) return;
+    const int64_t j0 = cv.chunk_begin[t], j1 = cv.chunk_end[t];
+    const int32_t* pb = perm + b * N;
+    const acc_t cn = static_cast<acc_t>(center_norm[b * K + key[b * N + pb[j0]]]);
+    acc_t acc = 0;
+    for (int64_t j = j0; j < j1; j += kChunkLanes) {
+      const int64_t n = b * N + pb[j];
+      const acc_t a = static_cast<acc_t>(norm[n]);
+      const acc_t D = a * cn + static_cast<acc_t>(kCosEps);
+      if (kGamma) {
+        acc += static_cast<acc_t>(dot[n]) * a / (D * D);
+      } else {
+        acc += static_cast<acc_t>(dot[n]) / D;
+      }
+    }
+    part[t] = acc;
+  }
+};
+
+// 4'' / 6''. Step 2, one thread per (b, k): the chunks of the segment in order, times scale[b, k]
+//      when scale is not null (gamma's g).
+template <typename acc_t, typename out_t>
+struct ScalarReduceFunctor {
+  const acc_t* part;  // (B, cap)
+  ChunkView cv;
+  const out_t* scale;  // (B, K) or nullptr
+  out_t* out;          // (B, K)
+  int64_t K;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t b = t / K, k = t % K;
+    const int32_t* co = cv.chunk_offsets + b * (K + 1);
+    const acc_t* pb = part + b * cv.cap;
+    acc_t acc = 0;
+    for (int64_t q = co[k]; q < co[k + 1]; ++q) acc += pb[q];
+    if (scale != nullptr) acc = static_cast<acc_t>(scale[t]) * acc;
+    out[t] = static_cast<out_t>(acc);
+  }
+};
+
 }  // namespace bcd
 }  // namespace rrm

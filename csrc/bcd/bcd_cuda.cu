@@ -1,10 +1,12 @@
 // CUDA launchers of the BCD-loss ops: the same algorithms (bcd_impl.h) and per-thread bodies
 // (bcd_common.h) as the CPU, run by CudaExec on the current stream.
 //
-// Determinism: every reduction is a per-(image, class[, channel]) thread walking its segment of
-// pixels in increasing pixel order (segments from a stable sort), and the segment counts come from an
-// integer bincount -- no floating-point atomics, so results are bitwise reproducible run to run on
-// the same GPU and build. They differ from the CPU's in rounding only (the CPU accumulates in double).
+// Determinism: every segment (the pixels of one image and class, from a stable sort) is cut into fixed
+// chunks; one thread per (chunk[, channel]) sums its chunk in a fixed order, then one thread per
+// (image, class[, channel]) adds the chunks in order (bcd_common.h, "GPU segment machinery") -- no
+// floating-point atomics, so results are bitwise reproducible run to run on the same GPU and build.
+// They differ from the CPU's in rounding only (the CPU accumulates in double, one segment per task).
+// Host synchronisations: one per op, the label check's (a device flag read back).
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 

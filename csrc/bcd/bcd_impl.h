@@ -39,8 +39,16 @@ std::pair<int64_t, int64_t> row_runs(int64_t B, int64_t C, int64_t N) {
 //   key      (B, N) int32: label, or K for a pixel whose label is ignore_index
 //   perm     (B, N) int32: pixels sorted by key, stable (increasing pixel order inside a segment)
 //   offsets  (B, K + 2) int64: segment (b, k) is perm[b, offsets[b, k] : offsets[b, k + 1]]
+//   GPU path (Exec::kSortCsr) only: the chunk tables (bcd_common.h, "GPU segment machinery")
+//   chunk_begin, chunk_end (B, cap) int32, chunk_offsets (B, K + 1) int32
 struct Segments {
   at::Tensor key, perm, offsets;
+  at::Tensor chunk_begin, chunk_end, chunk_offsets;
+  int64_t cap = 0;
+  ChunkView view() const {
+    return ChunkView{chunk_begin.data_ptr<int32_t>(), chunk_end.data_ptr<int32_t>(), chunk_offsets.data_ptr<int32_t>(),
+                     cap};
+  }
 };
 
 // Validates the label values (one host synchronisation) and returns the class keys (B, N) int32.
@@ -57,6 +65,44 @@ inline at::Tensor make_keys(const at::Tensor& labels, int64_t K, int64_t ignore_
   return at::where(l.eq(ignore_index), at::scalar_tensor(K, l.options()), l).to(at::kInt).contiguous();
 }
 
+// GPU path: the class keys (B, N) int32 and, when skey is not null, the flat sort keys
+// key + b (K + 1) (int32 when they fit, int64 otherwise) in one pass (KeysFunctor). Bad labels are
+// flagged on the device; the flag costs one host synchronisation per call (the only one of the op),
+// and only when it is set is the slower check that names the bad values run.
+template <class Exec>
+at::Tensor make_keys_flat(const Exec& exec, const at::Tensor& labels, int64_t K, int64_t ignore_index,
+                          at::Tensor* skey) {
+  const int64_t B = labels.size(0), N = labels.size(1);
+  auto key = at::empty({B, N}, labels.options().dtype(at::kInt));
+  const bool wide = B * (K + 1) >= (int64_t{1} << 31);
+  if (skey) *skey = at::empty({B * N}, labels.options().dtype(wide ? at::kLong : at::kInt));
+  if (B * N == 0) return key;
+  const auto st = labels.scalar_type();
+  const bool native = st == at::kByte || st == at::kChar || st == at::kShort || st == at::kInt || st == at::kLong;
+  const at::Tensor l = native ? labels : labels.to(at::kLong);
+  auto bad = at::zeros({1}, labels.options().dtype(at::kInt));
+  AT_DISPATCH_INTEGRAL_TYPES(l.scalar_type(), "rrm_bcd_keys", [&] {
+    using label_t = scalar_t;
+    auto run = [&](auto* sk) {
+      using skey_t = std::remove_pointer_t<decltype(sk)>;
+      exec.for_each(
+          B * N,
+          KeysFunctor<label_t, skey_t>{l.data_ptr<label_t>(), l.stride(0), l.stride(1), key.data_ptr<int32_t>(), sk,
+                                       bad.data_ptr<int32_t>(), N, K, ignore_index},
+          4096);
+    };
+    if (skey == nullptr) {
+      run(static_cast<int32_t*>(nullptr));
+    } else if (wide) {
+      run(skey->data_ptr<int64_t>());
+    } else {
+      run(skey->data_ptr<int32_t>());
+    }
+  });
+  if (bad.item<int32_t>() != 0) make_keys(labels, K, ignore_index);  // throws, naming the bad values
+  return key;
+}
+
 // Builds the segments of the labels. On the CPU (kSortCsr false) a serial counting sort per image,
 // parallel over images; on the GPU and its emulation a stable sort of (image, key) pairs -- both
 // give the same, increasing, pixel order inside each segment.
@@ -65,8 +111,8 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
   const int64_t B = labels.size(0), N = labels.size(1);
   const auto lopt = labels.options().dtype(at::kLong);
   Segments s;
-  s.key = make_keys(labels, K, ignore_index);
   if (!Exec::kSortCsr) {
+    s.key = make_keys(labels, K, ignore_index);
     s.perm = at::empty({B, N}, s.key.options());
     s.offsets = at::zeros({B, K + 2}, lopt);
     const int32_t* key = s.key.data_ptr<int32_t>();
@@ -85,12 +131,40 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
       }
     });
   } else {
-    auto keys = s.key.to(at::kLong).add(at::arange(B, lopt).mul_(K + 1).unsqueeze(1)).reshape({B * N});
-    auto counts = at::bincount(keys, {}, B * (K + 1)).reshape({B, K + 1});
-    s.offsets = at::zeros({B, K + 2}, lopt);
-    s.offsets.narrow(1, 1, K + 1).copy_(at::cumsum(counts, 1));
-    auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-    s.perm = order.remainder_(std::max<int64_t>(N, 1)).to(at::kInt).reshape({B, N}).contiguous();
+    // One pass for the keys, a stable sort of the flat (image, class) keys (so each segment lists its
+    // pixels in increasing order), one pass for the pixel order and the bounds, then the chunk tables.
+    // No bincount (whose CUDA version synchronises to size its output) and no host synchronisation
+    // but the label check's.
+    at::Tensor skey;
+    s.key = make_keys_flat(Exec{}, labels, K, ignore_index, &skey);
+    s.perm = at::empty({B, N}, s.key.options());
+    s.offsets = N > 0 ? at::empty({B, K + 2}, lopt) : at::zeros({B, K + 2}, lopt);
+    s.cap = chunk_capacity(N, K);
+    s.chunk_begin = at::empty({B, s.cap}, s.key.options());
+    s.chunk_end = at::empty({B, s.cap}, s.key.options());
+    s.chunk_offsets = at::empty({B, K + 1}, s.key.options());
+    const Exec exec;
+    if (B * N > 0) {
+      at::Tensor sorted, order;
+      std::tie(sorted, order) = at::sort(skey, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      auto run = [&](auto* sk) {
+        using skey_t = std::remove_const_t<std::remove_pointer_t<decltype(sk)>>;
+        exec.for_each(B * N,
+                      SegmentBoundsFunctor<skey_t>{sk, order.data_ptr<int64_t>(), s.perm.data_ptr<int32_t>(),
+                                                   s.offsets.data_ptr<int64_t>(), N, K},
+                      4096);
+      };
+      if (sorted.scalar_type() == at::kLong) {
+        run(sorted.data_ptr<int64_t>());
+      } else {
+        run(sorted.data_ptr<int32_t>());
+      }
+    }
+    exec.for_each(B, ChunkOffsetsFunctor{s.offsets.data_ptr<int64_t>(), s.chunk_offsets.data_ptr<int32_t>(), K}, 1);
+    exec.for_each(B * K,
+                  ChunkTableFunctor{s.offsets.data_ptr<int64_t>(), s.chunk_offsets.data_ptr<int32_t>(),
+                                    s.chunk_begin.data_ptr<int32_t>(), s.chunk_end.data_ptr<int32_t>(), K, s.cap},
+                  64);
   }
   return s;
 }
@@ -113,6 +187,23 @@ at::Tensor segment_sums(const Exec& exec, const at::Tensor& features, const Segm
   const bool c_fastest = fv.sC < fv.sN;
   // about 64k pixel reads per parallel_for task
   const int64_t grain = std::max<int64_t>(1, 65536 / (N / K + 1));
+  if constexpr (Exec::kSortCsr) {
+    // GPU: chunk partials, then each segment's chunks in order (bcd_common.h, 1' and 1'').
+    const bool lanes_fastest = !c_fastest;
+    const int64_t pq = lanes_fastest ? 1 : C, pc = lanes_fastest ? seg.cap : 1;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_segment_sums", [&] {
+      RRM_BCD_TYPES(Exec);
+      const at::ScalarType acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+      auto part = at::empty({B, seg.cap, C}, out.options().dtype(acc_dtype));
+      exec.for_each(B * seg.cap * C, SegmentChunkSumFunctor<scalar_t, acc_t, out_t>{
+                                         features.data_ptr<scalar_t>(), fv, seg.perm.data_ptr<int32_t>(), seg.view(),
+                                         weight.defined() ? weight.data_ptr<out_t>() : nullptr, part.data_ptr<acc_t>(),
+                                         C, N, K, pq, pc, lanes_fastest});
+      exec.for_each(B * K * C, SegmentReduceFunctor<acc_t, out_t>{part.data_ptr<acc_t>(), seg.view(),
+                                                                  out.data_ptr<out_t>(), C, K, pq, pc});
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_segment_sums", [&] {
     RRM_BCD_TYPES(Exec);
     exec.for_each(B * K * C,
@@ -142,7 +233,12 @@ at::Tensor masked_feature_gather(const Exec& exec, const at::Tensor& values, con
   const int64_t B = values.size(0), K = values.size(1), C = values.size(2), N = labels.size(1);
   auto out = at::empty({B, C, N}, values.options());
   if (out.numel() == 0) return out;
-  auto key = make_keys(labels, K, ignore_index);
+  at::Tensor key;
+  if constexpr (Exec::kSortCsr) {
+    key = make_keys_flat(exec, labels, K, ignore_index, nullptr);
+  } else {
+    key = make_keys(labels, K, ignore_index);
+  }
   auto v = values.contiguous();
   const auto runs = row_runs<Exec>(B, C, N);
   const int64_t per = runs.first, threads = runs.second;
@@ -213,6 +309,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_center_cosine(const Exec&
   auto cn = center_norms(c);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "rrm_bcd_cosine", [&] {
     RRM_BCD_TYPES(Exec);
+    if constexpr (Exec::kSortCsr) {
+      const at::ScalarType acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+      auto part = at::empty({B, seg.cap}, c.options().dtype(acc_dtype));
+      exec.for_each(B * seg.cap, CosineChunkFunctor<acc_t, out_t, false>{
+                                     dot.data_ptr<out_t>(), norm.data_ptr<out_t>(), cn.data_ptr<out_t>(),
+                                     seg.key.data_ptr<int32_t>(), seg.perm.data_ptr<int32_t>(), seg.view(),
+                                     part.data_ptr<acc_t>(), N, K});
+      exec.for_each(B * K, ScalarReduceFunctor<acc_t, out_t>{part.data_ptr<acc_t>(), seg.view(), nullptr,
+                                                             out.data_ptr<out_t>(), K});
+      return;
+    }
     exec.for_each(B * K,
                   CosineSumFunctor<acc_t, out_t>{dot.data_ptr<out_t>(), norm.data_ptr<out_t>(), cn.data_ptr<out_t>(),
                                                  seg.perm.data_ptr<int32_t>(), seg.offsets.data_ptr<int64_t>(),
@@ -251,11 +358,22 @@ std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& ex
                                                   cn.data_ptr<out_t>(), seg.key.data_ptr<int32_t>(),
                                                   alpha.data_ptr<out_t>(), beta.data_ptr<out_t>(), N, K},
                   4096);
-    exec.for_each(B * K,
-                  CosineGammaFunctor<acc_t, out_t>{g.data_ptr<out_t>(), dot.data_ptr<out_t>(), norm.data_ptr<out_t>(),
-                                                   cn.data_ptr<out_t>(), seg.perm.data_ptr<int32_t>(),
-                                                   seg.offsets.data_ptr<int64_t>(), gamma.data_ptr<out_t>(), N, K},
-                  1);
+    if constexpr (Exec::kSortCsr) {
+      const at::ScalarType acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+      auto part = at::empty({B, seg.cap}, c.options().dtype(acc_dtype));
+      exec.for_each(B * seg.cap, CosineChunkFunctor<acc_t, out_t, true>{
+                                     dot.data_ptr<out_t>(), norm.data_ptr<out_t>(), cn.data_ptr<out_t>(),
+                                     seg.key.data_ptr<int32_t>(), seg.perm.data_ptr<int32_t>(), seg.view(),
+                                     part.data_ptr<acc_t>(), N, K});
+      exec.for_each(B * K, ScalarReduceFunctor<acc_t, out_t>{part.data_ptr<acc_t>(), seg.view(), g.data_ptr<out_t>(),
+                                                             gamma.data_ptr<out_t>(), K});
+    } else {
+      exec.for_each(B * K,
+                    CosineGammaFunctor<acc_t, out_t>{g.data_ptr<out_t>(), dot.data_ptr<out_t>(), norm.data_ptr<out_t>(),
+                                                     cn.data_ptr<out_t>(), seg.perm.data_ptr<int32_t>(),
+                                                     seg.offsets.data_ptr<int64_t>(), gamma.data_ptr<out_t>(), N, K},
+                    1);
+    }
     exec.for_each(threads,
                   CosineGradFeaturesFunctor<scalar_t, acc_t, out_t>{features.data_ptr<scalar_t>(), fv,
                                                                     seg.key.data_ptr<int32_t>(), c.data_ptr<out_t>(),
