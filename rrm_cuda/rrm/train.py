@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from . import losses as L
 from .data import IGNORE, AugmentedDataset, build_dataset, colorize
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou
 from .model import RRM
-from .pseudo_labels import multiscale_cam, reliable_label_parts
+from .pseudo_labels import ReliableLabels, multiscale_cam, reliable_label_parts
 
 
 @dataclass
@@ -75,6 +75,7 @@ class TrainConfig:
     poly_power: float = 0.9
     grad_clip: float | None = None  # clip the global gradient norm (not in the papers' recipes)
     warmup_cls_iterations: int = 0  # classification-only iterations first (a CAM to start from)
+    warmup_restart: bool = False  # the warm-up is a stage of its own: poly decay within it, restarted after
     # losses
     cls_weight: float = 1.0
     ce_bg_weight: float = 1.0
@@ -207,6 +208,20 @@ def param_groups(model: RRM, cfg: TrainConfig) -> list[dict]:
     return [
         {"params": g, "lr": cfg.lr * m, "lr_mult": m, "weight_decay": wd} for g, m, wd in zip(groups, mults, wds) if g
     ]
+
+
+def stage_schedule(it: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(iteration within its stage, length of the stage) for the poly decay of iteration ``it``.
+
+    With ``warmup_restart`` (default) the classification warm-up stands for the papers' separate
+    classification training (PSA's ``train_cls``, whose checkpoint RRM starts from): the poly decay
+    runs over the warm-up iterations, then restarts at full lr over the remaining ones, so the
+    pseudo-label stage gets the whole schedule RRM's recipe gives it. Without it (or without a
+    warm-up) one decay spans all ``iterations``."""
+    w = cfg.warmup_cls_iterations
+    if not cfg.warmup_restart or w <= 0 or w >= cfg.iterations:
+        return it, cfg.iterations
+    return (it, w) if it < w else (it - w, cfg.iterations - w)
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, it: int, total: int, power: float) -> float:
@@ -364,6 +379,24 @@ def format_iou_table(conf: np.ndarray) -> str:
 # Training
 
 
+@dataclass(frozen=True)
+class StepOps:
+    """The implementations one training step calls for its three RRM-specific parts; the defaults
+    are rrm_cuda's batched ops on the training device. ``benchmarks/rrm_bench.py`` swaps in the
+    original CPU path (pydensecrf per image, a per-channel CPU filter) to time both.
+
+    - ``reliable_labels(raw, cams, labels, iterations=...) -> ReliableLabels`` (raw (B, 3, H, W)
+      uint8, cams (B, 20, H, W), labels (B, 20));
+    - ``energy_loss(images, probs, rois, seg_label, weight=, sigma_rgb=, sigma_xy=, scale_factor=)``
+      as :func:`rrm_cuda.rrm.losses.energy_loss`;
+    - ``bcd_loss(seg_logits, features)`` as :func:`rrm_cuda.rrm.losses.bcd_loss`.
+    """
+
+    reliable_labels: Callable[..., ReliableLabels] = reliable_label_parts
+    energy_loss: Callable[..., Tensor] = L.energy_loss
+    bcd_loss: Callable[[Tensor, Tensor], Tensor] = L.bcd_loss
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train RRM per ``cfg``. Returns a dict with ``iteration``, ``out_dir`` and, when evaluated, the
     mIoUs ``miou_cam``, ``miou_reliable``, ``miou_seg`` (percent) and ``coverage``."""
@@ -512,9 +545,12 @@ def train_step(
     amp: bool,
     amp_dtype: torch.dtype,
     out: Path,
+    ops: StepOps | None = None,
 ) -> dict:
-    """One iteration (``it`` counts from 0). Returns the logged statistics."""
-    lr = poly_lr(optimizer, cfg.lr, it, cfg.iterations, cfg.poly_power)
+    """One iteration (``it`` counts from 0). Returns the logged statistics. ``ops``: see
+    :class:`StepOps` (None: rrm_cuda's ops)."""
+    ops = StepOps() if ops is None else ops
+    lr = poly_lr(optimizer, cfg.lr, *stage_schedule(it, cfg), cfg.poly_power)
     image = batch["image"].to(device, non_blocking=True)
     raw = batch["raw"].to(device)
     roi = batch["roi"].to(device)
@@ -533,7 +569,7 @@ def train_step(
     if it >= cfg.warmup_cls_iterations:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             cams = multiscale_cam(net, image, labels, crop, cfg.cam_scales, cam_scale1=outp.cam)
-        parts = reliable_label_parts(raw, cams, labels, iterations=cfg.crf_iterations)
+        parts = ops.reliable_labels(raw, cams, labels, iterations=cfg.crf_iterations)
         label = parts.label.masked_fill(roi == 0, IGNORE)
         labelled = float((label != IGNORE).float().mean())
         seg_up = F.interpolate(outp.seg.float(), crop, mode="bilinear", align_corners=False)
@@ -541,7 +577,7 @@ def train_step(
         loss = loss + cfg.ce_bg_weight * ce_bg + cfg.ce_fg_weight * ce_fg
         stats["ce_bg"], stats["ce_fg"] = float(ce_bg.detach()), float(ce_fg.detach())
         if cfg.energy_weight:
-            e = L.energy_loss(
+            e = ops.energy_loss(
                 raw.float(),
                 torch.softmax(seg_up, 1),
                 roi,
@@ -554,7 +590,7 @@ def train_step(
             loss = loss + e
             stats["energy"] = float(e.detach())
         if cfg.bcd_weight:
-            b = L.bcd_loss(outp.seg.float(), outp.bcd_features.float())
+            b = ops.bcd_loss(outp.seg.float(), outp.bcd_features.float())
             loss = loss + cfg.bcd_weight * b
             stats["bcd"] = float(b.detach())
         if cfg.panel_every and (it + 1) % cfg.panel_every == 0 and _rank() == 0:
@@ -631,4 +667,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PRESETS", "TrainConfig", "main", "make_config", "parse_config", "train"]
+__all__ = ["PRESETS", "StepOps", "TrainConfig", "main", "make_config", "parse_config", "train"]
