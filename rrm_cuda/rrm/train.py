@@ -75,7 +75,6 @@ class TrainConfig:
     poly_power: float = 0.9
     grad_clip: float | None = None  # clip the global gradient norm (not in the papers' recipes)
     warmup_cls_iterations: int = 0  # classification-only iterations first (a CAM to start from)
-    warmup_restart: bool = False  # the warm-up is a stage of its own: poly decay within it, restarted after
     # losses
     cls_weight: float = 1.0
     ce_bg_weight: float = 1.0
@@ -104,6 +103,25 @@ class TrainConfig:
     progress: bool = True
     eval_at_end: bool = True
     eval_cam_alpha: float = 4.0
+
+
+#: the crop RRM's energy-loss settings (weight 1e-7, sigma_xy 100) were chosen for
+RRM_CROP = 321
+
+
+def energy_settings_for_crop(crop: int, weight: float = 1e-7, sigma_xy: float = 100.0) -> dict[str, float]:
+    """RRM's energy-loss ``weight`` and ``sigma_xy`` (set for 321-px crops) carried over to ``crop``.
+
+    The loss is a sum over pixel pairs ``Σ_ij W_ij ...`` (not a mean), with a Gaussian of
+    ``sigma_xy`` pixels. Keeping the geometry (``sigma_xy · crop/321``, the same fraction of the
+    image) the number of pixels scales as ``crop²`` and each pixel's neighbourhood ``σ_xy²`` as
+    ``crop²``, so the loss scales as ``crop⁴``; the weight is multiplied by ``(321/crop)⁴`` to keep
+    its balance with the (mean) cross-entropy terms. Measured on the embedded data (weight 1,
+    scale 0.5): −7.2e6 per 321-px image, −1.16e4 per 64-px image with sigma_xy 20, a ratio of 620
+    against the rule's 633. At 64 px RRM's unscaled 1e-7 makes the term ≈ 600× weaker than in
+    the paper (−0.003 vs −0.7 per image): nearly off."""
+    r = RRM_CROP / crop
+    return {"energy_weight": weight * r**4, "energy_sigma_xy": sigma_xy / r}
 
 
 PRESETS: dict[str, dict] = {
@@ -149,8 +167,12 @@ PRESETS: dict[str, dict] = {
         workers=0,
         checkpoint_every=250,
         panel_every=100,
-        # SPEC's weights once this build of rrm_cuda provides the ops, off until then.
-        energy_weight=1e-7 if hasattr(rrm_cuda, "DenseEnergyLoss") else 0.0,
+        # SPEC's weights once this build of rrm_cuda provides the ops, off until then; the energy
+        # loss's weight and sigma_xy carried over from 321- to 64-px crops (energy_settings_for_crop:
+        # 6.3e-5 and 19.9). With RRM's 1e-7 as is, the term is ~600x weaker than in the paper and the
+        # segmentation branch ended below the CAM baseline (51.8 vs 57.5 mIoU; 65.5 vs 63.2 with
+        # weight 6e-5, sigma_xy 20, measured here).
+        **(energy_settings_for_crop(64) if hasattr(rrm_cuda, "DenseEnergyLoss") else {"energy_weight": 0.0}),
         bcd_weight=1.0 if hasattr(rrm_cuda, "bcd_loss") else 0.0,
         out_dir="runs/rrm-cpu-demo",
     ),
@@ -208,20 +230,6 @@ def param_groups(model: RRM, cfg: TrainConfig) -> list[dict]:
     return [
         {"params": g, "lr": cfg.lr * m, "lr_mult": m, "weight_decay": wd} for g, m, wd in zip(groups, mults, wds) if g
     ]
-
-
-def stage_schedule(it: int, cfg: TrainConfig) -> tuple[int, int]:
-    """(iteration within its stage, length of the stage) for the poly decay of iteration ``it``.
-
-    With ``warmup_restart`` (default) the classification warm-up stands for the papers' separate
-    classification training (PSA's ``train_cls``, whose checkpoint RRM starts from): the poly decay
-    runs over the warm-up iterations, then restarts at full lr over the remaining ones, so the
-    pseudo-label stage gets the whole schedule RRM's recipe gives it. Without it (or without a
-    warm-up) one decay spans all ``iterations``."""
-    w = cfg.warmup_cls_iterations
-    if not cfg.warmup_restart or w <= 0 or w >= cfg.iterations:
-        return it, cfg.iterations
-    return (it, w) if it < w else (it - w, cfg.iterations - w)
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, base_lr: float, it: int, total: int, power: float) -> float:
@@ -343,10 +351,13 @@ def evaluate_sources(
 ) -> dict[str, np.ndarray]:
     """Confusion matrices (21×21) on whole held-out images of: the CAM baseline (argmax over
     ``[(1 − max_c cam_c)^α, cams]`` with the ground-truth image labels, α = ``eval_cam_alpha``), the
-    reliable pseudo labels (on their labelled pixels only; ``coverage`` is the labelled fraction)
-    and the segmentation branch (single scale, argmax, no CRF)."""
+    reliable pseudo labels (on their labelled pixels only; ``coverage`` is the labelled fraction),
+    the segmentation branch (single scale, argmax, no CRF) and ``seg_crf``, the segmentation
+    branch with RRM's inference (single scale, softmax, dense CRF: :func:`~rrm_cuda.rrm.infer.crf_refine`)."""
+    from .infer import crf_refine  # infer imports this module
+
     model.eval()
-    confs = {k: np.zeros((21, 21), np.int64) for k in ("cam", "reliable", "seg")}
+    confs = {k: np.zeros((21, 21), np.int64) for k in ("cam", "reliable", "seg", "seg_crf")}
     labelled = total = 0
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for i in range(n):
@@ -363,6 +374,7 @@ def evaluate_sources(
         total += rl.numel()
         seg = F.interpolate(model(image).seg.float(), (H, W), mode="bilinear", align_corners=False)
         confs["seg"] += confusion_matrix(seg.argmax(1).cpu(), gt)
+        confs["seg_crf"] += confusion_matrix(crf_refine(torch.softmax(seg, 1), raw).argmax(1).cpu(), gt)
     model.train()
     confs["coverage"] = np.array(labelled / max(total, 1))
     return confs
@@ -399,7 +411,7 @@ class StepOps:
 
 def train(cfg: TrainConfig) -> dict:
     """Train RRM per ``cfg``. Returns a dict with ``iteration``, ``out_dir`` and, when evaluated, the
-    mIoUs ``miou_cam``, ``miou_reliable``, ``miou_seg`` (percent) and ``coverage``."""
+    mIoUs ``miou_cam``, ``miou_reliable``, ``miou_seg``, ``miou_seg_crf`` (percent) and ``coverage``."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(cfg.device)
     if distributed and not dist.is_initialized():
@@ -518,7 +530,7 @@ def train(cfg: TrainConfig) -> dict:
                 cfg.cls_labels,
             )
             confs = evaluate_sources(model, val, cfg, device)
-            for k in ("cam", "reliable", "seg"):
+            for k in ("cam", "reliable", "seg", "seg_crf"):
                 result[f"miou_{k}"] = 100 * mean_iou(confs[k])
             result["coverage"] = float(confs["coverage"])
             print(f"held-out images: {len(val)}")
@@ -528,6 +540,7 @@ def train(cfg: TrainConfig) -> dict:
                 f"(on the {100 * result['coverage']:.1f} % of pixels they label)"
             )
             print(f"  segmentation branch mIoU  {result['miou_seg']:6.2f}")
+            print(f"  segmentation + dense CRF  {result['miou_seg_crf']:6.2f} (RRM's inference)")
     if distributed:
         dist.barrier()
     return result
@@ -550,7 +563,7 @@ def train_step(
     """One iteration (``it`` counts from 0). Returns the logged statistics. ``ops``: see
     :class:`StepOps` (None: rrm_cuda's ops)."""
     ops = StepOps() if ops is None else ops
-    lr = poly_lr(optimizer, cfg.lr, *stage_schedule(it, cfg), cfg.poly_power)
+    lr = poly_lr(optimizer, cfg.lr, it, cfg.iterations, cfg.poly_power)
     image = batch["image"].to(device, non_blocking=True)
     raw = batch["raw"].to(device)
     roi = batch["roi"].to(device)
