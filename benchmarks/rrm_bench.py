@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cam-scales", type=float, nargs="+", default=None, help="default 1 0.5 1.5 2 (--quick: 1 0.5)")
     ap.add_argument("--crf-iterations", type=int, default=10)
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (1; --quick 0.1)")
     ap.add_argument("--slow-s", type=float, default=3.0, help="time calls slower than this one by one")
     ap.add_argument("--slow-repeats", type=int, default=3, help="single runs of a slow call")
@@ -267,13 +268,16 @@ def main(argv=None) -> int:
     if args.quick:
         args.slow_repeats = min(args.slow_repeats, 2)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = pydensecrf_backend()
     print(f"original path's dense CRF: {backend}; torch threads {torch.get_num_threads()}", flush=True)
     load_start = os.getloadavg()
-    pool = C.rloss_baseline_pool(max(1, min(max(args.batch), os.cpu_count() or 1)))
+    n_workers = max(1, min(max(args.batch), os.cpu_count() or 1))
+    pool = C.rloss_baseline_pool(n_workers)
     try:
         results = [run_setting(bs, args, device, pool) for bs in args.batch]
     finally:
@@ -300,7 +304,7 @@ def main(argv=None) -> int:
         backbone=args.backbone,
         cam_scales=args.cam_scales,
         crf_iterations=args.crf_iterations,
-        energy_pool_processes=pool._processes,
+        energy_pool_processes=n_workers,
         loadavg_start=load_start,
         loadavg_end=os.getloadavg(),
         settings=summaries,
