@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 import torch.utils.benchmark as tbench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -175,3 +176,81 @@ def chart(rows: Sequence[Row], path: str, title: str, baseline: str | None) -> N
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---- the original rloss / RRM energy-loss filter: the baseline of energy_bench.py and rrm_bench.py
+
+
+def _rloss_worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _rloss_filter_image(args: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One image, one lattice filter per channel (as rloss's ``bilateralfilter`` loops over K)."""
+    import rrm_cuda  # noqa: F401  (registers torch.ops.rrm_cuda in a spawned worker)
+
+    s_hat, feats = args  # (K, N), (d, N)
+    f = feats.unsqueeze(0).contiguous()
+    out = torch.empty_like(s_hat)
+    for k in range(s_hat.shape[0]):
+        out[k] = torch.ops.rrm_cuda.permutohedral_filter(s_hat[k].reshape(1, 1, -1).contiguous(), f, False)[0, 0]
+    return out
+
+
+def rloss_baseline_pool(processes: int):
+    """Worker processes for :func:`rloss_baseline_loss` (each single-threaded): they stand in for
+    rloss's OpenMP threads across images (the op holds the GIL, so threads in one process would
+    not run in parallel). Close and join it when done."""
+    import torch.multiprocessing as mp
+
+    return mp.get_context("spawn").Pool(processes, initializer=_rloss_worker_init)
+
+
+class _RlossBaselineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images, segs, rois, unlabel, sigma_rgb, sigma_xy, pool):
+        from rrm_cuda import reference as R
+
+        # The original copies everything to the CPU (numpy) and filters there.
+        device = segs.device
+        images, segs, rois, unlabel = (t.detach().cpu() for t in (images, segs, rois, unlabel))
+        B, K, H, W = segs.shape
+        gate = (rois - segs.amax(1)).masked_fill(unlabel, 1.0).clamp(min=0).unsqueeze(1)
+        s_hat = segs * rois.unsqueeze(1)
+        feats = R.rloss_features(images, sigma_rgb, sigma_xy)
+        jobs = [(s_hat[b].reshape(K, -1), feats[b]) for b in range(B)]
+        AS = torch.stack(pool.map(_rloss_filter_image, jobs)).reshape(B, K, H, W) * gate  # noqa: N806
+        ctx.save_for_backward(AS, rois)
+        ctx.device = device
+        return (-(s_hat * AS).sum().reshape(1) / B).to(device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        AS, rois = ctx.saved_tensors  # noqa: N806
+        g = -2 * grad.cpu() * AS / AS.shape[0] * rois.unsqueeze(1)  # the original's gradient, copied back
+        return None, g.to(ctx.device), None, None, None, None, None
+
+
+def rloss_baseline_loss(
+    images: torch.Tensor,
+    probs: torch.Tensor,
+    rois: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    sigma_rgb: float,
+    sigma_xy: float,
+    scale: float,
+    pool,
+) -> torch.Tensor:
+    """The dense-CRF energy loss computed the way the original rloss / RRM extension does: inputs
+    downscaled by ``scale``, copied to the CPU, one permutohedral filter per image and per channel
+    (images spread over ``pool``, see :func:`rloss_baseline_pool`), the original's gradient
+    ``−2·S·AS·ROI/B`` copied back to the inputs' device. Arguments as ``rrm_cuda.DenseEnergyLoss``:
+    images (B, 3, H, W) 0–255, probs (B, K, H, W), rois (B, H, W), labels (B, 1, H, W) with 255 =
+    unlabelled. Returns a (1,) tensor on the inputs' device (already multiplied by ``weight``)."""
+    si = F.interpolate(images, scale_factor=scale)
+    sp = F.interpolate(probs, scale_factor=scale, mode="bilinear", align_corners=False)
+    sr = F.interpolate(rois.unsqueeze(1), scale_factor=scale).squeeze(1)
+    sl = F.interpolate(labels, scale_factor=scale, mode="nearest")
+    unlabel = (sl.long() == 255).squeeze(1)
+    return weight * _RlossBaselineFunction.apply(si, sp, sr, unlabel, sigma_rgb, sigma_xy * scale, pool)

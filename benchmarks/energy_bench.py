@@ -8,7 +8,8 @@ scikit-image (the bilateral lattice's occupancy depends on colour edges; noise w
 Compared, in the same run on the same machine:
   * rrm_cuda: ``rrm_cuda.DenseEnergyLoss`` (rloss and exact gradients), 1 thread and all threads;
     CUDA (synchronised) when a GPU is present.
-  * baseline: the way the original rloss/RRM extension works: one lattice filter per image and per
+  * baseline: the way the original rloss/RRM extension works (``_common.rloss_baseline_loss``, shared
+    with rrm_bench.py): one lattice filter per image and per
     channel (``torch.ops.rrm_cuda.permutohedral_filter`` on (1, 1, N)), images spread over worker
     processes (threads only across images: the op holds the GIL, so processes stand in for rloss's
     OpenMP threads), each single-threaded; the backward is the original's −2·S·AS·ROI/B. Note: each
@@ -29,7 +30,6 @@ import sys
 import time
 
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.benchmark import Measurement, Timer
 
@@ -79,50 +79,6 @@ def make_inputs(batch: int, classes: int, size: int, seed: int = 0):
     labels = probs.argmax(1, keepdim=True).float()
     labels[probs.amax(1, keepdim=True) < 0.6] = 255
     return images, probs, rois, labels
-
-
-# ---------------------------------------------------------------------------------------------
-# baseline: one image and one channel at a time, images across worker processes
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-
-
-def _baseline_image(args):
-    s_hat, feats = args  # (K, N), (d, N)
-    f = feats.unsqueeze(0).contiguous()
-    out = torch.empty_like(s_hat)
-    for k in range(s_hat.shape[0]):
-        out[k] = torch.ops.rrm_cuda.permutohedral_filter(s_hat[k].reshape(1, 1, -1).contiguous(), f, False)[0, 0]
-    return out
-
-
-class _BaselineFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, images, segs, rois, unlabel, sigma_xy, pool):
-        B, K, H, W = segs.shape
-        gate = (rois - segs.amax(1)).masked_fill(unlabel, 1.0).clamp(min=0).unsqueeze(1)
-        s_hat = segs * rois.unsqueeze(1)
-        feats = R.rloss_features(images, SIGMA_RGB, sigma_xy)
-        jobs = [(s_hat[b].reshape(K, -1), feats[b]) for b in range(B)]
-        AS = torch.stack(pool.map(_baseline_image, jobs)).reshape(B, K, H, W) * gate  # noqa: N806
-        ctx.save_for_backward(AS, rois)
-        return -(s_hat * AS).sum().reshape(1) / B
-
-    @staticmethod
-    def backward(ctx, grad):
-        AS, rois = ctx.saved_tensors  # noqa: N806
-        return None, -2 * grad * AS / AS.shape[0] * rois.unsqueeze(1), None, None, None, None
-
-
-def baseline_loss(images, probs, rois, labels, scale, pool):
-    si = F.interpolate(images, scale_factor=scale)
-    sp = F.interpolate(probs, scale_factor=scale, mode="bilinear", align_corners=False)
-    sr = F.interpolate(rois.unsqueeze(1), scale_factor=scale).squeeze(1)
-    sl = F.interpolate(labels, scale_factor=scale, mode="nearest")
-    unlabel = (sl.long() == 255).squeeze(1)
-    return WEIGHT * _BaselineFunction.apply(si, sp, sr, unlabel, SIGMA_XY * scale, pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +145,7 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         return R.dense_energy_loss_module_reference(images, p, rois, labels, WEIGHT, SIGMA_RGB, SIGMA_XY, scale)
 
     def base(p):
-        return baseline_loss(images, p, rois, labels, scale, pool)
+        return C.rloss_baseline_loss(images, p, rois, labels, WEIGHT, SIGMA_RGB, SIGMA_XY, scale, pool)
 
     # correctness before timing: values and rloss gradients against the re-stated original
     # (the slow reference is skipped at full scale unless asked for: the baseline is then the check)
@@ -302,7 +258,7 @@ def main() -> None:
             settings.append(("full-513-s1", args.full_batch, args.classes, 513, 1.0, args.reference_full))
         mrt = args.min_run_time or 1.0
 
-    pool = mp.get_context("spawn").Pool(all_threads, initializer=_worker_init)
+    pool = C.rloss_baseline_pool(all_threads)
     try:
         results = [
             run_setting(*st[:5], pool, all_threads, mrt, with_reference=st[5], skip_cpu=args.skip_cpu)

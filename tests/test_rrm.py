@@ -29,7 +29,7 @@ from rrm_cuda.rrm.data import SyntheticScenes, VOCSegmentation, augment, labels_
 from rrm_cuda.rrm.model import ResNet38, expected_feature_size
 from rrm_cuda.rrm.pseudo_labels import multiscale_cam, normalize_cam
 from rrm_cuda.rrm.reference_labels import compute_seg_label
-from rrm_cuda.rrm.train import make_config, param_groups, parse_config, poly_lr, train
+from rrm_cuda.rrm.train import energy_settings_for_crop, make_config, param_groups, parse_config, poly_lr, train
 
 HAS_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
 
@@ -301,6 +301,15 @@ def test_param_groups_and_poly_lr():
     assert all(g["momentum"] == 0.7 for g in opt.param_groups)
 
 
+def test_energy_settings_carried_over_to_the_crop():
+    assert energy_settings_for_crop(321) == pytest.approx({"energy_weight": 1e-7, "energy_sigma_xy": 100.0})
+    small = energy_settings_for_crop(64)
+    assert small["energy_sigma_xy"] == pytest.approx(100 * 64 / 321)
+    assert small["energy_weight"] == pytest.approx(1e-7 * (321 / 64) ** 4)
+    cfg = make_config("cpu-demo")
+    assert (cfg.energy_weight, cfg.energy_sigma_xy) == pytest.approx(tuple(energy_settings_for_crop(cfg.crop).values()))
+
+
 def test_cli_presets_and_overrides():
     cfg = parse_config([])
     assert cfg.backbone == "small" and cfg.data == "embedded"
@@ -472,7 +481,7 @@ def test_train_infer_evaluate_end_to_end(tmp_path, capsys):
     result = train(_tiny(tmp_path, "run"))
     out = tmp_path / "run"
     assert result["iteration"] == 4
-    for k in ("miou_cam", "miou_reliable", "miou_seg"):
+    for k in ("miou_cam", "miou_reliable", "miou_seg", "miou_seg_crf"):
         assert 0.0 <= result[k] <= 100.0
     log = (out / "log.csv").read_text().splitlines()
     assert log[0].startswith("iteration,lr,loss") and len(log) == 5
@@ -481,7 +490,8 @@ def test_train_infer_evaluate_end_to_end(tmp_path, capsys):
     assert all(r["labelled"] > 0 and r["ce_bg"] + r["ce_fg"] > 0 for r in rows[2:])  # pseudo-label phase
     assert all(r["loss"] == pytest.approx(r["cls"] + r["ce_bg"] + r["ce_fg"], rel=1e-5) for r in rows)
     assert (out / "panels" / "iter_000003.png").is_file() and (out / "model_final.pt").is_file()
-    assert "segmentation branch mIoU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "segmentation branch mIoU" in printed and "segmentation + dense CRF" in printed
 
     names = infer.run_inference(out / "model_final.pt", tmp_path / "pred", crf=True, scales=(1.0, 0.5), flip=True)
     assert len(names) == 2

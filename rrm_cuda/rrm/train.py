@@ -26,7 +26,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from . import losses as L
 from .data import IGNORE, AugmentedDataset, build_dataset, colorize
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou
 from .model import RRM
-from .pseudo_labels import multiscale_cam, reliable_label_parts
+from .pseudo_labels import ReliableLabels, multiscale_cam, reliable_label_parts
 
 
 @dataclass
@@ -105,6 +105,25 @@ class TrainConfig:
     eval_cam_alpha: float = 4.0
 
 
+#: the crop RRM's energy-loss settings (weight 1e-7, sigma_xy 100) were chosen for
+RRM_CROP = 321
+
+
+def energy_settings_for_crop(crop: int, weight: float = 1e-7, sigma_xy: float = 100.0) -> dict[str, float]:
+    """RRM's energy-loss ``weight`` and ``sigma_xy`` (set for 321-px crops) carried over to ``crop``.
+
+    The loss is a sum over pixel pairs ``Σ_ij W_ij ...`` (not a mean), with a Gaussian of
+    ``sigma_xy`` pixels. Keeping the geometry (``sigma_xy · crop/321``, the same fraction of the
+    image) the number of pixels scales as ``crop²`` and each pixel's neighbourhood ``σ_xy²`` as
+    ``crop²``, so the loss scales as ``crop⁴``; the weight is multiplied by ``(321/crop)⁴`` to keep
+    its balance with the (mean) cross-entropy terms. Measured on the embedded data (weight 1,
+    scale 0.5): −7.2e6 per 321-px image, −1.16e4 per 64-px image with sigma_xy 20, a ratio of 620
+    against the rule's 633. At 64 px RRM's unscaled 1e-7 makes the term ≈ 600× weaker than in
+    the paper (−0.003 vs −0.7 per image): nearly off."""
+    r = RRM_CROP / crop
+    return {"energy_weight": weight * r**4, "energy_sigma_xy": sigma_xy / r}
+
+
 PRESETS: dict[str, dict] = {
     # AAAI 2020: from a VOC classification checkpoint (PSA's res38_cls.pth). The AAAI model had no
     # R-FAM and no BCD: BCD is off and the attention runs without re-weighting (the closest this
@@ -148,8 +167,12 @@ PRESETS: dict[str, dict] = {
         workers=0,
         checkpoint_every=250,
         panel_every=100,
-        # SPEC's weights once this build of rrm_cuda provides the ops, off until then.
-        energy_weight=1e-7 if hasattr(rrm_cuda, "DenseEnergyLoss") else 0.0,
+        # SPEC's weights once this build of rrm_cuda provides the ops, off until then; the energy
+        # loss's weight and sigma_xy carried over from 321- to 64-px crops (energy_settings_for_crop:
+        # 6.3e-5 and 19.9). With RRM's 1e-7 as is, the term is ~600x weaker than in the paper and the
+        # segmentation branch ended below the CAM baseline (51.8 vs 57.5 mIoU; 65.5 vs 63.2 with
+        # weight 6e-5, sigma_xy 20, measured here).
+        **(energy_settings_for_crop(64) if hasattr(rrm_cuda, "DenseEnergyLoss") else {"energy_weight": 0.0}),
         bcd_weight=1.0 if hasattr(rrm_cuda, "bcd_loss") else 0.0,
         out_dir="runs/rrm-cpu-demo",
     ),
@@ -328,10 +351,13 @@ def evaluate_sources(
 ) -> dict[str, np.ndarray]:
     """Confusion matrices (21×21) on whole held-out images of: the CAM baseline (argmax over
     ``[(1 − max_c cam_c)^α, cams]`` with the ground-truth image labels, α = ``eval_cam_alpha``), the
-    reliable pseudo labels (on their labelled pixels only; ``coverage`` is the labelled fraction)
-    and the segmentation branch (single scale, argmax, no CRF)."""
+    reliable pseudo labels (on their labelled pixels only; ``coverage`` is the labelled fraction),
+    the segmentation branch (single scale, argmax, no CRF) and ``seg_crf``, the segmentation
+    branch with RRM's inference (single scale, softmax, dense CRF: :func:`~rrm_cuda.rrm.infer.crf_refine`)."""
+    from .infer import crf_refine  # infer imports this module
+
     model.eval()
-    confs = {k: np.zeros((21, 21), np.int64) for k in ("cam", "reliable", "seg")}
+    confs = {k: np.zeros((21, 21), np.int64) for k in ("cam", "reliable", "seg", "seg_crf")}
     labelled = total = 0
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for i in range(n):
@@ -348,6 +374,7 @@ def evaluate_sources(
         total += rl.numel()
         seg = F.interpolate(model(image).seg.float(), (H, W), mode="bilinear", align_corners=False)
         confs["seg"] += confusion_matrix(seg.argmax(1).cpu(), gt)
+        confs["seg_crf"] += confusion_matrix(crf_refine(torch.softmax(seg, 1), raw).argmax(1).cpu(), gt)
     model.train()
     confs["coverage"] = np.array(labelled / max(total, 1))
     return confs
@@ -364,9 +391,27 @@ def format_iou_table(conf: np.ndarray) -> str:
 # Training
 
 
+@dataclass(frozen=True)
+class StepOps:
+    """The implementations one training step calls for its three RRM-specific parts; the defaults
+    are rrm_cuda's batched ops on the training device. ``benchmarks/rrm_bench.py`` swaps in the
+    original CPU path (pydensecrf per image, a per-channel CPU filter) to time both.
+
+    - ``reliable_labels(raw, cams, labels, iterations=...) -> ReliableLabels`` (raw (B, 3, H, W)
+      uint8, cams (B, 20, H, W), labels (B, 20));
+    - ``energy_loss(images, probs, rois, seg_label, weight=, sigma_rgb=, sigma_xy=, scale_factor=)``
+      as :func:`rrm_cuda.rrm.losses.energy_loss`;
+    - ``bcd_loss(seg_logits, features)`` as :func:`rrm_cuda.rrm.losses.bcd_loss`.
+    """
+
+    reliable_labels: Callable[..., ReliableLabels] = reliable_label_parts
+    energy_loss: Callable[..., Tensor] = L.energy_loss
+    bcd_loss: Callable[[Tensor, Tensor], Tensor] = L.bcd_loss
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train RRM per ``cfg``. Returns a dict with ``iteration``, ``out_dir`` and, when evaluated, the
-    mIoUs ``miou_cam``, ``miou_reliable``, ``miou_seg`` (percent) and ``coverage``."""
+    mIoUs ``miou_cam``, ``miou_reliable``, ``miou_seg``, ``miou_seg_crf`` (percent) and ``coverage``."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(cfg.device)
     if distributed and not dist.is_initialized():
@@ -485,7 +530,7 @@ def train(cfg: TrainConfig) -> dict:
                 cfg.cls_labels,
             )
             confs = evaluate_sources(model, val, cfg, device)
-            for k in ("cam", "reliable", "seg"):
+            for k in ("cam", "reliable", "seg", "seg_crf"):
                 result[f"miou_{k}"] = 100 * mean_iou(confs[k])
             result["coverage"] = float(confs["coverage"])
             print(f"held-out images: {len(val)}")
@@ -495,6 +540,7 @@ def train(cfg: TrainConfig) -> dict:
                 f"(on the {100 * result['coverage']:.1f} % of pixels they label)"
             )
             print(f"  segmentation branch mIoU  {result['miou_seg']:6.2f}")
+            print(f"  segmentation + dense CRF  {result['miou_seg_crf']:6.2f} (RRM's inference)")
     if distributed:
         dist.barrier()
     return result
@@ -512,8 +558,11 @@ def train_step(
     amp: bool,
     amp_dtype: torch.dtype,
     out: Path,
+    ops: StepOps | None = None,
 ) -> dict:
-    """One iteration (``it`` counts from 0). Returns the logged statistics."""
+    """One iteration (``it`` counts from 0). Returns the logged statistics. ``ops``: see
+    :class:`StepOps` (None: rrm_cuda's ops)."""
+    ops = StepOps() if ops is None else ops
     lr = poly_lr(optimizer, cfg.lr, it, cfg.iterations, cfg.poly_power)
     image = batch["image"].to(device, non_blocking=True)
     raw = batch["raw"].to(device)
@@ -533,7 +582,7 @@ def train_step(
     if it >= cfg.warmup_cls_iterations:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             cams = multiscale_cam(net, image, labels, crop, cfg.cam_scales, cam_scale1=outp.cam)
-        parts = reliable_label_parts(raw, cams, labels, iterations=cfg.crf_iterations)
+        parts = ops.reliable_labels(raw, cams, labels, iterations=cfg.crf_iterations)
         label = parts.label.masked_fill(roi == 0, IGNORE)
         labelled = float((label != IGNORE).float().mean())
         seg_up = F.interpolate(outp.seg.float(), crop, mode="bilinear", align_corners=False)
@@ -541,7 +590,7 @@ def train_step(
         loss = loss + cfg.ce_bg_weight * ce_bg + cfg.ce_fg_weight * ce_fg
         stats["ce_bg"], stats["ce_fg"] = float(ce_bg.detach()), float(ce_fg.detach())
         if cfg.energy_weight:
-            e = L.energy_loss(
+            e = ops.energy_loss(
                 raw.float(),
                 torch.softmax(seg_up, 1),
                 roi,
@@ -554,7 +603,7 @@ def train_step(
             loss = loss + e
             stats["energy"] = float(e.detach())
         if cfg.bcd_weight:
-            b = L.bcd_loss(outp.seg.float(), outp.bcd_features.float())
+            b = ops.bcd_loss(outp.seg.float(), outp.bcd_features.float())
             loss = loss + cfg.bcd_weight * b
             stats["bcd"] = float(b.detach())
         if cfg.panel_every and (it + 1) % cfg.panel_every == 0 and _rank() == 0:
@@ -631,4 +680,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PRESETS", "TrainConfig", "main", "make_config", "parse_config", "train"]
+__all__ = ["PRESETS", "StepOps", "TrainConfig", "main", "make_config", "parse_config", "train"]
