@@ -259,18 +259,20 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
       grain);
 }
 
-// q = softmax(x) over the last dimension of (rows, L). The CPU uses ATen's vectorised softmax
-// (exp dominates the mean-field step otherwise); CUDA and its emulation the per-pixel functor.
+// q = softmax(x) over the last dimension of (rows, L). The CPU uses the vectorised row softmax of
+// lattice_common.h (exp dominates the mean-field step otherwise); CUDA and its emulation the
+// per-pixel functor.
 template <class Exec, typename scalar_t>
 void softmax_rows(const Exec& exec, const at::Tensor& x, at::Tensor& q) {
+  const int64_t L = x.size(-1);
+#if !defined(__CUDA_ARCH__)  // the CPU row softmax is host code (lattice_common.h)
   if constexpr (std::is_same_v<Exec, CpuExec>) {
-    const int64_t L = x.size(-1);
     exec.for_each_item(1, x.numel() / L, L,
                        SoftmaxRowCpuFunctor<scalar_t>{x.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
-  } else {
-    const int64_t L = x.size(-1);
-    exec.for_each(x.numel() / L, SoftmaxFunctor<scalar_t>{x.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
+    return;
   }
+#endif
+  exec.for_each(x.numel() / L, SoftmaxFunctor<scalar_t>{x.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
 }
 
 #if !defined(__CUDA_ARCH__)
