@@ -73,6 +73,8 @@ def pydensecrf_backend() -> str:
 
         return "pydensecrf2"
     except ImportError:
+        import rrm_cuda.compat
+
         rrm_cuda.compat.install_pydensecrf_alias()
         return "rrm_cuda.compat.pydensecrf shim (pydensecrf2 not installed)"
 
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
     backend = pydensecrf_backend()
     print(f"original path's dense CRF: {backend}; torch threads {torch.get_num_threads()}", flush=True)
     load_start = os.getloadavg()

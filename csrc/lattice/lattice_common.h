@@ -422,6 +422,151 @@ struct BlurFunctor {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// CPU softmax of one row (host code; CUDA runs ATen's softmax). Written so that GCC vectorises it
+// in the AVX2 copy of the item loops (common/exec.h) without reassociating anything: max and sum
+// are kept in 8 lanes and reduced in a fixed order, and the float exp is a polynomial made of plain
+// arithmetic, so both compiled copies give bit-identical results.
+#if !defined(__CUDA_ARCH__)
+// exp(x) for float: x = n ln2 + r with n = round(x / ln2) (by the 1.5 * 2^23 trick, exact for the
+// clamped range) and ln2 split in two (Cody-Waite), exp(r) on |r| <= ln2/2 by Cephes' expf
+// polynomial (relative error ~1e-7, like libm's), 2^n through the exponent bits. x is clamped to
+// [-86, 88], so that 2^n and the result stay normal numbers (a denormal result would cost a
+// microcode assist; exp(-86) ~ 4e-38 stands for 0), by integer
+// comparisons of the bit patterns: float comparisons would stop GCC from vectorising the loop
+// (they may trap), integer ones become blends. As unsigned integers, the floats below -86 are
+// exactly those above its pattern (sign-magnitude); as signed integers, those above 88 likewise.
+inline float exp_cpu(float x) {
+  int32_t xi;
+  __builtin_memcpy(&xi, &x, sizeof xi);
+  uint32_t xu = static_cast<uint32_t>(xi);
+  xu = xu < 0xc2ac0000u ? xu : 0xc2ac0000u;  // -86.0f (min/max forms: no branch)
+  xi = static_cast<int32_t>(xu);
+  xi = xi < 0x42b00000 ? xi : 0x42b00000;  // 88.0f
+  __builtin_memcpy(&x, &xi, sizeof x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float p2;
+  __builtin_memcpy(&p2, &bits, sizeof p2);
+  return y * p2;
+}
+inline double exp_cpu(double x) { return exp(x); }
+
+// Padding of the rows of the fused CPU mean field: far below any label's value, so never the max.
+constexpr double kSoftmaxPad = -1e30;
+
+// q[0, W) = softmax of the labels of v[0, W): mask[c] is 1 for a label and 0 for padding, whose v
+// must be kSoftmaxPad (it cannot be the max; its q is 0). Every loop has the fixed length W (a
+// multiple of 8): no partial vectors, no store-forwarding stalls. v is overwritten.
+// Max and sum of W values (W a multiple of 8) in 8 lanes, reduced in a fixed order. float: with GCC
+// vector types, which GCC compiles to AVX in the AVX2 copy and to SSE pairs in the baseline one
+// (lane-wise IEEE operations: the same result); the auto-vectoriser leaves these reductions scalar.
+#if !defined(__CUDACC__)  // nvcc's host pass gets the plain loops below (never instantiated there)
+template <int W>
+inline float row_max(const float* v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  v8 m, x;
+  __builtin_memcpy(&m, v, sizeof m);
+  for (int c = 8; c < W; c += 8) {
+    __builtin_memcpy(&x, v + c, sizeof x);
+    m = x > m ? x : m;
+  }
+  float r = m[0];
+  for (int l = 1; l < 8; ++l) r = m[l] > r ? m[l] : r;
+  return r;
+}
+template <int W>
+inline float row_sum(const float* v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  v8 s, x;
+  __builtin_memcpy(&s, v, sizeof s);
+  for (int c = 8; c < W; c += 8) {
+    __builtin_memcpy(&x, v + c, sizeof x);
+    s += x;
+  }
+  float r = s[0];
+  for (int l = 1; l < 8; ++l) r += s[l];
+  return r;
+}
+#endif
+template <int W, typename scalar_t>
+inline scalar_t row_max(const scalar_t* v) {
+  scalar_t r = v[0];
+  for (int c = 1; c < W; ++c) r = v[c] > r ? v[c] : r;
+  return r;
+}
+template <int W, typename scalar_t>
+inline scalar_t row_sum(const scalar_t* v) {
+  scalar_t r = v[0];
+  for (int c = 1; c < W; ++c) r += v[c];
+  return r;
+}
+
+template <typename scalar_t, int W>
+inline void softmax_masked(scalar_t* v, const scalar_t* mask, scalar_t* q) {
+  const scalar_t mx = row_max<W>(v);
+  for (int c = 0; c < W; ++c) v[c] = exp_cpu(v[c] - mx) * mask[c];
+  const scalar_t inv = scalar_t(1) / row_sum<W>(v);
+  for (int c = 0; c < W; ++c) q[c] = v[c] * inv;
+}
+
+template <typename scalar_t, int W>
+inline void softmax_padded_row(const scalar_t* x, int64_t L, scalar_t* q) {
+  scalar_t v[W], mask[W], out[W];
+  for (int c = 0; c < W; ++c) {
+    v[c] = c < L ? x[c] : static_cast<scalar_t>(kSoftmaxPad);
+    mask[c] = c < L ? scalar_t(1) : scalar_t(0);
+  }
+  softmax_masked<scalar_t, W>(v, mask, out);
+  for (int64_t c = 0; c < L; ++c) q[c] = out[c];
+}
+
+// q = softmax(x) for a row of any length L (x and q may be the same row).
+template <typename scalar_t>
+inline void softmax_row_cpu(const scalar_t* x, scalar_t* q, int64_t L) {
+  switch ((L + 7) / 8) {
+    case 1:
+      return softmax_padded_row<scalar_t, 8>(x, L, q);
+    case 2:
+      return softmax_padded_row<scalar_t, 16>(x, L, q);
+    case 3:
+      return softmax_padded_row<scalar_t, 24>(x, L, q);
+    case 4:
+      return softmax_padded_row<scalar_t, 32>(x, L, q);
+    default:
+      break;
+  }
+  scalar_t mx = x[0];
+  for (int64_t l = 1; l < L; ++l) mx = x[l] > mx ? x[l] : mx;
+  scalar_t sum = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    q[l] = exp_cpu(x[l] - mx);
+    sum += q[l];
+  }
+  const scalar_t inv = scalar_t(1) / sum;
+  for (int64_t l = 0; l < L; ++l) q[l] *= inv;
+}
+
+// One row per call (CpuExec::for_each_item with C = L): q = softmax(x).
+template <typename scalar_t>
+struct SoftmaxRowCpuFunctor {
+  const scalar_t* x;  // (rows, L)
+  scalar_t* q;        // (rows, L)
+  int64_t L;
+  void operator()(int64_t, int64_t i, int64_t, int64_t) const { softmax_row_cpu(x + i * L, q + i * L, L); }
+};
+#endif
+
 // Slice: s_i = alpha * sum_r w_{i,r} L[v_{i,r}]; then
 //   out[i] = post[i] * s_i                                       (coef == nullptr)
 //   out[i] = (base ? base[i] : out[i]) + coef[c] * post[i] * s_i  (coef != nullptr: mean field)
@@ -537,6 +682,83 @@ struct MatVecSubFunctor {
     }
   }
 };
+
+#if !defined(__CUDA_ARCH__)
+// CPU mean-field step of one image, fused per pixel (lattice_impl.h: mean_field_cpu). For pixel i:
+//   row = base_i + sum_t coef_t * (alpha_t post_t(i)) * sum_r w_{t,i,r} L_t[v_{t,i,r}]   (the slices)
+//   q_i = softmax(row)
+//   then either q_i is written out (last step, label-major (L, N)) or pre_t(i) q_i is scattered
+//   into each term's splat buffer (the next step's splats), so Q never goes to memory in between.
+// Terms without a blurred buffer (the first step) contribute nothing: q_i = softmax(base_i).
+// W = the lattice row width (L padded to a multiple of 8); the arithmetic per term is that of
+// SliceFunctor (with coef and base) and ScatterFunctor, in the same order.
+constexpr int kMaxFusedTerms = 4;
+
+template <typename scalar_t>
+struct MeanFieldTerm {
+  const scalar_t* weights;  // (N*(d+1),)
+  const int32_t* vertex;    // (N*(d+1),)
+  const scalar_t* blurred;  // (M, W) or nullptr
+  const scalar_t* pre;      // (N,) or nullptr
+  const scalar_t* post;     // (N,) or nullptr
+  const scalar_t* coef;     // (W,) zero-padded
+  scalar_t* splat;          // (M, W) this thread's buffer, or nullptr (no scatter)
+  scalar_t alpha;
+  int d;
+};
+
+template <typename scalar_t, int W>
+struct MeanFieldCpuFunctor {
+  const scalar_t* base;  // (N, W) -unary, padded with kSoftmaxPad
+  scalar_t* q_out;       // (L, N) or nullptr
+  scalar_t mask[W];      // 1 for the L labels, 0 for the padding
+  MeanFieldTerm<scalar_t> terms[kMaxFusedTerms];
+  int T;
+  int64_t N, L;
+
+  void operator()(int64_t, int64_t i, int64_t, int64_t) const {
+    scalar_t row[W];
+    const scalar_t* bs = base + i * W;
+    for (int c = 0; c < W; ++c) row[c] = bs[c];
+    for (int t = 0; t < T; ++t) {
+      const MeanFieldTerm<scalar_t>& m = terms[t];
+      if (!m.blurred) continue;
+      const scalar_t* wb = m.weights + i * (m.d + 1);
+      const int32_t* vb = m.vertex + i * (m.d + 1);
+      scalar_t acc[W];
+      {
+        const scalar_t w = wb[0];
+        const scalar_t* Lr = m.blurred + static_cast<int64_t>(vb[0]) * W;
+        for (int c = 0; c < W; ++c) acc[c] = w * Lr[c];
+      }
+      for (int r = 1; r <= m.d; ++r) {
+        const scalar_t w = wb[r];
+        const scalar_t* Lr = m.blurred + static_cast<int64_t>(vb[r]) * W;
+        for (int c = 0; c < W; ++c) acc[c] += w * Lr[c];
+      }
+      const scalar_t scale = m.post ? m.alpha * m.post[i] : m.alpha;
+      for (int c = 0; c < W; ++c) row[c] = row[c] + m.coef[c] * scale * acc[c];
+    }
+    scalar_t qi[W];
+    softmax_masked<scalar_t, W>(row, mask, qi);
+    if (q_out) {
+      for (int64_t c = 0; c < L; ++c) q_out[c * N + i] = qi[c];
+      return;
+    }
+    for (int t = 0; t < T; ++t) {
+      const MeanFieldTerm<scalar_t>& m = terms[t];
+      const scalar_t* wb = m.weights + i * (m.d + 1);
+      const int32_t* vb = m.vertex + i * (m.d + 1);
+      const scalar_t p = m.pre ? m.pre[i] : scalar_t(1);
+      for (int r = 0; r <= m.d; ++r) {
+        const scalar_t w = wb[r] * p;
+        scalar_t* o = m.splat + static_cast<int64_t>(vb[r]) * W;
+        for (int c = 0; c < W; ++c) o[c] += w * qi[c];
+      }
+    }
+  }
+};
+#endif
 
 // Normaliser from n = K 1: symmetric 1/sqrt(n + 1e-20), after/before 1/(n + 1e-20) (densecrf).
 template <typename scalar_t>

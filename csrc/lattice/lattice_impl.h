@@ -290,10 +290,139 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
       grain);
 }
 
-// q = softmax(x) over the last dimension of (rows, L), max-subtracted as densecrf's expAndNormalize:
-// ATen's kernels on every device (vectorised on the CPU, a warp-per-row kernel on CUDA; a
-// thread-per-pixel functor measured 160 us per 512x512x21 call on an H200).
-inline void softmax_rows(const at::Tensor& x, at::Tensor& q) { at::_softmax_out(q, x, /*dim=*/-1, false); }
+// q = softmax(x) over the last dimension of (rows, L), max-subtracted as densecrf's expAndNormalize.
+// The CPU uses the vectorised row softmax of lattice_common.h (exp dominates the mean-field step
+// otherwise); CUDA and its emulation ATen's kernel (a warp per row on CUDA: a thread-per-pixel
+// functor measured 160 us per 512x512x21 call on an H200, ATen's 26 us).
+template <class Exec, typename scalar_t>
+void softmax_rows(const Exec& exec, const at::Tensor& x, at::Tensor& q) {
+#if !defined(__CUDA_ARCH__)  // the CPU row softmax is host code (lattice_common.h)
+  if constexpr (std::is_same_v<Exec, CpuExec>) {
+    const int64_t L = x.size(-1);
+    exec.for_each_item(1, x.numel() / L, L,
+                       SoftmaxRowCpuFunctor<scalar_t>{x.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), L}, 256);
+    return;
+  }
+#endif
+  at::_softmax_out(q, x, /*dim=*/-1, /*half_to_float=*/false);
+}
+
+#if !defined(__CUDA_ARCH__)
+// CPU mean field with diagonal compatibilities, image by image: each step blurs every term's splat
+// buffer, then one pass over the pixels (MeanFieldCpuFunctor) slices all terms, adds the unary,
+// takes the softmax and scatters the new Q into the next step's splat buffers -- instead of a
+// splat, a slice and a softmax pass over (N, L) arrays per term and step. Q is only written at the
+// end, label-major. The pixel spans, their thread-private splat buffers and the order in which they
+// are summed are those of splat_scatter_cpu, so the splat sums are the same as lattice::filter's.
+//   unary (B, L, N); q (B, L, N) out; coefs[t] (L,); pre/post[t] (B, N) or undefined.
+template <typename scalar_t, int W>
+void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tensor>& pre,
+                    const std::vector<at::Tensor>& post, const std::vector<at::Tensor>& coefs, const at::Tensor& unary,
+                    at::Tensor& q, int64_t iterations) {
+  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
+  const int T = static_cast<int>(lats.size());
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 4095) / 4096));
+  const int64_t span = (N + P - 1) / P;
+  const auto opt = unary.options();
+  std::vector<at::Tensor> part(T), bufa(T), bufb(T);
+  for (int t = 0; t < T; ++t) {
+    part[t] = at::empty({P, lats[t].M, W}, opt);
+    bufa[t] = at::empty({lats[t].M, W}, opt);
+    bufb[t] = at::empty({lats[t].M, W}, opt);
+  }
+  auto ptr = [](const at::Tensor& x, int64_t off) -> const scalar_t* {
+    return x.defined() ? x.data_ptr<scalar_t>() + off : nullptr;
+  };
+  // Rows padded to W: the unary with kSoftmaxPad, the compatibilities with 0 (fixed-width loops).
+  at::Tensor base_w = at::full({N, W}, static_cast<scalar_t>(kSoftmaxPad), opt);
+  at::Tensor base_labels = base_w.narrow(1, 0, L);
+  std::vector<at::Tensor> coef_w(T);
+  for (int t = 0; t < T; ++t) coef_w[t] = at::constant_pad_nd(coefs[t], {0, W - L}, 0);
+  MeanFieldCpuFunctor<scalar_t, W> proto{};
+  for (int c = 0; c < W; ++c) proto.mask[c] = c < L ? scalar_t(1) : scalar_t(0);
+  for (int64_t b = 0; b < B; ++b) {
+    at::neg_out(base_labels, unary[b].t());
+    std::vector<int64_t> Mb(T);
+    std::vector<const scalar_t*> blurred(T, nullptr);
+    for (int t = 0; t < T; ++t) Mb[t] = lats[t].num_vertices.data_ptr<int32_t>()[b];
+    for (int64_t step = 0; step <= iterations; ++step) {
+      const bool last = step == iterations;
+      // Slice (from the second step on), softmax, and scatter (all but the last step).
+      at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t i0 = p * span, i1 = std::min(N, (p + 1) * span);
+          if (i0 >= i1) continue;
+          MeanFieldCpuFunctor<scalar_t, W> f = proto;
+          f.base = base_w.data_ptr<scalar_t>();
+          f.q_out = last ? q.data_ptr<scalar_t>() + b * L * N : nullptr;
+          f.T = T;
+          f.N = N;
+          f.L = L;
+          for (int t = 0; t < T; ++t) {
+            const Lattice& lat = lats[t];
+            MeanFieldTerm<scalar_t>& m = f.terms[t];
+            m.weights = lat.entry_weight.data_ptr<scalar_t>() + b * lat.E;
+            m.vertex = lat.entry_vertex.data_ptr<int32_t>() + b * lat.E;
+            m.blurred = blurred[t];
+            m.pre = ptr(pre[t], b * N);
+            m.post = ptr(post[t], b * N);
+            m.coef = coef_w[t].data_ptr<scalar_t>();
+            m.alpha = static_cast<scalar_t>(slice_alpha(lat.d));
+            m.d = lat.d;
+            m.splat = nullptr;
+            if (!last) {
+              m.splat = part[t].data_ptr<scalar_t>() + p * lat.M * W;
+              std::fill(m.splat, m.splat + Mb[t] * W, scalar_t(0));
+            }
+          }
+#ifdef RRM_CPU_AVX2_DISPATCH
+          if (cpu_has_avx2()) {
+            cpu_item_loop_avx2(i0, i1, N, L, f);
+            continue;
+          }
+#endif
+          cpu_item_loop(i0, i1, N, L, f);
+        }
+      });
+      if (last) break;
+      for (int t = 0; t < T; ++t) {
+        const Lattice& lat = lats[t];
+        const int64_t M = lat.M, Mt = Mb[t];
+        // Sum the thread buffers in thread order (as splat_scatter_cpu), then blur d+1 times.
+        scalar_t* src = part[t].data_ptr<scalar_t>();
+        scalar_t* cur = bufb[t].data_ptr<scalar_t>();
+        scalar_t* nxt = bufa[t].data_ptr<scalar_t>();
+        if (P > 1) {
+          at::parallel_for(0, Mt, 256, [&](int64_t v0, int64_t v1) {
+            for (int64_t v = v0; v < v1; ++v) {
+              scalar_t* o = cur + v * W;
+              const scalar_t* p0 = src + v * W;
+              for (int c = 0; c < W; ++c) o[c] = p0[c];
+              for (int64_t p = 1; p < P; ++p) {
+                if (p * span >= N) break;
+                const scalar_t* pt = src + (p * M + v) * W;
+                for (int c = 0; c < W; ++c) o[c] += pt[c];
+              }
+            }
+          });
+        } else {
+          cur = src;
+        }
+        const int32_t* nbr = lat.neighbors.data_ptr<int32_t>() + b * (lat.d + 1) * M * 2;
+        const int64_t grain = std::max<int64_t>(16, 8192 / W);
+        for (int s = 0; s <= lat.d; ++s) {
+          CpuExec{}.for_each_item(1, Mt, W, BlurFunctor<scalar_t>{cur, nxt, nbr, M, W, lat.d, s}, grain);
+          // the next pass reads what this one wrote; the first one's source may be the thread buffer
+          std::swap(cur, nxt);
+          if (nxt == src)
+            nxt = (cur == bufa[t].data_ptr<scalar_t>()) ? bufb[t].data_ptr<scalar_t>() : bufa[t].data_ptr<scalar_t>();
+        }
+        blurred[t] = cur;
+      }
+    }
+  }
+}
+#endif
 
 // values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
 template <class Exec>
@@ -325,12 +454,23 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
                      int64_t iterations, int64_t chunk) {
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
-  auto neg_unary = unary.neg().transpose(1, 2).contiguous();  // (B, N, L)
-  auto q = at::empty_like(neg_unary);
-  if (B == 0 || N == 0) return q.transpose(1, 2).contiguous();
+  if (B == 0 || N == 0) return at::empty({B, L, N}, unary.options());
+  bool fused = false;  // CPU, diagonal compatibilities only: the fused mean field (mean_field_cpu)
+#if !defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<Exec, CpuExec>) {
+    fused = iterations > 0 && T > 0 && T <= kMaxFusedTerms && L <= 32;
+    for (int64_t t = 0; t < T; ++t) fused = fused && diagonal[t];
+  }
+#endif
+  at::Tensor neg_unary, q;  // (B, N, L) for the generic loop
+  if (!fused) {
+    neg_unary = unary.neg().transpose(1, 2).contiguous();
+    q = at::empty_like(neg_unary);
+  }
+  at::Tensor q_lmajor;  // (B, L, N), written directly by the fused CPU mean field
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf", [&] {
     const int64_t BN = B * N;
-    softmax_rows(neg_unary, q);
+    if (!fused) softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
     std::vector<Lattice> lats;
     std::vector<FilterWorkspace> wss(T);
@@ -362,6 +502,23 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
       // Diagonal compatibility enters the slice as a per-label coefficient: acc -= c_l m_l.
       if (diagonal[t]) coefs[t] = compat_c[t].diagonal().neg().contiguous();
     }
+#if !defined(__CUDA_ARCH__)
+    if constexpr (std::is_same_v<Exec, CpuExec>) {
+      if (fused) {
+        q_lmajor = at::empty({B, L, N}, unary.options());
+        switch ((L + 7) / 8) {
+          case 1:
+            return mean_field_cpu<scalar_t, 8>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+          case 2:
+            return mean_field_cpu<scalar_t, 16>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+          case 3:
+            return mean_field_cpu<scalar_t, 24>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+          default:
+            return mean_field_cpu<scalar_t, 32>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+        }
+      }
+    }
+#endif
     auto acc = at::empty_like(neg_unary);
     at::Tensor m;
     auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
@@ -384,9 +541,10 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
                         256);
         }
       }
-      softmax_rows(acc, q);
+      softmax_rows<Exec, scalar_t>(exec, acc, q);
     }
   });
+  if (q_lmajor.defined()) return q_lmajor;
   return q.transpose(1, 2).contiguous();
 }
 
