@@ -96,7 +96,8 @@ def measure(fn, min_run_time: float, sync: bool = False) -> dict:
 
     t0 = time.perf_counter()
     stmt()  # warm-up
-    timer = Timer(stmt="stmt()", globals={"stmt": stmt})
+    # num_threads: torch.utils.benchmark.Timer runs with 1 thread unless told otherwise
+    timer = Timer(stmt="stmt()", globals={"stmt": stmt}, num_threads=torch.get_num_threads())
     warm = time.perf_counter() - t0
     if warm > SLOW_S:
         m = Measurement.merge([timer.timeit(1), timer.timeit(1)])[0]

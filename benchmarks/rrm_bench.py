@@ -46,10 +46,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    import rrm_cuda
+    import rrm_cuda  # noqa: F401  (the extension, or the fallback below)
 except ImportError:  # a development checkout built in place (python setup.py build_ext --inplace)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import rrm_cuda
+    import rrm_cuda  # noqa: F401
 from rrm_cuda import reference as R  # noqa: E402
 from rrm_cuda.rrm import losses as L  # noqa: E402
 from rrm_cuda.rrm.data import build_dataset  # noqa: E402
@@ -73,9 +73,9 @@ def pydensecrf_backend() -> str:
 
         return "pydensecrf2"
     except ImportError:
-        import rrm_cuda.compat
+        from rrm_cuda.compat import install_pydensecrf_alias
 
-        rrm_cuda.compat.install_pydensecrf_alias()
+        install_pydensecrf_alias()
         return "rrm_cuda.compat.pydensecrf shim (pydensecrf2 not installed)"
 
 
