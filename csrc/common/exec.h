@@ -41,17 +41,11 @@ inline void cpu_item_loop(int64_t begin, int64_t end, int64_t n, int64_t C, cons
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__CUDACC__)
 #define RRM_CPU_AVX2_DISPATCH 1
+// The same loop, compiled for AVX2: `flatten` inlines cpu_item_loop and the functor into it.
 template <class F>
 __attribute__((target("avx2"), flatten)) void cpu_item_loop_avx2(int64_t begin, int64_t end, int64_t n, int64_t C,
                                                                  const F& f) {
-  int64_t b = begin / n, i = begin % n;
-  for (int64_t t = begin; t < end; ++t) {
-    f(b, i, int64_t{0}, C);
-    if (++i == n) {
-      i = 0;
-      ++b;
-    }
-  }
+  cpu_item_loop(begin, end, n, C, f);
 }
 
 inline bool cpu_has_avx2() {
@@ -59,6 +53,19 @@ inline bool cpu_has_avx2() {
   return has;
 }
 #endif
+
+// Items [begin, end) of a (B, n) item range on the calling thread, in the AVX2 copy when the
+// processor has it.
+template <class F>
+inline void cpu_run_items(int64_t begin, int64_t end, int64_t n, int64_t C, const F& f) {
+#ifdef RRM_CPU_AVX2_DISPATCH
+  if (cpu_has_avx2()) {
+    cpu_item_loop_avx2(begin, end, n, C, f);
+    return;
+  }
+#endif
+  cpu_item_loop(begin, end, n, C, f);
+}
 
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
@@ -74,13 +81,7 @@ struct CpuExec {
   template <class F>
   void for_each_item(int64_t B, int64_t n, int64_t C, const F& f, int64_t grain = 1024) const {
     if (B <= 0 || n <= 0 || C <= 0) return;
-#ifdef RRM_CPU_AVX2_DISPATCH
-    if (cpu_has_avx2()) {
-      at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_item_loop_avx2(begin, end, n, C, f); });
-      return;
-    }
-#endif
-    at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_item_loop(begin, end, n, C, f); });
+    at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_run_items(begin, end, n, C, f); });
   }
 };
 

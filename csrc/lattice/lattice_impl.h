@@ -223,13 +223,7 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
             Cs, lat.d};
         const int64_t i0 = b * N + t * span, i1 = b * N + std::min(N, (t + 1) * span);
         if (i0 >= i1) continue;
-#ifdef RRM_CPU_AVX2_DISPATCH
-        if (cpu_has_avx2()) {
-          cpu_item_loop_avx2(i0, i1, N, C, f);
-          continue;
-        }
-#endif
-        cpu_item_loop(i0, i1, N, C, f);
+        cpu_run_items(i0, i1, N, C, f);
       }
     });
     scalar_t* ob = out + b * M * Cs;
@@ -375,13 +369,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
               std::fill(m.splat, m.splat + Mb[t] * W, scalar_t(0));
             }
           }
-#ifdef RRM_CPU_AVX2_DISPATCH
-          if (cpu_has_avx2()) {
-            cpu_item_loop_avx2(i0, i1, N, L, f);
-            continue;
-          }
-#endif
-          cpu_item_loop(i0, i1, N, L, f);
+          cpu_run_items(i0, i1, N, L, f);
         }
       });
       if (last) break;
