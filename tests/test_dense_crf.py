@@ -109,6 +109,22 @@ def test_emulated_cuda_launch_matches_cpu():
     torch.testing.assert_close(ops._dense_crf_emulated(*args), ops.dense_crf(*args), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [2, 3, 4, 5, 8, 9, 17, 21, 32, 33])
+def test_fused_cpu_mean_field_matches_per_term_path(L, dtype):
+    # Diagonal compatibilities with L <= 32 take the CPU's fused mean field (rows of 4, 8, 16, 24 or
+    # 32 lanes); the emulated CUDA launch runs the per-term filter + softmax path on the same lattices.
+    unary, image = _crf_inputs(B=2, L=L, H=13, W=11, dtype=dtype, seed=L)
+    B, _, H, W = unary.shape
+    pos, bil = _ref_features(B, H, W, image, dtype, bsxy=5.0)
+    eye = torch.eye(L, dtype=dtype)
+    c = torch.stack([-3 * eye, torch.diag(torch.linspace(-4, 1, L, dtype=dtype))])
+    for norms in ([0, 0], [1, 1]):
+        args = (unary.reshape(B, L, -1), [pos, bil], c, [True, True], norms, 5)
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(ops.dense_crf(*args), ops._dense_crf_emulated(*args), **tol)
+
+
 def test_lattice_approximates_exact_crf():
     """With d=2 positions only, mean field on the lattice is close to mean field with the exact
     Gaussian (the lattice is ~0.9x the exact kernel; symmetric normalisation removes most of it)."""

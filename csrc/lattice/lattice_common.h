@@ -466,14 +466,20 @@ inline double exp_cpu(double x) { return exp(x); }
 constexpr double kSoftmaxPad = -1e30;
 
 // q[0, W) = softmax of the labels of v[0, W): mask[c] is 1 for a label and 0 for padding, whose v
-// must be kSoftmaxPad (it cannot be the max; its q is 0). Every loop has the fixed length W (a
+// must be kSoftmaxPad (it cannot be the max; its q is 0). Every loop has the fixed length W (4 or a
 // multiple of 8): no partial vectors, no store-forwarding stalls. v is overwritten.
-// Max and sum of W values (W a multiple of 8) in 8 lanes, reduced in a fixed order. float: with GCC
+// Max and sum of W values (W a multiple of 8) in 8 lanes, reduced in a fixed order (W = 4: the same
+// order, so that padding a row from 4 to 8 labels changes nothing). float: with GCC
 // vector types, which GCC compiles to AVX in the AVX2 copy and to SSE pairs in the baseline one
 // (lane-wise IEEE operations: the same result); the auto-vectoriser leaves these reductions scalar.
 #if !defined(__CUDACC__)  // nvcc's host pass gets the plain loops below (never instantiated there)
 template <int W>
 inline float row_max(const float* v) {
+  if constexpr (W == 4) {
+    float r = v[0];
+    for (int l = 1; l < 4; ++l) r = v[l] > r ? v[l] : r;
+    return r;
+  }
   typedef float v8 __attribute__((vector_size(32)));
   v8 m, x;
   __builtin_memcpy(&m, v, sizeof m);
@@ -487,6 +493,7 @@ inline float row_max(const float* v) {
 }
 template <int W>
 inline float row_sum(const float* v) {
+  if constexpr (W == 4) return ((v[0] + v[1]) + v[2]) + v[3];  // the order of the 8-lane sum below
   typedef float v8 __attribute__((vector_size(32)));
   v8 s, x;
   __builtin_memcpy(&s, v, sizeof s);
@@ -511,6 +518,59 @@ inline scalar_t row_sum(const scalar_t* v) {
   for (int c = 1; c < W; ++c) r += v[c];
   return r;
 }
+
+// Fixed-width rows of W values (W = 4 or a multiple of 8) as GCC vector types of 32 bytes (8 floats
+// or 4 doubles; 16 bytes for 4 floats), for the CPU's per-pixel lattice loops: AVX registers in the AVX2 copy of the
+// item loops, SSE pairs in the baseline copy. GCC's vectoriser leaves these loops scalar at W = 8 (it unrolls them
+// completely, then does not pack the 8 scalar chains): a fused mean-field step at 2-8 labels was as slow as at 24.
+// Lane-wise IEEE operations in the order of the scalar loops, so results are bit-identical to them (and across the two
+// copies).
+#if !defined(__CUDACC__)
+template <typename scalar_t, int Bytes>
+struct CpuVec {
+  typedef scalar_t type __attribute__((vector_size(Bytes)));
+};
+
+template <typename scalar_t, int W>
+struct CpuRow {
+  // 32-byte vectors; a row of 4 floats (the fused mean field at <= 4 labels) is one 16-byte vector
+  static constexpr int kBytes = W * sizeof(scalar_t) >= 32 ? 32 : 16;
+  using V = typename CpuVec<scalar_t, kBytes>::type;
+  static constexpr int kLanes = static_cast<int>(kBytes / sizeof(scalar_t));
+  static constexpr int kN = W / kLanes;
+  static_assert(W % kLanes == 0, "row width must be a multiple of the vector width");
+  V v[kN];
+
+  static V load1(const scalar_t* p) {
+    V x;
+    __builtin_memcpy(&x, p, sizeof x);
+    return x;
+  }
+  static void store1(scalar_t* p, const V& x) { __builtin_memcpy(p, &x, sizeof x); }
+  void load(const scalar_t* p) {
+    for (int k = 0; k < kN; ++k) v[k] = load1(p + k * kLanes);
+  }
+  void store(scalar_t* p) const {
+    for (int k = 0; k < kN; ++k) store1(p + k * kLanes, v[k]);
+  }
+  // this = w * p
+  void set_scaled(scalar_t w, const scalar_t* p) {
+    for (int k = 0; k < kN; ++k) v[k] = w * load1(p + k * kLanes);
+  }
+  // this += w * p
+  void add_scaled(scalar_t w, const scalar_t* p) {
+    for (int k = 0; k < kN; ++k) v[k] = v[k] + w * load1(p + k * kLanes);
+  }
+  // this += (coef * s) * a, lane by lane
+  void add_coef_scaled(const scalar_t* coef, scalar_t s, const CpuRow& a) {
+    for (int k = 0; k < kN; ++k) v[k] = v[k] + load1(coef + k * kLanes) * s * a.v[k];
+  }
+  // p += w * this (p: a row in memory)
+  void scatter_scaled(scalar_t* p, scalar_t w) const {
+    for (int k = 0; k < kN; ++k) store1(p + k * kLanes, load1(p + k * kLanes) + w * v[k]);
+  }
+};
+#endif
 
 template <typename scalar_t, int W>
 inline void softmax_masked(scalar_t* v, const scalar_t* mask, scalar_t* q) {
@@ -596,20 +656,14 @@ struct SliceFunctor {
       o[c] = scale * s;
   }
 
-#if !defined(__CUDA_ARCH__)
+#if !defined(__CUDACC__)  // CPU only (CpuRow)
   template <int W>
   void fixed_width(int64_t bi, const scalar_t* wb, const int32_t* vb, const scalar_t* Lb, scalar_t scale) const {
-    scalar_t acc[W];  // W / 8 registers; initialised by the first corner (no zeroing pass)
-    {
-      const scalar_t w = wb[0];
-      const scalar_t* L = Lb + static_cast<int64_t>(vb[0]) * Cs;
-      for (int c = 0; c < W; ++c) acc[c] = w * L[c];
-    }
-    for (int r = 1; r <= d; ++r) {
-      const scalar_t w = wb[r];
-      const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
-      for (int c = 0; c < W; ++c) acc[c] += w * L[c];
-    }
+    CpuRow<scalar_t, W> row;  // W / 8 registers; initialised by the first corner (no zeroing pass)
+    row.set_scaled(wb[0], Lb + static_cast<int64_t>(vb[0]) * Cs);
+    for (int r = 1; r <= d; ++r) row.add_scaled(wb[r], Lb + static_cast<int64_t>(vb[r]) * Cs);
+    scalar_t acc[W];
+    row.store(acc);
     scalar_t* o = out + bi * C;
     if (coef) {
       const scalar_t* bs = base ? base + bi * C : o;
@@ -633,6 +687,7 @@ struct SliceFunctor {
       return;
     }
 #if !defined(__CUDA_ARCH__)
+#if !defined(__CUDACC__)
     if (c0 == 0 && c1 == C) {
       switch (Cs) {
         case 8:
@@ -647,6 +702,7 @@ struct SliceFunctor {
           break;
       }
     }
+#endif
     for (int64_t cb = c0; cb < c1; cb += kSliceTile) {
       const int64_t nc = (c1 - cb < kSliceTile) ? c1 - cb : kSliceTile;
       scalar_t acc[kSliceTile];
@@ -683,14 +739,14 @@ struct MatVecSubFunctor {
   }
 };
 
-#if !defined(__CUDA_ARCH__)
+#if !defined(__CUDACC__)  // CPU only (CpuRow); the CUDA build never takes the fused path
 // CPU mean-field step of one image, fused per pixel (lattice_impl.h: mean_field_cpu). For pixel i:
 //   row = base_i + sum_t coef_t * (alpha_t post_t(i)) * sum_r w_{t,i,r} L_t[v_{t,i,r}]   (the slices)
 //   q_i = softmax(row)
 //   then either q_i is written out (last step, label-major (L, N)) or pre_t(i) q_i is scattered
 //   into each term's splat buffer (the next step's splats), so Q never goes to memory in between.
 // Terms without a blurred buffer (the first step) contribute nothing: q_i = softmax(base_i).
-// W = the lattice row width (L padded to a multiple of 8); the arithmetic per term is that of
+// W = the lattice row width (L padded to 4 or a multiple of 8); the arithmetic per term is that of
 // SliceFunctor (with coef and base) and ScatterFunctor, in the same order.
 constexpr int kMaxFusedTerms = 4;
 
@@ -717,44 +773,35 @@ struct MeanFieldCpuFunctor {
   int64_t N, L;
 
   void operator()(int64_t, int64_t i, int64_t, int64_t) const {
-    scalar_t row[W];
-    const scalar_t* bs = base + i * W;
-    for (int c = 0; c < W; ++c) row[c] = bs[c];
+    using Row = CpuRow<scalar_t, W>;
+    Row row;
+    row.load(base + i * W);
     for (int t = 0; t < T; ++t) {
       const MeanFieldTerm<scalar_t>& m = terms[t];
       if (!m.blurred) continue;
       const scalar_t* wb = m.weights + i * (m.d + 1);
       const int32_t* vb = m.vertex + i * (m.d + 1);
-      scalar_t acc[W];
-      {
-        const scalar_t w = wb[0];
-        const scalar_t* Lr = m.blurred + static_cast<int64_t>(vb[0]) * W;
-        for (int c = 0; c < W; ++c) acc[c] = w * Lr[c];
-      }
-      for (int r = 1; r <= m.d; ++r) {
-        const scalar_t w = wb[r];
-        const scalar_t* Lr = m.blurred + static_cast<int64_t>(vb[r]) * W;
-        for (int c = 0; c < W; ++c) acc[c] += w * Lr[c];
-      }
+      Row acc;
+      acc.set_scaled(wb[0], m.blurred + static_cast<int64_t>(vb[0]) * W);
+      for (int r = 1; r <= m.d; ++r) acc.add_scaled(wb[r], m.blurred + static_cast<int64_t>(vb[r]) * W);
       const scalar_t scale = m.post ? m.alpha * m.post[i] : m.alpha;
-      for (int c = 0; c < W; ++c) row[c] = row[c] + m.coef[c] * scale * acc[c];
+      row.add_coef_scaled(m.coef, scale, acc);
     }
-    scalar_t qi[W];
-    softmax_masked<scalar_t, W>(row, mask, qi);
+    scalar_t v[W], qi[W];
+    row.store(v);
+    softmax_masked<scalar_t, W>(v, mask, qi);
     if (q_out) {
       for (int64_t c = 0; c < L; ++c) q_out[c * N + i] = qi[c];
       return;
     }
+    Row q;
+    q.load(qi);
     for (int t = 0; t < T; ++t) {
       const MeanFieldTerm<scalar_t>& m = terms[t];
       const scalar_t* wb = m.weights + i * (m.d + 1);
       const int32_t* vb = m.vertex + i * (m.d + 1);
       const scalar_t p = m.pre ? m.pre[i] : scalar_t(1);
-      for (int r = 0; r <= m.d; ++r) {
-        const scalar_t w = wb[r] * p;
-        scalar_t* o = m.splat + static_cast<int64_t>(vb[r]) * W;
-        for (int c = 0; c < W; ++c) o[c] += w * qi[c];
-      }
+      for (int r = 0; r <= m.d; ++r) q.scatter_scaled(m.splat + static_cast<int64_t>(vb[r]) * W, wb[r] * p);
     }
   }
 };

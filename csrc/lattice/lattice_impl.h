@@ -301,7 +301,7 @@ void softmax_rows(const Exec& exec, const at::Tensor& x, at::Tensor& q) {
   at::_softmax_out(q, x, /*dim=*/-1, /*half_to_float=*/false);
 }
 
-#if !defined(__CUDA_ARCH__)
+#if !defined(__CUDACC__)
 // CPU mean field with diagonal compatibilities, image by image: each step blurs every term's splat
 // buffer, then one pass over the pixels (MeanFieldCpuFunctor) slices all terms, adds the unary,
 // takes the softmax and scatters the new Q into the next step's splat buffers -- instead of a
@@ -444,7 +444,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
   const int64_t T = static_cast<int64_t>(features.size());
   if (B == 0 || N == 0) return at::empty({B, L, N}, unary.options());
   bool fused = false;  // CPU, diagonal compatibilities only: the fused mean field (mean_field_cpu)
-#if !defined(__CUDA_ARCH__)
+#if !defined(__CUDACC__)
   if constexpr (std::is_same_v<Exec, CpuExec>) {
     fused = iterations > 0 && T > 0 && T <= kMaxFusedTerms && L <= 32;
     for (int64_t t = 0; t < T; ++t) fused = fused && diagonal[t];
@@ -490,10 +490,11 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
       // Diagonal compatibility enters the slice as a per-label coefficient: acc -= c_l m_l.
       if (diagonal[t]) coefs[t] = compat_c[t].diagonal().neg().contiguous();
     }
-#if !defined(__CUDA_ARCH__)
+#if !defined(__CUDACC__)
     if constexpr (std::is_same_v<Exec, CpuExec>) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
+        if (L <= 4) return mean_field_cpu<scalar_t, 4>(lats, pre, post, coefs, unary, q_lmajor, iterations);
         switch ((L + 7) / 8) {
           case 1:
             return mean_field_cpu<scalar_t, 8>(lats, pre, post, coefs, unary, q_lmajor, iterations);
