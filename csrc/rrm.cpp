@@ -15,7 +15,8 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def("_permutohedral_filter_emulated(Tensor values, Tensor features, bool reverse=False) -> Tensor");
   // (B, d, N) -> (B,) int64: lattice points per image (occupancy diagnostics, memory planning).
   m.def("lattice_num_vertices(Tensor features) -> Tensor");
-  // Mean-field inference with densecrf's semantics. unary (B, L, N) energies; features T x (B, d_t, N);
+  // Mean-field inference with densecrf's semantics. unary (B, L, N) energies; features T x (B_t, d_t, N)
+  // with B_t dividing B (image b uses features[t][b % B_t]: lattices shared by several unaries);
   // compat (T, L, L) in the energy convention (Potts w -> -w I); diagonal: T flags (compat[t] is
   // diagonal); normalization: per term 0 symmetric, 1 after, 2 before, 3 none -> Q (B, L, N).
   m.def(

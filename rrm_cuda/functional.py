@@ -59,9 +59,11 @@ def _lattice_bytes(B: int, N: int, d: int, C: int, itemsize: int, device: torch.
     return B * E * per_entry + workspace + neighbors + buffers
 
 
-def _check_lattice_features(features: Tensor, name: str, C: int, dtype: torch.dtype) -> None:
-    """Features (B, d, N): dimension, size, memory, finiteness and integer-key range."""
+def _check_lattice_features(features: Tensor, name: str, C: int, dtype: torch.dtype, batch: int | None = None) -> None:
+    """Features (B, d, N): dimension, size, memory, finiteness and integer-key range. ``batch``: the
+    number of images the lattices serve when larger than B (shared lattices are repeated)."""
     B, d, N = features.shape
+    B = max(B, batch or 0)
     if d < 1 or d > 16:
         raise ValueError(f"{name} must have 1 <= d <= 16 feature channels; got shape {tuple(features.shape)}")
     if N * (d + 1) >= 2**30:
@@ -171,6 +173,11 @@ def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor,
     return torch.cat([pos, col / _per_image(srgb, B, col)], dim=1)
 
 
+def _divides(b_img: int, b: int) -> bool:
+    """A batch of b_img images serves b unaries (item i uses image i % b_img)."""
+    return b_img == b or (b_img >= 1 and b % b_img == 0)
+
+
 def unary_from_probs(probs: Tensor, clip: float = 1e-5) -> Tensor:
     """``-log(clip(p, clip, 1))``: pydensecrf.utils.unary_from_softmax on tensors (any shape)."""
     return -torch.log(probs.clamp(min=clip, max=1.0))
@@ -238,7 +245,10 @@ def dense_crf(
     Args:
         unary: (B, L, *S) energies (−log p). Give this or ``probs``.
         image: (B, c, *S) colours on the 0–255 scale (uint8 or float), any c (RGB, grey,
-            multispectral); needed by the bilateral term.
+            multispectral); needed by the bilateral term. Its batch may also be a divisor B' of B:
+            item b then uses image ``b % B'`` and the lattice of each image is built once and shared
+            (several unaries per image, e.g. RRM's two pseudo-label CRFs, as
+            ``torch.cat([u_1, u_2])`` with ``image`` of batch B/2).
         probs: (B, L, *S) scores; the unary is ``−log(clip(probs, clip, 1))`` (pydensecrf's
             ``unary_from_softmax``; scores need not sum to 1).
         iterations: mean-field iterations (pydensecrf's ``inference(n)``).
@@ -246,7 +256,9 @@ def dense_crf(
         bilateral_sxy, bilateral_srgb, bilateral_compat: the appearance kernel over positions and
             colours (``addPairwiseBilateral``). Sigmas may be per-image (B,) tensors.
         pairwise: extra terms ``(features, compat)`` with features (B, d, *S) already divided by
-            their standard deviations (depth, 3-D coordinates, other modalities).
+            their standard deviations (depth, 3-D coordinates, other modalities); batch B or a
+            divisor of it, as for ``image``. The Gaussian term's lattice is built once per call
+            when ``gaussian_sxy`` is a number.
         normalization: ``"symmetric"`` | ``"after"`` | ``"before"`` | ``"none"``.
 
     Returns:
@@ -295,46 +307,42 @@ def dense_crf(
         if cm is None:
             return
         f = _flat(features).to(dtype)
-        _check_lattice_features(f, name.replace("compat", "features"), L, dtype)
+        _check_lattice_features(f, name.replace("compat", "features"), L, dtype, batch=B)
         feats.append(f.contiguous())
         compats.append(cm[0])
         diags.append(cm[1])
 
     if gaussian_compat is not None and not (isinstance(gaussian_compat, (int, float)) and gaussian_compat == 0):
-        add(
-            position_features(B, spatial, V.positive(gaussian_sxy, "gaussian_sxy", B), dtype=dtype, device=device),
-            gaussian_compat,
-            "gaussian_compat",
-        )
+        gsxy = V.positive(gaussian_sxy, "gaussian_sxy", B)
+        # One position lattice for the whole batch unless the sigma is per image.
+        nb = B if isinstance(gsxy, Tensor) else min(B, 1)
+        add(position_features(nb, spatial, gsxy, dtype=dtype, device=device), gaussian_compat, "gaussian_compat")
     if bilateral_compat is not None and not (isinstance(bilateral_compat, (int, float)) and bilateral_compat == 0):
         if image is None:
             raise ValueError("image is required by the bilateral term; pass bilateral_compat=0 to switch it off")
         V.tensor(image, "image", finite=True)
-        if image.dim() != len(spatial) + 2 or image.shape[0] != B or tuple(image.shape[2:]) != spatial:
+        if image.dim() != len(spatial) + 2 or not _divides(image.shape[0], B) or tuple(image.shape[2:]) != spatial:
             raise ValueError(
-                f"image must have shape (B, c, *S) = ({B}, c, {', '.join(map(str, spatial))}); got {tuple(image.shape)}"
+                f"image must have shape (B', c, *S) = (B', c, {', '.join(map(str, spatial))}) with B' = {B} or a "
+                f"divisor of it (item b then uses image b % B'); got {tuple(image.shape)}"
             )
         if image.dtype == torch.bool or image.is_complex():
             raise TypeError(f"image must be uint8 or floating; got {image.dtype}")
         V.same_device({src_name: src, "image": image})
-        add(
-            bilateral_features(
-                image,
-                V.positive(bilateral_sxy, "bilateral_sxy", B),
-                V.positive(bilateral_srgb, "bilateral_srgb", B),
-                dtype=dtype,
-            ),
-            bilateral_compat,
-            "bilateral_compat",
-        )
+        bsxy = V.positive(bilateral_sxy, "bilateral_sxy", B)
+        bsrgb = V.positive(bilateral_srgb, "bilateral_srgb", B)
+        if image.shape[0] < B and (isinstance(bsxy, Tensor) or isinstance(bsrgb, Tensor)):
+            image = image.repeat(B // image.shape[0], *([1] * (image.dim() - 1)))  # per-image sigmas
+        add(bilateral_features(image, bsxy, bsrgb, dtype=dtype), bilateral_compat, "bilateral_compat")
     for k, item in enumerate(pairwise):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"pairwise[{k}] must be a (features, compat) pair")
         f, c = item
         V.tensor(f, f"pairwise[{k}] features", dtypes=V.FLOAT_DTYPES)
-        if f.dim() < 2 or f.shape[0] != B or math.prod(f.shape[2:]) != N:
+        if f.dim() < 2 or not _divides(f.shape[0], B) or math.prod(f.shape[2:]) != N:
             raise ValueError(
-                f"pairwise[{k}] features must have shape (B, d, *S) with B={B}, S={spatial}; got {tuple(f.shape)}"
+                f"pairwise[{k}] features must have shape (B', d, *S) with B' = {B} or a divisor of it, "
+                f"S={spatial}; got {tuple(f.shape)}"
             )
         V.same_device({src_name: src, f"pairwise[{k}] features": f})
         add(f, c, f"pairwise[{k}] compat")

@@ -85,6 +85,31 @@ def test_probs_input_and_per_image_sigma():
     torch.testing.assert_close(rrm_cuda.dense_crf(u, image), rrm_cuda.dense_crf(probs=probs, image=image))
 
 
+@pytest.mark.parametrize("gauss_sxy", [3.0, torch.tensor([3.0, 5.0, 2.0, 4.0])])
+def test_shared_lattices(gauss_sxy):
+    # unary batch 4 over an image batch 2 (item b uses image b % 2): the same as four separate calls;
+    # diagonal compatibilities (the CPU's fused mean field), a full matrix (per-term path), emulated.
+    unary, image = _crf_inputs(B=4, L=3, H=11, W=9, seed=7)
+    img2 = image[:2]
+    sig = torch.tensor([50.0, 70.0, 60.0, 80.0])
+    for kw in (dict(), dict(bilateral_compat=torch.rand(3, 3, dtype=torch.float64)), dict(bilateral_srgb=sig)):
+        q = rrm_cuda.dense_crf(unary, img2, iterations=4, bilateral_sxy=6.0, gaussian_sxy=gauss_sxy, **kw)
+        for b in range(4):
+            kb = {k: (v[b : b + 1] if isinstance(v, torch.Tensor) and v.dim() == 1 else v) for k, v in kw.items()}
+            gs = gauss_sxy[b : b + 1] if isinstance(gauss_sxy, torch.Tensor) else gauss_sxy
+            qb = rrm_cuda.dense_crf(
+                unary[b : b + 1], img2[b % 2 : b % 2 + 1], iterations=4, bilateral_sxy=6.0, gaussian_sxy=gs, **kb
+            )
+            torch.testing.assert_close(q[b : b + 1], qb, rtol=1e-12, atol=1e-12)
+    B, L, H, W = unary.shape
+    pos, bil = _ref_features(2, H, W, img2, torch.float64, bsxy=6.0)
+    args = (unary.reshape(B, L, -1), [pos[:1], bil], -torch.eye(L, dtype=torch.float64).expand(2, L, L), [True] * 2)
+    full = (unary.reshape(B, L, -1), [pos[:1].expand(4, -1, -1), bil.repeat(2, 1, 1)], args[2], args[3])
+    torch.testing.assert_close(ops._dense_crf_emulated(*args, [0, 0], 3), ops.dense_crf(*full, [0, 0], 3))
+    with pytest.raises(ValueError, match=r"features\[1\] must have shape \(B', d, N\)"):
+        ops.dense_crf(unary.reshape(B, L, -1), [pos[:1], bil[:1].repeat(3, 1, 1)], args[2], args[3], [0, 0], 3)
+
+
 def test_layouts_and_half():
     unary, image = _crf_inputs(dtype=torch.float32)
     ref = rrm_cuda.dense_crf(unary, image)
@@ -252,7 +277,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="image must have shape"):
         rrm_cuda.dense_crf(unary, image[:, :, :5])
     with pytest.raises(ValueError, match="image must have shape"):
-        rrm_cuda.dense_crf(unary, image[:1])
+        rrm_cuda.dense_crf(unary, torch.cat([image, image, image]))  # batch 3 does not divide 2
     with pytest.raises(ValueError, match="image contains Inf"):
         rrm_cuda.dense_crf(unary, image.float().fill_(math.inf))
     with pytest.raises(ValueError, match="bilateral_sxy must be positive"):

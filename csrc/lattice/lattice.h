@@ -28,7 +28,7 @@ inline void check_filter_args(const at::Tensor& values, const at::Tensor& featur
                     ", d = ", features.size(1));
 }
 
-// unary (B, L, N); features: T tensors (B, d_t, N); compat (T, L, L); diagonal: T flags.
+// unary (B, L, N); features: T tensors (B_t, d_t, N), B_t dividing B; compat (T, L, L); diagonal: T flags.
 inline void check_crf_args(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
                            const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations) {
   RRM_CHECK_DIM(unary, 3, "unary");
@@ -54,8 +54,10 @@ inline void check_crf_args(const at::Tensor& unary, at::TensorList features, con
     RRM_CHECK_DIM(f, 3, "features[" + std::to_string(t) + "]");
     RRM_CHECK_SAME_DTYPE(unary, f, "unary", "features[" + std::to_string(t) + "]");
     RRM_CHECK_SAME_DEVICE(unary, f, "unary", "features[" + std::to_string(t) + "]");
-    TORCH_CHECK_VALUE(f.size(0) == unary.size(0) && f.size(2) == unary.size(2), "features[", t,
-                      "] must have shape (B, d, N) with B, N of unary ", unary.sizes(), "; got ", f.sizes());
+    const int64_t B = unary.size(0), Bt = f.size(0);
+    TORCH_CHECK_VALUE((B == 0 ? Bt == 0 : Bt >= 1 && B % Bt == 0) && f.size(2) == unary.size(2), "features[", t,
+                      "] must have shape (B', d, N) with N of unary ", unary.sizes(),
+                      " and B' dividing its batch (image b uses features[b % B']); got ", f.sizes());
     TORCH_CHECK_VALUE(f.size(1) >= 1 && f.size(1) <= kMaxDim, "features[", t, "] must have 1 <= d <= ", kMaxDim,
                       " channels; got shape ", f.sizes());
     TORCH_CHECK_VALUE(f.size(2) * (f.size(1) + 1) < (int64_t{1} << 30), "features[", t,

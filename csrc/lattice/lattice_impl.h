@@ -308,7 +308,8 @@ void softmax_rows(const Exec& exec, const at::Tensor& x, at::Tensor& q) {
 // splat, a slice and a softmax pass over (N, L) arrays per term and step. Q is only written at the
 // end, label-major. The pixel spans, their thread-private splat buffers and the order in which they
 // are summed are those of splat_scatter_cpu, so the splat sums are the same as lattice::filter's.
-//   unary (B, L, N); q (B, L, N) out; coefs[t] (L,); pre/post[t] (B, N) or undefined.
+//   unary (B, L, N); q (B, L, N) out; coefs[t] (L,); lats[t].B divides B (image b uses lattice
+//   b % lats[t].B); pre/post[t] (lats[t].B, N) or undefined.
 template <typename scalar_t, int W>
 void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tensor>& pre,
                     const std::vector<at::Tensor>& post, const std::vector<at::Tensor>& coefs, const at::Tensor& unary,
@@ -338,7 +339,8 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
     at::neg_out(base_labels, unary[b].t());
     std::vector<int64_t> Mb(T);
     std::vector<const scalar_t*> blurred(T, nullptr);
-    for (int t = 0; t < T; ++t) Mb[t] = lats[t].num_vertices.data_ptr<int32_t>()[b];
+    // Image b uses lattice b % lat.B of each term (a term's lattices may be shared, see dense_crf).
+    for (int t = 0; t < T; ++t) Mb[t] = lats[t].num_vertices.data_ptr<int32_t>()[b % lats[t].B];
     for (int64_t step = 0; step <= iterations; ++step) {
       const bool last = step == iterations;
       // Slice (from the second step on), softmax, and scatter (all but the last step).
@@ -355,11 +357,12 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
           for (int t = 0; t < T; ++t) {
             const Lattice& lat = lats[t];
             MeanFieldTerm<scalar_t>& m = f.terms[t];
-            m.weights = lat.entry_weight.data_ptr<scalar_t>() + b * lat.E;
-            m.vertex = lat.entry_vertex.data_ptr<int32_t>() + b * lat.E;
+            const int64_t lb = b % lat.B;
+            m.weights = lat.entry_weight.data_ptr<scalar_t>() + lb * lat.E;
+            m.vertex = lat.entry_vertex.data_ptr<int32_t>() + lb * lat.E;
             m.blurred = blurred[t];
-            m.pre = ptr(pre[t], b * N);
-            m.post = ptr(post[t], b * N);
+            m.pre = ptr(pre[t], lb * N);
+            m.post = ptr(post[t], lb * N);
             m.coef = coef_w[t].data_ptr<scalar_t>();
             m.alpha = static_cast<scalar_t>(slice_alpha(lat.d));
             m.d = lat.d;
@@ -396,7 +399,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
         } else {
           cur = src;
         }
-        const int32_t* nbr = lat.neighbors.data_ptr<int32_t>() + b * (lat.d + 1) * M * 2;
+        const int32_t* nbr = lat.neighbors.data_ptr<int32_t>() + (b % lat.B) * (lat.d + 1) * M * 2;
         const int64_t grain = std::max<int64_t>(16, 8192 / W);
         for (int s = 0; s <= lat.d; ++s) {
           CpuExec{}.for_each_item(1, Mt, W, BlurFunctor<scalar_t>{cur, nxt, nbr, M, W, lat.d, s}, grain);
@@ -429,9 +432,36 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
   return out.transpose(1, 2).contiguous();
 }
 
+// The lattices of `lat` repeated `reps` times along the batch (image b of the result is image
+// b % lat.B): for the per-term path, whose kernels index the lattice by image.
+inline Lattice tile(const Lattice& lat, int64_t reps) {
+  if (reps == 1) return lat;
+  Lattice t = lat;
+  t.B = lat.B * reps;
+  auto rep = [reps](const at::Tensor& x) {
+    if (!x.defined()) return x;
+    std::vector<int64_t> r(x.dim(), 1);
+    r[0] = reps;
+    return x.repeat(r);
+  };
+  t.entry_vertex = rep(lat.entry_vertex);
+  t.entry_weight = rep(lat.entry_weight);
+  t.num_vertices = rep(lat.num_vertices);
+  t.neighbors = rep(lat.neighbors);
+  t.offsets = rep(lat.offsets);
+  t.splat_pixel = rep(lat.splat_pixel);
+  t.splat_weight = rep(lat.splat_weight);
+  t.chunk_offsets = rep(lat.chunk_offsets);
+  t.chunk_begin = rep(lat.chunk_begin);
+  t.chunk_end = rep(lat.chunk_end);
+  return t;
+}
+
 // Dense-CRF mean field (densecrf semantics).
 //   unary     (B, L, N) energies (-log p)
-//   features  T tensors (B, d_t, N), already divided by their standard deviations
+//   features  T tensors (B_t, d_t, N), already divided by their standard deviations; B_t divides B
+//             and image b uses the lattice of features[t][b % B_t] (one lattice shared by several
+//             unaries: RRM's two pseudo-label CRFs per image, one Gaussian lattice for a whole batch)
 //   compat    (T, L, L) energy-convention compatibility (Potts w -> -w I)
 //   diagonal  T flags: compat[t] is diagonal (cheaper path)
 //   norms     per term: 0 symmetric, 1 after, 2 before, 3 none (densecrf's NORMALIZE_* semantics)
@@ -466,9 +496,10 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     auto compat_c = compat.contiguous();
     for (int64_t t = 0; t < T; ++t) {
       lats.push_back(build(exec, features[t].contiguous(), chunk));
+      const int64_t Bt = lats[t].B;
       // Normaliser n = K 1 by the same lattice (forward order), then 1/sqrt or 1/x.
-      auto ones = at::ones({B, N, 1}, unary.options());
-      auto kn = at::empty({B, N, 1}, unary.options());
+      auto ones = at::ones({Bt, N, 1}, unary.options());
+      auto kn = at::empty({Bt, N, 1}, unary.options());
       filter<Exec, scalar_t>(exec, lats[t], ones.data_ptr<scalar_t>(), nullptr, kn.data_ptr<scalar_t>(), nullptr,
                              nullptr, 1, false, wss[t]);
       wss[t] = FilterWorkspace{};
@@ -476,8 +507,8 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
       if (norm == 3) {
         // NO_NORMALIZATION: densecrf computes a mean norm but never applies it to the messages.
       } else {
-        exec.for_each(BN, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
-        auto n = kn.reshape({B, N});
+        exec.for_each(Bt * N, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
+        auto n = kn.reshape({Bt, N});
         if (norm == 0) {
           pre[t] = n;
           post[t] = n;
@@ -489,6 +520,12 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
       }
       // Diagonal compatibility enters the slice as a per-label coefficient: acc -= c_l m_l.
       if (diagonal[t]) coefs[t] = compat_c[t].diagonal().neg().contiguous();
+      // The per-term path indexes lattices and normalisers by image: repeat shared ones.
+      if (!fused && Bt < B) {
+        lats[t] = tile(lats[t], B / Bt);
+        if (pre[t].defined()) pre[t] = pre[t].repeat({B / Bt, 1});
+        if (post[t].defined()) post[t] = post[t].repeat({B / Bt, 1});
+      }
     }
 #if !defined(__CUDACC__)
     if constexpr (std::is_same_v<Exec, CpuExec>) {

@@ -90,9 +90,10 @@ class ReliableLabels:
 def _batched_crf(
     image: Tensor, cams: Tensor, present: Tensor, alphas: Sequence[float], iterations: int, crf_params: dict
 ) -> list[Tensor]:
-    """CRFs on [bg_α, present-class CAMs] for every α in one batched call. Each image keeps only its
-    present classes (as the original does), padded to a common label count with labels of energy
-    ``_PAD_ENERGY`` that stay at probability 0. Returns per α a (B, 21, H, W) probability tensor."""
+    """CRFs on [bg_α, present-class CAMs] for every α in one batched call, sharing each image's
+    lattices between its α CRFs. Each image keeps only its present classes (as the original does),
+    padded to a common label count with labels of energy ``_PAD_ENERGY`` that stay at probability 0.
+    Returns per α a (B, 21, H, W) probability tensor."""
     B, _, H, W = cams.shape
     counts = present.sum(1)
     L = 1 + int(counts.max()) if B else 1
@@ -110,8 +111,9 @@ def _batched_crf(
             idx = present[b].nonzero().flatten()
             u[b, 1 : 1 + idx.numel()] = unary_from_probs(cams[b, idx])
         unaries.append(u)
-    img = image.float().expand(B, -1, -1, -1).repeat(len(alphas), 1, 1, 1)
-    q = dense_crf(torch.cat(unaries), img, iterations=iterations, **crf_params)
+    # Unaries of all α stacked, the images once: dense_crf builds each image's lattices once and
+    # shares them between its α CRFs (item a·B + b uses image b).
+    q = dense_crf(torch.cat(unaries), image.float(), iterations=iterations, **crf_params)
     for a, o in enumerate(outs):
         qa = q[a * B : (a + 1) * B]
         o[:, 0] = qa[:, 0]
