@@ -1,7 +1,8 @@
 """Dense-CRF benchmark: rrm_cuda (CPU 1 thread / all threads, CUDA) against pydensecrf2 and the
-pure-PyTorch reference, on bundled photographs (scikit-image), 21 labels, 10 mean-field iterations.
+pure-PyTorch reference, on bundled photographs (scikit-image), 21 labels, 10 mean-field iterations,
+plus RRM's pseudo-label CRF (a 321x321 crop, background + 2 classes).
 
-    python benchmarks/crf_bench.py            # full run (500x375, 512x512, batch 8)
+    python benchmarks/crf_bench.py            # full run (500x375, 512x512, batch 8, 321x321 L=3)
     python benchmarks/crf_bench.py --quick    # CI-sized
 
 Prints a table of medians with speed-ups over pydensecrf2 measured in the same run, and writes
@@ -102,14 +103,20 @@ def main() -> None:
     L, iters = args.labels, args.iterations
     mrt = args.min_run_time if args.min_run_time is not None else (0.2 if args.quick else 2.0)
     if args.quick:
-        workloads = [("chelsea", 120, 160, 1), ("coffee", 120, 160, 2), ("astronaut", 48, 64, 1)]
+        workloads = [
+            ("chelsea", 120, 160, 1, L),
+            ("coffee", 120, 160, 2, L),
+            ("astronaut", 48, 64, 1, L),
+            ("coffee", 96, 96, 1, 3),
+        ]
         ref_max_pixels = 48 * 64
     else:
         workloads = [
-            ("coffee", 375, 500, 1),
-            ("astronaut", 512, 512, 1),
-            ("coffee", 375, 500, args.batch),
-            ("chelsea", 60, 80, 1),
+            ("coffee", 375, 500, 1, L),
+            ("astronaut", 512, 512, 1, L),
+            ("coffee", 375, 500, args.batch, L),
+            ("coffee", 321, 321, 1, 3),  # RRM's pseudo-label CRFs: background + the crop's classes
+            ("chelsea", 60, 80, 1, L),
         ]
         ref_max_pixels = 60 * 80
     try:
@@ -123,10 +130,10 @@ def main() -> None:
     n_all = os.cpu_count() or 1
     rows: list[Row] = []
     names = ["astronaut", "coffee", "chelsea"]
-    for name, H, W, B in workloads:
-        wl = f"{W}x{H} {name} x{B}, L={L}"
+    for name, H, W, B, nl in workloads:
+        wl = f"{W}x{H} {name} x{B}, L={nl}"
         imgs = [photo(names[(names.index(name) + b) % 3], H, W) for b in range(B)]
-        probs_np = [scores(L, H, W, seed=b) for b in range(B)]
+        probs_np = [scores(nl, H, W, seed=b) for b in range(B)]
         probs = torch.from_numpy(np.stack(probs_np))
         image = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
         print(f"== {wl}", flush=True)
@@ -174,6 +181,7 @@ def main() -> None:
     meta = metadata(dev)
     meta.update(
         labels=L,
+        labels_note="per workload (L= in its name); the 321x321 L=3 row is RRM's pseudo-label CRF",
         iterations=iters,
         quick=args.quick,
         kernels={"gaussian": GAUSS, "bilateral": BIL},

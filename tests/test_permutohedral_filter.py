@@ -76,6 +76,21 @@ def test_emulated_cuda_launch_matches_cpu():
             )
 
 
+def test_hash_table_growth():
+    # Images whose lattice outgrows the first hash table (sized for E/16 points) next to sparse ones:
+    # the overflowed build is redone with a larger table, on the CPU and in the emulated launch.
+    g = torch.Generator().manual_seed(5)
+    N, d = 400, 5
+    f = torch.randn(3, d, N, generator=g, dtype=torch.float64) * torch.tensor([30.0, 0.05, 3.0])[:, None, None]
+    v = torch.randn(3, 2, N, generator=g, dtype=torch.float64)
+    m = ops.lattice_num_vertices(f)
+    assert int(m[0]) > N * (d + 1) // 4 and int(m[1]) < N * (d + 1) // 16  # 0 overflows the first table
+    assert m.tolist() == lattice_num_vertices_reference(f).tolist()
+    ref = permutohedral_filter_reference(v, f)
+    torch.testing.assert_close(ops.permutohedral_filter(v, f, False), ref)
+    torch.testing.assert_close(ops._permutohedral_filter_emulated(v, f, False), ref)
+
+
 def test_deterministic():
     v, f = _inputs(B=2, C=7, N=3000, d=5, dtype=torch.float32)
     a = ops.permutohedral_filter(v, f, False)

@@ -192,6 +192,7 @@ struct AssignFunctor {
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
     const int64_t t = b * E + e;
+    if (entry_slot[t] < 0) return;  // the table overflowed: the host rebuilds it
     if (table[b * cap + entry_slot[t]] == static_cast<int32_t>(e)) {
       const int32_t v = atomic_add(num_vertices + b, 1);
       entry_vertex[t] = v;
@@ -209,6 +210,7 @@ struct ResolveFunctor {
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
     const int64_t t = b * E + e;
+    if (entry_slot[t] < 0) return;  // overflow, as above
     const int32_t owner = table[b * cap + entry_slot[t]];
     if (owner != static_cast<int32_t>(e)) entry_vertex[t] = entry_vertex[b * E + owner];
   }

@@ -126,9 +126,13 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       }
       // Hash table sized for ~E/16 distinct points (typical occupancy is 1-15 %, SPEC §1), so that it
       // stays in cache; grown 8x and rebuilt if an image has more. A size that can hold every
-      // entry (2E slots) always succeeds.
+      // entry (2E slots) always succeeds. Vertex ids are assigned before the overflow flags are
+      // read, so that one host synchronisation (on CUDA) reads both the flags and the vertex count
+      // that sizes everything that follows; after an overflow the ids are discarded.
       int64_t cap = next_pow2(std::max<int64_t>(64, E / 8));
       at::Tensor table;
+      int64_t M = 0;
+      auto nv_chunk = lat.num_vertices.narrow(0, b0, nb);
       for (;;) {
         table = at::full({nb, cap}, -1, iopt);
         auto counters = at::zeros({2, nb}, iopt);  // claimed slots, overflow flags
@@ -136,15 +140,17 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
             nb, E, 1,
             InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), counters.data_ptr<int32_t>(),
                           counters.data_ptr<int32_t>() + nb, keys.data_ptr<int32_t>(), E, cap, d});
-        if (cap >= 2 * E || counters[1].max().item<int32_t>() == 0) break;
+        exec.for_each_item(nb, E, 1,
+                           AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
+                                         owner.data_ptr<int32_t>(), nv, E, cap});
+        exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
+        const auto stats = at::stack({counters[1].max(), nv_chunk.max()}).cpu();
+        const int32_t* st = stats.data_ptr<int32_t>();
+        M = st[1];
+        if (cap >= 2 * E || st[0] == 0) break;
         cap = std::min(next_pow2(2 * E), cap * 8);
+        nv_chunk.zero_();
       }
-      exec.for_each_item(nb, E, 1,
-                         AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
-                                       owner.data_ptr<int32_t>(), nv, E, cap});
-      exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
-      // The vertex count sizes everything that follows (a host synchronisation on CUDA).
-      const int64_t M = lat.num_vertices.narrow(0, b0, nb).max().item<int32_t>();
       auto nbr = at::empty({nb, d + 1, M, 2}, iopt);
       exec.for_each_item(nb, (d + 1) * M, 1,
                          NeighborFunctor{table.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), ev,
