@@ -411,3 +411,16 @@ def test_compile_fullgraph():
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(unary.reshape(B, L, -1), pos, bil), fn(unary.reshape(B, L, -1), pos, bil))
+
+
+@pytest.mark.cuda
+def test_cuda_shared_lattices_match_cpu(cuda):
+    # unaries of batch 6 over images of batch 3 (lattices repeated for the per-term CUDA path), a
+    # position lattice shared by the whole batch, and a full compatibility matrix
+    unary, image = _crf_inputs(B=6, L=3, H=21, W=17, dtype=torch.float32, seed=9)
+    img3 = image[:3]
+    for kw in (dict(), dict(bilateral_compat=torch.rand(3, 3) * -4), dict(gaussian_sxy=torch.rand(6) * 3 + 1)):
+        q_cpu = rrm_cuda.dense_crf(unary, img3, iterations=5, bilateral_sxy=7.0, **kw)
+        kw_gpu = {k: v.to(cuda) if isinstance(v, torch.Tensor) and v.dim() == 1 else v for k, v in kw.items()}
+        q_gpu = rrm_cuda.dense_crf(unary.to(cuda), img3.to(cuda), iterations=5, bilateral_sxy=7.0, **kw_gpu)
+        torch.testing.assert_close(q_gpu.cpu(), q_cpu, rtol=1e-4, atol=1e-4)
