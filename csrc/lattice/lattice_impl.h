@@ -536,5 +536,171 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
   return q.transpose(1, 2).contiguous();
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dense-CRF backward (CRF-as-RNN: backpropagation through the unrolled mean-field iterations).
+
+// The pairwise terms of one dense_crf call: each term's lattice, built once, its normalisers and
+// its filter workspace. The same set-up as dense_crf's (which keeps its own copy, fused CPU path
+// included).
+//   pre/post[t] (B, N) or undefined: the messages are m_t = post_t * K_t (pre_t * Q) (symmetric:
+//   both n^-1/2; after: post = 1/n; before: pre = 1/n; none: neither), n = K_t 1 + 1e-20.
+//   coefs[t] (L,) = -diag(compat[t]) for diagonal terms (the slice's acc -= c_l m_l), else undefined.
+struct CrfTerms {
+  std::vector<Lattice> lats;
+  std::vector<FilterWorkspace> wss;
+  std::vector<at::Tensor> pre, post, coefs;
+};
+
+template <class Exec, typename scalar_t>
+CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
+                   const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t B, int64_t N,
+                   const at::TensorOptions& opt, int64_t chunk) {
+  const int64_t T = static_cast<int64_t>(features.size());
+  CrfTerms terms;
+  terms.wss.resize(T);
+  terms.pre.resize(T);
+  terms.post.resize(T);
+  terms.coefs.resize(T);
+  for (int64_t t = 0; t < T; ++t) {
+    terms.lats.push_back(build(exec, features[t].contiguous(), chunk));
+    auto ones = at::ones({B, N, 1}, opt);
+    auto kn = at::empty({B, N, 1}, opt);
+    filter<Exec, scalar_t>(exec, terms.lats[t], ones.data_ptr<scalar_t>(), nullptr, kn.data_ptr<scalar_t>(), nullptr,
+                           nullptr, 1, false, terms.wss[t]);
+    terms.wss[t] = FilterWorkspace{};
+    const int64_t norm = norms[t];
+    if (norm != 3) {  // NO_NORMALIZATION applies nothing (dense_crf)
+      exec.for_each(B * N, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
+      auto n = kn.reshape({B, N});
+      if (norm == 0 || norm == 1) terms.post[t] = n;
+      if (norm == 0 || norm == 2) terms.pre[t] = n;
+    }
+    if (diagonal[t]) terms.coefs[t] = compat_c[t].diagonal().neg().contiguous();
+  }
+  return terms;
+}
+
+// One generic mean-field step (dense_crf's non-fused loop body): q_next = softmax(-U - sum_t C_t m_t),
+// m_t = post_t * K_t (pre_t * q_prev). All (B, N, L) contiguous; acc and m are scratch.
+template <class Exec, typename scalar_t>
+void mean_field_step(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_c, const std::vector<bool>& diagonal,
+                     const at::Tensor& neg_unary, const at::Tensor& q_prev, at::Tensor& acc, at::Tensor& m,
+                     at::Tensor& q_next) {
+  const int64_t T = static_cast<int64_t>(terms.lats.size());
+  const int64_t L = neg_unary.size(2), BN = neg_unary.size(0) * neg_unary.size(1);
+  auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
+  const bool fold = diagonal[0];  // -U folded into the first diagonal term's slice, as dense_crf does
+  if (!fold) acc.copy_(neg_unary);
+  for (int64_t t = 0; t < T; ++t) {
+    if (diagonal[t]) {
+      filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
+                             acc.data_ptr<scalar_t>(), ptr(terms.post[t]), terms.coefs[t].data_ptr<scalar_t>(), L,
+                             false, terms.wss[t], (t == 0 && fold) ? neg_unary.data_ptr<scalar_t>() : nullptr);
+    } else {
+      filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
+                             m.data_ptr<scalar_t>(), ptr(terms.post[t]), nullptr, L, false, terms.wss[t]);
+      exec.for_each(BN,
+                    MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), compat_c[t].data_ptr<scalar_t>(),
+                                               acc.data_ptr<scalar_t>(), L},
+                    256);
+    }
+  }
+  softmax_rows<Exec, scalar_t>(exec, acc, q_next);
+}
+
+// Gradients of dense_crf w.r.t. the unary and the compatibilities (not the features).
+//   grad (B, L, N) = dL/dQ^T; the other arguments as dense_crf's.
+// Returns (grad_unary (B, L, N), grad_compat (T, L, L); only the diagonal of a diagonal term's
+// matrix is used by the forward, so its off-diagonal gradient is 0).
+//
+// Forward (per image, rows i = pixels): Q^0 = softmax(-U); for s = 1..S (S = iterations)
+//   A^s = -U - sum_t m_t^s C_t^T,  m_t^s = post_t * K_t (pre_t * Q^{s-1}),  Q^s = softmax(A^s).
+// Backward, g = dL/dQ^S: for s = S..1
+//   gA = Q^s * (g - rowsum(g * Q^s));  dU -= gA;  dC_t -= sum_i gA_i (x) m_t,i^s (recomputed);
+//   g <- -sum_t pre_t * K_t^T (post_t * (gA C_t)),  K_t^T = the filter with the blur order reversed;
+// finally dU -= softmax_backward(g, Q^0). Every lattice is built once; the forward is rerun with
+// dense_crf's generic loop and keeps Q^0..Q^S ((S+1) B N L values) for the reverse sweep. The
+// (L, L) reductions are ATen matrix products (no host synchronisation on CUDA beyond build()'s).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at::Tensor& grad, const at::Tensor& unary,
+                                                      const std::vector<at::Tensor>& features, const at::Tensor& compat,
+                                                      const std::vector<bool>& diagonal,
+                                                      const std::vector<int64_t>& norms, int64_t iterations,
+                                                      int64_t chunk) {
+  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
+  const int64_t T = static_cast<int64_t>(features.size());
+  const auto opt = unary.options();
+  auto grad_compat = at::zeros({T, L, L}, opt);
+  if (B == 0 || N == 0) return {at::zeros_like(unary, at::MemoryFormat::Contiguous), grad_compat};
+  const int64_t S = T == 0 ? 0 : iterations;  // without pairwise terms Q = Q^0 = softmax(-U)
+  const int64_t BN = B * N;
+  auto neg_unary = unary.neg().transpose(1, 2).contiguous();  // (B, N, L)
+  auto g = at::empty({B, N, L}, opt);                         // a copy: g is overwritten by the sweep
+  g.copy_(grad.transpose(1, 2));
+  auto grad_acc = at::zeros({B, N, L}, opt);  // dL/dU, pixel-major
+  auto qs = at::empty({S + 1, B, N, L}, opt);
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf_backward", [&] {
+    auto q0 = qs.select(0, 0);
+    softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
+    if (S > 0) {
+      auto compat_c = compat.contiguous();
+      CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, B, N, opt, chunk);
+      auto acc = at::empty({B, N, L}, opt);
+      auto m = at::empty({B, N, L}, opt);
+      for (int64_t s = 1; s <= S; ++s) {
+        auto qn = qs.select(0, s);
+        mean_field_step<Exec, scalar_t>(exec, terms, compat_c, diagonal, neg_unary, qs.select(0, s - 1), acc, m, qn);
+      }
+      // Reverse sweep. acc holds gA, g_next the next g; h = -(gA C_t) for full matrices.
+      auto& ga = acc;
+      auto g_next = at::empty({B, N, L}, opt);
+      at::Tensor h, ones;  // full-matrix terms only: h, and unit slice coefficients (out += post * s)
+      if (std::find(diagonal.begin(), diagonal.end(), false) != diagonal.end()) {
+        h = at::empty({B, N, L}, opt);
+        ones = at::ones({L}, opt);
+      }
+      auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
+      for (int64_t s = S; s >= 1; --s) {
+        const auto q = qs.select(0, s), q_prev = qs.select(0, s - 1);
+        exec.for_each(BN,
+                      SoftmaxBackwardFunctor<scalar_t>{g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                                                       ga.data_ptr<scalar_t>(), grad_acc.data_ptr<scalar_t>(), L},
+                      256);
+        g_next.zero_();
+        const auto ga2 = ga.view({BN, L});
+        for (int64_t t = 0; t < T; ++t) {
+          // m_t^s = post_t * K_t (pre_t * Q^{s-1}), recomputed
+          filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
+                                 m.data_ptr<scalar_t>(), ptr(terms.post[t]), nullptr, L, false, terms.wss[t]);
+          const auto m2 = m.view({BN, L});
+          if (diagonal[t]) {
+            grad_compat[t].diagonal().sub_(ga2.mul(m2).sum(0));
+            // g_next_l += -c_ll * pre_t * K_t^T (post_t * gA_l): coefs[t] = -diag(C_t)
+            filter<Exec, scalar_t>(exec, terms.lats[t], ga.data_ptr<scalar_t>(), ptr(terms.post[t]),
+                                   g_next.data_ptr<scalar_t>(), ptr(terms.pre[t]), terms.coefs[t].data_ptr<scalar_t>(),
+                                   L, true, terms.wss[t]);
+          } else {
+            grad_compat[t].sub_(at::mm(ga2.t(), m2));
+            exec.for_each(BN,
+                          VecMatNegFunctor<scalar_t>{ga.data_ptr<scalar_t>(), compat_c[t].data_ptr<scalar_t>(),
+                                                     h.data_ptr<scalar_t>(), L},
+                          256);
+            // g_next += pre_t * K_t^T (post_t * h)
+            filter<Exec, scalar_t>(exec, terms.lats[t], h.data_ptr<scalar_t>(), ptr(terms.post[t]),
+                                   g_next.data_ptr<scalar_t>(), ptr(terms.pre[t]), ones.data_ptr<scalar_t>(), L, true,
+                                   terms.wss[t]);
+          }
+        }
+        std::swap(g, g_next);
+      }
+    }
+    exec.for_each(BN,
+                  SoftmaxBackwardFunctor<scalar_t>{g.data_ptr<scalar_t>(), q0.data_ptr<scalar_t>(), nullptr,
+                                                   grad_acc.data_ptr<scalar_t>(), L},
+                  256);
+  });
+  return {grad_acc.transpose(1, 2).contiguous(), grad_compat};
+}
+
 }  // namespace lattice
 }  // namespace rrm
