@@ -230,9 +230,9 @@ def test_gradcheck(emulated, diagonal, norm, iterations):
     u = unary.clone().requires_grad_()
     cc = c.clone().requires_grad_()
     norms = [norm] * 2
-    # full Jacobians for the CPU op; fast mode (random projections) for the serial emulation
-    fn = lambda u, cc: op(u, feats, cc, diagonal, norms, iterations)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (u, cc), fast_mode=emulated)
+    # Full Jacobians: fast mode (non-negative random projections, atol scaled by their sums) let a
+    # 5 % error of the unary gradient through, as Q's rows sum to 1.
+    assert torch.autograd.gradcheck(lambda u, cc: op(u, feats, cc, diagonal, norms, iterations), (u, cc))
 
 
 @pytest.mark.parametrize("kind", ["potts", "vector", "matrix"])
@@ -258,7 +258,7 @@ def test_gradcheck_public_probs_and_tensor_compat(kind):
             probs=p, image=image, iterations=3, gaussian_compat=gc, bilateral_compat=bc, bilateral_sxy=5.0
         )
 
-    assert torch.autograd.gradcheck(fn, (probs, gc, bc), fast_mode=True)
+    assert torch.autograd.gradcheck(fn, (probs, gc, bc))
     for norm in ("after", "before"):
         q = rrm_cuda.dense_crf(probs=probs, image=image, iterations=2, bilateral_sxy=5.0, normalization=norm)
         q.pow(2).sum().backward()
