@@ -191,6 +191,9 @@ def _compat_matrix(compat: Compat, L: int, name: str, dtype, device) -> tuple[Te
         c = compat.to(device=device, dtype=dtype)
         if not bool(torch.isfinite(c).all()):
             raise ValueError(f"{name} contains NaN or Inf")
+        if c.dim() == 0 and c.requires_grad:
+            # a learnable Potts weight: kept as a tensor (even at 0) so that it gets a gradient
+            return -c * torch.eye(L, dtype=dtype, device=device), True
         if c.dim() == 0:
             compat = float(c)
         elif c.dim() == 1:
@@ -262,7 +265,10 @@ def dense_crf(
         normalization: ``"symmetric"`` | ``"after"`` | ``"before"`` | ``"none"``.
 
     Returns:
-        Q: (B, L, *S) probabilities (float32 unless the input is float64). Not differentiable.
+        Q: (B, L, *S) probabilities (float32 unless the input is float64), differentiable w.r.t.
+        ``unary``/``probs`` and tensor compatibilities, not the image/features (backpropagation
+        through the mean-field iterations, CRF-as-RNN style: the backward rebuilds the lattices,
+        reruns the forward and keeps every iteration's Q, ``(iterations + 1)·B·L·N`` values).
 
     Example:
         >>> probs = torch.softmax(torch.randn(1, 3, 8, 8), 1)
@@ -353,5 +359,14 @@ def dense_crf(
         return torch.softmax(-u, dim=1).reshape(B, L, *spatial)
     compat = torch.stack(compats)
     norms = [_NORMALIZATIONS[normalization]] * len(feats)
-    q = ops.dense_crf(u.detach().contiguous(), [f.detach() for f in feats], compat, diags, norms, iterations)
+    if torch.is_grad_enabled() and (u.requires_grad or compat.requires_grad):
+        _check_crf_backward_memory(B, L, N, iterations, dtype, device)
+    q = ops.dense_crf(u.contiguous(), [f.detach() for f in feats], compat, diags, norms, iterations)
     return q.reshape(B, L, *spatial)
+
+
+def _check_crf_backward_memory(B: int, L: int, N: int, iterations: int, dtype: torch.dtype, device) -> None:
+    """dense_crf's backward keeps Q of every iteration, (iterations + 1)·B·L·N values, plus ~7 (B, N, L)
+    work arrays (its lattices are those the forward's check counted)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    V.memory((iterations + 8) * B * L * N * itemsize, torch.device(device), "dense_crf's backward")

@@ -26,7 +26,9 @@ class DenseCRF(nn.Module):
     Defaults are pydensecrf's usual ones (and RRM's pseudo-label CRF): Gaussian sxy 3 compat 3,
     bilateral sxy 80 srgb 13 compat 10, 10 iterations, symmetric normalisation.
 
-    ``forward(unary=None, image=None, probs=None, pairwise=())`` -> Q (B, L, *S).
+    ``forward(unary=None, image=None, probs=None, pairwise=())`` -> Q (B, L, *S), differentiable
+    w.r.t. ``unary``/``probs`` and tensor compatibilities (assign an ``nn.Parameter``, e.g.
+    ``m.bilateral_compat = nn.Parameter(torch.full((L,), -10.0))``, to learn one), not the image.
     """
 
     def __init__(

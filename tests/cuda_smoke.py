@@ -62,6 +62,18 @@ def main() -> None:
                 rrm_cuda.dense_crf(unary, image, **kw),
                 1e-4 if dtype == torch.float32 else 1e-10,
             )
+            # the backward (softmax backward, vector-matrix product, reversed filter)
+            grads = []
+            for d in (dev, torch.device("cpu")):
+                u = unary.to(d).detach().requires_grad_()
+                rrm_cuda.dense_crf(u, image.to(d), **kw).pow(2).sum().backward()
+                grads.append(u.grad)
+            close(
+                f"dense_crf backward {dtype} {'potts' if isinstance(compat, float) else 'matrix'}",
+                grads[0],
+                grads[1],
+                1e-4 if dtype == torch.float32 else 1e-10,
+            )
     # energy op: value only, rloss and exact gradients, with and without the mass term
     probs = torch.rand(2, 3, 150, generator=g, dtype=torch.float64)
     gate = torch.rand(2, 150, generator=g, dtype=torch.float64)

@@ -236,17 +236,173 @@ def test_pydensecrf_parity_full_size_batch():
         assert (q[b].numpy().argmax(0) == ref.argmax(0)).mean() >= 0.999
 
 
+# ---- float64 gradcheck -----------------------------------------------------------------------
+def _grad_inputs(B=2, L=3, H=5, W=6, seed=0):
+    """Small float64 op inputs: unary (B, L, N), a Gaussian (d=2) and a bilateral (d=5) term, and
+    compat (2, L, L) = [Potts -3 I, a random full matrix]."""
+    unary, image = _crf_inputs(B=B, L=L, H=H, W=W, seed=seed)
+    pos, bil = _ref_features(B, H, W, image, torch.float64, bsxy=5.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    c = torch.stack([-3 * torch.eye(L, dtype=torch.float64), torch.rand(L, L, generator=g, dtype=torch.float64) - 0.5])
+    return unary.reshape(B, L, -1), [pos, bil], c
+
+
+# (diagonal flags, normalisation, iterations): diagonal and full terms in both orders (the first
+# diagonal term's slice adds -U itself), symmetric and after normalisation (plus before and none).
+GRAD_CASES = [
+    ([True, False], 0, 3),
+    ([False, True], 1, 2),
+    ([True, True], 0, 4),
+    ([False, False], 1, 3),
+    ([True, False], 2, 2),
+    ([False, True], 3, 2),
+]
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+@pytest.mark.parametrize("diagonal,norm,iterations", GRAD_CASES)
+def test_gradcheck(emulated, diagonal, norm, iterations):
+    """Gradients w.r.t. the unary and the compatibilities (a diagonal term's off-diagonal entries are
+    unused: gradient 0); the features are constants."""
+    unary, feats, c = _grad_inputs()
+    if norm == 3:  # unnormalised messages are large: a small compat keeps Q away from saturation
+        c = c * 0.1
+    op = ops._dense_crf_emulated if emulated else ops.dense_crf
+    u = unary.clone().requires_grad_()
+    cc = c.clone().requires_grad_()
+    norms = [norm] * 2
+    # Full Jacobians: fast mode (non-negative random projections, atol scaled by their sums) let a
+    # 5 % error of the unary gradient through, as Q's rows sum to 1.
+    assert torch.autograd.gradcheck(lambda u, cc: op(u, feats, cc, diagonal, norms, iterations), (u, cc))
+
+
+@pytest.mark.parametrize("kind", ["potts", "vector", "matrix"])
+def test_gradcheck_public_probs_and_tensor_compat(kind):
+    """Through rrm_cuda.dense_crf: probs -> unary_from_probs -> CRF, tensor compatibilities through
+    their (L, L) matrices (symmetrised); the image gets no gradient."""
+    g = torch.Generator().manual_seed(2)
+    B, L, H, W = 2, 3, 5, 6
+    probs = (torch.rand(B, L, H, W, generator=g, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    image = (torch.rand(B, 3, H, W, generator=g, dtype=torch.float64) * 255).requires_grad_()
+    if kind == "potts":
+        gc, bc = torch.tensor(3.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    elif kind == "vector":
+        gc, bc = torch.rand(L, generator=g, dtype=torch.float64) - 2, torch.rand(L, generator=g, dtype=torch.float64)
+    else:
+        gc = torch.rand(L, L, generator=g, dtype=torch.float64) - 2
+        bc = torch.rand(L, L, generator=g, dtype=torch.float64)
+    gc.requires_grad_()
+    bc.requires_grad_()
+
+    def fn(p, gc, bc):
+        return rrm_cuda.dense_crf(
+            probs=p, image=image, iterations=3, gaussian_compat=gc, bilateral_compat=bc, bilateral_sxy=5.0
+        )
+
+    assert torch.autograd.gradcheck(fn, (probs, gc, bc))
+    for norm in ("after", "before"):
+        q = rrm_cuda.dense_crf(probs=probs, image=image, iterations=2, bilateral_sxy=5.0, normalization=norm)
+        q.pow(2).sum().backward()
+    assert probs.grad is not None and image.grad is None
+    q = rrm_cuda.dense_crf(probs=probs.detach(), image=image, iterations=2)
+    assert not q.requires_grad  # features (image) are constants
+
+
+def test_grad_unary_input_and_module_parameter():
+    """unary= gets its gradient; an nn.Parameter compatibility of the module is learnable."""
+    unary, image = _crf_inputs(B=1, L=3, H=6, W=5)
+    u = unary.clone().requires_grad_()
+    m = rrm_cuda.DenseCRF(iterations=3, bilateral_sxy=5.0)
+    m.gaussian_compat = torch.nn.Parameter(torch.full((3,), -3.0, dtype=torch.float64))
+    assert [n for n, _ in m.named_parameters()] == ["gaussian_compat"]
+    m(u, image).pow(2).sum().backward()
+    assert u.grad is not None and float(u.grad.abs().sum()) > 0
+    assert m.gaussian_compat.grad is not None and float(m.gaussian_compat.grad.abs().sum()) > 0
+
+
+# ---- gradient vs reference -------------------------------------------------------------------
+@pytest.mark.parametrize("diagonal,norm,iterations", GRAD_CASES)
+def test_grad_matches_reference(diagonal, norm, iterations):
+    """The op's backward equals autograd through the pure-PyTorch mean field (dense_crf_reference)."""
+    unary, feats, c = _grad_inputs(B=2, L=4, H=7, W=6, seed=3)
+    names = ["symmetric", "after", "before", "none"]
+    if norm == 3:
+        c = c * 0.1
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    u, cc = unary.clone().requires_grad_(), c.clone().requires_grad_()
+    q = ops.dense_crf(u, feats, cc, diagonal, [norm] * 2, iterations)
+    gu, gc = torch.autograd.grad(q, (u, cc), gq)
+    u2, c2 = unary.clone().requires_grad_(), c.clone().requires_grad_()
+    cm = [torch.diag(c2[t].diagonal()) if diagonal[t] else c2[t] for t in range(2)]
+    ref = dense_crf_reference(u2, feats, cm, iterations, names[norm])
+    ru, rc = torch.autograd.grad(ref, (u2, c2), gq)
+    torch.testing.assert_close(gu, ru, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gc, rc, rtol=1e-9, atol=1e-10)
+    # the emulated CUDA launch computes the same gradients
+    eu, ec = ops._dense_crf_backward_emulated(gq, unary, feats, c, diagonal, [norm] * 2, iterations)
+    torch.testing.assert_close(eu, gu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ec, gc, rtol=1e-12, atol=1e-12)
+
+
+def test_grad_with_shared_lattices():
+    """Unaries of batch 4 over features of batch 2 / 1: the same gradients as with repeated features."""
+    unary, feats, c = _grad_inputs(B=4, L=3, H=6, W=5, seed=11)
+    shared = [feats[0][:1], feats[1][:2]]
+    full = [feats[0][:1].expand(4, -1, -1).contiguous(), feats[1][:2].repeat(2, 1, 1)]
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    for op in (ops.dense_crf_backward, ops._dense_crf_backward_emulated):
+        for diag in ([True, True], [True, False]):
+            a = op(gq, unary, shared, c, diag, [0, 1], 3)
+            b = op(gq, unary, full, c, diag, [0, 1], 3)
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    u = unary.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.dense_crf(x, shared, c, [True, False], [0, 0], 2), (u,))
+
+
+def test_grad_float32_close_to_float64():
+    unary, feats, c = _grad_inputs(B=1, L=5, H=12, W=10, seed=5)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    g64 = ops.dense_crf_backward(gq, unary, feats, c, [True, False], [0, 0], 5)
+    g32 = ops.dense_crf_backward(
+        gq.float(), unary.float(), [f.float() for f in feats], c.float(), [True, False], [0, 0], 5
+    )
+    for a, b in zip(g32, g64):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_iterations_grad_is_softmax_backward():
+    unary, feats, c = _grad_inputs()
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    u = unary.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.softmax(-u, 1), u, gq)
+    for feats_, c_, diag in ((feats, c, [True, False]), ([], c[:0], [])):  # also without pairwise terms
+        for iterations in (0, 3) if not feats_ else (0,):
+            gu, gc = ops.dense_crf_backward(gq, unary, feats_, c_, diag, [0] * len(diag), iterations)
+            torch.testing.assert_close(gu, expected, rtol=1e-12, atol=1e-14)
+            assert gc.shape == c_.shape and not gc.any()
+
+
 # ---- opcheck ---------------------------------------------------------------------------------
 def test_opcheck():
     unary, image = _crf_inputs(B=1, L=3, H=6, W=5)
     B, L, H, W = unary.shape
     pos, bil = _ref_features(B, H, W, image, torch.float64)
     c = torch.stack([-3 * torch.eye(L, dtype=torch.float64), torch.rand(L, L, dtype=torch.float64)])
+    u = unary.reshape(B, L, -1)
     for args in [
-        (unary.reshape(B, L, -1), [pos, bil], c, [True, False], [0, 1], 3),
-        (unary.reshape(B, L, -1), [pos], c[:1], [True], [3], 0),
+        (u, [pos, bil], c, [True, False], [0, 1], 3),
+        (u, [pos], c[:1], [True], [3], 0),
+        # with gradients: the autograd registration is checked too
+        (u.clone().requires_grad_(), [pos, bil], c.clone().requires_grad_(), [True, False], [0, 1], 3),
+        (u.clone().requires_grad_(), [pos], c[:1].clone(), [False], [1], 2),
     ]:
         torch.library.opcheck(ops.dense_crf, args)
+    torch.library.opcheck(
+        ops._dense_crf_emulated, (u.clone().requires_grad_(), [pos], c[1:].clone().requires_grad_(), [False], [0], 2)
+    )
+    torch.library.opcheck(ops.dense_crf_backward, (torch.randn_like(u), u, [pos, bil], c, [True, False], [0, 1], 3))
 
 
 # ---- empty inputs ----------------------------------------------------------------------------
@@ -304,6 +460,14 @@ def test_bad_inputs():
         ops.dense_crf(unary.reshape(2, 4, -1), [], torch.zeros(1, 4, 4), [True], [0], 1)
     with pytest.raises(ValueError, match="normalization entries must be"):
         ops.dense_crf(unary.reshape(2, 4, -1), [torch.zeros(2, 2, 120)], torch.zeros(1, 4, 4), [True], [7], 1)
+    with pytest.raises(ValueError, match="grad must have the shape of unary"):
+        ops.dense_crf_backward(
+            unary.reshape(2, 4, -1)[:, :3], unary.reshape(2, 4, -1), [], torch.zeros(0, 4, 4), [], [], 1
+        )
+    with pytest.raises(TypeError, match="grad"):
+        ops.dense_crf_backward(
+            unary.reshape(2, 4, -1).double(), unary.reshape(2, 4, -1), [], torch.zeros(0, 4, 4), [], [], 1
+        )
 
 
 # ---- module == functional --------------------------------------------------------------------
@@ -399,6 +563,34 @@ def test_cuda_full_size_photo_batch_matches_cpu(cuda):
     assert torch.equal(q_gpu, rrm_cuda.dense_crf(probs=probs.to(cuda), image=image.to(cuda)))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("diagonal,norm,iterations", GRAD_CASES[:4])
+def test_cuda_grad_matches_cpu(cuda, dtype, diagonal, norm, iterations):
+    unary, feats, c = _grad_inputs(B=3, L=5, H=23, W=19, seed=8)
+    unary, feats, c = unary.to(dtype), [f.to(dtype) for f in feats], c.to(dtype)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    grads = []
+    for dev in ("cpu", cuda):
+        u, cc = unary.to(dev).detach().requires_grad_(), c.to(dev).detach().requires_grad_()
+        q = ops.dense_crf(u, [f.to(dev) for f in feats], cc, diagonal, [norm] * 2, iterations)
+        grads.append([x.cpu() for x in torch.autograd.grad(q, (u, cc), gq.to(dev))])
+    # float32: the CPU forward (fused mean field, polynomial exp) and CUDA's round differently, and
+    # iterations amplify it; compared relative to the largest gradient
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for a, b in zip(grads[1], grads[0]):
+        assert float((a - b).abs().max()) <= tol * float(b.abs().max())
+    # the public API on a photo, from probs
+    img = torch.from_numpy(photo("chelsea", (60, 80))).permute(2, 0, 1)[None]
+    probs = torch.from_numpy(smooth_probs(4, 60, 80, seed=1))[None].to(dtype)
+    pg = []
+    for dev in ("cpu", cuda):
+        p = probs.to(dev).detach().requires_grad_()
+        rrm_cuda.dense_crf(probs=p, image=img.to(dev), iterations=5).pow(2).sum().backward()
+        pg.append(p.grad.cpu())
+    assert float((pg[1] - pg[0]).abs().max()) <= tol * 10 * float(pg[0].abs().max())
+
+
 # ---- torch.compile ---------------------------------------------------------------------------
 def test_compile_fullgraph():
     unary, image = _crf_inputs(B=1, L=3, H=6, W=5)
@@ -411,6 +603,20 @@ def test_compile_fullgraph():
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(unary.reshape(B, L, -1), pos, bil), fn(unary.reshape(B, L, -1), pos, bil))
+
+
+def test_compile_fullgraph_backward():
+    unary, feats, c = _grad_inputs(B=1, L=3, H=6, W=5)
+
+    def fn(u, cc):
+        return ops.dense_crf(u * 1.0, feats, cc, [True, False], [0, 1], 3).pow(2).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    u, cc = unary.clone().requires_grad_(), c.clone().requires_grad_()
+    expected = torch.autograd.grad(fn(u, cc), (u, cc))
+    got = torch.autograd.grad(compiled(u, cc), (u, cc))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.cuda

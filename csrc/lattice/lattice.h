@@ -65,5 +65,16 @@ inline void check_crf_args(const at::Tensor& unary, at::TensorList features, con
   }
 }
 
+// dense_crf_backward: grad (B, L, N) like unary, plus dense_crf's arguments.
+inline void check_crf_backward_args(const at::Tensor& grad, const at::Tensor& unary, at::TensorList features,
+                                    const at::Tensor& compat, const c10::List<bool>& diagonal,
+                                    at::IntArrayRef normalization, int64_t iterations) {
+  check_crf_args(unary, features, compat, diagonal, normalization, iterations);
+  RRM_CHECK_SAME_DTYPE(unary, grad, "unary", "grad");
+  RRM_CHECK_SAME_DEVICE(unary, grad, "unary", "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == unary.sizes(), "grad must have the shape of unary ", unary.sizes(), "; got ",
+                    grad.sizes());
+}
+
 }  // namespace lattice
 }  // namespace rrm

@@ -820,5 +820,50 @@ struct NormFunctor {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Dense-CRF backward helpers (lattice_impl.h: dense_crf_backward; one thread per pixel).
+
+// Softmax backward of one row: for q = softmax(x) and g = dL/dq, dL/dx_l = q_l (g_l - sum_j g_j q_j).
+// out (or nullptr) receives dL/dx; grad_unary (or nullptr) accumulates -dL/dx, since every step's
+// softmax input contains -U.
+template <typename scalar_t>
+struct SoftmaxBackwardFunctor {
+  const scalar_t* grad;  // (B*N, L) dL/dq
+  const scalar_t* q;     // (B*N, L)
+  scalar_t* out;         // (B*N, L) or nullptr
+  scalar_t* grad_unary;  // (B*N, L) or nullptr
+  int64_t L;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const scalar_t* g = grad + t * L;
+    const scalar_t* qi = q + t * L;
+    scalar_t s = 0;
+    for (int64_t l = 0; l < L; ++l) s += g[l] * qi[l];
+    for (int64_t l = 0; l < L; ++l) {
+      const scalar_t v = qi[l] * (g[l] - s);
+      if (out) out[t * L + l] = v;
+      if (grad_unary) grad_unary[t * L + l] -= v;
+    }
+  }
+};
+
+// out[i] = -(x[i] C): the adjoint of MatVecSubFunctor's acc[i] -= C m[i] (full (L, L) matrix),
+// i.e. out_l = -sum_j x_j C[j, l].
+template <typename scalar_t>
+struct VecMatNegFunctor {
+  const scalar_t* x;       // (B*N, L)
+  const scalar_t* compat;  // (L, L)
+  scalar_t* out;           // (B*N, L)
+  int64_t L;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const scalar_t* xi = x + t * L;
+    scalar_t* o = out + t * L;
+    for (int64_t l = 0; l < L; ++l) {
+      scalar_t s = 0;
+      for (int64_t j = 0; j < L; ++j) s += xi[j] * compat[j * L + l];
+      o[l] = -s;
+    }
+  }
+};
+
 }  // namespace lattice
 }  // namespace rrm

@@ -37,6 +37,24 @@ at::Tensor crf_emulated(const at::Tensor& unary, at::TensorList features, const 
                    iterations, unary.size(0));
 }
 
+std::tuple<at::Tensor, at::Tensor> crf_backward_cpu(const at::Tensor& grad, const at::Tensor& unary,
+                                                    at::TensorList features, const at::Tensor& compat,
+                                                    const c10::List<bool>& diagonal, at::IntArrayRef normalization,
+                                                    int64_t iterations) {
+  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
+  return dense_crf_backward(CpuExec{}, grad, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(),
+                            iterations, 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> crf_backward_emulated(const at::Tensor& grad, const at::Tensor& unary,
+                                                         at::TensorList features, const at::Tensor& compat,
+                                                         const c10::List<bool>& diagonal, at::IntArrayRef normalization,
+                                                         int64_t iterations) {
+  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
+  return dense_crf_backward(EmulatedCudaExec{}, grad, unary, features.vec(), compat, to_vector(diagonal),
+                            normalization.vec(), iterations, unary.size(0));
+}
+
 at::Tensor num_vertices_cpu(const at::Tensor& features) {
   RRM_CHECK_DIM(features, 3, "features");
   RRM_CHECK_FLOATING(features, "features");
@@ -55,6 +73,8 @@ TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
   m.impl("dense_crf", &crf_cpu);
   m.impl("_dense_crf_emulated", &crf_emulated);
   m.impl("lattice_num_vertices", &num_vertices_cpu);
+  m.impl("dense_crf_backward", &crf_backward_cpu);
+  m.impl("_dense_crf_backward_emulated", &crf_backward_emulated);
 }
 
 }  // namespace lattice

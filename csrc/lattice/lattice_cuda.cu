@@ -25,6 +25,17 @@ at::Tensor crf_cuda(const at::Tensor& unary, at::TensorList features, const at::
   return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0));
 }
 
+std::tuple<at::Tensor, at::Tensor> crf_backward_cuda(const at::Tensor& grad, const at::Tensor& unary,
+                                                     at::TensorList features, const at::Tensor& compat,
+                                                     const c10::List<bool>& diagonal, at::IntArrayRef normalization,
+                                                     int64_t iterations) {
+  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
+  const c10::cuda::CUDAGuard guard(unary.device());
+  std::vector<bool> diag(diagonal.begin(), diagonal.end());
+  return dense_crf_backward(CudaExec{}, grad, unary, features.vec(), compat, diag, normalization.vec(), iterations,
+                            unary.size(0));
+}
+
 at::Tensor num_vertices_cuda(const at::Tensor& features) {
   RRM_CHECK_DIM(features, 3, "features");
   RRM_CHECK_FLOATING(features, "features");
@@ -40,6 +51,7 @@ TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
   m.impl("permutohedral_filter", &filter_cuda);
   m.impl("dense_crf", &crf_cuda);
   m.impl("lattice_num_vertices", &num_vertices_cuda);
+  m.impl("dense_crf_backward", &crf_backward_cuda);
 }
 
 }  // namespace lattice

@@ -463,6 +463,86 @@ inline Lattice tile(const Lattice& lat, int64_t reps) {
   return t;
 }
 
+// The pairwise terms of one dense_crf call: each term's lattice, built once, its normalisers and
+// its filter workspace.
+//   lats[t]: features[t]'s B_t lattices, repeated to `tile_to` images when tile_to > B_t (the
+//   per-term path indexes lattices by image; the fused CPU mean field takes b % B_t itself: 0)
+//   pre/post[t] (lats[t].B, N) or undefined: the messages are m_t = post_t * K_t (pre_t * Q)
+//   (symmetric: both n^-1/2; after: post = 1/n; before: pre = 1/n; none: neither), n = K_t 1 + 1e-20.
+//   coefs[t] (L,) = -diag(compat[t]) for diagonal terms (the slice's acc -= c_l m_l), else undefined.
+struct CrfTerms {
+  std::vector<Lattice> lats;
+  std::vector<FilterWorkspace> wss;
+  std::vector<at::Tensor> pre, post, coefs;
+};
+
+template <class Exec, typename scalar_t>
+CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
+                   const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t N,
+                   const at::TensorOptions& opt, int64_t chunk, int64_t tile_to) {
+  const int64_t T = static_cast<int64_t>(features.size());
+  CrfTerms terms;
+  terms.wss.resize(T);
+  terms.pre.resize(T);
+  terms.post.resize(T);
+  terms.coefs.resize(T);
+  for (int64_t t = 0; t < T; ++t) {
+    terms.lats.push_back(build(exec, features[t].contiguous(), chunk));
+    const int64_t Bt = terms.lats[t].B;
+    // Normaliser n = K 1 by the same lattice (forward order), then 1/sqrt or 1/x.
+    auto ones = at::ones({Bt, N, 1}, opt);
+    auto kn = at::empty({Bt, N, 1}, opt);
+    filter<Exec, scalar_t>(exec, terms.lats[t], ones.data_ptr<scalar_t>(), nullptr, kn.data_ptr<scalar_t>(), nullptr,
+                           nullptr, 1, false, terms.wss[t]);
+    terms.wss[t] = FilterWorkspace{};
+    const int64_t norm = norms[t];
+    if (norm != 3) {  // NO_NORMALIZATION: densecrf computes a mean norm but never applies it
+      exec.for_each(Bt * N, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
+      auto n = kn.reshape({Bt, N});
+      if (norm == 0 || norm == 1) terms.post[t] = n;
+      if (norm == 0 || norm == 2) terms.pre[t] = n;
+    }
+    // Diagonal compatibility enters the slice as a per-label coefficient: acc -= c_l m_l.
+    if (diagonal[t]) terms.coefs[t] = compat_c[t].diagonal().neg().contiguous();
+    if (tile_to > Bt) {
+      const int64_t reps = tile_to / Bt;
+      terms.lats[t] = tile(terms.lats[t], reps);
+      if (terms.pre[t].defined()) terms.pre[t] = terms.pre[t].repeat({reps, 1});
+      if (terms.post[t].defined()) terms.post[t] = norm == 0 ? terms.pre[t] : terms.post[t].repeat({reps, 1});
+    }
+  }
+  return terms;
+}
+
+// One generic mean-field step (dense_crf's per-term loop body): q_next = softmax(-U - sum_t C_t m_t),
+// m_t = post_t * K_t (pre_t * q_prev). All (B, N, L) contiguous; acc and m (defined when a term has
+// a full matrix) are scratch; q_next may be q_prev (it is written last).
+template <class Exec, typename scalar_t>
+void mean_field_step(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_c, const std::vector<bool>& diagonal,
+                     const at::Tensor& neg_unary, const at::Tensor& q_prev, at::Tensor& acc, at::Tensor& m,
+                     at::Tensor& q_next) {
+  const int64_t T = static_cast<int64_t>(terms.lats.size());
+  const int64_t L = neg_unary.size(2), BN = neg_unary.size(0) * neg_unary.size(1);
+  auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
+  const bool fold = diagonal[0];  // -U folded into the first diagonal term's slice, as dense_crf does
+  if (!fold) acc.copy_(neg_unary);
+  for (int64_t t = 0; t < T; ++t) {
+    if (diagonal[t]) {
+      filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
+                             acc.data_ptr<scalar_t>(), ptr(terms.post[t]), terms.coefs[t].data_ptr<scalar_t>(), L,
+                             false, terms.wss[t], (t == 0 && fold) ? neg_unary.data_ptr<scalar_t>() : nullptr);
+    } else {
+      filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
+                             m.data_ptr<scalar_t>(), ptr(terms.post[t]), nullptr, L, false, terms.wss[t]);
+      exec.for_each(BN,
+                    MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), compat_c[t].data_ptr<scalar_t>(),
+                                               acc.data_ptr<scalar_t>(), L},
+                    256);
+    }
+  }
+  softmax_rows<Exec, scalar_t>(exec, acc, q_next);
+}
+
 // Dense-CRF mean field (densecrf semantics).
 //   unary     (B, L, N) energies (-log p)
 //   features  T tensors (B_t, d_t, N), already divided by their standard deviations; B_t divides B
@@ -493,50 +573,17 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
   }
   at::Tensor q_lmajor;  // (B, L, N), written directly by the fused CPU mean field
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf", [&] {
-    const int64_t BN = B * N;
     if (!fused) softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
-    std::vector<Lattice> lats;
-    std::vector<FilterWorkspace> wss(T);
-    std::vector<at::Tensor> pre(T), post(T), coefs(T);
     auto compat_c = compat.contiguous();
-    for (int64_t t = 0; t < T; ++t) {
-      lats.push_back(build(exec, features[t].contiguous(), chunk));
-      const int64_t Bt = lats[t].B;
-      // Normaliser n = K 1 by the same lattice (forward order), then 1/sqrt or 1/x.
-      auto ones = at::ones({Bt, N, 1}, unary.options());
-      auto kn = at::empty({Bt, N, 1}, unary.options());
-      filter<Exec, scalar_t>(exec, lats[t], ones.data_ptr<scalar_t>(), nullptr, kn.data_ptr<scalar_t>(), nullptr,
-                             nullptr, 1, false, wss[t]);
-      wss[t] = FilterWorkspace{};
-      const int64_t norm = norms[t];
-      if (norm == 3) {
-        // NO_NORMALIZATION: densecrf computes a mean norm but never applies it to the messages.
-      } else {
-        exec.for_each(Bt * N, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
-        auto n = kn.reshape({Bt, N});
-        if (norm == 0) {
-          pre[t] = n;
-          post[t] = n;
-        } else if (norm == 1) {
-          post[t] = n;
-        } else {
-          pre[t] = n;
-        }
-      }
-      // Diagonal compatibility enters the slice as a per-label coefficient: acc -= c_l m_l.
-      if (diagonal[t]) coefs[t] = compat_c[t].diagonal().neg().contiguous();
-      // The per-term path indexes lattices and normalisers by image: repeat shared ones.
-      if (!fused && Bt < B) {
-        lats[t] = tile(lats[t], B / Bt);
-        if (pre[t].defined()) pre[t] = pre[t].repeat({B / Bt, 1});
-        if (post[t].defined()) post[t] = post[t].repeat({B / Bt, 1});
-      }
-    }
+    CrfTerms terms =
+        crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B);
 #if !defined(__CUDACC__)
     if constexpr (std::is_same_v<Exec, CpuExec>) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
+        const auto& lats = terms.lats;
+        const auto &pre = terms.pre, &post = terms.post, &coefs = terms.coefs;
         if (L <= 4) return mean_field_cpu<scalar_t, 4>(lats, pre, post, coefs, unary, q_lmajor, iterations);
         switch ((L + 7) / 8) {
           case 1:
@@ -552,32 +599,110 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     }
 #endif
     auto acc = at::empty_like(neg_unary);
-    at::Tensor m;
-    auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
-    for (int64_t it = 0; it < iterations; ++it) {
-      // acc = -U is folded into the first diagonal term's slice (base), saving a pass over (B, N, L).
-      const bool fold = diagonal[0];
-      if (!fold) acc.copy_(neg_unary);
-      for (int64_t t = 0; t < T; ++t) {
-        if (diagonal[t]) {
-          filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), acc.data_ptr<scalar_t>(),
-                                 ptr(post[t]), coefs[t].data_ptr<scalar_t>(), L, false, wss[t],
-                                 (t == 0 && fold) ? neg_unary.data_ptr<scalar_t>() : nullptr);
-        } else {
-          if (!m.defined()) m = at::empty_like(neg_unary);
-          filter<Exec, scalar_t>(exec, lats[t], q.data_ptr<scalar_t>(), ptr(pre[t]), m.data_ptr<scalar_t>(),
-                                 ptr(post[t]), nullptr, L, false, wss[t]);
-          exec.for_each(BN,
-                        MatVecSubFunctor<scalar_t>{m.data_ptr<scalar_t>(), compat_c[t].data_ptr<scalar_t>(),
-                                                   acc.data_ptr<scalar_t>(), L},
-                        256);
-        }
-      }
-      softmax_rows<Exec, scalar_t>(exec, acc, q);
-    }
+    at::Tensor m;  // full-matrix terms only
+    if (std::find(diagonal.begin(), diagonal.end(), false) != diagonal.end()) m = at::empty_like(neg_unary);
+    for (int64_t it = 0; it < iterations; ++it)
+      mean_field_step<Exec, scalar_t>(exec, terms, compat_c, diagonal, neg_unary, q, acc, m, q);
   });
   if (q_lmajor.defined()) return q_lmajor;
   return q.transpose(1, 2).contiguous();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense-CRF backward (CRF-as-RNN: backpropagation through the unrolled mean-field iterations).
+
+// Gradients of dense_crf w.r.t. the unary and the compatibilities (not the features).
+//   grad (B, L, N) = dL/dQ^T; the other arguments as dense_crf's.
+// Returns (grad_unary (B, L, N), grad_compat (T, L, L); only the diagonal of a diagonal term's
+// matrix is used by the forward, so its off-diagonal gradient is 0).
+//
+// Forward (per image, rows i = pixels): Q^0 = softmax(-U); for s = 1..S (S = iterations)
+//   A^s = -U - sum_t m_t^s C_t^T,  m_t^s = post_t * K_t (pre_t * Q^{s-1}),  Q^s = softmax(A^s).
+// Backward, g = dL/dQ^S: for s = S..1
+//   gA = Q^s * (g - rowsum(g * Q^s));  dU -= gA;  dC_t -= sum_i gA_i (x) m_t,i^s (recomputed);
+//   g <- -sum_t pre_t * K_t^T (post_t * (gA C_t)),  K_t^T = the filter with the blur order reversed;
+// finally dU -= softmax_backward(g, Q^0). Every lattice is built once; the forward is rerun with
+// dense_crf's generic loop and keeps Q^0..Q^S ((S+1) B N L values) for the reverse sweep. The
+// (L, L) reductions are ATen matrix products (no host synchronisation on CUDA beyond build()'s).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at::Tensor& grad, const at::Tensor& unary,
+                                                      const std::vector<at::Tensor>& features, const at::Tensor& compat,
+                                                      const std::vector<bool>& diagonal,
+                                                      const std::vector<int64_t>& norms, int64_t iterations,
+                                                      int64_t chunk) {
+  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
+  const int64_t T = static_cast<int64_t>(features.size());
+  const auto opt = unary.options();
+  auto grad_compat = at::zeros({T, L, L}, opt);
+  if (B == 0 || N == 0) return {at::zeros_like(unary, at::MemoryFormat::Contiguous), grad_compat};
+  const int64_t S = T == 0 ? 0 : iterations;  // without pairwise terms Q = Q^0 = softmax(-U)
+  const int64_t BN = B * N;
+  auto neg_unary = unary.neg().transpose(1, 2).contiguous();  // (B, N, L)
+  auto g = at::empty({B, N, L}, opt);                         // a copy: g is overwritten by the sweep
+  g.copy_(grad.transpose(1, 2));
+  auto grad_acc = at::zeros({B, N, L}, opt);  // dL/dU, pixel-major
+  auto qs = at::empty({S + 1, B, N, L}, opt);
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf_backward", [&] {
+    auto q0 = qs.select(0, 0);
+    softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
+    if (S > 0) {
+      auto compat_c = compat.contiguous();
+      CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B);
+      auto acc = at::empty({B, N, L}, opt);
+      auto m = at::empty({B, N, L}, opt);
+      for (int64_t s = 1; s <= S; ++s) {
+        auto qn = qs.select(0, s);
+        mean_field_step<Exec, scalar_t>(exec, terms, compat_c, diagonal, neg_unary, qs.select(0, s - 1), acc, m, qn);
+      }
+      // Reverse sweep. acc holds gA, g_next the next g; h = -(gA C_t) for full matrices.
+      auto& ga = acc;
+      auto g_next = at::empty({B, N, L}, opt);
+      at::Tensor h, ones;  // full-matrix terms only: h, and unit slice coefficients (out += post * s)
+      if (std::find(diagonal.begin(), diagonal.end(), false) != diagonal.end()) {
+        h = at::empty({B, N, L}, opt);
+        ones = at::ones({L}, opt);
+      }
+      auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
+      for (int64_t s = S; s >= 1; --s) {
+        const auto q = qs.select(0, s), q_prev = qs.select(0, s - 1);
+        exec.for_each(BN,
+                      SoftmaxBackwardFunctor<scalar_t>{g.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                                                       ga.data_ptr<scalar_t>(), grad_acc.data_ptr<scalar_t>(), L},
+                      256);
+        g_next.zero_();
+        const auto ga2 = ga.view({BN, L});
+        for (int64_t t = 0; t < T; ++t) {
+          // m_t^s = post_t * K_t (pre_t * Q^{s-1}), recomputed
+          filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
+                                 m.data_ptr<scalar_t>(), ptr(terms.post[t]), nullptr, L, false, terms.wss[t]);
+          const auto m2 = m.view({BN, L});
+          if (diagonal[t]) {
+            grad_compat[t].diagonal().sub_(ga2.mul(m2).sum(0));
+            // g_next_l += -c_ll * pre_t * K_t^T (post_t * gA_l): coefs[t] = -diag(C_t)
+            filter<Exec, scalar_t>(exec, terms.lats[t], ga.data_ptr<scalar_t>(), ptr(terms.post[t]),
+                                   g_next.data_ptr<scalar_t>(), ptr(terms.pre[t]), terms.coefs[t].data_ptr<scalar_t>(),
+                                   L, true, terms.wss[t]);
+          } else {
+            grad_compat[t].sub_(at::mm(ga2.t(), m2));
+            exec.for_each(BN,
+                          VecMatNegFunctor<scalar_t>{ga.data_ptr<scalar_t>(), compat_c[t].data_ptr<scalar_t>(),
+                                                     h.data_ptr<scalar_t>(), L},
+                          256);
+            // g_next += pre_t * K_t^T (post_t * h)
+            filter<Exec, scalar_t>(exec, terms.lats[t], h.data_ptr<scalar_t>(), ptr(terms.post[t]),
+                                   g_next.data_ptr<scalar_t>(), ptr(terms.pre[t]), ones.data_ptr<scalar_t>(), L, true,
+                                   terms.wss[t]);
+          }
+        }
+        std::swap(g, g_next);
+      }
+    }
+    exec.for_each(BN,
+                  SoftmaxBackwardFunctor<scalar_t>{g.data_ptr<scalar_t>(), q0.data_ptr<scalar_t>(), nullptr,
+                                                   grad_acc.data_ptr<scalar_t>(), L},
+                  256);
+  });
+  return {grad_acc.transpose(1, 2).contiguous(), grad_compat};
 }
 
 }  // namespace lattice

@@ -33,6 +33,16 @@ def _crf_emulated_fake(unary, features, compat, diagonal, normalization, iterati
     return unary.new_empty(unary.shape)
 
 
+@torch.library.register_fake("rrm_cuda::dense_crf_backward")
+def _crf_backward_fake(grad, unary, features, compat, diagonal, normalization, iterations):
+    return unary.new_empty(unary.shape), compat.new_empty(compat.shape)
+
+
+@torch.library.register_fake("rrm_cuda::_dense_crf_backward_emulated")
+def _crf_backward_emulated_fake(grad, unary, features, compat, diagonal, normalization, iterations):
+    return unary.new_empty(unary.shape), compat.new_empty(compat.shape)
+
+
 def _filter_setup_context(ctx, inputs, output):
     _, features, reverse = inputs
     ctx.save_for_backward(features)
@@ -64,3 +74,43 @@ class PermutohedralFilterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _filter_backward(ctx, grad)
+
+
+# ---- dense_crf: backpropagation through the mean-field iterations ------------------------------
+
+
+def _crf_setup_context(ctx, inputs, output):
+    unary, features, compat, diagonal, normalization, iterations = inputs
+    ctx.save_for_backward(unary, compat, *features)
+    ctx.diagonal = list(diagonal)
+    ctx.normalization = list(normalization)
+    ctx.iterations = iterations
+
+
+def _make_crf_backward(backward_op):
+    def _crf_backward(ctx, grad):
+        unary, compat, *features = ctx.saved_tensors
+        # The op rebuilds the lattices and reruns the forward; features get no gradient.
+        grad_unary, grad_compat = backward_op(
+            grad.contiguous(), unary, features, compat, ctx.diagonal, ctx.normalization, ctx.iterations
+        )
+        return (
+            grad_unary if ctx.needs_input_grad[0] else None,
+            [None] * len(features),
+            grad_compat if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+        )
+
+    return _crf_backward
+
+
+torch.library.register_autograd(
+    "rrm_cuda::dense_crf", _make_crf_backward(ops.dense_crf_backward), setup_context=_crf_setup_context
+)
+torch.library.register_autograd(
+    "rrm_cuda::_dense_crf_emulated",
+    _make_crf_backward(ops._dense_crf_backward_emulated),
+    setup_context=_crf_setup_context,
+)
