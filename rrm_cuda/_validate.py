@@ -52,6 +52,26 @@ def finite_range(x: torch.Tensor, name: str) -> tuple[float, float] | None:
     return lo, hi
 
 
+def finite_ranges(items: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[float, float] | None]:
+    """``finite_range`` of several tensors with one device synchronisation for all of them; raises
+    for the first (in order) that holds NaN or Inf. None for empty or non-float tensors."""
+    todo = [(k, name, x) for k, (name, x) in enumerate(items) if x.is_floating_point() and x.numel() > 0]
+    out: list[tuple[float, float] | None] = [None] * len(items)
+    if not todo:
+        return out
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, _, x in todo:
+        by_device.setdefault(x.device, []).append(torch.stack(list(torch.aminmax(x.detach()))).double())
+    vals = {dev: iter(torch.stack(ts).tolist()) for dev, ts in by_device.items()}
+    for k, name, x in todo:
+        lo, hi = next(vals[x.device])
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
+            raise ValueError(f"{name} contains {bad} values")
+        out[k] = (lo, hi)
+    return out
+
+
 def check_finite(x: torch.Tensor, name: str) -> None:
     finite_range(x, name)
 

@@ -59,9 +59,13 @@ def _lattice_bytes(B: int, N: int, d: int, C: int, itemsize: int, device: torch.
     return B * E * per_entry + workspace + neighbors + buffers
 
 
-def _check_lattice_features(features: Tensor, name: str, C: int, dtype: torch.dtype, batch: int | None = None) -> None:
+def _check_lattice_features(
+    features: Tensor, name: str, C: int, dtype: torch.dtype, batch: int | None = None, values: bool = True
+) -> None:
     """Features (B, d, N): dimension, size, memory, finiteness and integer-key range. ``batch``: the
-    number of images the lattices serve when larger than B (shared lattices are repeated)."""
+    number of images the lattices serve when larger than B (shared lattices are repeated).
+    ``values=False`` leaves finiteness and the key range to the caller (``_check_key_range`` on a
+    range it read together with other tensors': one device synchronisation)."""
     B, d, N = features.shape
     B = max(B, batch or 0)
     if d < 1 or d > 16:
@@ -70,6 +74,8 @@ def _check_lattice_features(features: Tensor, name: str, C: int, dtype: torch.dt
         raise ValueError(f"{name}: N * (d + 1) must be < 2^30 lattice entries per image; got N={N}, d={d}")
     itemsize = torch.finfo(dtype).bits // 8
     V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}")
+    if not values:
+        return
     rng = V.finite_range(features, name)  # one synchronisation for finiteness and the key range
     if rng is not None:
         _check_key_range(features, name, max(abs(rng[0]), abs(rng[1])))
@@ -183,14 +189,20 @@ def unary_from_probs(probs: Tensor, clip: float = 1e-5) -> Tensor:
     return -torch.log(probs.clamp(min=clip, max=1.0))
 
 
-def _compat_matrix(compat: Compat, L: int, name: str, dtype, device) -> tuple[Tensor, bool] | None:
-    """-> ((L, L) energy-convention matrix, is_diagonal), or None when the term is switched off."""
+def _compat_matrix(
+    compat: Compat, L: int, name: str, dtype, device, pending: list | None = None
+) -> tuple[Tensor, bool] | None:
+    """-> ((L, L) energy-convention matrix, is_diagonal), or None when the term is switched off.
+    A device tensor's finiteness check is appended to ``pending`` (checked with the other inputs)
+    when given, instead of synchronising here."""
     if compat is None:
         return None
     if isinstance(compat, Tensor):
-        c = compat.to(device=device, dtype=dtype)
-        if not bool(torch.isfinite(c).all()):
+        if pending is not None and compat.device.type != "cpu" and compat.dim() > 0:
+            pending.append((name, compat))
+        elif not bool(torch.isfinite(compat).all()):
             raise ValueError(f"{name} contains NaN or Inf")
+        c = compat.to(device=device, dtype=dtype)
         if c.dim() == 0 and c.requires_grad:
             # a learnable Potts weight: kept as a tensor (even at 0) so that it gets a gradient
             return -c * torch.eye(L, dtype=dtype, device=device), True
@@ -279,15 +291,16 @@ def dense_crf(
     """
     if (unary is None) == (probs is None):
         raise ValueError("give exactly one of unary (energies) and probs (scores)")
+    # Values (finiteness, ranges) of every input are checked together at the end: one device
+    # synchronisation per call (each one stalls the host until the GPU queue drains).
+    pending: list[tuple[str, Tensor]] = []
     if probs is not None:
         V.tensor(probs, "probs", dtypes=V.FLOAT_DTYPES, finite=False)
-        rng = V.finite_range(probs, "probs")
-        if rng is not None and rng[0] < 0:
-            raise ValueError("probs must be non-negative scores (got negative values)")
         src_name, src = "probs", probs
     else:
-        V.tensor(unary, "unary", dtypes=V.FLOAT_DTYPES)
+        V.tensor(unary, "unary", dtypes=V.FLOAT_DTYPES, finite=False)
         src_name, src = "unary", unary
+    pending.append((src_name, src))
     if src.dim() < 3:
         raise ValueError(f"{src_name} must have shape (B, L, *S); got {tuple(src.shape)}")
     B, L = src.shape[:2]
@@ -308,12 +321,17 @@ def dense_crf(
     compats: list[Tensor] = []
     diags: list[bool] = []
 
+    feat_names: list[str] = []
+
     def add(features: Tensor, compat: Compat, name: str) -> None:
-        cm = _compat_matrix(compat, L, name, dtype, device)
+        cm = _compat_matrix(compat, L, name, dtype, device, pending)
         if cm is None:
             return
         f = _flat(features).to(dtype)
-        _check_lattice_features(f, name.replace("compat", "features"), L, dtype, batch=B)
+        fname = name.replace("compat", "features")
+        _check_lattice_features(f, fname, L, dtype, batch=B, values=False)
+        pending.append((fname, f))
+        feat_names.append(fname)
         feats.append(f.contiguous())
         compats.append(cm[0])
         diags.append(cm[1])
@@ -326,7 +344,7 @@ def dense_crf(
     if bilateral_compat is not None and not (isinstance(bilateral_compat, (int, float)) and bilateral_compat == 0):
         if image is None:
             raise ValueError("image is required by the bilateral term; pass bilateral_compat=0 to switch it off")
-        V.tensor(image, "image", finite=True)
+        V.tensor(image, "image", finite=False)
         if image.dim() != len(spatial) + 2 or not _divides(image.shape[0], B) or tuple(image.shape[2:]) != spatial:
             raise ValueError(
                 f"image must have shape (B', c, *S) = (B', c, {', '.join(map(str, spatial))}) with B' = {B} or a "
@@ -335,6 +353,7 @@ def dense_crf(
         if image.dtype == torch.bool or image.is_complex():
             raise TypeError(f"image must be uint8 or floating; got {image.dtype}")
         V.same_device({src_name: src, "image": image})
+        pending.append(("image", image))
         bsxy = V.positive(bilateral_sxy, "bilateral_sxy", B)
         bsrgb = V.positive(bilateral_srgb, "bilateral_srgb", B)
         if image.shape[0] < B and (isinstance(bsxy, Tensor) or isinstance(bsrgb, Tensor)):
@@ -344,7 +363,7 @@ def dense_crf(
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"pairwise[{k}] must be a (features, compat) pair")
         f, c = item
-        V.tensor(f, f"pairwise[{k}] features", dtypes=V.FLOAT_DTYPES)
+        V.tensor(f, f"pairwise[{k}] features", dtypes=V.FLOAT_DTYPES, finite=False)
         if f.dim() < 2 or not _divides(f.shape[0], B) or math.prod(f.shape[2:]) != N:
             raise ValueError(
                 f"pairwise[{k}] features must have shape (B', d, *S) with B' = {B} or a divisor of it, "
@@ -353,6 +372,12 @@ def dense_crf(
         V.same_device({src_name: src, f"pairwise[{k}] features": f})
         add(f, c, f"pairwise[{k}] compat")
 
+    ranges = dict(zip((n for n, _ in pending), V.finite_ranges(pending)))  # raises on NaN/Inf
+    if probs is not None and ranges["probs"] is not None and ranges["probs"][0] < 0:
+        raise ValueError("probs must be non-negative scores (got negative values)")
+    for fname, f in zip(feat_names, feats):
+        if ranges[fname] is not None:
+            _check_key_range(f, fname, max(abs(ranges[fname][0]), abs(ranges[fname][1])))
     if B == 0 or N == 0:
         return torch.empty((B, L, *spatial), dtype=dtype, device=device)
     if not feats:

@@ -470,6 +470,24 @@ def test_bad_inputs():
         )
 
 
+def test_inputs_checked_with_one_synchronisation(monkeypatch):
+    # every value check of a call (probs, image, features, compatibilities) is read back at once: on a
+    # GPU each read-back stalls the host until the queue drains
+    from rrm_cuda import _validate as V
+
+    calls = []
+    real = V.finite_ranges
+    monkeypatch.setattr(V, "finite_ranges", lambda items: calls.append(len(items)) or real(items))
+    monkeypatch.setattr(V, "finite_range", lambda *a: pytest.fail("finite_range called"))
+    monkeypatch.setattr(V, "check_finite", lambda *a: pytest.fail("check_finite called"))
+    unary, image = _crf_inputs(B=2, L=3, H=7, W=6, dtype=torch.float32)
+    depth = torch.rand(2, 1, 7, 6)
+    q = rrm_cuda.dense_crf(
+        probs=torch.softmax(-unary, 1), image=image, bilateral_compat=torch.rand(3, 3), pairwise=[(depth, 2.0)]
+    )
+    assert calls == [5] and q.shape == unary.shape  # probs, image, 3 features (CPU compat: checked directly)
+
+
 # ---- module == functional --------------------------------------------------------------------
 def test_module_matches_functional():
     unary, image = _crf_inputs(dtype=torch.float32)
