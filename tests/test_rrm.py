@@ -208,6 +208,16 @@ def test_reliable_labels_match_pydensecrf_reference():
         assert set(np.unique(ref)) == set(np.unique(out[b]))
 
 
+def test_channel_argmax_equals_argmax_with_ties():
+    from rrm_cuda.rrm.pseudo_labels import _channel_argmax
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (3, 21, 9, 7), generator=g).float()  # many ties: the first maximum wins
+    assert torch.equal(_channel_argmax(x), x.argmax(1))
+    x = torch.rand(2, 5, 4, 4, generator=g)
+    assert torch.equal(_channel_argmax(x), x.argmax(1))
+
+
 def test_reliable_labels_class_without_cam_pixel_and_no_class():
     """The original raises IndexError when a class has no CAM value > 0.1: here it gets no label."""
     H = W = 24
