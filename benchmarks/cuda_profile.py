@@ -77,6 +77,24 @@ def main() -> None:
         res[f"dense_crf op batch {B}"] = event_ms(
             lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations), reps=10
         )
+    # batch 8 with shared lattices: one position lattice, one bilateral lattice per image
+    ub = u.expand(8, -1, -1).contiguous()
+    res["dense_crf op batch 8, lattices shared (1 image)"] = event_ms(
+        lambda: ops.dense_crf(ub, [pos, bil], compat, [True, True], [0, 0], args.iterations), reps=10
+    )
+    # RRM's pseudo-label CRFs: 2 x 4 unaries (alpha 4 and 32) of 3 labels over 4 crops of 321^2
+    crop = img[..., :321, :321].expand(4, -1, -1, -1).contiguous()
+    p3 = torch.softmax(torch.randn(8, 3, 40, 40, generator=g) * 3, 1)
+    p3 = torch.nn.functional.interpolate(p3, size=(321, 321), mode="bilinear").to(dev)
+    res["pseudo-label CRFs 8 x 3 x 321^2 over 4 crops"] = event_ms(
+        lambda: rrm_cuda.dense_crf(probs=p3, image=crop, iterations=args.iterations), reps=10
+    )
+    # backward through the mean field (CRF-as-RNN), w.r.t. the unary
+    ug = u.clone().requires_grad_()
+    res[f"dense_crf fwd+bwd {S}x{S}x{L}x{args.iterations} (unary grad)"] = event_ms(
+        lambda: ops.dense_crf(ug, [pos, bil], compat, [True, True], [0, 0], args.iterations).sum().backward(),
+        reps=5,
+    )
     # energy loss at RRM's setting, on the energy benchmark's photographs
     from benchmarks.energy_bench import make_inputs
 
