@@ -83,9 +83,10 @@ def main() -> None:
         lambda: ops.dense_crf(ub, [pos, bil], compat, [True, True], [0, 0], args.iterations), reps=10
     )
     # RRM's pseudo-label CRFs: 2 x 4 unaries (alpha 4 and 32) of 3 labels over 4 crops of 321^2
-    crop = img[..., :321, :321].expand(4, -1, -1, -1).contiguous()
+    c = min(321, S)
+    crop = img[..., :c, :c].expand(4, -1, -1, -1).contiguous()
     p3 = torch.softmax(torch.randn(8, 3, 40, 40, generator=g) * 3, 1)
-    p3 = torch.nn.functional.interpolate(p3, size=(321, 321), mode="bilinear").to(dev)
+    p3 = torch.nn.functional.interpolate(p3, size=(c, c), mode="bilinear").to(dev)
     res["pseudo-label CRFs 8 x 3 x 321^2 over 4 crops"] = event_ms(
         lambda: rrm_cuda.dense_crf(probs=p3, image=crop, iterations=args.iterations), reps=10
     )
