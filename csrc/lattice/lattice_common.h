@@ -543,33 +543,47 @@ struct CpuRow {
   static_assert(W % kLanes == 0, "row width must be a multiple of the vector width");
   V v[kN];
 
-  static V load1(const scalar_t* p) {
-    V x;
-    __builtin_memcpy(&x, p, sizeof x);
-    return x;
-  }
+  // (vectors are passed by reference: returning one from a baseline-ABI function changes the ABI)
+  static void load1(V& x, const scalar_t* p) { __builtin_memcpy(&x, p, sizeof x); }
   static void store1(scalar_t* p, const V& x) { __builtin_memcpy(p, &x, sizeof x); }
   void load(const scalar_t* p) {
-    for (int k = 0; k < kN; ++k) v[k] = load1(p + k * kLanes);
+    for (int k = 0; k < kN; ++k) load1(v[k], p + k * kLanes);
   }
   void store(scalar_t* p) const {
     for (int k = 0; k < kN; ++k) store1(p + k * kLanes, v[k]);
   }
   // this = w * p
   void set_scaled(scalar_t w, const scalar_t* p) {
-    for (int k = 0; k < kN; ++k) v[k] = w * load1(p + k * kLanes);
+    for (int k = 0; k < kN; ++k) {
+      V x;
+      load1(x, p + k * kLanes);
+      v[k] = w * x;
+    }
   }
   // this += w * p
   void add_scaled(scalar_t w, const scalar_t* p) {
-    for (int k = 0; k < kN; ++k) v[k] = v[k] + w * load1(p + k * kLanes);
+    for (int k = 0; k < kN; ++k) {
+      V x;
+      load1(x, p + k * kLanes);
+      v[k] = v[k] + w * x;
+    }
   }
   // this += (coef * s) * a, lane by lane
   void add_coef_scaled(const scalar_t* coef, scalar_t s, const CpuRow& a) {
-    for (int k = 0; k < kN; ++k) v[k] = v[k] + load1(coef + k * kLanes) * s * a.v[k];
+    for (int k = 0; k < kN; ++k) {
+      V c;
+      load1(c, coef + k * kLanes);
+      v[k] = v[k] + c * s * a.v[k];
+    }
   }
   // p += w * this (p: a row in memory)
   void scatter_scaled(scalar_t* p, scalar_t w) const {
-    for (int k = 0; k < kN; ++k) store1(p + k * kLanes, load1(p + k * kLanes) + w * v[k]);
+    for (int k = 0; k < kN; ++k) {
+      V x;
+      load1(x, p + k * kLanes);
+      x = x + w * v[k];
+      store1(p + k * kLanes, x);
+    }
   }
 };
 #endif
