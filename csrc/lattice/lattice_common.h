@@ -839,7 +839,7 @@ struct NormFunctor {
 
 // Softmax backward of one row: for q = softmax(x) and g = dL/dq, dL/dx_l = q_l (g_l - sum_j g_j q_j).
 // out (or nullptr) receives dL/dx; grad_unary (or nullptr) accumulates -dL/dx, since every step's
-// softmax input contains -U.
+// softmax input contains -U. The CPU's path (softmax_backward_rows); CUDA uses ATen's kernel.
 template <typename scalar_t>
 struct SoftmaxBackwardFunctor {
   const scalar_t* grad;  // (B*N, L) dL/dq
