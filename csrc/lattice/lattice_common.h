@@ -92,15 +92,18 @@ struct EmbedFunctor {
       rem0[k] = static_cast<int32_t>((up - elevated[k] < elevated[k] - dn) ? up : dn);
       sum += rem0[k] / (d + 1);  // exact: rem0 is a multiple of d+1
     }
-    // Rank of each residual (descending); ties broken as densecrf does.
-    for (int k = 0; k <= d; ++k) rank[k] = 0;
+    // Rank of each residual (descending); ties broken as densecrf does. Branch-free: the
+    // comparisons are data-dependent coin flips (mispredicted branches dominated the CPU embed).
+    scalar_t res[kMaxDim + 1];
+    for (int k = 0; k <= d; ++k) {
+      rank[k] = 0;
+      res[k] = elevated[k] - static_cast<scalar_t>(rem0[k]);
+    }
     for (int k = 0; k < d; ++k) {
-      const scalar_t dk = elevated[k] - static_cast<scalar_t>(rem0[k]);
       for (int j = k + 1; j <= d; ++j) {
-        if (dk < elevated[j] - static_cast<scalar_t>(rem0[j]))
-          rank[k]++;
-        else
-          rank[j]++;
+        const int less = res[k] < res[j] ? 1 : 0;
+        rank[k] += less;
+        rank[j] += 1 - less;
       }
     }
     // If the rounded point is off the plane (sum != 0), move the extreme coordinates back.
