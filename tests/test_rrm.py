@@ -218,6 +218,31 @@ def test_channel_argmax_equals_argmax_with_ties():
     assert torch.equal(_channel_argmax(x), x.argmax(1))
 
 
+def test_cam_sure_batched_formulation_equals_per_class_loop():
+    """The GPU's batched, synchronisation-free CAM-reliable region equals the per-(image, class) loop
+    (percentile index, ties, classes absent from the CRF label, a class without CAM > 0.1)."""
+    from rrm_cuda.rrm.pseudo_labels import _cam_sure
+
+    g = torch.Generator().manual_seed(4)
+    B, H, W = 3, 11, 13
+    cam = (torch.rand(B, 21, H, W, generator=g) * 10).round() / 10  # many equal values
+    present = torch.zeros(B, 20, dtype=torch.bool)
+    present[0, [2, 7, 9]] = True
+    present[1, 4] = True  # image 2: no class
+    cam[:, 1:] *= present[:, :, None, None]
+    cam[0, 10] = 0.05  # class 9 present but never above 0.1
+    cam_img = cam.argmax(1)
+    la = cam_img.clone()
+    la[0][la[0] == 8] = 0  # class 7 absent from the CRF label of image 0
+    for p in (0.6, 0.0, 0.95):
+        for bg_t, cmin in ((0.8, 0.1), (-1.0, 0.0)):
+            args = (cam, cam_img, la, present, bg_t, cmin, p)
+            loop = _cam_sure(*args, vectorised=False)
+            torch.testing.assert_close(_cam_sure(*args, vectorised=True), loop)
+    default = _cam_sure(cam, cam_img, la, present, 0.8, 0.1, 0.6, vectorised=False)
+    assert bool(default.any()) and not bool(default.all())
+
+
 def test_reliable_labels_class_without_cam_pixel_and_no_class():
     """The original raises IndexError when a class has no CAM value > 0.1: here it gets no label."""
     H = W = 24

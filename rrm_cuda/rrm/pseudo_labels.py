@@ -5,6 +5,7 @@ Shapes: B batch, H×W crop, 20 foreground classes, 21 labels (background 0), 255
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -111,40 +112,112 @@ def _batched_crf(
     Returns per α a (B, 21, H, W) probability tensor and the (B, H, W) argmax class of it (taken on
     the CRF's few labels)."""
     B, _, H, W = cams.shape
-    counts = present.sum(1)
+    dev = cams.device
+    # Which classes each image has is read to the host once (the CRF's label count L sizes it);
+    # everything else stays on the device: no synchronisation per image or class.
+    present_h = present.cpu()
+    counts = present_h.sum(1)
     L = 1 + int(counts.max()) if B else 1
     outs = [cams.new_zeros(B, 21, H, W) for _ in alphas]
     if L == 1:
         for o in outs:
             o[:, 0] = 1.0
         return outs, [cams.new_zeros(B, H, W, dtype=torch.long) for _ in alphas]
+    # cls[b, j]: the class of CRF label j (0 background, c + 1 for CAM channel c); padding labels
+    # point to a dummy channel 21 of the scatter below and to class 0 for the argmax (never chosen).
+    cls_h = torch.zeros(B, L, dtype=torch.long)
+    pad_h = torch.ones(B, L - 1, dtype=torch.bool)
+    for b in range(B):
+        idx = present_h[b].nonzero().flatten()
+        cls_h[b, 1 : 1 + idx.numel()] = idx + 1
+        pad_h[b, : idx.numel()] = False
+    if dev.type == "cuda":  # pinned + non_blocking: the copies do not wait for the GPU queue
+        cls_h, pad_h = cls_h.pin_memory(), pad_h.pin_memory()
+    cls = cls_h.to(dev, non_blocking=True)
+    pad = pad_h.to(dev, non_blocking=True)
+    sel = (cls[:, 1:] - 1).clamp(min=0)[:, :, None, None].expand(-1, -1, H, W)
+    fg_unary = torch.where(pad[:, :, None, None], _PAD_ENERGY, unary_from_probs(cams.gather(1, sel)))
     mx = cams.amax(1)  # absent classes are zero and CAMs are >= 0: the max over present classes
-    unaries = []
-    for alpha in alphas:
-        u = cams.new_full((B, L, H, W), _PAD_ENERGY)
-        u[:, 0] = unary_from_probs((1.0 - mx) ** alpha)
-        for b in range(B):
-            idx = present[b].nonzero().flatten()
-            u[b, 1 : 1 + idx.numel()] = unary_from_probs(cams[b, idx])
-        unaries.append(u)
+    unaries = [torch.cat([unary_from_probs((1.0 - mx) ** alpha)[:, None], fg_unary], 1) for alpha in alphas]
     # Unaries of all α stacked, the images once: dense_crf builds each image's lattices once and
     # shares them between its α CRFs (item a·B + b uses image b).
     q = dense_crf(torch.cat(unaries), image.float(), iterations=iterations, **crf_params)
-    cls = torch.zeros(B, L, dtype=torch.long, device=cams.device)  # CRF label -> class (padding: 0)
-    for b in range(B):
-        idx = present[b].nonzero().flatten()
-        cls[b, 1 : 1 + idx.numel()] = idx + 1
+    dst = torch.where(pad, 21, cls[:, 1:])[:, :, None, None].expand(-1, -1, H, W)
     argmaxes = []
     for a, o in enumerate(outs):
         qa = q[a * B : (a + 1) * B]
-        o[:, 0] = qa[:, 0]
-        for b in range(B):
-            n = int(present[b].sum())
-            o[b, cls[b, 1 : 1 + n]] = qa[b, 1 : 1 + n]
+        full = cams.new_zeros(B, 22, H, W)
+        full[:, 0] = qa[:, 0]
+        full.scatter_(1, dst, qa[:, 1:])
+        o.copy_(full[:, :21])
         # padding labels keep Q = 0 < any real label's Q, and classes keep their order: the argmax
         # of the (B, 21) tensor, first maximum included
         argmaxes.append(cls.gather(1, _channel_argmax(qa).flatten(1)).view(B, H, W))
     return outs, argmaxes
+
+
+def _cam_sure(
+    cam_all: Tensor,
+    cam_img: Tensor,
+    la_label: Tensor,
+    present: Tensor,
+    bg_threshold: float,
+    cam_min: float,
+    cam_percentile: float,
+    vectorised: bool | None = None,
+) -> Tensor:
+    """RRM's CAM-reliable region (B, H, W): for every class c of image b's α=4 CRF label, the pixels
+    whose CAM argmax is c with CAM above the ``cam_percentile`` quantile of that region's values
+    > ``cam_min`` (the original's ``values[int(n * p)]`` of the sorted values); background where the
+    argmax is background and bg > ``bg_threshold``.
+
+    Two formulations with the same result: per (image, class) on the CPU (sorts only the selected
+    values), and one batched sort over the present (image, class) pairs without a host
+    synchronisation (the default on GPUs, where each ``.item()`` drains the queue)."""
+    B, H, W = cam_img.shape
+    if vectorised is None:
+        vectorised = cam_all.device.type != "cpu"
+    if not vectorised:
+        cam_sure = torch.zeros_like(la_label, dtype=torch.bool)
+        for b in range(B):
+            for c in la_label[b].unique().tolist():
+                region = cam_img[b] == c
+                cam_c = torch.where(region, cam_all[b, c], torch.zeros_like(cam_all[b, c]))
+                if c == 0:
+                    cam_sure[b] |= cam_c > bg_threshold
+                    continue
+                values = cam_c[cam_c > cam_min].sort().values
+                if values.numel() == 0:  # the original raises IndexError here: no reliable pixel for c
+                    continue
+                cam_sure[b] |= cam_c > values[int(values.numel() * cam_percentile)]
+        return cam_sure
+    # classes that occur in each image's CRF label: (B, 21)
+    occurs = torch.zeros(B, 21, dtype=torch.bool, device=la_label.device)
+    occurs.scatter_(1, la_label.flatten(1), True)
+    bg = torch.where(cam_img == 0, cam_all[:, 0], torch.zeros_like(cam_all[:, 0]))
+    cam_sure = (bg > bg_threshold) & occurs[:, :1, None]
+    pairs = present.nonzero() if present.device.type == "cpu" else present.cpu().nonzero()
+    if pairs.numel() == 0:
+        return cam_sure
+    bi = pairs[:, 0].to(cam_all.device, non_blocking=True)
+    ci = (pairs[:, 1] + 1).to(cam_all.device, non_blocking=True)  # CAM channel -> cam_all channel
+    x = cam_all[bi, ci].flatten(1)  # (K, HW)
+    cam_c = torch.where(cam_img[bi].flatten(1) == ci[:, None], x, torch.zeros_like(x))
+    sel = cam_c > cam_min
+    n = sel.sum(1)
+    # the selected values first, ascending; the k-th of them is the threshold
+    srt = torch.where(sel, cam_c, torch.full_like(x, math.inf)).sort(1).values
+    k = (n.double() * cam_percentile).floor().long().clamp(max=x.shape[1] - 1)
+    thr = torch.where(n > 0, srt.gather(1, k[:, None])[:, 0], math.inf)
+    hit = ((cam_c > thr[:, None]) & occurs[bi, ci][:, None]).view(-1, H, W)
+    return _or_rows(cam_sure, bi, hit)
+
+
+def _or_rows(acc: Tensor, rows: Tensor, masks: Tensor) -> Tensor:
+    """acc[rows[k]] |= masks[k] for every k (rows may repeat), without a host synchronisation."""
+    add = torch.zeros(acc.shape, dtype=torch.int32, device=acc.device)
+    add.index_add_(0, rows, masks.to(torch.int32))
+    return acc | (add > 0)
 
 
 def reliable_label_parts(
@@ -183,20 +256,7 @@ def reliable_label_parts(
     crf_label = la_label.clone()
     crf_label[la_label == 0] = IGNORE
 
-    B = cams.shape[0]
-    cam_sure = torch.zeros_like(la_label, dtype=torch.bool)
-    for b in range(B):
-        for c in la_label[b].unique().tolist():
-            region = cam_img[b] == c
-            cam_c = torch.where(region, cam_all[b, c], torch.zeros_like(cam_all[b, c]))
-            if c == 0:
-                cam_sure[b] |= cam_c > bg_threshold
-                continue
-            values = cam_c[cam_c > cam_min].sort().values
-            if values.numel() == 0:  # the original raises IndexError here: no reliable pixel for c
-                continue
-            cam_sure[b] |= cam_c > values[int(values.numel() * cam_percentile)]
-
+    cam_sure = _cam_sure(cam_all, cam_img, la_label, present, bg_threshold, cam_min, cam_percentile)
     crf_label[ha_label == 0] = 0
     confidence = torch.cat([crf_ha[:, :1], crf_la[:, 1:]], 1).amax(1)
     label = crf_label.clone()
