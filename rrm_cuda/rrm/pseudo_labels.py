@@ -245,18 +245,19 @@ def reliable_label_parts(
     crf_params = dict(PSEUDO_CRF if crf_params is None else crf_params)
     cams = cams.detach().float()
     present = labels.detach() > 1e-5
+    present_h = present.cpu()  # the one host read of the step on a GPU (which classes each image has)
     cam_np = cams * present[:, :, None, None]
     bg_ha = (1.0 - cam_np.amax(1, keepdim=True)) ** alphas[1]
     cam_all = torch.cat([bg_ha, cam_np], 1)
     cam_img = _channel_argmax(cam_all)
 
     (crf_la, crf_ha), (la_label, ha_label) = _batched_crf(
-        image.detach(), cam_np, present, alphas, iterations, crf_params
+        image.detach(), cam_np, present_h, alphas, iterations, crf_params
     )
     crf_label = la_label.clone()
     crf_label[la_label == 0] = IGNORE
 
-    cam_sure = _cam_sure(cam_all, cam_img, la_label, present, bg_threshold, cam_min, cam_percentile)
+    cam_sure = _cam_sure(cam_all, cam_img, la_label, present_h, bg_threshold, cam_min, cam_percentile)
     crf_label[ha_label == 0] = 0
     confidence = torch.cat([crf_ha[:, :1], crf_la[:, 1:]], 1).amax(1)
     label = crf_label.clone()
