@@ -572,25 +572,27 @@ def train_step(
     labels = batch["labels"].to(device)
     crop = tuple(image.shape[2:])
     zero = image.new_zeros(())
-    stats = dict.fromkeys(("cls", "ce_bg", "ce_fg", "energy", "bcd"), 0.0)
+    # Logged values stay tensors until one host read after the backward (each float() of a GPU
+    # tensor would stall the host until the queue drains, in the middle of the step).
+    stats: dict[str, Tensor] = dict.fromkeys(("cls", "ce_bg", "ce_fg", "energy", "bcd"), zero)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         outp = net(image)
     loss = zero
     if cfg.cls_weight:
         cls = L.classification_loss(outp.cls_logits.float(), labels)
         loss = loss + cfg.cls_weight * cls
-        stats["cls"] = float(cls.detach())
-    labelled = 0.0
+        stats["cls"] = cls.detach()
+    labelled = zero
     if it >= cfg.warmup_cls_iterations:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             cams = multiscale_cam(net, image, labels, crop, cfg.cam_scales, cam_scale1=outp.cam)
         parts = ops.reliable_labels(raw, cams, labels, iterations=cfg.crf_iterations)
         label = parts.label.masked_fill(roi == 0, IGNORE)
-        labelled = float((label != IGNORE).float().mean())
+        labelled = (label != IGNORE).float().mean()
         seg_up = F.interpolate(outp.seg.float(), crop, mode="bilinear", align_corners=False)
         ce_bg, ce_fg = L.seg_ce_losses(seg_up, label)
         loss = loss + cfg.ce_bg_weight * ce_bg + cfg.ce_fg_weight * ce_fg
-        stats["ce_bg"], stats["ce_fg"] = float(ce_bg.detach()), float(ce_fg.detach())
+        stats["ce_bg"], stats["ce_fg"] = ce_bg.detach(), ce_fg.detach()
         if cfg.energy_weight:
             e = ops.energy_loss(
                 raw.float(),
@@ -603,11 +605,11 @@ def train_step(
                 scale_factor=cfg.energy_scale,
             )
             loss = loss + e
-            stats["energy"] = float(e.detach())
+            stats["energy"] = e.detach()
         if cfg.bcd_weight:
             b = ops.bcd_loss(outp.seg.float(), outp.bcd_features.float())
             loss = loss + cfg.bcd_weight * b
-            stats["bcd"] = float(b.detach())
+            stats["bcd"] = b.detach()
         if cfg.panel_every and (it + 1) % cfg.panel_every == 0 and _rank() == 0:
             n = min(2, image.shape[0])
             save_panel(
@@ -620,22 +622,29 @@ def train_step(
                 batch["mask"][:n],
             )
     optimizer.zero_grad(set_to_none=True)
-    loss_value = float(loss.detach())
-    if not math.isfinite(loss_value):
-        raise FloatingPointError(f"non-finite loss {loss_value} at iteration {it + 1}: {stats}")
     if scaler is not None:
         scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    # the step's one host read: logged values and the finiteness check, before any weight changes
+    names = list(stats)
+    scalars = [stats[k] for k in names] + [loss.detach(), labelled]
+    values = torch.stack([v.float().reshape(()) for v in scalars]).tolist()
+    logged = dict(zip(names, values[: len(names)]))
+    loss_value, labelled_value = values[len(names)], values[len(names) + 1]
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"non-finite loss {loss_value} at iteration {it + 1}: {logged}")
+    if scaler is not None:
         if cfg.grad_clip:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-    return {**stats, "lr": lr, "loss": loss_value, "labelled": labelled}
+    return {**logged, "lr": lr, "loss": loss_value, "labelled": labelled_value}
 
 
 # ---------------------------------------------------------------------------------------------
