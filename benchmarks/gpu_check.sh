@@ -5,6 +5,7 @@
 # (JSON + PNG) to $OUT_DIR/results/.
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile rrm
+#   (rrm: rrm_bench with the small backbone, then ResNet-38 without the original path)
 #   OUT_DIR=/tmp/gpu bash benchmarks/gpu_check.sh build smoke tests
 #
 # Default steps: build smoke tests sanitize bench profile. SANITIZERS (default memcheck racecheck) and
@@ -70,6 +71,9 @@ fi
 has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$OUT_DIR/results"
 if has rrm && [ -f benchmarks/rrm_bench.py ]; then
   step rrm_bench 300 $PY benchmarks/rrm_bench.py --device cuda --out-dir "$OUT_DIR/results"
+  # the papers' network (random init), rrm_cuda's path only: the share the issue's target is about
+  step rrm_bench_resnet38 300 $PY benchmarks/rrm_bench.py --device cuda --backbone resnet38 --skip-original \
+    --out-dir "$OUT_DIR/results"
 fi
 grep -E "^=== .*rc=|passed|failed|MISMATCH|ERROR SUMMARY" "$LOG" | tail -40
 # the device tool brings back at most 8 files: pack the results into one
