@@ -492,6 +492,7 @@ def _tiny(tmp_path, name, **kw):
         batch_size=2,
         iterations=4,
         warmup_cls_iterations=2,
+        seg_head_only_iterations=1,
         lr=0.01,
         freeze_bn=False,
         cam_scales=(1.0, 0.5),
@@ -508,6 +509,31 @@ def _tiny(tmp_path, name, **kw):
     )
     base.update(kw)
     return make_config("cpu-demo", **base)
+
+
+def test_seg_head_only_stage_detaches_the_backbone(tmp_path, monkeypatch):
+    import rrm_cuda.rrm.train as T
+
+    model = RRM("small", freeze_bn=False)
+    x = torch.randn(2, 3, 32, 32)
+    for detach in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.detach_seg_input = detach
+        out = model(x)
+        (out.seg.square().mean() + out.bcd_features.square().mean()).backward()
+        assert all((p.grad is None) == detach for p in model.backbone.parameters())
+        assert all(p.grad is not None for m in (model.local_branch, model.global_branch) for p in m.parameters())
+    # the loop: classification warm-up (2), segmentation branch only (1), end to end (1)
+    flags = []
+    step = T.train_step
+
+    def spy(net, model, *args, **kwargs):
+        flags.append(model.detach_seg_input)
+        return step(net, model, *args, **kwargs)
+
+    monkeypatch.setattr(T, "train_step", spy)
+    train(_tiny(tmp_path, "run", eval_at_end=False))
+    assert flags == [True, True, True, False]
 
 
 def test_train_infer_evaluate_end_to_end(tmp_path, capsys):

@@ -341,6 +341,8 @@ class RRM(nn.Module):
             raise ValueError(f"backbone must be 'resnet38' or 'small'; got {backbone!r}")
         c = self.backbone.out_channels
         self.freeze_bn = freeze_bn
+        # True: the segmentation losses train the segmentation branch only, not the backbone
+        self.detach_seg_input = False
         self.dropout7 = nn.Dropout2d(dropout)
         self.fc8 = nn.Conv2d(c, NUM_CLASSES, 1, bias=False)
         nn.init.xavier_uniform_(self.fc8.weight)
@@ -373,8 +375,9 @@ class RRM(nn.Module):
     def forward(self, x: Tensor) -> RRMOutput:
         feats = self.backbone(x)
         cls_logits = self.fc8(self.dropout7(feats)).mean((2, 3))
-        local_logits, local_feats = self.local_branch(feats)
-        global_logits, global_feats = self.global_branch(feats)
+        seg_in = feats.detach() if self.detach_seg_input else feats
+        local_logits, local_feats = self.local_branch(seg_in)
+        global_logits, global_feats = self.global_branch(seg_in)
         seg = 0.5 * (local_logits + global_logits)
         return RRMOutput(cls_logits, self.cam(feats), seg, torch.cat([local_feats, global_feats], 1))
 
