@@ -28,12 +28,13 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // Backward of dense_crf (backpropagation through the mean-field iterations): grad (B, L, N) = dL/dQ
   // and dense_crf's arguments -> (grad_unary (B, L, N), grad_compat (T, L, L)); features get no
   // gradient. Rebuilds the lattices and reruns the forward, keeping (iterations + 1) B N L values.
+  // compat_grad=False skips grad_compat (zeros), and with it one filter per term and iteration.
   m.def(
       "dense_crf_backward(Tensor grad, Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, "
-      "int[] normalization, int iterations) -> (Tensor grad_unary, Tensor grad_compat)");
+      "int[] normalization, int iterations, bool compat_grad=True) -> (Tensor grad_unary, Tensor grad_compat)");
   m.def(
       "_dense_crf_backward_emulated(Tensor grad, Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, "
-      "int[] normalization, int iterations) -> (Tensor grad_unary, Tensor grad_compat)");
+      "int[] normalization, int iterations, bool compat_grad=True) -> (Tensor grad_unary, Tensor grad_compat)");
 
   // ---- BCD loss (csrc/bcd) ----
   // SPEC section 4. features (B, C, N) float32/float64/float16/bfloat16, any strides; labels (B, N)

@@ -360,6 +360,18 @@ def test_grad_with_shared_lattices():
     assert torch.autograd.gradcheck(lambda x: ops.dense_crf(x, shared, c, [True, False], [0, 0], 2), (u,))
 
 
+def test_grad_without_compat_grad_skips_it():
+    """compat_grad=False (autograd passes it when the compatibilities need no gradient): the same
+    unary gradient, a zero compatibility gradient, on the CPU and the emulated launch."""
+    unary, feats, c = _grad_inputs(B=2, L=3, H=6, W=5, seed=13)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    for op in (ops.dense_crf_backward, ops._dense_crf_backward_emulated):
+        full = op(gq, unary, feats, c, [True, False], [0, 1], 3)
+        gu, gc = op(gq, unary, feats, c, [True, False], [0, 1], 3, False)
+        torch.testing.assert_close(gu, full[0], rtol=0, atol=0)
+        assert not bool(gc.any()) and bool(full[1].any())
+
+
 def test_grad_float32_close_to_float64():
     unary, feats, c = _grad_inputs(B=1, L=5, H=12, W=10, seed=5)
     gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)

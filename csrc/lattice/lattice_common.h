@@ -740,7 +740,8 @@ struct SliceFunctor {
 // ---------------------------------------------------------------------------------------------
 // Mean-field helpers (one thread per pixel; labels are few, the loop over them is short).
 
-// acc[i] -= C m[i] for a full (L, L) compatibility matrix (energy convention).
+// acc[i] -= C m[i] for a full (L, L) compatibility matrix (energy convention). Also the backward's
+// adjoint: with C^T and acc zeroed, acc[i] = -(x[i] C).
 template <typename scalar_t>
 struct MatVecSubFunctor {
   const scalar_t* m;       // (B*N, L)
@@ -859,25 +860,6 @@ struct SoftmaxBackwardFunctor {
       const scalar_t v = qi[l] * (g[l] - s);
       if (out) out[t * L + l] = v;
       if (grad_unary) grad_unary[t * L + l] -= v;
-    }
-  }
-};
-
-// out[i] = -(x[i] C): the adjoint of MatVecSubFunctor's acc[i] -= C m[i] (full (L, L) matrix),
-// i.e. out_l = -sum_j x_j C[j, l].
-template <typename scalar_t>
-struct VecMatNegFunctor {
-  const scalar_t* x;       // (B*N, L)
-  const scalar_t* compat;  // (L, L)
-  scalar_t* out;           // (B*N, L)
-  int64_t L;
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const scalar_t* xi = x + t * L;
-    scalar_t* o = out + t * L;
-    for (int64_t l = 0; l < L; ++l) {
-      scalar_t s = 0;
-      for (int64_t j = 0; j < L; ++j) s += xi[j] * compat[j * L + l];
-      o[l] = -s;
     }
   }
 };

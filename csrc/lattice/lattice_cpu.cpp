@@ -40,19 +40,19 @@ at::Tensor crf_emulated(const at::Tensor& unary, at::TensorList features, const 
 std::tuple<at::Tensor, at::Tensor> crf_backward_cpu(const at::Tensor& grad, const at::Tensor& unary,
                                                     at::TensorList features, const at::Tensor& compat,
                                                     const c10::List<bool>& diagonal, at::IntArrayRef normalization,
-                                                    int64_t iterations) {
+                                                    int64_t iterations, bool compat_grad) {
   check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
   return dense_crf_backward(CpuExec{}, grad, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(),
-                            iterations, 1);
+                            iterations, 1, compat_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> crf_backward_emulated(const at::Tensor& grad, const at::Tensor& unary,
                                                          at::TensorList features, const at::Tensor& compat,
                                                          const c10::List<bool>& diagonal, at::IntArrayRef normalization,
-                                                         int64_t iterations) {
+                                                         int64_t iterations, bool compat_grad) {
   check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
   return dense_crf_backward(EmulatedCudaExec{}, grad, unary, features.vec(), compat, to_vector(diagonal),
-                            normalization.vec(), iterations, unary.size(0));
+                            normalization.vec(), iterations, unary.size(0), compat_grad);
 }
 
 at::Tensor num_vertices_cpu(const at::Tensor& features) {

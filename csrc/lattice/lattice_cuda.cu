@@ -22,18 +22,19 @@ at::Tensor crf_cuda(const at::Tensor& unary, at::TensorList features, const at::
   check_crf_args(unary, features, compat, diagonal, normalization, iterations);
   const c10::cuda::CUDAGuard guard(unary.device());
   std::vector<bool> diag(diagonal.begin(), diagonal.end());
-  return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0));
+  return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0),
+                   compat_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor> crf_backward_cuda(const at::Tensor& grad, const at::Tensor& unary,
                                                      at::TensorList features, const at::Tensor& compat,
                                                      const c10::List<bool>& diagonal, at::IntArrayRef normalization,
-                                                     int64_t iterations) {
+                                                     int64_t iterations, bool compat_grad) {
   check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
   const c10::cuda::CUDAGuard guard(unary.device());
   std::vector<bool> diag(diagonal.begin(), diagonal.end());
   return dense_crf_backward(CudaExec{}, grad, unary, features.vec(), compat, diag, normalization.vec(), iterations,
-                            unary.size(0));
+                            unary.size(0), compat_grad);
 }
 
 at::Tensor num_vertices_cuda(const at::Tensor& features) {

@@ -650,7 +650,7 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
                                                       const std::vector<at::Tensor>& features, const at::Tensor& compat,
                                                       const std::vector<bool>& diagonal,
                                                       const std::vector<int64_t>& norms, int64_t iterations,
-                                                      int64_t chunk) {
+                                                      int64_t chunk, bool compat_grad = true) {
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   const auto opt = unary.options();
@@ -678,10 +678,13 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
       // Reverse sweep. acc holds gA, g_next the next g; h = -(gA C_t) for full matrices.
       auto& ga = acc;
       auto g_next = at::empty({B, N, L}, opt);
-      at::Tensor h, ones;  // full-matrix terms only: h, and unit slice coefficients (out += post * s)
+      // full-matrix terms only: h, unit slice coefficients (out += post * s), and the transposed
+      // matrices (h = -(gA C_t) is MatVecSubFunctor's acc -= C_t^T gA on a zeroed acc)
+      at::Tensor h, ones, compat_t;
       if (std::find(diagonal.begin(), diagonal.end(), false) != diagonal.end()) {
         h = at::empty({B, N, L}, opt);
         ones = at::ones({L}, opt);
+        compat_t = compat_c.transpose(1, 2).contiguous();
       }
       auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
       for (int64_t s = S; s >= 1; --s) {
@@ -690,20 +693,24 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
         g_next.zero_();
         const auto ga2 = ga.view({BN, L});
         for (int64_t t = 0; t < T; ++t) {
-          // m_t^s = post_t * K_t (pre_t * Q^{s-1}), recomputed
-          filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
-                                 m.data_ptr<scalar_t>(), ptr(terms.post[t]), nullptr, L, false, terms.wss[t]);
-          const auto m2 = m.view({BN, L});
+          // m_t^s = post_t * K_t (pre_t * Q^{s-1}), recomputed, for the compatibility's gradient only
+          at::Tensor m2;
+          if (compat_grad) {
+            filter<Exec, scalar_t>(exec, terms.lats[t], q_prev.data_ptr<scalar_t>(), ptr(terms.pre[t]),
+                                   m.data_ptr<scalar_t>(), ptr(terms.post[t]), nullptr, L, false, terms.wss[t]);
+            m2 = m.view({BN, L});
+          }
           if (diagonal[t]) {
-            grad_compat[t].diagonal().sub_(ga2.mul(m2).sum(0));
+            if (compat_grad) grad_compat[t].diagonal().sub_(ga2.mul(m2).sum(0));
             // g_next_l += -c_ll * pre_t * K_t^T (post_t * gA_l): coefs[t] = -diag(C_t)
             filter<Exec, scalar_t>(exec, terms.lats[t], ga.data_ptr<scalar_t>(), ptr(terms.post[t]),
                                    g_next.data_ptr<scalar_t>(), ptr(terms.pre[t]), terms.coefs[t].data_ptr<scalar_t>(),
                                    L, true, terms.wss[t]);
           } else {
-            grad_compat[t].sub_(at::mm(ga2.t(), m2));
+            if (compat_grad) grad_compat[t].sub_(at::mm(ga2.t(), m2));
+            h.zero_();
             exec.for_each(BN,
-                          VecMatNegFunctor<scalar_t>{ga.data_ptr<scalar_t>(), compat_c[t].data_ptr<scalar_t>(),
+                          MatVecSubFunctor<scalar_t>{ga.data_ptr<scalar_t>(), compat_t[t].data_ptr<scalar_t>(),
                                                      h.data_ptr<scalar_t>(), L},
                           256);
             // g_next += pre_t * K_t^T (post_t * h)

@@ -34,12 +34,12 @@ def _crf_emulated_fake(unary, features, compat, diagonal, normalization, iterati
 
 
 @torch.library.register_fake("rrm_cuda::dense_crf_backward")
-def _crf_backward_fake(grad, unary, features, compat, diagonal, normalization, iterations):
+def _crf_backward_fake(grad, unary, features, compat, diagonal, normalization, iterations, compat_grad=True):
     return unary.new_empty(unary.shape), compat.new_empty(compat.shape)
 
 
 @torch.library.register_fake("rrm_cuda::_dense_crf_backward_emulated")
-def _crf_backward_emulated_fake(grad, unary, features, compat, diagonal, normalization, iterations):
+def _crf_backward_emulated_fake(grad, unary, features, compat, diagonal, normalization, iterations, compat_grad=True):
     return unary.new_empty(unary.shape), compat.new_empty(compat.shape)
 
 
@@ -90,9 +90,17 @@ def _crf_setup_context(ctx, inputs, output):
 def _make_crf_backward(backward_op):
     def _crf_backward(ctx, grad):
         unary, compat, *features = ctx.saved_tensors
-        # The op rebuilds the lattices and reruns the forward; features get no gradient.
+        # The op rebuilds the lattices and reruns the forward; features get no gradient. Without a
+        # compatibility gradient it skips recomputing the messages (one filter per term and step).
         grad_unary, grad_compat = backward_op(
-            grad.contiguous(), unary, features, compat, ctx.diagonal, ctx.normalization, ctx.iterations
+            grad.contiguous(),
+            unary,
+            features,
+            compat,
+            ctx.diagonal,
+            ctx.normalization,
+            ctx.iterations,
+            ctx.needs_input_grad[2],
         )
         return (
             grad_unary if ctx.needs_input_grad[0] else None,
