@@ -22,8 +22,7 @@ at::Tensor crf_cuda(const at::Tensor& unary, at::TensorList features, const at::
   check_crf_args(unary, features, compat, diagonal, normalization, iterations);
   const c10::cuda::CUDAGuard guard(unary.device());
   std::vector<bool> diag(diagonal.begin(), diagonal.end());
-  return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0),
-                   compat_grad);
+  return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0));
 }
 
 std::tuple<at::Tensor, at::Tensor> crf_backward_cuda(const at::Tensor& grad, const at::Tensor& unary,
