@@ -137,8 +137,9 @@ def test_emulated_cuda_launch_matches_cpu():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("L", [2, 3, 4, 5, 8, 9, 17, 21, 32, 33])
 def test_fused_cpu_mean_field_matches_per_term_path(L, dtype):
-    # Diagonal compatibilities with L <= 32 take the CPU's fused mean field (rows of 4, 8, 16, 24 or
-    # 32 lanes); the emulated CUDA launch runs the per-term filter + softmax path on the same lattices.
+    # Diagonal compatibilities with L <= 32 take the fused mean fields, rows of 4, 8, 16, 24 or 32
+    # lanes: the CPU's (scatter splat, vector rows) and the CUDA one (gather splat, one thread per
+    # pixel slicing every term) through the emulated launch; L = 33 takes the per-term path on both.
     unary, image = _crf_inputs(B=2, L=L, H=13, W=11, dtype=dtype, seed=L)
     B, _, H, W = unary.shape
     pos, bil = _ref_features(B, H, W, image, dtype, bsxy=5.0)

@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       }
       for (int s = 0; s <= d; ++s) {
         const int j = reverse ? d - s : s;
-        exec.for_each_item(B, M, Cs, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, Cs, d, j}, grain);
+        exec.for_each_item(B, M, Cs, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, Cs, d, j, B}, grain);
         std::swap(cur, nxt);
       }
       return cur;

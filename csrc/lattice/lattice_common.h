@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/macros.h"
 
@@ -348,21 +349,23 @@ struct SplatChunkFunctor {
   }
 };
 
+// Chunk sums of image b, chunk lists of lattice b % LB (lattices shared by several images).
 template <typename scalar_t>
 struct SplatReduceFunctor {
   const scalar_t* partial;       // (B, K, C)
-  const int32_t* chunk_offsets;  // (B, M+1)
-  const int32_t* num_vertices;   // (B,)
+  const int32_t* chunk_offsets;  // (LB, M+1)
+  const int32_t* num_vertices;   // (LB,)
   scalar_t* out;                 // (B, M, C)
-  int64_t M, K, C;
+  int64_t M, K, C, LB;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t c0, int64_t c1) const {
+    const int64_t lb = b < LB ? b : b % LB;
     scalar_t* o = out + (b * M + v) * C;
-    if (v >= num_vertices[b]) {
+    if (v >= num_vertices[lb]) {
       for (int64_t c = c0; c < c1; ++c) o[c] = 0;
       return;
     }
-    const int32_t* co = chunk_offsets + b * (M + 1);
+    const int32_t* co = chunk_offsets + lb * (M + 1);
     const int64_t k0 = co[v], k1 = co[v + 1];
     const scalar_t* pb = partial + b * K * C;
     for (int64_t c = c0; c < c1; ++c) {
@@ -400,16 +403,19 @@ struct ScatterFunctor {
 };
 
 // Blur along axis j: new[v] = old[v] + (old[n1] + old[n2]) / 2, missing neighbours read as 0.
+// Values of image b, neighbours of lattice b % LB (lattices shared by several images).
 template <typename scalar_t>
 struct BlurFunctor {
   const scalar_t* old_values;  // (B, M, C)
   scalar_t* new_values;        // (B, M, C)
-  const int32_t* neighbors;    // (B, d+1, M, 2)
+  const int32_t* neighbors;    // (LB, d+1, M, 2)
   int64_t M, C;
   int d, j;
+  int64_t LB;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t c0, int64_t c1) const {
-    const int32_t* nb = neighbors + ((b * (d + 1) + j) * M + v) * 2;
+    const int64_t lb = b < LB ? b : b % LB;
+    const int32_t* nb = neighbors + ((lb * (d + 1) + j) * M + v) * 2;
     const int32_t n1 = nb[0], n2 = nb[1];
     const scalar_t* o = old_values + (b * M + v) * C;
     scalar_t* w = new_values + (b * M + v) * C;
@@ -426,6 +432,9 @@ struct BlurFunctor {
     }
   }
 };
+
+// Padding of the rows of the fused mean fields: far below any label's value, so never the max.
+constexpr double kSoftmaxPad = -1e30;
 
 // ---------------------------------------------------------------------------------------------
 // CPU softmax of one row (host code; CUDA runs ATen's softmax). Written so that GCC vectorises it
@@ -466,9 +475,6 @@ inline float exp_cpu(float x) {
   return y * p2;
 }
 inline double exp_cpu(double x) { return exp(x); }
-
-// Padding of the rows of the fused CPU mean field: far below any label's value, so never the max.
-constexpr double kSoftmaxPad = -1e30;
 
 // q[0, W) = softmax of the labels of v[0, W): mask[c] is 1 for a label and 0 for padding, whose v
 // must be kSoftmaxPad (it cannot be the max; its q is 0). Every loop has the fixed length W (4 or a
@@ -759,7 +765,11 @@ struct MatVecSubFunctor {
   }
 };
 
-#if !defined(__CUDACC__)  // CPU only (CpuRow); the CUDA build never takes the fused path
+// The fused mean fields (CPU: MeanFieldCpuFunctor; CUDA: MeanFieldSliceFunctor) take at most this
+// many pairwise terms; dense_crf runs the per-term path for more.
+constexpr int kMaxFusedTerms = 4;
+
+#if !defined(__CUDACC__)  // CPU only (CpuRow); CUDA has its own fused path (MeanFieldSliceFunctor)
 // CPU mean-field step of one image, fused per pixel (lattice_impl.h: mean_field_cpu). For pixel i:
 //   row = base_i + sum_t coef_t * (alpha_t post_t(i)) * sum_r w_{t,i,r} L_t[v_{t,i,r}]   (the slices)
 //   q_i = softmax(row)
@@ -768,7 +778,6 @@ struct MatVecSubFunctor {
 // Terms without a blurred buffer (the first step) contribute nothing: q_i = softmax(base_i).
 // W = the lattice row width (L padded to 4 or a multiple of 8); the arithmetic per term is that of
 // SliceFunctor (with coef and base) and ScatterFunctor, in the same order.
-constexpr int kMaxFusedTerms = 4;
 
 template <typename scalar_t>
 struct MeanFieldTerm {
@@ -826,6 +835,162 @@ struct MeanFieldCpuFunctor {
   }
 };
 #endif
+
+// ---------------------------------------------------------------------------------------------
+// The fused mean field of CUDA (and of its emulation), for diagonal compatibilities
+// (lattice_impl.h: mean_field_gpu). A step is, per term, a splat of the rows of Q (one thread per
+// chunk of a vertex's splat list, SplatChunkRowFunctor, then SplatReduceFunctor) and d+1 blurs; then
+// one thread per pixel slices every term, adds the unary, takes the softmax and writes Q
+// (MeanFieldSliceFunctor) -- instead of, per term, a slice pass over (N, L) arrays with one thread
+// per channel, and an ATen softmax. Rows are W wide (W = 4, 8, 16, 24 or 32 >= L; the padding of Q
+// and of the lattice rows is 0, that of the unary kSoftmaxPad): a thread holds whole rows in
+// registers and reads a row of floats as W/4 float4 loads (16-byte aligned: W * 4 bytes is a
+// multiple of 16). The arithmetic is that of SplatChunkFunctor and SliceFunctor (with coef and
+// base), in the same order. Lattices may be shared: image b uses lattice b % LB of each term.
+
+// acc[0, W) += w * row[0, W)
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_add_scaled(scalar_t* acc, scalar_t w, const scalar_t* row) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    const float4* r4 = reinterpret_cast<const float4*>(row);
+#pragma unroll
+    for (int k = 0; k < W / 4; ++k) {
+      const float4 x = __ldg(r4 + k);
+      acc[4 * k] += w * x.x;
+      acc[4 * k + 1] += w * x.y;
+      acc[4 * k + 2] += w * x.z;
+      acc[4 * k + 3] += w * x.w;
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < W; ++c) acc[c] += w * row[c];
+  }
+#else
+  for (int c = 0; c < W; ++c) acc[c] += w * row[c];
+#endif
+}
+
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+#pragma unroll
+    for (int k = 0; k < W / 4; ++k) d4[k] = s4[k];
+  } else {
+#pragma unroll
+    for (int c = 0; c < W; ++c) dst[c] = src[c];
+  }
+#else
+  for (int c = 0; c < W; ++c) dst[c] = src[c];
+#endif
+}
+
+template <typename scalar_t>
+RRM_HOST_DEVICE scalar_t exp_any(scalar_t x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    return expf(x);
+  } else {
+    return ::exp(x);
+  }
+#else
+  return std::exp(x);
+#endif
+}
+
+// Splat of Q's rows, chunk k of image b: partial = sum over the chunk's entries of w * pre * q_i.
+template <typename scalar_t, int W>
+struct SplatChunkRowFunctor {
+  const scalar_t* q;             // (B, N, W)
+  const scalar_t* pre;           // (LB, N) per-pixel factor, or nullptr
+  const int32_t* chunk_begin;    // (LB, K)
+  const int32_t* chunk_end;      // (LB, K)
+  const int32_t* splat_pixel;    // (LB, E)
+  const scalar_t* splat_weight;  // (LB, E)
+  scalar_t* partial;             // (B, K, W) out
+  int64_t N, E, K, LB;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t, int64_t) const {
+    const int64_t lb = b < LB ? b : b % LB;
+    const int64_t t = lb * K + k;
+    const int32_t s0 = chunk_begin[t], s1 = chunk_end[t];
+    const int32_t* pix = splat_pixel + lb * E;
+    const scalar_t* wb = splat_weight + lb * E;
+    const scalar_t* qb = q + b * N * W;
+    const scalar_t* pb = pre ? pre + lb * N : nullptr;
+    scalar_t acc[W];
+    for (int c = 0; c < W; ++c) acc[c] = 0;
+    for (int32_t p = s0; p < s1; ++p) {
+      const int64_t i = pix[p];
+      const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
+      row_add_scaled<scalar_t, W>(acc, w, qb + i * W);
+    }
+    row_copy<scalar_t, W>(partial + (b * K + k) * W, acc);
+  }
+};
+
+template <typename scalar_t>
+struct MeanFieldRowTerm {
+  const scalar_t* weights;  // (LB, E)
+  const int32_t* vertex;    // (LB, E)
+  const scalar_t* blurred;  // (B, M, W), or nullptr: the term is skipped (the first step)
+  const scalar_t* post;     // (LB, N) or nullptr
+  const scalar_t* coef;     // (W,) -diag(compat), zero-padded
+  scalar_t alpha;
+  int64_t E, M, LB;
+  int d;
+};
+
+// q_i = softmax(-U_i + sum_t coef_t * alpha_t * post_t(i) * slice_t(i)) of pixel (b, i), written as
+// a padded row of q or label-major into q_lmajor (the last step).
+template <typename scalar_t, int W>
+struct MeanFieldSliceFunctor {
+  const scalar_t* base;  // (B, N, W) -unary, padded with kSoftmaxPad
+  scalar_t* q;           // (B, N, W) out, or nullptr
+  scalar_t* q_lmajor;    // (B, L, N) out, or nullptr
+  MeanFieldRowTerm<scalar_t> terms[kMaxFusedTerms];
+  int T;
+  int64_t N, L;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
+    const int64_t bi = b * N + i;
+    scalar_t row[W];
+    row_copy<scalar_t, W>(row, base + bi * W);
+    for (int t = 0; t < T; ++t) {
+      const MeanFieldRowTerm<scalar_t>& m = terms[t];
+      if (!m.blurred) continue;
+      const int64_t lb = b < m.LB ? b : b % m.LB;
+      const scalar_t* wb = m.weights + lb * m.E + i * (m.d + 1);
+      const int32_t* vb = m.vertex + lb * m.E + i * (m.d + 1);
+      const scalar_t* Lb = m.blurred + b * m.M * W;
+      scalar_t acc[W];
+      for (int c = 0; c < W; ++c) acc[c] = 0;
+      for (int r = 0; r <= m.d; ++r) row_add_scaled<scalar_t, W>(acc, wb[r], Lb + static_cast<int64_t>(vb[r]) * W);
+      const scalar_t scale = m.post ? m.alpha * m.post[lb * N + i] : m.alpha;
+      for (int c = 0; c < W; ++c) row[c] += m.coef[c] * scale * acc[c];
+    }
+    // softmax over the L labels (densecrf's expAndNormalize: max-subtracted); padding gives q = 0
+    scalar_t mx = row[0];
+    for (int c = 1; c < W; ++c) mx = row[c] > mx ? row[c] : mx;
+    scalar_t sum = 0;
+    for (int c = 0; c < W; ++c) {
+      row[c] = c < L ? exp_any(row[c] - mx) : scalar_t(0);
+      sum += row[c];
+    }
+    const scalar_t inv = scalar_t(1) / sum;
+    for (int c = 0; c < W; ++c) row[c] *= inv;
+    if (q_lmajor) {
+      scalar_t* o = q_lmajor + b * L * N + i;
+      for (int c = 0; c < W; ++c)
+        if (c < L) o[c * N] = row[c];
+      return;
+    }
+    row_copy<scalar_t, W>(q + bi * W, row);
+  }
+};
 
 // Normaliser from n = K 1: symmetric 1/sqrt(n + 1e-20), after/before 1/(n + 1e-20) (densecrf).
 template <typename scalar_t>

@@ -200,7 +200,7 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
                      grain);
   exec.for_each_item(B, lat.M, C,
                      SplatReduceFunctor<scalar_t>{part, lat.chunk_offsets.data_ptr<int32_t>(),
-                                                  lat.num_vertices.data_ptr<int32_t>(), out, lat.M, K, C},
+                                                  lat.num_vertices.data_ptr<int32_t>(), out, lat.M, K, C, lat.B},
                      grain);
 }
 
@@ -279,7 +279,7 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   }
   for (int s = 0; s <= d; ++s) {
     const int j = reverse ? d - s : s;
-    exec.for_each_item(B, M, Cs, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, Cs, d, j},
+    exec.for_each_item(B, M, Cs, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, Cs, d, j, B},
                        grain);
     std::swap(cur, nxt);
   }
@@ -408,7 +408,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
         const int32_t* nbr = lat.neighbors.data_ptr<int32_t>() + (b % lat.B) * (lat.d + 1) * M * 2;
         const int64_t grain = std::max<int64_t>(16, 8192 / W);
         for (int s = 0; s <= lat.d; ++s) {
-          CpuExec{}.for_each_item(1, Mt, W, BlurFunctor<scalar_t>{cur, nxt, nbr, M, W, lat.d, s}, grain);
+          CpuExec{}.for_each_item(1, Mt, W, BlurFunctor<scalar_t>{cur, nxt, nbr, M, W, lat.d, s, 1}, grain);
           // the next pass reads what this one wrote; the first one's source may be the thread buffer
           std::swap(cur, nxt);
           if (nxt == src)
@@ -543,6 +543,79 @@ void mean_field_step(const Exec& exec, CrfTerms& terms, const at::Tensor& compat
   softmax_rows<Exec, scalar_t>(exec, acc, q_next);
 }
 
+// CUDA (and emulated) mean field with diagonal compatibilities (see MeanFieldSliceFunctor): per
+// step and term a splat of Q's padded rows and d+1 blurs, then one per-pixel pass for the slices of
+// all terms, the unary and the softmax. Q stays in (B, N, W) rows between steps and is written
+// label-major at the last one. Lattices are not tiled: image b uses lattice b % lats[t].B.
+//   unary (B, L, N); q_out (B, L, N); terms from crf_terms(..., tile_to = 0).
+template <class Exec, typename scalar_t, int W>
+void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, at::Tensor& q_out, int64_t iterations) {
+  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
+  const int T = static_cast<int>(terms.lats.size());
+  const auto opt = unary.options();
+  at::Tensor neg_u = at::full({B, N, W}, static_cast<scalar_t>(kSoftmaxPad), opt);
+  neg_u.narrow(2, 0, L).copy_(unary.transpose(1, 2)).neg_();
+  auto q = at::empty({B, N, W}, opt);
+  std::vector<at::Tensor> coef_w(T), part(T), bufa(T), bufb(T);
+  MeanFieldSliceFunctor<scalar_t, W> f{};
+  f.base = neg_u.data_ptr<scalar_t>();
+  f.q = q.data_ptr<scalar_t>();
+  f.q_lmajor = nullptr;
+  f.T = T;
+  f.N = N;
+  f.L = L;
+  auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
+  for (int t = 0; t < T; ++t) {
+    const Lattice& lat = terms.lats[t];
+    coef_w[t] = at::constant_pad_nd(terms.coefs[t], {0, W - L}, 0);
+    part[t] = at::empty({B, lat.K, W}, opt);
+    bufa[t] = at::empty({B, lat.M, W}, opt);
+    bufb[t] = at::empty({B, lat.M, W}, opt);
+    MeanFieldRowTerm<scalar_t>& m = f.terms[t];
+    m.weights = lat.entry_weight.data_ptr<scalar_t>();
+    m.vertex = lat.entry_vertex.data_ptr<int32_t>();
+    m.blurred = nullptr;
+    m.post = ptr(terms.post[t]);
+    m.coef = coef_w[t].data_ptr<scalar_t>();
+    m.alpha = static_cast<scalar_t>(slice_alpha(lat.d));
+    m.E = lat.E;
+    m.M = lat.M;
+    m.LB = lat.B;
+    m.d = lat.d;
+  }
+  exec.for_each_item(B, N, 1, f, 256);  // q = softmax(-U)
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int t = 0; t < T; ++t) {
+      const Lattice& lat = terms.lats[t];
+      const int64_t M = lat.M, K = lat.K;
+      scalar_t* cur = bufa[t].data_ptr<scalar_t>();
+      scalar_t* nxt = bufb[t].data_ptr<scalar_t>();
+      exec.for_each_item(B, K, 1,
+                         SplatChunkRowFunctor<scalar_t, W>{
+                             q.data_ptr<scalar_t>(), ptr(terms.pre[t]), lat.chunk_begin.data_ptr<int32_t>(),
+                             lat.chunk_end.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
+                             lat.splat_weight.data_ptr<scalar_t>(), part[t].data_ptr<scalar_t>(), N, lat.E, K, lat.B},
+                         256);
+      exec.for_each_item(
+          B, M, W,
+          SplatReduceFunctor<scalar_t>{part[t].data_ptr<scalar_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
+                                       lat.num_vertices.data_ptr<int32_t>(), cur, M, K, W, lat.B},
+          256);
+      for (int j = 0; j <= lat.d; ++j) {
+        exec.for_each_item(
+            B, M, W, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, W, lat.d, j, lat.B}, 256);
+        std::swap(cur, nxt);
+      }
+      f.terms[t].blurred = cur;
+    }
+    if (it == iterations - 1) {
+      f.q = nullptr;
+      f.q_lmajor = q_out.data_ptr<scalar_t>();
+    }
+    exec.for_each_item(B, N, 1, f, 256);
+  }
+}
+
 // Dense-CRF mean field (densecrf semantics).
 //   unary     (B, L, N) energies (-log p)
 //   features  T tensors (B_t, d_t, N), already divided by their standard deviations; B_t divides B
@@ -559,25 +632,38 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   if (B == 0 || N == 0) return at::empty({B, L, N}, unary.options());
-  bool fused = false;  // CPU, diagonal compatibilities only: the fused mean field (mean_field_cpu)
-#if !defined(__CUDACC__)
-  if constexpr (std::is_same_v<Exec, CpuExec>) {
-    fused = iterations > 0 && T > 0 && T <= kMaxFusedTerms && L <= 32;
-    for (int64_t t = 0; t < T; ++t) fused = fused && diagonal[t];
-  }
-#endif
+  // Diagonal compatibilities only, at most kMaxFusedTerms terms, L <= 32: the fused mean fields
+  // (CPU: mean_field_cpu; CUDA and its emulation: mean_field_gpu).
+  bool fused = iterations > 0 && T > 0 && T <= kMaxFusedTerms && L <= 32;
+  for (int64_t t = 0; t < T; ++t) fused = fused && diagonal[t];
   at::Tensor neg_unary, q;  // (B, N, L) for the generic loop
   if (!fused) {
     neg_unary = unary.neg().transpose(1, 2).contiguous();
     q = at::empty_like(neg_unary);
   }
-  at::Tensor q_lmajor;  // (B, L, N), written directly by the fused CPU mean field
+  at::Tensor q_lmajor;  // (B, L, N), written directly by the fused mean fields
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf", [&] {
     if (!fused) softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
     auto compat_c = compat.contiguous();
     CrfTerms terms =
         crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B);
+    if constexpr (Exec::kSortCsr) {
+      if (fused) {
+        q_lmajor = at::empty({B, L, N}, unary.options());
+        if (L <= 4) return mean_field_gpu<Exec, scalar_t, 4>(exec, terms, unary, q_lmajor, iterations);
+        switch ((L + 7) / 8) {
+          case 1:
+            return mean_field_gpu<Exec, scalar_t, 8>(exec, terms, unary, q_lmajor, iterations);
+          case 2:
+            return mean_field_gpu<Exec, scalar_t, 16>(exec, terms, unary, q_lmajor, iterations);
+          case 3:
+            return mean_field_gpu<Exec, scalar_t, 24>(exec, terms, unary, q_lmajor, iterations);
+          default:
+            return mean_field_gpu<Exec, scalar_t, 32>(exec, terms, unary, q_lmajor, iterations);
+        }
+      }
+    }
 #if !defined(__CUDACC__)
     if constexpr (std::is_same_v<Exec, CpuExec>) {
       if (fused) {
