@@ -4,8 +4,9 @@
 # hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
 # (JSON + PNG) to $OUT_DIR/results/.
 #
-#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile rrm
-#   (rrm: rrm_bench with the small backbone, then ResNet-38 without the original path)
+#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile rrm train
+#   (rrm: rrm_bench with the small backbone, then ResNet-38 without the original path; train: the
+#   CPU demo preset trained on the GPU)
 #   OUT_DIR=/tmp/gpu bash benchmarks/gpu_check.sh build smoke tests
 #
 # Default steps: build smoke tests sanitize bench profile. SANITIZERS (default memcheck racecheck) and
@@ -75,7 +76,17 @@ if has rrm && [ -f benchmarks/rrm_bench.py ]; then
   step rrm_bench_resnet38 300 $PY benchmarks/rrm_bench.py --device cuda --backbone resnet38 --skip-original \
     --out-dir "$OUT_DIR/results"
 fi
-grep -E "^=== .*rc=|passed|failed|MISMATCH|ERROR SUMMARY" "$LOG" | tail -40
+if has train; then
+  # the CPU demo preset on the GPU (issue 5: a short real training there): its log, mIoU table (in
+  # logs.txt) and last PNG panel come back, the checkpoints do not
+  T="$OUT_DIR/train"
+  step train_demo 240 $PY python/train_rrm.py --preset cpu-demo --device cuda --no-progress --out-dir "$T"
+  mkdir -p "$OUT_DIR/results"
+  [ -f "$T/log.csv" ] && cp "$T/log.csv" "$OUT_DIR/results/train_demo_log.csv"
+  last=$(ls "$T"/panels/*.png 2>/dev/null | tail -1)
+  [ -n "$last" ] && cp "$last" "$OUT_DIR/results/train_demo_panel.png"
+fi
+grep -E "^=== .*rc=|passed|failed|MISMATCH|ERROR SUMMARY|mIoU" "$LOG" | tail -40
 # the device tool brings back at most 8 files: pack the results into one
 if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ]; then
   tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
