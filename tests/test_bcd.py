@@ -224,6 +224,17 @@ def test_loss_op_equals_reference_tightly(dtype, case):
         torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
 
 
+def test_loss_op_labels_are_argmax():
+    # the CPU op's own argmax: torch's first maximum on ties, a NaN counts as the maximum, any strides
+    seg = torch.randint(0, 3, (2, 5, 40)).to(torch.float32)  # many ties
+    seg[1, 2, 7] = float("nan")
+    f = torch.randn(2, 3, 40)
+    for s in (seg, seg.transpose(1, 2).contiguous().transpose(1, 2), seg.half()):
+        labels, finite = ops.bcd_loss(s, f)[1::6]
+        assert torch.equal(labels, s.argmax(1)) and finite.tolist() == [False, True]
+    assert ops.bcd_loss(seg.nan_to_num(), f)[7].tolist() == [True, True]
+
+
 def test_gradcheck_loss_op():
     # the raw op, float64, through its registered autograd
     B, C, N, K = 2, 3, 10, 4

@@ -66,6 +66,32 @@ inline at::Tensor make_keys(const at::Tensor& labels, int64_t K, int64_t ignore_
   return at::where(l.eq(ignore_index), at::scalar_tensor(K, l.options()), l).to(at::kInt).contiguous();
 }
 
+// CPU path: make_keys in one serial loop (no temporaries; at RRM's sizes make_keys' dozen tensor ops
+// cost more than the passes over the features). Bad labels fall back to make_keys, which names them.
+inline at::Tensor make_keys_cpu(const at::Tensor& labels, int64_t K, int64_t ignore_index) {
+  const int64_t B = labels.size(0), N = labels.size(1);
+  auto key = at::empty({B, N}, labels.options().dtype(at::kInt));
+  const auto st = labels.scalar_type();
+  const bool native = st == at::kByte || st == at::kChar || st == at::kShort || st == at::kInt || st == at::kLong;
+  const at::Tensor l = native ? labels : labels.to(at::kLong);
+  bool bad = false;
+  AT_DISPATCH_INTEGRAL_TYPES(l.scalar_type(), "rrm_bcd_keys_cpu", [&] {
+    const scalar_t* lp = l.data_ptr<scalar_t>();
+    int32_t* kp = key.data_ptr<int32_t>();
+    const int64_t s0 = l.stride(0), s1 = l.stride(1);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t v = static_cast<int64_t>(lp[b * s0 + n * s1]);
+        const bool ok = v >= 0 && v < K;
+        bad = bad || (!ok && v != ignore_index);
+        kp[b * N + n] = ok ? static_cast<int32_t>(v) : static_cast<int32_t>(K);
+      }
+    }
+  });
+  if (bad) make_keys(labels, K, ignore_index);  // throws, naming the bad values
+  return key;
+}
+
 // GPU path: the class keys (B, N) int32 and, when skey is not null, the flat sort keys
 // key + b (K + 1) (int32 when they fit, int64 otherwise) in one pass (KeysFunctor). Bad labels are
 // flagged on the device; the flag costs one host synchronisation per call (the only one of the op),
@@ -113,7 +139,7 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
   const auto lopt = labels.options().dtype(at::kLong);
   Segments s;
   if (!Exec::kSortCsr) {
-    s.key = make_keys(labels, K, ignore_index);
+    s.key = make_keys_cpu(labels, K, ignore_index);
     s.perm = at::empty({B, N}, s.key.options());
     s.offsets = at::zeros({B, K + 2}, lopt);
     const int32_t* key = s.key.data_ptr<int32_t>();
@@ -240,7 +266,7 @@ at::Tensor masked_feature_gather(const Exec& exec, const at::Tensor& values, con
   if constexpr (Exec::kSortCsr) {
     key = make_keys_flat(exec, labels, K, ignore_index, nullptr);
   } else {
-    key = make_keys(labels, K, ignore_index);
+    key = make_keys_cpu(labels, K, ignore_index);
   }
   return gather_keys(exec, values, key);
 }
@@ -599,6 +625,39 @@ struct BcdEpilogueCpu {
   }
 };
 
+// CPU: seg_logits (B, K, N) -> argmax over K (B, N) int64, as torch.argmax (the first maximum; a NaN
+// counts as the maximum), and whether every entry is finite, in one pass (torch's argmax over a strided
+// dimension is slow on the CPU).
+inline at::Tensor argmax_classes_cpu(const at::Tensor& seg_logits, bool* finite) {
+  const int64_t B = seg_logits.size(0), K = seg_logits.size(1), N = seg_logits.size(2);
+  auto labels = at::empty({B, N}, seg_logits.options().dtype(at::kLong));
+  bool all_finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, seg_logits.scalar_type(), "rrm_bcd_argmax", [&] {
+    const scalar_t* sp = seg_logits.data_ptr<scalar_t>();
+    const int64_t s0 = seg_logits.stride(0), s1 = seg_logits.stride(1), s2 = seg_logits.stride(2);
+    int64_t* lp = labels.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* p = sp + b * s0 + n * s2;
+        double best = static_cast<double>(p[0]);
+        int64_t arg = 0;
+        all_finite = all_finite && std::isfinite(best);
+        for (int64_t k = 1; k < K; ++k) {
+          const double v = static_cast<double>(p[k * s1]);
+          all_finite = all_finite && std::isfinite(v);
+          if (!std::isnan(best) && (std::isnan(v) || v > best)) {
+            best = v;
+            arg = k;
+          }
+        }
+        lp[b * N + n] = arg;
+      }
+    }
+  });
+  *finite = all_finite;
+  return labels;
+}
+
 // seg_logits (B, K, N), features (B, C, N) ->
 //   (loss (), labels (B, N) int64 = argmax over K, centers (B, K, C), dot (B, N), norm (B, N),
 //    cos_sums (B, K), counts (B, K), finite (2,) bool: [seg_logits finite, class sums finite]).
@@ -606,7 +665,13 @@ template <class Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcd_loss(
     const Exec& exec, const at::Tensor& seg_logits, const at::Tensor& features) {
   const int64_t K = seg_logits.size(1);
-  auto labels = seg_logits.argmax(1);
+  at::Tensor labels;
+  bool seg_finite = true;
+  if constexpr (!Exec::kSortCsr) {
+    labels = argmax_classes_cpu(seg_logits, &seg_finite);
+  } else {
+    labels = seg_logits.argmax(1);
+  }
   const Segments seg = make_segments(exec, labels, K, /*ignore_index=*/-1);
   const at::Tensor sums = segment_sums(exec, features, seg, K, at::Tensor());
   // c_b = sum_{M=0} F / (n_b + eps) per image; c_k = sum_{(b, p): M=k} F / (n_k + eps) over the batch.
@@ -645,7 +710,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       loss = at::scalar_tensor(e.loss(cos_sums.data_ptr<scalar_t>()), sums.options());
     });
     finite = at::empty({2}, sums.options().dtype(at::kBool));
-    finite.data_ptr<bool>()[0] = at::isfinite(seg_logits).all().item<bool>();
+    finite.data_ptr<bool>()[0] = seg_finite;
     finite.data_ptr<bool>()[1] = sums_finite;
   } else {
     counts = (seg.offsets.narrow(1, 1, K) - seg.offsets.narrow(1, 0, K)).to(sums.scalar_type());
