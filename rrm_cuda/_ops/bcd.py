@@ -152,11 +152,12 @@ def _loss_setup_context(ctx, inputs, output):
     _, labels, centers, dot, norm, cos_sums, counts, finite = output
     ctx.save_for_backward(features, labels, centers, dot, norm, cos_sums, counts)
     ctx.mark_non_differentiable(labels, centers, dot, norm, cos_sums, counts, finite)
+    ctx.set_materialize_grads(False)  # no zero gradients for the seven non-differentiable outputs
 
 
 def _loss_backward(ctx, grad, *_unused):
     grad_features = None
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] and grad is not None:
         grad_features = ops.bcd_loss_backward(grad, *ctx.saved_tensors)
     return None, grad_features
 
