@@ -272,7 +272,7 @@ def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
         if not seg_finite:
             V.check_finite(seg_logits, "seg_logits")  # raises, naming NaN or Inf
         if not sums_finite:
-            raise ValueError("features contains NaN or Inf values (in pixels that are not ignored)")
+            raise ValueError("features contains NaN or Inf values")
     return loss
 
 
