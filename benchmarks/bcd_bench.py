@@ -44,9 +44,9 @@ METHODS = {
     "reference_loop": R.bcd_loss_reference_loop,
 }
 BASELINE = "reference_vectorized"
-# Feature-sized memory transfers of rrm_cuda.bcd_loss: forward = sums (1 read) + cosine (1 read);
-# backward = cosine backward (2 reads, 1 write) + sums backward (1 write) + autograd's sum of the two
-# gradients (2 reads, 1 write).
+# Feature-sized memory transfers of rrm_cuda.bcd_loss (one op, rrm_cuda::bcd_loss): forward = sums
+# (1 read) + cosine (1 read); backward (rrm_cuda::bcd_loss_backward) = cosine backward (2 reads,
+# 1 write) + gather of the centres' gradient (1 write) + the in-place sum of the two (2 reads, 1 write).
 PASSES = {"fwd": 2, "fwd+bwd": 9}
 
 

@@ -68,6 +68,23 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "_feature_center_cosine_backward_emulated(Tensor grad, Tensor features, Tensor labels, Tensor centers, "
       "Tensor dot, Tensor norm, int ignore_index=-1) -> (Tensor, Tensor)");
+  // The whole loss in one op, on segments made once: seg_logits (B, K, N), features (B, C, N) ->
+  // (loss () of the compute dtype, labels (B, N) int64 = argmax_k seg_logits, centers (B, K, C) (column 0
+  // each image's background centre, columns >= 1 the batch's foreground centres), dot (B, N), norm (B, N),
+  // cos_sums (B, K), counts (B, K), finite (2,) bool = [seg_logits finite, class sums finite]).
+  m.def(
+      "bcd_loss(Tensor seg_logits, Tensor features) -> (Tensor loss, Tensor labels, Tensor centers, Tensor dot, "
+      "Tensor norm, Tensor cos_sums, Tensor counts, Tensor finite)");
+  m.def(
+      "_bcd_loss_emulated(Tensor seg_logits, Tensor features) -> (Tensor loss, Tensor labels, Tensor centers, "
+      "Tensor dot, Tensor norm, Tensor cos_sums, Tensor counts, Tensor finite)");
+  // grad () of the loss, features and bcd_loss's saved outputs -> grad_features (B, C, N) in features' dtype.
+  m.def(
+      "bcd_loss_backward(Tensor grad, Tensor features, Tensor labels, Tensor centers, Tensor dot, Tensor norm, "
+      "Tensor cos_sums, Tensor counts) -> Tensor");
+  m.def(
+      "_bcd_loss_backward_emulated(Tensor grad, Tensor features, Tensor labels, Tensor centers, Tensor dot, "
+      "Tensor norm, Tensor cos_sums, Tensor counts) -> Tensor");
 
   // ---- dense energy loss (csrc/energy) ----
   // Dense-CRF energy of RRM / rloss (SPEC §3) on already-downscaled tensors.

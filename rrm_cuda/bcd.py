@@ -217,12 +217,6 @@ def feature_center_cosine(
     return out
 
 
-def _cos_matrix(a: Tensor, b: Tensor) -> Tensor:
-    na = torch.linalg.vector_norm(a, dim=-1)
-    nb = torch.linalg.vector_norm(b, dim=-1)
-    return (a @ b.T) / (na[:, None] * nb[None, :] + EPS)
-
-
 def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
     r"""The BCD loss of RRM (Pattern Recognition 2022), exactly as the authors compute it (SPEC §4).
 
@@ -237,7 +231,9 @@ def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
       ``½ L_ff + 1`` if the batch has no background pixel, 0 if it has no foreground pixel;
     - ``L = separation + compactness``; gradients flow through the centres into ``features``.
 
-    Two fused passes over the features (sums and counts; cosines), two in the backward pass.
+    One op and one autograd node (``torch.ops.rrm_cuda.bcd_loss``): two fused passes over the features
+    (sums and counts; cosines) on labels sorted once, and the epilogue on the (B, K, C)-sized results;
+    its backward (``bcd_loss_backward``) is the epilogue's adjoint, one cosine backward and one gather.
 
     Args:
         seg_logits: (B, K, *S) segmentation scores at the features' resolution (K ≥ 1, class 0 the
@@ -254,7 +250,8 @@ def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
         tensor(0.5000)
     """
     if _checking():
-        V.tensor(seg_logits, "seg_logits", dtypes=V.FLOAT_DTYPES, nonempty=True)
+        # NaN/Inf in seg_logits and features are reported by the op (one host synchronisation).
+        V.tensor(seg_logits, "seg_logits", dtypes=V.FLOAT_DTYPES, finite=False, nonempty=True)
         V.tensor(features, "features", dtypes=V.FLOAT_DTYPES, finite=False, nonempty=True)
         if seg_logits.dim() < 3:
             raise ValueError(f"seg_logits must have shape (B, K, *S); got {tuple(seg_logits.shape)}")
@@ -269,30 +266,14 @@ def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
             )
         V.same_device({"seg_logits": seg_logits, "features": features})
     B, K = seg_logits.shape[:2]
-    f = features.reshape(B, features.shape[1], -1)
-    labels = seg_logits.detach().argmax(1).reshape(B, -1)
-    sums, counts = ops.masked_feature_sums(f, labels, K, _NO_IGNORE)
-    _check_finite(sums)
-    n_b = counts[:, 0]
-    c_b = sums[:, 0] / (n_b + EPS).unsqueeze(-1)  # (B, C)
-    n_k = counts[:, 1:].sum(0)  # (K-1,)
-    c_k = sums[:, 1:].sum(0) / (n_k + EPS).unsqueeze(-1)  # (K-1, C)
-    centers = torch.cat([c_b.unsqueeze(1), c_k.unsqueeze(0).expand(B, -1, -1)], 1)  # (B, K, C)
-    cos_sums = ops.feature_center_cosine(f, labels, centers, _NO_IGNORE)[0]  # (B, K)
-
-    present = n_k >= 1
-    nk = present.sum()
-    has_bg = n_b >= 1
-    t1 = torch.where(has_bg, 1 - cos_sums[:, 0] / n_b.clamp_min(1), 2.0).sum()
-    t2 = torch.where(present, 1 - cos_sums[:, 1:].sum(0) / n_k.clamp_min(1), 0.0).sum()
-    compactness = (t1 + t2) / (nk + B)
-    eye = torch.eye(K - 1, dtype=torch.bool, device=f.device)
-    pairs = present.unsqueeze(1) & present.unsqueeze(0) & ~eye
-    l_ff = torch.where(pairs, 1 + _cos_matrix(c_k, c_k), 0.0).sum() / (nk * (nk - 1)).clamp_min(1)
-    l_fb = torch.where(present.unsqueeze(1), 1 + _cos_matrix(c_k, c_b), 0.0).sum() / (nk * B).clamp_min(1)
-    center = torch.where(has_bg.any(), 0.5 * l_ff + 0.5 * l_fb, 0.5 * l_ff + 1)
-    center = torch.where(nk > 0, center, 0.0)
-    return center + compactness
+    loss, *_, finite = ops.bcd_loss(seg_logits.detach().reshape(B, K, -1), features.reshape(B, features.shape[1], -1))
+    if _checking():
+        seg_finite, sums_finite = finite.tolist()  # the one host synchronisation
+        if not seg_finite:
+            V.check_finite(seg_logits, "seg_logits")  # raises, naming NaN or Inf
+        if not sums_finite:
+            raise ValueError("features contains NaN or Inf values")
+    return loss
 
 
 class BCDLoss(nn.Module):

@@ -195,6 +195,55 @@ def test_half_gradient_dtype():
     assert loss.dtype == torch.float32 and g.dtype == torch.bfloat16 and bool(torch.isfinite(g).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["random", "no_background_image", "no_background", "background_only", "K1"])
+def test_loss_op_equals_reference_tightly(dtype, case):
+    # The one-node op (rrm_cuda::bcd_loss and its analytic backward) against the dense reference,
+    # value and gradient: ~1e-12 in float64, float32 rounding only in float32.
+    B, C, h, w, K = 4, 16, 6, 5, 21
+    seg = _seg(B, K, h, w, bg_bias=1.5)
+    if case == "no_background_image":
+        seg[1, 0] = -10
+    if case == "no_background":
+        seg[:, 0] = -10
+    if case == "background_only":
+        seg[:, 0] = 10
+    if case == "K1":
+        seg = seg[:, :1]
+    f = _features(B, C, h, w, dtype).requires_grad_()
+    loss = rrm_cuda.bcd_loss(seg, f)
+    (g,) = torch.autograd.grad(loss, f)
+    fr = f.detach().double().requires_grad_()
+    ref = R.bcd_loss_reference_vectorized(seg, fr)
+    (g_ref,) = torch.autograd.grad(ref, fr)
+    if dtype == torch.float64:
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12 * float(g_ref.abs().max()))
+    else:
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-5 * float(g_ref.abs().max()))
+
+
+def test_loss_op_labels_are_argmax():
+    # the CPU op's own argmax: torch's first maximum on ties, a NaN counts as the maximum, any strides
+    seg = torch.randint(0, 3, (2, 5, 40)).to(torch.float32)  # many ties
+    seg[1, 2, 7] = float("nan")
+    f = torch.randn(2, 3, 40)
+    for s in (seg, seg.transpose(1, 2).contiguous().transpose(1, 2), seg.half()):
+        labels, finite = ops.bcd_loss(s, f)[1::6]
+        assert torch.equal(labels, s.argmax(1)) and finite.tolist() == [False, True]
+    assert ops.bcd_loss(seg.nan_to_num(), f)[7].tolist() == [True, True]
+
+
+def test_gradcheck_loss_op():
+    # the raw op, float64, through its registered autograd
+    B, C, N, K = 2, 3, 10, 4
+    seg = _seg(B, K, 2, 5).reshape(B, K, N)
+    seg[1, 0] = -10  # image 1 without background
+    f = _features(B, C, 2, 5, torch.float64).reshape(B, C, N).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ops.bcd_loss(seg, x)[0], (f,), fast_mode=True, atol=1e-6)
+
+
 # ---- opcheck ----------------------------------------------------------------------------------------
 
 
@@ -219,6 +268,10 @@ def test_opcheck(i):
     cos, dot, norm = ops.feature_center_cosine(f.detach(), lab, c.detach(), -1)
     grad = torch.randn_like(cos)
     torch.library.opcheck(ops.feature_center_cosine_backward, (grad, f.detach(), lab, c.detach(), dot, norm, -1))
+    seg = torch.randn(f.shape[0], K, f.shape[2], generator=torch.Generator().manual_seed(20 + i), dtype=f.dtype)
+    torch.library.opcheck(ops.bcd_loss, (seg, f))
+    saved = ops.bcd_loss(seg, f.detach())[1:7]
+    torch.library.opcheck(ops.bcd_loss_backward, (torch.tensor(1.5, dtype=f.dtype), f.detach(), *saved))
 
 
 # ---- edge cases -------------------------------------------------------------------------------------
@@ -404,6 +457,17 @@ def test_bad_inputs():
         ops.masked_feature_gather(torch.randn(2, 3, 3), lab.reshape(2, -1) + 5, -1)
     with pytest.raises(TypeError, match="features must be float32, float64, float16 or bfloat16"):
         ops.masked_feature_sums(f.reshape(2, 3, -1).int(), lab.reshape(2, -1), 3, -1)
+    with pytest.raises(ValueError, match=r"seg_logits \(B, K, N\) must match features"):
+        ops.bcd_loss(torch.randn(2, 3, 15), f.reshape(2, 3, -1))
+    with pytest.raises(TypeError, match="seg_logits must be float32"):
+        ops.bcd_loss(torch.zeros(2, 3, 16, dtype=torch.long), f.reshape(2, 3, -1))
+    with pytest.raises(ValueError, match="at least one image"):
+        ops.bcd_loss(torch.randn(0, 3, 16), torch.randn(0, 3, 16))
+    with pytest.raises(ValueError, match="seg_logits contains Inf"):
+        rrm_cuda.bcd_loss(torch.randn(2, 3, 4, 4).index_fill(3, torch.tensor([1]), float("inf")), f)
+    saved = ops.bcd_loss(torch.randn(2, 3, 16), f.reshape(2, 3, -1))[1:7]
+    with pytest.raises(ValueError, match="cos_sums must have shape"):
+        ops.bcd_loss_backward(torch.tensor(1.0), f.reshape(2, 3, -1), *saved[:4], saved[4][:, :2], saved[5])
 
 
 # ---- module == functional ---------------------------------------------------------------------------
@@ -483,6 +547,34 @@ def test_emulated_cuda_chunks_equal_cpu(layout, K):
         ops._masked_feature_sums_emulated(f, lab.clamp_max(K), K, ign)
     with pytest.raises(ValueError, match="labels must lie in"):
         ops._masked_feature_gather_emulated(c, lab - 1, ign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("case", ["random", "no_background_image", "no_background", "K1"])
+def test_emulated_cuda_loss_equals_cpu(dtype, case):
+    # bcd_loss / bcd_loss_backward: the GPU path (segments by sorting, the epilogue and its adjoint as
+    # tensor ops) against the CPU's (counting sort, the epilogue as loops).
+    B, C, h, w, K = 3, 70, 5, 6, 6
+    seg = _seg(B, K, h, w, bg_bias=1.0).reshape(B, K, -1)
+    if case == "no_background_image":
+        seg[2, 0] = -10
+    if case == "no_background":
+        seg[:, 0] = -10
+    if case == "K1":
+        seg = seg[:, :1]
+    f = _features(B, C, h, w, dtype, "channels_last").reshape(B, C, -1)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    a = ops.bcd_loss(seg, f)
+    b = ops._bcd_loss_emulated(seg, f)
+    assert torch.equal(a[1], b[1]) and torch.equal(a[6], b[6]) and a[7].tolist() == [True, True]
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, **_tol(ct))
+    grad = torch.tensor(0.7, dtype=ct)
+    ga = ops.bcd_loss_backward(grad, f, *a[1:7])
+    gb = ops._bcd_loss_backward_emulated(grad, f, *a[1:7])
+    assert ga.dtype == dtype and ga.shape == f.shape
+    tol = _tol(ct) if dtype != torch.float16 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(ga.double(), gb.double(), **tol)
 
 
 # ---- CPU == CUDA ------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
   m.impl("_feature_center_cosine_emulated", &cosine_op<EmulatedCudaExec>);
   m.impl("feature_center_cosine_backward", &cosine_backward_op<CpuExec>);
   m.impl("_feature_center_cosine_backward_emulated", &cosine_backward_op<EmulatedCudaExec>);
+  m.impl("bcd_loss", &bcd_loss_op<CpuExec>);
+  m.impl("_bcd_loss_emulated", &bcd_loss_op<EmulatedCudaExec>);
+  m.impl("bcd_loss_backward", &bcd_loss_backward_op<CpuExec>);
+  m.impl("_bcd_loss_backward_emulated", &bcd_loss_backward_op<EmulatedCudaExec>);
 }
 
 }  // namespace bcd

@@ -6,7 +6,8 @@
 // (image, class[, channel]) adds the chunks in order (bcd_common.h, "GPU segment machinery") -- no
 // floating-point atomics, so results are bitwise reproducible run to run on the same GPU and build.
 // They differ from the CPU's in rounding only (the CPU accumulates in double, one segment per task).
-// Host synchronisations: one per op, the label check's (a device flag read back).
+// Host synchronisations: one per op, the label check's (a device flag read back); bcd_loss and
+// bcd_loss_backward make their segments once, so one each as well.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -42,6 +43,19 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward_cuda(const at::Tensor& grad, 
   return cosine_backward_op<CudaExec>(grad, features, labels, centers, dot, norm, ignore_index);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> loss_cuda(
+    const at::Tensor& seg_logits, const at::Tensor& features) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  return bcd_loss_op<CudaExec>(seg_logits, features);
+}
+
+at::Tensor loss_backward_cuda(const at::Tensor& grad, const at::Tensor& features, const at::Tensor& labels,
+                              const at::Tensor& centers, const at::Tensor& dot, const at::Tensor& norm,
+                              const at::Tensor& cos_sums, const at::Tensor& counts) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  return bcd_loss_backward_op<CudaExec>(grad, features, labels, centers, dot, norm, cos_sums, counts);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
@@ -49,6 +63,8 @@ TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
   m.impl("masked_feature_gather", &gather_cuda);
   m.impl("feature_center_cosine", &cosine_cuda);
   m.impl("feature_center_cosine_backward", &cosine_backward_cuda);
+  m.impl("bcd_loss", &loss_cuda);
+  m.impl("bcd_loss_backward", &loss_backward_cuda);
 }
 
 }  // namespace bcd

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -65,6 +66,32 @@ inline at::Tensor make_keys(const at::Tensor& labels, int64_t K, int64_t ignore_
   return at::where(l.eq(ignore_index), at::scalar_tensor(K, l.options()), l).to(at::kInt).contiguous();
 }
 
+// CPU path: make_keys in one serial loop (no temporaries; at RRM's sizes make_keys' dozen tensor ops
+// cost more than the passes over the features). Bad labels fall back to make_keys, which names them.
+inline at::Tensor make_keys_cpu(const at::Tensor& labels, int64_t K, int64_t ignore_index) {
+  const int64_t B = labels.size(0), N = labels.size(1);
+  auto key = at::empty({B, N}, labels.options().dtype(at::kInt));
+  const auto st = labels.scalar_type();
+  const bool native = st == at::kByte || st == at::kChar || st == at::kShort || st == at::kInt || st == at::kLong;
+  const at::Tensor l = native ? labels : labels.to(at::kLong);
+  bool bad = false;
+  AT_DISPATCH_INTEGRAL_TYPES(l.scalar_type(), "rrm_bcd_keys_cpu", [&] {
+    const scalar_t* lp = l.data_ptr<scalar_t>();
+    int32_t* kp = key.data_ptr<int32_t>();
+    const int64_t s0 = l.stride(0), s1 = l.stride(1);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t v = static_cast<int64_t>(lp[b * s0 + n * s1]);
+        const bool ok = v >= 0 && v < K;
+        bad = bad || (!ok && v != ignore_index);
+        kp[b * N + n] = ok ? static_cast<int32_t>(v) : static_cast<int32_t>(K);
+      }
+    }
+  });
+  if (bad) make_keys(labels, K, ignore_index);  // throws, naming the bad values
+  return key;
+}
+
 // GPU path: the class keys (B, N) int32 and, when skey is not null, the flat sort keys
 // key + b (K + 1) (int32 when they fit, int64 otherwise) in one pass (KeysFunctor). Bad labels are
 // flagged on the device; the flag costs one host synchronisation per call (the only one of the op),
@@ -112,7 +139,7 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
   const auto lopt = labels.options().dtype(at::kLong);
   Segments s;
   if (!Exec::kSortCsr) {
-    s.key = make_keys(labels, K, ignore_index);
+    s.key = make_keys_cpu(labels, K, ignore_index);
     s.perm = at::empty({B, N}, s.key.options());
     s.offsets = at::zeros({B, K + 2}, lopt);
     const int32_t* key = s.key.data_ptr<int32_t>();
@@ -225,20 +252,32 @@ std::tuple<at::Tensor, at::Tensor> masked_feature_sums(const Exec& exec, const a
   return {sums, counts};
 }
 
+template <class Exec>
+at::Tensor gather_keys(const Exec& exec, const at::Tensor& values, const at::Tensor& key);
+
 // values (B, K, C), labels (B, N) -> (B, C, N) of values' dtype: out[b, :, n] = values[b, labels[b, n], :]
 // (0 where labels == ignore_index). The adjoint of the sums.
 template <class Exec>
 at::Tensor masked_feature_gather(const Exec& exec, const at::Tensor& values, const at::Tensor& labels,
                                  int64_t ignore_index) {
   const int64_t B = values.size(0), K = values.size(1), C = values.size(2), N = labels.size(1);
-  auto out = at::empty({B, C, N}, values.options());
-  if (out.numel() == 0) return out;
+  if (B * C * N == 0) return at::empty({B, C, N}, values.options());
   at::Tensor key;
   if constexpr (Exec::kSortCsr) {
     key = make_keys_flat(exec, labels, K, ignore_index, nullptr);
   } else {
-    key = make_keys(labels, K, ignore_index);
+    key = make_keys_cpu(labels, K, ignore_index);
   }
+  return gather_keys(exec, values, key);
+}
+
+// masked_feature_gather on class keys already made (make_keys / make_segments): key (B, N) int32,
+// K for an ignored pixel.
+template <class Exec>
+at::Tensor gather_keys(const Exec& exec, const at::Tensor& values, const at::Tensor& key) {
+  const int64_t B = values.size(0), K = values.size(1), C = values.size(2), N = key.size(1);
+  auto out = at::empty({B, C, N}, values.options());
+  if (out.numel() == 0) return out;
   auto v = values.contiguous();
   const auto runs = row_runs<Exec>(B, C, N);
   const int64_t per = runs.first, threads = runs.second;
@@ -293,15 +332,25 @@ std::tuple<at::Tensor, at::Tensor> pixel_stats(const Exec& exec, const at::Tenso
 // |centers| per (b, k), computed as the authors do (sqrt of the sum of squares).
 inline at::Tensor center_norms(const at::Tensor& centers) { return centers.mul(centers).sum(-1).sqrt().contiguous(); }
 
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_segments(const Exec& exec, const at::Tensor& features,
+                                                               const Segments& seg, const at::Tensor& centers);
+
 // features (B, C, N), labels (B, N), centers (B, K, C) ->
 //   (cos_sums (B, K): sum over the pixels of class k of cos(F_p, centers[b, k]), dot (B, N), norm (B, N)).
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_center_cosine(const Exec& exec, const at::Tensor& features,
                                                                      const at::Tensor& labels,
                                                                      const at::Tensor& centers, int64_t ignore_index) {
+  return cosine_segments(exec, features, make_segments(exec, labels, centers.size(1), ignore_index), centers);
+}
+
+// feature_center_cosine on segments already made (make_segments).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_segments(const Exec& exec, const at::Tensor& features,
+                                                               const Segments& seg, const at::Tensor& centers) {
   const int64_t B = features.size(0), K = centers.size(1), N = features.size(2);
   auto c = centers.contiguous();
-  const Segments seg = make_segments(exec, labels, K, ignore_index);
   at::Tensor dot, norm;
   std::tie(dot, norm) = pixel_stats(exec, features, seg.key, c);
   auto out = at::zeros({B, K}, c.options());
@@ -329,6 +378,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> feature_center_cosine(const Exec&
   return {out, dot, norm};
 }
 
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> cosine_backward_segments(const Exec& exec, const at::Tensor& grad,
+                                                            const at::Tensor& features, const Segments& seg,
+                                                            const at::Tensor& centers, const at::Tensor& dot_in,
+                                                            const at::Tensor& norm_in);
+
 // Backward of feature_center_cosine's first output, given the dot and norm it returned:
 // grad (B, K) -> (grad_features (B, C, N) of features' dtype, grad_centers (B, K, C) of the compute dtype).
 template <class Exec>
@@ -336,13 +391,22 @@ std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& ex
                                                                   const at::Tensor& features, const at::Tensor& labels,
                                                                   const at::Tensor& centers, const at::Tensor& dot_in,
                                                                   const at::Tensor& norm_in, int64_t ignore_index) {
+  return cosine_backward_segments(exec, grad, features, make_segments(exec, labels, centers.size(1), ignore_index),
+                                  centers, dot_in, norm_in);
+}
+
+// feature_center_cosine_backward on segments already made (make_segments).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> cosine_backward_segments(const Exec& exec, const at::Tensor& grad,
+                                                            const at::Tensor& features, const Segments& seg,
+                                                            const at::Tensor& centers, const at::Tensor& dot_in,
+                                                            const at::Tensor& norm_in) {
   const int64_t B = features.size(0), C = features.size(1), N = features.size(2), K = centers.size(1);
   auto grad_features = at::empty({B, C, N}, features.options());
   auto c = centers.contiguous();
   auto g = grad.contiguous();
   auto dot = dot_in.contiguous();
   auto norm = norm_in.contiguous();
-  const Segments seg = make_segments(exec, labels, K, ignore_index);
   if (B == 0 || C == 0) return {grad_features, at::zeros_like(c)};
   auto cn = center_norms(c);
   auto alpha = at::empty({B, N}, c.options());
@@ -389,6 +453,336 @@ std::tuple<at::Tensor, at::Tensor> feature_center_cosine_backward(const Exec& ex
 }
 
 #undef RRM_BCD_TYPES
+
+// ---- the whole loss (SPEC section 4) as one op ------------------------------------------------------
+// bcd_loss: the reductions above run on one set of segments (one label check), and the loss's
+// epilogue on the (B, K, C)-sized results is a few tensor ops here instead of autograd-recorded ones
+// in Python. bcd_loss_backward is its adjoint: the epilogue's adjoint (small tensors), one cosine
+// backward and one gather, added.
+
+constexpr double kBcdEps = 1e-7;  // the authors' epsilon, in the centres and in every cosine
+
+// The loss from the centres (B, K, C) (column 0: each image's background centre c_b; columns >= 1:
+// the batch's foreground centres c_k, the same in every image), the counts (B, K) and the per-(image,
+// class) cosine sums (B, K). Returns a 0-dim tensor of the compute dtype.
+inline at::Tensor bcd_loss_value(const at::Tensor& centers, const at::Tensor& counts, const at::Tensor& cos_sums) {
+  const int64_t B = counts.size(0), K = counts.size(1);
+  const auto n_b = counts.select(1, 0);
+  const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
+  const auto present = n_k.ge(1);
+  const auto has_bg = n_b.ge(1);
+  const auto nk = present.sum().to(counts.scalar_type());
+  const auto t1 = at::where(has_bg, 1 - cos_sums.select(1, 0) / n_b.clamp_min(1), 2.0).sum();
+  const auto t2 = at::where(present, 1 - cos_sums.narrow(1, 1, K - 1).sum(0) / n_k.clamp_min(1), 0.0).sum();
+  const auto compactness = (t1 + t2) / (nk + B);
+  const auto c_b = centers.select(1, 0);
+  const auto c_k = centers.select(0, 0).narrow(0, 1, K - 1);
+  const auto na = at::linalg_vector_norm(c_k, 2, {-1});
+  const auto nb = at::linalg_vector_norm(c_b, 2, {-1});
+  const auto pairs = present.unsqueeze(1)
+                         .logical_and(present.unsqueeze(0))
+                         .logical_and(at::eye(K - 1, counts.options().dtype(at::kBool)).logical_not());
+  const auto m_ff = at::mm(c_k, c_k.t()) / (na.unsqueeze(1) * na.unsqueeze(0) + kBcdEps);
+  const auto m_fb = at::mm(c_k, c_b.t()) / (na.unsqueeze(1) * nb.unsqueeze(0) + kBcdEps);
+  const auto l_ff = at::where(pairs, 1 + m_ff, 0.0).sum() / (nk * (nk - 1)).clamp_min(1);
+  const auto l_fb = at::where(present.unsqueeze(1), 1 + m_fb, 0.0).sum() / (nk * B).clamp_min(1);
+  auto center = at::where(has_bg.any(), 0.5 * l_ff + 0.5 * l_fb, 0.5 * l_ff + 1);
+  center = at::where(nk.gt(0), center, 0.0);
+  return center + compactness;
+}
+
+// Adjoint of the cosine matrix M_ij = a_i.b_j / (|a_i| |b_j| + eps) for the weights W (d loss / d M):
+// with D = |a_i| |b_j| + eps, Q = W / D and R = Q M,
+//   d/da_i = sum_j Q_ij b_j - (a_i / |a_i|) sum_j R_ij |b_j|, likewise for b_j (0 / 0 = 0: torch's
+//   subgradient of the norm at 0). Returns (grad_a, grad_b).
+inline std::tuple<at::Tensor, at::Tensor> cos_matrix_adjoint(const at::Tensor& a, const at::Tensor& na,
+                                                             const at::Tensor& b, const at::Tensor& nb,
+                                                             const at::Tensor& w) {
+  const auto den = na.unsqueeze(1) * nb.unsqueeze(0) + kBcdEps;
+  const auto q = w / den;
+  const auto r = q * at::mm(a, b.t()) / den;
+  const auto inv_na = at::where(na.gt(0), na.reciprocal(), 0.0);
+  const auto inv_nb = at::where(nb.gt(0), nb.reciprocal(), 0.0);
+  auto grad_a = at::mm(q, b) - a * (inv_na * at::mv(r, nb)).unsqueeze(1);
+  auto grad_b = at::mm(q.t(), a) - b * (inv_nb * at::mv(r.t(), na)).unsqueeze(1);
+  return {grad_a, grad_b};
+}
+
+// The same epilogue and its adjoint as plain loops, for the CPU (CpuExec): at RRM's sizes the tensor
+// ops above cost microseconds each, more than all of the arithmetic. Everything is accumulated in
+// double; centres (B, K, C), counts and cos_sums (B, K) contiguous, of type T (the compute dtype).
+template <class T>
+struct BcdEpilogueCpu {
+  int64_t B, K, C, F;  // F = K - 1 foreground classes
+  const T* centers;
+  std::vector<double> n_b, n_k, na, nb, d_ff, d_fb;  // d_ff (F, F) = c_k.c_l, d_fb (F, B) = c_k.c_b
+  std::vector<char> present, has_bg;
+  double nk = 0;
+  bool any_bg = false;
+
+  BcdEpilogueCpu(const T* centers_, const T* counts, int64_t B_, int64_t K_, int64_t C_)
+      : B(B_),
+        K(K_),
+        C(C_),
+        F(K_ - 1),
+        centers(centers_),
+        n_b(B_),
+        n_k(K_ - 1, 0.0),
+        na(K_ - 1),
+        nb(B_),
+        d_ff((K_ - 1) * (K_ - 1)),
+        d_fb((K_ - 1) * B_),
+        present(K_ - 1),
+        has_bg(B_) {
+    for (int64_t b = 0; b < B; ++b) {
+      n_b[b] = counts[b * K];
+      has_bg[b] = n_b[b] >= 1;
+      any_bg = any_bg || has_bg[b];
+      for (int64_t k = 0; k < F; ++k) n_k[k] += counts[b * K + 1 + k];
+      nb[b] = std::sqrt(dot(cb(b), cb(b)));
+    }
+    for (int64_t k = 0; k < F; ++k) {
+      present[k] = n_k[k] >= 1;
+      nk += present[k];
+      na[k] = std::sqrt(dot(ck(k), ck(k)));
+      for (int64_t l = 0; l < F; ++l) d_ff[k * F + l] = dot(ck(k), ck(l));
+      for (int64_t b = 0; b < B; ++b) d_fb[k * B + b] = dot(ck(k), cb(b));
+    }
+  }
+  const T* cb(int64_t b) const { return centers + b * K * C; }
+  const T* ck(int64_t k) const { return centers + (1 + k) * C; }  // image 0's copy
+  double dot(const T* x, const T* y) const {
+    double acc = 0;
+    for (int64_t c = 0; c < C; ++c) acc += static_cast<double>(x[c]) * static_cast<double>(y[c]);
+    return acc;
+  }
+  double w_ff() const { return nk > 0 ? 0.5 / std::max(nk * (nk - 1), 1.0) : 0.0; }     // d loss / d cos(c_k, c_l)
+  double w_fb() const { return nk > 0 && any_bg ? 0.5 / std::max(nk * B, 1.0) : 0.0; }  // d loss / d cos(c_k, c_b)
+
+  double loss(const T* cos_sums) const {
+    double t1 = 0, t2 = 0, l_ff = 0, l_fb = 0;
+    for (int64_t b = 0; b < B; ++b) t1 += has_bg[b] ? 1 - cos_sums[b * K] / std::max(n_b[b], 1.0) : 2.0;
+    for (int64_t k = 0; k < F; ++k) {
+      if (!present[k]) continue;
+      double s = 0;
+      for (int64_t b = 0; b < B; ++b) s += cos_sums[b * K + 1 + k];
+      t2 += 1 - s / std::max(n_k[k], 1.0);
+      for (int64_t l = 0; l < F; ++l)
+        if (l != k && present[l]) l_ff += 1 + d_ff[k * F + l] / (na[k] * na[l] + kBcdEps);
+      for (int64_t b = 0; b < B; ++b) l_fb += 1 + d_fb[k * B + b] / (na[k] * nb[b] + kBcdEps);
+    }
+    l_ff /= std::max(nk * (nk - 1), 1.0);
+    l_fb /= std::max(nk * B, 1.0);
+    const double center = nk > 0 ? (any_bg ? 0.5 * l_ff + 0.5 * l_fb : 0.5 * l_ff + 1) : 0.0;
+    return center + (t1 + t2) / (nk + B);
+  }
+
+  // d loss / d cos_sums (B, K), for the upstream gradient g.
+  void grad_cos_sums(double g, T* out) const {
+    const double gd = g / (nk + B);
+    for (int64_t b = 0; b < B; ++b) {
+      out[b * K] = static_cast<T>(has_bg[b] ? -gd / std::max(n_b[b], 1.0) : 0.0);
+      for (int64_t k = 0; k < F; ++k)
+        out[b * K + 1 + k] = static_cast<T>(present[k] ? -gd / std::max(n_k[k], 1.0) : 0.0);
+    }
+  }
+
+  // grad_sums (B, K, C) from the cosine backward's grad_centers (B, K, C) plus the separation's
+  // adjoint (cos_matrix_adjoint's formula), through c = s / (n + eps).
+  void grad_sums(double g, const T* grad_centers, T* out) const {
+    std::vector<double> gk(F * C, 0.0), gb(B * C, 0.0);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < C; ++c) gb[b * C + c] = grad_centers[b * K * C + c];
+      for (int64_t k = 0; k < F; ++k)
+        for (int64_t c = 0; c < C; ++c) gk[k * C + c] += grad_centers[(b * K + 1 + k) * C + c];
+    }
+    // pair (i in foreground, j in foreground or background) with weight w: q = w / D, r = q M, and
+    //   grad c_i += q c_j - r |c_j| c_i / |c_i|,   grad c_j += q c_i - r |c_i| c_j / |c_j|.
+    auto pair = [&](int64_t i, const T* cj, double nj, double dij, double w, double* gi, double* gj) {
+      const double den = na[i] * nj + kBcdEps, q = w / den, r = q * dij / den;
+      const double si = na[i] > 0 ? r * nj / na[i] : 0.0, sj = nj > 0 ? r * na[i] / nj : 0.0;
+      const T* ci = ck(i);
+      for (int64_t c = 0; c < C; ++c) {
+        gi[c] += q * cj[c] - si * ci[c];
+        gj[c] += q * ci[c] - sj * cj[c];
+      }
+    };
+    const double wff = g * w_ff(), wfb = g * w_fb();
+    for (int64_t i = 0; i < F; ++i) {
+      if (!present[i]) continue;
+      for (int64_t l = 0; l < F; ++l)
+        if (l != i && present[l]) pair(i, ck(l), na[l], d_ff[i * F + l], wff, &gk[i * C], &gk[l * C]);
+      for (int64_t b = 0; b < B; ++b) pair(i, cb(b), nb[b], d_fb[i * B + b], wfb, &gk[i * C], &gb[b * C]);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const double inv = 1.0 / (n_b[b] + kBcdEps);
+      for (int64_t c = 0; c < C; ++c) out[b * K * C + c] = static_cast<T>(gb[b * C + c] * inv);
+      for (int64_t k = 0; k < F; ++k) {
+        const double ik = 1.0 / (n_k[k] + kBcdEps);
+        for (int64_t c = 0; c < C; ++c) out[(b * K + 1 + k) * C + c] = static_cast<T>(gk[k * C + c] * ik);
+      }
+    }
+  }
+};
+
+// CPU: seg_logits (B, K, N) -> argmax over K (B, N) int64, as torch.argmax (the first maximum; a NaN
+// counts as the maximum), and whether every entry is finite, in one pass (torch's argmax over a strided
+// dimension is slow on the CPU).
+inline at::Tensor argmax_classes_cpu(const at::Tensor& seg_logits, bool* finite) {
+  const int64_t B = seg_logits.size(0), K = seg_logits.size(1), N = seg_logits.size(2);
+  auto labels = at::empty({B, N}, seg_logits.options().dtype(at::kLong));
+  bool all_finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, seg_logits.scalar_type(), "rrm_bcd_argmax", [&] {
+    const scalar_t* sp = seg_logits.data_ptr<scalar_t>();
+    const int64_t s0 = seg_logits.stride(0), s1 = seg_logits.stride(1), s2 = seg_logits.stride(2);
+    int64_t* lp = labels.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* p = sp + b * s0 + n * s2;
+        double best = static_cast<double>(p[0]);
+        int64_t arg = 0;
+        all_finite = all_finite && std::isfinite(best);
+        for (int64_t k = 1; k < K; ++k) {
+          const double v = static_cast<double>(p[k * s1]);
+          all_finite = all_finite && std::isfinite(v);
+          if (!std::isnan(best) && (std::isnan(v) || v > best)) {
+            best = v;
+            arg = k;
+          }
+        }
+        lp[b * N + n] = arg;
+      }
+    }
+  });
+  *finite = all_finite;
+  return labels;
+}
+
+// seg_logits (B, K, N), features (B, C, N) ->
+//   (loss (), labels (B, N) int64 = argmax over K, centers (B, K, C), dot (B, N), norm (B, N),
+//    cos_sums (B, K), counts (B, K), finite (2,) bool: [seg_logits finite, class sums finite]).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bcd_loss(
+    const Exec& exec, const at::Tensor& seg_logits, const at::Tensor& features) {
+  const int64_t K = seg_logits.size(1);
+  at::Tensor labels;
+  bool seg_finite = true;
+  if constexpr (!Exec::kSortCsr) {
+    labels = argmax_classes_cpu(seg_logits, &seg_finite);
+  } else {
+    labels = seg_logits.argmax(1);
+  }
+  const Segments seg = make_segments(exec, labels, K, /*ignore_index=*/-1);
+  const at::Tensor sums = segment_sums(exec, features, seg, K, at::Tensor());
+  // c_b = sum_{M=0} F / (n_b + eps) per image; c_k = sum_{(b, p): M=k} F / (n_k + eps) over the batch.
+  at::Tensor counts, centers, cos_sums, dot, norm, loss, finite;
+  if constexpr (!Exec::kSortCsr) {
+    const int64_t B = sums.size(0), C = sums.size(2);
+    counts = at::empty({B, K}, sums.options());
+    centers = at::empty_like(sums);
+    bool sums_finite = true;
+    AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "rrm_bcd_centers", [&] {
+      const int64_t* off = seg.offsets.data_ptr<int64_t>();
+      const scalar_t* s = sums.data_ptr<scalar_t>();
+      scalar_t* n = counts.data_ptr<scalar_t>();
+      scalar_t* c = centers.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t k = 0; k < K; ++k)
+          n[b * K + k] = static_cast<scalar_t>(off[b * (K + 2) + k + 1] - off[b * (K + 2) + k]);
+      for (int64_t i = 0; i < B * K * C; ++i) sums_finite = sums_finite && std::isfinite(s[i]);
+      const scalar_t eps = static_cast<scalar_t>(kBcdEps);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t ch = 0; ch < C; ++ch) c[b * K * C + ch] = s[b * K * C + ch] / (n[b * K] + eps);
+      for (int64_t k = 1; k < K; ++k) {
+        scalar_t n_k = 0;
+        for (int64_t b = 0; b < B; ++b) n_k += n[b * K + k];
+        for (int64_t ch = 0; ch < C; ++ch) {
+          scalar_t acc = 0;
+          for (int64_t b = 0; b < B; ++b) acc += s[(b * K + k) * C + ch];
+          const scalar_t v = acc / (n_k + eps);
+          for (int64_t b = 0; b < B; ++b) c[(b * K + k) * C + ch] = v;
+        }
+      }
+    });
+    std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
+    AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "rrm_bcd_loss_value", [&] {
+      const BcdEpilogueCpu<scalar_t> e(centers.data_ptr<scalar_t>(), counts.data_ptr<scalar_t>(), B, K, C);
+      loss = at::scalar_tensor(e.loss(cos_sums.data_ptr<scalar_t>()), sums.options());
+    });
+    finite = at::empty({2}, sums.options().dtype(at::kBool));
+    finite.data_ptr<bool>()[0] = seg_finite;
+    finite.data_ptr<bool>()[1] = sums_finite;
+  } else {
+    counts = (seg.offsets.narrow(1, 1, K) - seg.offsets.narrow(1, 0, K)).to(sums.scalar_type());
+    centers = at::empty_like(sums);
+    centers.select(1, 0).copy_(sums.select(1, 0) / (counts.select(1, 0) + kBcdEps).unsqueeze(-1));
+    const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
+    centers.narrow(1, 1, K - 1).copy_((sums.narrow(1, 1, K - 1).sum(0) / (n_k + kBcdEps).unsqueeze(-1)).unsqueeze(0));
+    std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
+    loss = bcd_loss_value(centers, counts, cos_sums);
+    finite = at::stack({at::isfinite(seg_logits).all(), at::isfinite(sums).all()});
+  }
+  return {loss, labels, centers, dot, norm, cos_sums, counts, finite};
+}
+
+// grad () of the loss, features (B, C, N) and bcd_loss's saved outputs -> grad_features (B, C, N) of
+// features' dtype.
+template <class Exec>
+at::Tensor bcd_loss_backward(const Exec& exec, const at::Tensor& grad, const at::Tensor& features,
+                             const at::Tensor& labels, const at::Tensor& centers, const at::Tensor& dot,
+                             const at::Tensor& norm, const at::Tensor& cos_sums, const at::Tensor& counts) {
+  const int64_t B = counts.size(0), K = counts.size(1);
+  const auto ct = counts.scalar_type();
+  const Segments seg = make_segments(exec, labels, K, /*ignore_index=*/-1);
+  if constexpr (!Exec::kSortCsr) {
+    const int64_t C = centers.size(2);
+    const auto c = centers.contiguous(), n = counts.contiguous();
+    at::Tensor grad_features, grad_centers;
+    auto grad_sums = at::empty_like(c);
+    AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_loss_backward", [&] {
+      const BcdEpilogueCpu<scalar_t> e(c.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(), B, K, C);
+      const double g = grad.item<double>();
+      auto grad_cos = at::empty({B, K}, c.options());
+      e.grad_cos_sums(g, grad_cos.data_ptr<scalar_t>());
+      std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, c, dot, norm);
+      e.grad_sums(g, grad_centers.contiguous().data_ptr<scalar_t>(), grad_sums.data_ptr<scalar_t>());
+    });
+    return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
+  }
+  const auto g = grad.to(ct);
+  const auto n_b = counts.select(1, 0);
+  const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
+  const auto present = n_k.ge(1);
+  const auto has_bg = n_b.ge(1);
+  const auto nk = present.sum().to(ct);
+  // compactness (T1 + T2) / (|K| + B): d / d cos_sums[b, 0] = -[n_b >= 1] / (n_b (|K| + B)),
+  // d / d cos_sums[b, k] = -[n_k >= 1] / (n_k (|K| + B)) in every image b.
+  const auto gd = g / (nk + B);
+  auto grad_cos = at::empty_like(cos_sums);
+  grad_cos.select(1, 0).copy_(at::where(has_bg, -gd / n_b.clamp_min(1), 0.0));
+  grad_cos.narrow(1, 1, K - 1).copy_(at::where(present, -gd / n_k.clamp_min(1), 0.0).unsqueeze(0));
+  at::Tensor grad_features, grad_centers;
+  std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, centers, dot, norm);
+  // separation: center = [|K| > 0] (0.5 L_ff + 0.5 [any background] L_fb (+ 1 without background)).
+  const auto c_b = centers.select(1, 0);
+  const auto c_k = centers.select(0, 0).narrow(0, 1, K - 1);
+  const auto na = at::linalg_vector_norm(c_k, 2, {-1});
+  const auto nb = at::linalg_vector_norm(c_b, 2, {-1});
+  const auto half = g * 0.5 * nk.gt(0).to(ct);
+  const auto pf = present.to(ct);
+  const auto w_ff = (pf.unsqueeze(1) * pf.unsqueeze(0)).fill_diagonal_(0) * (half / (nk * (nk - 1)).clamp_min(1));
+  const auto w_fb = pf.unsqueeze(1).expand({K - 1, B}) * (half * has_bg.any().to(ct) / (nk * B).clamp_min(1));
+  at::Tensor g_a, g_b, g_k, g_bg;
+  std::tie(g_a, g_b) = cos_matrix_adjoint(c_k, na, c_k, na, w_ff);
+  std::tie(g_k, g_bg) = cos_matrix_adjoint(c_k, na, c_b, nb, w_fb);
+  // centres -> class sums: c_b = s_b / (n_b + eps); c_k = (sum_b s_bk) / (n_k + eps).
+  auto grad_sums = at::empty_like(grad_centers);
+  grad_sums.select(1, 0).copy_((grad_centers.select(1, 0) + g_bg) / (n_b + kBcdEps).unsqueeze(-1));
+  grad_sums.narrow(1, 1, K - 1)
+      .copy_(
+          ((grad_centers.narrow(1, 1, K - 1).sum(0) + g_a + g_b + g_k) / (n_k + kBcdEps).unsqueeze(-1)).unsqueeze(0));
+  return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
+}
 
 }  // namespace bcd
 }  // namespace rrm

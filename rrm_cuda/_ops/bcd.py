@@ -2,7 +2,9 @@
 
 ``masked_feature_sums`` and ``masked_feature_gather`` are each other's adjoint, so each one's
 backward is the other; ``feature_center_cosine`` has its own fused backward op, fed with the per-pixel
-dots and norms its forward returned.
+dots and norms its forward returned. ``bcd_loss`` (the whole loss, one autograd node) returns what its
+backward op ``bcd_loss_backward`` needs: the labels, centres, per-pixel dots and norms, cosine sums
+and counts (no gradient flows through any of them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ def _register_fakes(emulated: bool) -> None:
     @torch.library.register_fake(name("feature_center_cosine_backward"))
     def _cosine_backward_fake(grad, features, labels, centers, dot, norm, ignore_index=-1):
         return features.new_empty(features.shape), centers.new_empty(centers.shape)
+
+    @torch.library.register_fake(name("bcd_loss"))
+    def _loss_fake(seg_logits, features):
+        B, C, N = features.shape
+        K = seg_logits.shape[1]
+        ct = _compute_dtype(features.dtype)
+        return (
+            features.new_empty((), dtype=ct),
+            features.new_empty((B, N), dtype=torch.int64),
+            features.new_empty((B, K, C), dtype=ct),
+            features.new_empty((B, N), dtype=ct),
+            features.new_empty((B, N), dtype=ct),
+            features.new_empty((B, K), dtype=ct),
+            features.new_empty((B, K), dtype=ct),
+            features.new_empty((2,), dtype=torch.bool),
+        )
+
+    @torch.library.register_fake(name("bcd_loss_backward"))
+    def _loss_backward_fake(grad, features, labels, centers, dot, norm, cos_sums, counts):
+        return features.new_empty(features.shape)
 
 
 _register_fakes(emulated=False)
@@ -120,3 +142,24 @@ def _cosine_backward(ctx, grad, grad_dot, grad_norm):
 torch.library.register_autograd(
     "rrm_cuda::feature_center_cosine", _cosine_backward, setup_context=_cosine_setup_context
 )
+
+
+# ---- bcd_loss: the whole loss --------------------------------------------------------------------------
+
+
+def _loss_setup_context(ctx, inputs, output):
+    _, features = inputs
+    _, labels, centers, dot, norm, cos_sums, counts, finite = output
+    ctx.save_for_backward(features, labels, centers, dot, norm, cos_sums, counts)
+    ctx.mark_non_differentiable(labels, centers, dot, norm, cos_sums, counts, finite)
+    ctx.set_materialize_grads(False)  # no zero gradients for the seven non-differentiable outputs
+
+
+def _loss_backward(ctx, grad, *_unused):
+    grad_features = None
+    if ctx.needs_input_grad[1] and grad is not None:
+        grad_features = ops.bcd_loss_backward(grad, *ctx.saved_tensors)
+    return None, grad_features
+
+
+torch.library.register_autograd("rrm_cuda::bcd_loss", _loss_backward, setup_context=_loss_setup_context)
