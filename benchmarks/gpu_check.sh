@@ -80,7 +80,7 @@ if has train; then
   # the CPU demo preset on the GPU (issue 5: a short real training there): its log, mIoU table (in
   # logs.txt) and last PNG panel come back, the checkpoints do not
   T="$OUT_DIR/train"
-  step train_demo 240 $PY python/train_rrm.py --preset cpu-demo --device cuda --no-progress --out-dir "$T"
+  step train_demo 150 $PY python/train_rrm.py --preset cpu-demo --device cuda --no-progress --out-dir "$T"
   mkdir -p "$OUT_DIR/results"
   [ -f "$T/log.csv" ] && cp "$T/log.csv" "$OUT_DIR/results/train_demo_log.csv"
   last=$(ls "$T"/panels/*.png 2>/dev/null | tail -1)
