@@ -108,6 +108,15 @@ def main() -> None:
         res[f"energy fwd+bwd [{grad}], check_inputs=False"] = event_ms(
             lambda: m2(images, p, rois, labels).sum().backward()
         )
+    # BCD loss at RRM's ResNet-38 setting: batch 4, 4096-channel features at 41x41, 21 classes
+    gb = torch.Generator(device=dev).manual_seed(0)
+    seg = torch.randn(4, 21, 41, 41, device=dev, generator=gb)
+    feats = torch.randn(4, 4096, 41, 41, device=dev, generator=gb).relu_().requires_grad_()
+
+    def bcd_fb() -> None:
+        rrm_cuda.bcd_loss(seg, feats).backward()
+
+    res["BCD fwd+bwd 4x4096x41^2, K=21"] = event_ms(bcd_fb)
     name = torch.cuda.get_device_name(dev)
     print(f"device: {name}, torch {torch.__version__}")
     for k, v in res.items():
@@ -120,9 +129,19 @@ def main() -> None:
     print("\nkernels of one dense_crf call:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        rrm_cuda.dense_crf(probs=p3, image=crop, iterations=args.iterations)
+        torch.cuda.synchronize()
+    print("\nkernels of RRM's pseudo-label CRFs (8 x 3 labels over 4 crops of 321^2):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         m(images, p, rois, labels).sum().backward()
         torch.cuda.synchronize()
     print("\nkernels of one energy-loss fwd+bwd (exact):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bcd_fb()
+        torch.cuda.synchronize()
+    print("\nkernels of one BCD-loss fwd+bwd (B4, C4096, 41x41, K21):")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)

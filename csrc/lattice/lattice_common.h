@@ -901,7 +901,11 @@ RRM_HOST_DEVICE scalar_t exp_any(scalar_t x) {
 #endif
 }
 
-// Splat of Q's rows, chunk k of image b: partial = sum over the chunk's entries of w * pre * q_i.
+// Splat of Q's rows, chunk k of image b, channels [4g, 4g + 4) (one float4 per entry on CUDA):
+// partial = sum over the chunk's entries of w * pre * q_i. Four channels per thread rather than a
+// whole row: a thread walks its chunk's entries one after another, and W/4 threads per chunk hide
+// that latency chain better (an H200 took 53 us per 512x512x21 splat with whole rows per thread,
+// 40 us with one channel per thread).
 template <typename scalar_t, int W>
 struct SplatChunkRowFunctor {
   const scalar_t* q;             // (B, N, W)
@@ -913,7 +917,7 @@ struct SplatChunkRowFunctor {
   scalar_t* partial;             // (B, K, W) out
   int64_t N, E, K, LB;
 
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t, int64_t) const {
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t g0, int64_t g1) const {
     const int64_t lb = b < LB ? b : b % LB;
     const int64_t t = lb * K + k;
     const int32_t s0 = chunk_begin[t], s1 = chunk_end[t];
@@ -921,14 +925,15 @@ struct SplatChunkRowFunctor {
     const scalar_t* wb = splat_weight + lb * E;
     const scalar_t* qb = q + b * N * W;
     const scalar_t* pb = pre ? pre + lb * N : nullptr;
-    scalar_t acc[W];
-    for (int c = 0; c < W; ++c) acc[c] = 0;
-    for (int32_t p = s0; p < s1; ++p) {
-      const int64_t i = pix[p];
-      const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
-      row_add_scaled<scalar_t, W>(acc, w, qb + i * W);
+    for (int64_t g = g0; g < g1; ++g) {
+      scalar_t acc[4] = {0, 0, 0, 0};
+      for (int32_t p = s0; p < s1; ++p) {
+        const int64_t i = pix[p];
+        const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
+        row_add_scaled<scalar_t, 4>(acc, w, qb + i * W + 4 * g);
+      }
+      row_copy<scalar_t, 4>(partial + (b * K + k) * W + 4 * g, acc);
     }
-    row_copy<scalar_t, W>(partial + (b * K + k) * W, acc);
   }
 };
 
