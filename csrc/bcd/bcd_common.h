@@ -24,6 +24,9 @@ namespace bcd {
 
 // The authors' cosine: cos(a, b) = a.b / (|a| |b| + 1e-7) (SPEC section 4).
 constexpr double kCosEps = 1e-7;
+// The GPU epilogue (section 6) keeps per-row sums of its (F + B)-row Gram matrix in registers; the
+// op falls back to tensor operations for more rows (more than 255 classes + images).
+constexpr int kMaxEpilogueRows = 256;
 
 struct FeatureView {
   int64_t sB, sC, sN;  // element strides of features (B, C, N)
@@ -551,6 +554,176 @@ struct ScalarReduceFunctor {
     for (int64_t q = co[k]; q < co[k + 1]; ++q) acc += pb[q];
     if (scale != nullptr) acc = static_cast<acc_t>(scale[t]) * acc;
     out[t] = static_cast<out_t>(acc);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// 6. The loss's epilogue on the GPU (bcd_impl.h: bcd_loss, bcd_loss_backward): a handful of launches
+//    instead of ~100 small tensor ops. With F = K - 1 foreground classes and P = F + B, the centres
+//    are also gathered into A (P, C) (rows 0..F-1 the foreground centres c_k, rows F..P-1 each
+//    image's background centre c_b); the Gram matrix G = A A^T (one matrix product) carries every
+//    norm and dot product the separation term needs. counts (B, K), cos_sums (B, K), all of out_t.
+
+// Class counts n_b = counts[b, 0], n_k = sum_b counts[b, k], and the flags of the loss.
+template <typename out_t>
+struct BcdCounts {
+  const out_t* counts;  // (B, K)
+  int64_t B, K;
+  RRM_HOST_DEVICE double n_b(int64_t b) const { return static_cast<double>(counts[b * K]); }
+  RRM_HOST_DEVICE double n_k(int64_t k) const {  // k in [1, K)
+    double n = 0;
+    for (int64_t b = 0; b < B; ++b) n += static_cast<double>(counts[b * K + k]);
+    return n;
+  }
+  RRM_HOST_DEVICE double present_count() const {
+    double nk = 0;
+    for (int64_t k = 1; k < K; ++k) nk += n_k(k) >= 1 ? 1.0 : 0.0;
+    return nk;
+  }
+  RRM_HOST_DEVICE bool any_bg() const {
+    for (int64_t b = 0; b < B; ++b)
+      if (n_b(b) >= 1) return true;
+    return false;
+  }
+};
+
+// One thread per (k, c): c_b = s[b, 0] / (n_b + eps) for every image, c_k = sum_b s[b, k] / (n_k + eps)
+// written to every image's row k; both also into A.
+template <typename out_t>
+struct CentersFunctor {
+  const out_t* sums;  // (B, K, C)
+  BcdCounts<out_t> n;
+  out_t* centers;  // (B, K, C)
+  out_t* A;        // (F + B, C)
+  int64_t C;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t B = n.B, K = n.K, k = t / C, c = t % C;
+    const out_t eps = static_cast<out_t>(kCosEps);
+    if (k == 0) {
+      for (int64_t b = 0; b < B; ++b) {
+        const out_t v = sums[b * K * C + c] / (static_cast<out_t>(n.n_b(b)) + eps);
+        centers[b * K * C + c] = v;
+        A[(K - 1 + b) * C + c] = v;
+      }
+      return;
+    }
+    out_t acc = 0;
+    for (int64_t b = 0; b < B; ++b) acc += sums[(b * K + k) * C + c];
+    const out_t v = acc / (static_cast<out_t>(n.n_k(k)) + eps);
+    for (int64_t b = 0; b < B; ++b) centers[(b * K + k) * C + c] = v;
+    A[(k - 1) * C + c] = v;
+  }
+};
+
+// The loss (one thread): compactness (T1 + T2) / (|K| + B) and the separation from G (P, P).
+template <typename out_t>
+struct LossFunctor {
+  BcdCounts<out_t> n;
+  const out_t* cos_sums;  // (B, K)
+  const out_t* G;         // (P, P)
+  out_t* loss;            // ()
+  RRM_HOST_DEVICE double cos_of(int64_t i, int64_t j, int64_t P) const {
+    const double gij = G[i * P + j];
+    return gij / (sqrt(static_cast<double>(G[i * P + i])) * sqrt(static_cast<double>(G[j * P + j])) + kCosEps);
+  }
+  RRM_HOST_DEVICE void operator()(int64_t) const {
+    const int64_t B = n.B, K = n.K, F = K - 1, P = F + B;
+    const double nk = n.present_count();
+    const bool any_bg = n.any_bg();
+    double t1 = 0, t2 = 0, l_ff = 0, l_fb = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const double nb = n.n_b(b);
+      t1 += nb >= 1 ? 1 - cos_sums[b * K] / (nb > 1 ? nb : 1.0) : 2.0;
+    }
+    for (int64_t k = 0; k < F; ++k) {
+      const double nkk = n.n_k(k + 1);
+      if (nkk < 1) continue;
+      double s = 0;
+      for (int64_t b = 0; b < B; ++b) s += cos_sums[b * K + 1 + k];
+      t2 += 1 - s / (nkk > 1 ? nkk : 1.0);
+      for (int64_t l = 0; l < F; ++l)
+        if (l != k && n.n_k(l + 1) >= 1) l_ff += 1 + cos_of(k, l, P);
+      for (int64_t b = 0; b < B; ++b) l_fb += 1 + cos_of(k, F + b, P);
+    }
+    const double pairs = nk * (nk - 1);
+    l_ff /= pairs > 1 ? pairs : 1.0;
+    l_fb /= nk * B > 1 ? nk * B : 1.0;
+    const double center = nk > 0 ? (any_bg ? 0.5 * l_ff + 0.5 * l_fb : 0.5 * l_ff + 1) : 0.0;
+    *loss = static_cast<out_t>(center + (t1 + t2) / (nk + B));
+  }
+};
+
+// The epilogue's adjoint for the upstream gradient *grad (one thread): d loss / d cos_sums (B, K),
+// and S = dG + dG^T (P, P) for the separation, so that d loss / d A = S A. For a term w cos(a_i, a_j)
+// with r_i = sqrt(G_ii), D = r_i r_j + eps: dG_ij += w / D, dG_ii -= w G_ij r_j / (2 r_i D^2) (0 where
+// r_i = 0, torch's subgradient of the norm), likewise dG_jj.
+template <typename out_t>
+struct EpilogueAdjointFunctor {
+  BcdCounts<out_t> n;
+  const out_t* grad;  // ()
+  const out_t* G;     // (P, P)
+  out_t* grad_cos;    // (B, K)
+  out_t* S;           // (P, P) out
+  RRM_HOST_DEVICE void pair(int64_t i, int64_t j, int64_t P, double w, double* diag) const {
+    const double ri = sqrt(static_cast<double>(G[i * P + i])), rj = sqrt(static_cast<double>(G[j * P + j]));
+    const double den = ri * rj + kCosEps, r = w * static_cast<double>(G[i * P + j]) / (den * den);
+    S[i * P + j] = static_cast<out_t>(static_cast<double>(S[i * P + j]) + w / den);
+    S[j * P + i] = static_cast<out_t>(static_cast<double>(S[j * P + i]) + w / den);
+    if (ri > 0) diag[i] -= r * rj / ri;  // 2 dG_ii: S's diagonal is dG_ii + dG_ii
+    if (rj > 0) diag[j] -= r * ri / rj;
+  }
+  RRM_HOST_DEVICE void operator()(int64_t) const {
+    const int64_t B = n.B, K = n.K, F = K - 1, P = F + B;
+    const double g = static_cast<double>(*grad);
+    const double nk = n.present_count();
+    const double gd = g / (nk + B);
+    for (int64_t b = 0; b < B; ++b) {
+      const double nb = n.n_b(b);
+      grad_cos[b * K] = static_cast<out_t>(nb >= 1 ? -gd / (nb > 1 ? nb : 1.0) : 0.0);
+      for (int64_t k = 1; k < K; ++k) {
+        const double nkk = n.n_k(k);
+        grad_cos[b * K + k] = static_cast<out_t>(nkk >= 1 ? -gd / (nkk > 1 ? nkk : 1.0) : 0.0);
+      }
+    }
+    for (int64_t i = 0; i < P * P; ++i) S[i] = 0;
+    const double pairs = nk * (nk - 1), nkb = nk * B;
+    const double w_ff = nk > 0 ? g * 0.5 / (pairs > 1 ? pairs : 1.0) : 0.0;
+    const double w_fb = nk > 0 && n.any_bg() ? g * 0.5 / (nkb > 1 ? nkb : 1.0) : 0.0;
+    double diag[kMaxEpilogueRows];
+    for (int64_t i = 0; i < P; ++i) diag[i] = 0;
+    for (int64_t k = 0; k < F; ++k) {
+      if (n.n_k(k + 1) < 1) continue;
+      for (int64_t l = 0; l < F; ++l)
+        if (l != k && n.n_k(l + 1) >= 1) pair(k, l, P, w_ff, diag);
+      for (int64_t b = 0; b < B; ++b) pair(k, F + b, P, w_fb, diag);
+    }
+    for (int64_t i = 0; i < P; ++i) S[i * P + i] = static_cast<out_t>(static_cast<double>(S[i * P + i]) + diag[i]);
+  }
+};
+
+// One thread per (k, c): grad_sums from the cosine backward's grad_centers (B, K, C) plus the
+// separation's gA = S A (P, C), through c = s / (n + eps) (the foreground centre is shared by all
+// images: its gradient is summed over them and handed back to every image's class sum).
+template <typename out_t>
+struct GradSumsFunctor {
+  const out_t* grad_centers;  // (B, K, C)
+  const out_t* gA;            // (P, C)
+  BcdCounts<out_t> n;
+  out_t* out;  // (B, K, C)
+  int64_t C;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t B = n.B, K = n.K, k = t / C, c = t % C;
+    const out_t eps = static_cast<out_t>(kCosEps);
+    if (k == 0) {
+      for (int64_t b = 0; b < B; ++b)
+        out[b * K * C + c] =
+            (grad_centers[b * K * C + c] + gA[(K - 1 + b) * C + c]) / (static_cast<out_t>(n.n_b(b)) + eps);
+      return;
+    }
+    out_t acc = 0;
+    for (int64_t b = 0; b < B; ++b) acc += grad_centers[(b * K + k) * C + c];
+    const out_t v = (acc + gA[(k - 1) * C + c]) / (static_cast<out_t>(n.n_k(k)) + eps);
+    for (int64_t b = 0; b < B; ++b) out[(b * K + k) * C + c] = v;
   }
 };
 

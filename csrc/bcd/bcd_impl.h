@@ -713,13 +713,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     finite.data_ptr<bool>()[0] = seg_finite;
     finite.data_ptr<bool>()[1] = sums_finite;
   } else {
+    const int64_t B = sums.size(0), C = sums.size(2), P = K - 1 + B;
     counts = (seg.offsets.narrow(1, 1, K) - seg.offsets.narrow(1, 0, K)).to(sums.scalar_type());
-    centers = at::empty_like(sums);
-    centers.select(1, 0).copy_(sums.select(1, 0) / (counts.select(1, 0) + kBcdEps).unsqueeze(-1));
-    const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
-    centers.narrow(1, 1, K - 1).copy_((sums.narrow(1, 1, K - 1).sum(0) / (n_k + kBcdEps).unsqueeze(-1)).unsqueeze(0));
-    std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
-    loss = bcd_loss_value(centers, counts, cos_sums);
+    if (P <= kMaxEpilogueRows) {  // the epilogue as functors (bcd_common.h section 6): 3 launches + 1 GEMM
+      centers = at::empty_like(sums);
+      auto A = at::empty({P, C}, sums.options());
+      AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "rrm_bcd_epilogue", [&] {
+        const BcdCounts<scalar_t> n{counts.data_ptr<scalar_t>(), B, K};
+        exec.for_each(K * C, CentersFunctor<scalar_t>{sums.data_ptr<scalar_t>(), n, centers.data_ptr<scalar_t>(),
+                                                      A.data_ptr<scalar_t>(), C});
+        std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
+        cos_sums = cos_sums.contiguous();
+        const auto G = at::mm(A, A.t()).contiguous();
+        loss = at::empty({}, sums.options());
+        exec.for_each(1, LossFunctor<scalar_t>{n, cos_sums.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
+                                               loss.data_ptr<scalar_t>()});
+      });
+    } else {
+      centers = at::empty_like(sums);
+      centers.select(1, 0).copy_(sums.select(1, 0) / (counts.select(1, 0) + kBcdEps).unsqueeze(-1));
+      const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
+      centers.narrow(1, 1, K - 1).copy_((sums.narrow(1, 1, K - 1).sum(0) / (n_k + kBcdEps).unsqueeze(-1)).unsqueeze(0));
+      std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
+      loss = bcd_loss_value(centers, counts, cos_sums);
+    }
     finite = at::stack({at::isfinite(seg_logits).all(), at::isfinite(sums).all()});
   }
   return {loss, labels, centers, dot, norm, cos_sums, counts, finite};
@@ -750,6 +767,31 @@ at::Tensor bcd_loss_backward(const Exec& exec, const at::Tensor& grad, const at:
     return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
   }
   const auto g = grad.to(ct);
+  const int64_t F = K - 1, P = F + B;
+  if (P <= kMaxEpilogueRows) {  // the epilogue's adjoint as functors (bcd_common.h section 6)
+    const auto c = centers.contiguous(), n_t = counts.contiguous(), gc = g.contiguous();
+    const auto A = at::cat({c.select(0, 0).narrow(0, 1, F), c.select(1, 0)}, 0);  // (P, C)
+    const auto G = at::mm(A, A.t()).contiguous();
+    auto grad_cos = at::empty({B, K}, c.options());
+    auto S = at::empty({P, P}, c.options());
+    AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_epilogue_adjoint", [&] {
+      const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
+      exec.for_each(1, EpilogueAdjointFunctor<scalar_t>{n, gc.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
+                                                        grad_cos.data_ptr<scalar_t>(), S.data_ptr<scalar_t>()});
+    });
+    at::Tensor grad_features, grad_centers;
+    std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, c, dot, norm);
+    const auto gA = at::mm(S, A).contiguous();
+    const auto gcen = grad_centers.contiguous();
+    auto grad_sums = at::empty_like(c);
+    const int64_t C = c.size(2);
+    AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_grad_sums", [&] {
+      const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
+      exec.for_each(K * C, GradSumsFunctor<scalar_t>{gcen.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(), n,
+                                                     grad_sums.data_ptr<scalar_t>(), C});
+    });
+    return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
+  }
   const auto n_b = counts.select(1, 0);
   const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
   const auto present = n_k.ge(1);

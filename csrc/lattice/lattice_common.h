@@ -852,7 +852,7 @@ struct MeanFieldCpuFunctor {
 template <typename scalar_t, int W>
 RRM_HOST_DEVICE void row_add_scaled(scalar_t* acc, scalar_t w, const scalar_t* row) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same<scalar_t, float>::value) {
+  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
     const float4* r4 = reinterpret_cast<const float4*>(row);
 #pragma unroll
     for (int k = 0; k < W / 4; ++k) {
@@ -874,7 +874,7 @@ RRM_HOST_DEVICE void row_add_scaled(scalar_t* acc, scalar_t w, const scalar_t* r
 template <typename scalar_t, int W>
 RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same<scalar_t, float>::value) {
+  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
     const float4* s4 = reinterpret_cast<const float4*>(src);
     float4* d4 = reinterpret_cast<float4*>(dst);
 #pragma unroll
@@ -901,12 +901,12 @@ RRM_HOST_DEVICE scalar_t exp_any(scalar_t x) {
 #endif
 }
 
-// Splat of Q's rows, chunk k of image b, channels [4g, 4g + 4) (one float4 per entry on CUDA):
-// partial = sum over the chunk's entries of w * pre * q_i. Four channels per thread rather than a
-// whole row: a thread walks its chunk's entries one after another, and W/4 threads per chunk hide
-// that latency chain better (an H200 took 53 us per 512x512x21 splat with whole rows per thread,
-// 40 us with one channel per thread).
-template <typename scalar_t, int W>
+// Splat of Q's rows, chunk k of image b, channels [V g, V g + V) (V = 4: one float4 per entry on
+// CUDA): partial = sum over the chunk's entries of w * pre * q_i. A thread walks its chunk's entries
+// one after another, so the threads per chunk (W / V) are what hides that chain's latency: an H200
+// took 53 us per 512x512x21 splat with a whole row per thread, 40 us with one channel per thread
+// (the per-term path). dense_crf takes V = 4 for rows of 16 or more, V = 1 for 4 or 8.
+template <typename scalar_t, int W, int V>
 struct SplatChunkRowFunctor {
   const scalar_t* q;             // (B, N, W)
   const scalar_t* pre;           // (LB, N) per-pixel factor, or nullptr
@@ -926,13 +926,14 @@ struct SplatChunkRowFunctor {
     const scalar_t* qb = q + b * N * W;
     const scalar_t* pb = pre ? pre + lb * N : nullptr;
     for (int64_t g = g0; g < g1; ++g) {
-      scalar_t acc[4] = {0, 0, 0, 0};
+      scalar_t acc[V];
+      for (int c = 0; c < V; ++c) acc[c] = 0;
       for (int32_t p = s0; p < s1; ++p) {
         const int64_t i = pix[p];
         const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
-        row_add_scaled<scalar_t, 4>(acc, w, qb + i * W + 4 * g);
+        row_add_scaled<scalar_t, V>(acc, w, qb + i * W + V * g);
       }
-      row_copy<scalar_t, 4>(partial + (b * K + k) * W + 4 * g, acc);
+      row_copy<scalar_t, V>(partial + (b * K + k) * W + V * g, acc);
     }
   }
 };

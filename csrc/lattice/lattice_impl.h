@@ -590,8 +590,9 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, 
       const int64_t M = lat.M, K = lat.K;
       scalar_t* cur = bufa[t].data_ptr<scalar_t>();
       scalar_t* nxt = bufb[t].data_ptr<scalar_t>();
-      exec.for_each_item(B, K, W / 4,
-                         SplatChunkRowFunctor<scalar_t, W>{
+      constexpr int V = W >= 16 ? 4 : 1;
+      exec.for_each_item(B, K, W / V,
+                         SplatChunkRowFunctor<scalar_t, W, V>{
                              q.data_ptr<scalar_t>(), ptr(terms.pre[t]), lat.chunk_begin.data_ptr<int32_t>(),
                              lat.chunk_end.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
                              lat.splat_weight.data_ptr<scalar_t>(), part[t].data_ptr<scalar_t>(), N, lat.E, K, lat.B},
