@@ -96,9 +96,11 @@ inline at::Tensor make_keys_cpu(const at::Tensor& labels, int64_t K, int64_t ign
 // key + b (K + 1) (int32 when they fit, int64 otherwise) in one pass (KeysFunctor). Bad labels are
 // flagged on the device; the flag costs one host synchronisation per call (the only one of the op),
 // and only when it is set is the slower check that names the bad values run.
+// checked = false skips that synchronisation for labels known to be valid (an argmax over K classes):
+// a bad label then only becomes "ignored".
 template <class Exec>
-at::Tensor make_keys_flat(const Exec& exec, const at::Tensor& labels, int64_t K, int64_t ignore_index,
-                          at::Tensor* skey) {
+at::Tensor make_keys_flat(const Exec& exec, const at::Tensor& labels, int64_t K, int64_t ignore_index, at::Tensor* skey,
+                          bool checked = true) {
   const int64_t B = labels.size(0), N = labels.size(1);
   auto key = at::empty({B, N}, labels.options().dtype(at::kInt));
   const bool wide = B * (K + 1) >= (int64_t{1} << 31);
@@ -126,7 +128,7 @@ at::Tensor make_keys_flat(const Exec& exec, const at::Tensor& labels, int64_t K,
       run(skey->data_ptr<int32_t>());
     }
   });
-  if (bad.item<int32_t>() != 0) make_keys(labels, K, ignore_index);  // throws, naming the bad values
+  if (checked && bad.item<int32_t>() != 0) make_keys(labels, K, ignore_index);  // throws, naming the bad values
   return key;
 }
 
@@ -134,7 +136,7 @@ at::Tensor make_keys_flat(const Exec& exec, const at::Tensor& labels, int64_t K,
 // parallel over images; on the GPU and its emulation a stable sort of (image, key) pairs -- both
 // give the same, increasing, pixel order inside each segment.
 template <class Exec>
-Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t ignore_index) {
+Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t ignore_index, bool checked = true) {
   const int64_t B = labels.size(0), N = labels.size(1);
   const auto lopt = labels.options().dtype(at::kLong);
   Segments s;
@@ -163,7 +165,7 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
     // No bincount (whose CUDA version synchronises to size its output) and no host synchronisation
     // but the label check's.
     at::Tensor skey;
-    s.key = make_keys_flat(Exec{}, labels, K, ignore_index, &skey);
+    s.key = make_keys_flat(Exec{}, labels, K, ignore_index, &skey, checked);
     s.perm = at::empty({B, N}, s.key.options());
     s.offsets = N > 0 ? at::empty({B, K + 2}, lopt) : at::zeros({B, K + 2}, lopt);
     s.cap = chunk_capacity(N, K);
@@ -672,7 +674,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     labels = seg_logits.argmax(1);
   }
-  const Segments seg = make_segments(exec, labels, K, /*ignore_index=*/-1);
+  // the labels are an argmax over K classes: no label check (and no host synchronisation) needed
+  const Segments seg = make_segments(exec, labels, K, /*ignore_index=*/-1, /*checked=*/false);
   const at::Tensor sums = segment_sums(exec, features, seg, K, at::Tensor());
   // c_b = sum_{M=0} F / (n_b + eps) per image; c_k = sum_{(b, p): M=k} F / (n_k + eps) over the batch.
   at::Tensor counts, centers, cos_sums, dot, norm, loss, finite;
