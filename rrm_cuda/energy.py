@@ -12,13 +12,16 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validate as V
 from ._ext import ops
-from .functional import _check_lattice_features, bilateral_features
+from .functional import _check_key_range, _check_lattice_features, bilateral_features
 
 _GRAD_MODES = {"rloss": 1, "exact": 2}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -35,11 +38,13 @@ def _check_values(
     seg_label: Tensor | None,
     distribution: bool,
     ignore_index: int,
-) -> None:
+    extra: Sequence[tuple[str, Tensor]] = (),
+) -> list[tuple[float, float] | None]:
     """Data-dependent checks (skipped while torch.compile traces: they would break the graph).
 
     One min/max pass per tensor: NaN propagates into it and ±Inf falls outside the allowed range, so
-    the finiteness checks cost nothing extra on valid inputs.
+    the finiteness checks cost nothing extra on valid inputs. ``extra`` (name, tensor) pairs are read
+    in the same synchronisation: checked finite, their (min, max) returned (None when empty).
     """
     images, probs = images.detach(), probs.detach()
 
@@ -63,8 +68,11 @@ def _check_values(
         lab = seg_label if seg_label.is_floating_point() else seg_label.long()
         ok = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
         stats["lab_ok"] = ok.all()
+    for j, (_, t) in enumerate(extra):
+        if t.numel():
+            stats[f"x{j}_lo"], stats[f"x{j}_hi"] = torch.aminmax(t.detach())
     if not stats:
-        return
+        return [None] * len(extra)
     v = dict(zip(stats, torch.stack([t.double() for t in stats.values()]).tolist()))
 
     if "img_lo" in v and not (v["img_lo"] >= 0 and v["img_hi"] <= 255):
@@ -97,6 +105,16 @@ def _check_values(
             f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
             f"values (e.g. {float(lab[~ok][0]):g})"
         )
+    ranges: list[tuple[float, float] | None] = []
+    for j, (name, _) in enumerate(extra):
+        if f"x{j}_lo" not in v:
+            ranges.append(None)
+            continue
+        lo, hi = v[f"x{j}_lo"], v[f"x{j}_hi"]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} contains {'NaN' if math.isnan(lo) or math.isnan(hi) else 'Inf'} values")
+        ranges.append((lo, hi))
+    return ranges
 
 
 def dense_energy_loss(
@@ -206,8 +224,6 @@ def dense_energy_loss(
         raise TypeError(f"weight must be a number; got {type(weight).__name__}") from None
     if weight != weight or weight in (float("inf"), float("-inf")):
         raise ValueError(f"weight must be finite; got {weight}")
-    if check_inputs and not _compiling():
-        _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
 
     dtype = segmentations.dtype if segmentations.dtype in _COMPUTE_DTYPES else torch.float32
     probs = segmentations.to(dtype)
@@ -231,10 +247,21 @@ def dense_energy_loss(
         g = probs.new_ones((B, h, w))
     s_hat = probs * roi.unsqueeze(1)
     if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
+        if check_inputs and not _compiling():
+            _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
         return s_hat.sum() * weight
     feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)
     if not _compiling():
-        _check_lattice_features(feats, "images (bilateral features)", K + 1, dtype)
+        fname = "images (bilateral features)"
+        if check_inputs:  # the value checks and the features' range: one device synchronisation
+            (rng,) = _check_values(
+                images, segmentations, rois, seg_label, gate or nonnegative, ignore_index, extra=[(fname, feats)]
+            )
+            _check_lattice_features(feats, fname, K + 1, dtype, values=False)
+            if rng is not None:
+                _check_key_range(feats, fname, max(abs(rng[0]), abs(rng[1])))
+        else:
+            _check_lattice_features(feats, fname, K + 1, dtype)
     mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
     mass = roi.reshape(B, -1).detach() if nonnegative else None
     energy, _ = ops.dense_energy(
