@@ -553,8 +553,8 @@ def test_emulated_cuda_chunks_equal_cpu(layout, K):
 @pytest.mark.parametrize("case", ["random", "no_background_image", "no_background", "K1", "many_classes"])
 def test_emulated_cuda_loss_equals_cpu(dtype, case):
     # bcd_loss / bcd_loss_backward: the GPU path (segments by sorting, the epilogue and its adjoint as
-    # functors around one Gram matrix; tensor ops beyond kMaxEpilogueRows = 256 classes + images, the
-    # "many_classes" case) against the CPU's (counting sort, the epilogue as loops).
+    # functors around one Gram matrix of the centres) against the CPU's (counting sort, the epilogue as
+    # loops); "many_classes": 300 classes, most of them absent.
     B, C, h, w, K = 3, 70, 5, 6, (300 if case == "many_classes" else 6)
     seg = _seg(B, K, h, w, bg_bias=1.0).reshape(B, K, -1)
     if case == "no_background_image":

@@ -24,9 +24,6 @@ namespace bcd {
 
 // The authors' cosine: cos(a, b) = a.b / (|a| |b| + 1e-7) (SPEC section 4).
 constexpr double kCosEps = 1e-7;
-// The GPU epilogue (section 6) keeps per-row sums of its (F + B)-row Gram matrix in registers; the
-// op falls back to tensor operations for more rows (more than 255 classes + images).
-constexpr int kMaxEpilogueRows = 256;
 
 struct FeatureView {
   int64_t sB, sC, sN;  // element strides of features (B, C, N)
@@ -615,89 +612,152 @@ struct CentersFunctor {
   }
 };
 
-// The loss (one thread): compactness (T1 + T2) / (|K| + B) and the separation from G (P, P).
+// The class statistics the loss and its adjoint share, computed once (one thread; O(B K) reads):
+// meta (F + B + 2) double = [n_k for the F foreground classes, n_b for the B images, |K| (the number
+// of present foreground classes), 1 if any image has background pixels else 0].
 template <typename out_t>
-struct LossFunctor {
+struct MetaFunctor {
   BcdCounts<out_t> n;
+  double* meta;
+  RRM_HOST_DEVICE void operator()(int64_t) const {
+    const int64_t B = n.B, F = n.K - 1;
+    double nk = 0, any_bg = 0;
+    for (int64_t k = 0; k < F; ++k) {
+      const double v = n.n_k(k + 1);
+      meta[k] = v;
+      nk += v >= 1 ? 1.0 : 0.0;
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const double v = n.n_b(b);
+      meta[F + b] = v;
+      any_bg = v >= 1 ? 1.0 : any_bg;
+    }
+    meta[F + B] = nk;
+    meta[F + B + 1] = any_bg;
+  }
+};
+
+RRM_HOST_DEVICE double clamp_min1(double x) { return x > 1 ? x : 1.0; }
+
+// cos(a_i, a_j) from the Gram matrix G (P, P).
+template <typename out_t>
+RRM_HOST_DEVICE double gram_cos(const out_t* G, int64_t P, int64_t i, int64_t j) {
+  return static_cast<double>(G[i * P + j]) /
+         (sqrt(static_cast<double>(G[i * P + i])) * sqrt(static_cast<double>(G[j * P + j])) + kCosEps);
+}
+
+// One thread per row of A: part (P, 3). Foreground class k (row k < F, present): its compactness
+// term 1 - (sum_b cos_sums[b, k]) / n_k and its rows of the separation sums, sum over present l != k
+// of 1 + cos(c_k, c_l) and sum over images of 1 + cos(c_k, c_b). Image b (row F + b): its background
+// compactness term (2 without background pixels).
+template <typename out_t>
+struct LossRowFunctor {
+  const double* meta;
   const out_t* cos_sums;  // (B, K)
   const out_t* G;         // (P, P)
-  out_t* loss;            // ()
-  RRM_HOST_DEVICE double cos_of(int64_t i, int64_t j, int64_t P) const {
-    const double gij = G[i * P + j];
-    return gij / (sqrt(static_cast<double>(G[i * P + i])) * sqrt(static_cast<double>(G[j * P + j])) + kCosEps);
+  double* part;           // (P, 3)
+  int64_t B, K;
+  RRM_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t F = K - 1, P = F + B;
+    double* o = part + i * 3;
+    o[0] = o[1] = o[2] = 0;
+    if (i >= F) {
+      const int64_t b = i - F;
+      const double nb = meta[F + b];
+      o[0] = nb >= 1 ? 1 - cos_sums[b * K] / clamp_min1(nb) : 2.0;
+      return;
+    }
+    const double nk = meta[i];
+    if (nk < 1) return;
+    double s = 0;
+    for (int64_t b = 0; b < B; ++b) s += cos_sums[b * K + 1 + i];
+    o[0] = 1 - s / clamp_min1(nk);
+    for (int64_t l = 0; l < F; ++l)
+      if (l != i && meta[l] >= 1) o[1] += 1 + gram_cos(G, P, i, l);
+    for (int64_t b = 0; b < B; ++b) o[2] += 1 + gram_cos(G, P, i, F + b);
   }
+};
+
+// The loss from the row sums (one thread, O(P) reads): (T1 + T2) / (|K| + B) + the separation.
+template <typename out_t>
+struct LossFinishFunctor {
+  const double* meta;
+  const double* part;  // (P, 3)
+  out_t* loss;         // ()
+  int64_t B, K;
   RRM_HOST_DEVICE void operator()(int64_t) const {
-    const int64_t B = n.B, K = n.K, F = K - 1, P = F + B;
-    const double nk = n.present_count();
-    const bool any_bg = n.any_bg();
+    const int64_t F = K - 1;
+    const double nk = meta[F + B], any_bg = meta[F + B + 1];
     double t1 = 0, t2 = 0, l_ff = 0, l_fb = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const double nb = n.n_b(b);
-      t1 += nb >= 1 ? 1 - cos_sums[b * K] / (nb > 1 ? nb : 1.0) : 2.0;
-    }
     for (int64_t k = 0; k < F; ++k) {
-      const double nkk = n.n_k(k + 1);
-      if (nkk < 1) continue;
-      double s = 0;
-      for (int64_t b = 0; b < B; ++b) s += cos_sums[b * K + 1 + k];
-      t2 += 1 - s / (nkk > 1 ? nkk : 1.0);
-      for (int64_t l = 0; l < F; ++l)
-        if (l != k && n.n_k(l + 1) >= 1) l_ff += 1 + cos_of(k, l, P);
-      for (int64_t b = 0; b < B; ++b) l_fb += 1 + cos_of(k, F + b, P);
+      t2 += part[k * 3];
+      l_ff += part[k * 3 + 1];
+      l_fb += part[k * 3 + 2];
     }
-    const double pairs = nk * (nk - 1);
-    l_ff /= pairs > 1 ? pairs : 1.0;
-    l_fb /= nk * B > 1 ? nk * B : 1.0;
-    const double center = nk > 0 ? (any_bg ? 0.5 * l_ff + 0.5 * l_fb : 0.5 * l_ff + 1) : 0.0;
+    for (int64_t b = 0; b < B; ++b) t1 += part[(F + b) * 3];
+    l_ff /= clamp_min1(nk * (nk - 1));
+    l_fb /= clamp_min1(nk * B);
+    const double center = nk > 0 ? (any_bg > 0 ? 0.5 * l_ff + 0.5 * l_fb : 0.5 * l_ff + 1) : 0.0;
     *loss = static_cast<out_t>(center + (t1 + t2) / (nk + B));
   }
 };
 
-// The epilogue's adjoint for the upstream gradient *grad (one thread): d loss / d cos_sums (B, K),
-// and S = dG + dG^T (P, P) for the separation, so that d loss / d A = S A. For a term w cos(a_i, a_j)
-// with r_i = sqrt(G_ii), D = r_i r_j + eps: dG_ij += w / D, dG_ii -= w G_ij r_j / (2 r_i D^2) (0 where
-// r_i = 0, torch's subgradient of the norm), likewise dG_jj.
+// The separation's adjoint for the upstream gradient *grad, one thread per entry (i, j) of
+// S = dG + dG^T (P, P), so that d loss / d A = S A. The loss holds w_ij cos(a_i, a_j) for the ordered
+// pairs (i, j) with w_ij = w_ff (both foreground, present, i != j) or w_fb (i foreground present, j an
+// image); with r_i = sqrt(G_ii) and D = r_i r_j + eps, such a term gives dG_ij = w / D and
+// dG_ii = -w G_ij r_j / (2 r_i D^2) (0 where r_i = 0, torch's subgradient of the norm), likewise dG_jj.
+// So S_ij = (w_ij + w_ji) / D_ij off the diagonal and S_ii = -sum_j (w_ij + w_ji) G_ij r_j / (r_i D_ij^2).
 template <typename out_t>
-struct EpilogueAdjointFunctor {
-  BcdCounts<out_t> n;
+struct AdjointGramFunctor {
+  const double* meta;
   const out_t* grad;  // ()
   const out_t* G;     // (P, P)
-  out_t* grad_cos;    // (B, K)
   out_t* S;           // (P, P) out
-  RRM_HOST_DEVICE void pair(int64_t i, int64_t j, int64_t P, double w, double* diag) const {
-    const double ri = sqrt(static_cast<double>(G[i * P + i])), rj = sqrt(static_cast<double>(G[j * P + j]));
-    const double den = ri * rj + kCosEps, r = w * static_cast<double>(G[i * P + j]) / (den * den);
-    S[i * P + j] = static_cast<out_t>(static_cast<double>(S[i * P + j]) + w / den);
-    S[j * P + i] = static_cast<out_t>(static_cast<double>(S[j * P + i]) + w / den);
-    if (ri > 0) diag[i] -= r * rj / ri;  // 2 dG_ii: S's diagonal is dG_ii + dG_ii
-    if (rj > 0) diag[j] -= r * ri / rj;
+  int64_t B, K;
+  RRM_HOST_DEVICE double weight(int64_t i, int64_t j, double w_ff, double w_fb) const {  // ordered pair
+    const int64_t F = K - 1;
+    if (i >= F || i == j || meta[i] < 1) return 0.0;
+    if (j < F) return meta[j] >= 1 ? w_ff : 0.0;
+    return w_fb;
   }
-  RRM_HOST_DEVICE void operator()(int64_t) const {
-    const int64_t B = n.B, K = n.K, F = K - 1, P = F + B;
-    const double g = static_cast<double>(*grad);
-    const double nk = n.present_count();
-    const double gd = g / (nk + B);
-    for (int64_t b = 0; b < B; ++b) {
-      const double nb = n.n_b(b);
-      grad_cos[b * K] = static_cast<out_t>(nb >= 1 ? -gd / (nb > 1 ? nb : 1.0) : 0.0);
-      for (int64_t k = 1; k < K; ++k) {
-        const double nkk = n.n_k(k);
-        grad_cos[b * K + k] = static_cast<out_t>(nkk >= 1 ? -gd / (nkk > 1 ? nkk : 1.0) : 0.0);
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t F = K - 1, P = F + B, i = t / P, j = t % P;
+    const double g = static_cast<double>(*grad), nk = meta[F + B], any_bg = meta[F + B + 1];
+    const double w_ff = nk > 0 ? g * 0.5 / clamp_min1(nk * (nk - 1)) : 0.0;
+    const double w_fb = nk > 0 && any_bg > 0 ? g * 0.5 / clamp_min1(nk * B) : 0.0;
+    const double ri = sqrt(static_cast<double>(G[i * P + i]));
+    if (i != j) {
+      const double rj = sqrt(static_cast<double>(G[j * P + j]));
+      S[t] = static_cast<out_t>((weight(i, j, w_ff, w_fb) + weight(j, i, w_ff, w_fb)) / (ri * rj + kCosEps));
+      return;
+    }
+    double acc = 0;
+    if (ri > 0) {
+      for (int64_t l = 0; l < P; ++l) {
+        const double w = weight(i, l, w_ff, w_fb) + weight(l, i, w_ff, w_fb);
+        if (w == 0) continue;
+        const double rl = sqrt(static_cast<double>(G[l * P + l])), den = ri * rl + kCosEps;
+        acc -= w * static_cast<double>(G[i * P + l]) * rl / (ri * den * den);
       }
     }
-    for (int64_t i = 0; i < P * P; ++i) S[i] = 0;
-    const double pairs = nk * (nk - 1), nkb = nk * B;
-    const double w_ff = nk > 0 ? g * 0.5 / (pairs > 1 ? pairs : 1.0) : 0.0;
-    const double w_fb = nk > 0 && n.any_bg() ? g * 0.5 / (nkb > 1 ? nkb : 1.0) : 0.0;
-    double diag[kMaxEpilogueRows];
-    for (int64_t i = 0; i < P; ++i) diag[i] = 0;
-    for (int64_t k = 0; k < F; ++k) {
-      if (n.n_k(k + 1) < 1) continue;
-      for (int64_t l = 0; l < F; ++l)
-        if (l != k && n.n_k(l + 1) >= 1) pair(k, l, P, w_ff, diag);
-      for (int64_t b = 0; b < B; ++b) pair(k, F + b, P, w_fb, diag);
-    }
-    for (int64_t i = 0; i < P; ++i) S[i * P + i] = static_cast<out_t>(static_cast<double>(S[i * P + i]) + diag[i]);
+    S[t] = static_cast<out_t>(acc);
+  }
+};
+
+// d loss / d cos_sums (B, K) for the upstream gradient *grad, one thread per entry: the compactness
+// (T1 + T2) / (|K| + B) gives -[n >= 1] / (n (|K| + B)) with n = n_b (k = 0) or n_k.
+template <typename out_t>
+struct GradCosFunctor {
+  const double* meta;
+  const out_t* grad;  // ()
+  out_t* grad_cos;    // (B, K)
+  int64_t B, K;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t F = K - 1, b = t / K, k = t % K;
+    const double gd = static_cast<double>(*grad) / (meta[F + B] + B);
+    const double n = k == 0 ? meta[F + b] : meta[k - 1];
+    grad_cos[t] = static_cast<out_t>(n >= 1 ? -gd / clamp_min1(n) : 0.0);
   }
 };
 

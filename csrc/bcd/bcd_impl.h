@@ -457,61 +457,16 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward_segments(const Exec& exec, co
 #undef RRM_BCD_TYPES
 
 // ---- the whole loss (SPEC section 4) as one op ------------------------------------------------------
-// bcd_loss: the reductions above run on one set of segments (one label check), and the loss's
-// epilogue on the (B, K, C)-sized results is a few tensor ops here instead of autograd-recorded ones
-// in Python. bcd_loss_backward is its adjoint: the epilogue's adjoint (small tensors), one cosine
-// backward and one gather, added.
+// bcd_loss: the reductions above run on one set of segments, and the loss's epilogue on the
+// (B, K, C)-sized results runs inside the op (no autograd-recorded tensor ops in Python): as loops on
+// the CPU (BcdEpilogueCpu), as functors around a Gram matrix of the centres on the GPU and its
+// emulation (bcd_common.h section 6). bcd_loss_backward is its adjoint: the epilogue's adjoint, one
+// cosine backward and one gather, added.
 
 constexpr double kBcdEps = 1e-7;  // the authors' epsilon, in the centres and in every cosine
 
-// The loss from the centres (B, K, C) (column 0: each image's background centre c_b; columns >= 1:
-// the batch's foreground centres c_k, the same in every image), the counts (B, K) and the per-(image,
-// class) cosine sums (B, K). Returns a 0-dim tensor of the compute dtype.
-inline at::Tensor bcd_loss_value(const at::Tensor& centers, const at::Tensor& counts, const at::Tensor& cos_sums) {
-  const int64_t B = counts.size(0), K = counts.size(1);
-  const auto n_b = counts.select(1, 0);
-  const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
-  const auto present = n_k.ge(1);
-  const auto has_bg = n_b.ge(1);
-  const auto nk = present.sum().to(counts.scalar_type());
-  const auto t1 = at::where(has_bg, 1 - cos_sums.select(1, 0) / n_b.clamp_min(1), 2.0).sum();
-  const auto t2 = at::where(present, 1 - cos_sums.narrow(1, 1, K - 1).sum(0) / n_k.clamp_min(1), 0.0).sum();
-  const auto compactness = (t1 + t2) / (nk + B);
-  const auto c_b = centers.select(1, 0);
-  const auto c_k = centers.select(0, 0).narrow(0, 1, K - 1);
-  const auto na = at::linalg_vector_norm(c_k, 2, {-1});
-  const auto nb = at::linalg_vector_norm(c_b, 2, {-1});
-  const auto pairs = present.unsqueeze(1)
-                         .logical_and(present.unsqueeze(0))
-                         .logical_and(at::eye(K - 1, counts.options().dtype(at::kBool)).logical_not());
-  const auto m_ff = at::mm(c_k, c_k.t()) / (na.unsqueeze(1) * na.unsqueeze(0) + kBcdEps);
-  const auto m_fb = at::mm(c_k, c_b.t()) / (na.unsqueeze(1) * nb.unsqueeze(0) + kBcdEps);
-  const auto l_ff = at::where(pairs, 1 + m_ff, 0.0).sum() / (nk * (nk - 1)).clamp_min(1);
-  const auto l_fb = at::where(present.unsqueeze(1), 1 + m_fb, 0.0).sum() / (nk * B).clamp_min(1);
-  auto center = at::where(has_bg.any(), 0.5 * l_ff + 0.5 * l_fb, 0.5 * l_ff + 1);
-  center = at::where(nk.gt(0), center, 0.0);
-  return center + compactness;
-}
-
-// Adjoint of the cosine matrix M_ij = a_i.b_j / (|a_i| |b_j| + eps) for the weights W (d loss / d M):
-// with D = |a_i| |b_j| + eps, Q = W / D and R = Q M,
-//   d/da_i = sum_j Q_ij b_j - (a_i / |a_i|) sum_j R_ij |b_j|, likewise for b_j (0 / 0 = 0: torch's
-//   subgradient of the norm at 0). Returns (grad_a, grad_b).
-inline std::tuple<at::Tensor, at::Tensor> cos_matrix_adjoint(const at::Tensor& a, const at::Tensor& na,
-                                                             const at::Tensor& b, const at::Tensor& nb,
-                                                             const at::Tensor& w) {
-  const auto den = na.unsqueeze(1) * nb.unsqueeze(0) + kBcdEps;
-  const auto q = w / den;
-  const auto r = q * at::mm(a, b.t()) / den;
-  const auto inv_na = at::where(na.gt(0), na.reciprocal(), 0.0);
-  const auto inv_nb = at::where(nb.gt(0), nb.reciprocal(), 0.0);
-  auto grad_a = at::mm(q, b) - a * (inv_na * at::mv(r, nb)).unsqueeze(1);
-  auto grad_b = at::mm(q.t(), a) - b * (inv_nb * at::mv(r.t(), na)).unsqueeze(1);
-  return {grad_a, grad_b};
-}
-
-// The same epilogue and its adjoint as plain loops, for the CPU (CpuExec): at RRM's sizes the tensor
-// ops above cost microseconds each, more than all of the arithmetic. Everything is accumulated in
+// The epilogue and its adjoint as plain loops, for the CPU (CpuExec): at RRM's sizes tensor ops
+// cost microseconds each, more than all of the arithmetic. Everything is accumulated in
 // double; centres (B, K, C), counts and cos_sums (B, K) contiguous, of type T (the compute dtype).
 template <class T>
 struct BcdEpilogueCpu {
@@ -590,7 +545,7 @@ struct BcdEpilogueCpu {
   }
 
   // grad_sums (B, K, C) from the cosine backward's grad_centers (B, K, C) plus the separation's
-  // adjoint (cos_matrix_adjoint's formula), through c = s / (n + eps).
+  // adjoint (AdjointGramFunctor's formula, pair by pair), through c = s / (n + eps).
   void grad_sums(double g, const T* grad_centers, T* out) const {
     std::vector<double> gk(F * C, 0.0), gb(B * C, 0.0);
     for (int64_t b = 0; b < B; ++b) {
@@ -718,28 +673,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   } else {
     const int64_t B = sums.size(0), C = sums.size(2), P = K - 1 + B;
     counts = (seg.offsets.narrow(1, 1, K) - seg.offsets.narrow(1, 0, K)).to(sums.scalar_type());
-    if (P <= kMaxEpilogueRows) {  // the epilogue as functors (bcd_common.h section 6): 3 launches + 1 GEMM
-      centers = at::empty_like(sums);
-      auto A = at::empty({P, C}, sums.options());
-      AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "rrm_bcd_epilogue", [&] {
-        const BcdCounts<scalar_t> n{counts.data_ptr<scalar_t>(), B, K};
-        exec.for_each(K * C, CentersFunctor<scalar_t>{sums.data_ptr<scalar_t>(), n, centers.data_ptr<scalar_t>(),
-                                                      A.data_ptr<scalar_t>(), C});
-        std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
-        cos_sums = cos_sums.contiguous();
-        const auto G = at::mm(A, A.t()).contiguous();
-        loss = at::empty({}, sums.options());
-        exec.for_each(1, LossFunctor<scalar_t>{n, cos_sums.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
-                                               loss.data_ptr<scalar_t>()});
-      });
-    } else {
-      centers = at::empty_like(sums);
-      centers.select(1, 0).copy_(sums.select(1, 0) / (counts.select(1, 0) + kBcdEps).unsqueeze(-1));
-      const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
-      centers.narrow(1, 1, K - 1).copy_((sums.narrow(1, 1, K - 1).sum(0) / (n_k + kBcdEps).unsqueeze(-1)).unsqueeze(0));
+    // the epilogue as functors around one Gram matrix (bcd_common.h section 6): 4 launches + 1 GEMM
+    centers = at::empty_like(sums);
+    auto A = at::empty({P, C}, sums.options());
+    auto meta = at::empty({P + 2}, sums.options().dtype(at::kDouble));
+    auto part = at::empty({P, 3}, sums.options().dtype(at::kDouble));
+    AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "rrm_bcd_epilogue", [&] {
+      const BcdCounts<scalar_t> n{counts.data_ptr<scalar_t>(), B, K};
+      double* mp = meta.data_ptr<double>();
+      exec.for_each(1, MetaFunctor<scalar_t>{n, mp});
+      exec.for_each(K * C, CentersFunctor<scalar_t>{sums.data_ptr<scalar_t>(), n, centers.data_ptr<scalar_t>(),
+                                                    A.data_ptr<scalar_t>(), C});
       std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
-      loss = bcd_loss_value(centers, counts, cos_sums);
-    }
+      cos_sums = cos_sums.contiguous();
+      const auto G = at::mm(A, A.t()).contiguous();
+      exec.for_each(P, LossRowFunctor<scalar_t>{mp, cos_sums.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
+                                                part.data_ptr<double>(), B, K});
+      loss = at::empty({}, sums.options());
+      exec.for_each(1, LossFinishFunctor<scalar_t>{mp, part.data_ptr<double>(), loss.data_ptr<scalar_t>(), B, K});
+    });
     finite = at::stack({at::isfinite(seg_logits).all(), at::isfinite(sums).all()});
   }
   return {loss, labels, centers, dot, norm, cos_sums, counts, finite};
@@ -769,63 +721,32 @@ at::Tensor bcd_loss_backward(const Exec& exec, const at::Tensor& grad, const at:
     });
     return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
   }
-  const auto g = grad.to(ct);
-  const int64_t F = K - 1, P = F + B;
-  if (P <= kMaxEpilogueRows) {  // the epilogue's adjoint as functors (bcd_common.h section 6)
-    const auto c = centers.contiguous(), n_t = counts.contiguous(), gc = g.contiguous();
-    const auto A = at::cat({c.select(0, 0).narrow(0, 1, F), c.select(1, 0)}, 0);  // (P, C)
-    const auto G = at::mm(A, A.t()).contiguous();
-    auto grad_cos = at::empty({B, K}, c.options());
-    auto S = at::empty({P, P}, c.options());
-    AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_epilogue_adjoint", [&] {
-      const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
-      exec.for_each(1, EpilogueAdjointFunctor<scalar_t>{n, gc.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
-                                                        grad_cos.data_ptr<scalar_t>(), S.data_ptr<scalar_t>()});
-    });
-    at::Tensor grad_features, grad_centers;
-    std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, c, dot, norm);
-    const auto gA = at::mm(S, A).contiguous();
-    const auto gcen = grad_centers.contiguous();
-    auto grad_sums = at::empty_like(c);
-    const int64_t C = c.size(2);
-    AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_grad_sums", [&] {
-      const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
-      exec.for_each(K * C, GradSumsFunctor<scalar_t>{gcen.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(), n,
-                                                     grad_sums.data_ptr<scalar_t>(), C});
-    });
-    return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
-  }
-  const auto n_b = counts.select(1, 0);
-  const auto n_k = counts.narrow(1, 1, K - 1).sum(0);
-  const auto present = n_k.ge(1);
-  const auto has_bg = n_b.ge(1);
-  const auto nk = present.sum().to(ct);
-  // compactness (T1 + T2) / (|K| + B): d / d cos_sums[b, 0] = -[n_b >= 1] / (n_b (|K| + B)),
-  // d / d cos_sums[b, k] = -[n_k >= 1] / (n_k (|K| + B)) in every image b.
-  const auto gd = g / (nk + B);
-  auto grad_cos = at::empty_like(cos_sums);
-  grad_cos.select(1, 0).copy_(at::where(has_bg, -gd / n_b.clamp_min(1), 0.0));
-  grad_cos.narrow(1, 1, K - 1).copy_(at::where(present, -gd / n_k.clamp_min(1), 0.0).unsqueeze(0));
+  // the epilogue's adjoint as functors (bcd_common.h section 6): 4 launches + 2 GEMMs
+  const int64_t F = K - 1, P = F + B, C = centers.size(2);
+  const auto c = centers.contiguous(), n_t = counts.contiguous(), gc = grad.to(ct).contiguous();
+  const auto A = at::cat({c.select(0, 0).narrow(0, 1, F), c.select(1, 0)}, 0);  // (P, C)
+  const auto G = at::mm(A, A.t()).contiguous();
+  auto meta = at::empty({P + 2}, c.options().dtype(at::kDouble));
+  auto grad_cos = at::empty({B, K}, c.options());
+  auto S = at::empty({P, P}, c.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_epilogue_adjoint", [&] {
+    const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
+    double* mp = meta.data_ptr<double>();
+    exec.for_each(1, MetaFunctor<scalar_t>{n, mp});
+    exec.for_each(B * K, GradCosFunctor<scalar_t>{mp, gc.data_ptr<scalar_t>(), grad_cos.data_ptr<scalar_t>(), B, K});
+    exec.for_each(P * P, AdjointGramFunctor<scalar_t>{mp, gc.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
+                                                      S.data_ptr<scalar_t>(), B, K});
+  });
   at::Tensor grad_features, grad_centers;
-  std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, centers, dot, norm);
-  // separation: center = [|K| > 0] (0.5 L_ff + 0.5 [any background] L_fb (+ 1 without background)).
-  const auto c_b = centers.select(1, 0);
-  const auto c_k = centers.select(0, 0).narrow(0, 1, K - 1);
-  const auto na = at::linalg_vector_norm(c_k, 2, {-1});
-  const auto nb = at::linalg_vector_norm(c_b, 2, {-1});
-  const auto half = g * 0.5 * nk.gt(0).to(ct);
-  const auto pf = present.to(ct);
-  const auto w_ff = (pf.unsqueeze(1) * pf.unsqueeze(0)).fill_diagonal_(0) * (half / (nk * (nk - 1)).clamp_min(1));
-  const auto w_fb = pf.unsqueeze(1).expand({K - 1, B}) * (half * has_bg.any().to(ct) / (nk * B).clamp_min(1));
-  at::Tensor g_a, g_b, g_k, g_bg;
-  std::tie(g_a, g_b) = cos_matrix_adjoint(c_k, na, c_k, na, w_ff);
-  std::tie(g_k, g_bg) = cos_matrix_adjoint(c_k, na, c_b, nb, w_fb);
-  // centres -> class sums: c_b = s_b / (n_b + eps); c_k = (sum_b s_bk) / (n_k + eps).
-  auto grad_sums = at::empty_like(grad_centers);
-  grad_sums.select(1, 0).copy_((grad_centers.select(1, 0) + g_bg) / (n_b + kBcdEps).unsqueeze(-1));
-  grad_sums.narrow(1, 1, K - 1)
-      .copy_(
-          ((grad_centers.narrow(1, 1, K - 1).sum(0) + g_a + g_b + g_k) / (n_k + kBcdEps).unsqueeze(-1)).unsqueeze(0));
+  std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, c, dot, norm);
+  const auto gA = at::mm(S, A).contiguous();
+  const auto gcen = grad_centers.contiguous();
+  auto grad_sums = at::empty_like(c);
+  AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_grad_sums", [&] {
+    const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
+    exec.for_each(K * C, GradSumsFunctor<scalar_t>{gcen.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(), n,
+                                                   grad_sums.data_ptr<scalar_t>(), C});
+  });
   return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
 }
 
