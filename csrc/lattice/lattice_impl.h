@@ -72,6 +72,52 @@ at::Tensor splat_order_sorted(const Exec& exec, Lattice& lat) {
   return order.remainder_(E).reshape({B, E});
 }
 
+// CPU vertex numbering (AssignFunctor's job): owner entries take ids in increasing entry order, as
+// a serial AssignFunctor would, whatever the thread count -- a count of the owners per chunk of
+// entries, a scan, then the ids. With AssignFunctor's shared counter, two threads walking the two
+// halves of an image interleave the ids of its top and bottom vertices, which spreads each thread's
+// splat and slice rows over twice as many cache lines in the mean-field loop (and bounces the
+// counter's cache line between the cores).
+inline void assign_vertices_cpu(const int32_t* table, const int32_t* entry_slot, int32_t* entry_vertex,
+                                int32_t* vertex_owner, int32_t* num_vertices, int64_t nb, int64_t E, int64_t cap) {
+  constexpr int64_t kSpan = 16384;  // entries per chunk
+  const int64_t nch = (E + kSpan - 1) / kSpan;
+  std::vector<int32_t> first(nb * nch);
+  auto owns = [&](int64_t b, int64_t e) {
+    const int32_t s = entry_slot[b * E + e];  // < 0: the table overflowed, the host rebuilds it
+    return s >= 0 && table[b * cap + s] == static_cast<int32_t>(e);
+  };
+  at::parallel_for(0, nb * nch, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / nch, e0 = k % nch * kSpan, e1 = std::min(E, e0 + kSpan);
+      int32_t n = 0;
+      for (int64_t e = e0; e < e1; ++e) n += owns(b, e);
+      first[k] = n;
+    }
+  });
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t run = 0;
+    for (int64_t c = 0; c < nch; ++c) {
+      const int32_t n = first[b * nch + c];
+      first[b * nch + c] = run;
+      run += n;
+    }
+    num_vertices[b] = run;
+  }
+  at::parallel_for(0, nb * nch, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / nch, e0 = k % nch * kSpan, e1 = std::min(E, e0 + kSpan);
+      int32_t v = first[k];
+      for (int64_t e = e0; e < e1; ++e) {
+        if (!owns(b, e)) continue;
+        entry_vertex[b * E + e] = v;
+        vertex_owner[b * E + v] = static_cast<int32_t>(e);
+        ++v;
+      }
+    }
+  });
+}
+
 // Builds the lattices of a batch. features: (B, d, N) contiguous, float or double.
 // Images are processed `chunk` at a time (the hash tables and keys of a chunk are workspace).
 template <class Exec>
@@ -140,9 +186,14 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
             nb, E, 1,
             InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), counters.data_ptr<int32_t>(),
                           counters.data_ptr<int32_t>() + nb, keys.data_ptr<int32_t>(), E, cap, d});
-        exec.for_each_item(nb, E, 1,
-                           AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
-                                         owner.data_ptr<int32_t>(), nv, E, cap});
+        if constexpr (std::is_same_v<Exec, CpuExec>) {
+          assign_vertices_cpu(table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, owner.data_ptr<int32_t>(), nv,
+                              nb, E, cap);
+        } else {
+          exec.for_each_item(nb, E, 1,
+                             AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
+                                           owner.data_ptr<int32_t>(), nv, E, cap});
+        }
         exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
         const auto stats = at::stack({counters[1].max(), nv_chunk.max()}).cpu();
         const int32_t* st = stats.data_ptr<int32_t>();
