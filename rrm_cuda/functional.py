@@ -186,7 +186,11 @@ def _divides(b_img: int, b: int) -> bool:
 
 def unary_from_probs(probs: Tensor, clip: float = 1e-5) -> Tensor:
     """``-log(clip(p, clip, 1))``: pydensecrf.utils.unary_from_softmax on tensors (any shape)."""
-    return -torch.log(probs.clamp(min=clip, max=1.0))
+    u = probs.clamp(min=clip, max=1.0)
+    if u.requires_grad:
+        return -torch.log(u)
+    # without autograd: one new tensor instead of three (fresh pages cost as much as the passes)
+    return torch.log_(u).neg_()
 
 
 def _compat_matrix(

@@ -72,6 +72,52 @@ at::Tensor splat_order_sorted(const Exec& exec, Lattice& lat) {
   return order.remainder_(E).reshape({B, E});
 }
 
+// CPU vertex numbering (AssignFunctor's job): owner entries take ids in increasing entry order, as
+// a serial AssignFunctor would, whatever the thread count -- a count of the owners per chunk of
+// entries, a scan, then the ids. With AssignFunctor's shared counter, two threads walking the two
+// halves of an image interleave the ids of its top and bottom vertices, which spreads each thread's
+// splat and slice rows over twice as many cache lines in the mean-field loop (and bounces the
+// counter's cache line between the cores).
+inline void assign_vertices_cpu(const int32_t* table, const int32_t* entry_slot, int32_t* entry_vertex,
+                                int32_t* vertex_owner, int32_t* num_vertices, int64_t nb, int64_t E, int64_t cap) {
+  constexpr int64_t kSpan = 16384;  // entries per chunk
+  const int64_t nch = (E + kSpan - 1) / kSpan;
+  std::vector<int32_t> first(nb * nch);
+  auto owns = [&](int64_t b, int64_t e) {
+    const int32_t s = entry_slot[b * E + e];  // < 0: the table overflowed, the host rebuilds it
+    return s >= 0 && table[b * cap + s] == static_cast<int32_t>(e);
+  };
+  at::parallel_for(0, nb * nch, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / nch, e0 = k % nch * kSpan, e1 = std::min(E, e0 + kSpan);
+      int32_t n = 0;
+      for (int64_t e = e0; e < e1; ++e) n += owns(b, e);
+      first[k] = n;
+    }
+  });
+  for (int64_t b = 0; b < nb; ++b) {
+    int32_t run = 0;
+    for (int64_t c = 0; c < nch; ++c) {
+      const int32_t n = first[b * nch + c];
+      first[b * nch + c] = run;
+      run += n;
+    }
+    num_vertices[b] = run;
+  }
+  at::parallel_for(0, nb * nch, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / nch, e0 = k % nch * kSpan, e1 = std::min(E, e0 + kSpan);
+      int32_t v = first[k];
+      for (int64_t e = e0; e < e1; ++e) {
+        if (!owns(b, e)) continue;
+        entry_vertex[b * E + e] = v;
+        vertex_owner[b * E + v] = static_cast<int32_t>(e);
+        ++v;
+      }
+    }
+  });
+}
+
 // Builds the lattices of a batch. features: (B, d, N) contiguous, float or double.
 // Images are processed `chunk` at a time (the hash tables and keys of a chunk are workspace).
 template <class Exec>
@@ -140,9 +186,14 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
             nb, E, 1,
             InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), counters.data_ptr<int32_t>(),
                           counters.data_ptr<int32_t>() + nb, keys.data_ptr<int32_t>(), E, cap, d});
-        exec.for_each_item(nb, E, 1,
-                           AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
-                                         owner.data_ptr<int32_t>(), nv, E, cap});
+        if constexpr (std::is_same_v<Exec, CpuExec>) {
+          assign_vertices_cpu(table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, owner.data_ptr<int32_t>(), nv,
+                              nb, E, cap);
+        } else {
+          exec.for_each_item(nb, E, 1,
+                             AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
+                                           owner.data_ptr<int32_t>(), nv, E, cap});
+        }
         exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
         const auto stats = at::stack({counters[1].max(), nv_chunk.max()}).cpu();
         const int32_t* st = stats.data_ptr<int32_t>();
@@ -335,14 +386,27 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
     return x.defined() ? x.data_ptr<scalar_t>() + off : nullptr;
   };
   // Rows padded to W: the unary with kSoftmaxPad, the compatibilities with 0 (fixed-width loops).
-  at::Tensor base_w = at::full({N, W}, static_cast<scalar_t>(kSoftmaxPad), opt);
-  at::Tensor base_labels = base_w.narrow(1, 0, L);
+  at::Tensor base_w = at::empty({N, W}, opt);
   std::vector<at::Tensor> coef_w(T);
   for (int t = 0; t < T; ++t) coef_w[t] = at::constant_pad_nd(coefs[t], {0, W - L}, 0);
   MeanFieldCpuFunctor<scalar_t, W> proto{};
   for (int c = 0; c < W; ++c) proto.mask[c] = c < L ? scalar_t(1) : scalar_t(0);
   for (int64_t b = 0; b < B; ++b) {
-    at::neg_out(base_labels, unary[b].t());
+    // -unary[b] transposed into the padded rows, in blocks of pixels (ATen's strided neg_out into
+    // the (N, L) view took 6 ms at 500x375x21 on one thread, and did not use a second one).
+    {
+      const scalar_t* u = unary.data_ptr<scalar_t>() + b * L * N;
+      scalar_t* bw = base_w.data_ptr<scalar_t>();
+      at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t i0 = k * 64, i1 = std::min(N, i0 + 64);
+          for (int64_t l = 0; l < L; ++l)
+            for (int64_t i = i0; i < i1; ++i) bw[i * W + l] = -u[l * N + i];
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t l = L; l < W; ++l) bw[i * W + l] = static_cast<scalar_t>(kSoftmaxPad);
+        }
+      });
+    }
     std::vector<int64_t> Mb(T);
     std::vector<const scalar_t*> blurred(T, nullptr);
     // Image b uses lattice b % lat.B of each term (a term's lattices may be shared, see dense_crf).
