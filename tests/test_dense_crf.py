@@ -125,6 +125,24 @@ def test_layouts_and_half():
     torch.testing.assert_close(h, rrm_cuda.dense_crf(unary.half().float(), image), rtol=1e-5, atol=1e-5)
 
 
+def test_op_takes_strided_unary():
+    # the op itself (not only the public API) accepts a non-contiguous unary, on every path
+    unary, image = _crf_inputs(B=2, L=5)
+    B, L, H, W = unary.shape
+    pos, bil = _ref_features(B, H, W, image, torch.float64)
+    u = unary.reshape(B, L, -1)
+    strided = u.transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, N) with the label stride 1
+    assert not strided.is_contiguous()
+    eye = torch.eye(L, dtype=torch.float64)
+    for c, diag in (
+        (torch.stack([-3 * eye, -5 * eye]), [True, True]),
+        (-torch.rand(2, L, L, dtype=torch.float64), [False] * 2),
+    ):
+        for op in (ops.dense_crf, ops._dense_crf_emulated):
+            args = ([pos, bil], c, diag, [0, 0], 3)
+            torch.testing.assert_close(op(strided, *args), op(u, *args), rtol=0, atol=0)
+
+
 def test_emulated_cuda_launch_matches_cpu():
     unary, image = _crf_inputs(B=2, L=5)
     B, L, H, W = unary.shape

@@ -387,6 +387,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
   };
   // Rows padded to W: the unary with kSoftmaxPad, the compatibilities with 0 (fixed-width loops).
   at::Tensor base_w = at::empty({N, W}, opt);
+  const at::Tensor unary_c = unary.contiguous();  // the op takes any strides; read below as (B, L, N)
   std::vector<at::Tensor> coef_w(T);
   for (int t = 0; t < T; ++t) coef_w[t] = at::constant_pad_nd(coefs[t], {0, W - L}, 0);
   MeanFieldCpuFunctor<scalar_t, W> proto{};
@@ -395,7 +396,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
     // -unary[b] transposed into the padded rows, in blocks of pixels (ATen's strided neg_out into
     // the (N, L) view took 6 ms at 500x375x21 on one thread, and did not use a second one).
     {
-      const scalar_t* u = unary.data_ptr<scalar_t>() + b * L * N;
+      const scalar_t* u = unary_c.data_ptr<scalar_t>() + b * L * N;
       scalar_t* bw = base_w.data_ptr<scalar_t>();
       at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
