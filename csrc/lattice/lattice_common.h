@@ -319,32 +319,80 @@ struct ChunkRangeFunctor {
   }
 };
 
-template <typename scalar_t>
+// acc[0, W) += w * row[0, W)
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_add_scaled(scalar_t* acc, scalar_t w, const scalar_t* row) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
+    const float4* r4 = reinterpret_cast<const float4*>(row);
+#pragma unroll
+    for (int k = 0; k < W / 4; ++k) {
+      const float4 x = __ldg(r4 + k);
+      acc[4 * k] += w * x.x;
+      acc[4 * k + 1] += w * x.y;
+      acc[4 * k + 2] += w * x.z;
+      acc[4 * k + 3] += w * x.w;
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < W; ++c) acc[c] += w * row[c];
+  }
+#else
+  for (int c = 0; c < W; ++c) acc[c] += w * row[c];
+#endif
+}
+
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+#pragma unroll
+    for (int k = 0; k < W / 4; ++k) d4[k] = s4[k];
+  } else {
+#pragma unroll
+    for (int c = 0; c < W; ++c) dst[c] = src[c];
+  }
+#else
+  for (int c = 0; c < W; ++c) dst[c] = src[c];
+#endif
+}
+
+// Chunk k of image b's splat lists, channels [V g, V g + V): partial = sum over the chunk's entries
+// of w * pre * in_i, in entry order. A thread walks its chunk's entries one after another, so the
+// threads per chunk (C / V) hide that chain's latency: V = 1 (one channel per thread) for the
+// per-term filter and rows of 4 or 8 in the fused mean field; V = 4 (one float4 per entry on CUDA;
+// C a multiple of 4) for its wider rows (an H200 took 53 us per 512x512x21 splat with a whole row
+// per thread, 40 us with one channel per thread). Lists of lattice b % LB (shared lattices).
+template <typename scalar_t, int V = 1>
 struct SplatChunkFunctor {
   const scalar_t* in;            // (B, N, C)
-  const scalar_t* pre;           // (B, N) per-pixel factor, or nullptr
-  const int32_t* chunk_begin;    // (B, K)
-  const int32_t* chunk_end;      // (B, K)
-  const int32_t* splat_pixel;    // (B, E)
-  const scalar_t* splat_weight;  // (B, E)
+  const scalar_t* pre;           // (LB, N) per-pixel factor, or nullptr
+  const int32_t* chunk_begin;    // (LB, K)
+  const int32_t* chunk_end;      // (LB, K)
+  const int32_t* splat_pixel;    // (LB, E)
+  const scalar_t* splat_weight;  // (LB, E)
   scalar_t* partial;             // (B, K, C) out
-  int64_t N, E, K, C;
+  int64_t N, E, K, C, LB;
 
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t c0, int64_t c1) const {
-    const int64_t t = b * K + k;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t g0, int64_t g1) const {
+    const int64_t lb = b < LB ? b : b % LB;
+    const int64_t t = lb * K + k;
     const int64_t s0 = chunk_begin[t], s1 = chunk_end[t];
-    const int32_t* pix = splat_pixel + b * E;
-    const scalar_t* wb = splat_weight + b * E;
+    const int32_t* pix = splat_pixel + lb * E;
+    const scalar_t* wb = splat_weight + lb * E;
     const scalar_t* xb = in + b * N * C;
-    const scalar_t* pb = pre ? pre + b * N : nullptr;
-    for (int64_t c = c0; c < c1; ++c) {
-      scalar_t acc = 0;
+    const scalar_t* pb = pre ? pre + lb * N : nullptr;
+    for (int64_t g = g0; g < g1; ++g) {
+      scalar_t acc[V];
+      for (int c = 0; c < V; ++c) acc[c] = 0;
       for (int64_t p = s0; p < s1; ++p) {
         const int64_t i = pix[p];
         const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
-        acc += w * xb[i * C + c];
+        row_add_scaled<scalar_t, V>(acc, w, xb + i * C + V * g);
       }
-      partial[t * C + c] = acc;
+      row_copy<scalar_t, V>(partial + (b * K + k) * C + V * g, acc);
     }
   }
 };
@@ -839,7 +887,7 @@ struct MeanFieldCpuFunctor {
 // ---------------------------------------------------------------------------------------------
 // The fused mean field of CUDA (and of its emulation), for diagonal compatibilities
 // (lattice_impl.h: mean_field_gpu). A step is, per term, a splat of the rows of Q (one thread per
-// chunk of a vertex's splat list, SplatChunkRowFunctor, then SplatReduceFunctor) and d+1 blurs; then
+// chunk of a vertex's splat list, SplatChunkFunctor, then SplatReduceFunctor) and d+1 blurs; then
 // one thread per pixel slices every term, adds the unary, takes the softmax and writes Q
 // (MeanFieldSliceFunctor) -- instead of, per term, a slice pass over (N, L) arrays with one thread
 // per channel, and an ATen softmax. Rows are W wide (W = 4, 8, 16, 24 or 32 >= L; the padding of Q
@@ -847,46 +895,6 @@ struct MeanFieldCpuFunctor {
 // registers and reads a row of floats as W/4 float4 loads (16-byte aligned: W * 4 bytes is a
 // multiple of 16). The arithmetic is that of SplatChunkFunctor and SliceFunctor (with coef and
 // base), in the same order. Lattices may be shared: image b uses lattice b % LB of each term.
-
-// acc[0, W) += w * row[0, W)
-template <typename scalar_t, int W>
-RRM_HOST_DEVICE void row_add_scaled(scalar_t* acc, scalar_t w, const scalar_t* row) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
-    const float4* r4 = reinterpret_cast<const float4*>(row);
-#pragma unroll
-    for (int k = 0; k < W / 4; ++k) {
-      const float4 x = __ldg(r4 + k);
-      acc[4 * k] += w * x.x;
-      acc[4 * k + 1] += w * x.y;
-      acc[4 * k + 2] += w * x.z;
-      acc[4 * k + 3] += w * x.w;
-    }
-  } else {
-#pragma unroll
-    for (int c = 0; c < W; ++c) acc[c] += w * row[c];
-  }
-#else
-  for (int c = 0; c < W; ++c) acc[c] += w * row[c];
-#endif
-}
-
-template <typename scalar_t, int W>
-RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
-    const float4* s4 = reinterpret_cast<const float4*>(src);
-    float4* d4 = reinterpret_cast<float4*>(dst);
-#pragma unroll
-    for (int k = 0; k < W / 4; ++k) d4[k] = s4[k];
-  } else {
-#pragma unroll
-    for (int c = 0; c < W; ++c) dst[c] = src[c];
-  }
-#else
-  for (int c = 0; c < W; ++c) dst[c] = src[c];
-#endif
-}
 
 template <typename scalar_t>
 RRM_HOST_DEVICE scalar_t exp_any(scalar_t x) {
@@ -900,43 +908,6 @@ RRM_HOST_DEVICE scalar_t exp_any(scalar_t x) {
   return std::exp(x);
 #endif
 }
-
-// Splat of Q's rows, chunk k of image b, channels [V g, V g + V) (V = 4: one float4 per entry on
-// CUDA): partial = sum over the chunk's entries of w * pre * q_i. A thread walks its chunk's entries
-// one after another, so the threads per chunk (W / V) are what hides that chain's latency: an H200
-// took 53 us per 512x512x21 splat with a whole row per thread, 40 us with one channel per thread
-// (the per-term path). dense_crf takes V = 4 for rows of 16 or more, V = 1 for 4 or 8.
-template <typename scalar_t, int W, int V>
-struct SplatChunkRowFunctor {
-  const scalar_t* q;             // (B, N, W)
-  const scalar_t* pre;           // (LB, N) per-pixel factor, or nullptr
-  const int32_t* chunk_begin;    // (LB, K)
-  const int32_t* chunk_end;      // (LB, K)
-  const int32_t* splat_pixel;    // (LB, E)
-  const scalar_t* splat_weight;  // (LB, E)
-  scalar_t* partial;             // (B, K, W) out
-  int64_t N, E, K, LB;
-
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t g0, int64_t g1) const {
-    const int64_t lb = b < LB ? b : b % LB;
-    const int64_t t = lb * K + k;
-    const int32_t s0 = chunk_begin[t], s1 = chunk_end[t];
-    const int32_t* pix = splat_pixel + lb * E;
-    const scalar_t* wb = splat_weight + lb * E;
-    const scalar_t* qb = q + b * N * W;
-    const scalar_t* pb = pre ? pre + lb * N : nullptr;
-    for (int64_t g = g0; g < g1; ++g) {
-      scalar_t acc[V];
-      for (int c = 0; c < V; ++c) acc[c] = 0;
-      for (int32_t p = s0; p < s1; ++p) {
-        const int64_t i = pix[p];
-        const scalar_t w = pb ? wb[p] * pb[i] : wb[p];
-        row_add_scaled<scalar_t, V>(acc, w, qb + i * W + V * g);
-      }
-      row_copy<scalar_t, V>(partial + (b * K + k) * W + V * g, acc);
-    }
-  }
-};
 
 template <typename scalar_t>
 struct MeanFieldRowTerm {

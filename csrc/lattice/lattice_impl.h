@@ -244,11 +244,12 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
   if (!ws.partial.defined() || ws.partial.size(1) != K || ws.partial.size(2) != C)
     ws.partial = at::empty({B, K, C}, lat.entry_weight.options());
   scalar_t* part = ws.partial.data_ptr<scalar_t>();
-  exec.for_each_item(B, K, C,
-                     SplatChunkFunctor<scalar_t>{in, pre, lat.chunk_begin.data_ptr<int32_t>(),
-                                                 lat.chunk_end.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
-                                                 lat.splat_weight.data_ptr<scalar_t>(), part, lat.N, lat.E, K, C},
-                     grain);
+  exec.for_each_item(
+      B, K, C,
+      SplatChunkFunctor<scalar_t>{in, pre, lat.chunk_begin.data_ptr<int32_t>(), lat.chunk_end.data_ptr<int32_t>(),
+                                  lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), part,
+                                  lat.N, lat.E, K, C, lat.B},
+      grain);
   exec.for_each_item(B, lat.M, C,
                      SplatReduceFunctor<scalar_t>{part, lat.chunk_offsets.data_ptr<int32_t>(),
                                                   lat.num_vertices.data_ptr<int32_t>(), out, lat.M, K, C, lat.B},
@@ -656,12 +657,13 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, 
       scalar_t* cur = bufa[t].data_ptr<scalar_t>();
       scalar_t* nxt = bufb[t].data_ptr<scalar_t>();
       constexpr int V = W >= 16 ? 4 : 1;
-      exec.for_each_item(B, K, W / V,
-                         SplatChunkRowFunctor<scalar_t, W, V>{
-                             q.data_ptr<scalar_t>(), ptr(terms.pre[t]), lat.chunk_begin.data_ptr<int32_t>(),
-                             lat.chunk_end.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
-                             lat.splat_weight.data_ptr<scalar_t>(), part[t].data_ptr<scalar_t>(), N, lat.E, K, lat.B},
-                         256);
+      exec.for_each_item(
+          B, K, W / V,
+          SplatChunkFunctor<scalar_t, V>{q.data_ptr<scalar_t>(), ptr(terms.pre[t]), lat.chunk_begin.data_ptr<int32_t>(),
+                                         lat.chunk_end.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
+                                         lat.splat_weight.data_ptr<scalar_t>(), part[t].data_ptr<scalar_t>(), N, lat.E,
+                                         K, W, lat.B},
+          256);
       exec.for_each_item(
           B, M, W,
           SplatReduceFunctor<scalar_t>{part[t].data_ptr<scalar_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
