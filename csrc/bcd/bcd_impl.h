@@ -458,129 +458,9 @@ std::tuple<at::Tensor, at::Tensor> cosine_backward_segments(const Exec& exec, co
 
 // ---- the whole loss (SPEC section 4) as one op ------------------------------------------------------
 // bcd_loss: the reductions above run on one set of segments, and the loss's epilogue on the
-// (B, K, C)-sized results runs inside the op (no autograd-recorded tensor ops in Python): as loops on
-// the CPU (BcdEpilogueCpu), as functors around a Gram matrix of the centres on the GPU and its
-// emulation (bcd_common.h section 6). bcd_loss_backward is its adjoint: the epilogue's adjoint, one
-// cosine backward and one gather, added.
-
-constexpr double kBcdEps = 1e-7;  // the authors' epsilon, in the centres and in every cosine
-
-// The epilogue and its adjoint as plain loops, for the CPU (CpuExec): at RRM's sizes tensor ops
-// cost microseconds each, more than all of the arithmetic. Everything is accumulated in
-// double; centres (B, K, C), counts and cos_sums (B, K) contiguous, of type T (the compute dtype).
-template <class T>
-struct BcdEpilogueCpu {
-  int64_t B, K, C, F;  // F = K - 1 foreground classes
-  const T* centers;
-  std::vector<double> n_b, n_k, na, nb, d_ff, d_fb;  // d_ff (F, F) = c_k.c_l, d_fb (F, B) = c_k.c_b
-  std::vector<char> present, has_bg;
-  double nk = 0;
-  bool any_bg = false;
-
-  BcdEpilogueCpu(const T* centers_, const T* counts, int64_t B_, int64_t K_, int64_t C_)
-      : B(B_),
-        K(K_),
-        C(C_),
-        F(K_ - 1),
-        centers(centers_),
-        n_b(B_),
-        n_k(K_ - 1, 0.0),
-        na(K_ - 1),
-        nb(B_),
-        d_ff((K_ - 1) * (K_ - 1)),
-        d_fb((K_ - 1) * B_),
-        present(K_ - 1),
-        has_bg(B_) {
-    for (int64_t b = 0; b < B; ++b) {
-      n_b[b] = counts[b * K];
-      has_bg[b] = n_b[b] >= 1;
-      any_bg = any_bg || has_bg[b];
-      for (int64_t k = 0; k < F; ++k) n_k[k] += counts[b * K + 1 + k];
-      nb[b] = std::sqrt(dot(cb(b), cb(b)));
-    }
-    for (int64_t k = 0; k < F; ++k) {
-      present[k] = n_k[k] >= 1;
-      nk += present[k];
-      na[k] = std::sqrt(dot(ck(k), ck(k)));
-      for (int64_t l = 0; l < F; ++l) d_ff[k * F + l] = dot(ck(k), ck(l));
-      for (int64_t b = 0; b < B; ++b) d_fb[k * B + b] = dot(ck(k), cb(b));
-    }
-  }
-  const T* cb(int64_t b) const { return centers + b * K * C; }
-  const T* ck(int64_t k) const { return centers + (1 + k) * C; }  // image 0's copy
-  double dot(const T* x, const T* y) const {
-    double acc = 0;
-    for (int64_t c = 0; c < C; ++c) acc += static_cast<double>(x[c]) * static_cast<double>(y[c]);
-    return acc;
-  }
-  double w_ff() const { return nk > 0 ? 0.5 / std::max(nk * (nk - 1), 1.0) : 0.0; }     // d loss / d cos(c_k, c_l)
-  double w_fb() const { return nk > 0 && any_bg ? 0.5 / std::max(nk * B, 1.0) : 0.0; }  // d loss / d cos(c_k, c_b)
-
-  double loss(const T* cos_sums) const {
-    double t1 = 0, t2 = 0, l_ff = 0, l_fb = 0;
-    for (int64_t b = 0; b < B; ++b) t1 += has_bg[b] ? 1 - cos_sums[b * K] / std::max(n_b[b], 1.0) : 2.0;
-    for (int64_t k = 0; k < F; ++k) {
-      if (!present[k]) continue;
-      double s = 0;
-      for (int64_t b = 0; b < B; ++b) s += cos_sums[b * K + 1 + k];
-      t2 += 1 - s / std::max(n_k[k], 1.0);
-      for (int64_t l = 0; l < F; ++l)
-        if (l != k && present[l]) l_ff += 1 + d_ff[k * F + l] / (na[k] * na[l] + kBcdEps);
-      for (int64_t b = 0; b < B; ++b) l_fb += 1 + d_fb[k * B + b] / (na[k] * nb[b] + kBcdEps);
-    }
-    l_ff /= std::max(nk * (nk - 1), 1.0);
-    l_fb /= std::max(nk * B, 1.0);
-    const double center = nk > 0 ? (any_bg ? 0.5 * l_ff + 0.5 * l_fb : 0.5 * l_ff + 1) : 0.0;
-    return center + (t1 + t2) / (nk + B);
-  }
-
-  // d loss / d cos_sums (B, K), for the upstream gradient g.
-  void grad_cos_sums(double g, T* out) const {
-    const double gd = g / (nk + B);
-    for (int64_t b = 0; b < B; ++b) {
-      out[b * K] = static_cast<T>(has_bg[b] ? -gd / std::max(n_b[b], 1.0) : 0.0);
-      for (int64_t k = 0; k < F; ++k)
-        out[b * K + 1 + k] = static_cast<T>(present[k] ? -gd / std::max(n_k[k], 1.0) : 0.0);
-    }
-  }
-
-  // grad_sums (B, K, C) from the cosine backward's grad_centers (B, K, C) plus the separation's
-  // adjoint (AdjointGramFunctor's formula, pair by pair), through c = s / (n + eps).
-  void grad_sums(double g, const T* grad_centers, T* out) const {
-    std::vector<double> gk(F * C, 0.0), gb(B * C, 0.0);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t c = 0; c < C; ++c) gb[b * C + c] = grad_centers[b * K * C + c];
-      for (int64_t k = 0; k < F; ++k)
-        for (int64_t c = 0; c < C; ++c) gk[k * C + c] += grad_centers[(b * K + 1 + k) * C + c];
-    }
-    // pair (i in foreground, j in foreground or background) with weight w: q = w / D, r = q M, and
-    //   grad c_i += q c_j - r |c_j| c_i / |c_i|,   grad c_j += q c_i - r |c_i| c_j / |c_j|.
-    auto pair = [&](int64_t i, const T* cj, double nj, double dij, double w, double* gi, double* gj) {
-      const double den = na[i] * nj + kBcdEps, q = w / den, r = q * dij / den;
-      const double si = na[i] > 0 ? r * nj / na[i] : 0.0, sj = nj > 0 ? r * na[i] / nj : 0.0;
-      const T* ci = ck(i);
-      for (int64_t c = 0; c < C; ++c) {
-        gi[c] += q * cj[c] - si * ci[c];
-        gj[c] += q * ci[c] - sj * cj[c];
-      }
-    };
-    const double wff = g * w_ff(), wfb = g * w_fb();
-    for (int64_t i = 0; i < F; ++i) {
-      if (!present[i]) continue;
-      for (int64_t l = 0; l < F; ++l)
-        if (l != i && present[l]) pair(i, ck(l), na[l], d_ff[i * F + l], wff, &gk[i * C], &gk[l * C]);
-      for (int64_t b = 0; b < B; ++b) pair(i, cb(b), nb[b], d_fb[i * B + b], wfb, &gk[i * C], &gb[b * C]);
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      const double inv = 1.0 / (n_b[b] + kBcdEps);
-      for (int64_t c = 0; c < C; ++c) out[b * K * C + c] = static_cast<T>(gb[b * C + c] * inv);
-      for (int64_t k = 0; k < F; ++k) {
-        const double ik = 1.0 / (n_k[k] + kBcdEps);
-        for (int64_t c = 0; c < C; ++c) out[(b * K + 1 + k) * C + c] = static_cast<T>(gk[k * C + c] * ik);
-      }
-    }
-  }
-};
+// (B, K, C)-sized results runs inside the op (no autograd-recorded tensor ops in Python), as
+// functors around one Gram matrix of the centres (bcd_common.h section 6) on every device.
+// bcd_loss_backward is its adjoint: the epilogue's adjoint, one cosine backward and one gather, added.
 
 // CPU: seg_logits (B, K, N) -> argmax over K (B, N) int64, as torch.argmax (the first maximum; a NaN
 // counts as the maximum), and whether every entry is finite, in one pass (torch's argmax over a strided
@@ -634,43 +514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor sums = segment_sums(exec, features, seg, K, at::Tensor());
   // c_b = sum_{M=0} F / (n_b + eps) per image; c_k = sum_{(b, p): M=k} F / (n_k + eps) over the batch.
   at::Tensor counts, centers, cos_sums, dot, norm, loss, finite;
-  if constexpr (!Exec::kSortCsr) {
-    const int64_t B = sums.size(0), C = sums.size(2);
-    counts = at::empty({B, K}, sums.options());
-    centers = at::empty_like(sums);
-    bool sums_finite = true;
-    AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "rrm_bcd_centers", [&] {
-      const int64_t* off = seg.offsets.data_ptr<int64_t>();
-      const scalar_t* s = sums.data_ptr<scalar_t>();
-      scalar_t* n = counts.data_ptr<scalar_t>();
-      scalar_t* c = centers.data_ptr<scalar_t>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t k = 0; k < K; ++k)
-          n[b * K + k] = static_cast<scalar_t>(off[b * (K + 2) + k + 1] - off[b * (K + 2) + k]);
-      for (int64_t i = 0; i < B * K * C; ++i) sums_finite = sums_finite && std::isfinite(s[i]);
-      const scalar_t eps = static_cast<scalar_t>(kBcdEps);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t ch = 0; ch < C; ++ch) c[b * K * C + ch] = s[b * K * C + ch] / (n[b * K] + eps);
-      for (int64_t k = 1; k < K; ++k) {
-        scalar_t n_k = 0;
-        for (int64_t b = 0; b < B; ++b) n_k += n[b * K + k];
-        for (int64_t ch = 0; ch < C; ++ch) {
-          scalar_t acc = 0;
-          for (int64_t b = 0; b < B; ++b) acc += s[(b * K + k) * C + ch];
-          const scalar_t v = acc / (n_k + eps);
-          for (int64_t b = 0; b < B; ++b) c[(b * K + k) * C + ch] = v;
-        }
-      }
-    });
-    std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
-    AT_DISPATCH_FLOATING_TYPES(sums.scalar_type(), "rrm_bcd_loss_value", [&] {
-      const BcdEpilogueCpu<scalar_t> e(centers.data_ptr<scalar_t>(), counts.data_ptr<scalar_t>(), B, K, C);
-      loss = at::scalar_tensor(e.loss(cos_sums.data_ptr<scalar_t>()), sums.options());
-    });
-    finite = at::empty({2}, sums.options().dtype(at::kBool));
-    finite.data_ptr<bool>()[0] = seg_finite;
-    finite.data_ptr<bool>()[1] = sums_finite;
-  } else {
+  {
     const int64_t B = sums.size(0), C = sums.size(2), P = K - 1 + B;
     counts = (seg.offsets.narrow(1, 1, K) - seg.offsets.narrow(1, 0, K)).to(sums.scalar_type());
     // the epilogue as functors around one Gram matrix (bcd_common.h section 6): 4 launches + 1 GEMM
@@ -692,7 +536,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       loss = at::empty({}, sums.options());
       exec.for_each(1, LossFinishFunctor<scalar_t>{mp, part.data_ptr<double>(), loss.data_ptr<scalar_t>(), B, K});
     });
-    finite = at::stack({at::isfinite(seg_logits).all(), at::isfinite(sums).all()});
+    // seg_logits' finiteness: from the CPU argmax's pass, on the device otherwise
+    const auto seg_ok = Exec::kSortCsr ? at::isfinite(seg_logits).all()
+                                       : at::scalar_tensor(seg_finite, sums.options().dtype(at::kBool));
+    finite = at::stack({seg_ok, at::isfinite(sums).all()});
   }
   return {loss, labels, centers, dot, norm, cos_sums, counts, finite};
 }
@@ -706,21 +553,6 @@ at::Tensor bcd_loss_backward(const Exec& exec, const at::Tensor& grad, const at:
   const int64_t B = counts.size(0), K = counts.size(1);
   const auto ct = counts.scalar_type();
   const Segments seg = make_segments(exec, labels, K, /*ignore_index=*/-1);
-  if constexpr (!Exec::kSortCsr) {
-    const int64_t C = centers.size(2);
-    const auto c = centers.contiguous(), n = counts.contiguous();
-    at::Tensor grad_features, grad_centers;
-    auto grad_sums = at::empty_like(c);
-    AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_loss_backward", [&] {
-      const BcdEpilogueCpu<scalar_t> e(c.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(), B, K, C);
-      const double g = grad.item<double>();
-      auto grad_cos = at::empty({B, K}, c.options());
-      e.grad_cos_sums(g, grad_cos.data_ptr<scalar_t>());
-      std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, c, dot, norm);
-      e.grad_sums(g, grad_centers.contiguous().data_ptr<scalar_t>(), grad_sums.data_ptr<scalar_t>());
-    });
-    return grad_features.add_(gather_keys(exec, grad_sums.to(features.scalar_type()), seg.key));
-  }
   // the epilogue's adjoint as functors (bcd_common.h section 6): 4 launches + 2 GEMMs
   const int64_t F = K - 1, P = F + B, C = centers.size(2);
   const auto c = centers.contiguous(), n_t = counts.contiguous(), gc = grad.to(ct).contiguous();
