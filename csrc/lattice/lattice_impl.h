@@ -610,9 +610,9 @@ void mean_field_step(const Exec& exec, CrfTerms& terms, const at::Tensor& compat
 }
 
 // CUDA (and emulated) mean field with diagonal compatibilities (see MeanFieldSliceFunctor): per
-// step and term a splat of Q's padded rows and d+1 blurs, then one per-pixel pass for the slices of
-// all terms, the unary and the softmax. Q stays in (B, N, W) rows between steps and is written
-// label-major at the last one. Lattices are not tiled: image b uses lattice b % lats[t].B.
+// step a splat of Q's padded rows and d+1 blurs for every term (each stage one launch for all terms),
+// then one per-pixel pass for the slices of all terms, the unary and the softmax. Q stays in (B, N, W) rows between
+// steps and is written label-major at the last one. Lattices are not tiled: image b uses lattice b % lats[t].B.
 //   unary (B, L, N); q_out (B, L, N); terms from crf_terms(..., tile_to = 0).
 template <class Exec, typename scalar_t, int W>
 void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, at::Tensor& q_out, int64_t iterations) {
@@ -649,33 +649,64 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, 
     m.LB = lat.B;
     m.d = lat.d;
   }
-  exec.for_each_item(B, N, 1, f, 256);  // q = softmax(-U)
-  for (int64_t it = 0; it < iterations; ++it) {
+  // Every stage of a step is one launch for all terms (TermItems): the chunk splats of Q, the chunk
+  // sums into bufa, then blur along axis j = 0..max d for the terms that have that axis, each term
+  // ping-ponging between its two buffers. The launches read and write the same buffers every step.
+  constexpr int V = W >= 16 ? 4 : 1;
+  TermItems<SplatChunkFunctor<scalar_t, V>> splat{};
+  TermItems<SplatReduceFunctor<scalar_t>> reduce{};
+  splat.T = reduce.T = T;
+  int max_d = 0;
+  for (int t = 0; t < T; ++t) {
+    const Lattice& lat = terms.lats[t];
+    splat.f[t] = SplatChunkFunctor<scalar_t, V>{q.data_ptr<scalar_t>(),
+                                                ptr(terms.pre[t]),
+                                                lat.chunk_begin.data_ptr<int32_t>(),
+                                                lat.chunk_end.data_ptr<int32_t>(),
+                                                lat.splat_pixel.data_ptr<int32_t>(),
+                                                lat.splat_weight.data_ptr<scalar_t>(),
+                                                part[t].data_ptr<scalar_t>(),
+                                                N,
+                                                lat.E,
+                                                lat.K,
+                                                W,
+                                                lat.B};
+    splat.n[t] = lat.K;
+    reduce.f[t] = SplatReduceFunctor<scalar_t>{part[t].data_ptr<scalar_t>(),
+                                               lat.chunk_offsets.data_ptr<int32_t>(),
+                                               lat.num_vertices.data_ptr<int32_t>(),
+                                               bufa[t].data_ptr<scalar_t>(),
+                                               lat.M,
+                                               lat.K,
+                                               W,
+                                               lat.B};
+    reduce.n[t] = lat.M;
+    max_d = std::max(max_d, lat.d);
+  }
+  std::vector<TermItems<BlurFunctor<scalar_t>>> blur(max_d + 1);
+  std::vector<scalar_t*> cur(T), nxt(T);
+  for (int t = 0; t < T; ++t) {
+    cur[t] = bufa[t].data_ptr<scalar_t>();
+    nxt[t] = bufb[t].data_ptr<scalar_t>();
+  }
+  for (int j = 0; j <= max_d; ++j) {
+    TermItems<BlurFunctor<scalar_t>>& bj = blur[j];
+    bj = {};
     for (int t = 0; t < T; ++t) {
       const Lattice& lat = terms.lats[t];
-      const int64_t M = lat.M, K = lat.K;
-      scalar_t* cur = bufa[t].data_ptr<scalar_t>();
-      scalar_t* nxt = bufb[t].data_ptr<scalar_t>();
-      constexpr int V = W >= 16 ? 4 : 1;
-      exec.for_each_item(
-          B, K, W / V,
-          SplatChunkFunctor<scalar_t, V>{q.data_ptr<scalar_t>(), ptr(terms.pre[t]), lat.chunk_begin.data_ptr<int32_t>(),
-                                         lat.chunk_end.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
-                                         lat.splat_weight.data_ptr<scalar_t>(), part[t].data_ptr<scalar_t>(), N, lat.E,
-                                         K, W, lat.B},
-          256);
-      exec.for_each_item(
-          B, M, W,
-          SplatReduceFunctor<scalar_t>{part[t].data_ptr<scalar_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
-                                       lat.num_vertices.data_ptr<int32_t>(), cur, M, K, W, lat.B},
-          256);
-      for (int j = 0; j <= lat.d; ++j) {
-        exec.for_each_item(
-            B, M, W, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, W, lat.d, j, lat.B}, 256);
-        std::swap(cur, nxt);
-      }
-      f.terms[t].blurred = cur;
+      if (j > lat.d) continue;
+      bj.f[bj.T] = BlurFunctor<scalar_t>{cur[t], nxt[t], lat.neighbors.data_ptr<int32_t>(), lat.M, W, lat.d, j, lat.B};
+      bj.n[bj.T] = lat.M;
+      ++bj.T;
+      std::swap(cur[t], nxt[t]);
     }
+  }
+  exec.for_each_item(B, N, 1, f, 256);  // q = softmax(-U)
+  for (int64_t it = 0; it < iterations; ++it) {
+    exec.for_each_item(B, splat.total(), W / V, splat, 256);
+    exec.for_each_item(B, reduce.total(), W, reduce, 256);
+    for (int j = 0; j <= max_d; ++j) exec.for_each_item(B, blur[j].total(), W, blur[j], 256);
+    for (int t = 0; t < T; ++t) f.terms[t].blurred = cur[t];
     if (it == iterations - 1) {
       f.q = nullptr;
       f.q_lmajor = q_out.data_ptr<scalar_t>();
