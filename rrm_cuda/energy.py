@@ -13,6 +13,7 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,14 @@ def _scalar(x: float, dtype: torch.dtype, device: torch.device) -> Tensor:
         return torch.full((), x, dtype=dtype, device=device)
 
 
+_KEY_LIMIT = 2.0**30  # the lattice's int32 keys: _check_key_range's limit on the elevated coordinates
+
+
+def _key_factor(d: int) -> float:
+    """max |elevated coordinate| / max |feature| for d features (as _check_key_range bounds it)."""
+    return 2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0)
+
+
 def _min(x: float | Tensor) -> float:
     return float(x.min()) if isinstance(x, Tensor) else x
 
@@ -283,7 +292,8 @@ def dense_energy_loss(
             _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
         return s_hat.sum() * weight
     fname = "images (bilateral features)"
-    if check_inputs and not _compiling():  # the value checks: one device synchronisation
+    checked = check_inputs and not _compiling()
+    if checked:  # the value checks: one device synchronisation
         img_max = _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
     else:
         img_max = 255.0  # unchecked: images are taken to be on the 0-255 scale
@@ -297,6 +307,12 @@ def dense_energy_loss(
         else:
             g = probs.new_ones((B, h, w))
         feats = _features(img, sigma_xy * scale_factor, sigma_rgb, dtype)
+        if not checked:
+            # Unchecked images may hold anything, and NaN, Inf or huge features would corrupt the
+            # lattice's hash table: keep them in the keys' range without reading them (a no-op for
+            # images on the 0-255 scale, whose features the bound below admits).
+            lim = _KEY_LIMIT / _key_factor(feats.shape[1])
+            feats.nan_to_num_(0.0, lim, -lim).clamp_(-lim, lim)
         mass = None
         if nonnegative:
             mass = roi.reshape(B, -1) if roi is not None else probs.new_ones((B, h * w))
