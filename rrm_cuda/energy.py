@@ -344,11 +344,14 @@ class DenseEnergyLossFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no (B, K, N) zeros for the direction's gradient
         ctx.save_for_backward(output[1])
 
     @staticmethod
     def backward(ctx, grad_energy, _grad_dir):
         (grad_dir,) = ctx.saved_tensors
+        if grad_energy is None:
+            return None, None, None, None, None
         return grad_dir * grad_energy.reshape(-1, 1, 1), None, None, None, None
 
 
