@@ -220,8 +220,10 @@ def dense_energy_loss(
         nonnegative: add back the dropped constant (see above).
         ignore_index: the unlabelled value of ``seg_label``.
         check_inputs: check the values (ranges, labels, ROI, distribution, NaN/Inf) at the price of a
-            few passes over the inputs; shapes, dtypes and devices are always checked. Value checks
-            are skipped while ``torch.compile`` traces.
+            few passes over the inputs and one device synchronisation; shapes, dtypes and devices
+            are always checked. Unchecked (also while ``torch.compile`` traces), nothing is read
+            back: the images are taken to be on the 0–255 scale, and features outside the
+            lattice's key range (NaN, Inf, huge values) are clamped into it instead of refused.
 
     Returns:
         A 0-dim tensor, float64 for float64 segmentations and float32 otherwise.
