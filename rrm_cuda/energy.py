@@ -12,8 +12,8 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from . import _validate as V
 from ._ext import ops
-from .functional import _check_key_range, _check_lattice_features, bilateral_features
+from .functional import _check_key_range, _check_lattice_features, _per_image, bilateral_features, position_features
 
 _GRAD_MODES = {"rloss": 1, "exact": 2}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -31,6 +31,34 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _reduce_stats(
+    images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
+) -> dict[str, Tensor]:
+    """The reductions of :func:`_check_values`, queued on the device (nothing is read here)."""
+    K = probs.shape[1]
+    st: dict[str, Tensor] = {}
+    if images.numel():
+        st["img_lo"], st["img_hi"] = torch.aminmax(images)
+    if probs.numel():
+        st["p_lo"], st["p_hi"] = torch.aminmax(probs)
+        if distribution:
+            st["sum_lo"], st["sum_hi"] = torch.aminmax(probs.sum(1, dtype=torch.float32))
+    if rois is not None and rois.numel() and rois.dtype != torch.bool:
+        # r (1 - r) is 0 exactly for r in {0, 1} -- also in uint8/int arithmetic, where r (r - 1) is
+        # a multiple of 2^k only for r = 0, 1 -- and nonzero, NaN or -Inf for any other value.
+        st["roi_lo"], st["roi_hi"] = torch.aminmax(rois.addcmul(rois, rois, value=-1))
+    if seg_label is not None and seg_label.numel():
+        lab = seg_label.to(torch.uint8) if seg_label.dtype == torch.bool else seg_label
+        if K:  # unlabelled pixels read as class 0: then every value is an integer in [0, K - 1]
+            v = lab.masked_fill(lab == ignore_index, 0)
+            st["lab_lo"], st["lab_hi"] = torch.aminmax(v)
+            if v.is_floating_point():  # v >= 0 once the range holds, so frac(v) >= 0: its max suffices
+                st["lab_frac"] = torch.frac(v).amax()
+        else:  # no class: every pixel must be unlabelled
+            st["lab_lo"], st["lab_hi"] = torch.aminmax(lab)
+    return st
+
+
 def _check_values(
     images: Tensor,
     probs: Tensor,
@@ -38,42 +66,28 @@ def _check_values(
     seg_label: Tensor | None,
     distribution: bool,
     ignore_index: int,
-    extra: Sequence[tuple[str, Tensor]] = (),
-) -> list[tuple[float, float] | None]:
+) -> float | None:
     """Data-dependent checks (skipped while torch.compile traces: they would break the graph).
 
-    One min/max pass per tensor: NaN propagates into it and ±Inf falls outside the allowed range, so
-    the finiteness checks cost nothing extra on valid inputs. ``extra`` (name, tensor) pairs are read
-    in the same synchronisation: checked finite, their (min, max) returned (None when empty).
+    One reduction per tensor, all read back with a single device synchronisation (on a GPU each
+    read stalls the host until the queue drains). NaN propagates into the reductions and ±Inf falls
+    outside the allowed ranges, so the finiteness checks cost nothing extra on valid inputs. Returns
+    the images' maximum (None when they are empty): it bounds the bilateral features' colours.
     """
-    images, probs = images.detach(), probs.detach()
+    K = probs.shape[1]
 
     def nonfinite(name: str, t: Tensor) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains {'NaN' if bool(torch.isnan(t).any()) else 'Inf'} values")
 
-    # Every statistic is reduced on the device first and read back with a single synchronisation
-    # (on a GPU each read stalls the host until the queue drains).
-    stats: dict[str, Tensor] = {}
-    if images.numel():
-        stats["img_lo"], stats["img_hi"] = torch.aminmax(images)
-    if probs.numel():
-        stats["p_lo"], stats["p_hi"] = torch.aminmax(probs)
-        if distribution:
-            stats["sum_lo"], stats["sum_hi"] = torch.aminmax(probs.sum(1, dtype=torch.float32))
-    if rois is not None and rois.numel():
-        stats["roi_ok"] = ((rois == 0) | (rois == 1)).all()
-    if seg_label is not None and seg_label.numel():
-        K = probs.shape[1]
-        lab = seg_label if seg_label.is_floating_point() else seg_label.long()
-        ok = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
-        stats["lab_ok"] = ok.all()
-    for j, (_, t) in enumerate(extra):
-        if t.numel():
-            stats[f"x{j}_lo"], stats[f"x{j}_hi"] = torch.aminmax(t.detach())
+    with torch.no_grad():
+        stats = _reduce_stats(images, probs, rois, seg_label, distribution, ignore_index)
     if not stats:
-        return [None] * len(extra)
-    v = dict(zip(stats, torch.stack([t.double() for t in stats.values()]).tolist()))
+        return None
+    # One stack into float64 (exact for the values that matter here, whatever the inputs' dtypes)
+    # and one read.
+    out = torch.empty(len(stats), dtype=torch.float64, device=probs.device)
+    v = dict(zip(stats, torch.stack(list(stats.values()), out=out).tolist()))
 
     if "img_lo" in v and not (v["img_lo"] >= 0 and v["img_hi"] <= 255):
         nonfinite("images", images)
@@ -96,25 +110,61 @@ def _check_values(
                     "segmentations must be a probability distribution over dimension 1 (softmax) for the "
                     f"gate and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
                 )
-    if v.get("roi_ok", 1.0) != 1.0:
+    if "roi_lo" in v and not (v["roi_lo"] == 0 and v["roi_hi"] == 0):
         nonfinite("ROIs", rois)
         raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
-    if v.get("lab_ok", 1.0) != 1.0:
-        nonfinite("seg_label", lab)
-        raise ValueError(
-            f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
-            f"values (e.g. {float(lab[~ok][0]):g})"
-        )
-    ranges: list[tuple[float, float] | None] = []
-    for j, (name, _) in enumerate(extra):
-        if f"x{j}_lo" not in v:
-            ranges.append(None)
-            continue
-        lo, hi = v[f"x{j}_lo"], v[f"x{j}_hi"]
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError(f"{name} contains {'NaN' if math.isnan(lo) or math.isnan(hi) else 'Inf'} values")
-        ranges.append((lo, hi))
-    return ranges
+    if "lab_lo" in v:
+        if K:
+            ok = v["lab_lo"] >= 0 and v["lab_hi"] < K and v.get("lab_frac", 0.0) == 0
+        else:
+            ok = v["lab_lo"] == ignore_index and v["lab_hi"] == ignore_index
+        if not ok:  # the error path: find an offending value
+            lab = seg_label if seg_label.is_floating_point() else seg_label.long()
+            nonfinite("seg_label", lab)
+            good = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
+            raise ValueError(
+                f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
+                f"values (e.g. {float(lab[~good][0]):g})"
+            )
+    return v.get("img_hi")
+
+
+@functools.lru_cache(maxsize=8)
+def _positions(h: int, w: int, sxy: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(1, 2, h w) position features of one image, as bilateral_features computes them (cached: they
+    depend on the size and sigma only, and cost a dozen small ops per call)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return position_features(1, (h, w), sxy, dtype=dtype, device=device)
+
+
+def _features(img: Tensor, sxy: float | Tensor, srgb: float | Tensor, dtype: torch.dtype) -> Tensor:
+    """``bilateral_features(img, sxy, srgb)`` (the same values), with cached positions for a number sxy."""
+    if isinstance(sxy, Tensor) or _compiling():
+        return bilateral_features(img, sxy, srgb, dtype=dtype)
+    B, c, h, w = img.shape
+    col = img.reshape(B, c, h * w).to(dtype)
+    pos = _positions(h, w, sxy, dtype, img.device).expand(B, -1, -1)
+    div = _scalar(srgb, dtype, img.device) if isinstance(srgb, float) and img.device.type != "cpu" else None
+    return torch.cat([pos, col / (div if div is not None else _per_image(srgb, B, col))], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _scalar(x: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A number as a 0-dim device tensor, as _per_image makes it (true division on the device)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.full((), x, dtype=dtype, device=device)
+
+
+_KEY_LIMIT = 2.0**30  # the lattice's int32 keys: _check_key_range's limit on the elevated coordinates
+
+
+def _key_factor(d: int) -> float:
+    """max |elevated coordinate| / max |feature| for d features (as _check_key_range bounds it)."""
+    return 2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0)
+
+
+def _min(x: float | Tensor) -> float:
+    return float(x.min()) if isinstance(x, Tensor) else x
 
 
 def dense_energy_loss(
@@ -170,8 +220,10 @@ def dense_energy_loss(
         nonnegative: add back the dropped constant (see above).
         ignore_index: the unlabelled value of ``seg_label``.
         check_inputs: check the values (ranges, labels, ROI, distribution, NaN/Inf) at the price of a
-            few passes over the inputs; shapes, dtypes and devices are always checked. Value checks
-            are skipped while ``torch.compile`` traces.
+            few passes over the inputs and one device synchronisation; shapes, dtypes and devices
+            are always checked. Unchecked (also while ``torch.compile`` traces), nothing is read
+            back: the images are taken to be on the 0–255 scale, and features outside the
+            lattice's key range (NaN, Inf, huge values) are clamped into it instead of refused.
 
     Returns:
         A 0-dim tensor, float64 for float64 segmentations and float32 otherwise.
@@ -229,44 +281,51 @@ def dense_energy_loss(
     probs = segmentations.to(dtype)
     img = images.to(dtype)
     roi = rois.to(dtype) if rois is not None else None
-    lab = seg_label.reshape(B, 1, H, W).to(dtype) if seg_label is not None else None
+    lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
     if scale_factor != 1.0:
         img = F.interpolate(img, scale_factor=scale_factor)
         probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
         roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
-        lab = F.interpolate(lab, scale_factor=scale_factor, mode="nearest") if lab is not None else None
+        lab = F.interpolate(lab.to(dtype), scale_factor=scale_factor, mode="nearest") if lab is not None else None
     h, w = probs.shape[2:]
-    if roi is None:
-        roi = probs.new_ones((B, h, w))
-    if gate:
-        g = roi - probs.detach().amax(1) if K > 0 else roi.clone()
-        if lab is not None:
-            g = torch.where((lab.long() == ignore_index).squeeze(1), torch.ones_like(g), g)
-        g = g.clamp(min=0)
-    else:
-        g = probs.new_ones((B, h, w))
-    s_hat = probs * roi.unsqueeze(1)
+    s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
     if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
         if check_inputs and not _compiling():
             _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
         return s_hat.sum() * weight
-    feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)
-    if not _compiling():
-        fname = "images (bilateral features)"
-        if check_inputs:  # the value checks and the features' range: one device synchronisation
-            (rng,) = _check_values(
-                images, segmentations, rois, seg_label, gate or nonnegative, ignore_index, extra=[(fname, feats)]
-            )
-            _check_lattice_features(feats, fname, K + 1, dtype, values=False)
-            if rng is not None:
-                _check_key_range(feats, fname, max(abs(rng[0]), abs(rng[1])))
+    fname = "images (bilateral features)"
+    checked = check_inputs and not _compiling()
+    if checked:  # the value checks: one device synchronisation
+        img_max = _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
+    else:
+        img_max = 255.0  # unchecked: images are taken to be on the 0-255 scale
+    with torch.no_grad():  # the gate, the features and the mass are constants of the op
+        if gate:  # S = max(0, roi - max_k p_k), 1 where unlabelled
+            g = probs.amax(1)
+            g = roi - g if roi is not None else torch.rsub(g, 1)
+            if lab is not None:
+                g.masked_fill_((lab == ignore_index).reshape(B, h, w), 1)
+            g.clamp_(min=0)
         else:
-            _check_lattice_features(feats, fname, K + 1, dtype)
+            g = probs.new_ones((B, h, w))
+        feats = _features(img, sigma_xy * scale_factor, sigma_rgb, dtype)
+        if not checked:
+            # Unchecked images may hold anything, and NaN, Inf or huge features would corrupt the
+            # lattice's hash table: keep them in the keys' range without reading them (a no-op for
+            # images on the 0-255 scale, whose features the bound below admits).
+            lim = _KEY_LIMIT / _key_factor(feats.shape[1])
+            feats.nan_to_num_(0.0, lim, -lim).clamp_(-lim, lim)
+        mass = None
+        if nonnegative:
+            mass = roi.reshape(B, -1) if roi is not None else probs.new_ones((B, h * w))
+    if not _compiling():
+        _check_lattice_features(feats, fname, K + 1, dtype, values=False)
+        # The lattice keys are int32: bound |features| from the positions' and colours' ranges (the
+        # images are checked, or taken, to lie in [0, img_max]) instead of reading the features.
+        fmax = max((max(h, w) - 1) / _min(sigma_xy * scale_factor), (img_max or 0.0) / _min(sigma_rgb))
+        _check_key_range(feats, fname, fmax)
     mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
-    mass = roi.reshape(B, -1).detach() if nonnegative else None
-    energy, _ = ops.dense_energy(
-        s_hat.reshape(B, K, -1), g.reshape(B, -1).detach(), feats.detach().contiguous(), mass, mode
-    )
+    energy, _ = ops.dense_energy(s_hat.reshape(B, K, -1), g.reshape(B, -1), feats, mass, mode)
     return energy.sum() * (weight / max(B, 1))
 
 
@@ -287,11 +346,14 @@ class DenseEnergyLossFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no (B, K, N) zeros for the direction's gradient
         ctx.save_for_backward(output[1])
 
     @staticmethod
     def backward(ctx, grad_energy, _grad_dir):
         (grad_dir,) = ctx.saved_tensors
+        if grad_energy is None:
+            return None, None, None, None, None
         return grad_dir * grad_energy.reshape(-1, 1, 1), None, None, None, None
 
 

@@ -215,6 +215,12 @@ def _bad(**over):
         (dict(segmentations=lambda t: t - 0.5), ValueError, "not logits"),
         (dict(rois=lambda t: t.masked_fill(t == 0, float("nan"))), ValueError, "ROIs contains NaN"),
         (dict(seg_label=lambda t: t.long().masked_fill(t == 1, -1)), ValueError, "seg_label must hold"),
+        (dict(seg_label=lambda t: t.long().masked_fill(t == 1, 3)), ValueError, r"seg_label.*\(e\.g\. 3\)"),
+        (dict(seg_label=lambda t: t.masked_fill(t == 255, 255.5)), ValueError, r"seg_label.*\(e\.g\. 255\.5\)"),
+        (dict(seg_label=lambda t: t.masked_fill(t == 1, float("nan"))), ValueError, "seg_label contains NaN"),
+        (dict(rois=lambda t: t.to(torch.uint8).masked_fill(t == 0, 2)), ValueError, "ROIs must be a 0/1"),
+        (dict(rois=lambda t: t.masked_fill(t == 0, -1.0)), ValueError, "ROIs must be a 0/1"),
+        (dict(rois=lambda t: t.masked_fill(t == 0, float("inf"))), ValueError, "ROIs contains Inf"),
         (dict(segmentations=lambda t: t * 0.5), ValueError, "probability distribution"),
         (dict(segmentations=lambda t: t[:1]), ValueError, "images must have shape"),
         (dict(rois=lambda t: t[:, :3]), ValueError, "ROIs must have shape"),
@@ -237,6 +243,74 @@ def _bad(**over):
 def test_bad_inputs(over, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**over)()
+
+
+def test_valid_label_and_roi_dtypes():
+    images, probs, rois, labels = _inputs(H=6, W=6, dtype=torch.float32)
+    ref = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+    for lab in (labels.long(), labels.to(torch.uint8), labels.reshape(2, 6, 6)):
+        for roi in (rois.bool(), rois.to(torch.uint8), rois.double()):
+            out = rrm_cuda.dense_energy_loss(images.to(torch.uint8), probs, roi, lab, sigma_rgb=15.0, sigma_xy=10.0)
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_key_range_refuses_tiny_sigmas(check_inputs):
+    # The features' range is bounded from the positions' and the images' ranges (not read): the
+    # int32 lattice keys still refuse sigmas so small that the elevated coordinates would overflow.
+    images, probs, rois, labels = _inputs(H=6, W=6, dtype=torch.float32)
+    for kw in (dict(sigma_rgb=1e-7, sigma_xy=10.0), dict(sigma_rgb=15.0, sigma_xy=1e-8)):
+        with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
+            rrm_cuda.dense_energy_loss(images, probs, rois, labels, check_inputs=check_inputs, **kw)
+    per_image = torch.tensor([15.0, 1e-7])
+    with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
+        rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=per_image, check_inputs=check_inputs)
+    # dark images: the checked path bounds the colours by the images' maximum (10 / 1e-6 fits),
+    # the unchecked one by 255 (255 / 1e-6 does not)
+    dark = images * (10 / 255)
+    call = lambda: rrm_cuda.dense_energy_loss(  # noqa: E731
+        dark, probs, rois, labels, sigma_rgb=1e-6, sigma_xy=10.0, check_inputs=check_inputs
+    )
+    if check_inputs:
+        assert bool(torch.isfinite(call()))
+    else:
+        with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
+            call()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30, 3e9])
+def test_unchecked_bad_images_stay_in_the_lattice_range(bad):
+    # check_inputs=False reads no value, but features that would corrupt the lattice's hash table
+    # (NaN, Inf, beyond the int32 keys) are clamped on the device instead of crashing the op
+    images, probs, rois, labels = _inputs(H=12, W=12, dtype=torch.float32)
+    images[:, :, 3:7] = bad
+    p = probs.clone().requires_grad_()
+    loss = rrm_cuda.dense_energy_loss(images, p, rois, labels, sigma_rgb=15.0, sigma_xy=10.0, check_inputs=False)
+    loss.backward()
+    assert p.grad.shape == probs.shape
+    with pytest.raises(ValueError, match="images"):
+        rrm_cuda.dense_energy_loss(images, p, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_value_checks_read_the_device_once(monkeypatch, check_inputs):
+    # On a GPU every read of a device value stalls the host: the checked path reads all its
+    # statistics with one tolist(), the unchecked path reads nothing.
+    images, probs, rois, labels = _inputs(H=8, W=8, dtype=torch.float32)
+    reads = []
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "cpu"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _n=name, _r=real, **k: reads.append(_n) or _r(self, *a, **k)
+        )
+    p = probs.clone().requires_grad_()
+    loss = rrm_cuda.dense_energy_loss(
+        images, p, rois, labels, sigma_rgb=15.0, sigma_xy=10.0, scale_factor=0.5, check_inputs=check_inputs
+    )
+    assert reads == (["tolist"] if check_inputs else [])
+    monkeypatch.undo()
+    loss.backward()
+    assert p.grad is not None
 
 
 def test_bad_inputs_module_and_op():

@@ -25,102 +25,122 @@ enum GradMode : int64_t { kNoGrad = 0, kRlossGrad = 1, kExactGrad = 2 };
 
 // Channel-major (B, K, N) probabilities -> pixel-major (B, N, C) lattice input, C = K or K + 1; the
 // extra channel is all ones (its filter is W 1, the constant of the non-negative form).
-// One thread per pixel.
+// One call per (image b, pixel i, channels [c0, c1)): all channels on the CPU, one per thread on
+// CUDA, c fastest, so that a warp writes consecutive entries of the output (the reads of a channel
+// row are reused from L1 by the threads of the next pixels).
 template <typename scalar_t>
 struct PackFunctor {
   const scalar_t* probs;  // (B, K, N)
   scalar_t* out;          // (B, N, C)
   int64_t N, K, C;
 
-  RRM_HOST_DEVICE void operator()(int64_t t) const {
-    const int64_t b = t / N, i = t % N;
-    scalar_t* o = out + t * C;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    scalar_t* o = out + (b * N + i) * C;
     const scalar_t* p = probs + b * K * N + i;
-    for (int64_t k = 0; k < K; ++k) o[k] = p[k * N];
-    if (C > K) o[K] = scalar_t(1);
+    for (int64_t c = c0; c < c1; ++c) o[c] = c < K ? p[c * N] : scalar_t(1);
   }
 };
 
-// Forward slice fused with the gate, the ROI-masked probabilities and the dot product; one call per
-// (image b, pixel i, channels [c0, c1)) -- all channels on the CPU, one per thread on CUDA:
-//   as_c = alpha sum_r w_{i,r} L[v_{i,r}, c]
-//   terms[b, i, c0] = sum_{c in [c0, c1)} (c < K ? -S(i) s_c(i) as_c : S(i) m(i) as_c)
-//   grad[b, c, i]   = -2 S(i) as_c (rloss) or -S(i) as_c (exact; the adjoint pass adds the rest)
-// terms (B, N, C) is zero-initialised; the per-pixel terms are reduced afterwards in a fixed order
-// (deterministic, no float atomics).
-template <typename scalar_t>
+// Slice of the energy loss: the forward slice fused with the gate, the ROI-masked probabilities,
+// the dot product, the gradient and (exact gradient) the adjoint slice. One call per (image b,
+// pixel i), every channel (the c0, c1 of the item launch are ignored: it is launched with one
+// channel), so that the per-pixel energy is reduced in the thread and a warp reads and writes
+// consecutive pixels of each (B, K, N) channel row:
+//   as_c  = alpha sum_r w_{i,r} L[v_{i,r}, c]        (L: the forward blur of the splat of s, 1)
+//   adj_c = alpha sum_r w_{i,r} L'[v_{i,r}, c]       (L': the splat of S s blurred in reverse order,
+//                                                     i.e. adj = W^T (S s); exact gradient only)
+//   terms[b, i]   = sum_c (c < K ? -S(i) s_c(i) as_c : S(i) m(i) as_c)
+//   grad[b, c, i] = -2 S(i) as_c (rloss) or -S(i) as_c - adj_c (exact)
+// The per-pixel terms are reduced afterwards in a fixed order (deterministic, no float atomics).
+// Tiled (the CPU's choice): channel tiles of kTile sums on the stack, corners outer, so that the
+// channel loops vectorise; otherwise (CUDA and its emulation) channels outer with one running sum
+// per lattice, the corners' weights and rows held in registers when D (= d) is fixed. Both forms
+// add the corners of each channel in the same order, so they give the same sums.
+template <typename scalar_t, bool Tiled, int D = 0>
 struct EnergySliceFunctor {
   const scalar_t* lattice_values;  // (B, M, Cs) blurred
+  const scalar_t* adjoint_values;  // (B, M, Cs) blurred in reverse order, or nullptr
   const scalar_t* weights;         // (B, E)
   const int32_t* entry_vertex;     // (B, E)
-  const scalar_t* in;              // (B, N, C) the packed probabilities
+  const scalar_t* probs;           // (B, K, N)
   const scalar_t* gate;            // (B, N)
   const scalar_t* mass;            // (B, N) or nullptr (then C == K)
-  scalar_t* terms;                 // (B, N, C)
+  scalar_t* terms;                 // (B, N)
   scalar_t* grad;                  // (B, K, N) or nullptr
   scalar_t alpha, grad_scale;      // grad_scale: -2 (rloss) or -1 (exact)
   int64_t N, E, M, C, Cs, K;       // Cs: lattice row stride (C padded to 8 on the CPU)
-  int d;
+  int d_runtime;
 
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+  // The energy term of channel c (c < K: a class, c == K: the constant of the mass) and its
+  // gradient entry.
+  RRM_HOST_DEVICE void channel(int64_t b, int64_t i, int64_t c, scalar_t S, scalar_t sf, scalar_t sa,
+                               scalar_t& acc) const {
+    const scalar_t as = alpha * sf;
+    if (c < K) {
+      const int64_t o = (b * K + c) * N + i;
+      acc -= S * probs[o] * as;
+      if (grad) {
+        scalar_t g = grad_scale * S * as;
+        if (adjoint_values) g -= alpha * sa;
+        grad[o] = g;
+      }
+    } else {
+      acc += S * mass[b * N + i] * as;
+    }
+  }
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t /*c0*/, int64_t /*c1*/) const {
+    const int d = D > 0 ? D : d_runtime;
     const int64_t bi = b * N + i;
     const scalar_t* wb = weights + b * E + i * (d + 1);
     const int32_t* vb = entry_vertex + b * E + i * (d + 1);
     const scalar_t* Lb = lattice_values + b * M * Cs;
-    const scalar_t* x = in + bi * C;
+    const scalar_t* Ab = adjoint_values ? adjoint_values + b * M * Cs : nullptr;
     const scalar_t S = gate[bi];
     scalar_t acc = 0;
-    for (int64_t t0 = c0; t0 < c1; t0 += kTile) {
-      const int64_t t1 = (t0 + kTile < c1) ? t0 + kTile : c1;
-      scalar_t s[kTile];
-      for (int64_t c = t0; c < t1; ++c) s[c - t0] = 0;
-      for (int r = 0; r <= d; ++r) {
-        const scalar_t w = wb[r];
-        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
-        for (int64_t c = t0; c < t1; ++c) s[c - t0] += w * L[c];
-      }
-      for (int64_t c = t0; c < t1; ++c) {
-        const scalar_t as = alpha * s[c - t0];
-        if (c < K) {
-          acc -= S * x[c] * as;
-          if (grad) grad[(b * K + c) * N + i] = grad_scale * S * as;
-        } else {
-          acc += S * mass[bi] * as;
+    if constexpr (Tiled) {
+      for (int64_t t0 = 0; t0 < C; t0 += kTile) {
+        const int64_t t1 = (t0 + kTile < C) ? t0 + kTile : C;
+        scalar_t s[kTile], a[kTile];
+        for (int64_t c = t0; c < t1; ++c) s[c - t0] = a[c - t0] = 0;
+        for (int r = 0; r <= d; ++r) {
+          const scalar_t w = wb[r];
+          const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
+          for (int64_t c = t0; c < t1; ++c) s[c - t0] += w * L[c];
         }
+        if (Ab) {
+          for (int r = 0; r <= d; ++r) {
+            const scalar_t w = wb[r];
+            const scalar_t* A = Ab + static_cast<int64_t>(vb[r]) * Cs;
+            for (int64_t c = t0; c < t1; ++c) a[c - t0] += w * A[c];
+          }
+        }
+        for (int64_t c = t0; c < t1; ++c) channel(b, i, c, S, s[c - t0], a[c - t0], acc);
+      }
+    } else if constexpr (D > 0) {
+      scalar_t w[D + 1];
+      int64_t row[D + 1];
+      for (int r = 0; r <= D; ++r) {
+        w[r] = wb[r];
+        row[r] = static_cast<int64_t>(vb[r]) * Cs;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t sf = 0, sa = 0;
+        for (int r = 0; r <= D; ++r) sf += w[r] * Lb[row[r] + c];
+        if (Ab && c < K)
+          for (int r = 0; r <= D; ++r) sa += w[r] * Ab[row[r] + c];
+        channel(b, i, c, S, sf, sa, acc);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t sf = 0, sa = 0;
+        for (int r = 0; r <= d; ++r) sf += wb[r] * Lb[static_cast<int64_t>(vb[r]) * Cs + c];
+        if (Ab && c < K)
+          for (int r = 0; r <= d; ++r) sa += wb[r] * Ab[static_cast<int64_t>(vb[r]) * Cs + c];
+        channel(b, i, c, S, sf, sa, acc);
       }
     }
-    terms[bi * C + c0] = acc;
-  }
-};
-
-// Adjoint slice of the exact gradient: grad[b, c, i] -= alpha sum_r w_{i,r} L'[v_{i,r}, c], where L'
-// is the splat of S s blurred in reverse axis order, i.e. grad -= W^T (S s_c).
-template <typename scalar_t>
-struct AdjointSliceFunctor {
-  const scalar_t* lattice_values;  // (B, M, Cs) blurred in reverse order
-  const scalar_t* weights;         // (B, E)
-  const int32_t* entry_vertex;     // (B, E)
-  scalar_t* grad;                  // (B, K, N)
-  scalar_t alpha;
-  int64_t N, E, M, C, Cs, K;
-  int d;
-
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
-    const int64_t ce = c1 < K ? c1 : K;  // the constant channel (c == K) has no gradient
-    const scalar_t* wb = weights + b * E + i * (d + 1);
-    const int32_t* vb = entry_vertex + b * E + i * (d + 1);
-    const scalar_t* Lb = lattice_values + b * M * Cs;
-    for (int64_t t0 = c0; t0 < ce; t0 += kTile) {
-      const int64_t t1 = (t0 + kTile < ce) ? t0 + kTile : ce;
-      scalar_t s[kTile];
-      for (int64_t c = t0; c < t1; ++c) s[c - t0] = 0;
-      for (int r = 0; r <= d; ++r) {
-        const scalar_t w = wb[r];
-        const scalar_t* L = Lb + static_cast<int64_t>(vb[r]) * Cs;
-        for (int64_t c = t0; c < t1; ++c) s[c - t0] += w * L[c];
-      }
-      for (int64_t c = t0; c < t1; ++c) grad[(b * K + c) * N + i] -= alpha * s[c - t0];
-    }
+    terms[bi] = acc;
   }
 };
 

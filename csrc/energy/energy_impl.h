@@ -3,12 +3,13 @@
 // energy_cuda.cu (CudaExec).
 //
 // One lattice per image, shared by all K channels (lattice::build); one splat and d+1 blurs over
-// all channels at once (the lattice's SplatFunctor / BlurFunctor); then a slice fused with the gate,
-// the masked probabilities and the dot product (EnergySliceFunctor), which also writes the rloss
-// gradient or the first half of the exact one. The exact gradient's second half, W^T (S s), is one
-// more splat (pre-multiplied by the gate) and blur in reverse axis order on the same lattice, done
-// in the forward call so that the backward is a product with the saved direction: no lattice is
-// rebuilt and nothing is filtered in the backward.
+// all channels at once (the lattice's SplatChunkFunctor / BlurFunctor). The exact gradient's
+// second half, W^T (S s), is one more splat (pre-multiplied by the gate) and blur in reverse axis
+// order on the same lattice. Then one slice per pixel (EnergySliceFunctor) reads both blurred
+// lattices and writes the pixel's energy term and its whole gradient column, fused with the gate,
+// the masked probabilities and the dot product. All of it runs in the forward call so that the
+// backward is a product with the saved direction: no lattice is rebuilt and nothing is filtered in
+// the backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -54,13 +55,15 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   const int64_t E = lat.E, M = lat.M;
   const int d = lat.d;
   auto in = at::empty({B, N, C}, probs.options());
-  auto terms = at::zeros({B, N, C}, probs.options());
+  auto terms = at::empty({B, N}, probs.options());  // every pixel writes its term
   // CPU lattice rows are padded to a multiple of 8 channels, as lattice::filter does.
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
   const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
+  // Lattice buffers: the forward blur ping-pongs between the first two; the exact gradient's
+  // reverse blur between the one the forward did not end in and the third.
   lattice::FilterWorkspace ws;
-  ws.a = at::empty({B, M, Cs}, probs.options());
-  ws.b = at::empty({B, M, Cs}, probs.options());
+  at::Tensor bufs[3];
+  for (int k = 0; k < (grad_mode == kExactGrad ? 3 : 2); ++k) bufs[k] = at::empty({B, M, Cs}, probs.options());
   const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
@@ -72,11 +75,12 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     const scalar_t* gate_p = g.data_ptr<scalar_t>();
     scalar_t* grad_p = grad_mode == kNoGrad ? nullptr : grad.data_ptr<scalar_t>();
 
-    // Splat (optionally pre-multiplied per pixel) and blur every channel, as lattice::filter does
-    // before its slice; returns the blurred buffer.
-    auto splat_blur = [&](const scalar_t* pre, bool reverse) -> scalar_t* {
-      scalar_t* cur = ws.a.data_ptr<scalar_t>();
-      scalar_t* nxt = ws.b.data_ptr<scalar_t>();
+    // Splat (optionally pre-multiplied per pixel) into buffer `first` and blur every channel, as
+    // lattice::filter does before its slice, ping-ponging with buffer `second`; returns the index
+    // of the buffer that holds the result.
+    auto splat_blur = [&](const scalar_t* pre, bool reverse, int first, int second) -> int {
+      scalar_t* cur = bufs[first].data_ptr<scalar_t>();
+      scalar_t* nxt = bufs[second].data_ptr<scalar_t>();
       if constexpr (kCpu) {
         lattice::splat_scatter_cpu<scalar_t>(lat, in_p, pre, cur, C, Cs, ws);
       } else {
@@ -86,26 +90,58 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
         const int j = reverse ? d - s : s;
         exec.for_each_item(B, M, Cs, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, Cs, d, j, B}, grain);
         std::swap(cur, nxt);
+        std::swap(first, second);
       }
-      return cur;
+      return first;
     };
 
-    exec.for_each(B * N, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C}, 256);
-    const scalar_t* blurred = splat_blur(nullptr, false);
+    exec.for_each_item(B, N, C, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C}, grain);
+    const int fwd = splat_blur(nullptr, false, 0, 1);
+    // The exact gradient's second half, W^T (S s): the splat of S s blurred in reverse order, on
+    // the buffers the forward result is not in; sliced together with the forward below.
+    const int adj = grad_mode == kExactGrad ? splat_blur(gate_p, true, 1 - fwd, 2) : -1;
     const scalar_t grad_scale = grad_mode == kRlossGrad ? scalar_t(-2) : scalar_t(-1);
-    exec.for_each_item(
-        B, N, C,
-        EnergySliceFunctor<scalar_t>{blurred, w, ev, in_p, gate_p, has_mass ? m.data_ptr<scalar_t>() : nullptr,
-                                     terms.data_ptr<scalar_t>(), grad_p, alpha, grad_scale, N, E, M, C, Cs, K, d},
-        grain);
-    if (grad_mode == kExactGrad) {
-      const scalar_t* adj = splat_blur(gate_p, true);
-      exec.for_each_item(B, N, C, AdjointSliceFunctor<scalar_t>{adj, w, ev, grad_p, alpha, N, E, M, C, Cs, K, d},
-                         grain);
+    auto slice = [&](auto tiled, auto fixed_d) {
+      constexpr bool kTiled = decltype(tiled)::value;
+      constexpr int kD = decltype(fixed_d)::value;
+      EnergySliceFunctor<scalar_t, kTiled, kD> f{bufs[fwd].data_ptr<scalar_t>(),
+                                                 adj >= 0 ? bufs[adj].data_ptr<scalar_t>() : nullptr,
+                                                 w,
+                                                 ev,
+                                                 p.data_ptr<scalar_t>(),
+                                                 gate_p,
+                                                 has_mass ? m.data_ptr<scalar_t>() : nullptr,
+                                                 terms.data_ptr<scalar_t>(),
+                                                 grad_p,
+                                                 alpha,
+                                                 grad_scale,
+                                                 N,
+                                                 E,
+                                                 M,
+                                                 C,
+                                                 Cs,
+                                                 K,
+                                                 d};
+      // One call per pixel, all channels (see EnergySliceFunctor).
+      exec.for_each_item(B, N, 1, f, grain);
+    };
+    if constexpr (Exec::kChannelsPerThread == 0) {
+      slice(std::true_type{}, std::integral_constant<int, 0>{});
+    } else {
+      switch (d) {  // the energy loss's bilateral kernels: d = 2 + image channels (RGB: 5)
+        case 3:
+          slice(std::false_type{}, std::integral_constant<int, 3>{});
+          break;
+        case 5:
+          slice(std::false_type{}, std::integral_constant<int, 5>{});
+          break;
+        default:
+          slice(std::false_type{}, std::integral_constant<int, 0>{});
+      }
     }
   });
   // Fixed-order reduction of the per-pixel terms (deterministic on every device).
-  return {terms.sum({1, 2}), grad};
+  return {terms.sum(1), grad};
 }
 
 }  // namespace energy

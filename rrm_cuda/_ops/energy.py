@@ -28,11 +28,15 @@ def _energy_setup_context(ctx, inputs, output):
     _, grad_dir = output
     ctx.grad_mode = grad_mode
     ctx.mark_non_differentiable(grad_dir)
+    # grad_dir is an output without a gradient: no (B, K, N) zeros for it in the backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_dir)
 
 
 def _energy_backward(ctx, grad_energy, _grad_dir_unused):
     (grad_dir,) = ctx.saved_tensors
+    if grad_energy is None:  # only grad_dir was used: nothing flows back
+        return None, None, None, None, None
     if ctx.grad_mode == 0:
         raise RuntimeError(
             "rrm_cuda::dense_energy was called with grad_mode=0 (no gradient direction computed); "
