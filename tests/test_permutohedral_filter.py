@@ -214,6 +214,22 @@ def test_bad_inputs():
 
 
 # ---- module == functional --------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e30])
+@pytest.mark.parametrize("op", ["permutohedral_filter", "_permutohedral_filter_emulated"])
+def test_raw_op_survives_features_the_api_refuses(op, bad):
+    # The public API refuses such features (test_bad_inputs); the raw ops must not crash on them
+    # either (out-of-range integer conversions in the embedding once wrote outside its arrays).
+    v, f = _inputs(B=2, C=3, N=200, d=5, dtype=torch.float32)
+    f[0, 1, 7] = bad
+    f[1, :, :50] = bad
+    out = getattr(ops, op)(v, f, False)
+    assert out.shape == v.shape
+    # images and pixels without a bad feature are unaffected by the ones that have one
+    good = torch.ones(200, dtype=torch.bool)
+    good[7] = False
+    torch.testing.assert_close(out[0, :, good].isfinite(), torch.ones_like(out[0, :, good], dtype=torch.bool))
+
+
 def test_module_matches_functional():
     v, f = _inputs()
     m = rrm_cuda.PermutohedralFilter(reverse=True)

@@ -57,6 +57,10 @@ RRM_HOST_DEVICE bool keys_equal(const int32_t* a, const int32_t* b, int d) {
 //    writes the d+1 corner keys and barycentric weights.
 // kD > 0 fixes d at compile time (the loops unroll; used for the common d = 2, 3, 5); kD = 0 reads
 // d_runtime.
+// Bound on |elevated coordinate| / (d+1) that keeps the keys' integer conversions in range (the
+// Python layer refuses features whose keys would reach 2^30, see functional._check_key_range).
+constexpr double kMaxKeyCoord = double(1 << 26);
+
 template <typename scalar_t, int kD = 0>
 struct EmbedFunctor {
   const scalar_t* features;  // (B, d, N) contiguous
@@ -86,8 +90,18 @@ struct EmbedFunctor {
     const scalar_t down_factor = scalar_t(1) / static_cast<scalar_t>(d + 1);
     const scalar_t up_factor = static_cast<scalar_t>(d + 1);
     int sum = 0;
+    bool bad = false;
     for (int k = 0; k <= d; ++k) {
-      const scalar_t v = down_factor * elevated[k];
+      scalar_t v = down_factor * elevated[k];
+      // Features the Python layer refuses (NaN, Inf, or so large that the keys overflow int32) must
+      // not reach the integer conversions below when the op is called directly: such a coordinate
+      // is taken as 0 and the pixel's weights as 0 (it neither sends nor receives anything, and
+      // every index stays in range). No-op otherwise.
+      if (!(v >= static_cast<scalar_t>(-kMaxKeyCoord) && v <= static_cast<scalar_t>(kMaxKeyCoord))) {
+        v = 0;
+        elevated[k] = 0;
+        bad = true;
+      }
       const scalar_t up = ceil(v) * up_factor;
       const scalar_t dn = floor(v) * up_factor;
       rem0[k] = static_cast<int32_t>((up - elevated[k] < elevated[k] - dn) ? up : dn);
@@ -117,6 +131,7 @@ struct EmbedFunctor {
         rank[k] -= d + 1;
         rem0[k] -= d + 1;
       }
+      rank[k] = rank[k] < 0 ? 0 : (rank[k] > d ? d : rank[k]);  // only a replaced coordinate needs it
     }
     // Barycentric coordinates from the sorted residuals (Adams et al. p.10), with wrap-around.
     for (int k = 0; k <= d + 1; ++k) bary[k] = 0;
@@ -135,7 +150,7 @@ struct EmbedFunctor {
         // canonical[r][rank] = r if rank <= d - r else r - (d + 1)
         key[k] = rem0[k] + ((rank[k] <= d - r) ? r : r - (d + 1));
       }
-      weights[e] = bary[r];
+      weights[e] = bad ? scalar_t(0) : bary[r];
     }
   }
 };
