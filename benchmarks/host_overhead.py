@@ -39,6 +39,26 @@ from rrm_cuda.rrm import pseudo_labels as PL
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim"}
 _HOST = "_rrm_host"
+# ops that make no new data (views, aliases, host tensors from Python data): no kernel on a GPU
+_VIEWS = {
+    "view",
+    "_unsafe_view",
+    "unsqueeze",
+    "squeeze",
+    "select",
+    "slice",
+    "expand",
+    "detach",
+    "alias",
+    "as_strided",
+    "permute",
+    "t",
+    "transpose",
+    "unbind",
+    "split",
+    "_reshape_alias",
+    "lift_fresh",
+}
 
 
 def _is_host(t: object) -> bool:
@@ -187,7 +207,11 @@ def inputs_b(B: int = 4, S: int = 321, seed: int = 0):
 
 def report(title: str, c: Counter, show_ops: bool) -> None:
     n = sum(c.ops.values())
-    print(f"{title}: {n} ATen ops ({len(c.ops)} kinds), {len(c.syncs)} host reads, {c.memory} memory queries")
+    compute = sum(k for op, k in c.ops.items() if op not in _VIEWS)
+    print(
+        f"{title}: {n} ATen ops ({len(c.ops)} kinds; {compute} not views), {len(c.syncs)} host reads, "
+        f"{c.memory} memory queries"
+    )
     for s, k in collections.Counter(c.syncs).items():
         print(f"    sync x{k}: {s}")
     if show_ops:
@@ -195,16 +219,20 @@ def report(title: str, c: Counter, show_ops: bool) -> None:
             print(f"    {k:4d}  {op}")
 
 
-def host_time(fn, reps: int = 200) -> float:
-    """Median wall time of fn in microseconds (after warm-up)."""
+def host_time(fn, reps: int = 50, rounds: int = 5) -> float:
+    """Wall time of fn in microseconds: the smallest of ``rounds`` medians of ``reps`` calls (after
+    warm-up; the smallest median resists other processes on a shared machine)."""
     for _ in range(10):
         fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e6
+    medians = []
+    for _ in range(rounds):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        medians.append(statistics.median(ts))
+    return min(medians) * 1e6
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ta = host_time(lambda: rrm_cuda.dense_crf(probs=tp, image=ti, iterations=1))
     undo = _gpu_paths()
     try:
-        tb = host_time(lambda: PL.reliable_label_parts(bi, bc, bl, iterations=1), reps=100)
+        tb = host_time(lambda: PL.reliable_label_parts(bi, bc, bl, iterations=1))
     finally:
         undo()
     print(f"tiny, 1 thread, 1 iteration: (a) dense_crf 8x8x21 {ta:.0f} us; (b) reliable_label_parts B4 8x8 {tb:.0f} us")
