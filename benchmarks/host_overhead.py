@@ -239,20 +239,29 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", action="store_true", help="list every op with its count")
     ap.add_argument("--no-time", action="store_true", help="counts only")
+    ap.add_argument("--no-count", action="store_true", help="tiny-input host times only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if not args.no_count:
+        counts(args.ops)
+    if not args.no_time:
+        times()
+
+
+def counts(show_ops: bool) -> None:
 
     probs, image = inputs_a()
-    report("(a) dense_crf 512x512x21", count(lambda: rrm_cuda.dense_crf(probs=probs, image=image)), args.ops)
+    report("(a) dense_crf 512x512x21", count(lambda: rrm_cuda.dense_crf(probs=probs, image=image)), show_ops)
     im, cams, labels = inputs_b()
     undo = _gpu_paths()
     try:
         c = count(lambda: PL.reliable_label_parts(im, cams, labels))
     finally:
         undo()
-    report("(b) reliable_label_parts B4 321x321", c, args.ops)
-    if args.no_time:
-        return
+    report("(b) reliable_label_parts B4 321x321", c, show_ops)
+
+
+def times() -> None:
     tp, ti = inputs_a(8, 21)
     bi, bc, bl = inputs_b(4, 8)
     ta = host_time(lambda: rrm_cuda.dense_crf(probs=tp, image=ti, iterations=1))
@@ -261,7 +270,21 @@ def main(argv: list[str] | None = None) -> None:
         tb = host_time(lambda: PL.reliable_label_parts(bi, bc, bl, iterations=1))
     finally:
         undo()
-    print(f"tiny, 1 thread, 1 iteration: (a) dense_crf 8x8x21 {ta:.0f} us; (b) reliable_label_parts B4 8x8 {tb:.0f} us")
+    # the C++ op alone on the same problems (its lattices and one iteration): the rest is host overhead
+    ops = torch.ops.rrm_cuda
+    u = -torch.log(tp.clamp(1e-5, 1)).flatten(2)
+    pos = rrm_cuda.position_features(1, (8, 8), 3.0)
+    bil = rrm_cuda.bilateral_features(ti, 80.0, 13.0)
+    pots = torch.stack([-3.0 * torch.eye(21), -10.0 * torch.eye(21)])
+    oa = host_time(lambda: ops.dense_crf(u, [pos, bil], pots, [True, True], [0, 0], 1))
+    u3 = torch.rand(8, 3, 64)
+    pots3 = pots[:, :3, :3].contiguous()
+    bil4 = rrm_cuda.bilateral_features(bi, 80.0, 13.0)
+    ob = host_time(lambda: ops.dense_crf(u3, [pos, bil4], pots3, [True, True], [0, 0], 1))
+    print(
+        f"tiny, 1 thread, 1 iteration: (a) dense_crf 8x8x21 {ta:.0f} us (the op alone {oa:.0f} us); "
+        f"(b) reliable_label_parts B4 8x8 {tb:.0f} us (its CRF op alone {ob:.0f} us)"
+    )
 
 
 if __name__ == "__main__":
