@@ -90,6 +90,20 @@ class Counter(TorchDispatchMode):
         self.ops: collections.Counter[str] = collections.Counter()
         self.syncs: list[str] = []
         self.memory = 0
+        # ops launched after each host read until the CRF op (or the end): on a GPU the queue is
+        # empty there, so each of them leaves the GPU idle while the host launches it
+        self.stretches: list[int] = []
+        self._since: int | None = None
+
+    def sync(self, what: str) -> None:
+        self.syncs.append(what)
+        self.end_stretch()
+        self._since = 0
+
+    def end_stretch(self) -> None:
+        if self._since is not None:
+            self.stretches.append(self._since)
+        self._since = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -99,8 +113,12 @@ class Counter(TorchDispatchMode):
         flat, _ = tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         host = all(_is_host(t) for t in tensors) if tensors else kwargs.get("device") is None
+        if ns == "rrm_cuda":
+            self.end_stretch()
+        elif self._since is not None and name not in _VIEWS:
+            self._since += 1
         if name in _SYNC_OPS and not host:
-            self.syncs.append(f"aten::{name} at {_site()}")
+            self.sync(f"aten::{name} at {_site()}")
         out = func(*args, **kwargs)
         if host:
             for t in tree_flatten(out)[0]:
@@ -118,7 +136,7 @@ def _patched(counter: Counter):
 
         def f(self, *a, **k):
             if not _is_host(self):
-                counter.syncs.append(f"Tensor.{meth} at {_site()}")
+                counter.sync(f"Tensor.{meth} at {_site()}")
             with torch.utils._python_dispatch._disable_current_modes():
                 r = orig(self, *a, **k)
             if mark_result:
@@ -181,6 +199,7 @@ def count(fn) -> Counter:
     try:
         with c:
             fn()
+        c.end_stretch()
     finally:
         undo()
     return c
@@ -210,7 +229,7 @@ def report(title: str, c: Counter, show_ops: bool) -> None:
     compute = sum(k for op, k in c.ops.items() if op not in _VIEWS)
     print(
         f"{title}: {n} ATen ops ({len(c.ops)} kinds; {compute} not views), {len(c.syncs)} host reads, "
-        f"{c.memory} memory queries"
+        f"{c.memory} memory queries; ops (not views) from each host read to the CRF op: {c.stretches}"
     )
     for s, k in collections.Counter(c.syncs).items():
         print(f"    sync x{k}: {s}")

@@ -145,8 +145,8 @@ def _batched_crf(
     rows = present.tolist()
     classes = [[c for c in range(20) if r[c]] for r in rows]
     L = 1 + max((len(cs) for cs in classes), default=0)
-    out = cams.new_zeros(A * B, 21, H, W)
     if L == 1:
+        out = cams.new_zeros(A * B, 21, H, W)
         out[:, 0] = 1.0
         return out, cams.new_zeros(A * B, H, W, dtype=torch.long), cams.new_zeros(B, H, W)
     # Per image b and CRF label j: cls, the class of the label (0 background, c + 1 for CAM channel
@@ -176,6 +176,7 @@ def _batched_crf(
     img = image if image.dtype in (torch.uint8, torch.float32) else image.float()
     q = dense_crf(u.view(A * B, L, H, W), img, iterations=iterations, **crf_params)
     q5 = q.view(A, B, L, H, W)
+    out = cams.new_zeros(A * B, 21, H, W)  # after the CRF's launch: off the host-bound stretch
     # padding labels keep Q ~ 0 (<= 1e-37) < any real label's Q, and classes keep their order: the
     # argmax of the (·, 21) tensor, first maximum included
     labels = cls.expand(A, B, L).gather(2, _channel_argmax(q).view(A, B, H * W)).view(A * B, H, W)
@@ -282,13 +283,16 @@ def reliable_label_parts(
     if cams.requires_grad:
         cams = cams.detach()
     present = (labels.detach() if labels.requires_grad else labels) > 1e-5
-    present_h = present.cpu()  # the one host read of the step on a GPU (which classes each image has)
     # cam_all = [bg_α1, cams of the present classes] written in place (no concatenation pass)
     cam_all = cams.new_empty(B, 21, H, W, dtype=torch.float32)
     cam_np = torch.mul(cams, present.reshape(B, 20, 1, 1), out=cam_all[:, 1:])
     one_minus_max = 1.0 - cam_np.amax(1)
     torch.pow(one_minus_max, alphas[1], out=cam_all[:, 0])
     cam_img = _channel_argmax(cam_all)
+    # The host read of the step on a GPU (which classes each image has), after the work above is
+    # queued: the GPU runs it while the host waits, and the host-bound stretch from this read to
+    # the CRF's kernels (every op launched in it leaves the GPU idle) holds only the unaries.
+    present_h = present.cpu()
 
     crf, crf_labels, fg_max = _batched_crf(
         image.detach() if image.requires_grad else image,
