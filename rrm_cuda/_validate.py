@@ -43,28 +43,26 @@ def finite_range(x: torch.Tensor, name: str) -> tuple[float, float] | None:
     One pass (aminmax propagates NaN and sees Inf, without a mask of x's size) and one device
     synchronisation: on a GPU each ``.item()`` stalls the host until the queue drains.
     """
-    if not x.is_floating_point() or x.numel() == 0:
-        return None
-    lo, hi = torch.stack(list(torch.aminmax(x.detach()))).tolist()
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
-        raise ValueError(f"{name} contains {bad} values")
-    return lo, hi
+    return finite_ranges([(name, x)])[0]
 
 
 def finite_ranges(items: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[float, float] | None]:
     """``finite_range`` of several tensors with one device synchronisation for all of them; raises
-    for the first (in order) that holds NaN or Inf. None for empty or non-float tensors."""
+    for the first (in order) that holds NaN or Inf. None for empty or non-float tensors.
+
+    One ``aminmax`` per tensor and one ``stack`` per device (it promotes mixed dtypes exactly: the
+    widest of them is float64 at most) before the single read."""
     todo = [(k, name, x) for k, (name, x) in enumerate(items) if x.is_floating_point() and x.numel() > 0]
     out: list[tuple[float, float] | None] = [None] * len(items)
     if not todo:
         return out
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, _, x in todo:
-        by_device.setdefault(x.device, []).append(torch.stack(list(torch.aminmax(x.detach()))).double())
+        by_device.setdefault(x.device, []).extend(torch.aminmax(x.detach() if x.requires_grad else x))
     vals = {dev: iter(torch.stack(ts).tolist()) for dev, ts in by_device.items()}
     for k, name, x in todo:
-        lo, hi = next(vals[x.device])
+        it = vals[x.device]
+        lo, hi = next(it), next(it)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
             raise ValueError(f"{name} contains {bad} values")
@@ -107,15 +105,24 @@ def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -
     return v
 
 
-def memory(nbytes: int, device: torch.device, what: str) -> None:
-    """Refuse work whose buffers cannot fit, instead of letting the OS kill the process."""
+def memory_limit(device: torch.device) -> int | None:
+    """Bytes available to new work on ``device`` (free GPU memory, or the physical memory on the
+    host); None when unknown. One query: callers checking several buffers read it once."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        limit = free
-    else:
-        try:
-            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return free
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+def memory(nbytes: int, device: torch.device, what: str, limit: int | None = None) -> None:
+    """Refuse work whose buffers cannot fit, instead of letting the OS kill the process. ``limit``:
+    the :func:`memory_limit` already read for ``device`` (queried here when None)."""
+    if limit is None:
+        limit = memory_limit(device)
+        if limit is None:  # pragma: no cover
             return
     if nbytes > limit:
         raise MemoryError(

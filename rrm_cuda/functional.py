@@ -60,12 +60,19 @@ def _lattice_bytes(B: int, N: int, d: int, C: int, itemsize: int, device: torch.
 
 
 def _check_lattice_features(
-    features: Tensor, name: str, C: int, dtype: torch.dtype, batch: int | None = None, values: bool = True
+    features: Tensor,
+    name: str,
+    C: int,
+    dtype: torch.dtype,
+    batch: int | None = None,
+    values: bool = True,
+    limit: int | None = None,
 ) -> None:
     """Features (B, d, N): dimension, size, memory, finiteness and integer-key range. ``batch``: the
     number of images the lattices serve when larger than B (shared lattices are repeated).
     ``values=False`` leaves finiteness and the key range to the caller (``_check_key_range`` on a
-    range it read together with other tensors': one device synchronisation)."""
+    range it read together with other tensors': one device synchronisation). ``limit``: the
+    device's available memory when already read (``V.memory_limit``: one query per call)."""
     B, d, N = features.shape
     B = max(B, batch or 0)
     if d < 1 or d > 16:
@@ -73,7 +80,7 @@ def _check_lattice_features(
     if N * (d + 1) >= 2**30:
         raise ValueError(f"{name}: N * (d + 1) must be < 2^30 lattice entries per image; got N={N}, d={d}")
     itemsize = torch.finfo(dtype).bits // 8
-    V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}")
+    V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}", limit)
     if not values:
         return
     rng = V.finite_range(features, name)  # one synchronisation for finiteness and the key range
@@ -142,6 +149,31 @@ def lattice_num_vertices(features: Tensor) -> Tensor:
 # Dense CRF
 
 
+# Constant tensors of the dense CRF (position features, Potts matrices, sigma divisors on a GPU) are
+# built once per configuration and reused: each saves several small ATen ops (host launch time) per
+# call. Keyed by device and, on CUDA, by the current stream (a cached tensor is only ever freed,
+# by eviction, on the stream it was made and used on); at most _CONST_CACHE_SIZE entries.
+_CONST_CACHE: dict[tuple, Tensor] = {}
+_CONST_CACHE_SIZE = 16
+
+
+def _cached(key: tuple, make) -> Tensor:
+    """``make()`` for ``key`` (device in it), made once; not cached under tensor subclasses (fake
+    or traced tensors)."""
+    device = key[-1]
+    if device.type == "cuda":
+        key = (*key, torch.cuda.current_stream(device).cuda_stream)
+    t = _CONST_CACHE.get(key)
+    if t is None:
+        with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode later
+            t = make()
+        if type(t) is Tensor:
+            if len(_CONST_CACHE) >= _CONST_CACHE_SIZE:
+                _CONST_CACHE.pop(next(iter(_CONST_CACHE)))
+            _CONST_CACHE[key] = t
+    return t
+
+
 def _per_image(sigma: float | Tensor, B: int, like: Tensor) -> Tensor | float:
     """A divisor for features of ``like``: (B, 1, 1) per-image sigmas, or a number.
 
@@ -153,8 +185,34 @@ def _per_image(sigma: float | Tensor, B: int, like: Tensor) -> Tensor | float:
     if isinstance(sigma, Tensor):
         return sigma.to(device=like.device, dtype=like.dtype).reshape(B, 1, 1)
     if like.device.type != "cpu":
-        return torch.full((), sigma, dtype=like.dtype, device=like.device)
+        dtype, device = like.dtype, like.device
+        return _cached(("sigma", sigma, dtype, device), lambda: torch.full((), sigma, dtype=dtype, device=device))
     return sigma
+
+
+def _positions(batch: int, spatial: Sequence[int], sxy: float | Tensor, dtype: torch.dtype, device) -> Tensor:
+    """(batch, len(S), N) pixel positions / ``sxy`` (x first), for a validated ``sxy``. For a
+    number, a view of a cached (1, len(S), N) tensor expanded over the batch: each axis is divided
+    once (the same true divisions, element by element, as dividing the whole grid)."""
+    if isinstance(sxy, Tensor):  # per-image sigmas
+        grids = torch.meshgrid(*[torch.arange(s, dtype=dtype, device=device) for s in spatial], indexing="ij")
+        pos = torch.stack([g.reshape(-1) for g in reversed(grids)]).unsqueeze(0).expand(batch, -1, -1)
+        return pos / _per_image(sxy, batch, pos)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    spatial = tuple(int(s) for s in spatial)
+
+    def make() -> Tensor:
+        axes = [torch.arange(s, dtype=dtype, device=device) for s in spatial]
+        div = _per_image(sxy, 1, axes[0])
+        grids = torch.meshgrid(*[a / div for a in axes], indexing="ij")
+        return torch.stack(grids[::-1]).view(1, len(spatial), -1)
+
+    return _cached(("positions", spatial, sxy, dtype, device), make).expand(batch, -1, -1)
+
+
+def _position_fmax(spatial: Sequence[int], sxy: float) -> float:
+    """The largest |position feature| for a number ``sxy`` (positions are >= 0)."""
+    return max([s - 1 for s in spatial] + [0]) / sxy
 
 
 def position_features(
@@ -163,18 +221,16 @@ def position_features(
     """(B, len(S), N) pixel positions divided by ``sxy``, in densecrf's order: x (the last, column
     axis) first, then y (rows), then z. ``sxy``: a number or a per-image (B,) tensor."""
     sxy = V.positive(sxy, "sxy", batch)
-    grids = torch.meshgrid(*[torch.arange(s, dtype=dtype, device=device) for s in spatial], indexing="ij")
-    pos = torch.stack([g.reshape(-1) for g in reversed(grids)])  # x, y, (z)
-    pos = pos.unsqueeze(0).expand(batch, -1, -1)
-    return pos / _per_image(sxy, batch, pos)
+    pos = _positions(batch, spatial, sxy, dtype, device)
+    return pos if isinstance(sxy, Tensor) else pos.clone()  # a fresh tensor, not the cached one
 
 
 def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor, *, dtype=torch.float32) -> Tensor:
     """(B, len(S) + c, N) features ``(x/sxy, y/sxy, I_1/srgb, …, I_c/srgb)`` of pydensecrf's
     addPairwiseBilateral, for an image (B, c, *S) of any channel count on the 0–255 scale."""
-    B, c = image.shape[:2]
+    B = image.shape[0]
     srgb = V.positive(srgb, "srgb", B)
-    pos = position_features(B, image.shape[2:], sxy, dtype=dtype, device=image.device)
+    pos = _positions(B, image.shape[2:], V.positive(sxy, "sxy", B), dtype, image.device)
     col = _flat(image).to(dtype)
     return torch.cat([pos, col / _per_image(srgb, B, col)], dim=1)
 
@@ -222,16 +278,34 @@ def _compat_matrix(
             return 0.5 * (c + c.T), False
         else:
             raise ValueError(f"{name} must be a number, (L,) or (L, L); got shape {tuple(c.shape)}")
+    w = _potts_weight(compat, name)
+    if w is None:
+        return None
+    return _potts_matrix(w, L, dtype, device), True
+
+
+def _potts_weight(compat: object, name: str) -> float | None:
+    """The weight of a Potts compatibility given as a number (None: the term is off)."""
     try:
         w = float(compat)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, a tensor or None; got {type(compat).__name__}") from None
     if not math.isfinite(w):
         raise ValueError(f"{name} must be finite; got {compat}")
-    if w == 0:
-        return None
+    return None if w == 0 else w
+
+
+def _potts_matrix(w: float, L: int, dtype, device) -> Tensor:
     # Potts: a reward w for agreeing labels, i.e. the energy -w * I (densecrf's PottsCompatibility).
-    return -w * torch.eye(L, dtype=dtype, device=device), True
+    return -w * torch.eye(L, dtype=dtype, device=device)
+
+
+def _potts_stack(ws: tuple[float, ...], L: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T, L, L) Potts matrices of the weights ``ws``, cached (the same values as stacking
+    ``_potts_matrix`` of each)."""
+    return _cached(
+        ("potts", ws, L, dtype, device), lambda: torch.stack([_potts_matrix(w, L, dtype, device) for w in ws])
+    )
 
 
 def dense_crf(
@@ -322,29 +396,45 @@ def dense_crf(
     N = u.shape[2]
 
     feats: list[Tensor] = []
-    compats: list[Tensor] = []
+    compats: list[Tensor | float] = []  # a float: a Potts weight (its matrix is built, cached, below)
     diags: list[bool] = []
-
+    # features whose key range is bounded from known ranges instead of read: name -> (max |position|,
+    # srgb or None): max |feature| = max(max |position|, max |image| / srgb)
+    bounds: dict[str, tuple[float, float | None]] = {}
     feat_names: list[str] = []
+    mem_limit: list[int | None] = []  # the device's free memory, read once per call
 
-    def add(features: Tensor, compat: Compat, name: str) -> None:
-        cm = _compat_matrix(compat, L, name, dtype, device, pending)
-        if cm is None:
-            return
+    def add(features: Tensor, compat: Compat, name: str, fmax: tuple[float, float | None] | None = None) -> None:
+        if isinstance(compat, Tensor):
+            cm = _compat_matrix(compat, L, name, dtype, device, pending)
+            if cm is None:
+                return
+            c, diag = cm
+        else:
+            c, diag = _potts_weight(compat, name), True
+            if c is None:
+                return
         f = _flat(features).to(dtype)
         fname = name.replace("compat", "features")
-        _check_lattice_features(f, fname, L, dtype, batch=B, values=False)
-        pending.append((fname, f))
+        if not mem_limit:
+            mem_limit.append(V.memory_limit(device))
+        _check_lattice_features(f, fname, L, dtype, batch=B, values=False, limit=mem_limit[0])
+        if fmax is None:
+            pending.append((fname, f))
+        else:
+            bounds[fname] = fmax
         feat_names.append(fname)
         feats.append(f.contiguous())
-        compats.append(cm[0])
-        diags.append(cm[1])
+        compats.append(c)
+        diags.append(diag)
 
     if gaussian_compat is not None and not (isinstance(gaussian_compat, (int, float)) and gaussian_compat == 0):
         gsxy = V.positive(gaussian_sxy, "gaussian_sxy", B)
         # One position lattice for the whole batch unless the sigma is per image.
         nb = B if isinstance(gsxy, Tensor) else min(B, 1)
-        add(position_features(nb, spatial, gsxy, dtype=dtype, device=device), gaussian_compat, "gaussian_compat")
+        pos = _positions(nb, spatial, gsxy, dtype, device)
+        fmax = None if isinstance(gsxy, Tensor) else (_position_fmax(spatial, gsxy), None)
+        add(pos, gaussian_compat, "gaussian_compat", fmax)
     if bilateral_compat is not None and not (isinstance(bilateral_compat, (int, float)) and bilateral_compat == 0):
         if image is None:
             raise ValueError("image is required by the bilateral term; pass bilateral_compat=0 to switch it off")
@@ -362,7 +452,16 @@ def dense_crf(
         bsrgb = V.positive(bilateral_srgb, "bilateral_srgb", B)
         if image.shape[0] < B and (isinstance(bsxy, Tensor) or isinstance(bsrgb, Tensor)):
             image = image.repeat(B // image.shape[0], *([1] * (image.dim() - 1)))  # per-image sigmas
-        add(bilateral_features(image, bsxy, bsrgb, dtype=dtype), bilateral_compat, "bilateral_compat")
+        fmax = None
+        if (
+            not isinstance(bsxy, Tensor)
+            and not isinstance(bsrgb, Tensor)
+            and (image.dtype == torch.uint8 or image.is_floating_point())
+        ):
+            # max |feature| from the positions' bound and the image's range (read with the other
+            # values, or 255 for uint8): no pass over the features
+            fmax = (_position_fmax(spatial, bsxy), bsrgb)
+        add(bilateral_features(image, bsxy, bsrgb, dtype=dtype), bilateral_compat, "bilateral_compat", fmax)
     for k, item in enumerate(pairwise):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"pairwise[{k}] must be a (features, compat) pair")
@@ -380,22 +479,36 @@ def dense_crf(
     if probs is not None and ranges["probs"] is not None and ranges["probs"][0] < 0:
         raise ValueError("probs must be non-negative scores (got negative values)")
     for fname, f in zip(feat_names, feats):
-        if ranges[fname] is not None:
+        if fname in bounds:
+            pmax, srgb = bounds[fname]
+            if srgb is not None:
+                rng = ranges["image"]
+                imax = 255.0 if rng is None else max(abs(rng[0]), abs(rng[1]))  # None: uint8
+                pmax = max(pmax, imax / srgb)
+            _check_key_range(f, fname, pmax)
+        elif ranges[fname] is not None:
             _check_key_range(f, fname, max(abs(ranges[fname][0]), abs(ranges[fname][1])))
     if B == 0 or N == 0:
         return torch.empty((B, L, *spatial), dtype=dtype, device=device)
     if not feats:
         return torch.softmax(-u, dim=1).reshape(B, L, *spatial)
-    compat = torch.stack(compats)
+    if all(isinstance(c, float) for c in compats):
+        compat = _potts_stack(tuple(compats), L, dtype, device)
+    else:
+        compat = torch.stack([_potts_matrix(c, L, dtype, device) if isinstance(c, float) else c for c in compats])
     norms = [_NORMALIZATIONS[normalization]] * len(feats)
     if torch.is_grad_enabled() and (u.requires_grad or compat.requires_grad):
-        _check_crf_backward_memory(B, L, N, iterations, dtype, device)
-    q = ops.dense_crf(u.contiguous(), [f.detach() for f in feats], compat, diags, norms, iterations)
+        _check_crf_backward_memory(B, L, N, iterations, dtype, device, mem_limit[0] if mem_limit else None)
+    q = ops.dense_crf(
+        u.contiguous(), [f.detach() if f.requires_grad else f for f in feats], compat, diags, norms, iterations
+    )
     return q.reshape(B, L, *spatial)
 
 
-def _check_crf_backward_memory(B: int, L: int, N: int, iterations: int, dtype: torch.dtype, device) -> None:
+def _check_crf_backward_memory(
+    B: int, L: int, N: int, iterations: int, dtype: torch.dtype, device, limit: int | None = None
+) -> None:
     """dense_crf's backward keeps Q of every iteration, (iterations + 1)·B·L·N values, plus ~7 (B, N, L)
     work arrays (its lattices are those the forward's check counted)."""
     itemsize = torch.finfo(dtype).bits // 8
-    V.memory((iterations + 8) * B * L * N * itemsize, torch.device(device), "dense_crf's backward")
+    V.memory((iterations + 8) * B * L * N * itemsize, torch.device(device), "dense_crf's backward", limit)

@@ -516,7 +516,62 @@ def test_inputs_checked_with_one_synchronisation(monkeypatch):
     q = rrm_cuda.dense_crf(
         probs=torch.softmax(-unary, 1), image=image, bilateral_compat=torch.rand(3, 3), pairwise=[(depth, 2.0)]
     )
-    assert calls == [5] and q.shape == unary.shape  # probs, image, 3 features (CPU compat: checked directly)
+    # probs, image, the depth features (CPU compat: checked directly); the position and bilateral
+    # features' key ranges are bounded from the sigmas and the image's range, not read
+    assert calls == [3] and q.shape == unary.shape
+
+
+def _positions_reference(batch, spatial, sxy, dtype):
+    grids = torch.meshgrid(*[torch.arange(s, dtype=dtype) for s in spatial], indexing="ij")
+    pos = torch.stack([g.reshape(-1) for g in reversed(grids)]).unsqueeze(0).expand(batch, -1, -1)
+    return pos / (sxy.to(dtype).reshape(batch, 1, 1) if isinstance(sxy, torch.Tensor) else sxy)
+
+
+def test_position_features_bit_identical_to_grid_division_and_fresh():
+    # positions divide each axis once (cached constants): the same true divisions as the whole grid
+    for spatial, sxy, dtype in [
+        ((7, 9), 3.0, torch.float32),
+        ((321, 321), 80.0, torch.float32),
+        ((5, 4, 6), 0.7, torch.float64),
+        ((11,), 3.3, torch.float32),
+        ((6, 5), torch.tensor([1.5, 80.0, 13.0]), torch.float32),
+    ]:
+        B = 3
+        ref = _positions_reference(B, spatial, sxy, dtype)
+        for _ in range(2):  # built, then cached
+            pos = rrm_cuda.position_features(B, spatial, sxy, dtype=dtype)
+            assert pos.dtype == dtype and pos.is_contiguous() and torch.equal(pos, ref)
+            pos.zero_()  # a fresh tensor: the cached one is untouched
+        img = torch.randint(0, 256, (B, 3, *spatial), dtype=torch.uint8)
+        bil = rrm_cuda.bilateral_features(img, sxy, 13.0, dtype=dtype)
+        assert torch.equal(bil, torch.cat([ref, img.flatten(2).to(dtype) / 13.0], 1))
+
+
+def test_constants_cached_across_calls_and_inference_mode():
+    unary, image = _crf_inputs(B=2, L=3, H=7, W=6, dtype=torch.float32)
+    rrm_cuda.functional._CONST_CACHE.clear()
+    with torch.inference_mode():
+        q0 = rrm_cuda.dense_crf(unary, image, iterations=3)
+    u = unary.clone().requires_grad_()
+    q1 = rrm_cuda.dense_crf(u, image, iterations=3)  # cached constants made under inference mode
+    q1.sum().backward()
+    assert torch.equal(q0, q1.detach()) and u.grad is not None
+    assert torch.equal(q1, rrm_cuda.dense_crf(unary, image, iterations=3, gaussian_compat=torch.tensor(3.0)))
+
+
+def test_key_range_overflow_bounded_without_reading_features():
+    unary, image = _crf_inputs(B=2, L=3, H=7, W=6, dtype=torch.float32)
+    for img in (image, image.float(), image.double()):
+        with pytest.raises(ValueError, match="bilateral_features: feature values up to .* overflow"):
+            rrm_cuda.dense_crf(unary, img, bilateral_srgb=1e-9)
+        with pytest.raises(ValueError, match="bilateral_features: feature values up to .* overflow"):
+            rrm_cuda.dense_crf(unary, img, bilateral_sxy=1e-9)
+    with pytest.raises(ValueError, match="gaussian_features: feature values up to .* overflow"):
+        rrm_cuda.dense_crf(unary, image, gaussian_sxy=1e-9)
+    with pytest.raises(ValueError, match="overflow"):  # per-image sigmas: the features' range is read
+        rrm_cuda.dense_crf(unary, image, bilateral_srgb=torch.tensor([13.0, 1e-9]))
+    # a float image's own range bounds its colours (a dark image allows a smaller srgb than 255 would)
+    rrm_cuda.dense_crf(unary, image.float() * 0.0 + 1.0, bilateral_srgb=1e-5, iterations=1)
 
 
 # ---- module == functional --------------------------------------------------------------------

@@ -235,12 +235,38 @@ def test_cam_sure_batched_formulation_equals_per_class_loop():
     la = cam_img.clone()
     la[0][la[0] == 8] = 0  # class 7 absent from the CRF label of image 0
     for p in (0.6, 0.0, 0.95):
-        for bg_t, cmin in ((0.8, 0.1), (-1.0, 0.0)):
+        for bg_t, cmin in ((0.8, 0.1), (-1.0, 0.0), (0.8, -0.5), (-0.2, -0.1)):
             args = (cam, cam_img, la, present, bg_t, cmin, p)
             loop = _cam_sure(*args, vectorised=False)
             torch.testing.assert_close(_cam_sure(*args, vectorised=True), loop)
     default = _cam_sure(cam, cam_img, la, present, 0.8, 0.1, 0.6, vectorised=False)
     assert bool(default.any()) and not bool(default.all())
+
+
+def test_reliable_label_parts_gpu_formulations_equal_cpu_ones(monkeypatch):
+    """The GPU's batched CAM-reliable region and ATen argmax give the CPU path's results bit for bit;
+    absent classes' CRF probabilities are exactly 0 (padding labels' Q is zeroed before the scatter)."""
+    from rrm_cuda.rrm import pseudo_labels as PL
+
+    g = torch.Generator().manual_seed(2)
+    B, S = 4, 23
+    image = torch.randint(0, 256, (B, 3, S, S), generator=g).to(torch.uint8)
+    labels = torch.zeros(B, 20)
+    for b, n in enumerate((1, 2, 0, 3)):  # padding labels for 3 images, one without a class
+        labels[b, torch.randperm(20, generator=g)[:n]] = 1
+    cams = (torch.rand(B, 20, S, S, generator=g) * 10).round() / 10 * labels[:, :, None, None]
+    cpu = reliable_label_parts(image, cams, labels, iterations=3)
+    cam_sure = PL._cam_sure
+    monkeypatch.setattr(PL, "_cam_sure", lambda *a, **k: cam_sure(*a, **{**k, "vectorised": True}))
+    monkeypatch.setattr(PL, "_channel_argmax", lambda x: x.argmax(1))
+    gpu = reliable_label_parts(image.float(), cams, labels, iterations=3)
+    for f in ("label", "crf_label", "cam_sure", "crf_la", "crf_ha"):
+        assert torch.equal(getattr(cpu, f), getattr(gpu, f)), f
+    absent = torch.cat([torch.zeros(B, 1, dtype=torch.bool), labels == 0], 1)
+    for q in (cpu.crf_la, cpu.crf_ha):
+        assert bool((q.permute(0, 2, 3, 1)[absent[:, None, None].expand(-1, S, S, -1)] == 0).all())
+        assert not bool(torch.signbit(q).any())
+        assert q.is_contiguous()
 
 
 def test_reliable_labels_class_without_cam_pixel_and_no_class():

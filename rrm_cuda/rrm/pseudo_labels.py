@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import dense_crf, unary_from_probs
+from ..functional import dense_crf
 
 IGNORE = 255
 PSEUDO_CRF = dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0)
-# Energy of a padding label: exp(-1e4) is exactly 0 in fp32/fp64, so a padded label keeps Q = 0 in
-# every mean-field iteration and, with Potts compatibilities, sends no message to the real labels.
+# Energy of a padding label: a padded label keeps Q ~ 0 (below 1e-37) in every mean-field iteration
+# and, with Potts compatibilities, sends no message to the real labels; its Q is set to exactly 0
+# before it reaches the outputs.
 _PAD_ENERGY = 1.0e4
 
 
@@ -103,57 +104,87 @@ class ReliableLabels:
     crf_ha: Tensor
 
 
+def _host_to(rows: list, device: torch.device) -> Tensor:
+    """An int64 tensor of nested lists built on the host, on ``device`` without waiting for its queue
+    (pinned memory, asynchronous copy): one copy for every index table of a step."""
+    t = torch.tensor(rows, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _unary_(p: Tensor) -> Tensor:
+    """``unary_from_probs`` in place: ``-log(clip(p, 1e-5, 1))`` (the same operations)."""
+    return p.clamp_(min=1e-5, max=1.0).log_().neg_()
+
+
 def _batched_crf(
-    image: Tensor, cams: Tensor, present: Tensor, alphas: Sequence[float], iterations: int, crf_params: dict
-) -> tuple[list[Tensor], list[Tensor]]:
+    image: Tensor,
+    cams: Tensor,
+    one_minus_max: Tensor,
+    present: Tensor,
+    alphas: Sequence[float],
+    iterations: int,
+    crf_params: dict,
+) -> tuple[Tensor, Tensor, Tensor]:
     """CRFs on [bg_α, present-class CAMs] for every α in one batched call, sharing each image's
     lattices between its α CRFs. Each image keeps only its present classes (as the original does),
     padded to a common label count with labels of energy ``_PAD_ENERGY`` that stay at probability 0.
-    Returns per α a (B, 21, H, W) probability tensor and the (B, H, W) argmax class of it (taken on
-    the CRF's few labels)."""
+
+    Args: ``cams`` (B, 20, H, W) with absent classes zeroed, ``one_minus_max`` (B, H, W) ``1 − max_c
+    cams``, ``present`` (B, 20) bool on the host.
+
+    Returns (item a·B + b for α ``alphas[a]`` and image b): the (A·B, 21, H, W) probabilities, the
+    (A·B, H, W) argmax class of each (taken on the CRF's few labels) and, for ``alphas[0]``, the
+    (B, H, W) largest foreground probability."""
+    A = len(alphas)
     B, _, H, W = cams.shape
     dev = cams.device
     # Which classes each image has is read to the host once (the CRF's label count L sizes it);
     # everything else stays on the device: no synchronisation per image or class.
-    present_h = present.cpu()
-    counts = present_h.sum(1)
-    L = 1 + int(counts.max()) if B else 1
-    outs = [cams.new_zeros(B, 21, H, W) for _ in alphas]
+    rows = present.tolist()
+    classes = [[c for c in range(20) if r[c]] for r in rows]
+    L = 1 + max((len(cs) for cs in classes), default=0)
     if L == 1:
-        for o in outs:
-            o[:, 0] = 1.0
-        return outs, [cams.new_zeros(B, H, W, dtype=torch.long) for _ in alphas]
-    # cls[b, j]: the class of CRF label j (0 background, c + 1 for CAM channel c); padding labels
-    # point to a dummy channel 21 of the scatter below and to class 0 for the argmax (never chosen).
-    cls_h = torch.zeros(B, L, dtype=torch.long)
-    pad_h = torch.ones(B, L - 1, dtype=torch.bool)
-    for b in range(B):
-        idx = present_h[b].nonzero().flatten()
-        cls_h[b, 1 : 1 + idx.numel()] = idx + 1
-        pad_h[b, : idx.numel()] = False
-    if dev.type == "cuda":  # pinned + non_blocking: the copies do not wait for the GPU queue
-        cls_h, pad_h = cls_h.pin_memory(), pad_h.pin_memory()
-    cls = cls_h.to(dev, non_blocking=True)
-    pad = pad_h.to(dev, non_blocking=True)
-    sel = (cls[:, 1:] - 1).clamp(min=0)[:, :, None, None].expand(-1, -1, H, W)
-    fg_unary = torch.where(pad[:, :, None, None], _PAD_ENERGY, unary_from_probs(cams.gather(1, sel)))
-    mx = cams.amax(1)  # absent classes are zero and CAMs are >= 0: the max over present classes
-    unaries = [torch.cat([unary_from_probs((1.0 - mx) ** alpha)[:, None], fg_unary], 1) for alpha in alphas]
-    # Unaries of all α stacked, the images once: dense_crf builds each image's lattices once and
-    # shares them between its α CRFs (item a·B + b uses image b).
-    q = dense_crf(torch.cat(unaries), image.float(), iterations=iterations, **crf_params)
-    dst = torch.where(pad, 21, cls[:, 1:])[:, :, None, None].expand(-1, -1, H, W)
-    argmaxes = []
-    for a, o in enumerate(outs):
-        qa = q[a * B : (a + 1) * B]
-        full = cams.new_zeros(B, 22, H, W)
-        full[:, 0] = qa[:, 0]
-        full.scatter_(1, dst, qa[:, 1:])
-        o.copy_(full[:, :21])
-        # padding labels keep Q = 0 < any real label's Q, and classes keep their order: the argmax
-        # of the (B, 21) tensor, first maximum included
-        argmaxes.append(cls.gather(1, _channel_argmax(qa).flatten(1)).view(B, H, W))
-    return outs, argmaxes
+        out = cams.new_zeros(A * B, 21, H, W)
+        out[:, 0] = 1.0
+        return out, cams.new_zeros(A * B, H, W, dtype=torch.long), cams.new_zeros(B, H, W)
+    # Per image b and CRF label j: cls, the class of the label (0 background, c + 1 for CAM channel
+    # c; 0 for padding, never the argmax); dst, the output channel it is scattered to (padding labels,
+    # their Q zeroed, to distinct absent classes, which stay 0); sel, the CAM channel of its unary
+    # (padding: any); pad, 1 for padding labels. One host-to-device copy for all four.
+    tables: list[list[list[int]]] = [[], [], [], []]
+    for cs in classes:
+        n_pad = L - 1 - len(cs)
+        absent = [c + 1 for c in range(20) if c not in cs][:n_pad]
+        tables[0].append([0] + [c + 1 for c in cs] + [0] * n_pad)
+        tables[1].append([0] + [c + 1 for c in cs] + absent)
+        tables[2].append([0] + cs + [0] * n_pad)
+        tables[3].append([0] * (1 + len(cs)) + [1] * n_pad)
+    cls, dst, sel, pad = _host_to(tables, dev).unbind(0)
+    # The unaries of all α in one (A, B, L, H, W) tensor: background rows per α, the foreground
+    # rows (the same for every α) computed once and copied.
+    u = cams.new_empty(A, B, L, H, W)
+    fg = _unary_(cams.gather(1, sel[:, 1:, None, None].expand(-1, -1, H, W)))
+    padb = pad.bool()
+    u[:, :, 1:] = fg.masked_fill_(padb[:, 1:, None, None], _PAD_ENERGY)
+    for a, alpha in enumerate(alphas):
+        torch.pow(one_minus_max, alpha, out=u[a, :, 0])
+    _unary_(u[:, :, 0])
+    # The images once: dense_crf builds each image's lattices once and shares them between its α
+    # CRFs (item a·B + b uses image b).
+    img = image if image.dtype in (torch.uint8, torch.float32) else image.float()
+    q = dense_crf(u.view(A * B, L, H, W), img, iterations=iterations, **crf_params)
+    q5 = q.view(A, B, L, H, W)
+    out = cams.new_zeros(A * B, 21, H, W)  # after the CRF's launch: off the host-bound stretch
+    # padding labels keep Q ~ 0 (<= 1e-37) < any real label's Q, and classes keep their order: the
+    # argmax of the (·, 21) tensor, first maximum included
+    labels = cls.expand(A, B, L).gather(2, _channel_argmax(q).view(A, B, H * W)).view(A * B, H, W)
+    # padding labels' Q set to exactly 0 (the absent classes they are scattered to stay 0)
+    q5.masked_fill_(padb[None, :, :, None, None], 0.0)
+    out.view(A, B, 21, H, W).scatter_(2, dst[None, :, :, None, None].expand(A, -1, -1, H, W), q5)
+    # absent classes and padding labels are 0 <= the probabilities: the same maximum as over the 20
+    return out, labels, q5[0, :, 1:].amax(1)
 
 
 def _cam_sure(
@@ -173,7 +204,8 @@ def _cam_sure(
 
     Two formulations with the same result: per (image, class) on the CPU (sorts only the selected
     values), and one batched sort over the present (image, class) pairs without a host
-    synchronisation (the default on GPUs, where each ``.item()`` drains the queue)."""
+    synchronisation (the default on GPUs, where each ``.item()`` drains the queue). ``present``:
+    (B, 20) bool on the host."""
     B, H, W = cam_img.shape
     if vectorised is None:
         vectorised = cam_all.device.type != "cpu"
@@ -191,33 +223,37 @@ def _cam_sure(
                     continue
                 cam_sure[b] |= cam_c > values[int(values.numel() * cam_percentile)]
         return cam_sure
-    # classes that occur in each image's CRF label: (B, 21)
-    occurs = torch.zeros(B, 21, dtype=torch.bool, device=la_label.device)
+    # Each class c of image b contributes the pixels of its region (cam_img == c) whose CAM exceeds
+    # its threshold T[b, c] (bg_threshold for the background, the percentile value for a present
+    # class; inf where c is not in the CRF label or has no value > cam_min), and every pixel outside
+    # the region when 0 > T[b, c] (the original compares the CAM zeroed outside the region). So a
+    # pixel is reliable iff its argmax CAM exceeds T[b, argmax], or some other class has T < 0.
+    dev = cam_all.device
+    occurs = torch.zeros(B, 21, dtype=torch.bool, device=dev)  # classes in each image's CRF label
     occurs.scatter_(1, la_label.flatten(1), True)
-    bg = torch.where(cam_img == 0, cam_all[:, 0], torch.zeros_like(cam_all[:, 0]))
-    cam_sure = (bg > bg_threshold) & occurs[:, :1, None]
-    pairs = present.nonzero() if present.device.type == "cpu" else present.cpu().nonzero()
-    if pairs.numel() == 0:
-        return cam_sure
-    bi = pairs[:, 0].to(cam_all.device, non_blocking=True)
-    ci = (pairs[:, 1] + 1).to(cam_all.device, non_blocking=True)  # CAM channel -> cam_all channel
-    x = cam_all[bi, ci].flatten(1)  # (K, HW)
-    cam_c = torch.where(cam_img[bi].flatten(1) == ci[:, None], x, torch.zeros_like(x))
-    sel = cam_c > cam_min
-    n = sel.sum(1)
-    # the selected values first, ascending; the k-th of them is the threshold
-    srt = torch.where(sel, cam_c, torch.full_like(x, math.inf)).sort(1).values
-    k = (n.double() * cam_percentile).floor().long().clamp(max=x.shape[1] - 1)
-    thr = torch.where(n > 0, srt.gather(1, k[:, None])[:, 0], math.inf)
-    hit = ((cam_c > thr[:, None]) & occurs[bi, ci][:, None]).view(-1, H, W)
-    return _or_rows(cam_sure, bi, hit)
-
-
-def _or_rows(acc: Tensor, rows: Tensor, masks: Tensor) -> Tensor:
-    """acc[rows[k]] |= masks[k] for every k (rows may repeat), without a host synchronisation."""
-    add = torch.zeros(acc.shape, dtype=torch.int32, device=acc.device)
-    add.index_add_(0, rows, masks.to(torch.int32))
-    return acc | (add > 0)
+    T = cam_all.new_full((B, 21), math.inf)
+    T[:, 0] = bg_threshold
+    pairs = [[b, c + 1] for b, row in enumerate(present.tolist()) for c in range(20) if row[c]]
+    if pairs:
+        bi, ci = _host_to(pairs, dev).unbind(1)  # (K,) images, cam_all channels
+        x = cam_all[bi, ci].flatten(1)  # (K, HW)
+        cam_c = x.masked_fill_(cam_img[bi].flatten(1) != ci[:, None], 0.0)  # zero outside the region
+        sel = cam_c > cam_min
+        # the selected values first, ascending (the rest inf); the k-th of them is the threshold
+        # (inf when none is selected: k = 0)
+        srt = torch.where(sel, cam_c, math.inf).sort(1).values
+        if 0.0 <= cam_percentile < 1.0:  # floor(n * p) < n <= HW
+            k = (sel.sum(1).double() * cam_percentile).long()
+        else:
+            k = (sel.sum(1).double() * cam_percentile).floor().long().clamp(max=x.shape[1] - 1)
+        T.index_put_((bi, ci), srt.gather(1, k[:, None])[:, 0])
+    T.masked_fill_(~occurs, math.inf)
+    cam_sure = cam_all.gather(1, cam_img[:, None])[:, 0] > T.gather(1, cam_img.flatten(1)).view(B, H, W)
+    if not (bg_threshold >= 0 and cam_min >= 0):  # thresholds may be negative (never with CAMs >= 0)
+        neg = T < 0
+        others = neg.sum(1)[:, None] - neg.gather(1, cam_img.flatten(1)).long()
+        cam_sure |= (others > 0).view(B, H, W)
+    return cam_sure
 
 
 def reliable_label_parts(
@@ -243,25 +279,38 @@ def reliable_label_parts(
     if labels.shape != (cams.shape[0], 20):
         raise ValueError(f"labels must have shape (B, 20) = ({cams.shape[0]}, 20); got {tuple(labels.shape)}")
     crf_params = dict(PSEUDO_CRF if crf_params is None else crf_params)
-    cams = cams.detach().float()
-    present = labels.detach() > 1e-5
-    present_h = present.cpu()  # the one host read of the step on a GPU (which classes each image has)
-    cam_np = cams * present[:, :, None, None]
-    bg_ha = (1.0 - cam_np.amax(1, keepdim=True)) ** alphas[1]
-    cam_all = torch.cat([bg_ha, cam_np], 1)
+    B, _, H, W = cams.shape
+    if cams.requires_grad:
+        cams = cams.detach()
+    present = (labels.detach() if labels.requires_grad else labels) > 1e-5
+    # cam_all = [bg_α1, cams of the present classes] written in place (no concatenation pass)
+    cam_all = cams.new_empty(B, 21, H, W, dtype=torch.float32)
+    cam_np = torch.mul(cams, present.reshape(B, 20, 1, 1), out=cam_all[:, 1:])
+    one_minus_max = 1.0 - cam_np.amax(1)
+    torch.pow(one_minus_max, alphas[1], out=cam_all[:, 0])
     cam_img = _channel_argmax(cam_all)
+    # The host read of the step on a GPU (which classes each image has), after the work above is
+    # queued: the GPU runs it while the host waits, and the host-bound stretch from this read to
+    # the CRF's kernels (every op launched in it leaves the GPU idle) holds only the unaries.
+    present_h = present.cpu()
 
-    (crf_la, crf_ha), (la_label, ha_label) = _batched_crf(
-        image.detach(), cam_np, present_h, alphas, iterations, crf_params
+    crf, crf_labels, fg_max = _batched_crf(
+        image.detach() if image.requires_grad else image,
+        cam_np,
+        one_minus_max,
+        present_h,
+        alphas,
+        iterations,
+        crf_params,
     )
-    crf_label = la_label.clone()
-    crf_label[la_label == 0] = IGNORE
+    crf_la, crf_ha = crf[:B], crf[B:]
+    la_label, ha_label = crf_labels[:B], crf_labels[B:]
+    crf_label = la_label.masked_fill(la_label == 0, IGNORE)
 
     cam_sure = _cam_sure(cam_all, cam_img, la_label, present_h, bg_threshold, cam_min, cam_percentile)
-    crf_label[ha_label == 0] = 0
-    confidence = torch.cat([crf_ha[:, :1], crf_la[:, 1:]], 1).amax(1)
-    label = crf_label.clone()
-    label[(confidence < crf_threshold) | ~cam_sure] = IGNORE
+    crf_label.masked_fill_(ha_label == 0, 0)
+    confidence = torch.maximum(crf_ha[:, 0], fg_max)  # max(α32 bg probability, α4 fg probabilities)
+    label = crf_label.masked_fill((confidence < crf_threshold) | ~cam_sure, IGNORE)
     return ReliableLabels(label, crf_label, cam_sure, crf_la, crf_ha)
 
 
