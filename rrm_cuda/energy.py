@@ -12,7 +12,6 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from . import _validate as V
 from ._ext import ops
-from .functional import _check_key_range, _check_lattice_features, _per_image, bilateral_features, position_features
+from .functional import _check_key_range, _check_lattice_features, bilateral_features
 
 _GRAD_MODES = {"rloss": 1, "exact": 2}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -127,32 +126,6 @@ def _check_values(
                 f"values (e.g. {float(lab[~good][0]):g})"
             )
     return v.get("img_hi")
-
-
-@functools.lru_cache(maxsize=8)
-def _positions(h: int, w: int, sxy: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(1, 2, h w) position features of one image, as bilateral_features computes them (cached: they
-    depend on the size and sigma only, and cost a dozen small ops per call)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return position_features(1, (h, w), sxy, dtype=dtype, device=device)
-
-
-def _features(img: Tensor, sxy: float | Tensor, srgb: float | Tensor, dtype: torch.dtype) -> Tensor:
-    """``bilateral_features(img, sxy, srgb)`` (the same values), with cached positions for a number sxy."""
-    if isinstance(sxy, Tensor) or _compiling():
-        return bilateral_features(img, sxy, srgb, dtype=dtype)
-    B, c, h, w = img.shape
-    col = img.reshape(B, c, h * w).to(dtype)
-    pos = _positions(h, w, sxy, dtype, img.device).expand(B, -1, -1)
-    div = _scalar(srgb, dtype, img.device) if isinstance(srgb, float) and img.device.type != "cpu" else None
-    return torch.cat([pos, col / (div if div is not None else _per_image(srgb, B, col))], dim=1)
-
-
-@functools.lru_cache(maxsize=8)
-def _scalar(x: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A number as a 0-dim device tensor, as _per_image makes it (true division on the device)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return torch.full((), x, dtype=dtype, device=device)
 
 
 _KEY_LIMIT = 2.0**30  # the lattice's int32 keys: _check_key_range's limit on the elevated coordinates
@@ -308,7 +281,7 @@ def dense_energy_loss(
             g.clamp_(min=0)
         else:
             g = probs.new_ones((B, h, w))
-        feats = _features(img, sigma_xy * scale_factor, sigma_rgb, dtype)
+        feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)  # cached positions
         if not checked:
             # Unchecked images may hold anything, and NaN, Inf or huge features would corrupt the
             # lattice's hash table: keep them in the keys' range without reading them (a no-op for

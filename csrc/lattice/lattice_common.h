@@ -334,46 +334,6 @@ struct ChunkRangeFunctor {
   }
 };
 
-// acc[0, W) += w * row[0, W)
-template <typename scalar_t, int W>
-RRM_HOST_DEVICE void row_add_scaled(scalar_t* acc, scalar_t w, const scalar_t* row) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
-    const float4* r4 = reinterpret_cast<const float4*>(row);
-#pragma unroll
-    for (int k = 0; k < W / 4; ++k) {
-      const float4 x = __ldg(r4 + k);
-      acc[4 * k] += w * x.x;
-      acc[4 * k + 1] += w * x.y;
-      acc[4 * k + 2] += w * x.z;
-      acc[4 * k + 3] += w * x.w;
-    }
-  } else {
-#pragma unroll
-    for (int c = 0; c < W; ++c) acc[c] += w * row[c];
-  }
-#else
-  for (int c = 0; c < W; ++c) acc[c] += w * row[c];
-#endif
-}
-
-template <typename scalar_t, int W>
-RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
-    const float4* s4 = reinterpret_cast<const float4*>(src);
-    float4* d4 = reinterpret_cast<float4*>(dst);
-#pragma unroll
-    for (int k = 0; k < W / 4; ++k) d4[k] = s4[k];
-  } else {
-#pragma unroll
-    for (int c = 0; c < W; ++c) dst[c] = src[c];
-  }
-#else
-  for (int c = 0; c < W; ++c) dst[c] = src[c];
-#endif
-}
-
 // dst[0, W) = row[0, W), a row of global memory (float4 loads through the read-only path on CUDA).
 template <typename scalar_t, int W>
 RRM_HOST_DEVICE void row_load(scalar_t* dst, const scalar_t* row) {
@@ -394,6 +354,31 @@ RRM_HOST_DEVICE void row_load(scalar_t* dst, const scalar_t* row) {
   }
 #else
   for (int c = 0; c < W; ++c) dst[c] = row[c];
+#endif
+}
+
+// acc[0, W) += w * row[0, W)
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_add_scaled(scalar_t* acc, scalar_t w, const scalar_t* row) {
+  scalar_t x[W];
+  row_load<scalar_t, W>(x, row);
+  for (int c = 0; c < W; ++c) acc[c] += w * x[c];
+}
+
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+#pragma unroll
+    for (int k = 0; k < W / 4; ++k) d4[k] = s4[k];
+  } else {
+#pragma unroll
+    for (int c = 0; c < W; ++c) dst[c] = src[c];
+  }
+#else
+  for (int c = 0; c < W; ++c) dst[c] = src[c];
 #endif
 }
 
