@@ -57,9 +57,10 @@ RRM_HOST_DEVICE bool keys_equal(const int32_t* a, const int32_t* b, int d) {
 //    writes the d+1 corner keys and barycentric weights.
 // kD > 0 fixes d at compile time (the loops unroll; used for the common d = 2, 3, 5); kD = 0 reads
 // d_runtime.
-// Bound on |elevated coordinate| / (d+1) that keeps the keys' integer conversions in range (the
-// Python layer refuses features whose keys would reach 2^30, see functional._check_key_range).
-constexpr double kMaxKeyCoord = double(1 << 26);
+// Bound on |elevated coordinate| that keeps the keys' integer conversions in range (rounded keys
+// stay below 2^30 + d + 1 < 2^31). The Python layer refuses features whose elevated coordinates could
+// pass it (functional._check_key_range bounds them from above), so the guard never fires for them.
+constexpr double kMaxKeyCoord = double(1 << 30);
 
 template <typename scalar_t, int kD = 0>
 struct EmbedFunctor {
@@ -97,7 +98,8 @@ struct EmbedFunctor {
       // not reach the integer conversions below when the op is called directly: such a coordinate
       // is taken as 0 and the pixel's weights as 0 (it neither sends nor receives anything, and
       // every index stays in range). No-op otherwise.
-      if (!(v >= static_cast<scalar_t>(-kMaxKeyCoord) && v <= static_cast<scalar_t>(kMaxKeyCoord))) {
+      if (!(elevated[k] >= static_cast<scalar_t>(-kMaxKeyCoord) &&
+            elevated[k] <= static_cast<scalar_t>(kMaxKeyCoord))) {
         v = 0;
         elevated[k] = 0;
         bad = true;
