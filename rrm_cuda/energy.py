@@ -12,15 +12,13 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _validate as V
 from ._ext import ops
-from .functional import _check_key_range, _check_lattice_features, bilateral_features
+from .functional import _check_key_range, _check_lattice_features, _position_fmax, bilateral_features
 
 _GRAD_MODES = {"rloss": 1, "exact": 2}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -128,14 +126,6 @@ def _check_values(
     return v.get("img_hi")
 
 
-_KEY_LIMIT = 2.0**30  # the lattice's int32 keys: _check_key_range's limit on the elevated coordinates
-
-
-def _key_factor(d: int) -> float:
-    """max |elevated coordinate| / max |feature| for d features (as _check_key_range bounds it)."""
-    return 2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0)
-
-
 def _min(x: float | Tensor) -> float:
     return float(x.min()) if isinstance(x, Tensor) else x
 
@@ -195,8 +185,9 @@ def dense_energy_loss(
         check_inputs: check the values (ranges, labels, ROI, distribution, NaN/Inf) at the price of a
             few passes over the inputs and one device synchronisation; shapes, dtypes and devices
             are always checked. Unchecked (also while ``torch.compile`` traces), nothing is read
-            back: the images are taken to be on the 0–255 scale, and features outside the
-            lattice's key range (NaN, Inf, huge values) are clamped into it instead of refused.
+            back: the images are taken to be on the 0–255 scale, and pixels whose features fall
+            outside the lattice's key range (NaN, Inf, huge values) get no lattice weight instead
+            of an error.
 
     Returns:
         A 0-dim tensor, float64 for float64 segmentations and float32 otherwise.
@@ -281,13 +272,10 @@ def dense_energy_loss(
             g.clamp_(min=0)
         else:
             g = probs.new_ones((B, h, w))
+        # Unchecked images may hold anything: the lattice's embedding gives a pixel whose features
+        # are NaN, Inf or beyond its integer keys no weight (it neither sends nor receives), without
+        # a read or an extra pass here.
         feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)  # cached positions
-        if not checked:
-            # Unchecked images may hold anything, and NaN, Inf or huge features would corrupt the
-            # lattice's hash table: keep them in the keys' range without reading them (a no-op for
-            # images on the 0-255 scale, whose features the bound below admits).
-            lim = _KEY_LIMIT / _key_factor(feats.shape[1])
-            feats.nan_to_num_(0.0, lim, -lim).clamp_(-lim, lim)
         mass = None
         if nonnegative:
             mass = roi.reshape(B, -1) if roi is not None else probs.new_ones((B, h * w))
@@ -295,7 +283,7 @@ def dense_energy_loss(
         _check_lattice_features(feats, fname, K + 1, dtype, values=False)
         # The lattice keys are int32: bound |features| from the positions' and colours' ranges (the
         # images are checked, or taken, to lie in [0, img_max]) instead of reading the features.
-        fmax = max((max(h, w) - 1) / _min(sigma_xy * scale_factor), (img_max or 0.0) / _min(sigma_rgb))
+        fmax = max(_position_fmax((h, w), _min(sigma_xy * scale_factor)), (img_max or 0.0) / _min(sigma_rgb))
         _check_key_range(feats, fname, fmax)
     mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
     energy, _ = ops.dense_energy(s_hat.reshape(B, K, -1), g.reshape(B, -1), feats, mass, mode)

@@ -281,13 +281,15 @@ def test_key_range_refuses_tiny_sigmas(check_inputs):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30, 3e9])
 def test_unchecked_bad_images_stay_in_the_lattice_range(bad):
     # check_inputs=False reads no value, but features that would corrupt the lattice's hash table
-    # (NaN, Inf, beyond the int32 keys) are clamped on the device instead of crashing the op
+    # (NaN, Inf, beyond the int32 keys) get no lattice weight in the embedding instead of crashing
+    # the op
     images, probs, rois, labels = _inputs(H=12, W=12, dtype=torch.float32)
     images[:, :, 3:7] = bad
     p = probs.clone().requires_grad_()
     loss = rrm_cuda.dense_energy_loss(images, p, rois, labels, sigma_rgb=15.0, sigma_xy=10.0, check_inputs=False)
     loss.backward()
     assert p.grad.shape == probs.shape
+    assert torch.isfinite(loss) and torch.isfinite(p.grad).all()
     with pytest.raises(ValueError, match="images"):
         rrm_cuda.dense_energy_loss(images, p, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
 
