@@ -8,7 +8,8 @@ tiny calls (where launching the ops, not computing them, is the cost).
 (a) ``dense_crf(probs=..., image=...)`` at 512x512, 21 labels; (b) ``reliable_label_parts`` at
 B=4, 321x321, 1-2 present classes per image. (b) runs the GPU formulation of ``_cam_sure`` and of
 the channel argmax (``vectorised=True``, ``argmax``), as on a GPU: the CPU fallbacks are loops
-that a GPU never runs.
+that a GPU never runs. For each, the ATen calls the C++ op makes itself on its CUDA code path are
+counted too (the emulated launch, which runs the same host code; torch profiler).
 
 A *host read* is a read of a value of a (would-be) device tensor on the host: ``.item()``,
 ``bool()``/``float()``/``int()`` (``aten::_local_scalar_dense``), ``.tolist()``, ``.cpu()``,
@@ -267,17 +268,64 @@ def main(argv: list[str] | None = None) -> None:
         times()
 
 
-def counts(show_ops: bool) -> None:
+def op_args(fn) -> tuple:
+    """The arguments fn passes to ``torch.ops.rrm_cuda.dense_crf`` (its last call)."""
+    F = sys.modules["rrm_cuda.functional"]
+    real, seen = F.ops, []
 
+    class _Spy:
+        def __getattr__(self, name):
+            op = getattr(real, name)
+            if name != "dense_crf":
+                return op
+            return lambda *a: (seen.append(a), op(*a))[1]
+
+    F.ops = _Spy()
+    try:
+        fn()
+    finally:
+        F.ops = real
+    return seen[-1]
+
+
+_INNER_VIEWS = _VIEWS | {"narrow", "diagonal", "reshape"}
+
+
+def inner_ops(args: tuple, show_ops: bool) -> str:
+    """ATen calls made by the C++ op itself on its CUDA code path (the emulated launch runs the
+    same host code on the CPU): the profiler's direct children of the op, second call (cached
+    lattices warm), functor launches not included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    op = torch.ops.rrm_cuda._dense_crf_emulated
+    op(*args)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        op(*args)
+    root = next(e for e in prof.events() if e.name == "rrm_cuda::_dense_crf_emulated")
+    kids = collections.Counter(ch.name.split("::")[-1] for ch in root.cpu_children)
+    n = sum(kids.values())
+    compute = sum(k for name, k in kids.items() if name not in _INNER_VIEWS)
+    lines = [f"inside the op (CUDA path, emulated): {n} ATen calls ({compute} not views)"]
+    if show_ops:
+        lines += [f"    {k:4d}  {name}" for name, k in kids.most_common()]
+    return "\n    ".join(lines)
+
+
+def counts(show_ops: bool) -> None:
     probs, image = inputs_a()
-    report("(a) dense_crf 512x512x21", count(lambda: rrm_cuda.dense_crf(probs=probs, image=image)), show_ops)
+    fa = lambda: rrm_cuda.dense_crf(probs=probs, image=image)  # noqa: E731
+    report("(a) dense_crf 512x512x21", count(fa), show_ops)
+    print("    " + inner_ops(op_args(fa), show_ops))
     im, cams, labels = inputs_b()
     undo = _gpu_paths()
     try:
-        c = count(lambda: PL.reliable_label_parts(im, cams, labels))
+        fb = lambda: PL.reliable_label_parts(im, cams, labels)  # noqa: E731
+        c = count(fb)
+        args_b = op_args(fb)
     finally:
         undo()
     report("(b) reliable_label_parts B4 321x321", c, show_ops)
+    print("    " + inner_ops(args_b, show_ops))
 
 
 def times() -> None:

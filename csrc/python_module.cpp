@@ -7,6 +7,8 @@
 #include <mutex>
 #include <set>
 
+#include "lattice/lattice_cache.h"
+
 namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
@@ -53,7 +55,37 @@ PyObject* parallel_threads_used(PyObject*, PyObject* arg) {
   return PyLong_FromLong(static_cast<long>(ids.size()));
 }
 
+// The lattice cache of constant features (csrc/lattice/lattice_cache.h).
+PyObject* lattice_cache_info(PyObject*, PyObject*) {
+  const auto st = rrm::lattice::cache_stats();
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "entries", static_cast<long long>(st.entries), "capacity",
+                       static_cast<long long>(st.capacity), "hits", static_cast<long long>(st.hits), "misses",
+                       static_cast<long long>(st.misses), "bytes", static_cast<long long>(st.bytes));
+}
+
+PyObject* set_lattice_cache_capacity(PyObject*, PyObject* arg) {
+  const long long n = PyLong_AsLongLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  if (n < 0) {
+    PyErr_SetString(PyExc_ValueError, "capacity must be >= 0");
+    return nullptr;
+  }
+  rrm::lattice::cache_set_capacity(n);
+  Py_RETURN_NONE;
+}
+
+PyObject* clear_lattice_cache(PyObject*, PyObject*) {
+  rrm::lattice::cache_clear();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"lattice_cache_info", lattice_cache_info, METH_NOARGS,
+     "Entries, capacity, hits, misses and bytes of the lattice cache of constant features."},
+    {"set_lattice_cache_capacity", set_lattice_cache_capacity, METH_O,
+     "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
+    {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,
+     "Drop every cached lattice and zero the hit/miss counters."},
     {"build_info", build_info, METH_NOARGS, "Build configuration of the extension (CUDA, OpenMP, compiler)."},
     {"parallel_threads_used", parallel_threads_used, METH_O,
      "Distinct threads used by at::parallel_for over n items inside the extension."},

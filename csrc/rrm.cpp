@@ -19,22 +19,27 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // with B_t dividing B (image b uses features[t][b % B_t]: lattices shared by several unaries);
   // compat (T, L, L) in the energy convention (Potts w -> -w I); diagonal: T flags (compat[t] is
   // diagonal); normalization: per term 0 symmetric, 1 after, 2 before, 3 none -> Q (B, L, N).
+  // cache: empty, or per term True when features[t] is a constant tensor (never changed in place
+  // outside autograd's view): its lattice and normaliser are then kept for later calls with the same
+  // tensor (csrc/lattice/lattice_cache.h; the Gaussian term's cached position features).
   m.def(
       "dense_crf(Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, int[] normalization, "
-      "int iterations) -> Tensor");
+      "int iterations, bool[] cache=[]) -> Tensor");
   m.def(
       "_dense_crf_emulated(Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, int[] normalization, "
-      "int iterations) -> Tensor");
+      "int iterations, bool[] cache=[]) -> Tensor");
   // Backward of dense_crf (backpropagation through the mean-field iterations): grad (B, L, N) = dL/dQ
   // and dense_crf's arguments -> (grad_unary (B, L, N), grad_compat (T, L, L)); features get no
   // gradient. Rebuilds the lattices and reruns the forward, keeping (iterations + 1) B N L values.
   // compat_grad=False skips grad_compat (zeros), and with it one filter per term and iteration.
   m.def(
       "dense_crf_backward(Tensor grad, Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, "
-      "int[] normalization, int iterations, bool compat_grad=True) -> (Tensor grad_unary, Tensor grad_compat)");
+      "int[] normalization, int iterations, bool compat_grad=True, bool[] cache=[]) -> "
+      "(Tensor grad_unary, Tensor grad_compat)");
   m.def(
       "_dense_crf_backward_emulated(Tensor grad, Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, "
-      "int[] normalization, int iterations, bool compat_grad=True) -> (Tensor grad_unary, Tensor grad_compat)");
+      "int[] normalization, int iterations, bool compat_grad=True, bool[] cache=[]) -> "
+      "(Tensor grad_unary, Tensor grad_compat)");
 
   // ---- BCD loss (csrc/bcd) ----
   // SPEC section 4. features (B, C, N) float32/float64/float16/bfloat16, any strides; labels (B, N)

@@ -6,7 +6,7 @@ feature-centre loss of RRM (Zhang et al., AAAI 2020 / Pattern Recognition 2022).
 """
 
 from . import _ops  # noqa: F401  (fake kernels, autograd)
-from ._ext import build_info
+from ._ext import build_info, clear_lattice_cache, lattice_cache_info, set_lattice_cache_capacity
 from .bcd import BCDLoss, bcd_loss, feature_center_cosine, masked_feature_centers, masked_feature_sums
 from .energy import DenseEnergyLoss, DenseEnergyLossFunction, dense_energy_loss
 from .functional import (
@@ -33,10 +33,13 @@ __all__ = [
     "PermutohedralFilter",
     "bilateral_features",
     "build_info",
+    "clear_lattice_cache",
     "dense_crf",
     "dense_energy_loss",
+    "lattice_cache_info",
     "lattice_num_vertices",
     "permutohedral_filter",
     "position_features",
+    "set_lattice_cache_capacity",
     "unary_from_probs",
 ]

@@ -25,3 +25,23 @@ def build_info() -> dict:
     info["torch_cuda"] = torch.version.cuda
     info["cuda_available"] = torch.cuda.is_available()
     return info
+
+
+def lattice_cache_info() -> dict:
+    """The cache of lattices of constant features (the dense CRF's Gaussian term over pixel
+    positions, kept by the op instead of rebuilt every call): ``entries``, ``capacity``, ``hits``,
+    ``misses`` (calls that built a lattice for a cacheable term) and ``bytes`` held."""
+    return dict(_C.lattice_cache_info())
+
+
+def set_lattice_cache_capacity(capacity: int) -> None:
+    """Keep at most ``capacity`` lattices (default 8, one per image size, sigma, dtype, device and
+    CUDA stream in use; 0 disables the cache). Least recently used ones are dropped first."""
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+        raise ValueError(f"capacity must be an int >= 0; got {capacity!r}")
+    _C.set_lattice_cache_capacity(capacity)
+
+
+def clear_lattice_cache() -> None:
+    """Drop every cached lattice (frees their memory) and zero the hit/miss counters."""
+    _C.clear_lattice_cache()

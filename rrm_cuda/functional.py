@@ -402,9 +402,16 @@ def dense_crf(
     # srgb or None): max |feature| = max(max |position|, max |image| / srgb)
     bounds: dict[str, tuple[float, float | None]] = {}
     feat_names: list[str] = []
+    keep: list[bool] = []  # per term: constant features (the cached positions), lattice cached by the op
     mem_limit: list[int | None] = []  # the device's free memory, read once per call
 
-    def add(features: Tensor, compat: Compat, name: str, fmax: tuple[float, float | None] | None = None) -> None:
+    def add(
+        features: Tensor,
+        compat: Compat,
+        name: str,
+        fmax: tuple[float, float | None] | None = None,
+        constant: bool = False,
+    ) -> None:
         if isinstance(compat, Tensor):
             cm = _compat_matrix(compat, L, name, dtype, device, pending)
             if cm is None:
@@ -425,6 +432,7 @@ def dense_crf(
             bounds[fname] = fmax
         feat_names.append(fname)
         feats.append(f.contiguous())
+        keep.append(constant)
         compats.append(c)
         diags.append(diag)
 
@@ -434,7 +442,9 @@ def dense_crf(
         nb = B if isinstance(gsxy, Tensor) else min(B, 1)
         pos = _positions(nb, spatial, gsxy, dtype, device)
         fmax = None if isinstance(gsxy, Tensor) else (_position_fmax(spatial, gsxy), None)
-        add(pos, gaussian_compat, "gaussian_compat", fmax)
+        # A number sigma: the cached position tensor, the same every call, and so is its lattice,
+        # which the op then keeps (csrc/lattice/lattice_cache.h) instead of rebuilding it per call.
+        add(pos, gaussian_compat, "gaussian_compat", fmax, constant=not isinstance(gsxy, Tensor))
     if bilateral_compat is not None and not (isinstance(bilateral_compat, (int, float)) and bilateral_compat == 0):
         if image is None:
             raise ValueError("image is required by the bilateral term; pass bilateral_compat=0 to switch it off")
@@ -500,7 +510,13 @@ def dense_crf(
     if torch.is_grad_enabled() and (u.requires_grad or compat.requires_grad):
         _check_crf_backward_memory(B, L, N, iterations, dtype, device, mem_limit[0] if mem_limit else None)
     q = ops.dense_crf(
-        u.contiguous(), [f.detach() if f.requires_grad else f for f in feats], compat, diags, norms, iterations
+        u.contiguous(),
+        [f.detach() if f.requires_grad else f for f in feats],
+        compat,
+        diags,
+        norms,
+        iterations,
+        keep if any(keep) else [],
     )
     return q.reshape(B, L, *spatial)
 

@@ -169,6 +169,99 @@ def test_fused_cpu_mean_field_matches_per_term_path(L, dtype):
         torch.testing.assert_close(ops.dense_crf(*args), ops._dense_crf_emulated(*args), **tol)
 
 
+# ---- the lattice cache of constant features ----------------------------------------------------
+@pytest.fixture
+def lattice_cache():
+    rrm_cuda.clear_lattice_cache()
+    rrm_cuda.set_lattice_cache_capacity(8)
+    yield
+    rrm_cuda.clear_lattice_cache()
+    rrm_cuda.set_lattice_cache_capacity(8)
+
+
+def test_gaussian_lattice_cached_across_calls(lattice_cache):
+    # The Gaussian term's position features are a cached constant: the op keeps their lattice and
+    # normaliser, and later calls (forward and backward, CPU and emulated CUDA) reuse them with
+    # bit-identical results.
+    unary, image = _crf_inputs(B=2, L=5, H=13, W=11, seed=3)
+    rrm_cuda.set_lattice_cache_capacity(0)
+    fresh = rrm_cuda.dense_crf(unary, image, iterations=4, bilateral_sxy=5.0)
+    assert rrm_cuda.lattice_cache_info()["entries"] == 0
+    rrm_cuda.set_lattice_cache_capacity(8)
+    for _ in range(3):
+        torch.testing.assert_close(
+            rrm_cuda.dense_crf(unary, image, iterations=4, bilateral_sxy=5.0), fresh, rtol=0, atol=0
+        )
+    info = rrm_cuda.lattice_cache_info()
+    assert info["entries"] == 1 and info["hits"] == 2 and info["bytes"] > 0
+    # per-image sigmas make no constant term: nothing new is cached
+    rrm_cuda.dense_crf(unary, image, iterations=4, gaussian_sxy=torch.tensor([3.0, 4.0], dtype=torch.float64))
+    assert rrm_cuda.lattice_cache_info()["entries"] == 1
+
+    B, L, H, W = unary.shape
+    pos, bil = _ref_features(1, H, W, image, torch.float64, bsxy=5.0)
+    bil = rrm_cuda.bilateral_features(image, 5.0, 13.0, dtype=torch.float64)
+    c = torch.stack([-3 * torch.eye(L, dtype=torch.float64), -torch.rand(L, L, dtype=torch.float64)])
+    u = unary.reshape(B, L, -1)
+    for diag, norms in (([True, True], [0, 0]), ([True, False], [1, 2]), ([False, True], [3, 0])):
+        args = (u, [pos, bil], c, diag, norms, 3)
+        for op, bop in (
+            (ops.dense_crf, ops.dense_crf_backward),
+            (ops._dense_crf_emulated, ops._dense_crf_backward_emulated),
+        ):
+            ref, gref = op(*args), bop(torch.ones_like(u), *args)
+            for _ in range(2):
+                torch.testing.assert_close(op(*args, [True, False]), ref, rtol=0, atol=0)
+                got = bop(torch.ones_like(u), *args, True, [True, False])
+                torch.testing.assert_close(got, gref, rtol=0, atol=0)
+    # one entry per (features, executor); normalisers of every mode on each
+    assert rrm_cuda.lattice_cache_info()["entries"] == 3
+    # autograd through the public API: the backward passes the flags on
+    ug = unary.clone().requires_grad_()
+    rrm_cuda.dense_crf(ug, image, iterations=3).pow(2).sum().backward()
+    rrm_cuda.set_lattice_cache_capacity(0)
+    ug0 = unary.clone().requires_grad_()
+    rrm_cuda.dense_crf(ug0, image, iterations=3).pow(2).sum().backward()
+    torch.testing.assert_close(ug.grad, ug0.grad, rtol=0, atol=0)
+
+
+def test_lattice_cache_sees_in_place_changes_and_limits(lattice_cache):
+    unary, image = _crf_inputs(B=1, L=3, H=9, W=8, seed=5)
+    B, L, H, W = unary.shape
+    u = unary.reshape(B, L, -1)
+    feats = rrm_cuda.position_features(1, (H, W), 2.0, dtype=torch.float64)
+    c = -3 * torch.eye(L, dtype=torch.float64)[None]
+    for op in (ops.dense_crf, ops._dense_crf_emulated):
+        first = op(u, [feats], c, [True], [0], 3, [True])
+        feats.mul_(1.7)  # a new version of the tensor: its cached lattice is not used
+        got = op(u, [feats], c, [True], [0], 3, [True])
+        torch.testing.assert_close(got, op(u, [feats.clone()], c, [True], [0], 3), rtol=0, atol=0)
+        assert not torch.equal(got, first)
+        feats.div_(1.7)
+    # a non-contiguous tensor is never kept (contiguous() would copy it every call)
+    before = rrm_cuda.lattice_cache_info()["entries"]
+    strided = feats.transpose(1, 2).contiguous().transpose(1, 2)
+    ops.dense_crf(u, [strided], c, [True], [0], 3, [True])
+    assert rrm_cuda.lattice_cache_info()["entries"] == before
+    # capacity: least recently used entries go first
+    rrm_cuda.clear_lattice_cache()
+    rrm_cuda.set_lattice_cache_capacity(2)
+    many = [rrm_cuda.position_features(1, (H, W), s, dtype=torch.float64) for s in (1.0, 2.0, 3.0)]
+    for f in many:
+        ops.dense_crf(u, [f], c, [True], [0], 2, [True])
+    assert rrm_cuda.lattice_cache_info()["entries"] == 2
+    ops.dense_crf(u, [many[2]], c, [True], [0], 2, [True])
+    assert rrm_cuda.lattice_cache_info()["hits"] == 1
+    ops.dense_crf(u, [many[0]], c, [True], [0], 2, [True])  # evicted: built again
+    assert rrm_cuda.lattice_cache_info()["hits"] == 1
+    with pytest.raises(ValueError, match="cache must be empty or have one flag per pairwise term"):
+        ops.dense_crf(u, [feats], c, [True], [0], 3, [True, True])
+    with pytest.raises(ValueError, match="capacity must be an int >= 0"):
+        rrm_cuda.set_lattice_cache_capacity(-1)
+    rrm_cuda.set_lattice_cache_capacity(0)
+    assert rrm_cuda.lattice_cache_info()["entries"] == 0
+
+
 def test_lattice_approximates_exact_crf():
     """With d=2 positions only, mean field on the lattice is close to mean field with the exact
     Gaussian (the lattice is ~0.9x the exact kernel; symmetric normalisation removes most of it)."""
@@ -434,6 +527,10 @@ def test_opcheck():
         ops._dense_crf_emulated, (u.clone().requires_grad_(), [pos], c[1:].clone().requires_grad_(), [False], [0], 2)
     )
     torch.library.opcheck(ops.dense_crf_backward, (torch.randn_like(u), u, [pos, bil], c, [True, False], [0, 1], 3))
+    # with a cached (constant) term
+    torch.library.opcheck(
+        ops.dense_crf, (u.clone().requires_grad_(), [pos, bil], c, [True, False], [0, 1], 3, [True, False])
+    )
 
 
 # ---- empty inputs ----------------------------------------------------------------------------

@@ -48,6 +48,8 @@ struct CudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr bool kIsCuda = true;
   static constexpr bool kSortCsr = true;
+  static constexpr const char* kName = "cuda";
+  static int64_t stream_id() { return static_cast<int64_t>(at::cuda::getCurrentCUDAStream().id()); }
   static constexpr int kBlock = 256;
   template <class F>
   void for_each(int64_t n, const F& f, int64_t /*grain*/ = 0) const {

@@ -71,6 +71,8 @@ struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
   static constexpr bool kSortCsr = false;  // no device-style sorted lists: serial counting sorts
+  static constexpr const char* kName = "cpu";
+  static int64_t stream_id() { return 0; }
   template <class F>
   void for_each(int64_t n, const F& f, int64_t grain = 2048) const {
     if (n <= 0) return;
@@ -89,6 +91,8 @@ struct EmulatedCudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr bool kIsCuda = false;
   static constexpr bool kSortCsr = true;  // the CUDA path's sort-based splat lists
+  static constexpr const char* kName = "emulated_cuda";
+  static int64_t stream_id() { return 0; }
   static constexpr int64_t kBlock = 256;
   template <class F>
   void for_each(int64_t n, const F& f, int64_t /*grain*/ = 0) const {

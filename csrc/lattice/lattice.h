@@ -30,7 +30,8 @@ inline void check_filter_args(const at::Tensor& values, const at::Tensor& featur
 
 // unary (B, L, N); features: T tensors (B_t, d_t, N), B_t dividing B; compat (T, L, L); diagonal: T flags.
 inline void check_crf_args(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
-                           const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations) {
+                           const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations,
+                           const c10::List<bool>& cache = c10::List<bool>()) {
   RRM_CHECK_DIM(unary, 3, "unary");
   RRM_CHECK_FLOATING(unary, "unary");
   TORCH_CHECK_VALUE(unary.size(1) >= 1, "unary must have at least one label; got shape ", unary.sizes());
@@ -49,6 +50,8 @@ inline void check_crf_args(const at::Tensor& unary, at::TensorList features, con
     TORCH_CHECK_VALUE(n >= 0 && n <= 3,
                       "normalization entries must be 0 (symmetric), 1 (after), 2 (before) or 3 (none); got ", n);
   TORCH_CHECK_VALUE(iterations >= 0, "iterations must be >= 0; got ", iterations);
+  TORCH_CHECK_VALUE(cache.empty() || static_cast<int64_t>(cache.size()) == T,
+                    "cache must be empty or have one flag per pairwise term (", T, "); got ", cache.size());
   for (int64_t t = 0; t < T; ++t) {
     const auto& f = features[t];
     RRM_CHECK_DIM(f, 3, "features[" + std::to_string(t) + "]");
@@ -68,8 +71,9 @@ inline void check_crf_args(const at::Tensor& unary, at::TensorList features, con
 // dense_crf_backward: grad (B, L, N) like unary, plus dense_crf's arguments.
 inline void check_crf_backward_args(const at::Tensor& grad, const at::Tensor& unary, at::TensorList features,
                                     const at::Tensor& compat, const c10::List<bool>& diagonal,
-                                    at::IntArrayRef normalization, int64_t iterations) {
-  check_crf_args(unary, features, compat, diagonal, normalization, iterations);
+                                    at::IntArrayRef normalization, int64_t iterations,
+                                    const c10::List<bool>& cache = c10::List<bool>()) {
+  check_crf_args(unary, features, compat, diagonal, normalization, iterations, cache);
   RRM_CHECK_SAME_DTYPE(unary, grad, "unary", "grad");
   RRM_CHECK_SAME_DEVICE(unary, grad, "unary", "grad");
   TORCH_CHECK_VALUE(grad.sizes() == unary.sizes(), "grad must have the shape of unary ", unary.sizes(), "; got ",

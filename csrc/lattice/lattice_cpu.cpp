@@ -25,34 +25,39 @@ at::Tensor filter_emulated(const at::Tensor& values, const at::Tensor& features,
 std::vector<bool> to_vector(const c10::List<bool>& l) { return std::vector<bool>(l.begin(), l.end()); }
 
 at::Tensor crf_cpu(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
-                   const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations) {
-  check_crf_args(unary, features, compat, diagonal, normalization, iterations);
-  return dense_crf(CpuExec{}, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(), iterations, 1);
+                   const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations,
+                   const c10::List<bool>& cache) {
+  check_crf_args(unary, features, compat, diagonal, normalization, iterations, cache);
+  return dense_crf(CpuExec{}, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(), iterations, 1,
+                   to_vector(cache));
 }
 
 at::Tensor crf_emulated(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
-                        const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations) {
-  check_crf_args(unary, features, compat, diagonal, normalization, iterations);
+                        const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations,
+                        const c10::List<bool>& cache) {
+  check_crf_args(unary, features, compat, diagonal, normalization, iterations, cache);
   return dense_crf(EmulatedCudaExec{}, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(),
-                   iterations, unary.size(0));
+                   iterations, unary.size(0), to_vector(cache));
 }
 
 std::tuple<at::Tensor, at::Tensor> crf_backward_cpu(const at::Tensor& grad, const at::Tensor& unary,
                                                     at::TensorList features, const at::Tensor& compat,
                                                     const c10::List<bool>& diagonal, at::IntArrayRef normalization,
-                                                    int64_t iterations, bool compat_grad) {
-  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
+                                                    int64_t iterations, bool compat_grad,
+                                                    const c10::List<bool>& cache) {
+  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations, cache);
   return dense_crf_backward(CpuExec{}, grad, unary, features.vec(), compat, to_vector(diagonal), normalization.vec(),
-                            iterations, 1, compat_grad);
+                            iterations, 1, compat_grad, to_vector(cache));
 }
 
 std::tuple<at::Tensor, at::Tensor> crf_backward_emulated(const at::Tensor& grad, const at::Tensor& unary,
                                                          at::TensorList features, const at::Tensor& compat,
                                                          const c10::List<bool>& diagonal, at::IntArrayRef normalization,
-                                                         int64_t iterations, bool compat_grad) {
-  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
+                                                         int64_t iterations, bool compat_grad,
+                                                         const c10::List<bool>& cache) {
+  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations, cache);
   return dense_crf_backward(EmulatedCudaExec{}, grad, unary, features.vec(), compat, to_vector(diagonal),
-                            normalization.vec(), iterations, unary.size(0), compat_grad);
+                            normalization.vec(), iterations, unary.size(0), compat_grad, to_vector(cache));
 }
 
 at::Tensor num_vertices_cpu(const at::Tensor& features) {

@@ -18,22 +18,25 @@ at::Tensor filter_cuda(const at::Tensor& values, const at::Tensor& features, boo
 }
 
 at::Tensor crf_cuda(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
-                    const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations) {
-  check_crf_args(unary, features, compat, diagonal, normalization, iterations);
+                    const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations,
+                    const c10::List<bool>& cache) {
+  check_crf_args(unary, features, compat, diagonal, normalization, iterations, cache);
   const c10::cuda::CUDAGuard guard(unary.device());
-  std::vector<bool> diag(diagonal.begin(), diagonal.end());
-  return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0));
+  std::vector<bool> diag(diagonal.begin(), diagonal.end()), keep(cache.begin(), cache.end());
+  return dense_crf(CudaExec{}, unary, features.vec(), compat, diag, normalization.vec(), iterations, unary.size(0),
+                   keep);
 }
 
 std::tuple<at::Tensor, at::Tensor> crf_backward_cuda(const at::Tensor& grad, const at::Tensor& unary,
                                                      at::TensorList features, const at::Tensor& compat,
                                                      const c10::List<bool>& diagonal, at::IntArrayRef normalization,
-                                                     int64_t iterations, bool compat_grad) {
-  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations);
+                                                     int64_t iterations, bool compat_grad,
+                                                     const c10::List<bool>& cache) {
+  check_crf_backward_args(grad, unary, features, compat, diagonal, normalization, iterations, cache);
   const c10::cuda::CUDAGuard guard(unary.device());
-  std::vector<bool> diag(diagonal.begin(), diagonal.end());
+  std::vector<bool> diag(diagonal.begin(), diagonal.end()), keep(cache.begin(), cache.end());
   return dense_crf_backward(CudaExec{}, grad, unary, features.vec(), compat, diag, normalization.vec(), iterations,
-                            unary.size(0), compat_grad);
+                            unary.size(0), compat_grad, keep);
 }
 
 at::Tensor num_vertices_cuda(const at::Tensor& features) {

@@ -14,28 +14,11 @@
 
 #include "common/exec.h"
 
+#include "lattice/lattice_cache.h"
 #include "lattice/lattice_common.h"
 
 namespace rrm {
 namespace lattice {
-
-// A batch of lattices, one per image, as plain tensors on the values' device.
-//   entry_vertex  (B, E) int32    vertex of pixel i's r-th corner, E = N (d+1), e = i (d+1) + r
-//   entry_weight  (B, E) scalar   its barycentric weight
-//   num_vertices  (B,)   int32    M_b, the number of lattice points of image b
-//   neighbors     (B, d+1, M, 2) int32, M = max_b M_b: blur neighbours along each axis (-1: none)
-//   offsets       (B, M+1) int64  the splat list of vertex v is [offsets[b, v], offsets[b, v+1])
-//   splat_pixel   (B, E) int32, splat_weight (B, E) scalar: pixel and weight of each list entry,
-//                 grouped by vertex, in increasing entry order (splat as a deterministic gather);
-//                 built for CUDA and its emulation only (the CPU splats by scatter)
-//   chunk_offsets (B, M+1) int32, chunk_begin / chunk_end (B, K) int32: the splat lists cut into
-//                 chunks of at most kSplatChunk entries (K bounds the chunks of any image), CUDA only
-struct Lattice {
-  int64_t B = 0, N = 0, E = 0, M = 0, K = 0;
-  int d = 0;
-  at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, splat_pixel, splat_weight;
-  at::Tensor chunk_offsets, chunk_begin, chunk_end;
-};
 
 inline int64_t next_pow2(int64_t x) {
   int64_t p = 1;
@@ -542,10 +525,12 @@ struct CrfTerms {
   std::vector<at::Tensor> pre, post, coefs;
 };
 
+// keep[t] (or an empty vector: none): features[t] is a constant tensor, its lattice and normaliser
+// may come from, and go to, the lattice cache (lattice_cache.h).
 template <class Exec, typename scalar_t>
 CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
                    const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t N,
-                   const at::TensorOptions& opt, int64_t chunk, int64_t tile_to) {
+                   const at::TensorOptions& opt, int64_t chunk, int64_t tile_to, const std::vector<bool>& keep = {}) {
   const int64_t T = static_cast<int64_t>(features.size());
   CrfTerms terms;
   terms.wss.resize(T);
@@ -553,18 +538,33 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
   terms.post.resize(T);
   terms.coefs.resize(T);
   for (int64_t t = 0; t < T; ++t) {
-    terms.lats.push_back(build(exec, features[t].contiguous(), chunk));
-    const int64_t Bt = terms.lats[t].B;
-    // Normaliser n = K 1 by the same lattice (forward order), then 1/sqrt or 1/x.
-    auto ones = at::ones({Bt, N, 1}, opt);
-    auto kn = at::empty({Bt, N, 1}, opt);
-    filter<Exec, scalar_t>(exec, terms.lats[t], ones.data_ptr<scalar_t>(), nullptr, kn.data_ptr<scalar_t>(), nullptr,
-                           nullptr, 1, false, terms.wss[t]);
-    terms.wss[t] = FilterWorkspace{};
     const int64_t norm = norms[t];
+    const at::Tensor& ft = features[t];
+    // Only a contiguous tensor is cached: contiguous() of any other makes a new tensor every call.
+    const bool cacheable = t < static_cast<int64_t>(keep.size()) && keep[t] && ft.is_contiguous();
+    const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, ft.size(0)));
+    std::shared_ptr<CachedLattice> cached;
+    if (cacheable) cached = cache_find(ft, Exec::kName, Exec::stream_id(), eff_chunk);
+    if (!cached) {
+      cached = std::make_shared<CachedLattice>();
+      cached->lat = build(exec, ft.contiguous(), chunk);
+      if (cacheable) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);
+    }
+    terms.lats.push_back(cached->lat);
+    const int64_t Bt = terms.lats[t].B;
     if (norm != 3) {  // NO_NORMALIZATION: densecrf computes a mean norm but never applies it
-      exec.for_each(Bt * N, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
-      auto n = kn.reshape({Bt, N});
+      at::Tensor n = cache_norm(*cached, norm);
+      if (!n.defined()) {
+        // Normaliser n = K 1 by the same lattice (forward order), then 1/sqrt or 1/x.
+        auto ones = at::ones({Bt, N, 1}, opt);
+        auto kn = at::empty({Bt, N, 1}, opt);
+        filter<Exec, scalar_t>(exec, terms.lats[t], ones.data_ptr<scalar_t>(), nullptr, kn.data_ptr<scalar_t>(),
+                               nullptr, nullptr, 1, false, terms.wss[t]);
+        terms.wss[t] = FilterWorkspace{};
+        exec.for_each(Bt * N, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
+        n = kn.reshape({Bt, N});
+        if (cacheable) cache_set_norm(*cached, norm, n);
+      }
       if (norm == 0 || norm == 1) terms.post[t] = n;
       if (norm == 0 || norm == 2) terms.pre[t] = n;
     }
@@ -723,11 +723,12 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, 
 //   compat    (T, L, L) energy-convention compatibility (Potts w -> -w I)
 //   diagonal  T flags: compat[t] is diagonal (cheaper path)
 //   norms     per term: 0 symmetric, 1 after, 2 before, 3 none (densecrf's NORMALIZE_* semantics)
+//   keep      per term (or empty): features[t] is constant, its lattice may be cached (crf_terms)
 // Returns Q (B, L, N).
 template <class Exec>
 at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vector<at::Tensor>& features,
                      const at::Tensor& compat, const std::vector<bool>& diagonal, const std::vector<int64_t>& norms,
-                     int64_t iterations, int64_t chunk) {
+                     int64_t iterations, int64_t chunk, const std::vector<bool>& keep = {}) {
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   if (B == 0 || N == 0) return at::empty({B, L, N}, unary.options());
@@ -745,8 +746,8 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     if (!fused) softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
     auto compat_c = compat.contiguous();
-    CrfTerms terms =
-        crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B);
+    CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk,
+                                               fused ? 0 : B, keep);
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
@@ -835,7 +836,8 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
                                                       const std::vector<at::Tensor>& features, const at::Tensor& compat,
                                                       const std::vector<bool>& diagonal,
                                                       const std::vector<int64_t>& norms, int64_t iterations,
-                                                      int64_t chunk, bool compat_grad = true) {
+                                                      int64_t chunk, bool compat_grad = true,
+                                                      const std::vector<bool>& keep = {}) {
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   const auto opt = unary.options();
@@ -853,7 +855,7 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
     softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
     if (S > 0) {
       auto compat_c = compat.contiguous();
-      CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B);
+      CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep);
       auto acc = at::empty({B, N, L}, opt);
       auto m = at::empty({B, N, L}, opt);
       for (int64_t s = 1; s <= S; ++s) {

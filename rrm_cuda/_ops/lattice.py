@@ -24,22 +24,24 @@ def _num_vertices_fake(features):
 
 
 @torch.library.register_fake("rrm_cuda::dense_crf")
-def _crf_fake(unary, features, compat, diagonal, normalization, iterations):
+def _crf_fake(unary, features, compat, diagonal, normalization, iterations, cache=()):
     return unary.new_empty(unary.shape)
 
 
 @torch.library.register_fake("rrm_cuda::_dense_crf_emulated")
-def _crf_emulated_fake(unary, features, compat, diagonal, normalization, iterations):
+def _crf_emulated_fake(unary, features, compat, diagonal, normalization, iterations, cache=()):
     return unary.new_empty(unary.shape)
 
 
 @torch.library.register_fake("rrm_cuda::dense_crf_backward")
-def _crf_backward_fake(grad, unary, features, compat, diagonal, normalization, iterations, compat_grad=True):
+def _crf_backward_fake(grad, unary, features, compat, diagonal, normalization, iterations, compat_grad=True, cache=()):
     return unary.new_empty(unary.shape), compat.new_empty(compat.shape)
 
 
 @torch.library.register_fake("rrm_cuda::_dense_crf_backward_emulated")
-def _crf_backward_emulated_fake(grad, unary, features, compat, diagonal, normalization, iterations, compat_grad=True):
+def _crf_backward_emulated_fake(
+    grad, unary, features, compat, diagonal, normalization, iterations, compat_grad=True, cache=()
+):
     return unary.new_empty(unary.shape), compat.new_empty(compat.shape)
 
 
@@ -80,11 +82,12 @@ class PermutohedralFilterFunction(torch.autograd.Function):
 
 
 def _crf_setup_context(ctx, inputs, output):
-    unary, features, compat, diagonal, normalization, iterations = inputs
+    unary, features, compat, diagonal, normalization, iterations, *rest = inputs
     ctx.save_for_backward(unary, compat, *features)
     ctx.diagonal = list(diagonal)
     ctx.normalization = list(normalization)
     ctx.iterations = iterations
+    ctx.cache = list(rest[0]) if rest else []
 
 
 def _make_crf_backward(backward_op):
@@ -101,15 +104,13 @@ def _make_crf_backward(backward_op):
             ctx.normalization,
             ctx.iterations,
             ctx.needs_input_grad[2],
+            ctx.cache,
         )
         return (
             grad_unary if ctx.needs_input_grad[0] else None,
             [None] * len(features),
             grad_compat if ctx.needs_input_grad[2] else None,
-            None,
-            None,
-            None,
-        )
+        ) + (None,) * (len(ctx.needs_input_grad) - 3)  # the trailing cache flags may be left out
 
     return _crf_backward
 

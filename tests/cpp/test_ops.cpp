@@ -39,12 +39,16 @@ int main() {
   auto crf = c10::Dispatcher::singleton()
                  .findSchemaOrThrow("rrm_cuda::dense_crf", "")
                  .typed<at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&, const c10::List<bool>&,
-                                   at::IntArrayRef, int64_t)>();
+                                   at::IntArrayRef, int64_t, const c10::List<bool>&)>();
   auto unary = at::rand({1, 3, 50}, at::kDouble);
   auto pos = at::rand({1, 2, 50}, at::kDouble) * 5;
   auto compat = (at::eye(3, at::kDouble) * -3).unsqueeze(0);
-  auto q = crf.call(unary, {pos}, compat, c10::List<bool>({true}), {0}, 5);
+  auto q = crf.call(unary, {pos}, compat, c10::List<bool>({true}), {0}, 5, c10::List<bool>());
   expect(at::allclose(q.sum(1), at::ones({1, 50}, at::kDouble)), "dense_crf returns distributions");
+  // A constant term's lattice from the cache: the same result as building it.
+  auto q1 = crf.call(unary, {pos}, compat, c10::List<bool>({true}), {0}, 5, c10::List<bool>({true}));
+  auto q2 = crf.call(unary, {pos}, compat, c10::List<bool>({true}), {0}, 5, c10::List<bool>({true}));
+  expect(at::equal(q, q1) && at::equal(q, q2), "dense_crf with a cached lattice equals a fresh build");
 
   bool threw = false;
   try {

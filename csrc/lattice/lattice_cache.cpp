@@ -1,0 +1,146 @@
+// The lattice cache (lattice_cache.h): a small LRU list under one mutex.
+#include "lattice/lattice_cache.h"
+
+#include <list>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace rrm {
+namespace lattice {
+namespace {
+
+struct Key {
+  const void* data = nullptr;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
+  uint32_t version = 0;
+  std::string exec;
+  int64_t stream = 0, chunk = 0;
+  bool operator==(const Key& o) const {
+    return data == o.data && sizes == o.sizes && strides == o.strides && dtype == o.dtype && device == o.device &&
+           version == o.version && exec == o.exec && stream == o.stream && chunk == o.chunk;
+  }
+};
+
+Key make_key(const at::Tensor& f, const char* exec, int64_t stream, int64_t chunk) {
+  Key k;
+  k.data = f.data_ptr();
+  k.sizes = f.sizes().vec();
+  k.strides = f.strides().vec();
+  k.dtype = f.scalar_type();
+  k.device = f.device();
+  k.version = f.unsafeGetTensorImpl()->version_counter().current_version();
+  k.exec = exec;
+  k.stream = stream;
+  k.chunk = chunk;
+  return k;
+}
+
+struct Item {
+  Key key;
+  at::Tensor features;  // keeps the storage (and so the key's pointer) alive
+  std::shared_ptr<CachedLattice> entry;
+};
+
+struct Store {
+  std::mutex mu;
+  std::list<Item> items;  // most recently used first
+  int64_t capacity = 8, hits = 0, misses = 0;
+  void trim() {
+    while (static_cast<int64_t>(items.size()) > capacity) items.pop_back();
+  }
+};
+
+// Never destroyed: entries may hold CUDA memory, which must not be freed after the CUDA runtime
+// and the caching allocator have shut down at exit.
+Store& store() {
+  static Store* s = new Store();
+  return *s;
+}
+
+bool cacheable(const at::Tensor& f) { return f.defined() && !f.is_inference() && f.numel() > 0; }
+
+int64_t nbytes(const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
+
+}  // namespace
+
+std::shared_ptr<CachedLattice> cache_find(const at::Tensor& features, const char* exec, int64_t stream, int64_t chunk) {
+  if (!cacheable(features)) return nullptr;
+  const Key key = make_key(features, exec, stream, chunk);
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  for (auto it = s.items.begin(); it != s.items.end(); ++it) {
+    if (it->key == key) {
+      s.items.splice(s.items.begin(), s.items, it);
+      ++s.hits;
+      return s.items.front().entry;
+    }
+  }
+  ++s.misses;
+  return nullptr;
+}
+
+void cache_put(const at::Tensor& features, const char* exec, int64_t stream, int64_t chunk,
+               std::shared_ptr<CachedLattice> entry) {
+  if (!cacheable(features)) return;
+  Key key = make_key(features, exec, stream, chunk);
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.capacity <= 0) return;
+  for (auto it = s.items.begin(); it != s.items.end(); ++it) {
+    if (it->key == key) {  // built concurrently by another thread: keep one
+      s.items.erase(it);
+      break;
+    }
+  }
+  s.items.push_front(Item{std::move(key), features, std::move(entry)});
+  s.trim();
+}
+
+at::Tensor cache_norm(const CachedLattice& entry, int64_t norm) {
+  std::lock_guard<std::mutex> lock(store().mu);
+  return entry.norm.at(norm);
+}
+
+void cache_set_norm(CachedLattice& entry, int64_t norm, const at::Tensor& n) {
+  std::lock_guard<std::mutex> lock(store().mu);
+  entry.norm.at(norm) = n;
+}
+
+CacheStats cache_stats() {
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  CacheStats st;
+  st.entries = static_cast<int64_t>(s.items.size());
+  st.capacity = s.capacity;
+  st.hits = s.hits;
+  st.misses = s.misses;
+  for (const auto& it : s.items) {
+    const Lattice& l = it.entry->lat;
+    for (const at::Tensor* t : {&l.entry_vertex, &l.entry_weight, &l.num_vertices, &l.neighbors, &l.offsets,
+                                &l.splat_pixel, &l.splat_weight, &l.chunk_offsets, &l.chunk_begin, &l.chunk_end})
+      st.bytes += nbytes(*t);
+    for (const auto& n : it.entry->norm) st.bytes += nbytes(n);
+  }
+  return st;
+}
+
+void cache_set_capacity(int64_t capacity) {
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.capacity = capacity < 0 ? 0 : capacity;
+  s.trim();
+}
+
+void cache_clear() {
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.items.clear();
+  s.hits = s.misses = 0;
+}
+
+}  // namespace lattice
+}  // namespace rrm

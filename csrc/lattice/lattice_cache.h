@@ -1,0 +1,65 @@
+// Lattices kept across op calls for features the caller declares constant (the dense CRF's
+// Gaussian term over pixel positions: the same lattice for every image of a size, rebuilt by every
+// call until this cache). An entry is keyed by the features tensor's identity -- its storage
+// pointer, sizes, strides, dtype, device and version counter -- and holds a reference to the
+// tensor, so its memory cannot be reused by another tensor while the entry lives and an in-place
+// change of the tensor (a new version) misses. Also keyed by the executor and, on CUDA, the
+// stream: an entry is only ever used on the stream that built it. Least recently used entries are
+// dropped beyond the capacity (default 8; 0 disables the cache).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <memory>
+
+namespace rrm {
+namespace lattice {
+
+// A batch of lattices, one per image, as plain tensors on the values' device.
+//   entry_vertex  (B, E) int32    vertex of pixel i's r-th corner, E = N (d+1), e = i (d+1) + r
+//   entry_weight  (B, E) scalar   its barycentric weight
+//   num_vertices  (B,)   int32    M_b, the number of lattice points of image b
+//   neighbors     (B, d+1, M, 2) int32, M = max_b M_b: blur neighbours along each axis (-1: none)
+//   offsets       (B, M+1) int64  the splat list of vertex v is [offsets[b, v], offsets[b, v+1])
+//   splat_pixel   (B, E) int32, splat_weight (B, E) scalar: pixel and weight of each list entry,
+//                 grouped by vertex, in increasing entry order (splat as a deterministic gather);
+//                 built for CUDA and its emulation only (the CPU splats by scatter)
+//   chunk_offsets (B, M+1) int32, chunk_begin / chunk_end (B, K) int32: the splat lists cut into
+//                 chunks of at most kSplatChunk entries (K bounds the chunks of any image), CUDA only
+struct Lattice {
+  int64_t B = 0, N = 0, E = 0, M = 0, K = 0;
+  int d = 0;
+  at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, splat_pixel, splat_weight;
+  at::Tensor chunk_offsets, chunk_begin, chunk_end;
+};
+
+// A cached term: its lattice and, per normalization mode 0..2, its normaliser once computed
+// (read and set through cache_norm / cache_set_norm). Lattice tensors are never written after the
+// build.
+struct CachedLattice {
+  Lattice lat;
+  std::array<at::Tensor, 3> norm;
+};
+
+// The entry of `features` for executor `exec` (a name) on stream `stream` (0 off CUDA) built with
+// images `chunk` at a time, or null. features must be the very tensor given to cache_put (or a
+// tensor with the same storage, geometry and version).
+std::shared_ptr<CachedLattice> cache_find(const at::Tensor& features, const char* exec, int64_t stream, int64_t chunk);
+// Stores `entry` for `features` (no-op when the capacity is 0 or the tensor has no version
+// counter: an inference tensor could change in place unseen).
+void cache_put(const at::Tensor& features, const char* exec, int64_t stream, int64_t chunk,
+               std::shared_ptr<CachedLattice> entry);
+at::Tensor cache_norm(const CachedLattice& entry, int64_t norm);
+void cache_set_norm(CachedLattice& entry, int64_t norm, const at::Tensor& n);
+
+struct CacheStats {
+  int64_t entries = 0, capacity = 0, hits = 0, misses = 0, bytes = 0;
+};
+CacheStats cache_stats();
+void cache_set_capacity(int64_t capacity);  // drops entries beyond it
+void cache_clear();                         // drops every entry and zeroes the counters
+
+}  // namespace lattice
+}  // namespace rrm
