@@ -289,13 +289,61 @@ struct NeighborFunctor {
   }
 };
 
-// Splat lists (CUDA / emulated path): count the entries of every vertex.
+// 5. The two numbers the host reads after a build, one thread: stats[0] = 1 if any image's table
+// overflowed, stats[1] = the largest vertex count (M).
+struct BuildStatsFunctor {
+  const int32_t* overflow;      // (chunk,)
+  const int32_t* num_vertices;  // (chunk,)
+  int32_t* stats;               // (2,) out
+  int64_t nb;
+  RRM_HOST_DEVICE void operator()(int64_t) const {
+    int32_t o = 0, m = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      o = overflow[b] > o ? overflow[b] : o;
+      m = num_vertices[b] > m ? num_vertices[b] : m;
+    }
+    stats[0] = o;
+    stats[1] = m;
+  }
+};
+
+// Splat lists (CUDA / emulated path). counts (B, M+1) zero-initialised: the entries of vertex v
+// are counted at [b, 1 + v] (column 0 stays 0, so that a scan gives the list offsets).
 struct CountFunctor {
-  const int32_t* entry_vertex;  // (chunk, E)
-  int32_t* counts;              // (chunk, M)
+  const int32_t* entry_vertex;  // (B, E)
+  int32_t* counts;              // (B, M+1)
   int64_t E, M;
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
-    atomic_add(counts + b * M + entry_vertex[b * E + e], 1);
+    atomic_add(counts + b * (M + 1) + 1 + entry_vertex[b * E + e], 1);
+  }
+};
+
+// Sort keys of the entries: image-major, then vertex (b M + v), in 32 bits when B M fits.
+template <typename key_t>
+struct SortKeyFunctor {
+  const int32_t* entry_vertex;  // (B, E)
+  key_t* keys;                  // (B, E) out
+  int64_t E, M;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
+    keys[b * E + e] = static_cast<key_t>(b * M + entry_vertex[b * E + e]);
+  }
+};
+
+// The splat lists from the stable sort's permutation (flat indices into (B, E); image b's entries
+// sort into [b E, (b+1) E)): list slot s of image b holds entry o = order[b E + s] - b E, i.e.
+// pixel o / (d+1) with weight entry_weight[b, o].
+template <typename scalar_t>
+struct SplatListFunctor {
+  const int64_t* order;          // (B E,)
+  const scalar_t* entry_weight;  // (B, E)
+  int32_t* splat_pixel;          // (B, E) out
+  scalar_t* splat_weight;        // (B, E) out
+  int64_t E;
+  int d;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t s, int64_t, int64_t) const {
+    const int64_t o = order[b * E + s];
+    splat_pixel[b * E + s] = static_cast<int32_t>((o - b * E) / (d + 1));
+    splat_weight[b * E + s] = entry_weight[o];
   }
 };
 
@@ -315,9 +363,20 @@ struct CountFunctor {
 // SplatReduceFunctor sums the chunks of a vertex in order. Fixed chunks: the same sums every run.
 constexpr int64_t kSplatChunk = 32;
 
+// nchunks[b, 1 + v] = ceil(counts[b, 1 + v] / kSplatChunk) (column 0 left 0), both (B, M+1).
+struct ChunkCountFunctor {
+  const int32_t* counts;
+  int32_t* nchunks;
+  int64_t M;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
+    const int64_t i = b * (M + 1) + 1 + v;
+    nchunks[i] = static_cast<int32_t>((counts[i] + kSplatChunk - 1) / kSplatChunk);
+  }
+};
+
 // Per (b, v): the entry ranges of v's chunks, at chunk_offsets[b, v] ... chunk_offsets[b, v+1]-1.
 struct ChunkRangeFunctor {
-  const int64_t* offsets;        // (B, M+1) splat list bounds
+  const int32_t* offsets;        // (B, M+1) splat list bounds
   const int32_t* chunk_offsets;  // (B, M+1)
   const int32_t* num_vertices;   // (B,)
   int32_t* chunk_begin;          // (B, K) out (zero-initialised: unused chunks are empty)
@@ -326,7 +385,7 @@ struct ChunkRangeFunctor {
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
     if (v >= num_vertices[b]) return;
-    const int64_t* off = offsets + b * (M + 1);
+    const int32_t* off = offsets + b * (M + 1);
     int64_t k = b * K + chunk_offsets[b * (M + 1) + v];
     const int64_t s1 = off[v + 1];
     for (int64_t s = off[v]; s < s1; s += kSplatChunk, ++k) {
@@ -1011,6 +1070,32 @@ struct MeanFieldRowTerm {
   scalar_t alpha;
   int64_t E, M, LB;
   int d;
+};
+
+// The fused GPU mean field's inputs in its padded rows of W lanes, one functor each instead of
+// several ATen calls: base[b, i, :] = (-unary[b, :, i], kSoftmaxPad...) for a unary of any strides,
+// and coef[t, :] = (-compat[t, l, l] for l < L, 0...).
+template <typename scalar_t>
+struct PadUnaryRowsFunctor {
+  const scalar_t* unary;  // (B, L, N), strides sb, sl, sn
+  scalar_t* base;         // (B, N, W) out
+  int64_t N, L, W, sb, sl, sn;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
+    scalar_t* row = base + (b * N + i) * W;
+    for (int64_t l = 0; l < W; ++l)
+      row[l] = l < L ? -unary[b * sb + l * sl + i * sn] : static_cast<scalar_t>(kSoftmaxPad);
+  }
+};
+
+template <typename scalar_t>
+struct PadCoefRowsFunctor {
+  const scalar_t* compat;  // (T, L, L) contiguous
+  scalar_t* coef;          // (T, W) out
+  int64_t L, W;
+  RRM_HOST_DEVICE void operator()(int64_t k) const {
+    const int64_t t = k / W, l = k % W;
+    coef[k] = l < L ? -compat[(t * L + l) * L + l] : scalar_t(0);
+  }
 };
 
 // q_i = softmax(-U_i + sum_t coef_t * alpha_t * post_t(i) * slice_t(i)) of pixel (b, i), written as

@@ -28,31 +28,51 @@ inline int64_t next_pow2(int64_t x) {
 
 // Splat lists with device-friendly primitives (CUDA, emulated): counts by atomics, offsets by a
 // scan, order by a *stable* sort of (image, vertex) keys, so that the entries of a vertex also come
-// out in increasing order and the splat sums are deterministic.
+// out in increasing order and the splat sums are deterministic. Few ATen calls (each one costs host
+// time on a GPU, where these builds are host-bound): the list and chunk counts share one zeroed
+// tensor and one scan, the keys and the lists from the sort's permutation are functors.
 template <class Exec>
-at::Tensor splat_order_sorted(const Exec& exec, Lattice& lat) {
+void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
-  auto counts = at::zeros({B, M}, lat.entry_vertex.options());
-  exec.for_each_item(B, E, 1, CountFunctor{lat.entry_vertex.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), E, M});
-  lat.offsets = at::zeros({B, M + 1}, counts.options().dtype(at::kLong));
-  lat.offsets.narrow(1, 1, M).copy_(at::cumsum(counts, 1));
+  const auto iopt = lat.entry_vertex.options();
+  // cnt[0]: entries per vertex, cnt[1]: chunks per vertex, at column 1 + v (column 0 stays 0)
+  auto cnt = at::zeros({2, B, M + 1}, iopt);
+  int32_t* counts = cnt.data_ptr<int32_t>();
+  exec.for_each_item(B, E, 1, CountFunctor{lat.entry_vertex.data_ptr<int32_t>(), counts, E, M});
+  exec.for_each_item(B, M, 1, ChunkCountFunctor{counts, counts + B * (M + 1), M});
+  // offsets < E < 2^30 and chunk offsets fit int32
+  auto cum = at::cumsum(cnt, /*dim=*/2, /*dtype=*/at::kInt);
+  lat.offsets = cum[0];
+  lat.chunk_offsets = cum[1];
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
-  auto nchunks = counts.add(kSplatChunk - 1).div_(kSplatChunk, "floor");
-  lat.chunk_offsets = at::zeros({B, M + 1}, counts.options());
-  lat.chunk_offsets.narrow(1, 1, M).copy_(at::cumsum(nchunks, 1));
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
-  lat.chunk_begin = at::zeros({B, lat.K}, counts.options());
-  lat.chunk_end = at::zeros({B, lat.K}, counts.options());
+  auto chunk_be = at::zeros({2, B, lat.K}, iopt);  // unused chunks stay empty: [0, 0)
+  lat.chunk_begin = chunk_be[0];
+  lat.chunk_end = chunk_be[1];
+  int32_t* cb = chunk_be.data_ptr<int32_t>();
   exec.for_each_item(B, M, 1,
-                     ChunkRangeFunctor{lat.offsets.data_ptr<int64_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
-                                       lat.num_vertices.data_ptr<int32_t>(), lat.chunk_begin.data_ptr<int32_t>(),
-                                       lat.chunk_end.data_ptr<int32_t>(), M, lat.K});
+                     ChunkRangeFunctor{cum.data_ptr<int32_t>(), cum.data_ptr<int32_t>() + B * (M + 1),
+                                       lat.num_vertices.data_ptr<int32_t>(), cb, cb + B * lat.K, M, lat.K});
   // (image, vertex) keys in 32 bits when they fit: half the radix-sort passes of 64-bit keys.
-  const auto kdt = B * M < (int64_t(1) << 31) ? at::kInt : at::kLong;
-  auto base = at::arange(B, counts.options().dtype(kdt)).mul_(M).unsqueeze(1);
-  auto keys = lat.entry_vertex.to(kdt).add(base).reshape({B * E});  // not add_: to() may alias
-  auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
-  return order.remainder_(E).reshape({B, E});
+  at::Tensor keys;
+  if (B * M < (int64_t(1) << 31)) {
+    keys = at::empty({B * E}, iopt);
+    exec.for_each_item(B, E, 1,
+                       SortKeyFunctor<int32_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), E, M});
+  } else {
+    keys = at::empty({B * E}, iopt.dtype(at::kLong));
+    exec.for_each_item(B, E, 1,
+                       SortKeyFunctor<int64_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<int64_t>(), E, M});
+  }
+  const auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  lat.splat_pixel = at::empty({B, E}, iopt);
+  lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
+  AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
+    exec.for_each_item(B, E, 1,
+                       SplatListFunctor<scalar_t>{order.data_ptr<int64_t>(), lat.entry_weight.data_ptr<scalar_t>(),
+                                                  lat.splat_pixel.data_ptr<int32_t>(),
+                                                  lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
+  });
 }
 
 // CPU vertex numbering (AssignFunctor's job): owner entries take ids in increasing entry order, as
@@ -164,7 +184,8 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       auto nv_chunk = lat.num_vertices.narrow(0, b0, nb);
       for (;;) {
         table = at::full({nb, cap}, -1, iopt);
-        auto counters = at::zeros({2, nb}, iopt);  // claimed slots, overflow flags
+        // claimed slots (nb), overflow flags (nb), then BuildStatsFunctor's (any overflow, max M)
+        auto counters = at::zeros({2 * nb + 2}, iopt);
         exec.for_each_item(
             nb, E, 1,
             InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), counters.data_ptr<int32_t>(),
@@ -178,7 +199,9 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
                                            owner.data_ptr<int32_t>(), nv, E, cap});
         }
         exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
-        const auto stats = at::stack({counters[1].max(), nv_chunk.max()}).cpu();
+        int32_t* cnt = counters.data_ptr<int32_t>();
+        exec.for_each(1, BuildStatsFunctor{cnt + nb, nv, cnt + 2 * nb, nb}, 1);
+        const at::Tensor stats = counters.narrow(0, 2 * nb, 2).cpu();
         const int32_t* st = stats.data_ptr<int32_t>();
         M = st[1];
         if (cap >= 2 * E || st[0] == 0) break;
@@ -204,11 +227,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
   }
   // Splat lists for the gather splat of CUDA (and its emulation). The CPU splats by scatter
   // (splat_scatter_cpu) and needs none, which saves a sort and three (B, E) arrays per build.
-  if constexpr (Exec::kSortCsr) {
-    auto order = splat_order_sorted(exec, lat);
-    lat.splat_weight = lat.entry_weight.gather(1, order);
-    lat.splat_pixel = order.div(lat.d + 1, "floor").to(at::kInt);
-  }
+  if constexpr (Exec::kSortCsr) splat_lists_sorted(exec, lat);
   return lat;
 }
 
@@ -615,14 +634,22 @@ void mean_field_step(const Exec& exec, CrfTerms& terms, const at::Tensor& compat
 // steps and is written label-major at the last one. Lattices are not tiled: image b uses lattice b % lats[t].B.
 //   unary (B, L, N); q_out (B, L, N); terms from crf_terms(..., tile_to = 0).
 template <class Exec, typename scalar_t, int W>
-void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, at::Tensor& q_out, int64_t iterations) {
+void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_c, const at::Tensor& unary,
+                    at::Tensor& q_out, int64_t iterations) {
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int T = static_cast<int>(terms.lats.size());
   const auto opt = unary.options();
-  at::Tensor neg_u = at::full({B, N, W}, static_cast<scalar_t>(kSoftmaxPad), opt);
-  neg_u.narrow(2, 0, L).copy_(unary.transpose(1, 2)).neg_();
+  at::Tensor neg_u = at::empty({B, N, W}, opt);
+  exec.for_each_item(B, N, 1,
+                     PadUnaryRowsFunctor<scalar_t>{unary.data_ptr<scalar_t>(), neg_u.data_ptr<scalar_t>(), N, L, W,
+                                                   unary.stride(0), unary.stride(1), unary.stride(2)},
+                     256);
   auto q = at::empty({B, N, W}, opt);
-  std::vector<at::Tensor> coef_w(T), part(T), bufa(T), bufb(T);
+  // -diag(compat[t]) padded with zeros, every term at once (compat_c: (T, L, L) contiguous)
+  at::Tensor coef_all = at::empty({T, W}, opt);
+  exec.for_each(T * W, PadCoefRowsFunctor<scalar_t>{compat_c.data_ptr<scalar_t>(), coef_all.data_ptr<scalar_t>(), L, W},
+                256);
+  std::vector<at::Tensor> part(T), bufa(T), bufb(T);
   MeanFieldSliceFunctor<scalar_t, W> f{};
   f.base = neg_u.data_ptr<scalar_t>();
   f.q = q.data_ptr<scalar_t>();
@@ -633,7 +660,6 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, 
   auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
   for (int t = 0; t < T; ++t) {
     const Lattice& lat = terms.lats[t];
-    coef_w[t] = at::constant_pad_nd(terms.coefs[t], {0, W - L}, 0);
     part[t] = at::empty({B, lat.K, W}, opt);
     bufa[t] = at::empty({B, lat.M, W}, opt);
     bufb[t] = at::empty({B, lat.M, W}, opt);
@@ -642,7 +668,7 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& unary, 
     m.vertex = lat.entry_vertex.data_ptr<int32_t>();
     m.blurred = nullptr;
     m.post = ptr(terms.post[t]);
-    m.coef = coef_w[t].data_ptr<scalar_t>();
+    m.coef = coef_all.data_ptr<scalar_t>() + t * W;
     m.alpha = static_cast<scalar_t>(slice_alpha(lat.d));
     m.E = lat.E;
     m.M = lat.M;
@@ -751,16 +777,16 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
-        if (L <= 4) return mean_field_gpu<Exec, scalar_t, 4>(exec, terms, unary, q_lmajor, iterations);
+        if (L <= 4) return mean_field_gpu<Exec, scalar_t, 4>(exec, terms, compat_c, unary, q_lmajor, iterations);
         switch ((L + 7) / 8) {
           case 1:
-            return mean_field_gpu<Exec, scalar_t, 8>(exec, terms, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 8>(exec, terms, compat_c, unary, q_lmajor, iterations);
           case 2:
-            return mean_field_gpu<Exec, scalar_t, 16>(exec, terms, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 16>(exec, terms, compat_c, unary, q_lmajor, iterations);
           case 3:
-            return mean_field_gpu<Exec, scalar_t, 24>(exec, terms, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 24>(exec, terms, compat_c, unary, q_lmajor, iterations);
           default:
-            return mean_field_gpu<Exec, scalar_t, 32>(exec, terms, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 32>(exec, terms, compat_c, unary, q_lmajor, iterations);
         }
       }
     }
