@@ -163,7 +163,7 @@ def run_setting(batch: int, args, device: torch.device, pool) -> tuple[list[C.Ro
 
     # correctness of the parts before timing: the two paths agree
     labels = {
-        p: ops.reliable_labels(b["raw"], cams, b["labels"], iterations=cfg.crf_iterations).label
+        p: ops.reliable_labels(b["raw"], cams, batch_cpu["labels"], iterations=cfg.crf_iterations).label
         for p, ops in paths.items()
     }
     agree = float((labels["original"] == labels["rrm_cuda"]).float().mean())
@@ -223,8 +223,9 @@ def run_setting(batch: int, args, device: torch.device, pool) -> tuple[list[C.Ro
             def step(ops=ops):
                 train_step(model, model, batch_cpu, optimizer, scaler, cfg, 0, device, amp, amp_dtype, Path(tmp), ops)
 
+            # as the training step calls it: image-level labels on the host, as the loader gives them
             def pseudo(ops=ops):
-                ops.reliable_labels(b["raw"], cams, b["labels"], iterations=cfg.crf_iterations)
+                ops.reliable_labels(b["raw"], cams, batch_cpu["labels"], iterations=cfg.crf_iterations)
 
             def energy_fb(ops=ops):
                 s = seg_up.detach().requires_grad_()

@@ -22,6 +22,10 @@ _NORMALIZATIONS = {"symmetric": 0, "after": 1, "before": 2, "none": 3}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
 def _flat(x: Tensor) -> Tensor:
     """(B, C, *S) -> (B, C, N), also for empty tensors."""
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
@@ -322,6 +326,7 @@ def dense_crf(
     pairwise: Sequence[tuple[Tensor, Compat]] = (),
     normalization: str = "symmetric",
     clip: float = 1e-5,
+    check_inputs: bool = True,
 ) -> Tensor:
     r"""Fully connected CRF mean-field inference (Krähenbühl & Koltun 2011) with pydensecrf's semantics.
 
@@ -353,6 +358,13 @@ def dense_crf(
             divisor of it, as for ``image``. The Gaussian term's lattice is built once per call
             when ``gaussian_sxy`` is a number.
         normalization: ``"symmetric"`` | ``"after"`` | ``"before"`` | ``"none"``.
+        check_inputs: check the values (NaN/Inf, negative ``probs``, features overflowing the
+            lattice's integer keys) at the price of one device synchronisation; shapes, dtypes,
+            devices, sigmas and memory are always checked. Unchecked (also while ``torch.compile``
+            traces), nothing is read back: images are taken to be on the 0–255 scale, NaN/Inf inputs
+            give meaningless probabilities instead of an error, and pixels whose features fall
+            outside the key range get no lattice weight (inside a training loop, check the inputs once yourself,
+            e.g. with the step's other logged values).
 
     Returns:
         Q: (B, L, *S) probabilities (float32 unless the input is float64), differentiable w.r.t.
@@ -485,18 +497,21 @@ def dense_crf(
         V.same_device({src_name: src, f"pairwise[{k}] features": f})
         add(f, c, f"pairwise[{k}] compat")
 
-    ranges = dict(zip((n for n, _ in pending), V.finite_ranges(pending)))  # raises on NaN/Inf
-    if probs is not None and ranges["probs"] is not None and ranges["probs"][0] < 0:
+    if check_inputs and not _compiling():
+        ranges = dict(zip((n for n, _ in pending), V.finite_ranges(pending)))  # raises on NaN/Inf
+    else:  # nothing read back: images on the 0-255 scale, other features unbounded (the op's guard)
+        ranges = {}
+    if probs is not None and ranges.get("probs") is not None and ranges["probs"][0] < 0:
         raise ValueError("probs must be non-negative scores (got negative values)")
     for fname, f in zip(feat_names, feats):
         if fname in bounds:
             pmax, srgb = bounds[fname]
             if srgb is not None:
-                rng = ranges["image"]
-                imax = 255.0 if rng is None else max(abs(rng[0]), abs(rng[1]))  # None: uint8
+                rng = ranges.get("image")
+                imax = 255.0 if rng is None else max(abs(rng[0]), abs(rng[1]))  # None: uint8 or unchecked
                 pmax = max(pmax, imax / srgb)
             _check_key_range(f, fname, pmax)
-        elif ranges[fname] is not None:
+        elif ranges.get(fname) is not None:
             _check_key_range(f, fname, max(abs(ranges[fname][0]), abs(ranges[fname][1])))
     if B == 0 or N == 0:
         return torch.empty((B, L, *spatial), dtype=dtype, device=device)

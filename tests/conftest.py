@@ -25,6 +25,14 @@ def cuda():
     return torch.device("cuda")
 
 
+@pytest.fixture(params=["cpu", "cuda"])
+def cuda_or_cpu(request):
+    """Both devices: the CPU always, CUDA when a GPU is usable (skipped otherwise)."""
+    if request.param == "cuda" and not cuda_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)
+
+
 def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """A bundled scikit-image photograph as uint8 (H, W, 3), centre-cropped to ``size`` (H, W)."""
     skdata = pytest.importorskip("skimage.data")

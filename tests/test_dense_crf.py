@@ -169,6 +169,31 @@ def test_fused_cpu_mean_field_matches_per_term_path(L, dtype):
         torch.testing.assert_close(ops.dense_crf(*args), ops._dense_crf_emulated(*args), **tol)
 
 
+def test_unchecked_inputs_read_nothing_and_equal_checked():
+    # check_inputs=False: the same result without reading values back; bad values are not refused
+    unary, image = _crf_inputs(B=2, L=4, seed=7)
+    probs = torch.softmax(-unary, 1)
+    depth = torch.rand(2, 1, *unary.shape[2:], dtype=torch.float64) * 4
+    for kw in (dict(probs=probs, image=image), dict(unary=unary, image=image.double(), pairwise=[(depth, 2.0)])):
+        ref = rrm_cuda.dense_crf(**kw, iterations=3)
+        torch.testing.assert_close(rrm_cuda.dense_crf(**kw, iterations=3, check_inputs=False), ref, rtol=0, atol=0)
+    bad = probs.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="probs contains NaN"):
+        rrm_cuda.dense_crf(probs=bad, image=image)
+    assert rrm_cuda.dense_crf(probs=bad, image=image, check_inputs=False).shape == bad.shape
+    # features far outside the key range: refused when checked; unchecked, the lattice's guard
+    # gives those pixels no weight (no crash)
+    huge = torch.full_like(depth, 1e12)
+    with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
+        rrm_cuda.dense_crf(unary, image, pairwise=[(huge, 1.0)])
+    q = rrm_cuda.dense_crf(unary, image, pairwise=[(huge, 1.0)], check_inputs=False)
+    assert bool(torch.isfinite(q).all())
+    # the shapes are always checked
+    with pytest.raises(ValueError, match="image must have shape"):
+        rrm_cuda.dense_crf(probs=probs, image=image[:, :, :3], check_inputs=False)
+
+
 # ---- the lattice cache of constant features ----------------------------------------------------
 @pytest.fixture
 def lattice_cache():

@@ -269,6 +269,46 @@ def test_reliable_label_parts_gpu_formulations_equal_cpu_ones(monkeypatch):
         assert q.is_contiguous()
 
 
+def test_reliable_labels_unchecked_equal_checked_and_host_labels(cuda_or_cpu):
+    """check_inputs=False reads nothing back and gives the same labels; labels on the host (as the
+    training step passes them) give the same labels as labels on the CAMs' device."""
+    g = torch.Generator().manual_seed(4)
+    B, S = 3, 21
+    image = torch.randint(0, 256, (B, 3, S, S), generator=g).to(torch.uint8)
+    labels = torch.zeros(B, 20)
+    for b, n in enumerate((1, 2, 3)):
+        labels[b, torch.randperm(20, generator=g)[:n]] = 1
+    cams = (torch.rand(B, 20, S, S, generator=g) * 10).round() / 10 * labels[:, :, None, None]
+    dev = cuda_or_cpu
+    ref = reliable_label_parts(image.to(dev), cams.to(dev), labels.to(dev), iterations=3)
+    for lab, check in ((labels.to(dev), False), (labels, True), (labels, False)):
+        got = reliable_label_parts(image.to(dev), cams.to(dev), lab, iterations=3, check_inputs=check)
+        for f in ("label", "crf_label", "cam_sure", "crf_la", "crf_ha"):
+            assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    bad = cams.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        reliable_labels(image.to(dev), bad.to(dev), labels, iterations=3)
+    reliable_labels(image.to(dev), bad.to(dev), labels, iterations=3, check_inputs=False)  # no error
+
+
+def test_train_step_stops_on_non_finite_cams(tmp_path, monkeypatch):
+    """The step's pseudo labels are unchecked (no extra host read): its one host read checks the
+    CAMs instead, and a diverged network stops training with a clear error."""
+    import rrm_cuda.rrm.train as T
+
+    real = T.multiscale_cam
+
+    def nan_cam(*a, **k):
+        c = real(*a, **k)
+        c[0, 0, 0, 0] = float("nan")
+        return c
+
+    monkeypatch.setattr(T, "multiscale_cam", nan_cam)
+    with pytest.raises(FloatingPointError, match="non-finite CAMs"):
+        train(_tiny(tmp_path, "nan", eval_at_end=False, warmup_cls_iterations=0, seg_head_only_iterations=0))
+
+
 def test_reliable_labels_class_without_cam_pixel_and_no_class():
     """The original raises IndexError when a class has no CAM value > 0.1: here it gets no label."""
     H = W = 24

@@ -126,6 +126,7 @@ def _batched_crf(
     alphas: Sequence[float],
     iterations: int,
     crf_params: dict,
+    check_inputs: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CRFs on [bg_α, present-class CAMs] for every α in one batched call, sharing each image's
     lattices between its α CRFs. Each image keeps only its present classes (as the original does),
@@ -174,7 +175,7 @@ def _batched_crf(
     # The images once: dense_crf builds each image's lattices once and shares them between its α
     # CRFs (item a·B + b uses image b).
     img = image if image.dtype in (torch.uint8, torch.float32) else image.float()
-    q = dense_crf(u.view(A * B, L, H, W), img, iterations=iterations, **crf_params)
+    q = dense_crf(u.view(A * B, L, H, W), img, iterations=iterations, check_inputs=check_inputs, **crf_params)
     q5 = q.view(A, B, L, H, W)
     out = cams.new_zeros(A * B, 21, H, W)  # after the CRF's launch: off the host-bound stretch
     # padding labels keep Q ~ 0 (<= 1e-37) < any real label's Q, and classes keep their order: the
@@ -268,6 +269,7 @@ def reliable_label_parts(
     bg_threshold: float = 0.8,
     cam_min: float = 0.1,
     cam_percentile: float = 0.6,
+    check_inputs: bool = True,
 ) -> ReliableLabels:
     """:func:`reliable_labels` with its intermediate results (for panels and tests)."""
     if image.dim() != 4 or image.shape[1] != 3:
@@ -283,16 +285,23 @@ def reliable_label_parts(
     if cams.requires_grad:
         cams = cams.detach()
     present = (labels.detach() if labels.requires_grad else labels) > 1e-5
+    present_d = present
+    if present.device.type == "cpu" and cams.device.type != "cpu":
+        # labels on the host (as a data loader gives them): the classes are known without reading
+        # the device back; the device copy is asynchronous (pinned memory)
+        pinned = present.pin_memory() if cams.device.type == "cuda" else present
+        present_d = pinned.to(cams.device, non_blocking=True)
     # cam_all = [bg_α1, cams of the present classes] written in place (no concatenation pass)
     cam_all = cams.new_empty(B, 21, H, W, dtype=torch.float32)
-    cam_np = torch.mul(cams, present.reshape(B, 20, 1, 1), out=cam_all[:, 1:])
+    cam_np = torch.mul(cams, present_d.reshape(B, 20, 1, 1), out=cam_all[:, 1:])
     one_minus_max = 1.0 - cam_np.amax(1)
     torch.pow(one_minus_max, alphas[1], out=cam_all[:, 0])
     cam_img = _channel_argmax(cam_all)
-    # The host read of the step on a GPU (which classes each image has), after the work above is
-    # queued: the GPU runs it while the host waits, and the host-bound stretch from this read to
-    # the CRF's kernels (every op launched in it leaves the GPU idle) holds only the unaries.
-    present_h = present.cpu()
+    # With labels on the device, the host read of the step on a GPU (which classes each image has),
+    # after the work above is queued: the GPU runs it while the host waits, and the host-bound
+    # stretch from this read to the CRF's kernels (every op launched in it leaves the GPU idle)
+    # holds only the unaries.
+    present_h = present.cpu()  # free for host labels
 
     crf, crf_labels, fg_max = _batched_crf(
         image.detach() if image.requires_grad else image,
@@ -302,6 +311,7 @@ def reliable_label_parts(
         alphas,
         iterations,
         crf_params,
+        check_inputs,
     )
     crf_la, crf_ha = crf[:B], crf[B:]
     la_label, ha_label = crf_labels[:B], crf_labels[B:]
@@ -326,6 +336,7 @@ def reliable_labels(
     bg_threshold: float = 0.8,
     cam_min: float = 0.1,
     cam_percentile: float = 0.6,
+    check_inputs: bool = True,
 ) -> Tensor:
     """RRM's reliable pseudo labels (SPEC §5), batched; both CRFs of the batch run in one
     :func:`rrm_cuda.dense_crf` call.
@@ -343,7 +354,12 @@ def reliable_labels(
     Args:
         image: (B, 3, H, W) RGB on the 0–255 scale (uint8 or float), the crop the CAMs describe.
         cams: (B, 20, H, W) normalised CAMs (:func:`multiscale_cam`), >= 0.
-        labels: (B, 20) image-level labels; classes with label <= 1e-5 are ignored.
+        labels: (B, 20) image-level labels; classes with label <= 1e-5 are ignored. On any
+            device: host labels (as a data loader gives them) spare the one read of the device
+            that finds each image's classes.
+        check_inputs: check the CRF's inputs for NaN/Inf (one more device synchronisation), as
+            :func:`rrm_cuda.dense_crf` does; unchecked, non-finite CAMs give meaningless labels
+            instead of an error (the training loop checks its CAMs with its logged values).
 
     Returns:
         (B, H, W) int64 labels in {0..20, 255}.
@@ -367,4 +383,5 @@ def reliable_labels(
         bg_threshold=bg_threshold,
         cam_min=cam_min,
         cam_percentile=cam_percentile,
+        check_inputs=check_inputs,
     ).label

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -414,13 +415,15 @@ class StepOps:
     original CPU path (pydensecrf per image, a per-channel CPU filter) to time both.
 
     - ``reliable_labels(raw, cams, labels, iterations=...) -> ReliableLabels`` (raw (B, 3, H, W)
-      uint8, cams (B, 20, H, W), labels (B, 20));
+      uint8, cams (B, 20, H, W) on the device, labels (B, 20) as the data loader gives them, on
+      the host: the classes of each image are known without reading the device back);
     - ``energy_loss(images, probs, rois, seg_label, weight=, sigma_rgb=, sigma_xy=, scale_factor=)``
       as :func:`rrm_cuda.rrm.losses.energy_loss`;
     - ``bcd_loss(seg_logits, features)`` as :func:`rrm_cuda.rrm.losses.bcd_loss`.
     """
 
-    reliable_labels: Callable[..., ReliableLabels] = reliable_label_parts
+    # unchecked: the step checks its CAMs for NaN/Inf in its one host read instead
+    reliable_labels: Callable[..., ReliableLabels] = functools.partial(reliable_label_parts, check_inputs=False)
     energy_loss: Callable[..., Tensor] = L.energy_loss
     bcd_loss: Callable[[Tensor, Tensor], Tensor] = L.bcd_loss
 
@@ -584,7 +587,8 @@ def train_step(
     image = batch["image"].to(device, non_blocking=True)
     raw = batch["raw"].to(device)
     roi = batch["roi"].to(device)
-    labels = batch["labels"].to(device)
+    labels_host = batch["labels"]  # the pseudo labels' class lists: no read of the device
+    labels = labels_host.to(device)
     crop = tuple(image.shape[2:])
     zero = image.new_zeros(())
     # Logged values stay tensors until one host read after the backward (each float() of a GPU
@@ -598,10 +602,12 @@ def train_step(
         loss = loss + cfg.cls_weight * cls
         stats["cls"] = cls.detach()
     labelled = zero
+    cams_finite = torch.ones((), dtype=torch.bool, device=device)
     if it >= cfg.warmup_cls_iterations:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             cams = multiscale_cam(net, image, labels, crop, cfg.cam_scales, cam_scale1=outp.cam)
-        parts = ops.reliable_labels(raw, cams, labels, iterations=cfg.crf_iterations)
+        parts = ops.reliable_labels(raw, cams, labels_host, iterations=cfg.crf_iterations)
+        cams_finite = torch.isfinite(cams).all()
         label = parts.label.masked_fill(roi == 0, IGNORE)
         labelled = (label != IGNORE).float().mean()
         seg_up = F.interpolate(outp.seg.float(), crop, mode="bilinear", align_corners=False)
@@ -643,10 +649,12 @@ def train_step(
         loss.backward()
     # the step's one host read: logged values and the finiteness check, before any weight changes
     names = list(stats)
-    scalars = [stats[k] for k in names] + [loss.detach(), labelled]
+    scalars = [stats[k] for k in names] + [loss.detach(), labelled, cams_finite]
     values = torch.stack([v.float().reshape(()) for v in scalars]).tolist()
     logged = dict(zip(names, values[: len(names)]))
-    loss_value, labelled_value = values[len(names)], values[len(names) + 1]
+    loss_value, labelled_value, finite_cams = values[len(names) : len(names) + 3]
+    if not finite_cams:
+        raise FloatingPointError(f"non-finite CAMs (NaN/Inf) at iteration {it + 1}: the network diverged; {logged}")
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"non-finite loss {loss_value} at iteration {it + 1}: {logged}")
     if scaler is not None:
