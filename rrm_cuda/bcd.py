@@ -217,7 +217,7 @@ def feature_center_cosine(
     return out
 
 
-def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
+def bcd_loss(seg_logits: Tensor, features: Tensor, *, check_inputs: bool = True) -> Tensor:
     r"""The BCD loss of RRM (Pattern Recognition 2022), exactly as the authors compute it (SPEC §4).
 
     With ``M = argmax_k seg_logits`` (no gradient through M) and ``cos(a, b) = a·b / (‖a‖‖b‖ + 1e-7)``:
@@ -239,6 +239,9 @@ def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
         seg_logits: (B, K, *S) segmentation scores at the features' resolution (K ≥ 1, class 0 the
             background); only their argmax is used.
         features: (B, C, *S) float32 / float64 / float16 / bfloat16, any memory layout.
+        check_inputs: raise on NaN/Inf in ``seg_logits`` or the features (the op reports them; one
+            device synchronisation to read its flags). Unchecked, nothing is read back and such
+            values give a NaN loss (a training loop's own finiteness check of the loss sees them).
 
     Returns:
         A scalar of the compute dtype (float64 for float64 features, float32 otherwise).
@@ -267,7 +270,7 @@ def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
         V.same_device({"seg_logits": seg_logits, "features": features})
     B, K = seg_logits.shape[:2]
     loss, *_, finite = ops.bcd_loss(seg_logits.detach().reshape(B, K, -1), features.reshape(B, features.shape[1], -1))
-    if _checking():
+    if check_inputs and _checking():
         seg_finite, sums_finite = finite.tolist()  # the one host synchronisation
         if not seg_finite:
             V.check_finite(seg_logits, "seg_logits")  # raises, naming NaN or Inf
@@ -286,5 +289,9 @@ class BCDLoss(nn.Module):
         tensor(0.5000)
     """
 
+    def __init__(self, check_inputs: bool = True) -> None:
+        super().__init__()
+        self.check_inputs = check_inputs
+
     def forward(self, seg_logits: Tensor, features: Tensor) -> Tensor:
-        return bcd_loss(seg_logits, features)
+        return bcd_loss(seg_logits, features, check_inputs=self.check_inputs)

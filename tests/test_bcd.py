@@ -345,6 +345,25 @@ def test_ignore_index():
     assert not gf[0, :, :2].any() and not gf[1, :, 3, 3].any()
 
 
+def test_bcd_loss_unchecked():
+    # check_inputs=False: no read of the op's finiteness flags; the same loss and gradient, and
+    # NaN features give a NaN loss instead of an error
+    g = torch.Generator().manual_seed(9)
+    seg = torch.randn(2, 4, 6, 5, generator=g, dtype=torch.float64)
+    f = torch.randn(2, 8, 6, 5, generator=g, dtype=torch.float64)
+    fa, fb = f.clone().requires_grad_(), f.clone().requires_grad_()
+    la, lb = rrm_cuda.bcd_loss(seg, fa), rrm_cuda.BCDLoss(check_inputs=False)(seg, fb)
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(fa.grad, fb.grad, rtol=0, atol=0)
+    bad = f.clone()
+    bad[0, :, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="features contains NaN"):
+        rrm_cuda.bcd_loss(seg, bad)
+    assert torch.isnan(rrm_cuda.bcd_loss(seg, bad, check_inputs=False))
+
+
 def test_cpu_deterministic():
     # The fused ops give bitwise identical results whatever the thread count (fixed summation order)...
     B, C, N, K = 4, 64, 150, 6

@@ -65,24 +65,29 @@ def energy_loss(
     sigma_rgb: float = 15.0,
     sigma_xy: float = 100.0,
     scale_factor: float = 0.5,
+    check_inputs: bool = False,
 ) -> Tensor:
     """Dense-CRF energy loss via ``rrm_cuda.DenseEnergyLoss(weight, sigma_rgb, sigma_xy, scale_factor)``.
 
     images (B, 3, H, W) 0–255; probs (B, K, H, W) softmax; rois (B, H, W); seg_label (B, 1, H, W)
-    float with 255 = unlabelled -> scalar (already multiplied by ``weight``)."""
+    float with 255 = unlabelled -> scalar (already multiplied by ``weight``). Unchecked by default:
+    the training step makes these inputs itself (loader images and ROI, softmax, pseudo labels), so
+    the value checks would only cost a device synchronisation; a NaN still shows in the loss, which
+    the step checks in its one host read."""
     import rrm_cuda
 
     module = getattr(rrm_cuda, "DenseEnergyLoss", None)
     if module is None:
         raise _missing("DenseEnergyLoss", "--energy-weight 0")
-    return module(weight, sigma_rgb, sigma_xy, scale_factor)(images, probs, rois, seg_label)
+    return module(weight, sigma_rgb, sigma_xy, scale_factor, check_inputs=check_inputs)(images, probs, rois, seg_label)
 
 
-def bcd_loss(seg_logits: Tensor, features: Tensor) -> Tensor:
-    """BCD loss via ``rrm_cuda.bcd_loss``: seg_logits (B, K, h, w), features (B, C, h, w) -> scalar."""
+def bcd_loss(seg_logits: Tensor, features: Tensor, check_inputs: bool = False) -> Tensor:
+    """BCD loss via ``rrm_cuda.bcd_loss``: seg_logits (B, K, h, w), features (B, C, h, w) -> scalar.
+    Unchecked by default, as :func:`energy_loss` (NaN/Inf give a NaN loss, which the step sees)."""
     import rrm_cuda
 
     fn = getattr(rrm_cuda, "bcd_loss", None)
     if fn is None:
         raise _missing("bcd_loss", "--bcd-weight 0")
-    return fn(seg_logits, features)
+    return fn(seg_logits, features, check_inputs=check_inputs)
