@@ -25,7 +25,7 @@ def cuda():
     return torch.device("cuda")
 
 
-@pytest.fixture(params=["cpu", "cuda"])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def cuda_or_cpu(request):
     """Both devices: the CPU always, CUDA when a GPU is usable (skipped otherwise)."""
     if request.param == "cuda" and not cuda_available():

@@ -250,6 +250,31 @@ def test_gaussian_lattice_cached_across_calls(lattice_cache):
     torch.testing.assert_close(ug.grad, ug0.grad, rtol=0, atol=0)
 
 
+@pytest.mark.cuda
+def test_cuda_lattice_cache(cuda, lattice_cache):
+    # on the GPU: cached == fresh (forward, backward), one entry per CUDA stream
+    unary, image = _crf_inputs(B=2, L=5, H=13, W=11, seed=3, dtype=torch.float32)
+    u, img = unary.to(cuda), image.to(cuda)
+    rrm_cuda.set_lattice_cache_capacity(0)
+    fresh = rrm_cuda.dense_crf(u, img, iterations=4, bilateral_sxy=5.0)
+    ug0 = u.clone().requires_grad_()
+    rrm_cuda.dense_crf(ug0, img, iterations=3).pow(2).sum().backward()
+    rrm_cuda.set_lattice_cache_capacity(8)
+    for _ in range(3):
+        torch.testing.assert_close(rrm_cuda.dense_crf(u, img, iterations=4, bilateral_sxy=5.0), fresh, rtol=0, atol=0)
+    assert rrm_cuda.lattice_cache_info()["hits"] == 2
+    ug = u.clone().requires_grad_()
+    rrm_cuda.dense_crf(ug, img, iterations=3).pow(2).sum().backward()
+    torch.testing.assert_close(ug.grad, ug0.grad, rtol=0, atol=0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        q = rrm_cuda.dense_crf(u, img, iterations=4, bilateral_sxy=5.0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(q, fresh, rtol=0, atol=0)
+    assert rrm_cuda.lattice_cache_info()["entries"] == 2
+
+
 def test_lattice_cache_sees_in_place_changes_and_limits(lattice_cache):
     unary, image = _crf_inputs(B=1, L=3, H=9, W=8, seed=5)
     B, L, H, W = unary.shape
