@@ -55,6 +55,37 @@ def test_densecrf2d_matches_pydensecrf(compat, norm):
     assert (outs[1].argmax(0) == outs[0].argmax(0)).mean() >= 0.999
 
 
+def test_gaussian_term_uses_the_lattice_cache():
+    # addPairwiseGaussian with one sxy takes rrm_cuda's cached position features (the same float32
+    # divisions as pydensecrf's), whose lattice the op keeps: images of a size share it across CRFs
+    import rrm_cuda
+
+    L, H, W = 3, 40, 50
+    img = photo("chelsea", (H, W))
+    unary = np.ascontiguousarray(rutils.unary_from_softmax(smooth_probs(L, H, W, seed=4)))
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    pos = np.stack([xx.reshape(-1) / np.float32(3), yy.reshape(-1) / np.float32(3)])
+
+    def run(numpy_positions):
+        d = rdcrf.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(unary)
+        if numpy_positions:
+            d.addPairwiseEnergy(pos, compat=3)
+        else:
+            d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=img, compat=5)
+        return np.array(d.inference(5))
+
+    rrm_cuda.clear_lattice_cache()
+    try:
+        ref = run(True)
+        for _ in range(2):
+            np.testing.assert_array_equal(run(False), ref)
+        assert rrm_cuda.lattice_cache_info()["hits"] == 1
+    finally:
+        rrm_cuda.clear_lattice_cache()
+
+
 def test_densecrf_generic_features_and_utils():
     rng = np.random.default_rng(1)
     L, H, W = 3, 20, 24

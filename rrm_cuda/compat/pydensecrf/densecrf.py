@@ -51,7 +51,9 @@ class DenseCRF:
         self.M = int(nlabels)
         self.device = torch.device(device)
         self._unary: torch.Tensor | None = None
-        self._terms: list[tuple[torch.Tensor, object, int]] = []
+        # (features (D, N), compat, normalisation code, constant: the features are a cached tensor whose
+        # lattice the op may keep across calls)
+        self._terms: list[tuple[torch.Tensor, object, int, bool]] = []
 
     # -- unary ------------------------------------------------------------------------------
     def setUnaryEnergy(self, unary, feat=None) -> None:  # noqa: N802 (pydensecrf's name)
@@ -79,17 +81,14 @@ class DenseCRF:
             raise ValueError(f"features must have shape (D, N) with N = {self.N}; got {f.shape}")
         if not np.isfinite(f).all():
             raise ValueError("features contain NaN or Inf")
+        self._add_term(torch.from_numpy(np.ascontiguousarray(f).copy()), compat, kernel, normalization)
+
+    def _add_term(self, f: torch.Tensor, compat, kernel: int, normalization: int, constant: bool = False) -> None:
         if kernel not in (CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL):
             raise ValueError(f"kernel must be CONST_KERNEL, DIAG_KERNEL or FULL_KERNEL; got {kernel}")
         if normalization not in _NORM_CODE:
             raise ValueError(f"normalization must be one of the NORMALIZE_* constants; got {normalization}")
-        self._terms.append(
-            (
-                torch.from_numpy(np.ascontiguousarray(f).copy()),
-                _compat_arg(compat, self.M),
-                _NORM_CODE[normalization],
-            )
-        )
+        self._terms.append((f, _compat_arg(compat, self.M), _NORM_CODE[normalization], constant))
 
     # -- inference --------------------------------------------------------------------------
     def inference(self, n_iterations: int) -> np.ndarray:
@@ -105,20 +104,24 @@ class DenseCRF:
         u = self._unary.to(dev).unsqueeze(0)
         if not self._terms:
             return torch.softmax(-u, 1)[0].cpu().numpy()
-        feats, compats, diags, norms = [], [], [], []
-        for f, c, n in self._terms:
+        feats, compats, diags, norms, keep = [], [], [], [], []
+        for f, c, n, constant in self._terms:
             cm = F._compat_matrix(c, self.M, "compat", torch.float32, dev)
             if cm is None:
                 continue
             f = f.to(dev).unsqueeze(0)
-            F._check_lattice_features(f, "features", self.M, torch.float32)
+            if not constant:  # the cached positions are checked by construction (finite, in range)
+                F._check_lattice_features(f, "features", self.M, torch.float32)
             feats.append(f)
             compats.append(cm[0])
             diags.append(cm[1])
             norms.append(n)
+            keep.append(constant)
         if not feats:
             return torch.softmax(-u, 1)[0].cpu().numpy()
-        q = torch.ops.rrm_cuda.dense_crf(u, feats, torch.stack(compats), diags, norms, iterations)
+        q = torch.ops.rrm_cuda.dense_crf(
+            u, feats, torch.stack(compats), diags, norms, iterations, keep if any(keep) else []
+        )
         return q[0].cpu().numpy()
 
 
@@ -137,8 +140,13 @@ class DenseCRF2D(DenseCRF):
     ) -> None:
         """Smoothness kernel over (x/sx, y/sy); ``sxy`` a number or an (sx, sy) pair."""
         sx, sy = (sxy, sxy) if np.isscalar(sxy) else sxy
-        F.V.positive(sx, "sxy")
-        F.V.positive(sy, "sxy")
+        sx, sy = F.V.positive(sx, "sxy"), F.V.positive(sy, "sxy")
+        if sx == sy:
+            # rrm_cuda's cached position features (x / sxy, y / sxy: the same float32 divisions), on
+            # the CRF's device: the op keeps their lattice across calls and images of this size
+            pos = F._positions(1, (self.H, self.W), sx, torch.float32, self.device)[0]
+            self._add_term(pos, compat, kernel, normalization, constant=True)
+            return
         yy, xx = np.mgrid[0 : self.H, 0 : self.W].astype(np.float32)
         feats = np.stack([xx.reshape(-1) / np.float32(sx), yy.reshape(-1) / np.float32(sy)])
         self.addPairwiseEnergy(feats.astype(np.float32), compat, kernel, normalization)
