@@ -355,16 +355,16 @@ def dense_crf(
             colours (``addPairwiseBilateral``). Sigmas may be per-image (B,) tensors.
         pairwise: extra terms ``(features, compat)`` with features (B, d, *S) already divided by
             their standard deviations (depth, 3-D coordinates, other modalities); batch B or a
-            divisor of it, as for ``image``. The Gaussian term's lattice is built once per call
-            when ``gaussian_sxy`` is a number.
+            divisor of it, as for ``image``. When ``gaussian_sxy`` is a number, the Gaussian term's
+            lattice is built once and kept across calls (``rrm_cuda.lattice_cache_info``).
         normalization: ``"symmetric"`` | ``"after"`` | ``"before"`` | ``"none"``.
         check_inputs: check the values (NaN/Inf, negative ``probs``, features overflowing the
             lattice's integer keys) at the price of one device synchronisation; shapes, dtypes,
             devices, sigmas and memory are always checked. Unchecked (also while ``torch.compile``
             traces), nothing is read back: images are taken to be on the 0–255 scale, NaN/Inf inputs
             give meaningless probabilities instead of an error, and pixels whose features fall
-            outside the key range get no lattice weight (inside a training loop, check the inputs once yourself,
-            e.g. with the step's other logged values).
+            outside the key range get no lattice weight (in a training loop, check the inputs
+            where the step reads its logged values anyway).
 
     Returns:
         Q: (B, L, *S) probabilities (float32 unless the input is float64), differentiable w.r.t.
