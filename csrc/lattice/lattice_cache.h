@@ -22,7 +22,7 @@ namespace lattice {
 //   entry_weight  (B, E) scalar   its barycentric weight
 //   num_vertices  (B,)   int32    M_b, the number of lattice points of image b
 //   neighbors     (B, d+1, M, 2) int32, M = max_b M_b: blur neighbours along each axis (-1: none)
-//   offsets       (B, M+1) int64  the splat list of vertex v is [offsets[b, v], offsets[b, v+1])
+//   offsets       (B, M+1) int32  the splat list of vertex v is [offsets[b, v], offsets[b, v+1])
 //   splat_pixel   (B, E) int32, splat_weight (B, E) scalar: pixel and weight of each list entry,
 //                 grouped by vertex, in increasing entry order (splat as a deterministic gather);
 //                 built for CUDA and its emulation only (the CPU splats by scatter)

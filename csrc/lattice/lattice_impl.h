@@ -545,11 +545,13 @@ struct CrfTerms {
 };
 
 // keep[t] (or an empty vector: none): features[t] is a constant tensor, its lattice and normaliser
-// may come from, and go to, the lattice cache (lattice_cache.h).
+// may come from, and go to, the lattice cache (lattice_cache.h). need_coefs = false leaves coefs
+// undefined (the fused GPU mean field pads its rows from compat itself).
 template <class Exec, typename scalar_t>
 CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
                    const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t N,
-                   const at::TensorOptions& opt, int64_t chunk, int64_t tile_to, const std::vector<bool>& keep = {}) {
+                   const at::TensorOptions& opt, int64_t chunk, int64_t tile_to, const std::vector<bool>& keep = {},
+                   bool need_coefs = true) {
   const int64_t T = static_cast<int64_t>(features.size());
   CrfTerms terms;
   terms.wss.resize(T);
@@ -588,7 +590,7 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
       if (norm == 0 || norm == 2) terms.pre[t] = n;
     }
     // Diagonal compatibility enters the slice as a per-label coefficient: acc -= c_l m_l.
-    if (diagonal[t]) terms.coefs[t] = compat_c[t].diagonal().neg().contiguous();
+    if (diagonal[t] && need_coefs) terms.coefs[t] = compat_c[t].diagonal().neg().contiguous();
     if (tile_to > Bt) {
       const int64_t reps = tile_to / Bt;
       terms.lats[t] = tile(terms.lats[t], reps);
@@ -773,7 +775,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     if (iterations == 0 || T == 0) return;
     auto compat_c = compat.contiguous();
     CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk,
-                                               fused ? 0 : B, keep);
+                                               fused ? 0 : B, keep, /*need_coefs=*/!(fused && Exec::kSortCsr));
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());

@@ -110,8 +110,9 @@ class DenseCRF:
             if cm is None:
                 continue
             f = f.to(dev).unsqueeze(0)
-            if not constant:  # the cached positions are checked by construction (finite, in range)
-                F._check_lattice_features(f, "features", self.M, torch.float32)
+            # sizes and memory always; values not for the cached positions (finite, in range by
+            # construction: no pass over them)
+            F._check_lattice_features(f, "features", self.M, torch.float32, values=not constant)
             feats.append(f)
             compats.append(cm[0])
             diags.append(cm[1])
