@@ -52,9 +52,14 @@ RRM_HOST_DEVICE bool keys_equal(const int32_t* a, const int32_t* b, int d) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Embed: one thread per pixel. Elevates the feature vector onto H_d, finds the enclosing simplex
-//    (rounding to the nearest 0-coloured point, ranking the residuals, fixing up the sum), and
-//    writes the d+1 corner keys and barycentric weights.
+// 1. Embed: items (pixel i, corners [c0, c1)). Elevates the feature vector onto H_d, finds the
+//    enclosing simplex (rounding to the nearest 0-coloured point, ranking the residuals, fixing up
+//    the sum), and writes the keys and barycentric weights of corners c0..c1-1. The CPU takes a
+//    pixel's d+1 corners in one call; CUDA runs one thread per corner (each recomputes the pixel's
+//    simplex, a few dozen instructions), so that a warp's stores of keys and weights land on a few
+//    consecutive cache lines instead of 32 lines (d+1)*d*4 bytes apart, and the corner's barycentric
+//    coordinate is picked by predicated selects instead of an array indexed by rank (which put the
+//    array in local memory: 72 bytes of stack per thread at d = 5).
 // kD > 0 fixes d at compile time (the loops unroll; used for the common d = 2, 3, 5); kD = 0 reads
 // d_runtime.
 // Bound on |elevated coordinate| that keeps the keys' integer conversions in range (rounded keys
@@ -72,7 +77,7 @@ struct EmbedFunctor {
   int64_t N;
   int d_runtime;
 
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
     const int d = kD > 0 ? kD : d_runtime;
     const scalar_t* f = features + b * d * N + i;
     scalar_t elevated[kMaxDim + 1];
@@ -135,25 +140,54 @@ struct EmbedFunctor {
       }
       rank[k] = rank[k] < 0 ? 0 : (rank[k] > d ? d : rank[k]);  // only a replaced coordinate needs it
     }
-    // Barycentric coordinates from the sorted residuals (Adams et al. p.10), with wrap-around.
-    for (int k = 0; k <= d + 1; ++k) bary[k] = 0;
-    for (int k = 0; k <= d; ++k) {
-      const scalar_t v = (elevated[k] - static_cast<scalar_t>(rem0[k])) * down_factor;
-      bary[d - rank[k]] += v;
-      bary[d - rank[k] + 1] -= v;
-    }
-    bary[0] += scalar_t(1) + bary[d + 1];
-    // Corner r of the simplex: rem0 + the canonical simplex's r-th vertex, permuted by rank.
+    // Barycentric coordinates from the sorted residuals (Adams et al. p.10), with wrap-around:
+    // residual k adds v_k to slot d - rank[k] and subtracts it from slot d - rank[k] + 1, and slot
+    // d + 1 wraps onto slot 0. Every slot receives its terms in the order of k, whichever way it
+    // is computed below, so the weights are the same bits on every path.
+    scalar_t v[kMaxDim + 1];
+    for (int k = 0; k <= d; ++k) v[k] = (elevated[k] - static_cast<scalar_t>(rem0[k])) * down_factor;
     const int64_t E = N * (d + 1);
-    for (int r = 0; r <= d; ++r) {
-      const int64_t e = b * E + i * (d + 1) + r;
-      int32_t* key = keys + e * d;
-      for (int k = 0; k < d; ++k) {
-        // canonical[r][rank] = r if rank <= d - r else r - (d + 1)
-        key[k] = rem0[k] + ((rank[k] <= d - r) ? r : r - (d + 1));
+#if !defined(__CUDA_ARCH__)
+    if (c1 - c0 == d + 1) {  // every corner of the pixel (the CPU): one pass over k
+      scalar_t bary[kMaxDim + 2];
+      for (int k = 0; k <= d + 1; ++k) bary[k] = 0;
+      for (int k = 0; k <= d; ++k) {
+        bary[d - rank[k]] += v[k];
+        bary[d - rank[k] + 1] -= v[k];
       }
-      weights[e] = bad ? scalar_t(0) : bary[r];
+      bary[0] += scalar_t(1) + bary[d + 1];
+      for (int r = 0; r <= d; ++r) write_corner(b * E + i * (d + 1) + r, r, d, rem0, rank, bad ? scalar_t(0) : bary[r]);
+      return;
     }
+#endif
+    for (int64_t r64 = c0; r64 < c1; ++r64) {  // one corner per thread (CUDA, emulated)
+      const int r = static_cast<int>(r64);
+      scalar_t w = bary_slot(r, d, rank, v);
+      if (r == 0) w += scalar_t(1) + bary_slot(d + 1, d, rank, v);
+      write_corner(b * E + i * (d + 1) + r, r, d, rem0, rank, bad ? scalar_t(0) : w);
+    }
+  }
+
+  // Slot s of the barycentric accumulation, its terms in the order of k.
+  RRM_HOST_DEVICE static scalar_t bary_slot(int s, int d, const int* rank, const scalar_t* v) {
+    scalar_t acc = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k <= (kD > 0 ? kD : kMaxDim); ++k) {
+      if (kD == 0 && k > d) break;
+      if (d - rank[k] == s) acc += v[k];
+      if (d - rank[k] + 1 == s) acc -= v[k];
+    }
+    return acc;
+  }
+
+  // Corner r of the simplex: rem0 + the canonical simplex's r-th vertex, permuted by rank
+  // (canonical[r][rank] = r if rank <= d - r else r - (d + 1)).
+  RRM_HOST_DEVICE void write_corner(int64_t e, int r, int d, const int32_t* rem0, const int* rank, scalar_t w) const {
+    int32_t* key = keys + e * d;
+    for (int k = 0; k < d; ++k) key[k] = rem0[k] + ((rank[k] <= d - r) ? r : r - (d + 1));
+    weights[e] = w;
   }
 };
 
@@ -1072,21 +1106,8 @@ struct MeanFieldRowTerm {
   int d;
 };
 
-// The fused GPU mean field's inputs in its padded rows of W lanes, one functor each instead of
-// several ATen calls: base[b, i, :] = (-unary[b, :, i], kSoftmaxPad...) for a unary of any strides,
-// and coef[t, :] = (-compat[t, l, l] for l < L, 0...).
-template <typename scalar_t>
-struct PadUnaryRowsFunctor {
-  const scalar_t* unary;  // (B, L, N), strides sb, sl, sn
-  scalar_t* base;         // (B, N, W) out
-  int64_t N, L, W, sb, sl, sn;
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
-    scalar_t* row = base + (b * N + i) * W;
-    for (int64_t l = 0; l < W; ++l)
-      row[l] = l < L ? -unary[b * sb + l * sl + i * sn] : static_cast<scalar_t>(kSoftmaxPad);
-  }
-};
-
+// The fused GPU mean field's compatibility rows, one functor instead of several ATen calls:
+// coef[t, :] = (-compat[t, l, l] for l < L, 0...).
 template <typename scalar_t>
 struct PadCoefRowsFunctor {
   const scalar_t* compat;  // (T, L, L) contiguous
@@ -1099,20 +1120,23 @@ struct PadCoefRowsFunctor {
 };
 
 // q_i = softmax(-U_i + sum_t coef_t * alpha_t * post_t(i) * slice_t(i)) of pixel (b, i), written as
-// a padded row of q or label-major into q_lmajor (the last step).
+// a padded row of q or label-major into q_lmajor (the last step). The unary is read where it lies,
+// label-major with any strides (a warp's 32 pixels read consecutive addresses per label when the
+// pixel stride is 1), and padded in registers: no (B, N, W) copy of it, and no pass to make one.
 template <typename scalar_t, int W>
 struct MeanFieldSliceFunctor {
-  const scalar_t* base;  // (B, N, W) -unary, padded with kSoftmaxPad
-  scalar_t* q;           // (B, N, W) out, or nullptr
-  scalar_t* q_lmajor;    // (B, L, N) out, or nullptr
+  const scalar_t* unary;  // (B, L, N), strides sb, sl, sn
+  scalar_t* q;            // (B, N, W) out, or nullptr
+  scalar_t* q_lmajor;     // (B, L, N) out, or nullptr
   MeanFieldRowTerm<scalar_t> terms[kMaxFusedTerms];
   int T;
-  int64_t N, L;
+  int64_t N, L, sb, sl, sn;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
     const int64_t bi = b * N + i;
     scalar_t row[W];
-    row_copy<scalar_t, W>(row, base + bi * W);
+    const scalar_t* u = unary + b * sb + i * sn;
+    for (int c = 0; c < W; ++c) row[c] = c < L ? -u[c * sl] : static_cast<scalar_t>(kSoftmaxPad);
     for (int t = 0; t < T; ++t) {
       const MeanFieldRowTerm<scalar_t>& m = terms[t];
       if (!m.blurred) continue;

@@ -158,7 +158,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
         for (int k = 0; k < d; ++k) f.scale[k] = proto.scale[k];
         f.N = N;
         f.d_runtime = d;
-        exec.for_each_item(nb, N, 1, f, 256);
+        exec.for_each_item(nb, N, d + 1, f, 256);  // items (pixel, corner)
       };
       switch (d) {  // the dense CRF's kernels (d = 2: positions, 5: positions + RGB) and d = 3 unroll
         case 2:
@@ -641,11 +641,6 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int T = static_cast<int>(terms.lats.size());
   const auto opt = unary.options();
-  at::Tensor neg_u = at::empty({B, N, W}, opt);
-  exec.for_each_item(B, N, 1,
-                     PadUnaryRowsFunctor<scalar_t>{unary.data_ptr<scalar_t>(), neg_u.data_ptr<scalar_t>(), N, L, W,
-                                                   unary.stride(0), unary.stride(1), unary.stride(2)},
-                     256);
   auto q = at::empty({B, N, W}, opt);
   // -diag(compat[t]) padded with zeros, every term at once (compat_c: (T, L, L) contiguous)
   at::Tensor coef_all = at::empty({T, W}, opt);
@@ -653,7 +648,10 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
                 256);
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
   MeanFieldSliceFunctor<scalar_t, W> f{};
-  f.base = neg_u.data_ptr<scalar_t>();
+  f.unary = unary.data_ptr<scalar_t>();
+  f.sb = unary.stride(0);
+  f.sl = unary.stride(1);
+  f.sn = unary.stride(2);
   f.q = q.data_ptr<scalar_t>();
   f.q_lmajor = nullptr;
   f.T = T;
