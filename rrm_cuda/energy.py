@@ -130,17 +130,6 @@ def _min(x: float | Tensor) -> float:
     return float(x.min()) if isinstance(x, Tensor) else x
 
 
-def _downscale_bilinear(x: Tensor, scale_factor: float) -> Tensor:
-    """``F.interpolate(x, scale_factor=..., mode="bilinear", align_corners=False)``, the original's
-    downscale. At RRM's 0.5 every output sits at the centre of a 2×2 block (source coordinate
-    2·i + 0.5, both weights 1/2), so the bilinear value is the block's mean: ``avg_pool2d`` gives it
-    (to one rounding: the same sum in another order) with kernels ~3× faster on a GPU, forward and
-    backward (the bilinear backward zero-fills its gradient and scatters into it atomically)."""
-    if scale_factor == 0.5 and x.shape[-2] >= 2 and x.shape[-1] >= 2:
-        return F.avg_pool2d(x, 2)
-    return F.interpolate(x, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-
-
 def dense_energy_loss(
     images: Tensor,
     segmentations: Tensor,
@@ -160,8 +149,8 @@ def dense_energy_loss(
     r"""Dense-CRF energy loss of RRM / rloss on the permutohedral lattice (CPU and CUDA, fused).
 
     1. If ``scale_factor != 1``, downscale as the original module does: images, ROIs and labels
-       nearest, probabilities bilinear (``align_corners=False``; at 0.5 computed as the equal 2×2
-       mean, ``avg_pool2d``, to one rounding); the filter then uses ``sigma_xy · scale_factor``.
+       nearest, probabilities bilinear (``align_corners=False``); the filter then uses
+       ``sigma_xy · scale_factor``.
     2. ``ŝ = segmentations · roi``; gate ``S = 1`` where ``seg_label == ignore_index``, elsewhere
        ``S = max(0, roi − max_k segmentations_k)`` (``gate=False``: ``S = 1``, plain rloss Potts).
     3. ``E = −(1/B) Σ_{b,k,i} S ŝ_k W ŝ_k`` with ``W`` the bilateral lattice filter over
@@ -259,7 +248,7 @@ def dense_energy_loss(
     lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
     if scale_factor != 1.0:
         img = F.interpolate(img, scale_factor=scale_factor)
-        probs = _downscale_bilinear(probs, scale_factor)
+        probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
         roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
         lab = F.interpolate(lab.to(dtype), scale_factor=scale_factor, mode="nearest") if lab is not None else None
     h, w = probs.shape[2:]

@@ -146,35 +146,6 @@ def test_gradcheck_functional_through_downscale():
     assert torch.autograd.gradcheck(fn, (probs,), fast_mode=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("size", [(321, 321), (320, 322), (5, 7), (2, 3)])
-def test_half_scale_downscale_is_the_bilinear_one(dtype, size):
-    # At scale 0.5 the loss takes the 2x2 mean (avg_pool2d) for the original's bilinear downscale:
-    # the same values and gradients up to one rounding, the same output size for odd sizes too.
-    from rrm_cuda.energy import _downscale_bilinear
-
-    g = torch.Generator().manual_seed(size[0] * 1000 + size[1])
-    x = torch.rand(2, 3, *size, generator=g, dtype=dtype)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ya = _downscale_bilinear(a, 0.5)
-    yb = F.interpolate(b, scale_factor=0.5, mode="bilinear", align_corners=False)
-    assert ya.shape == yb.shape
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(ya, yb, rtol=2 * eps, atol=0)
-    w = torch.rand(yb.shape, generator=g, dtype=dtype)
-    (ya * w).sum().backward()
-    (yb * w).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=2 * eps, atol=0)
-    # other factors (and sizes avg_pool2d cannot take) keep F.interpolate itself
-    x1 = torch.rand(1, 2, 1, 6, dtype=dtype)
-    with pytest.raises(RuntimeError):
-        _downscale_bilinear(x1, 0.5)
-    if min(size) >= 4:
-        assert torch.equal(
-            _downscale_bilinear(x, 0.25), F.interpolate(x, scale_factor=0.25, mode="bilinear", align_corners=False)
-        )
-
-
 def test_exact_gradient_vs_reference():
     probs, gate, feats, mass = _op_inputs(K=4, N=40)
     p1 = probs.clone().requires_grad_()
