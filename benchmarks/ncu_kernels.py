@@ -2,9 +2,15 @@
 loss forward+backward (8 x 21 x 160^2), each run once to warm up and once between
 cudaProfilerStart/Stop, so that ncu measures only the second calls' kernels.
 
-    ncu --profile-from-start off --kernel-name regex:"Embed|SplatChunk|Blur|MeanFieldSlice" \\
-        --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
-        python benchmarks/ncu_kernels.py --iterations 2
+    ncu --profile-from-start off --kernel-name-base demangled \\
+        --kernel-name regex:"Embed|SplatChunk|SplatReduce|Blur|MeanFieldSlice|Insert|EnergySlice" \\
+        --launch-count 30 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
+        python benchmarks/ncu_kernels.py --iterations 1
+
+(every kernel is an instance of for_each_item_kernel<Functor>: without --kernel-name-base demangled
+the regex sees only that name and matches nothing). The energy part takes photographs (astronaut and
+coffee, 321x321); ``--noise`` takes random-noise images instead, whose lattice has about a vertex per
+pixel (a stress case for the build, not RRM's).
 
 Without ncu it just runs (and prints the lattices' vertex counts). Needs a CUDA device and build.
 """
@@ -29,6 +35,7 @@ def main() -> None:
     ap.add_argument("--labels", type=int, default=21)
     ap.add_argument("--iterations", type=int, default=2, help="mean-field steps of the profiled CRF call")
     ap.add_argument("--skip-energy", action="store_true")
+    ap.add_argument("--noise", action="store_true", help="random-noise images for the energy loss")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ncu_kernels.py needs a CUDA device")
@@ -50,7 +57,12 @@ def main() -> None:
         rrm_cuda.dense_crf(probs, img, iterations=args.iterations, check_inputs=False)
 
     B, K, H = 8, 21, 321
-    images = torch.randint(0, 256, (B, 3, H, H), generator=g).float().to(dev)
+    if args.noise:
+        images = torch.randint(0, 256, (B, 3, H, H), generator=g).float().to(dev)
+    else:
+        photos = [torch.from_numpy(f().copy()).permute(2, 0, 1)[None].float() for f in (data.astronaut, data.coffee)]
+        photos = [torch.nn.functional.interpolate(p, size=(H, H), mode="bilinear") for p in photos]
+        images = torch.cat([photos[b % 2] for b in range(B)]).round().clamp(0, 255).to(dev)
     seg = torch.softmax(torch.randn(B, K, H, H, generator=g), 1).to(dev)
     rois = torch.ones(B, H, H, device=dev)
     labels = torch.full((B, 1, H, H), 255.0, device=dev)
