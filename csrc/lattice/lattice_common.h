@@ -341,17 +341,6 @@ struct BuildStatsFunctor {
   }
 };
 
-// Splat lists (CUDA / emulated path). counts (B, M+1) zero-initialised: the entries of vertex v
-// are counted at [b, 1 + v] (column 0 stays 0, so that a scan gives the list offsets).
-struct CountFunctor {
-  const int32_t* entry_vertex;  // (B, E)
-  int32_t* counts;              // (B, M+1)
-  int64_t E, M;
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
-    atomic_add(counts + b * (M + 1) + 1 + entry_vertex[b * E + e], 1);
-  }
-};
-
 // Sort keys of the entries: image-major, then vertex (b M + v), in 32 bits when B M fits.
 template <typename key_t>
 struct SortKeyFunctor {
@@ -360,6 +349,32 @@ struct SortKeyFunctor {
   int64_t E, M;
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
     keys[b * E + e] = static_cast<key_t>(b * M + entry_vertex[b * E + e]);
+  }
+};
+
+// Splat lists (CUDA / emulated path): offsets[b, v] = the first slot of vertex v's entries in image
+// b's sorted list, E for v >= num_vertices[b] (and v = M), found by a binary search of the sorted
+// keys. Every vertex has at least one entry (its owner), so these are the bounds of its list: no
+// per-vertex counts by atomic adds (72 us at 512x512 on an H100, 1.6M entries on 22k counters) and
+// no scan of them.
+template <typename key_t>
+struct ListOffsetsFunctor {
+  const key_t* sorted;  // (B E,) the sort keys, sorted
+  int32_t* offsets;     // (B, M+1) out
+  int64_t E, M;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
+    const key_t target = static_cast<key_t>(b * M + v);
+    const key_t* sb = sorted + b * E;
+    int64_t lo = 0, hi = E;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (sb[mid] < target) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    offsets[b * (M + 1) + v] = static_cast<int32_t>(lo);
   }
 };
 
@@ -397,14 +412,16 @@ struct SplatListFunctor {
 // SplatReduceFunctor sums the chunks of a vertex in order. Fixed chunks: the same sums every run.
 constexpr int64_t kSplatChunk = 32;
 
-// nchunks[b, 1 + v] = ceil(counts[b, 1 + v] / kSplatChunk) (column 0 left 0), both (B, M+1).
+// nchunks[b, 1 + v] = ceil((offsets[b, v + 1] - offsets[b, v]) / kSplatChunk) for v < M (column 0
+// left 0), both (B, M+1): a scan of nchunks gives the chunk offsets.
 struct ChunkCountFunctor {
-  const int32_t* counts;
+  const int32_t* offsets;
   int32_t* nchunks;
   int64_t M;
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
-    const int64_t i = b * (M + 1) + 1 + v;
-    nchunks[i] = static_cast<int32_t>((counts[i] + kSplatChunk - 1) / kSplatChunk);
+    const int64_t i = b * (M + 1) + v;
+    const int64_t n = offsets[i + 1] - offsets[i];
+    nchunks[i + 1] = static_cast<int32_t>((n + kSplatChunk - 1) / kSplatChunk);
   }
 };
 

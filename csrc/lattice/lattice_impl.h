@@ -26,24 +26,34 @@ inline int64_t next_pow2(int64_t x) {
   return p;
 }
 
-// Splat lists with device-friendly primitives (CUDA, emulated): counts by atomics, offsets by a
-// scan, order by a *stable* sort of (image, vertex) keys, so that the entries of a vertex also come
-// out in increasing order and the splat sums are deterministic. Few ATen calls (each one costs host
-// time on a GPU, where these builds are host-bound): the list and chunk counts share one zeroed
-// tensor and one scan, the keys and the lists from the sort's permutation are functors.
+// Splat lists with device-friendly primitives (CUDA, emulated): order by a *stable* sort of
+// (image, vertex) keys, so that the entries of a vertex also come out in increasing order and the
+// splat sums are deterministic; list bounds by binary searches of the sorted keys; chunk offsets by
+// one scan. Few ATen calls (each one costs host time on a GPU): the keys, the bounds, the chunk
+// counts and the lists from the sort's permutation are functors.
 template <class Exec>
 void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
   const auto iopt = lat.entry_vertex.options();
-  // cnt[0]: entries per vertex, cnt[1]: chunks per vertex, at column 1 + v (column 0 stays 0)
-  auto cnt = at::zeros({2, B, M + 1}, iopt);
-  int32_t* counts = cnt.data_ptr<int32_t>();
-  exec.for_each_item(B, E, 1, CountFunctor{lat.entry_vertex.data_ptr<int32_t>(), counts, E, M});
-  exec.for_each_item(B, M, 1, ChunkCountFunctor{counts, counts + B * (M + 1), M});
-  // offsets < E < 2^30 and chunk offsets fit int32
-  auto cum = at::cumsum(cnt, /*dim=*/2, /*dtype=*/at::kInt);
-  lat.offsets = cum[0];
-  lat.chunk_offsets = cum[1];
+  // Sort the entries by (image, vertex) -- keys in 32 bits when they fit: half the radix-sort passes
+  // of 64-bit keys -- then every list bound by a binary search of the sorted keys.
+  auto sort_and_bound = [&](auto key_zero) -> at::Tensor {
+    using key_t = decltype(key_zero);
+    const at::Tensor keys = at::empty({B * E}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
+    exec.for_each_item(B, E, 1,
+                       SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(), E, M});
+    at::Tensor sorted, order;
+    std::tie(sorted, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    lat.offsets = at::empty({B, M + 1}, iopt);  // offsets < E < 2^30 fit int32
+    exec.for_each_item(B, M + 1, 1,
+                       ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M});
+    return order;
+  };
+  const at::Tensor order = B * M < (int64_t(1) << 31) ? sort_and_bound(int32_t{0}) : sort_and_bound(int64_t{0});
+  // Chunks: ceil(n_v / S) per vertex at column 1 + v (column 0 stays 0), scanned into offsets.
+  auto nchunks = at::zeros({B, M + 1}, iopt);
+  exec.for_each_item(B, M, 1, ChunkCountFunctor{lat.offsets.data_ptr<int32_t>(), nchunks.data_ptr<int32_t>(), M});
+  lat.chunk_offsets = at::cumsum(nchunks, /*dim=*/1, /*dtype=*/at::kInt);
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
   auto chunk_be = at::zeros({2, B, lat.K}, iopt);  // unused chunks stay empty: [0, 0)
@@ -51,20 +61,8 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   lat.chunk_end = chunk_be[1];
   int32_t* cb = chunk_be.data_ptr<int32_t>();
   exec.for_each_item(B, M, 1,
-                     ChunkRangeFunctor{cum.data_ptr<int32_t>(), cum.data_ptr<int32_t>() + B * (M + 1),
+                     ChunkRangeFunctor{lat.offsets.data_ptr<int32_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
                                        lat.num_vertices.data_ptr<int32_t>(), cb, cb + B * lat.K, M, lat.K});
-  // (image, vertex) keys in 32 bits when they fit: half the radix-sort passes of 64-bit keys.
-  at::Tensor keys;
-  if (B * M < (int64_t(1) << 31)) {
-    keys = at::empty({B * E}, iopt);
-    exec.for_each_item(B, E, 1,
-                       SortKeyFunctor<int32_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), E, M});
-  } else {
-    keys = at::empty({B * E}, iopt.dtype(at::kLong));
-    exec.for_each_item(B, E, 1,
-                       SortKeyFunctor<int64_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<int64_t>(), E, M});
-  }
-  const auto order = std::get<1>(at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   lat.splat_pixel = at::empty({B, E}, iopt);
   lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
   AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
