@@ -4,9 +4,10 @@
 # hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
 # (JSON + PNG) to $OUT_DIR/results/.
 #
-#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile rrm train
-#   (rrm: rrm_bench with the small backbone, then ResNet-38 without the original path; train: the
-#   CPU demo preset trained on the GPU)
+#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile ncu rrm train
+#   (ncu: Nsight Compute on one dense CRF and one energy loss, results/ncu.txt and its per-kernel
+#   table in the log; rrm: rrm_bench with the small backbone, then ResNet-38 without the original
+#   path; train: the CPU demo preset trained on the GPU)
 #   OUT_DIR=/tmp/gpu bash benchmarks/gpu_check.sh build smoke tests
 #
 # Default steps: build smoke tests sanitize bench profile. SANITIZERS (default memcheck racecheck) and
@@ -70,6 +71,14 @@ if has bench; then
   done
 fi
 has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$OUT_DIR/results"
+if has ncu; then
+  # every kernel is for_each_item_kernel<Functor>: the filter must see the demangled name
+  step ncu 240 bash -c "ncu --profile-from-start off --kernel-name-base demangled \
+    --kernel-name regex:'Embed|SplatChunk|SplatReduce|Blur|MeanFieldSlice|Insert|EnergySlice' --launch-count 30 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    $PY benchmarks/ncu_kernels.py --iterations 1 > '$OUT_DIR/results/ncu.txt' 2>&1"
+  $PY benchmarks/ncu_kernels.py --table "$OUT_DIR/results/ncu.txt" 2>&1 | tee -a "$LOG"
+fi
 if has rrm && [ -f benchmarks/rrm_bench.py ]; then
   step rrm_bench 300 $PY benchmarks/rrm_bench.py --device cuda --out-dir "$OUT_DIR/results"
   # the papers' network (random init), rrm_cuda's path only: the share the issue's target is about

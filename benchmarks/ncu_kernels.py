@@ -13,12 +13,17 @@ coffee, 321x321); ``--noise`` takes random-noise images instead, whose lattice h
 pixel (a stress case for the build, not RRM's).
 
 Without ncu it just runs (and prints the lattices' vertex counts). Needs a CUDA device and build.
+``python benchmarks/ncu_kernels.py --table ncu.txt`` (no GPU needed) condenses ncu's text report
+into one row per kernel: duration, DRAM / L2 / L1 / SM throughput, hit rates, occupancy, registers
+(`bash benchmarks/gpu_check.sh ncu` runs both).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 
 import torch
@@ -29,6 +34,53 @@ import rrm_cuda  # noqa: E402
 ops = torch.ops.rrm_cuda
 
 
+# ncu metric name -> table column
+_METRICS = {
+    "Duration": "us",
+    "DRAM Throughput": "dram%",
+    "L2 Cache Throughput": "l2%",
+    "L1/TEX Cache Throughput": "l1%",
+    "Compute (SM) Throughput": "sm%",
+    "L1/TEX Hit Rate": "l1hit",
+    "L2 Hit Rate": "l2hit",
+    "Theoretical Occupancy": "theo%",
+    "Achieved Occupancy": "ach%",
+    "Registers Per Thread": "regs",
+}
+_UNIT_TO_US = {"ns": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3, "s": 1e6, "second": 1e6}
+
+
+def parse_ncu(text: str) -> list[dict[str, float | str]]:
+    """One dict per kernel of ncu's text report: 'kernel' (the functor's name for rrm_cuda's
+    for_each_item_kernel<F>, else the function's) and the columns of _METRICS it reports."""
+    rows: list[dict[str, float | str]] = []
+    for line in text.splitlines():
+        head = re.match(r"\s{2}(?:void\s+)?(\S.*?)\(.*\) \(\d+, \d+, \d+\)x\(\d+, \d+, \d+\)", line)
+        if head:
+            name = head.group(1)
+            inner = re.match(r"(?:rrm::)?for_each(?:_item)?_kernel<(.*)>$", name)
+            name = re.sub(r"rrm::|lattice::|energy::|bcd::|\(int\)", "", inner.group(1) if inner else name)
+            rows.append({"kernel": name})
+            continue
+        if not rows:
+            continue
+        for metric, col in _METRICS.items():
+            m = re.match(r"\s+" + re.escape(metric) + r"\s+(\S+)\s+([\d.,]+)\s*$", line)
+            if m and col not in rows[-1]:
+                value = float(m.group(2).replace(",", ""))
+                rows[-1][col] = value * _UNIT_TO_US.get(m.group(1), 1.0) if col == "us" else value
+    return rows
+
+
+def format_table(rows: list[dict[str, float | str]], width: int = 48) -> str:
+    cols = list(_METRICS.values())
+    out = [f"{'kernel':<{width}} " + " ".join(f"{c:>6}" for c in cols)]
+    for r in rows:
+        vals = [r.get(c, math.nan) for c in cols]
+        out.append(f"{str(r['kernel'])[:width]:<{width}} " + " ".join(f"{float(v):6.1f}" for v in vals))
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512)
@@ -36,7 +88,12 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=2, help="mean-field steps of the profiled CRF call")
     ap.add_argument("--skip-energy", action="store_true")
     ap.add_argument("--noise", action="store_true", help="random-noise images for the energy loss")
+    ap.add_argument("--table", metavar="NCU_TXT", help="print the per-kernel table of an ncu text report and exit")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(format_table(parse_ncu(f.read())))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("ncu_kernels.py needs a CUDA device")
     from skimage import data
