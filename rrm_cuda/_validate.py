@@ -11,6 +11,11 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def checking_values() -> bool:
+    """Whether value checks (which read the device back) run: not while torch.compile traces."""
+    return not torch.compiler.is_compiling()
+
+
 def tensor(
     x: object,
     name: str,

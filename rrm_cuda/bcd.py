@@ -34,12 +34,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _checking() -> bool:
-    return not torch.compiler.is_compiling()
-
-
 def _flat_features(features: Tensor, name: str = "features") -> Tensor:
-    if _checking():
+    if V.checking_values():
         # NaN/Inf are detected on the reductions' outputs (cheap), not by an extra pass here.
         V.tensor(features, name, dtypes=V.FLOAT_DTYPES, finite=False, nonempty=True)
         if features.dim() < 3:
@@ -48,7 +44,7 @@ def _flat_features(features: Tensor, name: str = "features") -> Tensor:
 
 
 def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, int]:
-    if _checking():
+    if V.checking_values():
         V.tensor(labels, "labels")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(
@@ -73,7 +69,7 @@ def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_inde
 
 
 def _check_finite(sums: Tensor, name: str = "features") -> None:
-    if _checking() and not bool(torch.isfinite(sums).all()):
+    if V.checking_values() and not bool(torch.isfinite(sums).all()):
         raise ValueError(f"{name} contains NaN or Inf values (in pixels that are not ignored)")
 
 
@@ -147,7 +143,7 @@ def masked_feature_centers(
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
     if isinstance(labels, Tensor) and labels.is_floating_point():
         f = _flat_features(features)
-        if _checking():
+        if V.checking_values():
             V.tensor(labels, "labels", dtypes=V.FLOAT_DTYPES)
             if (
                 labels.dim() != features.dim()
@@ -201,7 +197,7 @@ def feature_center_cosine(
         tensor([[1.0000, 0.7071]])
     """
     f = _flat_features(features)
-    if _checking():
+    if V.checking_values():
         V.tensor(centers, "centers", ndim=3, dtypes=V.FLOAT_DTYPES, finite=False)  # checked on the output
         if centers.shape[0] != features.shape[0] or centers.shape[2] != features.shape[1]:
             raise ValueError(
@@ -252,7 +248,7 @@ def bcd_loss(seg_logits: Tensor, features: Tensor, *, check_inputs: bool = True)
         >>> bcd_loss(seg, f)
         tensor(0.5000)
     """
-    if _checking():
+    if V.checking_values():
         # NaN/Inf in seg_logits and features are reported by the op (one host synchronisation).
         V.tensor(seg_logits, "seg_logits", dtypes=V.FLOAT_DTYPES, finite=False, nonempty=True)
         V.tensor(features, "features", dtypes=V.FLOAT_DTYPES, finite=False, nonempty=True)
@@ -270,7 +266,7 @@ def bcd_loss(seg_logits: Tensor, features: Tensor, *, check_inputs: bool = True)
         V.same_device({"seg_logits": seg_logits, "features": features})
     B, K = seg_logits.shape[:2]
     loss, *_, finite = ops.bcd_loss(seg_logits.detach().reshape(B, K, -1), features.reshape(B, features.shape[1], -1))
-    if check_inputs and _checking():
+    if check_inputs and V.checking_values():
         seg_finite, sums_finite = finite.tolist()  # the one host synchronisation
         if not seg_finite:
             V.check_finite(seg_logits, "seg_logits")  # raises, naming NaN or Inf

@@ -24,10 +24,6 @@ _GRAD_MODES = {"rloss": 1, "exact": 2}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _reduce_stats(
     images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
 ) -> dict[str, Tensor]:
@@ -254,11 +250,11 @@ def dense_energy_loss(
     h, w = probs.shape[2:]
     s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
     if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
-        if check_inputs and not _compiling():
+        if check_inputs and V.checking_values():
             _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
         return s_hat.sum() * weight
     fname = "images (bilateral features)"
-    checked = check_inputs and not _compiling()
+    checked = check_inputs and V.checking_values()
     if checked:  # the value checks: one device synchronisation
         img_max = _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
     else:
@@ -279,7 +275,7 @@ def dense_energy_loss(
         mass = None
         if nonnegative:
             mass = roi.reshape(B, -1) if roi is not None else probs.new_ones((B, h * w))
-    if not _compiling():
+    if V.checking_values():
         _check_lattice_features(feats, fname, K + 1, dtype, values=False)
         # The lattice keys are int32: bound |features| from the positions' and colours' ranges (the
         # images are checked, or taken, to lie in [0, img_max]) instead of reading the features.

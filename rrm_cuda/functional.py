@@ -22,10 +22,6 @@ _NORMALIZATIONS = {"symmetric": 0, "after": 1, "before": 2, "none": 3}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 def _flat(x: Tensor) -> Tensor:
     """(B, C, *S) -> (B, C, N), also for empty tensors."""
     return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
@@ -497,7 +493,7 @@ def dense_crf(
         V.same_device({src_name: src, f"pairwise[{k}] features": f})
         add(f, c, f"pairwise[{k}] compat")
 
-    if check_inputs and not _compiling():
+    if check_inputs and V.checking_values():
         ranges = dict(zip((n for n, _ in pending), V.finite_ranges(pending)))  # raises on NaN/Inf
     else:  # nothing read back: images on the 0-255 scale, other features unbounded (the op's guard)
         ranges = {}

@@ -323,7 +323,7 @@ struct NeighborFunctor {
   }
 };
 
-// 5. The two numbers the host reads after a build, one thread: stats[0] = 1 if any image's table
+// 6. The two numbers the host reads after a build, one thread: stats[0] = 1 if any image's table
 // overflowed, stats[1] = the largest vertex count (M).
 struct BuildStatsFunctor {
   const int32_t* overflow;      // (chunk,)
