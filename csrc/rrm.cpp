@@ -105,4 +105,22 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "_dense_energy_emulated(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0) -> "
       "(Tensor, Tensor)");
+  // The energy's inputs at its working scale, in one pass over the full-resolution ones (the loss's
+  // F.interpolate calls, ROI product and gate fused). segmentations (B, K, H, W) float32/float64, any
+  // strides; rois (B, H, W) of its dtype or None; unlabelled (B, H, W) bool (seg_label == ignore_index) or
+  // None; stride 2: scale_factor 0.5 with F.interpolate's arithmetic (probabilities bilinear,
+  // align_corners=False: each 2x2 block's mean; ROI and labels nearest: the block's first pixel),
+  // stride 1: no downscaling. -> (probs (B, K, H/stride, W/stride) = downscaled segmentations * ROI,
+  // gate (B, H/stride, W/stride) = 1 where unlabelled, else max(0, roi - max_k p_k); (0,) for gate=False).
+  m.def(
+      "dense_energy_inputs(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "_dense_energy_inputs_emulated(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate) "
+      "-> (Tensor, Tensor)");
+  // Backward of dense_energy_inputs' probs: grad (B, K, H/stride, W/stride) -> (B, K, height, width).
+  m.def("dense_energy_inputs_backward(Tensor grad, Tensor? rois, int height, int width, int stride) -> Tensor");
+  m.def(
+      "_dense_energy_inputs_backward_emulated(Tensor grad, Tensor? rois, int height, int width, int stride) -> "
+      "Tensor");
 }

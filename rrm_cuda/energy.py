@@ -22,6 +22,8 @@ from .functional import _check_key_range, _check_lattice_features, _position_fma
 
 _GRAD_MODES = {"rloss": 1, "exact": 2}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+# scale_factor -> stride of ops.dense_energy_inputs (other scales go through F.interpolate)
+_FUSED_STRIDES = {1.0: 1, 0.5: 2}
 
 
 def _reduce_stats(
@@ -239,16 +241,28 @@ def dense_energy_loss(
 
     dtype = segmentations.dtype if segmentations.dtype in _COMPUTE_DTYPES else torch.float32
     probs = segmentations.to(dtype)
-    img = images.to(dtype)
     roi = rois.to(dtype) if rois is not None else None
-    lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
-    if scale_factor != 1.0:
-        img = F.interpolate(img, scale_factor=scale_factor)
-        probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-        roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
-        lab = F.interpolate(lab.to(dtype), scale_factor=scale_factor, mode="nearest") if lab is not None else None
-    h, w = probs.shape[2:]
-    s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
+    # RRM's scale 0.5 (and 1): the downscaling, the ROI product and the gate in one pass over the
+    # full-resolution probabilities (ops.dense_energy_inputs, with F.interpolate's arithmetic), and
+    # its backward in one pass too: no bilinear kernels, zero fills or (B, K, h, w) temporaries.
+    stride = _FUSED_STRIDES.get(scale_factor, 0)
+    fused = stride > 0 and B * K * (H // stride) * (W // stride) > 0
+    if fused:
+        h, w = H // stride, W // stride
+        unl = seg_label.reshape(B, H, W) == ignore_index if (gate and seg_label is not None) else None
+        s_hat, g = ops.dense_energy_inputs(probs, roi, unl, stride, gate)
+        img = images[:, :, ::stride, ::stride][:, :, :h, :w].to(dtype)  # nearest: the blocks' first pixels
+        roi = roi[:, ::stride, ::stride][:, :h, :w] if roi is not None else None
+    else:
+        img = images.to(dtype)
+        lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
+        if scale_factor != 1.0:
+            img = F.interpolate(img, scale_factor=scale_factor)
+            probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+            roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
+            lab = F.interpolate(lab.to(dtype), scale_factor=scale_factor, mode="nearest") if lab is not None else None
+        h, w = probs.shape[2:]
+        s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
     if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
         if check_inputs and V.checking_values():
             _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
@@ -260,14 +274,14 @@ def dense_energy_loss(
     else:
         img_max = 255.0  # unchecked: images are taken to be on the 0-255 scale
     with torch.no_grad():  # the gate, the features and the mass are constants of the op
-        if gate:  # S = max(0, roi - max_k p_k), 1 where unlabelled
+        if not gate:
+            g = probs.new_ones((B, h, w))
+        elif not fused:  # S = max(0, roi - max_k p_k), 1 where unlabelled
             g = probs.amax(1)
             g = roi - g if roi is not None else torch.rsub(g, 1)
             if lab is not None:
                 g.masked_fill_((lab == ignore_index).reshape(B, h, w), 1)
             g.clamp_(min=0)
-        else:
-            g = probs.new_ones((B, h, w))
         # Unchecked images may hold anything: the lattice's embedding gives a pixel whose features
         # are NaN, Inf or beyond its integer keys no weight (it neither sends nor receives), without
         # a read or an extra pass here.

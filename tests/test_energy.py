@@ -179,6 +179,114 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------
+# the inputs op: downscaling, ROI product and gate in one pass
+
+
+def _inputs_restated(seg, rois, labels, stride, ignore_index=255):
+    """What dense_energy_loss did before the fused op, line by line: F.interpolate (nearest for the
+    ROI and labels), the ROI product, the gate. The bilinear 0.5 downscale is written with CUDA's
+    order of operations (F.interpolate's CUDA kernel); its CPU kernel sums four 1/4-weighted taps
+    instead, which can differ in the last bit (checked against it separately)."""
+    B, K, H, W = seg.shape
+    p, roi, lab = seg, rois, labels
+    if stride == 2:
+        h, w = H // 2, W // 2
+        taps = [seg[:, :, dy : 2 * h : 2, dx : 2 * w : 2] for dy in (0, 1) for dx in (0, 1)]
+        p = 0.5 * (0.5 * taps[0] + 0.5 * taps[1]) + 0.5 * (0.5 * taps[2] + 0.5 * taps[3])
+        ref = F.interpolate(seg, scale_factor=0.5, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(p, ref, rtol=2 * torch.finfo(seg.dtype).eps, atol=0, equal_nan=True)
+        roi = F.interpolate(rois.unsqueeze(1), scale_factor=0.5).squeeze(1) if rois is not None else None
+        lab = F.interpolate(labels.to(seg.dtype), scale_factor=0.5) if labels is not None else None
+    s_hat = p * roi.unsqueeze(1) if roi is not None else p
+    g = p.amax(1)
+    g = roi - g if roi is not None else 1 - g
+    if lab is not None:
+        g = g.masked_fill((lab == ignore_index).reshape(g.shape), 1)
+    return s_hat, g.clamp(min=0)
+
+
+@pytest.mark.parametrize("op", ["dense_energy_inputs", "_dense_energy_inputs_emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(10, 9), (7, 12)])
+def test_inputs_op_bitwise_vs_restatement(op, dtype, stride, size):
+    H, W = size
+    images, probs, rois, labels = _inputs(B=2, K=4, H=H, W=W, dtype=dtype)
+    probs = torch.softmax(torch.randn(probs.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)) * 4, 1)
+    f = getattr(ops, op)
+    for roi, lab in ((rois, labels), (None, None), (rois, None), (None, labels)):
+        strided = probs.transpose(0, 1).contiguous().transpose(0, 1)
+        for seg in (probs, probs.contiguous(memory_format=torch.channels_last), strided):
+            want_p, want_g = _inputs_restated(seg, roi, lab, stride)
+            unl = (lab.reshape(2, H, W) == 255) if lab is not None else None
+            p, g = f(seg, roi, unl, stride, True)
+            assert torch.equal(p, want_p) and torch.equal(g, want_g)
+            p2, g2 = f(seg, roi, unl, stride, False)
+            assert torch.equal(p2, want_p) and g2.shape == (0,)
+            # backward: the adjoint of the ROI product and of F.interpolate's downscaling, bitwise
+            x = seg.detach().clone().requires_grad_()
+            y = x if stride == 1 else F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+            y = y * roi[:, ::stride, ::stride][:, : H // stride, : W // stride].unsqueeze(1) if roi is not None else y
+            go = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+            (want,) = torch.autograd.grad(y, x, go)
+            x2 = seg.detach().clone().requires_grad_()
+            (got,) = torch.autograd.grad(f(x2, roi, unl, stride, True)[0], x2, go)
+            assert torch.equal(got, want)
+
+
+def test_inputs_op_nan_propagates_like_amax_and_clamp():
+    p = torch.softmax(torch.randn(1, 3, 4, 6, generator=torch.Generator().manual_seed(0)), 1)
+    p[0, 1, 0, 0] = float("nan")  # a later class
+    p[0, 0, 2, 3] = float("nan")  # the first class
+    for stride in (1, 2):
+        want_p, want_g = _inputs_restated(p, None, None, stride)
+        got_p, got_g = ops.dense_energy_inputs(p, None, None, stride, True)
+        assert torch.equal(got_p.isnan(), want_p.isnan()) and torch.equal(got_g.isnan(), want_g.isnan())
+        assert int(got_g.isnan().sum()) == 2 and torch.equal(got_g.nan_to_num(), want_g.nan_to_num())
+
+
+def test_inputs_op_gradcheck_and_opcheck():
+    images, probs, rois, labels = _inputs(B=2, K=3, H=7, W=6)
+    unl = labels.reshape(2, 7, 6) == 255
+    for stride in (1, 2):
+        for roi in (rois, None):
+            p = probs.clone().requires_grad_()
+            assert torch.autograd.gradcheck(lambda q: ops.dense_energy_inputs(q, roi, unl, stride, True)[0], (p,))
+            for name in ("dense_energy_inputs", "_dense_energy_inputs_emulated"):
+                torch.library.opcheck(getattr(ops, name).default, (p, roi, unl, stride, True))
+            torch.library.opcheck(ops.dense_energy_inputs.default, (probs.float(), None, None, stride, False))
+    g = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    torch.library.opcheck(ops.dense_energy_inputs_backward.default, (g, rois, 7, 6, 2))
+
+
+def test_inputs_op_bad_arguments():
+    images, probs, rois, labels = _inputs(B=2, K=3, H=6, W=6)
+    unl = labels.reshape(2, 6, 6) == 255
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        ops.dense_energy_inputs(probs, rois, unl, 3, True)
+    with pytest.raises(ValueError, match="segmentations must have 4 dimensions"):
+        ops.dense_energy_inputs(probs[0], rois, unl, 2, True)
+    with pytest.raises(TypeError, match="segmentations and rois must have the same dtype"):
+        ops.dense_energy_inputs(probs, rois.float(), unl, 2, True)
+    with pytest.raises(ValueError, match="rois must have shape"):
+        ops.dense_energy_inputs(probs, rois[:, :5], unl, 2, True)
+    with pytest.raises(TypeError, match="unlabelled must be bool"):
+        ops.dense_energy_inputs(probs, rois, unl.float(), 2, True)
+    with pytest.raises(ValueError, match="unlabelled must have shape"):
+        ops.dense_energy_inputs(probs, rois, unl[:1], 2, True)
+    with pytest.raises(ValueError, match="at least one class"):
+        ops.dense_energy_inputs(probs[:, :0], rois, unl, 2, True)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        ops.dense_energy_inputs(probs.half(), None, None, 2, True)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        ops.dense_energy_inputs_backward(torch.zeros(2, 3, 3, 2, dtype=torch.float64), rois, 6, 6, 2)
+    p, g = ops.dense_energy_inputs(probs[:, :0], rois, unl, 2, False)  # no class and no gate: empty
+    assert p.shape == (2, 0, 3, 3) and g.shape == (0,)
+    p, g = ops.dense_energy_inputs(probs[:, :, :1], rois[:, :1], unl[:, :1], 2, True)  # one row: h = 0
+    assert p.shape == (2, 3, 0, 3) and g.shape == (2, 0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
 # empty and bad inputs
 
 
@@ -531,6 +639,35 @@ def test_cuda_module_autocast_and_full_size(cuda):
     torch.testing.assert_close(out.float().cpu(), ref, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="same device"):
         rrm_cuda.dense_energy_loss(images, probs.to(cuda), rois.to(cuda), labels.to(cuda))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_inputs_op_equals_cpu_and_is_deterministic(cuda, dtype):
+    images, probs, rois, labels = _inputs(B=2, K=21, H=65, W=47, dtype=dtype, seed=4)
+    unl = labels.reshape(2, 65, 47) == 255
+    go = torch.randn(2, 21, 32, 23, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    for stride in (1, 2):
+        gs = go if stride == 2 else torch.randn(2, 21, 65, 47, dtype=dtype)
+        outs = []
+        for dev in ("cpu", cuda):
+            x = probs.to(dev).requires_grad_()
+            p, g = ops.dense_energy_inputs(x, rois.to(dev), unl.to(dev), stride, True)
+            (gx,) = torch.autograd.grad(p, x, gs.to(dev))
+            outs.append((p.cpu(), g.cpu(), gx.cpu()))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)  # the same arithmetic on both devices, no atomics
+    # F.interpolate's CUDA backward is not deterministic (atomic adds), so deterministic mode refused
+    # the loss at scale 0.5 before the fused op; it runs now.
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        p = probs.float().to(cuda).requires_grad_()
+        loss = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 100.0, 0.5)(images.to(cuda), p, rois.to(cuda), labels.to(cuda))
+        loss.sum().backward()
+        assert bool(torch.isfinite(p.grad).all())
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,5 +43,54 @@ inline void check_energy_args(const at::Tensor& probs, const at::Tensor& gate, c
   }
 }
 
+// dense_energy_inputs: segmentations (B, K, H, W) float32/float64 (any strides), rois (B, H, W) of its
+// dtype or none, unlabelled (B, H, W) bool or none, stride 1 or 2, K >= 1 for the gate.
+inline void check_energy_inputs_args(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                                     const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate) {
+  RRM_CHECK_DIM(seg, 4, "segmentations");
+  RRM_CHECK_FLOATING(seg, "segmentations");
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);
+  TORCH_CHECK_VALUE(!gate || seg.size(1) >= 1, "segmentations must have at least one class for the gate; got ",
+                    seg.sizes());
+  const int64_t B = seg.size(0), H = seg.size(2), W = seg.size(3);
+  TORCH_CHECK_VALUE(H * W < (int64_t{1} << 31), "segmentations: H * W must be < 2^31; got ", seg.sizes());
+  if (rois.has_value() && rois->defined()) {
+    RRM_CHECK_DIM(*rois, 3, "rois");
+    RRM_CHECK_SAME_DTYPE(seg, *rois, "segmentations", "rois");
+    RRM_CHECK_SAME_DEVICE(seg, *rois, "segmentations", "rois");
+    TORCH_CHECK_VALUE(rois->size(0) == B && rois->size(1) == H && rois->size(2) == W,
+                      "rois must have shape (B, H, W) = (", B, ", ", H, ", ", W, "); got ", rois->sizes());
+  }
+  if (unlabelled.has_value() && unlabelled->defined()) {
+    RRM_CHECK_DIM(*unlabelled, 3, "unlabelled");
+    TORCH_CHECK_TYPE(unlabelled->scalar_type() == at::kBool, "unlabelled must be bool; got ",
+                     unlabelled->scalar_type());
+    RRM_CHECK_SAME_DEVICE(seg, *unlabelled, "segmentations", "unlabelled");
+    TORCH_CHECK_VALUE(unlabelled->size(0) == B && unlabelled->size(1) == H && unlabelled->size(2) == W,
+                      "unlabelled must have shape (B, H, W) = (", B, ", ", H, ", ", W, "); got ", unlabelled->sizes());
+  }
+}
+
+// dense_energy_inputs_backward: grad (B, K, h, w) with h = height / stride, w = width / stride.
+inline void check_energy_inputs_backward_args(const at::Tensor& grad, const std::optional<at::Tensor>& rois,
+                                              int64_t height, int64_t width, int64_t stride) {
+  RRM_CHECK_DIM(grad, 4, "grad");
+  RRM_CHECK_FLOATING(grad, "grad");
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);
+  TORCH_CHECK_VALUE(grad.size(0) * grad.size(1) < (int64_t{1} << 31), "grad: B * K must be < 2^31; got ", grad.sizes());
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0 && height * width < (int64_t{1} << 31),
+                    "height and width must be >= 0 with height * width < 2^31; got ", height, " x ", width);
+  TORCH_CHECK_VALUE(grad.size(2) == height / stride && grad.size(3) == width / stride, "grad must have shape (B, K, ",
+                    height / stride, ", ", width / stride, ") for a ", height, " x ", width, " input at stride ",
+                    stride, "; got ", grad.sizes());
+  if (rois.has_value() && rois->defined()) {
+    RRM_CHECK_SAME_DTYPE(grad, *rois, "grad", "rois");
+    RRM_CHECK_SAME_DEVICE(grad, *rois, "grad", "rois");
+    TORCH_CHECK_VALUE(
+        rois->dim() == 3 && rois->size(0) == grad.size(0) && rois->size(1) == height && rois->size(2) == width,
+        "rois must have shape (B, H, W) = (", grad.size(0), ", ", height, ", ", width, "); got ", rois->sizes());
+  }
+}
+
 }  // namespace energy
 }  // namespace rrm

@@ -41,6 +41,131 @@ struct PackFunctor {
   }
 };
 
+// The energy's inputs at its working scale, from the full-resolution ones in one pass (the
+// dense_energy_inputs op). Stride 2 is RRM's scale_factor 0.5 exactly as F.interpolate computes it
+// on CUDA: bilinear with align_corners=False samples output (y, x) at input (2y + 1/2, 2x + 1/2),
+// all weights 1/2, so the output is the mean of the 2x2 block, in the CUDA kernel's order of
+// operations (its CPU kernel adds four 1/4-weighted taps, which can differ in the last bit); nearest
+// takes input (2y, 2x). Stride 1 downscales nothing. Per output pixel (y, x) of image b, class k:
+//   probs[b, k, y, x] = p_k roi      (p_k the downscaled probability; roi the nearest ROI, 1 without)
+//   gate[b, y, x]     = 1 where unlabelled, else max(0, roi - max_k p_k)
+// NaN propagates through the max and the clamp as through torch's amax and clamp.
+// One call per (image b, output row y, columns [x0, x1)): the CPU takes whole rows, in tiles of
+// kTile columns whose running maxima stay on the stack (row-wise streams, no per-element index
+// divisions); CUDA and its emulation take one column per thread (Row = false: the maximum in a
+// register, never in local memory), so that a warp reads consecutive input pairs and writes
+// consecutive outputs of each class row. Both take the classes in the same order: same bits.
+template <typename scalar_t>
+RRM_HOST_DEVICE scalar_t downscaled_tap(const scalar_t* s, int64_t sy, int64_t sx, int stride) {
+  if (stride == 1) return s[0];
+  const scalar_t l0 = scalar_t(0.5), l1 = scalar_t(0.5);
+  return l0 * (l0 * s[0] + l1 * s[sx]) + l1 * (l0 * s[sy] + l1 * s[sy + sx]);
+}
+
+// The running maximum over the classes, NaN-propagating like torch.amax (a NaN, once met, stays).
+template <typename scalar_t>
+RRM_HOST_DEVICE scalar_t nan_max(scalar_t mx, scalar_t p) {
+  return (mx == mx && (p > mx || p != p)) ? p : mx;
+}
+
+template <typename scalar_t>
+RRM_HOST_DEVICE scalar_t gate_value(scalar_t r, scalar_t mx, bool unlabelled) {
+  const scalar_t g = unlabelled ? scalar_t(1) : r - mx;
+  return g < scalar_t(0) ? scalar_t(0) : g;  // NaN stays NaN, as in clamp(min=0)
+}
+
+template <typename scalar_t, bool Row>
+struct InputsFunctor {
+  const scalar_t* seg;     // (B, K, H, W), strides sb, sk, sy, sx
+  const scalar_t* roi;     // (B, H, W) contiguous, or nullptr
+  const bool* unlabelled;  // (B, H, W) contiguous, or nullptr
+  scalar_t* probs;         // (B, K, h, w) out
+  scalar_t* gate;          // (B, h, w) out, or nullptr
+  int64_t sb, sk, sy, sx;
+  int64_t K, H, W, h, w;
+  int stride;  // 1 or 2
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x0, int64_t x1) const {
+    const int64_t Y = y * stride;
+    const scalar_t* srow = seg + b * sb + Y * sy;
+    const int64_t src = (b * H + Y) * W;  // the ROI's and labels' row
+    scalar_t* orow = probs + (b * K * h + y) * w;
+    const int64_t plane = h * w;
+    if constexpr (Row) {
+      for (int64_t t0 = x0; t0 < x1; t0 += kTile) {
+        const int64_t t1 = (t0 + kTile < x1) ? t0 + kTile : x1;
+        scalar_t mx[kTile];
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t* s = srow + k * sk;
+          scalar_t* o = orow + k * plane;
+          for (int64_t x = t0; x < t1; ++x) {
+            const scalar_t p = downscaled_tap(s + x * stride * sx, sy, sx, stride);
+            o[x] = roi ? p * roi[src + x * stride] : p;
+            mx[x - t0] = k == 0 ? p : nan_max(mx[x - t0], p);
+          }
+        }
+        if (gate) {
+          for (int64_t x = t0; x < t1; ++x) {
+            const int64_t q = src + x * stride;
+            gate[b * plane + y * w + x] =
+                gate_value(roi ? roi[q] : scalar_t(1), mx[x - t0], unlabelled && unlabelled[q]);
+          }
+        }
+      }
+    } else {
+      for (int64_t x = x0; x < x1; ++x) {
+        const int64_t q = src + x * stride;
+        const scalar_t r = roi ? roi[q] : scalar_t(1);
+        const scalar_t* s = srow + x * stride * sx;
+        scalar_t mx = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const scalar_t p = downscaled_tap(s + k * sk, sy, sx, stride);
+          orow[k * plane + x] = roi ? p * r : p;
+          mx = k == 0 ? p : nan_max(mx, p);
+        }
+        if (gate) gate[b * plane + y * w + x] = gate_value(r, mx, unlabelled && unlabelled[q]);
+      }
+    }
+  }
+};
+
+// Backward of InputsFunctor's probs (the gate is a constant): the adjoint of the ROI product and of
+// the downscaling, with F.interpolate's arithmetic -- each input pixel of a 2x2 block gets
+// (1/2 1/2) (grad roi), every other pixel (the last row / column of an odd size) 0. One call per
+// (image and class bk, input row Y, columns [X0, X1)): whole rows on the CPU, one column per
+// thread on CUDA (a warp writes consecutive pixels).
+template <typename scalar_t>
+struct InputsBackwardFunctor {
+  const scalar_t* grad;  // (B, K, h, w) contiguous
+  const scalar_t* roi;   // (B, H, W) contiguous, or nullptr
+  scalar_t* out;         // (B, K, H, W) out
+  int64_t K, H, W, h, w;
+  int stride;
+
+  RRM_HOST_DEVICE void operator()(int64_t bk, int64_t Y, int64_t X0, int64_t X1) const {
+    // 32-bit divisions (B K and H W < 2^31: checked by the launcher)
+    const int64_t y = static_cast<int32_t>(Y) / stride;
+    const int64_t b = static_cast<int32_t>(bk) / static_cast<int32_t>(K);
+    scalar_t* o = out + (bk * H + Y) * W;
+    if (y >= h) {
+      for (int64_t X = X0; X < X1; ++X) o[X] = scalar_t(0);
+      return;
+    }
+    const scalar_t* g = grad + (bk * h + y) * w;
+    const scalar_t* r = roi ? roi + (b * H + y * stride) * W : nullptr;
+    for (int64_t X = X0; X < X1; ++X) {
+      const int64_t x = stride == 2 ? (X >> 1) : X;
+      scalar_t v = 0;
+      if (x < w) {
+        v = g[x];
+        if (r) v = v * r[x * stride];
+        if (stride == 2) v = scalar_t(0.5) * scalar_t(0.5) * v;
+      }
+      o[X] = v;
+    }
+  }
+};
+
 // Slice of the energy loss: the forward slice fused with the gate, the ROI-masked probabilities,
 // the dot product, the gradient and (exact gradient) the adjoint slice. One call per (image b,
 // pixel i), every channel (the c0, c1 of the item launch are ignored: it is launched with one

@@ -1,4 +1,4 @@
-// CPU launchers of the dense-CRF energy op: the production path (CpuExec: at::parallel_for over
+// CPU launchers of the dense-CRF energy ops: the production path (CpuExec: at::parallel_for over
 // lattice points and pixels of each image, all channels per thread) and, for tests, the CUDA
 // launch decomposition emulated serially (EmulatedCudaExec: one channel per thread, whole batch).
 #include <torch/library.h>
@@ -27,11 +27,29 @@ std::tuple<at::Tensor, at::Tensor> energy_emulated(const at::Tensor& probs, cons
   return dense_energy(EmulatedCudaExec{}, probs, gate, features, mass, grad_mode, probs.size(0));
 }
 
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> inputs_impl(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate) {
+  check_energy_inputs_args(seg, rois, unlabelled, stride, gate);
+  return dense_energy_inputs(Exec{}, seg, rois.value_or(at::Tensor()), unlabelled.value_or(at::Tensor()), stride, gate);
+}
+
+template <class Exec>
+at::Tensor inputs_backward_impl(const at::Tensor& grad, const std::optional<at::Tensor>& rois, int64_t height,
+                                int64_t width, int64_t stride) {
+  check_energy_inputs_backward_args(grad, rois, height, width, stride);
+  return dense_energy_inputs_backward(Exec{}, grad, rois.value_or(at::Tensor()), height, width, stride);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
   m.impl("dense_energy", &energy_cpu);
   m.impl("_dense_energy_emulated", &energy_emulated);
+  m.impl("dense_energy_inputs", &inputs_impl<CpuExec>);
+  m.impl("_dense_energy_inputs_emulated", &inputs_impl<EmulatedCudaExec>);
+  m.impl("dense_energy_inputs_backward", &inputs_backward_impl<CpuExec>);
+  m.impl("_dense_energy_inputs_backward_emulated", &inputs_backward_impl<EmulatedCudaExec>);
 }
 
 }  // namespace energy

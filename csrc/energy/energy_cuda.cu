@@ -20,9 +20,28 @@ std::tuple<at::Tensor, at::Tensor> energy_cuda(const at::Tensor& probs, const at
   return dense_energy(CudaExec{}, probs, gate, features, mass, grad_mode, probs.size(0));
 }
 
+std::tuple<at::Tensor, at::Tensor> inputs_cuda(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate) {
+  check_energy_inputs_args(seg, rois, unlabelled, stride, gate);
+  const c10::cuda::CUDAGuard guard(seg.device());
+  return dense_energy_inputs(CudaExec{}, seg, rois.value_or(at::Tensor()), unlabelled.value_or(at::Tensor()), stride,
+                             gate);
+}
+
+at::Tensor inputs_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& rois, int64_t height,
+                                int64_t width, int64_t stride) {
+  check_energy_inputs_backward_args(grad, rois, height, width, stride);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return dense_energy_inputs_backward(CudaExec{}, grad, rois.value_or(at::Tensor()), height, width, stride);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) { m.impl("dense_energy", &energy_cuda); }
+TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
+  m.impl("dense_energy", &energy_cuda);
+  m.impl("dense_energy_inputs", &inputs_cuda);
+  m.impl("dense_energy_inputs_backward", &inputs_backward_cuda);
+}
 
 }  // namespace energy
 }  // namespace rrm

@@ -144,5 +144,64 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   return {terms.sum(1), grad};
 }
 
+// The energy's inputs at its working scale (InputsFunctor): segmentations (B, K, H, W) with any
+// strides, rois (B, H, W) or undefined, unlabelled (B, H, W) bool or undefined -> (probs (B, K, h, w),
+// gate (B, h, w), or (0,) without the gate), h = H / stride, w = W / stride.
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const at::Tensor& seg, const at::Tensor& rois,
+                                                       const at::Tensor& unlabelled, int64_t stride, bool with_gate) {
+  const int64_t B = seg.size(0), K = seg.size(1), H = seg.size(2), W = seg.size(3);
+  const int64_t h = H / stride, w = W / stride;
+  auto probs = at::empty({B, K, h, w}, seg.options());
+  auto gate = with_gate ? at::empty({B, h, w}, seg.options()) : at::empty({0}, seg.options());
+  if (B * K * h * w == 0) return {probs, gate};  // (K >= 1 with the gate: checked)
+  const at::Tensor r = rois.defined() ? rois.contiguous() : at::Tensor();
+  const at::Tensor u = unlabelled.defined() ? unlabelled.contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(seg.scalar_type(), "rrm_dense_energy_inputs", [&] {
+    constexpr bool kRow = Exec::kChannelsPerThread == 0;  // whole rows on the CPU
+    InputsFunctor<scalar_t, kRow> f{seg.data_ptr<scalar_t>(),
+                                    r.defined() ? r.data_ptr<scalar_t>() : nullptr,
+                                    u.defined() ? u.data_ptr<bool>() : nullptr,
+                                    probs.data_ptr<scalar_t>(),
+                                    with_gate ? gate.data_ptr<scalar_t>() : nullptr,
+                                    seg.stride(0),
+                                    seg.stride(1),
+                                    seg.stride(2),
+                                    seg.stride(3),
+                                    K,
+                                    H,
+                                    W,
+                                    h,
+                                    w,
+                                    static_cast<int>(stride)};
+    exec.for_each_item(B, h, w, f, 1);  // (image, output row), columns as the item's channels
+  });
+  return {probs, gate};
+}
+
+// Backward of dense_energy_inputs' probs: grad (B, K, h, w) -> (B, K, height, width).
+template <class Exec>
+at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad, const at::Tensor& rois,
+                                        int64_t height, int64_t width, int64_t stride) {
+  const int64_t B = grad.size(0), K = grad.size(1), h = grad.size(2), w = grad.size(3);
+  auto out = at::empty({B, K, height, width}, grad.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor g = grad.contiguous();
+  const at::Tensor r = rois.defined() ? rois.contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rrm_dense_energy_inputs_backward", [&] {
+    InputsBackwardFunctor<scalar_t> f{g.data_ptr<scalar_t>(),
+                                      r.defined() ? r.data_ptr<scalar_t>() : nullptr,
+                                      out.data_ptr<scalar_t>(),
+                                      K,
+                                      height,
+                                      width,
+                                      h,
+                                      w,
+                                      static_cast<int>(stride)};
+    exec.for_each_item(B * K, height, width, f, 4);  // (image and class, input row), columns
+  });
+  return out;
+}
+
 }  // namespace energy
 }  // namespace rrm

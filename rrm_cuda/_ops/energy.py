@@ -49,3 +49,51 @@ def _energy_backward(ctx, grad_energy, _grad_dir_unused):
 
 for _name in ("rrm_cuda::dense_energy", "rrm_cuda::_dense_energy_emulated"):
     torch.library.register_autograd(_name, _energy_backward, setup_context=_energy_setup_context)
+
+
+# ---- the energy's inputs at its working scale (downscale, ROI product and gate in one pass) ----
+
+
+def _inputs_fake(segmentations, rois=None, unlabelled=None, stride=1, gate=True):
+    torch._check(segmentations.dim() == 4 and stride in (1, 2))
+    B, K, H, W = segmentations.shape
+    probs = segmentations.new_empty((B, K, H // stride, W // stride))
+    g = segmentations.new_empty((B, H // stride, W // stride)) if gate else segmentations.new_empty((0,))
+    return probs, g
+
+
+def _inputs_backward_fake(grad, rois, height, width, stride):
+    torch._check(grad.dim() == 4)
+    return grad.new_empty((grad.shape[0], grad.shape[1], height, width))
+
+
+def _inputs_setup_context(ctx, inputs, output):
+    segmentations, rois, _unlabelled, stride, _gate = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.stride = stride
+    ctx.size = (segmentations.shape[2], segmentations.shape[3])
+    ctx.save_for_backward(rois)
+
+
+def _inputs_backward(backward_op):
+    def backward(ctx, grad_probs, _grad_gate):
+        if grad_probs is None:
+            return None, None, None, None, None
+        (rois,) = ctx.saved_tensors
+        if ctx.stride == 1 and rois is None:  # the identity
+            return grad_probs, None, None, None, None
+        return backward_op(grad_probs, rois, ctx.size[0], ctx.size[1], ctx.stride), None, None, None, None
+
+    return backward
+
+
+for _name, _bwd in (
+    ("rrm_cuda::dense_energy_inputs", "dense_energy_inputs_backward"),
+    ("rrm_cuda::_dense_energy_inputs_emulated", "_dense_energy_inputs_backward_emulated"),
+):
+    torch.library.register_fake(_name)(_inputs_fake)
+    torch.library.register_fake(f"rrm_cuda::{_bwd}")(_inputs_backward_fake)
+    torch.library.register_autograd(
+        _name, _inputs_backward(getattr(torch.ops.rrm_cuda, _bwd)), setup_context=_inputs_setup_context
+    )
