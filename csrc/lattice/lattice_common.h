@@ -83,7 +83,6 @@ struct EmbedFunctor {
     scalar_t elevated[kMaxDim + 1];
     int32_t rem0[kMaxDim + 1];
     int rank[kMaxDim + 1];
-    scalar_t bary[kMaxDim + 2];
     // Elevation e = E f: e_j = sum_{k>=j} c_k - j c_{j-1}, with c_k = f_k * scale_k.
     scalar_t sm = 0;
     for (int j = d; j > 0; --j) {
