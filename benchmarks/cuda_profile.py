@@ -104,13 +104,28 @@ def main() -> None:
 
     images, p, rois, labels = (t.to(dev) for t in make_inputs(8, 21, 321))
     p.requires_grad_()
+
+    def energy_fb(mod) -> None:
+        # autograd.grad, as energy_bench's fresh leaf: no accumulation into p.grad (a 69 MB add per
+        # call that a training step, whose probabilities come from a network, never makes)
+        torch.autograd.grad(mod(images, p, rois, labels).sum(), p)
+
     for grad in ("rloss", "exact"):
         m = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient=grad)
-        res[f"energy fwd+bwd 8x21x160^2 [{grad}]"] = event_ms(lambda: m(images, p, rois, labels).sum().backward())
+        res[f"energy fwd+bwd 8x21x160^2 [{grad}]"] = event_ms(lambda: energy_fb(m))
         m2 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient=grad, check_inputs=False)
-        res[f"energy fwd+bwd [{grad}], check_inputs=False"] = event_ms(
-            lambda: m2(images, p, rois, labels).sum().backward()
-        )
+        res[f"energy fwd+bwd [{grad}], check_inputs=False"] = event_ms(lambda: energy_fb(m2))
+    # A/B in the same process: the loss with F.interpolate's downscaling, ROI product and gate as
+    # separate ATen ops (the path other scales take) instead of ops.dense_energy_inputs
+    from rrm_cuda import energy as E
+
+    m3 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="rloss", check_inputs=False)
+    saved = dict(E._FUSED_STRIDES)
+    E._FUSED_STRIDES.clear()
+    try:
+        res["energy fwd+bwd [rloss], check_inputs=False, F.interpolate path"] = event_ms(lambda: energy_fb(m3))
+    finally:
+        E._FUSED_STRIDES.update(saved)
     # BCD loss at RRM's ResNet-38 setting: batch 4, 4096-channel features at 41x41, 21 classes
     gb = torch.Generator(device=dev).manual_seed(0)
     seg = torch.randn(4, 21, 41, 41, device=dev, generator=gb)
@@ -130,22 +145,22 @@ def main() -> None:
         crf()
         torch.cuda.synchronize()
     print("\nkernels of one dense_crf call:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=110))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         rrm_cuda.dense_crf(probs=p3, image=crop, iterations=args.iterations)
         torch.cuda.synchronize()
     print("\nkernels of RRM's pseudo-label CRFs (8 x 3 labels over 4 crops of 321^2):")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=110))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        m(images, p, rois, labels).sum().backward()
+        energy_fb(m)
         torch.cuda.synchronize()
     print("\nkernels of one energy-loss fwd+bwd (exact):")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=32, max_name_column_width=110))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         bcd_fb()
         torch.cuda.synchronize()
     print("\nkernels of one BCD-loss fwd+bwd (B4, C4096, 41x41, K21):")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=110))
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         tag = name.replace("NVIDIA ", "").replace(" ", "-").lower()
