@@ -175,7 +175,7 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
     const Exec exec;
     if (B * N > 0) {
       at::Tensor sorted, order;
-      std::tie(sorted, order) = at::sort(skey, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+      std::tie(sorted, order) = exec.sort_keys(skey, B * (K + 1) - 1);  // keys k + b (K + 1), k <= K
       auto run = [&](auto* sk) {
         using skey_t = std::remove_const_t<std::remove_pointer_t<decltype(sk)>>;
         exec.for_each(B * N,

@@ -13,12 +13,17 @@
 //                    exercises the GPU algorithm -- hash insertion races excepted -- and shows that
 //                    its result does not depend on the order threads run in;
 //   CudaExec         (csrc/common/cuda_exec.cuh) a grid-stride kernel on the current stream.
+// Each also has exec.sort_keys(keys, max_key): a stable ascending sort of a 1-D tensor of integer
+// keys in [0, max_key] -> (sorted keys, int64 permutation). A stable sort's result is unique, so the
+// policies agree whatever sort they use (CUDA: a radix sort over the keys' significant bits only).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 namespace rrm {
 
@@ -67,12 +72,20 @@ inline void cpu_run_items(int64_t begin, int64_t end, int64_t n, int64_t C, cons
   cpu_item_loop(begin, end, n, C, f);
 }
 
+// The CPU policies' sort (at::sort, stable).
+inline std::tuple<at::Tensor, at::Tensor> stable_sort_keys(const at::Tensor& keys) {
+  return at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+}
+
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
   static constexpr bool kSortCsr = false;  // no device-style sorted lists: serial counting sorts
   static constexpr const char* kName = "cpu";
   static int64_t stream_id() { return 0; }
+  static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
+    return stable_sort_keys(keys);
+  }
   template <class F>
   void for_each(int64_t n, const F& f, int64_t grain = 2048) const {
     if (n <= 0) return;
@@ -93,6 +106,9 @@ struct EmulatedCudaExec {
   static constexpr bool kSortCsr = true;  // the CUDA path's sort-based splat lists
   static constexpr const char* kName = "emulated_cuda";
   static int64_t stream_id() { return 0; }
+  static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
+    return stable_sort_keys(keys);
+  }
   static constexpr int64_t kBlock = 256;
   template <class F>
   void for_each(int64_t n, const F& f, int64_t /*grain*/ = 0) const {

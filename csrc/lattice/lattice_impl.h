@@ -35,16 +35,17 @@ template <class Exec>
 void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
   const auto iopt = lat.entry_vertex.options();
-  // Sort the entries by (image, vertex) -- keys in 32 bits when they fit: half the radix-sort passes
-  // of 64-bit keys -- then every list bound by a binary search of the sorted keys.
+  // Sort the entries by (image, vertex) -- keys in 32 bits when they fit, and on CUDA a radix sort
+  // over their significant bits only (exec.sort_keys: 2 passes for a 512x512 image's lattice, where
+  // at::sort takes 4) -- then every list bound by a binary search of the sorted keys.
   auto sort_and_bound = [&](auto key_zero) -> at::Tensor {
     using key_t = decltype(key_zero);
     const at::Tensor keys = at::empty({B * E}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
     exec.for_each_item(B, E, 1,
                        SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(), E, M});
     at::Tensor sorted, order;
-    std::tie(sorted, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    lat.offsets = at::empty({B, M + 1}, iopt);  // offsets < E < 2^30 fit int32
+    std::tie(sorted, order) = exec.sort_keys(keys, B * M - 1);  // keys b M + v < B M
+    lat.offsets = at::empty({B, M + 1}, iopt);                  // offsets < E < 2^30 fit int32
     exec.for_each_item(B, M + 1, 1,
                        ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M});
     return order;
