@@ -333,15 +333,16 @@ def counts(show_ops: bool) -> None:
         undo()
     report("(b') the same as the training step calls it: host labels, check_inputs=False", c, show_ops)
     print("    " + inner_ops(args_b, show_ops))
-    # (c) the energy loss fwd+bwd as RRM calls it (the drop-in module at scale 0.5), checked and
-    # unchecked; and the same through F.interpolate (the path of other scales, and of every scale
-    # before ops.dense_energy_inputs)
+    # (c) the energy loss fwd+bwd as RRM calls it (the drop-in module at scale 0.5), checked (with the
+    # GPU's one-pass statistics op) and unchecked; and the same through F.interpolate (the path of
+    # other scales, and of every scale before ops.dense_energy_inputs)
     from benchmarks.energy_bench import make_inputs
     from rrm_cuda import energy as E
 
     images, probs, rois, labels = make_inputs(8, 21, 321)
     p = probs.detach().requires_grad_()
     saved = dict(E._FUSED_STRIDES)
+    E._STATS_OP_ON_CPU = True  # the GPU formulation of the value checks (one op)
     for checked in (True, False):
         m = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, check_inputs=checked)
         fc = lambda: torch.autograd.grad(m(images, p, rois, labels).sum(), p)  # noqa: E731
@@ -351,6 +352,7 @@ def counts(show_ops: bool) -> None:
             report("    the same through F.interpolate", count(fc), show_ops)
         finally:
             E._FUSED_STRIDES.update(saved)
+    E._STATS_OP_ON_CPU = False
 
 
 def times() -> None:

@@ -118,6 +118,19 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "_dense_energy_inputs_emulated(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate) "
       "-> (Tensor, Tensor)");
+  // The value checks of dense_energy_loss in one pass over its inputs: images (B, c, H, W),
+  // segmentations (B, K, H, W) floating, rois and labels (B, H, W) or None, any dtypes and strides ->
+  // (8,) float64 [-min, max of the images, -min, max of the probabilities, -min, max of their sums over
+  // K (with distribution; else -inf), 1 if a ROI value is neither 0 nor 1, 1 if a label is neither
+  // ignore_index nor an integer in [0, K)]; NaN propagates into the ranges. dense_energy_loss uses it on
+  // GPUs (one kernel for about ten ATen reductions); on the CPU ATen's vectorised reductions are faster,
+  // and the CPU kernel (one contiguous pixel range per thread) serves tests and direct calls.
+  m.def(
+      "dense_energy_input_stats(Tensor images, Tensor segmentations, Tensor? rois, Tensor? labels, "
+      "float ignore_index, bool distribution) -> Tensor");
+  m.def(
+      "_dense_energy_input_stats_emulated(Tensor images, Tensor segmentations, Tensor? rois, Tensor? labels, "
+      "float ignore_index, bool distribution) -> Tensor");
   // Backward of dense_energy_inputs' probs: grad (B, K, H/stride, W/stride) -> (B, K, height, width).
   m.def("dense_energy_inputs_backward(Tensor grad, Tensor? rois, int height, int width, int stride) -> Tensor");
   m.def(

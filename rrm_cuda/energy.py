@@ -26,10 +26,26 @@ _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _FUSED_STRIDES = {1.0: 1, 0.5: 2}
 
 
-def _reduce_stats(
+# dtypes the one-pass statistics op reads (others, e.g. uint16 images, are converted first)
+_STATS_DTYPES = {
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.bool,
+}
+
+
+def _stats_aten(
     images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
-) -> dict[str, Tensor]:
-    """The reductions of :func:`_check_values`, queued on the device (nothing is read here)."""
+) -> dict[str, float]:
+    """The check statistics by ATen reductions (the CPU path: its vectorised reductions beat the
+    one-pass op there, 11 against 22 ms at 8 x 21 x 321^2 on 2 cores), one read."""
     K = probs.shape[1]
     st: dict[str, Tensor] = {}
     if images.numel():
@@ -51,7 +67,64 @@ def _reduce_stats(
                 st["lab_frac"] = torch.frac(v).amax()
         else:  # no class: every pixel must be unlabelled
             st["lab_lo"], st["lab_hi"] = torch.aminmax(lab)
-    return st
+    if not st:
+        return {}
+    # One stack into float64 (exact for the values that matter here, whatever the inputs' dtypes)
+    # and one read.
+    out = torch.empty(len(st), dtype=torch.float64, device=probs.device)
+    v = dict(zip(st, torch.stack(list(st.values()), out=out).tolist()))
+    if "roi_lo" in v:
+        v["roi_bad"] = float(not (v.pop("roi_lo") == 0 and v.pop("roi_hi") == 0))
+    if "lab_lo" in v:
+        lo, hi, frac = v.pop("lab_lo"), v.pop("lab_hi"), v.pop("lab_frac", 0.0)
+        ok = (lo >= 0 and hi < K and frac == 0) if K else (lo == ignore_index and hi == ignore_index)
+        v["lab_bad"] = float(not ok)
+    return v
+
+
+# dtypes the one-pass statistics op reads (others, e.g. uint16 images, are converted first)
+_STATS_DTYPES = {
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.bool,
+}
+# the one-pass op on the CPU too (tests: both paths make the same decisions)
+_STATS_OP_ON_CPU = False
+
+
+def _stats_op(
+    images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
+) -> dict[str, float]:
+    """The check statistics in one pass over all four inputs (``ops.dense_energy_input_stats``: on a
+    GPU one kernel and one reduction instead of about ten ATen reductions), one read."""
+    B, K, H, W = probs.shape
+    if B * H * W == 0:  # no pixel: the images' range alone (the images may still have pixels)
+        return _stats_aten(images, probs, None, None, False, ignore_index)
+    img = images if images.dtype in _STATS_DTYPES else images.double()
+    roi = rois if rois is not None and rois.numel() and rois.dtype != torch.bool else None
+    if roi is not None and roi.dtype not in _STATS_DTYPES:
+        roi = roi.double()
+    lab = seg_label.reshape(B, H, W) if seg_label is not None and seg_label.numel() else None
+    if lab is not None and lab.dtype not in _STATS_DTYPES:
+        lab = lab.double()
+    vals = ops.dense_energy_input_stats(img, probs, roi, lab, float(ignore_index), distribution).tolist()
+    v = {"img_lo": -vals[0], "img_hi": vals[1]}
+    if K:
+        v.update(p_lo=-vals[2], p_hi=vals[3])
+        if distribution:
+            v.update(sum_lo=-vals[4], sum_hi=vals[5])
+    if roi is not None:
+        v["roi_bad"] = vals[6]
+    if lab is not None:
+        v["lab_bad"] = vals[7]
+    return v
 
 
 def _check_values(
@@ -64,10 +137,11 @@ def _check_values(
 ) -> float | None:
     """Data-dependent checks (skipped while torch.compile traces: they would break the graph).
 
-    One reduction per tensor, all read back with a single device synchronisation (on a GPU each
-    read stalls the host until the queue drains). NaN propagates into the reductions and ±Inf falls
-    outside the allowed ranges, so the finiteness checks cost nothing extra on valid inputs. Returns
-    the images' maximum (None when they are empty): it bounds the bilateral features' colours.
+    On a GPU one pass over the inputs and one reduction (``ops.dense_energy_input_stats``), on the
+    CPU a few ATen reductions; read back with a single device synchronisation (on a GPU each read
+    stalls the host until the queue drains). NaN propagates into the ranges and ±Inf falls outside
+    them, so the finiteness checks cost nothing extra on valid inputs. Returns the images' maximum
+    (None when they are empty): it bounds the bilateral features' colours.
     """
     K = probs.shape[1]
 
@@ -75,14 +149,11 @@ def _check_values(
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains {'NaN' if bool(torch.isnan(t).any()) else 'Inf'} values")
 
+    stats = _stats_op if (probs.device.type != "cpu" or _STATS_OP_ON_CPU) else _stats_aten
     with torch.no_grad():
-        stats = _reduce_stats(images, probs, rois, seg_label, distribution, ignore_index)
-    if not stats:
+        v = stats(images, probs, rois, seg_label, distribution, ignore_index)
+    if not v:
         return None
-    # One stack into float64 (exact for the values that matter here, whatever the inputs' dtypes)
-    # and one read.
-    out = torch.empty(len(stats), dtype=torch.float64, device=probs.device)
-    v = dict(zip(stats, torch.stack(list(stats.values()), out=out).tolist()))
 
     if "img_lo" in v and not (v["img_lo"] >= 0 and v["img_hi"] <= 255):
         nonfinite("images", images)
@@ -105,15 +176,11 @@ def _check_values(
                     "segmentations must be a probability distribution over dimension 1 (softmax) for the "
                     f"gate and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
                 )
-    if "roi_lo" in v and not (v["roi_lo"] == 0 and v["roi_hi"] == 0):
+    if v.get("roi_bad", 0.0) != 0:
         nonfinite("ROIs", rois)
         raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
-    if "lab_lo" in v:
-        if K:
-            ok = v["lab_lo"] >= 0 and v["lab_hi"] < K and v.get("lab_frac", 0.0) == 0
-        else:
-            ok = v["lab_lo"] == ignore_index and v["lab_hi"] == ignore_index
-        if not ok:  # the error path: find an offending value
+    if "lab_bad" in v:
+        if v["lab_bad"] != 0:  # the error path: find an offending value
             lab = seg_label if seg_label.is_floating_point() else seg_label.long()
             nonfinite("seg_label", lab)
             good = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))

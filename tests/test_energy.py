@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import rrm_cuda
+from rrm_cuda import energy as E
 from rrm_cuda import reference as R
 
 ops = torch.ops.rrm_cuda
@@ -287,10 +288,94 @@ def test_inputs_op_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------------
+# the value checks' statistics: one pass over the four inputs
+
+
+def _stats_restated(images, probs, rois, labels, ignore_index, distribution):
+    """What dense_energy_input_stats computes, with torch reductions (NaN propagates)."""
+    nan = float("nan")
+    K = probs.shape[1]
+
+    def rng(x):
+        x = x.double()
+        return (nan, nan) if bool(x.isnan().any()) else (-float(x.min()), float(x.max()))
+
+    out = [*rng(images), *rng(probs)]
+    out += [*rng(probs.double().sum(1))] if distribution else [-float("inf"), -float("inf")]
+    r = rois.double() if rois is not None else torch.zeros(1)
+    out.append(float(bool(((r != 0) & (r != 1)).any())))
+    lab = labels.double() if labels is not None else torch.full((1,), float(ignore_index))
+    ok = (lab == ignore_index) | ((lab >= 0) & (lab < K) & (lab == lab.trunc()))
+    out.append(float(not bool(ok.all())))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("op", ["dense_energy_input_stats", "_dense_energy_input_stats_emulated"])
+def test_input_stats_op_vs_restatement(op):
+    f = getattr(ops, op)
+    images, probs, rois, labels = _inputs(B=2, K=4, H=9, W=300, dtype=torch.float32)  # W > 256 columns
+    lab3 = labels.reshape(2, 9, 300)
+    cases = [
+        (images, probs, rois, lab3),
+        (images.to(torch.uint8), probs.half(), rois.to(torch.uint8), lab3.long()),
+        (images.half(), probs.bfloat16(), rois.long(), lab3.to(torch.uint8)),
+        (images.double(), probs.double(), None, None),
+        (images.to(torch.int16), probs.contiguous(memory_format=torch.channels_last), rois.mT.contiguous().mT, lab3),
+    ]
+    for img, p, r, lab in cases:
+        for dist in (True, False):
+            got = f(img, p, r, lab, 255.0, dist)
+            want = _stats_restated(img, p, r, lab, 255, dist)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+    # bad values, NaN and Inf, one at a time
+    for mutate, idx in (
+        (lambda t: t[0].__setitem__((1, 0, 0, 7), float("nan")), 2),  # a NaN probability
+        (lambda t: t[0].__setitem__((0, 3, 8, 299), float("inf")), 3),  # an Inf probability
+        (lambda t: t[1].__setitem__((1, 2, 4, 4), float("nan")), 0),  # a NaN pixel
+        (lambda t: t[2].__setitem__((0, 5, 5), 0.5), 6),  # a ROI value of 0.5
+        (lambda t: t[2].__setitem__((1, 0, 0), float("nan")), 6),
+        (lambda t: t[3].__setitem__((1, 8, 3), 4.0), 7),  # label K
+        (lambda t: t[3].__setitem__((0, 1, 1), 1.5), 7),  # a fractional label
+        (lambda t: t[3].__setitem__((0, 1, 2), -1.0), 7),
+        (lambda t: t[3].__setitem__((0, 1, 3), float("nan")), 7),
+    ):
+        p, img, r, lab = probs.clone(), images.clone(), rois.clone(), lab3.clone()
+        mutate((p, img, r, lab))
+        got = f(img, p, r, lab, 255.0, True)
+        want = _stats_restated(img, p, r, lab, 255, True)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+        clean = _stats_restated(images, probs, rois, lab3, 255, True)
+        assert not torch.allclose(got[idx], clean[idx], equal_nan=True)
+    # no class: every label must be the ignore index
+    got = f(images, probs[:, :0], None, lab3, 255.0, False)
+    assert got[7] == 1.0 and f(images, probs[:, :0], None, torch.full_like(lab3, 255), 255.0, False)[7] == 0.0
+
+
+def test_input_stats_op_opcheck_and_bad_arguments():
+    images, probs, rois, labels = _inputs(B=2, K=3, H=6, W=5, dtype=torch.float32)
+    lab3 = labels.reshape(2, 6, 5)
+    for name in ("dense_energy_input_stats", "_dense_energy_input_stats_emulated"):
+        torch.library.opcheck(getattr(ops, name).default, (images, probs, rois, lab3, 255.0, True))
+        torch.library.opcheck(getattr(ops, name).default, (images, probs, None, None, 255.0, False))
+    with pytest.raises(ValueError, match="images must have shape"):
+        ops.dense_energy_input_stats(images[:, :, :5], probs, rois, lab3, 255.0, True)
+    with pytest.raises(ValueError, match="rois must have shape"):
+        ops.dense_energy_input_stats(images, probs, rois[:1], lab3, 255.0, True)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        ops.dense_energy_input_stats(images, probs, rois, labels, 255.0, True)
+    with pytest.raises(TypeError, match="segmentations must be floating"):
+        ops.dense_energy_input_stats(images, probs.long(), rois, lab3, 255.0, True)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        ops.dense_energy_input_stats(images, probs, rois.to(torch.complex64), lab3, 255.0, True)
+
+
+# ---------------------------------------------------------------------------------------------
 # empty and bad inputs
 
 
-def test_empty_inputs():
+@pytest.mark.parametrize("stats_op", [False, True])
+def test_empty_inputs(stats_op, monkeypatch):
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
     e, g = ops.dense_energy(torch.empty(0, 3, 5), torch.empty(0, 5), torch.empty(0, 5, 5), None, 2)
     assert e.shape == (0,) and g.shape == (0, 3, 5)
     e, g = ops.dense_energy(torch.empty(2, 3, 0), torch.empty(2, 0), torch.empty(2, 5, 0), None, 0)
@@ -348,12 +433,16 @@ def _bad(**over):
         (dict(segmentations=[1.0]), TypeError, "segmentations must be a torch.Tensor"),
     ],
 )
-def test_bad_inputs(over, exc, match):
+@pytest.mark.parametrize("stats_op", [False, True])  # the CPU's ATen reductions / the GPU's one-pass op
+def test_bad_inputs(over, exc, match, stats_op, monkeypatch):
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
     with pytest.raises(exc, match=match):
         _bad(**over)()
 
 
-def test_valid_label_and_roi_dtypes():
+@pytest.mark.parametrize("stats_op", [False, True])
+def test_valid_label_and_roi_dtypes(stats_op, monkeypatch):
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
     images, probs, rois, labels = _inputs(H=6, W=6, dtype=torch.float32)
     ref = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
     for lab in (labels.long(), labels.to(torch.uint8), labels.reshape(2, 6, 6)):
@@ -402,10 +491,12 @@ def test_unchecked_bad_images_stay_in_the_lattice_range(bad):
         rrm_cuda.dense_energy_loss(images, p, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
 
 
+@pytest.mark.parametrize("stats_op", [False, True])
 @pytest.mark.parametrize("check_inputs", [True, False])
-def test_value_checks_read_the_device_once(monkeypatch, check_inputs):
+def test_value_checks_read_the_device_once(monkeypatch, check_inputs, stats_op):
     # On a GPU every read of a device value stalls the host: the checked path reads all its
     # statistics with one tolist(), the unchecked path reads nothing.
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
     images, probs, rois, labels = _inputs(H=8, W=8, dtype=torch.float32)
     reads = []
     for name in ("tolist", "item", "__bool__", "__float__", "__int__", "cpu"):
@@ -668,6 +759,19 @@ def test_cuda_inputs_op_equals_cpu_and_is_deterministic(cuda, dtype):
         assert bool(torch.isfinite(p.grad).all())
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.cuda
+def test_cuda_input_stats_equal_cpu(cuda):
+    images, probs, rois, labels = _inputs(B=3, K=21, H=41, W=37, dtype=torch.float32, seed=6)
+    lab3 = labels.reshape(3, 41, 37)
+    probs[2, 3, 7, 7] = float("nan")
+    for args in ((images, probs, rois, lab3), (images.to(torch.uint8), probs[:2].half(), None, lab3[:2].long())):
+        if args[0].shape[0] != args[1].shape[0]:
+            args = (args[0][: args[1].shape[0]],) + args[1:]
+        want = ops.dense_energy_input_stats(*args, 255.0, True)
+        got = ops.dense_energy_input_stats(*(a.to(cuda) if a is not None else None for a in args), 255.0, True)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------

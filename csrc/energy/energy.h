@@ -92,5 +92,28 @@ inline void check_energy_inputs_backward_args(const at::Tensor& grad, const std:
   }
 }
 
+// dense_energy_input_stats: images (B, c, H, W), segmentations (B, K, H, W) floating, rois and labels
+// (B, H, W) or none; same device; B H W < 2^31.
+inline void check_energy_input_stats_args(const at::Tensor& images, const at::Tensor& seg,
+                                          const std::optional<at::Tensor>& rois,
+                                          const std::optional<at::Tensor>& labels) {
+  RRM_CHECK_DIM(images, 4, "images");
+  RRM_CHECK_DIM(seg, 4, "segmentations");
+  TORCH_CHECK_TYPE(at::isFloatingType(seg.scalar_type()), "segmentations must be floating; got ", seg.scalar_type());
+  RRM_CHECK_SAME_DEVICE(seg, images, "segmentations", "images");
+  const int64_t B = seg.size(0), H = seg.size(2), W = seg.size(3);
+  TORCH_CHECK_VALUE(images.size(0) == B && images.size(2) == H && images.size(3) == W,
+                    "images must have shape (B, c, H, W) = (", B, ", c, ", H, ", ", W, "); got ", images.sizes());
+  TORCH_CHECK_VALUE(B * H * W < (int64_t{1} << 31), "segmentations: B * H * W must be < 2^31; got ", seg.sizes());
+  for (const auto* t : {&rois, &labels}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const char* what = t == &rois ? "rois" : "labels";
+    const at::Tensor& x = **t;
+    RRM_CHECK_SAME_DEVICE(seg, x, "segmentations", what);
+    TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == B && x.size(1) == H && x.size(2) == W, what,
+                      " must have shape (B, H, W) = (", B, ", ", H, ", ", W, "); got ", x.sizes());
+  }
+}
+
 }  // namespace energy
 }  // namespace rrm

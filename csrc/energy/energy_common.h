@@ -11,7 +11,11 @@
 // any cap on the number of classes.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <limits>
 
 #include "common/macros.h"
 
@@ -163,6 +167,116 @@ struct InputsBackwardFunctor {
       }
       o[X] = v;
     }
+  }
+};
+
+// ---- value checks of the loss's inputs, one pass (the dense_energy_input_stats op) ----
+
+// Element types of the images, ROIs and labels, read through one loader: their dtypes vary
+// independently (uint8 or float images, any ROI and label dtype), and a kernel per combination
+// would be hundreds. The switch is uniform across a warp. The probabilities, K times larger, are
+// typed (prob_t).
+enum class Elem : int32_t { kU8, kI8, kI16, kI32, kI64, kF16, kBF16, kF32, kF64, kBool };
+
+RRM_HOST_DEVICE double load_elem(const void* p, int64_t i, Elem t) {
+  switch (t) {
+    case Elem::kU8:
+      return static_cast<const uint8_t*>(p)[i];
+    case Elem::kI8:
+      return static_cast<const int8_t*>(p)[i];
+    case Elem::kI16:
+      return static_cast<const int16_t*>(p)[i];
+    case Elem::kI32:
+      return static_cast<const int32_t*>(p)[i];
+    case Elem::kI64:
+      return static_cast<double>(static_cast<const int64_t*>(p)[i]);
+    case Elem::kF16:
+      return static_cast<float>(static_cast<const c10::Half*>(p)[i]);
+    case Elem::kBF16:
+      return static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]);
+    case Elem::kF32:
+      return static_cast<const float*>(p)[i];
+    case Elem::kF64:
+      return static_cast<const double*>(p)[i];
+    default:
+      return static_cast<const bool*>(p)[i] ? 1.0 : 0.0;
+  }
+}
+
+// A (B, C, H, W) tensor with any strides (C = 1 and sc = 0 for the (B, H, W) ROIs and labels).
+struct StridedView {
+  const void* p;  // nullptr: absent
+  Elem t;
+  int64_t sb, sc, sy, sx;
+};
+
+// Statistics, all maxima (minima negated) so that one amax over the threads' partials reduces
+// them; NaN propagates as through torch.amax (a NaN, once met, stays), so NaN inputs fail the range
+// checks. 0/1 flags for the ROIs and labels.
+enum InputStat : int { kImgNegMin, kImgMax, kProbNegMin, kProbMax, kSumNegMin, kSumMax, kRoiBad, kLabelBad, kNumStats };
+
+// NaN-propagating running maximum (torch.amax's semantics: a NaN, once met, stays).
+RRM_HOST_DEVICE void stat_max(double& m, double v) {
+  if (m == m && (v > m || v != v)) m = v;
+}
+
+// ROI values must be 0 or 1 (NaN is neither); labels ignore_index or an integer in [0, K).
+RRM_HOST_DEVICE bool roi_ok(double v) { return v == 0.0 || v == 1.0; }
+RRM_HOST_DEVICE bool label_ok(double v, double ignore, int64_t K) {
+  return v == ignore || (v >= 0.0 && v < static_cast<double>(K) && v == static_cast<double>(static_cast<int64_t>(v)));
+}
+
+// One call per thread t of T. On CUDA and its emulation (Chunked = false) there is about one thread
+// per resident thread slot of the GPU, a few pixels each, and a thread takes every T-th pixel from
+// t (a warp reads consecutive pixels of each channel row); on the CPU a thread takes a contiguous
+// range of pixels. Each pixel with its image channels, its K
+// probabilities (and their sum, with `distribution`), its ROI value and its label.
+// out: (T, kNumStats) partial maxima.
+template <typename prob_t, bool Chunked>
+struct InputStatsFunctor {
+  StridedView img, roi, lab;
+  const prob_t* prob;
+  int64_t psb, psk, psy, psx;
+  int64_t C, K, H, W, P, T;  // P = B H W pixels (< 2^31: checked), T threads
+  double ignore;
+  bool distribution;
+  double* out;
+
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    double m[kNumStats];
+    for (int j = 0; j < kNumStats; ++j) m[j] = j >= kRoiBad ? 0.0 : -std::numeric_limits<double>::infinity();
+    const int32_t W32 = static_cast<int32_t>(W), HW32 = static_cast<int32_t>(H * W);
+    const int64_t p0 = Chunked ? t * P / T : t, p1 = Chunked ? (t + 1) * P / T : P, step = Chunked ? 1 : T;
+    for (int64_t p = p0; p < p1; p += step) {
+      const int32_t p32 = static_cast<int32_t>(p);
+      const int32_t b = p32 / HW32, r = p32 - b * HW32, y = r / W32, x = r - y * W32;
+      const int64_t io = b * img.sb + y * img.sy + x * img.sx;
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = load_elem(img.p, io + c * img.sc, img.t);
+        stat_max(m[kImgNegMin], -v);
+        stat_max(m[kImgMax], v);
+      }
+      const prob_t* pp = prob + b * psb + y * psy + x * psx;
+      double sum = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll 4
+#endif
+      for (int64_t k = 0; k < K; ++k) {  // unrolled: several loads in flight per thread
+        const double v = static_cast<double>(pp[k * psk]);
+        stat_max(m[kProbNegMin], -v);
+        stat_max(m[kProbMax], v);
+        sum += v;
+      }
+      if (distribution) {
+        stat_max(m[kSumNegMin], -sum);
+        stat_max(m[kSumMax], sum);
+      }
+      if (roi.p && !roi_ok(load_elem(roi.p, b * roi.sb + y * roi.sy + x * roi.sx, roi.t))) m[kRoiBad] = 1.0;
+      if (lab.p && !label_ok(load_elem(lab.p, b * lab.sb + y * lab.sy + x * lab.sx, lab.t), ignore, K)) {
+        m[kLabelBad] = 1.0;
+      }
+    }
+    for (int j = 0; j < kNumStats; ++j) out[t * kNumStats + j] = m[j];
   }
 };
 

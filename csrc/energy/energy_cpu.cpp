@@ -41,9 +41,19 @@ at::Tensor inputs_backward_impl(const at::Tensor& grad, const std::optional<at::
   return dense_energy_inputs_backward(Exec{}, grad, rois.value_or(at::Tensor()), height, width, stride);
 }
 
+template <class Exec>
+at::Tensor input_stats_impl(const at::Tensor& images, const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                            const std::optional<at::Tensor>& labels, double ignore_index, bool distribution) {
+  check_energy_input_stats_args(images, seg, rois, labels);
+  return dense_energy_input_stats(Exec{}, images, seg, rois.value_or(at::Tensor()), labels.value_or(at::Tensor()),
+                                  ignore_index, distribution);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
+  m.impl("dense_energy_input_stats", &input_stats_impl<CpuExec>);
+  m.impl("_dense_energy_input_stats_emulated", &input_stats_impl<EmulatedCudaExec>);
   m.impl("dense_energy", &energy_cpu);
   m.impl("_dense_energy_emulated", &energy_emulated);
   m.impl("dense_energy_inputs", &inputs_impl<CpuExec>);

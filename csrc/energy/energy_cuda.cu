@@ -35,9 +35,18 @@ at::Tensor inputs_backward_cuda(const at::Tensor& grad, const std::optional<at::
   return dense_energy_inputs_backward(CudaExec{}, grad, rois.value_or(at::Tensor()), height, width, stride);
 }
 
+at::Tensor input_stats_cuda(const at::Tensor& images, const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                            const std::optional<at::Tensor>& labels, double ignore_index, bool distribution) {
+  check_energy_input_stats_args(images, seg, rois, labels);
+  const c10::cuda::CUDAGuard guard(seg.device());
+  return dense_energy_input_stats(CudaExec{}, images, seg, rois.value_or(at::Tensor()), labels.value_or(at::Tensor()),
+                                  ignore_index, distribution);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
+  m.impl("dense_energy_input_stats", &input_stats_cuda);
   m.impl("dense_energy", &energy_cuda);
   m.impl("dense_energy_inputs", &inputs_cuda);
   m.impl("dense_energy_inputs_backward", &inputs_backward_cuda);

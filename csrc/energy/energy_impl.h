@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>  // lattice_impl.h uses at::parallel_for (not pulled in by ATen.h under nvcc)
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -201,6 +202,86 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
     exec.for_each_item(B * K, height, width, f, 4);  // (image and class, input row), columns
   });
   return out;
+}
+
+inline Elem elem_of(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kByte:
+      return Elem::kU8;
+    case at::kChar:
+      return Elem::kI8;
+    case at::kShort:
+      return Elem::kI16;
+    case at::kInt:
+      return Elem::kI32;
+    case at::kLong:
+      return Elem::kI64;
+    case at::kHalf:
+      return Elem::kF16;
+    case at::kBFloat16:
+      return Elem::kBF16;
+    case at::kFloat:
+      return Elem::kF32;
+    case at::kDouble:
+      return Elem::kF64;
+    case at::kBool:
+      return Elem::kBool;
+    default:
+      TORCH_CHECK_TYPE(false, what, ": unsupported dtype ", t.scalar_type());
+  }
+  return Elem::kF64;
+}
+
+// A (B, C, H, W) or (B, H, W) tensor as a StridedView (absent: p = nullptr).
+inline StridedView strided_view(const at::Tensor& t, const char* what) {
+  if (!t.defined()) return StridedView{nullptr, Elem::kF64, 0, 0, 0, 0};
+  if (t.dim() == 3) return StridedView{t.data_ptr(), elem_of(t, what), t.stride(0), 0, t.stride(1), t.stride(2)};
+  return StridedView{t.data_ptr(), elem_of(t, what), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// The value checks' statistics of the loss's inputs in one pass (InputStatsFunctor), reduced on the
+// device: (kNumStats,) float64 maxima. images (B, c, H, W), probs (B, K, H, W), rois and labels
+// (B, H, W) or undefined, any dtypes and strides.
+template <class Exec>
+at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, const at::Tensor& probs,
+                                    const at::Tensor& rois, const at::Tensor& labels, double ignore_index,
+                                    bool distribution) {
+  const int64_t B = probs.size(0), K = probs.size(1), H = probs.size(2), W = probs.size(3);
+  const int64_t P = B * H * W;
+  constexpr bool kChunked = Exec::kChannelsPerThread == 0;  // the CPU: contiguous pixel ranges
+  // Threads: CUDA ~ one per resident thread slot of an H100 (132 SMs x 2048): a few pixels each, so
+  // that enough loads are in flight; the partials (T x 8 doubles, 17 MB) reduce in one amax.
+  const int64_t want = Exec::kIsCuda ? 262144 : (kChunked ? 4 * at::get_num_threads() : 256);
+  const int64_t T = std::max<int64_t>(1, std::min(P, want));
+  auto partial = at::empty({T, kNumStats}, probs.options().dtype(at::kDouble));
+  if (P == 0) {  // nothing to see: the initial values (-inf maxima, clear flags)
+    partial.fill_(-std::numeric_limits<double>::infinity());
+    partial.narrow(1, kRoiBad, 2).zero_();
+    return partial.amax(0);
+  }
+  const StridedView img = strided_view(images, "images"), roi = strided_view(rois, "rois"),
+                    lab = strided_view(labels, "labels");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "rrm_energy_input_stats", [&] {
+    InputStatsFunctor<scalar_t, kChunked> f{img,
+                                            roi,
+                                            lab,
+                                            probs.data_ptr<scalar_t>(),
+                                            probs.stride(0),
+                                            probs.stride(1),
+                                            probs.stride(2),
+                                            probs.stride(3),
+                                            images.size(1),
+                                            K,
+                                            H,
+                                            W,
+                                            P,
+                                            T,
+                                            ignore_index,
+                                            distribution,
+                                            partial.data_ptr<double>()};
+    exec.for_each(T, f, 1);
+  });
+  return partial.amax(0);
 }
 
 }  // namespace energy

@@ -97,3 +97,15 @@ for _name, _bwd in (
     torch.library.register_autograd(
         _name, _inputs_backward(getattr(torch.ops.rrm_cuda, _bwd)), setup_context=_inputs_setup_context
     )
+
+
+# ---- the value checks' statistics, one pass (no autograd: a check, not a function of the loss) ----
+
+
+def _input_stats_fake(images, segmentations, rois=None, labels=None, ignore_index=255.0, distribution=False):
+    torch._check(images.dim() == 4 and segmentations.dim() == 4)
+    return segmentations.new_empty((8,), dtype=torch.float64)
+
+
+for _name in ("rrm_cuda::dense_energy_input_stats", "rrm_cuda::_dense_energy_input_stats_emulated"):
+    torch.library.register_fake(_name)(_input_stats_fake)
