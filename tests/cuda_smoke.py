@@ -85,6 +85,27 @@ def main() -> None:
             b = ops.dense_energy(probs, gate, feats, m, mode)
             for k, (u, w) in enumerate(zip(a, b)):
                 close(f"dense_energy mode={mode} mass={m is not None} out{k}", u, w, 1e-10)
+    # the energy loss's inputs (downscale, ROI, gate) and its backward; its value-check statistics
+    seg = torch.softmax(torch.randn(2, 4, 13, 10, generator=g, dtype=torch.float64), 1)
+    roi = (torch.rand(2, 13, 10, generator=g) > 0.2).double()
+    unl = torch.rand(2, 13, 10, generator=g) > 0.7
+    for stride in (1, 2):
+        a = ops.dense_energy_inputs(seg.to(dev), roi.to(dev), unl.to(dev), stride, True)
+        b = ops.dense_energy_inputs(seg, roi, unl, stride, True)
+        for k, (u, w) in enumerate(zip(a, b)):
+            close(f"dense_energy_inputs stride={stride} out{k}", u, w, 0.0)
+        go = torch.randn(b[0].shape, generator=g, dtype=torch.float64)
+        u = ops.dense_energy_inputs_backward(go.to(dev), roi.to(dev), 13, 10, stride)
+        close(
+            f"dense_energy_inputs_backward stride={stride}",
+            u,
+            ops.dense_energy_inputs_backward(go, roi, 13, 10, stride),
+            0.0,
+        )
+    img = torch.randint(0, 256, (2, 3, 13, 10), generator=g, dtype=torch.uint8)
+    lab = torch.randint(0, 4, (2, 13, 10), generator=g)
+    a = ops.dense_energy_input_stats(img.to(dev), seg.float().to(dev), roi.to(dev), lab.to(dev), 255.0, True)
+    close("dense_energy_input_stats", a, ops.dense_energy_input_stats(img, seg.float(), roi, lab, 255.0, True), 1e-12)
     # BCD ops through the loss, forward and backward, float32 and float16
     for dtype in (torch.float32, torch.float16):
         feat = torch.randn(2, 16, 9, 11, generator=g).to(dtype)
