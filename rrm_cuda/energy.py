@@ -26,21 +26,6 @@ _COMPUTE_DTYPES = (torch.float32, torch.float64)
 _FUSED_STRIDES = {1.0: 1, 0.5: 2}
 
 
-# dtypes the one-pass statistics op reads (others, e.g. uint16 images, are converted first)
-_STATS_DTYPES = {
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-    torch.bool,
-}
-
-
 def _stats_aten(
     images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
 ) -> dict[str, float]:
