@@ -29,8 +29,9 @@ _FUSED_STRIDES = {1.0: 1, 0.5: 2}
 def _stats_aten(
     images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
 ) -> dict[str, float]:
-    """The check statistics by ATen reductions (the CPU path: its vectorised reductions beat the
-    one-pass op there, 11 against 22 ms at 8 x 21 x 321^2 on 2 cores), one read."""
+    """The check statistics by ATen reductions, one read. The CPU path: at 8 x 21 x 321^2 on 2 cores
+    ATen's vectorised reductions take 10-12 ms, the one-pass op 60-90 ms (22 ms even with row-wise
+    typed loops, which GCC left scalar: benchmarks/NOTES.md §8)."""
     K = probs.shape[1]
     st: dict[str, Tensor] = {}
     if images.numel():
