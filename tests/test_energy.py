@@ -367,6 +367,8 @@ def test_input_stats_op_opcheck_and_bad_arguments():
         ops.dense_energy_input_stats(images, probs.long(), rois, lab3, 255.0, True)
     with pytest.raises(TypeError, match="unsupported dtype"):
         ops.dense_energy_input_stats(images, probs, rois.to(torch.complex64), lab3, 255.0, True)
+    empty = ops.dense_energy_input_stats(images[:0], probs[:0], None, None, 255.0, True)  # no pixel
+    assert empty[:6].eq(-float("inf")).all() and empty[6:].eq(0).all()
 
 
 # ---------------------------------------------------------------------------------------------

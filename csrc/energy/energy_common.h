@@ -211,14 +211,9 @@ struct StridedView {
 };
 
 // Statistics, all maxima (minima negated) so that one amax over the threads' partials reduces
-// them; NaN propagates as through torch.amax (a NaN, once met, stays), so NaN inputs fail the range
-// checks. 0/1 flags for the ROIs and labels.
+// them; NaN propagates as through torch.amax (nan_max), so NaN inputs fail the range checks. 0/1
+// flags for the ROIs and labels.
 enum InputStat : int { kImgNegMin, kImgMax, kProbNegMin, kProbMax, kSumNegMin, kSumMax, kRoiBad, kLabelBad, kNumStats };
-
-// NaN-propagating running maximum (torch.amax's semantics: a NaN, once met, stays).
-RRM_HOST_DEVICE void stat_max(double& m, double v) {
-  if (m == m && (v > m || v != v)) m = v;
-}
 
 // ROI values must be 0 or 1 (NaN is neither); labels ignore_index or an integer in [0, K).
 RRM_HOST_DEVICE bool roi_ok(double v) { return v == 0.0 || v == 1.0; }
@@ -253,8 +248,8 @@ struct InputStatsFunctor {
       const int64_t io = b * img.sb + y * img.sy + x * img.sx;
       for (int64_t c = 0; c < C; ++c) {
         const double v = load_elem(img.p, io + c * img.sc, img.t);
-        stat_max(m[kImgNegMin], -v);
-        stat_max(m[kImgMax], v);
+        m[kImgNegMin] = nan_max(m[kImgNegMin], -v);
+        m[kImgMax] = nan_max(m[kImgMax], v);
       }
       const prob_t* pp = prob + b * psb + y * psy + x * psx;
       double sum = 0;
@@ -263,13 +258,13 @@ struct InputStatsFunctor {
 #endif
       for (int64_t k = 0; k < K; ++k) {  // unrolled: several loads in flight per thread
         const double v = static_cast<double>(pp[k * psk]);
-        stat_max(m[kProbNegMin], -v);
-        stat_max(m[kProbMax], v);
+        m[kProbNegMin] = nan_max(m[kProbNegMin], -v);
+        m[kProbMax] = nan_max(m[kProbMax], v);
         sum += v;
       }
       if (distribution) {
-        stat_max(m[kSumNegMin], -sum);
-        stat_max(m[kSumMax], sum);
+        m[kSumNegMin] = nan_max(m[kSumNegMin], -sum);
+        m[kSumMax] = nan_max(m[kSumMax], sum);
       }
       if (roi.p && !roi_ok(load_elem(roi.p, b * roi.sb + y * roi.sy + x * roi.sx, roi.t))) m[kRoiBad] = 1.0;
       if (lab.p && !label_ok(load_elem(lab.p, b * lab.sb + y * lab.sy + x * lab.sx, lab.t), ignore, K)) {

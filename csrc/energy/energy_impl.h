@@ -252,13 +252,13 @@ at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, 
   // Threads: CUDA ~ one per resident thread slot of an H100 (132 SMs x 2048): a few pixels each, so
   // that enough loads are in flight; the partials (T x 8 doubles, 17 MB) reduce in one amax.
   const int64_t want = Exec::kIsCuda ? 262144 : (kChunked ? 4 * at::get_num_threads() : 256);
-  const int64_t T = std::max<int64_t>(1, std::min(P, want));
-  auto partial = at::empty({T, kNumStats}, probs.options().dtype(at::kDouble));
   if (P == 0) {  // nothing to see: the initial values (-inf maxima, clear flags)
-    partial.fill_(-std::numeric_limits<double>::infinity());
-    partial.narrow(1, kRoiBad, 2).zero_();
-    return partial.amax(0);
+    auto none = at::full({kNumStats}, -std::numeric_limits<double>::infinity(), probs.options().dtype(at::kDouble));
+    none.narrow(0, kRoiBad, 2).zero_();
+    return none;
   }
+  const int64_t T = std::min(P, want);
+  auto partial = at::empty({T, kNumStats}, probs.options().dtype(at::kDouble));
   const StridedView img = strided_view(images, "images"), roi = strided_view(rois, "rois"),
                     lab = strided_view(labels, "labels");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "rrm_energy_input_stats", [&] {
