@@ -81,6 +81,9 @@ def metadata(device: torch.device) -> dict:
         meta["gpu"] = props.name
         meta["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         meta["cuda"] = torch.version.cuda
+        from rrm_cuda import _C
+
+        meta["splat_tile"] = _C.splat_tile()  # launch order of the splat chunks (results do not depend on it)
     return meta
 
 

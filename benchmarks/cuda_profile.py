@@ -126,6 +126,23 @@ def main() -> None:
         res["energy fwd+bwd [rloss], check_inputs=False, F.interpolate path"] = event_ms(lambda: energy_fb(m3))
     finally:
         E._FUSED_STRIDES.update(saved)
+    # A/B in the same process: the splat chunks launched in vertex order (tile 0) and by pixel tiles
+    # of several sizes (rrm_cuda._C.set_splat_tile; the results are bitwise the same). Lattices are built
+    # per call, except the cached position lattice: the cache is cleared around the switch.
+    from rrm_cuda import _C
+
+    tile = _C.splat_tile()
+    for t in sorted({0, 16, tile, 256}):
+        tag = f"tile {t}" if t else "vertex order"
+        _C.set_splat_tile(t)
+        rrm_cuda.clear_lattice_cache()
+        res[f"A/B splat {tag}: dense_crf op alone"] = event_ms(raw)
+        res[f"A/B splat {tag}: dense_crf op batch 8"] = event_ms(  # ub, pb, bb: the batch-8 inputs above
+            lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations), reps=10
+        )
+        res[f"A/B splat {tag}: energy fwd+bwd [rloss], unchecked"] = event_ms(lambda: energy_fb(m3))
+    _C.set_splat_tile(tile)
+    rrm_cuda.clear_lattice_cache()
     # BCD loss at RRM's ResNet-38 setting: batch 4, 4096-channel features at 41x41, 21 classes
     gb = torch.Generator(device=dev).manual_seed(0)
     seg = torch.randn(4, 21, 41, 41, device=dev, generator=gb)

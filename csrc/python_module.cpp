@@ -79,6 +79,19 @@ PyObject* clear_lattice_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* splat_tile(PyObject*, PyObject*) { return PyLong_FromLongLong(rrm::lattice::splat_tile()); }
+
+PyObject* set_splat_tile(PyObject*, PyObject* arg) {
+  const long long n = PyLong_AsLongLong(arg);
+  if (n == -1 && PyErr_Occurred()) return nullptr;
+  if (n < 0) {
+    PyErr_SetString(PyExc_ValueError, "pixels must be >= 0 (0: vertex order)");
+    return nullptr;
+  }
+  rrm::lattice::set_splat_tile(n);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"lattice_cache_info", lattice_cache_info, METH_NOARGS,
      "Entries, capacity, hits, misses and bytes of the lattice cache of constant features."},
@@ -86,6 +99,10 @@ PyMethodDef methods[] = {
      "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,
      "Drop every cached lattice and zero the hit/miss counters."},
+    {"splat_tile", splat_tile, METH_NOARGS,
+     "Pixels per tile by which the CUDA splat orders its launch (0: vertex order). Results do not depend on it."},
+    {"set_splat_tile", set_splat_tile, METH_O,
+     "Set the CUDA splat's launch-order tile for lattices built from now on (a benchmark knob; 0: vertex order)."},
     {"build_info", build_info, METH_NOARGS, "Build configuration of the extension (CUDA, OpenMP, compiler)."},
     {"parallel_threads_used", parallel_threads_used, METH_O,
      "Distinct threads used by at::parallel_for over n items inside the extension."},

@@ -80,6 +80,61 @@ def test_emulated_cuda_launch_matches_cpu(dtype):
             )
 
 
+@pytest.fixture
+def splat_tile():
+    """Sets the splat's launch-order tile for the test and restores it afterwards."""
+    from rrm_cuda import _C
+
+    saved = _C.splat_tile()
+    yield _C.set_splat_tile
+    _C.set_splat_tile(saved)
+
+
+def test_splat_launch_order_does_not_change_results(splat_tile):
+    # The GPU splat launches its chunks in the order of their first pixel's tile (the rows of Q a
+    # pixel's d+1 vertices gather then come from one L1); each chunk's sum and its row stay those of
+    # the vertex order, so the results are bitwise the same for any tile, 0 (vertex order) included.
+    # Photographs (long bilateral lists, many chunks per tile) and a 3-D noise lattice (short ones);
+    # shared lattices in the mean field (8 unaries on 2 lattices); the energy loss's three modes.
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()[:96, :120].copy()).permute(2, 0, 1)[None]
+    img = torch.cat([img, torch.from_numpy(data.chelsea()[:96, :120].copy()).permute(2, 0, 1)[None]])
+    bil = rrm_cuda.bilateral_features(img, 20.0, 13.0)
+    pos = rrm_cuda.position_features(1, (96, 120), 3.0)
+    g = torch.Generator().manual_seed(3)
+    v = torch.rand(2, 6, 96 * 120, generator=g)
+    noise = torch.randn(2, 3, 96 * 120, generator=g) * 3
+    u = torch.rand(8, 4, 96 * 120, generator=g) * 3
+    compat = torch.stack([-3 * torch.eye(4), -10 * torch.eye(4)])
+    probs = torch.softmax(u[:2], 1)
+    gate = torch.rand(2, 96 * 120, generator=g)
+
+    def run():
+        feats = (bil, pos.expand(2, -1, -1), noise)
+        out = [ops._permutohedral_filter_emulated(v, f, rev) for f in feats for rev in (False, True)]
+        out.append(ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 0], 3))
+        out += [ops._dense_energy_emulated(probs, gate, bil, None, mode)[0] for mode in (0, 1, 2)]
+        return out
+
+    splat_tile(0)
+    ref = run()
+    for tile in (1, 7, 64, 4096, 10**9):
+        splat_tile(tile)
+        for a, b in zip(run(), ref):
+            assert torch.equal(a, b), tile
+
+
+def test_splat_tile_setter():
+    from rrm_cuda import _C
+
+    saved = _C.splat_tile()
+    assert saved >= 0
+    with pytest.raises(ValueError, match="pixels must be >= 0"):
+        _C.set_splat_tile(-1)
+    assert _C.splat_tile() == saved
+
+
 def test_hash_table_growth():
     # Images whose lattice outgrows the first hash table (sized for E/16 points) next to sparse ones:
     # the overflowed build is redone with a larger table, on the CPU and in the emulated launch.
@@ -251,6 +306,19 @@ def test_cuda_matches_cpu(cuda):
                 b = ops.permutohedral_filter(v.to(cuda), f.to(cuda), rev).cpu()
                 tol = 1e-5 if dtype == torch.float32 else 1e-12
                 torch.testing.assert_close(b, a, rtol=tol, atol=tol * float(a.abs().max()))
+
+
+@pytest.mark.cuda
+def test_cuda_splat_launch_order(cuda, splat_tile):
+    # the tile-ordered launch of the splat chunks gives the vertex order's bits on the device too
+    v, f = _inputs(B=2, C=21, N=20000, d=5, dtype=torch.float32)
+    v, f = v.to(cuda), f.to(cuda)
+    splat_tile(0)
+    ref = [ops.permutohedral_filter(v, f, rev) for rev in (False, True)]
+    for tile in (1, 64, 10**9):
+        splat_tile(tile)
+        for rev in (False, True):
+            assert torch.equal(ops.permutohedral_filter(v, f, rev), ref[rev]), tile
 
 
 @pytest.mark.cuda

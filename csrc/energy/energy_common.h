@@ -27,21 +27,22 @@ constexpr int kTile = 32;
 // Gradient modes of the op (schema: csrc/rrm.cpp).
 enum GradMode : int64_t { kNoGrad = 0, kRlossGrad = 1, kExactGrad = 2 };
 
-// Channel-major (B, K, N) probabilities -> pixel-major (B, N, C) lattice input, C = K or K + 1; the
-// extra channel is all ones (its filter is W 1, the constant of the non-negative form).
+// Channel-major (B, K, N) probabilities -> pixel-major (B, N, Cs) lattice input, C = K or K + 1; the
+// extra channel is all ones (its filter is W 1, the constant of the non-negative form); channels
+// [C, Cs) are zero padding (CUDA's float4 rows).
 // One call per (image b, pixel i, channels [c0, c1)): all channels on the CPU, one per thread on
 // CUDA, c fastest, so that a warp writes consecutive entries of the output (the reads of a channel
 // row are reused from L1 by the threads of the next pixels).
 template <typename scalar_t>
 struct PackFunctor {
   const scalar_t* probs;  // (B, K, N)
-  scalar_t* out;          // (B, N, C)
-  int64_t N, K, C;
+  scalar_t* out;          // (B, N, Cs)
+  int64_t N, K, C, Cs;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
-    scalar_t* o = out + (b * N + i) * C;
+    scalar_t* o = out + (b * N + i) * Cs;
     const scalar_t* p = probs + b * K * N + i;
-    for (int64_t c = c0; c < c1; ++c) o[c] = c < K ? p[c * N] : scalar_t(1);
+    for (int64_t c = c0; c < c1; ++c) o[c] = c < K ? p[c * N] : c < C ? scalar_t(1) : scalar_t(0);
   }
 };
 

@@ -4,12 +4,11 @@
 //
 // One lattice per image, shared by all K channels (lattice::build); one splat and d+1 blurs over
 // all channels at once (the lattice's SplatChunkFunctor / BlurFunctor). The exact gradient's
-// second half, W^T (S s), is one more splat (pre-multiplied by the gate) and blur in reverse axis
-// order on the same lattice. Then one slice per pixel (EnergySliceFunctor) reads both blurred
-// lattices and writes the pixel's energy term and its whole gradient column, fused with the gate,
-// the masked probabilities and the dot product. All of it runs in the forward call so that the
-// backward is a product with the saved direction: no lattice is rebuilt and nothing is filtered in
-// the backward.
+// second half, W^T (S s), is one more splat (pre-multiplied by the gate; on CUDA summed in the
+// forward splat's pass over the lists and rows) and blur in reverse axis order on the same lattice. Then one slice per
+// pixel (EnergySliceFunctor) reads both blurred lattices and writes the pixel's energy term and its whole gradient
+// column, fused with the gate, the masked probabilities and the dot product. All of it runs in the forward call so that
+// the backward is a product with the saved direction: no lattice is rebuilt and nothing is filtered in the backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -55,16 +54,24 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   const lattice::Lattice lat = lattice::build(exec, features.contiguous(), chunk);
   const int64_t E = lat.E, M = lat.M;
   const int d = lat.d;
-  auto in = at::empty({B, N, C}, probs.options());
   auto terms = at::empty({B, N}, probs.options());  // every pixel writes its term
-  // CPU lattice rows are padded to a multiple of 8 channels, as lattice::filter does.
+  // Lattice rows: padded to a multiple of 8 channels on the CPU, as lattice::filter does (one AVX
+  // register), and of 4 on CUDA and its emulation, whose input rows are padded likewise (zeros):
+  // float4 rows, so that the splat's chunk sums and the blurs take four channels per thread, the
+  // fused mean field's configuration (an H100's blur: 8.5 -> 4.4 us per 512x512x21 launch, session
+  // 7). The sums of every channel are those of one channel per thread.
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
-  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
+  constexpr int V = kCpu ? 1 : 4;
+  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : (C + 3) / 4 * 4;
+  const int64_t Cin = kCpu ? C : Cs;  // row stride of the packed input
+  auto in = at::empty({B, N, Cin}, probs.options());
   // Lattice buffers: the forward blur ping-pongs between the first two; the exact gradient's
-  // reverse blur between the one the forward did not end in and the third.
+  // reverse blur between the one the forward did not end in and the third on the CPU, between the
+  // third and fourth on CUDA (both splats in one pass, before either blur).
   lattice::FilterWorkspace ws;
-  at::Tensor bufs[3];
-  for (int k = 0; k < (grad_mode == kExactGrad ? 3 : 2); ++k) bufs[k] = at::empty({B, M, Cs}, probs.options());
+  at::Tensor bufs[4];
+  const int nbufs = grad_mode != kExactGrad ? 2 : kCpu ? 3 : 4;
+  for (int k = 0; k < nbufs; ++k) bufs[k] = at::empty({B, M, Cs}, probs.options());
   const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
@@ -76,31 +83,40 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     const scalar_t* gate_p = g.data_ptr<scalar_t>();
     scalar_t* grad_p = grad_mode == kNoGrad ? nullptr : grad.data_ptr<scalar_t>();
 
-    // Splat (optionally pre-multiplied per pixel) into buffer `first` and blur every channel, as
-    // lattice::filter does before its slice, ping-ponging with buffer `second`; returns the index
-    // of the buffer that holds the result.
-    auto splat_blur = [&](const scalar_t* pre, bool reverse, int first, int second) -> int {
+    // Blur every channel of buffer `first` (a splat), as lattice::filter does before its slice,
+    // ping-ponging with buffer `second`; returns the index of the buffer that holds the result.
+    auto blur = [&](bool reverse, int first, int second) -> int {
       scalar_t* cur = bufs[first].data_ptr<scalar_t>();
       scalar_t* nxt = bufs[second].data_ptr<scalar_t>();
-      if constexpr (kCpu) {
-        lattice::splat_scatter_cpu<scalar_t>(lat, in_p, pre, cur, C, Cs, ws);
-      } else {
-        lattice::splat_gather<Exec, scalar_t>(exec, lat, in_p, pre, cur, C, ws, grain);
-      }
       for (int s = 0; s <= d; ++s) {
         const int j = reverse ? d - s : s;
-        exec.for_each_item(B, M, Cs, lattice::BlurFunctor<scalar_t>{cur, nxt, nbr, M, Cs, d, j, B}, grain);
+        exec.for_each_item(B, M, Cs / V, lattice::BlurFunctor<scalar_t, V>{cur, nxt, nbr, M, Cs, d, j, B}, grain);
         std::swap(cur, nxt);
         std::swap(first, second);
       }
       return first;
     };
 
-    exec.for_each_item(B, N, C, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C}, grain);
-    const int fwd = splat_blur(nullptr, false, 0, 1);
-    // The exact gradient's second half, W^T (S s): the splat of S s blurred in reverse order, on
-    // the buffers the forward result is not in; sliced together with the forward below.
-    const int adj = grad_mode == kExactGrad ? splat_blur(gate_p, true, 1 - fwd, 2) : -1;
+    exec.for_each_item(B, N, Cin, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C, Cin}, grain);
+    // The forward W s: the splat of s blurred. The exact gradient's second half, W^T (S s): the
+    // splat of S s blurred in reverse order; sliced together with the forward below. The CPU splats
+    // by scatter, one splat after the other; CUDA gathers both splats' rows in one pass.
+    const bool exact = grad_mode == kExactGrad;
+    int fwd = 0, adj = -1;
+    if constexpr (kCpu) {
+      lattice::splat_scatter_cpu<scalar_t>(lat, in_p, nullptr, bufs[0].data_ptr<scalar_t>(), C, Cs, ws);
+      fwd = blur(false, 0, 1);
+      if (exact) {
+        lattice::splat_scatter_cpu<scalar_t>(lat, in_p, gate_p, bufs[1 - fwd].data_ptr<scalar_t>(), C, Cs, ws);
+        adj = blur(true, 1 - fwd, 2);
+      }
+    } else {
+      lattice::splat_gather<Exec, scalar_t, V>(exec, lat, in_p, nullptr, bufs[0].data_ptr<scalar_t>(), Cs, ws, grain,
+                                               exact ? gate_p : nullptr,
+                                               exact ? bufs[2].data_ptr<scalar_t>() : nullptr);
+      fwd = blur(false, 0, 1);
+      if (exact) adj = blur(true, 2, 3);
+    }
     const scalar_t grad_scale = grad_mode == kRlossGrad ? scalar_t(-2) : scalar_t(-1);
     auto slice = [&](auto tiled, auto fixed_d) {
       constexpr bool kTiled = decltype(tiled)::value;

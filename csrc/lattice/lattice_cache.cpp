@@ -1,6 +1,7 @@
 // The lattice cache (lattice_cache.h): a small LRU list under one mutex.
 #include "lattice/lattice_cache.h"
 
+#include <atomic>
 #include <list>
 #include <mutex>
 #include <string>
@@ -61,6 +62,8 @@ Store& store() {
   return *s;
 }
 
+std::atomic<int64_t> g_splat_tile{kDefaultSplatTile};
+
 bool cacheable(const at::Tensor& f) { return f.defined() && !f.is_inference() && f.numel() > 0; }
 
 int64_t nbytes(const at::Tensor& t) { return t.defined() ? static_cast<int64_t>(t.nbytes()) : 0; }
@@ -120,8 +123,9 @@ CacheStats cache_stats() {
   st.misses = s.misses;
   for (const auto& it : s.items) {
     const Lattice& l = it.entry->lat;
-    for (const at::Tensor* t : {&l.entry_vertex, &l.entry_weight, &l.num_vertices, &l.neighbors, &l.offsets,
-                                &l.splat_pixel, &l.splat_weight, &l.chunk_offsets, &l.chunk_begin, &l.chunk_end})
+    for (const at::Tensor* t :
+         {&l.entry_vertex, &l.entry_weight, &l.num_vertices, &l.neighbors, &l.offsets, &l.splat_pixel, &l.splat_weight,
+          &l.chunk_offsets, &l.chunk_begin, &l.chunk_end, &l.chunk_slot})
       st.bytes += nbytes(*t);
     for (const auto& n : it.entry->norm) st.bytes += nbytes(n);
   }
@@ -141,6 +145,9 @@ void cache_clear() {
   s.items.clear();
   s.hits = s.misses = 0;
 }
+
+int64_t splat_tile() { return g_splat_tile.load(std::memory_order_relaxed); }
+void set_splat_tile(int64_t pixels) { g_splat_tile.store(pixels < 0 ? 0 : pixels, std::memory_order_relaxed); }
 
 }  // namespace lattice
 }  // namespace rrm

@@ -27,13 +27,23 @@ namespace lattice {
 //                 grouped by vertex, in increasing entry order (splat as a deterministic gather);
 //                 built for CUDA and its emulation only (the CPU splats by scatter)
 //   chunk_offsets (B, M+1) int32, chunk_begin / chunk_end (B, K) int32: the splat lists cut into
-//                 chunks of at most kSplatChunk entries (K bounds the chunks of any image), CUDA only
+//                 chunks of at most kSplatChunk entries (K bounds the chunks of any image), CUDA only;
+//                 chunk_offsets number them vertex by vertex, chunk_begin / chunk_end list them in
+//                 launch order (ChunkTileKeyFunctor), chunk_slot (B, K) int32 gives each launch
+//                 slot's vertex-order number (undefined when the two orders are the same)
 struct Lattice {
   int64_t B = 0, N = 0, E = 0, M = 0, K = 0;
   int d = 0;
   at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, splat_pixel, splat_weight;
-  at::Tensor chunk_offsets, chunk_begin, chunk_end;
+  at::Tensor chunk_offsets, chunk_begin, chunk_end, chunk_slot;
 };
+
+// Tile (consecutive pixels) by which the CUDA splat orders its chunks' launch (ChunkTileKeyFunctor);
+// 0: vertex order. Read by each lattice build; default kDefaultSplatTile. A tuning knob for
+// benchmarks (rrm_cuda._C.set_splat_tile): the results do not depend on it.
+constexpr int64_t kDefaultSplatTile = 64;
+int64_t splat_tile();
+void set_splat_tile(int64_t pixels);
 
 // A cached term: its lattice and, per normalization mode 0..2, its normaliser once computed
 // (read and set through cache_norm / cache_set_norm). Lattice tensors are never written after the

@@ -445,6 +445,51 @@ struct ChunkRangeFunctor {
   }
 };
 
+// Launch order of the splat chunks (CUDA and its emulation). Chunks are numbered vertex by vertex,
+// the order in which SplatReduceFunctor reads their sums; but a pixel's d+1 vertices lie far apart
+// in that numbering, so the threads that gather a pixel's row of Q for its d+1 vertices run in
+// different blocks, at different times, and each row crosses from L2 d+1 times. Launched in the
+// order of the tile (`tile` consecutive pixels) of their first pixel instead, the chunks that read
+// the same rows run side by side in one block (an L1 of the same SM). Only the launch order
+// changes: every chunk's sum, and the row it is written to (chunk_slot), stay the same, so the
+// results are bitwise those of the vertex order (tests/test_permutohedral_filter.py).
+// Keys: chunk k of image b -> b (ntiles + 1) + tile of its first pixel; empty chunk slots last.
+template <typename key_t>
+struct ChunkTileKeyFunctor {
+  const int32_t* chunk_begin;  // (B, K)
+  const int32_t* chunk_end;    // (B, K)
+  const int32_t* splat_pixel;  // (B, E)
+  key_t* keys;                 // (B K,) out
+  int64_t E, K, tile, ntiles;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t, int64_t) const {
+    const int64_t t = b * K + k;
+    const int32_t s0 = chunk_begin[t], s1 = chunk_end[t];
+    const int64_t tl = s0 < s1 ? splat_pixel[b * E + s0] / tile : ntiles;
+    keys[t] = static_cast<key_t>(b * (ntiles + 1) + tl);
+  }
+};
+
+// The chunk tables in launch order: slot k of image b takes chunk o = order[b K + k] - b K (the
+// keys are image-major, so image b's chunks sort into [b K, (b+1) K)); its sum goes to row o.
+struct ChunkPermuteFunctor {
+  const int64_t* order;     // (B K,) the stable sort's permutation of ChunkTileKeyFunctor's keys
+  const int32_t* begin_in;  // (B, K) vertex order
+  const int32_t* end_in;    // (B, K)
+  int32_t* begin_out;       // (B, K) launch order
+  int32_t* end_out;         // (B, K)
+  int32_t* slot_out;        // (B, K) row of the chunk's sum (its vertex-order number)
+  int64_t K;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t, int64_t) const {
+    const int64_t t = b * K + k;
+    const int64_t o = order[t] - b * K;
+    begin_out[t] = begin_in[b * K + o];
+    end_out[t] = end_in[b * K + o];
+    slot_out[t] = static_cast<int32_t>(o);
+  }
+};
+
 // dst[0, W) = row[0, W), a row of global memory (float4 loads through the read-only path on CUDA).
 template <typename scalar_t, int W>
 RRM_HOST_DEVICE void row_load(scalar_t* dst, const scalar_t* row) {
@@ -503,32 +548,42 @@ RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
 // (each entry's row load waits for its index load; one entry at a time, a 32-entry chunk waited 64
 // memory latencies). The sums, and so the results, are those of the one-entry loop. Lists of lattice
 // b % LB (shared lattices).
-template <typename scalar_t, int V = 1>
+template <typename scalar_t, int V = 1, bool kPair = false>
 struct SplatChunkFunctor {
   static constexpr int U = V == 1 ? 8 : 4;  // entries in flight per thread
   const scalar_t* in;                       // (B, N, C)
   const scalar_t* pre;                      // (LB, N) per-pixel factor, or nullptr
-  const int32_t* chunk_begin;               // (LB, K)
+  const int32_t* chunk_begin;               // (LB, K) in launch order
   const int32_t* chunk_end;                 // (LB, K)
   const int32_t* splat_pixel;               // (LB, E)
   const scalar_t* splat_weight;             // (LB, E)
-  scalar_t* partial;                        // (B, K, C) out
+  scalar_t* partial;                        // (B, K, C) out, rows in vertex order
   int64_t N, E, K, C, LB;
+  const int32_t* chunk_slot;  // (LB, K): row of partial for launch slot k (ChunkPermuteFunctor), or nullptr: k
+  // kPair: a second splat of the same rows, pre-multiplied by pre2 (the energy loss's exact gradient
+  // splats s and S s), sums into partial2 from one read of the lists and rows; each sum's arithmetic
+  // is that of a separate launch with pre = pre2 (w * pre2[i], then the products in entry order).
+  // A template flag: the second sums' registers (56 -> 70 in the mean field's float4 splat, which
+  // is one block fewer per SM) stay out of the kernels that do not use them.
+  const scalar_t* pre2 = nullptr;  // (LB, N)
+  scalar_t* partial2 = nullptr;    // (B, K, C) out
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t g0, int64_t g1) const {
     const int64_t lb = b < LB ? b : b % LB;
     const int64_t t = lb * K + k;
     const int64_t s0 = chunk_begin[t], s1 = chunk_end[t];
+    scalar_t* const out = partial + (b * K + (chunk_slot ? chunk_slot[t] : k)) * C;  // this chunk's row
     const int32_t* pix = splat_pixel + lb * E;
     const scalar_t* wb = splat_weight + lb * E;
     const scalar_t* xb = in + b * N * C;
     const scalar_t* pb = pre ? pre + lb * N : nullptr;
+    const scalar_t* p2 = kPair ? pre2 + lb * N : nullptr;
     for (int64_t g = g0; g < g1; ++g) {
-      scalar_t acc[V];
-      for (int c = 0; c < V; ++c) acc[c] = 0;
+      scalar_t acc[V], acc2[V];
+      for (int c = 0; c < V; ++c) acc[c] = acc2[c] = 0;
       for (int64_t p = s0; p < s1; p += U) {
         int64_t i[U];
-        scalar_t w[U];
+        scalar_t w[U], w2[U];
         scalar_t x[U][V];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -536,6 +591,12 @@ struct SplatChunkFunctor {
         for (int u = 0; u < U; ++u) {
           i[u] = p + u < s1 ? pix[p + u] : 0;
           w[u] = p + u < s1 ? wb[p + u] : scalar_t(0);
+        }
+        if constexpr (kPair) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int u = 0; u < U; ++u) w2[u] = p + u < s1 ? w[u] * p2[i[u]] : scalar_t(0);
         }
         if (pb) {
 #if defined(__CUDA_ARCH__)
@@ -560,8 +621,17 @@ struct SplatChunkFunctor {
         for (int u = 0; u < U; ++u)
           if (p + u < s1)
             for (int c = 0; c < V; ++c) acc[c] += w[u] * x[u][c];
+        if constexpr (kPair) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+          for (int u = 0; u < U; ++u)
+            if (p + u < s1)
+              for (int c = 0; c < V; ++c) acc2[c] += w2[u] * x[u][c];
+        }
       }
-      row_copy<scalar_t, V>(partial + (b * K + k) * C + V * g, acc);
+      row_copy<scalar_t, V>(out + V * g, acc);
+      if constexpr (kPair) row_copy<scalar_t, V>(partial2 + (out - partial) + V * g, acc2);
     }
   }
 };

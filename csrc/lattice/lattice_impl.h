@@ -20,6 +20,8 @@
 namespace rrm {
 namespace lattice {
 
+inline const int32_t* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<int32_t>() : nullptr; }
+
 inline int64_t next_pow2(int64_t x) {
   int64_t p = 1;
   while (p < x) p <<= 1;
@@ -72,6 +74,29 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
                                                   lat.splat_pixel.data_ptr<int32_t>(),
                                                   lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
   });
+  // Launch order of the chunks: by the tile of their first pixel (ChunkTileKeyFunctor), a stable
+  // sort of (image, tile) keys over their significant bits, then the tables permuted.
+  const int64_t tile = splat_tile();
+  if (tile <= 0) return;
+  const int64_t K = lat.K, ntiles = (lat.N + tile - 1) / tile;
+  auto tile_order = [&](auto key_zero) -> at::Tensor {
+    using key_t = decltype(key_zero);
+    const at::Tensor keys = at::empty({B * K}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
+    exec.for_each_item(
+        B, K, 1,
+        ChunkTileKeyFunctor<key_t>{lat.chunk_begin.data_ptr<int32_t>(), lat.chunk_end.data_ptr<int32_t>(),
+                                   lat.splat_pixel.data_ptr<int32_t>(), keys.data_ptr<key_t>(), E, K, tile, ntiles});
+    return std::get<1>(exec.sort_keys(keys, B * (ntiles + 1) - 1));
+  };
+  const at::Tensor corder = B * (ntiles + 1) < (int64_t(1) << 31) ? tile_order(int32_t{0}) : tile_order(int64_t{0});
+  auto tables = at::empty({3, B, K}, iopt);
+  int32_t* tb = tables.data_ptr<int32_t>();
+  exec.for_each_item(B, K, 1,
+                     ChunkPermuteFunctor{corder.data_ptr<int64_t>(), lat.chunk_begin.data_ptr<int32_t>(),
+                                         lat.chunk_end.data_ptr<int32_t>(), tb, tb + B * K, tb + 2 * B * K, K});
+  lat.chunk_begin = tables[0];
+  lat.chunk_end = tables[1];
+  lat.chunk_slot = tables[2];
 }
 
 // CPU vertex numbering (AssignFunctor's job): owner entries take ids in increasing entry order, as
@@ -232,29 +257,43 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
 
 // Work buffers of one filter call, reusable across calls on the same lattice and channel count.
 struct FilterWorkspace {
-  at::Tensor a, b;     // (B, M, C)
-  at::Tensor partial;  // CPU splat: (threads, M, C); CUDA splat: (B, K, C) chunk sums
+  at::Tensor a, b;      // (B, M, C)
+  at::Tensor partial;   // CPU splat: (threads, M, C); CUDA splat: (B, K, C) chunk sums
+  at::Tensor partial2;  // CUDA splat's second sums (splat_gather's pre2), (B, K, C)
 };
 
 // Splat for CUDA and its emulation: chunk sums, then per-vertex sums of the chunks (see
-// SplatChunkFunctor). out: (B, M, C).
-template <class Exec, typename scalar_t>
+// SplatChunkFunctor; V channels per thread of the chunk sums, C a multiple of V). out: (B, M, C).
+// With out2, the same pass also splats pre2 * in into out2 (the splats of in with pre and with pre2).
+template <class Exec, typename scalar_t, int V = 1>
 void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out,
-                  int64_t C, FilterWorkspace& ws, int64_t grain) {
+                  int64_t C, FilterWorkspace& ws, int64_t grain, const scalar_t* pre2 = nullptr,
+                  scalar_t* out2 = nullptr) {
   const int64_t B = lat.B, K = lat.K;
-  if (!ws.partial.defined() || ws.partial.size(1) != K || ws.partial.size(2) != C)
-    ws.partial = at::empty({B, K, C}, lat.entry_weight.options());
-  scalar_t* part = ws.partial.data_ptr<scalar_t>();
-  exec.for_each_item(
-      B, K, C,
-      SplatChunkFunctor<scalar_t>{in, pre, lat.chunk_begin.data_ptr<int32_t>(), lat.chunk_end.data_ptr<int32_t>(),
-                                  lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), part,
-                                  lat.N, lat.E, K, C, lat.B},
-      grain);
-  exec.for_each_item(B, lat.M, C,
-                     SplatReduceFunctor<scalar_t>{part, lat.chunk_offsets.data_ptr<int32_t>(),
-                                                  lat.num_vertices.data_ptr<int32_t>(), out, lat.M, K, C, lat.B},
-                     grain);
+  auto fit = [&](at::Tensor& t) {
+    if (!t.defined() || t.size(1) != K || t.size(2) != C) t = at::empty({B, K, C}, lat.entry_weight.options());
+    return t.data_ptr<scalar_t>();
+  };
+  scalar_t* part = fit(ws.partial);
+  scalar_t* part2 = out2 ? fit(ws.partial2) : nullptr;
+  auto chunk_sums = [&](auto pair) {  // the second sums compiled in only where used (SplatChunkFunctor)
+    using F = SplatChunkFunctor<scalar_t, V, decltype(pair)::value>;
+    exec.for_each_item(B, K, C / V,
+                       F{in, pre, lat.chunk_begin.data_ptr<int32_t>(), lat.chunk_end.data_ptr<int32_t>(),
+                         lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), part, lat.N, lat.E,
+                         K, C, lat.B, ptr_or_null(lat.chunk_slot), pre2, part2},
+                       grain);
+  };
+  if (out2)
+    chunk_sums(std::true_type{});
+  else
+    chunk_sums(std::false_type{});
+  for (int k = 0; k < (out2 ? 2 : 1); ++k)
+    exec.for_each_item(
+        B, lat.M, C,
+        SplatReduceFunctor<scalar_t>{k ? part2 : part, lat.chunk_offsets.data_ptr<int32_t>(),
+                                     lat.num_vertices.data_ptr<int32_t>(), k ? out2 : out, lat.M, K, C, lat.B},
+        grain);
 }
 
 // CPU splat: each thread scatters a contiguous range of pixels of image b into its own (M, C)
@@ -527,6 +566,7 @@ inline Lattice tile(const Lattice& lat, int64_t reps) {
   t.chunk_offsets = rep(lat.chunk_offsets);
   t.chunk_begin = rep(lat.chunk_begin);
   t.chunk_end = rep(lat.chunk_end);
+  t.chunk_slot = rep(lat.chunk_slot);
   return t;
 }
 
@@ -698,7 +738,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
                                                 lat.E,
                                                 lat.K,
                                                 W,
-                                                lat.B};
+                                                lat.B,
+                                                ptr_or_null(lat.chunk_slot)};
     splat.n[t] = lat.K;
     reduce.f[t] = SplatReduceFunctor<scalar_t>{part[t].data_ptr<scalar_t>(),
                                                lat.chunk_offsets.data_ptr<int32_t>(),
