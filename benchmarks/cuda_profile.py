@@ -126,6 +126,15 @@ def main() -> None:
         res["energy fwd+bwd [rloss], check_inputs=False, F.interpolate path"] = event_ms(lambda: energy_fb(m3))
     finally:
         E._FUSED_STRIDES.update(saved)
+    # A/B in the same process: the checked loss reading its statistics before queuing the op (the
+    # old order) against after it (E._DEFER_CHECKS)
+    for defer in (False, True):
+        E._DEFER_CHECKS = defer
+        m4 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="rloss")
+        res[f"A/B energy fwd+bwd [rloss], checked, checks {'deferred' if defer else 'read first'}"] = event_ms(
+            lambda: energy_fb(m4)
+        )
+    E._DEFER_CHECKS = True
     # A/B in the same process: the splat chunks launched in vertex order (tile 0) and by pixel tiles
     # of several sizes (rrm_cuda._C.set_splat_tile; the results are bitwise the same). Lattices are built
     # per call, except the cached position lattice: the cache is cleared around the switch.

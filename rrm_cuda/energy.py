@@ -12,6 +12,8 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,16 +85,29 @@ _STATS_DTYPES = {
 }
 # the one-pass op on the CPU too (tests: both paths make the same decisions)
 _STATS_OP_ON_CPU = False
+# Where the one-pass op runs (GPUs), the checked loss reads its statistics after ops.dense_energy is
+# queued: the copy to the host is queued behind the statistics, and by the time the op returns (it
+# reads its lattice's size) the copy is done, so the read costs no wait of its own. Reading first
+# would drain the queue and leave the GPU idle while the host prepares the op. A bad input then
+# raises after the op ran on it, which is safe: the lattice's embedding gives NaN, Inf or
+# out-of-range features no weight (the unchecked path relies on the same). The images' range is
+# taken as [0, 255] for the lattice-key bound meanwhile; if that bound fails, the statistics are
+# read first, as without deferral.
+_DEFER_CHECKS = True
 
 
 def _stats_op(
     images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
-) -> dict[str, float]:
+) -> Callable[[], dict[str, float]]:
     """The check statistics in one pass over all four inputs (``ops.dense_energy_input_stats``: on a
-    GPU one kernel and one reduction instead of about ten ATen reductions), one read."""
+    GPU one kernel and one reduction instead of about ten ATen reductions), one read.
+
+    Queues the work and returns a function that reads and names the statistics. On a GPU the
+    statistics are copied to pinned host memory without blocking and an event marks the copy, so
+    the read can wait until after the loss's own op is queued (see ``_DEFER_CHECKS``)."""
     B, K, H, W = probs.shape
     if B * H * W == 0:  # no pixel: the images' range alone (the images may still have pixels)
-        return _stats_aten(images, probs, None, None, False, ignore_index)
+        return lambda: _stats_aten(images, probs, None, None, False, ignore_index)
     img = images if images.dtype in _STATS_DTYPES else images.double()
     roi = rois if rois is not None and rois.numel() and rois.dtype != torch.bool else None
     if roi is not None and roi.dtype not in _STATS_DTYPES:
@@ -100,17 +115,31 @@ def _stats_op(
     lab = seg_label.reshape(B, H, W) if seg_label is not None and seg_label.numel() else None
     if lab is not None and lab.dtype not in _STATS_DTYPES:
         lab = lab.double()
-    vals = ops.dense_energy_input_stats(img, probs, roi, lab, float(ignore_index), distribution).tolist()
-    v = {"img_lo": -vals[0], "img_hi": vals[1]}
-    if K:
-        v.update(p_lo=-vals[2], p_hi=vals[3])
-        if distribution:
-            v.update(sum_lo=-vals[4], sum_hi=vals[5])
-    if roi is not None:
-        v["roi_bad"] = vals[6]
-    if lab is not None:
-        v["lab_bad"] = vals[7]
-    return v
+    stats = ops.dense_energy_input_stats(img, probs, roi, lab, float(ignore_index), distribution)
+    event = None
+    if stats.is_cuda:
+        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+        host.copy_(stats, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        stats = host
+
+    def read() -> dict[str, float]:
+        if event is not None:
+            event.synchronize()
+        vals = stats.tolist()
+        v = {"img_lo": -vals[0], "img_hi": vals[1]}
+        if K:
+            v.update(p_lo=-vals[2], p_hi=vals[3])
+            if distribution:
+                v.update(sum_lo=-vals[4], sum_hi=vals[5])
+        if roi is not None:
+            v["roi_bad"] = vals[6]
+        if lab is not None:
+            v["lab_bad"] = vals[7]
+        return v
+
+    return read
 
 
 def _check_values(
@@ -129,15 +158,51 @@ def _check_values(
     them, so the finiteness checks cost nothing extra on valid inputs. Returns the images' maximum
     (None when they are empty): it bounds the bilateral features' colours.
     """
+    return _start_checks(images, probs, rois, seg_label, distribution, ignore_index)()
+
+
+def _start_checks(
+    images: Tensor,
+    probs: Tensor,
+    rois: Tensor | None,
+    seg_label: Tensor | None,
+    distribution: bool,
+    ignore_index: int,
+) -> Callable[[], float | None]:
+    """``_check_values`` in two halves: queues the statistics and returns the function that reads
+    them, raises on a bad value, and returns the images' maximum."""
     K = probs.shape[1]
 
     def nonfinite(name: str, t: Tensor) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains {'NaN' if bool(torch.isnan(t).any()) else 'Inf'} values")
 
-    stats = _stats_op if (probs.device.type != "cpu" or _STATS_OP_ON_CPU) else _stats_aten
     with torch.no_grad():
-        v = stats(images, probs, rois, seg_label, distribution, ignore_index)
+        if _uses_stats_op(probs):
+            read = _stats_op(images, probs, rois, seg_label, distribution, ignore_index)
+        else:
+            stats = _stats_aten(images, probs, rois, seg_label, distribution, ignore_index)
+            read = lambda: stats  # noqa: E731
+    return lambda: _judge(read(), images, probs, rois, seg_label, distribution, ignore_index, K, nonfinite)
+
+
+def _uses_stats_op(probs: Tensor) -> bool:
+    return probs.device.type != "cpu" or _STATS_OP_ON_CPU
+
+
+def _judge(
+    v: dict[str, float],
+    images: Tensor,
+    probs: Tensor,
+    rois: Tensor | None,
+    seg_label: Tensor | None,
+    distribution: bool,
+    ignore_index: int,
+    K: int,
+    nonfinite: Callable[[str, Tensor], None],
+) -> float | None:
+    """Raises on the first bad statistic (finding an offending value where that helps the message);
+    returns the images' maximum, None when they are empty."""
     if not v:
         return None
 
@@ -322,8 +387,13 @@ def dense_energy_loss(
         return s_hat.sum() * weight
     fname = "images (bilateral features)"
     checked = check_inputs and V.checking_values()
+    finish_checks = None  # the deferred value checks (see _DEFER_CHECKS)
     if checked:  # the value checks: one device synchronisation
-        img_max = _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
+        finish_checks = _start_checks(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
+        if not (_DEFER_CHECKS and _uses_stats_op(segmentations)):
+            img_max, finish_checks = finish_checks(), None
+        else:
+            img_max = 255.0  # until read: the range the checks enforce
     else:
         img_max = 255.0  # unchecked: images are taken to be on the 0-255 scale
     with torch.no_grad():  # the gate, the features and the mass are constants of the op
@@ -346,10 +416,18 @@ def dense_energy_loss(
         _check_lattice_features(feats, fname, K + 1, dtype, values=False)
         # The lattice keys are int32: bound |features| from the positions' and colours' ranges (the
         # images are checked, or taken, to lie in [0, img_max]) instead of reading the features.
-        fmax = max(_position_fmax((h, w), _min(sigma_xy * scale_factor)), (img_max or 0.0) / _min(sigma_rgb))
-        _check_key_range(feats, fname, fmax)
+        pos_fmax = _position_fmax((h, w), _min(sigma_xy * scale_factor))
+        try:
+            _check_key_range(feats, fname, max(pos_fmax, (img_max or 0.0) / _min(sigma_rgb)))
+        except ValueError:
+            if finish_checks is None:
+                raise
+            img_max, finish_checks = finish_checks(), None  # the images' real range (or their error)
+            _check_key_range(feats, fname, max(pos_fmax, (img_max or 0.0) / _min(sigma_rgb)))
     mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
     energy, _ = ops.dense_energy(s_hat.reshape(B, K, -1), g.reshape(B, -1), feats, mass, mode)
+    if finish_checks is not None:
+        finish_checks()
     return energy.sum() * (weight / max(B, 1))
 
 

@@ -453,8 +453,55 @@ def test_valid_label_and_roi_dtypes(stats_op, monkeypatch):
             torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
+class _OpSpy:
+    """torch.ops.rrm_cuda with its dense_energy calls logged."""
+
+    def __init__(self, real, log):
+        self._real, self._log = real, log
+
+    def __getattr__(self, name):
+        f = getattr(self._real, name)
+        if name != "dense_energy":
+            return f
+        return lambda *a, **k: self._log.append(name) or f(*a, **k)
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_deferred_value_checks(defer, monkeypatch):
+    # Where the one-pass statistics op runs (GPUs; here forced on the CPU), the checked loss reads
+    # them after ops.dense_energy is queued (E._DEFER_CHECKS): a bad input raises the same error,
+    # after the op ran on it (safe: the lattice gives bad features no weight), instead of before.
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", True)
+    monkeypatch.setattr(E, "_DEFER_CHECKS", defer)
+    log = []
+    monkeypatch.setattr(E, "ops", _OpSpy(E.ops, log))
+    images, probs, rois, labels = _inputs(H=8, W=8, dtype=torch.float32)
+    good = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+    assert log == ["dense_energy"] and torch.isfinite(good)
+    cases = [
+        (images * 300, "images must be on the 0-255 scale"),
+        (images.masked_fill(images > 200, float("nan")), "images contains NaN"),
+    ]
+    for bad_images, match in cases:
+        log.clear()
+        with pytest.raises(ValueError, match=match):
+            rrm_cuda.dense_energy_loss(bad_images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+        assert log == (["dense_energy"] if defer else [])
+    bad_labels = labels.masked_fill(labels == 1, 7)
+    log.clear()
+    with pytest.raises(ValueError, match="seg_label must hold class indices"):
+        rrm_cuda.dense_energy_loss(images, probs, rois, bad_labels, sigma_rgb=15.0, sigma_xy=10.0)
+    assert log == (["dense_energy"] if defer else [])
+    # the result is the same either way
+    monkeypatch.setattr(E, "_DEFER_CHECKS", not defer)
+    other = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+    assert torch.equal(good, other)
+
+
+@pytest.mark.parametrize("stats_op", [False, True])  # True: the deferred checks (E._DEFER_CHECKS)
 @pytest.mark.parametrize("check_inputs", [True, False])
-def test_key_range_refuses_tiny_sigmas(check_inputs):
+def test_key_range_refuses_tiny_sigmas(check_inputs, stats_op, monkeypatch):
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
     # The features' range is bounded from the positions' and the images' ranges (not read): the
     # int32 lattice keys still refuse sigmas so small that the elevated coordinates would overflow.
     images, probs, rois, labels = _inputs(H=6, W=6, dtype=torch.float32)
