@@ -126,6 +126,14 @@ def main() -> None:
         res["energy fwd+bwd [rloss], check_inputs=False, F.interpolate path"] = event_ms(lambda: energy_fb(m3))
     finally:
         E._FUSED_STRIDES.update(saved)
+    # A/B in the same process: the public dense CRF (uint8 image) reading its score checks before
+    # queuing the op (the old order) against after it (functional._DEFER_CHECKS)
+    from rrm_cuda import functional as FN
+
+    for defer in (False, True):
+        FN._DEFER_CHECKS = defer
+        res[f"A/B dense_crf public API, checks {'deferred' if defer else 'read first'}"] = event_ms(crf)
+    FN._DEFER_CHECKS = True
     # A/B in the same process: the checked loss reading its statistics before queuing the op (the
     # old order) against after it (E._DEFER_CHECKS)
     for defer in (False, True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -57,22 +57,49 @@ def finite_ranges(items: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[float
 
     One ``aminmax`` per tensor and one ``stack`` per device (it promotes mixed dtypes exactly: the
     widest of them is float64 at most) before the single read."""
+    return finite_ranges_later(items)()
+
+
+def finite_ranges_later(
+    items: Sequence[tuple[str, torch.Tensor]],
+) -> Callable[[], list[tuple[float, float] | None]]:
+    """``finite_ranges`` in two halves: queues the reductions and returns the function that reads
+    them (and raises). On a GPU the values are copied to pinned host memory behind the reductions,
+    with an event, so that the read can come after more work is queued: by then a synchronisation
+    of that work has usually passed the copy, and the read waits for nothing."""
     todo = [(k, name, x) for k, (name, x) in enumerate(items) if x.is_floating_point() and x.numel() > 0]
-    out: list[tuple[float, float] | None] = [None] * len(items)
-    if not todo:
-        return out
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, _, x in todo:
         by_device.setdefault(x.device, []).extend(torch.aminmax(x.detach() if x.requires_grad else x))
-    vals = {dev: iter(torch.stack(ts).tolist()) for dev, ts in by_device.items()}
-    for k, name, x in todo:
-        it = vals[x.device]
-        lo, hi = next(it), next(it)
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
-            raise ValueError(f"{name} contains {bad} values")
-        out[k] = (lo, hi)
-    return out
+    stacked: dict[torch.device, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+    for dev, ts in by_device.items():
+        st = torch.stack(ts)
+        if st.is_cuda:
+            host = torch.empty(st.shape, dtype=st.dtype, pin_memory=True)
+            host.copy_(st, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+            stacked[dev] = (host, ev)
+        else:
+            stacked[dev] = (st, None)
+
+    def read() -> list[tuple[float, float] | None]:
+        out: list[tuple[float, float] | None] = [None] * len(items)
+        vals = {}
+        for dev, (st, ev) in stacked.items():
+            if ev is not None:
+                ev.synchronize()
+            vals[dev] = iter(st.tolist())
+        for k, name, x in todo:
+            it = vals[x.device]
+            lo, hi = next(it), next(it)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
+                raise ValueError(f"{name} contains {bad} values")
+            out[k] = (lo, hi)
+        return out
+
+    return read
 
 
 def check_finite(x: torch.Tensor, name: str) -> None:

@@ -20,6 +20,13 @@ Compat = Union[float, int, Tensor, None]
 
 _NORMALIZATIONS = {"symmetric": 0, "after": 1, "before": 2, "none": 3}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
+# On a GPU, dense_crf reads its value checks of the scores (NaN/Inf, negative probabilities) after
+# the op is queued when nothing before the op needs a value (uint8 images, bounded positions): the
+# read then waits for nothing (the op's own lattice-size read has passed the copy), where reading
+# first drains the queue and idles the GPU while the host prepares the op. Bad scores then raise the
+# same error after the op ran on them (NaN in, NaN out: harmless). _DEFER_CHECKS_ON_CPU: tests.
+_DEFER_CHECKS = True
+_DEFER_CHECKS_ON_CPU = False
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -493,12 +500,25 @@ def dense_crf(
         V.same_device({src_name: src, f"pairwise[{k}] features": f})
         add(f, c, f"pairwise[{k}] compat")
 
+    ranges: dict[str, tuple[float, float] | None] = {}
+    finish_checks = None  # the deferred value checks (see _DEFER_CHECKS)
+
+    def judge(r: dict[str, tuple[float, float] | None]) -> None:
+        if probs is not None and r.get("probs") is not None and r["probs"][0] < 0:
+            raise ValueError("probs must be non-negative scores (got negative values)")
+
     if check_inputs and V.checking_values():
-        ranges = dict(zip((n for n, _ in pending), V.finite_ranges(pending)))  # raises on NaN/Inf
-    else:  # nothing read back: images on the 0-255 scale, other features unbounded (the op's guard)
-        ranges = {}
-    if probs is not None and ranges.get("probs") is not None and ranges["probs"][0] < 0:
-        raise ValueError("probs must be non-negative scores (got negative values)")
+        read = V.finite_ranges_later(pending)  # raises on NaN/Inf when read
+        names = [n for n, _ in pending]
+        # Only the scores' values are needed after the op (not before it, unlike a float image's or
+        # free features' ranges, which bound the lattice keys): read them then, on a GPU.
+        later = (device.type != "cpu" or _DEFER_CHECKS_ON_CPU) and _DEFER_CHECKS
+        if later and all(n == src_name or not x.is_floating_point() for n, x in pending):
+            finish_checks = lambda: judge(dict(zip(names, read())))  # noqa: E731
+        else:
+            ranges = dict(zip(names, read()))
+            judge(ranges)
+    # (unchecked: nothing read back; images on the 0-255 scale, other features unbounded: the op's guard)
     for fname, f in zip(feat_names, feats):
         if fname in bounds:
             pmax, srgb = bounds[fname]
@@ -512,6 +532,8 @@ def dense_crf(
     if B == 0 or N == 0:
         return torch.empty((B, L, *spatial), dtype=dtype, device=device)
     if not feats:
+        if finish_checks is not None:
+            finish_checks()
         return torch.softmax(-u, dim=1).reshape(B, L, *spatial)
     if all(isinstance(c, float) for c in compats):
         compat = _potts_stack(tuple(compats), L, dtype, device)
@@ -529,6 +551,8 @@ def dense_crf(
         iterations,
         keep if any(keep) else [],
     )
+    if finish_checks is not None:
+        finish_checks()
     return q.reshape(B, L, *spatial)
 
 

@@ -654,8 +654,9 @@ def test_inputs_checked_with_one_synchronisation(monkeypatch):
     from rrm_cuda import _validate as V
 
     calls = []
-    real = V.finite_ranges
-    monkeypatch.setattr(V, "finite_ranges", lambda items: calls.append(len(items)) or real(items))
+    real = V.finite_ranges_later
+    monkeypatch.setattr(V, "finite_ranges_later", lambda items: calls.append(len(items)) or real(items))
+    monkeypatch.setattr(V, "finite_ranges", lambda *a: pytest.fail("finite_ranges called"))
     monkeypatch.setattr(V, "finite_range", lambda *a: pytest.fail("finite_range called"))
     monkeypatch.setattr(V, "check_finite", lambda *a: pytest.fail("check_finite called"))
     unary, image = _crf_inputs(B=2, L=3, H=7, W=6, dtype=torch.float32)
@@ -666,6 +667,50 @@ def test_inputs_checked_with_one_synchronisation(monkeypatch):
     # probs, image, the depth features (CPU compat: checked directly); the position and bilateral
     # features' key ranges are bounded from the sigmas and the image's range, not read
     assert calls == [3] and q.shape == unary.shape
+
+
+class _OpSpy:
+    """torch.ops.rrm_cuda with its dense_crf calls logged."""
+
+    def __init__(self, real, log):
+        self._real, self._log = real, log
+
+    def __getattr__(self, name):
+        f = getattr(self._real, name)
+        return (lambda *a, **k: self._log.append(name) or f(*a, **k)) if name == "dense_crf" else f
+
+
+@pytest.mark.parametrize("defer", [False, True])
+def test_deferred_score_checks(defer, monkeypatch):
+    # On a GPU (here forced on the CPU) the scores' value checks are read after the op is queued when
+    # nothing before it needs a value (uint8 image, positions bounded from the sigma): the same
+    # errors, raised after the op ran (F._DEFER_CHECKS). A float image's range bounds the lattice
+    # keys, so with one the checks are read first, deferral or not.
+    from rrm_cuda import functional as F
+
+    monkeypatch.setattr(F, "_DEFER_CHECKS_ON_CPU", True)
+    monkeypatch.setattr(F, "_DEFER_CHECKS", defer)
+    log = []
+    monkeypatch.setattr(F, "ops", _OpSpy(F.ops, log))
+    unary, image = _crf_inputs(B=2, L=3, H=7, W=6, dtype=torch.float32)
+    probs = torch.softmax(-unary, 1)
+    good = rrm_cuda.dense_crf(probs=probs, image=image, iterations=3)
+    assert log == ["dense_crf"]
+    for bad, match in (
+        (probs.masked_fill(probs > 0.5, float("nan")), "probs contains NaN"),
+        (probs - 1, "probs must be non-negative"),
+    ):
+        for img, deferred in ((image, defer), (image.float(), False)):
+            log.clear()
+            with pytest.raises(ValueError, match=match):
+                rrm_cuda.dense_crf(probs=bad, image=img, iterations=3)
+            assert log == (["dense_crf"] if deferred else [])
+    log.clear()
+    with pytest.raises(ValueError, match="unary contains Inf"):
+        rrm_cuda.dense_crf(unary.masked_fill(unary > 2, float("inf")), image, iterations=3)
+    assert log == (["dense_crf"] if defer else [])
+    monkeypatch.setattr(F, "_DEFER_CHECKS", not defer)
+    assert torch.equal(rrm_cuda.dense_crf(probs=probs, image=image, iterations=3), good)
 
 
 def _positions_reference(batch, spatial, sxy, dtype):
