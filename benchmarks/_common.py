@@ -83,7 +83,7 @@ def metadata(device: torch.device) -> dict:
         meta["cuda"] = torch.version.cuda
         from rrm_cuda import _C
 
-        meta["splat_tile"] = _C.splat_tile()  # launch order of the splat chunks (results do not depend on it)
+        meta["tuning"] = _C.tuning()  # CUDA launch-configuration knobs (common/tuning.h; results do not depend on them)
     return meta
 
 

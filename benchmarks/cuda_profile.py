@@ -163,23 +163,37 @@ def main() -> None:
         res[f"A/B energy fwd+bwd [rloss], checked, checks {tag}"] = event_ms(lambda: energy_fb(m4))
         res[f"A/B energy fwd+bwd [rloss], checked, checks {tag}, back to back"] = pipelined_ms(lambda: energy_fb(m4))
     E._DEFER_CHECKS = True
-    # A/B in the same process: the splat chunks launched in vertex order (tile 0) and by pixel tiles
-    # of several sizes (rrm_cuda._C.set_splat_tile; the results are bitwise the same). Lattices are built
-    # per call, except the cached position lattice: the cache is cleared around the switch.
+    # A/B in the same process of the CUDA launch-configuration knobs (common/tuning.h; the results
+    # are bitwise the same for every setting): the splat chunks launched in vertex order (tile 0) and
+    # by pixel tiles of several sizes; the energy loss's rows of 4 channels (four per thread) or one
+    # channel per thread; its exact gradient's two splats in one pass or two. Lattices are built per
+    # call, except the cached position lattice: the cache is cleared around each switch.
     from rrm_cuda import _C
 
-    tile = _C.splat_tile()
-    for t in sorted({0, 16, tile, 256}):
-        tag = f"tile {t}" if t else "vertex order"
-        _C.set_splat_tile(t)
+    knobs = _C.tuning()
+
+    def knob(name: str, value: int) -> None:
+        _C.set_tuning(name, value)
         rrm_cuda.clear_lattice_cache()
+
+    for t in sorted({0, 16, knobs["splat_tile"], 256}):
+        tag = f"tile {t}" if t else "vertex order"
+        knob("splat_tile", t)
         res[f"A/B splat {tag}: dense_crf op alone"] = event_ms(raw)
         res[f"A/B splat {tag}: dense_crf op batch 8"] = event_ms(  # ub, pb, bb: the batch-8 inputs above
             lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations), reps=10
         )
         res[f"A/B splat {tag}: energy fwd+bwd [rloss], unchecked"] = event_ms(lambda: energy_fb(m3))
-    _C.set_splat_tile(tile)
-    rrm_cuda.clear_lattice_cache()
+    knob("splat_tile", knobs["splat_tile"])
+    m5 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="exact", check_inputs=False)
+    for rows4, pair in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        knob("energy_rows4", rows4)
+        knob("energy_pair_splat", pair)
+        tag = f"rows {'4 ch/thread' if rows4 else '1 ch/thread'}, splats {'paired' if pair else 'separate'}"
+        res[f"A/B energy {tag}: fwd+bwd [rloss], unchecked"] = event_ms(lambda: energy_fb(m3))
+        res[f"A/B energy {tag}: fwd+bwd [exact], unchecked"] = event_ms(lambda: energy_fb(m5))
+    for name, value in knobs.items():
+        knob(name, value)
     # BCD loss at RRM's ResNet-38 setting: batch 4, 4096-channel features at 41x41, 21 classes
     gb = torch.Generator(device=dev).manual_seed(0)
     seg = torch.randn(4, 21, 41, 41, device=dev, generator=gb)

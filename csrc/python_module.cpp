@@ -6,7 +6,9 @@
 
 #include <mutex>
 #include <set>
+#include <string>
 
+#include "common/tuning.h"
 #include "lattice/lattice_cache.h"
 
 namespace {
@@ -79,17 +81,42 @@ PyObject* clear_lattice_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
-PyObject* splat_tile(PyObject*, PyObject*) { return PyLong_FromLongLong(rrm::lattice::splat_tile()); }
+PyObject* tuning(PyObject*, PyObject*) {
+  PyObject* d = PyDict_New();
+  if (!d) return nullptr;
+  for (int k = 0; k < rrm::tuning::kNumKnobs; ++k) {
+    const auto knob = static_cast<rrm::tuning::Knob>(k);
+    PyObject* v = PyLong_FromLongLong(rrm::tuning::get(knob));
+    if (!v || PyDict_SetItemString(d, rrm::tuning::name(knob), v) < 0) {
+      Py_XDECREF(v);
+      Py_DECREF(d);
+      return nullptr;
+    }
+    Py_DECREF(v);
+  }
+  return d;
+}
 
-PyObject* set_splat_tile(PyObject*, PyObject* arg) {
-  const long long n = PyLong_AsLongLong(arg);
-  if (n == -1 && PyErr_Occurred()) return nullptr;
-  if (n < 0) {
-    PyErr_SetString(PyExc_ValueError, "pixels must be >= 0 (0: vertex order)");
+PyObject* set_tuning(PyObject*, PyObject* args) {
+  const char* key = nullptr;
+  long long value = 0;
+  if (!PyArg_ParseTuple(args, "sL", &key, &value)) return nullptr;
+  if (value < 0) {
+    PyErr_Format(PyExc_ValueError, "tuning value must be >= 0; got %lld for %s", value, key);
     return nullptr;
   }
-  rrm::lattice::set_splat_tile(n);
-  Py_RETURN_NONE;
+  for (int k = 0; k < rrm::tuning::kNumKnobs; ++k) {
+    const auto knob = static_cast<rrm::tuning::Knob>(k);
+    if (std::string(key) == rrm::tuning::name(knob)) {
+      rrm::tuning::set(knob, value);
+      Py_RETURN_NONE;
+    }
+  }
+  std::string names;
+  for (int k = 0; k < rrm::tuning::kNumKnobs; ++k)
+    names += std::string(k ? ", " : "") + rrm::tuning::name(static_cast<rrm::tuning::Knob>(k));
+  PyErr_Format(PyExc_ValueError, "unknown tuning knob %s (known: %s)", key, names.c_str());
+  return nullptr;
 }
 
 PyMethodDef methods[] = {
@@ -99,10 +126,10 @@ PyMethodDef methods[] = {
      "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,
      "Drop every cached lattice and zero the hit/miss counters."},
-    {"splat_tile", splat_tile, METH_NOARGS,
-     "Pixels per tile by which the CUDA splat orders its launch (0: vertex order). Results do not depend on it."},
-    {"set_splat_tile", set_splat_tile, METH_O,
-     "Set the CUDA splat's launch-order tile for lattices built from now on (a benchmark knob; 0: vertex order)."},
+    {"tuning", tuning, METH_NOARGS,
+     "The CUDA launch-configuration knobs (common/tuning.h) and their values. Results do not depend on them."},
+    {"set_tuning", set_tuning, METH_VARARGS,
+     "set_tuning(name, value): set a CUDA launch-configuration knob (a benchmark A/B switch; value >= 0)."},
     {"build_info", build_info, METH_NOARGS, "Build configuration of the extension (CUDA, OpenMP, compiler)."},
     {"parallel_threads_used", parallel_threads_used, METH_O,
      "Distinct threads used by at::parallel_for over n items inside the extension."},

@@ -33,6 +33,18 @@ def cuda_or_cpu(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def tuning():
+    """rrm_cuda._C.set_tuning for the test (the CUDA launch-configuration knobs, common/tuning.h);
+    every knob is restored afterwards."""
+    from rrm_cuda import _C
+
+    saved = _C.tuning()
+    yield _C.set_tuning
+    for name, value in saved.items():
+        _C.set_tuning(name, value)
+
+
 def photo(name: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """A bundled scikit-image photograph as uint8 (H, W, 3), centre-cropped to ``size`` (H, W)."""
     skdata = pytest.importorskip("skimage.data")

@@ -80,17 +80,7 @@ def test_emulated_cuda_launch_matches_cpu(dtype):
             )
 
 
-@pytest.fixture
-def splat_tile():
-    """Sets the splat's launch-order tile for the test and restores it afterwards."""
-    from rrm_cuda import _C
-
-    saved = _C.splat_tile()
-    yield _C.set_splat_tile
-    _C.set_splat_tile(saved)
-
-
-def test_splat_launch_order_does_not_change_results(splat_tile):
+def test_splat_launch_order_does_not_change_results(tuning):
     # The GPU splat launches its chunks in the order of their first pixel's tile (the rows of Q a
     # pixel's d+1 vertices gather then come from one L1); each chunk's sum and its row stay those of
     # the vertex order, so the results are bitwise the same for any tile, 0 (vertex order) included.
@@ -117,22 +107,27 @@ def test_splat_launch_order_does_not_change_results(splat_tile):
         out += [ops._dense_energy_emulated(probs, gate, bil, None, mode)[0] for mode in (0, 1, 2)]
         return out
 
-    splat_tile(0)
+    tuning("splat_tile", 0)
     ref = run()
     for tile in (1, 7, 64, 4096, 10**9):
-        splat_tile(tile)
+        tuning("splat_tile", tile)
         for a, b in zip(run(), ref):
             assert torch.equal(a, b), tile
 
 
-def test_splat_tile_setter():
+def test_tuning_knobs(tuning):
     from rrm_cuda import _C
 
-    saved = _C.splat_tile()
-    assert saved >= 0
-    with pytest.raises(ValueError, match="pixels must be >= 0"):
-        _C.set_splat_tile(-1)
-    assert _C.splat_tile() == saved
+    saved = _C.tuning()
+    assert set(saved) == {"splat_tile", "energy_rows4", "energy_pair_splat"}
+    assert all(isinstance(v, int) and v >= 0 for v in saved.values())
+    with pytest.raises(ValueError, match="tuning value must be >= 0"):
+        tuning("splat_tile", -1)
+    with pytest.raises(ValueError, match=r"unknown tuning knob nope \(known: splat_tile, "):
+        tuning("nope", 1)
+    assert _C.tuning() == saved
+    tuning("splat_tile", 5)
+    assert _C.tuning()["splat_tile"] == 5
 
 
 def test_hash_table_growth():
@@ -309,14 +304,14 @@ def test_cuda_matches_cpu(cuda):
 
 
 @pytest.mark.cuda
-def test_cuda_splat_launch_order(cuda, splat_tile):
+def test_cuda_splat_launch_order(cuda, tuning):
     # the tile-ordered launch of the splat chunks gives the vertex order's bits on the device too
     v, f = _inputs(B=2, C=21, N=20000, d=5, dtype=torch.float32)
     v, f = v.to(cuda), f.to(cuda)
-    splat_tile(0)
+    tuning("splat_tile", 0)
     ref = [ops.permutohedral_filter(v, f, rev) for rev in (False, True)]
     for tile in (1, 64, 10**9):
-        splat_tile(tile)
+        tuning("splat_tile", tile)
         for rev in (False, True):
             assert torch.equal(ops.permutohedral_filter(v, f, rev), ref[rev]), tile
 

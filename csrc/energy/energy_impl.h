@@ -20,6 +20,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/tuning.h"
 #include "energy/energy_common.h"
 #include "lattice/lattice_common.h"
 #include "lattice/lattice_impl.h"
@@ -59,18 +60,22 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   // register), and of 4 on CUDA and its emulation, whose input rows are padded likewise (zeros):
   // float4 rows, so that the splat's chunk sums and the blurs take four channels per thread, the
   // fused mean field's configuration (an H100's blur: 8.5 -> 4.4 us per 512x512x21 launch, session
-  // 7). The sums of every channel are those of one channel per thread.
+  // 7). The sums of every channel are those of one channel per thread. (Knob kEnergyRows4: 0 gives
+  // unpadded rows, one channel per thread, for A/B timings.)
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
-  constexpr int V = kCpu ? 1 : 4;
-  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : (C + 3) / 4 * 4;
+  const bool rows4 = !kCpu && tuning::get(tuning::kEnergyRows4) != 0;
+  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : rows4 ? (C + 3) / 4 * 4 : C;
   const int64_t Cin = kCpu ? C : Cs;  // row stride of the packed input
   auto in = at::empty({B, N, Cin}, probs.options());
   // Lattice buffers: the forward blur ping-pongs between the first two; the exact gradient's
-  // reverse blur between the one the forward did not end in and the third on the CPU, between the
-  // third and fourth on CUDA (both splats in one pass, before either blur).
+  // reverse blur between the one the forward did not end in and the third, or, when both splats
+  // are made in one pass before either blur (CUDA; knob kEnergyPairSplat), between the third and
+  // fourth.
+  const bool exact = grad_mode == kExactGrad;
+  const bool pair = exact && !kCpu && tuning::get(tuning::kEnergyPairSplat) != 0;
   lattice::FilterWorkspace ws;
   at::Tensor bufs[4];
-  const int nbufs = grad_mode != kExactGrad ? 2 : kCpu ? 3 : 4;
+  const int nbufs = !exact ? 2 : pair ? 4 : 3;
   for (int k = 0; k < nbufs; ++k) bufs[k] = at::empty({B, M, Cs}, probs.options());
   const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
@@ -84,8 +89,10 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     scalar_t* grad_p = grad_mode == kNoGrad ? nullptr : grad.data_ptr<scalar_t>();
 
     // Blur every channel of buffer `first` (a splat), as lattice::filter does before its slice,
-    // ping-ponging with buffer `second`; returns the index of the buffer that holds the result.
-    auto blur = [&](bool reverse, int first, int second) -> int {
+    // ping-ponging with buffer `second`, V channels per thread; returns the index of the buffer that
+    // holds the result.
+    auto blur = [&](auto vtag, bool reverse, int first, int second) -> int {
+      constexpr int V = decltype(vtag)::value;
       scalar_t* cur = bufs[first].data_ptr<scalar_t>();
       scalar_t* nxt = bufs[second].data_ptr<scalar_t>();
       for (int s = 0; s <= d; ++s) {
@@ -101,21 +108,40 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     // The forward W s: the splat of s blurred. The exact gradient's second half, W^T (S s): the
     // splat of S s blurred in reverse order; sliced together with the forward below. The CPU splats
     // by scatter, one splat after the other; CUDA gathers both splats' rows in one pass.
-    const bool exact = grad_mode == kExactGrad;
     int fwd = 0, adj = -1;
+    const auto one = std::integral_constant<int, 1>{};
     if constexpr (kCpu) {
       lattice::splat_scatter_cpu<scalar_t>(lat, in_p, nullptr, bufs[0].data_ptr<scalar_t>(), C, Cs, ws);
-      fwd = blur(false, 0, 1);
+      fwd = blur(one, false, 0, 1);
       if (exact) {
         lattice::splat_scatter_cpu<scalar_t>(lat, in_p, gate_p, bufs[1 - fwd].data_ptr<scalar_t>(), C, Cs, ws);
-        adj = blur(true, 1 - fwd, 2);
+        adj = blur(one, true, 1 - fwd, 2);
       }
     } else {
-      lattice::splat_gather<Exec, scalar_t, V>(exec, lat, in_p, nullptr, bufs[0].data_ptr<scalar_t>(), Cs, ws, grain,
-                                               exact ? gate_p : nullptr,
-                                               exact ? bufs[2].data_ptr<scalar_t>() : nullptr);
-      fwd = blur(false, 0, 1);
-      if (exact) adj = blur(true, 2, 3);
+      auto filters = [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        auto splat = [&](const scalar_t* pre, int first, const scalar_t* pre2, int second) {
+          lattice::splat_gather<Exec, scalar_t, V>(exec, lat, in_p, pre, bufs[first].data_ptr<scalar_t>(), Cs, ws,
+                                                   grain, pre2,
+                                                   second >= 0 ? bufs[second].data_ptr<scalar_t>() : nullptr);
+        };
+        if (pair) {
+          splat(nullptr, 0, gate_p, 2);
+          fwd = blur(vtag, false, 0, 1);
+          adj = blur(vtag, true, 2, 3);
+          return;
+        }
+        splat(nullptr, 0, nullptr, -1);
+        fwd = blur(vtag, false, 0, 1);
+        if (exact) {
+          splat(gate_p, 1 - fwd, nullptr, -1);
+          adj = blur(vtag, true, 1 - fwd, 2);
+        }
+      };
+      if (rows4)
+        filters(std::integral_constant<int, 4>{});
+      else
+        filters(one);
     }
     const scalar_t grad_scale = grad_mode == kRlossGrad ? scalar_t(-2) : scalar_t(-1);
     auto slice = [&](auto tiled, auto fixed_d) {

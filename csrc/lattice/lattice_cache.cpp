@@ -1,7 +1,6 @@
 // The lattice cache (lattice_cache.h): a small LRU list under one mutex.
 #include "lattice/lattice_cache.h"
 
-#include <atomic>
 #include <list>
 #include <mutex>
 #include <string>
@@ -61,8 +60,6 @@ Store& store() {
   static Store* s = new Store();
   return *s;
 }
-
-std::atomic<int64_t> g_splat_tile{kDefaultSplatTile};
 
 bool cacheable(const at::Tensor& f) { return f.defined() && !f.is_inference() && f.numel() > 0; }
 
@@ -145,9 +142,6 @@ void cache_clear() {
   s.items.clear();
   s.hits = s.misses = 0;
 }
-
-int64_t splat_tile() { return g_splat_tile.load(std::memory_order_relaxed); }
-void set_splat_tile(int64_t pixels) { g_splat_tile.store(pixels < 0 ? 0 : pixels, std::memory_order_relaxed); }
 
 }  // namespace lattice
 }  // namespace rrm

@@ -38,13 +38,6 @@ struct Lattice {
   at::Tensor chunk_offsets, chunk_begin, chunk_end, chunk_slot;
 };
 
-// Tile (consecutive pixels) by which the CUDA splat orders its chunks' launch (ChunkTileKeyFunctor);
-// 0: vertex order. Read by each lattice build; default kDefaultSplatTile. A tuning knob for
-// benchmarks (rrm_cuda._C.set_splat_tile): the results do not depend on it.
-constexpr int64_t kDefaultSplatTile = 64;
-int64_t splat_tile();
-void set_splat_tile(int64_t pixels);
-
 // A cached term: its lattice and, per normalization mode 0..2, its normaliser once computed
 // (read and set through cache_norm / cache_set_norm). Lattice tensors are never written after the
 // build.

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/exec.h"
+#include "common/tuning.h"
 
 #include "lattice/lattice_cache.h"
 #include "lattice/lattice_common.h"
@@ -76,7 +77,7 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   });
   // Launch order of the chunks: by the tile of their first pixel (ChunkTileKeyFunctor), a stable
   // sort of (image, tile) keys over their significant bits, then the tables permuted.
-  const int64_t tile = splat_tile();
+  const int64_t tile = tuning::get(tuning::kSplatTile);
   if (tile <= 0) return;
   const int64_t K = lat.K, ntiles = (lat.N + tile - 1) / tile;
   auto tile_order = [&](auto key_zero) -> at::Tensor {

@@ -1,0 +1,19 @@
+#include "common/tuning.h"
+
+#include <atomic>
+
+namespace rrm {
+namespace tuning {
+namespace {
+
+std::atomic<int64_t> g_values[kNumKnobs] = {64, 1, 1};
+const char* const g_names[kNumKnobs] = {"splat_tile", "energy_rows4", "energy_pair_splat"};
+
+}  // namespace
+
+int64_t get(Knob k) { return g_values[k].load(std::memory_order_relaxed); }
+void set(Knob k, int64_t value) { g_values[k].store(value < 0 ? 0 : value, std::memory_order_relaxed); }
+const char* name(Knob k) { return g_names[k]; }
+
+}  // namespace tuning
+}  // namespace rrm

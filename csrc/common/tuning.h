@@ -1,0 +1,27 @@
+// Run-time knobs of the CUDA launch configuration, so that a GPU session can time the alternatives
+// in one process (rrm_cuda._C.tuning() / rrm_cuda._C.set_tuning(name, value);
+// benchmarks/cuda_profile.py). Results never depend on them: every setting gives the same bits, on
+// CUDA and in the emulated launch (tests/test_permutohedral_filter.py, tests/test_energy.py). The CPU
+// kernels ignore them.
+#pragma once
+
+#include <cstdint>
+
+namespace rrm {
+namespace tuning {
+
+enum Knob : int {
+  kSplatTile,        // pixels per tile by which the splat's chunks are launched (0: vertex order); 64.
+                     // Read by each lattice build.
+  kEnergyRows4,      // energy loss: lattice rows padded to a multiple of 4 channels, splat and blurs
+                     // four channels per thread (1), or one channel per thread (0); 1
+  kEnergyPairSplat,  // energy loss, exact gradient: its two splats in one pass (1) or two (0); 1
+  kNumKnobs
+};
+
+int64_t get(Knob k);
+void set(Knob k, int64_t value);  // value >= 0
+const char* name(Knob k);
+
+}  // namespace tuning
+}  // namespace rrm
