@@ -14,8 +14,11 @@
 //                    its result does not depend on the order threads run in;
 //   CudaExec         (csrc/common/cuda_exec.cuh) a grid-stride kernel on the current stream.
 // Each also has exec.sort_keys(keys, max_key): a stable ascending sort of a 1-D tensor of integer
-// keys in [0, max_key] -> (sorted keys, int64 permutation). A stable sort's result is unique, so the
-// policies agree whatever sort they use (CUDA: a radix sort over the keys' significant bits only).
+// keys in [0, max_key] -> (sorted keys, int64 permutation); and exec.sort_pairs(keys, values,
+// max_key): the same sort carrying int32 values along -> (sorted keys, values in sorted order), for
+// callers that need the values, not the permutation (the CUDA sort then moves 4-byte values and
+// needs no iota). A stable sort's result is unique, so the policies agree whatever sort they use
+// (CUDA: a radix sort over the keys' significant bits only).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -77,6 +80,11 @@ inline std::tuple<at::Tensor, at::Tensor> stable_sort_keys(const at::Tensor& key
   return at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
 }
 
+inline std::tuple<at::Tensor, at::Tensor> stable_sort_pairs(const at::Tensor& keys, const at::Tensor& values) {
+  auto [sorted, order] = stable_sort_keys(keys);
+  return {sorted, values.index_select(0, order)};
+}
+
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
@@ -85,6 +93,10 @@ struct CpuExec {
   static int64_t stream_id() { return 0; }
   static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
     return stable_sort_keys(keys);
+  }
+  static std::tuple<at::Tensor, at::Tensor> sort_pairs(const at::Tensor& keys, const at::Tensor& values,
+                                                       int64_t /*max_key*/) {
+    return stable_sort_pairs(keys, values);
   }
   template <class F>
   void for_each(int64_t n, const F& f, int64_t grain = 2048) const {
@@ -108,6 +120,10 @@ struct EmulatedCudaExec {
   static int64_t stream_id() { return 0; }
   static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
     return stable_sort_keys(keys);
+  }
+  static std::tuple<at::Tensor, at::Tensor> sort_pairs(const at::Tensor& keys, const at::Tensor& values,
+                                                       int64_t /*max_key*/) {
+    return stable_sort_pairs(keys, values);
   }
   static constexpr int64_t kBlock = 256;
   template <class F>

@@ -340,14 +340,17 @@ struct BuildStatsFunctor {
   }
 };
 
-// Sort keys of the entries: image-major, then vertex (b M + v), in 32 bits when B M fits.
+// Sort keys of the entries: image-major, then vertex (b M + v), in 32 bits when B M fits; the
+// values the sort carries: each entry's index e in its image.
 template <typename key_t>
 struct SortKeyFunctor {
   const int32_t* entry_vertex;  // (B, E)
   key_t* keys;                  // (B, E) out
+  int32_t* entries;             // (B, E) out
   int64_t E, M;
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
     keys[b * E + e] = static_cast<key_t>(b * M + entry_vertex[b * E + e]);
+    entries[b * E + e] = static_cast<int32_t>(e);
   }
 };
 
@@ -377,21 +380,21 @@ struct ListOffsetsFunctor {
   }
 };
 
-// The splat lists from the stable sort's permutation (flat indices into (B, E); image b's entries
-// sort into [b E, (b+1) E)): list slot s of image b holds entry o = order[b E + s] - b E, i.e.
-// pixel o / (d+1) with weight entry_weight[b, o].
+// The splat lists from the stable sort (image b's entries sort into [b E, (b+1) E)): list slot s
+// of image b holds entry o = sorted_entries[b E + s], i.e. pixel o / (d+1) with weight
+// entry_weight[b, o].
 template <typename scalar_t>
 struct SplatListFunctor {
-  const int64_t* order;          // (B E,)
-  const scalar_t* entry_weight;  // (B, E)
-  int32_t* splat_pixel;          // (B, E) out
-  scalar_t* splat_weight;        // (B, E) out
+  const int32_t* sorted_entries;  // (B E,) SortKeyFunctor's entry indices in sorted order
+  const scalar_t* entry_weight;   // (B, E)
+  int32_t* splat_pixel;           // (B, E) out
+  scalar_t* splat_weight;         // (B, E) out
   int64_t E;
   int d;
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t s, int64_t, int64_t) const {
-    const int64_t o = order[b * E + s];
-    splat_pixel[b * E + s] = static_cast<int32_t>((o - b * E) / (d + 1));
-    splat_weight[b * E + s] = entry_weight[o];
+    const int32_t o = sorted_entries[b * E + s];
+    splat_pixel[b * E + s] = o / (d + 1);
+    splat_weight[b * E + s] = entry_weight[b * E + o];
   }
 };
 
@@ -454,12 +457,14 @@ struct ChunkRangeFunctor {
 // changes: every chunk's sum, and the row it is written to (chunk_slot), stay the same, so the
 // results are bitwise those of the vertex order (tests/test_permutohedral_filter.py).
 // Keys: chunk k of image b -> b (ntiles + 1) + tile of its first pixel; empty chunk slots last.
+// The values the sort carries: k.
 template <typename key_t>
 struct ChunkTileKeyFunctor {
   const int32_t* chunk_begin;  // (B, K)
   const int32_t* chunk_end;    // (B, K)
   const int32_t* splat_pixel;  // (B, E)
   key_t* keys;                 // (B K,) out
+  int32_t* chunks;             // (B K,) out
   int64_t E, K, tile, ntiles;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t, int64_t) const {
@@ -467,26 +472,27 @@ struct ChunkTileKeyFunctor {
     const int32_t s0 = chunk_begin[t], s1 = chunk_end[t];
     const int64_t tl = s0 < s1 ? splat_pixel[b * E + s0] / tile : ntiles;
     keys[t] = static_cast<key_t>(b * (ntiles + 1) + tl);
+    chunks[t] = static_cast<int32_t>(k);
   }
 };
 
-// The chunk tables in launch order: slot k of image b takes chunk o = order[b K + k] - b K (the
+// The chunk tables in launch order: slot k of image b takes chunk o = sorted_chunks[b K + k] (the
 // keys are image-major, so image b's chunks sort into [b K, (b+1) K)); its sum goes to row o.
 struct ChunkPermuteFunctor {
-  const int64_t* order;     // (B K,) the stable sort's permutation of ChunkTileKeyFunctor's keys
-  const int32_t* begin_in;  // (B, K) vertex order
-  const int32_t* end_in;    // (B, K)
-  int32_t* begin_out;       // (B, K) launch order
-  int32_t* end_out;         // (B, K)
-  int32_t* slot_out;        // (B, K) row of the chunk's sum (its vertex-order number)
+  const int32_t* sorted_chunks;  // (B K,) ChunkTileKeyFunctor's chunk numbers in sorted order
+  const int32_t* begin_in;       // (B, K) vertex order
+  const int32_t* end_in;         // (B, K)
+  int32_t* begin_out;            // (B, K) launch order
+  int32_t* end_out;              // (B, K)
+  int32_t* slot_out;             // (B, K) row of the chunk's sum (its vertex-order number)
   int64_t K;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t, int64_t) const {
     const int64_t t = b * K + k;
-    const int64_t o = order[t] - b * K;
+    const int32_t o = sorted_chunks[t];
     begin_out[t] = begin_in[b * K + o];
     end_out[t] = end_in[b * K + o];
-    slot_out[t] = static_cast<int32_t>(o);
+    slot_out[t] = o;
   }
 };
 

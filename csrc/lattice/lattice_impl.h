@@ -38,22 +38,26 @@ template <class Exec>
 void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
   const auto iopt = lat.entry_vertex.options();
-  // Sort the entries by (image, vertex) -- keys in 32 bits when they fit, and on CUDA a radix sort
-  // over their significant bits only (exec.sort_keys: 2 passes for a 512x512 image's lattice, where
-  // at::sort takes 4) -- then every list bound by a binary search of the sorted keys.
+  // Sort the entries by (image, vertex), carrying each entry's index -- keys in 32 bits when they
+  // fit, and on CUDA a radix sort over their significant bits only (exec.sort_pairs: 2 passes for a
+  // 512x512 image's lattice, where at::sort takes 4, moving 4-byte values) -- then every list bound
+  // by a binary search of the sorted keys.
   auto sort_and_bound = [&](auto key_zero) -> at::Tensor {
     using key_t = decltype(key_zero);
     const at::Tensor keys = at::empty({B * E}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
+    const at::Tensor entries = at::empty({B * E}, iopt);
     exec.for_each_item(B, E, 1,
-                       SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(), E, M});
-    at::Tensor sorted, order;
-    std::tie(sorted, order) = exec.sort_keys(keys, B * M - 1);  // keys b M + v < B M
-    lat.offsets = at::empty({B, M + 1}, iopt);                  // offsets < E < 2^30 fit int32
+                       SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
+                                             entries.data_ptr<int32_t>(), E, M});
+    at::Tensor sorted, sorted_entries;
+    std::tie(sorted, sorted_entries) = exec.sort_pairs(keys, entries, B * M - 1);  // keys b M + v < B M
+    lat.offsets = at::empty({B, M + 1}, iopt);                                     // offsets < E < 2^30 fit int32
     exec.for_each_item(B, M + 1, 1,
                        ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M});
-    return order;
+    return sorted_entries;
   };
-  const at::Tensor order = B * M < (int64_t(1) << 31) ? sort_and_bound(int32_t{0}) : sort_and_bound(int64_t{0});
+  const at::Tensor sorted_entries =
+      B * M < (int64_t(1) << 31) ? sort_and_bound(int32_t{0}) : sort_and_bound(int64_t{0});
   // Chunks: ceil(n_v / S) per vertex at column 1 + v (column 0 stays 0), scanned into offsets.
   auto nchunks = at::zeros({B, M + 1}, iopt);
   exec.for_each_item(B, M, 1, ChunkCountFunctor{lat.offsets.data_ptr<int32_t>(), nchunks.data_ptr<int32_t>(), M});
@@ -71,9 +75,9 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
   AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
     exec.for_each_item(B, E, 1,
-                       SplatListFunctor<scalar_t>{order.data_ptr<int64_t>(), lat.entry_weight.data_ptr<scalar_t>(),
-                                                  lat.splat_pixel.data_ptr<int32_t>(),
-                                                  lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
+                       SplatListFunctor<scalar_t>{
+                           sorted_entries.data_ptr<int32_t>(), lat.entry_weight.data_ptr<scalar_t>(),
+                           lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
   });
   // Launch order of the chunks: by the tile of their first pixel (ChunkTileKeyFunctor), a stable
   // sort of (image, tile) keys over their significant bits, then the tables permuted.
@@ -83,17 +87,19 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   auto tile_order = [&](auto key_zero) -> at::Tensor {
     using key_t = decltype(key_zero);
     const at::Tensor keys = at::empty({B * K}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
+    const at::Tensor chunks = at::empty({B * K}, iopt);
     exec.for_each_item(
         B, K, 1,
         ChunkTileKeyFunctor<key_t>{lat.chunk_begin.data_ptr<int32_t>(), lat.chunk_end.data_ptr<int32_t>(),
-                                   lat.splat_pixel.data_ptr<int32_t>(), keys.data_ptr<key_t>(), E, K, tile, ntiles});
-    return std::get<1>(exec.sort_keys(keys, B * (ntiles + 1) - 1));
+                                   lat.splat_pixel.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
+                                   chunks.data_ptr<int32_t>(), E, K, tile, ntiles});
+    return std::get<1>(exec.sort_pairs(keys, chunks, B * (ntiles + 1) - 1));
   };
   const at::Tensor corder = B * (ntiles + 1) < (int64_t(1) << 31) ? tile_order(int32_t{0}) : tile_order(int64_t{0});
   auto tables = at::empty({3, B, K}, iopt);
   int32_t* tb = tables.data_ptr<int32_t>();
   exec.for_each_item(B, K, 1,
-                     ChunkPermuteFunctor{corder.data_ptr<int64_t>(), lat.chunk_begin.data_ptr<int32_t>(),
+                     ChunkPermuteFunctor{corder.data_ptr<int32_t>(), lat.chunk_begin.data_ptr<int32_t>(),
                                          lat.chunk_end.data_ptr<int32_t>(), tb, tb + B * K, tb + 2 * B * K, K});
   lat.chunk_begin = tables[0];
   lat.chunk_end = tables[1];
