@@ -142,25 +142,6 @@ def _stats_op(
     return read
 
 
-def _check_values(
-    images: Tensor,
-    probs: Tensor,
-    rois: Tensor | None,
-    seg_label: Tensor | None,
-    distribution: bool,
-    ignore_index: int,
-) -> float | None:
-    """Data-dependent checks (skipped while torch.compile traces: they would break the graph).
-
-    On a GPU one pass over the inputs and one reduction (``ops.dense_energy_input_stats``), on the
-    CPU a few ATen reductions; read back with a single device synchronisation (on a GPU each read
-    stalls the host until the queue drains). NaN propagates into the ranges and ±Inf falls outside
-    them, so the finiteness checks cost nothing extra on valid inputs. Returns the images' maximum
-    (None when they are empty): it bounds the bilateral features' colours.
-    """
-    return _start_checks(images, probs, rois, seg_label, distribution, ignore_index)()
-
-
 def _start_checks(
     images: Tensor,
     probs: Tensor,
@@ -169,8 +150,16 @@ def _start_checks(
     distribution: bool,
     ignore_index: int,
 ) -> Callable[[], float | None]:
-    """``_check_values`` in two halves: queues the statistics and returns the function that reads
-    them, raises on a bad value, and returns the images' maximum."""
+    """Data-dependent checks (skipped while torch.compile traces: they would break the graph), in two
+    halves: queues the statistics and returns the function that reads them, raises on a bad value
+    and returns the images' maximum (None when they are empty: it bounds the bilateral features'
+    colours).
+
+    On a GPU one pass over the inputs and one reduction (``ops.dense_energy_input_stats``), on the
+    CPU a few ATen reductions; read back with a single device synchronisation (on a GPU each read
+    stalls the host until the queue drains, hence ``_DEFER_CHECKS``). NaN propagates into the ranges
+    and ±Inf falls outside them, so the finiteness checks cost nothing extra on valid inputs.
+    """
     K = probs.shape[1]
 
     def nonfinite(name: str, t: Tensor) -> None:
@@ -183,63 +172,54 @@ def _start_checks(
         else:
             stats = _stats_aten(images, probs, rois, seg_label, distribution, ignore_index)
             read = lambda: stats  # noqa: E731
-    return lambda: _judge(read(), images, probs, rois, seg_label, distribution, ignore_index, K, nonfinite)
+
+    def judge() -> float | None:
+        """Raises on the first bad statistic (finding an offending value where that helps the
+        message); returns the images' maximum."""
+        v = read()
+        if not v:
+            return None
+
+        if "img_lo" in v and not (v["img_lo"] >= 0 and v["img_hi"] <= 255):
+            nonfinite("images", images)
+            raise ValueError(
+                f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
+                f"[{v['img_lo']:.4g}, {v['img_hi']:.4g}]"
+            )
+        if "p_lo" in v:
+            if not (v["p_lo"] >= 0 and v["p_hi"] <= 1):
+                nonfinite("segmentations", probs)
+                raise ValueError(
+                    f"segmentations must be probabilities in [0, 1] (softmax outputs, not logits); got values in "
+                    f"[{v['p_lo']:.4g}, {v['p_hi']:.4g}]"
+                )
+            if distribution:
+                tol = 1e-3 if probs.dtype in _COMPUTE_DTYPES else 1e-2
+                dev = max(abs(v["sum_lo"] - 1), abs(v["sum_hi"] - 1))
+                if dev > tol:
+                    raise ValueError(
+                        "segmentations must be a probability distribution over dimension 1 (softmax) for the "
+                        f"gate and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
+                    )
+        if v.get("roi_bad", 0.0) != 0:
+            nonfinite("ROIs", rois)
+            raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
+        if "lab_bad" in v:
+            if v["lab_bad"] != 0:  # the error path: find an offending value
+                lab = seg_label if seg_label.is_floating_point() else seg_label.long()
+                nonfinite("seg_label", lab)
+                good = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
+                raise ValueError(
+                    f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
+                    f"values (e.g. {float(lab[~good][0]):g})"
+                )
+        return v.get("img_hi")
+
+    return judge
 
 
 def _uses_stats_op(probs: Tensor) -> bool:
     return probs.device.type != "cpu" or _STATS_OP_ON_CPU
-
-
-def _judge(
-    v: dict[str, float],
-    images: Tensor,
-    probs: Tensor,
-    rois: Tensor | None,
-    seg_label: Tensor | None,
-    distribution: bool,
-    ignore_index: int,
-    K: int,
-    nonfinite: Callable[[str, Tensor], None],
-) -> float | None:
-    """Raises on the first bad statistic (finding an offending value where that helps the message);
-    returns the images' maximum, None when they are empty."""
-    if not v:
-        return None
-
-    if "img_lo" in v and not (v["img_lo"] >= 0 and v["img_hi"] <= 255):
-        nonfinite("images", images)
-        raise ValueError(
-            f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
-            f"[{v['img_lo']:.4g}, {v['img_hi']:.4g}]"
-        )
-    if "p_lo" in v:
-        if not (v["p_lo"] >= 0 and v["p_hi"] <= 1):
-            nonfinite("segmentations", probs)
-            raise ValueError(
-                f"segmentations must be probabilities in [0, 1] (softmax outputs, not logits); got values in "
-                f"[{v['p_lo']:.4g}, {v['p_hi']:.4g}]"
-            )
-        if distribution:
-            tol = 1e-3 if probs.dtype in _COMPUTE_DTYPES else 1e-2
-            dev = max(abs(v["sum_lo"] - 1), abs(v["sum_hi"] - 1))
-            if dev > tol:
-                raise ValueError(
-                    "segmentations must be a probability distribution over dimension 1 (softmax) for the "
-                    f"gate and the non-negative form; its sums deviate from 1 by up to {dev:.3g}"
-                )
-    if v.get("roi_bad", 0.0) != 0:
-        nonfinite("ROIs", rois)
-        raise ValueError("ROIs must be a 0/1 crop mask; got values other than 0 and 1")
-    if "lab_bad" in v:
-        if v["lab_bad"] != 0:  # the error path: find an offending value
-            lab = seg_label if seg_label.is_floating_point() else seg_label.long()
-            nonfinite("seg_label", lab)
-            good = (lab == lab.round()) & (((lab >= 0) & (lab < K)) | (lab == ignore_index))
-            raise ValueError(
-                f"seg_label must hold class indices 0..{K - 1} or {ignore_index} (unlabelled); got other "
-                f"values (e.g. {float(lab[~good][0]):g})"
-            )
-    return v.get("img_hi")
 
 
 def _min(x: float | Tensor) -> float:
@@ -383,7 +363,7 @@ def dense_energy_loss(
         s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
     if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
         if check_inputs and V.checking_values():
-            _check_values(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
+            _start_checks(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)()
         return s_hat.sum() * weight
     fname = "images (bilateral features)"
     checked = check_inputs and V.checking_values()

@@ -33,6 +33,17 @@ def cuda_or_cpu(request):
     return torch.device(request.param)
 
 
+class OpSpy:
+    """A stand-in for torch.ops.rrm_cuda that logs the calls of one op (then makes them)."""
+
+    def __init__(self, real, name: str, log: list):
+        self._real, self._name, self._log = real, name, log
+
+    def __getattr__(self, name):
+        f = getattr(self._real, name)
+        return (lambda *a, **k: self._log.append(name) or f(*a, **k)) if name == self._name else f
+
+
 @pytest.fixture
 def tuning():
     """rrm_cuda._C.set_tuning for the test (the CUDA launch-configuration knobs, common/tuning.h);

@@ -9,7 +9,7 @@ import torch
 
 import rrm_cuda
 from rrm_cuda.reference import dense_crf_reference, gaussian_filter_exact
-from tests.conftest import photo, smooth_probs
+from tests.conftest import OpSpy, photo, smooth_probs
 
 ops = torch.ops.rrm_cuda
 
@@ -669,17 +669,6 @@ def test_inputs_checked_with_one_synchronisation(monkeypatch):
     assert calls == [3] and q.shape == unary.shape
 
 
-class _OpSpy:
-    """torch.ops.rrm_cuda with its dense_crf calls logged."""
-
-    def __init__(self, real, log):
-        self._real, self._log = real, log
-
-    def __getattr__(self, name):
-        f = getattr(self._real, name)
-        return (lambda *a, **k: self._log.append(name) or f(*a, **k)) if name == "dense_crf" else f
-
-
 @pytest.mark.parametrize("defer", [False, True])
 def test_deferred_score_checks(defer, monkeypatch):
     # On a GPU (here forced on the CPU) the scores' value checks are read after the op is queued when
@@ -691,7 +680,7 @@ def test_deferred_score_checks(defer, monkeypatch):
     monkeypatch.setattr(F, "_DEFER_CHECKS_ON_CPU", True)
     monkeypatch.setattr(F, "_DEFER_CHECKS", defer)
     log = []
-    monkeypatch.setattr(F, "ops", _OpSpy(F.ops, log))
+    monkeypatch.setattr(F, "ops", OpSpy(F.ops, "dense_crf", log))
     unary, image = _crf_inputs(B=2, L=3, H=7, W=6, dtype=torch.float32)
     probs = torch.softmax(-unary, 1)
     good = rrm_cuda.dense_crf(probs=probs, image=image, iterations=3)

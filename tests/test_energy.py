@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import rrm_cuda
 from rrm_cuda import energy as E
 from rrm_cuda import reference as R
+from tests.conftest import OpSpy
 
 ops = torch.ops.rrm_cuda
 
@@ -453,19 +454,6 @@ def test_valid_label_and_roi_dtypes(stats_op, monkeypatch):
             torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-class _OpSpy:
-    """torch.ops.rrm_cuda with its dense_energy calls logged."""
-
-    def __init__(self, real, log):
-        self._real, self._log = real, log
-
-    def __getattr__(self, name):
-        f = getattr(self._real, name)
-        if name != "dense_energy":
-            return f
-        return lambda *a, **k: self._log.append(name) or f(*a, **k)
-
-
 @pytest.mark.parametrize("defer", [False, True])
 def test_deferred_value_checks(defer, monkeypatch):
     # Where the one-pass statistics op runs (GPUs; here forced on the CPU), the checked loss reads
@@ -474,7 +462,7 @@ def test_deferred_value_checks(defer, monkeypatch):
     monkeypatch.setattr(E, "_STATS_OP_ON_CPU", True)
     monkeypatch.setattr(E, "_DEFER_CHECKS", defer)
     log = []
-    monkeypatch.setattr(E, "ops", _OpSpy(E.ops, log))
+    monkeypatch.setattr(E, "ops", OpSpy(E.ops, "dense_energy", log))
     images, probs, rois, labels = _inputs(H=8, W=8, dtype=torch.float32)
     good = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
     assert log == ["dense_energy"] and torch.isfinite(good)
