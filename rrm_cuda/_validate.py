@@ -71,25 +71,11 @@ def finite_ranges_later(
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, _, x in todo:
         by_device.setdefault(x.device, []).extend(torch.aminmax(x.detach() if x.requires_grad else x))
-    stacked: dict[torch.device, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
-    for dev, ts in by_device.items():
-        st = torch.stack(ts)
-        if st.is_cuda:
-            host = torch.empty(st.shape, dtype=st.dtype, pin_memory=True)
-            host.copy_(st, non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-            stacked[dev] = (host, ev)
-        else:
-            stacked[dev] = (st, None)
+    stacked = {dev: host_later(torch.stack(ts)) for dev, ts in by_device.items()}
 
     def read() -> list[tuple[float, float] | None]:
         out: list[tuple[float, float] | None] = [None] * len(items)
-        vals = {}
-        for dev, (st, ev) in stacked.items():
-            if ev is not None:
-                ev.synchronize()
-            vals[dev] = iter(st.tolist())
+        vals = {dev: iter(get()) for dev, get in stacked.items()}
         for k, name, x in todo:
             it = vals[x.device]
             lo, hi = next(it), next(it)
@@ -98,6 +84,24 @@ def finite_ranges_later(
                 raise ValueError(f"{name} contains {bad} values")
             out[k] = (lo, hi)
         return out
+
+    return read
+
+
+def host_later(x: torch.Tensor) -> Callable[[], list]:
+    """Queues the copy of a small device tensor to the host and returns the function that reads it
+    (``tolist()``). On a GPU the copy goes to pinned memory without blocking, behind the work queued
+    so far, and an event marks it: the read waits for that event only, not for work queued later."""
+    if not x.is_cuda:
+        return x.tolist
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+
+    def read() -> list:
+        event.synchronize()
+        return host.tolist()
 
     return read
 

@@ -12,7 +12,7 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +102,8 @@ def _stats_op(
     """The check statistics in one pass over all four inputs (``ops.dense_energy_input_stats``: on a
     GPU one kernel and one reduction instead of about ten ATen reductions), one read.
 
-    Queues the work and returns a function that reads and names the statistics. On a GPU the
-    statistics are copied to pinned host memory without blocking and an event marks the copy, so
-    the read can wait until after the loss's own op is queued (see ``_DEFER_CHECKS``)."""
+    Queues the work and returns a function that reads and names the statistics (``V.host_later``:
+    the read can wait until after the loss's own op is queued, see ``_DEFER_CHECKS``)."""
     B, K, H, W = probs.shape
     if B * H * W == 0:  # no pixel: the images' range alone (the images may still have pixels)
         return lambda: _stats_aten(images, probs, None, None, False, ignore_index)
@@ -115,19 +114,10 @@ def _stats_op(
     lab = seg_label.reshape(B, H, W) if seg_label is not None and seg_label.numel() else None
     if lab is not None and lab.dtype not in _STATS_DTYPES:
         lab = lab.double()
-    stats = ops.dense_energy_input_stats(img, probs, roi, lab, float(ignore_index), distribution)
-    event = None
-    if stats.is_cuda:
-        host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
-        host.copy_(stats, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        stats = host
+    get = V.host_later(ops.dense_energy_input_stats(img, probs, roi, lab, float(ignore_index), distribution))
 
     def read() -> dict[str, float]:
-        if event is not None:
-            event.synchronize()
-        vals = stats.tolist()
+        vals = get()
         v = {"img_lo": -vals[0], "img_hi": vals[1]}
         if K:
             v.update(p_lo=-vals[2], p_hi=vals[3])

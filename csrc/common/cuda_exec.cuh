@@ -59,51 +59,43 @@ struct CudaExec {
   // the caching allocator) over the keys' significant bits only. at::sort sorts all 32 or 64 bits:
   // 4 (int32) passes where a 512x512 image's (image, vertex) keys need 15 bits, i.e. 2 passes.
   static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t max_key) {
-    const int64_t n = keys.numel();
-    const bool narrow = keys.scalar_type() == at::kInt || keys.scalar_type() == at::kLong;
-    if (!narrow || n > std::numeric_limits<int>::max() || max_key < 0) {
-      return at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    }
-    const at::Tensor k = keys.contiguous();
-    auto sorted = at::empty_like(k);
-    const auto iota = at::arange(n, k.options().dtype(at::kLong));
-    auto order = at::empty_like(iota);
-    const int64_t bits = at::cuda::cub::get_num_bits(static_cast<uint64_t>(max_key));
-    if (k.scalar_type() == at::kInt) {
-      at::cuda::cub::radix_sort_pairs<int32_t, int64_t>(k.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
-                                                        iota.data_ptr<int64_t>(), order.data_ptr<int64_t>(), n,
-                                                        /*descending=*/false, /*begin_bit=*/0, bits);
-    } else {
-      at::cuda::cub::radix_sort_pairs<int64_t, int64_t>(k.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
-                                                        iota.data_ptr<int64_t>(), order.data_ptr<int64_t>(), n,
-                                                        /*descending=*/false, /*begin_bit=*/0, bits);
-    }
-    return {sorted, order};
+    if (!radix_ok(keys, max_key)) return at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    return radix_sort<int64_t>(keys, at::arange(keys.numel(), keys.options().dtype(at::kLong)), max_key);
   }
   // The same sort carrying int32 values (one per key) instead of producing the permutation: no
   // iota, and 4-byte instead of 8-byte values through every pass.
   static std::tuple<at::Tensor, at::Tensor> sort_pairs(const at::Tensor& keys, const at::Tensor& values,
                                                        int64_t max_key) {
-    const int64_t n = keys.numel();
-    const bool narrow = keys.scalar_type() == at::kInt || keys.scalar_type() == at::kLong;
-    if (!narrow || values.scalar_type() != at::kInt || n > std::numeric_limits<int>::max() || max_key < 0) {
+    if (!radix_ok(keys, max_key) || values.scalar_type() != at::kInt) {
       auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
       return {sorted, values.index_select(0, order)};
     }
+    return radix_sort<int32_t>(keys, values, max_key);
+  }
+  static bool radix_ok(const at::Tensor& keys, int64_t max_key) {
+    const bool narrow = keys.scalar_type() == at::kInt || keys.scalar_type() == at::kLong;
+    return narrow && keys.numel() <= std::numeric_limits<int>::max() && max_key >= 0;
+  }
+  // keys (int32 or int64) with values of type value_t, over bits [0, bits of max_key).
+  template <typename value_t>
+  static std::tuple<at::Tensor, at::Tensor> radix_sort(const at::Tensor& keys, const at::Tensor& values,
+                                                       int64_t max_key) {
     const at::Tensor k = keys.contiguous();
     const at::Tensor v = values.contiguous();
     auto sorted = at::empty_like(k);
     auto vout = at::empty_like(v);
+    const int64_t n = k.numel();
     const int64_t bits = at::cuda::cub::get_num_bits(static_cast<uint64_t>(max_key));
-    if (k.scalar_type() == at::kInt) {
-      at::cuda::cub::radix_sort_pairs<int32_t, int32_t>(k.data_ptr<int32_t>(), sorted.data_ptr<int32_t>(),
-                                                        v.data_ptr<int32_t>(), vout.data_ptr<int32_t>(), n,
-                                                        /*descending=*/false, /*begin_bit=*/0, bits);
-    } else {
-      at::cuda::cub::radix_sort_pairs<int64_t, int32_t>(k.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
-                                                        v.data_ptr<int32_t>(), vout.data_ptr<int32_t>(), n,
-                                                        /*descending=*/false, /*begin_bit=*/0, bits);
-    }
+    auto run = [&](auto key_zero) {
+      using key_t = decltype(key_zero);
+      at::cuda::cub::radix_sort_pairs<key_t, value_t>(k.data_ptr<key_t>(), sorted.data_ptr<key_t>(),
+                                                      v.data_ptr<value_t>(), vout.data_ptr<value_t>(), n,
+                                                      /*descending=*/false, /*begin_bit=*/0, bits);
+    };
+    if (k.scalar_type() == at::kInt)
+      run(int32_t{0});
+    else
+      run(int64_t{0});
     return {sorted, vout};
   }
   static constexpr int kBlock = 256;
