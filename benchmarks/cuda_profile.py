@@ -165,7 +165,8 @@ def main() -> None:
     E._DEFER_CHECKS = True
     # A/B in the same process of the CUDA launch-configuration knobs (common/tuning.h; the results
     # are bitwise the same for every setting): the splat chunks launched in vertex order (tile 0) and
-    # by pixel tiles of several sizes; the energy loss's rows of 4 channels (four per thread) or one
+    # by pixel tiles of several sizes; the fused slice's vertex rows whole or four channels at a time;
+    # the energy loss's rows of 4 channels (four per thread) or one
     # channel per thread; its exact gradient's two splats in one pass or two. Lattices are built per
     # call, except the cached position lattice: the cache is cleared around each switch.
     from rrm_cuda import _C
@@ -185,6 +186,14 @@ def main() -> None:
         )
         res[f"A/B splat {tag}: energy fwd+bwd [rloss], unchecked"] = event_ms(lambda: energy_fb(m3))
     knob("splat_tile", knobs["splat_tile"])
+    for group4 in (0, 1):  # the fused slice: vertex rows whole (96 registers at 21 labels) or 4 channels at a time (64)
+        knob("slice_group4", group4)
+        tag = "4 channels at a time" if group4 else "whole rows"
+        res[f"A/B slice {tag}: dense_crf op alone"] = event_ms(raw)
+        res[f"A/B slice {tag}: dense_crf op batch 8"] = event_ms(
+            lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations), reps=10
+        )
+    knob("slice_group4", knobs["slice_group4"])
     m5 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="exact", check_inputs=False)
     for rows4, pair in ((0, 0), (1, 0), (0, 1), (1, 1)):
         knob("energy_rows4", rows4)

@@ -74,6 +74,22 @@ def main() -> None:
                 grads[1],
                 1e-4 if dtype == torch.float32 else 1e-10,
             )
+    # the fused mean field at 21 labels (rows of 24: the slice's whole-row and 4-channel groupings)
+    unary = torch.rand(2, 21, 40, 37, generator=g) * 3
+    image = torch.randint(0, 256, (2, 3, 40, 37), generator=g, dtype=torch.uint8)
+    ref = rrm_cuda.dense_crf(unary, image, iterations=3)
+    from rrm_cuda import _C
+
+    group4 = _C.tuning()["slice_group4"]
+    for value in (0, 1):
+        _C.set_tuning("slice_group4", value)
+        close(
+            f"dense_crf 21 labels slice_group4={value}",
+            rrm_cuda.dense_crf(unary.to(dev), image.to(dev), iterations=3),
+            ref,
+            1e-4,
+        )
+    _C.set_tuning("slice_group4", group4)
     # energy op: value only, rloss and exact gradients, with and without the mass term; float32
     # takes the float4 rows (padded channels: 3 classes -> 4, 3 + mass -> 4, 7 -> 8)
     for dtype, K in ((torch.float64, 3), (torch.float32, 3), (torch.float32, 7)):

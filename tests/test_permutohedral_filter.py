@@ -115,11 +115,35 @@ def test_splat_launch_order_does_not_change_results(tuning):
             assert torch.equal(a, b), tile
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slice_grouping_does_not_change_results(tuning, dtype):
+    # The fused mean field's slice sums a pixel's d+1 vertex rows four channels at a time
+    # (slice_group4 = 1, fewer registers) or whole rows (0): every channel's sums are the same terms in
+    # the same order, so the bits are the same, for every row width W (4, 8, 16, 24, 32 labels' rows),
+    # with and without per-pixel scales (normalization 'after' gives the slice a post factor).
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()[:64, :80].copy()).permute(2, 0, 1)[None]
+    bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
+    pos = rrm_cuda.position_features(1, (64, 80), 3.0).to(dtype)
+    g = torch.Generator().manual_seed(5)
+    for L in (3, 7, 13, 21, 30):
+        u = (torch.rand(2, L, 64 * 80, generator=g) * 3).to(dtype)
+        compat = torch.stack([-3 * torch.eye(L), -torch.linspace(5, 10, L).diag()]).to(dtype)
+        for norms in ([0, 0], [1, 0]):
+            outs = []
+            for group4 in (0, 1):
+                tuning("slice_group4", group4)
+                outs.append(ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], norms, 3))
+            assert torch.equal(outs[0], outs[1]), (L, norms)
+            torch.testing.assert_close(outs[1].sum(1), torch.ones_like(outs[1][:, 0]))
+
+
 def test_tuning_knobs(tuning):
     from rrm_cuda import _C
 
     saved = _C.tuning()
-    assert set(saved) == {"splat_tile", "energy_rows4", "energy_pair_splat"}
+    assert set(saved) == {"splat_tile", "energy_rows4", "energy_pair_splat", "slice_group4"}
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
         tuning("splat_tile", -1)
@@ -314,6 +338,23 @@ def test_cuda_splat_launch_order(cuda, tuning):
         tuning("splat_tile", tile)
         for rev in (False, True):
             assert torch.equal(ops.permutohedral_filter(v, f, rev), ref[rev]), tile
+
+
+@pytest.mark.cuda
+def test_cuda_slice_grouping(cuda, tuning):
+    # the fused slice's two groupings (whole vertex rows, four channels at a time) give the same bits
+    # on the device too, at every row width
+    g = torch.Generator().manual_seed(6)
+    f = (torch.randn(1, 5, 20000, generator=g) * 2).to(cuda)
+    pos = (torch.randn(1, 2, 20000, generator=g) * 4).to(cuda)
+    for L in (3, 7, 13, 21, 30):
+        u = (torch.rand(2, L, 20000, generator=g) * 3).to(cuda)
+        compat = torch.stack([-3 * torch.eye(L), -10 * torch.eye(L)]).to(cuda)
+        outs = []
+        for group4 in (0, 1):
+            tuning("slice_group4", group4)
+            outs.append(ops.dense_crf(u, [pos, f], compat, [True, True], [0, 0], 3))
+        assert torch.equal(outs[0], outs[1]), L
 
 
 @pytest.mark.cuda

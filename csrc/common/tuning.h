@@ -16,6 +16,8 @@ enum Knob : int {
   kEnergyRows4,      // energy loss: lattice rows padded to a multiple of 4 channels, splat and blurs
                      // four channels per thread (1), or one channel per thread (0); 1
   kEnergyPairSplat,  // energy loss, exact gradient: its two splats in one pass (1) or two (0); 1
+  kSliceGroup4,      // fused mean field's slice: vertex rows summed four channels at a time (1) or
+                     // whole (0); 1
   kNumKnobs
 };
 

@@ -1243,14 +1243,33 @@ struct PadCoefRowsFunctor {
 // a padded row of q or label-major into q_lmajor (the last step). The unary is read where it lies,
 // label-major with any strides (a warp's 32 pixels read consecutive addresses per label when the
 // pixel stride is 1), and padded in registers: no (B, N, W) copy of it, and no pass to make one.
-template <typename scalar_t, int W>
-struct MeanFieldSliceFunctor {
+template <typename scalar_t>
+struct MeanFieldSliceArgs {
   const scalar_t* unary;  // (B, L, N), strides sb, sl, sn
   scalar_t* q;            // (B, N, W) out, or nullptr
   scalar_t* q_lmajor;     // (B, L, N) out, or nullptr
   MeanFieldRowTerm<scalar_t> terms[kMaxFusedTerms];
   int T;
   int64_t N, L, sb, sl, sn;
+};
+
+// G: channels summed at a time. G = W takes each vertex's whole row at once (the d+1 rows' loads and
+// sums need 96 registers at W = 24, sm_90: a quarter of the SM's warps fit); G = 4 takes the d+1
+// rows four channels (one float4) at a time (64 registers at W = 24: half the warps). Tuning knob
+// slice_group4. Each channel's sums are the same terms in the same order: the same bits.
+template <typename scalar_t, int W, int G = W>
+struct MeanFieldSliceFunctor : MeanFieldSliceArgs<scalar_t> {
+  static_assert(W % G == 0, "G must divide W");
+  using MeanFieldSliceArgs<scalar_t>::unary;
+  using MeanFieldSliceArgs<scalar_t>::q;
+  using MeanFieldSliceArgs<scalar_t>::q_lmajor;
+  using MeanFieldSliceArgs<scalar_t>::terms;
+  using MeanFieldSliceArgs<scalar_t>::T;
+  using MeanFieldSliceArgs<scalar_t>::N;
+  using MeanFieldSliceArgs<scalar_t>::L;
+  using MeanFieldSliceArgs<scalar_t>::sb;
+  using MeanFieldSliceArgs<scalar_t>::sl;
+  using MeanFieldSliceArgs<scalar_t>::sn;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
     const int64_t bi = b * N + i;
@@ -1264,11 +1283,14 @@ struct MeanFieldSliceFunctor {
       const scalar_t* wb = m.weights + lb * m.E + i * (m.d + 1);
       const int32_t* vb = m.vertex + lb * m.E + i * (m.d + 1);
       const scalar_t* Lb = m.blurred + b * m.M * W;
-      scalar_t acc[W];
-      for (int c = 0; c < W; ++c) acc[c] = 0;
-      for (int r = 0; r <= m.d; ++r) row_add_scaled<scalar_t, W>(acc, wb[r], Lb + static_cast<int64_t>(vb[r]) * W);
       const scalar_t scale = m.post ? m.alpha * m.post[lb * N + i] : m.alpha;
-      for (int c = 0; c < W; ++c) row[c] += m.coef[c] * scale * acc[c];
+      for (int g = 0; g < W; g += G) {
+        scalar_t acc[G];
+        for (int c = 0; c < G; ++c) acc[c] = 0;
+        for (int r = 0; r <= m.d; ++r)
+          row_add_scaled<scalar_t, G>(acc, wb[r], Lb + static_cast<int64_t>(vb[r]) * W + g);
+        for (int c = 0; c < G; ++c) row[g + c] += m.coef[g + c] * scale * acc[c];
+      }
     }
     // softmax over the L labels (densecrf's expAndNormalize: max-subtracted); padding gives q = 0
     scalar_t mx = row[0];

@@ -693,7 +693,7 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   exec.for_each(T * W, PadCoefRowsFunctor<scalar_t>{compat_c.data_ptr<scalar_t>(), coef_all.data_ptr<scalar_t>(), L, W},
                 256);
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
-  MeanFieldSliceFunctor<scalar_t, W> f{};
+  MeanFieldSliceArgs<scalar_t> f{};
   f.unary = unary.data_ptr<scalar_t>();
   f.sb = unary.stride(0);
   f.sl = unary.stride(1);
@@ -778,7 +778,17 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       std::swap(cur[t], nxt[t]);
     }
   }
-  exec.for_each_item(B, N, 1, f, 256);  // q = softmax(-U)
+  // The slice takes the vertex rows four channels at a time (fewer registers) unless the knob says
+  // whole rows; the same bits either way.
+  const bool group4 = W > 4 && tuning::get(tuning::kSliceGroup4) != 0;
+  auto slice = [&] {
+    if (group4) {
+      exec.for_each_item(B, N, 1, MeanFieldSliceFunctor<scalar_t, W, 4>{f}, 256);
+    } else {
+      exec.for_each_item(B, N, 1, MeanFieldSliceFunctor<scalar_t, W>{f}, 256);
+    }
+  };
+  slice();  // q = softmax(-U)
   for (int64_t it = 0; it < iterations; ++it) {
     exec.for_each_item(B, splat.total(), W / V, splat, 256);
     exec.for_each_item(B, reduce.total(), W, reduce, 256);
@@ -788,7 +798,7 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       f.q = nullptr;
       f.q_lmajor = q_out.data_ptr<scalar_t>();
     }
-    exec.for_each_item(B, N, 1, f, 256);
+    slice();
   }
 }
 
