@@ -166,9 +166,10 @@ def main() -> None:
     # A/B in the same process of the CUDA launch-configuration knobs (common/tuning.h; the results
     # are bitwise the same for every setting): the splat chunks launched in vertex order (tile 0) and
     # by pixel tiles of several sizes; the fused slice's vertex rows whole or four channels at a time;
-    # the energy loss's rows of 4 channels (four per thread) or one
-    # channel per thread; its exact gradient's two splats in one pass or two. Lattices are built per
-    # call, except the cached position lattice: the cache is cleared around each switch.
+    # the energy loss's rows of 4 channels (four per thread) or one channel per thread, its slice's
+    # loads a float4 or one channel at a time, its exact gradient's two splats in one pass or two.
+    # Lattices are built per call, except the cached position lattice: the cache is cleared around
+    # each switch.
     from rrm_cuda import _C
 
     knobs = _C.tuning()
@@ -195,10 +196,14 @@ def main() -> None:
         )
     knob("slice_group4", knobs["slice_group4"])
     m5 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="exact", check_inputs=False)
-    for rows4, pair in ((0, 0), (1, 0), (0, 1), (1, 1)):
+    for rows4, slice4, pair in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (1, 1, 1)):
         knob("energy_rows4", rows4)
+        knob("energy_slice4", slice4)
         knob("energy_pair_splat", pair)
-        tag = f"rows {'4 ch/thread' if rows4 else '1 ch/thread'}, splats {'paired' if pair else 'separate'}"
+        tag = (
+            f"rows {'4 ch/thread' if rows4 else '1 ch/thread'}, slice {'float4' if slice4 else 'scalar'}, "
+            f"splats {'paired' if pair else 'separate'}"
+        )
         res[f"A/B energy {tag}: fwd+bwd [rloss], unchecked"] = event_ms(lambda: energy_fb(m3))
         res[f"A/B energy {tag}: fwd+bwd [exact], unchecked"] = event_ms(lambda: energy_fb(m5))
     for name, value in knobs.items():

@@ -143,7 +143,7 @@ def test_tuning_knobs(tuning):
     from rrm_cuda import _C
 
     saved = _C.tuning()
-    assert set(saved) == {"splat_tile", "energy_rows4", "energy_pair_splat", "slice_group4"}
+    assert set(saved) == {"splat_tile", "energy_rows4", "energy_pair_splat", "slice_group4", "energy_slice4"}
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
         tuning("splat_tile", -1)

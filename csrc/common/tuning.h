@@ -18,6 +18,7 @@ enum Knob : int {
   kEnergyPairSplat,  // energy loss, exact gradient: its two splats in one pass (1) or two (0); 1
   kSliceGroup4,      // fused mean field's slice: vertex rows summed four channels at a time (1) or
                      // whole (0); 1
+  kEnergySlice4,     // energy loss's slice with rows of 4: four channels per load (1) or one (0); 1
   kNumKnobs
 };
 

@@ -144,42 +144,53 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
         filters(one);
     }
     const scalar_t grad_scale = grad_mode == kRlossGrad ? scalar_t(-2) : scalar_t(-1);
-    auto slice = [&](auto tiled, auto fixed_d) {
+    // The slice reads four channels of each row at a time where the rows are float4s and d is fixed
+    // (knob kEnergySlice4: 0 gives one channel at a time, for A/B timings).
+    const bool slice4 = rows4 && tuning::get(tuning::kEnergySlice4) != 0;
+    auto slice = [&](auto tiled, auto fixed_d, auto vtag) {
       constexpr bool kTiled = decltype(tiled)::value;
       constexpr int kD = decltype(fixed_d)::value;
-      EnergySliceFunctor<scalar_t, kTiled, kD> f{bufs[fwd].data_ptr<scalar_t>(),
-                                                 adj >= 0 ? bufs[adj].data_ptr<scalar_t>() : nullptr,
-                                                 w,
-                                                 ev,
-                                                 p.data_ptr<scalar_t>(),
-                                                 gate_p,
-                                                 has_mass ? m.data_ptr<scalar_t>() : nullptr,
-                                                 terms.data_ptr<scalar_t>(),
-                                                 grad_p,
-                                                 alpha,
-                                                 grad_scale,
-                                                 N,
-                                                 E,
-                                                 M,
-                                                 C,
-                                                 Cs,
-                                                 K,
-                                                 d};
+      constexpr int kV = decltype(vtag)::value;
+      EnergySliceFunctor<scalar_t, kTiled, kD, kV> f{bufs[fwd].data_ptr<scalar_t>(),
+                                                     adj >= 0 ? bufs[adj].data_ptr<scalar_t>() : nullptr,
+                                                     w,
+                                                     ev,
+                                                     p.data_ptr<scalar_t>(),
+                                                     gate_p,
+                                                     has_mass ? m.data_ptr<scalar_t>() : nullptr,
+                                                     terms.data_ptr<scalar_t>(),
+                                                     grad_p,
+                                                     alpha,
+                                                     grad_scale,
+                                                     N,
+                                                     E,
+                                                     M,
+                                                     C,
+                                                     Cs,
+                                                     K,
+                                                     d};
       // One call per pixel, all channels (see EnergySliceFunctor).
       exec.for_each_item(B, N, 1, f, grain);
     };
     if constexpr (Exec::kChannelsPerThread == 0) {
-      slice(std::true_type{}, std::integral_constant<int, 0>{});
+      slice(std::true_type{}, std::integral_constant<int, 0>{}, one);
     } else {
+      const auto four = std::integral_constant<int, 4>{};
+      auto fixed = [&](auto fixed_d) {
+        if (slice4)
+          slice(std::false_type{}, fixed_d, four);
+        else
+          slice(std::false_type{}, fixed_d, one);
+      };
       switch (d) {  // the energy loss's bilateral kernels: d = 2 + image channels (RGB: 5)
         case 3:
-          slice(std::false_type{}, std::integral_constant<int, 3>{});
+          fixed(std::integral_constant<int, 3>{});
           break;
         case 5:
-          slice(std::false_type{}, std::integral_constant<int, 5>{});
+          fixed(std::integral_constant<int, 5>{});
           break;
         default:
-          slice(std::false_type{}, std::integral_constant<int, 0>{});
+          slice(std::false_type{}, std::integral_constant<int, 0>{}, one);
       }
     }
   });
