@@ -12,6 +12,7 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -320,6 +321,12 @@ def dense_energy_loss(
     scale_factor = V.positive(scale_factor, "scale_factor")
     if scale_factor > 1:
         raise ValueError(f"scale_factor must be in (0, 1]; got {scale_factor}")
+    hs, ws = math.floor(H * scale_factor), math.floor(W * scale_factor)  # F.interpolate's output size
+    if H * W > 0 and hs * ws == 0:
+        raise ValueError(
+            f"scale_factor={scale_factor} shrinks the {H}x{W} images to {hs}x{ws} pixels; use a larger scale_factor "
+            f"(at least {max(1 / H, 1 / W):.3g}) or larger images"
+        )
     try:
         weight = float(weight)
     except (TypeError, ValueError):

@@ -427,6 +427,8 @@ def dense_crf(
         fmax: tuple[float, float | None] | None = None,
         constant: bool = False,
     ) -> None:
+        if compat is None:  # the term is off (as 0 is)
+            return
         if isinstance(compat, Tensor):
             cm = _compat_matrix(compat, L, name, dtype, device, pending)
             if cm is None:

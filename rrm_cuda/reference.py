@@ -27,8 +27,13 @@ def _lattice_reference(features: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     d, N = features.shape
     dt = features.dtype
     dev = features.device
-    k = torch.arange(d, dtype=torch.float64)
-    scale = (math.sqrt(2.0 / 3.0) * (d + 1) / torch.sqrt((k + 1) * (k + 2))).to(dt).to(dev)
+    # In Python floats, as the kernels compute it in double (feature_scale): a tensor division of a
+    # scalar by a tensor (a reciprocal, then a product) can differ in the last bit, and on features
+    # whose residuals tie that bit flips the simplex ranking.
+    scale = torch.tensor(
+        [math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(float((k + 1) * (k + 2))) for k in range(d)], dtype=torch.float64
+    )
+    scale = scale.to(dt).to(dev)
     cf = features.T * scale  # (N, d)
     # e_j = sum_{k >= j} c_k - j c_{j-1}, accumulated from the last coordinate as densecrf does
     elevated = torch.zeros(N, d + 1, dtype=dt, device=dev)

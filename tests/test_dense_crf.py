@@ -71,6 +71,11 @@ def test_extra_pairwise_terms_and_volumes():
         unary.reshape(1, 3, -1), [pos, bil, depth.reshape(1, 1, -1)], [-3 * eye, -10 * eye, -2 * eye], 3
     )
     torch.testing.assert_close(q.reshape(1, 3, -1), ref)
+    # a compat of None or 0 switches an extra term off, as it does the Gaussian and bilateral ones
+    alone = rrm_cuda.dense_crf(unary, grey, iterations=3, bilateral_sxy=4.0, bilateral_srgb=20.0)
+    for off in (None, 0, 0.0):
+        kw = dict(iterations=3, bilateral_sxy=4.0, bilateral_srgb=20.0, pairwise=[(depth, off)])
+        assert torch.equal(rrm_cuda.dense_crf(unary, grey, **kw), alone), off
 
 
 def test_probs_input_and_per_image_sigma():

@@ -431,6 +431,8 @@ def _bad(**over):
         (dict(sigma_xy=-1.0), ValueError, "sigma_xy must be positive"),
         (dict(scale_factor=0.0), ValueError, "scale_factor must be positive"),
         (dict(scale_factor=2.0), ValueError, "scale_factor must be in"),
+        (dict(scale_factor=0.1), ValueError, r"scale_factor=0.1 shrinks the 6x6 images to 0x0 pixels"),
+        (dict(scale_factor=0.16), ValueError, r"to 0x0 pixels; use a larger scale_factor \(at least 0.167\)"),
         (dict(gradient="approx"), ValueError, "gradient must be"),
         (dict(weight="a"), TypeError, "weight must be a number"),
         (dict(segmentations=[1.0]), TypeError, "segmentations must be a torch.Tensor"),

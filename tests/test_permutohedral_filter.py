@@ -41,6 +41,28 @@ def test_num_vertices_matches_reference():
     assert ops.lattice_num_vertices(f).tolist() == lattice_num_vertices_reference(f).tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_matches_on_tied_residuals(dtype):
+    # Features on an integer grid: the rounding residuals of many points tie exactly, so the simplex
+    # each point falls in hangs on the last bit of the feature scale. The reference must compute it
+    # as the kernels do (in double, sqrt(2/3) (d+1) / sqrt((k+1)(k+2))); a scale one ulp off gave
+    # other vertex counts here (12 against 11 on the first pair of points).
+    f = torch.tensor([[[0.0, 1.0], [2.0, 2.0], [-2.0, -3.0], [3.0, 3.0], [-2.0, -3.0]]], dtype=dtype)
+    n = ops.lattice_num_vertices(f).tolist()
+    assert n == lattice_num_vertices_reference(f).tolist()
+    assert n == ([12] if dtype == torch.float64 else [11])  # the float32 scale ties otherwise
+    g = torch.Generator().manual_seed(0)
+    for d in (2, 5, 6, 7):
+        f = torch.randint(-3, 4, (2, d, 300), generator=g).to(dtype)
+        v = torch.randn(2, 3, 300, generator=g, dtype=dtype)
+        assert ops.lattice_num_vertices(f).tolist() == lattice_num_vertices_reference(f).tolist(), d
+        ref = permutohedral_filter_reference(v, f)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(
+            ops.permutohedral_filter(v, f, False), ref, rtol=tol, atol=tol * float(ref.abs().max())
+        )
+
+
 @pytest.mark.parametrize("layout", ["noncontiguous", "channels_last", "spatial"])
 def test_layouts(layout):
     v, f = _inputs(B=2, C=4, N=64, d=3)
