@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -55,6 +56,47 @@ def pipelined_ms(fn, reps: int = 20) -> float:
         b.synchronize()
         best = min(best, a.elapsed_time(b) / reps)
     return best
+
+
+def ab_group(
+    res: dict[str, float],
+    group: str,
+    settings: list[tuple[str, Callable[[], None]]],
+    workloads: dict[str, Callable[[], None]],
+    default: str,
+    rounds: int = 15,
+) -> list[str]:
+    """Times every (setting, workload) pair with the settings taking turns: each round applies each
+    setting, makes one untimed call (a lattice cache refilled) and one timed call of each workload,
+    so that clock and thermal drift fall on all settings alike. Stores the medians in ``res`` as
+    "A/B {group} {setting}: {workload}" and returns summary lines: per workload, each setting's
+    median against the default's, the fastest marked."""
+    times: dict[tuple[str, str], list[float]] = {(s, w): [] for s, _ in settings for w in workloads}
+    for _ in range(rounds):
+        for label, apply in settings:
+            apply()
+            for wname, fn in workloads.items():
+                fn()
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times[label, wname].append(a.elapsed_time(b))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    lines = []
+    for wname in workloads:
+        base = med[default, wname]
+        best = min((med[s, wname], s) for s, _ in settings)[1]
+        cells = []
+        for label, _ in settings:
+            ms = med[label, wname]
+            res[f"A/B {group} {label}: {wname}"] = ms
+            mark = "*" if label == best else ""
+            cells.append(f"{label}{mark} {ms:.3f} ms ({100 * (ms / base - 1):+.1f}%)")
+        lines.append(f"  {group} | {wname}: " + "; ".join(cells))
+    return lines
 
 
 def main() -> None:
@@ -178,34 +220,63 @@ def main() -> None:
         _C.set_tuning(name, value)
         rrm_cuda.clear_lattice_cache()
 
-    for t in sorted({0, 16, knobs["splat_tile"], 256}):
-        tag = f"tile {t}" if t else "vertex order"
-        knob("splat_tile", t)
-        res[f"A/B splat {tag}: dense_crf op alone"] = event_ms(raw)
-        res[f"A/B splat {tag}: dense_crf op batch 8"] = event_ms(  # ub, pb, bb: the batch-8 inputs above
-            lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations), reps=10
-        )
-        res[f"A/B splat {tag}: energy fwd+bwd [rloss], unchecked"] = event_ms(lambda: energy_fb(m3))
-    knob("splat_tile", knobs["splat_tile"])
-    for group4 in (0, 1):  # the fused slice: vertex rows whole (96 registers at 21 labels) or 4 channels at a time (64)
-        knob("slice_group4", group4)
-        tag = "4 channels at a time" if group4 else "whole rows"
-        res[f"A/B slice {tag}: dense_crf op alone"] = event_ms(raw)
-        res[f"A/B slice {tag}: dense_crf op batch 8"] = event_ms(
-            lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations), reps=10
-        )
-    knob("slice_group4", knobs["slice_group4"])
+    # Each group's settings take turns (ab_group); the defaults are those of common/tuning.cpp.
+    # ub, pb, bb: the batch-8 inputs above.
+    batch8 = lambda: ops.dense_crf(ub, [pb, bb], compat, [True, True], [0, 0], args.iterations)  # noqa: E731
     m5 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="exact", check_inputs=False)
-    for rows4, slice4, pair in ((0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (1, 1, 1)):
-        knob("energy_rows4", rows4)
-        knob("energy_slice4", slice4)
-        knob("energy_pair_splat", pair)
-        tag = (
+    summary: list[str] = []
+
+    def setting(**values: int) -> Callable[[], None]:
+        def apply() -> None:
+            for name, value in values.items():
+                knob(name, value)
+
+        return apply
+
+    tiles = sorted({0, 16, knobs["splat_tile"], 256})
+    summary += ab_group(
+        res,
+        "splat",
+        [(f"tile {t}" if t else "vertex order", setting(splat_tile=t)) for t in tiles],
+        {
+            "dense_crf op alone": raw,
+            "dense_crf op batch 8": batch8,
+            "energy fwd+bwd [rloss], unchecked": lambda: energy_fb(m3),
+        },
+        default=f"tile {knobs['splat_tile']}" if knobs["splat_tile"] else "vertex order",
+    )
+    knob("splat_tile", knobs["splat_tile"])
+    # the fused slice: vertex rows whole (96 registers at 21 labels) or 4 channels at a time (64)
+    summary += ab_group(
+        res,
+        "slice",
+        [("whole rows", setting(slice_group4=0)), ("4 channels at a time", setting(slice_group4=1))],
+        {"dense_crf op alone": raw, "dense_crf op batch 8": batch8},
+        default="4 channels at a time" if knobs["slice_group4"] else "whole rows",
+    )
+    knob("slice_group4", knobs["slice_group4"])
+
+    def energy_label(rows4: int, slice4: int, pair: int) -> str:
+        return (
             f"rows {'4 ch/thread' if rows4 else '1 ch/thread'}, slice {'float4' if slice4 else 'scalar'}, "
             f"splats {'paired' if pair else 'separate'}"
         )
-        res[f"A/B energy {tag}: fwd+bwd [rloss], unchecked"] = event_ms(lambda: energy_fb(m3))
-        res[f"A/B energy {tag}: fwd+bwd [exact], unchecked"] = event_ms(lambda: energy_fb(m5))
+
+    combos = ((0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (1, 1, 1))  # the slice's float4 needs rows of 4
+    energy_settings = [
+        (energy_label(*c), setting(energy_rows4=c[0], energy_slice4=c[1], energy_pair_splat=c[2])) for c in combos
+    ]
+    rows4 = int(knobs["energy_rows4"] != 0)
+    default_energy = energy_label(
+        rows4, int(rows4 and knobs["energy_slice4"] != 0), int(knobs["energy_pair_splat"] != 0)
+    )
+    summary += ab_group(
+        res,
+        "energy",
+        energy_settings,
+        {"fwd+bwd [rloss], unchecked": lambda: energy_fb(m3), "fwd+bwd [exact], unchecked": lambda: energy_fb(m5)},
+        default=default_energy,
+    )
     for name, value in knobs.items():
         knob(name, value)
     # BCD loss at RRM's ResNet-38 setting: batch 4, 4096-channel features at 41x41, 21 classes
@@ -221,6 +292,8 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}")
     for k, v in res.items():
         print(f"  {k:<72} {v:9.3f} ms")
+    print("\nknob A/B (settings taking turns; % against the current default, * the fastest):")
+    print("\n".join(summary))
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
