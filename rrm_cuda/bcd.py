@@ -267,11 +267,18 @@ def bcd_loss(seg_logits: Tensor, features: Tensor, *, check_inputs: bool = True)
     B, K = seg_logits.shape[:2]
     loss, *_, finite = ops.bcd_loss(seg_logits.detach().reshape(B, K, -1), features.reshape(B, features.shape[1], -1))
     if check_inputs and V.checking_values():
-        seg_finite, sums_finite = finite.tolist()  # the one host synchronisation
+        # the one host synchronisation
+        seg_finite, sums_finite, loss_finite = torch.cat([finite, torch.isfinite(loss).reshape(1)]).tolist()
         if not seg_finite:
             V.check_finite(seg_logits, "seg_logits")  # raises, naming NaN or Inf
         if not sums_finite:
             raise ValueError("features contains NaN or Inf values")
+        if not loss_finite:  # finite features whose products overflow the compute dtype
+            big = float(features.detach().abs().amax())
+            raise ValueError(
+                f"features are too large for {loss.dtype}: the loss's dot products overflow (largest |feature| "
+                f"{big:.3g}); pass float64 features or scale them down"
+            )
     return loss
 
 

@@ -396,6 +396,57 @@ def test_cpu_deterministic():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_loss_and_gradient_do_not_depend_on_thread_count():
+    # The epilogue's Gram matrix and its adjoint's product run as fixed-order functors in double on
+    # the CPU: a BLAS GEMM (torch.mm of a 5x5 by a 5x21 matrix) gave other last bits on 2 threads than
+    # on 1, so the gradient did.
+    g = torch.Generator().manual_seed(0)
+    seg, f = torch.randn(4, 2, 10, 10, generator=g), torch.randn(4, 21, 10, 10, generator=g)
+    old = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            x = f.clone().requires_grad_()
+            loss = rrm_cuda.bcd_loss(seg, x)
+            out.append((loss, torch.autograd.grad(loss, x)[0]))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast(dtype):
+    # autocast does not reach into the op (its products run in double): float32 results and gradients
+    seg, f = _seg(2, 4, 8, 6), torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(1))
+    x = f.clone().requires_grad_()
+    ref = rrm_cuda.bcd_loss(seg, x)
+    gref = torch.autograd.grad(ref, x)[0]
+    with torch.autocast("cpu", dtype=dtype):
+        loss = rrm_cuda.bcd_loss(seg, x)
+        assert loss.dtype == torch.float32
+        grad = torch.autograd.grad(loss, x)[0]
+    assert torch.equal(loss, ref) and torch.equal(grad, gref)
+
+
+def test_features_too_large_for_float32():
+    # A centre of ~4e18 and a pixel of 1e20 multiply past float32's 3.4e38: the checked loss names
+    # it (not a silent -inf); float64 computes it, and so does float32 below the overflow.
+    torch.manual_seed(0)
+    seg, f = torch.randn(2, 4, 8, 6), torch.randn(2, 3, 8, 6)
+    for big, ok in ((1e18, True), (1e20, False), (1e30, False)):
+        g = f.clone()
+        g[0, 1, 2, 2] = big
+        ref = rrm_cuda.bcd_loss(seg, g.double())
+        if ok:
+            torch.testing.assert_close(rrm_cuda.bcd_loss(seg, g).double(), ref, rtol=1e-5, atol=1e-6)
+        else:
+            with pytest.raises(ValueError, match=r"features are too large for torch.float32: .*largest \|feature\|"):
+                rrm_cuda.bcd_loss(seg, g)
+            assert not torch.isfinite(rrm_cuda.bcd_loss(seg, g, check_inputs=False))
+        assert torch.isfinite(ref)
+
+
 # ---- empty inputs -----------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import rrm_cuda.compat.pydensecrf.densecrf as rdcrf
 import rrm_cuda.compat.pydensecrf.utils as rutils
@@ -150,3 +151,44 @@ def test_bad_inputs():
         d.inference(5)
     with pytest.raises(ValueError, match="nlabels must be >= 2"):
         rdcrf.DenseCRF2D(8, 6, 1)
+    # compat, features and integer arguments are checked when given, not at inference
+    for bad, exc, match in (
+        (None, TypeError, r"compat must be a number, an \(3,\) vector .*; got NoneType"),
+        ("a", TypeError, "compat must be a number.*; got str"),
+        (float("nan"), ValueError, "compat must be finite"),
+        (np.array([1.0, np.inf, 1.0]), ValueError, "compat contains NaN or Inf"),
+    ):
+        with pytest.raises(exc, match=match):
+            d.addPairwiseGaussian(sxy=3, compat=bad)
+    with pytest.raises(ValueError, match=r"features must have 1 <= d <= 16"):
+        d.addPairwiseEnergy(np.zeros((0, 48), np.float32), compat=3)
+    with pytest.raises(ValueError, match=r"features must have 1 <= d <= 16"):
+        d.addPairwiseEnergy(np.zeros((17, 48), np.float32), compat=3)
+    with pytest.raises(ValueError, match="features: feature values up to 1e[+]20 overflow the lattice's integer keys"):
+        d.addPairwiseEnergy(np.full((2, 48), 1e20, np.float32), compat=3)
+    with pytest.raises(ValueError, match="features contains NaN"):
+        d.addPairwiseEnergy(np.full((2, 48), np.nan, np.float32), compat=3)
+    assert d._terms == []  # nothing was added by the failed calls
+    d.setUnaryEnergy(np.zeros((3, 48), np.float32))
+    for n in (2.7, "3", None):
+        with pytest.raises(TypeError, match="n_iterations must be an integer"):
+            d.inference(n)
+    assert d.inference(np.int64(1)).shape == (3, 48)
+    with pytest.raises(TypeError, match="W must be an integer; got float 5.5"):
+        rdcrf.DenseCRF2D(5.5, 5, 2)
+    with pytest.raises(TypeError, match="nlabels must be an integer"):
+        rdcrf.DenseCRF(10, 2.0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            rdcrf.DenseCRF2D(8, 6, 3, device="cuda")
+    # utils: numpy scalars as sigmas (pydensecrf takes any numbers.Number), positive sigmas, labels
+    img = np.zeros((6, 8, 3), np.uint8)
+    np.testing.assert_array_equal(
+        rutils.create_pairwise_bilateral((3, 3), np.float32(13), img, chdim=2),
+        rutils.create_pairwise_bilateral((3, 3), 13.0, img, chdim=2),
+    )
+    for sdims, schan in (((3, 0), 13), ((3, 3), 0), ((3, 3), (13, 0, 13))):
+        with pytest.raises(ValueError, match="sdims and schan must be positive"):
+            rutils.create_pairwise_bilateral(sdims, schan, img, chdim=2)
+    with pytest.raises(ValueError, match=r"labels must be in 0..n_labels=3 \(0 = unsure\); got range -1..2"):
+        rutils.unary_from_labels(np.array([0, -1, 2]), 3, 0.7)

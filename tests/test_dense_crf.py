@@ -443,6 +443,25 @@ def test_gradcheck(emulated, diagonal, norm, iterations):
     assert torch.autograd.gradcheck(lambda u, cc: op(u, feats, cc, diagonal, norms, iterations), (u, cc))
 
 
+def test_backward_under_autocast():
+    # autocast stays on below a custom op: the backward's (L, L) products (at::mm) would run in
+    # bfloat16 and grad_compat lose three digits. The op switches autocast off for its body.
+    g = torch.Generator().manual_seed(4)
+    unary = torch.rand(1, 5, 9, 11, generator=g) * 3
+    image = torch.randint(0, 256, (1, 3, 9, 11), generator=g, dtype=torch.uint8)
+    compat = torch.rand(5, 5, generator=g) * 5
+
+    def grads():
+        u, c = unary.clone().requires_grad_(), compat.clone().requires_grad_()
+        q = rrm_cuda.dense_crf(u, image, bilateral_compat=c, iterations=5)
+        return torch.autograd.grad((q * torch.linspace(0, 1, q.numel()).reshape(q.shape)).sum(), (u, c))
+
+    ref = grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grads()
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+
+
 @pytest.mark.parametrize("kind", ["potts", "vector", "matrix"])
 def test_gradcheck_public_probs_and_tensor_compat(kind):
     """Through rrm_cuda.dense_crf: probs -> unary_from_probs -> CRF, tensor compatibilities through

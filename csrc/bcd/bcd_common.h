@@ -639,11 +639,43 @@ struct MetaFunctor {
 
 RRM_HOST_DEVICE double clamp_min1(double x) { return x > 1 ? x : 1.0; }
 
+// The Gram matrix G = A A^T (P, P) of the centres A (P, C), in double, one thread per entry, the C
+// products in order: the CPU's (and the emulation's) Gram. In double because the squared norms of
+// large float32 centres overflow (|c| > 1.8e19); per entry and in order because a BLAS GEMM's result
+// depends on the thread count. (CUDA: cuBLAS on the double rows, bcd_impl.h.)
+template <typename scalar_t>
+struct GramFunctor {
+  const scalar_t* A;  // (P, C)
+  double* G;          // (P, P) out
+  int64_t P, C;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const scalar_t* a = A + (t / P) * C;
+    const scalar_t* b = A + (t % P) * C;
+    double acc = 0;
+    for (int64_t c = 0; c < C; ++c) acc += static_cast<double>(a[c]) * static_cast<double>(b[c]);
+    G[t] = acc;
+  }
+};
+
+// gA = S A (P, C) for the Gram's adjoint S (P, P, double), one thread per entry, the P products in
+// order and in double, rounded once to the centres' dtype.
+template <typename scalar_t>
+struct GramAdjointFunctor {
+  const double* S;    // (P, P)
+  const scalar_t* A;  // (P, C)
+  scalar_t* gA;       // (P, C) out
+  int64_t P, C;
+  RRM_HOST_DEVICE void operator()(int64_t t) const {
+    const int64_t i = t / C, c = t % C;
+    double acc = 0;
+    for (int64_t l = 0; l < P; ++l) acc += S[i * P + l] * static_cast<double>(A[l * C + c]);
+    gA[t] = static_cast<scalar_t>(acc);
+  }
+};
+
 // cos(a_i, a_j) from the Gram matrix G (P, P).
-template <typename out_t>
-RRM_HOST_DEVICE double gram_cos(const out_t* G, int64_t P, int64_t i, int64_t j) {
-  return static_cast<double>(G[i * P + j]) /
-         (sqrt(static_cast<double>(G[i * P + i])) * sqrt(static_cast<double>(G[j * P + j])) + kCosEps);
+RRM_HOST_DEVICE double gram_cos(const double* G, int64_t P, int64_t i, int64_t j) {
+  return G[i * P + j] / (sqrt(G[i * P + i]) * sqrt(G[j * P + j]) + kCosEps);
 }
 
 // One thread per row of A: part (P, 3). Foreground class k (row k < F, present): its compactness
@@ -654,7 +686,7 @@ template <typename out_t>
 struct LossRowFunctor {
   const double* meta;
   const out_t* cos_sums;  // (B, K)
-  const out_t* G;         // (P, P)
+  const double* G;        // (P, P)
   double* part;           // (P, 3)
   int64_t B, K;
   RRM_HOST_DEVICE void operator()(int64_t i) const {
@@ -712,8 +744,8 @@ template <typename out_t>
 struct AdjointGramFunctor {
   const double* meta;
   const out_t* grad;  // ()
-  const out_t* G;     // (P, P)
-  out_t* S;           // (P, P) out
+  const double* G;    // (P, P)
+  double* S;          // (P, P) out
   int64_t B, K;
   RRM_HOST_DEVICE double weight(int64_t i, int64_t j, double w_ff, double w_fb) const {  // ordered pair
     const int64_t F = K - 1;
@@ -726,10 +758,10 @@ struct AdjointGramFunctor {
     const double g = static_cast<double>(*grad), nk = meta[F + B], any_bg = meta[F + B + 1];
     const double w_ff = nk > 0 ? g * 0.5 / clamp_min1(nk * (nk - 1)) : 0.0;
     const double w_fb = nk > 0 && any_bg > 0 ? g * 0.5 / clamp_min1(nk * B) : 0.0;
-    const double ri = sqrt(static_cast<double>(G[i * P + i]));
+    const double ri = sqrt(G[i * P + i]);
     if (i != j) {
-      const double rj = sqrt(static_cast<double>(G[j * P + j]));
-      S[t] = static_cast<out_t>((weight(i, j, w_ff, w_fb) + weight(j, i, w_ff, w_fb)) / (ri * rj + kCosEps));
+      const double rj = sqrt(G[j * P + j]);
+      S[t] = (weight(i, j, w_ff, w_fb) + weight(j, i, w_ff, w_fb)) / (ri * rj + kCosEps);
       return;
     }
     double acc = 0;
@@ -737,11 +769,11 @@ struct AdjointGramFunctor {
       for (int64_t l = 0; l < P; ++l) {
         const double w = weight(i, l, w_ff, w_fb) + weight(l, i, w_ff, w_fb);
         if (w == 0) continue;
-        const double rl = sqrt(static_cast<double>(G[l * P + l])), den = ri * rl + kCosEps;
-        acc -= w * static_cast<double>(G[i * P + l]) * rl / (ri * den * den);
+        const double rl = sqrt(G[l * P + l]), den = ri * rl + kCosEps;
+        acc -= w * G[i * P + l] * rl / (ri * den * den);
       }
     }
-    S[t] = static_cast<out_t>(acc);
+    S[t] = acc;
   }
 };
 

@@ -18,6 +18,7 @@
 
 #include "bcd/bcd.h"
 #include "bcd/bcd_common.h"
+#include "common/exec.h"
 
 namespace rrm {
 namespace bcd {
@@ -495,6 +496,22 @@ inline at::Tensor argmax_classes_cpu(const at::Tensor& seg_logits, bool* finite)
   return labels;
 }
 
+// G = A A^T (P, P) in double for the centres A (P, C): cuBLAS on CUDA; on the CPU (and in the
+// emulation) one functor thread per entry in a fixed order, so that it does not depend on the
+// thread count (bcd_common.h: GramFunctor).
+template <class Exec>
+at::Tensor gram_double(const Exec& exec, const at::Tensor& A) {
+  const auto Ad = A.to(at::kDouble).contiguous();
+  if constexpr (Exec::kIsCuda) {
+    return at::mm(Ad, Ad.t()).contiguous();
+  } else {
+    const int64_t P = A.size(0), C = A.size(1);
+    auto G = at::empty({P, P}, Ad.options());
+    exec.for_each(P * P, GramFunctor<double>{Ad.data_ptr<double>(), G.data_ptr<double>(), P, C});
+    return G;
+  }
+}
+
 // seg_logits (B, K, N), features (B, C, N) ->
 //   (loss (), labels (B, N) int64 = argmax over K, centers (B, K, C), dot (B, N), norm (B, N),
 //    cos_sums (B, K), counts (B, K), finite (2,) bool: [seg_logits finite, class sums finite]).
@@ -530,8 +547,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                     A.data_ptr<scalar_t>(), C});
       std::tie(cos_sums, dot, norm) = cosine_segments(exec, features, seg, centers);
       cos_sums = cos_sums.contiguous();
-      const auto G = at::mm(A, A.t()).contiguous();
-      exec.for_each(P, LossRowFunctor<scalar_t>{mp, cos_sums.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
+      const at::Tensor G = gram_double(exec, A);
+      exec.for_each(P, LossRowFunctor<scalar_t>{mp, cos_sums.data_ptr<scalar_t>(), G.data_ptr<double>(),
                                                 part.data_ptr<double>(), B, K});
       loss = at::empty({}, sums.options());
       exec.for_each(1, LossFinishFunctor<scalar_t>{mp, part.data_ptr<double>(), loss.data_ptr<scalar_t>(), B, K});
@@ -557,24 +574,27 @@ at::Tensor bcd_loss_backward(const Exec& exec, const at::Tensor& grad, const at:
   const int64_t F = K - 1, P = F + B, C = centers.size(2);
   const auto c = centers.contiguous(), n_t = counts.contiguous(), gc = grad.to(ct).contiguous();
   const auto A = at::cat({c.select(0, 0).narrow(0, 1, F), c.select(1, 0)}, 0);  // (P, C)
-  const auto G = at::mm(A, A.t()).contiguous();
+  const at::Tensor G = gram_double(exec, A);
   auto meta = at::empty({P + 2}, c.options().dtype(at::kDouble));
   auto grad_cos = at::empty({B, K}, c.options());
-  auto S = at::empty({P, P}, c.options());
+  auto S = at::empty({P, P}, c.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_epilogue_adjoint", [&] {
     const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
     double* mp = meta.data_ptr<double>();
     exec.for_each(1, MetaFunctor<scalar_t>{n, mp});
     exec.for_each(B * K, GradCosFunctor<scalar_t>{mp, gc.data_ptr<scalar_t>(), grad_cos.data_ptr<scalar_t>(), B, K});
-    exec.for_each(P * P, AdjointGramFunctor<scalar_t>{mp, gc.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(),
-                                                      S.data_ptr<scalar_t>(), B, K});
+    exec.for_each(P * P, AdjointGramFunctor<scalar_t>{mp, gc.data_ptr<scalar_t>(), G.data_ptr<double>(),
+                                                      S.data_ptr<double>(), B, K});
   });
   at::Tensor grad_features, grad_centers;
   std::tie(grad_features, grad_centers) = cosine_backward_segments(exec, grad_cos, features, seg, c, dot, norm);
-  const auto gA = at::mm(S, A).contiguous();
   const auto gcen = grad_centers.contiguous();
   auto grad_sums = at::empty_like(c);
+  auto gA = at::empty({P, C}, c.options());
   AT_DISPATCH_FLOATING_TYPES(ct, "rrm_bcd_grad_sums", [&] {
+    // gA = S A, in double and in a fixed order (a GEMM's result depends on the CPU's thread count)
+    exec.for_each(P * C, GramAdjointFunctor<scalar_t>{S.data_ptr<double>(), A.data_ptr<scalar_t>(),
+                                                      gA.data_ptr<scalar_t>(), P, C});
     const BcdCounts<scalar_t> n{n_t.data_ptr<scalar_t>(), B, K};
     exec.for_each(K * C, GradSumsFunctor<scalar_t>{gcen.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(), n,
                                                    grad_sums.data_ptr<scalar_t>(), C});

@@ -23,10 +23,16 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+
+// ATen products inside an op (at::mm) would be autocast to 16 bits when the op is called under
+// torch.autocast (autocast stays on below a custom op): the ops compute in their inputs' dtype, so
+// those that call ATen products switch autocast off for their own body.
+#define RRM_NO_AUTOCAST() c10::impl::ExcludeDispatchKeyGuard rrm_no_autocast_guard_(c10::autocast_dispatch_keyset)
 
 namespace rrm {
 

@@ -925,6 +925,7 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
                                                       const std::vector<int64_t>& norms, int64_t iterations,
                                                       int64_t chunk, bool compat_grad = true,
                                                       const std::vector<bool>& keep = {}) {
+  RRM_NO_AUTOCAST();  // grad_compat's products (at::mm) in the unary's dtype
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   const auto opt = unary.options();

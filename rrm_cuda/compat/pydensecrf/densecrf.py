@@ -9,6 +9,9 @@ learning (``kernel`` types other than the diagonal one only matter there) is not
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 import torch
 
@@ -26,10 +29,30 @@ NORMALIZE_SYMMETRIC = 3
 _NORM_CODE = {NORMALIZE_SYMMETRIC: 0, NORMALIZE_AFTER: 1, NORMALIZE_BEFORE: 2, NO_NORMALIZATION: 3}
 
 
+def _int_arg(value, name: str) -> int:
+    """An integer argument (pydensecrf's Cython signatures take C ints: a float or a string is a
+    TypeError there too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def _compat_arg(compat, L: int):
-    if isinstance(compat, (int, float, np.integer, np.floating)):
+    """Checked when the term is added (pydensecrf converts it there): a finite number, an (L,) vector
+    or an (L, L) matrix."""
+    what = f"compat must be a number, an ({L},) vector or an ({L}, {L}) matrix"
+    if isinstance(compat, numbers.Real):
+        if not math.isfinite(float(compat)):
+            raise ValueError(f"compat must be finite; got {compat}")
         return float(compat)
-    arr = np.asarray(compat, dtype=np.float32)
+    if compat is None or isinstance(compat, (str, bytes)):
+        raise TypeError(f"{what}; got {type(compat).__name__}")
+    try:
+        arr = np.asarray(compat, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}; got {type(compat).__name__}") from None
+    if not np.isfinite(arr).all():
+        raise ValueError("compat contains NaN or Inf")
     if arr.ndim == 0:
         return float(arr)
     if arr.ndim == 1 and arr.shape[0] == L:
@@ -43,13 +66,15 @@ class DenseCRF:
     """Fully connected CRF over ``N`` variables with ``M`` labels (pydensecrf's ``DenseCRF(N, M)``)."""
 
     def __init__(self, nvar: int, nlabels: int, device: str | torch.device = "cpu") -> None:
-        if int(nvar) < 1:
+        if _int_arg(nvar, "nvar") < 1:
             raise ValueError(f"nvar must be >= 1; got {nvar}")
-        if int(nlabels) < 2:
+        if _int_arg(nlabels, "nlabels") < 2:
             raise ValueError(f"nlabels must be >= 2; got {nlabels}")
         self.N = int(nvar)
         self.M = int(nlabels)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available in this torch / on this machine")
         self._unary: torch.Tensor | None = None
         # (features (D, N), compat, normalisation code, constant: the features are a cached tensor whose
         # lattice the op may keep across calls)
@@ -79,9 +104,11 @@ class DenseCRF:
             raise TypeError(f"features must be float32 (as pydensecrf requires); got {f.dtype}")
         if f.ndim != 2 or f.shape[1] != self.N:
             raise ValueError(f"features must have shape (D, N) with N = {self.N}; got {f.shape}")
-        if not np.isfinite(f).all():
-            raise ValueError("features contain NaN or Inf")
-        self._add_term(torch.from_numpy(np.ascontiguousarray(f).copy()), compat, kernel, normalization)
+        t = torch.from_numpy(np.ascontiguousarray(f).copy())
+        # dimension (1..16), size, finiteness and the lattice's integer-key range, now (the arrays
+        # are copies: they cannot change before inference)
+        F._check_lattice_features(t.unsqueeze(0), "features", self.M, torch.float32)
+        self._add_term(t, compat, kernel, normalization)
 
     def _add_term(self, f: torch.Tensor, compat, kernel: int, normalization: int, constant: bool = False) -> None:
         if kernel not in (CONST_KERNEL, DIAG_KERNEL, FULL_KERNEL):
@@ -95,7 +122,7 @@ class DenseCRF:
         """Returns Q as a float32 (M, N) array (pydensecrf returns the same values as a matrix)."""
         if self._unary is None:
             raise ValueError("setUnaryEnergy must be called before inference")
-        if int(n_iterations) < 0:
+        if _int_arg(n_iterations, "n_iterations") < 0:
             raise ValueError(f"n_iterations must be >= 0; got {n_iterations}")
         return self._run(int(n_iterations))
 
@@ -110,9 +137,9 @@ class DenseCRF:
             if cm is None:
                 continue
             f = f.to(dev).unsqueeze(0)
-            # sizes and memory always; values not for the cached positions (finite, in range by
-            # construction: no pass over them)
-            F._check_lattice_features(f, "features", self.M, torch.float32, values=not constant)
+            # sizes and memory on the device; the values were checked when the term was added (the
+            # cached positions are finite and in range by construction)
+            F._check_lattice_features(f, "features", self.M, torch.float32, values=False)
             feats.append(f)
             compats.append(cm[0])
             diags.append(cm[1])
@@ -130,7 +157,7 @@ class DenseCRF2D(DenseCRF):
     """``DenseCRF2D(W, H, M)``: a CRF over an image of width W and height H (pixel j*W + i)."""
 
     def __init__(self, W: int, H: int, nlabels: int, device: str | torch.device = "cpu") -> None:  # noqa: N803
-        if int(W) < 1 or int(H) < 1:
+        if _int_arg(W, "W") < 1 or _int_arg(H, "H") < 1:
             raise ValueError(f"W and H must be >= 1; got W={W}, H={H}")
         super().__init__(int(W) * int(H), nlabels, device)
         self.W = int(W)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -24,8 +26,10 @@ def unary_from_labels(labels, n_labels: int, gt_prob: float, zero_unsure: bool =
     labels = np.asarray(labels)
     flat = labels.flatten()
     if zero_unsure:
-        if n_labels < 1 or flat.size and flat.max() > n_labels:
-            raise ValueError(f"labels must be in 0..n_labels={n_labels} (0 = unsure); got max {flat.max()}")
+        if n_labels < 1 or flat.size and (flat.min() < 0 or flat.max() > n_labels):
+            raise ValueError(
+                f"labels must be in 0..n_labels={n_labels} (0 = unsure); got range {flat.min()}..{flat.max()}"
+            )
         flat = flat - 1  # unsure -> -1
     elif flat.size and (flat.min() < 0 or flat.max() >= n_labels):
         raise ValueError(f"labels must be in 0..n_labels-1={n_labels - 1}; got range {flat.min()}..{flat.max()}")
@@ -57,7 +61,11 @@ def create_pairwise_bilateral(sdims, schan, img, chdim: int = -1) -> np.ndarray:
         im_feat = img[np.newaxis].astype(np.float32)
     else:
         im_feat = np.rollaxis(img, chdim).astype(np.float32)
-    if isinstance(schan, (int, float)):
+    schans = [schan] * im_feat.shape[0] if isinstance(schan, numbers.Number) else list(schan)
+    for s in (*schans, *sdims):
+        if not s > 0:
+            raise ValueError(f"sdims and schan must be positive; got sdims={sdims}, schan={schan}")
+    if isinstance(schan, numbers.Number):
         im_feat /= schan
     else:
         for i, s in enumerate(schan):
