@@ -235,9 +235,10 @@ def bcd_loss(seg_logits: Tensor, features: Tensor, *, check_inputs: bool = True)
         seg_logits: (B, K, *S) segmentation scores at the features' resolution (K ≥ 1, class 0 the
             background); only their argmax is used.
         features: (B, C, *S) float32 / float64 / float16 / bfloat16, any memory layout.
-        check_inputs: raise on NaN/Inf in ``seg_logits`` or the features (the op reports them; one
-            device synchronisation to read its flags). Unchecked, nothing is read back and such
-            values give a NaN loss (a training loop's own finiteness check of the loss sees them).
+        check_inputs: raise on NaN/Inf in ``seg_logits`` or the features, and on float32 features so
+            large (≳ 1e19) that the loss's dot products overflow (the op reports them; one device
+            synchronisation to read its flags). Unchecked, nothing is read back and such values give
+            a NaN or infinite loss (a training loop's own finiteness check of the loss sees them).
 
     Returns:
         A scalar of the compute dtype (float64 for float64 features, float32 otherwise).
