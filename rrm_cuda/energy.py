@@ -185,7 +185,9 @@ def _start_checks(
                     f"[{v['p_lo']:.4g}, {v['p_hi']:.4g}]"
                 )
             if distribution:
-                tol = 1e-3 if probs.dtype in _COMPUTE_DTYPES else 1e-2
+                # 1e-2 for every dtype: a softmax rounded to bfloat16 and cast back to float32 (a mixed-
+                # precision network's output) sums to 1 within about 3e-3 at 21 classes
+                tol = 1e-2
                 dev = max(abs(v["sum_lo"] - 1), abs(v["sum_hi"] - 1))
                 if dev > tol:
                     raise ValueError(

@@ -418,6 +418,7 @@ def _bad(**over):
         (dict(rois=lambda t: t.masked_fill(t == 0, -1.0)), ValueError, "ROIs must be a 0/1"),
         (dict(rois=lambda t: t.masked_fill(t == 0, float("inf"))), ValueError, "ROIs contains Inf"),
         (dict(segmentations=lambda t: t * 0.5), ValueError, "probability distribution"),
+        (dict(segmentations=lambda t: t * 0.985), ValueError, "sums deviate from 1 by up to 0.015"),
         (dict(segmentations=lambda t: t[:1]), ValueError, "images must have shape"),
         (dict(rois=lambda t: t[:, :3]), ValueError, "ROIs must have shape"),
         (dict(seg_label=lambda t: t[:, :, :3]), ValueError, "seg_label must have shape"),
@@ -443,6 +444,19 @@ def test_bad_inputs(over, exc, match, stats_op, monkeypatch):
     monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
     with pytest.raises(exc, match=match):
         _bad(**over)()
+
+
+@pytest.mark.parametrize("stats_op", [False, True])
+def test_bfloat16_rounded_probabilities_pass_the_check(stats_op, monkeypatch):
+    # A mixed-precision network's softmax, rounded to bfloat16 and cast back: its sums miss 1 by up to
+    # ~3e-3 at 21 classes, which the distribution check (1e-2) must accept.
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
+    images, probs, rois, labels = _inputs(B=2, K=21, H=12, W=12, dtype=torch.float32)
+    p16 = probs.bfloat16().float()
+    assert float((p16.sum(1) - 1).abs().max()) > 1e-3
+    for p in (p16, p16.bfloat16()):
+        loss = rrm_cuda.dense_energy_loss(images, p, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+        assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("stats_op", [False, True])
