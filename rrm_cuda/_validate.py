@@ -66,7 +66,10 @@ def finite_ranges_later(
     """``finite_ranges`` in two halves: queues the reductions and returns the function that reads
     them (and raises). On a GPU the values are copied to pinned host memory behind the reductions,
     with an event, so that the read can come after more work is queued: by then a synchronisation
-    of that work has usually passed the copy, and the read waits for nothing."""
+    of that work has usually passed the copy, and the read waits for nothing. While torch.compile
+    traces (:func:`checking_values`), nothing is read: every range is None."""
+    if not checking_values():
+        return lambda: [None] * len(items)
     todo = [(k, name, x) for k, (name, x) in enumerate(items) if x.is_floating_point() and x.numel() > 0]
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, _, x in todo:
@@ -143,7 +146,10 @@ def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -
 
 def memory_limit(device: torch.device) -> int | None:
     """Bytes available to new work on ``device`` (free GPU memory, or the physical memory on the
-    host); None when unknown. One query: callers checking several buffers read it once."""
+    host); None when unknown, and while torch.compile traces (a host query it cannot trace). One
+    query: callers checking several buffers read it once."""
+    if not checking_values():
+        return None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free

@@ -297,7 +297,7 @@ def _potts_weight(compat: object, name: str) -> float | None:
         w = float(compat)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, a tensor or None; got {type(compat).__name__}") from None
-    if not math.isfinite(w):
+    if V.checking_values() and not math.isfinite(w):  # (a symbolic float while torch.compile traces)
         raise ValueError(f"{name} must be finite; got {compat}")
     return None if w == 0 else w
 

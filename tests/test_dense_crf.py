@@ -914,6 +914,25 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled(unary.reshape(B, L, -1), pos, bil), fn(unary.reshape(B, L, -1), pos, bil))
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_public_api(dynamic):
+    # The public functions trace whole: while torch.compile traces, their value checks and the memory
+    # query (os.sysconf, a host call Dynamo cannot trace) are skipped, and a Potts weight may be a
+    # symbolic float (dynamic=True). Two sizes: the second call runs the same or a recompiled graph.
+    g = torch.Generator().manual_seed(3)
+
+    def fn(p, i, v, f):
+        return rrm_cuda.dense_crf(probs=p, image=i, iterations=2), rrm_cuda.permutohedral_filter(v, f)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for H, W in ((7, 6), (9, 5)):
+        probs = torch.softmax(torch.randn(1, 3, H, W, generator=g), 1)
+        img = torch.randint(0, 256, (1, 3, H, W), generator=g, dtype=torch.uint8)
+        v, f = torch.randn(1, 2, H, W, generator=g), torch.randn(1, 2, H, W, generator=g)
+        for a, b in zip(compiled(probs, img, v, f), fn(probs, img, v, f)):
+            torch.testing.assert_close(a, b)
+
+
 def test_compile_fullgraph_backward():
     unary, feats, c = _grad_inputs(B=1, L=3, H=6, W=5)
 
