@@ -65,11 +65,8 @@ def create_pairwise_bilateral(sdims, schan, img, chdim: int = -1) -> np.ndarray:
     for s in (*schans, *sdims):
         if not s > 0:
             raise ValueError(f"sdims and schan must be positive; got sdims={sdims}, schan={schan}")
-    if isinstance(schan, numbers.Number):
-        im_feat /= schan
-    else:
-        for i, s in enumerate(schan):
-            im_feat[i] /= s
+    for i, s in enumerate(schans):
+        im_feat[i] /= s
     cord_range = [range(s) for s in im_feat.shape[1:]]
     mesh = np.array(np.meshgrid(*cord_range, indexing="ij"), dtype=np.float32)
     for i, s in enumerate(sdims):
