@@ -1,4 +1,5 @@
-"""The benchmark helpers that run without a GPU: ncu_kernels.py's condensing of an ncu report."""
+"""The benchmark helpers that run without a GPU: ncu_kernels.py's condensing of an ncu report, and
+precision_study.py's quick run."""
 
 from __future__ import annotations
 
@@ -64,3 +65,34 @@ def test_parse_ncu_report():
 
 def test_parse_ncu_ignores_text_before_the_first_kernel():
     assert ncu.parse_ncu("==PROF== Connected\n    Duration   us   3.0\n") == []
+
+
+def test_precision_study_quick(tmp_path):
+    # benchmarks/precision_study.py --quick: the float32 reference mean field meets the parity
+    # contract against pydensecrf2 (so the study's comparison is sound), and the 16-bit variants are
+    # measured against it; the JSON and the chart are written.
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("pydensecrf.densecrf")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "precision_study.py")
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run(
+        [sys.executable, script, "--quick", "--out-dir", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    data = json.loads((tmp_path / "precision_quick.json").read_text())
+    assert (tmp_path / "precision_quick.png").stat().st_size > 0
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"float32", "Q fp16", "Q + lattice fp16", "Q bf16", "Q + lattice bf16"}
+    assert rows["float32"]["meets_parity"] and rows["float32"]["max_dq_vs_float32"] == 0
+    for v in ("Q fp16", "Q bf16", "Q + lattice bf16"):
+        assert rows[v]["max_dq_vs_float32"] > 0
+    # bf16 rows are coarser than fp16 rows
+    assert rows["Q + lattice bf16"]["max_dq_vs_float32"] > rows["Q + lattice fp16"]["max_dq_vs_float32"]
+    assert "the parity contract" in out
