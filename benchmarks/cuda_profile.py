@@ -255,6 +255,20 @@ def main() -> None:
         default="4 channels at a time" if knobs["slice_group4"] else "whole rows",
     )
     knob("slice_group4", knobs["slice_group4"])
+    # the splats' per-vertex sums of the chunk sums: by the last chunk in the splat's launch, or a second launch
+    summary += ab_group(
+        res,
+        "chunk sums",
+        [("second launch", setting(splat_fused_reduce=0)), ("in the splat launch", setting(splat_fused_reduce=1))],
+        {
+            "dense_crf op alone": raw,
+            "dense_crf op batch 8": batch8,
+            "energy fwd+bwd [rloss], unchecked": lambda: energy_fb(m3),
+            "energy fwd+bwd [exact], unchecked": lambda: energy_fb(m5),
+        },
+        default="in the splat launch" if knobs["splat_fused_reduce"] else "second launch",
+    )
+    knob("splat_fused_reduce", knobs["splat_fused_reduce"])
 
     def energy_label(rows4: int, slice4: int, pair: int) -> str:
         return (

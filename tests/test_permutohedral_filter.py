@@ -138,6 +138,59 @@ def test_splat_launch_order_does_not_change_results(tuning):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_splat_fused_reduce_does_not_change_results(tuning, dtype):
+    # The GPU splat adds up each vertex's chunk sums in its own launch, by the last chunk of the
+    # vertex to finish (splat_fused_reduce = 1), or in a second launch (0); the sums are the same
+    # terms in the same order, so the bits are the same. Photographs' bilateral lattices (vertices of
+    # one chunk and of many), a 3-D noise lattice (mostly one chunk), a batch whose images have
+    # different vertex counts (unused rows), shared lattices in the mean field (8 unaries on 2
+    # lattices: one counter per image), the energy loss's three modes with and without the mass, and
+    # both launch orders. Each setting runs twice: the counters must be left at zero.
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()[:80, :96].copy()).permute(2, 0, 1)[None]
+    img = torch.cat([img, torch.from_numpy(data.coffee()[:80, :96].copy()).permute(2, 0, 1)[None]])
+    bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
+    pos = rrm_cuda.position_features(1, (80, 96), 3.0).to(dtype)
+    g = torch.Generator().manual_seed(11)
+    N = 80 * 96
+    v = torch.rand(2, 7, N, generator=g, dtype=dtype)
+    noise = (torch.randn(2, 3, N, generator=g) * 3).to(dtype)
+    noise[1, :, N // 2 :] = 0  # fewer vertices in image 1: rows of unused vertices in the batch
+    u = (torch.rand(8, 21, N, generator=g) * 3).to(dtype)
+    compat = torch.stack([-3 * torch.eye(21), -10 * torch.eye(21)]).to(dtype)
+    probs = torch.softmax(u[:2, :5], 1)
+    gate = torch.rand(2, N, generator=g, dtype=dtype)
+    mass = torch.rand(2, N, generator=g, dtype=dtype)
+    counts = ops.lattice_num_vertices(noise)
+    assert counts[0] != counts[1]
+
+    def run():
+        feats = (bil, pos.expand(2, -1, -1), noise)
+        out = [ops._permutohedral_filter_emulated(v, f, rev) for f in feats for rev in (False, True)]
+        out.append(ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 1], 3))
+        # the backward's per-term filters on lattices repeated over the batch (lattice::tile)
+        out += list(
+            ops._dense_crf_backward_emulated(
+                torch.ones_like(u[:4]), u[:4], [pos, bil], compat, [True, False], [0, 2], 2
+            )
+        )
+        for m in (None, mass):
+            for mode in (0, 1, 2):
+                out += list(ops._dense_energy_emulated(probs, gate, bil, m, mode))
+        return out
+
+    for tile in (0, 64):
+        tuning("splat_tile", tile)
+        tuning("splat_fused_reduce", 0)
+        ref = run()
+        tuning("splat_fused_reduce", 1)
+        for _ in range(2):
+            for k, (a, b) in enumerate(zip(run(), ref)):
+                assert torch.equal(a, b), (tile, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_slice_grouping_does_not_change_results(tuning, dtype):
     # The fused mean field's slice sums a pixel's d+1 vertex rows four channels at a time
     # (slice_group4 = 1, fewer registers) or whole rows (0): every channel's sums are the same terms in
@@ -165,7 +218,14 @@ def test_tuning_knobs(tuning):
     from rrm_cuda import _C
 
     saved = _C.tuning()
-    assert set(saved) == {"splat_tile", "energy_rows4", "energy_pair_splat", "slice_group4", "energy_slice4"}
+    assert set(saved) == {
+        "splat_tile",
+        "energy_rows4",
+        "energy_pair_splat",
+        "slice_group4",
+        "energy_slice4",
+        "splat_fused_reduce",
+    }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
         tuning("splat_tile", -1)
@@ -360,6 +420,38 @@ def test_cuda_splat_launch_order(cuda, tuning):
         tuning("splat_tile", tile)
         for rev in (False, True):
             assert torch.equal(ops.permutohedral_filter(v, f, rev), ref[rev]), tile
+
+
+@pytest.mark.cuda
+def test_cuda_splat_fused_reduce(cuda, tuning):
+    # the chunk sums added up by each vertex's last chunk in the splat's launch give the bits of the
+    # second launch on the device too (float4 and double2 rows through L2, the fence and counter);
+    # repeated calls find the counters at zero; a batch with unused rows; the mean field and the loss
+    g = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32, torch.float64):
+        v = torch.rand(2, 21, 30000, generator=g, dtype=dtype).to(cuda)
+        f = (torch.randn(2, 5, 30000, generator=g) * 2).to(dtype)
+        f[1, :, 15000:] = 0  # fewer vertices in image 1
+        f = f.to(cuda)
+        pos = (torch.randn(1, 2, 30000, generator=g) * 4).to(dtype).to(cuda)
+        u = (torch.rand(2, 21, 30000, generator=g) * 3).to(dtype).to(cuda)
+        compat = torch.stack([-3 * torch.eye(21), -10 * torch.eye(21)]).to(dtype).to(cuda)
+        probs = torch.softmax(u[:, :6], 1)
+        gate = torch.rand(2, 30000, generator=g, dtype=dtype).to(cuda)
+
+        def run():
+            out = [ops.permutohedral_filter(v, f, rev) for rev in (False, True)]
+            out.append(ops.dense_crf(u, [pos, f], compat, [True, True], [0, 0], 3))
+            for mode in (0, 1, 2):
+                out += list(ops.dense_energy(probs, gate, f, None, mode))
+            return out
+
+        tuning("splat_fused_reduce", 0)
+        ref = run()
+        tuning("splat_fused_reduce", 1)
+        for _ in range(3):
+            for k, (a, b) in enumerate(zip(run(), ref)):
+                assert torch.equal(a, b), (dtype, k)
 
 
 @pytest.mark.cuda

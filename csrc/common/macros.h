@@ -42,4 +42,15 @@ RRM_HOST_DEVICE int32_t atomic_load(const int32_t* addr) {
 #endif
 }
 
+// Orders this thread's earlier writes to global memory before its later ones for every thread of
+// the device (a release/acquire fence around the atomic counter of SplatChunkFunctor's last-chunk
+// sums). The host side's atomics are acq_rel already; the fence keeps the emulation's order the same.
+RRM_HOST_DEVICE void thread_fence() {
+#if defined(__CUDA_ARCH__)
+  __threadfence();
+#else
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+
 }  // namespace rrm

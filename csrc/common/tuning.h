@@ -11,14 +11,16 @@ namespace rrm {
 namespace tuning {
 
 enum Knob : int {
-  kSplatTile,        // pixels per tile by which the splat's chunks are launched (0: vertex order); 64.
-                     // Read by each lattice build.
-  kEnergyRows4,      // energy loss: lattice rows padded to a multiple of 4 channels, splat and blurs
-                     // four channels per thread (1), or one channel per thread (0); 1
-  kEnergyPairSplat,  // energy loss, exact gradient: its two splats in one pass (1) or two (0); 1
-  kSliceGroup4,      // fused mean field's slice: vertex rows summed four channels at a time (1) or
-                     // whole (0); 1
-  kEnergySlice4,     // energy loss's slice with rows of 4: four channels per load (1) or one (0); 1
+  kSplatTile,         // pixels per tile by which the splat's chunks are launched (0: vertex order); 64.
+                      // Read by each lattice build.
+  kEnergyRows4,       // energy loss: lattice rows padded to a multiple of 4 channels, splat and blurs
+                      // four channels per thread (1), or one channel per thread (0); 1
+  kEnergyPairSplat,   // energy loss, exact gradient: its two splats in one pass (1) or two (0); 1
+  kSliceGroup4,       // fused mean field's slice: vertex rows summed four channels at a time (1) or
+                      // whole (0); 1
+  kEnergySlice4,      // energy loss's slice with rows of 4: four channels per load (1) or one (0); 1
+  kSplatFusedReduce,  // splats: each vertex's chunk sums added up in the chunk launch by its last chunk
+                      // (1) or by a second launch (0); 1
   kNumKnobs
 };
 

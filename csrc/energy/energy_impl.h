@@ -76,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   lattice::FilterWorkspace ws;
   at::Tensor bufs[4];
   const int nbufs = !exact ? 2 : pair ? 4 : 3;
-  for (int k = 0; k < nbufs; ++k) bufs[k] = at::empty({B, M, Cs}, probs.options());
+  for (int k = 0; k < nbufs; ++k)
+    bufs[k] = lattice::lattice_buffer(B, M, Cs, probs.options(), !kCpu && lattice::fused_reduce());
   const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {

@@ -30,12 +30,14 @@ namespace lattice {
 //                 chunks of at most kSplatChunk entries (K bounds the chunks of any image), CUDA only;
 //                 chunk_offsets number them vertex by vertex, chunk_begin / chunk_end list them in
 //                 launch order (ChunkTileKeyFunctor), chunk_slot (B, K) int32 gives each launch
-//                 slot's vertex-order number (undefined when the two orders are the same)
+//                 slot's vertex-order number (undefined when the two orders are the same);
+//                 chunk_vertex (B, K) int32: 1 + the vertex of each vertex-order chunk, 0 for an
+//                 unused one (the splat's fused chunk sums)
 struct Lattice {
   int64_t B = 0, N = 0, E = 0, M = 0, K = 0;
   int d = 0;
   at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, splat_pixel, splat_weight;
-  at::Tensor chunk_offsets, chunk_begin, chunk_end, chunk_slot;
+  at::Tensor chunk_offsets, chunk_begin, chunk_end, chunk_slot, chunk_vertex;
 };
 
 // A cached term: its lattice and, per normalization mode 0..2, its normaliser once computed

@@ -435,6 +435,7 @@ struct ChunkRangeFunctor {
   int32_t* chunk_begin;          // (B, K) out (zero-initialised: unused chunks are empty)
   int32_t* chunk_end;            // (B, K) out
   int64_t M, K;
+  int32_t* chunk_vertex = nullptr;  // (B, K) out (zero-initialised): 1 + v at each of v's chunks
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
     if (v >= num_vertices[b]) return;
@@ -444,6 +445,7 @@ struct ChunkRangeFunctor {
     for (int64_t s = off[v]; s < s1; s += kSplatChunk, ++k) {
       chunk_begin[k] = static_cast<int32_t>(s);
       chunk_end[k] = static_cast<int32_t>(s + kSplatChunk < s1 ? s + kSplatChunk : s1);
+      if (chunk_vertex) chunk_vertex[k] = static_cast<int32_t>(v + 1);
     }
   }
 };
@@ -544,6 +546,39 @@ RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
 #endif
 }
 
+// dst[0, W) = row[0, W) through L2 only (ld.global.cg on CUDA): rows written by other blocks of the
+// running kernel, which the read-only path or a stale L1 line could miss (SplatChunkFunctor's
+// last-chunk sums).
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_load_l2(scalar_t* dst, const scalar_t* row) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
+    const float4* r4 = reinterpret_cast<const float4*>(row);
+#pragma unroll
+    for (int k = 0; k < W / 4; ++k) {
+      const float4 x = __ldcg(r4 + k);
+      dst[4 * k] = x.x;
+      dst[4 * k + 1] = x.y;
+      dst[4 * k + 2] = x.z;
+      dst[4 * k + 3] = x.w;
+    }
+  } else if constexpr (std::is_same<scalar_t, double>::value && W % 2 == 0) {
+    const double2* r2 = reinterpret_cast<const double2*>(row);
+#pragma unroll
+    for (int k = 0; k < W / 2; ++k) {
+      const double2 x = __ldcg(r2 + k);
+      dst[2 * k] = x.x;
+      dst[2 * k + 1] = x.y;
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < W; ++c) dst[c] = __ldcg(row + c);
+  }
+#else
+  for (int c = 0; c < W; ++c) dst[c] = row[c];
+#endif
+}
+
 // Chunk k of image b's splat lists, channels [V g, V g + V): partial = sum over the chunk's entries
 // of w * pre * in_i, in entry order. The threads per chunk (C / V) and the entries in flight per
 // thread hide the latency of the gathers: V = 1 (one channel per thread) for the per-term filter and
@@ -554,7 +589,15 @@ RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
 // (each entry's row load waits for its index load; one entry at a time, a 32-entry chunk waited 64
 // memory latencies). The sums, and so the results, are those of the one-entry loop. Lists of lattice
 // b % LB (shared lattices).
-template <typename scalar_t, int V = 1, bool kPair = false>
+//
+// kFuse: the launch also sums each vertex's chunks, SplatReduceFunctor's job, in its order, so the
+// reduce launch and, for a vertex of one chunk, the round trip of its sum through `partial` go. A
+// vertex of one chunk writes 0 + its sum (the reduce's arithmetic) to its row of `out`. Otherwise
+// each chunk writes its sum, fences, and counts itself in its vertex's counter; the thread that
+// counts last adds the vertex's chunk sums in chunk order (through L2) into `out` and zeroes the
+// counter for the next launch. The same bits as the two launches (tests: knob splat_fused_reduce).
+// Rows of vertices >= num_vertices are not written (the callers zero their buffers once).
+template <typename scalar_t, int V = 1, bool kPair = false, bool kFuse = false>
 struct SplatChunkFunctor {
   static constexpr int U = V == 1 ? 8 : 4;  // entries in flight per thread
   const scalar_t* in;                       // (B, N, C)
@@ -573,12 +616,20 @@ struct SplatChunkFunctor {
   // is one block fewer per SM) stay out of the kernels that do not use them.
   const scalar_t* pre2 = nullptr;  // (LB, N)
   scalar_t* partial2 = nullptr;    // (B, K, C) out
+  // kFuse only:
+  const int32_t* chunk_vertex = nullptr;   // (LB, K) Lattice::chunk_vertex (vertex order)
+  const int32_t* chunk_offsets = nullptr;  // (LB, M+1)
+  int32_t* counters = nullptr;             // (B, M, C / V) zero before the launch, zero after it
+  scalar_t* out = nullptr;                 // (B, M, C) the splat
+  scalar_t* out2 = nullptr;                // (B, M, C) the second splat (kPair)
+  int64_t M = 0;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t g0, int64_t g1) const {
     const int64_t lb = b < LB ? b : b % LB;
     const int64_t t = lb * K + k;
     const int64_t s0 = chunk_begin[t], s1 = chunk_end[t];
-    scalar_t* const out = partial + (b * K + (chunk_slot ? chunk_slot[t] : k)) * C;  // this chunk's row
+    const int64_t slot = chunk_slot ? chunk_slot[t] : k;
+    scalar_t* const row = partial + (b * K + slot) * C;  // this chunk's row
     const int32_t* pix = splat_pixel + lb * E;
     const scalar_t* wb = splat_weight + lb * E;
     const scalar_t* xb = in + b * N * C;
@@ -636,9 +687,56 @@ struct SplatChunkFunctor {
               for (int c = 0; c < V; ++c) acc2[c] += w2[u] * x[u][c];
         }
       }
-      row_copy<scalar_t, V>(out + V * g, acc);
-      if constexpr (kPair) row_copy<scalar_t, V>(partial2 + (out - partial) + V * g, acc2);
+      if constexpr (kFuse) {
+        finish(b, lb, slot, g, row, acc, acc2);
+      } else {
+        row_copy<scalar_t, V>(row + V * g, acc);
+        if constexpr (kPair) row_copy<scalar_t, V>(partial2 + (row - partial) + V * g, acc2);
+      }
     }
+  }
+
+  // kFuse: this chunk's sums of channel group g, then its vertex's when it is the last to finish.
+  RRM_HOST_DEVICE void finish(int64_t b, int64_t lb, int64_t slot, int64_t g, scalar_t* row, const scalar_t* acc,
+                              const scalar_t* acc2) const {
+    const int32_t v1 = chunk_vertex[lb * K + slot];
+    if (v1 == 0) return;  // an unused chunk row (K bounds the chunk count)
+    const int64_t v = v1 - 1;
+    const int32_t* co = chunk_offsets + lb * (M + 1);
+    const int64_t k0 = co[v], nk = co[v + 1] - k0;
+    scalar_t* const o = out + (b * M + v) * C + V * g;
+    scalar_t* const o2 = kPair ? out2 + (b * M + v) * C + V * g : nullptr;
+    scalar_t s[V], s2[V];
+    if (nk == 1) {
+      for (int c = 0; c < V; ++c) s[c] = scalar_t(0) + acc[c];
+      row_copy<scalar_t, V>(o, s);
+      if constexpr (kPair) {
+        for (int c = 0; c < V; ++c) s2[c] = scalar_t(0) + acc2[c];
+        row_copy<scalar_t, V>(o2, s2);
+      }
+      return;
+    }
+    row_copy<scalar_t, V>(row + V * g, acc);
+    if constexpr (kPair) row_copy<scalar_t, V>(partial2 + (row - partial) + V * g, acc2);
+    thread_fence();  // release: the sums above before the count
+    int32_t* const cnt = counters + (b * M + v) * (C / V) + g;
+    if (atomic_add(cnt, 1) != nk - 1) return;
+    thread_fence();  // acquire: the other chunks' sums after their counts
+    for (int c = 0; c < V; ++c) s[c] = s2[c] = 0;
+    const scalar_t* p = partial + (b * K + k0) * C + V * g;
+    const scalar_t* p2 = kPair ? partial2 + (b * K + k0) * C + V * g : nullptr;
+    for (int64_t k = 0; k < nk; ++k) {
+      scalar_t x[V];
+      row_load_l2<scalar_t, V>(x, p + k * C);
+      for (int c = 0; c < V; ++c) s[c] += x[c];
+      if constexpr (kPair) {
+        row_load_l2<scalar_t, V>(x, p2 + k * C);
+        for (int c = 0; c < V; ++c) s2[c] += x[c];
+      }
+    }
+    row_copy<scalar_t, V>(o, s);
+    if constexpr (kPair) row_copy<scalar_t, V>(o2, s2);
+    *cnt = 0;  // for the next launch
   }
 };
 

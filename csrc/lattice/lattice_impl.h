@@ -64,13 +64,15 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   lat.chunk_offsets = at::cumsum(nchunks, /*dim=*/1, /*dtype=*/at::kInt);
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
-  auto chunk_be = at::zeros({2, B, lat.K}, iopt);  // unused chunks stay empty: [0, 0)
+  auto chunk_be = at::zeros({3, B, lat.K}, iopt);  // unused chunks stay empty: [0, 0), no vertex
   lat.chunk_begin = chunk_be[0];
   lat.chunk_end = chunk_be[1];
+  lat.chunk_vertex = chunk_be[2];
   int32_t* cb = chunk_be.data_ptr<int32_t>();
-  exec.for_each_item(B, M, 1,
-                     ChunkRangeFunctor{lat.offsets.data_ptr<int32_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
-                                       lat.num_vertices.data_ptr<int32_t>(), cb, cb + B * lat.K, M, lat.K});
+  exec.for_each_item(
+      B, M, 1,
+      ChunkRangeFunctor{lat.offsets.data_ptr<int32_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
+                        lat.num_vertices.data_ptr<int32_t>(), cb, cb + B * lat.K, M, lat.K, cb + 2 * B * lat.K});
   lat.splat_pixel = at::empty({B, E}, iopt);
   lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
   AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
@@ -267,7 +269,19 @@ struct FilterWorkspace {
   at::Tensor a, b;      // (B, M, C)
   at::Tensor partial;   // CPU splat: (threads, M, C); CUDA splat: (B, K, C) chunk sums
   at::Tensor partial2;  // CUDA splat's second sums (splat_gather's pre2), (B, K, C)
+  at::Tensor counters;  // CUDA splat with the chunk sums in its launch: (B, M, C / V), zero between launches
 };
+
+// The splats sum each vertex's chunks in the chunk launch (SplatChunkFunctor's kFuse) unless the
+// knob says a second launch. Read once per call.
+inline bool fused_reduce() { return tuning::get(tuning::kSplatFusedReduce) != 0; }
+
+// A lattice buffer (B, M, C) for the gather splat's output: with the fused chunk sums nothing writes
+// the rows of an image's unused vertices (v >= its vertex count < M, batches only); zeroed once here,
+// the blurs keep them zero (they have no neighbours), as the reduce launch's zeros did.
+inline at::Tensor lattice_buffer(int64_t B, int64_t M, int64_t C, const at::TensorOptions& opt, bool fused) {
+  return fused && B > 1 ? at::zeros({B, M, C}, opt) : at::empty({B, M, C}, opt);
+}
 
 // Splat for CUDA and its emulation: chunk sums, then per-vertex sums of the chunks (see
 // SplatChunkFunctor; V channels per thread of the chunk sums, C a multiple of V). out: (B, M, C).
@@ -283,18 +297,52 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
   };
   scalar_t* part = fit(ws.partial);
   scalar_t* part2 = out2 ? fit(ws.partial2) : nullptr;
-  auto chunk_sums = [&](auto pair) {  // the second sums compiled in only where used (SplatChunkFunctor)
-    using F = SplatChunkFunctor<scalar_t, V, decltype(pair)::value>;
-    exec.for_each_item(B, K, C / V,
-                       F{in, pre, lat.chunk_begin.data_ptr<int32_t>(), lat.chunk_end.data_ptr<int32_t>(),
-                         lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), part, lat.N, lat.E,
-                         K, C, lat.B, ptr_or_null(lat.chunk_slot), pre2, part2},
-                       grain);
+  const bool fuse = fused_reduce();
+  int32_t* counters = nullptr;
+  if (fuse) {
+    if (!ws.counters.defined() || ws.counters.size(0) != B || ws.counters.size(1) != lat.M ||
+        ws.counters.size(2) != C / V)
+      ws.counters = at::zeros({B, lat.M, C / V}, lat.entry_vertex.options());
+    counters = ws.counters.data_ptr<int32_t>();
+  }
+  auto chunk_sums = [&](auto pair, auto fused) {  // the second sums compiled in only where used
+    using F = SplatChunkFunctor<scalar_t, V, decltype(pair)::value, decltype(fused)::value>;
+    F f{in,
+        pre,
+        lat.chunk_begin.data_ptr<int32_t>(),
+        lat.chunk_end.data_ptr<int32_t>(),
+        lat.splat_pixel.data_ptr<int32_t>(),
+        lat.splat_weight.data_ptr<scalar_t>(),
+        part,
+        lat.N,
+        lat.E,
+        K,
+        C,
+        lat.B,
+        ptr_or_null(lat.chunk_slot),
+        pre2,
+        part2};
+    if constexpr (decltype(fused)::value) {
+      f.chunk_vertex = lat.chunk_vertex.data_ptr<int32_t>();
+      f.chunk_offsets = lat.chunk_offsets.data_ptr<int32_t>();
+      f.counters = counters;
+      f.out = out;
+      f.out2 = out2;
+      f.M = lat.M;
+    }
+    exec.for_each_item(B, K, C / V, f, grain);
   };
-  if (out2)
-    chunk_sums(std::true_type{});
-  else
-    chunk_sums(std::false_type{});
+  auto launch = [&](auto fused) {
+    if (out2)
+      chunk_sums(std::true_type{}, fused);
+    else
+      chunk_sums(std::false_type{}, fused);
+  };
+  if (fuse) {
+    launch(std::true_type{});
+    return;
+  }
+  launch(std::false_type{});
   for (int k = 0; k < (out2 ? 2 : 1); ++k)
     exec.for_each_item(
         B, lat.M, C,
@@ -365,8 +413,9 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
   const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
   if (!ws.a.defined() || ws.a.size(2) != Cs) {
-    ws.a = at::empty({B, M, Cs}, lat.entry_weight.options());
-    ws.b = at::empty({B, M, Cs}, lat.entry_weight.options());
+    const bool fused = !kCpu && fused_reduce();
+    ws.a = lattice_buffer(B, M, Cs, lat.entry_weight.options(), fused);
+    ws.b = lattice_buffer(B, M, Cs, lat.entry_weight.options(), fused);
   }
   scalar_t* cur = ws.a.data_ptr<scalar_t>();
   scalar_t* nxt = ws.b.data_ptr<scalar_t>();
@@ -574,6 +623,7 @@ inline Lattice tile(const Lattice& lat, int64_t reps) {
   t.chunk_begin = rep(lat.chunk_begin);
   t.chunk_end = rep(lat.chunk_end);
   t.chunk_slot = rep(lat.chunk_slot);
+  t.chunk_vertex = rep(lat.chunk_vertex);
   return t;
 }
 
@@ -692,7 +742,17 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   at::Tensor coef_all = at::empty({T, W}, opt);
   exec.for_each(T * W, PadCoefRowsFunctor<scalar_t>{compat_c.data_ptr<scalar_t>(), coef_all.data_ptr<scalar_t>(), L, W},
                 256);
+  constexpr int V = W >= 16 ? 4 : 1;  // channels per thread of the chunk splats
+  const bool fuse = fused_reduce();   // the chunk sums in the splat's launch (SplatChunkFunctor)
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
+  // The fused chunk sums' counters, every term's in one zeroed allocation: (B, M_t, W / V) each.
+  at::Tensor counters;
+  if (fuse) {
+    int64_t total = 0;
+    for (int t = 0; t < T; ++t) total += B * terms.lats[t].M * (W / V);
+    counters = at::zeros({total}, terms.lats[0].entry_vertex.options());
+  }
+  int64_t counter_at = 0;
   MeanFieldSliceArgs<scalar_t> f{};
   f.unary = unary.data_ptr<scalar_t>();
   f.sb = unary.stride(0);
@@ -707,8 +767,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   for (int t = 0; t < T; ++t) {
     const Lattice& lat = terms.lats[t];
     part[t] = at::empty({B, lat.K, W}, opt);
-    bufa[t] = at::empty({B, lat.M, W}, opt);
-    bufb[t] = at::empty({B, lat.M, W}, opt);
+    bufa[t] = lattice_buffer(B, lat.M, W, opt, fuse);
+    bufb[t] = lattice_buffer(B, lat.M, W, opt, fuse);
     MeanFieldRowTerm<scalar_t>& m = f.terms[t];
     m.weights = lat.entry_weight.data_ptr<scalar_t>();
     m.vertex = lat.entry_vertex.data_ptr<int32_t>();
@@ -724,13 +784,13 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   // Every stage of a step is one launch for all terms (TermItems): the chunk splats of Q, the chunk
   // sums into bufa, then blur along axis j = 0..max d for the terms that have that axis, each term
   // ping-ponging between its two buffers. The launches read and write the same buffers every step.
-  constexpr int V = W >= 16 ? 4 : 1;
   // Channels per thread of the blurs (W is a multiple of 4): 8.5 -> 4.4 us per launch on an H100
   // at 512x512x21. The chunk sums keep one (SplatReduceFunctor).
   constexpr int VR = 4;
   TermItems<SplatChunkFunctor<scalar_t, V>> splat{};
+  TermItems<SplatChunkFunctor<scalar_t, V, false, true>> splat_sums{};  // the chunk sums in the same launch
   TermItems<SplatReduceFunctor<scalar_t>> reduce{};
-  splat.T = reduce.T = T;
+  splat.T = splat_sums.T = reduce.T = T;
   int max_d = 0;
   for (int t = 0; t < T; ++t) {
     const Lattice& lat = terms.lats[t];
@@ -748,6 +808,29 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
                                                 lat.B,
                                                 ptr_or_null(lat.chunk_slot)};
     splat.n[t] = lat.K;
+    SplatChunkFunctor<scalar_t, V, false, true>& fs = splat_sums.f[t];
+    fs = {splat.f[t].in,
+          splat.f[t].pre,
+          splat.f[t].chunk_begin,
+          splat.f[t].chunk_end,
+          splat.f[t].splat_pixel,
+          splat.f[t].splat_weight,
+          splat.f[t].partial,
+          N,
+          lat.E,
+          lat.K,
+          W,
+          lat.B,
+          splat.f[t].chunk_slot};
+    if (fuse) {
+      fs.chunk_vertex = lat.chunk_vertex.data_ptr<int32_t>();
+      fs.chunk_offsets = lat.chunk_offsets.data_ptr<int32_t>();
+      fs.counters = counters.data_ptr<int32_t>() + counter_at;
+      counter_at += B * lat.M * (W / V);
+      fs.out = bufa[t].data_ptr<scalar_t>();
+      fs.M = lat.M;
+    }
+    splat_sums.n[t] = lat.K;
     reduce.f[t] = SplatReduceFunctor<scalar_t>{part[t].data_ptr<scalar_t>(),
                                                lat.chunk_offsets.data_ptr<int32_t>(),
                                                lat.num_vertices.data_ptr<int32_t>(),
@@ -790,8 +873,12 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   };
   slice();  // q = softmax(-U)
   for (int64_t it = 0; it < iterations; ++it) {
-    exec.for_each_item(B, splat.total(), W / V, splat, 256);
-    exec.for_each_item(B, reduce.total(), W, reduce, 256);
+    if (fuse) {
+      exec.for_each_item(B, splat_sums.total(), W / V, splat_sums, 256);
+    } else {
+      exec.for_each_item(B, splat.total(), W / V, splat, 256);
+      exec.for_each_item(B, reduce.total(), W, reduce, 256);
+    }
     for (int j = 0; j <= max_d; ++j) exec.for_each_item(B, blur[j].total(), W / VR, blur[j], 256);
     for (int t = 0; t < T; ++t) f.terms[t].blurred = cur[t];
     if (it == iterations - 1) {
