@@ -76,14 +76,14 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   lattice::FilterWorkspace ws;
   at::Tensor bufs[4];
   const int nbufs = !exact ? 2 : pair ? 4 : 3;
-  for (int k = 0; k < nbufs; ++k)
-    bufs[k] = lattice::lattice_buffer(B, M, Cs, probs.options(), !kCpu && lattice::fused_reduce());
+  for (int k = 0; k < nbufs; ++k) bufs[k] = at::empty({B, M, Cs}, probs.options());
   const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
     const scalar_t* w = lat.entry_weight.data_ptr<scalar_t>();
     const int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
     const int32_t* nbr = lat.neighbors.data_ptr<int32_t>();
+    const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
     const scalar_t alpha = static_cast<scalar_t>(lattice::slice_alpha(d));
     scalar_t* in_p = in.data_ptr<scalar_t>();
     const scalar_t* gate_p = g.data_ptr<scalar_t>();
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       scalar_t* nxt = bufs[second].data_ptr<scalar_t>();
       for (int s = 0; s <= d; ++s) {
         const int j = reverse ? d - s : s;
-        exec.for_each_item(B, M, Cs / V, lattice::BlurFunctor<scalar_t, V>{cur, nxt, nbr, M, Cs, d, j, B}, grain);
+        exec.for_each_item(B, M, Cs / V, lattice::BlurFunctor<scalar_t, V>{cur, nxt, nbr, M, Cs, d, j, B, nv}, grain);
         std::swap(cur, nxt);
         std::swap(first, second);
       }

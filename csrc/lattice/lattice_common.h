@@ -596,7 +596,7 @@ RRM_HOST_DEVICE void row_load_l2(scalar_t* dst, const scalar_t* row) {
 // each chunk writes its sum, fences, and counts itself in its vertex's counter; the thread that
 // counts last adds the vertex's chunk sums in chunk order (through L2) into `out` and zeroes the
 // counter for the next launch. The same bits as the two launches (tests: knob splat_fused_reduce).
-// Rows of vertices >= num_vertices are not written (the callers zero their buffers once).
+// Rows of vertices >= num_vertices are not written (the blurs skip them and no slice reads them).
 template <typename scalar_t, int V = 1, bool kPair = false, bool kFuse = false>
 struct SplatChunkFunctor {
   static constexpr int U = V == 1 ? 8 : 4;  // entries in flight per thread
@@ -809,9 +809,14 @@ struct BlurFunctor {
   int64_t M, C;
   int d, j;
   int64_t LB;
+  // (LB,) or nullptr: rows v >= num_vertices[b % LB] (an image's unused rows in a batch, M being
+  // the largest count) are neither read nor written. The gather splat's fused chunk sums leave them
+  // unwritten, and no slice reads them.
+  const int32_t* num_vertices = nullptr;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t g0, int64_t g1) const {
     const int64_t lb = b < LB ? b : b % LB;
+    if (num_vertices && v >= num_vertices[lb]) return;
     const int32_t* nb = neighbors + ((lb * (d + 1) + j) * M + v) * 2;
     const int32_t n1 = nb[0], n2 = nb[1];
     const scalar_t* o = old_values + (b * M + v) * C;

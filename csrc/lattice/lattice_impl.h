@@ -276,13 +276,6 @@ struct FilterWorkspace {
 // knob says a second launch. Read once per call.
 inline bool fused_reduce() { return tuning::get(tuning::kSplatFusedReduce) != 0; }
 
-// A lattice buffer (B, M, C) for the gather splat's output: with the fused chunk sums nothing writes
-// the rows of an image's unused vertices (v >= its vertex count < M, batches only); zeroed once here,
-// the blurs keep them zero (they have no neighbours), as the reduce launch's zeros did.
-inline at::Tensor lattice_buffer(int64_t B, int64_t M, int64_t C, const at::TensorOptions& opt, bool fused) {
-  return fused && B > 1 ? at::zeros({B, M, C}, opt) : at::empty({B, M, C}, opt);
-}
-
 // Splat for CUDA and its emulation: chunk sums, then per-vertex sums of the chunks (see
 // SplatChunkFunctor; V channels per thread of the chunk sums, C a multiple of V). out: (B, M, C).
 // With out2, the same pass also splats pre2 * in into out2 (the splats of in with pre and with pre2).
@@ -413,9 +406,8 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
   const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
   if (!ws.a.defined() || ws.a.size(2) != Cs) {
-    const bool fused = !kCpu && fused_reduce();
-    ws.a = lattice_buffer(B, M, Cs, lat.entry_weight.options(), fused);
-    ws.b = lattice_buffer(B, M, Cs, lat.entry_weight.options(), fused);
+    ws.a = at::empty({B, M, Cs}, lat.entry_weight.options());
+    ws.b = at::empty({B, M, Cs}, lat.entry_weight.options());
   }
   scalar_t* cur = ws.a.data_ptr<scalar_t>();
   scalar_t* nxt = ws.b.data_ptr<scalar_t>();
@@ -427,7 +419,9 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   }
   for (int s = 0; s <= d; ++s) {
     const int j = reverse ? d - s : s;
-    exec.for_each_item(B, M, Cs, BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, Cs, d, j, B},
+    exec.for_each_item(B, M, Cs,
+                       BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, Cs, d, j, B,
+                                             lat.num_vertices.data_ptr<int32_t>()},
                        grain);
     std::swap(cur, nxt);
   }
@@ -767,8 +761,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   for (int t = 0; t < T; ++t) {
     const Lattice& lat = terms.lats[t];
     part[t] = at::empty({B, lat.K, W}, opt);
-    bufa[t] = lattice_buffer(B, lat.M, W, opt, fuse);
-    bufb[t] = lattice_buffer(B, lat.M, W, opt, fuse);
+    bufa[t] = at::empty({B, lat.M, W}, opt);
+    bufb[t] = at::empty({B, lat.M, W}, opt);
     MeanFieldRowTerm<scalar_t>& m = f.terms[t];
     m.weights = lat.entry_weight.data_ptr<scalar_t>();
     m.vertex = lat.entry_vertex.data_ptr<int32_t>();
@@ -854,8 +848,9 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     for (int t = 0; t < T; ++t) {
       const Lattice& lat = terms.lats[t];
       if (j > lat.d) continue;
-      bj.f[bj.T] =
-          BlurFunctor<scalar_t, VR>{cur[t], nxt[t], lat.neighbors.data_ptr<int32_t>(), lat.M, W, lat.d, j, lat.B};
+      BlurFunctor<scalar_t, VR> fb{cur[t], nxt[t], lat.neighbors.data_ptr<int32_t>(), lat.M, W, lat.d, j, lat.B};
+      fb.num_vertices = lat.num_vertices.data_ptr<int32_t>();  // an image's unused rows are skipped
+      bj.f[bj.T] = fb;
       bj.n[bj.T] = lat.M;
       ++bj.T;
       std::swap(cur[t], nxt[t]);
