@@ -80,27 +80,19 @@ def main() -> None:
     ref = rrm_cuda.dense_crf(unary, image, iterations=3)
     from rrm_cuda import _C
 
-    group4 = _C.tuning()["slice_group4"]
-    for value in (0, 1):
-        _C.set_tuning("slice_group4", value)
-        close(
-            f"dense_crf 21 labels slice_group4={value}",
-            rrm_cuda.dense_crf(unary.to(dev), image.to(dev), iterations=3),
-            ref,
-            1e-4,
-        )
-    _C.set_tuning("slice_group4", group4)
-    # the splats' chunk sums by each vertex's last chunk (fence, counter, L2 loads) or a second launch
-    fused = _C.tuning()["splat_fused_reduce"]
-    for value in (0, 1, 1):
-        _C.set_tuning("splat_fused_reduce", value)
-        close(
-            f"dense_crf 21 labels splat_fused_reduce={value}",
-            rrm_cuda.dense_crf(unary.to(dev), image.to(dev), iterations=3),
-            ref,
-            1e-4,
-        )
-    _C.set_tuning("splat_fused_reduce", fused)
+    # the slice's two groupings; the splats' chunk sums by each vertex's last chunk (fence, counter,
+    # L2 loads: twice, the counters must come back to zero) or by a second launch
+    for name, values in (("slice_group4", (0, 1)), ("splat_fused_reduce", (0, 1, 1))):
+        saved = _C.tuning()[name]
+        for value in values:
+            _C.set_tuning(name, value)
+            close(
+                f"dense_crf 21 labels {name}={value}",
+                rrm_cuda.dense_crf(unary.to(dev), image.to(dev), iterations=3),
+                ref,
+                1e-4,
+            )
+        _C.set_tuning(name, saved)
     # energy op: value only, rloss and exact gradients, with and without the mass term; float32
     # takes the float4 rows (padded channels: 3 classes -> 4, 3 + mass -> 4, 7 -> 8)
     for dtype, K in ((torch.float64, 3), (torch.float32, 3), (torch.float32, 7)):

@@ -498,23 +498,34 @@ struct ChunkPermuteFunctor {
   }
 };
 
-// dst[0, W) = row[0, W), a row of global memory (float4 loads through the read-only path on CUDA).
-template <typename scalar_t, int W>
+// dst[0, W) = row[0, W), a row of global memory: float4 loads through the read-only path on CUDA,
+// or, kL2, loads through L2 only (ld.global.cg; float4 or double2): rows written by other blocks of
+// the running kernel, which the read-only path or a stale L1 line could miss (SplatChunkFunctor's
+// last-chunk sums).
+template <typename scalar_t, int W, bool kL2 = false>
 RRM_HOST_DEVICE void row_load(scalar_t* dst, const scalar_t* row) {
 #if defined(__CUDA_ARCH__)
   if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
     const float4* r4 = reinterpret_cast<const float4*>(row);
 #pragma unroll
     for (int k = 0; k < W / 4; ++k) {
-      const float4 x = __ldg(r4 + k);
+      const float4 x = kL2 ? __ldcg(r4 + k) : __ldg(r4 + k);
       dst[4 * k] = x.x;
       dst[4 * k + 1] = x.y;
       dst[4 * k + 2] = x.z;
       dst[4 * k + 3] = x.w;
     }
+  } else if constexpr (kL2 && std::is_same<scalar_t, double>::value && W % 2 == 0) {
+    const double2* r2 = reinterpret_cast<const double2*>(row);
+#pragma unroll
+    for (int k = 0; k < W / 2; ++k) {
+      const double2 x = __ldcg(r2 + k);
+      dst[2 * k] = x.x;
+      dst[2 * k + 1] = x.y;
+    }
   } else {
 #pragma unroll
-    for (int c = 0; c < W; ++c) dst[c] = row[c];
+    for (int c = 0; c < W; ++c) dst[c] = kL2 ? __ldcg(row + c) : row[c];
   }
 #else
   for (int c = 0; c < W; ++c) dst[c] = row[c];
@@ -543,39 +554,6 @@ RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
   }
 #else
   for (int c = 0; c < W; ++c) dst[c] = src[c];
-#endif
-}
-
-// dst[0, W) = row[0, W) through L2 only (ld.global.cg on CUDA): rows written by other blocks of the
-// running kernel, which the read-only path or a stale L1 line could miss (SplatChunkFunctor's
-// last-chunk sums).
-template <typename scalar_t, int W>
-RRM_HOST_DEVICE void row_load_l2(scalar_t* dst, const scalar_t* row) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (std::is_same<scalar_t, float>::value && W % 4 == 0) {
-    const float4* r4 = reinterpret_cast<const float4*>(row);
-#pragma unroll
-    for (int k = 0; k < W / 4; ++k) {
-      const float4 x = __ldcg(r4 + k);
-      dst[4 * k] = x.x;
-      dst[4 * k + 1] = x.y;
-      dst[4 * k + 2] = x.z;
-      dst[4 * k + 3] = x.w;
-    }
-  } else if constexpr (std::is_same<scalar_t, double>::value && W % 2 == 0) {
-    const double2* r2 = reinterpret_cast<const double2*>(row);
-#pragma unroll
-    for (int k = 0; k < W / 2; ++k) {
-      const double2 x = __ldcg(r2 + k);
-      dst[2 * k] = x.x;
-      dst[2 * k + 1] = x.y;
-    }
-  } else {
-#pragma unroll
-    for (int c = 0; c < W; ++c) dst[c] = __ldcg(row + c);
-  }
-#else
-  for (int c = 0; c < W; ++c) dst[c] = row[c];
 #endif
 }
 
@@ -727,10 +705,10 @@ struct SplatChunkFunctor {
     const scalar_t* p2 = kPair ? partial2 + (b * K + k0) * C + V * g : nullptr;
     for (int64_t k = 0; k < nk; ++k) {
       scalar_t x[V];
-      row_load_l2<scalar_t, V>(x, p + k * C);
+      row_load<scalar_t, V, true>(x, p + k * C);
       for (int c = 0; c < V; ++c) s[c] += x[c];
       if constexpr (kPair) {
-        row_load_l2<scalar_t, V>(x, p2 + k * C);
+        row_load<scalar_t, V, true>(x, p2 + k * C);
         for (int c = 0; c < V; ++c) s2[c] += x[c];
       }
     }
