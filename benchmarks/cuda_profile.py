@@ -269,6 +269,28 @@ def main() -> None:
         default="in the splat launch" if knobs["splat_fused_reduce"] else "second launch",
     )
     knob("splat_fused_reduce", knobs["splat_fused_reduce"])
+    # the public dense CRF's pixel order: 16 x 16 tiles (rrm_cuda.functional._PIXEL_TILE) or raster
+    tile_saved = FN._PIXEL_TILE["cuda"]
+
+    def pixel_tile(t: int) -> Callable[[], None]:
+        def apply() -> None:
+            FN._PIXEL_TILE["cuda"] = t
+
+        return apply
+
+    summary += ab_group(
+        res,
+        "pixel order",
+        [("raster", pixel_tile(0)), ("16x16 tiles", pixel_tile(16))],
+        {
+            f"dense_crf {S}x{S}x{L} public API": crf,
+            "pseudo-label CRFs 8 x 3 x 321^2 over 4 crops": lambda: rrm_cuda.dense_crf(
+                probs=p3, image=crop, iterations=args.iterations
+            ),
+        },
+        default="16x16 tiles" if tile_saved else "raster",
+    )
+    FN._PIXEL_TILE["cuda"] = tile_saved
 
     def energy_label(rows4: int, slice4: int, pair: int) -> str:
         return (

@@ -900,6 +900,118 @@ def test_cuda_grad_matches_cpu(cuda, dtype, diagonal, norm, iterations):
     assert float((pg[1] - pg[0]).abs().max()) <= tol * 10 * float(pg[0].abs().max())
 
 
+# ---- pixel order: 16 x 16 tiles (the GPU's default) ---------------------------------------------
+@pytest.fixture
+def pixel_tile():
+    """Sets rrm_cuda.functional._PIXEL_TILE[device type] for the test; restored afterwards."""
+    import rrm_cuda.functional as F
+
+    saved = dict(F._PIXEL_TILE)
+
+    def set_tile(device_type: str, tile: int) -> None:
+        F._PIXEL_TILE[device_type] = tile
+
+    yield set_tile
+    F._PIXEL_TILE.clear()
+    F._PIXEL_TILE.update(saved)
+
+
+def test_pixel_tile_order():
+    # 16 x 16 tiles, row-major inside each and across them, partial tiles at the right and bottom
+    # edges; the inverse undoes it; images no larger than a tile and 3-D volumes keep the raster order
+    import rrm_cuda.functional as F
+
+    order, inverse = _tile_order_with(F, (35, 20))
+    H, W = 35, 20
+    y, x = order // W, order % W
+    assert torch.equal(torch.sort(order).values, torch.arange(H * W))
+    assert torch.equal(order[inverse], torch.arange(H * W))
+    assert (y[:256] < 16).all() and (x[:256] < 16).all()  # the first tile, whole
+    assert torch.equal(order[:17], torch.tensor([*range(16), W]))  # its first row, then the second
+    assert (x[256 : 256 + 64] >= 16).all() and (y[256 : 256 + 64] < 16).all()  # the partial tile to its right
+    key = (y // 16) * 2 + x // 16
+    assert (key[1:] >= key[:-1]).all()  # tiles in row-major order
+    assert _tile_order_with(F, (16, 300)) is None and _tile_order_with(F, (4, 5, 6)) is None
+
+
+def _tile_order_with(F, spatial):
+    saved = F._PIXEL_TILE["cpu"]
+    F._PIXEL_TILE["cpu"] = 16
+    try:
+        return F._pixel_order(spatial, "cpu")
+    finally:
+        F._PIXEL_TILE["cpu"] = saved
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "after"])
+def test_pixel_tile_order_gives_the_raster_result(pixel_tile, normalization, lattice_cache):
+    # The op's points in tile order: the same CRF, up to the splat lists' summation order (the last
+    # bits), forward and backward (unary and a full compatibility matrix); extra pairwise features
+    # and a shared image batch go through the same order; repeated calls give the same bits and hit
+    # the position lattice kept in tile order.
+    img = torch.from_numpy(photo("astronaut", (70, 90))).permute(2, 0, 1)[None]
+    img = torch.cat([img, img.flip(3)])
+    g = torch.Generator().manual_seed(4)
+    u = torch.rand(4, 5, 70, 90, generator=g) * 3
+    depth = torch.rand(2, 1, 70, 90, generator=g) * 4
+    cmat = (torch.rand(5, 5, generator=g) - 0.5) * 4
+
+    def run():
+        ug = u.clone().requires_grad_()
+        cg = cmat.clone().requires_grad_()
+        q = rrm_cuda.dense_crf(
+            ug, img, iterations=4, bilateral_compat=cg, normalization=normalization, pairwise=[(depth, 2.0)]
+        )
+        gu, gc = torch.autograd.grad((q * torch.linspace(0, 1, q.numel()).view_as(q)).sum(), (ug, cg))
+        return q.detach(), gu, gc
+
+    pixel_tile("cpu", 0)
+    ref = run()
+    pixel_tile("cpu", 16)
+    rrm_cuda.clear_lattice_cache()
+    got = run()
+    hits = rrm_cuda.lattice_cache_info()["hits"]
+    again = run()
+    assert rrm_cuda.lattice_cache_info()["hits"] > hits  # the tiled positions' lattice was kept
+    for a, b, c in zip(got, ref, again):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert torch.equal(a, c)
+    assert not torch.equal(got[0], ref[0])  # the order did change the summation (else nothing was tested)
+
+
+def test_pixel_tile_order_compiles(pixel_tile):
+    # the tile order's gathers (an autograd.Function) trace whole under torch.compile(fullgraph=True)
+    pixel_tile("cpu", 16)
+    g = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(1, 3, 20, 19, generator=g), 1).requires_grad_()
+    img = torch.randint(0, 256, (1, 3, 20, 19), generator=g, dtype=torch.uint8)
+
+    def fn(p, i):
+        return rrm_cuda.dense_crf(probs=p, image=i, iterations=2)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    a, b = compiled(probs, img), fn(probs, img)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a.pow(2).sum(), probs)[0]
+    gb = torch.autograd.grad(b.pow(2).sum(), probs)[0]
+    torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.cuda
+def test_cuda_pixel_tile_order(cuda, pixel_tile):
+    # the GPU's default order (16 x 16 tiles) against its raster order and the CPU's; deterministic
+    img = torch.from_numpy(photo("chelsea", (150, 200))).permute(2, 0, 1)[None]
+    probs = torch.from_numpy(smooth_probs(21, 150, 200, seed=3))[None]
+    q_cpu = rrm_cuda.dense_crf(probs=probs, image=img)
+    pixel_tile("cuda", 16)
+    q_tile = rrm_cuda.dense_crf(probs=probs.to(cuda), image=img.to(cuda))
+    assert torch.equal(q_tile, rrm_cuda.dense_crf(probs=probs.to(cuda), image=img.to(cuda)))
+    pixel_tile("cuda", 0)
+    q_raster = rrm_cuda.dense_crf(probs=probs.to(cuda), image=img.to(cuda))
+    torch.testing.assert_close(q_tile.cpu(), q_cpu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q_tile, q_raster, rtol=1e-5, atol=1e-6)
+
+
 # ---- torch.compile ---------------------------------------------------------------------------
 def test_compile_fullgraph():
     unary, image = _crf_inputs(B=1, L=3, H=6, W=5)
