@@ -269,6 +269,19 @@ def main() -> None:
         default="in the splat launch" if knobs["splat_fused_reduce"] else "second launch",
     )
     knob("splat_fused_reduce", knobs["splat_fused_reduce"])
+    # the blurs: one lattice axis per launch, or two (BlurPairFunctor: 3 of the first axis's rows per thread)
+    summary += ab_group(
+        res,
+        "blur",
+        [("one axis per launch", setting(blur_pairs=0)), ("two axes per launch", setting(blur_pairs=1))],
+        {
+            "dense_crf op alone": raw,
+            "dense_crf op batch 8": batch8,
+            "energy fwd+bwd [exact], unchecked": lambda: energy_fb(m5),
+        },
+        default="two axes per launch" if knobs["blur_pairs"] else "one axis per launch",
+    )
+    knob("blur_pairs", knobs["blur_pairs"])
     # the public dense CRF's pixel order: 16 x 16 tiles (rrm_cuda.functional._PIXEL_TILE) or raster
     tile_saved = FN._PIXEL_TILE["cuda"]
 

@@ -706,30 +706,34 @@ def test_launch_knobs_do_not_change_results(tuning):
     # The GPU path's launch configurations (common/tuning.h), through the emulated launch: rows of
     # 4 channels with four per thread or unpadded with one, the slice's rows read four channels or
     # one at a time, the exact gradient's splats in one pass or two, chunks launched by tile or
-    # vertex, the vertices' chunk sums in the splat's launch or a second one; bitwise the same, with
+    # vertex, the vertices' chunk sums in the splat's launch or a second one, the blurs one or two
+    # axes per launch; bitwise the same, with
     # and without the mass (class counts whose rows need 0, 1 or 3 channels of padding), for the
     # slices compiled with a fixed d (3, 5) and the generic one (4).
     settings = (
-        (1, 1, 1, 64, 1),
-        (0, 1, 1, 64, 1),
-        (1, 0, 1, 64, 1),
-        (1, 1, 0, 64, 1),
-        (0, 0, 0, 0, 0),
-        (1, 1, 1, 0, 1),
-        (1, 1, 1, 64, 0),
-        (0, 0, 1, 0, 1),
+        (1, 1, 1, 64, 1, 1),
+        (0, 1, 1, 64, 1, 1),
+        (1, 0, 1, 64, 1, 1),
+        (1, 1, 0, 64, 1, 1),
+        (0, 0, 0, 0, 0, 0),
+        (1, 1, 1, 0, 1, 1),
+        (1, 1, 1, 64, 0, 1),
+        (0, 0, 1, 0, 1, 1),
+        (1, 1, 1, 64, 1, 0),
+        (0, 1, 0, 64, 0, 1),
     )
     for d, K in ((5, 3), (5, 4), (5, 6), (3, 4), (4, 5)):
         probs, gate, feats, mass = _op_inputs(K=K, N=400, d=d, dtype=torch.float32)
         for mode in (0, 1, 2):
             for m in (None, mass):
                 outs = []
-                for rows4, slice4, pair, tile, fused in settings:
+                for rows4, slice4, pair, tile, fused, blur2 in settings:
                     tuning("energy_rows4", rows4)
                     tuning("energy_slice4", slice4)
                     tuning("energy_pair_splat", pair)
                     tuning("splat_tile", tile)
                     tuning("splat_fused_reduce", fused)
+                    tuning("blur_pairs", blur2)
                     outs.append(ops._dense_energy_emulated(probs, gate, feats, m, mode))
                 for e, g in outs[1:]:
                     assert torch.equal(e, outs[0][0]) and torch.equal(g, outs[0][1]), (d, K, mode, m is None)

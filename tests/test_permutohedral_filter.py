@@ -137,15 +137,19 @@ def test_splat_launch_order_does_not_change_results(tuning):
             assert torch.equal(a, b), tile
 
 
+@pytest.mark.parametrize("knob", ["splat_fused_reduce", "blur_pairs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_splat_fused_reduce_does_not_change_results(tuning, dtype):
-    # The GPU splat adds up each vertex's chunk sums in its own launch, by the last chunk of the
-    # vertex to finish (splat_fused_reduce = 1), or in a second launch (0); the sums are the same
-    # terms in the same order, so the bits are the same. Photographs' bilateral lattices (vertices of
-    # one chunk and of many), a 3-D noise lattice (mostly one chunk), a batch whose images have
-    # different vertex counts (unused rows), shared lattices in the mean field (8 unaries on 2
-    # lattices: one counter per image), the energy loss's three modes with and without the mass, and
-    # both launch orders. Each setting runs twice: the counters must be left at zero.
+def test_launch_fusions_do_not_change_results(tuning, dtype, knob):
+    # Two launch fusions of the GPU path, each bitwise neutral: the splat adds up each vertex's chunk
+    # sums in its own launch, by the last chunk of the vertex to finish (splat_fused_reduce = 1), or
+    # in a second launch (0); the blurs take two lattice axes per launch (blur_pairs = 1: B_j at the
+    # vertex and its two neighbours along the next axis, then that axis) or one (0). The sums are the
+    # same terms in the same order. Photographs' bilateral lattices (vertices of one chunk and of
+    # many), noise lattices of d = 1, 3, 4 (an odd and an even number of axes; mostly one chunk), a
+    # batch whose images have different vertex counts (unused rows), shared lattices in the mean
+    # field (8 unaries on 2 lattices, d = 2 and 5: one pair and a single axis, three pairs), the dense
+    # CRF's backward (lattices repeated over the batch, reversed axes), and the energy loss's three
+    # modes with and without the mass. Each setting runs twice: the counters must be left at zero.
     from skimage import data
 
     img = torch.from_numpy(data.astronaut()[:80, :96].copy()).permute(2, 0, 1)[None]
@@ -166,7 +170,7 @@ def test_splat_fused_reduce_does_not_change_results(tuning, dtype):
     assert counts[0] != counts[1]
 
     def run():
-        feats = (bil, pos.expand(2, -1, -1), noise)
+        feats = (bil, pos.expand(2, -1, -1), noise, noise[:, :1] * 2, torch.cat([noise, noise[:, :1]], 1))
         out = [ops._permutohedral_filter_emulated(v, f, rev) for f in feats for rev in (False, True)]
         out.append(ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 1], 3))
         # the backward's per-term filters on lattices repeated over the batch (lattice::tile)
@@ -182,9 +186,9 @@ def test_splat_fused_reduce_does_not_change_results(tuning, dtype):
 
     for tile in (0, 64):
         tuning("splat_tile", tile)
-        tuning("splat_fused_reduce", 0)
+        tuning(knob, 0)
         ref = run()
-        tuning("splat_fused_reduce", 1)
+        tuning(knob, 1)
         for _ in range(2):
             for k, (a, b) in enumerate(zip(run(), ref)):
                 assert torch.equal(a, b), (tile, k)
@@ -225,6 +229,7 @@ def test_tuning_knobs(tuning):
         "slice_group4",
         "energy_slice4",
         "splat_fused_reduce",
+        "blur_pairs",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -423,7 +428,8 @@ def test_cuda_splat_launch_order(cuda, tuning):
 
 
 @pytest.mark.cuda
-def test_cuda_splat_fused_reduce(cuda, tuning):
+@pytest.mark.parametrize("knob", ["splat_fused_reduce", "blur_pairs"])
+def test_cuda_launch_fusions(cuda, tuning, knob):
     # the chunk sums added up by each vertex's last chunk in the splat's launch give the bits of the
     # second launch on the device too (float4 and double2 rows through L2, the fence and counter);
     # repeated calls find the counters at zero; a batch with unused rows; the mean field and the loss
@@ -446,9 +452,9 @@ def test_cuda_splat_fused_reduce(cuda, tuning):
                 out += list(ops.dense_energy(probs, gate, f, None, mode))
             return out
 
-        tuning("splat_fused_reduce", 0)
+        tuning(knob, 0)
         ref = run()
-        tuning("splat_fused_reduce", 1)
+        tuning(knob, 1)
         for _ in range(3):
             for k, (a, b) in enumerate(zip(run(), ref)):
                 assert torch.equal(a, b), (dtype, k)

@@ -21,6 +21,7 @@ enum Knob : int {
   kEnergySlice4,      // energy loss's slice with rows of 4: four channels per load (1) or one (0); 1
   kSplatFusedReduce,  // splats: each vertex's chunk sums added up in the chunk launch by its last chunk
                       // (1) or by a second launch (0); 1
+  kBlurPairs,         // blurs: two lattice axes per launch (1, BlurPairFunctor) or one (0); 1
   kNumKnobs
 };
 

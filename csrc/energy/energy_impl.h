@@ -94,15 +94,10 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
     // holds the result.
     auto blur = [&](auto vtag, bool reverse, int first, int second) -> int {
       constexpr int V = decltype(vtag)::value;
-      scalar_t* cur = bufs[first].data_ptr<scalar_t>();
-      scalar_t* nxt = bufs[second].data_ptr<scalar_t>();
-      for (int s = 0; s <= d; ++s) {
-        const int j = reverse ? d - s : s;
-        exec.for_each_item(B, M, Cs / V, lattice::BlurFunctor<scalar_t, V>{cur, nxt, nbr, M, Cs, d, j, B, nv}, grain);
-        std::swap(cur, nxt);
-        std::swap(first, second);
-      }
-      return first;
+      scalar_t* out =
+          lattice::blur_axes<Exec, scalar_t, V>(exec, B, M, Cs, nbr, nv, d, reverse, bufs[first].data_ptr<scalar_t>(),
+                                                bufs[second].data_ptr<scalar_t>(), grain);
+      return out == bufs[first].data_ptr<scalar_t>() ? first : second;
     };
 
     exec.for_each_item(B, N, Cin, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C, Cin}, grain);

@@ -835,6 +835,71 @@ struct BlurFunctor {
   }
 };
 
+// Two blur axes in one launch: new = B_j2 B_j old (j2 < 0: B_j alone, BlurFunctor's job). A
+// thread computes B_j's value at its vertex and at its two neighbours along j2, then B_j2's; each
+// value's arithmetic is BlurFunctor's (the same bits), three of B_j's values per thread instead of
+// one, and one launch and one pass through the middle buffer fewer. The lattice rows are small and
+// L2-resident (a 512 x 512 photo: 22 k + 34 k rows of 96 bytes), the launches latency-bound (an H100:
+// 4.4 us per blur axis of the fused mean field, most of it ramp and tail), so the extra loads cost
+// less than the launch they replace (knob blur_pairs; bitwise tests in test_permutohedral_filter.py).
+template <typename scalar_t, int V = 1>
+struct BlurPairFunctor {
+  const scalar_t* old_values;  // (B, M, C)
+  scalar_t* new_values;        // (B, M, C)
+  const int32_t* neighbors;    // (LB, d+1, M, 2)
+  int64_t M, C;
+  int d, j, j2;  // first axis, second axis (-1: none)
+  int64_t LB;
+  const int32_t* num_vertices;  // (LB,) or nullptr: as BlurFunctor's
+
+  // B_j's value at vertex x of image b, channels [c, c + V), into r.
+  RRM_HOST_DEVICE void axis_j(int64_t b, int64_t lb, int64_t x, int64_t c, scalar_t* r) const {
+    const int32_t* nb = neighbors + ((lb * (d + 1) + j) * M + x) * 2;
+    const int32_t n1 = nb[0], n2 = nb[1];
+    const scalar_t half = scalar_t(0.5);
+    scalar_t o[V];
+    row_load<scalar_t, V>(o, old_values + (b * M + x) * C + c);
+    if (n1 >= 0 && n2 >= 0) {
+      scalar_t y[V], t[V];
+      row_load<scalar_t, V>(y, old_values + (b * M + n1) * C + c);
+      row_load<scalar_t, V>(t, old_values + (b * M + n2) * C + c);
+      for (int u = 0; u < V; ++u) r[u] = o[u] + half * (y[u] + t[u]);
+    } else if (n1 >= 0 || n2 >= 0) {
+      scalar_t y[V];
+      row_load<scalar_t, V>(y, old_values + (b * M + (n1 >= 0 ? n1 : n2)) * C + c);
+      for (int u = 0; u < V; ++u) r[u] = o[u] + half * y[u];
+    } else {
+      for (int u = 0; u < V; ++u) r[u] = o[u];
+    }
+  }
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t g0, int64_t g1) const {
+    const int64_t lb = b < LB ? b : b % LB;
+    if (num_vertices && v >= num_vertices[lb]) return;
+    const scalar_t half = scalar_t(0.5);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t c = V * g;
+      scalar_t r[V];
+      axis_j(b, lb, v, c, r);
+      if (j2 >= 0) {
+        const int32_t* nb = neighbors + ((lb * (d + 1) + j2) * M + v) * 2;
+        const int32_t n1 = nb[0], n2 = nb[1];
+        if (n1 >= 0 && n2 >= 0) {
+          scalar_t y[V], t[V];
+          axis_j(b, lb, n1, c, y);
+          axis_j(b, lb, n2, c, t);
+          for (int u = 0; u < V; ++u) r[u] = r[u] + half * (y[u] + t[u]);
+        } else if (n1 >= 0 || n2 >= 0) {
+          scalar_t y[V];
+          axis_j(b, lb, n1 >= 0 ? n1 : n2, c, y);
+          for (int u = 0; u < V; ++u) r[u] = r[u] + half * y[u];
+        }
+      }
+      row_copy<scalar_t, V>(new_values + (b * M + v) * C + c, r);
+    }
+  }
+};
+
 // Padding of the rows of the fused mean fields: far below any label's value, so never the max.
 constexpr double kSoftmaxPad = -1e30;
 

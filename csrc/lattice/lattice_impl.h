@@ -276,6 +276,29 @@ struct FilterWorkspace {
 // knob says a second launch. Read once per call.
 inline bool fused_reduce() { return tuning::get(tuning::kSplatFusedReduce) != 0; }
 
+// The GPU blurs take two axes per launch (BlurPairFunctor) unless the knob says one. Read once per call.
+inline bool blur_pairs() { return tuning::get(tuning::kBlurPairs) != 0; }
+
+// The d + 1 blur axes in order (0..d, or d..0 when reversed) over buffers cur -> nxt, ping-ponging:
+// one launch per axis, or, with pairs (GPU policies), per two axes. Returns the buffer that holds
+// the result.
+template <class Exec, typename scalar_t, int V>
+scalar_t* blur_axes(const Exec& exec, int64_t B, int64_t M, int64_t C, const int32_t* neighbors, const int32_t* nv,
+                    int d, bool reverse, scalar_t* cur, scalar_t* nxt, int64_t grain) {
+  const bool pairs = !std::is_same_v<Exec, CpuExec> && blur_pairs();
+  for (int s = 0; s <= d; s += pairs ? 2 : 1) {
+    const int j = reverse ? d - s : s;
+    if (pairs) {
+      const int j2 = s + 1 > d ? -1 : reverse ? d - s - 1 : s + 1;
+      exec.for_each_item(B, M, C / V, BlurPairFunctor<scalar_t, V>{cur, nxt, neighbors, M, C, d, j, j2, B, nv}, grain);
+    } else {
+      exec.for_each_item(B, M, C / V, BlurFunctor<scalar_t, V>{cur, nxt, neighbors, M, C, d, j, B, nv}, grain);
+    }
+    std::swap(cur, nxt);
+  }
+  return cur;
+}
+
 // Splat for CUDA and its emulation: chunk sums, then per-vertex sums of the chunks (see
 // SplatChunkFunctor; V channels per thread of the chunk sums, C a multiple of V). out: (B, M, C).
 // With out2, the same pass also splats pre2 * in into out2 (the splats of in with pre and with pre2).
@@ -417,14 +440,8 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   } else {
     splat_gather<Exec, scalar_t>(exec, lat, in, pre, cur, C, ws, grain);
   }
-  for (int s = 0; s <= d; ++s) {
-    const int j = reverse ? d - s : s;
-    exec.for_each_item(B, M, Cs,
-                       BlurFunctor<scalar_t>{cur, nxt, lat.neighbors.data_ptr<int32_t>(), M, Cs, d, j, B,
-                                             lat.num_vertices.data_ptr<int32_t>()},
-                       grain);
-    std::swap(cur, nxt);
-  }
+  cur = blur_axes<Exec, scalar_t, 1>(exec, B, M, Cs, lat.neighbors.data_ptr<int32_t>(),
+                                     lat.num_vertices.data_ptr<int32_t>(), d, reverse, cur, nxt, grain);
   exec.for_each_item(
       B, N, C,
       SliceFunctor<scalar_t>{cur, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), post,
@@ -836,25 +853,40 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     reduce.n[t] = lat.M;
     max_d = std::max(max_d, lat.d);
   }
-  std::vector<TermItems<BlurFunctor<scalar_t, VR>>> blur(max_d + 1);
+  // One launch per axis j (blur), or per two axes j, j + 1 (blur2: BlurPairFunctor; knob blur_pairs),
+  // each term taking the axes it has.
+  const bool pairs = blur_pairs();
+  std::vector<TermItems<BlurFunctor<scalar_t, VR>>> blur;
+  std::vector<TermItems<BlurPairFunctor<scalar_t, VR>>> blur2;
   std::vector<scalar_t*> cur(T), nxt(T);
   for (int t = 0; t < T; ++t) {
     cur[t] = bufa[t].data_ptr<scalar_t>();
     nxt[t] = bufb[t].data_ptr<scalar_t>();
   }
-  for (int j = 0; j <= max_d; ++j) {
-    TermItems<BlurFunctor<scalar_t, VR>>& bj = blur[j];
-    bj = {};
+  for (int j = 0; j <= max_d; j += pairs ? 2 : 1) {
+    TermItems<BlurFunctor<scalar_t, VR>> bj{};
+    TermItems<BlurPairFunctor<scalar_t, VR>> bj2{};
     for (int t = 0; t < T; ++t) {
       const Lattice& lat = terms.lats[t];
       if (j > lat.d) continue;
-      BlurFunctor<scalar_t, VR> fb{cur[t], nxt[t], lat.neighbors.data_ptr<int32_t>(), lat.M, W, lat.d, j, lat.B};
-      fb.num_vertices = lat.num_vertices.data_ptr<int32_t>();  // an image's unused rows are skipped
-      bj.f[bj.T] = fb;
-      bj.n[bj.T] = lat.M;
-      ++bj.T;
+      const int32_t* nbr = lat.neighbors.data_ptr<int32_t>();
+      const int32_t* nv = lat.num_vertices.data_ptr<int32_t>();  // an image's unused rows are skipped
+      if (pairs) {
+        const int j2 = j + 1 <= lat.d ? j + 1 : -1;
+        bj2.f[bj2.T] = BlurPairFunctor<scalar_t, VR>{cur[t], nxt[t], nbr, lat.M, W, lat.d, j, j2, lat.B, nv};
+        bj2.n[bj2.T++] = lat.M;
+      } else {
+        BlurFunctor<scalar_t, VR> fb{cur[t], nxt[t], nbr, lat.M, W, lat.d, j, lat.B};
+        fb.num_vertices = nv;
+        bj.f[bj.T] = fb;
+        bj.n[bj.T++] = lat.M;
+      }
       std::swap(cur[t], nxt[t]);
     }
+    if (pairs)
+      blur2.push_back(bj2);
+    else
+      blur.push_back(bj);
   }
   // The slice takes the vertex rows four channels at a time (fewer registers) unless the knob says
   // whole rows; the same bits either way.
@@ -874,7 +906,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       exec.for_each_item(B, splat.total(), W / V, splat, 256);
       exec.for_each_item(B, reduce.total(), W, reduce, 256);
     }
-    for (int j = 0; j <= max_d; ++j) exec.for_each_item(B, blur[j].total(), W / VR, blur[j], 256);
+    for (const auto& bj : blur) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
+    for (const auto& bj : blur2) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
     for (int t = 0; t < T; ++t) f.terms[t].blurred = cur[t];
     if (it == iterations - 1) {
       f.q = nullptr;
