@@ -354,19 +354,28 @@ struct SortKeyFunctor {
   }
 };
 
+// Splat as a deterministic two-step gather (CUDA and its emulation). The splat list of a vertex
+// can be long (a vertex of a smooth region of a bilateral lattice collects thousands of pixels), so
+// one thread per vertex would serialise on it: each list is cut into chunks of at most kSplatChunk
+// entries; SplatChunkFunctor sums a chunk (one thread per chunk and channel, in entry order), then
+// the chunks of a vertex are summed in order. Fixed chunks: the same sums every run.
+constexpr int64_t kSplatChunk = 32;
+
 // Splat lists (CUDA / emulated path): offsets[b, v] = the first slot of vertex v's entries in image
 // b's sorted list, E for v >= num_vertices[b] (and v = M), found by a binary search of the sorted
 // keys. Every vertex has at least one entry (its owner), so these are the bounds of its list: no
 // per-vertex counts by atomic adds (72 us at 512x512 on an H100, 1.6M entries on 22k counters) and
-// no scan of them.
+// no scan of them. With nchunks, the same launch also writes nchunks[b, 1 + v] = ceil(n_v /
+// kSplatChunk) for v < M (a second search for v's end) and nchunks[b, 0] = 0, so that a scan of
+// nchunks gives the chunk offsets: no zeroed array and no launch of its own.
 template <typename key_t>
 struct ListOffsetsFunctor {
   const key_t* sorted;  // (B E,) the sort keys, sorted
   int32_t* offsets;     // (B, M+1) out
   int64_t E, M;
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
-    const key_t target = static_cast<key_t>(b * M + v);
-    const key_t* sb = sorted + b * E;
+  int32_t* nchunks = nullptr;  // (B, M+1) out, or nullptr
+
+  RRM_HOST_DEVICE int64_t lower_bound(const key_t* sb, key_t target) const {
     int64_t lo = 0, hi = E;
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
@@ -376,7 +385,19 @@ struct ListOffsetsFunctor {
         hi = mid;
       }
     }
+    return lo;
+  }
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
+    const key_t* sb = sorted + b * E;
+    const int64_t lo = lower_bound(sb, static_cast<key_t>(b * M + v));
     offsets[b * (M + 1) + v] = static_cast<int32_t>(lo);
+    if (!nchunks) return;
+    if (v == 0) nchunks[b * (M + 1)] = 0;
+    if (v < M) {
+      const int64_t n = lower_bound(sb, static_cast<key_t>(b * M + v + 1)) - lo;
+      nchunks[b * (M + 1) + v + 1] = static_cast<int32_t>((n + kSplatChunk - 1) / kSplatChunk);
+    }
   }
 };
 
@@ -407,25 +428,10 @@ struct SplatListFunctor {
 // splat L[v] = sum_{p in list(v)} w_p * pre[i_p] * in[i_p] sums fixed chunks of the sorted splat
 // lists (each entry's pixel and weight, grouped by vertex, gathered once at build) in a fixed order.
 
-// Splat as a deterministic two-step gather (CUDA and its emulation). The splat list of a vertex
-// can be long (a vertex of a smooth region of a bilateral lattice collects thousands of pixels), so
-// one thread per vertex would serialise on it: each list is cut into chunks of at most kSplatChunk
-// entries; SplatChunkFunctor sums a chunk (one thread per chunk and channel, in entry order), then
-// SplatReduceFunctor sums the chunks of a vertex in order. Fixed chunks: the same sums every run.
-constexpr int64_t kSplatChunk = 32;
-
-// nchunks[b, 1 + v] = ceil((offsets[b, v + 1] - offsets[b, v]) / kSplatChunk) for v < M (column 0
-// left 0), both (B, M+1): a scan of nchunks gives the chunk offsets.
-struct ChunkCountFunctor {
-  const int32_t* offsets;
-  int32_t* nchunks;
-  int64_t M;
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
-    const int64_t i = b * (M + 1) + v;
-    const int64_t n = offsets[i + 1] - offsets[i];
-    nchunks[i + 1] = static_cast<int32_t>((n + kSplatChunk - 1) / kSplatChunk);
-  }
-};
+// Splat as a deterministic two-step gather (CUDA and its emulation): the chunks of kSplatChunk
+// (defined above ListOffsetsFunctor) entries of each vertex's list are summed by
+// SplatChunkFunctor, then a vertex's chunk sums in order (SplatReduceFunctor, or the splat's own
+// last chunk of the vertex).
 
 // Per (b, v): the entry ranges of v's chunks, at chunk_offsets[b, v] ... chunk_offsets[b, v+1]-1.
 struct ChunkRangeFunctor {

@@ -42,6 +42,9 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   // fit, and on CUDA a radix sort over their significant bits only (exec.sort_pairs: 2 passes for a
   // 512x512 image's lattice, where at::sort takes 4, moving 4-byte values) -- then every list bound
   // by a binary search of the sorted keys.
+  // Chunks: ceil(n_v / S) per vertex at column 1 + v and 0 at column 0, written with the list
+  // bounds (ListOffsetsFunctor), then scanned into offsets.
+  const at::Tensor nchunks = at::empty({B, M + 1}, iopt);
   auto sort_and_bound = [&](auto key_zero) -> at::Tensor {
     using key_t = decltype(key_zero);
     const at::Tensor keys = at::empty({B * E}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
@@ -53,14 +56,12 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
     std::tie(sorted, sorted_entries) = exec.sort_pairs(keys, entries, B * M - 1);  // keys b M + v < B M
     lat.offsets = at::empty({B, M + 1}, iopt);                                     // offsets < E < 2^30 fit int32
     exec.for_each_item(B, M + 1, 1,
-                       ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M});
+                       ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M,
+                                                 nchunks.data_ptr<int32_t>()});
     return sorted_entries;
   };
   const at::Tensor sorted_entries =
       B * M < (int64_t(1) << 31) ? sort_and_bound(int32_t{0}) : sort_and_bound(int64_t{0});
-  // Chunks: ceil(n_v / S) per vertex at column 1 + v (column 0 stays 0), scanned into offsets.
-  auto nchunks = at::zeros({B, M + 1}, iopt);
-  exec.for_each_item(B, M, 1, ChunkCountFunctor{lat.offsets.data_ptr<int32_t>(), nchunks.data_ptr<int32_t>(), M});
   lat.chunk_offsets = at::cumsum(nchunks, /*dim=*/1, /*dtype=*/at::kInt);
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
