@@ -84,6 +84,9 @@ def metadata(device: torch.device) -> dict:
         from rrm_cuda import _C
 
         meta["tuning"] = _C.tuning()  # CUDA launch-configuration knobs (common/tuning.h; results do not depend on them)
+    from rrm_cuda import functional
+
+    meta["pixel_tile"] = dict(functional._PIXEL_TILE)  # dense_crf's pixel order per device type (0: raster)
     return meta
 
 
