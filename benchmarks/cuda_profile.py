@@ -282,7 +282,7 @@ def main() -> None:
         default="two axes per launch" if knobs["blur_pairs"] else "one axis per launch",
     )
     knob("blur_pairs", knobs["blur_pairs"])
-    # the public dense CRF's pixel order: 16 x 16 tiles (rrm_cuda.functional._PIXEL_TILE) or raster
+    # the pixel order of the public dense CRF and energy loss: 16 x 16 tiles (functional._PIXEL_TILE) or raster
     tile_saved = FN._PIXEL_TILE["cuda"]
 
     def pixel_tile(t: int) -> Callable[[], None]:
@@ -300,6 +300,8 @@ def main() -> None:
             "pseudo-label CRFs 8 x 3 x 321^2 over 4 crops": lambda: rrm_cuda.dense_crf(
                 probs=p3, image=crop, iterations=args.iterations
             ),
+            "energy fwd+bwd [rloss], unchecked": lambda: energy_fb(m3),
+            "energy fwd+bwd [exact], unchecked": lambda: energy_fb(m5),
         },
         default="16x16 tiles" if tile_saved else "raster",
     )

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 
 from . import _validate as V
 from ._ext import ops
-from .functional import _check_key_range, _check_lattice_features, _position_fmax, bilateral_features
+from .functional import (
+    _check_key_range,
+    _check_lattice_features,
+    _Gather,
+    _pixel_order,
+    _position_fmax,
+    bilateral_features,
+)
 
 _GRAD_MODES = {"rloss": 1, "exact": 2}
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -404,7 +411,17 @@ def dense_energy_loss(
             img_max, finish_checks = finish_checks(), None  # the images' real range (or their error)
             _check_key_range(feats, fname, max(pos_fmax, (img_max or 0.0) / _min(sigma_rgb)))
     mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
-    energy, _ = ops.dense_energy(s_hat.reshape(B, K, -1), g.reshape(B, -1), feats, mass, mode)
+    s_hat, g = s_hat.reshape(B, K, -1), g.reshape(B, -1)
+    # The op's points in dense_crf's pixel order (16 x 16 tiles on a GPU, functional._PIXEL_TILE): a
+    # block of the slice gathers 2-2.4x fewer distinct vertex rows at RRM's 160 x 160 (a sum over
+    # the pixels is what comes back; the gradient returns to the raster order through _Gather).
+    tiles = _pixel_order((h, w), s_hat.device)
+    if tiles is not None:
+        s_hat = _Gather.apply(s_hat, tiles[0], tiles[1])
+        g = g.index_select(1, tiles[0]) if gate else g  # without the gate: ones in any order
+        feats = feats.index_select(2, tiles[0])
+        mass = mass.index_select(1, tiles[0]) if mass is not None else None
+    energy, _ = ops.dense_energy(s_hat, g, feats, mass, mode)
     if finish_checks is not None:
         finish_checks()
     return energy.sum() * (weight / max(B, 1))

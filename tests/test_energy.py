@@ -865,6 +865,92 @@ def test_cuda_input_stats_equal_cpu(cuda):
 
 
 # ---------------------------------------------------------------------------------------------
+# pixel order: 16 x 16 tiles (dense_crf's; the GPU's default)
+
+
+@pytest.fixture
+def pixel_tile():
+    """Sets rrm_cuda.functional._PIXEL_TILE[device type] for the test; restored afterwards."""
+    import rrm_cuda.functional as FN
+
+    saved = dict(FN._PIXEL_TILE)
+
+    def set_tile(device_type: str, tile: int) -> None:
+        FN._PIXEL_TILE[device_type] = tile
+
+    yield set_tile
+    FN._PIXEL_TILE.clear()
+    FN._PIXEL_TILE.update(saved)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_pixel_tile_order_gives_the_raster_result(pixel_tile, scale):
+    # The op's points in tile order: the same loss and gradient up to the summation order (last
+    # bits), for both gradients, with and without the gate, the non-negative form (mass), through the
+    # fused 0.5 downscale and at full scale
+    images, probs, rois, labels = _inputs(B=2, K=4, H=38, W=44, dtype=torch.float32, seed=3)
+    cases = [dict(gradient="exact"), dict(gradient="rloss"), dict(gate=False, nonnegative=True)]
+
+    def run(kw):
+        p = probs.clone().requires_grad_()
+        loss = rrm_cuda.dense_energy_loss(
+            images, p, rois, labels, sigma_rgb=15.0, sigma_xy=20.0, scale_factor=scale, **kw
+        )
+        return loss.detach(), torch.autograd.grad(loss, p)[0]
+
+    pixel_tile("cpu", 0)
+    ref = [run(kw) for kw in cases]
+    pixel_tile("cpu", 16)
+    got = [run(kw) for kw in cases]
+    changed = False
+    for (l1, g1), (l2, g2) in zip(got, ref):
+        torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+        changed |= not torch.equal(g1, g2) or not torch.equal(l1, l2)
+    assert changed  # the order was applied (it changes the summation's last bits)
+
+
+def test_pixel_tile_order_gradcheck_and_compile(pixel_tile):
+    pixel_tile("cpu", 16)
+    images, probs, rois, _ = _inputs(B=1, K=2, H=36, W=36)
+    p = probs.clone().requires_grad_()
+    fn = lambda q: rrm_cuda.dense_energy_loss(  # noqa: E731
+        images, q, rois, sigma_rgb=15.0, sigma_xy=8.0, scale_factor=0.5, gate=False, nonnegative=True
+    )
+    assert torch.autograd.gradcheck(fn, (p,), fast_mode=True)
+    images, probs, rois, labels = _inputs(B=2, K=3, H=40, W=34, dtype=torch.float32)
+
+    def loss(x):
+        return rrm_cuda.dense_energy_loss(
+            images, torch.softmax(x, 1), rois, labels, sigma_rgb=15.0, sigma_xy=6.0, scale_factor=0.5
+        )
+
+    l1, l2 = torch.log(probs).requires_grad_(), torch.log(probs).requires_grad_()
+    ref = loss(l1)
+    out = torch.compile(loss, fullgraph=True, backend="aot_eager")(l2)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out, l2)[0], torch.autograd.grad(ref, l1)[0])
+
+
+@pytest.mark.cuda
+def test_cuda_pixel_tile_order(cuda, pixel_tile):
+    images, probs, rois, labels = _inputs(B=2, K=5, H=66, W=70, dtype=torch.float32, seed=4)
+    p = probs.clone().requires_grad_()
+    lc = rrm_cuda.dense_energy_loss(images, p, rois, labels, sigma_rgb=15.0, sigma_xy=30.0, scale_factor=0.5)
+    gc = torch.autograd.grad(lc, p)[0]
+    out = {}
+    for tile in (0, 16):
+        pixel_tile("cuda", tile)
+        pg = probs.to(cuda).requires_grad_()
+        args = (images.to(cuda), pg, rois.to(cuda), labels.to(cuda))
+        lg = rrm_cuda.dense_energy_loss(*args, sigma_rgb=15.0, sigma_xy=30.0, scale_factor=0.5)
+        out[tile] = (lg, torch.autograd.grad(lg, pg)[0])
+    for lg, gg in out.values():
+        torch.testing.assert_close(lg.cpu(), lc, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gg.cpu(), gc, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.compile
 
 
