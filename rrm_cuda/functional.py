@@ -161,7 +161,7 @@ def lattice_num_vertices(features: Tensor) -> Tensor:
 # call. Keyed by device and, on CUDA, by the current stream (a cached tensor is only ever freed,
 # by eviction, on the stream it was made and used on); at most _CONST_CACHE_SIZE entries.
 _CONST_CACHE: dict[tuple, Tensor] = {}
-_CONST_CACHE_SIZE = 16
+_CONST_CACHE_SIZE = 32  # a 2-D size takes up to 5 (positions raster and tiled, the pixel order and its inverse)
 
 
 def _cached(key: tuple, make) -> Tensor:
@@ -217,17 +217,17 @@ def _positions(batch: int, spatial: Sequence[int], sxy: float | Tensor, dtype: t
     return _cached(("positions", spatial, sxy, dtype, device), make).expand(batch, -1, -1)
 
 
-# Pixel order of the dense CRF's lattice ops for 2-D images: 16 x 16 tiles, row-major inside each
-# tile and across the tiles (the partial tiles of the right and bottom edges included), instead of
-# the raster order. The op is indifferent to the order of its points; what changes is locality.
-# Each GPU block of 256 threads slices one tile, and each pixel of the tile gathers d + 1 vertex
-# rows per term. Over a tile those rows are 137 distinct bilateral and 52 position rows on a 512 x
-# 512 photo, against 391 and 183 over 256 pixels of a row. The splat's chunks, which hold a
-# vertex's pixels in increasing order, gather 2.1x fewer distinct rows of Q per block than the 1.5x
-# and 1.0x of the raster order (benchmarks/NOTES.md section 11). The results differ from the raster
-# order's only in the summation order of the splat lists (last bits). Per device type: the tile side,
-# or 0 for the raster order. On the CPU the op gains 3-7 % (a core's caches hold a 512 x 512
-# photo's lattice anyway), less than the two gathers of the scores cost there: raster order.
+# Pixel order of the lattice ops of dense_crf and of the energy loss (energy.py) for 2-D images:
+# 16 x 16 tiles, row-major inside each tile and across the tiles (the partial tiles of the right and
+# bottom edges included), instead of the raster order. The op is indifferent to the order of its
+# points; what changes is locality. Each GPU block of 256 threads slices one tile, and each pixel
+# gathers d + 1 vertex rows per term: over a tile of a 512 x 512 photo those are 137 distinct
+# bilateral and 52 position rows, against 391 and 183 over 256 pixels of a row. The splat's chunks,
+# which hold a vertex's pixels in increasing order, gather each distinct row of Q 2.1x per block
+# instead of 1.5x and 1.0x (benchmarks/NOTES.md section 11). Results differ from the raster order's
+# only in the summation order of the splat lists (the last bits). Per device type: the tile side, or
+# 0 for the raster order. On the CPU the op gains 3-7 % (a core's caches hold a 512 x 512 photo's
+# lattice anyway), less than the two gathers of the scores cost there: raster order.
 _PIXEL_TILE = {"cuda": 16, "cpu": 0}
 
 

@@ -977,6 +977,11 @@ def test_pixel_tile_order_gives_the_raster_result(pixel_tile, normalization, lat
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert torch.equal(a, c)
     assert not torch.equal(got[0], ref[0])  # the order did change the summation (else nothing was tested)
+    with torch.inference_mode():  # the gathers without autograd; the cached order made outside it
+        q = rrm_cuda.dense_crf(
+            u, img, iterations=4, bilateral_compat=cmat, normalization=normalization, pairwise=[(depth, 2.0)]
+        )
+    assert torch.equal(q, got[0])
 
 
 def test_pixel_tile_order_compiles(pixel_tile):
