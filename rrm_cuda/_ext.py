@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -15,6 +17,23 @@ except ImportError as exc:  # pragma: no cover - only when the package was not b
     ) from exc
 
 ops = torch.ops.rrm_cuda
+
+
+def _apply_tuning_env() -> None:
+    """``RRM_CUDA_TUNING="name=value,name=value"`` sets CUDA launch knobs (``_C.tuning()``; results never
+    depend on them) at import, so that a GPU session can flip a default without rebuilding."""
+    spec = os.environ.get("RRM_CUDA_TUNING", "")
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected name=value")
+            _C.set_tuning(name.strip(), int(value))
+        except ValueError as exc:
+            raise ValueError(f"RRM_CUDA_TUNING: bad item {item!r} ({exc})") from None
+
+
+_apply_tuning_env()
 
 
 def build_info() -> dict:

@@ -2,6 +2,7 @@
 its adjoint, and bad input."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -239,6 +240,37 @@ def test_tuning_knobs(tuning):
     assert _C.tuning() == saved
     tuning("splat_tile", 5)
     assert _C.tuning()["splat_tile"] == 5
+
+
+def test_tuning_from_the_environment():
+    # RRM_CUDA_TUNING sets knobs at import (a GPU session flips a default without a rebuild); a bad
+    # item fails the import with a message naming it
+    import subprocess
+    import sys
+
+    code = "import rrm_cuda; from rrm_cuda import _C; t = _C.tuning(); print(t['blur_pairs'], t['splat_tile'])"
+    root = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, RRM_CUDA_TUNING="blur_pairs=0, splat_tile=16"),
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["0", "16"]
+    for bad, msg in (
+        ("nope=1", "unknown tuning knob nope"),
+        ("blur_pairs", "expected name=value"),
+        ("splat_tile=-2", ">= 0"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=dict(env, RRM_CUDA_TUNING=bad), capture_output=True, text=True
+        )
+        assert run.returncode != 0 and "RRM_CUDA_TUNING: bad item" in run.stderr and msg in run.stderr, (
+            bad,
+            run.stderr[-500:],
+        )
 
 
 def test_hash_table_growth():
