@@ -80,3 +80,18 @@ def smooth_probs(L: int, H: int, W: int, seed: int = 0, sharp: float = 20.0, sig
     logits = ndimage.gaussian_filter(rng.normal(size=(L, H, W)), (0, sigma, sigma)) * sharp
     p = np.exp(logits - logits.max(0))
     return (p / p.sum(0)).astype(np.float32)
+
+
+@pytest.fixture
+def pixel_tile():
+    """Sets rrm_cuda.functional._PIXEL_TILE[device type] for the test; restored afterwards."""
+    import rrm_cuda.functional as FN
+
+    saved = dict(FN._PIXEL_TILE)
+
+    def set_tile(device_type: str, tile: int) -> None:
+        FN._PIXEL_TILE[device_type] = tile
+
+    yield set_tile
+    FN._PIXEL_TILE.clear()
+    FN._PIXEL_TILE.update(saved)

@@ -901,21 +901,6 @@ def test_cuda_grad_matches_cpu(cuda, dtype, diagonal, norm, iterations):
 
 
 # ---- pixel order: 16 x 16 tiles (the GPU's default) ---------------------------------------------
-@pytest.fixture
-def pixel_tile():
-    """Sets rrm_cuda.functional._PIXEL_TILE[device type] for the test; restored afterwards."""
-    import rrm_cuda.functional as F
-
-    saved = dict(F._PIXEL_TILE)
-
-    def set_tile(device_type: str, tile: int) -> None:
-        F._PIXEL_TILE[device_type] = tile
-
-    yield set_tile
-    F._PIXEL_TILE.clear()
-    F._PIXEL_TILE.update(saved)
-
-
 def test_pixel_tile_order():
     # 16 x 16 tiles, row-major inside each and across them, partial tiles at the right and bottom
     # edges; the inverse undoes it; images no larger than a tile and 3-D volumes keep the raster order

@@ -868,21 +868,6 @@ def test_cuda_input_stats_equal_cpu(cuda):
 # pixel order: 16 x 16 tiles (dense_crf's; the GPU's default)
 
 
-@pytest.fixture
-def pixel_tile():
-    """Sets rrm_cuda.functional._PIXEL_TILE[device type] for the test; restored afterwards."""
-    import rrm_cuda.functional as FN
-
-    saved = dict(FN._PIXEL_TILE)
-
-    def set_tile(device_type: str, tile: int) -> None:
-        FN._PIXEL_TILE[device_type] = tile
-
-    yield set_tile
-    FN._PIXEL_TILE.clear()
-    FN._PIXEL_TILE.update(saved)
-
-
 @pytest.mark.parametrize("scale", [0.5, 1.0])
 def test_pixel_tile_order_gives_the_raster_result(pixel_tile, scale):
     # The op's points in tile order: the same loss and gradient up to the summation order (last
