@@ -779,6 +779,29 @@ struct ScatterFunctor {
   }
 };
 
+// r[0, V) = one blur axis's value at vertex x, channels [c, c + V): old[x] + (old[n1] + old[n2]) / 2,
+// a missing neighbour (< 0) read as 0. old: one image's rows (M, C). Shared by BlurFunctor's rows of
+// V channels and BlurPairFunctor, so that both give the same bits.
+template <typename scalar_t, int V>
+RRM_HOST_DEVICE void blur_value(const scalar_t* old, int32_t n1, int32_t n2, int64_t x, int64_t C, int64_t c,
+                                scalar_t* r) {
+  const scalar_t half = scalar_t(0.5);
+  scalar_t o[V];
+  row_load<scalar_t, V>(o, old + x * C + c);
+  if (n1 >= 0 && n2 >= 0) {
+    scalar_t y[V], t[V];
+    row_load<scalar_t, V>(y, old + n1 * C + c);
+    row_load<scalar_t, V>(t, old + n2 * C + c);
+    for (int u = 0; u < V; ++u) r[u] = o[u] + half * (y[u] + t[u]);
+  } else if (n1 >= 0 || n2 >= 0) {
+    scalar_t y[V];
+    row_load<scalar_t, V>(y, old + (n1 >= 0 ? n1 : n2) * C + c);
+    for (int u = 0; u < V; ++u) r[u] = o[u] + half * y[u];
+  } else {
+    for (int u = 0; u < V; ++u) r[u] = o[u];
+  }
+}
+
 // Blur along axis j: new[v] = old[v] + (old[n1] + old[n2]) / 2, missing neighbours read as 0.
 // Values of image b, neighbours of lattice b % LB (lattices shared by several images). Items
 // (vertex, channel group g): channels [V g, V g + V). V = 4 for the fused GPU mean field's rows:
@@ -819,24 +842,10 @@ struct BlurFunctor {
       }
       return;
     }
-    const scalar_t* a = (n1 >= 0 || n2 >= 0) ? old_values + (b * M + (n1 >= 0 ? n1 : n2)) * C : nullptr;
-    const scalar_t* z = (n1 >= 0 && n2 >= 0) ? old_values + (b * M + n2) * C : nullptr;
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t c = V * g;
-      scalar_t x[V], y[V], r[V];
-      row_load<scalar_t, V>(x, o + c);
-      if (z) {
-        scalar_t t[V];
-        row_load<scalar_t, V>(y, a + c);
-        row_load<scalar_t, V>(t, z + c);
-        for (int u = 0; u < V; ++u) r[u] = x[u] + half * (y[u] + t[u]);
-      } else if (a) {
-        row_load<scalar_t, V>(y, a + c);
-        for (int u = 0; u < V; ++u) r[u] = x[u] + half * y[u];
-      } else {
-        for (int u = 0; u < V; ++u) r[u] = x[u];
-      }
-      row_copy<scalar_t, V>(w + c, r);
+      scalar_t r[V];
+      blur_value<scalar_t, V>(old_values + b * M * C, n1, n2, v, C, V * g, r);
+      row_copy<scalar_t, V>(w + V * g, r);
     }
   }
 };
@@ -861,22 +870,7 @@ struct BlurPairFunctor {
   // B_j's value at vertex x of image b, channels [c, c + V), into r.
   RRM_HOST_DEVICE void axis_j(int64_t b, int64_t lb, int64_t x, int64_t c, scalar_t* r) const {
     const int32_t* nb = neighbors + ((lb * (d + 1) + j) * M + x) * 2;
-    const int32_t n1 = nb[0], n2 = nb[1];
-    const scalar_t half = scalar_t(0.5);
-    scalar_t o[V];
-    row_load<scalar_t, V>(o, old_values + (b * M + x) * C + c);
-    if (n1 >= 0 && n2 >= 0) {
-      scalar_t y[V], t[V];
-      row_load<scalar_t, V>(y, old_values + (b * M + n1) * C + c);
-      row_load<scalar_t, V>(t, old_values + (b * M + n2) * C + c);
-      for (int u = 0; u < V; ++u) r[u] = o[u] + half * (y[u] + t[u]);
-    } else if (n1 >= 0 || n2 >= 0) {
-      scalar_t y[V];
-      row_load<scalar_t, V>(y, old_values + (b * M + (n1 >= 0 ? n1 : n2)) * C + c);
-      for (int u = 0; u < V; ++u) r[u] = o[u] + half * y[u];
-    } else {
-      for (int u = 0; u < V; ++u) r[u] = o[u];
-    }
+    blur_value<scalar_t, V>(old_values + b * M * C, nb[0], nb[1], x, C, c, r);
   }
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t g0, int64_t g1) const {

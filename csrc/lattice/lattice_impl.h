@@ -300,6 +300,40 @@ scalar_t* blur_axes(const Exec& exec, int64_t B, int64_t M, int64_t C, const int
   return cur;
 }
 
+// The chunk-splat functor over lattice `lat` (lists of lattice b % lat.B for image b): chunk sums of
+// pre * in into part (and of pre2 * in into part2, kPair), C channels, V per thread; kFuse adds up
+// each vertex's chunk sums into out (and out2) in the same launch, with `counters`.
+template <typename scalar_t, int V, bool kPair, bool kFuse>
+SplatChunkFunctor<scalar_t, V, kPair, kFuse> chunk_splat(const Lattice& lat, const scalar_t* in, const scalar_t* pre,
+                                                         scalar_t* part, int64_t C, const scalar_t* pre2,
+                                                         scalar_t* part2, int32_t* counters, scalar_t* out,
+                                                         scalar_t* out2) {
+  SplatChunkFunctor<scalar_t, V, kPair, kFuse> f{in,
+                                                 pre,
+                                                 lat.chunk_begin.data_ptr<int32_t>(),
+                                                 lat.chunk_end.data_ptr<int32_t>(),
+                                                 lat.splat_pixel.data_ptr<int32_t>(),
+                                                 lat.splat_weight.data_ptr<scalar_t>(),
+                                                 part,
+                                                 lat.N,
+                                                 lat.E,
+                                                 lat.K,
+                                                 C,
+                                                 lat.B,
+                                                 ptr_or_null(lat.chunk_slot),
+                                                 pre2,
+                                                 part2};
+  if constexpr (kFuse) {
+    f.chunk_vertex = lat.chunk_vertex.data_ptr<int32_t>();
+    f.chunk_offsets = lat.chunk_offsets.data_ptr<int32_t>();
+    f.counters = counters;
+    f.out = out;
+    f.out2 = out2;
+    f.M = lat.M;
+  }
+  return f;
+}
+
 // Splat for CUDA and its emulation: chunk sums, then per-vertex sums of the chunks (see
 // SplatChunkFunctor; V channels per thread of the chunk sums, C a multiple of V). out: (B, M, C).
 // With out2, the same pass also splats pre2 * in into out2 (the splats of in with pre and with pre2).
@@ -323,30 +357,8 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
     counters = ws.counters.data_ptr<int32_t>();
   }
   auto chunk_sums = [&](auto pair, auto fused) {  // the second sums compiled in only where used
-    using F = SplatChunkFunctor<scalar_t, V, decltype(pair)::value, decltype(fused)::value>;
-    F f{in,
-        pre,
-        lat.chunk_begin.data_ptr<int32_t>(),
-        lat.chunk_end.data_ptr<int32_t>(),
-        lat.splat_pixel.data_ptr<int32_t>(),
-        lat.splat_weight.data_ptr<scalar_t>(),
-        part,
-        lat.N,
-        lat.E,
-        K,
-        C,
-        lat.B,
-        ptr_or_null(lat.chunk_slot),
-        pre2,
-        part2};
-    if constexpr (decltype(fused)::value) {
-      f.chunk_vertex = lat.chunk_vertex.data_ptr<int32_t>();
-      f.chunk_offsets = lat.chunk_offsets.data_ptr<int32_t>();
-      f.counters = counters;
-      f.out = out;
-      f.out2 = out2;
-      f.M = lat.M;
-    }
+    const auto f = chunk_splat<scalar_t, V, decltype(pair)::value, decltype(fused)::value>(lat, in, pre, part, C, pre2,
+                                                                                           part2, counters, out, out2);
     exec.for_each_item(B, K, C / V, f, grain);
   };
   auto launch = [&](auto fused) {
@@ -806,42 +818,15 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   int max_d = 0;
   for (int t = 0; t < T; ++t) {
     const Lattice& lat = terms.lats[t];
-    splat.f[t] = SplatChunkFunctor<scalar_t, V>{q.data_ptr<scalar_t>(),
-                                                ptr(terms.pre[t]),
-                                                lat.chunk_begin.data_ptr<int32_t>(),
-                                                lat.chunk_end.data_ptr<int32_t>(),
-                                                lat.splat_pixel.data_ptr<int32_t>(),
-                                                lat.splat_weight.data_ptr<scalar_t>(),
-                                                part[t].data_ptr<scalar_t>(),
-                                                N,
-                                                lat.E,
-                                                lat.K,
-                                                W,
-                                                lat.B,
-                                                ptr_or_null(lat.chunk_slot)};
+    scalar_t* const qp = q.data_ptr<scalar_t>();
+    scalar_t* const pp = part[t].data_ptr<scalar_t>();
+    splat.f[t] = chunk_splat<scalar_t, V, false, false>(lat, qp, ptr(terms.pre[t]), pp, W, nullptr, nullptr, nullptr,
+                                                        nullptr, nullptr);
     splat.n[t] = lat.K;
-    SplatChunkFunctor<scalar_t, V, false, true>& fs = splat_sums.f[t];
-    fs = {splat.f[t].in,
-          splat.f[t].pre,
-          splat.f[t].chunk_begin,
-          splat.f[t].chunk_end,
-          splat.f[t].splat_pixel,
-          splat.f[t].splat_weight,
-          splat.f[t].partial,
-          N,
-          lat.E,
-          lat.K,
-          W,
-          lat.B,
-          splat.f[t].chunk_slot};
-    if (fuse) {
-      fs.chunk_vertex = lat.chunk_vertex.data_ptr<int32_t>();
-      fs.chunk_offsets = lat.chunk_offsets.data_ptr<int32_t>();
-      fs.counters = counters.data_ptr<int32_t>() + counter_at;
-      counter_at += B * lat.M * (W / V);
-      fs.out = bufa[t].data_ptr<scalar_t>();
-      fs.M = lat.M;
-    }
+    int32_t* const cnt = fuse ? counters.data_ptr<int32_t>() + counter_at : nullptr;
+    if (fuse) counter_at += B * lat.M * (W / V);
+    splat_sums.f[t] = chunk_splat<scalar_t, V, false, true>(lat, qp, ptr(terms.pre[t]), pp, W, nullptr, nullptr, cnt,
+                                                            bufa[t].data_ptr<scalar_t>(), nullptr);
     splat_sums.n[t] = lat.K;
     reduce.f[t] = SplatReduceFunctor<scalar_t>{part[t].data_ptr<scalar_t>(),
                                                lat.chunk_offsets.data_ptr<int32_t>(),
