@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_flatten
 
 import rrm_cuda
 import rrm_cuda._validate as V
+import rrm_cuda.functional as FN
 from rrm_cuda.rrm import pseudo_labels as PL
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim"}
@@ -343,6 +344,8 @@ def counts(show_ops: bool) -> None:
     p = probs.detach().requires_grad_()
     saved = dict(E._FUSED_STRIDES)
     E._STATS_OP_ON_CPU = True  # the GPU formulation of the value checks (one op)
+    tile_saved = FN._PIXEL_TILE["cpu"]
+    FN._PIXEL_TILE["cpu"] = FN._PIXEL_TILE["cuda"]  # and the GPU's pixel order
     for checked in (True, False):
         m = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, check_inputs=checked)
         fc = lambda: torch.autograd.grad(m(images, p, rois, labels).sum(), p)  # noqa: E731
@@ -353,6 +356,7 @@ def counts(show_ops: bool) -> None:
         finally:
             E._FUSED_STRIDES.update(saved)
     E._STATS_OP_ON_CPU = False
+    FN._PIXEL_TILE["cpu"] = tile_saved
 
 
 def times() -> None:

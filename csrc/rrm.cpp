@@ -112,12 +112,15 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // align_corners=False: each 2x2 block's mean; ROI and labels nearest: the block's first pixel),
   // stride 1: no downscaling. -> (probs (B, K, H/stride, W/stride) = downscaled segmentations * ROI,
   // gate (B, H/stride, W/stride) = 1 where unlabelled, else max(0, roi - max_k p_k); (0,) for gate=False).
+  // tile > 0: both outputs' pixels in the order of tile x tile tiles (rrm_cuda.functional._PIXEL_TILE:
+  // row-major inside each tile and across the tiles, partial edge tiles included), as the lattice op
+  // takes its points on a GPU; tile 0 (or >= W/stride): the raster order.
   m.def(
-      "dense_energy_inputs(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate) -> "
-      "(Tensor, Tensor)");
+      "dense_energy_inputs(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate, "
+      "int tile=0) -> (Tensor, Tensor)");
   m.def(
-      "_dense_energy_inputs_emulated(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate) "
-      "-> (Tensor, Tensor)");
+      "_dense_energy_inputs_emulated(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate, "
+      "int tile=0) -> (Tensor, Tensor)");
   // The value checks of dense_energy_loss in one pass over its inputs: images (B, c, H, W),
   // segmentations (B, K, H, W) floating, rois and labels (B, H, W) or None, any dtypes and strides ->
   // (8,) float64 [-min, max of the images, -min, max of the probabilities, -min, max of their sums over
@@ -131,9 +134,12 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "_dense_energy_input_stats_emulated(Tensor images, Tensor segmentations, Tensor? rois, Tensor? labels, "
       "float ignore_index, bool distribution) -> Tensor");
-  // Backward of dense_energy_inputs' probs: grad (B, K, H/stride, W/stride) -> (B, K, height, width).
-  m.def("dense_energy_inputs_backward(Tensor grad, Tensor? rois, int height, int width, int stride) -> Tensor");
+  // Backward of dense_energy_inputs' probs: grad (B, K, H/stride, W/stride), in the forward's pixel order
+  // (tile), -> (B, K, height, width).
   m.def(
-      "_dense_energy_inputs_backward_emulated(Tensor grad, Tensor? rois, int height, int width, int stride) -> "
+      "dense_energy_inputs_backward(Tensor grad, Tensor? rois, int height, int width, int stride, int tile=0) -> "
       "Tensor");
+  m.def(
+      "_dense_energy_inputs_backward_emulated(Tensor grad, Tensor? rois, int height, int width, int stride, "
+      "int tile=0) -> Tensor");
 }

@@ -22,10 +22,13 @@ from torch import Tensor, nn
 from . import _validate as V
 from ._ext import ops
 from .functional import (
+    _bilateral_features,
+    _cached,
     _check_key_range,
     _check_lattice_features,
     _Gather,
     _pixel_order,
+    _pixel_tile,
     _position_fmax,
     bilateral_features,
 )
@@ -218,6 +221,18 @@ def _start_checks(
     return judge
 
 
+def _sample_index(H: int, W: int, stride: int, tile: int, order: Tensor) -> Tensor:
+    """(h w,) int64: the full-resolution pixel (flat index) of each point of the downscaled h x w
+    image in the pixel order ``order`` (nearest downscaling by ``stride``: pixel (y, x) samples
+    (stride y, stride x)); cached."""
+    w = W // stride
+
+    def make() -> Tensor:
+        return (order // w) * (stride * W) + (order % w) * stride
+
+    return _cached(("energy_sample_index", H, W, stride, tile, order.device), make)
+
+
 def _uses_stats_op(probs: Tensor) -> bool:
     return probs.device.type != "cpu" or _STATS_OP_ON_CPU
 
@@ -351,12 +366,24 @@ def dense_energy_loss(
     # its backward in one pass too: no bilinear kernels, zero fills or (B, K, h, w) temporaries.
     stride = _FUSED_STRIDES.get(scale_factor, 0)
     fused = stride > 0 and B * K * (H // stride) * (W // stride) > 0
+    order = None  # the fused path's pixel order, if not raster (see below)
     if fused:
         h, w = H // stride, W // stride
         unl = seg_label.reshape(B, H, W) == ignore_index if (gate and seg_label is not None) else None
-        s_hat, g = ops.dense_energy_inputs(probs, roi, unl, stride, gate)
-        img = images[:, :, ::stride, ::stride][:, :, :h, :w].to(dtype)  # nearest: the blocks' first pixels
-        roi = roi[:, ::stride, ::stride][:, :h, :w] if roi is not None else None
+        # The op's points in dense_crf's pixel order (16 x 16 tiles on a GPU, functional._PIXEL_TILE):
+        # a block of the lattice op's slice gathers 2-2.4x fewer distinct vertex rows at RRM's
+        # 160 x 160. The inputs op writes its outputs in that order (and its backward reads them so),
+        # and the images and ROIs are sampled in it: no gather of the (B, K, h w) probabilities.
+        tile = _pixel_tile((h, w), probs.device)
+        s_hat, g = ops.dense_energy_inputs(probs, roi, unl, stride, gate, tile)
+        if tile:
+            order = _pixel_order((h, w), probs.device)[0]
+            src = _sample_index(H, W, stride, tile, order)
+            img = images.reshape(B, -1, H * W).index_select(2, src)  # nearest: the blocks' first pixels
+            roi = roi.reshape(B, H * W).index_select(1, src) if roi is not None else None
+        else:
+            img = images[:, :, ::stride, ::stride][:, :, :h, :w].to(dtype)  # nearest: the blocks' first pixels
+            roi = roi[:, ::stride, ::stride][:, :h, :w] if roi is not None else None
     else:
         img = images.to(dtype)
         lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
@@ -394,7 +421,10 @@ def dense_energy_loss(
         # Unchecked images may hold anything: the lattice's embedding gives a pixel whose features
         # are NaN, Inf or beyond its integer keys no weight (it neither sends nor receives), without
         # a read or an extra pass here.
-        feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)  # cached positions
+        if order is not None:  # img: (B, c, h w) in the order
+            feats = _bilateral_features(img, (h, w), sigma_xy * scale_factor, sigma_rgb, dtype, order)
+        else:
+            feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)  # cached positions
         mass = None
         if nonnegative:
             mass = roi.reshape(B, -1) if roi is not None else probs.new_ones((B, h * w))
@@ -412,10 +442,9 @@ def dense_energy_loss(
             _check_key_range(feats, fname, max(pos_fmax, (img_max or 0.0) / _min(sigma_rgb)))
     mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
     s_hat, g = s_hat.reshape(B, K, -1), g.reshape(B, -1)
-    # The op's points in dense_crf's pixel order (16 x 16 tiles on a GPU, functional._PIXEL_TILE): a
-    # block of the slice gathers 2-2.4x fewer distinct vertex rows at RRM's 160 x 160 (a sum over
-    # the pixels is what comes back; the gradient returns to the raster order through _Gather).
-    tiles = _pixel_order((h, w), s_hat.device)
+    # Other scales: the op's points into the pixel order by gathers (a sum over the pixels is what
+    # comes back; the gradient returns to the raster order through _Gather).
+    tiles = _pixel_order((h, w), s_hat.device) if not fused else None
     if tiles is not None:
         s_hat = _Gather.apply(s_hat, tiles[0], tiles[1])
         g = g.index_select(1, tiles[0]) if gate else g  # without the gate: ones in any order

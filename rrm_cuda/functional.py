@@ -246,12 +246,19 @@ class _Gather(torch.autograd.Function):
         return g.index_select(-1, inverse), None, None
 
 
+def _pixel_tile(spatial: Sequence[int], device) -> int:
+    """The tile side of the pixel order on ``device`` (see _PIXEL_TILE), or 0: the raster order
+    (other dimensions, images no larger than a tile, tiles switched off)."""
+    T = _PIXEL_TILE.get(torch.device(device).type, 0)
+    return T if T > 0 and len(spatial) == 2 and spatial[0] > T and spatial[1] > T else 0
+
+
 def _pixel_order(spatial: Sequence[int], device) -> tuple[Tensor, Tensor] | None:
     """(order, inverse) int64 on ``device`` for the tile order of 2-D images (see _PIXEL_TILE),
-    or None (the raster order: other dimensions, images no larger than a tile, tiles switched off)."""
+    or None (the raster order, see _pixel_tile)."""
     device = torch.device(device)
-    T = _PIXEL_TILE.get(device.type, 0)
-    if T <= 0 or len(spatial) != 2 or spatial[0] <= T or spatial[1] <= T:
+    T = _pixel_tile(spatial, device)
+    if T == 0:
         return None
     H, W = int(spatial[0]), int(spatial[1])
 
@@ -295,10 +302,30 @@ def position_features(
 def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor, *, dtype=torch.float32) -> Tensor:
     """(B, len(S) + c, N) features ``(x/sxy, y/sxy, I_1/srgb, …, I_c/srgb)`` of pydensecrf's
     addPairwiseBilateral, for an image (B, c, *S) of any channel count on the 0–255 scale."""
-    B = image.shape[0]
+    return _bilateral_features(_flat(image), image.shape[2:], sxy, srgb, dtype)
+
+
+def _bilateral_features(
+    colours: Tensor,
+    spatial: Sequence[int],
+    sxy: float | Tensor,
+    srgb: float | Tensor,
+    dtype: torch.dtype,
+    order: Tensor | None = None,
+) -> Tensor:
+    """bilateral_features of the (B, c, N) pixels ``colours`` of images of size ``spatial``, taken in
+    the pixel order ``order`` (``colours[..., p]`` is pixel ``order[p]``; None: the raster order). The
+    same values as the raster features gathered by ``order``."""
+    B = colours.shape[0]
     srgb = V.positive(srgb, "srgb", B)
-    pos = _positions(B, image.shape[2:], V.positive(sxy, "sxy", B), dtype, image.device)
-    col = _flat(image).to(dtype)
+    sxy = V.positive(sxy, "sxy", B)
+    if order is None:
+        pos = _positions(B, spatial, sxy, dtype, colours.device)
+    elif isinstance(sxy, Tensor):
+        pos = _positions(B, spatial, sxy, dtype, colours.device).index_select(2, order)
+    else:
+        pos = _tiled_positions(spatial, sxy, dtype, colours.device, order).expand(B, -1, -1)
+    col = colours.to(dtype)
     return torch.cat([pos, col / _per_image(srgb, B, col)], dim=1)
 
 

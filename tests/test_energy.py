@@ -261,6 +261,71 @@ def test_inputs_op_gradcheck_and_opcheck():
     torch.library.opcheck(ops.dense_energy_inputs_backward.default, (g, rois, 7, 6, 2))
 
 
+def _tile_order(h: int, w: int, T: int) -> torch.Tensor:
+    """The pixel order of T x T tiles, restated with loops (row-major inside each tile and across the
+    tiles, partial edge tiles included)."""
+    order = [
+        y * w + x
+        for ty in range(0, h, T)
+        for tx in range(0, w, T)
+        for y in range(ty, min(ty + T, h))
+        for x in range(tx, min(tx + T, w))
+    ]
+    return torch.tensor(order, dtype=torch.long)
+
+
+@pytest.mark.parametrize("op", ["dense_energy_inputs", "_dense_energy_inputs_emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_inputs_op_tile_order(op, dtype, stride):
+    # tile > 0: the outputs' pixels in the tile order, the raster outputs' values bitwise; the
+    # backward reads its gradient in that order. Partial edge tiles, tiles of one pixel, tiles as
+    # wide as the image (the raster order), strided and channels-last inputs.
+    f, fb = getattr(ops, op), getattr(ops, op.replace("inputs", "inputs_backward"))
+    for (H, W), T in (((38, 45), 16), ((35, 40), 3), ((9, 40), 4), ((40, 9), 4), ((12, 14), 1), ((20, 20), 10)):
+        for T_ in (T, W // stride, 10**9):
+            _, probs, rois, labels = _inputs(B=2, K=3, H=H, W=W, dtype=dtype, seed=H + T_ % 97)
+            unl = labels.reshape(2, H, W) == 255
+            h, w = H // stride, W // stride
+            order = _tile_order(h, w, min(T_, w))
+            for seg in (probs, probs.contiguous(memory_format=torch.channels_last)):
+                p0, g0 = f(seg, rois, unl, stride, True, 0)
+                p1, g1 = f(seg, rois, unl, stride, True, T_)
+                assert p1.shape == p0.shape and g1.shape == g0.shape
+                assert torch.equal(p1.reshape(2, 3, -1), p0.reshape(2, 3, -1)[..., order])
+                assert torch.equal(g1.reshape(2, -1), g0.reshape(2, -1)[..., order])
+                p2, g2 = f(seg, None, None, stride, False, T_)
+                p3 = f(seg, None, None, stride, False)[0]
+                assert torch.equal(p2.reshape(2, 3, -1), p3.reshape(2, 3, -1)[..., order]) and g2.shape == (0,)
+            go = torch.randn(2, 3, h * w, dtype=dtype, generator=torch.Generator().manual_seed(5))
+            for roi in (rois, None):
+                want = fb(go.reshape(2, 3, h, w), roi, H, W, stride, 0)
+                got = fb(go[..., order].reshape(2, 3, h, w), roi, H, W, stride, T_)
+                assert torch.equal(got, want)
+                # through autograd
+                x = probs.clone().requires_grad_()
+                y = f(x, roi, unl, stride, True, T_)[0]
+                (g_auto,) = torch.autograd.grad(y, x, go[..., order].reshape(2, 3, h, w))
+                assert torch.equal(g_auto, want)
+
+
+def test_inputs_op_tile_order_gradcheck_and_opcheck():
+    _, probs, rois, labels = _inputs(B=2, K=3, H=11, W=13)
+    unl = labels.reshape(2, 11, 13) == 255
+    for stride in (1, 2):
+        for roi in (rois, None):
+            p = probs.clone().requires_grad_()
+            assert torch.autograd.gradcheck(lambda q: ops.dense_energy_inputs(q, roi, unl, stride, True, 4)[0], (p,))
+            for name in ("dense_energy_inputs", "_dense_energy_inputs_emulated"):
+                torch.library.opcheck(getattr(ops, name).default, (p, roi, unl, stride, True, 4))
+    g = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    torch.library.opcheck(ops.dense_energy_inputs_backward.default, (g, rois, 11, 13, 2, 4))
+    with pytest.raises(ValueError, match="tile must be >= 0"):
+        ops.dense_energy_inputs(probs, rois, unl, 2, True, -1)
+    with pytest.raises(ValueError, match="tile must be >= 0"):
+        ops.dense_energy_inputs_backward(g, rois, 11, 13, 2, -16)
+
+
 def test_inputs_op_bad_arguments():
     images, probs, rois, labels = _inputs(B=2, K=3, H=6, W=6)
     unl = labels.reshape(2, 6, 6) == 255

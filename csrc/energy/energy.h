@@ -46,10 +46,12 @@ inline void check_energy_args(const at::Tensor& probs, const at::Tensor& gate, c
 // dense_energy_inputs: segmentations (B, K, H, W) float32/float64 (any strides), rois (B, H, W) of its
 // dtype or none, unlabelled (B, H, W) bool or none, stride 1 or 2, K >= 1 for the gate.
 inline void check_energy_inputs_args(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
-                                     const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate) {
+                                     const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
+                                     int64_t tile) {
   RRM_CHECK_DIM(seg, 4, "segmentations");
   RRM_CHECK_FLOATING(seg, "segmentations");
   TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);
+  TORCH_CHECK_VALUE(tile >= 0, "tile must be >= 0 (0: raster order); got ", tile);
   TORCH_CHECK_VALUE(!gate || seg.size(1) >= 1, "segmentations must have at least one class for the gate; got ",
                     seg.sizes());
   const int64_t B = seg.size(0), H = seg.size(2), W = seg.size(3);
@@ -73,10 +75,11 @@ inline void check_energy_inputs_args(const at::Tensor& seg, const std::optional<
 
 // dense_energy_inputs_backward: grad (B, K, h, w) with h = height / stride, w = width / stride.
 inline void check_energy_inputs_backward_args(const at::Tensor& grad, const std::optional<at::Tensor>& rois,
-                                              int64_t height, int64_t width, int64_t stride) {
+                                              int64_t height, int64_t width, int64_t stride, int64_t tile) {
   RRM_CHECK_DIM(grad, 4, "grad");
   RRM_CHECK_FLOATING(grad, "grad");
   TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);
+  TORCH_CHECK_VALUE(tile >= 0, "tile must be >= 0 (0: raster order); got ", tile);
   TORCH_CHECK_VALUE(grad.size(0) * grad.size(1) < (int64_t{1} << 31), "grad: B * K must be < 2^31; got ", grad.sizes());
   TORCH_CHECK_VALUE(height >= 0 && width >= 0 && height * width < (int64_t{1} << 31),
                     "height and width must be >= 0 with height * width < 2^31; got ", height, " x ", width);

@@ -61,6 +61,9 @@ struct PackFunctor {
 // divisions); CUDA and its emulation take one column per thread (Row = false: the maximum in a
 // register, never in local memory), so that a warp reads consecutive input pairs and writes
 // consecutive outputs of each class row. Both take the classes in the same order: same bits.
+// With a tile order (the op's `tile`, see tile_position), output position p = y w + x holds pixel
+// tile_pixel(p) of the downscaled image, so that the lattice op gets its points in that order without
+// a gather; the CPU then goes column by column too, and a warp reads runs of T consecutive pixels.
 template <typename scalar_t>
 RRM_HOST_DEVICE scalar_t downscaled_tap(const scalar_t* s, int64_t sy, int64_t sx, int stride) {
   if (stride == 1) return s[0];
@@ -80,57 +83,91 @@ RRM_HOST_DEVICE scalar_t gate_value(scalar_t r, scalar_t mx, bool unlabelled) {
   return g < scalar_t(0) ? scalar_t(0) : g;  // NaN stays NaN, as in clamp(min=0)
 }
 
+// The loss's pixel order on a GPU (rrm_cuda.functional._PIXEL_TILE): T x T tiles, row-major inside
+// each tile and across the tiles, the partial tiles of the right and bottom edges included; T = 0,
+// or T >= w, is the raster order. tile_position: the position p of pixel (y, x) of an h x w image;
+// tile_pixel: its inverse. 32-bit divisions (h w < 2^31: checked), 64-bit products.
+RRM_HOST_DEVICE int64_t tile_position(int32_t y, int32_t x, int32_t h, int32_t w, int32_t T) {
+  if (T <= 0) return int64_t{y} * w + x;
+  const int32_t ty = y / T, tx = x / T;
+  const int32_t th = h - ty * T < T ? h - ty * T : T, tw = w - tx * T < T ? w - tx * T : T;
+  return int64_t{ty} * T * w + int64_t{tx} * T * th + int64_t{y - ty * T} * tw + (x - tx * T);
+}
+
+RRM_HOST_DEVICE void tile_pixel(int64_t p, int32_t h, int32_t w, int32_t T, int32_t& y, int32_t& x) {
+  if (T <= 0) {
+    y = static_cast<int32_t>(p / w);
+    x = static_cast<int32_t>(p - int64_t{y} * w);
+    return;
+  }
+  const int32_t ty = static_cast<int32_t>(p / (int64_t{T} * w));  // the band of T rows
+  const int32_t th = h - ty * T < T ? h - ty * T : T;
+  const int64_t r = p - int64_t{ty} * T * w;  // < T w, and T < w (the launcher's T)
+  const int32_t tx = static_cast<int32_t>(r / (int64_t{T} * th));
+  const int32_t tw = w - tx * T < T ? w - tx * T : T;
+  const int32_t i = static_cast<int32_t>(r - int64_t{tx} * T * th);  // inside the tile, row-major
+  y = ty * T + i / tw;
+  x = tx * T + i % tw;
+}
+
 template <typename scalar_t, bool Row>
 struct InputsFunctor {
   const scalar_t* seg;     // (B, K, H, W), strides sb, sk, sy, sx
   const scalar_t* roi;     // (B, H, W) contiguous, or nullptr
   const bool* unlabelled;  // (B, H, W) contiguous, or nullptr
-  scalar_t* probs;         // (B, K, h, w) out
-  scalar_t* gate;          // (B, h, w) out, or nullptr
+  scalar_t* probs;         // (B, K, h, w) out: position p = y w + x holds pixel tile_pixel(p)
+  scalar_t* gate;          // (B, h, w) out (same order), or nullptr
   int64_t sb, sk, sy, sx;
   int64_t K, H, W, h, w;
   int stride;  // 1 or 2
+  int tile;    // the pixel order's tile side (0: raster; < w)
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x0, int64_t x1) const {
-    const int64_t Y = y * stride;
-    const scalar_t* srow = seg + b * sb + Y * sy;
-    const int64_t src = (b * H + Y) * W;  // the ROI's and labels' row
     scalar_t* orow = probs + (b * K * h + y) * w;
     const int64_t plane = h * w;
     if constexpr (Row) {
-      for (int64_t t0 = x0; t0 < x1; t0 += kTile) {
-        const int64_t t1 = (t0 + kTile < x1) ? t0 + kTile : x1;
-        scalar_t mx[kTile];
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t* s = srow + k * sk;
-          scalar_t* o = orow + k * plane;
-          for (int64_t x = t0; x < t1; ++x) {
-            const scalar_t p = downscaled_tap(s + x * stride * sx, sy, sx, stride);
-            o[x] = roi ? p * roi[src + x * stride] : p;
-            mx[x - t0] = k == 0 ? p : nan_max(mx[x - t0], p);
+      if (tile == 0) {
+        const int64_t Y = y * stride;
+        const scalar_t* srow = seg + b * sb + Y * sy;
+        const int64_t src = (b * H + Y) * W;  // the ROI's and labels' row
+        for (int64_t t0 = x0; t0 < x1; t0 += kTile) {
+          const int64_t t1 = (t0 + kTile < x1) ? t0 + kTile : x1;
+          scalar_t mx[kTile];
+          for (int64_t k = 0; k < K; ++k) {
+            const scalar_t* s = srow + k * sk;
+            scalar_t* o = orow + k * plane;
+            for (int64_t x = t0; x < t1; ++x) {
+              const scalar_t p = downscaled_tap(s + x * stride * sx, sy, sx, stride);
+              o[x] = roi ? p * roi[src + x * stride] : p;
+              mx[x - t0] = k == 0 ? p : nan_max(mx[x - t0], p);
+            }
+          }
+          if (gate) {
+            for (int64_t x = t0; x < t1; ++x) {
+              const int64_t q = src + x * stride;
+              gate[b * plane + y * w + x] =
+                  gate_value(roi ? roi[q] : scalar_t(1), mx[x - t0], unlabelled && unlabelled[q]);
+            }
           }
         }
-        if (gate) {
-          for (int64_t x = t0; x < t1; ++x) {
-            const int64_t q = src + x * stride;
-            gate[b * plane + y * w + x] =
-                gate_value(roi ? roi[q] : scalar_t(1), mx[x - t0], unlabelled && unlabelled[q]);
-          }
-        }
+        return;
       }
-    } else {
-      for (int64_t x = x0; x < x1; ++x) {
-        const int64_t q = src + x * stride;
-        const scalar_t r = roi ? roi[q] : scalar_t(1);
-        const scalar_t* s = srow + x * stride * sx;
-        scalar_t mx = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const scalar_t p = downscaled_tap(s + k * sk, sy, sx, stride);
-          orow[k * plane + x] = roi ? p * r : p;
-          mx = k == 0 ? p : nan_max(mx, p);
-        }
-        if (gate) gate[b * plane + y * w + x] = gate_value(r, mx, unlabelled && unlabelled[q]);
+    }
+    // one column at a time (CUDA's thread; the CPU in a tile order): the pixel of position (y, x)
+    for (int64_t x = x0; x < x1; ++x) {
+      int32_t py = static_cast<int32_t>(y), px = static_cast<int32_t>(x);
+      if (tile) tile_pixel(y * w + x, static_cast<int32_t>(h), static_cast<int32_t>(w), tile, py, px);
+      const int64_t Y = int64_t{py} * stride, X = int64_t{px} * stride;
+      const int64_t q = (b * H + Y) * W + X;
+      const scalar_t r = roi ? roi[q] : scalar_t(1);
+      const scalar_t* s = seg + b * sb + Y * sy + X * sx;
+      scalar_t mx = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t p = downscaled_tap(s + k * sk, sy, sx, stride);
+        orow[k * plane + x] = roi ? p * r : p;
+        mx = k == 0 ? p : nan_max(mx, p);
       }
+      if (gate) gate[b * plane + y * w + x] = gate_value(r, mx, unlabelled && unlabelled[q]);
     }
   }
 };
@@ -142,11 +179,12 @@ struct InputsFunctor {
 // thread on CUDA (a warp writes consecutive pixels).
 template <typename scalar_t>
 struct InputsBackwardFunctor {
-  const scalar_t* grad;  // (B, K, h, w) contiguous
+  const scalar_t* grad;  // (B, K, h, w) contiguous, in the forward's pixel order
   const scalar_t* roi;   // (B, H, W) contiguous, or nullptr
   scalar_t* out;         // (B, K, H, W) out
   int64_t K, H, W, h, w;
   int stride;
+  int tile;  // the forward's (0: raster; < w)
 
   RRM_HOST_DEVICE void operator()(int64_t bk, int64_t Y, int64_t X0, int64_t X1) const {
     // 32-bit divisions (B K and H W < 2^31: checked by the launcher)
@@ -157,13 +195,15 @@ struct InputsBackwardFunctor {
       for (int64_t X = X0; X < X1; ++X) o[X] = scalar_t(0);
       return;
     }
-    const scalar_t* g = grad + (bk * h + y) * w;
+    const scalar_t* g = grad + bk * h * w;
     const scalar_t* r = roi ? roi + (b * H + y * stride) * W : nullptr;
     for (int64_t X = X0; X < X1; ++X) {
       const int64_t x = stride == 2 ? (X >> 1) : X;
       scalar_t v = 0;
       if (x < w) {
-        v = g[x];
+        v = g[tile ? tile_position(static_cast<int32_t>(y), static_cast<int32_t>(x), static_cast<int32_t>(h),
+                                   static_cast<int32_t>(w), tile)
+                   : y * w + x];
         if (r) v = v * r[x * stride];
         if (stride == 2) v = scalar_t(0.5) * scalar_t(0.5) * v;
       }

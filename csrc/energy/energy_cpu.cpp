@@ -29,16 +29,18 @@ std::tuple<at::Tensor, at::Tensor> energy_emulated(const at::Tensor& probs, cons
 
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> inputs_impl(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
-                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate) {
-  check_energy_inputs_args(seg, rois, unlabelled, stride, gate);
-  return dense_energy_inputs(Exec{}, seg, rois.value_or(at::Tensor()), unlabelled.value_or(at::Tensor()), stride, gate);
+                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
+                                               int64_t tile) {
+  check_energy_inputs_args(seg, rois, unlabelled, stride, gate, tile);
+  return dense_energy_inputs(Exec{}, seg, rois.value_or(at::Tensor()), unlabelled.value_or(at::Tensor()), stride, gate,
+                             tile);
 }
 
 template <class Exec>
 at::Tensor inputs_backward_impl(const at::Tensor& grad, const std::optional<at::Tensor>& rois, int64_t height,
-                                int64_t width, int64_t stride) {
-  check_energy_inputs_backward_args(grad, rois, height, width, stride);
-  return dense_energy_inputs_backward(Exec{}, grad, rois.value_or(at::Tensor()), height, width, stride);
+                                int64_t width, int64_t stride, int64_t tile) {
+  check_energy_inputs_backward_args(grad, rois, height, width, stride, tile);
+  return dense_energy_inputs_backward(Exec{}, grad, rois.value_or(at::Tensor()), height, width, stride, tile);
 }
 
 template <class Exec>

@@ -21,18 +21,19 @@ std::tuple<at::Tensor, at::Tensor> energy_cuda(const at::Tensor& probs, const at
 }
 
 std::tuple<at::Tensor, at::Tensor> inputs_cuda(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
-                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate) {
-  check_energy_inputs_args(seg, rois, unlabelled, stride, gate);
+                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
+                                               int64_t tile) {
+  check_energy_inputs_args(seg, rois, unlabelled, stride, gate, tile);
   const c10::cuda::CUDAGuard guard(seg.device());
   return dense_energy_inputs(CudaExec{}, seg, rois.value_or(at::Tensor()), unlabelled.value_or(at::Tensor()), stride,
-                             gate);
+                             gate, tile);
 }
 
 at::Tensor inputs_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& rois, int64_t height,
-                                int64_t width, int64_t stride) {
-  check_energy_inputs_backward_args(grad, rois, height, width, stride);
+                                int64_t width, int64_t stride, int64_t tile) {
+  check_energy_inputs_backward_args(grad, rois, height, width, stride, tile);
   const c10::cuda::CUDAGuard guard(grad.device());
-  return dense_energy_inputs_backward(CudaExec{}, grad, rois.value_or(at::Tensor()), height, width, stride);
+  return dense_energy_inputs_backward(CudaExec{}, grad, rois.value_or(at::Tensor()), height, width, stride, tile);
 }
 
 at::Tensor input_stats_cuda(const at::Tensor& images, const at::Tensor& seg, const std::optional<at::Tensor>& rois,

@@ -196,12 +196,15 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
 
 // The energy's inputs at its working scale (InputsFunctor): segmentations (B, K, H, W) with any
 // strides, rois (B, H, W) or undefined, unlabelled (B, H, W) bool or undefined -> (probs (B, K, h, w),
-// gate (B, h, w), or (0,) without the gate), h = H / stride, w = W / stride.
+// gate (B, h, w), or (0,) without the gate), h = H / stride, w = W / stride, their pixels in the
+// order of T x T tiles (tile_position; tile = 0: raster).
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const at::Tensor& seg, const at::Tensor& rois,
-                                                       const at::Tensor& unlabelled, int64_t stride, bool with_gate) {
+                                                       const at::Tensor& unlabelled, int64_t stride, bool with_gate,
+                                                       int64_t tile) {
   const int64_t B = seg.size(0), K = seg.size(1), H = seg.size(2), W = seg.size(3);
   const int64_t h = H / stride, w = W / stride;
+  const int T = tile < w ? static_cast<int>(tile) : 0;  // tiles as wide as the image: the raster order
   auto probs = at::empty({B, K, h, w}, seg.options());
   auto gate = with_gate ? at::empty({B, h, w}, seg.options()) : at::empty({0}, seg.options());
   if (B * K * h * w == 0) return {probs, gate};  // (K >= 1 with the gate: checked)
@@ -223,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const a
                                     W,
                                     h,
                                     w,
-                                    static_cast<int>(stride)};
+                                    static_cast<int>(stride),
+                                    T};
     exec.for_each_item(B, h, w, f, 1);  // (image, output row), columns as the item's channels
   });
   return {probs, gate};
@@ -232,8 +236,9 @@ std::tuple<at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const a
 // Backward of dense_energy_inputs' probs: grad (B, K, h, w) -> (B, K, height, width).
 template <class Exec>
 at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad, const at::Tensor& rois,
-                                        int64_t height, int64_t width, int64_t stride) {
+                                        int64_t height, int64_t width, int64_t stride, int64_t tile) {
   const int64_t B = grad.size(0), K = grad.size(1), h = grad.size(2), w = grad.size(3);
+  const int T = tile < w ? static_cast<int>(tile) : 0;  // as the forward's
   auto out = at::empty({B, K, height, width}, grad.options());
   if (out.numel() == 0) return out;
   const at::Tensor g = grad.contiguous();
@@ -247,7 +252,8 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
                                       width,
                                       h,
                                       w,
-                                      static_cast<int>(stride)};
+                                      static_cast<int>(stride),
+                                      T};
     exec.for_each_item(B * K, height, width, f, 4);  // (image and class, input row), columns
   });
   return out;

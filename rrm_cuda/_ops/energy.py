@@ -54,24 +54,25 @@ for _name in ("rrm_cuda::dense_energy", "rrm_cuda::_dense_energy_emulated"):
 # ---- the energy's inputs at its working scale (downscale, ROI product and gate in one pass) ----
 
 
-def _inputs_fake(segmentations, rois=None, unlabelled=None, stride=1, gate=True):
-    torch._check(segmentations.dim() == 4 and stride in (1, 2))
+def _inputs_fake(segmentations, rois=None, unlabelled=None, stride=1, gate=True, tile=0):
+    torch._check(segmentations.dim() == 4 and stride in (1, 2) and tile >= 0)
     B, K, H, W = segmentations.shape
     probs = segmentations.new_empty((B, K, H // stride, W // stride))
     g = segmentations.new_empty((B, H // stride, W // stride)) if gate else segmentations.new_empty((0,))
     return probs, g
 
 
-def _inputs_backward_fake(grad, rois, height, width, stride):
-    torch._check(grad.dim() == 4)
+def _inputs_backward_fake(grad, rois, height, width, stride, tile=0):
+    torch._check(grad.dim() == 4 and tile >= 0)
     return grad.new_empty((grad.shape[0], grad.shape[1], height, width))
 
 
 def _inputs_setup_context(ctx, inputs, output):
-    segmentations, rois, _unlabelled, stride, _gate = inputs
+    segmentations, rois, _unlabelled, stride, _gate, *tile = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.stride = stride
+    ctx.tile = tile[0] if tile else 0
     ctx.size = (segmentations.shape[2], segmentations.shape[3])
     ctx.save_for_backward(rois)
 
@@ -79,11 +80,12 @@ def _inputs_setup_context(ctx, inputs, output):
 def _inputs_backward(backward_op):
     def backward(ctx, grad_probs, _grad_gate):
         if grad_probs is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         (rois,) = ctx.saved_tensors
-        if ctx.stride == 1 and rois is None:  # the identity
-            return grad_probs, None, None, None, None
-        return backward_op(grad_probs, rois, ctx.size[0], ctx.size[1], ctx.stride), None, None, None, None
+        if ctx.stride == 1 and rois is None and (ctx.tile == 0 or ctx.tile >= ctx.size[1]):  # the identity
+            return grad_probs, None, None, None, None, None
+        grad = backward_op(grad_probs, rois, ctx.size[0], ctx.size[1], ctx.stride, ctx.tile)
+        return grad, None, None, None, None, None
 
     return backward
 
