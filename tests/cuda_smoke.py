@@ -115,17 +115,17 @@ def main() -> None:
     seg = torch.softmax(torch.randn(2, 4, 13, 10, generator=g, dtype=torch.float64), 1)
     roi = (torch.rand(2, 13, 10, generator=g) > 0.2).double()
     unl = torch.rand(2, 13, 10, generator=g) > 0.7
-    for stride in (1, 2):
-        a = ops.dense_energy_inputs(seg.to(dev), roi.to(dev), unl.to(dev), stride, True)
-        b = ops.dense_energy_inputs(seg, roi, unl, stride, True)
+    for stride, tile in ((1, 0), (2, 0), (1, 3), (2, 2)):  # tile > 0: the outputs in the tile order
+        a = ops.dense_energy_inputs(seg.to(dev), roi.to(dev), unl.to(dev), stride, True, tile)
+        b = ops.dense_energy_inputs(seg, roi, unl, stride, True, tile)
         for k, (u, w) in enumerate(zip(a, b)):
-            close(f"dense_energy_inputs stride={stride} out{k}", u, w, 0.0)
+            close(f"dense_energy_inputs stride={stride} tile={tile} out{k}", u, w, 0.0)
         go = torch.randn(b[0].shape, generator=g, dtype=torch.float64)
-        u = ops.dense_energy_inputs_backward(go.to(dev), roi.to(dev), 13, 10, stride)
+        u = ops.dense_energy_inputs_backward(go.to(dev), roi.to(dev), 13, 10, stride, tile)
         close(
-            f"dense_energy_inputs_backward stride={stride}",
+            f"dense_energy_inputs_backward stride={stride} tile={tile}",
             u,
-            ops.dense_energy_inputs_backward(go, roi, 13, 10, stride),
+            ops.dense_energy_inputs_backward(go, roi, 13, 10, stride, tile),
             0.0,
         )
     img = torch.randint(0, 256, (2, 3, 13, 10), generator=g, dtype=torch.uint8)
