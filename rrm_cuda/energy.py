@@ -26,7 +26,7 @@ from .functional import (
     _cached,
     _check_key_range,
     _check_lattice_features,
-    _Gather,
+    _gather,
     _pixel_order,
     _pixel_tile,
     _position_fmax,
@@ -446,7 +446,7 @@ def dense_energy_loss(
     # comes back; the gradient returns to the raster order through _Gather).
     tiles = _pixel_order((h, w), s_hat.device) if not fused else None
     if tiles is not None:
-        s_hat = _Gather.apply(s_hat, tiles[0], tiles[1])
+        s_hat = _gather(s_hat, tiles[0], tiles[1])
         g = g.index_select(1, tiles[0]) if gate else g  # without the gate: ones in any order
         feats = feats.index_select(2, tiles[0])
         mass = mass.index_select(1, tiles[0]) if mass is not None else None

@@ -246,6 +246,14 @@ class _Gather(torch.autograd.Function):
         return g.index_select(-1, inverse), None, None
 
 
+def _gather(x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    """``x[..., index]``, through _Gather only when a gradient is wanted (an autograd.Function costs
+    about 4 us more host time per call than the bare index_select)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _Gather.apply(x, index, inverse)
+    return x.index_select(-1, index)
+
+
 def _pixel_tile(spatial: Sequence[int], device) -> int:
     """The tile side of the pixel order on ``device`` (see _PIXEL_TILE), or 0: the raster order
     (other dimensions, images no larger than a tile, tiles switched off)."""
@@ -641,7 +649,7 @@ def dense_crf(
     if torch.is_grad_enabled() and (u.requires_grad or compat.requires_grad):
         _check_crf_backward_memory(B, L, N, iterations, dtype, device, mem_limit[0] if mem_limit else None)
     if tiles is not None:
-        u = _Gather.apply(u, tiles[0], tiles[1])
+        u = _gather(u, tiles[0], tiles[1])
     q = ops.dense_crf(
         u.contiguous(),
         [f.detach() if f.requires_grad else f for f in feats],
@@ -654,7 +662,7 @@ def dense_crf(
     if finish_checks is not None:
         finish_checks()
     if tiles is not None:
-        q = _Gather.apply(q, tiles[1], tiles[0])
+        q = _gather(q, tiles[1], tiles[0])
     return q.reshape(B, L, *spatial)
 
 
