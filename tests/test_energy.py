@@ -247,18 +247,20 @@ def test_inputs_op_nan_propagates_like_amax_and_clamp():
         assert int(got_g.isnan().sum()) == 2 and torch.equal(got_g.nan_to_num(), want_g.nan_to_num())
 
 
-def test_inputs_op_gradcheck_and_opcheck():
-    images, probs, rois, labels = _inputs(B=2, K=3, H=7, W=6)
-    unl = labels.reshape(2, 7, 6) == 255
+@pytest.mark.parametrize("tile", [0, 4])  # 4: the tile order (partial edge tiles at 11 x 13)
+def test_inputs_op_gradcheck_and_opcheck(tile):
+    images, probs, rois, labels = _inputs(B=2, K=3, H=11, W=13)
+    unl = labels.reshape(2, 11, 13) == 255
     for stride in (1, 2):
         for roi in (rois, None):
             p = probs.clone().requires_grad_()
-            assert torch.autograd.gradcheck(lambda q: ops.dense_energy_inputs(q, roi, unl, stride, True)[0], (p,))
+            fn = lambda q: ops.dense_energy_inputs(q, roi, unl, stride, True, tile)[0]  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (p,))
             for name in ("dense_energy_inputs", "_dense_energy_inputs_emulated"):
-                torch.library.opcheck(getattr(ops, name).default, (p, roi, unl, stride, True))
-            torch.library.opcheck(ops.dense_energy_inputs.default, (probs.float(), None, None, stride, False))
-    g = torch.randn(2, 3, 3, 3, dtype=torch.float64)
-    torch.library.opcheck(ops.dense_energy_inputs_backward.default, (g, rois, 7, 6, 2))
+                torch.library.opcheck(getattr(ops, name).default, (p, roi, unl, stride, True, tile))
+            torch.library.opcheck(ops.dense_energy_inputs.default, (probs.float(), None, None, stride, False, tile))
+    g = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    torch.library.opcheck(ops.dense_energy_inputs_backward.default, (g, rois, 11, 13, 2, tile))
 
 
 def _tile_order(h: int, w: int, T: int) -> torch.Tensor:
@@ -309,23 +311,6 @@ def test_inputs_op_tile_order(op, dtype, stride):
                 assert torch.equal(g_auto, want)
 
 
-def test_inputs_op_tile_order_gradcheck_and_opcheck():
-    _, probs, rois, labels = _inputs(B=2, K=3, H=11, W=13)
-    unl = labels.reshape(2, 11, 13) == 255
-    for stride in (1, 2):
-        for roi in (rois, None):
-            p = probs.clone().requires_grad_()
-            assert torch.autograd.gradcheck(lambda q: ops.dense_energy_inputs(q, roi, unl, stride, True, 4)[0], (p,))
-            for name in ("dense_energy_inputs", "_dense_energy_inputs_emulated"):
-                torch.library.opcheck(getattr(ops, name).default, (p, roi, unl, stride, True, 4))
-    g = torch.randn(2, 3, 5, 6, dtype=torch.float64)
-    torch.library.opcheck(ops.dense_energy_inputs_backward.default, (g, rois, 11, 13, 2, 4))
-    with pytest.raises(ValueError, match="tile must be >= 0"):
-        ops.dense_energy_inputs(probs, rois, unl, 2, True, -1)
-    with pytest.raises(ValueError, match="tile must be >= 0"):
-        ops.dense_energy_inputs_backward(g, rois, 11, 13, 2, -16)
-
-
 def test_inputs_op_bad_arguments():
     images, probs, rois, labels = _inputs(B=2, K=3, H=6, W=6)
     unl = labels.reshape(2, 6, 6) == 255
@@ -347,6 +332,10 @@ def test_inputs_op_bad_arguments():
         ops.dense_energy_inputs(probs.half(), None, None, 2, True)
     with pytest.raises(ValueError, match="grad must have shape"):
         ops.dense_energy_inputs_backward(torch.zeros(2, 3, 3, 2, dtype=torch.float64), rois, 6, 6, 2)
+    with pytest.raises(ValueError, match="tile must be >= 0"):
+        ops.dense_energy_inputs(probs, rois, unl, 2, True, -1)
+    with pytest.raises(ValueError, match="tile must be >= 0"):
+        ops.dense_energy_inputs_backward(torch.zeros(2, 3, 3, 3, dtype=torch.float64), rois, 6, 6, 2, -16)
     p, g = ops.dense_energy_inputs(probs[:, :0], rois, unl, 2, False)  # no class and no gate: empty
     assert p.shape == (2, 0, 3, 3) and g.shape == (0,)
     p, g = ops.dense_energy_inputs(probs[:, :, :1], rois[:, :1], unl[:, :1], 2, True)  # one row: h = 0
