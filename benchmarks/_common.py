@@ -171,11 +171,13 @@ def chart(rows: Sequence[Row], path: str, title: str, baseline: str | None) -> N
                     ys.append(r.median_ms)
         bars = ax.bar(xs, ys, width, label=m)
         for x, y in zip(xs, ys):
-            ax.text(x, y, f"{y:.3g}", ha="center", va="bottom", fontsize=6, rotation=90)
+            ax.text(x, y, f"{y:.0f}" if y >= 100 else f"{y:.3g}", ha="center", va="bottom", fontsize=6, rotation=90)
         del bars
     ax.set_xticks(range(len(workloads)))
     ax.set_xticklabels(workloads, fontsize=7)
     ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 6)  # room above the tallest bar for its label and the legend
     ax.set_ylabel("median ms (log)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6, ncol=2)
