@@ -1060,3 +1060,31 @@ def test_cuda_shared_lattices_match_cpu(cuda):
         kw_gpu = {k: v.to(cuda) if isinstance(v, torch.Tensor) and v.dim() == 1 else v for k, v in kw.items()}
         q_gpu = rrm_cuda.dense_crf(unary.to(cuda), img3.to(cuda), iterations=5, bilateral_sxy=7.0, **kw_gpu)
         torch.testing.assert_close(q_gpu.cpu(), q_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_concurrent_calls_from_threads():
+    # Evaluation scripts run CRF post-processing in thread pools; the ops release the GIL, so calls
+    # overlap: the lattice cache (the same position lattice for every call here), the constant
+    # caches and the OpenMP teams must give every call the result it gets alone (bitwise: same
+    # thread count per call).
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = ("astronaut", "coffee", "chelsea", "rocket")
+
+    def job(i: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        im = torch.from_numpy(photo(names[i % 4], (96, 120)).copy()).permute(2, 0, 1)[None].contiguous()
+        p = torch.softmax(torch.randn(1, 5, 96, 120, generator=g) * 3, 1)
+        q = rrm_cuda.dense_crf(probs=p, image=im, iterations=3)
+        pe = torch.softmax(torch.randn(2, 5, 40, 44, generator=g) * 3, 1).requires_grad_()
+        ie = torch.rand(2, 3, 40, 44, generator=g) * 255
+        loss = rrm_cuda.dense_energy_loss(ie, pe, None, None, sigma_rgb=15.0, sigma_xy=30.0, scale_factor=0.5)
+        v, f = torch.randn(1, 4, 1500, generator=g), torch.randn(1, 5, 1500, generator=g) * 3
+        return [q, loss.detach(), torch.autograd.grad(loss, pe)[0], rrm_cuda.permutohedral_filter(v, f)]
+
+    alone = [job(i) for i in range(12)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(job, range(12)))
+    for a, b in zip(alone, together):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
