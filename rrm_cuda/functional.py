@@ -161,7 +161,9 @@ def lattice_num_vertices(features: Tensor) -> Tensor:
 # call. Keyed by device and, on CUDA, by the current stream (a cached tensor is only ever freed,
 # by eviction, on the stream it was made and used on); at most _CONST_CACHE_SIZE entries.
 _CONST_CACHE: dict[tuple, Tensor] = {}
-_CONST_CACHE_SIZE = 32  # a 2-D size takes up to 5 (positions raster and tiled, the pixel order and its inverse)
+# A 2-D size takes up to 6 entries: positions raster and tiled, the pixel order and its inverse, the
+# energy loss's sample index.
+_CONST_CACHE_SIZE = 32
 
 
 def _cached(key: tuple, make) -> Tensor:
