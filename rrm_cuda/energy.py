@@ -497,6 +497,10 @@ class DenseEnergyLoss(nn.Module):
     reproduce; pass ``gradient="exact"`` for the true gradient. ``gate``, ``nonnegative``, ``check_inputs``
     and ``image_channels`` (3 as the original; None accepts any channel count) as in
     :func:`dense_energy_loss`.
+
+    As the original is called, images, ROIs and labels may be CPU tensors while the segmentations
+    are on a GPU: they are moved to the segmentations' device (the functional form refuses mixed
+    devices instead).
     """
 
     def __init__(
@@ -526,6 +530,7 @@ class DenseEnergyLoss(nn.Module):
         self.check_inputs = check_inputs
 
     def forward(self, images: Tensor, segmentations: Tensor, ROIs: Tensor, seg_label: Tensor) -> Tensor:  # noqa: N803
+        images, ROIs, seg_label = _to_device_of(segmentations, images, ROIs, seg_label)  # noqa: N806
         if self.image_channels is not None and isinstance(images, Tensor) and images.dim() == 4:
             if images.shape[1] != self.image_channels:
                 raise ValueError(
@@ -556,4 +561,40 @@ class DenseEnergyLoss(nn.Module):
         )
 
 
-__all__ = ["DenseEnergyLoss", "DenseEnergyLossFunction", "dense_energy_loss"]
+class DenseCRFLoss(DenseEnergyLoss):
+    """rloss's own ``DenseCRFLoss`` module (Tang et al., ECCV 2018; the scribble- and box-supervised
+    repositories built on rloss), fused (drop-in: same constructor and ``forward``).
+
+    ``DenseCRFLoss(weight, sigma_rgb, sigma_xy, scale_factor)``; ``forward(images, segmentations,
+    ROIs)`` with images (B, 3, H, W) RGB on 0–255 (a CPU tensor, as the original needs, or on the
+    segmentations' device), segmentations (B, K, H, W) softmax probabilities, ROIs (B, H, W) 0/1.
+    Returns ``weight · E`` of shape (1,), ``E = −(1/B) Σ ŝ·Wŝ``, ``ŝ = segmentations·ROI``: RRM's
+    energy without its gate and labels, with the original's gradient ``−(2/B)·AS·ROI`` by default
+    (``gradient="exact"``: the true gradient). The keyword options (``gradient``, ``nonnegative``,
+    ``image_channels``, ``check_inputs``) as in :class:`DenseEnergyLoss`.
+    """
+
+    def __init__(self, weight: float, sigma_rgb: float, sigma_xy: float, scale_factor: float, **options) -> None:
+        if "gate" in options:
+            raise TypeError("DenseCRFLoss has no gate (it is rloss's ungated energy); use DenseEnergyLoss")
+        super().__init__(weight, sigma_rgb, sigma_xy, scale_factor, gate=False, **options)
+
+    def forward(self, images: Tensor, segmentations: Tensor, ROIs: Tensor) -> Tensor:  # type: ignore[override]  # noqa: N803
+        return super().forward(images, segmentations, ROIs, None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"weight={self.weight}, sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, "
+            f"scale_factor={self.scale_factor}, gradient={self.gradient!r}, nonnegative={self.nonnegative}"
+        )
+
+
+def _to_device_of(like: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``tensors`` on ``like``'s device where they are CPU tensors and ``like`` is not (the original
+    modules are called with images, ROIs and labels on the host); anything else unchanged."""
+    if not isinstance(like, Tensor) or like.device.type == "cpu":
+        return tensors
+    return tuple(t.to(like.device) if isinstance(t, Tensor) and t.device.type == "cpu" else t for t in tensors)
+
+
+__all__ = ["DenseCRFLoss", "DenseEnergyLoss", "DenseEnergyLossFunction", "dense_energy_loss"]

@@ -346,7 +346,8 @@ def dense_energy_reference(
 class _RlossDenseEnergyFunction(torch.autograd.Function):
     """RRM's ``DenseEnergyLossFunction`` re-stated line by line in pure PyTorch (the SWIG filter and
     the numpy round trip replaced by a lattice filter on tensors; same gate, masking, sums and the
-    original's gradient ``−2·grad·AS/N·ROIs``)."""
+    original's gradient ``−2·grad·AS/N·ROIs``). ``unlabel_region=None``: rloss's own
+    ``DenseCRFLossFunction``, the same without the gate."""
 
     @staticmethod
     def forward(ctx, images, segmentations, sigma_rgb, sigma_xy, ROIs, unlabel_region, filter_fn):  # noqa: N803
@@ -354,11 +355,14 @@ class _RlossDenseEnergyFunction(torch.autograd.Function):
         Gate = ROIs.clone()  # noqa: N806
         ROIs = ROIs.unsqueeze(1).repeat(1, ctx.K, 1, 1)  # noqa: N806
 
-        seg_max = torch.max(segmentations, dim=1)[0]
-        Gate = Gate - seg_max  # noqa: N806
-        Gate[unlabel_region] = 1
-        Gate[Gate < 0] = 0
-        Gate = Gate.unsqueeze(1).repeat(1, ctx.K, 1, 1)  # noqa: N806
+        if unlabel_region is None:  # rloss: no gate
+            Gate = torch.ones_like(ROIs)  # noqa: N806
+        else:
+            seg_max = torch.max(segmentations, dim=1)[0]
+            Gate = Gate - seg_max  # noqa: N806
+            Gate[unlabel_region] = 1
+            Gate[Gate < 0] = 0
+            Gate = Gate.unsqueeze(1).repeat(1, ctx.K, 1, 1)  # noqa: N806
 
         segmentations = torch.mul(segmentations, ROIs)
         ctx.ROIs = ROIs
@@ -385,7 +389,7 @@ def dense_energy_loss_module_reference(
     images: Tensor,
     segmentations: Tensor,
     ROIs: Tensor,  # noqa: N803
-    seg_label: Tensor,
+    seg_label: Tensor | None,
     weight: float,
     sigma_rgb: float,
     sigma_xy: float,
@@ -393,14 +397,18 @@ def dense_energy_loss_module_reference(
     filter_fn=None,
 ) -> Tensor:
     """RRM's ``DenseEnergyLoss.forward`` re-stated line by line (images (B,3,H,W) 0–255, softmax
-    segmentations (B,K,H,W), ROIs (B,H,W), seg_label (B,1,H,W) with 255 unlabelled) -> (1,)."""
+    segmentations (B,K,H,W), ROIs (B,H,W), seg_label (B,1,H,W) with 255 unlabelled) -> (1,).
+    ``seg_label=None``: rloss's own ``DenseCRFLoss.forward(images, segmentations, ROIs)`` (Tang et al.,
+    the module of scribble-supervised repositories), the same without labels and gate."""
     import torch.nn.functional as F  # noqa: N812
 
     scaled_images = F.interpolate(images, scale_factor=scale_factor)
     scaled_segs = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
     scaled_ROIs = F.interpolate(ROIs.unsqueeze(1), scale_factor=scale_factor).squeeze(1)  # noqa: N806
-    scaled_seg_label = F.interpolate(seg_label, scale_factor=scale_factor, mode="nearest")
-    unlabel_region = (scaled_seg_label.long() == 255).squeeze(1)
+    unlabel_region = None
+    if seg_label is not None:
+        scaled_seg_label = F.interpolate(seg_label, scale_factor=scale_factor, mode="nearest")
+        unlabel_region = (scaled_seg_label.long() == 255).squeeze(1)
 
     return weight * _RlossDenseEnergyFunction.apply(
         scaled_images,

@@ -675,6 +675,32 @@ def test_module_equals_functional_and_compat():
     assert Compat is rrm_cuda.DenseEnergyLoss and Compat(1e-7, 15, 100, 0.5).gradient == "rloss"
 
 
+@pytest.mark.parametrize("scale", [0.5, 1.0, 0.75])
+def test_rloss_dense_crf_loss_module_matches_original_restatement(scale):
+    # rloss's own DenseCRFLoss(weight, sigma_rgb, sigma_xy, scale_factor).forward(images, segs, ROIs):
+    # value and the original's gradient -(2/N) AS ROI (through the downscaling), against a line-by-line
+    # restatement; equal to the functional form without the gate
+    from rrm_cuda.compat.rloss import DenseCRFLoss
+
+    images, probs, rois, _ = _inputs(H=14, W=16, dtype=torch.float64, seed=5)
+    m = DenseCRFLoss(1e-3, 15.0, 40.0, scale)
+    assert m.gate is False and m.gradient == "rloss" and "gate" not in repr(m)
+    p1, p2, p3 = (probs.clone().requires_grad_() for _ in range(3))
+    out = m(images, p1, rois)
+    ref = R.dense_energy_loss_module_reference(images, p2, rois, None, 1e-3, 15.0, 40.0, scale)
+    fn = rrm_cuda.dense_energy_loss(
+        images, p3, rois, None, sigma_rgb=15.0, sigma_xy=40.0, scale_factor=scale, weight=1e-3, gate=False
+    )
+    assert out.shape == (1,)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(out, fn.reshape(1))
+    (g1,), (g2,) = torch.autograd.grad(out, p1), torch.autograd.grad(ref, p2)
+    torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-14)
+    with pytest.raises(TypeError, match="no gate"):
+        DenseCRFLoss(1e-3, 15.0, 40.0, 0.5, gate=True)
+    assert DenseCRFLoss(1e-3, 15.0, 40.0, 0.5, gradient="exact").gradient == "exact"
+
+
 def test_autograd_function_form():
     probs, gate, feats, mass = _op_inputs(K=3, N=40)
     for gradient, mode in (("exact", 2), ("rloss", 1)):
@@ -847,6 +873,22 @@ def test_cuda_op_matches_cpu_and_gradcheck(cuda, grad_mode, d):
         args = (gate[:2, :24].to(cuda), feats[:2, :, :24].to(cuda), mass[:2, :24].to(cuda), 2)
         assert torch.autograd.gradcheck(lambda q: ops.dense_energy(q, *args)[0], (p,), fast_mode=True)
         torch.library.opcheck(ops.dense_energy, (p,) + args)
+
+
+@pytest.mark.cuda
+def test_cuda_modules_take_host_images_rois_and_labels(cuda):
+    # RRM and rloss call their modules with images, ROIs and labels from numpy (CPU tensors) and the
+    # probabilities on the GPU: the drop-ins move them (the functional form refuses mixed devices)
+    from rrm_cuda.compat.rloss import DenseCRFLoss, DenseEnergyLoss
+
+    images, probs, rois, labels = _inputs(B=2, K=5, H=40, W=42, dtype=torch.float32, seed=6)
+    for m, extra in ((DenseEnergyLoss(1e-3, 15.0, 100.0, 0.5), (labels,)), (DenseCRFLoss(1e-3, 15.0, 100.0, 0.5), ())):
+        p1, p2 = probs.to(cuda).requires_grad_(), probs.to(cuda).requires_grad_()
+        host = m(images, p1, rois, *extra)
+        dev = m(images.to(cuda), p2, rois.to(cuda), *(x.to(cuda) for x in extra))
+        assert host.device == p1.device
+        torch.testing.assert_close(host, dev)
+        torch.testing.assert_close(torch.autograd.grad(host, p1)[0], torch.autograd.grad(dev, p2)[0])
 
 
 @pytest.mark.cuda

@@ -5,7 +5,8 @@
   ``import rrm_cuda.compat.pydensecrf.densecrf as dcrf``.
 - ``rrm_cuda.compat.rloss.DenseEnergyLoss``: RRM's / rloss's ``DenseEnergyLoss`` module (same
   constructor, forward and gradient); change ``from DenseEnergyLoss import DenseEnergyLoss`` to
-  ``from rrm_cuda.compat.rloss import DenseEnergyLoss``.
+  ``from rrm_cuda.compat.rloss import DenseEnergyLoss``. Also ``rrm_cuda.compat.rloss.DenseCRFLoss``,
+  rloss's own ungated module (``forward(images, segmentations, ROIs)``).
 """
 
 import sys

@@ -13,8 +13,16 @@ original's gradient (``gradient="rloss"``: ``−(2/B)·S·AS·ROI``) by default.
 the inputs' device (CPU or CUDA, no numpy round trip, no SWIG module to build), validates its inputs,
 and does not reproduce the original filter's padding bug (SPEC §3). Pass ``gradient="exact"`` for the
 true gradient of the value.
+
+rloss's own module, ``from DenseCRFLoss import DenseCRFLoss`` (the scribble- and box-supervised
+repositories built on rloss), is here too: ``from rrm_cuda.compat.rloss import DenseCRFLoss``, same
+``DenseCRFLoss(weight, sigma_rgb, sigma_xy, scale_factor)`` and ``forward(images, segmentations, ROIs)``
+(the energy without RRM's gate and labels).
+
+Both modules take images, ROIs and labels on the CPU with the segmentations on a GPU, as the originals
+are called (they are moved to the segmentations' device).
 """
 
-from ..energy import DenseEnergyLoss, DenseEnergyLossFunction
+from ..energy import DenseCRFLoss, DenseEnergyLoss, DenseEnergyLossFunction
 
-__all__ = ["DenseEnergyLoss", "DenseEnergyLossFunction"]
+__all__ = ["DenseCRFLoss", "DenseEnergyLoss", "DenseEnergyLossFunction"]
