@@ -81,6 +81,11 @@ def _stats_aten(
     return v
 
 
+# How far outside [0, 255] the images may stray: half a grey level. Denormalised images (x * std + mean,
+# as AFA / ToCo hand them to the loss) come back from float rounding a few 1e-5 outside the range; a
+# normalised image (about [-2.1, 2.6]) still fails.
+_IMAGE_SLACK = 0.5
+
 # dtypes the one-pass statistics op reads (others, e.g. uint16 images, are converted first)
 _STATS_DTYPES = {
     torch.uint8,
@@ -181,11 +186,11 @@ def _start_checks(
         if not v:
             return None
 
-        if "img_lo" in v and not (v["img_lo"] >= 0 and v["img_hi"] <= 255):
+        if "img_lo" in v and not (v["img_lo"] >= -_IMAGE_SLACK and v["img_hi"] <= 255 + _IMAGE_SLACK):
             nonfinite("images", images)
             raise ValueError(
-                f"images must be on the 0-255 scale (RGB as the original module expects); got values in "
-                f"[{v['img_lo']:.4g}, {v['img_hi']:.4g}]"
+                f"images must be on the 0-255 scale (RGB as the original module expects, not normalised); got "
+                f"values in [{v['img_lo']:.6g}, {v['img_hi']:.6g}]"
             )
         if "p_lo" in v:
             if not (v["p_lo"] >= 0 and v["p_hi"] <= 1):
@@ -279,7 +284,8 @@ def dense_energy_loss(
     scales them.
 
     Args:
-        images: (B, c, H, W) images on the 0–255 scale, any channel count c (RGB, grey,
+        images: (B, c, H, W) images on the 0–255 scale (half a grey level of rounding outside it is
+            accepted, as denormalised images have), any channel count c (RGB, grey,
             multispectral), float or uint8.
         segmentations: (B, K, H, W) softmax probabilities (float16/bfloat16 are computed in float32).
         rois: (B, H, W) crop-validity mask of 0/1 (None: all ones).
@@ -406,9 +412,9 @@ def dense_energy_loss(
         if not (_DEFER_CHECKS and _uses_stats_op(segmentations)):
             img_max, finish_checks = finish_checks(), None
         else:
-            img_max = 255.0  # until read: the range the checks enforce
+            img_max = 255.0 + _IMAGE_SLACK  # until read: the range the checks enforce
     else:
-        img_max = 255.0  # unchecked: images are taken to be on the 0-255 scale
+        img_max = 255.0 + _IMAGE_SLACK  # unchecked: images are taken to be on the 0-255 scale
     with torch.no_grad():  # the gate, the features and the mass are constants of the op
         if not gate:
             g = probs.new_ones((B, h, w))

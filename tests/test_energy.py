@@ -453,6 +453,22 @@ def _bad(**over):
     return lambda: rrm_cuda.dense_energy_loss(**args, **kwargs)
 
 
+@pytest.mark.parametrize("stats_op", [False, True])
+def test_denormalised_images_pass_the_range_check(monkeypatch, stats_op):
+    # AFA / ToCo hand the loss x * std + mean of a normalised batch: float rounding leaves values a
+    # few 1e-5 outside [0, 255], which half a grey level of slack accepts (both statistics paths)
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
+    images, probs, rois, labels = _inputs(H=12, W=14, dtype=torch.float32)
+    images[0, :, 0, :3] = torch.tensor([0.0, 255.0, 128.0])
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    denorm = (images - mean) / std * std + mean
+    assert float(denorm.min()) < 0 or float(denorm.max()) > 255  # the rounding this is about
+    got = rrm_cuda.dense_energy_loss(denorm, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+    want = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "over,exc,match",
     [
@@ -460,6 +476,8 @@ def _bad(**over):
         (dict(seg_label=lambda t: t + 0.5), ValueError, "seg_label"),
         (dict(rois=lambda t: t * 0.5), ValueError, "ROIs must be a 0/1"),
         (dict(images=lambda t: t + 300), ValueError, "images must be on the 0-255"),
+        (dict(images=lambda t: t - 0.6), ValueError, "images must be on the 0-255"),  # beyond the slack
+        (dict(images=lambda t: (t - 123.675) / 58.395), ValueError, "not normalised"),  # a normalised image
         (dict(images=lambda t: t[:, :1].expand(-1, 20, -1, -1)), ValueError, "images must have 1 to 14"),
         (dict(segmentations=lambda t: t * 3), ValueError, "segmentations must be probabilities"),
         (dict(segmentations=lambda t: t - 0.5), ValueError, "not logits"),
