@@ -36,6 +36,22 @@ def _apply_tuning_env() -> None:
 _apply_tuning_env()
 
 
+def _one_thread_after_fork() -> None:
+    """In a child made by ``fork``, torch's intra-op threads go to 1, as in DataLoader workers. GNU
+    OpenMP (torch's CPU threads) is not fork-safe: once the parent has run a parallel region (any
+    sizeable torch op, or one of ours), the child's first parallel region waits forever
+    (pytorch/pytorch#41197, #58962). pydensecrf is single-threaded, so the code that this package's
+    drop-in replaces commonly runs it in ``multiprocessing.Pool`` workers, which fork on Linux; with
+    one thread every op runs inline. A worker may raise the count again if the parent never ran a
+    parallel region."""
+    if torch.get_num_threads() > 1:
+        torch.set_num_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_one_thread_after_fork)
+
+
 def build_info() -> dict:
     """How the extension was built: ``with_cuda``, ``with_openmp``, ``openmp_version``, ``compiler``,
     plus the torch it was built against and whether CUDA is usable now."""

@@ -192,3 +192,36 @@ def test_bad_inputs():
             rutils.create_pairwise_bilateral(sdims, schan, img, chdim=2)
     with pytest.raises(ValueError, match=r"labels must be in 0..n_labels=3 \(0 = unsure\); got range -1..2"):
         rutils.unary_from_labels(np.array([0, -1, 2]), 3, 0.7)
+
+
+def test_forked_pool_workers_do_not_hang():
+    # The drop-in in multiprocessing.Pool workers (fork on Linux) after the parent ran parallel ops:
+    # GNU OpenMP would deadlock the child's first parallel region; rrm_cuda's at-fork handler makes
+    # the children single-threaded. A hang shows as a timeout here.
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = _fork_job(0)  # the parent's parallel regions (OpenMP's pool is now up)
+        with mp.get_context("fork").Pool(2) as pool:
+            got = pool.map_async(_fork_job, [0, 0]).get(timeout=60)
+    finally:
+        torch.set_num_threads(threads)
+    for q, n in got:
+        assert n == 1
+        np.testing.assert_allclose(q, want[0], rtol=0, atol=1e-5)
+
+
+def _fork_job(seed: int) -> tuple[np.ndarray, int]:
+    img = photo("astronaut", (120, 150))
+    probs = smooth_probs(4, 120, 150, seed=seed)
+    d = rdcrf.DenseCRF2D(150, 120, 4)
+    d.setUnaryEnergy(np.ascontiguousarray(rutils.unary_from_softmax(probs)))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.copy(img), compat=10)
+    big = torch.rand(512, 512).exp().sum()  # a parallel torch op too
+    assert torch.isfinite(big)
+    return np.array(d.inference(10)), torch.get_num_threads()
