@@ -4,17 +4,38 @@
 // L labels, T pairwise terms. Kernels live in csrc/<op>/<op>_{cpu.cpp,cuda.cu}; Python wrappers,
 // fake kernels and autograd in rrm_cuda/_ops/<op>.py.
 #include <torch/library.h>
+#include <torch/version.h>
+
+#include <vector>
+
+namespace {
+
+// Ops that read a value back to the host mid-call on CUDA (a lattice's vertex count; the BCD ops'
+// label check) cannot be captured in a CUDA graph: the tag makes torch.compile(mode="reduce-overhead")
+// leave them out of its graphs (skip or partition) instead of failing the capture. The others
+// (the energy loss's inputs and statistics ops, the fused BCD loss) are capturable.
+// (A const lvalue: an rvalue vector would select def(name, function) instead of def(schema, tags).)
+const std::vector<at::Tag>& host_sync() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  static const std::vector<at::Tag> tags{at::Tag::cudagraph_unsafe};
+#else
+  static const std::vector<at::Tag> tags;
+#endif
+  return tags;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(rrm_cuda, m) {
   // ---- permutohedral lattice (csrc/lattice) ----
   // values (B, C, N), features (B, d, N) already divided by their standard deviations ->
   // (B, C, N): out_i = alpha * sum_p w_ip (B_d..B_0 splat(values))_p ~ sum_j exp(-|f_i - f_j|^2 / 2) v_j.
   // reverse=True blurs the axes in reverse order: the exact adjoint (transpose) of reverse=False.
-  m.def("permutohedral_filter(Tensor values, Tensor features, bool reverse=False) -> Tensor");
+  m.def("permutohedral_filter(Tensor values, Tensor features, bool reverse=False) -> Tensor", host_sync());
   // CPU only, for tests: the CUDA launch decomposition emulated serially in reverse thread order.
   m.def("_permutohedral_filter_emulated(Tensor values, Tensor features, bool reverse=False) -> Tensor");
   // (B, d, N) -> (B,) int64: lattice points per image (occupancy diagnostics, memory planning).
-  m.def("lattice_num_vertices(Tensor features) -> Tensor");
+  m.def("lattice_num_vertices(Tensor features) -> Tensor", host_sync());
   // Mean-field inference with densecrf's semantics. unary (B, L, N) energies; features T x (B_t, d_t, N)
   // with B_t dividing B (image b uses features[t][b % B_t]: lattices shared by several unaries);
   // compat (T, L, L) in the energy convention (Potts w -> -w I); diagonal: T flags (compat[t] is
@@ -24,7 +45,8 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // tensor (csrc/lattice/lattice_cache.h; the Gaussian term's cached position features).
   m.def(
       "dense_crf(Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, int[] normalization, "
-      "int iterations, bool[] cache=[]) -> Tensor");
+      "int iterations, bool[] cache=[]) -> Tensor",
+      host_sync());
   m.def(
       "_dense_crf_emulated(Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, int[] normalization, "
       "int iterations, bool[] cache=[]) -> Tensor");
@@ -35,7 +57,8 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "dense_crf_backward(Tensor grad, Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, "
       "int[] normalization, int iterations, bool compat_grad=True, bool[] cache=[]) -> "
-      "(Tensor grad_unary, Tensor grad_compat)");
+      "(Tensor grad_unary, Tensor grad_compat)",
+      host_sync());
   m.def(
       "_dense_crf_backward_emulated(Tensor grad, Tensor unary, Tensor[] features, Tensor compat, bool[] diagonal, "
       "int[] normalization, int iterations, bool compat_grad=True, bool[] cache=[]) -> "
@@ -48,20 +71,22 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // -> sums (B, K, C) = per-(image, class) feature sums, counts (B, K) = pixels per (image, class).
   m.def(
       "masked_feature_sums(Tensor features, Tensor labels, int num_classes, int ignore_index=-1) -> "
-      "(Tensor, Tensor)");
+      "(Tensor, Tensor)",
+      host_sync());
   m.def(
       "_masked_feature_sums_emulated(Tensor features, Tensor labels, int num_classes, int ignore_index=-1) -> "
       "(Tensor, Tensor)");
   // values (B, K, C), labels (B, N) -> (B, C, N): out[b, :, n] = values[b, labels[b, n], :], 0 where
   // ignored. The adjoint of masked_feature_sums (its backward).
-  m.def("masked_feature_gather(Tensor values, Tensor labels, int ignore_index=-1) -> Tensor");
+  m.def("masked_feature_gather(Tensor values, Tensor labels, int ignore_index=-1) -> Tensor", host_sync());
   m.def("_masked_feature_gather_emulated(Tensor values, Tensor labels, int ignore_index=-1) -> Tensor");
   // centers (B, K, C) of the compute dtype -> (cos_sums (B, K), dot (B, N), norm (B, N)):
   // cos_sums[b, k] = sum_{n: labels = k} cos(F[b, :, n], centers[b, k]), cos(a, b) = a.b / (|a||b| + 1e-7);
   // dot and norm are the per-pixel F.c and |F| (0 where ignored), kept for the backward.
   m.def(
       "feature_center_cosine(Tensor features, Tensor labels, Tensor centers, int ignore_index=-1) -> "
-      "(Tensor, Tensor, Tensor)");
+      "(Tensor, Tensor, Tensor)",
+      host_sync());
   m.def(
       "_feature_center_cosine_emulated(Tensor features, Tensor labels, Tensor centers, int ignore_index=-1) -> "
       "(Tensor, Tensor, Tensor)");
@@ -69,7 +94,8 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // features' dtype, grad_centers (B, K, C)).
   m.def(
       "feature_center_cosine_backward(Tensor grad, Tensor features, Tensor labels, Tensor centers, Tensor dot, "
-      "Tensor norm, int ignore_index=-1) -> (Tensor, Tensor)");
+      "Tensor norm, int ignore_index=-1) -> (Tensor, Tensor)",
+      host_sync());
   m.def(
       "_feature_center_cosine_backward_emulated(Tensor grad, Tensor features, Tensor labels, Tensor centers, "
       "Tensor dot, Tensor norm, int ignore_index=-1) -> (Tensor, Tensor)");
@@ -100,7 +126,8 @@ TORCH_LIBRARY(rrm_cuda, m) {
   //     or (0,) for grad_mode 0). The loss is weight * energy.sum() / B.
   m.def(
       "dense_energy(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0) -> "
-      "(Tensor, Tensor)");
+      "(Tensor, Tensor)",
+      host_sync());
   // CPU only, for tests: the CUDA launch decomposition emulated serially in reverse thread order.
   m.def(
       "_dense_energy_emulated(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0) -> "

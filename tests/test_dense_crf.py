@@ -1088,3 +1088,23 @@ def test_concurrent_calls_from_threads():
     for a, b in zip(alone, together):
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_reduce_overhead(cuda):
+    # torch.compile(mode="reduce-overhead") captures CUDA graphs; the lattice ops read their vertex
+    # count mid-call, so they carry the cudagraph_unsafe tag and the compiled step leaves them out
+    # of its graphs (skip or partition) instead of failing the capture
+    img = torch.from_numpy(photo("astronaut", (64, 80)).copy()).permute(2, 0, 1)[None].contiguous().to(cuda)
+    probs = torch.softmax(torch.randn(1, 4, 64, 80, device=cuda) * 3, 1)
+
+    def step(p: torch.Tensor) -> torch.Tensor:
+        q = rrm_cuda.dense_crf(probs=p, image=img, iterations=3, check_inputs=False)
+        loss = rrm_cuda.dense_energy_loss(img.float(), q, sigma_rgb=15.0, sigma_xy=30.0, check_inputs=False)
+        return q.mean(1) + loss
+
+    want = step(probs)
+    fn = torch.compile(step, mode="reduce-overhead")
+    for _ in range(3):
+        got = fn(probs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
