@@ -13,6 +13,7 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -191,6 +192,14 @@ def _start_checks(
             raise ValueError(
                 f"images must be on the 0-255 scale (RGB as the original module expects, not normalised); got "
                 f"values in [{v['img_lo']:.6g}, {v['img_hi']:.6g}]"
+            )
+        if "img_lo" in v and images.is_floating_point() and 0 <= v["img_lo"] < v["img_hi"] <= 1:
+            warnings.warn(
+                f"images lie in [{v['img_lo']:.3g}, {v['img_hi']:.3g}], but sigma_rgb is in units of the 0-255 scale "
+                "(as the original module expects), so [0, 1] images make the kernel nearly colour-blind; pass "
+                "images * 255 (or sigma_rgb / 255)",
+                UserWarning,
+                stacklevel=3,
             )
         if "p_lo" in v:
             if not (v["p_lo"] >= 0 and v["p_hi"] <= 1):

@@ -7,6 +7,7 @@ images; any number, flattened to N internally).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Union
 
@@ -442,7 +443,8 @@ def dense_crf(
 
     Args:
         unary: (B, L, *S) energies (−log p). Give this or ``probs``.
-        image: (B, c, *S) colours on the 0–255 scale (uint8 or float), any c (RGB, grey,
+        image: (B, c, *S) colours on the 0–255 scale (uint8 or float; a checked float image within
+            [0, 1] gets a warning: ``bilateral_srgb`` is in 0–255 units), any c (RGB, grey,
             multispectral); needed by the bilateral term. Its batch may also be a divisor B' of B:
             item b then uses image ``b % B'`` and the lattice of each image is built once and shared
             (several unaries per image, e.g. RRM's two pseudo-label CRFs, as
@@ -614,6 +616,15 @@ def dense_crf(
     def judge(r: dict[str, tuple[float, float] | None]) -> None:
         if probs is not None and r.get("probs") is not None and r["probs"][0] < 0:
             raise ValueError("probs must be non-negative scores (got negative values)")
+        rng = r.get("image")
+        if rng is not None and image.is_floating_point() and 0 <= rng[0] < rng[1] <= 1:
+            warnings.warn(
+                f"image values lie in [{rng[0]:.3g}, {rng[1]:.3g}], but bilateral_srgb is in units of the 0-255 scale "
+                "(pydensecrf's), so a [0, 1] image makes the bilateral kernel nearly colour-blind; pass image * 255 "
+                "(or bilateral_srgb / 255)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     if check_inputs and V.checking_values():
         read = V.finite_ranges_later(pending)  # raises on NaN/Inf when read

@@ -1108,3 +1108,19 @@ def test_cuda_compile_reduce_overhead(cuda):
     for _ in range(3):
         got = fn(probs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_unit_range_float_image_warns():
+    # bilateral_srgb is in 0-255 units (pydensecrf's): a torchvision-style [0, 1] float image makes the
+    # bilateral kernel nearly colour-blind, silently; the checked call warns (it reads the range anyway)
+    import warnings
+
+    img = torch.from_numpy(photo("astronaut", (40, 48)).copy()).permute(2, 0, 1)[None].float()
+    probs = torch.softmax(torch.randn(1, 3, 40, 48, generator=torch.Generator().manual_seed(0)), 1)
+    with pytest.warns(UserWarning, match=r"a \[0, 1\] image .*pass image \* 255"):
+        rrm_cuda.dense_crf(probs=probs, image=img / 255, iterations=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rrm_cuda.dense_crf(probs=probs, image=img, iterations=1)  # 0-255: no warning
+        rrm_cuda.dense_crf(probs=probs, image=img.to(torch.uint8), iterations=1)
+        rrm_cuda.dense_crf(probs=probs, image=img / 255, iterations=1, bilateral_compat=0)  # no bilateral term

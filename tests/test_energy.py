@@ -454,6 +454,19 @@ def _bad(**over):
 
 
 @pytest.mark.parametrize("stats_op", [False, True])
+def test_unit_range_images_warn(monkeypatch, stats_op):
+    import warnings
+
+    monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
+    images, probs, rois, labels = _inputs(H=12, W=14, dtype=torch.float32)
+    with pytest.warns(UserWarning, match=r"\[0, 1\] images .*pass images \* 255"):
+        rrm_cuda.dense_energy_loss(images / 255, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
+
+
+@pytest.mark.parametrize("stats_op", [False, True])
 def test_denormalised_images_pass_the_range_check(monkeypatch, stats_op):
     # AFA / ToCo hand the loss x * std + mean of a normalised batch: float rounding leaves values a
     # few 1e-5 outside [0, 255], which half a grey level of slack accepts (both statistics paths)
