@@ -246,42 +246,39 @@ def main() -> None:
         default=f"tile {knobs['splat_tile']}" if knobs["splat_tile"] else "vertex order",
     )
     knob("splat_tile", knobs["splat_tile"])
+
+    def switch(group: str, name: str, off: str, on: str, workloads: dict[str, Callable[[], None]]) -> list[str]:
+        """ab_group of a 0/1 knob (off, on), then the knob back to its default."""
+        lines = ab_group(
+            res, group, [(off, setting(**{name: 0})), (on, setting(**{name: 1}))], workloads, on if knobs[name] else off
+        )
+        knob(name, knobs[name])
+        return lines
+
+    energy_rloss, energy_exact = lambda: energy_fb(m3), lambda: energy_fb(m5)
+    crf_ops = {"dense_crf op alone": raw, "dense_crf op batch 8": batch8}
     # the fused slice: vertex rows whole (96 registers at 21 labels) or 4 channels at a time (64)
-    summary += ab_group(
-        res,
-        "slice",
-        [("whole rows", setting(slice_group4=0)), ("4 channels at a time", setting(slice_group4=1))],
-        {"dense_crf op alone": raw, "dense_crf op batch 8": batch8},
-        default="4 channels at a time" if knobs["slice_group4"] else "whole rows",
-    )
-    knob("slice_group4", knobs["slice_group4"])
+    summary += switch("slice", "slice_group4", "whole rows", "4 channels at a time", crf_ops)
     # the splats' per-vertex sums of the chunk sums: by the last chunk in the splat's launch, or a second launch
-    summary += ab_group(
-        res,
+    summary += switch(
         "chunk sums",
-        [("second launch", setting(splat_fused_reduce=0)), ("in the splat launch", setting(splat_fused_reduce=1))],
+        "splat_fused_reduce",
+        "second launch",
+        "in the splat launch",
         {
-            "dense_crf op alone": raw,
-            "dense_crf op batch 8": batch8,
-            "energy fwd+bwd [rloss], unchecked": lambda: energy_fb(m3),
-            "energy fwd+bwd [exact], unchecked": lambda: energy_fb(m5),
+            **crf_ops,
+            "energy fwd+bwd [rloss], unchecked": energy_rloss,
+            "energy fwd+bwd [exact], unchecked": energy_exact,
         },
-        default="in the splat launch" if knobs["splat_fused_reduce"] else "second launch",
     )
-    knob("splat_fused_reduce", knobs["splat_fused_reduce"])
     # the blurs: one lattice axis per launch, or two (BlurPairFunctor: 3 of the first axis's rows per thread)
-    summary += ab_group(
-        res,
+    summary += switch(
         "blur",
-        [("one axis per launch", setting(blur_pairs=0)), ("two axes per launch", setting(blur_pairs=1))],
-        {
-            "dense_crf op alone": raw,
-            "dense_crf op batch 8": batch8,
-            "energy fwd+bwd [exact], unchecked": lambda: energy_fb(m5),
-        },
-        default="two axes per launch" if knobs["blur_pairs"] else "one axis per launch",
+        "blur_pairs",
+        "one axis per launch",
+        "two axes per launch",
+        {**crf_ops, "energy fwd+bwd [exact], unchecked": energy_exact},
     )
-    knob("blur_pairs", knobs["blur_pairs"])
     # the pixel order of the public dense CRF and energy loss: 16 x 16 tiles (functional._PIXEL_TILE) or raster
     tile_saved = FN._PIXEL_TILE["cuda"]
 
