@@ -4,8 +4,9 @@
 # hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
 # (JSON + PNG) to $OUT_DIR/results/.
 #
-#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile ncu rrm train
-#   (ncu: Nsight Compute on one dense CRF and one energy loss, results/ncu.txt and its per-kernel
+#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile host ncu rrm train
+#   (host: launches, host waits and ATen ops per call against wall and kernel time, cuda_host.py;
+#   ncu: Nsight Compute on one dense CRF and one energy loss, results/ncu.txt and its per-kernel
 #   table in the log; rrm: rrm_bench with the small backbone, then ResNet-38 without the original
 #   path; train: the CPU demo preset trained on the GPU)
 #   OUT_DIR=/tmp/gpu bash benchmarks/gpu_check.sh build smoke tests
@@ -71,6 +72,7 @@ if has bench; then
   done
 fi
 has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$OUT_DIR/results"
+has host && step cuda_host 120 $PY benchmarks/cuda_host.py --out-dir "$OUT_DIR/results"
 if has ncu; then
   # every kernel is for_each_item_kernel<Functor>: the filter must see the demangled name
   step ncu 240 bash -c "ncu --profile-from-start off --kernel-name-base demangled \

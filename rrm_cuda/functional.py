@@ -169,7 +169,10 @@ _CONST_CACHE_SIZE = 32
 
 def _cached(key: tuple, make) -> Tensor:
     """``make()`` for ``key`` (device in it), made once; not cached under tensor subclasses (fake
-    or traced tensors)."""
+    or traced tensors, nor while torch.compile traces: dynamo's stream objects have no handle, and
+    the graph makes its own constants)."""
+    if torch.compiler.is_compiling():
+        return make()
     device = key[-1]
     if device.type == "cuda":
         key = (*key, torch.cuda.current_stream(device).cuda_stream)

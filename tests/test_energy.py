@@ -959,7 +959,7 @@ def test_cuda_inputs_op_equals_cpu_and_is_deterministic(cuda, dtype):
         gs = go if stride == 2 else torch.randn(2, 21, 65, 47, dtype=dtype)
         outs = []
         for dev in ("cpu", cuda):
-            x = probs.to(dev).requires_grad_()
+            x = probs.detach().to(dev).requires_grad_()
             p, g = ops.dense_energy_inputs(x, rois.to(dev), unl.to(dev), stride, True)
             (gx,) = torch.autograd.grad(p, x, gs.to(dev))
             outs.append((p.cpu(), g.cpu(), gx.cpu()))
@@ -970,7 +970,7 @@ def test_cuda_inputs_op_equals_cpu_and_is_deterministic(cuda, dtype):
     before = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        p = probs.float().to(cuda).requires_grad_()
+        p = probs.detach().float().to(cuda).requires_grad_()  # a leaf, whatever probs' dtype
         loss = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 100.0, 0.5)(images.to(cuda), p, rois.to(cuda), labels.to(cuda))
         loss.sum().backward()
         assert bool(torch.isfinite(p.grad).all())

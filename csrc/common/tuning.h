@@ -11,7 +11,8 @@ namespace rrm {
 namespace tuning {
 
 enum Knob : int {
-  kSplatTile,         // pixels per tile by which the splat's chunks are launched (0: vertex order); 64.
+  kSplatTile,         // pixels per tile by which the splat's chunks are launched (0: vertex order); 0
+                      // (H100, session 13: vertex order 4-8 % faster than tile 64 in two A/B runs).
                       // Read by each lattice build.
   kEnergyRows4,       // energy loss: lattice rows padded to a multiple of 4 channels, splat and blurs
                       // four channels per thread (1), or one channel per thread (0); 1

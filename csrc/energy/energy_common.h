@@ -89,7 +89,19 @@ RRM_HOST_DEVICE scalar_t gate_value(scalar_t r, scalar_t mx, bool unlabelled) {
 // tile_pixel: its inverse. 32-bit divisions (h w < 2^31: checked), 64-bit products.
 RRM_HOST_DEVICE int64_t tile_position(int32_t y, int32_t x, int32_t h, int32_t w, int32_t T) {
   if (T <= 0) return int64_t{y} * w + x;
-  const int32_t ty = y / T, tx = x / T;
+  int32_t ty, tx;
+  if ((T & (T - 1)) == 0) {  // a power of two (the default 16): shifts, not two divisions per element
+#ifdef __CUDA_ARCH__
+    const int s = __ffs(T) - 1;
+#else
+    const int s = __builtin_ctz(static_cast<unsigned>(T));
+#endif
+    ty = y >> s;
+    tx = x >> s;
+  } else {
+    ty = y / T;
+    tx = x / T;
+  }
   const int32_t th = h - ty * T < T ? h - ty * T : T, tw = w - tx * T < T ? w - tx * T : T;
   return int64_t{ty} * T * w + int64_t{tx} * T * th + int64_t{y - ty * T} * tw + (x - tx * T);
 }
@@ -175,8 +187,8 @@ struct InputsFunctor {
 // Backward of InputsFunctor's probs (the gate is a constant): the adjoint of the ROI product and of
 // the downscaling, with F.interpolate's arithmetic -- each input pixel of a 2x2 block gets
 // (1/2 1/2) (grad roi), every other pixel (the last row / column of an odd size) 0. One call per
-// (image and class bk, input row Y, columns [X0, X1)): whole rows on the CPU, one column per
-// thread on CUDA (a warp writes consecutive pixels).
+// (image and class bk, input row Y, column items [C0, C1)): whole rows on the CPU, one column pair
+// per thread on CUDA (a warp writes consecutive pixels).
 template <typename scalar_t>
 struct InputsBackwardFunctor {
   const scalar_t* grad;  // (B, K, h, w) contiguous, in the forward's pixel order
@@ -185,27 +197,39 @@ struct InputsBackwardFunctor {
   int64_t K, H, W, h, w;
   int stride;
   int tile;  // the forward's (0: raster; < w)
+  int cols;  // columns per item: 1 (whole rows come as column ranges: the CPU), or 2 (CUDA: a thread
+             // writes an input pair, which at stride 2 shares one gradient element)
 
-  RRM_HOST_DEVICE void operator()(int64_t bk, int64_t Y, int64_t X0, int64_t X1) const {
-    // 32-bit divisions (B K and H W < 2^31: checked by the launcher)
-    const int64_t y = static_cast<int32_t>(Y) / stride;
-    const int64_t b = static_cast<int32_t>(bk) / static_cast<int32_t>(K);
+  RRM_HOST_DEVICE void operator()(int64_t bk, int64_t Y, int64_t C0, int64_t C1) const {
+    // one 32-bit division, only with ROIs (B K < 2^31: checked by the launcher); stride is 1 or 2.
+    // CUDA calls this once per column pair, so its index arithmetic is the kernel's cost
+    const int64_t X0 = C0 * cols, X1 = C1 * cols < W ? C1 * cols : W;
+    const int64_t y = stride == 2 ? (Y >> 1) : Y;
     scalar_t* o = out + (bk * H + Y) * W;
     if (y >= h) {
       for (int64_t X = X0; X < X1; ++X) o[X] = scalar_t(0);
       return;
     }
     const scalar_t* g = grad + bk * h * w;
-    const scalar_t* r = roi ? roi + (b * H + y * stride) * W : nullptr;
+    const scalar_t* r = nullptr;
+    if (roi) {
+      const int64_t b = static_cast<int32_t>(bk) / static_cast<int32_t>(K);
+      r = roi + (b * H + y * stride) * W;
+    }
+    int64_t last = -1;  // the x of v: an input pair at stride 2 reads one element
+    scalar_t v = 0;
     for (int64_t X = X0; X < X1; ++X) {
       const int64_t x = stride == 2 ? (X >> 1) : X;
-      scalar_t v = 0;
-      if (x < w) {
-        v = g[tile ? tile_position(static_cast<int32_t>(y), static_cast<int32_t>(x), static_cast<int32_t>(h),
-                                   static_cast<int32_t>(w), tile)
-                   : y * w + x];
-        if (r) v = v * r[x * stride];
-        if (stride == 2) v = scalar_t(0.5) * scalar_t(0.5) * v;
+      if (x != last) {
+        last = x;
+        v = 0;
+        if (x < w) {
+          v = g[tile ? tile_position(static_cast<int32_t>(y), static_cast<int32_t>(x), static_cast<int32_t>(h),
+                                     static_cast<int32_t>(w), tile)
+                     : y * w + x];
+          if (r) v = v * r[x * stride];
+          if (stride == 2) v = scalar_t(0.5) * scalar_t(0.5) * v;
+        }
       }
       o[X] = v;
     }

@@ -239,6 +239,7 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
                                         int64_t height, int64_t width, int64_t stride, int64_t tile) {
   const int64_t B = grad.size(0), K = grad.size(1), h = grad.size(2), w = grad.size(3);
   const int T = tile < w ? static_cast<int>(tile) : 0;  // as the forward's
+  const int cols = Exec::kChannelsPerThread == 0 ? 1 : 2;
   auto out = at::empty({B, K, height, width}, grad.options());
   if (out.numel() == 0) return out;
   const at::Tensor g = grad.contiguous();
@@ -253,8 +254,10 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
                                       h,
                                       w,
                                       static_cast<int>(stride),
-                                      T};
-    exec.for_each_item(B * K, height, width, f, 4);  // (image and class, input row), columns
+                                      T,
+                                      cols};
+    // (image and class, input row), columns (CUDA and its emulation: column pairs)
+    exec.for_each_item(B * K, height, (width + cols - 1) / cols, f, 4);
   });
   return out;
 }

@@ -1,0 +1,124 @@
+"""Host side of rrm_cuda's GPU ops, measured on a GPU (benchmarks/host_overhead.py counts ops on the
+CPU): per call, how many kernels are launched, how many times the host waits for the GPU
+(synchronisations, device-to-host copies), how many ATen ops run, and how the wall time compares
+with the kernels' time. Where the kernels are faster than the host can queue them, these counts
+(times this machine's cost of a launch, printed as the floor) bound a call from below.
+
+    python benchmarks/cuda_host.py                # prints the table
+    python benchmarks/cuda_host.py --out-dir DIR  # also writes cuda_host_<gpu>.json
+
+Needs a CUDA device and a CUDA build. Reports only (no speed assertions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rrm_cuda  # noqa: E402
+from benchmarks.cuda_profile import event_ms, pipelined_ms  # noqa: E402
+
+_LAUNCH = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+_WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def host_floor_us(reps: int = 2000) -> dict[str, float]:
+    """Microseconds per back-to-back call of a one-element CUDA add (one launch, nothing else), and
+    of a host-only tensor op (the dispatcher alone): this machine's floor per launch and per op."""
+    x = torch.zeros(1, device="cuda")
+    y = torch.zeros(1)
+    out = {}
+    for name, fn in (("cuda add_ (1 launch)", lambda: x.add_(1)), ("cpu add_ (dispatch only)", lambda: y.add_(1))):
+        for _ in range(100):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - t0) / reps * 1e6
+    return out
+
+
+def counts(fn: Callable[[], None]) -> dict[str, float]:
+    """Runtime-API and op counts of one call of fn (after a warm-up), and its kernels' GPU time."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    launches = waits = aten = 0
+    kernel_us = 0.0
+    for e in prof.events():
+        name = e.name
+        if name in _LAUNCH:
+            launches += 1
+        elif name in _WAIT:
+            waits += 1
+        elif name.startswith("aten::"):
+            aten += 1
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernel_us += e.time_range.elapsed_us()
+    return {"kernel launches": launches, "host waits": waits, "aten ops": aten, "kernels ms": kernel_us / 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda_host.py needs a CUDA device")
+    dev = torch.device("cuda")
+    from skimage import data
+
+    from benchmarks.energy_bench import make_inputs
+
+    g = torch.Generator().manual_seed(0)
+    work: dict[str, Callable[[], None]] = {}
+    for S, name in ((512, "astronaut"), (60, "chelsea")):
+        img = torch.from_numpy(getattr(data, name)()[:S, :S].copy()).permute(2, 0, 1)[None].to(dev)
+        probs = torch.softmax(torch.randn(1, 21, S, img.shape[-1], generator=g) * 3, 1).to(dev)
+        work[f"dense_crf {S}x{img.shape[-1]}x21x10"] = lambda p=probs, i=img: rrm_cuda.dense_crf(probs=p, image=i)
+    images, p, rois, labels = (t.to(dev) for t in make_inputs(8, 21, 321))
+    p.requires_grad_()
+    for grad in ("rloss", "exact"):
+        for checked in (True, False):
+            m = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient=grad, check_inputs=checked)
+            tag = f"energy fwd+bwd 8x21x160^2 [{grad}]{'' if checked else ', unchecked'}"
+            work[tag] = lambda m=m: torch.autograd.grad(m(images, p, rois, labels).sum(), p)
+
+    floor = host_floor_us()
+    rows = {}
+    for name, fn in work.items():
+        row = counts(fn)
+        row["wall ms"] = event_ms(fn)
+        row["back to back ms"] = pipelined_ms(fn)
+        rows[name] = row
+    gpu = torch.cuda.get_device_name()
+    print(f"device: {gpu}, torch {torch.__version__}")
+    for k, v in floor.items():
+        print(f"  floor: {k:<28} {v:7.2f} us per call")
+    cols = ["wall ms", "back to back ms", "kernels ms", "kernel launches", "host waits", "aten ops"]
+    print(f"\n{'workload':<44}" + "".join(f"{c:>17}" for c in cols))
+    for name, row in rows.items():
+        print(f"{name:<44}" + "".join(f"{row[c]:>17.3f}" if "ms" in c else f"{int(row[c]):>17d}" for c in cols))
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        slug = gpu.lower().replace("nvidia ", "").replace(" ", "-")
+        path = os.path.join(args.out_dir, f"cuda_host_{slug}.json")
+        with open(path, "w") as f:
+            json.dump({"device": gpu, "torch": torch.__version__, "floor_us": floor, "workloads": rows}, f, indent=1)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
