@@ -385,9 +385,9 @@ def dense_energy_loss(
     if fused:
         h, w = H // stride, W // stride
         unl = seg_label.reshape(B, H, W) == ignore_index if (gate and seg_label is not None) else None
-        # The op's points in dense_crf's pixel order (16 x 16 tiles on a GPU, functional._PIXEL_TILE):
+        # The op's points in dense_crf's pixel order (raster by default; with tiles, functional._PIXEL_TILE:
         # a block of the lattice op's slice gathers 2-2.4x fewer distinct vertex rows at RRM's
-        # 160 x 160. The inputs op writes its outputs in that order (and its backward reads them so),
+        # 160 x 160). The inputs op writes its outputs in that order (and its backward reads them so),
         # and the images and ROIs are sampled in it: no gather of the (B, K, h w) probabilities.
         tile = _pixel_tile((h, w), probs.device)
         s_hat, g = ops.dense_energy_inputs(probs, roi, unl, stride, gate, tile)

@@ -233,8 +233,12 @@ def _positions(batch: int, spatial: Sequence[int], sxy: float | Tensor, dtype: t
 # instead of 1.5x and 1.0x (benchmarks/NOTES.md section 11). Results differ from the raster order's
 # only in the summation order of the splat lists (the last bits). Per device type: the tile side, or
 # 0 for the raster order. On the CPU the op gains 3-7 % (a core's caches hold a 512 x 512 photo's
-# lattice anyway), less than the two gathers of the scores cost there: raster order.
-_PIXEL_TILE = {"cuda": 16, "cpu": 0}
+# lattice anyway), less than the two gathers of the scores cost there: raster order. On an H100
+# (session 13, three A/B runs, benchmarks/cuda_profile.py) the tiles did not pay either: the public
+# 512 x 512 CRF 1.8-3.3 % slower than raster in every run (its two gathers take ~60 us), RRM's
+# pseudo-label CRFs and the energy loss within +-3 % either way. Raster order on both; the tile
+# order stays a switch (tested on both devices) for other GPUs.
+_PIXEL_TILE = {"cuda": 0, "cpu": 0}
 
 
 class _Gather(torch.autograd.Function):
