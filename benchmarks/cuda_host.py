@@ -1,6 +1,7 @@
 """Host side of rrm_cuda's GPU ops, measured on a GPU (benchmarks/host_overhead.py counts ops on the
-CPU): per call, how many kernels are launched, how many times the host waits for the GPU
-(synchronisations, device-to-host copies), how many ATen ops run, and how the wall time compares
+CPU): per call, how many kernels are launched, how many synchronisations (stream, device, event)
+and copies between host and device (cudaMemcpy*, either way; a device-to-host one drains the queue)
+the host makes, how many ATen ops run (nested ones included), and how the wall time compares
 with the kernels' time. Where the kernels are faster than the host can queue them, these counts
 (times this machine's cost of a launch, printed as the floor) bound a call from below.
 
@@ -27,7 +28,8 @@ import rrm_cuda  # noqa: E402
 from benchmarks.cuda_profile import event_ms, pipelined_ms  # noqa: E402
 
 _LAUNCH = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
-_WAIT = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+_SYNC = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+_COPY = ("cudaMemcpy", "cudaMemcpyAsync")
 
 
 def host_floor_us(reps: int = 2000) -> dict[str, float]:
@@ -56,19 +58,27 @@ def counts(fn: Callable[[], None]) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    launches = waits = aten = 0
+    launches = syncs = copies = aten = 0
     kernel_us = 0.0
     for e in prof.events():
         name = e.name
         if name in _LAUNCH:
             launches += 1
-        elif name in _WAIT:
-            waits += 1
+        elif name in _SYNC:
+            syncs += 1
+        elif name in _COPY:
+            copies += 1
         elif name.startswith("aten::"):
             aten += 1
         if e.device_type == torch.autograd.DeviceType.CUDA:
             kernel_us += e.time_range.elapsed_us()
-    return {"kernel launches": launches, "host waits": waits, "aten ops": aten, "kernels ms": kernel_us / 1e3}
+    return {
+        "kernel launches": launches,
+        "syncs": syncs,
+        "copies": copies,
+        "aten ops": aten,
+        "kernels ms": kernel_us / 1e3,
+    }
 
 
 def main() -> None:
@@ -107,7 +117,7 @@ def main() -> None:
     print(f"device: {gpu}, torch {torch.__version__}")
     for k, v in floor.items():
         print(f"  floor: {k:<28} {v:7.2f} us per call")
-    cols = ["wall ms", "back to back ms", "kernels ms", "kernel launches", "host waits", "aten ops"]
+    cols = ["wall ms", "back to back ms", "kernels ms", "kernel launches", "syncs", "copies", "aten ops"]
     print(f"\n{'workload':<44}" + "".join(f"{c:>17}" for c in cols))
     for name, row in rows.items():
         print(f"{name:<44}" + "".join(f"{row[c]:>17.3f}" if "ms" in c else f"{int(row[c]):>17d}" for c in cols))

@@ -5,7 +5,7 @@
 # (JSON + PNG) to $OUT_DIR/results/.
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile host ncu rrm train
-#   (host: launches, host waits and ATen ops per call against wall and kernel time, cuda_host.py;
+#   (host: launches, synchronisations, copies and ATen ops per call against wall and kernel time, cuda_host.py;
 #   ncu: Nsight Compute on one dense CRF and one energy loss, results/ncu.txt and its per-kernel
 #   table in the log; rrm: rrm_bench with the small backbone, then ResNet-38 without the original
 #   path; train: the CPU demo preset trained on the GPU)
