@@ -1093,3 +1093,38 @@ def test_check_inputs_off_skips_value_checks_only():
     assert bool(torch.isfinite(out))
     with pytest.raises(ValueError, match="ROIs must have shape"):
         rrm_cuda.dense_energy_loss(images, probs, rois[:, :2], labels, check_inputs=False)
+
+
+# ---- torch.compile ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gradient", ["rloss", "exact"])
+@pytest.mark.parametrize("scale", [0.5, 0.75])  # the fused inputs op; F.interpolate
+def test_compile_fullgraph_loss_and_gradient(gradient, scale):
+    # The loss traces whole (its value checks skipped while tracing), and the C++ autograd of its ops
+    # (csrc/energy/energy_autograd.cpp) traces into the backward graph: loss and gradient as eager.
+    images, probs, rois, labels = _inputs(B=2, K=3, H=12, W=11, dtype=torch.float64, seed=8)
+
+    def fn(p):
+        return rrm_cuda.dense_energy_loss(
+            images, p * 1.0, rois, labels, sigma_rgb=15.0, sigma_xy=5.0, scale_factor=scale, gradient=gradient
+        )
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    p1, p2 = probs.detach().clone().requires_grad_(), probs.detach().clone().requires_grad_()
+    want = fn(p1)
+    got = compiled(p2)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, p2)[0], torch.autograd.grad(want, p1)[0])
+
+
+def test_autograd_of_the_ops_is_cpp():
+    # dense_energy and dense_energy_inputs (and the emulated twins) have C++ autograd kernels: no
+    # Python wrapper on the hot path (host time per call, benchmarks/NOTES.md section 13)
+    for name in ("dense_energy", "_dense_energy_emulated", "dense_energy_inputs", "_dense_energy_inputs_emulated"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rrm_cuda::{name}", "Autograd"), name
+    p = torch.softmax(torch.randn(1, 2, 6), 1).requires_grad_()
+    energy, _ = ops.dense_energy(p, torch.ones(1, 6), torch.rand(1, 2, 6), None, 1)
+    assert "DenseEnergyFunction" in energy.grad_fn.name()
+    s_hat, _ = ops.dense_energy_inputs(torch.rand(1, 2, 4, 4, requires_grad=True), None, None, 2, True, 0)
+    assert "DenseEnergyInputsFunction" in s_hat.grad_fn.name()

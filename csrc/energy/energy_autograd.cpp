@@ -1,0 +1,143 @@
+// Autograd of the energy loss's two differentiable ops (schemas: csrc/rrm.cpp), as C++ autograd
+// functions registered for the Autograd key, torchvision's way. They replace torch.library's Python
+// register_autograd, whose wrapper cost about 25 us of host time per call with a gradient on the
+// CPU VM (29 us against 4 for the op itself at tiny sizes), twice per call for the backward: host
+// time is what sets the loss's speed on a GPU (benchmarks/NOTES.md section 13). The fake kernels stay
+// in Python (rrm_cuda/_ops/energy.py). The emulated ops (tests) go through the same functions.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace rrm {
+namespace energy {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using EnergySig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const std::optional<at::Tensor>&, int64_t);
+using InputsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                     const std::optional<at::Tensor>&, int64_t, bool, int64_t);
+using InputsBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                                     int64_t);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const c10::TypedOperatorHandle<EnergySig>& energy_op(bool emulated) {
+  static const auto op = find_op<EnergySig>("rrm_cuda::dense_energy");
+  static const auto emu = find_op<EnergySig>("rrm_cuda::_dense_energy_emulated");
+  return emulated ? emu : op;
+}
+
+const c10::TypedOperatorHandle<InputsSig>& inputs_op(bool emulated) {
+  static const auto op = find_op<InputsSig>("rrm_cuda::dense_energy_inputs");
+  static const auto emu = find_op<InputsSig>("rrm_cuda::_dense_energy_inputs_emulated");
+  return emulated ? emu : op;
+}
+
+const c10::TypedOperatorHandle<InputsBackwardSig>& inputs_backward_op(bool emulated) {
+  static const auto op = find_op<InputsBackwardSig>("rrm_cuda::dense_energy_inputs_backward");
+  static const auto emu = find_op<InputsBackwardSig>("rrm_cuda::_dense_energy_inputs_backward_emulated");
+  return emulated ? emu : op;
+}
+
+// dense_energy returns, beside the per-image energy, its gradient direction d energy_b / d probs
+// (grad_mode 1: rloss, 2: exact; 0: none), so the backward is a product: no lattice in it.
+struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& probs, const at::Tensor& gate,
+                               const at::Tensor& features, const std::optional<at::Tensor>& mass, int64_t grad_mode,
+                               bool emulated) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [energy, grad_dir] = energy_op(emulated).call(probs, gate, features, mass, grad_mode);
+    ctx->saved_data["grad_mode"] = grad_mode;
+    ctx->mark_non_differentiable({grad_dir});
+    ctx->set_materialize_grads(false);  // no (B, K, N) zeros for the direction's gradient
+    ctx->save_for_backward({grad_dir});
+    return {energy, grad_dir};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(6);  // probs; gate, features and mass are constants of the loss (as in rloss)
+    const at::Tensor& grad_energy = grads[0];
+    if (!grad_energy.defined()) return out;  // only the direction was used: nothing flows back
+    TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0,
+                "rrm_cuda::dense_energy was called with grad_mode=0 (no gradient direction computed); "
+                "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");
+    const at::Tensor grad_dir = ctx->get_saved_variables()[0];
+    out[0] = grad_dir * grad_energy.reshape({-1, 1, 1}).to(grad_dir.scalar_type());
+    return out;
+  }
+};
+
+// dense_energy_inputs: the probabilities at the working scale (downscaled, ROI-masked, in the
+// requested pixel order) and the gate, a constant of the loss.
+struct DenseEnergyInputsFunction : public torch::autograd::Function<DenseEnergyInputsFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& segmentations,
+                               const std::optional<at::Tensor>& rois, const std::optional<at::Tensor>& unlabelled,
+                               int64_t stride, bool gate, int64_t tile, bool emulated) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [probs, g] = inputs_op(emulated).call(segmentations, rois, unlabelled, stride, gate, tile);
+    ctx->mark_non_differentiable({g});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["tile"] = tile;
+    ctx->saved_data["height"] = segmentations.size(2);
+    ctx->saved_data["width"] = segmentations.size(3);
+    ctx->saved_data["emulated"] = emulated;
+    ctx->save_for_backward({rois.has_value() ? *rois : at::Tensor()});
+    return {probs, g};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);  // segmentations only
+    const at::Tensor& grad_probs = grads[0];
+    if (!grad_probs.defined()) return out;
+    const at::Tensor rois = ctx->get_saved_variables()[0];
+    const int64_t stride = ctx->saved_data["stride"].toInt(), tile = ctx->saved_data["tile"].toInt();
+    const int64_t height = ctx->saved_data["height"].toInt(), width = ctx->saved_data["width"].toInt();
+    if (stride == 1 && !rois.defined() && (tile == 0 || tile >= width)) {  // the identity
+      out[0] = grad_probs;
+      return out;
+    }
+    const std::optional<at::Tensor> r = rois.defined() ? std::optional<at::Tensor>(rois) : std::nullopt;
+    out[0] = inputs_backward_op(ctx->saved_data["emulated"].toBool()).call(grad_probs, r, height, width, stride, tile);
+    return out;
+  }
+};
+
+template <bool kEmulated>
+std::tuple<at::Tensor, at::Tensor> energy_autograd(const at::Tensor& probs, const at::Tensor& gate,
+                                                   const at::Tensor& features, const std::optional<at::Tensor>& mass,
+                                                   int64_t grad_mode) {
+  auto out = DenseEnergyFunction::apply(probs, gate, features, mass, grad_mode, kEmulated);
+  return {out[0], out[1]};
+}
+
+template <bool kEmulated>
+std::tuple<at::Tensor, at::Tensor> inputs_autograd(const at::Tensor& segmentations,
+                                                   const std::optional<at::Tensor>& rois,
+                                                   const std::optional<at::Tensor>& unlabelled, int64_t stride,
+                                                   bool gate, int64_t tile) {
+  auto out = DenseEnergyInputsFunction::apply(segmentations, rois, unlabelled, stride, gate, tile, kEmulated);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rrm_cuda, Autograd, m) {
+  m.impl("dense_energy", &energy_autograd<false>);
+  m.impl("_dense_energy_emulated", &energy_autograd<true>);
+  m.impl("dense_energy_inputs", &inputs_autograd<false>);
+  m.impl("_dense_energy_inputs_emulated", &inputs_autograd<true>);
+}
+
+}  // namespace energy
+}  // namespace rrm
