@@ -646,6 +646,13 @@ def test_emulated_cuda_loss_equals_cpu(dtype, case):
     assert ga.dtype == dtype and ga.shape == f.shape
     tol = _tol(ct) if dtype != torch.float16 else dict(rtol=1e-2, atol=1e-4)
     torch.testing.assert_close(ga.double(), gb.double(), **tol)
+    # through autograd (C++ functions, csrc/bcd/bcd_autograd.cpp): the same backward ops
+    for op, want in ((ops.bcd_loss, ga), (ops._bcd_loss_emulated, gb)):
+        fg = f.detach().clone().requires_grad_()
+        loss = op(seg, fg)[0]
+        assert "BcdLossFunction" in loss.grad_fn.name()
+        (got,) = torch.autograd.grad(loss * 0.7, fg)
+        torch.testing.assert_close(got.double(), want.double(), **tol)
 
 
 # ---- CPU == CUDA ------------------------------------------------------------------------------------
