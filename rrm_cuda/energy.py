@@ -395,10 +395,11 @@ def dense_energy_loss(
             order = _pixel_order((h, w), probs.device)[0]
             src = _sample_index(H, W, stride, tile, order)
             img = images.reshape(B, -1, H * W).index_select(2, src)  # nearest: the blocks' first pixels
-            roi = roi.reshape(B, H * W).index_select(1, src) if roi is not None else None
+            roi = roi.reshape(B, H * W).index_select(1, src) if (roi is not None and nonnegative) else None
         else:
-            img = images[:, :, ::stride, ::stride][:, :, :h, :w].to(dtype)  # nearest: the blocks' first pixels
-            roi = roi[:, ::stride, ::stride][:, :h, :w] if roi is not None else None
+            img = None  # the features in one pass (ops.dense_energy_features), below
+            # the ROI at the working scale is needed only for the mass (nearest: the blocks' first pixels)
+            roi = roi[:, ::stride, ::stride][:, :h, :w] if (roi is not None and nonnegative) else None
     else:
         img = images.to(dtype)
         lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
@@ -438,7 +439,12 @@ def dense_energy_loss(
         # a read or an extra pass here.
         if order is not None:  # img: (B, c, h w) in the order
             feats = _bilateral_features(img, (h, w), sigma_xy * scale_factor, sigma_rgb, dtype, order)
+        elif img is None and not isinstance(sigma_xy, Tensor) and not isinstance(sigma_rgb, Tensor):
+            # one pass from the full-resolution images: no slices, conversion, division and cat
+            feats = ops.dense_energy_features(images, stride, h, w, sigma_xy * scale_factor, sigma_rgb, dtype)
         else:
+            if img is None:  # per-image sigmas: the sampled pixels through ATen ops
+                img = images[:, :, ::stride, ::stride][:, :, :h, :w].to(dtype)  # nearest: the blocks' first pixels
             feats = bilateral_features(img, sigma_xy * scale_factor, sigma_rgb, dtype=dtype)  # cached positions
         mass = None
         if nonnegative:

@@ -130,6 +130,15 @@ def main() -> None:
         )
     img = torch.randint(0, 256, (2, 3, 13, 10), generator=g, dtype=torch.uint8)
     lab = torch.randint(0, 4, (2, 13, 10), generator=g)
+    for stride, dt in ((1, torch.float32), (2, torch.float32), (2, torch.float64)):  # the loss's features
+        h, w = 13 // stride, 10 // stride
+        u = ops.dense_energy_features(img.to(dev), stride, h, w, 13.3, 7.1, dt)
+        close(
+            f"dense_energy_features stride={stride} {dt}",
+            u,
+            ops.dense_energy_features(img, stride, h, w, 13.3, 7.1, dt),
+            0.0,
+        )
     a = ops.dense_energy_input_stats(img.to(dev), seg.float().to(dev), roi.to(dev), lab.to(dev), 255.0, True)
     close("dense_energy_input_stats", a, ops.dense_energy_input_stats(img, seg.float(), roi, lab, 255.0, True), 1e-12)
     # BCD ops through the loss, forward and backward, float32 and float16

@@ -1128,3 +1128,69 @@ def test_autograd_of_the_ops_is_cpp():
     assert "DenseEnergyFunction" in energy.grad_fn.name()
     s_hat, _ = ops.dense_energy_inputs(torch.rand(1, 2, 4, 4, requires_grad=True), None, None, 2, True, 0)
     assert "DenseEnergyInputsFunction" in s_hat.grad_fn.name()
+
+
+# ---- the features op (the loss's bilateral features at its working scale, one pass) ---------------
+
+
+@pytest.mark.parametrize("op", ["dense_energy_features", "_dense_energy_features_emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_features_op_equals_the_aten_formulation(op, dtype):
+    # bitwise: rrm_cuda.bilateral_features of the images sliced [::stride, ::stride] and converted,
+    # for image dtypes and layouts, odd sizes, 1-4 channels, sigmas whose divisions round
+    f = getattr(ops, op)
+    g = torch.Generator().manual_seed(11)
+    for (H, W), c, idt in (
+        ((13, 10), 3, torch.uint8),
+        ((9, 16), 1, torch.float32),
+        ((7, 7), 4, torch.float64),
+        ((12, 5), 3, torch.float16),
+        ((6, 11), 2, torch.int16),
+    ):
+        img = torch.randint(0, 256, (2, c, H, W), generator=g).to(idt)
+        if idt.is_floating_point:
+            img = img + torch.rand(img.shape, generator=g).to(idt)  # fractional values round in the conversion
+        for layout in (
+            img,
+            img.contiguous(memory_format=torch.channels_last),
+            img.transpose(2, 3).contiguous().transpose(2, 3),
+        ):
+            for stride in (1, 2):
+                h, w = H // stride, W // stride
+                for sxy, srgb in ((13.3, 7.1), (100.0 / 3, 15.0), (0.7, 0.3)):
+                    got = f(layout, stride, h, w, sxy, srgb, dtype)
+                    sampled = layout[:, :, ::stride, ::stride][:, :, :h, :w].to(dtype)
+                    want = rrm_cuda.bilateral_features(sampled, sxy, srgb, dtype=dtype)
+                    assert got.dtype == dtype and got.shape == (2, 2 + c, h * w)
+                    assert torch.equal(got, want), (op, H, W, idt, stride, sxy, srgb)
+    torch.library.opcheck(f.default, (img, 2, 2, 3, 13.3, 7.1, dtype))
+
+
+def test_features_op_bad_arguments():
+    img = torch.zeros(2, 3, 8, 9, dtype=torch.uint8)
+    f = ops.dense_energy_features
+    assert f(img[:0], 2, 4, 4, 1.0, 1.0, torch.float32).shape == (0, 5, 16)
+    for args, msg in (
+        ((img[0], 2, 4, 4, 1.0, 1.0, torch.float32), "images"),
+        ((img, 3, 2, 3, 1.0, 1.0, torch.float32), "stride must be 1 or 2"),
+        ((img, 2, 5, 4, 1.0, 1.0, torch.float32), "height and width"),
+        ((img, 1, 8, 10, 1.0, 1.0, torch.float32), "height and width"),
+        ((img, 2, 4, 4, 0.0, 1.0, torch.float32), "sxy and srgb must be positive"),
+        ((img, 2, 4, 4, 1.0, float("inf"), torch.float32), "sxy and srgb must be positive"),
+        ((img, 2, 4, 4, 1.0, 1.0, torch.int32), "dtype must be float32 or float64"),
+        ((img.bool(), 2, 4, 4, 1.0, 1.0, torch.float32), "real, non-bool"),
+    ):
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=msg):
+            f(*args)
+
+
+@pytest.mark.cuda
+def test_cuda_features_op_equals_cpu(cuda):
+    g = torch.Generator().manual_seed(12)
+    img = torch.randint(0, 256, (3, 3, 41, 37), generator=g, dtype=torch.uint8)
+    for stride, dtype in ((1, torch.float32), (2, torch.float32), (2, torch.float64)):
+        h, w = 41 // stride, 37 // stride
+        for x in (img, img.float().contiguous(memory_format=torch.channels_last)):
+            a = ops.dense_energy_features(x, stride, h, w, 50.0, 15.0, dtype)
+            b = ops.dense_energy_features(x.to(cuda), stride, h, w, 50.0, 15.0, dtype)
+            assert torch.equal(b.cpu(), a)

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 #include "common/checks.h"
@@ -71,6 +72,23 @@ inline void check_energy_inputs_args(const at::Tensor& seg, const std::optional<
     TORCH_CHECK_VALUE(unlabelled->size(0) == B && unlabelled->size(1) == H && unlabelled->size(2) == W,
                       "unlabelled must have shape (B, H, W) = (", B, ", ", H, ", ", W, "); got ", unlabelled->sizes());
   }
+}
+
+// dense_energy_features: images (B, c, H, W) of a real dtype, output (B, 2 + c, height * width) of
+// dtype with height * stride <= H and width * stride <= W.
+inline void check_energy_features_args(const at::Tensor& images, int64_t stride, int64_t height, int64_t width,
+                                       double sxy, double srgb, at::ScalarType dtype) {
+  RRM_CHECK_DIM(images, 4, "images");
+  TORCH_CHECK_TYPE(!images.is_complex() && images.scalar_type() != at::kBool,
+                   "images must have a real, non-bool dtype; got ", images.scalar_type());
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "dtype must be float32 or float64; got ", dtype);
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);
+  TORCH_CHECK_VALUE(height >= 0 && width >= 0 && height * stride <= images.size(2) && width * stride <= images.size(3),
+                    "height and width must be >= 0 with height * stride <= H and width * stride <= W; got height=",
+                    height, ", width=", width, ", stride=", stride, " for images of shape ", images.sizes());
+  TORCH_CHECK_VALUE(height * width < (int64_t{1} << 31), "height * width must be < 2^31; got ", height, " x ", width);
+  TORCH_CHECK_VALUE(sxy > 0 && srgb > 0 && std::isfinite(sxy) && std::isfinite(srgb),
+                    "sxy and srgb must be positive and finite; got sxy=", sxy, ", srgb=", srgb);
 }
 
 // dense_energy_inputs_backward: grad (B, K, h, w) with h = height / stride, w = width / stride.

@@ -276,6 +276,37 @@ struct StridedView {
   int64_t sb, sc, sy, sx;
 };
 
+// The bilateral features of the loss's pixels at its working scale (the dense_energy_features op):
+// out (B, 2 + c, h w), row-major pixels p = y w + x: x / sxy, y / sxy, then colour k of the sampled
+// pixel (stride y, stride x) / srgb. The same values as rrm_cuda.bilateral_features of the images
+// sliced [::stride, ::stride], converted to scalar_t and divided (true divisions in scalar_t, as a
+// tensor divided by a number or by a 0-dim tensor of its dtype). One call per (image, output row,
+// columns [x0, x1)): rows on the CPU, one pixel per thread on CUDA (a warp writes consecutive
+// pixels of each feature row).
+template <typename scalar_t>
+struct FeaturesFunctor {
+  StridedView img;  // (B, c, H, W), any dtype and strides
+  scalar_t* out;    // (B, 2 + c, h w)
+  int64_t c, h, w;
+  int stride;
+  scalar_t sxy, srgb;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x0, int64_t x1) const {
+    const int64_t N = h * w;
+    scalar_t* o = out + b * (2 + c) * N + y * w;
+    const scalar_t py = static_cast<scalar_t>(y) / sxy;
+    const int64_t row = b * img.sb + y * stride * img.sy;
+    for (int64_t x = x0; x < x1; ++x) {
+      o[x] = static_cast<scalar_t>(x) / sxy;
+      o[N + x] = py;
+      const int64_t q = row + x * stride * img.sx;
+      for (int64_t k = 0; k < c; ++k) {
+        o[(2 + k) * N + x] = static_cast<scalar_t>(load_elem(img.p, q + k * img.sc, img.t)) / srgb;
+      }
+    }
+  }
+};
+
 // Statistics, all maxima (minima negated) so that one amax over the threads' partials reduces
 // them; NaN propagates as through torch.amax (nan_max), so NaN inputs fail the range checks. 0/1
 // flags for the ROIs and labels.

@@ -36,6 +36,13 @@ at::Tensor inputs_backward_cuda(const at::Tensor& grad, const std::optional<at::
   return dense_energy_inputs_backward(CudaExec{}, grad, rois.value_or(at::Tensor()), height, width, stride, tile);
 }
 
+at::Tensor features_cuda(const at::Tensor& images, int64_t stride, int64_t height, int64_t width, double sxy,
+                         double srgb, at::ScalarType dtype) {
+  check_energy_features_args(images, stride, height, width, sxy, srgb, dtype);
+  const c10::cuda::CUDAGuard guard(images.device());
+  return dense_energy_features(CudaExec{}, images, stride, height, width, sxy, srgb, dtype);
+}
+
 at::Tensor input_stats_cuda(const at::Tensor& images, const at::Tensor& seg, const std::optional<at::Tensor>& rois,
                             const std::optional<at::Tensor>& labels, double ignore_index, bool distribution) {
   check_energy_input_stats_args(images, seg, rois, labels);
@@ -48,6 +55,7 @@ at::Tensor input_stats_cuda(const at::Tensor& images, const at::Tensor& seg, con
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
   m.impl("dense_energy_input_stats", &input_stats_cuda);
+  m.impl("dense_energy_features", &features_cuda);
   m.impl("dense_energy", &energy_cuda);
   m.impl("dense_energy_inputs", &inputs_cuda);
   m.impl("dense_energy_inputs_backward", &inputs_backward_cuda);

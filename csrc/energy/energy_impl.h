@@ -297,6 +297,29 @@ inline StridedView strided_view(const at::Tensor& t, const char* what) {
   return StridedView{t.data_ptr(), elem_of(t, what), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// The bilateral features of the loss's sampled pixels (FeaturesFunctor): images (B, c, H, W), any
+// dtype and strides -> (B, 2 + c, h w) of dtype.
+template <class Exec>
+at::Tensor dense_energy_features(const Exec& exec, const at::Tensor& images, int64_t stride, int64_t h, int64_t w,
+                                 double sxy, double srgb, at::ScalarType dtype) {
+  const int64_t B = images.size(0), c = images.size(1);
+  auto out = at::empty({B, 2 + c, h * w}, images.options().dtype(dtype));
+  if (out.numel() == 0) return out;
+  const StridedView img = strided_view(images, "images");
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rrm_dense_energy_features", [&] {
+    FeaturesFunctor<scalar_t> f{img,
+                                out.data_ptr<scalar_t>(),
+                                c,
+                                h,
+                                w,
+                                static_cast<int>(stride),
+                                static_cast<scalar_t>(sxy),
+                                static_cast<scalar_t>(srgb)};
+    exec.for_each_item(B, h, w, f, 64);  // (image, output row), columns
+  });
+  return out;
+}
+
 // The value checks' statistics of the loss's inputs in one pass (InputStatsFunctor), reduced on the
 // device: (kNumStats,) float64 maxima. images (B, c, H, W), probs (B, K, H, W), rois and labels
 // (B, H, W) or undefined, any dtypes and strides.

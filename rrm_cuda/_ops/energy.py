@@ -52,6 +52,18 @@ for _name, _bwd in (
     torch.library.register_fake(f"rrm_cuda::{_bwd}")(_inputs_backward_fake)
 
 
+# ---- the bilateral features at the working scale (no autograd: a constant of the loss) ----
+
+
+def _features_fake(images, stride, height, width, sxy, srgb, dtype):
+    torch._check(images.dim() == 4 and stride in (1, 2))
+    return images.new_empty((images.shape[0], 2 + images.shape[1], height * width), dtype=dtype)
+
+
+for _name in ("rrm_cuda::dense_energy_features", "rrm_cuda::_dense_energy_features_emulated"):
+    torch.library.register_fake(_name)(_features_fake)
+
+
 # ---- the value checks' statistics, one pass (no autograd: a check, not a function of the loss) ----
 
 
