@@ -1124,3 +1124,31 @@ def test_unit_range_float_image_warns():
         rrm_cuda.dense_crf(probs=probs, image=img, iterations=1)  # 0-255: no warning
         rrm_cuda.dense_crf(probs=probs, image=img.to(torch.uint8), iterations=1)
         rrm_cuda.dense_crf(probs=probs, image=img / 255, iterations=1, bilateral_compat=0)  # no bilateral term
+
+
+def test_autograd_is_cpp_and_routes_each_gradient():
+    # dense_crf's and permutohedral_filter's autograd is C++ (csrc/lattice/lattice_autograd.cpp): the
+    # node's gradients are the backward op's, for the unary alone, the compatibilities alone (the
+    # input edge after the features) and both; on the CPU and the emulated launch
+    unary, feats, c = _grad_inputs(B=2, L=3, H=6, W=5, seed=21)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    pairs = ((ops.dense_crf, ops.dense_crf_backward), (ops._dense_crf_emulated, ops._dense_crf_backward_emulated))
+    for op, bwd in pairs:
+        want_u, want_c = bwd(gq, unary, feats, c, [True, False], [0, 1], 3)
+        for needs in ((True, False), (False, True), (True, True)):
+            u = unary.clone().requires_grad_(needs[0])
+            cc = c.clone().requires_grad_(needs[1])
+            q = op(u, feats, cc, [True, False], [0, 1], 3)
+            assert "CrfFunction" in q.grad_fn.name()
+            got = torch.autograd.grad(q, [t for t, n in zip((u, cc), needs) if n], gq)
+            want = [w for w, n in zip((want_u, want_c), needs) if n]
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    v = torch.randn(1, 2, 30, dtype=torch.float64, requires_grad=True)
+    f = torch.rand(1, 3, 30, dtype=torch.float64) * 3
+    for op in (ops.permutohedral_filter, ops._permutohedral_filter_emulated):
+        out = op(v, f, False)
+        assert "FilterFunction" in out.grad_fn.name()
+        g = torch.randn(out.shape, dtype=torch.float64)
+        (got,) = torch.autograd.grad(out, v, g)
+        torch.testing.assert_close(got, op(g, f, True), rtol=0, atol=0)

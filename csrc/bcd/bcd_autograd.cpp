@@ -1,5 +1,5 @@
 // Autograd of bcd_loss (schema: csrc/rrm.cpp), a C++ autograd function registered for the Autograd
-// key, as the energy loss's (csrc/energy/energy_autograd.cpp, which says why): the loss runs every
+// key, as the energy loss's and the lattice ops' (csrc/energy/energy_autograd.cpp, which says why): the loss runs every
 // training iteration with a gradient, where torch.library's Python wrapper cost about 25 us of host
 // time per call. The standalone BCD ops (masked sums, gather, cosine) keep their Python autograd
 // (rrm_cuda/_ops/bcd.py); the fake kernels are there too. The emulated op (tests) shares the function.

@@ -1,4 +1,5 @@
-"""Fake kernels and autograd for the permutohedral-lattice ops (schemas: csrc/rrm.cpp)."""
+"""Fake kernels for the permutohedral-lattice ops (schemas: csrc/rrm.cpp; autograd:
+csrc/lattice/lattice_autograd.cpp)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def _filter_backward(ctx, grad):
     return grad_values, None, None
 
 
-torch.library.register_autograd("rrm_cuda::permutohedral_filter", _filter_backward, setup_context=_filter_setup_context)
+# permutohedral_filter's and dense_crf's autograd is C++ (csrc/lattice/lattice_autograd.cpp: host time
+# per call). The helpers here serve PermutohedralFilterFunction, the autograd.Function form.
 
 
 class PermutohedralFilterFunction(torch.autograd.Function):
@@ -76,50 +78,3 @@ class PermutohedralFilterFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _filter_backward(ctx, grad)
-
-
-# ---- dense_crf: backpropagation through the mean-field iterations ------------------------------
-
-
-def _crf_setup_context(ctx, inputs, output):
-    unary, features, compat, diagonal, normalization, iterations, *rest = inputs
-    ctx.save_for_backward(unary, compat, *features)
-    ctx.diagonal = list(diagonal)
-    ctx.normalization = list(normalization)
-    ctx.iterations = iterations
-    ctx.cache = list(rest[0]) if rest else []
-
-
-def _make_crf_backward(backward_op):
-    def _crf_backward(ctx, grad):
-        unary, compat, *features = ctx.saved_tensors
-        # The op rebuilds the lattices and reruns the forward; features get no gradient. Without a
-        # compatibility gradient it skips recomputing the messages (one filter per term and step).
-        grad_unary, grad_compat = backward_op(
-            grad.contiguous(),
-            unary,
-            features,
-            compat,
-            ctx.diagonal,
-            ctx.normalization,
-            ctx.iterations,
-            ctx.needs_input_grad[2],
-            ctx.cache,
-        )
-        return (
-            grad_unary if ctx.needs_input_grad[0] else None,
-            [None] * len(features),
-            grad_compat if ctx.needs_input_grad[2] else None,
-        ) + (None,) * (len(ctx.needs_input_grad) - 3)  # the trailing cache flags may be left out
-
-    return _crf_backward
-
-
-torch.library.register_autograd(
-    "rrm_cuda::dense_crf", _make_crf_backward(ops.dense_crf_backward), setup_context=_crf_setup_context
-)
-torch.library.register_autograd(
-    "rrm_cuda::_dense_crf_emulated",
-    _make_crf_backward(ops._dense_crf_backward_emulated),
-    setup_context=_crf_setup_context,
-)

@@ -1,0 +1,132 @@
+// Autograd of the lattice ops (schemas: csrc/rrm.cpp) as C++ autograd functions registered for the
+// Autograd key, like the energy and BCD losses' (csrc/energy/energy_autograd.cpp says why: host time
+// per call). permutohedral_filter's backward is the filter with the blur order reversed (its exact
+// adjoint); dense_crf's is dense_crf_backward, which rebuilds the lattices and reruns the forward.
+// The features get no gradient. The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace rrm {
+namespace lattice {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FilterSig = at::Tensor(const at::Tensor&, const at::Tensor&, bool);
+using CrfSig = at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&, const c10::List<bool>&, at::IntArrayRef,
+                          int64_t, const c10::List<bool>&);
+using CrfBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                                          const at::Tensor&, const c10::List<bool>&, at::IntArrayRef,
+                                                          int64_t, bool, const c10::List<bool>&);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+const c10::TypedOperatorHandle<FilterSig>& filter_op(bool emulated) {
+  static const auto op = find_op<FilterSig>("rrm_cuda::permutohedral_filter");
+  static const auto emu = find_op<FilterSig>("rrm_cuda::_permutohedral_filter_emulated");
+  return emulated ? emu : op;
+}
+
+const c10::TypedOperatorHandle<CrfSig>& crf_op(bool emulated) {
+  static const auto op = find_op<CrfSig>("rrm_cuda::dense_crf");
+  static const auto emu = find_op<CrfSig>("rrm_cuda::_dense_crf_emulated");
+  return emulated ? emu : op;
+}
+
+const c10::TypedOperatorHandle<CrfBackwardSig>& crf_backward_op(bool emulated) {
+  static const auto op = find_op<CrfBackwardSig>("rrm_cuda::dense_crf_backward");
+  static const auto emu = find_op<CrfBackwardSig>("rrm_cuda::_dense_crf_backward_emulated");
+  return emulated ? emu : op;
+}
+
+struct FilterFunction : public torch::autograd::Function<FilterFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& features, bool reverse,
+                               bool emulated) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = filter_op(emulated).call(values, features, reverse);
+    ctx->save_for_backward({features});
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["emulated"] = emulated;
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(4);  // values only
+    const at::Tensor features = ctx->get_saved_variables()[0];
+    // K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order
+    out[0] = filter_op(ctx->saved_data["emulated"].toBool())
+                 .call(grads[0].contiguous(), features, !ctx->saved_data["reverse"].toBool());
+    return out;
+  }
+};
+
+struct CrfFunction : public torch::autograd::Function<CrfFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& unary, at::TensorList features,
+                               const at::Tensor& compat, const c10::List<bool>& diagonal, at::IntArrayRef normalization,
+                               int64_t iterations, const c10::List<bool>& cache, bool emulated) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor q = crf_op(emulated).call(unary, features, compat, diagonal, normalization, iterations, cache);
+    std::vector<at::Tensor> saved{unary, compat};
+    saved.insert(saved.end(), features.begin(), features.end());
+    ctx->save_for_backward(saved);
+    ctx->saved_data["diagonal"] = diagonal;
+    ctx->saved_data["normalization"] = normalization.vec();
+    ctx->saved_data["iterations"] = iterations;
+    ctx->saved_data["cache"] = cache;
+    ctx->saved_data["emulated"] = emulated;
+    return {q};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const std::vector<at::Tensor> features(s.begin() + 2, s.end());
+    const size_t F = features.size();
+    // inputs: unary, the F features, compat (the tensors' edges: compat is edge F + 1), then five
+    // non-tensor arguments
+    variable_list out(F + 7);
+    const bool want_unary = ctx->needs_input_grad(0), want_compat = ctx->needs_input_grad(F + 1);
+    // Without a compatibility gradient the op skips recomputing the messages (one filter per term
+    // and step).
+    auto [grad_unary, grad_compat] =
+        crf_backward_op(ctx->saved_data["emulated"].toBool())
+            .call(grads[0].contiguous(), s[0], features, s[1], ctx->saved_data["diagonal"].toBoolList(),
+                  ctx->saved_data["normalization"].toIntVector(), ctx->saved_data["iterations"].toInt(), want_compat,
+                  ctx->saved_data["cache"].toBoolList());
+    if (want_unary) out[0] = grad_unary;
+    if (want_compat) out[F + 1] = grad_compat;
+    return out;
+  }
+};
+
+template <bool kEmulated>
+at::Tensor filter_autograd(const at::Tensor& values, const at::Tensor& features, bool reverse) {
+  return FilterFunction::apply(values, features, reverse, kEmulated)[0];
+}
+
+template <bool kEmulated>
+at::Tensor crf_autograd(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
+                        const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations,
+                        const c10::List<bool>& cache) {
+  return CrfFunction::apply(unary, features, compat, diagonal, normalization, iterations, cache, kEmulated)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rrm_cuda, Autograd, m) {
+  m.impl("permutohedral_filter", &filter_autograd<false>);
+  m.impl("_permutohedral_filter_emulated", &filter_autograd<true>);
+  m.impl("dense_crf", &crf_autograd<false>);
+  m.impl("_dense_crf_emulated", &crf_autograd<true>);
+}
+
+}  // namespace lattice
+}  // namespace rrm
