@@ -4,11 +4,12 @@
 // time per call. The standalone BCD ops (masked sums, gather, cosine) keep their Python autograd
 // (rrm_cuda/_ops/bcd.py); the fake kernels are there too. The emulated op (tests) shares the function.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
+
+#include "common/op_pair.h"
 
 namespace rrm {
 namespace bcd {
@@ -22,20 +23,14 @@ using LossSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
 using LossBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
-const c10::TypedOperatorHandle<LossSig>& loss_op(bool emulated) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("rrm_cuda::bcd_loss", "").typed<LossSig>();
-  static const auto emu =
-      c10::Dispatcher::singleton().findSchemaOrThrow("rrm_cuda::_bcd_loss_emulated", "").typed<LossSig>();
-  return emulated ? emu : op;
+const OpPair<LossSig>& loss_ops() {
+  static const OpPair<LossSig> p("rrm_cuda::bcd_loss", "rrm_cuda::_bcd_loss_emulated");
+  return p;
 }
 
-const c10::TypedOperatorHandle<LossBackwardSig>& loss_backward_op(bool emulated) {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("rrm_cuda::bcd_loss_backward", "").typed<LossBackwardSig>();
-  static const auto emu = c10::Dispatcher::singleton()
-                              .findSchemaOrThrow("rrm_cuda::_bcd_loss_backward_emulated", "")
-                              .typed<LossBackwardSig>();
-  return emulated ? emu : op;
+const OpPair<LossBackwardSig>& loss_backward_ops() {
+  static const OpPair<LossBackwardSig> p("rrm_cuda::bcd_loss_backward", "rrm_cuda::_bcd_loss_backward_emulated");
+  return p;
 }
 
 // The loss is differentiable in the features only (the labels come from seg_logits by argmax); the
@@ -44,7 +39,8 @@ struct BcdLossFunction : public torch::autograd::Function<BcdLossFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& seg_logits, const at::Tensor& features,
                                bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, labels, centers, dot, norm, cos_sums, counts, finite] = loss_op(emulated).call(seg_logits, features);
+    auto [loss, labels, centers, dot, norm, cos_sums, counts, finite] =
+        loss_ops().get(emulated).call(seg_logits, features);
     ctx->save_for_backward({features, labels, centers, dot, norm, cos_sums, counts});
     ctx->mark_non_differentiable({labels, centers, dot, norm, cos_sums, counts, finite});
     ctx->set_materialize_grads(false);  // no zero gradients for the seven non-differentiable outputs
@@ -56,8 +52,9 @@ struct BcdLossFunction : public torch::autograd::Function<BcdLossFunction> {
     variable_list out(3);
     if (!grads[0].defined() || !ctx->needs_input_grad(1)) return out;
     const variable_list s = ctx->get_saved_variables();
-    out[1] =
-        loss_backward_op(ctx->saved_data["emulated"].toBool()).call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
+    out[1] = loss_backward_ops()
+                 .get(ctx->saved_data["emulated"].toBool())
+                 .call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
     return out;
   }
 };

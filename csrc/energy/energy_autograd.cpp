@@ -1,16 +1,17 @@
 // Autograd of the energy loss's two differentiable ops (schemas: csrc/rrm.cpp), as C++ autograd
 // functions registered for the Autograd key, torchvision's way. They replace torch.library's Python
 // register_autograd, whose wrapper cost about 25 us of host time per call with a gradient on the
-// CPU VM (29 us against 4 for the op itself at tiny sizes), twice per call for the backward: host
+// CPU VM (29 us per call at tiny sizes, 7 us through this), and its backward ran Python too: host
 // time is what sets the loss's speed on a GPU (benchmarks/NOTES.md section 13). The fake kernels stay
 // in Python (rrm_cuda/_ops/energy.py). The emulated ops (tests) go through the same functions.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "common/op_pair.h"
 
 namespace rrm {
 namespace energy {
@@ -26,27 +27,20 @@ using InputsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const st
 using InputsBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
                                      int64_t);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+const OpPair<EnergySig>& energy_ops() {
+  static const OpPair<EnergySig> p("rrm_cuda::dense_energy", "rrm_cuda::_dense_energy_emulated");
+  return p;
 }
 
-const c10::TypedOperatorHandle<EnergySig>& energy_op(bool emulated) {
-  static const auto op = find_op<EnergySig>("rrm_cuda::dense_energy");
-  static const auto emu = find_op<EnergySig>("rrm_cuda::_dense_energy_emulated");
-  return emulated ? emu : op;
+const OpPair<InputsSig>& inputs_ops() {
+  static const OpPair<InputsSig> p("rrm_cuda::dense_energy_inputs", "rrm_cuda::_dense_energy_inputs_emulated");
+  return p;
 }
 
-const c10::TypedOperatorHandle<InputsSig>& inputs_op(bool emulated) {
-  static const auto op = find_op<InputsSig>("rrm_cuda::dense_energy_inputs");
-  static const auto emu = find_op<InputsSig>("rrm_cuda::_dense_energy_inputs_emulated");
-  return emulated ? emu : op;
-}
-
-const c10::TypedOperatorHandle<InputsBackwardSig>& inputs_backward_op(bool emulated) {
-  static const auto op = find_op<InputsBackwardSig>("rrm_cuda::dense_energy_inputs_backward");
-  static const auto emu = find_op<InputsBackwardSig>("rrm_cuda::_dense_energy_inputs_backward_emulated");
-  return emulated ? emu : op;
+const OpPair<InputsBackwardSig>& inputs_backward_ops() {
+  static const OpPair<InputsBackwardSig> p("rrm_cuda::dense_energy_inputs_backward",
+                                           "rrm_cuda::_dense_energy_inputs_backward_emulated");
+  return p;
 }
 
 // dense_energy returns, beside the per-image energy, its gradient direction d energy_b / d probs
@@ -56,7 +50,7 @@ struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunctio
                                const at::Tensor& features, const std::optional<at::Tensor>& mass, int64_t grad_mode,
                                bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [energy, grad_dir] = energy_op(emulated).call(probs, gate, features, mass, grad_mode);
+    auto [energy, grad_dir] = energy_ops().get(emulated).call(probs, gate, features, mass, grad_mode);
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->mark_non_differentiable({grad_dir});
     ctx->set_materialize_grads(false);  // no (B, K, N) zeros for the direction's gradient
@@ -84,7 +78,7 @@ struct DenseEnergyInputsFunction : public torch::autograd::Function<DenseEnergyI
                                const std::optional<at::Tensor>& rois, const std::optional<at::Tensor>& unlabelled,
                                int64_t stride, bool gate, int64_t tile, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [probs, g] = inputs_op(emulated).call(segmentations, rois, unlabelled, stride, gate, tile);
+    auto [probs, g] = inputs_ops().get(emulated).call(segmentations, rois, unlabelled, stride, gate, tile);
     ctx->mark_non_differentiable({g});
     ctx->set_materialize_grads(false);
     ctx->saved_data["stride"] = stride;
@@ -108,7 +102,9 @@ struct DenseEnergyInputsFunction : public torch::autograd::Function<DenseEnergyI
       return out;
     }
     const std::optional<at::Tensor> r = rois.defined() ? std::optional<at::Tensor>(rois) : std::nullopt;
-    out[0] = inputs_backward_op(ctx->saved_data["emulated"].toBool()).call(grad_probs, r, height, width, stride, tile);
+    out[0] = inputs_backward_ops()
+                 .get(ctx->saved_data["emulated"].toBool())
+                 .call(grad_probs, r, height, width, stride, tile);
     return out;
   }
 };

@@ -4,12 +4,13 @@
 // adjoint); dense_crf's is dense_crf_backward, which rebuilds the lattices and reruns the forward.
 // The features get no gradient. The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
+
+#include "common/op_pair.h"
 
 namespace rrm {
 namespace lattice {
@@ -25,34 +26,26 @@ using CrfBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, con
                                                           const at::Tensor&, const c10::List<bool>&, at::IntArrayRef,
                                                           int64_t, bool, const c10::List<bool>&);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+const OpPair<FilterSig>& filter_ops() {
+  static const OpPair<FilterSig> p("rrm_cuda::permutohedral_filter", "rrm_cuda::_permutohedral_filter_emulated");
+  return p;
 }
 
-const c10::TypedOperatorHandle<FilterSig>& filter_op(bool emulated) {
-  static const auto op = find_op<FilterSig>("rrm_cuda::permutohedral_filter");
-  static const auto emu = find_op<FilterSig>("rrm_cuda::_permutohedral_filter_emulated");
-  return emulated ? emu : op;
+const OpPair<CrfSig>& crf_ops() {
+  static const OpPair<CrfSig> p("rrm_cuda::dense_crf", "rrm_cuda::_dense_crf_emulated");
+  return p;
 }
 
-const c10::TypedOperatorHandle<CrfSig>& crf_op(bool emulated) {
-  static const auto op = find_op<CrfSig>("rrm_cuda::dense_crf");
-  static const auto emu = find_op<CrfSig>("rrm_cuda::_dense_crf_emulated");
-  return emulated ? emu : op;
-}
-
-const c10::TypedOperatorHandle<CrfBackwardSig>& crf_backward_op(bool emulated) {
-  static const auto op = find_op<CrfBackwardSig>("rrm_cuda::dense_crf_backward");
-  static const auto emu = find_op<CrfBackwardSig>("rrm_cuda::_dense_crf_backward_emulated");
-  return emulated ? emu : op;
+const OpPair<CrfBackwardSig>& crf_backward_ops() {
+  static const OpPair<CrfBackwardSig> p("rrm_cuda::dense_crf_backward", "rrm_cuda::_dense_crf_backward_emulated");
+  return p;
 }
 
 struct FilterFunction : public torch::autograd::Function<FilterFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& features, bool reverse,
                                bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = filter_op(emulated).call(values, features, reverse);
+    at::Tensor out = filter_ops().get(emulated).call(values, features, reverse);
     ctx->save_for_backward({features});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["emulated"] = emulated;
@@ -63,7 +56,8 @@ struct FilterFunction : public torch::autograd::Function<FilterFunction> {
     variable_list out(4);  // values only
     const at::Tensor features = ctx->get_saved_variables()[0];
     // K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order
-    out[0] = filter_op(ctx->saved_data["emulated"].toBool())
+    out[0] = filter_ops()
+                 .get(ctx->saved_data["emulated"].toBool())
                  .call(grads[0].contiguous(), features, !ctx->saved_data["reverse"].toBool());
     return out;
   }
@@ -74,7 +68,7 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
                                const at::Tensor& compat, const c10::List<bool>& diagonal, at::IntArrayRef normalization,
                                int64_t iterations, const c10::List<bool>& cache, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor q = crf_op(emulated).call(unary, features, compat, diagonal, normalization, iterations, cache);
+    at::Tensor q = crf_ops().get(emulated).call(unary, features, compat, diagonal, normalization, iterations, cache);
     std::vector<at::Tensor> saved{unary, compat};
     saved.insert(saved.end(), features.begin(), features.end());
     ctx->save_for_backward(saved);
@@ -97,7 +91,8 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
     // Without a compatibility gradient the op skips recomputing the messages (one filter per term
     // and step).
     auto [grad_unary, grad_compat] =
-        crf_backward_op(ctx->saved_data["emulated"].toBool())
+        crf_backward_ops()
+            .get(ctx->saved_data["emulated"].toBool())
             .call(grads[0].contiguous(), s[0], features, s[1], ctx->saved_data["diagonal"].toBoolList(),
                   ctx->saved_data["normalization"].toIntVector(), ctx->saved_data["iterations"].toInt(), want_compat,
                   ctx->saved_data["cache"].toBoolList());
