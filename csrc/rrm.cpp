@@ -161,15 +161,16 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "_dense_energy_input_stats_emulated(Tensor images, Tensor segmentations, Tensor? rois, Tensor? labels, "
       "float ignore_index, bool distribution) -> Tensor");
-  // The bilateral features of the loss's pixels at its working scale, in one pass: images (B, c, H, W),
-  // any real dtype and strides -> (B, 2 + c, height * width) of dtype (float32/float64): x / sxy,
-  // y / sxy, then the colours of pixel (stride y, stride x) / srgb (rrm_cuda.bilateral_features of
-  // images[:, :, ::stride, ::stride][:, :, :height, :width], bitwise). No autograd: a constant of the loss.
+  // Bilateral features of 2-D images in one pass (dense_crf's bilateral term with stride 1; the energy
+  // loss's pixels at its working scale with stride 2): images (B, c, H, W), any real dtype and strides
+  // -> (B, 2 + c, height * width) of dtype (float32/float64): x / sxy, y / sxy, then the colours of
+  // pixel (stride y, stride x) / srgb (rrm_cuda.bilateral_features of
+  // images[:, :, ::stride, ::stride][:, :, :height, :width], bitwise). No autograd (features are constants).
   m.def(
-      "dense_energy_features(Tensor images, int stride, int height, int width, float sxy, float srgb, "
+      "bilateral_features_2d(Tensor images, int stride, int height, int width, float sxy, float srgb, "
       "ScalarType dtype) -> Tensor");
   m.def(
-      "_dense_energy_features_emulated(Tensor images, int stride, int height, int width, float sxy, float srgb, "
+      "_bilateral_features_2d_emulated(Tensor images, int stride, int height, int width, float sxy, float srgb, "
       "ScalarType dtype) -> Tensor");
   // Backward of dense_energy_inputs' probs: grad (B, K, H/stride, W/stride), in the forward's pixel order
   // (tile), -> (B, K, height, width).

@@ -397,7 +397,7 @@ def dense_energy_loss(
             img = images.reshape(B, -1, H * W).index_select(2, src)  # nearest: the blocks' first pixels
             roi = roi.reshape(B, H * W).index_select(1, src) if (roi is not None and nonnegative) else None
         else:
-            img = None  # the features in one pass (ops.dense_energy_features), below
+            img = None  # the features in one pass (ops.bilateral_features_2d), below
             # the ROI at the working scale is needed only for the mass (nearest: the blocks' first pixels)
             roi = roi[:, ::stride, ::stride][:, :h, :w] if (roi is not None and nonnegative) else None
     else:
@@ -441,7 +441,7 @@ def dense_energy_loss(
             feats = _bilateral_features(img, (h, w), sigma_xy * scale_factor, sigma_rgb, dtype, order)
         elif img is None and not isinstance(sigma_xy, Tensor) and not isinstance(sigma_rgb, Tensor):
             # one pass from the full-resolution images: no slices, conversion, division and cat
-            feats = ops.dense_energy_features(images, stride, h, w, sigma_xy * scale_factor, sigma_rgb, dtype)
+            feats = ops.bilateral_features_2d(images, stride, h, w, sigma_xy * scale_factor, sigma_rgb, dtype)
         else:
             if img is None:  # per-image sigmas: the sampled pixels through ATen ops
                 img = images[:, :, ::stride, ::stride][:, :, :h, :w].to(dtype)  # nearest: the blocks' first pixels

@@ -603,7 +603,12 @@ def dense_crf(
             # max |feature| from the positions' bound and the image's range (read with the other
             # values, or 255 for uint8): no pass over the features
             fmax = (_position_fmax(spatial, bsxy), bsrgb)
-        add(bilateral_features(image, bsxy, bsrgb, dtype=dtype), bilateral_compat, "bilateral_compat", fmax)
+        if tiles is None and len(spatial) == 2 and fmax is not None:
+            # number sigmas, 2-D: the features in one pass (the same values as bilateral_features)
+            bil = ops.bilateral_features_2d(image, 1, spatial[0], spatial[1], bsxy, bsrgb, dtype)
+        else:
+            bil = bilateral_features(image, bsxy, bsrgb, dtype=dtype)
+        add(bil, bilateral_compat, "bilateral_compat", fmax)
     for k, item in enumerate(pairwise):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise TypeError(f"pairwise[{k}] must be a (features, compat) pair")

@@ -132,11 +132,11 @@ def main() -> None:
     lab = torch.randint(0, 4, (2, 13, 10), generator=g)
     for stride, dt in ((1, torch.float32), (2, torch.float32), (2, torch.float64)):  # the loss's features
         h, w = 13 // stride, 10 // stride
-        u = ops.dense_energy_features(img.to(dev), stride, h, w, 13.3, 7.1, dt)
+        u = ops.bilateral_features_2d(img.to(dev), stride, h, w, 13.3, 7.1, dt)
         close(
-            f"dense_energy_features stride={stride} {dt}",
+            f"bilateral_features_2d stride={stride} {dt}",
             u,
-            ops.dense_energy_features(img, stride, h, w, 13.3, 7.1, dt),
+            ops.bilateral_features_2d(img, stride, h, w, 13.3, 7.1, dt),
             0.0,
         )
     a = ops.dense_energy_input_stats(img.to(dev), seg.float().to(dev), roi.to(dev), lab.to(dev), 255.0, True)

@@ -1133,7 +1133,7 @@ def test_autograd_of_the_ops_is_cpp():
 # ---- the features op (the loss's bilateral features at its working scale, one pass) ---------------
 
 
-@pytest.mark.parametrize("op", ["dense_energy_features", "_dense_energy_features_emulated"])
+@pytest.mark.parametrize("op", ["bilateral_features_2d", "_bilateral_features_2d_emulated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_features_op_equals_the_aten_formulation(op, dtype):
     # bitwise: rrm_cuda.bilateral_features of the images sliced [::stride, ::stride] and converted,
@@ -1168,7 +1168,7 @@ def test_features_op_equals_the_aten_formulation(op, dtype):
 
 def test_features_op_bad_arguments():
     img = torch.zeros(2, 3, 8, 9, dtype=torch.uint8)
-    f = ops.dense_energy_features
+    f = ops.bilateral_features_2d
     assert f(img[:0], 2, 4, 4, 1.0, 1.0, torch.float32).shape == (0, 5, 16)
     for args, msg in (
         ((img[0], 2, 4, 4, 1.0, 1.0, torch.float32), "images"),
@@ -1191,6 +1191,6 @@ def test_cuda_features_op_equals_cpu(cuda):
     for stride, dtype in ((1, torch.float32), (2, torch.float32), (2, torch.float64)):
         h, w = 41 // stride, 37 // stride
         for x in (img, img.float().contiguous(memory_format=torch.channels_last)):
-            a = ops.dense_energy_features(x, stride, h, w, 50.0, 15.0, dtype)
-            b = ops.dense_energy_features(x.to(cuda), stride, h, w, 50.0, 15.0, dtype)
+            a = ops.bilateral_features_2d(x, stride, h, w, 50.0, 15.0, dtype)
+            b = ops.bilateral_features_2d(x.to(cuda), stride, h, w, 50.0, 15.0, dtype)
             assert torch.equal(b.cpu(), a)

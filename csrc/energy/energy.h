@@ -74,10 +74,10 @@ inline void check_energy_inputs_args(const at::Tensor& seg, const std::optional<
   }
 }
 
-// dense_energy_features: images (B, c, H, W) of a real dtype, output (B, 2 + c, height * width) of
+// bilateral_features_2d: images (B, c, H, W) of a real dtype, output (B, 2 + c, height * width) of
 // dtype with height * stride <= H and width * stride <= W.
-inline void check_energy_features_args(const at::Tensor& images, int64_t stride, int64_t height, int64_t width,
-                                       double sxy, double srgb, at::ScalarType dtype) {
+inline void check_bilateral_features_2d_args(const at::Tensor& images, int64_t stride, int64_t height, int64_t width,
+                                             double sxy, double srgb, at::ScalarType dtype) {
   RRM_CHECK_DIM(images, 4, "images");
   TORCH_CHECK_TYPE(!images.is_complex() && images.scalar_type() != at::kBool,
                    "images must have a real, non-bool dtype; got ", images.scalar_type());

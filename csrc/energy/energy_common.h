@@ -276,7 +276,8 @@ struct StridedView {
   int64_t sb, sc, sy, sx;
 };
 
-// The bilateral features of the loss's pixels at its working scale (the dense_energy_features op):
+// Bilateral features of 2-D images, at a stride (the bilateral_features_2d op; the energy loss's pixels
+// at its working scale, dense_crf's bilateral term):
 // out (B, 2 + c, h w), row-major pixels p = y w + x: x / sxy, y / sxy, then colour k of the sampled
 // pixel (stride y, stride x) / srgb. The same values as rrm_cuda.bilateral_features of the images
 // sliced [::stride, ::stride], converted to scalar_t and divided (true divisions in scalar_t, as a

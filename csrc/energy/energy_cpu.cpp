@@ -46,8 +46,8 @@ at::Tensor inputs_backward_impl(const at::Tensor& grad, const std::optional<at::
 template <class Exec>
 at::Tensor features_impl(const at::Tensor& images, int64_t stride, int64_t height, int64_t width, double sxy,
                          double srgb, at::ScalarType dtype) {
-  check_energy_features_args(images, stride, height, width, sxy, srgb, dtype);
-  return dense_energy_features(Exec{}, images, stride, height, width, sxy, srgb, dtype);
+  check_bilateral_features_2d_args(images, stride, height, width, sxy, srgb, dtype);
+  return bilateral_features_2d(Exec{}, images, stride, height, width, sxy, srgb, dtype);
 }
 
 template <class Exec>
@@ -63,8 +63,8 @@ at::Tensor input_stats_impl(const at::Tensor& images, const at::Tensor& seg, con
 TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
   m.impl("dense_energy_input_stats", &input_stats_impl<CpuExec>);
   m.impl("_dense_energy_input_stats_emulated", &input_stats_impl<EmulatedCudaExec>);
-  m.impl("dense_energy_features", &features_impl<CpuExec>);
-  m.impl("_dense_energy_features_emulated", &features_impl<EmulatedCudaExec>);
+  m.impl("bilateral_features_2d", &features_impl<CpuExec>);
+  m.impl("_bilateral_features_2d_emulated", &features_impl<EmulatedCudaExec>);
   m.impl("dense_energy", &energy_cpu);
   m.impl("_dense_energy_emulated", &energy_emulated);
   m.impl("dense_energy_inputs", &inputs_impl<CpuExec>);

@@ -38,9 +38,9 @@ at::Tensor inputs_backward_cuda(const at::Tensor& grad, const std::optional<at::
 
 at::Tensor features_cuda(const at::Tensor& images, int64_t stride, int64_t height, int64_t width, double sxy,
                          double srgb, at::ScalarType dtype) {
-  check_energy_features_args(images, stride, height, width, sxy, srgb, dtype);
+  check_bilateral_features_2d_args(images, stride, height, width, sxy, srgb, dtype);
   const c10::cuda::CUDAGuard guard(images.device());
-  return dense_energy_features(CudaExec{}, images, stride, height, width, sxy, srgb, dtype);
+  return bilateral_features_2d(CudaExec{}, images, stride, height, width, sxy, srgb, dtype);
 }
 
 at::Tensor input_stats_cuda(const at::Tensor& images, const at::Tensor& seg, const std::optional<at::Tensor>& rois,
@@ -55,7 +55,7 @@ at::Tensor input_stats_cuda(const at::Tensor& images, const at::Tensor& seg, con
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
   m.impl("dense_energy_input_stats", &input_stats_cuda);
-  m.impl("dense_energy_features", &features_cuda);
+  m.impl("bilateral_features_2d", &features_cuda);
   m.impl("dense_energy", &energy_cuda);
   m.impl("dense_energy_inputs", &inputs_cuda);
   m.impl("dense_energy_inputs_backward", &inputs_backward_cuda);

@@ -300,13 +300,13 @@ inline StridedView strided_view(const at::Tensor& t, const char* what) {
 // The bilateral features of the loss's sampled pixels (FeaturesFunctor): images (B, c, H, W), any
 // dtype and strides -> (B, 2 + c, h w) of dtype.
 template <class Exec>
-at::Tensor dense_energy_features(const Exec& exec, const at::Tensor& images, int64_t stride, int64_t h, int64_t w,
+at::Tensor bilateral_features_2d(const Exec& exec, const at::Tensor& images, int64_t stride, int64_t h, int64_t w,
                                  double sxy, double srgb, at::ScalarType dtype) {
   const int64_t B = images.size(0), c = images.size(1);
   auto out = at::empty({B, 2 + c, h * w}, images.options().dtype(dtype));
   if (out.numel() == 0) return out;
   const StridedView img = strided_view(images, "images");
-  AT_DISPATCH_FLOATING_TYPES(dtype, "rrm_dense_energy_features", [&] {
+  AT_DISPATCH_FLOATING_TYPES(dtype, "rrm_bilateral_features_2d", [&] {
     FeaturesFunctor<scalar_t> f{img,
                                 out.data_ptr<scalar_t>(),
                                 c,

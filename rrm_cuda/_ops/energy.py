@@ -60,7 +60,7 @@ def _features_fake(images, stride, height, width, sxy, srgb, dtype):
     return images.new_empty((images.shape[0], 2 + images.shape[1], height * width), dtype=dtype)
 
 
-for _name in ("rrm_cuda::dense_energy_features", "rrm_cuda::_dense_energy_features_emulated"):
+for _name in ("rrm_cuda::bilateral_features_2d", "rrm_cuda::_bilateral_features_2d_emulated"):
     torch.library.register_fake(_name)(_features_fake)
 
 
