@@ -4,8 +4,9 @@
 # hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
 # (JSON + PNG) to $OUT_DIR/results/.
 #
-#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile host ncu rrm train
+#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile host ab ncu rrm train
 #   (host: launches, synchronisations, copies and ATen ops per call against wall and kernel time, cuda_host.py;
+#   ab: cuda_host and energy_bench in a baseline tree too, from .baseline.tgz (see the step), same machine;
 #   ncu: Nsight Compute on one dense CRF and one energy loss, results/ncu.txt and its per-kernel
 #   table in the log; rrm: rrm_bench with the small backbone, then ResNet-38 without the original
 #   path; train: the CPU demo preset trained on the GPU)
@@ -73,6 +74,29 @@ if has bench; then
 fi
 has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$OUT_DIR/results"
 has host && step cuda_host 120 $PY benchmarks/cuda_host.py --out-dir "$OUT_DIR/results"
+if has ab; then
+  # Before/after on one machine (machines of one kind differ, in their hosts above all): a baseline's
+  # sources from a tarball that travels with the tree (here: git archive --format=tar.gz -o
+  # .baseline.tgz REV, then carry .baseline.tgz), built beside this tree; cuda_host and the energy
+  # benchmark then run in both trees, twice, alternating. Results under results/ab_<tree>_<round>.
+  AB_SRC=${AB_SRC:-.baseline.tgz}
+  if [ -f "$AB_SRC" ]; then
+    BASE=/tmp/rrm-base
+    rm -rf "$BASE" && mkdir -p "$BASE" && tar xzf "$AB_SRC" -C "$BASE"
+    step ab_build 400 bash -c "cd '$BASE' && $PY setup.py build_ext --inplace"
+    for round in 1 2; do
+      for tree in "$BASE" "$PWD"; do
+        tag=$([ "$tree" = "$BASE" ] && echo base || echo head)_$round
+        step "ab cuda_host $tag" 120 env PYTHONPATH="$tree" $PY "$tree/benchmarks/cuda_host.py" \
+          --out-dir "$OUT_DIR/results/ab_$tag"
+        step "ab energy_bench $tag" 200 env PYTHONPATH="$tree" $PY "$tree/benchmarks/energy_bench.py" --skip-cpu \
+          --min-run-time 0.5 --out-dir "$OUT_DIR/results/ab_$tag"
+      done
+    done
+  else
+    echo "=== ab: no $AB_SRC (git archive --format=tar.gz -o .baseline.tgz REV, and carry it)" | tee -a "$LOG"
+  fi
+fi
 if has ncu; then
   # every kernel is for_each_item_kernel<Functor>: the filter must see the demangled name
   step ncu 240 bash -c "ncu --profile-from-start off --kernel-name-base demangled \
