@@ -756,14 +756,28 @@ def test_any_image_channels():
         torch.testing.assert_close(out, ref.reshape(1))
 
 
-def test_per_image_sigmas():
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_per_image_sigmas(scale):
+    # per-image sigmas take the ATen features, number sigmas ops.bilateral_features_2d (both fused scales)
     images, probs, rois, labels = _inputs(B=2)
     both = rrm_cuda.dense_energy_loss(
-        images, probs, rois, labels, sigma_rgb=torch.tensor([15.0, 30.0]), sigma_xy=torch.tensor([6.0, 9.0])
+        images,
+        probs,
+        rois,
+        labels,
+        sigma_rgb=torch.tensor([15.0, 30.0]),
+        sigma_xy=torch.tensor([6.0, 9.0]),
+        scale_factor=scale,
     )
     one = [
         rrm_cuda.dense_energy_loss(
-            images[b : b + 1], probs[b : b + 1], rois[b : b + 1], labels[b : b + 1], sigma_rgb=sr, sigma_xy=sx
+            images[b : b + 1],
+            probs[b : b + 1],
+            rois[b : b + 1],
+            labels[b : b + 1],
+            sigma_rgb=sr,
+            sigma_xy=sx,
+            scale_factor=scale,
         )
         for b, (sr, sx) in enumerate(((15.0, 6.0), (30.0, 9.0)))
     ]
@@ -1194,3 +1208,15 @@ def test_cuda_features_op_equals_cpu(cuda):
             a = ops.bilateral_features_2d(x, stride, h, w, 50.0, 15.0, dtype)
             b = ops.bilateral_features_2d(x.to(cuda), stride, h, w, 50.0, 15.0, dtype)
             assert torch.equal(b.cpu(), a)
+
+
+def test_backward_of_grad_mode_0_is_refused():
+    # dense_energy with grad_mode=0 computes no gradient direction: differentiating it raises a clear
+    # error (from the C++ autograd) instead of returning a wrong gradient
+    probs, gate, feats, mass = _op_inputs(B=2, K=3, N=20)
+    for op in (ops.dense_energy, ops._dense_energy_emulated):
+        p = probs.clone().requires_grad_()
+        energy, grad_dir = op(p, gate, feats, mass, 0)
+        assert grad_dir.numel() == 0
+        with pytest.raises(RuntimeError, match=r"grad_mode=0 \(no gradient direction computed\)"):
+            energy.sum().backward()
