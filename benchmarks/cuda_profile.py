@@ -279,6 +279,20 @@ def main() -> None:
         "two axes per launch",
         {**crf_ops, "energy fwd+bwd [exact], unchecked": energy_exact},
     )
+    # the energy loss's lattice: its vertex count read back mid-op (buffers sized to it), or counted (no host
+    # wait; buffers for N (d+1) vertices, launches over the counts in device memory)
+    m6 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="rloss")
+    summary += switch(
+        "energy lattice",
+        "energy_counted",
+        "count read back",
+        "counted (no host wait)",
+        {
+            "energy fwd+bwd [rloss], unchecked": energy_rloss,
+            "energy fwd+bwd [exact], unchecked": energy_exact,
+            "energy fwd+bwd [rloss], checked": lambda: energy_fb(m6),
+        },
+    )
     # the pixel order of the public dense CRF and energy loss: 16 x 16 tiles (functional._PIXEL_TILE) or raster
     tile_saved = FN._PIXEL_TILE["cuda"]
 

@@ -65,6 +65,10 @@ PyObject* lattice_cache_info(PyObject*, PyObject*) {
                        static_cast<long long>(st.misses), "bytes", static_cast<long long>(st.bytes));
 }
 
+PyObject* lattice_counted_builds(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::counted_builds()));
+}
+
 PyObject* set_lattice_cache_capacity(PyObject*, PyObject* arg) {
   const long long n = PyLong_AsLongLong(arg);
   if (n == -1 && PyErr_Occurred()) return nullptr;
@@ -124,6 +128,8 @@ PyMethodDef methods[] = {
      "Entries, capacity, hits, misses and bytes of the lattice cache of constant features."},
     {"set_lattice_cache_capacity", set_lattice_cache_capacity, METH_O,
      "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
+    {"lattice_counted_builds", lattice_counted_builds, METH_NOARGS,
+     "Counted lattices (built without a host read of their size; knob energy_counted) built so far."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,
      "Drop every cached lattice and zero the hit/miss counters."},
     {"tuning", tuning, METH_NOARGS,

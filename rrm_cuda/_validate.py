@@ -12,8 +12,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def checking_values() -> bool:
-    """Whether value checks (which read the device back) run: not while torch.compile traces."""
-    return not torch.compiler.is_compiling()
+    """Whether value checks (which read the device back) run: not while torch.compile traces, nor
+    while the current CUDA stream is captured into a graph (a capture allows no reads; the eager
+    warm-up calls before a capture are checked)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def tensor(

@@ -864,6 +864,51 @@ def test_launch_knobs_do_not_change_results(tuning):
                     assert torch.equal(e, outs[0][0]) and torch.equal(g, outs[0][1]), (d, K, mode, m is None)
 
 
+def test_counted_lattice_gives_the_same_bits(tuning):
+    # Knob energy_counted: the lattice built without reading its vertex count back (buffers for
+    # N (d+1) vertices, every launch over vertices or chunks over the counts in device memory: no host
+    # wait, capturable in a CUDA graph). Through the emulated launch, whose counted workspaces are
+    # filled with NaN (and 0 for indices) so that a read of a row beyond the counts shows: bitwise the
+    # read-back build's results, for images whose vertex counts differ (smooth and noisy features in
+    # one batch, up to M = E), one pixel, d = 1..6, every mode, with and without the mass, and the
+    # launch settings that change which buffers and launches the filter uses.
+    _C = rrm_cuda._ext._C
+    g = torch.Generator().manual_seed(5)
+    cases = [(2, 3, 30, 5), (3, 4, 200, 5), (1, 2, 1, 2), (2, 5, 64, 1), (2, 3, 90, 3), (2, 6, 80, 6)]
+    for B, K, N, d in cases:
+        for dtype in (torch.float32, torch.float64):
+            probs = torch.rand(B, K, N, generator=g, dtype=dtype)
+            gate = torch.rand(B, N, generator=g, dtype=dtype)
+            # image 0 smooth (few vertices), the others noise at growing scale (up to one vertex per entry)
+            scale = torch.tensor([0.2] + [4.0 * 10**b for b in range(B - 1)], dtype=dtype).reshape(B, 1, 1)
+            feats = torch.rand(B, d, N, generator=g, dtype=dtype) * scale
+            mass = torch.rand(B, N, generator=g, dtype=dtype)
+            for mode in (0, 1, 2):
+                for m in (None, mass):
+                    for rows4, pair, blur2 in ((1, 1, 1), (0, 0, 0), (1, 0, 1), (0, 1, 0)):
+                        tuning("energy_rows4", rows4)
+                        tuning("energy_pair_splat", pair)
+                        tuning("blur_pairs", blur2)
+                        tuning("energy_counted", 0)
+                        before = _C.lattice_counted_builds()
+                        e0, g0 = ops._dense_energy_emulated(probs, gate, feats, m, mode)
+                        assert _C.lattice_counted_builds() == before
+                        tuning("energy_counted", 1)
+                        e1, g1 = ops._dense_energy_emulated(probs, gate, feats, m, mode)
+                        assert _C.lattice_counted_builds() == before + 1  # the counted build ran
+                        where = (B, K, N, d, dtype, mode, m is None, rows4, pair, blur2)
+                        assert torch.equal(e0, e1) and torch.equal(g0, g1), where
+    # The CPU kernels build with the read (a counted lattice is a GPU form); results unchanged.
+    probs, gate, feats, mass = _op_inputs(K=4, N=100)
+    tuning("energy_counted", 1)
+    before = _C.lattice_counted_builds()
+    e1, g1 = ops.dense_energy(probs, gate, feats, mass, 2)
+    assert _C.lattice_counted_builds() == before
+    tuning("energy_counted", 0)
+    e0, g0 = ops.dense_energy(probs, gate, feats, mass, 2)
+    assert torch.equal(e0, e1) and torch.equal(g0, g1)
+
+
 def test_cpu_thread_count_does_not_change_result():
     probs, gate, feats, mass = _op_inputs(K=6, N=5000, dtype=torch.float32)
     before = torch.get_num_threads()
@@ -902,6 +947,65 @@ def test_cpu_equals_cuda(cuda):  # the fixture skips without a GPU, fails on a G
             grads.append(p.grad.cpu())
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_counted_lattice_gives_the_same_bits(cuda, tuning):
+    # Knob energy_counted on the GPU: the lattice's count never read back, the same bits (the
+    # emulated launch's test above covers the shapes; here the CUDA kernels, counted grid included).
+    g = torch.Generator().manual_seed(3)
+    for B, N, d in ((3, 900, 5), (2, 50, 3), (4, 6000, 5)):
+        probs = torch.rand(B, 6, N, generator=g).to(cuda)
+        gate = torch.rand(B, N, generator=g).to(cuda)
+        scale = torch.tensor([0.3] + [5.0] * (B - 1)).reshape(B, 1, 1)
+        feats = (torch.rand(B, d, N, generator=g) * scale).to(cuda)
+        for mode in (0, 1, 2):
+            tuning("energy_counted", 0)
+            e0, g0 = ops.dense_energy(probs, gate, feats, None, mode)
+            tuning("energy_counted", 1)
+            before = rrm_cuda._ext._C.lattice_counted_builds()
+            e1, g1 = ops.dense_energy(probs, gate, feats, None, mode)
+            assert rrm_cuda._ext._C.lattice_counted_builds() == before + 1
+            assert torch.equal(e0, e1) and torch.equal(g0, g1), (B, N, d, mode)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gradient", ["rloss", "exact"])
+def test_cuda_graph_capture_of_the_loss(cuda, gradient):
+    # The energy loss's forward and backward captured in one CUDA graph (its lattice is a counted one
+    # under capture: no host read), replayed on new inputs copied into the captured ones: the eager
+    # loss and gradient. A lattice op that reads its size back refuses the capture with a clear error.
+    images, probs, rois, labels = (t.to(cuda) for t in _inputs(B=2, K=4, H=48, W=40, dtype=torch.float32))
+    mod = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 40.0, 0.5, gradient=gradient)
+    static = probs.clone().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (checked, eager) on a side stream, as torch.cuda.graph asks
+        for _ in range(2):
+            static.grad = None
+            mod(images, static, rois, labels).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    static.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = mod(images, static, rois, labels)
+        loss.backward()
+    for seed in (1, 2):
+        _, fresh, _, _ = _inputs(B=2, K=4, H=48, W=40, dtype=torch.float32, seed=seed)
+        with torch.no_grad():
+            static.copy_(fresh.to(cuda))
+        graph.replay()
+        p = fresh.to(cuda).requires_grad_()
+        want = mod(images, p, rois, labels)
+        want.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(static.grad, p.grad, rtol=1e-5, atol=1e-7)
+    q = torch.softmax(torch.randn(1, 3, 20, 20, device=cuda), 1)
+    img = torch.rand(1, 3, 20, 20, device=cuda) * 255
+    rrm_cuda.dense_crf(probs=q, image=img, iterations=2)  # eager: fine
+    with pytest.raises(RuntimeError, match="CUDA graph capture does not allow"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            ops.permutohedral_filter(q.reshape(1, 3, -1), torch.rand(1, 2, 400, device=cuda), False)
 
 
 @pytest.mark.cuda

@@ -231,6 +231,7 @@ def test_tuning_knobs(tuning):
         "energy_slice4",
         "splat_fused_reduce",
         "blur_pairs",
+        "energy_counted",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

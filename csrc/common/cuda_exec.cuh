@@ -5,6 +5,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/cub.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+
+#include "common/exec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -48,12 +51,45 @@ __global__ void for_each_item_kernel(int64_t B, int64_t n, int64_t C, F f) {
   }
 }
 
+// Items (b, i < counts[b] + add (at most cap), c < C) of all images in turn, c fastest, flattened
+// and strided over by a fixed grid (the counts are in device memory, unknown to the host). Each
+// thread walks the images forward as its index grows: no division by the image extents.
+template <class F>
+__global__ void for_each_counted_kernel(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, F f) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  const bool narrow = C < (int64_t(1) << 31);
+  int64_t b = 0, base = 0, nb = counted_extent(counts, 0, add, cap) * C;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;; u += stride) {
+    while (u - base >= nb) {
+      base += nb;
+      if (++b == B) return;
+      nb = counted_extent(counts, b, add, cap) * C;
+    }
+    const int64_t r = u - base;
+    int64_t i, c;
+    if (narrow && r < (int64_t(1) << 31)) {
+      const uint32_t r32 = static_cast<uint32_t>(r), C32 = static_cast<uint32_t>(C);
+      const uint32_t i32 = r32 / C32;
+      i = i32;
+      c = r32 - i32 * C32;
+    } else {
+      i = r / C;
+      c = r - i * C;
+    }
+    f(b, i, c, c + 1);
+  }
+}
+
 struct CudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr bool kIsCuda = true;
   static constexpr bool kSortCsr = true;
   static constexpr const char* kName = "cuda";
   static int64_t stream_id() { return static_cast<int64_t>(at::cuda::getCurrentCUDAStream().id()); }
+  // Whether the current stream is being captured into a CUDA graph (no host reads allowed).
+  static bool capturing() {
+    return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  }
   // Stable ascending sort of int32/int64 keys in [0, max_key] -> (sorted keys, int64 permutation):
   // ATen's CUDA radix sort (at::cuda::cub::radix_sort_pairs, on the current stream, its scratch from
   // the caching allocator) over the keys' significant bits only. at::sort sorts all 32 or 64 bits:
@@ -115,6 +151,18 @@ struct CudaExec {
     const int64_t want = (total + kBlock - 1) / kBlock;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535LL * 32));
     for_each_item_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(B, n, C, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // Grid: the blocks that fit on the device at once (8 of 256 threads per SM: one wave), or fewer
+  // when cap bounds the items below that.
+  template <class F>
+  void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
+                        int64_t /*grain*/ = 0) const {
+    if (B <= 0 || cap <= 0 || C <= 0) return;
+    const int64_t want = (B * cap * C + kBlock - 1) / kBlock;
+    const int64_t wave = 8 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, wave)));
+    for_each_counted_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(B, counts, add, cap, C, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

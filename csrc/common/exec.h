@@ -13,6 +13,14 @@
 //                    exercises the GPU algorithm -- hash insertion races excepted -- and shows that
 //                    its result does not depend on the order threads run in;
 //   CudaExec         (csrc/common/cuda_exec.cuh) a grid-stride kernel on the current stream.
+//     exec.for_each_counted(B, counts, add, cap, C, functor)
+//                                 calls functor(b, i, c0, c1) for every b < B, i < min(counts[b] + add,
+//                                 cap), c < C: an extent held in (device) memory, e.g. a lattice's
+//                                 vertex counts after a build that does not read them back, so that
+//                                 the host never waits for it. CUDA launches a grid sized from the
+//                                 device, not from cap, whose threads stride over all images' items.
+// exec.capturing() says whether the current CUDA stream is being captured into a graph (false off
+// CUDA): code that reads a device value back must not run then.
 // Each also has exec.sort_keys(keys, max_key): a stable ascending sort of a 1-D tensor of integer
 // keys in [0, max_key] -> (sorted keys, int64 permutation); and exec.sort_pairs(keys, values,
 // max_key): the same sort carrying int32 values along -> (sorted keys, values in sorted order), for
@@ -24,6 +32,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include "common/macros.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -91,12 +101,19 @@ inline std::tuple<at::Tensor, at::Tensor> stable_sort_pairs(const at::Tensor& ke
   return {sorted, values.index_select(0, order)};
 }
 
+// Items of image b in a counted launch: counts[b] + add, clamped to [0, cap].
+RRM_HOST_DEVICE int64_t counted_extent(const int32_t* counts, int64_t b, int64_t add, int64_t cap) {
+  const int64_t n = counts[b] + add;
+  return n < 0 ? 0 : n > cap ? cap : n;
+}
+
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
   static constexpr bool kSortCsr = false;  // no device-style sorted lists: serial counting sorts
   static constexpr const char* kName = "cpu";
   static int64_t stream_id() { return 0; }
+  static bool capturing() { return false; }
   static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
     return stable_sort_keys(keys);
   }
@@ -116,6 +133,16 @@ struct CpuExec {
     if (B <= 0 || n <= 0 || C <= 0) return;
     at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_run_items(begin, end, n, C, f); });
   }
+  template <class F>
+  void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
+                        int64_t grain = 1024) const {
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = counted_extent(counts, b, add, cap);
+      if (n == 0 || C <= 0) continue;
+      at::parallel_for(b * cap, b * cap + n, grain,
+                       [&](int64_t begin, int64_t end) { cpu_run_items(begin, end, cap, C, f); });
+    }
+  }
 };
 
 struct EmulatedCudaExec {
@@ -124,6 +151,7 @@ struct EmulatedCudaExec {
   static constexpr bool kSortCsr = true;  // the CUDA path's sort-based splat lists
   static constexpr const char* kName = "emulated_cuda";
   static int64_t stream_id() { return 0; }
+  static bool capturing() { return false; }
   static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
     return stable_sort_keys(keys);
   }
@@ -150,6 +178,27 @@ struct EmulatedCudaExec {
       const int64_t c = t % C, bi = t / C;
       f(bi / n, bi % n, c, c + 1);
     });
+  }
+  // CudaExec::for_each_counted's decomposition: a fixed grid of threads (here at most kCountedGrid
+  // of them) striding over the items of all images in turn, c fastest; threads visited in reverse.
+  static constexpr int64_t kCountedGrid = 16 * kBlock;
+  template <class F>
+  void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
+                        int64_t /*grain*/ = 0) const {
+    if (B <= 0 || cap <= 0 || C <= 0) return;
+    const int64_t G = std::min(kCountedGrid, (B * cap * C + kBlock - 1) / kBlock * kBlock);
+    for (int64_t t0 = G - 1; t0 >= 0; --t0) {
+      int64_t b = 0, base = 0, nb = counted_extent(counts, 0, add, cap) * C;
+      for (int64_t u = t0;; u += G) {
+        while (b < B && u - base >= nb) {
+          base += nb;
+          if (++b < B) nb = counted_extent(counts, b, add, cap) * C;
+        }
+        if (b == B) break;
+        const int64_t r = u - base;
+        f(b, r / C, r % C, r % C + 1);
+      }
+    }
   }
 };
 

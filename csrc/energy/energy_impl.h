@@ -28,6 +28,16 @@
 namespace rrm {
 namespace energy {
 
+// Bytes of a counted lattice's workspace in dense_energy (capacity E = N (d+1) vertices and chunks
+// per image): the lattice rows (nbufs), the chunk sums (two with the paired splat), the neighbours
+// and the chunk and list tables.
+inline int64_t counted_workspace_bytes(int64_t B, int64_t N, int64_t d, int64_t Cs, int64_t elem, int nbufs,
+                                       bool pair) {
+  const int64_t E = N * (d + 1);
+  return B * E * (Cs * elem * (nbufs + (pair ? 2 : 1)) + 4 * (2 * (d + 1) + 8));
+}
+constexpr int64_t kCountedBudget = int64_t(1) << 30;  // 1 GiB: RRM's 8 x 21 x 160^2 takes 0.45-0.8 GiB
+
 // Args:
 //   probs     (B, K, N) ROI-masked probabilities s
 //   gate      (B, N)    S, a constant for the gradient
@@ -52,7 +62,24 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   auto p = probs.contiguous();
   auto g = gate.contiguous();
   auto m = has_mass ? mass->contiguous() : at::Tensor();
-  const lattice::Lattice lat = lattice::build(exec, features.contiguous(), chunk);
+  // Counted lattice (GPU policies; knob kEnergyCounted, or a CUDA graph capture): no host read of
+  // the vertex count, so the host never waits for the GPU in the loss and the op can be captured in
+  // a CUDA graph; its price is memory: the lattice buffers are sized for N (d+1) vertices per image
+  // (about ten times what photographs need). By the knob only while that workspace stays within
+  // kCountedBudget bytes.
+  constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
+  const bool exact = grad_mode == kExactGrad;
+  const bool rows4 = !kCpu && tuning::get(tuning::kEnergyRows4) != 0;
+  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : rows4 ? (C + 3) / 4 * 4 : C;
+  const bool pair = exact && !kCpu && tuning::get(tuning::kEnergyPairSplat) != 0;
+  const int nbufs = !exact ? 2 : pair ? 4 : 3;
+  // Inside a CUDA graph capture the lattice is always a counted one (whatever its workspace: the
+  // alternative is an error).
+  const bool counted = Exec::kSortCsr && chunk >= B &&
+                       (exec.capturing() || (tuning::get(tuning::kEnergyCounted) != 0 &&
+                                             counted_workspace_bytes(B, N, features.size(1), Cs, probs.element_size(),
+                                                                     nbufs, pair) <= kCountedBudget));
+  const lattice::Lattice lat = lattice::build(exec, features.contiguous(), chunk, counted);
   const int64_t E = lat.E, M = lat.M;
   const int d = lat.d;
   auto terms = at::empty({B, N}, probs.options());  // every pixel writes its term
@@ -62,21 +89,17 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   // fused mean field's configuration (an H100's blur: 8.5 -> 4.4 us per 512x512x21 launch, session
   // 7). The sums of every channel are those of one channel per thread. (Knob kEnergyRows4: 0 gives
   // unpadded rows, one channel per thread, for A/B timings.)
-  constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
-  const bool rows4 = !kCpu && tuning::get(tuning::kEnergyRows4) != 0;
-  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : rows4 ? (C + 3) / 4 * 4 : C;
   const int64_t Cin = kCpu ? C : Cs;  // row stride of the packed input
   auto in = at::empty({B, N, Cin}, probs.options());
   // Lattice buffers: the forward blur ping-pongs between the first two; the exact gradient's
   // reverse blur between the one the forward did not end in and the third, or, when both splats
   // are made in one pass before either blur (CUDA; knob kEnergyPairSplat), between the third and
   // fourth.
-  const bool exact = grad_mode == kExactGrad;
-  const bool pair = exact && !kCpu && tuning::get(tuning::kEnergyPairSplat) != 0;
   lattice::FilterWorkspace ws;
   at::Tensor bufs[4];
-  const int nbufs = !exact ? 2 : pair ? 4 : 3;
-  for (int k = 0; k < nbufs; ++k) bufs[k] = at::empty({B, M, Cs}, probs.options());
+  for (int k = 0; k < nbufs; ++k)
+    bufs[k] =
+        counted ? lattice::counted_empty<Exec>({B, M, Cs}, probs.options()) : at::empty({B, M, Cs}, probs.options());
   const int64_t grain = std::max<int64_t>(16, 8192 / C);
 
   AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy", [&] {
@@ -96,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       constexpr int V = decltype(vtag)::value;
       scalar_t* out =
           lattice::blur_axes<Exec, scalar_t, V>(exec, B, M, Cs, nbr, nv, d, reverse, bufs[first].data_ptr<scalar_t>(),
-                                                bufs[second].data_ptr<scalar_t>(), grain);
+                                                bufs[second].data_ptr<scalar_t>(), grain, lat.counted);
       return out == bufs[first].data_ptr<scalar_t>() ? first : second;
     };
 

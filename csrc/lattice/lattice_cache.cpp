@@ -1,6 +1,7 @@
 // The lattice cache (lattice_cache.h): a small LRU list under one mutex.
 #include "lattice/lattice_cache.h"
 
+#include <atomic>
 #include <list>
 #include <mutex>
 #include <string>
@@ -122,7 +123,7 @@ CacheStats cache_stats() {
     const Lattice& l = it.entry->lat;
     for (const at::Tensor* t :
          {&l.entry_vertex, &l.entry_weight, &l.num_vertices, &l.neighbors, &l.offsets, &l.splat_pixel, &l.splat_weight,
-          &l.chunk_offsets, &l.chunk_begin, &l.chunk_end, &l.chunk_slot, &l.chunk_vertex})
+          &l.chunk_offsets, &l.chunk_begin, &l.chunk_end, &l.chunk_slot, &l.chunk_vertex, &l.num_chunks})
       st.bytes += nbytes(*t);
     for (const auto& n : it.entry->norm) st.bytes += nbytes(n);
   }
@@ -135,6 +136,13 @@ void cache_set_capacity(int64_t capacity) {
   s.capacity = capacity < 0 ? 0 : capacity;
   s.trim();
 }
+
+namespace {
+std::atomic<int64_t> g_counted_builds{0};
+}  // namespace
+
+void note_counted_build() { g_counted_builds.fetch_add(1, std::memory_order_relaxed); }
+int64_t counted_builds() { return g_counted_builds.load(std::memory_order_relaxed); }
 
 void cache_clear() {
   Store& s = store();

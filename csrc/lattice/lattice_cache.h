@@ -38,6 +38,12 @@ struct Lattice {
   int d = 0;
   at::Tensor entry_vertex, entry_weight, num_vertices, neighbors, offsets, splat_pixel, splat_weight;
   at::Tensor chunk_offsets, chunk_begin, chunk_end, chunk_slot, chunk_vertex;
+  // A counted lattice (build(..., counted = true)): M and K are capacities (N (d+1) vertices, the
+  // chunks they can have), the counts are num_vertices and num_chunks (B,) in device memory, never
+  // read by the host; rows, neighbours and chunks beyond them are left unwritten, and every launch
+  // over vertices or chunks is a counted one (exec.for_each_counted).
+  bool counted = false;
+  at::Tensor num_chunks;
 };
 
 // A cached term: its lattice and, per normalization mode 0..2, its normaliser once computed
@@ -64,7 +70,12 @@ struct CacheStats {
 };
 CacheStats cache_stats();
 void cache_set_capacity(int64_t capacity);  // drops entries beyond it
-void cache_clear();                         // drops every entry and zeroes the counters
+
+// Counted lattices built so far in this process (Lattice::counted; tests check that a setting takes
+// that path).
+void note_counted_build();
+int64_t counted_builds();
+void cache_clear();  // drops every entry and zeroes the counters
 
 }  // namespace lattice
 }  // namespace rrm

@@ -322,6 +322,15 @@ struct NeighborFunctor {
   }
 };
 
+// NeighborFunctor over items (vertex v, axes [j0, j1)), as a counted launch gives them (only
+// v < num_vertices[b]: the rows of a counted lattice's other vertices stay unwritten).
+struct NeighborAxesFunctor {
+  NeighborFunctor f;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t j0, int64_t j1) const {
+    for (int64_t j = j0; j < j1; ++j) f(b, j * f.M + v, 0, 0);
+  }
+};
+
 // 6. The two numbers the host reads after a build, one thread: stats[0] = 1 if any image's table
 // overflowed, stats[1] = the largest vertex count (M).
 struct BuildStatsFunctor {
@@ -442,11 +451,13 @@ struct ChunkRangeFunctor {
   int32_t* chunk_end;            // (B, K) out
   int64_t M, K;
   int32_t* chunk_vertex = nullptr;  // (B, K) out (zero-initialised): 1 + v at each of v's chunks
+  int32_t* num_chunks = nullptr;    // (B,) out, or nullptr: image b's chunk count (by its last vertex)
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
     if (v >= num_vertices[b]) return;
     const int32_t* off = offsets + b * (M + 1);
     int64_t k = b * K + chunk_offsets[b * (M + 1) + v];
+    if (num_chunks && v == num_vertices[b] - 1) num_chunks[b] = chunk_offsets[b * (M + 1) + v + 1];
     const int64_t s1 = off[v + 1];
     for (int64_t s = off[v]; s < s1; s += kSplatChunk, ++k) {
       chunk_begin[k] = static_cast<int32_t>(s);

@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -29,6 +30,21 @@ inline int64_t next_pow2(int64_t x) {
   return p;
 }
 
+// Workspace of a counted lattice (Lattice::counted) whose rows beyond the counts stay unwritten. The
+// emulated launch fills it with NaN (floats) or 0 (integers: vertex 0 where a neighbour was meant),
+// so that a test sees any read of those rows in the results.
+template <class Exec>
+at::Tensor counted_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if constexpr (std::is_same_v<Exec, EmulatedCudaExec>) {
+    if (at::isFloatingType(t.scalar_type()))
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else
+      t.zero_();
+  }
+  return t;
+}
+
 // Splat lists with device-friendly primitives (CUDA, emulated): order by a *stable* sort of
 // (image, vertex) keys, so that the entries of a vertex also come out in increasing order and the
 // splat sums are deterministic; list bounds by binary searches of the sorted keys; chunk offsets by
@@ -44,7 +60,18 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   // by a binary search of the sorted keys.
   // Chunks: ceil(n_v / S) per vertex at column 1 + v and 0 at column 0, written with the list
   // bounds (ListOffsetsFunctor), then scanned into offsets.
-  const at::Tensor nchunks = at::empty({B, M + 1}, iopt);
+  // A counted lattice: every launch over its vertices (chunks) runs over the counts in device
+  // memory; the chunk counts come out of the chunk ranges' launch, into the tail of nchunks'
+  // allocation (zeroed: the scan reads all M + 1 columns).
+  const bool counted = lat.counted;
+  const at::Tensor nchunks_all = counted ? at::zeros({B * (M + 1) + B}, iopt) : at::empty({B * (M + 1)}, iopt);
+  const at::Tensor nchunks = nchunks_all.narrow(0, 0, B * (M + 1)).view({B, M + 1});
+  auto over_vertices = [&](int64_t add, const auto& f) {  // f(b, v) for v < M + add (counted: num_vertices[b] + add)
+    if (counted)
+      exec.for_each_counted(B, lat.num_vertices.data_ptr<int32_t>(), add, M + add, 1, f);
+    else
+      exec.for_each_item(B, M + add, 1, f);
+  };
   auto sort_and_bound = [&](auto key_zero) -> at::Tensor {
     using key_t = decltype(key_zero);
     const at::Tensor keys = at::empty({B * E}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
@@ -53,11 +80,10 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
                        SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
                                              entries.data_ptr<int32_t>(), E, M});
     at::Tensor sorted, sorted_entries;
-    std::tie(sorted, sorted_entries) = exec.sort_pairs(keys, entries, B * M - 1);  // keys b M + v < B M
-    lat.offsets = at::empty({B, M + 1}, iopt);                                     // offsets < E < 2^30 fit int32
-    exec.for_each_item(B, M + 1, 1,
-                       ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M,
-                                                 nchunks.data_ptr<int32_t>()});
+    std::tie(sorted, sorted_entries) = exec.sort_pairs(keys, entries, B * M - 1);                 // keys b M + v < B M
+    lat.offsets = counted ? counted_empty<Exec>({B, M + 1}, iopt) : at::empty({B, M + 1}, iopt);  // < E < 2^30
+    over_vertices(1, ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M,
+                                               nchunks.data_ptr<int32_t>()});
     return sorted_entries;
   };
   const at::Tensor sorted_entries =
@@ -65,15 +91,25 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   lat.chunk_offsets = at::cumsum(nchunks, /*dim=*/1, /*dtype=*/at::kInt);
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
-  auto chunk_be = at::zeros({3, B, lat.K}, iopt);  // unused chunks stay empty: [0, 0), no vertex
+  // Unused chunks stay empty: [0, 0), no vertex (a counted lattice's are never launched: unwritten).
+  const at::Tensor chunk_be = counted ? counted_empty<Exec>({3, B, lat.K}, iopt) : at::zeros({3, B, lat.K}, iopt);
   lat.chunk_begin = chunk_be[0];
   lat.chunk_end = chunk_be[1];
   lat.chunk_vertex = chunk_be[2];
   int32_t* cb = chunk_be.data_ptr<int32_t>();
-  exec.for_each_item(
-      B, M, 1,
-      ChunkRangeFunctor{lat.offsets.data_ptr<int32_t>(), lat.chunk_offsets.data_ptr<int32_t>(),
-                        lat.num_vertices.data_ptr<int32_t>(), cb, cb + B * lat.K, M, lat.K, cb + 2 * B * lat.K});
+  ChunkRangeFunctor ranges{lat.offsets.data_ptr<int32_t>(),
+                           lat.chunk_offsets.data_ptr<int32_t>(),
+                           lat.num_vertices.data_ptr<int32_t>(),
+                           cb,
+                           cb + B * lat.K,
+                           M,
+                           lat.K,
+                           cb + 2 * B * lat.K};
+  if (counted) {
+    lat.num_chunks = nchunks_all.narrow(0, B * (M + 1), B);
+    ranges.num_chunks = lat.num_chunks.data_ptr<int32_t>();
+  }
+  over_vertices(0, ranges);
   lat.splat_pixel = at::empty({B, E}, iopt);
   lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
   AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
@@ -84,7 +120,7 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   });
   // Launch order of the chunks: by the tile of their first pixel (ChunkTileKeyFunctor), a stable
   // sort of (image, tile) keys over their significant bits, then the tables permuted.
-  const int64_t tile = tuning::get(tuning::kSplatTile);
+  const int64_t tile = counted ? 0 : tuning::get(tuning::kSplatTile);  // counted: vertex order
   if (tile <= 0) return;
   const int64_t K = lat.K, ntiles = (lat.N + tile - 1) / tile;
   auto tile_order = [&](auto key_zero) -> at::Tensor {
@@ -157,9 +193,21 @@ inline void assign_vertices_cpu(const int32_t* table, const int32_t* entry_slot,
 
 // Builds the lattices of a batch. features: (B, d, N) contiguous, float or double.
 // Images are processed `chunk` at a time (the hash tables and keys of a chunk are workspace).
+// counted (the sorted-list policies, whole batch in one chunk): no host read of the vertex counts,
+// so that the host never waits for the GPU here and the build can be captured in a CUDA graph. The
+// hash table then has room for every entry (2 E slots: it cannot overflow), M = E is a capacity,
+// and the lattice is a counted one (Lattice::counted).
 template <class Exec>
-Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
+Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool counted = false) {
+  TORCH_INTERNAL_ASSERT(!counted || (Exec::kSortCsr && chunk >= features.size(0)),
+                        "a counted lattice needs the sorted lists and the whole batch in one chunk");
+  TORCH_CHECK(counted || !exec.capturing(),
+              "rrm_cuda: this op builds a permutohedral lattice whose size it reads back to the host, which a CUDA "
+              "graph capture does not allow. Of rrm_cuda's lattice ops only the energy loss (dense_energy) can be "
+              "captured; run the others outside the captured region.");
   Lattice lat;
+  lat.counted = counted;
+  if (counted) note_counted_build();
   lat.B = features.size(0);
   lat.d = static_cast<int>(features.size(1));
   lat.N = features.size(2);
@@ -212,7 +260,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
       // entry (2E slots) always succeeds. Vertex ids are assigned before the overflow flags are
       // read, so that one host synchronisation (on CUDA) reads both the flags and the vertex count
       // that sizes everything that follows; after an overflow the ids are discarded.
-      int64_t cap = next_pow2(std::max<int64_t>(64, E / 8));
+      int64_t cap = counted ? next_pow2(std::max<int64_t>(64, 2 * E)) : next_pow2(std::max<int64_t>(64, E / 8));
       at::Tensor table;
       int64_t M = 0;
       auto nv_chunk = lat.num_vertices.narrow(0, b0, nb);
@@ -233,6 +281,10 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
                                            owner.data_ptr<int32_t>(), nv, E, cap});
         }
         exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
+        if (counted) {  // 2 E slots hold every entry: no overflow, and M is the capacity E
+          M = E;
+          break;
+        }
         int32_t* cnt = counters.data_ptr<int32_t>();
         exec.for_each(1, BuildStatsFunctor{cnt + nb, nv, cnt + 2 * nb, nb}, 1);
         const at::Tensor stats = counters.narrow(0, 2 * nb, 2).cpu();
@@ -242,11 +294,21 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk) {
         cap = std::min(next_pow2(2 * E), cap * 8);
         nv_chunk.zero_();
       }
-      auto nbr = at::empty({nb, d + 1, M, 2}, iopt);
-      exec.for_each_item(nb, (d + 1) * M, 1,
-                         NeighborFunctor{table.data_ptr<int32_t>(), keys.data_ptr<int32_t>(), ev,
-                                         owner.data_ptr<int32_t>(), nv, nbr.data_ptr<int32_t>(), E, cap, M, d},
-                         256);
+      at::Tensor nbr = counted ? counted_empty<Exec>({nb, d + 1, M, 2}, iopt) : at::empty({nb, d + 1, M, 2}, iopt);
+      const NeighborFunctor nf{table.data_ptr<int32_t>(),
+                               keys.data_ptr<int32_t>(),
+                               ev,
+                               owner.data_ptr<int32_t>(),
+                               nv,
+                               nbr.data_ptr<int32_t>(),
+                               E,
+                               cap,
+                               M,
+                               d};
+      if (counted)
+        exec.for_each_counted(nb, nv, 0, M, d + 1, NeighborAxesFunctor{nf}, 256);
+      else
+        exec.for_each_item(nb, (d + 1) * M, 1, nf, 256);
       nbr_chunks.push_back(nbr);
       chunk_m.push_back(M);
     }
@@ -283,17 +345,24 @@ inline bool blur_pairs() { return tuning::get(tuning::kBlurPairs) != 0; }
 // The d + 1 blur axes in order (0..d, or d..0 when reversed) over buffers cur -> nxt, ping-ponging:
 // one launch per axis, or, with pairs (GPU policies), per two axes. Returns the buffer that holds
 // the result.
+// counted: a counted lattice's vertices (nv[b] per image, M their capacity; B lattices).
 template <class Exec, typename scalar_t, int V>
 scalar_t* blur_axes(const Exec& exec, int64_t B, int64_t M, int64_t C, const int32_t* neighbors, const int32_t* nv,
-                    int d, bool reverse, scalar_t* cur, scalar_t* nxt, int64_t grain) {
+                    int d, bool reverse, scalar_t* cur, scalar_t* nxt, int64_t grain, bool counted = false) {
   const bool pairs = !std::is_same_v<Exec, CpuExec> && blur_pairs();
+  auto launch = [&](const auto& f) {
+    if (counted)
+      exec.for_each_counted(B, nv, 0, M, C / V, f, grain);
+    else
+      exec.for_each_item(B, M, C / V, f, grain);
+  };
   for (int s = 0; s <= d; s += pairs ? 2 : 1) {
     const int j = reverse ? d - s : s;
     if (pairs) {
       const int j2 = s + 1 > d ? -1 : reverse ? d - s - 1 : s + 1;
-      exec.for_each_item(B, M, C / V, BlurPairFunctor<scalar_t, V>{cur, nxt, neighbors, M, C, d, j, j2, B, nv}, grain);
+      launch(BlurPairFunctor<scalar_t, V>{cur, nxt, neighbors, M, C, d, j, j2, B, nv});
     } else {
-      exec.for_each_item(B, M, C / V, BlurFunctor<scalar_t, V>{cur, nxt, neighbors, M, C, d, j, B, nv}, grain);
+      launch(BlurFunctor<scalar_t, V>{cur, nxt, neighbors, M, C, d, j, B, nv});
     }
     std::swap(cur, nxt);
   }
@@ -343,12 +412,19 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
                   scalar_t* out2 = nullptr) {
   const int64_t B = lat.B, K = lat.K;
   auto fit = [&](at::Tensor& t) {
-    if (!t.defined() || t.size(1) != K || t.size(2) != C) t = at::empty({B, K, C}, lat.entry_weight.options());
+    if (!t.defined() || t.size(1) != K || t.size(2) != C)
+      t = lat.counted ? counted_empty<Exec>({B, K, C}, lat.entry_weight.options())
+                      : at::empty({B, K, C}, lat.entry_weight.options());
     return t.data_ptr<scalar_t>();
   };
   scalar_t* part = fit(ws.partial);
   scalar_t* part2 = out2 ? fit(ws.partial2) : nullptr;
-  const bool fuse = fused_reduce();
+  // A counted lattice: the launches run over its chunk and vertex counts; the chunk sums are added
+  // up by a second launch (the fused form's counters would need zeroing for every vertex it could
+  // have).
+  const bool counted = lat.counted;
+  TORCH_INTERNAL_ASSERT(!counted || lat.B == B);
+  const bool fuse = !counted && fused_reduce();
   int32_t* counters = nullptr;
   if (fuse) {
     if (!ws.counters.defined() || ws.counters.size(0) != B || ws.counters.size(1) != lat.M ||
@@ -359,7 +435,10 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
   auto chunk_sums = [&](auto pair, auto fused) {  // the second sums compiled in only where used
     const auto f = chunk_splat<scalar_t, V, decltype(pair)::value, decltype(fused)::value>(lat, in, pre, part, C, pre2,
                                                                                            part2, counters, out, out2);
-    exec.for_each_item(B, K, C / V, f, grain);
+    if (counted)
+      exec.for_each_counted(B, lat.num_chunks.data_ptr<int32_t>(), 0, K, C / V, f, grain);
+    else
+      exec.for_each_item(B, K, C / V, f, grain);
   };
   auto launch = [&](auto fused) {
     if (out2)
@@ -372,12 +451,20 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
     return;
   }
   launch(std::false_type{});
-  for (int k = 0; k < (out2 ? 2 : 1); ++k)
-    exec.for_each_item(
-        B, lat.M, C,
-        SplatReduceFunctor<scalar_t>{k ? part2 : part, lat.chunk_offsets.data_ptr<int32_t>(),
-                                     lat.num_vertices.data_ptr<int32_t>(), k ? out2 : out, lat.M, K, C, lat.B},
-        grain);
+  for (int k = 0; k < (out2 ? 2 : 1); ++k) {
+    const SplatReduceFunctor<scalar_t> f{k ? part2 : part,
+                                         lat.chunk_offsets.data_ptr<int32_t>(),
+                                         lat.num_vertices.data_ptr<int32_t>(),
+                                         k ? out2 : out,
+                                         lat.M,
+                                         K,
+                                         C,
+                                         lat.B};
+    if (counted)
+      exec.for_each_counted(B, lat.num_vertices.data_ptr<int32_t>(), 0, lat.M, C, f, grain);
+    else
+      exec.for_each_item(B, lat.M, C, f, grain);
+  }
 }
 
 // CPU splat: each thread scatters a contiguous range of pixels of image b into its own (M, C)
