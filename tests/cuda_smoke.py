@@ -94,23 +94,31 @@ def main() -> None:
             )
         _C.set_tuning(name, saved)
     # energy op: value only, rloss and exact gradients, with and without the mass term; float32
-    # takes the float4 rows (padded channels: 3 classes -> 4, 3 + mass -> 4, 7 -> 8)
-    for dtype, K in ((torch.float64, 3), (torch.float32, 3), (torch.float32, 7)):
-        probs = torch.rand(2, K, 150, generator=g, dtype=dtype)
-        gate = torch.rand(2, 150, generator=g, dtype=dtype)
-        feats = torch.rand(2, 5, 150, generator=g, dtype=dtype) * 3
-        mass = torch.rand(2, 150, generator=g, dtype=dtype)
-        for mode in (0, 1, 2):
-            for m in (None, mass):
-                a = ops.dense_energy(probs.to(dev), gate.to(dev), feats.to(dev), None if m is None else m.to(dev), mode)
-                b = ops.dense_energy(probs, gate, feats, m, mode)
-                for k, (u, w) in enumerate(zip(a, b)):
-                    close(
-                        f"dense_energy {dtype} K={K} mode={mode} mass={m is not None} out{k}",
-                        u,
-                        w,
-                        1e-4 if dtype == torch.float32 else 1e-10,
-                    )
+    # takes the float4 rows (padded channels: 3 classes -> 4, 3 + mass -> 4, 7 -> 8); its lattice with
+    # the vertex count read back and counted (knob energy_counted: the counted launches)
+    saved = _C.tuning()["energy_counted"]
+    for counted in (0, 1):
+        _C.set_tuning("energy_counted", counted)
+        for dtype, K in ((torch.float64, 3), (torch.float32, 3), (torch.float32, 7)):
+            probs = torch.rand(2, K, 150, generator=g, dtype=dtype)
+            gate = torch.rand(2, 150, generator=g, dtype=dtype)
+            feats = (
+                torch.rand(2, 5, 150, generator=g, dtype=dtype) * torch.tensor([3.0, 30.0], dtype=dtype)[:, None, None]
+            )
+            mass = torch.rand(2, 150, generator=g, dtype=dtype)
+            for mode in (0, 1, 2):
+                for m in (None, mass):
+                    md = None if m is None else m.to(dev)
+                    a = ops.dense_energy(probs.to(dev), gate.to(dev), feats.to(dev), md, mode)
+                    b = ops.dense_energy(probs, gate, feats, m, mode)
+                    for k, (u, w) in enumerate(zip(a, b)):
+                        close(
+                            f"dense_energy {dtype} K={K} mode={mode} mass={m is not None} counted={counted} out{k}",
+                            u,
+                            w,
+                            1e-4 if dtype == torch.float32 else 1e-10,
+                        )
+    _C.set_tuning("energy_counted", saved)
     # the energy loss's inputs (downscale, ROI, gate) and its backward; its value-check statistics
     seg = torch.softmax(torch.randn(2, 4, 13, 10, generator=g, dtype=torch.float64), 1)
     roi = (torch.rand(2, 13, 10, generator=g) > 0.2).double()
