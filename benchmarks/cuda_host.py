@@ -107,14 +107,14 @@ def main() -> None:
             work[tag] = lambda m=m: torch.autograd.grad(m(images, p, rois, labels).sum(), p)
 
     def counted(fn: Callable[[], None]) -> Callable[[], None]:
-        # the energy loss's lattice built without the read of its size (knob energy_counted)
+        # the energy loss's lattice built without the read of its size (knob counted_lattice)
         def run() -> None:
-            saved = rrm_cuda._ext._C.tuning()["energy_counted"]
-            rrm_cuda._ext._C.set_tuning("energy_counted", 1)
+            saved = rrm_cuda._ext._C.tuning()["counted_lattice"]
+            rrm_cuda._ext._C.set_tuning("counted_lattice", 1)
             try:
                 fn()
             finally:
-                rrm_cuda._ext._C.set_tuning("energy_counted", saved)
+                rrm_cuda._ext._C.set_tuning("counted_lattice", saved)
 
         return run
 

@@ -284,7 +284,7 @@ def main() -> None:
     m6 = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5, gradient="rloss")
     summary += switch(
         "energy lattice",
-        "energy_counted",
+        "counted_lattice",
         "count read back",
         "counted (no host wait)",
         {

@@ -129,7 +129,7 @@ PyMethodDef methods[] = {
     {"set_lattice_cache_capacity", set_lattice_cache_capacity, METH_O,
      "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
     {"lattice_counted_builds", lattice_counted_builds, METH_NOARGS,
-     "Counted lattices (built without a host read of their size; knob energy_counted) built so far."},
+     "Counted lattices (built without a host read of their size; knob counted_lattice) built so far."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,
      "Drop every cached lattice and zero the hit/miss counters."},
     {"tuning", tuning, METH_NOARGS,

@@ -95,10 +95,10 @@ def main() -> None:
         _C.set_tuning(name, saved)
     # energy op: value only, rloss and exact gradients, with and without the mass term; float32
     # takes the float4 rows (padded channels: 3 classes -> 4, 3 + mass -> 4, 7 -> 8); its lattice with
-    # the vertex count read back and counted (knob energy_counted: the counted launches)
-    saved = _C.tuning()["energy_counted"]
+    # the vertex count read back and counted (knob counted_lattice: the counted launches)
+    saved = _C.tuning()["counted_lattice"]
     for counted in (0, 1):
-        _C.set_tuning("energy_counted", counted)
+        _C.set_tuning("counted_lattice", counted)
         for dtype, K in ((torch.float64, 3), (torch.float32, 3), (torch.float32, 7)):
             probs = torch.rand(2, K, 150, generator=g, dtype=dtype)
             gate = torch.rand(2, 150, generator=g, dtype=dtype)
@@ -118,7 +118,7 @@ def main() -> None:
                             w,
                             1e-4 if dtype == torch.float32 else 1e-10,
                         )
-    _C.set_tuning("energy_counted", saved)
+    _C.set_tuning("counted_lattice", saved)
     # the energy loss's inputs (downscale, ROI, gate) and its backward; its value-check statistics
     seg = torch.softmax(torch.randn(2, 4, 13, 10, generator=g, dtype=torch.float64), 1)
     roi = (torch.rand(2, 13, 10, generator=g) > 0.2).double()

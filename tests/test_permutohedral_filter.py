@@ -196,6 +196,48 @@ def test_launch_fusions_do_not_change_results(tuning, dtype, knob):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_counted_lattice_filter_gives_the_same_bits(tuning, dtype):
+    # Knob counted_lattice (and, on a GPU, any CUDA graph capture): the filter's lattice built
+    # without reading its vertex count back, every launch over vertices or chunks over the counts in
+    # device memory. Through the emulated launch, whose counted workspaces are filled with NaN (0 for
+    # indices): bitwise the read-back build's results, both blur orders, for a photograph's bilateral
+    # lattice, noise of d = 1, 3 and 8 (up to one vertex per entry), a batch whose images have very
+    # different vertex counts, one point, and the blurs one or two axes per launch.
+    from skimage import data
+
+    _C = rrm_cuda._ext._C
+    img = torch.from_numpy(data.astronaut()[:40, :48].copy()).permute(2, 0, 1)[None]
+    g = torch.Generator().manual_seed(12)
+    N = 40 * 48
+    noise = torch.randn(2, 3, N, generator=g) * torch.tensor([0.3, 30.0]).reshape(2, 1, 1)
+    feats = [
+        rrm_cuda.bilateral_features(img, 20.0, 13.0),
+        noise,
+        noise[:, :1] * 4,
+        torch.randn(1, 8, 300, generator=g) * 2,
+        torch.zeros(1, 2, 1),
+    ]
+    for f in feats:
+        f = f.to(dtype)
+        v = torch.rand(f.shape[0], 5, f.shape[2], generator=g).to(dtype)
+        for blur2 in (0, 1):
+            tuning("blur_pairs", blur2)
+            for rev in (False, True):
+                tuning("counted_lattice", 0)
+                before = _C.lattice_counted_builds()
+                a = ops._permutohedral_filter_emulated(v, f, rev)
+                assert _C.lattice_counted_builds() == before
+                tuning("counted_lattice", 1)
+                b = ops._permutohedral_filter_emulated(v, f, rev)
+                assert _C.lattice_counted_builds() == before + 1
+                assert torch.equal(a, b), (tuple(f.shape), blur2, rev)
+    # the CPU kernels keep the read (a counted lattice is a GPU form)
+    before = _C.lattice_counted_builds()
+    ops.permutohedral_filter(v, f, False)
+    assert _C.lattice_counted_builds() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_slice_grouping_does_not_change_results(tuning, dtype):
     # The fused mean field's slice sums a pixel's d+1 vertex rows four channels at a time
     # (slice_group4 = 1, fewer registers) or whole rows (0): every channel's sums are the same terms in
@@ -231,7 +273,7 @@ def test_tuning_knobs(tuning):
         "energy_slice4",
         "splat_fused_reduce",
         "blur_pairs",
-        "energy_counted",
+        "counted_lattice",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -491,6 +533,42 @@ def test_cuda_launch_fusions(cuda, tuning, knob):
         for _ in range(3):
             for k, (a, b) in enumerate(zip(run(), ref)):
                 assert torch.equal(a, b), (dtype, k)
+
+
+@pytest.mark.cuda
+def test_cuda_counted_filter_and_graph_capture(cuda, tuning):
+    # The counted lattice on the device: the read-back build's bits; and the filter with its backward
+    # captured in a CUDA graph (counted under capture), replayed on new values: the eager results.
+    v, f = _inputs(B=2, C=21, N=20000, d=5, dtype=torch.float32)
+    v, f = v.to(cuda), f.to(cuda)
+    for rev in (False, True):
+        tuning("counted_lattice", 0)
+        a = ops.permutohedral_filter(v, f, rev)
+        tuning("counted_lattice", 1)
+        assert torch.equal(ops.permutohedral_filter(v, f, rev), a), rev
+    tuning("counted_lattice", 0)
+    static = v.clone().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            static.grad = None
+            rrm_cuda.permutohedral_filter(static, f).square().sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    static.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rrm_cuda.permutohedral_filter(static, f)
+        out.square().sum().backward()
+    fresh = torch.rand_like(v)
+    with torch.no_grad():
+        static.copy_(fresh)
+    graph.replay()
+    x = fresh.clone().requires_grad_()
+    want = rrm_cuda.permutohedral_filter(x, f)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(static.grad, x.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda

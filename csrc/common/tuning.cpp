@@ -8,7 +8,7 @@ namespace {
 
 std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0};
 const char* const g_names[kNumKnobs] = {"splat_tile",    "energy_rows4",       "energy_pair_splat", "slice_group4",
-                                        "energy_slice4", "splat_fused_reduce", "blur_pairs",        "energy_counted"};
+                                        "energy_slice4", "splat_fused_reduce", "blur_pairs",        "counted_lattice"};
 
 }  // namespace
 

@@ -28,16 +28,6 @@
 namespace rrm {
 namespace energy {
 
-// Bytes of a counted lattice's workspace in dense_energy (capacity E = N (d+1) vertices and chunks
-// per image): the lattice rows (nbufs), the chunk sums (two with the paired splat), the neighbours
-// and the chunk and list tables.
-inline int64_t counted_workspace_bytes(int64_t B, int64_t N, int64_t d, int64_t Cs, int64_t elem, int nbufs,
-                                       bool pair) {
-  const int64_t E = N * (d + 1);
-  return B * E * (Cs * elem * (nbufs + (pair ? 2 : 1)) + 4 * (2 * (d + 1) + 8));
-}
-constexpr int64_t kCountedBudget = int64_t(1) << 30;  // 1 GiB: RRM's 8 x 21 x 160^2 takes 0.45-0.8 GiB
-
 // Args:
 //   probs     (B, K, N) ROI-masked probabilities s
 //   gate      (B, N)    S, a constant for the gradient
@@ -62,23 +52,18 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   auto p = probs.contiguous();
   auto g = gate.contiguous();
   auto m = has_mass ? mass->contiguous() : at::Tensor();
-  // Counted lattice (GPU policies; knob kEnergyCounted, or a CUDA graph capture): no host read of
-  // the vertex count, so the host never waits for the GPU in the loss and the op can be captured in
-  // a CUDA graph; its price is memory: the lattice buffers are sized for N (d+1) vertices per image
-  // (about ten times what photographs need). By the knob only while that workspace stays within
-  // kCountedBudget bytes.
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
   const bool exact = grad_mode == kExactGrad;
   const bool rows4 = !kCpu && tuning::get(tuning::kEnergyRows4) != 0;
   const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : rows4 ? (C + 3) / 4 * 4 : C;
   const bool pair = exact && !kCpu && tuning::get(tuning::kEnergyPairSplat) != 0;
   const int nbufs = !exact ? 2 : pair ? 4 : 3;
-  // Inside a CUDA graph capture the lattice is always a counted one (whatever its workspace: the
-  // alternative is an error).
-  const bool counted = Exec::kSortCsr && chunk >= B &&
-                       (exec.capturing() || (tuning::get(tuning::kEnergyCounted) != 0 &&
-                                             counted_workspace_bytes(B, N, features.size(1), Cs, probs.element_size(),
-                                                                     nbufs, pair) <= kCountedBudget));
+  // A counted lattice (lattice::use_counted: in a CUDA graph capture, or by knob counted_lattice):
+  // no host read of the vertex count, so the host never waits for the GPU in the loss and the op
+  // can be captured in a CUDA graph; its price is memory, buffers for N (d+1) vertices per image
+  // (about ten times what photographs need). Its rows: bufs and the chunk sums (two when paired).
+  const bool counted =
+      lattice::use_counted(exec, B, chunk, N, features.size(1), Cs * probs.element_size() * (nbufs + (pair ? 2 : 1)));
   const lattice::Lattice lat = lattice::build(exec, features.contiguous(), chunk, counted);
   const int64_t E = lat.E, M = lat.M;
   const int d = lat.d;

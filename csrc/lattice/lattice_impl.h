@@ -191,6 +191,20 @@ inline void assign_vertices_cpu(const int32_t* table, const int32_t* entry_slot,
   });
 }
 
+// Whether an op on `exec` builds a counted lattice (build(..., counted = true)) for B images of N
+// points in d dimensions built `chunk` at a time, with `row_bytes` bytes of its own per vertex (its
+// lattice rows: channels x dtype size x buffers): always inside a CUDA graph capture (the
+// alternative is an error), and by knob counted_lattice while the workspace, its rows and the
+// lattice's tables for N (d+1) vertices per image, stays within kCountedBudget.
+constexpr int64_t kCountedBudget = int64_t(1) << 30;  // 1 GiB: the energy loss at 8 x 21 x 160^2 takes 0.45-0.8
+template <class Exec>
+bool use_counted(const Exec& exec, int64_t B, int64_t chunk, int64_t N, int64_t d, int64_t row_bytes) {
+  if (!Exec::kSortCsr || chunk < B) return false;
+  if (exec.capturing()) return true;
+  const int64_t E = N * (d + 1);
+  return tuning::get(tuning::kCountedLattice) != 0 && B * E * (row_bytes + 4 * (2 * (d + 1) + 8)) <= kCountedBudget;
+}
+
 // Builds the lattices of a batch. features: (B, d, N) contiguous, float or double.
 // Images are processed `chunk` at a time (the hash tables and keys of a chunk are workspace).
 // counted (the sorted-list policies, whole batch in one chunk): no host read of the vertex counts,
@@ -203,8 +217,8 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
                         "a counted lattice needs the sorted lists and the whole batch in one chunk");
   TORCH_CHECK(counted || !exec.capturing(),
               "rrm_cuda: this op builds a permutohedral lattice whose size it reads back to the host, which a CUDA "
-              "graph capture does not allow. Of rrm_cuda's lattice ops only the energy loss (dense_energy) can be "
-              "captured; run the others outside the captured region.");
+              "graph capture does not allow. Of rrm_cuda's lattice ops only the energy loss (dense_energy) and "
+              "permutohedral_filter can be captured; run the others outside the captured region.");
   Lattice lat;
   lat.counted = counted;
   if (counted) note_counted_build();
@@ -529,8 +543,10 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
   const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
   if (!ws.a.defined() || ws.a.size(2) != Cs) {
-    ws.a = at::empty({B, M, Cs}, lat.entry_weight.options());
-    ws.b = at::empty({B, M, Cs}, lat.entry_weight.options());
+    ws.a = lat.counted ? counted_empty<Exec>({B, M, Cs}, lat.entry_weight.options())
+                       : at::empty({B, M, Cs}, lat.entry_weight.options());
+    ws.b = lat.counted ? counted_empty<Exec>({B, M, Cs}, lat.entry_weight.options())
+                       : at::empty({B, M, Cs}, lat.entry_weight.options());
   }
   scalar_t* cur = ws.a.data_ptr<scalar_t>();
   scalar_t* nxt = ws.b.data_ptr<scalar_t>();
@@ -541,7 +557,7 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
     splat_gather<Exec, scalar_t>(exec, lat, in, pre, cur, C, ws, grain);
   }
   cur = blur_axes<Exec, scalar_t, 1>(exec, B, M, Cs, lat.neighbors.data_ptr<int32_t>(),
-                                     lat.num_vertices.data_ptr<int32_t>(), d, reverse, cur, nxt, grain);
+                                     lat.num_vertices.data_ptr<int32_t>(), d, reverse, cur, nxt, grain, lat.counted);
   exec.for_each_item(
       B, N, C,
       SliceFunctor<scalar_t>{cur, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), post,
@@ -701,7 +717,10 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
-  auto lat = build(exec, features.contiguous(), chunk);
+  // A counted lattice (use_counted): in a CUDA graph capture, or by knob. Its rows: the two blur
+  // buffers and the chunk sums.
+  const bool counted = use_counted(exec, B, chunk, N, features.size(1), 3 * C * values.element_size());
+  auto lat = build(exec, features.contiguous(), chunk, counted);
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
   FilterWorkspace ws;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter", [&] {
