@@ -153,14 +153,20 @@ struct CudaExec {
     for_each_item_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(B, n, C, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  // Grid: the blocks that fit on the device at once (8 of 256 threads per SM: one wave), or fewer
-  // when cap bounds the items below that.
+  // Grid: the blocks of the kernel that are resident on the device at once (its occupancy per SM,
+  // from its registers, times the SMs: one wave, each thread's share of the items fixed by the
+  // stride), or fewer when cap bounds the items below that.
   template <class F>
   void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
                         int64_t /*grain*/ = 0) const {
     if (B <= 0 || cap <= 0 || C <= 0) return;
+    static const int per_sm = [] {  // per functor type (its kernel's registers); no stream work
+      int n = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, for_each_counted_kernel<F>, kBlock, 0));
+      return std::max(1, n);
+    }();
     const int64_t want = (B * cap * C + kBlock - 1) / kBlock;
-    const int64_t wave = 8 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    const int64_t wave = per_sm * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
     const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, wave)));
     for_each_counted_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(B, counts, add, cap, C, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
