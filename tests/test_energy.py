@@ -1008,6 +1008,24 @@ def test_cuda_graph_capture_of_the_loss(cuda, gradient):
 
 
 @pytest.mark.cuda
+def test_cuda_make_graphed_callables(cuda):
+    # The drop-in module through torch.cuda.make_graphed_callables (its forward and backward each
+    # captured in a CUDA graph, the network around it left eager): the eager loss and gradient.
+    images, probs, rois, labels = (t.to(cuda) for t in _inputs(B=2, K=4, H=48, W=40, dtype=torch.float32))
+    mod = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 40.0, 0.5)
+    graphed = torch.cuda.make_graphed_callables(mod, (images, probs.clone().requires_grad_(), rois, labels))
+    for seed in (1, 2):
+        fresh = _inputs(B=2, K=4, H=48, W=40, dtype=torch.float32, seed=seed)[1].to(cuda)
+        p, q = fresh.clone().requires_grad_(), fresh.clone().requires_grad_()
+        got = graphed(images, p, rois, labels)
+        got.backward()
+        want = mod(images, q, rois, labels)
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("grad_mode", [0, 1, 2])
 @pytest.mark.parametrize("d", [3, 5, 7])
 def test_cuda_op_matches_cpu_and_gradcheck(cuda, grad_mode, d):
