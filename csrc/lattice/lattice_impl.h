@@ -64,8 +64,9 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   // memory; the chunk counts come out of the chunk ranges' launch, into the tail of nchunks'
   // allocation (zeroed: the scan reads all M + 1 columns).
   const bool counted = lat.counted;
-  const at::Tensor nchunks_all = counted ? at::zeros({B * (M + 1) + B}, iopt) : at::empty({B * (M + 1)}, iopt);
-  const at::Tensor nchunks = nchunks_all.narrow(0, 0, B * (M + 1)).view({B, M + 1});
+  const at::Tensor nchunks_all = counted ? at::zeros({B * (M + 1) + B}, iopt) : at::Tensor();
+  const at::Tensor nchunks =
+      counted ? nchunks_all.narrow(0, 0, B * (M + 1)).view({B, M + 1}) : at::empty({B, M + 1}, iopt);
   auto over_vertices = [&](int64_t add, const auto& f) {  // f(b, v) for v < M + add (counted: num_vertices[b] + add)
     if (counted)
       exec.for_each_counted(B, lat.num_vertices.data_ptr<int32_t>(), add, M + add, 1, f);
