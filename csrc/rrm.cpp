@@ -12,8 +12,10 @@ namespace {
 
 // Ops that read a value back to the host mid-call on CUDA (a lattice's vertex count; the BCD ops'
 // label check) cannot be captured in a CUDA graph: the tag makes torch.compile(mode="reduce-overhead")
-// leave them out of its graphs (skip or partition) instead of failing the capture. The others
-// (the energy loss's inputs and statistics ops, the fused BCD loss) are capturable.
+// leave them out of its graphs (skip or partition) instead of failing the capture. dense_energy,
+// permutohedral_filter and dense_crf build counted lattices inside a capture (no read), but keep the
+// tag until a GPU run has verified their capture (benchmarks/NOTES.md section 14). The others (the
+// energy loss's inputs and statistics ops, the fused BCD loss) are capturable.
 // (A const lvalue: an rvalue vector would select def(name, function) instead of def(schema, tags).)
 const std::vector<at::Tag>& host_sync() {
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)

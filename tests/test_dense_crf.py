@@ -1090,6 +1090,80 @@ def test_concurrent_calls_from_threads():
             assert torch.equal(x, y)
 
 
+def test_counted_lattices_give_the_same_bits(tuning):
+    # Knob counted_lattice (and, on a GPU, any CUDA graph capture): the CRF's lattices built without
+    # reading their vertex counts back, the fused mean field's stages counted launches over per-image
+    # totals of the terms' counts (CountedTermItems), the generic path's filters counted ones. Through
+    # the emulated launch, whose counted workspaces are filled with NaN (0 for indices): bitwise the
+    # read-back build's Q and gradients, for 3 and 21 labels, lattices shared by several unaries, a
+    # cached (read-back) Gaussian lattice beside a counted bilateral one, every normalization, a full
+    # compatibility matrix (the generic path) and the backward. A mutation that drops one item of
+    # each image's totals fails 12 of the 16 cases.
+    _C = rrm_cuda._ext._C
+    g = torch.Generator().manual_seed(3)
+    img = torch.from_numpy(np.stack([photo("astronaut", (40, 48)), photo("coffee", (40, 48))])).permute(0, 3, 1, 2)
+    N = 40 * 48
+    for dtype in (torch.float32, torch.float64):
+        bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
+        pos = rrm_cuda.position_features(1, (40, 48), 3.0).to(dtype)
+        noise = (torch.randn(2, 3, N, generator=g) * torch.tensor([0.3, 30.0]).reshape(2, 1, 1)).to(dtype)
+        for L in (3, 21):
+            u = (torch.rand(4, L, N, generator=g) * 3).to(dtype)
+            eye = torch.eye(L, dtype=dtype)
+            full = torch.rand(L, L, generator=g, dtype=dtype) - 3
+            cases = [
+                ([pos, bil], torch.stack([-3 * eye, -10 * eye]), [True, True], [0, 0], [True, False], 1),
+                ([pos, bil], torch.stack([-3 * eye, -10 * eye]), [True, True], [1, 2], [], 2),
+                ([bil, noise], torch.stack([-3 * eye, full]), [True, False], [0, 3], [], 2),
+                ([noise], (-5 * eye)[None], [True], [0], [], 1),
+            ]
+            for feats, compat, diag, norms, cache, counted_terms in cases:
+                outs = []
+                for c in (0, 1):
+                    tuning("counted_lattice", c)
+                    before = _C.lattice_counted_builds()
+                    q = ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache)
+                    grads = ops._dense_crf_backward_emulated(0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2)
+                    # forward and backward each build the uncached terms (counted only with the knob)
+                    assert _C.lattice_counted_builds() - before == (c * counted_terms + c * len(feats))
+                    outs.append((q, *grads))
+                for a, b in zip(*outs):
+                    assert torch.equal(a, b), (dtype, L, norms)
+
+
+@pytest.mark.cuda
+def test_cuda_counted_lattices_and_graph_capture(cuda, tuning):
+    # On the device: counted lattices give the read-back build's bits (the fused mean field, 3 and 21
+    # labels); and the public dense_crf captured in a CUDA graph (its lattices counted under capture,
+    # its value checks skipped), replayed on new probabilities, gives the eager result.
+    img = torch.from_numpy(photo("astronaut", (64, 80)).copy()).permute(2, 0, 1)[None].contiguous().to(cuda)
+    bil = rrm_cuda.bilateral_features(img, 30.0, 13.0)
+    pos = rrm_cuda.position_features(1, (64, 80), 3.0, device=cuda)
+    for L in (3, 21):
+        u = torch.rand(2, L, 64 * 80, device=cuda) * 3
+        compat = torch.stack([-3 * torch.eye(L), -10 * torch.eye(L)]).to(cuda)
+        tuning("counted_lattice", 0)
+        a = ops.dense_crf(u, [pos, bil], compat, [True, True], [0, 0], 5)
+        tuning("counted_lattice", 1)
+        assert torch.equal(ops.dense_crf(u, [pos, bil], compat, [True, True], [0, 0], 5), a), L
+    tuning("counted_lattice", 0)
+    static = torch.softmax(torch.randn(1, 5, 64, 80, device=cuda) * 3, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            rrm_cuda.dense_crf(probs=static, image=img, iterations=5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rrm_cuda.dense_crf(probs=static, image=img, iterations=5)
+    for _ in range(2):
+        fresh = torch.softmax(torch.randn(1, 5, 64, 80, device=cuda) * 3, 1)
+        static.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(out, rrm_cuda.dense_crf(probs=fresh, image=img, iterations=5), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.cuda
 def test_cuda_compile_reduce_overhead(cuda):
     # torch.compile(mode="reduce-overhead") captures CUDA graphs; the lattice ops read their vertex

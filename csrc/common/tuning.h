@@ -23,7 +23,7 @@ enum Knob : int {
   kSplatFusedReduce,  // splats: each vertex's chunk sums added up in the chunk launch by its last chunk
                       // (1) or by a second launch (0); 1
   kBlurPairs,         // blurs: two lattice axes per launch (1, BlurPairFunctor) or one (0); 1
-  kCountedLattice,    // dense_energy and permutohedral_filter on the GPU: the lattice built without
+  kCountedLattice,    // dense_energy, permutohedral_filter, dense_crf on the GPU: lattices built without
                       // reading its vertex count back (1: buffers for N (d+1) vertices, launches over
                       // the counts in device memory, no host wait; while the workspace stays within
                       // 1 GiB) or with the read (0); 0. Inside a CUDA graph capture always counted.

@@ -1279,6 +1279,50 @@ struct TermItems {
   }
 };
 
+// TermItems over counted lattices (Lattice::counted), for a counted launch: term t's extent for
+// image b is counts[t][b % LB[t]] (its vertex or chunk count in device memory), or n[t] where
+// counts[t] is null (a lattice whose size the host knows). The launch's per-image extents, their
+// sums over the terms, come from TermTotalsFunctor.
+template <class F>
+struct CountedTermItems {
+  F f[kMaxFusedTerms];
+  const int32_t* counts[kMaxFusedTerms];
+  int64_t n[kMaxFusedTerms];
+  int64_t LB[kMaxFusedTerms];
+  int T;
+
+  RRM_HOST_DEVICE int64_t extent(int t, int64_t b) const { return counts[t] ? counts[t][b % LB[t]] : n[t]; }
+  int64_t capacity() const {
+    int64_t s = 0;
+    for (int t = 0; t < T; ++t) s += n[t];
+    return s;
+  }
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    for (int t = 0; t < kMaxFusedTerms; ++t) {
+      if (t >= T) return;
+      const int64_t e = extent(t, b);
+      if (i < e) {
+        f[t](b, i, c0, c1);
+        return;
+      }
+      i -= e;
+    }
+  }
+};
+
+// totals[b] = the sum over the terms of items's extents for image b (one thread per image).
+template <class F>
+struct TermTotalsFunctor {
+  CountedTermItems<F> items;
+  int32_t* totals;  // (B,) out
+  RRM_HOST_DEVICE void operator()(int64_t b) const {
+    int64_t s = 0;
+    for (int t = 0; t < items.T; ++t) s += items.extent(t, b);
+    totals[b] = static_cast<int32_t>(s);
+  }
+};
+
 #if !defined(__CUDACC__)  // CPU only (CpuRow); CUDA has its own fused path (MeanFieldSliceFunctor)
 // CPU mean-field step of one image, fused per pixel (lattice_impl.h: mean_field_cpu). For pixel i:
 //   row = base_i + sum_t coef_t * (alpha_t post_t(i)) * sum_r w_{t,i,r} L_t[v_{t,i,r}]   (the slices)

@@ -218,8 +218,8 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
                         "a counted lattice needs the sorted lists and the whole batch in one chunk");
   TORCH_CHECK(counted || !exec.capturing(),
               "rrm_cuda: this op builds a permutohedral lattice whose size it reads back to the host, which a CUDA "
-              "graph capture does not allow. Of rrm_cuda's lattice ops only the energy loss (dense_energy) and "
-              "permutohedral_filter can be captured; run the others outside the captured region.");
+              "graph capture does not allow (dense_energy, permutohedral_filter and dense_crf build lattices that "
+              "can be captured; lattice_num_vertices cannot). Run it outside the captured region.");
   Lattice lat;
   lat.counted = counted;
   if (counted) note_counted_build();
@@ -755,6 +755,7 @@ inline Lattice tile(const Lattice& lat, int64_t reps) {
   t.chunk_end = rep(lat.chunk_end);
   t.chunk_slot = rep(lat.chunk_slot);
   t.chunk_vertex = rep(lat.chunk_vertex);
+  t.num_chunks = rep(lat.num_chunks);
   return t;
 }
 
@@ -773,12 +774,13 @@ struct CrfTerms {
 
 // keep[t] (or an empty vector: none): features[t] is a constant tensor, its lattice and normaliser
 // may come from, and go to, the lattice cache (lattice_cache.h). need_coefs = false leaves coefs
-// undefined (the fused GPU mean field pads its rows from compat itself).
+// undefined (the fused GPU mean field pads its rows from compat itself). row_bytes > 0: the bytes
+// of the caller's lattice rows per vertex, for use_counted (0: never a counted lattice).
 template <class Exec, typename scalar_t>
 CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
                    const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t N,
                    const at::TensorOptions& opt, int64_t chunk, int64_t tile_to, const std::vector<bool>& keep = {},
-                   bool need_coefs = true) {
+                   bool need_coefs = true, int64_t row_bytes = 0) {
   const int64_t T = static_cast<int64_t>(features.size());
   CrfTerms terms;
   terms.wss.resize(T);
@@ -794,9 +796,12 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
     std::shared_ptr<CachedLattice> cached;
     if (cacheable) cached = cache_find(ft, Exec::kName, Exec::stream_id(), eff_chunk);
     if (!cached) {
+      // A counted lattice (use_counted; row_bytes: the caller's rows per vertex) in a CUDA graph
+      // capture or by knob; it is not cached (its buffers are sized for every possible vertex).
+      const bool counted = row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes);
       cached = std::make_shared<CachedLattice>();
-      cached->lat = build(exec, ft.contiguous(), chunk);
-      if (cacheable) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);
+      cached->lat = build(exec, ft.contiguous(), chunk, counted);
+      if (cacheable && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);
     }
     terms.lats.push_back(cached->lat);
     const int64_t Bt = terms.lats[t].B;
@@ -874,7 +879,12 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   exec.for_each(T * W, PadCoefRowsFunctor<scalar_t>{compat_c.data_ptr<scalar_t>(), coef_all.data_ptr<scalar_t>(), L, W},
                 256);
   constexpr int V = W >= 16 ? 4 : 1;  // channels per thread of the chunk splats
-  const bool fuse = fused_reduce();   // the chunk sums in the splat's launch (SplatChunkFunctor)
+  // Counted lattices (Lattice::counted: in a CUDA graph capture, or by knob): every stage a counted
+  // launch (CountedTermItems) over per-image totals of the terms' counts, the chunk sums by a
+  // second launch.
+  bool counted = false;
+  for (int t = 0; t < T; ++t) counted = counted || terms.lats[t].counted;
+  const bool fuse = !counted && fused_reduce();  // the chunk sums in the splat's launch (SplatChunkFunctor)
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
   // The fused chunk sums' counters, every term's in one zeroed allocation: (B, M_t, W / V) each.
   at::Tensor counters;
@@ -897,9 +907,12 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   auto ptr = [](const at::Tensor& x) -> const scalar_t* { return x.defined() ? x.data_ptr<scalar_t>() : nullptr; };
   for (int t = 0; t < T; ++t) {
     const Lattice& lat = terms.lats[t];
-    part[t] = at::empty({B, lat.K, W}, opt);
-    bufa[t] = at::empty({B, lat.M, W}, opt);
-    bufb[t] = at::empty({B, lat.M, W}, opt);
+    auto alloc = [&](int64_t rows) {  // a counted lattice's rows beyond its counts stay unwritten
+      return lat.counted ? counted_empty<Exec>({B, rows, W}, opt) : at::empty({B, rows, W}, opt);
+    };
+    part[t] = alloc(lat.K);
+    bufa[t] = alloc(lat.M);
+    bufb[t] = alloc(lat.M);
     MeanFieldRowTerm<scalar_t>& m = f.terms[t];
     m.weights = lat.entry_weight.data_ptr<scalar_t>();
     m.vertex = lat.entry_vertex.data_ptr<int32_t>();
@@ -921,7 +934,11 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   TermItems<SplatChunkFunctor<scalar_t, V>> splat{};
   TermItems<SplatChunkFunctor<scalar_t, V, false, true>> splat_sums{};  // the chunk sums in the same launch
   TermItems<SplatReduceFunctor<scalar_t>> reduce{};
-  splat.T = splat_sums.T = reduce.T = T;
+  CountedTermItems<SplatChunkFunctor<scalar_t, V>> csplat{};
+  CountedTermItems<SplatReduceFunctor<scalar_t>> creduce{};
+  splat.T = splat_sums.T = reduce.T = csplat.T = creduce.T = T;
+  // counts of a counted lattice's vertices or chunks (nullptr: the host's n)
+  auto vertex_counts = [](const Lattice& lat) { return lat.counted ? lat.num_vertices.data_ptr<int32_t>() : nullptr; };
   int max_d = 0;
   for (int t = 0; t < T; ++t) {
     const Lattice& lat = terms.lats[t];
@@ -944,6 +961,14 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
                                                W,
                                                lat.B};
     reduce.n[t] = lat.M;
+    csplat.f[t] = splat.f[t];
+    csplat.counts[t] = lat.counted ? lat.num_chunks.data_ptr<int32_t>() : nullptr;
+    csplat.n[t] = lat.K;
+    csplat.LB[t] = lat.B;
+    creduce.f[t] = reduce.f[t];
+    creduce.counts[t] = vertex_counts(lat);
+    creduce.n[t] = lat.M;
+    creduce.LB[t] = lat.B;
     max_d = std::max(max_d, lat.d);
   }
   // One launch per axis j (blur), or per two axes j, j + 1 (blur2: BlurPairFunctor; knob blur_pairs),
@@ -951,6 +976,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   const bool pairs = blur_pairs();
   std::vector<TermItems<BlurFunctor<scalar_t, VR>>> blur;
   std::vector<TermItems<BlurPairFunctor<scalar_t, VR>>> blur2;
+  std::vector<CountedTermItems<BlurFunctor<scalar_t, VR>>> cblur;
+  std::vector<CountedTermItems<BlurPairFunctor<scalar_t, VR>>> cblur2;
   std::vector<scalar_t*> cur(T), nxt(T);
   for (int t = 0; t < T; ++t) {
     cur[t] = bufa[t].data_ptr<scalar_t>();
@@ -959,6 +986,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   for (int j = 0; j <= max_d; j += pairs ? 2 : 1) {
     TermItems<BlurFunctor<scalar_t, VR>> bj{};
     TermItems<BlurPairFunctor<scalar_t, VR>> bj2{};
+    CountedTermItems<BlurFunctor<scalar_t, VR>> cbj{};
+    CountedTermItems<BlurPairFunctor<scalar_t, VR>> cbj2{};
     for (int t = 0; t < T; ++t) {
       const Lattice& lat = terms.lats[t];
       if (j > lat.d) continue;
@@ -968,18 +997,29 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
         const int j2 = j + 1 <= lat.d ? j + 1 : -1;
         bj2.f[bj2.T] = BlurPairFunctor<scalar_t, VR>{cur[t], nxt[t], nbr, lat.M, W, lat.d, j, j2, lat.B, nv};
         bj2.n[bj2.T++] = lat.M;
+        cbj2.f[cbj2.T] = bj2.f[bj2.T - 1];
+        cbj2.counts[cbj2.T] = vertex_counts(lat);
+        cbj2.LB[cbj2.T] = lat.B;
+        cbj2.n[cbj2.T++] = lat.M;
       } else {
         BlurFunctor<scalar_t, VR> fb{cur[t], nxt[t], nbr, lat.M, W, lat.d, j, lat.B};
         fb.num_vertices = nv;
         bj.f[bj.T] = fb;
         bj.n[bj.T++] = lat.M;
+        cbj.f[cbj.T] = fb;
+        cbj.counts[cbj.T] = vertex_counts(lat);
+        cbj.LB[cbj.T] = lat.B;
+        cbj.n[cbj.T++] = lat.M;
       }
       std::swap(cur[t], nxt[t]);
     }
-    if (pairs)
+    if (pairs) {
       blur2.push_back(bj2);
-    else
+      cblur2.push_back(cbj2);
+    } else {
       blur.push_back(bj);
+      cblur.push_back(cbj);
+    }
   }
   // The slice takes the vertex rows four channels at a time (fewer registers) unless the knob says
   // whole rows; the same bits either way.
@@ -991,16 +1031,46 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       exec.for_each_item(B, N, 1, MeanFieldSliceFunctor<scalar_t, W>{f}, 256);
     }
   };
+  // Counted: each stage's per-image totals (constant over the steps), then its launches over them.
+  std::vector<at::Tensor> totals;
+  auto total_of = [&](const auto& items) -> const int32_t* {
+    TORCH_CHECK(items.capacity() < (int64_t(1) << 31), "dense_crf: too many lattice points for a counted launch");
+    totals.push_back(at::empty({B}, terms.lats[0].entry_vertex.options()));
+    int32_t* out = totals.back().data_ptr<int32_t>();
+    exec.for_each(B, TermTotalsFunctor<std::decay_t<decltype(items.f[0])>>{items, out}, 256);
+    return out;
+  };
+  struct CountedStage {
+    const int32_t* totals;
+    int64_t cap;
+  };
+  CountedStage s_splat{}, s_reduce{};
+  std::vector<CountedStage> s_blur, s_blur2;
+  if (counted) {
+    s_splat = {total_of(csplat), csplat.capacity()};
+    s_reduce = {total_of(creduce), creduce.capacity()};
+    for (const auto& c : cblur) s_blur.push_back({total_of(c), c.capacity()});
+    for (const auto& c : cblur2) s_blur2.push_back({total_of(c), c.capacity()});
+  }
   slice();  // q = softmax(-U)
   for (int64_t it = 0; it < iterations; ++it) {
-    if (fuse) {
+    if (counted) {
+      exec.for_each_counted(B, s_splat.totals, 0, s_splat.cap, W / V, csplat, 256);
+      exec.for_each_counted(B, s_reduce.totals, 0, s_reduce.cap, W, creduce, 256);
+      for (size_t k = 0; k < cblur.size(); ++k)
+        exec.for_each_counted(B, s_blur[k].totals, 0, s_blur[k].cap, W / VR, cblur[k], 256);
+      for (size_t k = 0; k < cblur2.size(); ++k)
+        exec.for_each_counted(B, s_blur2[k].totals, 0, s_blur2[k].cap, W / VR, cblur2[k], 256);
+    } else if (fuse) {
       exec.for_each_item(B, splat_sums.total(), W / V, splat_sums, 256);
     } else {
       exec.for_each_item(B, splat.total(), W / V, splat, 256);
       exec.for_each_item(B, reduce.total(), W, reduce, 256);
     }
-    for (const auto& bj : blur) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
-    for (const auto& bj : blur2) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
+    if (!counted) {
+      for (const auto& bj : blur) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
+      for (const auto& bj : blur2) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
+    }
     for (int t = 0; t < T; ++t) f.terms[t].blurred = cur[t];
     if (it == iterations - 1) {
       f.q = nullptr;
@@ -1008,6 +1078,13 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     }
     slice();
   }
+}
+
+// Bytes of a dense CRF term's lattice rows per vertex: two blur buffers and the chunk sums, rows of
+// L labels padded as the fused mean field pads them (for use_counted).
+inline int64_t crf_row_bytes(int64_t L, const at::Tensor& unary) {
+  const int64_t W = L <= 4 ? 4 : (L + 7) / 8 * 8;
+  return 3 * W * static_cast<int64_t>(unary.element_size());
 }
 
 // Dense-CRF mean field (densecrf semantics).
@@ -1041,8 +1118,9 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     if (!fused) softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
     auto compat_c = compat.contiguous();
-    CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk,
-                                               fused ? 0 : B, keep, /*need_coefs=*/!(fused && Exec::kSortCsr));
+    CrfTerms terms =
+        crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B,
+                                  keep, /*need_coefs=*/!(fused && Exec::kSortCsr), crf_row_bytes(L, unary));
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
@@ -1151,7 +1229,8 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
     softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
     if (S > 0) {
       auto compat_c = compat.contiguous();
-      CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep);
+      CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep,
+                                                 /*need_coefs=*/true, crf_row_bytes(L, unary));
       auto acc = at::empty({B, N, L}, opt);
       auto m = at::empty({B, N, L}, opt);
       for (int64_t s = 1; s <= S; ++s) {
