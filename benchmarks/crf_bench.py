@@ -75,6 +75,21 @@ def ours(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
     )
 
 
+def graphed_call(fn):
+    """``fn`` captured once in a CUDA graph after an eager warm-up on a side stream: (replay, the
+    captured output, which each replay rewrites). The inputs are the ones ``fn`` closes over."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
 def reference(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
     B, L, H, W = probs.shape
     pos = rrm_cuda.position_features(B, (H, W), GAUSS["sxy"])
@@ -174,6 +189,16 @@ def main() -> None:
             check(ours(pc, ic, iters), "rrm_cuda CUDA")
             med, iqr = time_fn(lambda: ours(pc, ic, iters), dev, mrt)
             rows.append(Row(wl, f"rrm_cuda CUDA ({torch.cuda.get_device_name(dev)})", med, iqr, None, "cuda"))
+            # the same call captured in a CUDA graph (counted lattices): its kernels without the host's
+            # work. Session 14, written without a GPU: a failure is printed and the eager rows kept.
+            try:
+                replay, out = graphed_call(lambda: ours(pc, ic, iters))
+                replay()
+                check(out, "rrm_cuda CUDA graph")
+                med, iqr = time_fn(replay, dev, mrt)
+                rows.append(Row(wl, f"rrm_cuda CUDA graph ({torch.cuda.get_device_name(dev)})", med, iqr, None, "cuda"))
+            except (Exception, SystemExit) as exc:
+                print(f"   CUDA graph row failed: {exc!r}", flush=True)
     baseline = "pydensecrf2 (1 thread)" if have_pydensecrf else None
     print()
     print_table(rows, baseline)
