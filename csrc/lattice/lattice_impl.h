@@ -775,12 +775,13 @@ struct CrfTerms {
 // keep[t] (or an empty vector: none): features[t] is a constant tensor, its lattice and normaliser
 // may come from, and go to, the lattice cache (lattice_cache.h). need_coefs = false leaves coefs
 // undefined (the fused GPU mean field pads its rows from compat itself). row_bytes > 0: the bytes
-// of the caller's lattice rows per vertex, for use_counted (0: never a counted lattice).
+// of the caller's lattice rows per vertex and image, row_images the images that have rows (a
+// lattice shared by several unaries serves each), for use_counted (0: never a counted lattice).
 template <class Exec, typename scalar_t>
 CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
                    const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t N,
                    const at::TensorOptions& opt, int64_t chunk, int64_t tile_to, const std::vector<bool>& keep = {},
-                   bool need_coefs = true, int64_t row_bytes = 0) {
+                   bool need_coefs = true, int64_t row_bytes = 0, int64_t row_images = 0) {
   const int64_t T = static_cast<int64_t>(features.size());
   CrfTerms terms;
   terms.wss.resize(T);
@@ -798,7 +799,9 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
     if (!cached) {
       // A counted lattice (use_counted; row_bytes: the caller's rows per vertex) in a CUDA graph
       // capture or by knob; it is not cached (its buffers are sized for every possible vertex).
-      const bool counted = row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes);
+      const int64_t per_lattice = std::max<int64_t>(1, row_images / std::max<int64_t>(1, ft.size(0)));
+      const bool counted =
+          row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes * per_lattice);
       cached = std::make_shared<CachedLattice>();
       cached->lat = build(exec, ft.contiguous(), chunk, counted);
       if (cacheable && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);
@@ -1120,7 +1123,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     auto compat_c = compat.contiguous();
     CrfTerms terms =
         crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B,
-                                  keep, /*need_coefs=*/!(fused && Exec::kSortCsr), crf_row_bytes(L, unary));
+                                  keep, /*need_coefs=*/!(fused && Exec::kSortCsr), crf_row_bytes(L, unary), B);
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
@@ -1230,7 +1233,7 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
     if (S > 0) {
       auto compat_c = compat.contiguous();
       CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep,
-                                                 /*need_coefs=*/true, crf_row_bytes(L, unary));
+                                                 /*need_coefs=*/true, crf_row_bytes(L, unary), B);
       auto acc = at::empty({B, N, L}, opt);
       auto m = at::empty({B, N, L}, opt);
       for (int64_t s = 1; s <= S; ++s) {
