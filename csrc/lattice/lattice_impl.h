@@ -450,10 +450,13 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
   auto chunk_sums = [&](auto pair, auto fused) {  // the second sums compiled in only where used
     const auto f = chunk_splat<scalar_t, V, decltype(pair)::value, decltype(fused)::value>(lat, in, pre, part, C, pre2,
                                                                                            part2, counters, out, out2);
-    if (counted)
-      exec.for_each_counted(B, lat.num_chunks.data_ptr<int32_t>(), 0, K, C / V, f, grain);
-    else
-      exec.for_each_item(B, K, C / V, f, grain);
+    if constexpr (!decltype(fused)::value) {  // a counted lattice never takes the fused sums: no kernel for it
+      if (counted) {
+        exec.for_each_counted(B, lat.num_chunks.data_ptr<int32_t>(), 0, K, C / V, f, grain);
+        return;
+      }
+    }
+    exec.for_each_item(B, K, C / V, f, grain);
   };
   auto launch = [&](auto fused) {
     if (out2)
