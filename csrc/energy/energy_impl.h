@@ -61,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   // A counted lattice (lattice::use_counted: in a CUDA graph capture, or by knob counted_lattice):
   // no host read of the vertex count, so the host never waits for the GPU in the loss and the op
   // can be captured in a CUDA graph; its price is memory, buffers for N (d+1) vertices per image
-  // (about ten times what photographs need). Its rows: bufs and the chunk sums (two when paired).
+  // (26-77 times the vertices of energy_bench's images at 160^2). Its rows: bufs and the chunk sums
+  // (two when paired).
   const bool counted =
       lattice::use_counted(exec, B, chunk, N, features.size(1), Cs * probs.element_size() * (nbufs + (pair ? 2 : 1)));
   const lattice::Lattice lat = lattice::build(exec, features.contiguous(), chunk, counted);
