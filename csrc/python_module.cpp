@@ -65,6 +65,10 @@ PyObject* lattice_cache_info(PyObject*, PyObject*) {
                        static_cast<long long>(st.misses), "bytes", static_cast<long long>(st.bytes));
 }
 
+PyObject* tiled_mean_field_steps(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::tiled_steps()));
+}
+
 PyObject* lattice_counted_builds(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::counted_builds()));
 }
@@ -130,10 +134,13 @@ PyMethodDef methods[] = {
      "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
     {"lattice_counted_builds", lattice_counted_builds, METH_NOARGS,
      "Counted lattices (built without a host read of their size; knob counted_lattice) built so far."},
+    {"tiled_mean_field_steps", tiled_mean_field_steps, METH_NOARGS,
+     "Mean-field steps run so far by the tiled mean field's block kernels (knob mean_field_tile)."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,
      "Drop every cached lattice and zero the hit/miss counters."},
     {"tuning", tuning, METH_NOARGS,
-     "The CUDA launch-configuration knobs (common/tuning.h) and their values. Results do not depend on them."},
+     "The CUDA launch-configuration knobs (common/tuning.h) and their values. Results do not depend on them, "
+     "except mean_field_tile's rounding."},
     {"set_tuning", set_tuning, METH_VARARGS,
      "set_tuning(name, value): set a CUDA launch-configuration knob (a benchmark A/B switch; value >= 0)."},
     {"build_info", build_info, METH_NOARGS, "Build configuration of the extension (CUDA, OpenMP, compiler)."},

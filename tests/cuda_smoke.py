@@ -93,6 +93,19 @@ def main() -> None:
                 1e-4,
             )
         _C.set_tuning(name, saved)
+    # the tiled mean field (knob mean_field_tile): its block kernels' shared memory and barriers
+    saved = {k: _C.tuning()[k] for k in ("mean_field_tile", "mean_field_tile_kernel")}
+    for tile, kernel in ((64, 1), (256, 2), (37, 2)):
+        _C.set_tuning("mean_field_tile", tile)
+        _C.set_tuning("mean_field_tile_kernel", kernel)
+        close(
+            f"dense_crf 21 labels mean_field_tile={tile} kernel={kernel}",
+            rrm_cuda.dense_crf(unary.to(dev), image.to(dev), iterations=3),
+            ref,
+            1e-4,
+        )
+    for k, v in saved.items():
+        _C.set_tuning(k, v)
     # energy op: value only, rloss and exact gradients, with and without the mass term; float32
     # takes the float4 rows (padded channels: 3 classes -> 4, 3 + mass -> 4, 7 -> 8); its lattice with
     # the vertex count read back and counted (knob counted_lattice: the counted launches)

@@ -1164,6 +1164,83 @@ def test_cuda_counted_lattices_and_graph_capture(cuda, tuning):
         torch.testing.assert_close(out, rrm_cuda.dense_crf(probs=fresh, image=img, iterations=5), rtol=1e-5, atol=1e-6)
 
 
+def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
+    # Knob mean_field_tile = P (the fused GPU mean field, tiles of P consecutive pixels): the CRF's
+    # lattices are built with their splat chunks also cut where a vertex's list crosses a tile, and
+    # a step's splat runs one block per tile from the tile's rows of Q in block-shared memory (knob
+    # mean_field_tile_kernel 1: copied from q; 2: computed there by the slice, which then never
+    # writes q). Through the emulated launch (threads of every phase in reverse, shared memory filled
+    # with NaN bytes before each block): the three kernels give the same bits for each P, the tiled
+    # steps run (a counter), and the regrouped sums stay within rounding of P = 0. P = 4096 needs
+    # more shared memory than a block takes: the chunk splat over the cut chunks. The backward builds
+    # untiled lattices (a cached tiled lattice is not used for it): the same bits as P = 0.
+    _C = rrm_cuda._ext._C
+    g = torch.Generator().manual_seed(5)
+    img = torch.from_numpy(np.stack([photo("astronaut", (40, 48)), photo("coffee", (40, 48))])).permute(0, 3, 1, 2)
+    N = 40 * 48
+    for dtype in (torch.float32, torch.float64):
+        tol = {"rtol": 0, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0, "atol": 1e-12}
+        bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
+        pos = rrm_cuda.position_features(1, (40, 48), 3.0).to(dtype)
+        noise = (torch.randn(2, 3, N, generator=g) * torch.tensor([0.3, 30.0, 3.0]).reshape(1, 3, 1)).to(dtype)
+        for L in (3, 21):
+            u = (torch.rand(4, L, N, generator=g) * 3).to(dtype)
+            eye = torch.eye(L, dtype=dtype)
+            cases = [
+                ([pos, bil], torch.stack([-3 * eye, -10 * eye]), [0, 0], [True, False]),
+                ([pos, bil], torch.stack([-3 * eye, -10 * eye]), [1, 2], []),
+                ([noise], (-5 * eye)[None], [3], []),
+            ]
+            for feats, compat, norms, cache in cases:
+                diag = [True] * len(feats)
+                tuning("mean_field_tile", 0)
+                want = ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache)
+                grads = ops._dense_crf_backward_emulated(0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2)
+                for P in (1, 7, 256, 4096):
+                    tuning("mean_field_tile", P)
+                    outs = []
+                    for kernel in (0, 1, 2):
+                        tuning("mean_field_tile_kernel", kernel)
+                        before = _C.tiled_mean_field_steps()
+                        outs.append(ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache))
+                        wide = P * (4 if L <= 4 else 24) * u.element_size() > 96 * 1024
+                        assert _C.tiled_mean_field_steps() - before == (3 if kernel and not wide else 0)
+                    for o in outs[1:]:
+                        assert torch.equal(o, outs[0]), (dtype, L, norms, P)
+                    torch.testing.assert_close(outs[0], want, **tol)
+                    back = ops._dense_crf_backward_emulated(0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2)
+                    for a, b in zip(back, grads):
+                        assert torch.equal(a, b), (dtype, L, norms, P)
+
+
+@pytest.mark.cuda
+def test_cuda_tiled_mean_field(cuda, tuning):
+    # On the device: the tiled mean field's three kernels give the same bits (the block kernels'
+    # shared memory and barriers on real thread blocks), those of the emulated launch, and stay
+    # within rounding of the untiled mean field; 3 and 21 labels, float32 and float64, a batch of 2.
+    img = torch.from_numpy(photo("astronaut", (64, 80)).copy()).permute(2, 0, 1)[None].contiguous()
+    for dtype in (torch.float32, torch.float64):
+        bil = rrm_cuda.bilateral_features(img, 30.0, 13.0).to(dtype)
+        pos = rrm_cuda.position_features(1, (64, 80), 3.0).to(dtype)
+        for L in (3, 21):
+            u = (torch.rand(2, L, 64 * 80) * 3).to(dtype)
+            compat = torch.stack([-3 * torch.eye(L), -10 * torch.eye(L)]).to(dtype)
+            args = ([pos.to(cuda), bil.to(cuda)], compat.to(cuda), [True, True], [0, 0], 5)
+            tuning("mean_field_tile", 0)
+            want = ops.dense_crf(u.to(cuda), *args)
+            tuning("mean_field_tile", 256)
+            tuning("mean_field_tile_kernel", 2)
+            emulated = ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 0], 5)
+            outs = []
+            for kernel in (0, 1, 2):
+                tuning("mean_field_tile_kernel", kernel)
+                outs.append(ops.dense_crf(u.to(cuda), *args))
+            for o in outs[1:]:
+                assert torch.equal(o, outs[0]), (dtype, L)
+            torch.testing.assert_close(outs[0].cpu(), emulated, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
+            torch.testing.assert_close(outs[0], want, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
+
+
 @pytest.mark.cuda
 def test_cuda_compile_reduce_overhead(cuda):
     # torch.compile(mode="reduce-overhead") captures CUDA graphs; the lattice ops read their vertex

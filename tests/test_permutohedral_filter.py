@@ -274,6 +274,8 @@ def test_tuning_knobs(tuning):
         "splat_fused_reduce",
         "blur_pairs",
         "counted_lattice",
+        "mean_field_tile",
+        "mean_field_tile_kernel",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

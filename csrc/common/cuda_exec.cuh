@@ -80,6 +80,40 @@ __global__ void for_each_counted_kernel(int64_t B, const int32_t* counts, int64_
   }
 }
 
+// A block of for_each_block on the device: the thread block itself; a phase is the threads' calls
+// and a __syncthreads(). Host-device members (the host side is never called) so that functors
+// written for HostBlock and CudaBlock alike compile in both passes.
+struct CudaBlock {
+  char* smem;
+  RRM_HOST_DEVICE int threads() const {
+#if defined(__CUDA_ARCH__)
+    return static_cast<int>(blockDim.x);
+#else
+    return 0;
+#endif
+  }
+  template <typename T>
+  RRM_HOST_DEVICE T* shared() const {
+    return reinterpret_cast<T*>(smem);
+  }
+  template <class G>
+  RRM_HOST_DEVICE void phase(const G& g) const {
+#if defined(__CUDA_ARCH__)
+    g(static_cast<int>(threadIdx.x));
+    __syncthreads();
+#endif
+  }
+};
+
+// Block k of image b is CUDA block b * nblocks + k.
+template <class F>
+__global__ void for_each_block_kernel(int64_t nblocks, F f) {
+  extern __shared__ __align__(16) char rrm_block_smem[];
+  const CudaBlock blk{rrm_block_smem};
+  const int64_t t = blockIdx.x;
+  f(blk, t / nblocks, t % nblocks);
+}
+
 struct CudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr bool kIsCuda = true;
@@ -151,6 +185,19 @@ struct CudaExec {
     const int64_t want = (total + kBlock - 1) / kBlock;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535LL * 32));
     for_each_item_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(B, n, C, f);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // One CUDA block per (image, block); dynamic shared memory above 48 KiB is opted into per kernel.
+  template <class F>
+  void for_each_block(int64_t B, int64_t nblocks, int64_t smem_bytes, const F& f) const {
+    if (B <= 0 || nblocks <= 0) return;
+    TORCH_CHECK(B * nblocks < (int64_t(1) << 31), "for_each_block: too many blocks (", B * nblocks, ")");
+    if (smem_bytes > 48 * 1024) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(for_each_block_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem_bytes)));
+    }
+    for_each_block_kernel<F><<<static_cast<unsigned>(B * nblocks), kBlock, static_cast<size_t>(smem_bytes),
+                               at::cuda::getCurrentCUDAStream()>>>(nblocks, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // Grid: the blocks of the kernel that are resident on the device at once (its occupancy per SM,

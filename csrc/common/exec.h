@@ -19,6 +19,16 @@
 //                                 vertex counts after a build that does not read them back, so that
 //                                 the host never waits for it. CUDA launches a grid sized from the
 //                                 device, not from cap, whose threads stride over all images' items.
+//     exec.for_each_block(B, nblocks, smem_bytes, functor)
+//                                 calls functor(blk, b, k) for every image b < B and block k < nblocks:
+//                                 a block of kBlock threads with smem_bytes of block-shared memory
+//                                 (blk.template shared<T>()), whose work is a sequence of phases,
+//                                 blk.phase(g): g(t) for every thread t of the block, then a barrier.
+//                                 Threads of one phase must not touch the same shared word unless all
+//                                 only read it; a phase sees every write of the phases before it. The
+//                                 CPU runs a block's threads in turn (emulated: in reverse, with the
+//                                 shared memory filled with NaN bytes first, so that a read of a word
+//                                 no phase wrote shows), CUDA as one thread block.
 // exec.capturing() says whether the current CUDA stream is being captured into a graph (false off
 // CUDA): code that reads a device value back must not run then.
 // Each also has exec.sort_keys(keys, max_key): a stable ascending sort of a 1-D tensor of integer
@@ -37,7 +47,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <vector>
 
 // ATen products inside an op (at::mm) would be autocast to 16 bits when the op is called under
 // torch.autocast (autocast stays on below a custom op): the ops compute in their inputs' dtype, so
@@ -107,6 +119,33 @@ RRM_HOST_DEVICE int64_t counted_extent(const int32_t* counts, int64_t b, int64_t
   return n < 0 ? 0 : n > cap ? cap : n;
 }
 
+// A block of for_each_block on the CPU: its threads run each phase in turn (forward on the
+// production path, in reverse in the emulation) over the block's own shared memory.
+template <bool kReverse>
+struct HostBlock {
+  char* smem;
+  int nthreads;
+  int threads() const { return nthreads; }
+  template <typename T>
+  T* shared() const {
+    return reinterpret_cast<T*>(smem);
+  }
+  template <class G>
+  void phase(const G& g) const {
+    for (int k = 0; k < nthreads; ++k) g(kReverse ? nthreads - 1 - k : k);
+  }
+};
+
+// Shared memory of one host block: 16-byte aligned, as CUDA's dynamic shared memory is.
+struct HostSmem {
+  std::vector<double> words;  // doubles: 8-byte aligned; the offset below makes 16
+  char* get(int64_t bytes) {
+    words.resize(static_cast<size_t>((bytes + 15) / 8 + 2));
+    auto p = reinterpret_cast<uintptr_t>(words.data());
+    return reinterpret_cast<char*>((p + 15) & ~uintptr_t(15));
+  }
+};
+
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
@@ -132,6 +171,16 @@ struct CpuExec {
   void for_each_item(int64_t B, int64_t n, int64_t C, const F& f, int64_t grain = 1024) const {
     if (B <= 0 || n <= 0 || C <= 0) return;
     at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_run_items(begin, end, n, C, f); });
+  }
+  static constexpr int kBlock = 256;
+  template <class F>
+  void for_each_block(int64_t B, int64_t nblocks, int64_t smem_bytes, const F& f) const {
+    if (B <= 0 || nblocks <= 0) return;
+    at::parallel_for(0, B * nblocks, 1, [&](int64_t begin, int64_t end) {
+      HostSmem smem;
+      const HostBlock<false> blk{smem.get(smem_bytes), kBlock};
+      for (int64_t t = begin; t < end; ++t) f(blk, t / nblocks, t % nblocks);
+    });
   }
   template <class F>
   void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
@@ -178,6 +227,19 @@ struct EmulatedCudaExec {
       const int64_t c = t % C, bi = t / C;
       f(bi / n, bi % n, c, c + 1);
     });
+  }
+  // Blocks in reverse order, each one's threads in reverse in every phase; the shared memory
+  // filled with NaN bytes (0xFF: a NaN for floats and doubles, -1 for integers) before each block.
+  template <class F>
+  void for_each_block(int64_t B, int64_t nblocks, int64_t smem_bytes, const F& f) const {
+    if (B <= 0 || nblocks <= 0) return;
+    HostSmem smem;
+    char* const p = smem.get(smem_bytes);
+    const HostBlock<true> blk{p, static_cast<int>(kBlock)};
+    for (int64_t t = B * nblocks - 1; t >= 0; --t) {
+      std::memset(p, 0xFF, static_cast<size_t>(smem_bytes));
+      f(blk, t / nblocks, t % nblocks);
+    }
   }
   // CudaExec::for_each_counted's decomposition: a fixed grid of threads (here at most kCountedGrid
   // of them) striding over the items of all images in turn, c fastest; threads visited in reverse.

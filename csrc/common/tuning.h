@@ -1,7 +1,8 @@
 // Run-time knobs of the CUDA launch configuration, so that a GPU session can time the alternatives
 // in one process (rrm_cuda._C.tuning() / rrm_cuda._C.set_tuning(name, value);
 // benchmarks/cuda_profile.py). Results never depend on them: every setting gives the same bits, on
-// CUDA and in the emulated launch (tests/test_permutohedral_filter.py, tests/test_energy.py). The CPU
+// CUDA and in the emulated launch (tests/test_permutohedral_filter.py, tests/test_energy.py), except
+// kMeanFieldTile, which regroups sums (see there). The CPU
 // kernels ignore them.
 #pragma once
 
@@ -11,22 +12,33 @@ namespace rrm {
 namespace tuning {
 
 enum Knob : int {
-  kSplatTile,         // pixels per tile by which the splat's chunks are launched (0: vertex order); 0
-                      // (H100, session 13: vertex order 4-8 % faster than tile 64 in two A/B runs).
-                      // Read by each lattice build.
-  kEnergyRows4,       // energy loss: lattice rows padded to a multiple of 4 channels, splat and blurs
-                      // four channels per thread (1), or one channel per thread (0); 1
-  kEnergyPairSplat,   // energy loss, exact gradient: its two splats in one pass (1) or two (0); 1
-  kSliceGroup4,       // fused mean field's slice: vertex rows summed four channels at a time (1) or
-                      // whole (0); 1
-  kEnergySlice4,      // energy loss's slice with rows of 4: four channels per load (1) or one (0); 1
-  kSplatFusedReduce,  // splats: each vertex's chunk sums added up in the chunk launch by its last chunk
-                      // (1) or by a second launch (0); 1
-  kBlurPairs,         // blurs: two lattice axes per launch (1, BlurPairFunctor) or one (0); 1
-  kCountedLattice,    // dense_energy, permutohedral_filter, dense_crf on the GPU: lattices built without
-                      // reading its vertex count back (1: buffers for N (d+1) vertices, launches over
-                      // the counts in device memory, no host wait; while the workspace stays within
-                      // 1 GiB) or with the read (0); 0. Inside a CUDA graph capture always counted.
+  kSplatTile,            // pixels per tile by which the splat's chunks are launched (0: vertex order); 0
+                         // (H100, session 13: vertex order 4-8 % faster than tile 64 in two A/B runs).
+                         // Read by each lattice build.
+  kEnergyRows4,          // energy loss: lattice rows padded to a multiple of 4 channels, splat and blurs
+                         // four channels per thread (1), or one channel per thread (0); 1
+  kEnergyPairSplat,      // energy loss, exact gradient: its two splats in one pass (1) or two (0); 1
+  kSliceGroup4,          // fused mean field's slice: vertex rows summed four channels at a time (1) or
+                         // whole (0); 1
+  kEnergySlice4,         // energy loss's slice with rows of 4: four channels per load (1) or one (0); 1
+  kSplatFusedReduce,     // splats: each vertex's chunk sums added up in the chunk launch by its last chunk
+                         // (1) or by a second launch (0); 1
+  kBlurPairs,            // blurs: two lattice axes per launch (1, BlurPairFunctor) or one (0); 1
+  kCountedLattice,       // dense_energy, permutohedral_filter, dense_crf on the GPU: lattices built without
+                         // reading its vertex count back (1: buffers for N (d+1) vertices, launches over
+                         // the counts in device memory, no host wait; while the workspace stays within
+                         // 1 GiB) or with the read (0); 0. Inside a CUDA graph capture always counted.
+  kMeanFieldTile,        // dense_crf's fused GPU mean field: pixels per tile (0: off; default 0). With
+                         // P > 0 the lattices' splat chunks are also cut where a vertex's list crosses
+                         // from one tile of P consecutive pixels to the next, and a step's splat runs
+                         // one block per tile (kMeanFieldTileKernel). The cut regroups the splat sums:
+                         // results differ from P = 0 by rounding (the one knob whose bits differ);
+                         // every kMeanFieldTileKernel value gives the same bits for a given P.
+  kMeanFieldTileKernel,  // with kMeanFieldTile > 0: 0 the chunk splat over the cut chunks (rows of Q
+                         // gathered from global memory), 1 one block per tile summing its chunks
+                         // from the tile's rows of Q staged in shared memory, 2 the same block also
+                         // computing those rows (the slice and softmax of the tile's pixels) so that
+                         // Q never goes to global memory between steps; 2
   kNumKnobs
 };
 

@@ -121,9 +121,9 @@ CacheStats cache_stats() {
   st.misses = s.misses;
   for (const auto& it : s.items) {
     const Lattice& l = it.entry->lat;
-    for (const at::Tensor* t :
-         {&l.entry_vertex, &l.entry_weight, &l.num_vertices, &l.neighbors, &l.offsets, &l.splat_pixel, &l.splat_weight,
-          &l.chunk_offsets, &l.chunk_begin, &l.chunk_end, &l.chunk_slot, &l.chunk_vertex, &l.num_chunks})
+    for (const at::Tensor* t : {&l.entry_vertex, &l.entry_weight, &l.num_vertices, &l.neighbors, &l.offsets,
+                                &l.splat_pixel, &l.splat_weight, &l.chunk_offsets, &l.chunk_begin, &l.chunk_end,
+                                &l.chunk_slot, &l.chunk_vertex, &l.num_chunks, &l.tile_offsets})
       st.bytes += nbytes(*t);
     for (const auto& n : it.entry->norm) st.bytes += nbytes(n);
   }
@@ -139,10 +139,13 @@ void cache_set_capacity(int64_t capacity) {
 
 namespace {
 std::atomic<int64_t> g_counted_builds{0};
+std::atomic<int64_t> g_tiled_steps{0};
 }  // namespace
 
 void note_counted_build() { g_counted_builds.fetch_add(1, std::memory_order_relaxed); }
 int64_t counted_builds() { return g_counted_builds.load(std::memory_order_relaxed); }
+void note_tiled_steps(int64_t n) { g_tiled_steps.fetch_add(n, std::memory_order_relaxed); }
+int64_t tiled_steps() { return g_tiled_steps.load(std::memory_order_relaxed); }
 
 void cache_clear() {
   Store& s = store();

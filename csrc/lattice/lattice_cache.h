@@ -44,6 +44,12 @@ struct Lattice {
   // over vertices or chunks is a counted one (exec.for_each_counted).
   bool counted = false;
   at::Tensor num_chunks;
+  // build(..., tile = P > 0; CUDA and its emulation, not counted): the chunks are also cut where a
+  // vertex's list crosses from one tile of P consecutive pixels to the next (so every chunk lies in
+  // one tile), chunk_begin/end/slot are in launch order by tile, and tile_offsets (B, ntiles + 2)
+  // int32 gives image b's chunks of tile j at launch slots [tile_offsets[b, j], tile_offsets[b, j+1]).
+  int64_t chunk_tile = 0;
+  at::Tensor tile_offsets;
 };
 
 // A cached term: its lattice and, per normalization mode 0..2, its normaliser once computed
@@ -75,6 +81,9 @@ void cache_set_capacity(int64_t capacity);  // drops entries beyond it
 // that path).
 void note_counted_build();
 int64_t counted_builds();
+// Mean-field steps run by the tiled mean field's block kernels (knob mean_field_tile_kernel >= 1).
+void note_tiled_steps(int64_t n);
+int64_t tiled_steps();
 void cache_clear();  // drops every entry and zeroes the counters
 
 }  // namespace lattice

@@ -515,6 +515,70 @@ struct ChunkPermuteFunctor {
   }
 };
 
+// Chunks cut by tiles (build(..., tile = P), for the tiled mean field): a chunk is a run of at most
+// kSplatChunk entries of one vertex's list that lie in one tile of P consecutive pixels. Entry s of
+// image b's sorted lists starts a chunk (heads[b, s] = 1) when it is kSplatChunk entries after its
+// list's start, or its pixel lies in another tile than the entry before it. A scan of the heads
+// numbers the chunks vertex by vertex (the order SplatReduceFunctor sums them in).
+struct TileChunkHeadFunctor {
+  const int32_t* sorted_entries;  // (B E,) entry index of each list slot (SortKeyFunctor's sort)
+  const int32_t* entry_vertex;    // (B, E)
+  const int32_t* offsets;         // (B, M+1) list bounds
+  const int32_t* splat_pixel;     // (B, E)
+  int32_t* heads;                 // (B, E) out: 1 at the first slot of a chunk, else 0
+  int64_t E, M, tile;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t s, int64_t, int64_t) const {
+    const int64_t t = b * E + s;
+    const int32_t v = entry_vertex[b * E + sorted_entries[t]];
+    const int64_t start = offsets[b * (M + 1) + v];
+    const bool head = (s - start) % kSplatChunk == 0 || splat_pixel[t] / tile != splat_pixel[t - 1] / tile;
+    heads[t] = head ? 1 : 0;
+  }
+};
+
+// From the heads' inclusive scan (numbers: (B, E), chunk k of image b has number k + 1 at its first
+// slot): each chunk's range and vertex (vertex order), and every vertex's first chunk.
+struct TileChunkRangeFunctor {
+  const int32_t* sorted_entries;  // (B E,)
+  const int32_t* entry_vertex;    // (B, E)
+  const int32_t* offsets;         // (B, M+1)
+  const int32_t* heads;           // (B, E)
+  const int32_t* numbers;         // (B, E) inclusive scan of heads along each image
+  int32_t* chunk_begin;           // (B, K) out (zero-initialised: unused chunks are empty)
+  int32_t* chunk_end;             // (B, K) out
+  int32_t* chunk_vertex;          // (B, K) out (zero-initialised): 1 + v
+  int64_t E, M, K;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t s, int64_t, int64_t) const {
+    const int64_t t = b * E + s;
+    if (!heads[t]) return;
+    const int32_t v = entry_vertex[b * E + sorted_entries[t]];
+    const int64_t end = offsets[b * (M + 1) + v + 1];
+    int64_t e = s + 1;
+    while (e < end && !heads[b * E + e]) ++e;  // at most kSplatChunk - 1 steps
+    const int64_t k = b * K + numbers[t] - 1;
+    chunk_begin[k] = static_cast<int32_t>(s);
+    chunk_end[k] = static_cast<int32_t>(e);
+    chunk_vertex[k] = v + 1;
+  }
+};
+
+// chunk_offsets[b, v] = the number of vertex v's first chunk (v < num_vertices[b]), or image b's
+// chunk count (v >= num_vertices[b], up to M).
+struct TileChunkOffsetsFunctor {
+  const int32_t* offsets;       // (B, M+1)
+  const int32_t* numbers;       // (B, E)
+  const int32_t* num_vertices;  // (B,)
+  int32_t* chunk_offsets;       // (B, M+1) out
+  int64_t E, M;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t v, int64_t, int64_t) const {
+    const int32_t* nb = numbers + b * E;
+    chunk_offsets[b * (M + 1) + v] = v < num_vertices[b] ? nb[offsets[b * (M + 1) + v]] - 1 : nb[E - 1];
+  }
+};
+
 // dst[0, W) = row[0, W), a row of global memory: float4 loads through the read-only path on CUDA,
 // or, kL2, loads through L2 only (ld.global.cg; float4 or double2): rows written by other blocks of
 // the running kernel, which the read-only path or a stale L1 line could miss (SplatChunkFunctor's
@@ -1473,8 +1537,19 @@ struct MeanFieldSliceFunctor : MeanFieldSliceArgs<scalar_t> {
   using MeanFieldSliceArgs<scalar_t>::sn;
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
-    const int64_t bi = b * N + i;
     scalar_t row[W];
+    compute(b, i, row);
+    if (q_lmajor) {
+      scalar_t* o = q_lmajor + b * L * N + i;
+      for (int c = 0; c < W; ++c)
+        if (c < L) o[c * N] = row[c];
+      return;
+    }
+    row_copy<scalar_t, W>(q + (b * N + i) * W, row);
+  }
+
+  // row = q_i of pixel (b, i), padded to W with zeros.
+  RRM_HOST_DEVICE void compute(int64_t b, int64_t i, scalar_t* row) const {
     const scalar_t* u = unary + b * sb + i * sn;
     for (int c = 0; c < W; ++c) row[c] = c < L ? -u[c * sl] : static_cast<scalar_t>(kSoftmaxPad);
     for (int t = 0; t < T; ++t) {
@@ -1503,13 +1578,82 @@ struct MeanFieldSliceFunctor : MeanFieldSliceArgs<scalar_t> {
     }
     const scalar_t inv = scalar_t(1) / sum;
     for (int c = 0; c < W; ++c) row[c] *= inv;
-    if (q_lmajor) {
-      scalar_t* o = q_lmajor + b * L * N + i;
-      for (int c = 0; c < W; ++c)
-        if (c < L) o[c * N] = row[c];
-      return;
-    }
-    row_copy<scalar_t, W>(q + bi * W, row);
+  }
+};
+
+// The tiled mean field (Lattice::chunk_tile = P; knobs mean_field_tile, mean_field_tile_kernel):
+// one block per tile of P consecutive pixels of image b. Phase 1 puts the tile's rows of Q in shared
+// memory: copied from q (kSlice = false), or computed there (kSlice: the slice, unary and softmax of
+// MeanFieldSliceFunctor, whose q the block never writes); phase 2 sums every term's chunks of the
+// tile (a chunk of a tile-cut lattice lies in one tile) from those rows, V channels per thread,
+// into the chunk's row of partial: SplatChunkFunctor's arithmetic in its order (each entry's w * pre,
+// then the products in entry order), so the same bits as the chunk splat over the same chunks,
+// with each row of Q read from global memory once per step instead of once per vertex of its pixel.
+template <typename scalar_t>
+struct TileSplatTerm {
+  const int32_t* tile_offsets;   // (LB, ntiles + 2)
+  const int32_t* chunk_begin;    // (LB, K) launch order
+  const int32_t* chunk_end;      // (LB, K)
+  const int32_t* chunk_slot;     // (LB, K) the chunk's row of partial
+  const int32_t* splat_pixel;    // (LB, E)
+  const scalar_t* splat_weight;  // (LB, E)
+  const scalar_t* pre;           // (LB, N) or nullptr
+  scalar_t* partial;             // (B, K, W) out
+  int64_t E, K, LB;
+};
+
+template <typename scalar_t, int W, int V, class Slice, bool kSlice>
+struct TileMeanFieldFunctor {
+  Slice slice;        // kSlice: computes the rows (its q and q_lmajor unused)
+  const scalar_t* q;  // (B, N, W): !kSlice
+  TileSplatTerm<scalar_t> terms[kMaxFusedTerms];
+  int T;
+  int64_t N, P, ntiles;
+
+  template <class Blk>
+  RRM_HOST_DEVICE void operator()(const Blk& blk, int64_t b, int64_t tile) const {
+    scalar_t* const qs = blk.template shared<scalar_t>();  // (P, W)
+    const int64_t p0 = tile * P, np = N - p0 < P ? N - p0 : P;
+    const int nt = blk.threads();
+    blk.phase([&](int th) {
+      if constexpr (kSlice) {
+        for (int64_t p = th; p < np; p += nt) {
+          scalar_t row[W];
+          slice.compute(b, p0 + p, row);
+          row_copy<scalar_t, W>(qs + p * W, row);
+        }
+      } else {
+        const scalar_t* src = q + (b * N + p0) * W;
+        for (int64_t x = th; x < np * W; x += nt) qs[x] = src[x];
+      }
+    });
+    blk.phase([&](int th) {
+      constexpr int G = W / V;
+      for (int t = 0; t < T; ++t) {
+        const TileSplatTerm<scalar_t>& m = terms[t];
+        const int64_t lb = b < m.LB ? b : b % m.LB;
+        const int32_t* to = m.tile_offsets + lb * (ntiles + 2);
+        const int64_t k0 = to[tile], n = (to[tile + 1] - k0) * G;
+        const int32_t* pix = m.splat_pixel + lb * m.E;
+        const scalar_t* wb = m.splat_weight + lb * m.E;
+        const scalar_t* pb = m.pre ? m.pre + lb * N : nullptr;
+        for (int64_t x = th; x < n; x += nt) {
+          const int64_t k = lb * m.K + k0 + x / G, g = x % G;
+          const int64_t s1 = m.chunk_end[k];
+          scalar_t acc[V];
+          for (int c = 0; c < V; ++c) acc[c] = 0;
+          for (int64_t s = m.chunk_begin[k]; s < s1; ++s) {
+            const int64_t i = pix[s];
+            scalar_t w = wb[s];
+            if (pb) w = w * pb[i];
+            scalar_t xv[V];
+            row_copy<scalar_t, V>(xv, qs + (i - p0) * W + V * g);
+            for (int c = 0; c < V; ++c) acc[c] += w * xv[c];
+          }
+          row_copy<scalar_t, V>(m.partial + (b * m.K + m.chunk_slot[k]) * W + V * g, acc);
+        }
+      }
+    });
   }
 };
 

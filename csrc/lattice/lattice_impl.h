@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -45,13 +46,50 @@ at::Tensor counted_empty(at::IntArrayRef sizes, const at::TensorOptions& options
   return t;
 }
 
+template <class Exec>
+void chunks_by_tile(const Exec& exec, Lattice& lat, int64_t tile, bool offsets = false);
+
+// Chunks cut by tiles of P consecutive pixels (Lattice::chunk_tile; the tiled mean field): heads
+// (TileChunkHeadFunctor), their scan, the chunk count read back (one synchronisation: the chunk
+// tables are sized by it), the chunk ranges and offsets, then the launch order by tile with each
+// tile's first launch slot.
+template <class Exec>
+void tile_chunks(const Exec& exec, Lattice& lat, const at::Tensor& sorted_entries, int64_t P) {
+  const int64_t B = lat.B, E = lat.E, M = lat.M;
+  const auto iopt = lat.entry_vertex.options();
+  auto heads = at::empty({B, E}, iopt);
+  exec.for_each_item(B, E, 1,
+                     TileChunkHeadFunctor{sorted_entries.data_ptr<int32_t>(), lat.entry_vertex.data_ptr<int32_t>(),
+                                          lat.offsets.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
+                                          heads.data_ptr<int32_t>(), E, M, P});
+  const at::Tensor numbers = at::cumsum(heads, /*dim=*/1, /*dtype=*/at::kInt);
+  lat.K = std::max<int64_t>(1, numbers.select(1, E - 1).max().item<int32_t>());
+  const at::Tensor chunk_be = at::zeros({3, B, lat.K}, iopt);
+  lat.chunk_begin = chunk_be[0];
+  lat.chunk_end = chunk_be[1];
+  lat.chunk_vertex = chunk_be[2];
+  int32_t* cb = chunk_be.data_ptr<int32_t>();
+  exec.for_each_item(
+      B, E, 1,
+      TileChunkRangeFunctor{sorted_entries.data_ptr<int32_t>(), lat.entry_vertex.data_ptr<int32_t>(),
+                            lat.offsets.data_ptr<int32_t>(), heads.data_ptr<int32_t>(), numbers.data_ptr<int32_t>(), cb,
+                            cb + B * lat.K, cb + 2 * B * lat.K, E, M, lat.K});
+  lat.chunk_offsets = at::empty({B, M + 1}, iopt);
+  exec.for_each_item(
+      B, M + 1, 1,
+      TileChunkOffsetsFunctor{lat.offsets.data_ptr<int32_t>(), numbers.data_ptr<int32_t>(),
+                              lat.num_vertices.data_ptr<int32_t>(), lat.chunk_offsets.data_ptr<int32_t>(), E, M});
+  lat.chunk_tile = P;
+  chunks_by_tile(exec, lat, P, /*offsets=*/true);
+}
+
 // Splat lists with device-friendly primitives (CUDA, emulated): order by a *stable* sort of
 // (image, vertex) keys, so that the entries of a vertex also come out in increasing order and the
 // splat sums are deterministic; list bounds by binary searches of the sorted keys; chunk offsets by
 // one scan. Few ATen calls (each one costs host time on a GPU): the keys, the bounds, the chunk
 // counts and the lists from the sort's permutation are functors.
 template <class Exec>
-void splat_lists_sorted(const Exec& exec, Lattice& lat) {
+void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
   const auto iopt = lat.entry_vertex.options();
   // Sort the entries by (image, vertex), carrying each entry's index -- keys in 32 bits when they
@@ -89,6 +127,15 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
   };
   const at::Tensor sorted_entries =
       B * M < (int64_t(1) << 31) ? sort_and_bound(int32_t{0}) : sort_and_bound(int64_t{0});
+  lat.splat_pixel = at::empty({B, E}, iopt);
+  lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
+  AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
+    exec.for_each_item(B, E, 1,
+                       SplatListFunctor<scalar_t>{
+                           sorted_entries.data_ptr<int32_t>(), lat.entry_weight.data_ptr<scalar_t>(),
+                           lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
+  });
+  if (chunk_tile > 0 && !counted) return tile_chunks(exec, lat, sorted_entries, chunk_tile);
   lat.chunk_offsets = at::cumsum(nchunks, /*dim=*/1, /*dtype=*/at::kInt);
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
@@ -111,18 +158,17 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
     ranges.num_chunks = lat.num_chunks.data_ptr<int32_t>();
   }
   over_vertices(0, ranges);
-  lat.splat_pixel = at::empty({B, E}, iopt);
-  lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
-  AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
-    exec.for_each_item(B, E, 1,
-                       SplatListFunctor<scalar_t>{
-                           sorted_entries.data_ptr<int32_t>(), lat.entry_weight.data_ptr<scalar_t>(),
-                           lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
-  });
-  // Launch order of the chunks: by the tile of their first pixel (ChunkTileKeyFunctor), a stable
-  // sort of (image, tile) keys over their significant bits, then the tables permuted.
   const int64_t tile = counted ? 0 : tuning::get(tuning::kSplatTile);  // counted: vertex order
-  if (tile <= 0) return;
+  if (tile > 0) chunks_by_tile(exec, lat, tile);
+}
+
+// Launch order of the chunks: by the tile of their first pixel (ChunkTileKeyFunctor), a stable
+// sort of (image, tile) keys over their significant bits, then the tables permuted. With
+// offsets = true also lat.tile_offsets, each tile's first launch slot (from the sorted keys).
+template <class Exec>
+void chunks_by_tile(const Exec& exec, Lattice& lat, int64_t tile, bool offsets) {
+  const int64_t B = lat.B, E = lat.E;
+  const auto iopt = lat.entry_vertex.options();
   const int64_t K = lat.K, ntiles = (lat.N + tile - 1) / tile;
   auto tile_order = [&](auto key_zero) -> at::Tensor {
     using key_t = decltype(key_zero);
@@ -133,7 +179,15 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat) {
         ChunkTileKeyFunctor<key_t>{lat.chunk_begin.data_ptr<int32_t>(), lat.chunk_end.data_ptr<int32_t>(),
                                    lat.splat_pixel.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
                                    chunks.data_ptr<int32_t>(), E, K, tile, ntiles});
-    return std::get<1>(exec.sort_pairs(keys, chunks, B * (ntiles + 1) - 1));
+    at::Tensor sorted, order;
+    std::tie(sorted, order) = exec.sort_pairs(keys, chunks, B * (ntiles + 1) - 1);
+    if (offsets) {  // keys b (ntiles + 1) + j: ListOffsetsFunctor's b M + v with M = ntiles + 1
+      lat.tile_offsets = at::empty({B, ntiles + 2}, iopt);
+      exec.for_each_item(
+          B, ntiles + 2, 1,
+          ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.tile_offsets.data_ptr<int32_t>(), K, ntiles + 1});
+    }
+    return order;
   };
   const at::Tensor corder = B * (ntiles + 1) < (int64_t(1) << 31) ? tile_order(int32_t{0}) : tile_order(int64_t{0});
   auto tables = at::empty({3, B, K}, iopt);
@@ -213,7 +267,8 @@ bool use_counted(const Exec& exec, int64_t B, int64_t chunk, int64_t N, int64_t 
 // hash table then has room for every entry (2 E slots: it cannot overflow), M = E is a capacity,
 // and the lattice is a counted one (Lattice::counted).
 template <class Exec>
-Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool counted = false) {
+Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool counted = false,
+              int64_t chunk_tile = 0) {
   TORCH_INTERNAL_ASSERT(!counted || (Exec::kSortCsr && chunk >= features.size(0)),
                         "a counted lattice needs the sorted lists and the whole batch in one chunk");
   TORCH_CHECK(counted || !exec.capturing(),
@@ -338,7 +393,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   }
   // Splat lists for the gather splat of CUDA (and its emulation). The CPU splats by scatter
   // (splat_scatter_cpu) and needs none, which saves a sort and three (B, E) arrays per build.
-  if constexpr (Exec::kSortCsr) splat_lists_sorted(exec, lat);
+  if constexpr (Exec::kSortCsr) splat_lists_sorted(exec, lat, chunk_tile);
   return lat;
 }
 
@@ -759,6 +814,7 @@ inline Lattice tile(const Lattice& lat, int64_t reps) {
   t.chunk_slot = rep(lat.chunk_slot);
   t.chunk_vertex = rep(lat.chunk_vertex);
   t.num_chunks = rep(lat.num_chunks);
+  t.tile_offsets = rep(lat.tile_offsets);
   return t;
 }
 
@@ -784,7 +840,7 @@ template <class Exec, typename scalar_t>
 CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
                    const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t N,
                    const at::TensorOptions& opt, int64_t chunk, int64_t tile_to, const std::vector<bool>& keep = {},
-                   bool need_coefs = true, int64_t row_bytes = 0, int64_t row_images = 0) {
+                   bool need_coefs = true, int64_t row_bytes = 0, int64_t row_images = 0, int64_t chunk_tile = 0) {
   const int64_t T = static_cast<int64_t>(features.size());
   CrfTerms terms;
   terms.wss.resize(T);
@@ -798,7 +854,12 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
     const bool cacheable = t < static_cast<int64_t>(keep.size()) && keep[t] && ft.is_contiguous();
     const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, ft.size(0)));
     std::shared_ptr<CachedLattice> cached;
+    bool put = cacheable;
     if (cacheable) cached = cache_find(ft, Exec::kName, Exec::stream_id(), eff_chunk);
+    if (cached && cached->lat.chunk_tile != chunk_tile) {  // chunks cut by other tiles: a lattice of its own
+      cached.reset();
+      put = false;
+    }
     if (!cached) {
       // A counted lattice (use_counted; row_bytes: the caller's rows per vertex) in a CUDA graph
       // capture or by knob; it is not cached (its buffers are sized for every possible vertex).
@@ -806,8 +867,8 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
       const bool counted =
           row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes * per_lattice);
       cached = std::make_shared<CachedLattice>();
-      cached->lat = build(exec, ft.contiguous(), chunk, counted);
-      if (cacheable && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);
+      cached->lat = build(exec, ft.contiguous(), chunk, counted, counted ? 0 : chunk_tile);
+      if (put && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);
     }
     terms.lats.push_back(cached->lat);
     const int64_t Bt = terms.lats[t].B;
@@ -868,6 +929,10 @@ void mean_field_step(const Exec& exec, CrfTerms& terms, const at::Tensor& compat
   softmax_rows<Exec, scalar_t>(exec, acc, q_next);
 }
 
+// Shared memory of one block of the tiled mean field at most (its tile's rows of Q): 96 KiB, two
+// blocks per SM of an H100 (228 KiB), opted into above the default 48 KiB (CudaExec::for_each_block).
+constexpr int64_t kTileSmemMax = 96 * 1024;
+
 // CUDA (and emulated) mean field with diagonal compatibilities (see MeanFieldSliceFunctor): per
 // step a splat of Q's padded rows and d+1 blurs for every term (each stage one launch for all terms),
 // then one per-pixel pass for the slices of all terms, the unary and the softmax. Q stays in (B, N, W) rows between
@@ -890,7 +955,18 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   // second launch.
   bool counted = false;
   for (int t = 0; t < T; ++t) counted = counted || terms.lats[t].counted;
-  const bool fuse = !counted && fused_reduce();  // the chunk sums in the splat's launch (SplatChunkFunctor)
+  // Tiled (Lattice::chunk_tile = P, every term's chunks cut by the same tiles; knob mean_field_tile):
+  // each step's splat one block per tile of P pixels (TileMeanFieldFunctor) with the tile's rows of Q
+  // in shared memory, copied from q (kernel 1) or computed there (kernel 2, which also takes over the
+  // slices of every step but the last), then the chunk sums by a second launch. Kernel 0, or rows
+  // too wide for kTileSmemMax, keeps the chunk splat over the cut chunks: the same bits.
+  const int64_t P = terms.lats[0].chunk_tile;
+  bool tiled = !counted && P > 0;
+  for (int t = 0; t < T; ++t) tiled = tiled && terms.lats[t].chunk_tile == P;
+  const int64_t smem = P * W * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t tile_kernel = tiled && smem <= kTileSmemMax ? tuning::get(tuning::kMeanFieldTileKernel) : 0;
+  const bool block_splat = tile_kernel >= 1, block_slice = tile_kernel >= 2;
+  const bool fuse = !counted && !block_splat && fused_reduce();  // the chunk sums in the splat's launch
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
   // The fused chunk sums' counters, every term's in one zeroed allocation: (B, M_t, W / V) each.
   at::Tensor counters;
@@ -1037,6 +1113,46 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       exec.for_each_item(B, N, 1, MeanFieldSliceFunctor<scalar_t, W>{f}, 256);
     }
   };
+  // The tiled splat (block_splat): every term's tile tables; the functor is made at each step from f,
+  // whose blurred rows change after the first.
+  std::array<TileSplatTerm<scalar_t>, kMaxFusedTerms> tile_terms{};
+  const int64_t ntiles = tiled ? (N + P - 1) / P : 0;
+  if (block_splat) {
+    for (int t = 0; t < T; ++t) {
+      const Lattice& lat = terms.lats[t];
+      tile_terms[t] = TileSplatTerm<scalar_t>{lat.tile_offsets.data_ptr<int32_t>(),
+                                              lat.chunk_begin.data_ptr<int32_t>(),
+                                              lat.chunk_end.data_ptr<int32_t>(),
+                                              lat.chunk_slot.data_ptr<int32_t>(),
+                                              lat.splat_pixel.data_ptr<int32_t>(),
+                                              lat.splat_weight.data_ptr<scalar_t>(),
+                                              ptr(terms.pre[t]),
+                                              part[t].data_ptr<scalar_t>(),
+                                              lat.E,
+                                              lat.K,
+                                              lat.B};
+    }
+  }
+  auto block_step = [&] {
+    auto run = [&](auto slice_proto, auto with_slice) {
+      TileMeanFieldFunctor<scalar_t, W, V, decltype(slice_proto), decltype(with_slice)::value> k{};
+      k.slice = slice_proto;
+      k.q = q.data_ptr<scalar_t>();
+      for (int t = 0; t < T; ++t) k.terms[t] = tile_terms[t];
+      k.T = T;
+      k.N = N;
+      k.P = P;
+      k.ntiles = ntiles;
+      exec.for_each_block(B, ntiles, smem, k);
+    };
+    if (!block_slice) {
+      run(MeanFieldSliceFunctor<scalar_t, W>{f}, std::false_type{});
+    } else if (group4) {
+      run(MeanFieldSliceFunctor<scalar_t, W, 4>{f}, std::true_type{});
+    } else {
+      run(MeanFieldSliceFunctor<scalar_t, W>{f}, std::true_type{});
+    }
+  };
   // Counted: each stage's per-image totals (constant over the steps), then its launches over them.
   std::vector<at::Tensor> totals;
   auto total_of = [&](const auto& items) -> const int32_t* {
@@ -1058,9 +1174,13 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     for (const auto& c : cblur) s_blur.push_back({total_of(c), c.capacity()});
     for (const auto& c : cblur2) s_blur2.push_back({total_of(c), c.capacity()});
   }
-  slice();  // q = softmax(-U)
+  if (block_splat) note_tiled_steps(iterations);
+  if (!block_slice) slice();  // q = softmax(-U) (block_slice: in the first step's blocks)
   for (int64_t it = 0; it < iterations; ++it) {
-    if (counted) {
+    if (block_splat) {
+      block_step();
+      exec.for_each_item(B, reduce.total(), W, reduce, 256);
+    } else if (counted) {
       exec.for_each_counted(B, s_splat.totals, 0, s_splat.cap, W / V, csplat, 256);
       exec.for_each_counted(B, s_reduce.totals, 0, s_reduce.cap, W, creduce, 256);
       for (size_t k = 0; k < cblur.size(); ++k)
@@ -1082,7 +1202,7 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       f.q = nullptr;
       f.q_lmajor = q_out.data_ptr<scalar_t>();
     }
-    slice();
+    if (!block_slice || it == iterations - 1) slice();
   }
 }
 
@@ -1126,7 +1246,8 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     auto compat_c = compat.contiguous();
     CrfTerms terms =
         crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B,
-                                  keep, /*need_coefs=*/!(fused && Exec::kSortCsr), crf_row_bytes(L, unary), B);
+                                  keep, /*need_coefs=*/!(fused && Exec::kSortCsr), crf_row_bytes(L, unary), B,
+                                  fused && Exec::kSortCsr ? tuning::get(tuning::kMeanFieldTile) : 0);
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
