@@ -317,6 +317,43 @@ def main() -> None:
         default="16x16 tiles" if tile_saved else "raster",
     )
     FN._PIXEL_TILE["cuda"] = tile_saved
+    # the tiled mean field (knobs mean_field_tile, mean_field_tile_kernel): chunks cut by tiles of P
+    # pixels, the splat one block per tile from shared memory (kernel 1), the slice in that block too
+    # (kernel 2); kernel 0 is the chunk splat over the cut chunks (the cut's own cost). Tiles of 256
+    # consecutive pixels are half rows of a 512-wide image in raster order, 16 x 16 squares in the
+    # public API's tile order (_PIXEL_TILE 16), which cuts fewer chunks; 1024 pixels in 32 x 32
+    # order cut fewer still (the bilateral lattice's vertices span many small tiles), with 96 KiB of
+    # shared memory per block (two blocks per SM).
+
+    def mean_field(tile: int, kernel: int, pixel: int = 0) -> Callable[[], None]:
+        def apply() -> None:
+            knob("mean_field_tile_kernel", kernel)
+            knob("mean_field_tile", tile)
+            FN._PIXEL_TILE["cuda"] = pixel
+
+        return apply
+
+    summary += ab_group(
+        res,
+        "mean field tiles",
+        [
+            ("untiled", mean_field(0, knobs["mean_field_tile_kernel"])),
+            ("P 256, chunk splat", mean_field(256, 0)),
+            ("P 256, block splat", mean_field(256, 1)),
+            ("P 256, block slice + splat", mean_field(256, 2)),
+            ("P 256, block slice + splat, 16x16 pixel tiles", mean_field(256, 2, 16)),
+            ("P 1024, block slice + splat, 32x32 pixel tiles", mean_field(1024, 2, 32)),
+        ],
+        {
+            f"dense_crf {S}x{S}x{L} public API": crf,
+            "dense_crf op alone": raw,
+            "dense_crf op batch 8": batch8,
+        },
+        default="untiled",
+    )
+    knob("mean_field_tile", knobs["mean_field_tile"])
+    knob("mean_field_tile_kernel", knobs["mean_field_tile_kernel"])
+    FN._PIXEL_TILE["cuda"] = tile_saved
 
     def energy_label(rows4: int, slice4: int, pair: int) -> str:
         return (
@@ -362,6 +399,16 @@ def main() -> None:
         crf()
         torch.cuda.synchronize()
     print("\nkernels of one dense_crf call:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=110))
+    # the same call with the tiled mean field (P 256, block slice + splat, 16 x 16 pixel tiles)
+    mean_field(256, 2, 16)()
+    crf()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        crf()
+        torch.cuda.synchronize()
+    mean_field(knobs["mean_field_tile"], knobs["mean_field_tile_kernel"], tile_saved)()
+    print("\nkernels of one dense_crf call, tiled mean field (P 256, block slice + splat, 16x16 pixel tiles):")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=110))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         rrm_cuda.dense_crf(probs=p3, image=crop, iterations=args.iterations)
