@@ -293,6 +293,21 @@ def main() -> None:
             "energy fwd+bwd [rloss], checked": lambda: energy_fb(m6),
         },
     )
+    # the lattice build's hash insert: threads over the entries pixel by pixel (all d + 1 corners of a
+    # pixel side by side) or corner-major (a warp inserts one corner of 32 neighbouring pixels: mostly
+    # the same few keys, whose probes share their loads)
+    summary += switch(
+        "hash insert",
+        "insert_corner_major",
+        "entry order",
+        "corner-major",
+        {
+            "build bilateral (d=5)": lambda: ops.lattice_num_vertices(bil),
+            "build positions (d=2)": lambda: ops.lattice_num_vertices(pos),
+            "dense_crf op alone": raw,
+            "energy fwd+bwd [rloss], unchecked": energy_rloss,
+        },
+    )
     # the pixel order of the public dense CRF and energy loss: 16 x 16 tiles (functional._PIXEL_TILE) or raster
     tile_saved = FN._PIXEL_TILE["cuda"]
 
@@ -342,6 +357,7 @@ def main() -> None:
             ("P 256, block splat", mean_field(256, 1)),
             ("P 256, block slice + splat", mean_field(256, 2)),
             ("P 256, block slice + splat, 16x16 pixel tiles", mean_field(256, 2, 16)),
+            ("P 256, block rows + slice + splat, 16x16 pixel tiles", mean_field(256, 3, 16)),
             ("P 1024, block slice + splat, 32x32 pixel tiles", mean_field(1024, 2, 32)),
         ],
         {

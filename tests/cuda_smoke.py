@@ -95,7 +95,7 @@ def main() -> None:
         _C.set_tuning(name, saved)
     # the tiled mean field (knob mean_field_tile): its block kernels' shared memory and barriers
     saved = {k: _C.tuning()[k] for k in ("mean_field_tile", "mean_field_tile_kernel")}
-    for tile, kernel in ((64, 1), (256, 2), (37, 2)):
+    for tile, kernel in ((64, 1), (256, 2), (37, 2), (256, 3), (37, 3)):
         _C.set_tuning("mean_field_tile", tile)
         _C.set_tuning("mean_field_tile_kernel", kernel)
         close(

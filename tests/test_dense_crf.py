@@ -1169,8 +1169,9 @@ def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
     # lattices are built with their splat chunks also cut where a vertex's list crosses a tile, and
     # a step's splat runs one block per tile from the tile's rows of Q in block-shared memory (knob
     # mean_field_tile_kernel 1: copied from q; 2: computed there by the slice, which then never
-    # writes q). Through the emulated launch (threads of every phase in reverse, shared memory filled
-    # with NaN bytes before each block): the three kernels give the same bits for each P, the tiled
+    # writes q; 3: and the tile's vertex rows staged there for that slice, where they fit). Through
+    # the emulated launch (threads of every phase in reverse, shared memory filled with NaN bytes
+    # before each block): the four kernels give the same bits for each P, the tiled
     # steps run (a counter), and the regrouped sums stay within rounding of P = 0. P = 4096 needs
     # more shared memory than a block takes: the chunk splat over the cut chunks. The backward builds
     # untiled lattices (a cached tiled lattice is not used for it): the same bits as P = 0.
@@ -1196,10 +1197,10 @@ def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
                 tuning("mean_field_tile", 0)
                 want = ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache)
                 grads = ops._dense_crf_backward_emulated(0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2)
-                for P in (1, 7, 256, 4096):
+                for P in (1, 7, 64, 256, 4096):
                     tuning("mean_field_tile", P)
                     outs = []
-                    for kernel in (0, 1, 2):
+                    for kernel in (0, 1, 2, 3):
                         tuning("mean_field_tile_kernel", kernel)
                         before = _C.tiled_mean_field_steps()
                         outs.append(ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache))
@@ -1215,7 +1216,7 @@ def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
 
 @pytest.mark.cuda
 def test_cuda_tiled_mean_field(cuda, tuning):
-    # On the device: the tiled mean field's three kernels give the same bits (the block kernels'
+    # On the device: the tiled mean field's four kernels give the same bits (the block kernels'
     # shared memory and barriers on real thread blocks), those of the emulated launch, and stay
     # within rounding of the untiled mean field; 3 and 21 labels, float32 and float64, a batch of 2.
     img = torch.from_numpy(photo("astronaut", (64, 80)).copy()).permute(2, 0, 1)[None].contiguous()
@@ -1232,7 +1233,7 @@ def test_cuda_tiled_mean_field(cuda, tuning):
             tuning("mean_field_tile_kernel", 2)
             emulated = ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 0], 5)
             outs = []
-            for kernel in (0, 1, 2):
+            for kernel in (0, 1, 2, 3):
                 tuning("mean_field_tile_kernel", kernel)
                 outs.append(ops.dense_crf(u.to(cuda), *args))
             for o in outs[1:]:

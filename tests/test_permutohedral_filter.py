@@ -138,14 +138,16 @@ def test_splat_launch_order_does_not_change_results(tuning):
             assert torch.equal(a, b), tile
 
 
-@pytest.mark.parametrize("knob", ["splat_fused_reduce", "blur_pairs"])
+@pytest.mark.parametrize("knob", ["splat_fused_reduce", "blur_pairs", "insert_corner_major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_launch_fusions_do_not_change_results(tuning, dtype, knob):
     # Two launch fusions of the GPU path, each bitwise neutral: the splat adds up each vertex's chunk
     # sums in its own launch, by the last chunk of the vertex to finish (splat_fused_reduce = 1), or
     # in a second launch (0); the blurs take two lattice axes per launch (blur_pairs = 1: B_j at the
     # vertex and its two neighbours along the next axis, then that axis) or one (0). The sums are the
-    # same terms in the same order. Photographs' bilateral lattices (vertices of one chunk and of
+    # same terms in the same order. And the build's hash insert in corner-major thread order
+    # (insert_corner_major = 1): other entries claim the slots, the vertices get other numbers, the
+    # lattice and every sum stay the same. Photographs' bilateral lattices (vertices of one chunk and of
     # many), noise lattices of d = 1, 3, 4 (an odd and an even number of axes; mostly one chunk), a
     # batch whose images have different vertex counts (unused rows), shared lattices in the mean
     # field (8 unaries on 2 lattices, d = 2 and 5: one pair and a single axis, three pairs), the dense
@@ -276,6 +278,7 @@ def test_tuning_knobs(tuning):
         "counted_lattice",
         "mean_field_tile",
         "mean_field_tile_kernel",
+        "insert_corner_major",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -505,7 +508,7 @@ def test_cuda_splat_launch_order(cuda, tuning):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("knob", ["splat_fused_reduce", "blur_pairs"])
+@pytest.mark.parametrize("knob", ["splat_fused_reduce", "blur_pairs", "insert_corner_major"])
 def test_cuda_launch_fusions(cuda, tuning, knob):
     # the chunk sums added up by each vertex's last chunk in the splat's launch give the bits of the
     # second launch on the device too (float4 and double2 rows through L2, the fence and counter);

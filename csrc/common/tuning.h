@@ -38,7 +38,11 @@ enum Knob : int {
                          // gathered from global memory), 1 one block per tile summing its chunks
                          // from the tile's rows of Q staged in shared memory, 2 the same block also
                          // computing those rows (the slice and softmax of the tile's pixels) so that
-                         // Q never goes to global memory between steps; 2
+                         // Q never goes to global memory between steps, 3 the same with the tile's
+                         // vertex rows (one per chunk) staged in shared memory for its slice first
+                         // (tiles with more than P chunks read them from global memory); 2
+  kInsertCornerMajor,    // lattice build, GPU: the hash insert's threads corner-major (1: a warp takes
+                         // one corner of 32 pixels) or entry-major (0: all corners of 5 pixels); 0
   kNumKnobs
 };
 

@@ -123,7 +123,7 @@ CacheStats cache_stats() {
     const Lattice& l = it.entry->lat;
     for (const at::Tensor* t : {&l.entry_vertex, &l.entry_weight, &l.num_vertices, &l.neighbors, &l.offsets,
                                 &l.splat_pixel, &l.splat_weight, &l.chunk_offsets, &l.chunk_begin, &l.chunk_end,
-                                &l.chunk_slot, &l.chunk_vertex, &l.num_chunks, &l.tile_offsets})
+                                &l.chunk_slot, &l.chunk_vertex, &l.num_chunks, &l.tile_offsets, &l.tile_entry_local})
       st.bytes += nbytes(*t);
     for (const auto& n : it.entry->norm) st.bytes += nbytes(n);
   }

@@ -50,6 +50,7 @@ struct Lattice {
   // int32 gives image b's chunks of tile j at launch slots [tile_offsets[b, j], tile_offsets[b, j+1]).
   int64_t chunk_tile = 0;
   at::Tensor tile_offsets;
+  at::Tensor tile_entry_local;  // (B, E) int32: each entry's chunk's launch slot less its tile's first
 };
 
 // A cached term: its lattice and, per normalization mode 0..2, its normaliser once computed

@@ -206,8 +206,18 @@ struct InsertFunctor {
   const int32_t* keys;  // (chunk, E, d)
   int64_t E, cap;       // cap is a power of two
   int d;
+  // Corner-major thread order (knob insert_corner_major; N = the pixels, 0: entry order): item i is
+  // corner i / N of pixel i % N, so that a warp's threads insert the same corner of 32 neighbouring
+  // pixels -- mostly one or a few distinct keys, whose probes share their loads -- instead of all
+  // d + 1 corners of 5 pixels. Which entry claims a slot changes, the lattice does not.
+  int64_t N = 0;
 
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t e, int64_t, int64_t) const {
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
+    int64_t e = i;
+    if (N) {  // i < E < 2^30
+      const uint32_t u = static_cast<uint32_t>(i), n = static_cast<uint32_t>(N), r = u / n;
+      e = static_cast<int64_t>(u - r * n) * (d + 1) + r;
+    }
     int32_t* tab = table + b * cap;
     const int32_t* kb = keys + b * E * d;
     const int32_t* key = kb + e * d;
@@ -579,6 +589,25 @@ struct TileChunkOffsetsFunctor {
   }
 };
 
+// entry_local[b, e] = the launch slot of entry e's chunk less its tile's first (the chunk's row
+// among the tile's staged rows in the tiled mean field's kernel 3); one thread per launch slot.
+struct TileEntryLocalFunctor {
+  const int32_t* sorted_entries;  // (B E,)
+  const int32_t* chunk_begin;     // (B, K) launch order
+  const int32_t* chunk_end;       // (B, K)
+  const int32_t* splat_pixel;     // (B, E)
+  const int32_t* tile_offsets;    // (B, ntiles + 2)
+  int32_t* entry_local;           // (B, E) out
+  int64_t E, K, tile, ntiles;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t k, int64_t, int64_t) const {
+    const int64_t s0 = chunk_begin[b * K + k], s1 = chunk_end[b * K + k];
+    if (s0 >= s1) return;
+    const int64_t j = k - tile_offsets[b * (ntiles + 2) + splat_pixel[b * E + s0] / tile];
+    for (int64_t s = s0; s < s1; ++s) entry_local[b * E + sorted_entries[b * E + s]] = static_cast<int32_t>(j);
+  }
+};
+
 // dst[0, W) = row[0, W), a row of global memory: float4 loads through the read-only path on CUDA,
 // or, kL2, loads through L2 only (ld.global.cg; float4 or double2): rows written by other blocks of
 // the running kernel, which the read-only path or a stale L1 line could miss (SplatChunkFunctor's
@@ -636,6 +665,14 @@ RRM_HOST_DEVICE void row_copy(scalar_t* dst, const scalar_t* src) {
 #else
   for (int c = 0; c < W; ++c) dst[c] = src[c];
 #endif
+}
+
+// row_add_scaled from any memory (block-shared memory included: no read-only-path loads).
+template <typename scalar_t, int W>
+RRM_HOST_DEVICE void row_add_scaled_any(scalar_t* acc, scalar_t w, const scalar_t* row) {
+  scalar_t x[W];
+  row_copy<scalar_t, W>(x, row);
+  for (int c = 0; c < W; ++c) acc[c] += w * x[c];
 }
 
 // Chunk k of image b's splat lists, channels [V g, V g + V): partial = sum over the chunk's entries
@@ -1549,22 +1586,42 @@ struct MeanFieldSliceFunctor : MeanFieldSliceArgs<scalar_t> {
   }
 
   // row = q_i of pixel (b, i), padded to W with zeros.
-  RRM_HOST_DEVICE void compute(int64_t b, int64_t i, scalar_t* row) const {
+  // The vertex rows where they lie: term t's blurred rows of image b (global memory).
+  struct GlobalRows {
+    static constexpr bool kAny = false;  // read-only-path loads
+    RRM_HOST_DEVICE const scalar_t* operator()(int, const MeanFieldRowTerm<scalar_t>& m, int64_t b, int64_t, int64_t,
+                                               int32_t v) const {
+      return m.blurred + (b * m.M + v) * W;
+    }
+  };
+
+  RRM_HOST_DEVICE void compute(int64_t b, int64_t i, scalar_t* row) const { compute_with(b, i, row, GlobalRows{}); }
+
+  // compute with the vertex row of entry e (corner r of pixel i: e = i (d+1) + r, vertex v) of term t
+  // at rows(t, term, b, lb, e, v); Rows::kAny: rows in any memory (block-shared), plain loads.
+  template <class Rows>
+  RRM_HOST_DEVICE void compute_with(int64_t b, int64_t i, scalar_t* row, const Rows& rows) const {
     const scalar_t* u = unary + b * sb + i * sn;
     for (int c = 0; c < W; ++c) row[c] = c < L ? -u[c * sl] : static_cast<scalar_t>(kSoftmaxPad);
     for (int t = 0; t < T; ++t) {
       const MeanFieldRowTerm<scalar_t>& m = terms[t];
       if (!m.blurred) continue;
       const int64_t lb = b < m.LB ? b : b % m.LB;
-      const scalar_t* wb = m.weights + lb * m.E + i * (m.d + 1);
-      const int32_t* vb = m.vertex + lb * m.E + i * (m.d + 1);
-      const scalar_t* Lb = m.blurred + b * m.M * W;
+      const int64_t e0 = i * (m.d + 1);
+      const scalar_t* wb = m.weights + lb * m.E + e0;
+      const int32_t* vb = m.vertex + lb * m.E + e0;
       const scalar_t scale = m.post ? m.alpha * m.post[lb * N + i] : m.alpha;
       for (int g = 0; g < W; g += G) {
         scalar_t acc[G];
         for (int c = 0; c < G; ++c) acc[c] = 0;
-        for (int r = 0; r <= m.d; ++r)
-          row_add_scaled<scalar_t, G>(acc, wb[r], Lb + static_cast<int64_t>(vb[r]) * W + g);
+        for (int r = 0; r <= m.d; ++r) {
+          const scalar_t* src = rows(t, m, b, lb, e0 + r, vb[r]) + g;
+          if constexpr (Rows::kAny) {
+            row_add_scaled_any<scalar_t, G>(acc, wb[r], src);
+          } else {
+            row_add_scaled<scalar_t, G>(acc, wb[r], src);
+          }
+        }
         for (int c = 0; c < G; ++c) row[g + c] += m.coef[g + c] * scale * acc[c];
       }
     }
@@ -1600,26 +1657,95 @@ struct TileSplatTerm {
   const scalar_t* pre;           // (LB, N) or nullptr
   scalar_t* partial;             // (B, K, W) out
   int64_t E, K, LB;
+  const int32_t* chunk_vertex = nullptr;  // (LB, K) vertex order (kernel 3)
+  const int32_t* entry_local = nullptr;   // (LB, E) Lattice::tile_entry_local (kernel 3)
 };
 
-template <typename scalar_t, int W, int V, class Slice, bool kSlice>
+template <typename scalar_t, int W, int V, class Slice, int kMode>
 struct TileMeanFieldFunctor {
-  Slice slice;        // kSlice: computes the rows (its q and q_lmajor unused)
-  const scalar_t* q;  // (B, N, W): !kSlice
+  static_assert(kMode >= 1 && kMode <= 3, "kernels 1-3");
+  static_assert(kMaxFusedTerms == 4, "StagedRows's base is initialised term by term");
+  Slice slice;        // kMode >= 2: computes the rows (its q and q_lmajor unused)
+  const scalar_t* q;  // (B, N, W): kMode 1
   TileSplatTerm<scalar_t> terms[kMaxFusedTerms];
   int T;
   int64_t N, P, ntiles;
+  int64_t R = 0;  // kMode 3: rows of shared memory for the tile's vertex rows, after its P rows of Q
+
+  // kMode 3: the vertex row of entry e of term t, staged in shared memory (its chunk's row).
+  // Term t's first staged row, base[t], picked by selects over constant indices: a runtime index
+  // into a thread's array would put it in local memory (a stack frame).
+  static RRM_HOST_DEVICE int64_t pick(const int64_t (&base)[kMaxFusedTerms], int t) {
+    int64_t r = base[0];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 1; k < kMaxFusedTerms; ++k) r = t == k ? base[k] : r;
+    return r;
+  }
+
+  struct StagedRows {
+    static constexpr bool kAny = true;
+    const scalar_t* rows;
+    int64_t base[kMaxFusedTerms];
+    const TileSplatTerm<scalar_t>* terms;
+    RRM_HOST_DEVICE const scalar_t* operator()(int t, const MeanFieldRowTerm<scalar_t>&, int64_t, int64_t lb, int64_t e,
+                                               int32_t) const {
+      return rows + (pick(base, t) + terms[t].entry_local[lb * terms[t].E + e]) * W;
+    }
+  };
 
   template <class Blk>
   RRM_HOST_DEVICE void operator()(const Blk& blk, int64_t b, int64_t tile) const {
     scalar_t* const qs = blk.template shared<scalar_t>();  // (P, W)
     const int64_t p0 = tile * P, np = N - p0 < P ? N - p0 : P;
     const int nt = blk.threads();
+    // kMode 3, after the first step: every term's chunks of the tile take a row each of shared
+    // memory (term t's from base[t]) when all fit in R rows -- the same for every thread of the block.
+    int64_t base[kMaxFusedTerms] = {};
+    bool staged = false;
+    if constexpr (kMode == 3) {
+      int64_t total = 0;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+      for (int t = 0; t < kMaxFusedTerms; ++t) {
+        if (t >= T) continue;
+        const int32_t* to = terms[t].tile_offsets + (b < terms[t].LB ? b : b % terms[t].LB) * (ntiles + 2);
+        base[t] = total;
+        total += to[tile + 1] - to[tile];
+        staged = staged || slice.terms[t].blurred != nullptr;
+      }
+      staged = staged && total <= R;
+    }
+    scalar_t* const rs = qs + P * W;
+    if (staged) {
+      blk.phase([&](int th) {
+        for (int t = 0; t < T; ++t) {
+          const TileSplatTerm<scalar_t>& m = terms[t];
+          const MeanFieldRowTerm<scalar_t>& mr = slice.terms[t];
+          if (!mr.blurred) continue;
+          const int64_t lb = b < m.LB ? b : b % m.LB;
+          const int64_t k0 = m.tile_offsets[lb * (ntiles + 2) + tile];
+          const int64_t n = (m.tile_offsets[lb * (ntiles + 2) + tile + 1] - k0) * W;
+          scalar_t* const dst = rs + pick(base, t) * W;
+          for (int64_t x = th; x < n; x += nt) {
+            const int64_t j = x / W, c = x - j * W;
+            const int64_t v = m.chunk_vertex[lb * m.K + m.chunk_slot[lb * m.K + k0 + j]] - 1;
+            dst[j * W + c] = mr.blurred[(b * mr.M + v) * W + c];
+          }
+        }
+      });
+    }
     blk.phase([&](int th) {
-      if constexpr (kSlice) {
+      if constexpr (kMode >= 2) {
         for (int64_t p = th; p < np; p += nt) {
           scalar_t row[W];
-          slice.compute(b, p0 + p, row);
+          if (staged) {
+            slice.compute_with(b, p0 + p, row, StagedRows{rs, {base[0], base[1], base[2], base[3]}, terms});
+          } else {
+            slice.compute(b, p0 + p, row);
+          }
           row_copy<scalar_t, W>(qs + p * W, row);
         }
       } else {

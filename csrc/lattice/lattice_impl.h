@@ -81,6 +81,13 @@ void tile_chunks(const Exec& exec, Lattice& lat, const at::Tensor& sorted_entrie
                               lat.num_vertices.data_ptr<int32_t>(), lat.chunk_offsets.data_ptr<int32_t>(), E, M});
   lat.chunk_tile = P;
   chunks_by_tile(exec, lat, P, /*offsets=*/true);
+  const int64_t ntiles = (lat.N + P - 1) / P;
+  lat.tile_entry_local = at::empty({B, E}, iopt);
+  exec.for_each_item(B, lat.K, 1,
+                     TileEntryLocalFunctor{sorted_entries.data_ptr<int32_t>(), lat.chunk_begin.data_ptr<int32_t>(),
+                                           lat.chunk_end.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
+                                           lat.tile_offsets.data_ptr<int32_t>(),
+                                           lat.tile_entry_local.data_ptr<int32_t>(), E, lat.K, P, ntiles});
 }
 
 // Splat lists with device-friendly primitives (CUDA, emulated): order by a *stable* sort of
@@ -330,6 +337,9 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
       // entry (2E slots) always succeeds. Vertex ids are assigned before the overflow flags are
       // read, so that one host synchronisation (on CUDA) reads both the flags and the vertex count
       // that sizes everything that follows; after an overflow the ids are discarded.
+      // The GPU launch's thread order of the insert (knob insert_corner_major); the CPU keeps entry
+      // order (its vertex numbering follows the claiming entries, assign_vertices_cpu).
+      const bool corner_major = !std::is_same_v<Exec, CpuExec> && tuning::get(tuning::kInsertCornerMajor) != 0;
       int64_t cap = counted ? next_pow2(std::max<int64_t>(64, 2 * E)) : next_pow2(std::max<int64_t>(64, E / 8));
       at::Tensor table;
       int64_t M = 0;
@@ -338,10 +348,10 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
         table = at::full({nb, cap}, -1, iopt);
         // claimed slots (nb), overflow flags (nb), then BuildStatsFunctor's (any overflow, max M)
         auto counters = at::zeros({2 * nb + 2}, iopt);
-        exec.for_each_item(
-            nb, E, 1,
-            InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), counters.data_ptr<int32_t>(),
-                          counters.data_ptr<int32_t>() + nb, keys.data_ptr<int32_t>(), E, cap, d});
+        exec.for_each_item(nb, E, 1,
+                           InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(),
+                                         counters.data_ptr<int32_t>(), counters.data_ptr<int32_t>() + nb,
+                                         keys.data_ptr<int32_t>(), E, cap, d, corner_major ? N : 0});
         if constexpr (std::is_same_v<Exec, CpuExec>) {
           assign_vertices_cpu(table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, owner.data_ptr<int32_t>(), nv,
                               nb, E, cap);
@@ -815,6 +825,7 @@ inline Lattice tile(const Lattice& lat, int64_t reps) {
   t.chunk_vertex = rep(lat.chunk_vertex);
   t.num_chunks = rep(lat.num_chunks);
   t.tile_offsets = rep(lat.tile_offsets);
+  t.tile_entry_local = rep(lat.tile_entry_local);
   return t;
 }
 
@@ -963,8 +974,12 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   const int64_t P = terms.lats[0].chunk_tile;
   bool tiled = !counted && P > 0;
   for (int t = 0; t < T; ++t) tiled = tiled && terms.lats[t].chunk_tile == P;
-  const int64_t smem = P * W * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t tile_kernel = tiled && smem <= kTileSmemMax ? tuning::get(tuning::kMeanFieldTileKernel) : 0;
+  // Kernel 3 stages up to P vertex rows after the P rows of Q; what does not fit takes the kernel below.
+  const int64_t row_bytes = W * static_cast<int64_t>(sizeof(scalar_t));
+  int64_t tile_kernel = tiled ? std::min<int64_t>(3, tuning::get(tuning::kMeanFieldTileKernel)) : 0;
+  if (tile_kernel == 3 && 2 * P * row_bytes > kTileSmemMax) tile_kernel = 2;
+  if (tile_kernel >= 1 && P * row_bytes > kTileSmemMax) tile_kernel = 0;
+  const int64_t smem = (tile_kernel == 3 ? 2 * P : P) * row_bytes;
   const bool block_splat = tile_kernel >= 1, block_slice = tile_kernel >= 2;
   const bool fuse = !counted && !block_splat && fused_reduce();  // the chunk sums in the splat's launch
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
@@ -1130,13 +1145,16 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
                                               part[t].data_ptr<scalar_t>(),
                                               lat.E,
                                               lat.K,
-                                              lat.B};
+                                              lat.B,
+                                              lat.chunk_vertex.data_ptr<int32_t>(),
+                                              lat.tile_entry_local.data_ptr<int32_t>()};
     }
   }
   auto block_step = [&] {
-    auto run = [&](auto slice_proto, auto with_slice) {
-      TileMeanFieldFunctor<scalar_t, W, V, decltype(slice_proto), decltype(with_slice)::value> k{};
+    auto run = [&](auto slice_proto, auto mode) {
+      TileMeanFieldFunctor<scalar_t, W, V, decltype(slice_proto), decltype(mode)::value> k{};
       k.slice = slice_proto;
+      k.R = P;
       k.q = q.data_ptr<scalar_t>();
       for (int t = 0; t < T; ++t) k.terms[t] = tile_terms[t];
       k.T = T;
@@ -1145,12 +1163,21 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       k.ntiles = ntiles;
       exec.for_each_block(B, ntiles, smem, k);
     };
+    using One = std::integral_constant<int, 1>;
+    using Two = std::integral_constant<int, 2>;
+    using Three = std::integral_constant<int, 3>;
     if (!block_slice) {
-      run(MeanFieldSliceFunctor<scalar_t, W>{f}, std::false_type{});
+      run(MeanFieldSliceFunctor<scalar_t, W>{f}, One{});
     } else if (group4) {
-      run(MeanFieldSliceFunctor<scalar_t, W, 4>{f}, std::true_type{});
+      if (tile_kernel == 3) {
+        run(MeanFieldSliceFunctor<scalar_t, W, 4>{f}, Three{});
+      } else {
+        run(MeanFieldSliceFunctor<scalar_t, W, 4>{f}, Two{});
+      }
+    } else if (tile_kernel == 3) {
+      run(MeanFieldSliceFunctor<scalar_t, W>{f}, Three{});
     } else {
-      run(MeanFieldSliceFunctor<scalar_t, W>{f}, std::true_type{});
+      run(MeanFieldSliceFunctor<scalar_t, W>{f}, Two{});
     }
   };
   // Counted: each stage's per-image totals (constant over the steps), then its launches over them.
