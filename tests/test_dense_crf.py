@@ -1173,7 +1173,8 @@ def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
     # the emulated launch (threads of every phase in reverse, shared memory filled with NaN bytes
     # before each block): the four kernels give the same bits for each P, the tiled
     # steps run (a counter), and the regrouped sums stay within rounding of P = 0. P = 4096 needs
-    # more shared memory than a block takes: the chunk splat over the cut chunks. The backward builds
+    # more shared memory than a block takes at 21 labels: the chunk splat over the cut chunks. A P
+    # beyond the image (2^40) is one tile of all its pixels: no cut, the bits of P = 0. The backward builds
     # untiled lattices (a cached tiled lattice is not used for it): the same bits as P = 0.
     _C = rrm_cuda._ext._C
     g = torch.Generator().manual_seed(5)
@@ -1197,18 +1198,20 @@ def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
                 tuning("mean_field_tile", 0)
                 want = ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache)
                 grads = ops._dense_crf_backward_emulated(0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2)
-                for P in (1, 7, 64, 256, 4096):
+                for P in (1, 7, 64, 256, 4096, 2**40):
                     tuning("mean_field_tile", P)
                     outs = []
                     for kernel in (0, 1, 2, 3):
                         tuning("mean_field_tile_kernel", kernel)
                         before = _C.tiled_mean_field_steps()
                         outs.append(ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache))
-                        wide = P * (4 if L <= 4 else 24) * u.element_size() > 96 * 1024
+                        wide = min(P, N) * (4 if L <= 4 else 24) * u.element_size() > 96 * 1024
                         assert _C.tiled_mean_field_steps() - before == (3 if kernel and not wide else 0)
                     for o in outs[1:]:
                         assert torch.equal(o, outs[0]), (dtype, L, norms, P)
                     torch.testing.assert_close(outs[0], want, **tol)
+                    if P >= N:  # one tile: no cut, the untiled chunks and bits
+                        assert torch.equal(outs[0], want), (dtype, L, norms)
                     back = ops._dense_crf_backward_emulated(0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2)
                     for a, b in zip(back, grads):
                         assert torch.equal(a, b), (dtype, L, norms, P)

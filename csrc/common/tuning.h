@@ -40,7 +40,7 @@ enum Knob : int {
                          // computing those rows (the slice and softmax of the tile's pixels) so that
                          // Q never goes to global memory between steps, 3 the same with the tile's
                          // vertex rows (one per chunk) staged in shared memory for its slice first
-                         // (tiles with more than P chunks read them from global memory); 2
+                         // (tiles with more than 2P chunks read them from global memory); 2
   kInsertCornerMajor,    // lattice build, GPU: the hash insert's threads corner-major (1: a warp takes
                          // one corner of 32 pixels) or entry-major (0: all corners of 5 pixels); 0
   kNumKnobs

@@ -974,12 +974,14 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   const int64_t P = terms.lats[0].chunk_tile;
   bool tiled = !counted && P > 0;
   for (int t = 0; t < T; ++t) tiled = tiled && terms.lats[t].chunk_tile == P;
-  // Kernel 3 stages up to P vertex rows after the P rows of Q; what does not fit takes the kernel below.
+  // Kernel 3 stages up to 2P vertex rows after the P rows of Q (astronaut 512^2 in 16 x 16 tiles of
+  // P = 256: median 191 chunks per tile, 72 % of the tiles within P, ~all within 2P); a block whose
+  // shared memory would exceed kTileSmemMax takes the kernel below.
   const int64_t row_bytes = W * static_cast<int64_t>(sizeof(scalar_t));
   int64_t tile_kernel = tiled ? std::min<int64_t>(3, tuning::get(tuning::kMeanFieldTileKernel)) : 0;
-  if (tile_kernel == 3 && 2 * P * row_bytes > kTileSmemMax) tile_kernel = 2;
+  if (tile_kernel == 3 && 3 * P * row_bytes > kTileSmemMax) tile_kernel = 2;
   if (tile_kernel >= 1 && P * row_bytes > kTileSmemMax) tile_kernel = 0;
-  const int64_t smem = (tile_kernel == 3 ? 2 * P : P) * row_bytes;
+  const int64_t smem = (tile_kernel == 3 ? 3 * P : P) * row_bytes;
   const bool block_splat = tile_kernel >= 1, block_slice = tile_kernel >= 2;
   const bool fuse = !counted && !block_splat && fused_reduce();  // the chunk sums in the splat's launch
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
@@ -1154,7 +1156,7 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     auto run = [&](auto slice_proto, auto mode) {
       TileMeanFieldFunctor<scalar_t, W, V, decltype(slice_proto), decltype(mode)::value> k{};
       k.slice = slice_proto;
-      k.R = P;
+      k.R = 2 * P;
       k.q = q.data_ptr<scalar_t>();
       for (int t = 0; t < T; ++t) k.terms[t] = tile_terms[t];
       k.T = T;
@@ -1274,7 +1276,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     CrfTerms terms =
         crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B,
                                   keep, /*need_coefs=*/!(fused && Exec::kSortCsr), crf_row_bytes(L, unary), B,
-                                  fused && Exec::kSortCsr ? tuning::get(tuning::kMeanFieldTile) : 0);
+                                  fused && Exec::kSortCsr ? std::min(tuning::get(tuning::kMeanFieldTile), N) : 0);
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
