@@ -13,6 +13,7 @@ pydensecrf2 (label agreement) before it is timed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -88,6 +89,24 @@ def graphed_call(fn):
     with torch.cuda.graph(graph):
         out = fn()
     return graph.replay, out
+
+
+@contextlib.contextmanager
+def tiled_mean_field(tile: int = 256, kernel: int = 3, pixel_tile: int = 16):
+    """The tiled mean field's knobs and the public API's square pixel tiles for the block, restored after."""
+    from rrm_cuda import _C, functional
+
+    saved = _C.tuning()
+    saved_pixel = functional._PIXEL_TILE["cuda"]
+    try:
+        _C.set_tuning("mean_field_tile", tile)
+        _C.set_tuning("mean_field_tile_kernel", kernel)
+        functional._PIXEL_TILE["cuda"] = pixel_tile
+        yield
+    finally:
+        for name in ("mean_field_tile", "mean_field_tile_kernel"):
+            _C.set_tuning(name, saved[name])
+        functional._PIXEL_TILE["cuda"] = saved_pixel
 
 
 def reference(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
@@ -199,6 +218,17 @@ def main() -> None:
                 rows.append(Row(wl, f"rrm_cuda CUDA graph ({torch.cuda.get_device_name(dev)})", med, iqr, None, "cuda"))
             except (Exception, SystemExit) as exc:
                 print(f"   CUDA graph row failed: {exc!r}", flush=True)
+            # the experimental tiled mean field (knobs mean_field_tile 256, mean_field_tile_kernel 3, the
+            # public API's pixels in 16 x 16 tiles; NOTES §15), eager; written without a GPU (session 15):
+            # a failure is printed and the other rows kept
+            try:
+                with tiled_mean_field():
+                    check(ours(pc, ic, iters), "rrm_cuda CUDA tiled mean field")
+                    med, iqr = time_fn(lambda: ours(pc, ic, iters), dev, mrt)
+                name = f"rrm_cuda CUDA tiled mean field ({torch.cuda.get_device_name(dev)})"
+                rows.append(Row(wl, name, med, iqr, None, "cuda"))
+            except (Exception, SystemExit) as exc:
+                print(f"   tiled mean field row failed: {exc!r}", flush=True)
     baseline = "pydensecrf2 (1 thread)" if have_pydensecrf else None
     print()
     print_table(rows, baseline)
