@@ -1090,6 +1090,12 @@ def test_concurrent_calls_from_threads():
             assert torch.equal(x, y)
 
 
+def _photo_pair(H: int, W: int) -> tuple[torch.Tensor, int]:
+    """Two bundled photographs (astronaut, coffee) centre-cropped to H x W: uint8 (2, 3, H, W), and H W."""
+    img = torch.from_numpy(np.stack([photo("astronaut", (H, W)), photo("coffee", (H, W))])).permute(0, 3, 1, 2)
+    return img, H * W
+
+
 def test_counted_lattices_give_the_same_bits(tuning):
     # Knob counted_lattice (and, on a GPU, any CUDA graph capture): the CRF's lattices built without
     # reading their vertex counts back, the fused mean field's stages counted launches over per-image
@@ -1101,8 +1107,7 @@ def test_counted_lattices_give_the_same_bits(tuning):
     # each image's totals fails 12 of the 16 cases.
     _C = rrm_cuda._ext._C
     g = torch.Generator().manual_seed(3)
-    img = torch.from_numpy(np.stack([photo("astronaut", (40, 48)), photo("coffee", (40, 48))])).permute(0, 3, 1, 2)
-    N = 40 * 48
+    img, N = _photo_pair(40, 48)
     for dtype in (torch.float32, torch.float64):
         bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
         pos = rrm_cuda.position_features(1, (40, 48), 3.0).to(dtype)
@@ -1174,12 +1179,11 @@ def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
     # before each block): the four kernels give the same bits for each P, the tiled
     # steps run (a counter), and the regrouped sums stay within rounding of P = 0. P = 4096 needs
     # more shared memory than a block takes at 21 labels: the chunk splat over the cut chunks. A P
-    # beyond the image (2^40) is one tile of all its pixels: no cut, the bits of P = 0. The backward builds
-    # untiled lattices (a cached tiled lattice is not used for it): the same bits as P = 0.
+    # beyond the image (2^40) is one tile of all its pixels: no cut, the bits of P = 0. The backward
+    # builds untiled lattices (a cached tiled lattice is not used for it): the same bits as P = 0.
     _C = rrm_cuda._ext._C
     g = torch.Generator().manual_seed(5)
-    img = torch.from_numpy(np.stack([photo("astronaut", (40, 48)), photo("coffee", (40, 48))])).permute(0, 3, 1, 2)
-    N = 40 * 48
+    img, N = _photo_pair(40, 48)
     for dtype in (torch.float32, torch.float64):
         tol = {"rtol": 0, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 0, "atol": 1e-12}
         bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
