@@ -865,12 +865,8 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
     const bool cacheable = t < static_cast<int64_t>(keep.size()) && keep[t] && ft.is_contiguous();
     const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, ft.size(0)));
     std::shared_ptr<CachedLattice> cached;
-    bool put = cacheable;
     if (cacheable) cached = cache_find(ft, Exec::kName, Exec::stream_id(), eff_chunk);
-    if (cached && cached->lat.chunk_tile != chunk_tile) {  // chunks cut by other tiles: a lattice of its own
-      cached.reset();
-      put = false;
-    }
+    if (cached && cached->lat.chunk_tile != chunk_tile) cached.reset();  // chunks cut by other tiles: rebuilt
     if (!cached) {
       // A counted lattice (use_counted; row_bytes: the caller's rows per vertex) in a CUDA graph
       // capture or by knob; it is not cached (its buffers are sized for every possible vertex).
@@ -879,7 +875,7 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
           row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes * per_lattice);
       cached = std::make_shared<CachedLattice>();
       cached->lat = build(exec, ft.contiguous(), chunk, counted, counted ? 0 : chunk_tile);
-      if (put && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);
+      if (cacheable && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);  // replaces
     }
     terms.lats.push_back(cached->lat);
     const int64_t Bt = terms.lats[t].B;
@@ -980,7 +976,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   const int64_t row_bytes = W * static_cast<int64_t>(sizeof(scalar_t));
   int64_t tile_kernel = tiled ? std::min<int64_t>(3, tuning::get(tuning::kMeanFieldTileKernel)) : 0;
   if (tile_kernel == 3 && 3 * P * row_bytes > kTileSmemMax) tile_kernel = 2;
-  if (tile_kernel >= 1 && P * row_bytes > kTileSmemMax) tile_kernel = 0;
+  if (tile_kernel >= 1 && (P * row_bytes > kTileSmemMax || B * ((N + P - 1) / P) >= (int64_t(1) << 31)))
+    tile_kernel = 0;  // too wide a block, or more blocks than a grid takes
   const int64_t smem = (tile_kernel == 3 ? 3 * P : P) * row_bytes;
   const bool block_splat = tile_kernel >= 1, block_slice = tile_kernel >= 2;
   const bool fuse = !counted && !block_splat && fused_reduce();  // the chunk sums in the splat's launch
@@ -1385,8 +1382,10 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
     softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
     if (S > 0) {
       auto compat_c = compat.contiguous();
+      // the forward's lattices (and its cached ones): chunks cut by the same tiles (mean_field_tile)
+      const int64_t chunk_tile = Exec::kSortCsr ? std::min(tuning::get(tuning::kMeanFieldTile), N) : 0;
       CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep,
-                                                 /*need_coefs=*/true, crf_row_bytes(L, unary), B);
+                                                 /*need_coefs=*/true, crf_row_bytes(L, unary), B, chunk_tile);
       auto acc = at::empty({B, N, L}, opt);
       auto m = at::empty({B, N, L}, opt);
       for (int64_t s = 1; s <= S; ++s) {
