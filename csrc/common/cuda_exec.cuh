@@ -82,7 +82,7 @@ __global__ void for_each_counted_kernel(int64_t B, const int32_t* counts, int64_
 
 // A block of for_each_block on the device: the thread block itself; a phase is the threads' calls
 // and a __syncthreads(). Host-device members (the host side is never called) so that functors
-// written for HostBlock and CudaBlock alike compile in both passes.
+// written for EmulatedBlock and CudaBlock alike compile in both passes.
 struct CudaBlock {
   char* smem;
   RRM_HOST_DEVICE int threads() const {

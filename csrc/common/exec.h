@@ -25,10 +25,11 @@
 //                                 (blk.template shared<T>()), whose work is a sequence of phases,
 //                                 blk.phase(g): g(t) for every thread t of the block, then a barrier.
 //                                 Threads of one phase must not touch the same shared word unless all
-//                                 only read it; a phase sees every write of the phases before it. The
-//                                 CPU runs a block's threads in turn (emulated: in reverse, with the
-//                                 shared memory filled with NaN bytes first, so that a read of a word
-//                                 no phase wrote shows), CUDA as one thread block.
+//                                 only read it; a phase sees every write of the phases before it. CUDA
+//                                 runs it as one thread block; the emulation runs a block's threads in
+//                                 turn, in reverse, with the shared memory filled with NaN bytes first
+//                                 (a read of a word no phase wrote shows) and a guard after it (a
+//                                 write beyond it raises). CpuExec has none.
 // exec.capturing() says whether the current CUDA stream is being captured into a graph (false off
 // CUDA): code that reads a device value back must not run then.
 // Each also has exec.sort_keys(keys, max_key): a stable ascending sort of a 1-D tensor of integer
@@ -119,10 +120,10 @@ RRM_HOST_DEVICE int64_t counted_extent(const int32_t* counts, int64_t b, int64_t
   return n < 0 ? 0 : n > cap ? cap : n;
 }
 
-// A block of for_each_block on the CPU: its threads run each phase in turn (forward on the
-// production path, in reverse in the emulation) over the block's own shared memory.
-template <bool kReverse>
-struct HostBlock {
+// A block of EmulatedCudaExec::for_each_block: its threads run each phase in turn, in reverse,
+// over the block's own shared memory. (The CPU's kernels have no block form: the tiled mean field
+// that uses it is the GPU's.)
+struct EmulatedBlock {
   char* smem;
   int nthreads;
   int threads() const { return nthreads; }
@@ -132,17 +133,33 @@ struct HostBlock {
   }
   template <class G>
   void phase(const G& g) const {
-    for (int k = 0; k < nthreads; ++k) g(kReverse ? nthreads - 1 - k : k);
+    for (int t = nthreads - 1; t >= 0; --t) g(t);
   }
 };
 
-// Shared memory of one host block: 16-byte aligned, as CUDA's dynamic shared memory is.
+// Shared memory of one emulated block: 16-byte aligned, as CUDA's dynamic shared memory is.
+// kGuard bytes after it hold a pattern that a write beyond the block's shared memory would change.
 struct HostSmem {
+  static constexpr int64_t kGuard = 256;
   std::vector<double> words;  // doubles: 8-byte aligned; the offset below makes 16
-  char* get(int64_t bytes) {
-    words.resize(static_cast<size_t>((bytes + 15) / 8 + 2));
+  char* base = nullptr;
+  int64_t bytes = 0;
+  char* get(int64_t n) {
+    bytes = n;
+    words.resize(static_cast<size_t>((n + kGuard + 15) / 8 + 2));
     auto p = reinterpret_cast<uintptr_t>(words.data());
-    return reinterpret_cast<char*>((p + 15) & ~uintptr_t(15));
+    base = reinterpret_cast<char*>((p + 15) & ~uintptr_t(15));
+    return base;
+  }
+  // Before a block: its shared memory NaN bytes (0xFF), the guard its pattern.
+  void poison() const {
+    std::memset(base, 0xFF, static_cast<size_t>(bytes));
+    std::memset(base + bytes, 0xA5, static_cast<size_t>(kGuard));
+  }
+  bool guard_intact() const {
+    for (int64_t k = 0; k < kGuard; ++k)
+      if (static_cast<unsigned char>(base[bytes + k]) != 0xA5) return false;
+    return true;
   }
 };
 
@@ -171,16 +188,6 @@ struct CpuExec {
   void for_each_item(int64_t B, int64_t n, int64_t C, const F& f, int64_t grain = 1024) const {
     if (B <= 0 || n <= 0 || C <= 0) return;
     at::parallel_for(0, B * n, grain, [&](int64_t begin, int64_t end) { cpu_run_items(begin, end, n, C, f); });
-  }
-  static constexpr int kBlock = 256;
-  template <class F>
-  void for_each_block(int64_t B, int64_t nblocks, int64_t smem_bytes, const F& f) const {
-    if (B <= 0 || nblocks <= 0) return;
-    at::parallel_for(0, B * nblocks, 1, [&](int64_t begin, int64_t end) {
-      HostSmem smem;
-      const HostBlock<false> blk{smem.get(smem_bytes), kBlock};
-      for (int64_t t = begin; t < end; ++t) f(blk, t / nblocks, t % nblocks);
-    });
   }
   template <class F>
   void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
@@ -235,10 +242,12 @@ struct EmulatedCudaExec {
     if (B <= 0 || nblocks <= 0) return;
     HostSmem smem;
     char* const p = smem.get(smem_bytes);
-    const HostBlock<true> blk{p, static_cast<int>(kBlock)};
+    const EmulatedBlock blk{p, static_cast<int>(kBlock)};
     for (int64_t t = B * nblocks - 1; t >= 0; --t) {
-      std::memset(p, 0xFF, static_cast<size_t>(smem_bytes));
+      smem.poison();
       f(blk, t / nblocks, t % nblocks);
+      TORCH_CHECK(smem.guard_intact(), "emulated block ", t % nblocks, " of image ", t / nblocks, " wrote beyond its ",
+                  smem_bytes, " bytes of shared memory");
     }
   }
   // CudaExec::for_each_counted's decomposition: a fixed grid of threads (here at most kCountedGrid
