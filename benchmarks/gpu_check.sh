@@ -4,8 +4,9 @@
 # hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
 # (JSON + PNG) to $OUT_DIR/results/.
 #
-#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile host ab ncu rrm train
+#   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile host tiles ab ncu rrm train
 #   (host: launches, synchronisations, copies and ATen ops per call against wall and kernel time, cuda_host.py;
+#   tiles: the tiled mean field's settings swept on the 512^2 CRF, tile_sweep.py;
 #   ab: cuda_host and energy_bench in a baseline tree too, from .baseline.tgz (see the step), same machine;
 #   ncu: Nsight Compute on one dense CRF and one energy loss, results/ncu.txt and its per-kernel
 #   table in the log; rrm: rrm_bench with the small backbone, then ResNet-38 without the original
@@ -74,6 +75,7 @@ if has bench; then
 fi
 has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$OUT_DIR/results"
 has host && step cuda_host 120 $PY benchmarks/cuda_host.py --out-dir "$OUT_DIR/results"
+has tiles && step tile_sweep 150 $PY benchmarks/tile_sweep.py --out-dir "$OUT_DIR/results"
 if has ab; then
   # Before/after on one machine (machines of one kind differ, in their hosts above all): a baseline's
   # sources from a tarball that travels with the tree (here: git archive --format=tar.gz -o
