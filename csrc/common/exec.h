@@ -29,7 +29,8 @@
 //                                 runs it as one thread block; the emulation runs a block's threads in
 //                                 turn, in reverse, with the shared memory filled with NaN bytes first
 //                                 (a read of a word no phase wrote shows) and a guard after it (a
-//                                 write beyond it raises). CpuExec has none.
+//                                 write beyond it raises). CpuExec has none. exec.max_block_smem():
+//                                 the most shared memory a block can have (the device's opt-in limit).
 // exec.capturing() says whether the current CUDA stream is being captured into a graph (false off
 // CUDA): code that reads a device value back must not run then.
 // Each also has exec.sort_keys(keys, max_key): a stable ascending sort of a 1-D tensor of integer
@@ -235,6 +236,8 @@ struct EmulatedCudaExec {
       f(bi / n, bi % n, c, c + 1);
     });
   }
+  // The emulated device's opt-in shared memory per block: an H100's.
+  static int64_t max_block_smem() { return 227 * 1024; }
   // Blocks in reverse order, each one's threads in reverse in every phase; the shared memory
   // filled with NaN bytes (0xFF: a NaN for floats and doubles, -1 for integers) before each block.
   template <class F>

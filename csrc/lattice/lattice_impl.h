@@ -975,9 +975,10 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   // shared memory would exceed kTileSmemMax takes the kernel below.
   const int64_t row_bytes = W * static_cast<int64_t>(sizeof(scalar_t));
   int64_t tile_kernel = tiled ? std::min<int64_t>(3, tuning::get(tuning::kMeanFieldTileKernel)) : 0;
-  if (tile_kernel == 3 && 3 * P * row_bytes > kTileSmemMax) tile_kernel = 2;
-  if (tile_kernel >= 1 && (P * row_bytes > kTileSmemMax || B * ((N + P - 1) / P) >= (int64_t(1) << 31)))
-    tile_kernel = 0;  // too wide a block, or more blocks than a grid takes
+  const int64_t smem_max = tile_kernel ? std::min(kTileSmemMax, exec.max_block_smem()) : 0;
+  if (tile_kernel == 3 && 3 * P * row_bytes > smem_max) tile_kernel = 2;
+  if (tile_kernel >= 1 && (P * row_bytes > smem_max || B * ((N + P - 1) / P) >= (int64_t(1) << 31)))
+    tile_kernel = 0;  // too wide a block for this device or kTileSmemMax, or more blocks than a grid takes
   const int64_t smem = (tile_kernel == 3 ? 3 * P : P) * row_bytes;
   const bool block_splat = tile_kernel >= 1, block_slice = tile_kernel >= 2;
   const bool fuse = !counted && !block_splat && fused_reduce();  // the chunk sums in the splat's launch
