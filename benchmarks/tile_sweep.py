@@ -5,8 +5,8 @@ block kernel (knob mean_field_tile_kernel), against the untiled mean field timed
     python benchmarks/tile_sweep.py                # astronaut 512x512, 21 labels, 10 iterations
     python benchmarks/tile_sweep.py --out-dir DIR  # also writes tile_sweep_<gpu>.json
 
-Each setting: the public rrm_cuda.dense_crf call's median milliseconds by CUDA events (lattice build
-included; the lattice cache cleared at each switch, then refilled by a warm-up call), and its
+Each setting: the public rrm_cuda.dense_crf call's median milliseconds (torch.utils.benchmark, lattice
+build included; the lattice cache cleared at each switch, then refilled by a warm-up call), and its
 result against the untiled one (largest |dQ|, the share of pixels whose label agrees). Settings that
 do not fit a block (shared memory) run a lower kernel, as the op does; the table says which ran.
 Needs a CUDA device and a CUDA build. Reports only (no speed assertions).
@@ -23,25 +23,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import device_tag, time_fn  # noqa: E402
+
 import rrm_cuda  # noqa: E402
 from rrm_cuda import _C, functional  # noqa: E402
-
-
-def event_ms(fn, reps: int) -> float:
-    """Median milliseconds of fn() by CUDA events, after a warm-up."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> None:
@@ -49,7 +35,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512, help="side of the centre crop of the astronaut photograph")
     ap.add_argument("--labels", type=int, default=21)
     ap.add_argument("--iterations", type=int, default=10)
-    ap.add_argument("--reps", type=int, default=15, help="timed calls per setting")
+    ap.add_argument("--min-run-time", type=float, default=0.1, help="seconds of timing per setting")
     ap.add_argument("--tiles", default="128,256,512,1024", help="pixels per tile P (comma-separated)")
     ap.add_argument("--pixel-tiles", default="0,8,16,32", help="square pixel-tile sides of the public API (0: raster)")
     ap.add_argument("--kernels", default="1,2,3", help="mean_field_tile_kernel values")
@@ -81,7 +67,7 @@ def main() -> None:
     try:
         apply(0, saved["mean_field_tile_kernel"], 0)
         ref = call()
-        base = event_ms(call, args.reps)
+        base = time_fn(call, dev, args.min_run_time)[0]
         rows.append(dict(tile=0, pixel_tile=0, kernel=0, ran=0, ms=base, max_dq=0.0, agree=1.0))
         print(f"untiled (raster): {base:.3f} ms", flush=True)
         settings = itertools.product(
@@ -94,7 +80,7 @@ def main() -> None:
             before = _C.tiled_mean_field_steps()
             q = call()
             ran = kernel if _C.tiled_mean_field_steps() > before else 0
-            ms = event_ms(call, args.reps)
+            ms = time_fn(call, dev, args.min_run_time)[0]
             dq = float((q - ref).abs().max())
             agree = float((q.argmax(1) == ref.argmax(1)).float().mean())
             rows.append(dict(tile=tile, pixel_tile=pixel, kernel=kernel, ran=ran, ms=ms, max_dq=dq, agree=agree))
@@ -113,8 +99,7 @@ def main() -> None:
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         name = torch.cuda.get_device_name(dev)
-        tag = name.replace("NVIDIA ", "").replace(" ", "-").lower()
-        path = os.path.join(args.out_dir, f"tile_sweep_{tag}.json")
+        path = os.path.join(args.out_dir, f"tile_sweep_{device_tag(dev)}.json")
         meta = dict(device=name, torch=torch.__version__, size=S, labels=L, iterations=args.iterations)
         with open(path, "w") as f:
             json.dump(dict(meta, rows=rows), f, indent=1)
