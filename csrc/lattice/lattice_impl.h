@@ -824,8 +824,10 @@ inline Lattice tile(const Lattice& lat, int64_t reps) {
   t.chunk_slot = rep(lat.chunk_slot);
   t.chunk_vertex = rep(lat.chunk_vertex);
   t.num_chunks = rep(lat.num_chunks);
-  t.tile_offsets = rep(lat.tile_offsets);
-  t.tile_entry_local = rep(lat.tile_entry_local);
+  // The tiled mean field's tables are not repeated: repeated lattices feed the per-term path, which
+  // reads neither (mean_field_gpu takes only lattices that have them).
+  t.tile_offsets = at::Tensor();
+  t.tile_entry_local = at::Tensor();
   return t;
 }
 
@@ -951,7 +953,6 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int T = static_cast<int>(terms.lats.size());
   const auto opt = unary.options();
-  auto q = at::empty({B, N, W}, opt);
   // -diag(compat[t]) padded with zeros, every term at once (compat_c: (T, L, L) contiguous)
   at::Tensor coef_all = at::empty({T, W}, opt);
   exec.for_each(T * W, PadCoefRowsFunctor<scalar_t>{compat_c.data_ptr<scalar_t>(), coef_all.data_ptr<scalar_t>(), L, W},
@@ -969,7 +970,7 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   // too wide for kTileSmemMax, keeps the chunk splat over the cut chunks: the same bits.
   const int64_t P = terms.lats[0].chunk_tile;
   bool tiled = !counted && P > 0;
-  for (int t = 0; t < T; ++t) tiled = tiled && terms.lats[t].chunk_tile == P;
+  for (int t = 0; t < T; ++t) tiled = tiled && terms.lats[t].chunk_tile == P && terms.lats[t].tile_offsets.defined();
   // Kernel 3 stages up to 2P vertex rows after the P rows of Q (astronaut 512^2 in 16 x 16 tiles of
   // P = 256: median 191 chunks per tile, 72 % of the tiles within P, ~all within 2P); a block whose
   // shared memory would exceed kTileSmemMax takes the kernel below.
@@ -982,6 +983,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   const int64_t smem = (tile_kernel == 3 ? 3 * P : P) * row_bytes;
   const bool block_splat = tile_kernel >= 1, block_slice = tile_kernel >= 2;
   const bool fuse = !counted && !block_splat && fused_reduce();  // the chunk sums in the splat's launch
+  // Q's padded rows between steps; kernels 2 and 3 keep them in shared memory and never use these.
+  auto q = at::empty({B, block_slice ? 0 : N, W}, opt);
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
   // The fused chunk sums' counters, every term's in one zeroed allocation: (B, M_t, W / V) each.
   at::Tensor counters;
@@ -1233,6 +1236,13 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   }
 }
 
+// The tile size the dense CRF's GPU lattices are cut by (knob mean_field_tile, at most the image;
+// 0: none), for the forward and the backward alike, so that they share cached lattices.
+template <class Exec>
+int64_t crf_chunk_tile(int64_t N) {
+  return Exec::kSortCsr ? std::min(tuning::get(tuning::kMeanFieldTile), N) : 0;
+}
+
 // Bytes of a dense CRF term's lattice rows per vertex: two blur buffers and the chunk sums, rows of
 // L labels padded as the fused mean field pads them (for use_counted).
 inline int64_t crf_row_bytes(int64_t L, const at::Tensor& unary) {
@@ -1271,10 +1281,9 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     if (!fused) softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
     auto compat_c = compat.contiguous();
-    CrfTerms terms =
-        crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk, fused ? 0 : B,
-                                  keep, /*need_coefs=*/!(fused && Exec::kSortCsr), crf_row_bytes(L, unary), B,
-                                  fused && Exec::kSortCsr ? std::min(tuning::get(tuning::kMeanFieldTile), N) : 0);
+    CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk,
+                                               fused ? 0 : B, keep, /*need_coefs=*/!(fused && Exec::kSortCsr),
+                                               crf_row_bytes(L, unary), B, fused ? crf_chunk_tile<Exec>(N) : 0);
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
@@ -1384,9 +1393,9 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
     if (S > 0) {
       auto compat_c = compat.contiguous();
       // the forward's lattices (and its cached ones): chunks cut by the same tiles (mean_field_tile)
-      const int64_t chunk_tile = Exec::kSortCsr ? std::min(tuning::get(tuning::kMeanFieldTile), N) : 0;
-      CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep,
-                                                 /*need_coefs=*/true, crf_row_bytes(L, unary), B, chunk_tile);
+      CrfTerms terms =
+          crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep,
+                                    /*need_coefs=*/true, crf_row_bytes(L, unary), B, crf_chunk_tile<Exec>(N));
       auto acc = at::empty({B, N, L}, opt);
       auto m = at::empty({B, N, L}, opt);
       for (int64_t s = 1; s <= S; ++s) {
