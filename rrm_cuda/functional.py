@@ -224,8 +224,11 @@ def _positions(batch: int, spatial: Sequence[int], sxy: float | Tensor, dtype: t
 
 
 # Pixel order of the lattice ops of dense_crf and of the energy loss (energy.py) for 2-D images:
-# 16 x 16 tiles, row-major inside each tile and across the tiles (the partial tiles of the right and
-# bottom edges included), instead of the raster order. The op is indifferent to the order of its
+# 16 x 16 tiles, row-major inside each tile and across the tiles, instead of the raster order. The
+# whole tiles come first, so that each starts at a multiple of 256 whatever the image's size (the
+# tiled mean field's blocks of P = 256 consecutive pixels are then squares, NOTES section 15); then
+# the columns right of them and the rows below them, each in raster order (energy_common.h's
+# tile_position is the same order). The op is indifferent to the order of its
 # points; what changes is locality. Each GPU block of 256 threads slices one tile, and each pixel
 # gathers d + 1 vertex rows per term: over a tile of a 512 x 512 photo those are 137 distinct
 # bilateral and 52 position rows, against 391 and 183 over 256 pixels of a row. The splat's chunks,
@@ -283,9 +286,13 @@ def _pixel_order(spatial: Sequence[int], device) -> tuple[Tensor, Tensor] | None
     def make(which: int) -> Tensor:
         y = torch.arange(H, device=device).repeat_interleave(W)
         x = torch.arange(W, device=device).repeat(H)
-        key = ((y // T) * ((W + T - 1) // T) + x // T) * (T * T) + (y % T) * T + (x % T)
-        order = torch.argsort(key, stable=True)
-        return order if which == 0 else torch.argsort(order)
+        hw, ww = H // T * T, W // T * T  # the whole tiles' rows and columns
+        key = torch.where(  # each pixel's position (a permutation of 0..H W - 1)
+            (y < hw) & (x < ww),
+            ((y // T) * (W // T) + x // T) * (T * T) + (y % T) * T + (x % T),
+            torch.where(y < hw, hw * ww + y * (W - ww) + (x - ww), y * W + x),
+        )
+        return torch.argsort(key) if which == 0 else key
 
     return (
         _cached(("pixel_order", H, W, T, 0, device), lambda: make(0)),

@@ -902,20 +902,31 @@ def test_cuda_grad_matches_cpu(cuda, dtype, diagonal, norm, iterations):
 
 # ---- pixel order: 16 x 16 tiles (the GPU's default) ---------------------------------------------
 def test_pixel_tile_order():
-    # 16 x 16 tiles, row-major inside each and across them, partial tiles at the right and bottom
-    # edges; the inverse undoes it; images no larger than a tile and 3-D volumes keep the raster order
+    # 16 x 16 tiles, row-major inside each and across them; the whole tiles first (each starts at a
+    # multiple of 256: the tiled mean field's blocks of 256 pixels are squares), then the columns
+    # right of them and the rows below them, each in raster order; the inverse undoes it; the
+    # energy loss's C++ order (tile_position) is the same; images no larger than a tile and 3-D
+    # volumes keep the raster order
     import rrm_cuda.functional as F
 
-    order, inverse = _tile_order_with(F, (35, 20))
-    H, W = 35, 20
+    H, W = 35, 40  # 2 x 2 whole tiles, 8 columns right of them, 3 rows below
+    order, inverse = _tile_order_with(F, (H, W))
     y, x = order // W, order % W
     assert torch.equal(torch.sort(order).values, torch.arange(H * W))
     assert torch.equal(order[inverse], torch.arange(H * W))
-    assert (y[:256] < 16).all() and (x[:256] < 16).all()  # the first tile, whole
-    assert torch.equal(order[:17], torch.tensor([*range(16), W]))  # its first row, then the second
-    assert (x[256 : 256 + 64] >= 16).all() and (y[256 : 256 + 64] < 16).all()  # the partial tile to its right
-    key = (y // 16) * 2 + x // 16
-    assert (key[1:] >= key[:-1]).all()  # tiles in row-major order
+    assert torch.equal(order[:17], torch.tensor([*range(16), W]))  # the first tile's first row, then its second
+    for k in range(4):  # the whole tiles, row-major
+        ty, tx = divmod(k, 2)
+        t = slice(256 * k, 256 * (k + 1))
+        assert torch.equal(y[t], ty * 16 + torch.arange(16).repeat_interleave(16))
+        assert torch.equal(x[t], tx * 16 + torch.arange(16).repeat(16))
+    right, below = slice(1024, 1024 + 32 * 8), slice(1024 + 32 * 8, H * W)
+    assert (x[right] >= 32).all() and (y[right] < 32).all() and (order[right].diff() > 0).all()
+    assert torch.equal(order[below], torch.arange(32 * W, H * W))
+    for hw in ((35, 40), (40, 35), (16 * 3, 16 * 5 + 1), (17, 17), (500, 375)):
+        img = torch.arange(hw[0] * hw[1], dtype=torch.float64).reshape(1, 1, *hw)
+        got = torch.ops.rrm_cuda.dense_energy_inputs(img, None, None, 1, False, 16)[0]
+        assert torch.equal(got.flatten().long(), _tile_order_with(F, hw)[0])
     assert _tile_order_with(F, (16, 300)) is None and _tile_order_with(F, (4, 5, 6)) is None
 
 

@@ -264,16 +264,20 @@ def test_inputs_op_gradcheck_and_opcheck(tile):
 
 
 def _tile_order(h: int, w: int, T: int) -> torch.Tensor:
-    """The pixel order of T x T tiles, restated with loops (row-major inside each tile and across the
-    tiles, partial edge tiles included)."""
-    order = [
+    """The pixel order of T x T tiles, restated with loops: the whole tiles (row-major inside each
+    tile and across the tiles), then the columns right of them in raster order, then the rows below
+    them in raster order."""
+    hw, ww = h // T * T, w // T * T
+    whole = [
         y * w + x
-        for ty in range(0, h, T)
-        for tx in range(0, w, T)
-        for y in range(ty, min(ty + T, h))
-        for x in range(tx, min(tx + T, w))
+        for ty in range(0, hw, T)
+        for tx in range(0, ww, T)
+        for y in range(ty, ty + T)
+        for x in range(tx, tx + T)
     ]
-    return torch.tensor(order, dtype=torch.long)
+    right = [y * w + x for y in range(hw) for x in range(ww, w)]
+    below = [y * w + x for y in range(hw, h) for x in range(w)]
+    return torch.tensor(whole + right + below, dtype=torch.long)
 
 
 @pytest.mark.parametrize("op", ["dense_energy_inputs", "_dense_energy_inputs_emulated"])

@@ -83,43 +83,60 @@ RRM_HOST_DEVICE scalar_t gate_value(scalar_t r, scalar_t mx, bool unlabelled) {
   return g < scalar_t(0) ? scalar_t(0) : g;  // NaN stays NaN, as in clamp(min=0)
 }
 
-// The loss's pixel order on a GPU (rrm_cuda.functional._PIXEL_TILE): T x T tiles, row-major inside
-// each tile and across the tiles, the partial tiles of the right and bottom edges included; T = 0,
-// or T >= w, is the raster order. tile_position: the position p of pixel (y, x) of an h x w image;
-// tile_pixel: its inverse. 32-bit divisions (h w < 2^31: checked), 64-bit products.
+// The loss's pixel order on a GPU (rrm_cuda.functional._PIXEL_TILE): the whole T x T tiles first
+// (row-major inside each tile and across the tiles), so that every tile starts at a multiple of T^2
+// whatever the image's size (the tiled mean field's blocks of P = T^2 consecutive pixels are then
+// squares); then the columns right of the whole tiles, beside them, in raster order; then the rows
+// below the whole tiles, in raster order. T = 0, or T >= w, is the raster order. tile_position: the
+// position p of pixel (y, x) of an h x w image; tile_pixel: its inverse. 32-bit divisions (h w <
+// 2^31: checked), 64-bit products; shifts for a power-of-two T.
+struct TileGrid {
+  int32_t T, hw, ww, ntx;  // the whole tiles cover rows [0, hw) and columns [0, ww): ntx tiles a row
+  int s;                   // log2 T for a power of two, else -1
+  RRM_HOST_DEVICE TileGrid(int32_t h, int32_t w, int32_t T_) : T(T_), s(-1) {
+    if ((T & (T - 1)) == 0) {  // a power of two (the default 16)
+#ifdef __CUDA_ARCH__
+      s = __ffs(T) - 1;
+#else
+      s = __builtin_ctz(static_cast<unsigned>(T));
+#endif
+      ntx = w >> s;
+      hw = (h >> s) << s;
+    } else {
+      ntx = w / T;
+      hw = h / T * T;
+    }
+    ww = ntx * T;
+  }
+  RRM_HOST_DEVICE int32_t div(int32_t v) const { return s >= 0 ? v >> s : v / T; }
+};
+
 RRM_HOST_DEVICE int64_t tile_position(int32_t y, int32_t x, int32_t h, int32_t w, int32_t T) {
   if (T <= 0) return int64_t{y} * w + x;
-  int32_t ty, tx;
-  if ((T & (T - 1)) == 0) {  // a power of two (the default 16): shifts, not two divisions per element
-#ifdef __CUDA_ARCH__
-    const int s = __ffs(T) - 1;
-#else
-    const int s = __builtin_ctz(static_cast<unsigned>(T));
-#endif
-    ty = y >> s;
-    tx = x >> s;
-  } else {
-    ty = y / T;
-    tx = x / T;
-  }
-  const int32_t th = h - ty * T < T ? h - ty * T : T, tw = w - tx * T < T ? w - tx * T : T;
-  return int64_t{ty} * T * w + int64_t{tx} * T * th + int64_t{y - ty * T} * tw + (x - tx * T);
+  const TileGrid t(h, w, T);
+  if (y >= t.hw) return int64_t{y} * w + x;                                           // the bottom rows
+  if (x >= t.ww) return int64_t{t.hw} * t.ww + int64_t{y} * (w - t.ww) + (x - t.ww);  // the right columns
+  const int32_t ty = t.div(y), tx = t.div(x);
+  return ((int64_t{ty} * t.ntx + tx) * T + (y - ty * T)) * T + (x - tx * T);
 }
 
 RRM_HOST_DEVICE void tile_pixel(int64_t p, int32_t h, int32_t w, int32_t T, int32_t& y, int32_t& x) {
-  if (T <= 0) {
+  const TileGrid t(h, w, T > 0 ? T : 1);
+  const int64_t whole = int64_t{t.hw} * t.ww;
+  if (T <= 0 || p >= int64_t{t.hw} * w) {  // raster (and the bottom rows)
     y = static_cast<int32_t>(p / w);
     x = static_cast<int32_t>(p - int64_t{y} * w);
-    return;
+  } else if (p >= whole) {  // the right columns
+    const int32_t r = static_cast<int32_t>(p - whole), rw = w - t.ww;
+    y = r / rw;
+    x = t.ww + (r - y * rw);
+  } else {
+    const int32_t q = static_cast<int32_t>(p);             // < h w < 2^31
+    const int32_t k = t.div(t.div(q)), i = q - k * T * T;  // the tile, and the pixel inside it
+    const int32_t ty = k / t.ntx, tx = k - ty * t.ntx, iy = t.div(i);
+    y = ty * T + iy;
+    x = tx * T + (i - iy * T);
   }
-  const int32_t ty = static_cast<int32_t>(p / (int64_t{T} * w));  // the band of T rows
-  const int32_t th = h - ty * T < T ? h - ty * T : T;
-  const int64_t r = p - int64_t{ty} * T * w;  // < T w, and T < w (the launcher's T)
-  const int32_t tx = static_cast<int32_t>(r / (int64_t{T} * th));
-  const int32_t tw = w - tx * T < T ? w - tx * T : T;
-  const int32_t i = static_cast<int32_t>(r - int64_t{tx} * T * th);  // inside the tile, row-major
-  y = ty * T + i / tw;
-  x = tx * T + i % tw;
 }
 
 template <typename scalar_t, bool Row>
