@@ -229,6 +229,18 @@ def main() -> None:
                 rows.append(Row(wl, name, med, iqr, None, "cuda"))
             except (Exception, SystemExit) as exc:
                 print(f"   tiled mean field row failed: {exc!r}", flush=True)
+            # both: the tiled mean field captured in a CUDA graph (counted lattices cut by tiles; session 16,
+            # written without a GPU: a failure is printed and the other rows kept)
+            try:
+                with tiled_mean_field():
+                    replay, out = graphed_call(lambda: ours(pc, ic, iters))
+                    replay()
+                    check(out, "rrm_cuda CUDA graph, tiled mean field")
+                    med, iqr = time_fn(replay, dev, mrt)
+                name = f"rrm_cuda CUDA graph, tiled mean field ({torch.cuda.get_device_name(dev)})"
+                rows.append(Row(wl, name, med, iqr, None, "cuda"))
+            except (Exception, SystemExit) as exc:
+                print(f"   CUDA graph tiled row failed: {exc!r}", flush=True)
     baseline = "pydensecrf2 (1 thread)" if have_pydensecrf else None
     print()
     print_table(rows, baseline)

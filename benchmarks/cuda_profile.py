@@ -340,10 +340,11 @@ def main() -> None:
     # order cut fewer still (the bilateral lattice's vertices span many small tiles), with 96 KiB of
     # shared memory per block (two blocks per SM).
 
-    def mean_field(tile: int, kernel: int, pixel: int = 0) -> Callable[[], None]:
+    def mean_field(tile: int, kernel: int, pixel: int = 0, counted: int = 0) -> Callable[[], None]:
         def apply() -> None:
             knob("mean_field_tile_kernel", kernel)
             knob("mean_field_tile", tile)
+            knob("counted_lattice", counted)
             FN._PIXEL_TILE["cuda"] = pixel
 
         return apply
@@ -359,6 +360,9 @@ def main() -> None:
             ("P 256, block slice + splat, 16x16 pixel tiles", mean_field(256, 2, 16)),
             ("P 256, block rows + slice + splat, 16x16 pixel tiles", mean_field(256, 3, 16)),
             ("P 1024, block slice + splat, 32x32 pixel tiles", mean_field(1024, 2, 32)),
+            # the same as the 16x16 kernel 3 row, its lattices counted (no host read of their sizes)
+            ("P 256, block rows + slice + splat, 16x16 pixel tiles, counted", mean_field(256, 3, 16, 1)),
+            ("untiled, counted", mean_field(0, knobs["mean_field_tile_kernel"], 0, 1)),
         ],
         {
             f"dense_crf {S}x{S}x{L} public API": crf,
@@ -369,6 +373,7 @@ def main() -> None:
     )
     knob("mean_field_tile", knobs["mean_field_tile"])
     knob("mean_field_tile_kernel", knobs["mean_field_tile_kernel"])
+    knob("counted_lattice", knobs["counted_lattice"])
     FN._PIXEL_TILE["cuda"] = tile_saved
 
     def energy_label(rows4: int, slice4: int, pair: int) -> str:

@@ -1233,6 +1233,49 @@ def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
                         assert all(torch.equal(a, b) for a, b in zip(back, grads)), (dtype, L, norms)
 
 
+def test_counted_tiled_mean_field_gives_the_same_bits(tuning):
+    # Counted lattices (knob counted_lattice; on a GPU any CUDA graph capture) cut by tiles (knob
+    # mean_field_tile): the chunk tables sized by their bound E instead of a count read back, each
+    # image's count left in device memory, the unused chunks sorted after every tile. Through the
+    # emulated launch (counted workspaces filled with NaN): the read-back tiled build's bits for every
+    # kernel, forward and backward, with a cached read-back lattice beside a counted one; the block
+    # kernels run (a counter) and the lattices are counted ones (a counter).
+    _C = rrm_cuda._ext._C
+    g = torch.Generator().manual_seed(6)
+    img, N = _photo_pair(40, 48)
+    for dtype in (torch.float32, torch.float64):
+        bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
+        pos = rrm_cuda.position_features(1, (40, 48), 3.0).to(dtype)
+        noise = (torch.randn(2, 3, N, generator=g) * torch.tensor([0.3, 30.0, 3.0]).reshape(1, 3, 1)).to(dtype)
+        for L in (3, 21):
+            u = (torch.rand(4, L, N, generator=g) * 3).to(dtype)
+            eye = torch.eye(L, dtype=dtype)
+            cases = [
+                ([pos, bil], torch.stack([-3 * eye, -10 * eye]), [0, 0], [True, False], 1),
+                ([noise], (-5 * eye)[None], [1], [], 1),
+            ]
+            for feats, compat, norms, cache, counted_terms in cases:
+                diag = [True] * len(feats)
+                for P in (7, 64):
+                    tuning("mean_field_tile", P)
+                    outs = []
+                    for counted in (0, 1):
+                        tuning("counted_lattice", counted)
+                        for kernel in (0, 1, 2, 3):
+                            tuning("mean_field_tile_kernel", kernel)
+                            steps, builds = _C.tiled_mean_field_steps(), _C.lattice_counted_builds()
+                            q = ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache)
+                            assert _C.tiled_mean_field_steps() - steps == (3 if kernel else 0)
+                            assert _C.lattice_counted_builds() - builds == counted * counted_terms
+                            back = ops._dense_crf_backward_emulated(
+                                0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2
+                            )
+                            outs.append((q, *back))
+                    for o in outs[1:]:
+                        for a, b in zip(o, outs[0]):
+                            assert torch.equal(a, b), (dtype, L, norms, P)
+
+
 @pytest.mark.cuda
 def test_cuda_tiled_mean_field(cuda, tuning):
     # On the device: the tiled mean field's four kernels give the same bits (the block kernels'
@@ -1259,6 +1302,48 @@ def test_cuda_tiled_mean_field(cuda, tuning):
                 assert torch.equal(o, outs[0]), (dtype, L)
             torch.testing.assert_close(outs[0].cpu(), emulated, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
             torch.testing.assert_close(outs[0], want, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.cuda
+def test_cuda_counted_tiled_mean_field_and_graph_capture(cuda, tuning, pixel_tile):
+    # On the device: counted lattices cut by tiles give the read-back tiled build's bits (kernels
+    # 0-3, 3 and 21 labels); and the public dense_crf with the tiled mean field (P 256 in 16 x 16
+    # pixel tiles) captured in a CUDA graph runs the block kernels in the graph (a counter at
+    # capture) and replays on new probabilities to the eager tiled result.
+    _C = rrm_cuda._ext._C
+    img = torch.from_numpy(photo("astronaut", (64, 80)).copy()).permute(2, 0, 1)[None].contiguous().to(cuda)
+    bil = rrm_cuda.bilateral_features(img, 30.0, 13.0)
+    pos = rrm_cuda.position_features(1, (64, 80), 3.0, device=cuda)
+    tuning("mean_field_tile", 256)
+    for L in (3, 21):
+        u = torch.rand(2, L, 64 * 80, device=cuda) * 3
+        compat = torch.stack([-3 * torch.eye(L), -10 * torch.eye(L)]).to(cuda)
+        for kernel in (0, 1, 2, 3):
+            tuning("mean_field_tile_kernel", kernel)
+            tuning("counted_lattice", 0)
+            a = ops.dense_crf(u, [pos, bil], compat, [True, True], [0, 0], 5)
+            tuning("counted_lattice", 1)
+            assert torch.equal(ops.dense_crf(u, [pos, bil], compat, [True, True], [0, 0], 5), a), (L, kernel)
+    tuning("counted_lattice", 0)
+    tuning("mean_field_tile_kernel", 3)
+    pixel_tile("cuda", 16)
+    static = torch.softmax(torch.randn(1, 5, 64, 80, device=cuda) * 3, 1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            rrm_cuda.dense_crf(probs=static, image=img, iterations=5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    steps = _C.tiled_mean_field_steps()
+    with torch.cuda.graph(graph):
+        out = rrm_cuda.dense_crf(probs=static, image=img, iterations=5)
+    assert _C.tiled_mean_field_steps() - steps == 5
+    for _ in range(2):
+        fresh = torch.softmax(torch.randn(1, 5, 64, 80, device=cuda) * 3, 1)
+        static.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(out, rrm_cuda.dense_crf(probs=fresh, image=img, iterations=5), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.cuda

@@ -50,9 +50,11 @@ template <class Exec>
 void chunks_by_tile(const Exec& exec, Lattice& lat, int64_t tile, bool offsets = false);
 
 // Chunks cut by tiles of P consecutive pixels (Lattice::chunk_tile; the tiled mean field): heads
-// (TileChunkHeadFunctor), their scan, the chunk count read back (one synchronisation: the chunk
-// tables are sized by it), the chunk ranges and offsets, then the launch order by tile with each
-// tile's first launch slot.
+// (TileChunkHeadFunctor), their scan, the chunk count, the chunk ranges and offsets, then the launch
+// order by tile with each tile's first launch slot. The chunk tables are sized by the count read
+// back (one synchronisation), or, for a counted lattice, by E, a bound (every chunk holds an entry),
+// with each image's count left in device memory (Lattice::num_chunks). Unused chunks are empty and
+// sort after every tile's (ChunkTileKeyFunctor), so launch slots [0, num_chunks[b]) are the chunks.
 template <class Exec>
 void tile_chunks(const Exec& exec, Lattice& lat, const at::Tensor& sorted_entries, int64_t P) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
@@ -63,7 +65,12 @@ void tile_chunks(const Exec& exec, Lattice& lat, const at::Tensor& sorted_entrie
                                           lat.offsets.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
                                           heads.data_ptr<int32_t>(), E, M, P});
   const at::Tensor numbers = at::cumsum(heads, /*dim=*/1, /*dtype=*/at::kInt);
-  lat.K = std::max<int64_t>(1, numbers.select(1, E - 1).max().item<int32_t>());
+  if (lat.counted) {
+    lat.K = E;
+    lat.num_chunks = numbers.select(1, E - 1).contiguous();
+  } else {
+    lat.K = std::max<int64_t>(1, numbers.select(1, E - 1).max().item<int32_t>());
+  }
   const at::Tensor chunk_be = at::zeros({3, B, lat.K}, iopt);
   lat.chunk_begin = chunk_be[0];
   lat.chunk_end = chunk_be[1];
@@ -142,7 +149,7 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) 
                            sorted_entries.data_ptr<int32_t>(), lat.entry_weight.data_ptr<scalar_t>(),
                            lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
   });
-  if (chunk_tile > 0 && !counted) return tile_chunks(exec, lat, sorted_entries, chunk_tile);
+  if (chunk_tile > 0) return tile_chunks(exec, lat, sorted_entries, chunk_tile);
   lat.chunk_offsets = at::cumsum(nchunks, /*dim=*/1, /*dtype=*/at::kInt);
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
@@ -876,7 +883,7 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
       const bool counted =
           row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes * per_lattice);
       cached = std::make_shared<CachedLattice>();
-      cached->lat = build(exec, ft.contiguous(), chunk, counted, counted ? 0 : chunk_tile);
+      cached->lat = build(exec, ft.contiguous(), chunk, counted, chunk_tile);
       if (cacheable && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);  // replaces
     }
     terms.lats.push_back(cached->lat);
@@ -967,9 +974,10 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   // each step's splat one block per tile of P pixels (TileMeanFieldFunctor) with the tile's rows of Q
   // in shared memory, copied from q (kernel 1) or computed there (kernel 2, which also takes over the
   // slices of every step but the last), then the chunk sums by a second launch. Kernel 0, or rows
-  // too wide for kTileSmemMax, keeps the chunk splat over the cut chunks: the same bits.
+  // too wide for kTileSmemMax, keeps the chunk splat over the cut chunks: the same bits. Counted
+  // lattices too: the blocks are the tiles (known from N and P), the other stages counted launches.
   const int64_t P = terms.lats[0].chunk_tile;
-  bool tiled = !counted && P > 0;
+  bool tiled = P > 0;
   for (int t = 0; t < T; ++t) tiled = tiled && terms.lats[t].chunk_tile == P && terms.lats[t].tile_offsets.defined();
   // Kernel 3 stages up to 2P vertex rows after the P rows of Q (astronaut 512^2 in 16 x 16 tiles of
   // P = 256: median 191 chunks per tile, 72 % of the tiles within P, ~all within 2P); a block whose
@@ -1207,23 +1215,23 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   if (block_splat) note_tiled_steps(iterations);
   if (!block_slice) slice();  // q = softmax(-U) (block_slice: in the first step's blocks)
   for (int64_t it = 0; it < iterations; ++it) {
-    if (block_splat) {
+    if (block_splat) {  // the splat (kernels 2 and 3: the slice too), one block per tile
       block_step();
-      exec.for_each_item(B, reduce.total(), W, reduce, 256);
     } else if (counted) {
       exec.for_each_counted(B, s_splat.totals, 0, s_splat.cap, W / V, csplat, 256);
+    } else if (fuse) {  // the chunk sums too
+      exec.for_each_item(B, splat_sums.total(), W / V, splat_sums, 256);
+    } else {
+      exec.for_each_item(B, splat.total(), W / V, splat, 256);
+    }
+    if (counted) {
       exec.for_each_counted(B, s_reduce.totals, 0, s_reduce.cap, W, creduce, 256);
       for (size_t k = 0; k < cblur.size(); ++k)
         exec.for_each_counted(B, s_blur[k].totals, 0, s_blur[k].cap, W / VR, cblur[k], 256);
       for (size_t k = 0; k < cblur2.size(); ++k)
         exec.for_each_counted(B, s_blur2[k].totals, 0, s_blur2[k].cap, W / VR, cblur2[k], 256);
-    } else if (fuse) {
-      exec.for_each_item(B, splat_sums.total(), W / V, splat_sums, 256);
     } else {
-      exec.for_each_item(B, splat.total(), W / V, splat, 256);
-      exec.for_each_item(B, reduce.total(), W, reduce, 256);
-    }
-    if (!counted) {
+      if (!fuse) exec.for_each_item(B, reduce.total(), W, reduce, 256);
       for (const auto& bj : blur) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
       for (const auto& bj : blur2) exec.for_each_item(B, bj.total(), W / VR, bj, 256);
     }
