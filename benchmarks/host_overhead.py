@@ -36,10 +36,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import rrm_cuda
-import rrm_cuda._validate as V
-import rrm_cuda.functional as FN
-from rrm_cuda.rrm import pseudo_labels as PL
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks.energy_bench
+import rrm_cuda  # noqa: E402
+import rrm_cuda._validate as V  # noqa: E402
+import rrm_cuda.functional as FN  # noqa: E402
+from rrm_cuda.rrm import pseudo_labels as PL  # noqa: E402
 
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim"}
 _HOST = "_rrm_host"
