@@ -56,6 +56,88 @@ def test_densecrf2d_matches_pydensecrf(compat, norm):
     assert (outs[1].argmax(0) == outs[0].argmax(0)).mean() >= 0.999
 
 
+@pytest.mark.parametrize("norm", ["NORMALIZE_SYMMETRIC", "NORMALIZE_AFTER", "NORMALIZE_BEFORE", "NO_NORMALIZATION"])
+def test_step_inference_matches_pydensecrf(norm):
+    # pydensecrf's step-wise API (startInference, stepInference, klDivergence, as in its README's KL
+    # loop) on a photograph: each step's Q and the KL divergence before it against pydensecrf2, for
+    # Potts, per-label and full compatibilities; k steps give inference(k)
+    img = photo("chelsea", (60, 80))
+    L = 4
+    probs = smooth_probs(L, 60, 80, seed=2)
+    rng = np.random.default_rng(1)
+    for compat in (5.0, rng.uniform(-3, 0, L).astype(np.float32), rng.uniform(-2, 2, (L, L)).astype(np.float32)):
+        runs = []
+        for mod, utils in ((pdcrf, putils), (rdcrf, rutils)):
+            d = mod.DenseCRF2D(80, 60, L)
+            d.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(probs)))
+            d.addPairwiseGaussian(sxy=3, compat=3, normalization=getattr(mod, norm))
+            d.addPairwiseBilateral(sxy=(60, 70), srgb=13, rgbim=img, compat=compat, normalization=getattr(mod, norm))
+            Q, tmp1, tmp2 = d.startInference()
+            kls, qs = [], [np.array(Q).copy()]
+            for _ in range(5):
+                kls.append(d.klDivergence(Q))
+                d.stepInference(Q, tmp1, tmp2)
+                qs.append(np.array(Q).copy())
+            runs.append((np.array(kls), qs, np.array(d.inference(5))))
+        (kl0, q0, _), (kl1, q1, inf1) = runs
+        np.testing.assert_allclose(kl1, kl0, rtol=1e-4)
+        assert not np.allclose(kl1[0], kl1[-1])  # the steps moved Q
+        for a, b in zip(q0, q1):
+            assert b.dtype == np.float32 and b.shape == (L, 60 * 80)
+            assert np.abs(a - b).max() < 1e-3
+            assert (a.argmax(0) == b.argmax(0)).mean() >= 0.999
+        # the same steps summed in another order (unnormalised messages are ~100x larger)
+        np.testing.assert_allclose(q1[-1], inf1, rtol=0, atol=1e-4 if norm == "NO_NORMALIZATION" else 1e-5)
+
+
+def test_step_inference_bad_inputs():
+    d = rdcrf.DenseCRF2D(8, 6, 3)
+    with pytest.raises(ValueError, match="setUnaryEnergy must be called"):
+        d.startInference()
+    d.setUnaryEnergy(np.zeros((3, 48), np.float32))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    Q, tmp1, tmp2 = d.startInference()
+    np.testing.assert_allclose(Q, 1 / 3)
+    with pytest.raises(TypeError, match="Q must be the float32 array startInference returned; got list"):
+        d.stepInference(Q.tolist(), tmp1, tmp2)
+    with pytest.raises(ValueError, match=r"Q must be a writable float32 array of shape \(M, N\) = \(3, 48\); got f"):
+        d.stepInference(Q.astype(np.float64), tmp1, tmp2)
+    with pytest.raises(ValueError, match=r"Q must be .*; got float32 \(3, 40\)"):
+        d.stepInference(Q[:, :40].copy(), tmp1, tmp2)
+    ro = Q.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        d.stepInference(ro, tmp1, tmp2)
+    bad = Q.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="Q contains NaN or Inf"):
+        d.stepInference(bad, tmp1, tmp2)
+    with pytest.raises(ValueError, match="Q contains NaN or Inf"):
+        d.klDivergence(bad)
+    with pytest.raises(ValueError, match=r"Q must have shape \(M, N\) = \(3, 48\)"):
+        d.klDivergence(Q[:2])
+    np.testing.assert_allclose(Q, 1 / 3)  # nothing was written by the failed calls
+
+
+@pytest.mark.cuda
+def test_step_inference_on_cuda_equals_cpu(cuda):
+    img = photo("chelsea", (60, 80))
+    probs = smooth_probs(4, 60, 80, seed=3)
+    out = []
+    for dev in ("cpu", cuda):
+        d = rdcrf.DenseCRF2D(80, 60, 4, device=dev)
+        d.setUnaryEnergy(np.ascontiguousarray(rutils.unary_from_softmax(probs)))
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=60, srgb=13, rgbim=img, compat=5)
+        Q, tmp1, tmp2 = d.startInference()
+        kl = d.klDivergence(Q)
+        for _ in range(3):
+            d.stepInference(Q, tmp1, tmp2)
+        out.append((kl, Q))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-5)
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=0, atol=1e-5)
+
+
 def test_gaussian_term_uses_the_lattice_cache():
     # addPairwiseGaussian with one sxy takes rrm_cuda's cached position features (the same float32
     # divisions as pydensecrf's), whose lattice the op keeps: images of a size share it across CRFs

@@ -1,6 +1,9 @@
 """Drop-in for ``pydensecrf.densecrf``: ``DenseCRF``, ``DenseCRF2D`` and the kernel / normalisation
 constants, numpy in and out, with pydensecrf's semantics (checked against pydensecrf2 in the tests).
 
+Step-wise inference (``startInference``, ``stepInference``, ``klDivergence``) filters Q through the
+terms' lattices per call; ``inference(n)`` runs n steps in one op and is the fast path.
+
 Differences from pydensecrf, all additive: ``device=`` picks CPU or CUDA; inputs are validated with
 errors that name the argument; any number of labels and feature dimensions up to 16. Parameter
 learning (``kernel`` types other than the diagonal one only matter there) is not offered;
@@ -79,6 +82,8 @@ class DenseCRF:
         # (features (D, N), compat, normalisation code, constant: the features are a cached tensor whose
         # lattice the op may keep across calls)
         self._terms: list[tuple[torch.Tensor, object, int, bool]] = []
+        self._norm_cache: dict[tuple[int, int], torch.Tensor] = {}  # (term, normalisation) -> n (stepInference)
+        self._last_messages: tuple[int, np.ndarray, list[torch.Tensor]] | None = None  # (terms, Q, messages)
 
     # -- unary ------------------------------------------------------------------------------
     def setUnaryEnergy(self, unary, feat=None) -> None:  # noqa: N802 (pydensecrf's name)
@@ -151,6 +156,89 @@ class DenseCRF:
             u, feats, torch.stack(compats), diags, norms, iterations, keep if any(keep) else []
         )
         return q[0].cpu().numpy()
+
+    # -- step-wise inference (pydensecrf's startInference / stepInference / klDivergence) ---------
+    def startInference(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: N802
+        """``(Q, tmp1, tmp2)``: Q = softmax(−unary) as a float32 (M, N) array, for :meth:`stepInference`
+        and :meth:`klDivergence`; tmp1 and tmp2 are pydensecrf's work matrices, kept for its
+        signature (empty, as pydensecrf2's stay). pydensecrf returns ``MatrixXf`` objects;
+        ``np.array(Q)`` works on either."""
+        q = self.inference(0)
+        empty = np.zeros((0, 0), np.float32)
+        return q, empty, empty.copy()
+
+    def stepInference(self, Q, tmp1=None, tmp2=None) -> None:  # noqa: N802
+        """One mean-field step from ``Q``, in place, as pydensecrf's: ``Q = softmax(−unary − Σ_k C_k K_k Q)``
+        over the labels (C_k the term's compatibility, K_k its normalised lattice filter). ``Q``: the
+        writable float32 (M, N) array of :meth:`startInference`; ``tmp1``, ``tmp2`` are not used.
+
+        Each call filters Q through every term's lattice (``permutohedral_filter``, its lattice built
+        per call; the normalisers are computed once), so :meth:`inference` is the faster way to run
+        several steps."""
+        if not isinstance(Q, np.ndarray):
+            raise TypeError(f"Q must be the float32 array startInference returned; got {type(Q).__name__}")
+        if Q.dtype != np.float32 or Q.shape != (self.M, self.N) or not Q.flags.writeable:
+            raise ValueError(
+                f"Q must be a writable float32 array of shape (M, N) = ({self.M}, {self.N}); got {Q.dtype} "
+                f"{Q.shape}{'' if Q.flags.writeable else ', read-only'}"
+            )
+        q = self._q_tensor(Q)
+        acc = -self._unary.to(self.device)
+        for msg in self._messages(Q, q):
+            acc = acc - msg
+        Q[...] = torch.softmax(acc, 0).cpu().numpy()
+
+    def klDivergence(self, Q) -> float:  # noqa: N802
+        """pydensecrf's KL divergence of ``Q`` (up to a constant): ``Σ Q log max(Q, 1e-20) + Σ unary Q
+        + Σ_k Σ Q C_k K_k Q``, accumulated in float64."""
+        Q = np.asarray(Q)
+        q = self._q_tensor(Q)
+        kl = (q.double() * q.clamp_min(1e-20).log().double()).sum()
+        kl = kl + (self._unary.to(self.device).double() * q.double()).sum()
+        for msg in self._messages(Q, q):
+            kl = kl + (q.double() * msg.double()).sum()
+        return float(kl)
+
+    def _q_tensor(self, q: np.ndarray) -> torch.Tensor:
+        if self._unary is None:
+            raise ValueError("setUnaryEnergy must be called before inference")
+        if q.shape != (self.M, self.N):
+            raise ValueError(f"Q must have shape (M, N) = ({self.M}, {self.N}); got {q.shape}")
+        if not np.isfinite(q).all():
+            raise ValueError("Q contains NaN or Inf")
+        return torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32)).to(self.device)
+
+    def _messages(self, Q: np.ndarray, q: torch.Tensor) -> list[torch.Tensor]:
+        """Each active term's message ``C K Q`` (M, N): the term's lattice filter of Q with its
+        normalisation (symmetric: n^-1/2 before and after; after / before: 1/n; n = K 1 + 1e-20, as the
+        dense_crf op computes it, cached per term) and its energy-convention compatibility C. The
+        last Q's messages are kept: pydensecrf's loop asks klDivergence(Q), then stepInference(Q)."""
+        last = self._last_messages
+        if last is not None and last[0] == len(self._terms) and np.array_equal(last[1], Q):
+            return last[2]
+        msgs = list(self._filter_terms(q))
+        self._last_messages = (len(self._terms), np.array(Q, dtype=np.float32, copy=True), msgs)
+        return msgs
+
+    def _filter_terms(self, q: torch.Tensor):
+        cache = self._norm_cache
+        for i, (f, c, code, _) in enumerate(self._terms):
+            cm = F._compat_matrix(c, self.M, "compat", torch.float32, self.device)
+            if cm is None:
+                continue
+            fd = f.to(self.device).unsqueeze(0)
+            if code != 3 and (i, code) not in cache:
+                n = torch.ops.rrm_cuda.permutohedral_filter(torch.ones(1, 1, self.N, device=self.device), fd, False)
+                n = n[0, 0].double() + 1e-20
+                cache[(i, code)] = (n.rsqrt() if code == 0 else n.reciprocal()).float()
+            norm = cache.get((i, code))
+            pre = norm if code in (0, 2) else None
+            post = norm if code in (0, 1) else None
+            v = q * pre if pre is not None else q
+            k = torch.ops.rrm_cuda.permutohedral_filter(v.unsqueeze(0).contiguous(), fd, False)[0]
+            if post is not None:
+                k = k * post
+            yield cm[0] @ k
 
 
 class DenseCRF2D(DenseCRF):
