@@ -82,7 +82,10 @@ class DenseCRF:
         # (features (D, N), compat, normalisation code, constant: the features are a cached tensor whose
         # lattice the op may keep across calls)
         self._terms: list[tuple[torch.Tensor, object, int, bool]] = []
-        self._norm_cache: dict[tuple[int, int], torch.Tensor] = {}  # (term, normalisation) -> n (stepInference)
+        # stepInference / klDivergence: per term, its features, compatibility matrix and normalisers on the
+        # device (made once: terms never change); the unary on the device; the last Q's messages
+        self._step_terms: dict[int, tuple] = {}
+        self._step_unary: tuple[torch.Tensor, torch.Tensor] | None = None  # (host unary, its device copy)
         self._last_messages: tuple[int, np.ndarray, list[torch.Tensor]] | None = None  # (terms, Q, messages)
 
     # -- unary ------------------------------------------------------------------------------
@@ -183,20 +186,20 @@ class DenseCRF:
                 f"{Q.shape}{'' if Q.flags.writeable else ', read-only'}"
             )
         q = self._q_tensor(Q)
-        acc = -self._unary.to(self.device)
+        acc = -self._device_unary()
         for msg in self._messages(Q, q):
             acc = acc - msg
         Q[...] = torch.softmax(acc, 0).cpu().numpy()
 
     def klDivergence(self, Q) -> float:  # noqa: N802
         """pydensecrf's KL divergence of ``Q`` (up to a constant): ``Σ Q log max(Q, 1e-20) + Σ unary Q
-        + Σ_k Σ Q C_k K_k Q``, accumulated in float64."""
+        + Σ_k Σ Q C_k K_k Q``, float32 products summed in float64 (as densecrf sums them)."""
         Q = np.asarray(Q)
         q = self._q_tensor(Q)
-        kl = (q.double() * q.clamp_min(1e-20).log().double()).sum()
-        kl = kl + (self._unary.to(self.device).double() * q.double()).sum()
+        kl = (q * q.clamp_min(1e-20).log()).sum(dtype=torch.float64)
+        kl = kl + (self._device_unary() * q).sum(dtype=torch.float64)
         for msg in self._messages(Q, q):
-            kl = kl + (q.double() * msg.double()).sum()
+            kl = kl + (q * msg).sum(dtype=torch.float64)
         return float(kl)
 
     def _q_tensor(self, q: np.ndarray) -> torch.Tensor:
@@ -220,25 +223,32 @@ class DenseCRF:
         self._last_messages = (len(self._terms), np.array(Q, dtype=np.float32, copy=True), msgs)
         return msgs
 
+    def _device_unary(self) -> torch.Tensor:
+        if self._step_unary is None or self._step_unary[0] is not self._unary:  # set anew: copied anew
+            self._step_unary = (self._unary, self._unary.to(self.device))
+        return self._step_unary[1]
+
     def _filter_terms(self, q: torch.Tensor):
-        cache = self._norm_cache
         for i, (f, c, code, _) in enumerate(self._terms):
-            cm = F._compat_matrix(c, self.M, "compat", torch.float32, self.device)
-            if cm is None:
+            if i not in self._step_terms:
+                cm = F._compat_matrix(c, self.M, "compat", torch.float32, self.device)
+                fd = f.to(self.device).unsqueeze(0)
+                norm = None
+                if cm is not None and code != 3:
+                    n = torch.ops.rrm_cuda.permutohedral_filter(torch.ones(1, 1, self.N, device=self.device), fd, False)
+                    n = n[0, 0].double() + 1e-20
+                    norm = (n.rsqrt() if code == 0 else n.reciprocal()).float()
+                pre = norm if code in (0, 2) else None
+                post = norm if code in (0, 1) else None
+                self._step_terms[i] = (fd, None if cm is None else cm[0], pre, post)
+            fd, C, pre, post = self._step_terms[i]
+            if C is None:  # the term is switched off
                 continue
-            fd = f.to(self.device).unsqueeze(0)
-            if code != 3 and (i, code) not in cache:
-                n = torch.ops.rrm_cuda.permutohedral_filter(torch.ones(1, 1, self.N, device=self.device), fd, False)
-                n = n[0, 0].double() + 1e-20
-                cache[(i, code)] = (n.rsqrt() if code == 0 else n.reciprocal()).float()
-            norm = cache.get((i, code))
-            pre = norm if code in (0, 2) else None
-            post = norm if code in (0, 1) else None
             v = q * pre if pre is not None else q
             k = torch.ops.rrm_cuda.permutohedral_filter(v.unsqueeze(0).contiguous(), fd, False)[0]
             if post is not None:
                 k = k * post
-            yield cm[0] @ k
+            yield C @ k
 
 
 class DenseCRF2D(DenseCRF):
