@@ -117,6 +117,13 @@ def test_step_inference_bad_inputs():
     with pytest.raises(ValueError, match=r"Q must have shape \(M, N\) = \(3, 48\)"):
         d.klDivergence(Q[:2])
     np.testing.assert_allclose(Q, 1 / 3)  # nothing was written by the failed calls
+    d.stepInference(Q, tmp1, tmp2)
+    # a new unary is used by the next step (the shim keeps a device copy of the old one)
+    u = np.random.default_rng(0).uniform(0, 3, (3, 48)).astype(np.float32)
+    d.setUnaryEnergy(u)
+    Q, tmp1, tmp2 = d.startInference()
+    d.stepInference(Q, tmp1, tmp2)
+    np.testing.assert_allclose(Q, d.inference(1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.cuda
