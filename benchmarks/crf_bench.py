@@ -63,6 +63,25 @@ def pydensecrf_run(probs: np.ndarray, img: np.ndarray, iters: int):
     return np.array(d.inference(iters)).reshape(L, H, W)
 
 
+def kl_loop(module: str, probs: np.ndarray, img: np.ndarray, steps: int) -> np.ndarray:
+    """pydensecrf's step-wise KL loop (its README): ``klDivergence(Q)`` then ``stepInference(Q)``,
+    ``steps`` times, with pydensecrf (module "pydensecrf") or rrm_cuda's drop-in ("rrm_cuda.compat.pydensecrf")."""
+    import importlib
+
+    dcrf = importlib.import_module(module + ".densecrf")
+    unary_from_softmax = importlib.import_module(module + ".utils").unary_from_softmax
+    L, H, W = probs.shape
+    d = dcrf.DenseCRF2D(W, H, L)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    d.addPairwiseGaussian(**GAUSS)
+    d.addPairwiseBilateral(rgbim=img, **BIL)
+    Q, tmp1, tmp2 = d.startInference()
+    for _ in range(steps):
+        d.klDivergence(Q)
+        d.stepInference(Q, tmp1, tmp2)
+    return np.array(Q).reshape(L, H, W)
+
+
 def ours(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
     return rrm_cuda.dense_crf(
         probs=probs,
@@ -241,6 +260,28 @@ def main() -> None:
                 rows.append(Row(wl, name, med, iqr, None, "cuda"))
             except (Exception, SystemExit) as exc:
                 print(f"   CUDA graph tiled row failed: {exc!r}", flush=True)
+    # pydensecrf's step-wise API (the KL loop of its README) through the drop-in shim: one
+    # permutohedral_filter per term and step (lattices kept), against pydensecrf2's same loop
+    H, W = (120, 160) if args.quick else (375, 500)
+    wl = f"{W}x{H} coffee, L={L}, KL loop x{iters}"  # klDivergence + stepInference, {iters} times
+    print(f"== {wl}", flush=True)
+    img, probs_np = photo("coffee", H, W), scores(L, H, W, seed=0)
+    ref_q = kl_loop("pydensecrf", probs_np, img, iters) if have_pydensecrf else None
+    if have_pydensecrf:
+        med, iqr = time_fn(lambda: kl_loop("pydensecrf", probs_np, img, iters), torch.device("cpu"), mrt)
+        rows.append(Row(wl, "pydensecrf2 (1 thread)", med, iqr, 1))
+    for n in [] if args.skip_cpu else sorted({1, n_all}):
+        with threads(n):
+            q = kl_loop("rrm_cuda.compat.pydensecrf", probs_np, img, iters)
+            if ref_q is not None:
+                agree = float((q.argmax(0) == ref_q.argmax(0)).mean())
+                print(f"   drop-in shim {n} thread(s): labels agree with pydensecrf2 on {100 * agree:.3f}% of pixels")
+                if agree < 0.999:
+                    raise SystemExit(f"the drop-in's KL loop disagrees with pydensecrf2 on {wl}")
+            med, iqr = time_fn(
+                lambda: kl_loop("rrm_cuda.compat.pydensecrf", probs_np, img, iters), torch.device("cpu"), mrt
+            )
+        rows.append(Row(wl, f"rrm_cuda drop-in shim, CPU ({n} thread{'s' if n > 1 else ''})", med, iqr, n))
     baseline = "pydensecrf2 (1 thread)" if have_pydensecrf else None
     print()
     print_table(rows, baseline)

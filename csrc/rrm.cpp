@@ -33,9 +33,14 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // values (B, C, N), features (B, d, N) already divided by their standard deviations ->
   // (B, C, N): out_i = alpha * sum_p w_ip (B_d..B_0 splat(values))_p ~ sum_j exp(-|f_i - f_j|^2 / 2) v_j.
   // reverse=True blurs the axes in reverse order: the exact adjoint (transpose) of reverse=False.
-  m.def("permutohedral_filter(Tensor values, Tensor features, bool reverse=False) -> Tensor", host_sync());
+  // cache=True: features is a constant tensor (never changed in place outside autograd's view); its
+  // lattice is kept for later calls with the same tensor (csrc/lattice/lattice_cache.h).
+  m.def("permutohedral_filter(Tensor values, Tensor features, bool reverse=False, bool cache=False) -> Tensor",
+        host_sync());
   // CPU only, for tests: the CUDA launch decomposition emulated serially in reverse thread order.
-  m.def("_permutohedral_filter_emulated(Tensor values, Tensor features, bool reverse=False) -> Tensor");
+  m.def(
+      "_permutohedral_filter_emulated(Tensor values, Tensor features, bool reverse=False, bool cache=False) -> "
+      "Tensor");
   // (B, d, N) -> (B,) int64: lattice points per image (occupancy diagnostics, memory planning).
   m.def("lattice_num_vertices(Tensor features) -> Tensor", host_sync());
   // Mean-field inference with densecrf's semantics. unary (B, L, N) energies; features T x (B_t, d_t, N)

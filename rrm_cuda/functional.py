@@ -96,7 +96,7 @@ def _check_lattice_features(
         _check_key_range(features, name, max(abs(rng[0]), abs(rng[1])))
 
 
-def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = False) -> Tensor:
+def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = False, cache: bool = False) -> Tensor:
     r"""Gaussian filtering on the permutohedral lattice, one lattice per image.
 
     ``out[b, :, i] ≈ Σ_j exp(-½‖f_i − f_j‖²) · values[b, :, j]`` with ``f = features[b, :, ·]``
@@ -109,6 +109,12 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
         values: (B, C, *S) floating tensor, any C >= 1.
         features: (B, d, *S) positions, 1 <= d <= 16, same spatial size as ``values``.
         reverse: blur the axes in reverse order (the adjoint of the forward filter).
+        cache: ``features`` is a tensor you will not change: its lattice is built at the first call
+            and kept for later calls with this very tensor (filtering many signals over one image,
+            step-wise mean field), and by the backward. Kept per storage, shape, strides and
+            version, so an in-place change of ``features`` builds anew; only a contiguous tensor of
+            the compute dtype is kept (any other is converted anew by every call). See
+            ``rrm_cuda.lattice_cache_info`` / ``set_lattice_cache_capacity`` / ``clear_lattice_cache``.
 
     Returns:
         (B, C, *S) tensor of ``values``' dtype (fp16/bf16 are computed in fp32).
@@ -138,8 +144,9 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
     _check_lattice_features(f, "features", C, dtype)
     V.check_finite(values, "values")
     v = _flat(values).to(dtype)
+    keep = cache and features.is_contiguous() and features.dtype == dtype  # f is then a view of features
     f = f.to(dtype)
-    out = ops.permutohedral_filter(v, f, reverse)
+    out = ops.permutohedral_filter(v, f, reverse, keep)
     return out.reshape(values.shape).to(values.dtype)
 
 

@@ -10,14 +10,15 @@ from . import functional as F
 
 
 class PermutohedralFilter(nn.Module):
-    """Module form of :func:`rrm_cuda.permutohedral_filter` (no parameters)."""
+    """Module form of :func:`rrm_cuda.permutohedral_filter` (no parameters; ``cache`` as there)."""
 
-    def __init__(self, reverse: bool = False) -> None:
+    def __init__(self, reverse: bool = False, cache: bool = False) -> None:
         super().__init__()
         self.reverse = reverse
+        self.cache = cache
 
     def forward(self, values: Tensor, features: Tensor) -> Tensor:
-        return F.permutohedral_filter(values, features, reverse=self.reverse)
+        return F.permutohedral_filter(values, features, reverse=self.reverse, cache=self.cache)
 
 
 class DenseCRF(nn.Module):

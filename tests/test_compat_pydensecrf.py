@@ -90,6 +90,31 @@ def test_step_inference_matches_pydensecrf(norm):
         np.testing.assert_allclose(q1[-1], inf1, rtol=0, atol=1e-4 if norm == "NO_NORMALIZATION" else 1e-5)
 
 
+def test_step_inference_builds_each_lattice_once():
+    # the step-wise API keeps each term's lattice (permutohedral_filter's cache=True): the
+    # normaliser and every later step reuse it; the steps equal inference(k)
+    import rrm_cuda
+
+    img = photo("chelsea", (30, 40))
+    d = rdcrf.DenseCRF2D(40, 30, 3)
+    d.setUnaryEnergy(np.ascontiguousarray(rutils.unary_from_softmax(smooth_probs(3, 30, 40, seed=5))))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=img, compat=np.array([-4.0, -5.0, -6.0], np.float32))
+    d.addPairwiseEnergy(np.ones((2, 1200), np.float32), compat=0)  # switched off: never filtered
+    rrm_cuda.clear_lattice_cache()
+    try:
+        Q, tmp1, tmp2 = d.startInference()
+        for _ in range(4):
+            d.klDivergence(Q)
+            d.stepInference(Q, tmp1, tmp2)
+        info = rrm_cuda.lattice_cache_info()
+        # two builds; per term: the normaliser's filter and 4 steps' reuse the lattice
+        assert info["misses"] == 2 and info["entries"] == 2 and info["hits"] == 8
+    finally:
+        rrm_cuda.clear_lattice_cache()
+    np.testing.assert_allclose(Q, d.inference(4), rtol=0, atol=1e-5)
+
+
 def test_step_inference_bad_inputs():
     d = rdcrf.DenseCRF2D(8, 6, 3)
     with pytest.raises(ValueError, match="setUnaryEnergy must be called"):

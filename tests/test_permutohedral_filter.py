@@ -404,6 +404,85 @@ def test_autograd_function_form():
     torch.testing.assert_close(v.grad, ops.permutohedral_filter(torch.ones_like(v), f, True))
 
 
+# ---- the lattice cache (cache=True) -------------------------------------------------------------
+@pytest.fixture
+def lattice_cache():
+    rrm_cuda.clear_lattice_cache()
+    rrm_cuda.set_lattice_cache_capacity(8)
+    yield
+    rrm_cuda.clear_lattice_cache()
+    rrm_cuda.set_lattice_cache_capacity(8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cached_lattice_gives_the_same_bits(lattice_cache, dtype):
+    # cache=True: the first call builds and keeps the lattice, later calls (other values, either
+    # blur order, the backward) reuse it with the bits of a fresh build; one entry per executor.
+    v, f = _inputs(B=2, C=4, N=180, d=5, dtype=dtype, seed=4)
+    w = torch.randn_like(v)
+    for op in (ops.permutohedral_filter, ops._permutohedral_filter_emulated):
+        for rev in (False, True):
+            for x in (v, w):
+                fresh = op(x, f, rev)
+                for _ in range(2):
+                    torch.testing.assert_close(op(x, f, rev, True), fresh, rtol=0, atol=0)
+    info = rrm_cuda.lattice_cache_info()
+    assert info["entries"] == 2 and info["misses"] == 2 and info["hits"] == 14 and info["bytes"] > 0
+    # the public API and its backward (the adjoint reuses the forward's entry)
+    vg = v.clone().requires_grad_()
+    out = rrm_cuda.permutohedral_filter(vg, f, cache=True)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, ops.permutohedral_filter(v, f), rtol=0, atol=0)
+    torch.testing.assert_close(vg.grad, ops.permutohedral_filter(w, f, True), rtol=0, atol=0)
+    assert rrm_cuda.lattice_cache_info()["hits"] == 16
+    # a lattice dense_crf keeps for the same tensor is the filter's too (one build per executor)
+    rrm_cuda.clear_lattice_cache()
+    u = torch.randn(2, 3, 180, dtype=dtype)
+    c = -torch.eye(3, dtype=dtype)[None]
+    ops.dense_crf(u, [f], c, [True], [0], 2, [True])
+    assert torch.equal(ops.permutohedral_filter(v, f, False, True), ops.permutohedral_filter(v, f))
+    assert rrm_cuda.lattice_cache_info()["misses"] == 1
+
+
+def test_cached_filter_sees_in_place_changes_and_keeps_only_what_it_can(lattice_cache):
+    v, f = _inputs(B=1, C=3, N=120, d=3, seed=6)
+    for op in (ops.permutohedral_filter, ops._permutohedral_filter_emulated):
+        first = op(v, f, False, True)
+        f.mul_(1.3)  # a new version of the tensor: its kept lattice is not used
+        got = op(v, f, False, True)
+        torch.testing.assert_close(got, op(v, f.clone()), rtol=0, atol=0)
+        assert not torch.equal(got, first)
+        f.div_(1.3)
+    # a non-contiguous tensor is never kept (contiguous() copies it every call)
+    rrm_cuda.clear_lattice_cache()
+    ft = torch.randn(1, 120, 3, dtype=torch.float64).transpose(1, 2)
+    torch.testing.assert_close(ops.permutohedral_filter(v, ft, False, True), ops.permutohedral_filter(v, ft))
+    # the public API keeps a lattice only for features it passes on unconverted
+    rrm_cuda.permutohedral_filter(v, f.float(), cache=True)  # float32 features, float64 values: converted
+    rrm_cuda.permutohedral_filter(v.reshape(1, 3, 10, 12), f.reshape(1, 3, 10, 12), cache=True)
+    rrm_cuda.permutohedral_filter(v.reshape(1, 3, 10, 12), f.reshape(1, 3, 10, 12), cache=True)
+    assert rrm_cuda.lattice_cache_info()["entries"] == 1 and rrm_cuda.lattice_cache_info()["hits"] == 1
+    # capacity 0: nothing kept, the same results
+    rrm_cuda.set_lattice_cache_capacity(0)
+    assert torch.equal(ops.permutohedral_filter(v, f, False, True), ops.permutohedral_filter(v, f))
+    assert rrm_cuda.lattice_cache_info()["entries"] == 0
+    # the module form passes the flag on
+    rrm_cuda.set_lattice_cache_capacity(8)
+    rrm_cuda.clear_lattice_cache()
+    m = rrm_cuda.PermutohedralFilter(cache=True)
+    torch.testing.assert_close(m(v, f), m(v, f), rtol=0, atol=0)
+    assert rrm_cuda.lattice_cache_info()["entries"] == 1 and rrm_cuda.lattice_cache_info()["hits"] == 1
+
+
+def test_cached_filter_gradcheck(lattice_cache):
+    v, f = _inputs(B=2, C=2, N=30, d=3)
+    v.requires_grad_(True)
+    for rev in (False, True):
+        fn = lambda x: rrm_cuda.permutohedral_filter(x, f, reverse=rev, cache=True)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (v,), fast_mode=True)
+    assert rrm_cuda.lattice_cache_info()["hits"] > 0
+
+
 # ---- opcheck ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("args", [(2, 3, 50, 2, False), (1, 1, 20, 5, True), (3, 4, 10, 1, False)])
 def test_opcheck(args):
@@ -411,6 +490,7 @@ def test_opcheck(args):
     v, f = _inputs(B=B, C=C, N=N, d=d)
     v.requires_grad_(True)
     torch.library.opcheck(ops.permutohedral_filter, (v, f, rev))
+    torch.library.opcheck(ops.permutohedral_filter, (v, f, rev, True))
     torch.library.opcheck(ops.lattice_num_vertices, (f,), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -492,6 +572,29 @@ def test_cuda_matches_cpu(cuda):
                 b = ops.permutohedral_filter(v.to(cuda), f.to(cuda), rev).cpu()
                 tol = 1e-5 if dtype == torch.float32 else 1e-12
                 torch.testing.assert_close(b, a, rtol=tol, atol=tol * float(a.abs().max()))
+
+
+@pytest.mark.cuda
+def test_cuda_cached_filter(cuda, lattice_cache):
+    # cache=True on the device: a fresh build's bits (forward, reverse, backward), one entry per
+    # stream, and the step-wise pydensecrf API building each term's lattice once
+    v, f = _inputs(B=2, C=21, N=20000, d=5, dtype=torch.float32)
+    v, f = v.to(cuda), f.to(cuda)
+    for rev in (False, True):
+        fresh = ops.permutohedral_filter(v, f, rev)
+        for _ in range(2):
+            assert torch.equal(ops.permutohedral_filter(v, f, rev, True), fresh), rev
+    vg = v.clone().requires_grad_()
+    rrm_cuda.permutohedral_filter(vg, f, cache=True).sum().backward()
+    assert torch.equal(vg.grad, ops.permutohedral_filter(torch.ones_like(v), f, True))
+    info = rrm_cuda.lattice_cache_info()
+    assert info["entries"] == 1 and info["hits"] == 5
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = ops.permutohedral_filter(v, f, False, True)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, ops.permutohedral_filter(v, f)) and rrm_cuda.lattice_cache_info()["entries"] == 2
 
 
 @pytest.mark.cuda

@@ -19,7 +19,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using FilterSig = at::Tensor(const at::Tensor&, const at::Tensor&, bool);
+using FilterSig = at::Tensor(const at::Tensor&, const at::Tensor&, bool, bool);
 using CrfSig = at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&, const c10::List<bool>&, at::IntArrayRef,
                           int64_t, const c10::List<bool>&);
 using CrfBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, at::TensorList,
@@ -43,22 +43,24 @@ const OpPair<CrfBackwardSig>& crf_backward_ops() {
 
 struct FilterFunction : public torch::autograd::Function<FilterFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& features, bool reverse,
-                               bool emulated) {
+                               bool cache, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = filter_ops().get(emulated).call(values, features, reverse);
+    at::Tensor out = filter_ops().get(emulated).call(values, features, reverse, cache);
     ctx->save_for_backward({features});
     ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["cache"] = cache;
     ctx->saved_data["emulated"] = emulated;
     return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(4);  // values only
+    variable_list out(5);  // values only
     const at::Tensor features = ctx->get_saved_variables()[0];
     // K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order
     out[0] = filter_ops()
                  .get(ctx->saved_data["emulated"].toBool())
-                 .call(grads[0].contiguous(), features, !ctx->saved_data["reverse"].toBool());
+                 .call(grads[0].contiguous(), features, !ctx->saved_data["reverse"].toBool(),
+                       ctx->saved_data["cache"].toBool());
     return out;
   }
 };
@@ -103,8 +105,8 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
 };
 
 template <bool kEmulated>
-at::Tensor filter_autograd(const at::Tensor& values, const at::Tensor& features, bool reverse) {
-  return FilterFunction::apply(values, features, reverse, kEmulated)[0];
+at::Tensor filter_autograd(const at::Tensor& values, const at::Tensor& features, bool reverse, bool cache) {
+  return FilterFunction::apply(values, features, reverse, cache, kEmulated)[0];
 }
 
 template <bool kEmulated>

@@ -10,16 +10,16 @@ namespace rrm {
 namespace lattice {
 namespace {
 
-at::Tensor filter_cpu(const at::Tensor& values, const at::Tensor& features, bool reverse) {
+at::Tensor filter_cpu(const at::Tensor& values, const at::Tensor& features, bool reverse, bool cache) {
   check_filter_args(values, features);
   // One image at a time: the parallelism is inside each image, the workspace stays small.
-  return permutohedral_filter(CpuExec{}, values, features, reverse, /*chunk=*/1);
+  return permutohedral_filter(CpuExec{}, values, features, reverse, /*chunk=*/1, cache);
 }
 
-at::Tensor filter_emulated(const at::Tensor& values, const at::Tensor& features, bool reverse) {
+at::Tensor filter_emulated(const at::Tensor& values, const at::Tensor& features, bool reverse, bool cache) {
   check_filter_args(values, features);
   // The CUDA launcher processes the whole batch as one chunk; so does its emulation.
-  return permutohedral_filter(EmulatedCudaExec{}, values, features, reverse, values.size(0));
+  return permutohedral_filter(EmulatedCudaExec{}, values, features, reverse, values.size(0), cache);
 }
 
 std::vector<bool> to_vector(const c10::List<bool>& l) { return std::vector<bool>(l.begin(), l.end()); }

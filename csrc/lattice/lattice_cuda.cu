@@ -11,10 +11,10 @@ namespace rrm {
 namespace lattice {
 namespace {
 
-at::Tensor filter_cuda(const at::Tensor& values, const at::Tensor& features, bool reverse) {
+at::Tensor filter_cuda(const at::Tensor& values, const at::Tensor& features, bool reverse, bool cache) {
   check_filter_args(values, features);
   const c10::cuda::CUDAGuard guard(values.device());
-  return permutohedral_filter(CudaExec{}, values, features, reverse, values.size(0));
+  return permutohedral_filter(CudaExec{}, values, features, reverse, values.size(0), cache);
 }
 
 at::Tensor crf_cuda(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,

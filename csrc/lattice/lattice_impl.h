@@ -787,16 +787,34 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
 #endif
 
 // values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
+// keep: features is a constant tensor (never changed in place outside autograd's view), so its
+// lattice may come from, and go to, the lattice cache (lattice_cache.h), as dense_crf's cached terms
+// do: a contiguous tensor only, and never a counted lattice (sized for every possible vertex).
 template <class Exec>
 at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, const at::Tensor& features, bool reverse,
-                                int64_t chunk) {
+                                int64_t chunk, bool keep = false) {
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
-  // A counted lattice (use_counted): in a CUDA graph capture, or by knob. Its rows: the two blur
-  // buffers and the chunk sums.
-  const bool counted = use_counted(exec, B, chunk, N, features.size(1), 3 * C * values.element_size());
-  auto lat = build(exec, features.contiguous(), chunk, counted);
+  const bool cacheable = keep && features.is_contiguous();
+  const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, B));  // as crf_terms keys its entries
+  std::shared_ptr<CachedLattice> cached;
+  if (cacheable) cached = cache_find(features, Exec::kName, Exec::stream_id(), eff_chunk);
+  if (cached && cached->lat.chunk_tile != 0) cached.reset();  // a dense_crf entry cut by pixel tiles
+  Lattice lat;
+  if (cached) {
+    lat = cached->lat;
+  } else {
+    // A counted lattice (use_counted): in a CUDA graph capture, or by knob. Its rows: the two blur
+    // buffers and the chunk sums.
+    const bool counted = use_counted(exec, B, chunk, N, features.size(1), 3 * C * values.element_size());
+    lat = build(exec, features.contiguous(), chunk, counted);
+    if (cacheable && !counted) {
+      auto entry = std::make_shared<CachedLattice>();
+      entry->lat = lat;
+      cache_put(features, Exec::kName, Exec::stream_id(), eff_chunk, std::move(entry));
+    }
+  }
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
   FilterWorkspace ws;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter", [&] {

@@ -9,13 +9,13 @@ from .._ext import ops
 
 
 @torch.library.register_fake("rrm_cuda::permutohedral_filter")
-def _filter_fake(values, features, reverse=False):
+def _filter_fake(values, features, reverse=False, cache=False):
     torch._check(values.dim() == 3 and features.dim() == 3)
     return values.new_empty(values.shape)
 
 
 @torch.library.register_fake("rrm_cuda::_permutohedral_filter_emulated")
-def _filter_emulated_fake(values, features, reverse=False):
+def _filter_emulated_fake(values, features, reverse=False, cache=False):
     return values.new_empty(values.shape)
 
 
@@ -47,16 +47,17 @@ def _crf_backward_emulated_fake(
 
 
 def _filter_setup_context(ctx, inputs, output):
-    _, features, reverse = inputs
+    features, reverse = inputs[1], inputs[2]
     ctx.save_for_backward(features)
     ctx.reverse = reverse
+    ctx.cache = inputs[3] if len(inputs) > 3 else False
 
 
 def _filter_backward(ctx, grad):
     (features,) = ctx.saved_tensors
     # K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order.
-    grad_values = ops.permutohedral_filter(grad.contiguous(), features, not ctx.reverse)
-    return grad_values, None, None
+    grad_values = ops.permutohedral_filter(grad.contiguous(), features, not ctx.reverse, ctx.cache)
+    return grad_values, None, None, None
 
 
 # permutohedral_filter's and dense_crf's autograd is C++ (csrc/lattice/lattice_autograd.cpp: host time
@@ -68,8 +69,8 @@ class PermutohedralFilterFunction(torch.autograd.Function):
     differentiable; the backward is the exact adjoint: the same filter with the blur order reversed)."""
 
     @staticmethod
-    def forward(values, features, reverse=False):
-        return ops.permutohedral_filter(values, features, reverse)
+    def forward(values, features, reverse=False, cache=False):
+        return ops.permutohedral_filter(values, features, reverse, cache)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

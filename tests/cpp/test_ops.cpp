@@ -20,11 +20,11 @@ void expect(bool ok, const char* what) {
 int main() {
   auto filter = c10::Dispatcher::singleton()
                     .findSchemaOrThrow("rrm_cuda::permutohedral_filter", "")
-                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>();
+                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool, bool)>();
   // d = 1, one point at the origin: alpha * (1 + 1/4) * v = (2/3) * 1.25 * 3 = 2.5 (see the Python test).
   auto v = at::full({1, 1, 1}, 3.0, at::kDouble);
   auto f = at::zeros({1, 1, 1}, at::kDouble);
-  const double out = filter.call(v, f, false).item<double>();
+  const double out = filter.call(v, f, false, false).item<double>();
   expect(std::abs(out - 2.5) < 1e-12, "single point, d = 1");
 
   // Adjoint: <K x, y> == <x, K^T y> with K^T the reversed blur.
@@ -32,9 +32,12 @@ int main() {
   auto x = at::randn({2, 3, 200}, at::kDouble);
   auto y = at::randn({2, 3, 200}, at::kDouble);
   auto feats = at::randn({2, 5, 200}, at::kDouble) * 2;
-  const double lhs = (filter.call(x, feats, false) * y).sum().item<double>();
-  const double rhs = (x * filter.call(y, feats, true)).sum().item<double>();
+  const double lhs = (filter.call(x, feats, false, false) * y).sum().item<double>();
+  const double rhs = (x * filter.call(y, feats, true, false)).sum().item<double>();
   expect(std::abs(lhs - rhs) < 1e-9 * std::abs(lhs), "reverse blur is the exact adjoint");
+  // A kept lattice (cache = true) gives a fresh build's bits, at its first call and later.
+  for (int k = 0; k < 2; ++k)
+    expect(at::equal(filter.call(x, feats, false, true), filter.call(x, feats, false, false)), "cached lattice");
 
   auto crf = c10::Dispatcher::singleton()
                  .findSchemaOrThrow("rrm_cuda::dense_crf", "")
@@ -52,7 +55,7 @@ int main() {
 
   bool threw = false;
   try {
-    filter.call(v, at::zeros({2, 1, 1}, at::kDouble), false);
+    filter.call(v, at::zeros({2, 1, 1}, at::kDouble), false, false);
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("values (B, C, N) and features (B, d, N)") != std::string::npos;
   }

@@ -175,9 +175,9 @@ class DenseCRF:
         over the labels (C_k the term's compatibility, K_k its normalised lattice filter). ``Q``: the
         writable float32 (M, N) array of :meth:`startInference`; ``tmp1``, ``tmp2`` are not used.
 
-        Each call filters Q through every term's lattice (``permutohedral_filter``, its lattice built
-        per call; the normalisers are computed once), so :meth:`inference` is the faster way to run
-        several steps."""
+        Each call filters Q through every term's lattice (``permutohedral_filter``; the lattices and
+        normalisers are built at the first step and kept), one filter op per term: :meth:`inference`,
+        whose fused mean field does all terms in one pass, is the faster way to run several steps."""
         if not isinstance(Q, np.ndarray):
             raise TypeError(f"Q must be the float32 array startInference returned; got {type(Q).__name__}")
         if Q.dtype != np.float32 or Q.shape != (self.M, self.N) or not Q.flags.writeable:
@@ -186,20 +186,25 @@ class DenseCRF:
                 f"{Q.shape}{'' if Q.flags.writeable else ', read-only'}"
             )
         q = self._q_tensor(Q)
-        acc = -self._device_unary()
+        acc = self._device_unary().neg()
         for msg in self._messages(Q, q):
-            acc = acc - msg
-        Q[...] = torch.softmax(acc, 0).cpu().numpy()
+            acc.sub_(msg)
+        # densecrf's expAndNormalize: exp(x - max) over the labels, normalised (a reduction over
+        # dim 0 here, which torch.softmax does slowly on the CPU)
+        acc.sub_(acc.amax(0)).exp_()
+        acc.div_(acc.sum(0))
+        torch.from_numpy(Q).copy_(acc)
 
     def klDivergence(self, Q) -> float:  # noqa: N802
         """pydensecrf's KL divergence of ``Q`` (up to a constant): ``Σ Q log max(Q, 1e-20) + Σ unary Q
         + Σ_k Σ Q C_k K_k Q``, float32 products summed in float64 (as densecrf sums them)."""
         Q = np.asarray(Q)
         q = self._q_tensor(Q)
-        kl = (q * q.clamp_min(1e-20).log()).sum(dtype=torch.float64)
-        kl = kl + (self._device_unary() * q).sum(dtype=torch.float64)
+        # .double().sum(): on the CPU, sum(dtype=torch.float64) of a float32 tensor takes ~3x longer
+        kl = q.clamp_min(1e-20).log_().mul_(q).double().sum()
+        kl = kl + (self._device_unary() * q).double().sum()
         for msg in self._messages(Q, q):
-            kl = kl + (q * msg).sum(dtype=torch.float64)
+            kl = kl + (q * msg).double().sum()
         return float(kl)
 
     def _q_tensor(self, q: np.ndarray) -> torch.Tensor:
@@ -231,24 +236,37 @@ class DenseCRF:
     def _filter_terms(self, q: torch.Tensor):
         for i, (f, c, code, _) in enumerate(self._terms):
             if i not in self._step_terms:
-                cm = F._compat_matrix(c, self.M, "compat", torch.float32, self.device)
-                fd = f.to(self.device).unsqueeze(0)
-                norm = None
-                if cm is not None and code != 3:
-                    n = torch.ops.rrm_cuda.permutohedral_filter(torch.ones(1, 1, self.N, device=self.device), fd, False)
-                    n = n[0, 0].double() + 1e-20
-                    norm = (n.rsqrt() if code == 0 else n.reciprocal()).float()
-                pre = norm if code in (0, 2) else None
-                post = norm if code in (0, 1) else None
-                self._step_terms[i] = (fd, None if cm is None else cm[0], pre, post)
-            fd, C, pre, post = self._step_terms[i]
-            if C is None:  # the term is switched off
+                self._step_terms[i] = self._step_term(f, c, code)
+            fd, C, scale, pre = self._step_terms[i]
+            if fd is None:  # the term is switched off
                 continue
             v = q * pre if pre is not None else q
-            k = torch.ops.rrm_cuda.permutohedral_filter(v.unsqueeze(0).contiguous(), fd, False)[0]
-            if post is not None:
-                k = k * post
-            yield C @ k
+            k = torch.ops.rrm_cuda.permutohedral_filter(v.unsqueeze(0).contiguous(), fd, False, True)[0]
+            # a diagonal compatibility (Potts, per label): one multiply by diag(C) times the
+            # normaliser; a full matrix: C (post * k)
+            yield k.mul_(scale) if C is None else C @ k.mul_(scale)
+
+    def _step_term(self, f: torch.Tensor, c, code: int) -> tuple:
+        """A term's step-wise pieces, made once: its features on the device (copies, or the cached
+        positions: they never change, so the filter op keeps their lattice, cache=True), its full
+        compatibility matrix or None when diagonal, the scale applied after filtering ((L, N):
+        diag(C) times the normaliser, or (1, N) / (1, 1)) and the scale before (None or (1, N))."""
+        cm = F._compat_matrix(c, self.M, "compat", torch.float32, self.device)
+        if cm is None:
+            return None, None, None, None
+        C = cm[0]
+        fd = f.to(self.device).unsqueeze(0).contiguous()
+        norm = None
+        if code != 3:
+            n = torch.ops.rrm_cuda.permutohedral_filter(torch.ones(1, 1, self.N, device=self.device), fd, False, True)
+            n = n[0, 0].double() + 1e-20
+            norm = (n.rsqrt() if code == 0 else n.reciprocal()).float().unsqueeze(0)
+        pre = norm if code in (0, 2) else None
+        post = norm if code in (0, 1) else torch.ones(1, 1, device=self.device)
+        diag = C.diagonal()
+        if torch.equal(C, torch.diag(diag)):
+            return fd, None, (diag.unsqueeze(1) * post).contiguous(), pre
+        return fd, C, post, pre
 
 
 class DenseCRF2D(DenseCRF):
