@@ -45,6 +45,16 @@ class OpSpy:
 
 
 @pytest.fixture
+def lattice_cache():
+    """The lattice cache emptied, at its default capacity (8), before and after the test."""
+    rrm_cuda.clear_lattice_cache()
+    rrm_cuda.set_lattice_cache_capacity(8)
+    yield
+    rrm_cuda.clear_lattice_cache()
+    rrm_cuda.set_lattice_cache_capacity(8)
+
+
+@pytest.fixture
 def tuning():
     """rrm_cuda._C.set_tuning for the test (the CUDA launch-configuration knobs, common/tuning.h);
     every knob is restored afterwards."""

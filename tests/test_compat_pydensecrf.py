@@ -90,7 +90,7 @@ def test_step_inference_matches_pydensecrf(norm):
         np.testing.assert_allclose(q1[-1], inf1, rtol=0, atol=1e-4 if norm == "NO_NORMALIZATION" else 1e-5)
 
 
-def test_step_inference_builds_each_lattice_once():
+def test_step_inference_builds_each_lattice_once(lattice_cache):
     # the step-wise API keeps each term's lattice (permutohedral_filter's cache=True): the
     # normaliser and every later step reuse it; the steps equal inference(k)
     import rrm_cuda
@@ -102,17 +102,79 @@ def test_step_inference_builds_each_lattice_once():
     d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=img, compat=np.array([-4.0, -5.0, -6.0], np.float32))
     d.addPairwiseEnergy(np.ones((2, 1200), np.float32), compat=0)  # switched off: never filtered
     rrm_cuda.clear_lattice_cache()
-    try:
-        Q, tmp1, tmp2 = d.startInference()
-        for _ in range(4):
-            d.klDivergence(Q)
-            d.stepInference(Q, tmp1, tmp2)
-        info = rrm_cuda.lattice_cache_info()
-        # two builds; per term: the normaliser's filter and 4 steps' reuse the lattice
-        assert info["misses"] == 2 and info["entries"] == 2 and info["hits"] == 8
-    finally:
-        rrm_cuda.clear_lattice_cache()
+    Q, tmp1, tmp2 = d.startInference()
+    for _ in range(4):
+        d.klDivergence(Q)
+        d.stepInference(Q, tmp1, tmp2)
+    info = rrm_cuda.lattice_cache_info()
+    # two builds; per term: the normaliser's filter and 4 steps' reuse the lattice
+    assert info["misses"] == 2 and info["entries"] == 2 and info["hits"] == 8
     np.testing.assert_allclose(Q, d.inference(4), rtol=0, atol=1e-5)
+
+
+def test_unary_objects_match_pydensecrf():
+    # setUnary(ConstUnary(u)), setUnary(LogisticUnary(L, f)) (energies L f: the first Q is
+    # softmax(-L f)) and setUnaryEnergy(L, f) (pydensecrf accepts only K = N there) against pydensecrf2
+    H, W, L, K = 24, 30, 3, 4
+    img = photo("chelsea", (H, W))
+    rng = np.random.default_rng(7)
+    u = np.ascontiguousarray(putils.unary_from_softmax(smooth_probs(L, H, W, seed=6)))
+    Lw = rng.normal(size=(L, K)).astype(np.float32)
+    f = rng.normal(size=(K, H * W)).astype(np.float32)
+    Ls, fs = rng.normal(size=(L, 12)).astype(np.float32), rng.normal(size=(12, 12)).astype(np.float32)
+
+    def run(mod, how, w, h):
+        d = mod.DenseCRF2D(w, h, L)
+        how(mod, d)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        if w == W:
+            d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=img, compat=5)
+        return np.array(d.inference(0)), np.array(d.inference(5))
+
+    cases = [
+        (lambda mod, d: d.setUnary(mod.ConstUnary(u)), W, H),
+        (lambda mod, d: d.setUnary(mod.LogisticUnary(Lw, f)), W, H),
+        (lambda mod, d: d.setUnaryEnergy(Ls, fs), 4, 3),  # K = N = 12
+    ]
+    for k, (how, w, h) in enumerate(cases):
+        (q0p, q5p), (q0r, q5r) = run(pdcrf, how, w, h), run(rdcrf, how, w, h)
+        np.testing.assert_allclose(q0r, q0p, rtol=0, atol=1e-6, err_msg=str(k))
+        np.testing.assert_allclose(q5r, q5p, rtol=0, atol=1e-4, err_msg=str(k))
+    q0 = torch.softmax(torch.from_numpy(-(Lw @ f)), 0).numpy()
+    np.testing.assert_allclose(run(rdcrf, cases[1][0], W, H)[0], q0, rtol=0, atol=1e-6)
+    # K other than N too (a superset of pydensecrf's), and one unary object on two CRFs
+    lu = rdcrf.LogisticUnary(Lw, f)
+    for _ in range(2):
+        d = rdcrf.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(Lw, f)
+        a = np.array(d.inference(0))
+        d.setUnary(lu)
+        np.testing.assert_array_equal(np.array(d.inference(0)), a)
+
+
+def test_unary_objects_bad_inputs():
+    d = rdcrf.DenseCRF(6, 2)
+    with pytest.raises(TypeError, match="Unary is abstract"):
+        rdcrf.Unary()
+    with pytest.raises(TypeError, match="u must be float32"):
+        rdcrf.ConstUnary(np.zeros((2, 6)))
+    with pytest.raises(ValueError, match=r"u must be a 2-D array; got shape \(12,\)"):
+        rdcrf.ConstUnary(np.zeros(12, np.float32))
+    with pytest.raises(ValueError, match="f contains NaN or Inf"):
+        rdcrf.LogisticUnary(np.zeros((2, 3), np.float32), np.full((3, 6), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"L \(M, K\) and f \(K, N\) must agree in K; got L \(2, 3\) and f \(4, 6\)"):
+        rdcrf.LogisticUnary(np.zeros((2, 3), np.float32), np.zeros((4, 6), np.float32))
+    with pytest.raises(TypeError, match="u must be a ConstUnary or a LogisticUnary; got ndarray"):
+        d.setUnary(np.zeros((2, 6), np.float32))
+    with pytest.raises(ValueError, match=r"energies must have shape \(M, N\) = \(2, 6\); got \(2, 5\)"):
+        d.setUnary(rdcrf.ConstUnary(np.zeros((2, 5), np.float32)))
+    big = np.full((2, 3), 3e38, np.float32)
+    with pytest.raises(ValueError, match="overflowed float32"), np.errstate(over="ignore"):
+        d.setUnary(rdcrf.LogisticUnary(big, np.ones((3, 6), np.float32)))
+    with pytest.raises(TypeError, match="L must be float32"):
+        d.setUnaryEnergy(np.zeros((2, 3)), np.zeros((3, 6), np.float32))
+    with pytest.raises(ValueError, match="setUnaryEnergy must be called"):
+        d.inference(1)  # nothing was set by the failed calls
 
 
 def test_step_inference_bad_inputs():
@@ -170,7 +232,7 @@ def test_step_inference_on_cuda_equals_cpu(cuda):
     np.testing.assert_allclose(out[1][1], out[0][1], rtol=0, atol=1e-5)
 
 
-def test_gaussian_term_uses_the_lattice_cache():
+def test_gaussian_term_uses_the_lattice_cache(lattice_cache):
     # addPairwiseGaussian with one sxy takes rrm_cuda's cached position features (the same float32
     # divisions as pydensecrf's), whose lattice the op keeps: images of a size share it across CRFs
     import rrm_cuda
@@ -191,14 +253,10 @@ def test_gaussian_term_uses_the_lattice_cache():
         d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=img, compat=5)
         return np.array(d.inference(5))
 
-    rrm_cuda.clear_lattice_cache()
-    try:
-        ref = run(True)
-        for _ in range(2):
-            np.testing.assert_array_equal(run(False), ref)
-        assert rrm_cuda.lattice_cache_info()["hits"] == 1
-    finally:
-        rrm_cuda.clear_lattice_cache()
+    ref = run(True)
+    for _ in range(2):
+        np.testing.assert_array_equal(run(False), ref)
+    assert rrm_cuda.lattice_cache_info()["hits"] == 1
 
 
 def test_densecrf_generic_features_and_utils():

@@ -200,15 +200,6 @@ def test_unchecked_inputs_read_nothing_and_equal_checked():
 
 
 # ---- the lattice cache of constant features ----------------------------------------------------
-@pytest.fixture
-def lattice_cache():
-    rrm_cuda.clear_lattice_cache()
-    rrm_cuda.set_lattice_cache_capacity(8)
-    yield
-    rrm_cuda.clear_lattice_cache()
-    rrm_cuda.set_lattice_cache_capacity(8)
-
-
 def test_gaussian_lattice_cached_across_calls(lattice_cache):
     # The Gaussian term's position features are a cached constant: the op keeps their lattice and
     # normaliser, and later calls (forward and backward, CPU and emulated CUDA) reuse them with

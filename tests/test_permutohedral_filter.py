@@ -405,15 +405,6 @@ def test_autograd_function_form():
 
 
 # ---- the lattice cache (cache=True) -------------------------------------------------------------
-@pytest.fixture
-def lattice_cache():
-    rrm_cuda.clear_lattice_cache()
-    rrm_cuda.set_lattice_cache_capacity(8)
-    yield
-    rrm_cuda.clear_lattice_cache()
-    rrm_cuda.set_lattice_cache_capacity(8)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cached_lattice_gives_the_same_bits(lattice_cache, dtype):
     # cache=True: the first call builds and keeps the lattice, later calls (other values, either

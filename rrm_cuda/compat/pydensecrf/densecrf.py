@@ -1,8 +1,10 @@
-"""Drop-in for ``pydensecrf.densecrf``: ``DenseCRF``, ``DenseCRF2D`` and the kernel / normalisation
-constants, numpy in and out, with pydensecrf's semantics (checked against pydensecrf2 in the tests).
+"""Drop-in for ``pydensecrf.densecrf``: ``DenseCRF``, ``DenseCRF2D``, the unaries ``ConstUnary`` and
+``LogisticUnary`` (for ``setUnary``) and the kernel / normalisation constants, numpy in and out, with
+pydensecrf's semantics (checked against pydensecrf2 in the tests).
 
 Step-wise inference (``startInference``, ``stepInference``, ``klDivergence``) filters Q through the
-terms' lattices per call; ``inference(n)`` runs n steps in one op and is the fast path.
+terms' lattices (built at the first step and kept); ``inference(n)`` runs n steps in one op and is
+the fast path.
 
 Differences from pydensecrf, all additive: ``device=`` picks CPU or CUDA; inputs are validated with
 errors that name the argument; any number of labels and feature dimensions up to 16. Parameter
@@ -65,6 +67,48 @@ def _compat_arg(compat, L: int):
     raise ValueError(f"compat must be a number, an ({L},) vector or an ({L}, {L}) matrix; got shape {arr.shape}")
 
 
+def _float32_matrix(x, name: str) -> np.ndarray:
+    """A float32 2-D array, copied (pydensecrf's Cython signatures take ``float[:, ::1]``)."""
+    a = np.asarray(x)
+    if a.dtype != np.float32:
+        raise TypeError(f"{name} must be float32 (as pydensecrf requires); got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array; got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return np.ascontiguousarray(a).copy()
+
+
+class Unary:
+    """pydensecrf's unary base class: :meth:`DenseCRF.setUnary` takes a :class:`ConstUnary` or a
+    :class:`LogisticUnary`. ``energy()`` gives the (M, N) float32 energies."""
+
+    def __init__(self) -> None:
+        raise TypeError("Unary is abstract: use ConstUnary(u) or LogisticUnary(L, f)")
+
+    def energy(self) -> np.ndarray:
+        return self._energy
+
+
+class ConstUnary(Unary):
+    """``ConstUnary(u)``: the energies u, float32 (M, N) (as ``setUnaryEnergy(u)``)."""
+
+    def __init__(self, u) -> None:
+        self._energy = _float32_matrix(u, "u")
+
+
+class LogisticUnary(Unary):
+    """``LogisticUnary(L, f)``: the energies ``L @ f`` of a linear model, L float32 (M, K) weights and
+    f float32 (K, N) per-pixel features, as densecrf's LogisticUnaryEnergy (the energy, not its
+    negative: the first Q is ``softmax(-L f)``). Its parameter learning is not offered."""
+
+    def __init__(self, L, f) -> None:  # noqa: N803 (pydensecrf's names)
+        weights, feats = _float32_matrix(L, "L"), _float32_matrix(f, "f")
+        if weights.shape[1] != feats.shape[0]:
+            raise ValueError(f"L (M, K) and f (K, N) must agree in K; got L {weights.shape} and f {feats.shape}")
+        self._energy = weights @ feats
+
+
 class DenseCRF:
     """Fully connected CRF over ``N`` variables with ``M`` labels (pydensecrf's ``DenseCRF(N, M)``)."""
 
@@ -90,9 +134,12 @@ class DenseCRF:
 
     # -- unary ------------------------------------------------------------------------------
     def setUnaryEnergy(self, unary, feat=None) -> None:  # noqa: N802 (pydensecrf's name)
-        """``unary``: float32 (M, N) energies (−log p), C-contiguous as pydensecrf requires."""
+        """``unary``: float32 (M, N) energies (−log p), C-contiguous as pydensecrf requires. With
+        ``feat``: the logistic unary ``unary @ feat`` (:class:`LogisticUnary`; unary (M, K) weights,
+        feat (K, N); pydensecrf itself only accepts K = N here)."""
         if feat is not None:
-            raise ValueError("setUnaryEnergy(unary, feat): learned (logistic) unaries are not supported")
+            self.setUnary(LogisticUnary(unary, feat))
+            return
         u = np.asarray(unary)
         if u.dtype != np.float32:
             raise TypeError(f"unary must be float32 (as pydensecrf requires); got {u.dtype}")
@@ -101,6 +148,18 @@ class DenseCRF:
         if not np.isfinite(u).all():
             raise ValueError("unary contains NaN or Inf")
         self._unary = torch.from_numpy(np.ascontiguousarray(u).copy())
+
+    def setUnary(self, u: Unary) -> None:  # noqa: N802
+        """``u``: a :class:`ConstUnary` or :class:`LogisticUnary` of (M, N) energies. Unlike
+        pydensecrf's, which takes the object over, ``u`` may be set on several CRFs."""
+        if not isinstance(u, Unary):
+            raise TypeError(f"u must be a ConstUnary or a LogisticUnary; got {type(u).__name__}")
+        e = u.energy()
+        if e.shape != (self.M, self.N):
+            raise ValueError(f"the unary's energies must have shape (M, N) = ({self.M}, {self.N}); got {e.shape}")
+        if not np.isfinite(e).all():
+            raise ValueError("the unary's energies contain NaN or Inf (L @ f overflowed float32)")
+        self._unary = torch.from_numpy(e.copy())
 
     # -- pairwise ---------------------------------------------------------------------------
     def addPairwiseEnergy(  # noqa: N802
