@@ -127,16 +127,25 @@ def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
 
 
 def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -> float | torch.Tensor:
-    """A positive finite scalar, or a per-image tensor of shape (B,)."""
+    """A positive finite scalar, or a per-image tensor of shape (B,). A device tensor's values are
+    not read while they cannot be (``checking_values``: a CUDA graph capture, torch.compile)."""
     if isinstance(value, torch.Tensor):
+        on_device = value.device.type != "cpu"
         if value.dim() == 0:
+            if on_device and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+                raise ValueError(
+                    f"{name}: a 0-dim {value.device} tensor is read as a number, which a CUDA graph capture does "
+                    "not allow; pass a Python number or a (B,) tensor"
+                )
             value = float(value)
         else:
             if value.dim() != 1 or (batch is not None and value.shape[0] != batch):
                 raise ValueError(
                     f"{name} must be a number or a tensor of shape (B,) = ({batch},); got {tuple(value.shape)}"
                 )
-            if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+            if (not on_device or checking_values()) and (
+                not bool(torch.isfinite(value).all()) or not bool((value > 0).all())
+            ):
                 raise ValueError(f"{name} must be positive and finite; got {value.tolist()}")
             return value
     try:

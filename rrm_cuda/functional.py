@@ -177,11 +177,15 @@ _CONST_CACHE_SIZE = 32
 def _cached(key: tuple, make) -> Tensor:
     """``make()`` for ``key`` (device in it), made once; not cached under tensor subclasses (fake
     or traced tensors, nor while torch.compile traces: dynamo's stream objects have no handle, and
-    the graph makes its own constants)."""
+    the graph makes its own constants), nor while a CUDA graph is captured: a tensor made in a
+    capture holds its values only once the graph replays, and a cached tensor used by a graph
+    would be freed under it by a later eviction; the graph makes its own."""
     if torch.compiler.is_compiling():
         return make()
     device = key[-1]
     if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return make()
         key = (*key, torch.cuda.current_stream(device).cuda_stream)
     t = _CONST_CACHE.get(key)
     if t is None:
@@ -384,13 +388,16 @@ def _compat_matrix(
     if compat is None:
         return None
     if isinstance(compat, Tensor):
+        # a device tensor's values are not read where they cannot be (a CUDA graph capture)
+        readable = compat.device.type == "cpu" or V.checking_values()
         if pending is not None and compat.device.type != "cpu" and compat.dim() > 0:
             pending.append((name, compat))
-        elif not bool(torch.isfinite(compat).all()):
+        elif readable and not bool(torch.isfinite(compat).all()):
             raise ValueError(f"{name} contains NaN or Inf")
         c = compat.to(device=device, dtype=dtype)
-        if c.dim() == 0 and c.requires_grad:
-            # a learnable Potts weight: kept as a tensor (even at 0) so that it gets a gradient
+        if c.dim() == 0 and (c.requires_grad or not readable):
+            # a learnable Potts weight (kept as a tensor, even at 0, so that it gets a gradient), or
+            # one that cannot be read now: the matrix -w I from the tensor
             return -c * torch.eye(L, dtype=dtype, device=device), True
         if c.dim() == 0:
             compat = float(c)

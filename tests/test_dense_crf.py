@@ -1192,6 +1192,70 @@ def test_cuda_counted_lattices_and_graph_capture(cuda, tuning):
     assert _capture_public_crf_and_replay(img) == 0  # the untiled mean field
 
 
+@pytest.mark.cuda
+def test_cuda_capture_keeps_no_cached_tensors(cuda, lattice_cache):
+    # A capture on the stream the eager calls warmed up (torch.cuda.graph(g, stream=s)): the graph
+    # must not use the lattice cache's entries or functional's cached constants, which a later
+    # eviction frees under it, nor store tensors made in the capture (unwritten until a replay).
+    # Here the caches are emptied and their memory reused by garbage before the replays. Tensor
+    # sigmas (B,) and a 0-dim tensor compatibility are not read back during the capture.
+    from rrm_cuda import functional as FN
+
+    img = torch.from_numpy(photo("astronaut", (48, 64)).copy()).permute(2, 0, 1)[None].contiguous().to(cuda)
+    static = torch.softmax(torch.randn(1, 5, 48, 64, device=cuda) * 3, 1)
+    kw = dict(
+        iterations=5,
+        bilateral_sxy=torch.tensor([30.0], device=cuda),
+        bilateral_compat=torch.tensor(7.0, device=cuda),
+    )
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            rrm_cuda.dense_crf(probs=static, image=img, **kw)
+            rrm_cuda.permutohedral_filter(static, rrm_cuda.position_features(1, (48, 64), 3.0, device=cuda), cache=True)
+    assert rrm_cuda.lattice_cache_info()["entries"] >= 1
+    n_const, hits = len(FN._CONST_CACHE), rrm_cuda.lattice_cache_info()["hits"]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        out = rrm_cuda.dense_crf(probs=static, image=img, **kw)
+    assert len(FN._CONST_CACHE) == n_const and rrm_cuda.lattice_cache_info()["hits"] == hits
+    torch.cuda.current_stream().wait_stream(s)
+    rrm_cuda.clear_lattice_cache()
+    FN._CONST_CACHE.clear()
+    junk = [torch.full((1 << 20,), float("nan"), device=cuda) for _ in range(64)]  # reuses freed blocks
+    for _ in range(2):
+        fresh = torch.softmax(torch.randn(1, 5, 48, 64, device=cuda) * 3, 1)
+        static.copy_(fresh)
+        graph.replay()
+        torch.testing.assert_close(out, rrm_cuda.dense_crf(probs=fresh, image=img, **kw), rtol=1e-5, atol=1e-6)
+    del junk
+
+
+def test_no_caching_and_no_reads_while_capturing(monkeypatch, lattice_cache):
+    # The Python side of the capture rules, on any machine: while the current stream is captured,
+    # functional._cached makes CUDA constants without storing them, and the sigma and compatibility
+    # checks read no device values (device tensors stood in for by meta tensors).
+    from rrm_cuda import _validate as V
+    from rrm_cuda import functional as FN
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    n = len(FN._CONST_CACHE)
+    made = FN._cached(("test-capture", torch.device("cuda")), lambda: torch.zeros(3))
+    assert torch.equal(made, torch.zeros(3)) and len(FN._CONST_CACHE) == n
+    assert not V.checking_values()
+    sig = torch.tensor([1.0, -2.0], device="meta")  # not readable: passed on unchecked
+    assert V.positive(sig, "bilateral_sxy", 2) is sig
+    with pytest.raises(ValueError, match="bilateral_sxy: a 0-dim meta tensor is read as a number, which a CUDA graph"):
+        V.positive(torch.tensor(3.0, device="meta"), "bilateral_sxy")
+    m, diag = FN._compat_matrix(torch.tensor(4.0, device="meta"), 3, "compat", torch.float32, torch.device("meta"))
+    assert diag and m.shape == (3, 3) and m.device.type == "meta"
+    # CPU tensors are still read and checked
+    with pytest.raises(ValueError, match="bilateral_sxy must be positive and finite"):
+        V.positive(torch.tensor([1.0, -2.0]), "bilateral_sxy", 2)
+
+
 def test_tiled_mean_field_kernels_give_the_same_bits(tuning):
     # Knob mean_field_tile = P (the fused GPU mean field, tiles of P consecutive pixels): the CRF's
     # lattices are built with their splat chunks also cut where a vertex's list crosses a tile, and

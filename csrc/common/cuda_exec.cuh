@@ -5,11 +5,14 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/cub.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include "common/exec.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -116,6 +119,7 @@ __global__ void for_each_block_kernel(int64_t nblocks, F f) {
 
 struct CudaExec {
   static constexpr int kChannelsPerThread = 1;
+  static constexpr int kMaxDevices = 64;  // per-device caches of launch settings
   static constexpr bool kIsCuda = true;
   static constexpr bool kSortCsr = true;
   static constexpr const char* kName = "cuda";
@@ -197,9 +201,17 @@ struct CudaExec {
   void for_each_block(int64_t B, int64_t nblocks, int64_t smem_bytes, const F& f) const {
     if (B <= 0 || nblocks <= 0) return;
     TORCH_CHECK(B * nblocks < (int64_t(1) << 31), "for_each_block: too many blocks (", B * nblocks, ")");
+    TORCH_CHECK(smem_bytes <= max_block_smem(), "for_each_block: ", smem_bytes,
+                " bytes of shared memory per block exceed the device's opt-in limit of ", max_block_smem());
     if (smem_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(for_each_block_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem_bytes)));
+      // the kernel's opt-in, per device, set again only for a larger size than already set
+      static std::array<std::atomic<int>, kMaxDevices> opted{};
+      const int dev = c10::cuda::current_device();
+      if (dev >= kMaxDevices || opted[dev].load(std::memory_order_relaxed) < smem_bytes) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(for_each_block_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem_bytes)));
+        if (dev < kMaxDevices) opted[dev].store(static_cast<int>(smem_bytes), std::memory_order_relaxed);
+      }
     }
     for_each_block_kernel<F><<<static_cast<unsigned>(B * nblocks), kBlock, static_cast<size_t>(smem_bytes),
                                at::cuda::getCurrentCUDAStream()>>>(nblocks, f);
@@ -212,11 +224,15 @@ struct CudaExec {
   void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
                         int64_t /*grain*/ = 0) const {
     if (B <= 0 || cap <= 0 || C <= 0) return;
-    static const int per_sm = [] {  // per functor type (its kernel's registers); no stream work
-      int n = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, for_each_counted_kernel<F>, kBlock, 0));
-      return std::max(1, n);
-    }();
+    // resident blocks per SM, per functor type (its kernel's registers) and device; no stream work
+    static std::array<std::atomic<int>, kMaxDevices> per_sm_of{};  // 0: not queried yet
+    const int dev = c10::cuda::current_device();
+    int per_sm = dev < kMaxDevices ? per_sm_of[dev].load(std::memory_order_relaxed) : 0;
+    if (per_sm == 0) {
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, for_each_counted_kernel<F>, kBlock, 0));
+      per_sm = std::max(1, per_sm);
+      if (dev < kMaxDevices) per_sm_of[dev].store(per_sm, std::memory_order_relaxed);
+    }
     const int64_t want = (B * cap * C + kBlock - 1) / kBlock;
     const int64_t wave = per_sm * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
     const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(want, wave)));

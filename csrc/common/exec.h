@@ -124,9 +124,15 @@ RRM_HOST_DEVICE int64_t counted_extent(const int32_t* counts, int64_t b, int64_t
 // A block of EmulatedCudaExec::for_each_block: its threads run each phase in turn, in reverse,
 // over the block's own shared memory. (The CPU's kernels have no block form: the tiled mean field
 // that uses it is the GPU's.)
+// A phase inside a phase is refused: on the GPU it is a __syncthreads() reached by each thread on
+// its own (a divergent barrier), which the serial emulation would otherwise run as if it were fine.
+// (What the emulation cannot show: a block-level local that a phase changes is one variable here
+// but one per thread on the GPU, so code between phases must not depend on what phases write to
+// locals; it reads shared or global memory instead.)
 struct EmulatedBlock {
   char* smem;
   int nthreads;
+  bool* in_phase;
   int threads() const { return nthreads; }
   template <typename T>
   T* shared() const {
@@ -134,7 +140,10 @@ struct EmulatedBlock {
   }
   template <class G>
   void phase(const G& g) const {
+    TORCH_CHECK(!*in_phase, "emulated block: a phase inside a phase (a divergent __syncthreads on the GPU)");
+    *in_phase = true;
     for (int t = nthreads - 1; t >= 0; --t) g(t);
+    *in_phase = false;
   }
 };
 
@@ -243,9 +252,12 @@ struct EmulatedCudaExec {
   template <class F>
   void for_each_block(int64_t B, int64_t nblocks, int64_t smem_bytes, const F& f) const {
     if (B <= 0 || nblocks <= 0) return;
+    TORCH_CHECK(smem_bytes <= max_block_smem(), "for_each_block: ", smem_bytes,
+                " bytes of shared memory per block exceed the device's opt-in limit of ", max_block_smem());
     HostSmem smem;
     char* const p = smem.get(smem_bytes);
-    const EmulatedBlock blk{p, static_cast<int>(kBlock)};
+    bool in_phase = false;
+    const EmulatedBlock blk{p, static_cast<int>(kBlock), &in_phase};
     for (int64_t t = B * nblocks - 1; t >= 0; --t) {
       smem.poison();
       f(blk, t / nblocks, t % nblocks);

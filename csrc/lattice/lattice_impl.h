@@ -786,17 +786,26 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
 }
 #endif
 
+// Whether an op may use the lattice cache: not while a CUDA graph is captured. A graph would keep
+// raw pointers to an entry's tensors, which a later eviction (LRU, clear_lattice_cache) frees under
+// it; and an entry or normaliser made in the capture holds its values only once the graph replays.
+template <class Exec>
+bool cache_ok(const Exec& exec) {
+  return !exec.capturing();
+}
+
 // values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
 // keep: features is a constant tensor (never changed in place outside autograd's view), so its
 // lattice may come from, and go to, the lattice cache (lattice_cache.h), as dense_crf's cached terms
-// do: a contiguous tensor only, and never a counted lattice (sized for every possible vertex).
+// do: a contiguous tensor only, never a counted lattice (sized for every possible vertex), and never
+// inside a CUDA graph capture (cache_ok).
 template <class Exec>
 at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, const at::Tensor& features, bool reverse,
                                 int64_t chunk, bool keep = false) {
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
-  const bool cacheable = keep && features.is_contiguous();
+  const bool cacheable = keep && features.is_contiguous() && cache_ok(exec);
   const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, B));  // as crf_terms keys its entries
   std::shared_ptr<CachedLattice> cached;
   if (cacheable) cached = cache_find(features, Exec::kName, Exec::stream_id(), eff_chunk);
@@ -889,7 +898,7 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
     const int64_t norm = norms[t];
     const at::Tensor& ft = features[t];
     // Only a contiguous tensor is cached: contiguous() of any other makes a new tensor every call.
-    const bool cacheable = t < static_cast<int64_t>(keep.size()) && keep[t] && ft.is_contiguous();
+    const bool cacheable = t < static_cast<int64_t>(keep.size()) && keep[t] && ft.is_contiguous() && cache_ok(exec);
     const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, ft.size(0)));
     std::shared_ptr<CachedLattice> cached;
     if (cacheable) cached = cache_find(ft, Exec::kName, Exec::stream_id(), eff_chunk);

@@ -5,6 +5,9 @@
 
 #include <cmath>
 #include <cstdio>
+#include <string>
+
+#include "common/exec.h"
 
 namespace {
 
@@ -52,6 +55,44 @@ int main() {
   auto q1 = crf.call(unary, {pos}, compat, c10::List<bool>({true}), {0}, 5, c10::List<bool>({true}));
   auto q2 = crf.call(unary, {pos}, compat, c10::List<bool>({true}), {0}, 5, c10::List<bool>({true}));
   expect(at::equal(q, q1) && at::equal(q, q2), "dense_crf with a cached lattice equals a fresh build");
+
+  // The emulated block launch: phases separated by barriers (a block sum through shared memory);
+  // a phase inside a phase (a divergent __syncthreads on the GPU) and shared memory beyond the
+  // device's limit are refused.
+  const rrm::EmulatedCudaExec emu;
+  std::vector<int64_t> sums(3, -1);
+  emu.for_each_block(1, 3, 8 * 256, [&](const rrm::EmulatedBlock& blk, int64_t, int64_t k) {
+    int64_t* sh = blk.shared<int64_t>();
+    blk.phase([&](int t) { sh[t] = t + k; });
+    blk.phase([&](int t) {
+      if (t == 0) {
+        int64_t acc = 0;
+        for (int u = 0; u < blk.threads(); ++u) acc += sh[u];
+        sums[k] = acc;
+      }
+    });
+  });
+  expect(sums[0] == 255 * 128 && sums[2] == 255 * 128 + 2 * 256, "emulated block phases");
+  auto raises = [](auto&& fn, const char* text) {
+    try {
+      fn();
+    } catch (const c10::Error& e) {
+      return std::string(e.what()).find(text) != std::string::npos;
+    }
+    return false;
+  };
+  expect(raises(
+             [&] {
+               emu.for_each_block(1, 1, 64, [](const rrm::EmulatedBlock& blk, int64_t, int64_t) {
+                 blk.phase([&](int) { blk.phase([](int) {}); });
+               });
+             },
+             "a phase inside a phase"),
+         "emulated block: a nested phase raises");
+  expect(
+      raises([&] { emu.for_each_block(1, 1, (int64_t{1} << 20), [](const rrm::EmulatedBlock&, int64_t, int64_t) {}); },
+             "exceed the device's opt-in limit"),
+      "emulated block: too much shared memory raises");
 
   bool threw = false;
   try {
