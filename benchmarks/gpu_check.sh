@@ -2,7 +2,12 @@
 # The GPU-machine session in one script: build in place for the local GPU, run the CUDA tests,
 # compute-sanitizer on every kernel, and the benchmarks. Each step has its own time limit, so a
 # hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
-# (JSON + PNG) to $OUT_DIR/results/.
+# (JSON + PNG) to $OUT_DIR/results/ -- under the device tool ($OUT set and OUT_DIR=$OUT), to a
+# folder packed into $OUT/results.tgz after every step, so that a call stopped at its time limit
+# still brings back what the finished steps wrote (the tool returns at most 8 files).
+# BUDGET=S (seconds, default 0: none): each step's limit is cut to what is left of S (less a margin
+# for the packing), and a step with under 20 s left is skipped and logged as such: set it below the
+# call's timeout_s.
 #
 #   bash benchmarks/gpu_check.sh [STEP ...]     # steps: build smoke tests suite sanitize bench profile host tiles ab ncu rrm train
 #   (host: launches, synchronisations, copies and ATen ops per call against wall and kernel time, cuda_host.py;
@@ -17,23 +22,46 @@
 # BENCHES (default crf energy bcd) choose within a step. Needs nvcc (CUDA_HOME) and a CUDA torch.
 set -u
 OUT_DIR=${OUT_DIR:-${OUT:-/tmp/rrm-gpu}}
-mkdir -p "$OUT_DIR/results"
+PACK=0
+if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ]; then
+  PACK=1
+  RESULTS=$(mktemp -d /tmp/rrm-gpu-results.XXXXXX)/results
+else
+  RESULTS="$OUT_DIR/results"
+fi
+mkdir -p "$RESULTS"
 LOG="$OUT_DIR/logs.txt"
+BUDGET=${BUDGET:-0}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1
 PY=${PY:-python3}
 STEPS=${*:-build smoke tests sanitize bench profile}
 status=0
 
+pack() {  # the results so far into $OUT/results.tgz (replaced whole, never half written)
+  [ $PACK -eq 1 ] || return 0
+  tar czf "$OUT/.results.tgz.part" -C "$(dirname "$RESULTS")" results && mv "$OUT/.results.tgz.part" "$OUT/results.tgz"
+}
+
 step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
   shift 2
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - SECONDS - 10))
+    if [ $left -lt 20 ]; then
+      echo "=== $name: skipped (BUDGET=${BUDGET}s: ${left}s left)" | tee -a "$LOG"
+      status=1
+      return 124
+    fi
+    [ "$limit" -gt $left ] && limit=$left
+  fi
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
   timeout --kill-after=5 "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
   echo "=== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
   [ $rc -eq 0 ] || status=1
+  pack
   return $rc
 }
 
@@ -63,7 +91,7 @@ if has sanitize; then
   done
 fi
 if has bench; then
-  R="$OUT_DIR/results"
+  R="$RESULTS"
   for b in ${BENCHES:-crf energy bcd}; do
     case $b in
       crf) step crf_bench 200 $PY benchmarks/crf_bench.py --skip-cpu --min-run-time 0.5 --out-dir "$R" ;;
@@ -73,9 +101,9 @@ if has bench; then
     esac
   done
 fi
-has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$OUT_DIR/results"
-has host && step cuda_host 120 $PY benchmarks/cuda_host.py --out-dir "$OUT_DIR/results"
-has tiles && step tile_sweep 150 $PY benchmarks/tile_sweep.py --out-dir "$OUT_DIR/results"
+has profile && step cuda_profile 150 $PY benchmarks/cuda_profile.py --out-dir "$RESULTS"
+has host && step cuda_host 120 $PY benchmarks/cuda_host.py --out-dir "$RESULTS"
+has tiles && step tile_sweep 150 $PY benchmarks/tile_sweep.py --out-dir "$RESULTS"
 if has ab; then
   # Before/after on one machine (machines of one kind differ, in their hosts above all): a baseline's
   # sources from a tarball that travels with the tree (here: git archive --format=tar.gz -o
@@ -90,9 +118,9 @@ if has ab; then
       for tree in "$BASE" "$PWD"; do
         tag=$([ "$tree" = "$BASE" ] && echo base || echo head)_$round
         step "ab cuda_host $tag" 120 env PYTHONPATH="$tree" $PY "$tree/benchmarks/cuda_host.py" \
-          --out-dir "$OUT_DIR/results/ab_$tag"
+          --out-dir "$RESULTS/ab_$tag"
         step "ab energy_bench $tag" 200 env PYTHONPATH="$tree" $PY "$tree/benchmarks/energy_bench.py" --skip-cpu \
-          --min-run-time 0.5 --out-dir "$OUT_DIR/results/ab_$tag"
+          --min-run-time 0.5 --out-dir "$RESULTS/ab_$tag"
       done
     done
   else
@@ -104,28 +132,25 @@ if has ncu; then
   step ncu 240 bash -c "ncu --profile-from-start off --kernel-name-base demangled \
     --kernel-name regex:'Embed|SplatChunk|SplatReduce|Blur|MeanFieldSlice|Insert|EnergySlice' --launch-count 30 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    $PY benchmarks/ncu_kernels.py --iterations 1 > '$OUT_DIR/results/ncu.txt' 2>&1"
-  $PY benchmarks/ncu_kernels.py --table "$OUT_DIR/results/ncu.txt" 2>&1 | tee -a "$LOG"
+    $PY benchmarks/ncu_kernels.py --iterations 1 > '$RESULTS/ncu.txt' 2>&1"
+  $PY benchmarks/ncu_kernels.py --table "$RESULTS/ncu.txt" 2>&1 | tee -a "$LOG"
 fi
 if has rrm && [ -f benchmarks/rrm_bench.py ]; then
-  step rrm_bench 300 $PY benchmarks/rrm_bench.py --device cuda --out-dir "$OUT_DIR/results"
+  step rrm_bench 300 $PY benchmarks/rrm_bench.py --device cuda --out-dir "$RESULTS"
   # the papers' network (random init), rrm_cuda's path only: the share the issue's target is about
   step rrm_bench_resnet38 300 $PY benchmarks/rrm_bench.py --device cuda --backbone resnet38 --skip-original \
-    --out-dir "$OUT_DIR/results"
+    --out-dir "$RESULTS"
 fi
 if has train; then
   # the CPU demo preset on the GPU (issue 5: a short real training there): its log, mIoU table (in
   # logs.txt) and last PNG panel come back, the checkpoints do not
-  T="$OUT_DIR/train"
+  T="$(dirname "$RESULTS")/train"  # beside the results: its checkpoints stay on the machine
   step train_demo 150 $PY python/train_rrm.py --preset cpu-demo --device cuda --no-progress --out-dir "$T"
-  mkdir -p "$OUT_DIR/results"
-  [ -f "$T/log.csv" ] && cp "$T/log.csv" "$OUT_DIR/results/train_demo_log.csv"
+  mkdir -p "$RESULTS"
+  [ -f "$T/log.csv" ] && cp "$T/log.csv" "$RESULTS/train_demo_log.csv"
   last=$(ls "$T"/panels/*.png 2>/dev/null | tail -1)
-  [ -n "$last" ] && cp "$last" "$OUT_DIR/results/train_demo_panel.png"
+  [ -n "$last" ] && cp "$last" "$RESULTS/train_demo_panel.png"
 fi
 grep -E "^=== .*rc=|passed|failed|MISMATCH|ERROR SUMMARY|mIoU" "$LOG" | tail -40
-# the device tool brings back at most 8 files: pack the results into one
-if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ]; then
-  tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
-fi
+pack  # the device tool brings back at most 8 files: the results travel as one
 exit $status
