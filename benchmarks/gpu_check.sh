@@ -26,6 +26,7 @@ PACK=0
 if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ]; then
   PACK=1
   RESULTS=$(mktemp -d /tmp/rrm-gpu-results.XXXXXX)/results
+  trap 'rm -rf "$(dirname "$RESULTS")"' EXIT
 else
   RESULTS="$OUT_DIR/results"
 fi

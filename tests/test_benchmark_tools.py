@@ -1,5 +1,5 @@
-"""The benchmark helpers that run without a GPU: ncu_kernels.py's condensing of an ncu report, and
-precision_study.py's quick run."""
+"""The benchmark helpers that run without a GPU: ncu_kernels.py's condensing of an ncu report,
+precision_study.py's quick run, and gpu_check.sh's packing and time budget (with a stand-in python)."""
 
 from __future__ import annotations
 
@@ -96,3 +96,65 @@ def test_precision_study_quick(tmp_path):
     # bf16 rows are coarser than fp16 rows
     assert rows["Q + lattice bf16"]["max_dq_vs_float32"] > rows["Q + lattice fp16"]["max_dq_vs_float32"]
     assert "the parity contract" in out
+
+
+def _gpu_check(tmp_path, steps, budget, sleeps, timeout):
+    """benchmarks/gpu_check.sh STEPS under a stand-in $OUT with a stand-in python, which writes a JSON
+    into --out-dir and sleeps ``sleeps[script]`` seconds; killed (its process group) after
+    ``timeout`` s. -> (return code or None when killed, the files in $OUT, the log)."""
+    import signal
+    import subprocess
+
+    stub = tmp_path / "py"
+    cases = "".join(f"*{k}.py) sleep {v} ;; " for k, v in sleeps.items())
+    stub.write_text(
+        "#!/bin/sh\n"
+        f'case "$1" in {cases}esac\n'
+        'name=$(basename "$1" .py)\n'
+        'while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && mkdir -p "$2" && echo "{}" > "$2/$name.json"; shift; done\n'
+    )
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), BUDGET=str(budget), PY=str(stub))
+    env.pop("OUT_DIR", None)
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    proc = subprocess.Popen(
+        ["bash", "benchmarks/gpu_check.sh", *steps],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a call stopped at its limit: everything of it killed
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        rc = None
+    return rc, {p.name: p for p in out.iterdir()}, (out / "logs.txt").read_text()
+
+
+def test_gpu_check_keeps_within_its_budget(tmp_path):
+    # BUDGET: the steps that no longer fit are skipped (and count as failures); the results so far
+    # come back as one file beside the log
+    import tarfile
+
+    rc, files, log = _gpu_check(tmp_path, ["profile", "host", "tiles"], 33, {"cuda_profile": 4}, 60)
+    assert "=== cuda_profile: rc=0" in log, log
+    assert "=== cuda_host: skipped (BUDGET=33s" in log and "=== tile_sweep: skipped" in log, log
+    assert rc == 1 and sorted(files) == ["logs.txt", "results.tgz"]
+    with tarfile.open(files["results.tgz"]) as tar:
+        assert "results/cuda_profile.json" in tar.getnames()
+
+
+def test_gpu_check_packs_results_after_every_step(tmp_path):
+    # a run killed in its third step (as the device tool stops a call at its limit) has packed the
+    # first two steps' results
+    import tarfile
+
+    rc, files, log = _gpu_check(tmp_path, ["profile", "host", "tiles"], 0, {"tile_sweep": 60}, 8)
+    assert rc is None and "=== cuda_host: rc=0" in log, log
+    with tarfile.open(files["results.tgz"]) as tar:
+        assert {"results/cuda_profile.json", "results/cuda_host.json"} <= set(tar.getnames())
