@@ -1232,6 +1232,39 @@ def test_cuda_capture_keeps_no_cached_tensors(cuda, lattice_cache):
     del junk
 
 
+def test_emulated_capture_takes_no_cached_lattices(tuning, lattice_cache):
+    # Knob emulate_capture: the emulated launch runs a capture's host logic on the CPU. Its lattices
+    # are counted ones (a counter), and the lattice cache is neither read nor written (a graph would
+    # keep pointers that an eviction frees); the results are bitwise the eager calls'.
+    _C = rrm_cuda._ext._C
+    unary, image = _crf_inputs(B=2, L=5, H=13, W=11, seed=3)
+    B, L, H, W = unary.shape
+    pos = rrm_cuda.position_features(1, (H, W), 3.0, dtype=torch.float64)
+    bil = rrm_cuda.bilateral_features(image, 5.0, 13.0, dtype=torch.float64)
+    u = unary.reshape(B, L, -1)
+    eye = torch.eye(L, dtype=torch.float64)
+    args = (u, [pos, bil], torch.stack([-3 * eye, -5 * eye]), [True, True], [0, 0], 3)
+    g = torch.ones_like(u)
+    v = torch.rand(1, 4, H * W, dtype=torch.float64)
+    ref = ops._dense_crf_emulated(*args, [True, False])  # eager: the positions' lattice kept
+    gref = ops._dense_crf_backward_emulated(g, *args, True, [True, False])
+    fref = ops._permutohedral_filter_emulated(v, pos, False, True)
+    before = rrm_cuda.lattice_cache_info()
+    assert before["entries"] == 1 and before["hits"] == 2
+    tuning("emulate_capture", 1)
+    builds = _C.lattice_counted_builds()
+    assert torch.equal(ops._dense_crf_emulated(*args, [True, False]), ref)
+    for a, b in zip(ops._dense_crf_backward_emulated(g, *args, True, [True, False]), gref):
+        assert torch.equal(a, b)
+    assert torch.equal(ops._permutohedral_filter_emulated(v, pos, False, True), fref)
+    assert _C.lattice_counted_builds() - builds == 5  # both terms, forward and backward; the filter
+    after = rrm_cuda.lattice_cache_info()
+    assert (after["entries"], after["hits"], after["misses"]) == (1, before["hits"], before["misses"])
+    tuning("emulate_capture", 0)
+    assert torch.equal(ops._permutohedral_filter_emulated(v, pos, False, True), fref)
+    assert rrm_cuda.lattice_cache_info()["hits"] == before["hits"] + 1
+
+
 def test_no_caching_and_no_reads_while_capturing(monkeypatch, lattice_cache):
     # The Python side of the capture rules, on any machine: while the current stream is captured,
     # functional._cached makes CUDA constants without storing them, and the sigma and compatibility

@@ -279,6 +279,7 @@ def test_tuning_knobs(tuning):
         "mean_field_tile",
         "mean_field_tile_kernel",
         "insert_corner_major",
+        "emulate_capture",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

@@ -31,8 +31,9 @@
 //                                 (a read of a word no phase wrote shows) and a guard after it (a
 //                                 write beyond it raises). CpuExec has none. exec.max_block_smem():
 //                                 the most shared memory a block can have (the device's opt-in limit).
-// exec.capturing() says whether the current CUDA stream is being captured into a graph (false off
-// CUDA): code that reads a device value back must not run then.
+// exec.capturing() says whether the current CUDA stream is being captured into a graph (false on
+// the CPU; the emulation's follows the test knob emulate_capture): code that reads a device value
+// back must not run then.
 // Each also has exec.sort_keys(keys, max_key): a stable ascending sort of a 1-D tensor of integer
 // keys in [0, max_key] -> (sorted keys, int64 permutation); and exec.sort_pairs(keys, values,
 // max_key): the same sort carrying int32 values along -> (sorted keys, values in sorted order), for
@@ -46,6 +47,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "common/macros.h"
+#include "common/tuning.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -217,7 +219,9 @@ struct EmulatedCudaExec {
   static constexpr bool kSortCsr = true;  // the CUDA path's sort-based splat lists
   static constexpr const char* kName = "emulated_cuda";
   static int64_t stream_id() { return 0; }
-  static bool capturing() { return false; }
+  // Knob emulate_capture (tests): act as inside a CUDA graph capture, whose host logic (counted
+  // lattices, no lattice cache) the CPU then runs.
+  static bool capturing() { return tuning::get(tuning::kEmulateCapture) != 0; }
   static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
     return stable_sort_keys(keys);
   }

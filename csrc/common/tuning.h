@@ -43,6 +43,9 @@ enum Knob : int {
                          // (tiles with more than 2P chunks read them from global memory); 2
   kInsertCornerMajor,    // lattice build, GPU: the hash insert's threads corner-major (1: a warp takes
                          // one corner of 32 pixels) or entry-major (0: all corners of 5 pixels); 0
+  kEmulateCapture,       // tests: the emulated launch acts as inside a CUDA graph capture (exec.capturing():
+                         // counted lattices, no lattice cache), so that CPU CI runs a capture's host
+                         // logic; 0. Not read by CUDA (a real capture is asked of the stream).
   kNumKnobs
 };
 
