@@ -2,8 +2,8 @@
 # The GPU-machine session in one script: build in place for the local GPU, run the CUDA tests,
 # compute-sanitizer on every kernel, and the benchmarks. Each step has its own time limit, so a
 # hang or a slow step cannot eat the others; every log goes to $OUT_DIR/logs.txt and the results
-# (JSON + PNG) to $OUT_DIR/results/ -- under the device tool ($OUT set and OUT_DIR=$OUT), to a
-# folder packed into $OUT/results.tgz after every step, so that a call stopped at its time limit
+# (JSON + PNG) to $OUT_DIR/results/ -- under the device tool ($OUT set, OUT_DIR in it), to a
+# folder packed into $OUT_DIR/results.tgz after every step, so that a call stopped at its time limit
 # still brings back what the finished steps wrote (the tool returns at most 8 files).
 # BUDGET=S (seconds, default 0: none): each step's limit is cut to what is left of S (less a margin
 # for the packing), and a step with under 20 s left is skipped and logged as such: set it below the
@@ -22,26 +22,35 @@
 # BENCHES (default crf energy bcd) choose within a step. Needs nvcc (CUDA_HOME) and a CUDA torch.
 set -u
 OUT_DIR=${OUT_DIR:-${OUT:-/tmp/rrm-gpu}}
+mkdir -p "$OUT_DIR"
 PACK=0
-if [ -n "${OUT:-}" ] && [ "$OUT_DIR" = "$OUT" ]; then
+# under the device tool: OUT_DIR is $OUT (or a folder in it), whose files come back
+if [ -n "${OUT:-}" ] && case "$(cd "$OUT_DIR" && pwd -P)/" in "$(cd "$OUT" && pwd -P)"/*) true ;; *) false ;; esac; then
   PACK=1
-  RESULTS=$(mktemp -d /tmp/rrm-gpu-results.XXXXXX)/results
-  trap 'rm -rf "$(dirname "$RESULTS")"' EXIT
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/rrm-gpu-results.XXXXXX") || exit 1
+  trap 'rm -rf "$WORK"' EXIT
+  RESULTS="$WORK/results"
 else
   RESULTS="$OUT_DIR/results"
 fi
 mkdir -p "$RESULTS"
 LOG="$OUT_DIR/logs.txt"
 BUDGET=${BUDGET:-0}
+case "$BUDGET" in
+  '' | *[!0-9]*)
+    echo "BUDGET must be a whole number of seconds; got '$BUDGET'" >&2
+    exit 2
+    ;;
+esac
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1
 PY=${PY:-python3}
 STEPS=${*:-build smoke tests sanitize bench profile}
 status=0
 
-pack() {  # the results so far into $OUT/results.tgz (replaced whole, never half written)
+pack() {  # the results so far into $OUT_DIR/results.tgz (replaced whole, never half written)
   [ $PACK -eq 1 ] || return 0
-  tar czf "$OUT/.results.tgz.part" -C "$(dirname "$RESULTS")" results && mv "$OUT/.results.tgz.part" "$OUT/results.tgz"
+  tar czf "$OUT_DIR/.results.tgz.part" -C "$WORK" results && mv "$OUT_DIR/.results.tgz.part" "$OUT_DIR/results.tgz"
 }
 
 step() {  # step NAME LIMIT_S COMMAND...
@@ -145,7 +154,7 @@ fi
 if has train; then
   # the CPU demo preset on the GPU (issue 5: a short real training there): its log, mIoU table (in
   # logs.txt) and last PNG panel come back, the checkpoints do not
-  T="$(dirname "$RESULTS")/train"  # beside the results: its checkpoints stay on the machine
+  T="${WORK:-$OUT_DIR}/train"  # under the device tool beside the results: its checkpoints stay there
   step train_demo 150 $PY python/train_rrm.py --preset cpu-demo --device cuda --no-progress --out-dir "$T"
   mkdir -p "$RESULTS"
   [ -f "$T/log.csv" ] && cp "$T/log.csv" "$RESULTS/train_demo_log.csv"

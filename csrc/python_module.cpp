@@ -89,6 +89,12 @@ PyObject* clear_lattice_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+PyObject* evict_lattice_cache(PyObject*, PyObject* arg) {
+  void* data = PyLong_AsVoidPtr(arg);
+  if (!data && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::cache_evict(data)));
+}
+
 PyObject* tuning(PyObject*, PyObject*) {
   PyObject* d = PyDict_New();
   if (!d) return nullptr;
@@ -138,6 +144,9 @@ PyMethodDef methods[] = {
      "Mean-field steps run so far by the tiled mean field's block kernels (knob mean_field_tile)."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,
      "Drop every cached lattice and zero the hit/miss counters."},
+    {"evict_lattice_cache", evict_lattice_cache, METH_O,
+     "evict_lattice_cache(data_ptr): drop the cached lattices of the features whose data starts there; "
+     "returns how many."},
     {"tuning", tuning, METH_NOARGS,
      "The CUDA launch-configuration knobs (common/tuning.h) and their values. Results do not depend on them, "
      "except mean_field_tile's rounding."},

@@ -112,9 +112,12 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
         cache: ``features`` is a tensor you will not change: its lattice is built at the first call
             and kept for later calls with this very tensor (filtering many signals over one image,
             step-wise mean field), and by the backward. Kept per storage, shape, strides and
-            version, so an in-place change of ``features`` builds anew; only a contiguous tensor of
-            the compute dtype is kept (any other is converted anew by every call). See
-            ``rrm_cuda.lattice_cache_info`` / ``set_lattice_cache_capacity`` / ``clear_lattice_cache``.
+            version, so an in-place change of ``features`` through torch builds anew (writes that
+            torch does not count, through ``.data`` or a numpy array sharing the memory, are not
+            seen); only a contiguous tensor of the compute dtype is kept (any other is converted
+            anew by every call). The entry holds on to the tensor's memory until it is evicted (the
+            least recently used beyond 8 entries) or ``rrm_cuda.clear_lattice_cache()``; see also
+            ``lattice_cache_info`` and ``set_lattice_cache_capacity``.
 
     Returns:
         (B, C, *S) tensor of ``values``' dtype (fp16/bf16 are computed in fp32).

@@ -116,7 +116,7 @@ def _gpu_check(tmp_path, steps, budget, sleeps, timeout):
     stub.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, OUT=str(out), BUDGET=str(budget), PY=str(stub))
+    env = dict(os.environ, OUT=str(out), BUDGET=str(budget), PY=str(stub), TMPDIR=str(tmp_path))
     env.pop("OUT_DIR", None)
     root = os.path.join(os.path.dirname(__file__), os.pardir)
     proc = subprocess.Popen(
@@ -147,6 +147,20 @@ def test_gpu_check_keeps_within_its_budget(tmp_path):
     assert rc == 1 and sorted(files) == ["logs.txt", "results.tgz"]
     with tarfile.open(files["results.tgz"]) as tar:
         assert "results/cuda_profile.json" in tar.getnames()
+    assert not list(tmp_path.glob("rrm-gpu-results.*"))  # its work folder removed on exit
+    # a budget that is not a whole number of seconds is refused before anything runs
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "profile"],
+        cwd=root,
+        env=dict(os.environ, OUT_DIR=str(tmp_path / "o2"), BUDGET="9.5"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and "BUDGET must be a whole number of seconds; got '9.5'" in proc.stderr
 
 
 def test_gpu_check_packs_results_after_every_step(tmp_path):

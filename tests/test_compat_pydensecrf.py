@@ -1,5 +1,6 @@
 """rrm_cuda.compat.pydensecrf: a drop-in for pydensecrf.densecrf / pydensecrf.utils."""
 
+import gc
 import sys
 
 import numpy as np
@@ -109,7 +110,12 @@ def test_step_inference_builds_each_lattice_once(lattice_cache):
     info = rrm_cuda.lattice_cache_info()
     # two builds; per term: the normaliser's filter and 4 steps' reuse the lattice
     assert info["misses"] == 2 and info["entries"] == 2 and info["hits"] == 8
-    np.testing.assert_allclose(Q, d.inference(4), rtol=0, atol=1e-5)
+    # the CRF's copy of its bilateral features leaves the cache with it; the shared positions stay
+    q4 = d.inference(4)
+    del d
+    gc.collect()
+    assert rrm_cuda.lattice_cache_info()["entries"] == 1
+    np.testing.assert_allclose(Q, q4, rtol=0, atol=1e-5)
 
 
 def test_unary_objects_match_pydensecrf():
@@ -134,7 +140,7 @@ def test_unary_objects_match_pydensecrf():
     cases = [
         (lambda mod, d: d.setUnary(mod.ConstUnary(u)), W, H),
         (lambda mod, d: d.setUnary(mod.LogisticUnary(Lw, f)), W, H),
-        (lambda mod, d: d.setUnaryEnergy(Ls, fs), 4, 3),  # K = N = 12
+        (lambda mod, d: d.setUnaryEnergy(Ls, f=fs), 4, 3),  # K = N = 12
     ]
     for k, (how, w, h) in enumerate(cases):
         (q0p, q5p), (q0r, q5r) = run(pdcrf, how, w, h), run(rdcrf, how, w, h)
@@ -171,8 +177,10 @@ def test_unary_objects_bad_inputs():
     big = np.full((2, 3), 3e38, np.float32)
     with pytest.raises(ValueError, match="overflowed float32"), np.errstate(over="ignore"):
         d.setUnary(rdcrf.LogisticUnary(big, np.ones((3, 6), np.float32)))
-    with pytest.raises(TypeError, match="L must be float32"):
-        d.setUnaryEnergy(np.zeros((2, 3)), np.zeros((3, 6), np.float32))
+    with pytest.raises(TypeError, match="u must be float32"):  # setUnaryEnergy's own names
+        d.setUnaryEnergy(np.zeros((2, 3)), f=np.zeros((3, 6), np.float32))
+    with pytest.raises(ValueError, match=r"u \(M, K\) and f \(K, N\) must agree in K"):
+        d.setUnaryEnergy(u=np.zeros((2, 3), np.float32), f=np.zeros((4, 6), np.float32))
     with pytest.raises(ValueError, match="setUnaryEnergy must be called"):
         d.inference(1)  # nothing was set by the failed calls
 
@@ -303,11 +311,11 @@ def test_alias_makes_pydensecrf_imports_resolve_to_the_shim(monkeypatch):
 
 def test_bad_inputs():
     d = rdcrf.DenseCRF2D(8, 6, 3)
-    with pytest.raises(TypeError, match="unary must be float32"):
+    with pytest.raises(TypeError, match="u must be float32"):
         d.setUnaryEnergy(np.zeros((3, 48)))
-    with pytest.raises(ValueError, match=r"unary must have shape \(M, N\) = \(3, 48\)"):
+    with pytest.raises(ValueError, match=r"u must have shape \(M, N\) = \(3, 48\)"):
         d.setUnaryEnergy(np.zeros((3, 40), np.float32))
-    with pytest.raises(ValueError, match="unary contains NaN"):
+    with pytest.raises(ValueError, match="u contains NaN"):
         d.setUnaryEnergy(np.full((3, 48), np.nan, np.float32))
     with pytest.raises(TypeError, match="rgbim must be a uint8"):
         d.addPairwiseBilateral(sxy=3, srgb=3, rgbim=np.zeros((6, 8, 3)), compat=3)

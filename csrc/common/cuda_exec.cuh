@@ -204,13 +204,14 @@ struct CudaExec {
     TORCH_CHECK(smem_bytes <= max_block_smem(), "for_each_block: ", smem_bytes,
                 " bytes of shared memory per block exceed the device's opt-in limit of ", max_block_smem());
     if (smem_bytes > 48 * 1024) {
-      // the kernel's opt-in, per device, set again only for a larger size than already set
-      static std::array<std::atomic<int>, kMaxDevices> opted{};
+      // the kernel opted into the device's whole limit, once per device (the attribute is only a
+      // bound; every thread that races here sets the same value)
+      static std::array<std::atomic<bool>, kMaxDevices> opted{};
       const int dev = c10::cuda::current_device();
-      if (dev >= kMaxDevices || opted[dev].load(std::memory_order_relaxed) < smem_bytes) {
+      if (dev >= kMaxDevices || !opted[dev].load(std::memory_order_acquire)) {
         C10_CUDA_CHECK(cudaFuncSetAttribute(for_each_block_kernel<F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem_bytes)));
-        if (dev < kMaxDevices) opted[dev].store(static_cast<int>(smem_bytes), std::memory_order_relaxed);
+                                            static_cast<int>(max_block_smem())));
+        if (dev < kMaxDevices) opted[dev].store(true, std::memory_order_release);
       }
     }
     for_each_block_kernel<F><<<static_cast<unsigned>(B * nblocks), kBlock, static_cast<size_t>(smem_bytes),

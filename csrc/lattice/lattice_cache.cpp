@@ -97,7 +97,8 @@ void cache_put(const at::Tensor& features, const char* exec, int64_t stream, int
       break;
     }
   }
-  s.items.push_front(Item{std::move(key), features, std::move(entry)});
+  // detached: the entry keeps the storage (and version counter), not an autograd graph
+  s.items.push_front(Item{std::move(key), features.detach(), std::move(entry)});
   s.trim();
 }
 
@@ -146,6 +147,14 @@ void note_counted_build() { g_counted_builds.fetch_add(1, std::memory_order_rela
 int64_t counted_builds() { return g_counted_builds.load(std::memory_order_relaxed); }
 void note_tiled_steps(int64_t n) { g_tiled_steps.fetch_add(n, std::memory_order_relaxed); }
 int64_t tiled_steps() { return g_tiled_steps.load(std::memory_order_relaxed); }
+
+int64_t cache_evict(const void* data) {
+  Store& s = store();
+  std::lock_guard<std::mutex> lock(s.mu);
+  const auto before = s.items.size();
+  s.items.remove_if([data](const Item& it) { return it.key.data == data; });
+  return static_cast<int64_t>(before - s.items.size());
+}
 
 void cache_clear() {
   Store& s = store();

@@ -86,6 +86,9 @@ int64_t counted_builds();
 void note_tiled_steps(int64_t n);
 int64_t tiled_steps();
 void cache_clear();  // drops every entry and zeroes the counters
+// Drops the entries of the features whose data starts at `data` (an owner's tensor going away, e.g.
+// a pydensecrf DenseCRF's copies of its features); returns how many.
+int64_t cache_evict(const void* data);
 
 }  // namespace lattice
 }  // namespace rrm

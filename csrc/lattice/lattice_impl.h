@@ -805,11 +805,14 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
-  const bool cacheable = keep && features.is_contiguous() && cache_ok(exec);
+  bool cacheable = keep && features.is_contiguous() && cache_ok(exec);
   const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, B));  // as crf_terms keys its entries
   std::shared_ptr<CachedLattice> cached;
   if (cacheable) cached = cache_find(features, Exec::kName, Exec::stream_id(), eff_chunk);
-  if (cached && cached->lat.chunk_tile != 0) cached.reset();  // a dense_crf entry cut by pixel tiles
+  if (cached && cached->lat.chunk_tile != 0) {  // a dense_crf entry cut by pixel tiles: left to it
+    cached.reset();
+    cacheable = false;
+  }
   Lattice lat;
   if (cached) {
     lat = cached->lat;

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 
 import numpy as np
 import torch
 
+from ... import _ext
 from ... import functional as F
 
 # pydensecrf's enums (KernelType, NormalizationType)
@@ -103,10 +105,24 @@ class LogisticUnary(Unary):
     negative: the first Q is ``softmax(-L f)``). Its parameter learning is not offered."""
 
     def __init__(self, L, f) -> None:  # noqa: N803 (pydensecrf's names)
-        weights, feats = _float32_matrix(L, "L"), _float32_matrix(f, "f")
+        self._energy = self._product(L, f, "L", "f")
+
+    @staticmethod
+    def _product(L, f, lname: str, fname: str) -> np.ndarray:  # noqa: N803
+        weights, feats = _float32_matrix(L, lname), _float32_matrix(f, fname)
         if weights.shape[1] != feats.shape[0]:
-            raise ValueError(f"L (M, K) and f (K, N) must agree in K; got L {weights.shape} and f {feats.shape}")
-        self._energy = weights @ feats
+            raise ValueError(
+                f"{lname} (M, K) and {fname} (K, N) must agree in K; got {lname} {weights.shape} and "
+                f"{fname} {feats.shape}"
+            )
+        return weights @ feats
+
+    @classmethod
+    def _of(cls, L, f, lname: str, fname: str) -> LogisticUnary:  # noqa: N803
+        """The unary of ``setUnaryEnergy(u, f)``: errors name the caller's arguments."""
+        u = cls.__new__(cls)
+        u._energy = cls._product(L, f, lname, fname)
+        return u
 
 
 class DenseCRF:
@@ -133,21 +149,21 @@ class DenseCRF:
         self._last_messages: tuple[int, np.ndarray, list[torch.Tensor]] | None = None  # (terms, Q, messages)
 
     # -- unary ------------------------------------------------------------------------------
-    def setUnaryEnergy(self, unary, feat=None) -> None:  # noqa: N802 (pydensecrf's name)
-        """``unary``: float32 (M, N) energies (−log p), C-contiguous as pydensecrf requires. With
-        ``feat``: the logistic unary ``unary @ feat`` (:class:`LogisticUnary`; unary (M, K) weights,
-        feat (K, N); pydensecrf itself only accepts K = N here)."""
-        if feat is not None:
-            self.setUnary(LogisticUnary(unary, feat))
+    def setUnaryEnergy(self, u, f=None) -> None:  # noqa: N802 (pydensecrf's name)
+        """``u``: float32 (M, N) energies (−log p), C-contiguous as pydensecrf requires. With ``f``:
+        the logistic unary ``u @ f`` (:class:`LogisticUnary`; u (M, K) weights, f (K, N); pydensecrf
+        itself only accepts K = N here)."""
+        if f is not None:
+            self.setUnary(LogisticUnary._of(u, f, "u", "f"))
             return
-        u = np.asarray(unary)
-        if u.dtype != np.float32:
-            raise TypeError(f"unary must be float32 (as pydensecrf requires); got {u.dtype}")
-        if u.shape != (self.M, self.N):
-            raise ValueError(f"unary must have shape (M, N) = ({self.M}, {self.N}); got {u.shape}")
-        if not np.isfinite(u).all():
-            raise ValueError("unary contains NaN or Inf")
-        self._unary = torch.from_numpy(np.ascontiguousarray(u).copy())
+        a = np.asarray(u)
+        if a.dtype != np.float32:
+            raise TypeError(f"u must be float32 (as pydensecrf requires); got {a.dtype}")
+        if a.shape != (self.M, self.N):
+            raise ValueError(f"u must have shape (M, N) = ({self.M}, {self.N}); got {a.shape}")
+        if not np.isfinite(a).all():
+            raise ValueError("u contains NaN or Inf")
+        self._unary = torch.from_numpy(np.ascontiguousarray(a).copy())
 
     def setUnary(self, u: Unary) -> None:  # noqa: N802
         """``u``: a :class:`ConstUnary` or :class:`LogisticUnary` of (M, N) energies. Unlike
@@ -293,9 +309,9 @@ class DenseCRF:
         return self._step_unary[1]
 
     def _filter_terms(self, q: torch.Tensor):
-        for i, (f, c, code, _) in enumerate(self._terms):
+        for i, (f, c, code, constant) in enumerate(self._terms):
             if i not in self._step_terms:
-                self._step_terms[i] = self._step_term(f, c, code)
+                self._step_terms[i] = self._step_term(f, c, code, constant)
             fd, C, scale, pre = self._step_terms[i]
             if fd is None:  # the term is switched off
                 continue
@@ -305,9 +321,10 @@ class DenseCRF:
             # normaliser; a full matrix: C (post * k)
             yield k.mul_(scale) if C is None else C @ k.mul_(scale)
 
-    def _step_term(self, f: torch.Tensor, c, code: int) -> tuple:
+    def _step_term(self, f: torch.Tensor, c, code: int, constant: bool) -> tuple:
         """A term's step-wise pieces, made once: its features on the device (copies, or the cached
-        positions: they never change, so the filter op keeps their lattice, cache=True), its full
+        positions: they never change, so the filter op keeps their lattice, cache=True; a copy's
+        lattice is evicted when this CRF is collected, the shared positions' stays), its full
         compatibility matrix or None when diagonal, the scale applied after filtering ((L, N):
         diag(C) times the normaliser, or (1, N) / (1, 1)) and the scale before (None or (1, N))."""
         cm = F._compat_matrix(c, self.M, "compat", torch.float32, self.device)
@@ -315,6 +332,9 @@ class DenseCRF:
             return None, None, None, None
         C = cm[0]
         fd = f.to(self.device).unsqueeze(0).contiguous()
+        if not constant:
+            # this CRF's own copy: its lattice leaves the (process-wide) cache with the CRF
+            weakref.finalize(self, _ext._C.evict_lattice_cache, fd.data_ptr())
         norm = None
         if code != 3:
             n = torch.ops.rrm_cuda.permutohedral_filter(torch.ones(1, 1, self.N, device=self.device), fd, False, True)
