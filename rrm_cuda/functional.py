@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import Union
 
@@ -97,22 +96,6 @@ def _check_lattice_features(
         _check_key_range(features, name, max(abs(rng[0]), abs(rng[1])))
 
 
-# Features whose values permutohedral_filter(cache=True) has checked: id -> (a weak reference to the
-# tensor, the version checked). A later call with the same unchanged tensor skips that check (one
-# device read on a GPU), as the op skips the lattice build. An entry goes with its tensor.
-_CHECKED_FEATURES: dict[int, tuple[weakref.ref, int]] = {}
-
-
-def _features_checked(t: Tensor) -> bool:
-    entry = _CHECKED_FEATURES.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1] == t._version
-
-
-def _note_features_checked(t: Tensor) -> None:
-    key = id(t)
-    _CHECKED_FEATURES[key] = (weakref.ref(t, lambda _, key=key: _CHECKED_FEATURES.pop(key, None)), t._version)
-
-
 def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = False, cache: bool = False) -> Tensor:
     r"""Gaussian filtering on the permutohedral lattice, one lattice per image.
 
@@ -134,8 +117,7 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
             seen); only a contiguous tensor of the compute dtype is kept (any other is converted
             anew by every call). The entry holds on to the tensor's memory until it is evicted (the
             least recently used beyond 8 entries) or ``rrm_cuda.clear_lattice_cache()``; see also
-            ``lattice_cache_info`` and ``set_lattice_cache_capacity``. The features' values (finite,
-            within the lattice's key range) are checked once per tensor object and version.
+            ``lattice_cache_info`` and ``set_lattice_cache_capacity``.
 
     Returns:
         (B, C, *S) tensor of ``values``' dtype (fp16/bf16 are computed in fp32).
@@ -162,14 +144,11 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
     dtype = _compute_dtype(values.dtype)
     B, C = values.shape[:2]
     f = _flat(features)
-    memo = cache and not torch.compiler.is_compiling() and type(features) is Tensor and not features.is_inference()
-    if memo and _features_checked(features):
-        _check_lattice_features(f, "features", C, dtype, values=False)  # shapes and memory only
-    else:
-        _check_lattice_features(f, "features", C, dtype)
-        if memo and V.checking_values():
-            _note_features_checked(features)
-    V.check_finite(values, "values")
+    _check_lattice_features(f, "features", C, dtype, values=False)  # shapes and memory
+    # the values of both, finite and within the lattice's key range: one device read for the two
+    frng, _ = V.finite_ranges([("features", f), ("values", values)])
+    if frng is not None:
+        _check_key_range(f, "features", max(abs(frng[0]), abs(frng[1])))
     v = _flat(values).to(dtype)
     keep = cache and features.is_contiguous() and features.dtype == dtype  # f is then a view of features
     f = f.to(dtype)

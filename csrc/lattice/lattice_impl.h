@@ -794,39 +794,40 @@ bool cache_ok(const Exec& exec) {
   return !exec.capturing();
 }
 
+// The lattices of features (B', d, N) built `chunk` images at a time, with chunks cut by
+// `chunk_tile` pixels: from the lattice cache (lattice_cache.h) when keep -- features is a constant
+// tensor, never changed in place outside autograd's view -- and an entry cut by the same tiles is
+// there; else built (counted: a counted build) and, when keep, stored. Only a contiguous tensor is
+// kept (contiguous() of any other is a new tensor every call), never a counted lattice (sized for
+// every possible vertex), and nothing while a CUDA graph is captured (cache_ok). An entry cut by
+// other tiles is replaced when `replace` (dense_crf), else left to its owner (the filter).
+template <class Exec>
+std::shared_ptr<CachedLattice> cached_or_built(const Exec& exec, const at::Tensor& features, int64_t chunk, bool keep,
+                                               bool counted, int64_t chunk_tile, bool replace) {
+  bool cacheable = keep && features.is_contiguous() && cache_ok(exec);
+  const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, features.size(0)));
+  std::shared_ptr<CachedLattice> cached;
+  if (cacheable) cached = cache_find(features, Exec::kName, Exec::stream_id(), eff_chunk);
+  if (cached && cached->lat.chunk_tile == chunk_tile) return cached;
+  if (cached) cacheable = cacheable && replace;
+  cached = std::make_shared<CachedLattice>();
+  cached->lat = build(exec, features.contiguous(), chunk, counted, chunk_tile);
+  if (cacheable && !counted) cache_put(features, Exec::kName, Exec::stream_id(), eff_chunk, cached);  // replaces
+  return cached;
+}
+
 // values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
-// keep: features is a constant tensor (never changed in place outside autograd's view), so its
-// lattice may come from, and go to, the lattice cache (lattice_cache.h), as dense_crf's cached terms
-// do: a contiguous tensor only, never a counted lattice (sized for every possible vertex), and never
-// inside a CUDA graph capture (cache_ok).
+// keep: features is constant, its lattice may come from and go to the cache (cached_or_built).
 template <class Exec>
 at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, const at::Tensor& features, bool reverse,
                                 int64_t chunk, bool keep = false) {
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
-  bool cacheable = keep && features.is_contiguous() && cache_ok(exec);
-  const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, B));  // as crf_terms keys its entries
-  std::shared_ptr<CachedLattice> cached;
-  if (cacheable) cached = cache_find(features, Exec::kName, Exec::stream_id(), eff_chunk);
-  if (cached && cached->lat.chunk_tile != 0) {  // a dense_crf entry cut by pixel tiles: left to it
-    cached.reset();
-    cacheable = false;
-  }
-  Lattice lat;
-  if (cached) {
-    lat = cached->lat;
-  } else {
-    // A counted lattice (use_counted): in a CUDA graph capture, or by knob. Its rows: the two blur
-    // buffers and the chunk sums.
-    const bool counted = use_counted(exec, B, chunk, N, features.size(1), 3 * C * values.element_size());
-    lat = build(exec, features.contiguous(), chunk, counted);
-    if (cacheable && !counted) {
-      auto entry = std::make_shared<CachedLattice>();
-      entry->lat = lat;
-      cache_put(features, Exec::kName, Exec::stream_id(), eff_chunk, std::move(entry));
-    }
-  }
+  // A counted lattice (use_counted): in a CUDA graph capture, or by knob. Its rows: the two blur
+  // buffers and the chunk sums.
+  const bool counted = use_counted(exec, B, chunk, N, features.size(1), 3 * C * values.element_size());
+  const Lattice lat = cached_or_built(exec, features, chunk, keep, counted, /*chunk_tile=*/0, /*replace=*/false)->lat;
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
   FilterWorkspace ws;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter", [&] {
@@ -900,22 +901,13 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
   for (int64_t t = 0; t < T; ++t) {
     const int64_t norm = norms[t];
     const at::Tensor& ft = features[t];
-    // Only a contiguous tensor is cached: contiguous() of any other makes a new tensor every call.
-    const bool cacheable = t < static_cast<int64_t>(keep.size()) && keep[t] && ft.is_contiguous() && cache_ok(exec);
-    const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, ft.size(0)));
-    std::shared_ptr<CachedLattice> cached;
-    if (cacheable) cached = cache_find(ft, Exec::kName, Exec::stream_id(), eff_chunk);
-    if (cached && cached->lat.chunk_tile != chunk_tile) cached.reset();  // chunks cut by other tiles: rebuilt
-    if (!cached) {
-      // A counted lattice (use_counted; row_bytes: the caller's rows per vertex) in a CUDA graph
-      // capture or by knob; it is not cached (its buffers are sized for every possible vertex).
-      const int64_t per_lattice = std::max<int64_t>(1, row_images / std::max<int64_t>(1, ft.size(0)));
-      const bool counted =
-          row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes * per_lattice);
-      cached = std::make_shared<CachedLattice>();
-      cached->lat = build(exec, ft.contiguous(), chunk, counted, chunk_tile);
-      if (cacheable && !counted) cache_put(ft, Exec::kName, Exec::stream_id(), eff_chunk, cached);  // replaces
-    }
+    // A counted lattice (use_counted; row_bytes: the caller's rows per vertex) in a CUDA graph
+    // capture or by knob.
+    const int64_t per_lattice = std::max<int64_t>(1, row_images / std::max<int64_t>(1, ft.size(0)));
+    const bool counted = row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes * per_lattice);
+    const bool kept = t < static_cast<int64_t>(keep.size()) && keep[t];
+    // an entry of other tiles is rebuilt and replaced; a private entry's normaliser stays private
+    std::shared_ptr<CachedLattice> cached = cached_or_built(exec, ft, chunk, kept, counted, chunk_tile, true);
     terms.lats.push_back(cached->lat);
     const int64_t Bt = terms.lats[t].B;
     if (norm != 3) {  // NO_NORMALIZATION: densecrf computes a mean norm but never applies it
@@ -929,7 +921,7 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
         terms.wss[t] = FilterWorkspace{};
         exec.for_each(Bt * N, NormFunctor<scalar_t>{kn.data_ptr<scalar_t>(), norm == 0});
         n = kn.reshape({Bt, N});
-        if (cacheable) cache_set_norm(*cached, norm, n);
+        cache_set_norm(*cached, norm, n);
       }
       if (norm == 0 || norm == 1) terms.post[t] = n;
       if (norm == 0 || norm == 2) terms.pre[t] = n;

@@ -105,24 +105,17 @@ class LogisticUnary(Unary):
     negative: the first Q is ``softmax(-L f)``). Its parameter learning is not offered."""
 
     def __init__(self, L, f) -> None:  # noqa: N803 (pydensecrf's names)
-        self._energy = self._product(L, f, "L", "f")
+        self._energy = _logistic_energy(L, f, "L", "f")
 
-    @staticmethod
-    def _product(L, f, lname: str, fname: str) -> np.ndarray:  # noqa: N803
-        weights, feats = _float32_matrix(L, lname), _float32_matrix(f, fname)
-        if weights.shape[1] != feats.shape[0]:
-            raise ValueError(
-                f"{lname} (M, K) and {fname} (K, N) must agree in K; got {lname} {weights.shape} and "
-                f"{fname} {feats.shape}"
-            )
-        return weights @ feats
 
-    @classmethod
-    def _of(cls, L, f, lname: str, fname: str) -> LogisticUnary:  # noqa: N803
-        """The unary of ``setUnaryEnergy(u, f)``: errors name the caller's arguments."""
-        u = cls.__new__(cls)
-        u._energy = cls._product(L, f, lname, fname)
-        return u
+def _logistic_energy(L, f, lname: str, fname: str) -> np.ndarray:  # noqa: N803
+    """``L @ f`` with errors that name the caller's arguments (LogisticUnary's, setUnaryEnergy's)."""
+    weights, feats = _float32_matrix(L, lname), _float32_matrix(f, fname)
+    if weights.shape[1] != feats.shape[0]:
+        raise ValueError(
+            f"{lname} (M, K) and {fname} (K, N) must agree in K; got {lname} {weights.shape} and {fname} {feats.shape}"
+        )
+    return weights @ feats
 
 
 class DenseCRF:
@@ -154,7 +147,7 @@ class DenseCRF:
         the logistic unary ``u @ f`` (:class:`LogisticUnary`; u (M, K) weights, f (K, N); pydensecrf
         itself only accepts K = N here)."""
         if f is not None:
-            self.setUnary(LogisticUnary._of(u, f, "u", "f"))
+            self._set_energy(_logistic_energy(u, f, "u", "f"))
             return
         a = np.asarray(u)
         if a.dtype != np.float32:
@@ -170,7 +163,9 @@ class DenseCRF:
         pydensecrf's, which takes the object over, ``u`` may be set on several CRFs."""
         if not isinstance(u, Unary):
             raise TypeError(f"u must be a ConstUnary or a LogisticUnary; got {type(u).__name__}")
-        e = u.energy()
+        self._set_energy(u.energy())
+
+    def _set_energy(self, e: np.ndarray) -> None:
         if e.shape != (self.M, self.N):
             raise ValueError(f"the unary's energies must have shape (M, N) = ({self.M}, {self.N}); got {e.shape}")
         if not np.isfinite(e).all():
