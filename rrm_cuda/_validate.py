@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ def tensor(
 ) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    supported_device(x.device, name)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if x.dim() not in allowed:
@@ -117,12 +119,42 @@ def check_finite(x: torch.Tensor, name: str) -> None:
     finite_range(x, name)
 
 
+@functools.cache
+def _built_with_cuda() -> bool:
+    from . import _ext
+
+    return bool(_ext._C.build_info()["with_cuda"])
+
+
+def supported_device(device: torch.device, name: str) -> None:
+    """The ops have CPU and CUDA kernels (and fake ones for ``meta``). Anything else -- or a CUDA
+    tensor given to a build without CUDA kernels, the usual result of ``pip install .`` on a
+    cluster's login node, which has no GPU -- gets an error that says what to do, instead of the
+    dispatcher's "Could not run 'rrm_cuda::...' with arguments from the 'CUDA' backend"."""
+    kind = device.type
+    if kind in ("cpu", "meta"):
+        return
+    if kind == "cuda":
+        if not _built_with_cuda():
+            raise RuntimeError(
+                f"{name} is on {device}, but this rrm_cuda was built without CUDA kernels (torch had no visible "
+                "GPU or no CUDA toolkit was found when it was built; rrm_cuda.build_info() says what was "
+                "compiled in). Rebuild it, on any machine with the CUDA toolkit, with:\n"
+                "    FORCE_CUDA=1 CUDA_HOME=/path/to/cuda pip install --no-build-isolation --no-deps "
+                "--force-reinstall ."
+            )
+        return
+    raise RuntimeError(f"{name} is on {device}: rrm_cuda's ops run on CPU and CUDA tensors only")
+
+
 def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
     items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
     dev = items[0][1].device
     for k, v in items[1:]:
         if v.device != dev:
             raise ValueError(f"{items[0][0]} and {k} must be on the same device; got {dev} and {v.device}")
+    for k, v in items:
+        supported_device(v.device, k)
     return dev
 
 

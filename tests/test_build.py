@@ -60,3 +60,67 @@ def test_host_synchronising_ops_are_tagged_cudagraph_unsafe():
         assert tag in getattr(ops, name).default.tags, name
     for name in capturable:
         assert tag not in getattr(ops, name).default.tags, name
+
+
+def _public_calls(device: str):
+    """One call of every public function that runs rrm_cuda's kernels, on ``device`` tensors (shapes
+    valid, values unread). bilateral_features and position_features are plain torch: any device."""
+    B, L, H, W = 1, 3, 6, 7
+
+    def t(*shape, dtype=torch.float32):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    ones = torch.ones(B, L, H, W, device=device) / L
+    labels = torch.zeros(B, H, W, dtype=torch.long, device=device)
+    return {
+        "permutohedral_filter": lambda: rrm_cuda.permutohedral_filter(t(B, 2, 9), t(B, 2, 9)),
+        "lattice_num_vertices": lambda: rrm_cuda.lattice_num_vertices(t(B, 2, 9)),
+        "dense_crf (unary only)": lambda: rrm_cuda.dense_crf(t(B, L, H, W), iterations=1, check_inputs=False),
+        "dense_crf (image)": lambda: rrm_cuda.dense_crf(probs=ones, image=t(B, 3, H, W), check_inputs=False),
+        "dense_energy_loss": lambda: rrm_cuda.dense_energy_loss(
+            t(B, 3, H, W), ones, t(B, H, W), labels, check_inputs=False
+        ),
+        "masked_feature_sums": lambda: rrm_cuda.masked_feature_sums(t(B, 4, H, W), labels, num_classes=L),
+        "bcd_loss": lambda: rrm_cuda.bcd_loss(t(B, L, H, W), t(B, 4, H, W), check_inputs=False),
+    }
+
+
+def test_cuda_tensors_on_a_build_without_cuda_kernels_get_the_rebuild_command(monkeypatch):
+    # A CPU-only build (pip install . where torch saw no GPU, e.g. a cluster's login node) given CUDA
+    # tensors: an error that names the argument and says how to rebuild, not the dispatcher's "Could
+    # not run 'rrm_cuda::...' with arguments from the 'CUDA' backend". Fake CUDA tensors (no GPU here).
+    import pytest
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rrm_cuda import _validate as V
+
+    monkeypatch.setattr(V, "_built_with_cuda", lambda: False)
+    with FakeTensorMode():
+        calls = _public_calls("cuda")
+        for what, call in calls.items():
+            with pytest.raises(RuntimeError, match=r"is on cuda:0, but this rrm_cuda was built without CUDA") as err:
+                call()
+            assert "FORCE_CUDA=1" in str(err.value), what
+    with pytest.raises(RuntimeError, match=r"^images is on cuda"):
+        with FakeTensorMode():
+            _public_calls("cuda")["dense_energy_loss"]()
+
+
+def test_tensors_on_other_devices_are_refused_by_name():
+    import pytest
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        for call in _public_calls("xpu").values():
+            with pytest.raises(RuntimeError, match=r"is on xpu:0: rrm_cuda's ops run on CPU and CUDA tensors only"):
+                call()
+
+
+def test_supported_devices_pass():
+    from rrm_cuda import _validate as V
+
+    V.supported_device(torch.device("cpu"), "x")
+    V.supported_device(torch.device("meta"), "x")
+    assert V._built_with_cuda() == rrm_cuda.build_info()["with_cuda"]
+    if V._built_with_cuda():
+        V.supported_device(torch.device("cuda", 0), "x")
