@@ -175,20 +175,17 @@ def test_unary_objects_bad_inputs():
     with pytest.raises(ValueError, match=r"energies must have shape \(M, N\) = \(2, 6\); got \(2, 5\)"):
         d.setUnary(rdcrf.ConstUnary(np.zeros((2, 5), np.float32)))
     big = np.full((2, 3), 3e38, np.float32)
-    with pytest.raises(ValueError, match="overflowed float32"), np.errstate(over="ignore"):
+    with pytest.raises(ValueError, match=r"the energies L @ f overflow float32"), np.errstate(over="ignore"):
         d.setUnary(rdcrf.LogisticUnary(big, np.ones((3, 6), np.float32)))
     with pytest.raises(TypeError, match="u must be float32"):  # setUnaryEnergy's own names
         d.setUnaryEnergy(np.zeros((2, 3)), f=np.zeros((3, 6), np.float32))
     with pytest.raises(ValueError, match=r"u \(M, K\) and f \(K, N\) must agree in K"):
         d.setUnaryEnergy(u=np.zeros((2, 3), np.float32), f=np.zeros((4, 6), np.float32))
-    with pytest.raises(ValueError, match="setUnaryEnergy must be called"):
-        d.inference(1)  # nothing was set by the failed calls
+    assert d._unary is None  # nothing was set by the failed calls
 
 
 def test_step_inference_bad_inputs():
     d = rdcrf.DenseCRF2D(8, 6, 3)
-    with pytest.raises(ValueError, match="setUnaryEnergy must be called"):
-        d.startInference()
     d.setUnaryEnergy(np.zeros((3, 48), np.float32))
     d.addPairwiseGaussian(sxy=3, compat=3)
     Q, tmp1, tmp2 = d.startInference()
@@ -315,8 +312,10 @@ def test_bad_inputs():
         d.setUnaryEnergy(np.zeros((3, 48)))
     with pytest.raises(ValueError, match=r"u must have shape \(M, N\) = \(3, 48\)"):
         d.setUnaryEnergy(np.zeros((3, 40), np.float32))
-    with pytest.raises(ValueError, match="u contains NaN"):
+    with pytest.raises(ValueError, match="u contains NaN or -inf"):
         d.setUnaryEnergy(np.full((3, 48), np.nan, np.float32))
+    with pytest.raises(ValueError, match="u contains NaN or -inf"):
+        d.setUnaryEnergy(np.full((3, 48), -np.inf, np.float32))
     with pytest.raises(TypeError, match="rgbim must be a uint8"):
         d.addPairwiseBilateral(sxy=3, srgb=3, rgbim=np.zeros((6, 8, 3)), compat=3)
     with pytest.raises(ValueError, match=r"rgbim must have shape \(H, W, 3\)"):
@@ -327,10 +326,8 @@ def test_bad_inputs():
         d.addPairwiseEnergy(np.zeros((2, 5), np.float32), compat=3)
     with pytest.raises(ValueError, match="compat must be a number"):
         d.addPairwiseGaussian(sxy=3, compat=np.ones(5))
-    with pytest.raises(ValueError, match="setUnaryEnergy must be called"):
-        d.inference(5)
-    with pytest.raises(ValueError, match="nlabels must be >= 2"):
-        rdcrf.DenseCRF2D(8, 6, 1)
+    with pytest.raises(ValueError, match="nlabels must be >= 1"):
+        rdcrf.DenseCRF2D(8, 6, 0)
     # compat, features and integer arguments are checked when given, not at inference
     for bad, exc, match in (
         (None, TypeError, r"compat must be a number, an \(3,\) vector .*; got NoneType"),
@@ -350,14 +347,14 @@ def test_bad_inputs():
         d.addPairwiseEnergy(np.full((2, 48), np.nan, np.float32), compat=3)
     assert d._terms == []  # nothing was added by the failed calls
     d.setUnaryEnergy(np.zeros((3, 48), np.float32))
-    for n in (2.7, "3", None):
+    for n in ("3", None, float("nan"), [2]):
         with pytest.raises(TypeError, match="n_iterations must be an integer"):
             d.inference(n)
     assert d.inference(np.int64(1)).shape == (3, 48)
-    with pytest.raises(TypeError, match="W must be an integer; got float 5.5"):
-        rdcrf.DenseCRF2D(5.5, 5, 2)
-    with pytest.raises(TypeError, match="nlabels must be an integer"):
-        rdcrf.DenseCRF(10, 2.0)
+    with pytest.raises(TypeError, match="W must be an integer; got str '5'"):
+        rdcrf.DenseCRF2D("5", 5, 2)
+    with pytest.raises(TypeError, match="nlabels must be an integer; got inf"):
+        rdcrf.DenseCRF(10, float("inf"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             rdcrf.DenseCRF2D(8, 6, 3, device="cuda")
@@ -405,3 +402,92 @@ def _fork_job(seed: int) -> tuple[np.ndarray, int]:
     big = torch.rand(512, 512).exp().sum()  # a parallel torch op too
     assert torch.isfinite(big)
     return np.array(d.inference(10)), torch.get_num_threads()
+
+
+def test_forbidden_labels_with_infinite_energies_match_pydensecrf():
+    # unary_from_softmax(p, clip=None) (and pydensecrf's deprecated softmax_to_unary) give +inf for
+    # p = 0: a label forbidden at that pixel, Q = 0 there. pydensecrf handles it; so does the drop-in.
+    img = photo("astronaut", (40, 48))
+    H, W = img.shape[:2]
+    probs = smooth_probs(3, H, W, seed=3)
+    probs[1, :, :20] = 0  # label 1 forbidden in the left part
+    probs /= probs.sum(0, keepdims=True)
+    with np.errstate(divide="ignore"):
+        U = putils.unary_from_softmax(probs, clip=None)
+    assert np.isposinf(U).sum() == H * 20
+    out = {}
+    for name, mod in (("pydensecrf", pdcrf), ("shim", rdcrf)):
+        d = mod.DenseCRF2D(W, H, 3)
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        d.addPairwiseBilateral(sxy=20, srgb=13, rgbim=img, compat=10)
+        q = np.array(d.inference(5))
+        Q, t1, t2 = d.startInference()
+        for _ in range(2):
+            d.stepInference(Q, t1, t2)
+        out[name] = q, np.array(Q)
+    for k in range(2):
+        assert np.isfinite(out["shim"][k]).all()
+        np.testing.assert_allclose(out["shim"][k], out["pydensecrf"][k], rtol=0, atol=1e-4)
+        assert out["shim"][k].reshape(3, H, W)[1, :, :20].max() < 1e-30
+    d = rdcrf.DenseCRF(4, 2)
+    blocked = np.zeros((2, 4), np.float32)
+    blocked[:, 2] = np.inf
+    with pytest.raises(ValueError, match=r"u is \+inf for every label of variable 2 \(and 0 more\)"):
+        d.setUnaryEnergy(blocked)
+    with pytest.raises(ValueError, match=r"u is \+inf for every label of variable 2"):
+        rdcrf.ConstUnary(blocked)
+
+
+def test_pydensecrf_argument_conventions():
+    # What pydensecrf accepts, the drop-in accepts: floats for its C-int arguments (truncated, as
+    # Cython converts them), a CRF without a unary (zero energies), one label (Q = 1), a negative
+    # iteration count (no step), and its exception classes for wrong dtypes and bad scale/gt_prob.
+    rng = np.random.default_rng(0)
+    U = rng.uniform(0, 3, (3, 20)).astype(np.float32)
+    for mod in (pdcrf, rdcrf):
+        ref = mod.DenseCRF2D(5, 4, 3)
+        ref.setUnaryEnergy(U)
+        ref.addPairwiseGaussian(sxy=3, compat=3)
+        want = np.array(ref.inference(3))
+        d = mod.DenseCRF2D(5.0, np.float64(4.9), np.float32(3))
+        d.setUnaryEnergy(U)
+        d.addPairwiseGaussian(sxy=3, compat=3)
+        np.testing.assert_array_equal(np.array(d.inference(3.9)), want)
+        np.testing.assert_array_equal(np.array(d.inference(np.array(3))), want)
+        np.testing.assert_allclose(np.array(d.inference(-1)), np.array(d.inference(0)), rtol=0, atol=0)
+        blank = mod.DenseCRF2D(5, 4, 3)
+        blank.addPairwiseGaussian(sxy=3, compat=3)
+        np.testing.assert_allclose(np.array(blank.inference(2)), 1 / 3, rtol=0, atol=1e-6)
+        one = mod.DenseCRF2D(5, 4, 1)
+        one.setUnaryEnergy(np.zeros((1, 20), np.float32))
+        one.addPairwiseGaussian(sxy=3, compat=3)
+        np.testing.assert_array_equal(np.array(one.inference(2)), np.ones((1, 20), np.float32))
+        with pytest.raises(ValueError):  # pydensecrf: "Buffer dtype mismatch"
+            d.setUnaryEnergy(U.astype(np.float64))
+    with pytest.raises(TypeError):  # and the drop-in's error is a TypeError too
+        rdcrf.DenseCRF2D(5, 4, 3).setUnaryEnergy(U.astype(np.float64))
+    for utils in (putils, rutils):
+        with pytest.raises(AssertionError):
+            utils.unary_from_softmax(np.full((2, 3), 0.5), scale=0)
+        with pytest.raises(AssertionError):
+            utils.unary_from_labels(np.array([1, 2]), 2, gt_prob=1.5)
+    with pytest.raises(ValueError, match=r"scale must be in \(0, 1\]; got 0"):
+        rutils.unary_from_softmax(np.full((2, 3), 0.5), scale=0)
+
+
+def test_deprecated_utils_match_pydensecrf():
+    rng = np.random.default_rng(1)
+    sm = rng.dirichlet(np.ones(4), size=(6, 5)).transpose(2, 0, 1).astype(np.float32)
+    sm[2, 0, :3] = 0
+    labels = rng.integers(0, 4, (6, 5))
+    with np.errstate(divide="ignore"):
+        for gt in (1, 0.8):
+            np.testing.assert_array_equal(rutils.softmax_to_unary(sm, gt), putils.softmax_to_unary(sm, gt))
+        for scale in (None, 0.7, 1.0):  # float64 mixing, bitwise
+            for x in (sm, sm.astype(np.float64)):
+                np.testing.assert_array_equal(
+                    rutils.unary_from_softmax(x, scale, clip=None), putils.unary_from_softmax(x, scale, clip=None)
+                )
+    np.testing.assert_array_equal(rutils.compute_unary(labels, 3, 0.6), putils.compute_unary(labels, 3, 0.6))
+    np.testing.assert_array_equal(rutils.compute_unary(labels, 3), putils.compute_unary(labels, 3))

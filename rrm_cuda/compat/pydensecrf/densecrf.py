@@ -6,16 +6,21 @@ Step-wise inference (``startInference``, ``stepInference``, ``klDivergence``) fi
 terms' lattices (built at the first step and kept); ``inference(n)`` runs n steps in one op and is
 the fast path.
 
-Differences from pydensecrf, all additive: ``device=`` picks CPU or CUDA; inputs are validated with
-errors that name the argument; any number of labels and feature dimensions up to 16. Parameter
-learning (``kernel`` types other than the diagonal one only matter there) is not offered;
-``kernel`` is accepted for compatibility and does not change inference.
+Differences from pydensecrf: ``device=`` picks CPU or CUDA; inputs are validated with errors that
+name the argument (of the classes pydensecrf raises: a float64 array where float32 is required is
+an error that is both a ``TypeError`` and pydensecrf's ``ValueError``); any number of labels;
+feature dimensions up to 16 (pydensecrf: any). Energies may be ``+inf`` (a forbidden label, as
+``unary_from_softmax(p, clip=None)`` gives for p = 0), not NaN or ``-inf``, and not ``+inf`` for
+every label of a variable (pydensecrf's Q would be NaN there). Parameter learning (``kernel`` types
+other than the diagonal one only matter there) is not offered; ``kernel`` is accepted for
+compatibility and does not change inference.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 import weakref
 
 import numpy as np
@@ -36,12 +41,42 @@ NORMALIZE_SYMMETRIC = 3
 _NORM_CODE = {NORMALIZE_SYMMETRIC: 0, NORMALIZE_AFTER: 1, NORMALIZE_BEFORE: 2, NO_NORMALIZATION: 3}
 
 
+class DTypeError(TypeError, ValueError):
+    """A numpy array of the wrong dtype. pydensecrf's typed buffers raise ``ValueError`` ("Buffer
+    dtype mismatch") there: code that catches either class keeps working."""
+
+
 def _int_arg(value, name: str) -> int:
-    """An integer argument (pydensecrf's Cython signatures take C ints: a float or a string is a
-    TypeError there too)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """An integer argument. pydensecrf's Cython signatures take C ints and convert a Python or
+    numpy float by truncation (``DenseCRF2D(640.0, 480, 21)`` works there), so this does too; a
+    string or a non-finite number is a TypeError."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, np.ndarray)):
         raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")
-    return int(value)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}") from None
+    if not math.isfinite(v):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    return int(v)
+
+
+def _check_energies(e: np.ndarray, name: str) -> None:
+    """Energies (M, N) may be +inf (a forbidden label: Q = 0 there, as in pydensecrf), not NaN or -inf,
+    and not +inf for every label of one variable (no label left: pydensecrf gives NaN)."""
+    if np.isnan(e).any() or np.isneginf(e).any():
+        raise ValueError(f"{name} contains NaN or -inf")
+    if np.isposinf(e).any():
+        blocked = np.isposinf(e).all(axis=0)
+        if blocked.any():
+            raise ValueError(
+                f"{name} is +inf for every label of variable {int(np.argmax(blocked))} (and "
+                f"{int(blocked.sum()) - 1} more): no label is left there"
+            )
 
 
 def _compat_arg(compat, L: int):
@@ -73,11 +108,9 @@ def _float32_matrix(x, name: str) -> np.ndarray:
     """A float32 2-D array, copied (pydensecrf's Cython signatures take ``float[:, ::1]``)."""
     a = np.asarray(x)
     if a.dtype != np.float32:
-        raise TypeError(f"{name} must be float32 (as pydensecrf requires); got {a.dtype}")
+        raise DTypeError(f"{name} must be float32 (as pydensecrf requires); got {a.dtype}")
     if a.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array; got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or Inf")
     return np.ascontiguousarray(a).copy()
 
 
@@ -97,6 +130,7 @@ class ConstUnary(Unary):
 
     def __init__(self, u) -> None:
         self._energy = _float32_matrix(u, "u")
+        _check_energies(self._energy, "u")
 
 
 class LogisticUnary(Unary):
@@ -115,19 +149,25 @@ def _logistic_energy(L, f, lname: str, fname: str) -> np.ndarray:  # noqa: N803
         raise ValueError(
             f"{lname} (M, K) and {fname} (K, N) must agree in K; got {lname} {weights.shape} and {fname} {feats.shape}"
         )
-    return weights @ feats
+    for name, a in ((lname, weights), (fname, feats)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+    e = weights @ feats
+    if not np.isfinite(e).all():
+        raise ValueError(f"the energies {lname} @ {fname} overflow float32")
+    return e
 
 
 class DenseCRF:
     """Fully connected CRF over ``N`` variables with ``M`` labels (pydensecrf's ``DenseCRF(N, M)``)."""
 
     def __init__(self, nvar: int, nlabels: int, device: str | torch.device = "cpu") -> None:
-        if _int_arg(nvar, "nvar") < 1:
+        self.N = _int_arg(nvar, "nvar")
+        self.M = _int_arg(nlabels, "nlabels")
+        if self.N < 1:
             raise ValueError(f"nvar must be >= 1; got {nvar}")
-        if _int_arg(nlabels, "nlabels") < 2:
-            raise ValueError(f"nlabels must be >= 2; got {nlabels}")
-        self.N = int(nvar)
-        self.M = int(nlabels)
+        if self.M < 1:
+            raise ValueError(f"nlabels must be >= 1; got {nlabels}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r}: CUDA is not available in this torch / on this machine")
@@ -151,11 +191,10 @@ class DenseCRF:
             return
         a = np.asarray(u)
         if a.dtype != np.float32:
-            raise TypeError(f"u must be float32 (as pydensecrf requires); got {a.dtype}")
+            raise DTypeError(f"u must be float32 (as pydensecrf requires); got {a.dtype}")
         if a.shape != (self.M, self.N):
             raise ValueError(f"u must have shape (M, N) = ({self.M}, {self.N}); got {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError("u contains NaN or Inf")
+        _check_energies(a, "u")
         self._unary = torch.from_numpy(np.ascontiguousarray(a).copy())
 
     def setUnary(self, u: Unary) -> None:  # noqa: N802
@@ -168,8 +207,7 @@ class DenseCRF:
     def _set_energy(self, e: np.ndarray) -> None:
         if e.shape != (self.M, self.N):
             raise ValueError(f"the unary's energies must have shape (M, N) = ({self.M}, {self.N}); got {e.shape}")
-        if not np.isfinite(e).all():
-            raise ValueError("the unary's energies contain NaN or Inf (L @ f overflowed float32)")
+        _check_energies(e, "the unary's energies")
         self._unary = torch.from_numpy(e.copy())
 
     # -- pairwise ---------------------------------------------------------------------------
@@ -179,7 +217,7 @@ class DenseCRF:
         """``features``: float32 (D, N), already divided by their standard deviations."""
         f = np.asarray(features)
         if f.dtype != np.float32:
-            raise TypeError(f"features must be float32 (as pydensecrf requires); got {f.dtype}")
+            raise DTypeError(f"features must be float32 (as pydensecrf requires); got {f.dtype}")
         if f.ndim != 2 or f.shape[1] != self.N:
             raise ValueError(f"features must have shape (D, N) with N = {self.N}; got {f.shape}")
         t = torch.from_numpy(np.ascontiguousarray(f).copy())
@@ -197,16 +235,21 @@ class DenseCRF:
 
     # -- inference --------------------------------------------------------------------------
     def inference(self, n_iterations: int) -> np.ndarray:
-        """Returns Q as a float32 (M, N) array (pydensecrf returns the same values as a matrix)."""
-        if self._unary is None:
-            raise ValueError("setUnaryEnergy must be called before inference")
-        if _int_arg(n_iterations, "n_iterations") < 0:
-            raise ValueError(f"n_iterations must be >= 0; got {n_iterations}")
-        return self._run(int(n_iterations))
+        """Returns Q as a float32 (M, N) array (pydensecrf returns the same values as a matrix). As in
+        pydensecrf, a CRF without a unary has zero energies, and ``n_iterations <= 0`` gives the
+        unary's softmax."""
+        return self._run(max(0, _int_arg(n_iterations, "n_iterations")))
+
+    def _unary_or_zeros(self) -> torch.Tensor:
+        if self._unary is None:  # densecrf: no unary energy is a zero one
+            self._unary = torch.zeros(self.M, self.N)
+        return self._unary
 
     def _run(self, iterations: int) -> np.ndarray:
         dev = self.device
-        u = self._unary.to(dev).unsqueeze(0)
+        u = self._unary_or_zeros().to(dev).unsqueeze(0)
+        if self.M == 1:  # one label: Q = 1 (the op needs two)
+            return np.ones((1, self.N), np.float32)
         if not self._terms:
             return torch.softmax(-u, 1)[0].cpu().numpy()
         feats, compats, diags, norms, keep = [], [], [], [], []
@@ -278,8 +321,7 @@ class DenseCRF:
         return float(kl)
 
     def _q_tensor(self, q: np.ndarray) -> torch.Tensor:
-        if self._unary is None:
-            raise ValueError("setUnaryEnergy must be called before inference")
+        self._unary_or_zeros()
         if q.shape != (self.M, self.N):
             raise ValueError(f"Q must have shape (M, N) = ({self.M}, {self.N}); got {q.shape}")
         if not np.isfinite(q).all():
@@ -347,11 +389,12 @@ class DenseCRF2D(DenseCRF):
     """``DenseCRF2D(W, H, M)``: a CRF over an image of width W and height H (pixel j*W + i)."""
 
     def __init__(self, W: int, H: int, nlabels: int, device: str | torch.device = "cpu") -> None:  # noqa: N803
-        if _int_arg(W, "W") < 1 or _int_arg(H, "H") < 1:
+        w, h = _int_arg(W, "W"), _int_arg(H, "H")
+        if w < 1 or h < 1:
             raise ValueError(f"W and H must be >= 1; got W={W}, H={H}")
-        super().__init__(int(W) * int(H), nlabels, device)
-        self.W = int(W)
-        self.H = int(H)
+        super().__init__(w * h, nlabels, device)
+        self.W = w
+        self.H = h
 
     def addPairwiseGaussian(  # noqa: N802
         self, sxy, compat, kernel: int = DIAG_KERNEL, normalization: int = NORMALIZE_SYMMETRIC
@@ -375,7 +418,7 @@ class DenseCRF2D(DenseCRF):
         """Appearance kernel over (x/sx, y/sy, r/sr, g/sg, b/sb); ``rgbim`` uint8 (H, W, 3)."""
         im = np.asarray(rgbim)
         if im.dtype != np.uint8:
-            raise TypeError(f"rgbim must be a uint8 array (as pydensecrf requires); got {im.dtype}")
+            raise DTypeError(f"rgbim must be a uint8 array (as pydensecrf requires); got {im.dtype}")
         if im.shape != (self.H, self.W, 3):
             raise ValueError(f"rgbim must have shape (H, W, 3) = ({self.H}, {self.W}, 3); got {im.shape}")
         sx, sy = (sxy, sxy) if np.isscalar(sxy) else sxy

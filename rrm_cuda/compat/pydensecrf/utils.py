@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 
 import numpy as np
+
+
+class ArgumentError(ValueError, AssertionError):
+    """A bad ``scale`` or ``gt_prob``: pydensecrf.utils asserts these (AssertionError); code that
+    catches either class keeps working."""
 
 
 def unary_from_softmax(sm, scale=None, clip=1e-5) -> np.ndarray:
@@ -12,8 +18,9 @@ def unary_from_softmax(sm, scale=None, clip=1e-5) -> np.ndarray:
     sm = np.asarray(sm)
     if scale is not None:
         if not 0 < scale <= 1:
-            raise ValueError(f"scale must be in (0, 1]; got {scale}")
-        sm = (1 - scale) / sm.shape[0] + scale * sm
+            raise ArgumentError(f"scale must be in (0, 1]; got {scale}")
+        # pydensecrf's arithmetic: its uniform array is float64, so the mix is float64 (bitwise its energies)
+        sm = scale * sm + (1 - scale) * (np.ones(sm.shape) / sm.shape[0])
     if clip is not None:
         sm = np.clip(sm, clip, 1.0)
     return -np.log(sm).reshape([sm.shape[0], -1]).astype(np.float32)
@@ -22,7 +29,7 @@ def unary_from_softmax(sm, scale=None, clip=1e-5) -> np.ndarray:
 def unary_from_labels(labels, n_labels: int, gt_prob: float, zero_unsure: bool = True) -> np.ndarray:
     """Energies from a label map (0 = unsure when ``zero_unsure``), as pydensecrf.utils."""
     if not 0 < gt_prob < 1:
-        raise ValueError(f"gt_prob must be in (0, 1); got {gt_prob}")
+        raise ArgumentError(f"gt_prob must be in (0, 1); got {gt_prob}")
     labels = np.asarray(labels)
     flat = labels.flatten()
     if zero_unsure:
@@ -40,6 +47,21 @@ def unary_from_labels(labels, n_labels: int, gt_prob: float, zero_unsure: bool =
     if zero_unsure:
         U[:, flat == -1] = -np.log(1.0 / n_labels)
     return U
+
+
+def compute_unary(labels, M, GT_PROB=0.5) -> np.ndarray:  # noqa: N803 (pydensecrf's names)
+    """Deprecated in pydensecrf (kept there and here for old scripts): ``unary_from_labels(labels, M,
+    GT_PROB)``."""
+    logging.warning("pydensecrf.compute_unary is deprecated, use unary_from_labels instead.")
+    return unary_from_labels(labels, M, GT_PROB)
+
+
+def softmax_to_unary(sm, GT_PROB=1) -> np.ndarray:  # noqa: N803
+    """Deprecated in pydensecrf (kept there and here for old scripts): ``unary_from_softmax`` with
+    ``scale=GT_PROB`` (None for 1) and no clipping, so a probability of 0 gives an energy of +inf
+    (a forbidden label, which ``DenseCRF.setUnaryEnergy`` accepts)."""
+    logging.warning("pydensecrf.softmax_to_unary is deprecated, use unary_from_softmax instead.")
+    return unary_from_softmax(sm, None if GT_PROB == 1 else GT_PROB, clip=None)
 
 
 def create_pairwise_gaussian(sdims, shape) -> np.ndarray:
