@@ -270,12 +270,16 @@ def dense_energy_loss(
     nonnegative: bool = False,
     ignore_index: int = 255,
     check_inputs: bool = True,
+    recompute_scale_factor: bool = False,
 ) -> Tensor:
     r"""Dense-CRF energy loss of RRM / rloss on the permutohedral lattice (CPU and CUDA, fused).
 
     1. If ``scale_factor != 1``, downscale as the original module does: images, ROIs and labels
        nearest, probabilities bilinear (``align_corners=False``); the filter then uses
-       ``sigma_xy · scale_factor``.
+       ``sigma_xy · scale_factor``. ``recompute_scale_factor=True`` passes that argument of
+       ``F.interpolate`` on, as the AFA / ToCo copies of the module do: the sampling then uses
+       the ratio of the sizes instead of ``1 / scale_factor``, which differs where ``H · scale_factor``
+       or ``W · scale_factor`` is not a whole number (odd sizes at 0.5).
     2. ``ŝ = segmentations · roi``; gate ``S = 1`` where ``seg_label == ignore_index``, elsewhere
        ``S = max(0, roi − max_k segmentations_k)`` (``gate=False``: ``S = 1``, plain rloss Potts).
     3. ``E = −(1/B) Σ_{b,k,i} S ŝ_k W ŝ_k`` with ``W`` the bilateral lattice filter over
@@ -308,6 +312,7 @@ def dense_energy_loss(
         gate: use RRM's gate S (False: plain rloss, S = 1).
         nonnegative: add back the dropped constant (see above).
         ignore_index: the unlabelled value of ``seg_label``.
+        recompute_scale_factor: ``F.interpolate``'s argument for the downscaling (see 1.).
         check_inputs: check the values (ranges, labels, ROI, distribution, NaN/Inf) at the price of a
             few passes over the inputs and one device synchronisation; shapes, dtypes and devices
             are always checked. Unchecked (also while ``torch.compile`` traces), nothing is read
@@ -379,7 +384,12 @@ def dense_energy_loss(
     # RRM's scale 0.5 (and 1): the downscaling, the ROI product and the gate in one pass over the
     # full-resolution probabilities (ops.dense_energy_inputs, with F.interpolate's arithmetic), and
     # its backward in one pass too: no bilinear kernels, zero fills or (B, K, h, w) temporaries.
-    stride = _FUSED_STRIDES.get(scale_factor, 0)
+    if not isinstance(recompute_scale_factor, bool):
+        raise TypeError(f"recompute_scale_factor must be a bool; got {type(recompute_scale_factor).__name__}")
+    # With recompute_scale_factor the sampling uses (size in) / (size out): 1 / scale_factor exactly
+    # where the sizes divide, otherwise F.interpolate's general path below.
+    recompute = recompute_scale_factor and scale_factor != 1.0 and (H * scale_factor != hs or W * scale_factor != ws)
+    stride = 0 if recompute else _FUSED_STRIDES.get(scale_factor, 0)
     fused = stride > 0 and B * K * (H // stride) * (W // stride) > 0
     order = None  # the fused path's pixel order, if not raster (see below)
     if fused:
@@ -404,10 +414,11 @@ def dense_energy_loss(
         img = images.to(dtype)
         lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
         if scale_factor != 1.0:
-            img = F.interpolate(img, scale_factor=scale_factor)
-            probs = F.interpolate(probs, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-            roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale_factor).squeeze(1) if roi is not None else None
-            lab = F.interpolate(lab.to(dtype), scale_factor=scale_factor, mode="nearest") if lab is not None else None
+            kw = {"scale_factor": scale_factor, "recompute_scale_factor": recompute or None}
+            img = F.interpolate(img, **kw)
+            probs = F.interpolate(probs, mode="bilinear", align_corners=False, **kw)
+            roi = F.interpolate(roi.unsqueeze(1), **kw).squeeze(1) if roi is not None else None
+            lab = F.interpolate(lab.to(dtype), mode="nearest", **kw) if lab is not None else None
         h, w = probs.shape[2:]
         s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
     if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
@@ -515,9 +526,10 @@ class DenseEnergyLoss(nn.Module):
     (1,), as the original does (on the inputs' device rather than always on the CPU).
 
     ``gradient="rloss"`` by default here: the original's ``−(2/B)·S·AS·ROI``, so that old runs
-    reproduce; pass ``gradient="exact"`` for the true gradient. ``gate``, ``nonnegative``, ``check_inputs``
-    and ``image_channels`` (3 as the original; None accepts any channel count) as in
-    :func:`dense_energy_loss`.
+    reproduce; pass ``gradient="exact"`` for the true gradient. ``gate``, ``nonnegative``, ``check_inputs``,
+    ``recompute_scale_factor`` (True for the AFA / ToCo copies of the module, which pass it to
+    ``F.interpolate``: the same value at even sizes, not at odd ones) and ``image_channels`` (3 as the
+    original; None accepts any channel count) as in :func:`dense_energy_loss`.
 
     As the original is called, images, ROIs and labels may be CPU tensors while the segmentations
     are on a GPU: they are moved to the segmentations' device (the functional form refuses mixed
@@ -536,10 +548,13 @@ class DenseEnergyLoss(nn.Module):
         nonnegative: bool = False,
         image_channels: int | None = 3,
         check_inputs: bool = True,
+        recompute_scale_factor: bool = False,
     ) -> None:
         super().__init__()
         if gradient not in _GRAD_MODES:
             raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
+        if not isinstance(recompute_scale_factor, bool):
+            raise TypeError(f"recompute_scale_factor must be a bool; got {type(recompute_scale_factor).__name__}")
         self.weight = weight
         self.sigma_rgb = V.positive(sigma_rgb, "sigma_rgb")
         self.sigma_xy = V.positive(sigma_xy, "sigma_xy")
@@ -549,6 +564,7 @@ class DenseEnergyLoss(nn.Module):
         self.nonnegative = nonnegative
         self.image_channels = image_channels
         self.check_inputs = check_inputs
+        self.recompute_scale_factor = recompute_scale_factor
 
     def forward(self, images: Tensor, segmentations: Tensor, ROIs: Tensor, seg_label: Tensor) -> Tensor:  # noqa: N803
         images, ROIs, seg_label = _to_device_of(segmentations, images, ROIs, seg_label)  # noqa: N806
@@ -571,6 +587,7 @@ class DenseEnergyLoss(nn.Module):
             gate=self.gate,
             nonnegative=self.nonnegative,
             check_inputs=self.check_inputs,
+            recompute_scale_factor=self.recompute_scale_factor,
         )
         return loss.reshape(1)
 
@@ -578,7 +595,7 @@ class DenseEnergyLoss(nn.Module):
         return (
             f"weight={self.weight}, sigma_rgb={self.sigma_rgb}, sigma_xy={self.sigma_xy}, "
             f"scale_factor={self.scale_factor}, gradient={self.gradient!r}, gate={self.gate}, "
-            f"nonnegative={self.nonnegative}"
+            f"nonnegative={self.nonnegative}" + (", recompute_scale_factor=True" if self.recompute_scale_factor else "")
         )
 
 
@@ -592,7 +609,7 @@ class DenseCRFLoss(DenseEnergyLoss):
     Returns ``weight · E`` of shape (1,), ``E = −(1/B) Σ ŝ·Wŝ``, ``ŝ = segmentations·ROI``: RRM's
     energy without its gate and labels, with the original's gradient ``−(2/B)·AS·ROI`` by default
     (``gradient="exact"``: the true gradient). The keyword options (``gradient``, ``nonnegative``,
-    ``image_channels``, ``check_inputs``) as in :class:`DenseEnergyLoss`.
+    ``image_channels``, ``check_inputs``, ``recompute_scale_factor``) as in :class:`DenseEnergyLoss`.
     """
 
     def __init__(self, weight: float, sigma_rgb: float, sigma_xy: float, scale_factor: float, **options) -> None:

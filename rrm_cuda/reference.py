@@ -395,19 +395,24 @@ def dense_energy_loss_module_reference(
     sigma_xy: float,
     scale_factor: float,
     filter_fn=None,
+    recompute_scale_factor: bool | None = None,
 ) -> Tensor:
     """RRM's ``DenseEnergyLoss.forward`` re-stated line by line (images (B,3,H,W) 0–255, softmax
     segmentations (B,K,H,W), ROIs (B,H,W), seg_label (B,1,H,W) with 255 unlabelled) -> (1,).
     ``seg_label=None``: rloss's own ``DenseCRFLoss.forward(images, segmentations, ROIs)`` (Tang et al.,
-    the module of scribble-supervised repositories), the same without labels and gate."""
+    the module of scribble-supervised repositories), the same without labels and gate.
+    ``recompute_scale_factor=True``: the AFA / ToCo copies, which pass it to all four interpolations."""
     import torch.nn.functional as F  # noqa: N812
 
-    scaled_images = F.interpolate(images, scale_factor=scale_factor)
-    scaled_segs = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-    scaled_ROIs = F.interpolate(ROIs.unsqueeze(1), scale_factor=scale_factor).squeeze(1)  # noqa: N806
+    r = recompute_scale_factor
+    scaled_images = F.interpolate(images, scale_factor=scale_factor, recompute_scale_factor=r)
+    scaled_segs = F.interpolate(
+        segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False, recompute_scale_factor=r
+    )
+    scaled_ROIs = F.interpolate(ROIs.unsqueeze(1), scale_factor=scale_factor, recompute_scale_factor=r).squeeze(1)  # noqa: N806
     unlabel_region = None
     if seg_label is not None:
-        scaled_seg_label = F.interpolate(seg_label, scale_factor=scale_factor, mode="nearest")
+        scaled_seg_label = F.interpolate(seg_label, scale_factor=scale_factor, mode="nearest", recompute_scale_factor=r)
         unlabel_region = (scaled_seg_label.long() == 255).squeeze(1)
 
     return weight * _RlossDenseEnergyFunction.apply(

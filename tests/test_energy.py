@@ -736,6 +736,38 @@ def test_rloss_dense_crf_loss_module_matches_original_restatement(scale):
     assert DenseCRFLoss(1e-3, 15.0, 40.0, 0.5, gradient="exact").gradient == "exact"
 
 
+@pytest.mark.parametrize("scale", [0.5, 0.75])
+def test_recompute_scale_factor_matches_the_afa_toco_copies(scale):
+    # AFA / ToCo's copies of the module pass recompute_scale_factor=True to their four F.interpolate
+    # calls: at odd sizes the bilinear sampling moves (size ratio instead of 1 / scale_factor). The
+    # option restates them (value and gradient); at sizes that divide it changes nothing (bitwise).
+    odd = _inputs(H=15, W=13, dtype=torch.float64, seed=7)
+    even = _inputs(H=16, W=12, dtype=torch.float64, seed=7)
+    for (images, probs, rois, labels), divides in ((odd, False), (even, True)):
+        outs, grads = {}, {}
+        for recompute in (False, True):
+            m = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 40.0, scale, recompute_scale_factor=recompute)
+            p1, p2 = (probs.clone().requires_grad_() for _ in range(2))
+            out = m(images, p1, rois, labels)
+            ref = R.dense_energy_loss_module_reference(
+                images, p2, rois, labels, 1e-3, 15.0, 40.0, scale, recompute_scale_factor=recompute
+            )
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-14)
+            (g1,), (g2,) = torch.autograd.grad(out, p1), torch.autograd.grad(ref, p2)
+            torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-14)
+            outs[recompute], grads[recompute] = out, g1
+        if divides and scale == 0.5:
+            assert torch.equal(outs[True], outs[False]) and torch.equal(grads[True], grads[False])
+        elif not divides:
+            assert not torch.allclose(outs[True], outs[False], rtol=1e-6, atol=0)
+    m = rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 40.0, 0.5, recompute_scale_factor=True)
+    assert "recompute_scale_factor=True" in repr(m)
+    with pytest.raises(TypeError, match="recompute_scale_factor must be a bool; got NoneType"):
+        rrm_cuda.DenseEnergyLoss(1e-3, 15.0, 40.0, 0.5, recompute_scale_factor=None)
+    with pytest.raises(TypeError, match="recompute_scale_factor must be a bool; got str"):
+        rrm_cuda.dense_energy_loss(*odd, recompute_scale_factor="yes")
+
+
 def test_autograd_function_form():
     probs, gate, feats, mass = _op_inputs(K=3, N=40)
     for gradient, mode in (("exact", 2), ("rloss", 1)):

@@ -12,7 +12,9 @@ Same constructor ``DenseEnergyLoss(weight, sigma_rgb, sigma_xy, scale_factor)``,
 original's gradient (``gradient="rloss"``: ``−(2/B)·S·AS·ROI``) by default. Differences: it runs on
 the inputs' device (CPU or CUDA, no numpy round trip, no SWIG module to build), validates its inputs,
 and does not reproduce the original filter's padding bug (SPEC §3). Pass ``gradient="exact"`` for the
-true gradient of the value.
+true gradient of the value. The AFA / ToCo copies pass ``recompute_scale_factor=True`` to their
+``F.interpolate`` calls: construct with ``recompute_scale_factor=True`` for them (the same value at
+even crop sides, a different one at odd sides).
 
 rloss's own module, ``from DenseCRFLoss import DenseCRFLoss`` (the scribble- and box-supervised
 repositories built on rloss), is here too: ``from rrm_cuda.compat.rloss import DenseCRFLoss``, same
