@@ -5,6 +5,7 @@ train -> resume -> infer -> evaluate run on CPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import warnings
 
@@ -135,6 +136,12 @@ def test_load_pretrained_psa_names(tmp_path):
     torch.testing.assert_close(dst.backbone.b7.conv_branch1.weight, src.backbone.b7.conv_branch1.weight)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         dst.load_pretrained(tmp_path / "nope.pth")
+    # a DataParallel / DDP state dict ("module." prefixes) with one key the model lacks
+    wrapped = {f"module.{k}": v for k, v in src.state_dict().items()}
+    wrapped["module.extra.weight"] = torch.zeros(2)
+    torch.save(wrapped, tmp_path / "ddp.pth")
+    missing, unexpected = RRM("small").load_pretrained(tmp_path / "ddp.pth")
+    assert missing == [] and unexpected == ["module.extra.weight"]
 
 
 def test_rfam_reweighting():
@@ -496,6 +503,51 @@ def test_voc_loader_skips_corrupt_image_with_warning(tmp_path):
     assert names == [ids[0], ids[2], ids[2]]
 
 
+def test_voc_evaluation_never_substitutes_an_image(tmp_path):
+    # Evaluation and inference (crop=None) used to take the next image in place of one whose mask was
+    # missing or unreadable, scoring that one twice. Now: missing masks are named when the dataset is
+    # made, a bad mask or an undecodable image raises, and masks=False reads images without ground truth.
+    root = tmp_path / "VOC2012"
+    ids = _write_voc(root, n=4)
+    (root / "SegmentationClass" / f"{ids[1]}.png").unlink()
+    (root / "SegmentationClass" / f"{ids[3]}.png").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"mask listed in train not found: .*{ids[1]}.png \(and 1 more\)"):
+        VOCSegmentation(root, "train", crop=None)
+    ev = VOCSegmentation(root, "train", crop=None, masks=False)  # inference: no ground truth needed
+    assert [ev[i]["name"] for i in range(4)] == ids
+    assert bool((ev[1]["mask"] == 255).all()) and bool((ev[0]["mask"] == 255).all())
+    # training without cls_labels.npy: the labels come from the masks, so each image needs one
+    with pytest.raises(FileNotFoundError, match=rf"no image-level labels for {ids[1]} \(and 1 more"):
+        VOCSegmentation(root, "train", crop=32)
+    np.save(root / "cls_labels.npy", {i: np.eye(20, dtype=np.float32)[k] for k, i in enumerate(ids)})
+    tr = VOCSegmentation(root, "train", crop=32)  # labels from cls_labels.npy; mask all 255
+    assert tr[1]["labels"].nonzero().flatten().tolist() == [1] and bool((tr[1]["mask"] == 255).all())
+    assert tr[0]["labels"].nonzero().flatten().tolist() == [0] and int((tr[0]["mask"] == 3).sum()) > 0
+    # a mask of the wrong size, or an undecodable image, in evaluation: an error naming it
+    root2 = tmp_path / "b" / "VOC2012"
+    ids2 = _write_voc(root2, n=3, corrupt=2)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(root2 / "SegmentationClass" / f"{ids2[0]}.png")
+    ev2 = VOCSegmentation(root2, "train", crop=None)
+    with pytest.raises(ValueError, match=rf"mask .*{ids2[0]}.png has shape \(10, 10\), image \(30, 40\)"):
+        ev2[0]
+    assert ev2[1]["name"] == ids2[1]
+    with pytest.raises(RuntimeError, match=rf"cannot decode image .*{ids2[2]}.jpg.*would be scored twice"):
+        ev2[2]
+
+
+def test_train_config_rejects_bad_values_at_start(monkeypatch):
+    from rrm_cuda.rrm.train import make_config, resolve_device
+
+    with pytest.raises(ValueError, match=r"cam_scales must be positive and contain 1.0.*got \(0.5, 1.5\)"):
+        make_config("cpu-demo", cam_scales=(0.5, 1.5))
+    with pytest.raises(ValueError, match="log_every must be >= 0"):
+        make_config("cpu-demo", log_every=-1)
+    assert make_config("cpu-demo", checkpoint_every=0, log_every=0).checkpoint_every == 0
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)  # a torchrun process's own GPU
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu").type == "cpu"
+
+
 def test_augment_and_labels_from_mask():
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 255, (50, 60, 3), dtype=np.uint8)
@@ -646,6 +698,25 @@ def test_train_infer_evaluate_end_to_end(tmp_path, capsys):
         == 0
     )
     assert "mIoU" in capsys.readouterr().out
+    # without data flags: the data rrm-infer recorded beside its masks (here the run's 40 px, 2 images)
+    assert json.loads((tmp_path / "pred" / "dataset.json").read_text())["image_size"] == 40
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "eval3")]) == 0
+    conf3 = np.loadtxt(tmp_path / "eval3" / "confusion.csv", delimiter=",", skiprows=1, usecols=range(1, 22))
+    assert conf3.sum() == 2 * 40 * 40
+    # flags given with --checkpoint choose the predicted images and their ground truth alike
+    args = ["--checkpoint", str(out / "model_final.pt"), "--seed", "7", "--image-size", "32", "--limit", "1"]
+    assert evaluate.main([*args, "--out", str(tmp_path / "eval4")]) == 0
+    spec = json.loads((tmp_path / "eval4" / "pred" / "dataset.json").read_text())
+    assert spec["seed"] == 7 and spec["image_size"] == 32 and spec["length"] == 2
+    conf4 = np.loadtxt(tmp_path / "eval4" / "confusion.csv", delimiter=",", skiprows=1, usecols=range(1, 22))
+    assert conf4.sum() == 32 * 32
+
+
+def test_zero_intervals_mean_only_at_the_end(tmp_path):
+    train(_tiny(tmp_path, "z", checkpoint_every=0, log_every=0, panel_every=0, eval_at_end=False))
+    log = (tmp_path / "z" / "log.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in log[1:]] == ["4"]
+    assert torch.load(tmp_path / "z" / "checkpoint.pt", weights_only=True)["iteration"] == 4
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -653,8 +724,11 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     try:
         train(_tiny(tmp_path, "full", **kw))
         train(_tiny(tmp_path, "split", stop_at=3, checkpoint_every=100, **kw))
-        first = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+        # tensors and Python values only: loads with weights_only=True (as resume and load_pretrained do)
+        first = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
         assert first["iteration"] == 3 and not (tmp_path / "split" / "model_final.pt").exists()
+        missing, unexpected = RRM("small", freeze_bn=False).load_pretrained(tmp_path / "split" / "checkpoint.pt")
+        assert not missing and not unexpected
         train(_tiny(tmp_path, "split", resume="auto", **kw))
     finally:
         torch.use_deterministic_algorithms(False)

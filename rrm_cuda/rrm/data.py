@@ -170,9 +170,18 @@ class VOCSegmentation(AugmentedDataset):
         cls_labels: path to PSA's ``cls_labels.npy`` (dict id -> (20,) labels); default
             ``<root>/cls_labels.npy`` when it exists, otherwise labels come from the masks.
         mask_dir: default ``SegmentationClassAug`` if present, else ``SegmentationClass``.
+        masks: whether ground-truth masks are read. None (default): for evaluation (``crop=None``)
+            every listed image needs its mask; in training a mask is read where it exists (its
+            labels and pixels), and an image without one needs an entry in ``cls_labels.npy``.
+            False: no masks (inference on a split without ground truth, e.g. VOC test): ``mask``
+            is all 255.
 
-    A missing folder or file raises FileNotFoundError naming it. An image that cannot be decoded
-    is skipped with a warning (the next readable image takes its place), never a crash mid-epoch.
+    Everything is checked when the dataset is made: a missing folder, list, image or needed mask,
+    or an image without image-level labels, raises FileNotFoundError naming it (and how many more
+    are missing), never a crash mid-epoch. In training an image that cannot be decoded is skipped
+    with a warning (the next readable image takes its place); in evaluation (``crop=None``) it
+    raises, since a substitute would be scored twice. A mask that cannot be read or whose size
+    differs from its image's raises ValueError naming it.
     """
 
     def __init__(
@@ -184,6 +193,7 @@ class VOCSegmentation(AugmentedDataset):
         mask_dir: str | None = None,
         seed: int = 0,
         scale_range: tuple[float, float] = (0.7, 1.3),
+        masks: bool | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -202,15 +212,27 @@ class VOCSegmentation(AugmentedDataset):
             raise FileNotFoundError(f"class label file not found: {cls_path}")
         if cls_path.is_file():
             self.cls_labels = np.load(cls_path, allow_pickle=True).item()
-        if (self.cls_labels is None or crop is None) and not self.mask_dir.is_dir():
-            raise FileNotFoundError(
-                f"mask folder not found: {self.mask_dir} (needed for "
-                f"{'evaluation' if crop is None else 'image-level labels without cls_labels.npy'})"
-            )
-        for i in self.ids:
-            p = self.image_dir / f"{i}.jpg"
-            if not p.is_file():
-                raise FileNotFoundError(f"image listed in {split} not found: {p}")
+        self.masks = masks is not False
+        eval_masks = crop is None and masks is None
+        self._need_masks = masks is True or eval_masks  # every listed image has one (checked below)
+        if self._need_masks or (self.masks and self.cls_labels is None):
+            if not self.mask_dir.is_dir():
+                why = "image-level labels without cls_labels.npy"
+                why = "evaluation" if eval_masks else ("masks=True" if masks else why)
+                raise FileNotFoundError(f"mask folder not found: {self.mask_dir} (needed for {why})")
+        have_masks = {p.stem for p in self.mask_dir.glob("*.png")} if self.masks and self.mask_dir.is_dir() else set()
+        images = {p.stem for p in self.image_dir.glob("*.jpg")}
+        _missing(split, [self.image_dir / f"{i}.jpg" for i in self.ids if i not in images], "image")
+        if self._need_masks:
+            _missing(split, [self.mask_dir / f"{i}.png" for i in self.ids if i not in have_masks], "mask")
+        elif crop is not None:  # training: labels from cls_labels.npy, else from the mask
+            known = self.cls_labels or {}
+            unlabelled = [i for i in self.ids if i not in known and i not in have_masks]
+            if unlabelled:
+                raise FileNotFoundError(
+                    f"no image-level labels for {unlabelled[0]} (and {len(unlabelled) - 1} more images listed in "
+                    f"{split}): not in {cls_path} and no mask in {self.mask_dir}"
+                )
         self._bad: set[int] = set()
 
     def _read_list(self, split: str) -> list[str]:
@@ -232,24 +254,29 @@ class VOCSegmentation(AugmentedDataset):
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         name = self.ids[index]
-        with Image.open(self.image_dir / f"{name}.jpg") as im:
-            raw = np.asarray(im.convert("RGB"))
+        ipath = self.image_dir / f"{name}.jpg"
+        try:
+            with Image.open(ipath) as im:
+                raw = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's decoding errors
+            raise _UnreadableImage(f"{ipath}: {e}") from e
         mpath = self.mask_dir / f"{name}.png"
-        if mpath.is_file():
-            with Image.open(mpath) as im:
-                mask = np.asarray(im)
+        if self.masks and mpath.is_file():
+            try:
+                with Image.open(mpath) as im:
+                    mask = np.asarray(im)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ValueError(f"mask {mpath} cannot be read: {e}") from e
             if mask.shape != raw.shape[:2]:
                 raise ValueError(f"mask {mpath} has shape {mask.shape}, image {raw.shape[:2]}")
-        elif self.crop is None:
+        elif self._need_masks:  # checked at construction: removed since
             raise FileNotFoundError(f"mask not found: {mpath}")
         else:
             mask = np.full(raw.shape[:2], IGNORE, np.uint8)
         if self.cls_labels is not None and name in self.cls_labels:
             labels = np.asarray(self.cls_labels[name], dtype=np.float32)
-        elif mpath.is_file():
+        else:  # from the mask (all 255 without one: no label, inference only)
             labels = labels_from_mask(mask)
-        else:
-            raise KeyError(f"no image-level labels for {name}: not in cls_labels.npy and no mask {mpath}")
         return raw, mask.astype(np.uint8), labels
 
     def __getitem__(self, index: int) -> dict:
@@ -259,16 +286,26 @@ class VOCSegmentation(AugmentedDataset):
                 continue
             try:
                 raw, mask, labels = self._load(i)
-            except (OSError, SyntaxError, ValueError) as e:  # PIL's decoding errors
+            except _UnreadableImage as e:
+                if self.crop is None:
+                    raise RuntimeError(
+                        f"cannot decode image {e} (evaluation and inference do not skip images: another image "
+                        "in its place would be scored twice)"
+                    ) from None
                 self._bad.add(i)
-                warnings.warn(
-                    f"skipping unreadable image {self.image_dir / (self.ids[i] + '.jpg')}: {e}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                warnings.warn(f"skipping unreadable image {e}", RuntimeWarning, stacklevel=2)
                 continue
             return make_sample(raw, mask, labels, self.ids[i], i, self.crop, self.rng(index), self.scale_range)
         raise RuntimeError(f"no readable image in {self.image_dir}")
+
+
+class _UnreadableImage(Exception):
+    """An image file PIL cannot decode (the message names it)."""
+
+
+def _missing(split: str, paths: list[Path], what: str) -> None:
+    if paths:
+        raise FileNotFoundError(f"{what} listed in {split} not found: {paths[0]} (and {len(paths) - 1} more)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,11 +489,13 @@ def build_dataset(
     length: int | None = None,
     size: tuple[int, int] = (96, 96),
     cls_labels: str | None = None,
+    masks: bool | None = None,
 ) -> AugmentedDataset:
     """``data`` = "embedded" (synthetic scenes) or a VOC2012 folder; ``split`` "train"/"val" for the
-    embedded data (train maps from "train_aug"), a list name or file for VOC."""
+    embedded data (train maps from "train_aug"), a list name or file for VOC. ``masks``: as
+    :class:`VOCSegmentation`'s (the embedded data always has its ground truth)."""
     if data == "embedded":
         split = "train" if split in ("train", "train_aug") else "val"
         n = length if length is not None else (200 if split == "train" else 40)
         return SyntheticScenes(split, n, size, crop, seed)
-    return VOCSegmentation(data, split, crop, cls_labels=cls_labels, seed=seed)
+    return VOCSegmentation(data, split, crop, cls_labels=cls_labels, seed=seed, masks=masks)

@@ -1,13 +1,15 @@
 """Evaluate predicted masks: mIoU over 21 classes (ignore 255), per-class IoU table, confusion matrix
 saved as CSV and PNG.
 
-``python python/eval_rrm.py --pred preds --data embedded --split val --out eval`` or, to predict first,
+``python python/eval_rrm.py --pred preds --out eval`` (the data recorded by ``rrm-infer`` in
+``preds/dataset.json``, or ``--data embedded --split val ...``) or, to predict first,
 ``python python/eval_rrm.py --checkpoint runs/rrm-cpu-demo/model_final.pt --out eval [--crf]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -87,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rrm-eval", description="mIoU of predicted masks (21 classes, ignore 255)")
     p.add_argument("--pred", default=None, help="folder of <name>.png predictions")
     p.add_argument("--checkpoint", default=None, help="predict with this checkpoint first (into <out>/pred)")
-    p.add_argument("--data", default=None, help="'embedded' or a VOC2012 folder (default: embedded / the checkpoint's)")
-    p.add_argument("--split", default=None, help="split or list file (default: val)")
-    p.add_argument("--length", type=int, default=None, help="embedded data: number of images (default: as trained)")
-    p.add_argument("--image-size", type=int, default=None, help="embedded data: image side (default: as trained)")
-    p.add_argument("--seed", type=int, default=None)
+    where = "the checkpoint's, or with --pred as recorded in <pred>/dataset.json by rrm-infer"
+    p.add_argument("--data", default=None, help=f"'embedded' or a VOC2012 folder (default: {where}; else embedded)")
+    p.add_argument("--split", default=None, help=f"split or list file (default: {where}; else val)")
+    p.add_argument("--length", type=int, default=None, help=f"embedded data: number of images (default: {where})")
+    p.add_argument("--image-size", type=int, default=None, help=f"embedded image side (default: {where}; else 96)")
+    p.add_argument("--seed", type=int, default=None, help=f"embedded data: scene seed (default: {where}; else 0)")
     p.add_argument("--out", required=True, help="folder for confusion.csv / confusion.png")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0])
     p.add_argument("--flip", action="store_true")
@@ -105,31 +108,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if (a.pred is None) == (a.checkpoint is None):
         raise SystemExit("give exactly one of --pred (existing masks) and --checkpoint (predict first)")
-    defaults = {"data": "embedded", "split": "val", "length": None, "image_size": 96, "seed": 0}
+    spec = {"data": "embedded", "split": "val", "length": None, "image_size": 96, "seed": 0}
     pred = a.pred
+    if a.checkpoint is None:
+        recorded = Path(a.pred) / "dataset.json"  # what rrm-infer predicted for
+        if recorded.is_file():
+            spec.update(json.loads(recorded.read_text()))
+    flags = {"data": a.data, "split": a.split, "length": a.length, "image_size": a.image_size, "seed": a.seed}
+    spec.update({k: v for k, v in flags.items() if v is not None})
     if a.checkpoint is not None:
-        from .infer import load_checkpoint, run_inference
+        from .infer import run_inference
 
-        _, cfg = load_checkpoint(a.checkpoint)
-        defaults = {
-            "data": cfg.data,
-            "split": cfg.val_split,
-            "length": cfg.val_length,
-            "image_size": cfg.image_size,
-            "seed": cfg.seed,
-        }
         pred = str(Path(a.out) / "pred")
-        run_inference(a.checkpoint, pred, a.data, a.split, a.scales, a.flip, a.crf, a.limit, a.device)
-    data = a.data or defaults["data"]
-    size = a.image_size or defaults["image_size"]
-    dataset = build_dataset(
-        data,
-        a.split or defaults["split"],
-        None,
-        a.seed if a.seed is not None else defaults["seed"],
-        a.length or defaults["length"],
-        (size, size),
-    )
+        run_inference(
+            a.checkpoint,
+            pred,
+            a.data,
+            a.split,
+            a.scales,
+            a.flip,
+            a.crf,
+            a.limit,
+            a.device,
+            seed=a.seed,
+            length=a.length,
+            image_size=a.image_size,
+        )
+        spec = json.loads((Path(pred) / "dataset.json").read_text())  # the checkpoint's, with the flags
+    size = spec["image_size"]
+    dataset = build_dataset(spec["data"], spec["split"], None, spec["seed"], spec["length"], (size, size))
     conf = evaluate_predictions(pred, dataset, a.limit)
     print(iou_table(conf))
     csv_path, png_path = save_confusion(conf, a.out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     cfg = config_from_dict(state["config"])
     model = build_model(dataclasses.replace(cfg, pretrained=None))
     model.load_state_dict(state["model"])
@@ -87,22 +88,31 @@ def run_inference(
     crf: bool = False,
     limit: int | None = None,
     device: str = "auto",
+    seed: int | None = None,
+    length: int | None = None,
+    image_size: int | None = None,
 ) -> list[str]:
-    """Predict every image of a dataset split and write ``<out_dir>/<name>.png`` (VOC palette).
-    Returns the names written."""
+    """Predict every image of a dataset split and write ``<out_dir>/<name>.png`` (VOC palette), and
+    ``<out_dir>/dataset.json``: the data they were predicted for (``rrm-eval --pred`` reads it).
+    ``seed``, ``length``, ``image_size`` (the embedded data's; None: the checkpoint's) as ``data``
+    and ``split`` choose the images. Ground truth is not needed (a VOC split without masks, such as
+    test, works). Returns the names written."""
     dev = resolve_device(device)
     model, cfg = load_checkpoint(checkpoint, dev)
+    spec = dataset_spec(cfg, data, split, seed, length, image_size)
     dataset = build_dataset(
-        data or cfg.data,
-        split or cfg.val_split,
+        spec["data"],
+        spec["split"],
         None,
-        cfg.seed,
-        cfg.val_length if (data or cfg.data) == "embedded" else None,
-        (cfg.image_size, cfg.image_size),
+        spec["seed"],
+        spec["length"],
+        (spec["image_size"], spec["image_size"]),
         cfg.cls_labels,
+        masks=False,
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset.json").write_text(json.dumps(spec, indent=1) + "\n")
     names = []
     n = len(dataset) if limit is None else min(limit, len(dataset))
     for i in range(n):
@@ -115,6 +125,27 @@ def run_inference(
     return names
 
 
+def dataset_spec(
+    cfg: TrainConfig,
+    data: str | None = None,
+    split: str | None = None,
+    seed: int | None = None,
+    length: int | None = None,
+    image_size: int | None = None,
+) -> dict:
+    """The evaluation data of a training run (its ``data``, ``val_split``, ``seed``, ``val_length``,
+    ``image_size``), each overridden where given: what inference predicts and evaluation scores."""
+    data = data or cfg.data
+    embedded = data == "embedded"
+    return {
+        "data": data,
+        "split": split or cfg.val_split,
+        "seed": cfg.seed if seed is None else seed,
+        "length": (length or cfg.val_length) if embedded else None,
+        "image_size": image_size or cfg.image_size,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rrm-infer", description="RRM inference: masks as VOC-palette PNGs")
     p.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint.pt of a training run")
@@ -125,12 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
     p.add_argument("--crf", action="store_true", help="dense-CRF post-processing (sxy 3/3, 83/5/4)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--length", type=int, default=None, help="embedded data: number of images (default: as trained)")
+    p.add_argument("--image-size", type=int, default=None, help="embedded data: image side (default: as trained)")
+    p.add_argument("--seed", type=int, default=None, help="embedded data: scene seed (default: as trained)")
     p.add_argument("--device", default="auto")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    names = run_inference(a.checkpoint, a.out, a.data, a.split, a.scales, a.flip, a.crf, a.limit, a.device)
+    names = run_inference(
+        a.checkpoint,
+        a.out,
+        a.data,
+        a.split,
+        a.scales,
+        a.flip,
+        a.crf,
+        a.limit,
+        a.device,
+        seed=a.seed,
+        length=a.length,
+        image_size=a.image_size,
+    )
     print(f"wrote {len(names)} masks to {a.out}")
     return 0

@@ -395,8 +395,9 @@ class RRM(nn.Module):
             state = state["model"]
         own = self.state_dict()
         mapped: dict[str, Tensor] = {}
-        for k, v in state.items():
-            k = k[len("module.") :] if k.startswith("module.") else k
+        unexpected: list[str] = []
+        for key, v in state.items():
+            k = key[len("module.") :] if key.startswith("module.") else key
             for cand in (k, f"backbone.{k}"):
                 if cand in own:
                     if own[cand].shape != v.shape:
@@ -405,10 +406,12 @@ class RRM(nn.Module):
                         )
                     mapped[cand] = v
                     break
+            else:
+                unexpected.append(key)
         if not mapped:
             raise ValueError(f"{path}: no parameter name matched the RRM model (is it a ResNet-38 state dict?)")
         result = self.load_state_dict(mapped, strict=False)
-        return list(result.missing_keys), [k for k in state if k not in mapped and f"backbone.{k}" not in mapped]
+        return list(result.missing_keys), unexpected
 
 
 def output_size(size: int) -> int:

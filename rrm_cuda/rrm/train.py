@@ -99,14 +99,23 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     out_dir: str = "runs/rrm"
-    checkpoint_every: int = 1000
-    panel_every: int = 500
-    log_every: int = 10
+    checkpoint_every: int = 1000  # 0: only at the end
+    panel_every: int = 500  # 0: no panels
+    log_every: int = 10  # 0: only the last iteration
     resume: str | None = None  # a checkpoint path, or "auto" for <out_dir>/checkpoint.pt if present
     stop_at: int | None = None  # end this process after this iteration (schedulers with time limits)
     progress: bool = True
     eval_at_end: bool = True
     eval_cam_alpha: float = 4.0
+
+    def __post_init__(self) -> None:
+        # checked when the run is set up, not at the first pseudo-label step after the warm-up
+        scales = tuple(float(s) for s in self.cam_scales)
+        if 1.0 not in scales or not all(s > 0 for s in scales):
+            raise ValueError(f"cam_scales must be positive and contain 1.0 (RRM's CAM scale); got {scales}")
+        for name in ("checkpoint_every", "panel_every", "log_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: off); got {getattr(self, name)}")
 
 
 #: the crop RRM's energy-loss settings (weight 1e-7, sigma_xy 100) were chosen for
@@ -216,12 +225,16 @@ def _world() -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    """ "auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" (no index) -> cuda:LOCAL_RANK,
+    so that each process of a torchrun job takes its own GPU."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dev
 
 
 def set_seed(seed: int, deterministic: bool) -> None:
@@ -272,7 +285,11 @@ class ResumableSampler(DistributedSampler):
 
 
 def _cpu_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # numpy's state with its key array as a tensor: a checkpoint of tensors and Python values only
+    # loads with torch.load(weights_only=True) (RRM.load_pretrained, load_checkpoint, resume)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -280,7 +297,10 @@ def _cpu_rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -458,7 +478,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = out / "checkpoint.pt"
     resume = str(ckpt_path) if cfg.resume == "auto" and ckpt_path.is_file() else cfg.resume
     if resume and resume != "auto":
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        state = torch.load(resume, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
@@ -523,13 +543,13 @@ def train(cfg: TrainConfig) -> dict:
             model.detach_seg_input = it < cfg.warmup_cls_iterations + cfg.seg_head_only_iterations
             stats = train_step(net, model, batch, optimizer, scaler, cfg, it, device, amp, amp_dtype, out)
             it += 1
-            if writer and (it % cfg.log_every == 0 or it == end):
+            if writer and ((cfg.log_every and it % cfg.log_every == 0) or it == end):
                 writer.writerow({**stats, "iteration": it, "seconds": round(time.time() - t0, 2)})
                 log.flush()
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", lab=f"{stats['labelled']:.2f}")
-            if rank == 0 and (it % cfg.checkpoint_every == 0 or it == end):
+            if rank == 0 and ((cfg.checkpoint_every and it % cfg.checkpoint_every == 0) or it == end):
                 save_checkpoint(ckpt_path, model, optimizer, scaler, it, cfg)
     if bar:
         bar.close()
