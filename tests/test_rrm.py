@@ -465,7 +465,10 @@ def test_voc_loader_labels_from_masks_and_augmentation(tmp_path):
     assert s["image"].shape == (3, 48, 48) and s["raw"].dtype == torch.uint8 and s["mask"].shape == (48, 48)
     assert s["name"] == ids[1] and s["labels"].nonzero().flatten().tolist() == [3]
     roi = s["roi"].bool()
-    assert bool((s["mask"][~roi] == 255).all()) and bool((s["raw"][:, ~roi] == 0).all())
+    assert bool((s["mask"][~roi] == 255).all()) and bool((s["image"][:, ~roi] == 0).all())
+    # RRM's raw padding: its zero-padded normalised crop de-normalised to uint8
+    pad = torch.tensor([int((0 * sd + m) * 255) for m, sd in ((0.485, 0.229), (0.456, 0.224), (0.406, 0.225))])
+    assert bool((s["raw"][:, ~roi] == pad[:, None].to(torch.uint8)).all())
     assert 0.2 < float(s["roi"].mean()) < 1.0  # 30x40 rescaled by 0.7-1.3 inside a 48 crop: padded
     torch.testing.assert_close(ds[1]["raw"], s["raw"])  # same epoch, same item: same crop
     ds.set_epoch(1)

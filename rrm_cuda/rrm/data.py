@@ -4,7 +4,9 @@ dataset with ground truth that needs no download.
 A training sample is a dict (C = crop size)::
 
     image  (3, C, C) float32, ImageNet-normalised, 0 in the padding
-    raw    (3, C, C) uint8 RGB, 0 in the padding (the CRF and the energy loss see these colours)
+    raw    (3, C, C) uint8 RGB, (123, 116, 103) in the padding: the authors' images de-normalised from
+           the zero-padded crop, the ImageNet mean truncated to uint8 (the CRFs and the energy loss
+           see these colours)
     roi    (C, C) float32, 1 on real pixels, 0 on padding (RRM's "croppings")
     mask   (C, C) int64 ground truth, 255 = unlabelled / padding (all 255 when the dataset has none)
     labels (20,) float32 image-level labels
@@ -28,6 +30,9 @@ from torch.utils.data import Dataset
 IGNORE = 255
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+#: RRM's padding colour: its crops are zero-padded after normalisation and its raw images come from
+#: de-normalising them, ``uint8((0 * std + mean) * 255)``
+PAD_RGB = (123, 116, 103)
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -78,7 +83,8 @@ def augment(
     scale_range: tuple[float, float] = (0.7, 1.3),
     flip: bool = True,
 ) -> dict[str, np.ndarray]:
-    """RRM/PSA augmentation: random rescale, horizontal flip, random crop with zero padding.
+    """RRM/PSA augmentation: random rescale, horizontal flip, random crop with padding (``PAD_RGB``:
+    the colour of RRM's de-normalised zero padding).
 
     Args:
         raw: (H, W, 3) uint8; mask: (H, W) uint8 (255 = unlabelled).
@@ -95,7 +101,8 @@ def augment(
     mask = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))
     if flip and rng.random() < 0.5:
         raw, mask = raw[:, ::-1], mask[:, ::-1]
-    out_raw = np.zeros((crop, crop, 3), np.uint8)
+    out_raw = np.empty((crop, crop, 3), np.uint8)
+    out_raw[:] = PAD_RGB
     out_mask = np.full((crop, crop), IGNORE, np.uint8)
     roi = np.zeros((crop, crop), np.float32)
 
@@ -130,8 +137,10 @@ def make_sample(
         raw, mask, roi = a["raw"], a["mask"], a["roi"]
     else:
         roi = np.ones(mask.shape, np.float32)
+    image = normalize(raw)
+    image[:, roi == 0] = 0.0  # RRM pads the normalised crop with zeros (the network's input)
     return {
-        "image": torch.from_numpy(normalize(raw)),
+        "image": torch.from_numpy(image),
         "raw": torch.from_numpy(np.ascontiguousarray(raw.transpose(2, 0, 1))),
         "roi": torch.from_numpy(np.ascontiguousarray(roi)),
         "mask": torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64)),
