@@ -175,9 +175,9 @@ def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -
                 raise ValueError(
                     f"{name} must be a number or a tensor of shape (B,) = ({batch},); got {tuple(value.shape)}"
                 )
-            if (not on_device or checking_values()) and (
-                not bool(torch.isfinite(value).all()) or not bool((value > 0).all())
-            ):
+            # a CPU tensor is read even inside a CUDA graph capture, but not while torch.compile traces
+            readable = not torch.compiler.is_compiling() and (not on_device or checking_values())
+            if readable and (not bool(torch.isfinite(value).all()) or not bool((value > 0).all())):
                 raise ValueError(f"{name} must be positive and finite; got {value.tolist()}")
             return value
     try:

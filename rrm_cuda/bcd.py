@@ -209,7 +209,7 @@ def feature_center_cosine(
         V.same_device({"features": features, "centers": centers})
     lab, ignore = _flat_labels(labels, features, centers.shape[1], ignore_index)
     out = ops.feature_center_cosine(f, lab, centers.to(_compute_dtype(features.dtype)), ignore)[0]
-    _check_finite(out)
+    _check_finite(out, "features or centers")
     return out
 
 

@@ -261,8 +261,8 @@ def dense_energy_loss(
     rois: Tensor | None = None,
     seg_label: Tensor | None = None,
     *,
-    sigma_rgb: float = 15.0,
-    sigma_xy: float = 100.0,
+    sigma_rgb: float | Tensor = 15.0,
+    sigma_xy: float | Tensor = 100.0,
     scale_factor: float = 1.0,
     weight: float = 1.0,
     gradient: str = "exact",
@@ -298,8 +298,8 @@ def dense_energy_loss(
 
     Args:
         images: (B, c, H, W) images on the 0–255 scale (half a grey level of rounding outside it is
-            accepted, as denormalised images have), any channel count c (RGB, grey,
-            multispectral), float or uint8.
+            accepted, as denormalised images have), any channel count c up to 14 (RGB, grey,
+            multispectral: 2 + c lattice features), float or any integer dtype.
         segmentations: (B, K, H, W) softmax probabilities (float16/bfloat16 are computed in float32).
         rois: (B, H, W) crop-validity mask of 0/1 (None: all ones).
         seg_label: (B, 1, H, W) or (B, H, W) pseudo labels 0..K−1, ``ignore_index`` = unlabelled
@@ -360,6 +360,22 @@ def dense_energy_loss(
     V.same_device({"segmentations": segmentations, "images": images, "ROIs": rois, "seg_label": seg_label})
     if gradient not in _GRAD_MODES:
         raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
+    if 0 <= ignore_index < K:
+        raise ValueError(f"ignore_index ({ignore_index}) must not be a class in [0, K = {K})")
+    if seg_label is not None and not seg_label.is_floating_point() and seg_label.dtype != torch.int64:
+        # compared in int64: a uint8 label map compared with ignore_index -1 would wrap it to 255
+        info = torch.iinfo(seg_label.dtype) if seg_label.dtype != torch.bool else None
+        if info is None or not info.min <= ignore_index <= info.max:
+            seg_label = seg_label.to(torch.int64)
+    # integer dtypes the reductions and ops do not take (uint16, uint32, uint64): as int64 / float64
+    if images.dtype not in _STATS_DTYPES:
+        images = images.to(torch.float64)
+    if rois is not None and rois.dtype not in _STATS_DTYPES and rois.dtype != torch.bool:
+        rois = rois.to(torch.float64)
+    if seg_label is not None and seg_label.dtype not in _STATS_DTYPES and seg_label.dtype != torch.bool:
+        seg_label = seg_label.to(torch.int64)
     sigma_rgb = V.positive(sigma_rgb, "sigma_rgb", B)
     sigma_xy = V.positive(sigma_xy, "sigma_xy", B)
     scale_factor = V.positive(scale_factor, "scale_factor")
@@ -499,6 +515,8 @@ class DenseEnergyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(probs, gate, features, mass, gradient="exact"):
+        if gradient not in _GRAD_MODES:
+            raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
         energy, grad_dir = ops.dense_energy(probs, gate, features, mass, _GRAD_MODES[gradient])
         return energy, grad_dir
 
@@ -539,8 +557,8 @@ class DenseEnergyLoss(nn.Module):
     def __init__(
         self,
         weight: float,
-        sigma_rgb: float,
-        sigma_xy: float,
+        sigma_rgb: float | Tensor,
+        sigma_xy: float | Tensor,
         scale_factor: float,
         *,
         gradient: str = "rloss",
@@ -612,7 +630,9 @@ class DenseCRFLoss(DenseEnergyLoss):
     ``image_channels``, ``check_inputs``, ``recompute_scale_factor``) as in :class:`DenseEnergyLoss`.
     """
 
-    def __init__(self, weight: float, sigma_rgb: float, sigma_xy: float, scale_factor: float, **options) -> None:
+    def __init__(
+        self, weight: float, sigma_rgb: float | Tensor, sigma_xy: float | Tensor, scale_factor: float, **options
+    ) -> None:
         if "gate" in options:
             raise TypeError("DenseCRFLoss has no gate (it is rloss's ungated energy); use DenseEnergyLoss")
         super().__init__(weight, sigma_rgb, sigma_xy, scale_factor, gate=False, **options)

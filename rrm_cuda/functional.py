@@ -7,6 +7,7 @@ images; any number, flattened to N internally).
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Union
@@ -336,6 +337,14 @@ def position_features(
 ) -> Tensor:
     """(B, len(S), N) pixel positions divided by ``sxy``, in densecrf's order: x (the last, column
     axis) first, then y (rows), then z. ``sxy``: a number or a per-image (B,) tensor."""
+    try:
+        batch, spatial = operator.index(batch), tuple(operator.index(n) for n in spatial)
+    except TypeError:
+        raise TypeError(f"batch and spatial must be an int and ints; got {batch!r}, {spatial!r}") from None
+    if batch < 0 or not spatial or min(spatial) < 0:
+        raise ValueError(f"batch must be >= 0 and spatial a non-empty sequence of sizes >= 0; got {batch}, {spatial}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     sxy = V.positive(sxy, "sxy", batch)
     pos = _positions(batch, spatial, sxy, dtype, device)
     return pos if isinstance(sxy, Tensor) else pos.clone()  # a fresh tensor, not the cached one
@@ -344,6 +353,11 @@ def position_features(
 def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor, *, dtype=torch.float32) -> Tensor:
     """(B, len(S) + c, N) features ``(x/sxy, y/sxy, I_1/srgb, …, I_c/srgb)`` of pydensecrf's
     addPairwiseBilateral, for an image (B, c, *S) of any channel count on the 0–255 scale."""
+    V.tensor(image, "image", finite=False)
+    if image.dim() < 3 or image.is_complex() or image.dtype == torch.bool:
+        raise ValueError(f"image must be a real (B, c, *S) tensor; got {image.dtype} of shape {tuple(image.shape)}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     return _bilateral_features(_flat(image), image.shape[2:], sxy, srgb, dtype)
 
 
@@ -394,8 +408,9 @@ def _compat_matrix(
     if compat is None:
         return None
     if isinstance(compat, Tensor):
-        # a device tensor's values are not read where they cannot be (a CUDA graph capture)
-        readable = compat.device.type == "cpu" or V.checking_values()
+        # values are not read where they cannot be: while torch.compile traces (any device), and a device
+        # tensor's inside a CUDA graph capture
+        readable = not torch.compiler.is_compiling() and (compat.device.type == "cpu" or V.checking_values())
         if pending is not None and compat.device.type != "cpu" and compat.dim() > 0:
             pending.append((name, compat))
         elif readable and not bool(torch.isfinite(compat).all()):
@@ -533,6 +548,9 @@ def dense_crf(
     spatial = tuple(src.shape[2:])
     if L < 2:
         raise ValueError(f"{src_name} must have at least 2 labels (dimension 1); got shape {tuple(src.shape)}")
+    if probs is not None:  # unary_from_softmax's clip: the smallest probability, in (0, 1]
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+            raise ValueError(f"clip must be a number in (0, 1] (the smallest probability); got {clip!r}")
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int; got {iterations!r}")
     if normalization not in _NORMALIZATIONS:
@@ -687,8 +705,8 @@ def dense_crf(
             _check_key_range(f, fname, pmax)
         elif ranges.get(fname) is not None:
             _check_key_range(f, fname, max(abs(ranges[fname][0]), abs(ranges[fname][1])))
-    if B == 0 or N == 0:
-        return torch.empty((B, L, *spatial), dtype=dtype, device=device)
+    if B == 0 or N == 0:  # an empty result, still part of the graph (backward gives empty gradients)
+        return (src.to(dtype) * 0).reshape(B, L, *spatial)
     if not feats:
         if finish_checks is not None:
             finish_checks()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as F
@@ -20,6 +21,9 @@ class PermutohedralFilter(nn.Module):
     def forward(self, values: Tensor, features: Tensor) -> Tensor:
         return F.permutohedral_filter(values, features, reverse=self.reverse, cache=self.cache)
 
+    def extra_repr(self) -> str:
+        return f"reverse={self.reverse}, cache={self.cache}"
+
 
 class DenseCRF(nn.Module):
     """Module form of :func:`rrm_cuda.dense_crf` holding the kernel parameters.
@@ -35,10 +39,10 @@ class DenseCRF(nn.Module):
     def __init__(
         self,
         iterations: int = 10,
-        gaussian_sxy: float = 3.0,
+        gaussian_sxy: float | torch.Tensor = 3.0,
         gaussian_compat: F.Compat = 3.0,
-        bilateral_sxy: float = 80.0,
-        bilateral_srgb: float = 13.0,
+        bilateral_sxy: float | torch.Tensor = 80.0,
+        bilateral_srgb: float | torch.Tensor = 13.0,
         bilateral_compat: F.Compat = 10.0,
         normalization: str = "symmetric",
         clip: float = 1e-5,

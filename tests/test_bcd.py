@@ -480,6 +480,12 @@ def test_bad_inputs():
     lab = torch.zeros(2, 4, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes = 3\)"):
         rrm_cuda.masked_feature_sums(f, lab + 3, 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes = 3\); got values from 3 to 3$"):
+        rrm_cuda.masked_feature_sums(f, lab + 3, 3)  # no ignore_index given: none named
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes = 3\) or equal ignore_index \(255\)"):
+        rrm_cuda.masked_feature_sums(f, lab + 3, 3, ignore_index=255)
+    with pytest.raises(ValueError, match="features or centers contains NaN or Inf"):
+        rrm_cuda.feature_center_cosine(f, lab, torch.full((2, 3, 3), math.nan))
     with pytest.raises(ValueError, match="labels must lie in"):
         rrm_cuda.masked_feature_sums(f, lab - 1, 3)
     with pytest.raises(TypeError, match="labels must have an integer dtype"):

@@ -623,6 +623,28 @@ def test_bad_inputs():
         rrm_cuda.dense_crf(unary.int(), image)
     with pytest.raises(ValueError, match="image is required"):
         rrm_cuda.dense_crf(unary)
+    for clip in (0.0, 2.0, -1e-5, "a", None, True):
+        with pytest.raises(ValueError, match=r"clip must be a number in \(0, 1\]"):
+            rrm_cuda.dense_crf(probs=torch.softmax(unary, 1), image=image, clip=clip)
+    # an empty batch or image: an empty result that still backpropagates
+    for shape in ((0, 3, 6, 5), (2, 3, 0, 5)):
+        u = torch.randn(*shape, requires_grad=True)
+        q = rrm_cuda.dense_crf(u, torch.zeros(shape[0], 3, *shape[2:]))
+        assert q.shape == shape and q.requires_grad
+        q.sum().backward()
+        assert u.grad.shape == shape
+    # the public feature helpers name their bad arguments
+    with pytest.raises(ValueError, match="batch must be >= 0"):
+        rrm_cuda.position_features(-1, (3, 4), 2.0)
+    with pytest.raises(TypeError, match="batch and spatial must be an int and ints"):
+        rrm_cuda.position_features(1, (3.5, 4), 2.0)
+    with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64; got torch.int64"):
+        rrm_cuda.position_features(1, (3, 4), 2.0, dtype=torch.int64)
+    assert rrm_cuda.position_features(np.int64(2), torch.Size([3, 4]), 2.0).shape == (2, 2, 12)
+    with pytest.raises(ValueError, match=r"image must be a real \(B, c, \*S\) tensor"):
+        rrm_cuda.bilateral_features(torch.ones(3, 4), 80.0, 13.0)
+    with pytest.raises(TypeError, match="image must be a torch.Tensor; got list"):
+        rrm_cuda.bilateral_features([[1.0]], 80.0, 13.0)
     with pytest.raises(ValueError, match="image must have shape"):
         rrm_cuda.dense_crf(unary, image[:, :, :5])
     with pytest.raises(ValueError, match="image must have shape"):
@@ -1035,6 +1057,35 @@ def test_compile_fullgraph_public_api(dynamic):
         v, f = torch.randn(1, 2, H, W, generator=g), torch.randn(1, 2, H, W, generator=g)
         for a, b in zip(compiled(probs, img, v, f), fn(probs, img, v, f)):
             torch.testing.assert_close(a, b)
+
+
+def test_compile_fullgraph_tensor_compat_and_sigmas():
+    # Tensor arguments that are read when checked eagerly -- a learnable (L,) compatibility, a 0-dim
+    # one, per-image (B,) sigmas -- are not read while torch.compile traces, also on the CPU.
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(2, 3, 7, 6, generator=g), 1)
+    img = torch.randint(0, 256, (2, 3, 7, 6), generator=g, dtype=torch.uint8)
+    m = rrm_cuda.DenseCRF(iterations=2)
+    m.bilateral_compat = torch.nn.Parameter(torch.full((3,), -10.0))
+    m.gaussian_compat = torch.tensor(3.0)
+    m.gaussian_sxy, m.bilateral_srgb = torch.tensor([3.0, 4.0]), torch.tensor([13.0, 20.0])
+    compiled = torch.compile(lambda p, i: m(probs=p, image=i), fullgraph=True, backend="aot_eager")
+    got, want = compiled(probs, img), m(probs=probs, image=img)
+    torch.testing.assert_close(got, want)
+    (gg,), (gw,) = (
+        torch.autograd.grad(got.sum(), m.bilateral_compat),
+        torch.autograd.grad(want.sum(), m.bilateral_compat),
+    )
+    torch.testing.assert_close(gg, gw)
+    energy = torch.compile(
+        lambda p, i, s: rrm_cuda.dense_energy_loss(i, p, sigma_rgb=s, sigma_xy=40.0),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    sig = torch.tensor([15.0, 20.0])
+    torch.testing.assert_close(
+        energy(probs, img, sig), rrm_cuda.dense_energy_loss(img, probs, sigma_rgb=sig, sigma_xy=40.0)
+    )
 
 
 def test_compile_fullgraph_backward():

@@ -658,6 +658,25 @@ def test_value_checks_read_the_device_once(monkeypatch, check_inputs, stats_op):
 
 def test_bad_inputs_module_and_op():
     images, probs, rois, labels = _inputs(H=6, W=6)
+    with pytest.raises(TypeError, match="ignore_index must be an int; got NoneType"):
+        rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=None)
+    with pytest.raises(ValueError, match=r"ignore_index \(2\) must not be a class in \[0, K = 3\)"):
+        rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=2)
+    with pytest.raises(ValueError, match="gradient must be 'exact' or 'rloss'; got 'Exact'"):
+        rrm_cuda.DenseEnergyLossFunction.apply(*_op_inputs(), "Exact")
+    # uint8 labels with ignore_index -1: 255 is a bad label, not "unlabelled" (no wrap-around)
+    lab8 = labels.clone().masked_fill_(labels == 255, 1).to(torch.uint8)
+    lab8[0, 0, 0, 0] = 255
+    with pytest.raises(ValueError, match="seg_label"):
+        rrm_cuda.dense_energy_loss(images, probs, rois, lab8, ignore_index=-1)
+    want = rrm_cuda.dense_energy_loss(images, probs, rois, lab8.long(), ignore_index=-1, check_inputs=False)
+    got = rrm_cuda.dense_energy_loss(images, probs, rois, lab8, ignore_index=-1, check_inputs=False)
+    torch.testing.assert_close(got, want)
+    # unsigned integer dtypes the reductions do not take (uint16): converted, then checked and used
+    u16 = rrm_cuda.dense_energy_loss(images.to(torch.uint16), probs, rois.to(torch.uint16), labels.to(torch.uint16))
+    torch.testing.assert_close(u16, rrm_cuda.dense_energy_loss(images, probs, rois, labels))
+    with pytest.raises(ValueError, match="ROIs"):
+        rrm_cuda.dense_energy_loss(images, probs, (rois * 2).to(torch.uint16), labels)
     with pytest.raises(ValueError, match="images must have 3 channels"):
         rrm_cuda.DenseEnergyLoss(1.0, 15.0, 10.0, 1.0)(images[:, :1], probs, rois, labels)
     with pytest.raises(ValueError, match="sigma_xy must be positive"):

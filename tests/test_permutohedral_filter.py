@@ -571,6 +571,7 @@ def test_module_matches_functional():
     v, f = _inputs()
     m = rrm_cuda.PermutohedralFilter(reverse=True)
     torch.testing.assert_close(m(v, f), rrm_cuda.permutohedral_filter(v, f, reverse=True))
+    assert repr(m) == "PermutohedralFilter(reverse=True, cache=False)"
 
 
 # ---- CPU == CUDA -----------------------------------------------------------------------------

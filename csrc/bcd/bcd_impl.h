@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -60,8 +62,12 @@ inline at::Tensor make_keys(const at::Tensor& labels, int64_t K, int64_t ignore_
     auto ok = at::logical_or(at::logical_and(l.ge(0), l.lt(K)), l.eq(ignore_index));
     if (!ok.all().item<bool>()) {
       auto bad = l.masked_select(ok.logical_not());
-      TORCH_CHECK_VALUE(false, "labels must lie in [0, num_classes = ", K, ") or equal ignore_index (", ignore_index,
-                        "); got values from ", bad.min().item<int64_t>(), " to ", bad.max().item<int64_t>());
+      // (ignore_index = INT64_MIN: none was given; the Python wrappers pass that for None)
+      const std::string or_ignored = ignore_index == std::numeric_limits<int64_t>::min()
+                                         ? std::string()
+                                         : " or equal ignore_index (" + std::to_string(ignore_index) + ")";
+      TORCH_CHECK_VALUE(false, "labels must lie in [0, num_classes = ", K, ")", or_ignored, "; got values from ",
+                        bad.min().item<int64_t>(), " to ", bad.max().item<int64_t>());
     }
   }
   return at::where(l.eq(ignore_index), at::scalar_tensor(K, l.options()), l).to(at::kInt).contiguous();
