@@ -132,7 +132,7 @@ def supported_device(device: torch.device, name: str) -> None:
     cluster's login node, which has no GPU -- gets an error that says what to do, instead of the
     dispatcher's "Could not run 'rrm_cuda::...' with arguments from the 'CUDA' backend"."""
     kind = device.type
-    if kind in ("cpu", "meta"):
+    if kind in ("cpu", "meta") or torch.compiler.is_compiling():  # (build_info cannot be traced)
         return
     if kind == "cuda":
         if not _built_with_cuda():

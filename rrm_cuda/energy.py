@@ -13,6 +13,7 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable
 
@@ -360,9 +361,13 @@ def dense_energy_loss(
     V.same_device({"segmentations": segmentations, "images": images, "ROIs": rois, "seg_label": seg_label})
     if gradient not in _GRAD_MODES:
         raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}")
-    if 0 <= ignore_index < K:
+    try:
+        if isinstance(ignore_index, bool):
+            raise TypeError
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}") from None
+    if seg_label is not None and 0 <= ignore_index < K:
         raise ValueError(f"ignore_index ({ignore_index}) must not be a class in [0, K = {K})")
     if seg_label is not None and not seg_label.is_floating_point() and seg_label.dtype != torch.int64:
         # compared in int64: a uint8 label map compared with ignore_index -1 would wrap it to 255

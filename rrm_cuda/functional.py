@@ -353,7 +353,8 @@ def position_features(
 def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor, *, dtype=torch.float32) -> Tensor:
     """(B, len(S) + c, N) features ``(x/sxy, y/sxy, I_1/srgb, …, I_c/srgb)`` of pydensecrf's
     addPairwiseBilateral, for an image (B, c, *S) of any channel count on the 0–255 scale."""
-    V.tensor(image, "image", finite=False)
+    if not isinstance(image, Tensor):  # (plain torch: any device)
+        raise TypeError(f"image must be a torch.Tensor; got {type(image).__name__}")
     if image.dim() < 3 or image.is_complex() or image.dtype == torch.bool:
         raise ValueError(f"image must be a real (B, c, *S) tensor; got {image.dtype} of shape {tuple(image.shape)}")
     if dtype not in (torch.float32, torch.float64):
@@ -390,7 +391,7 @@ def _divides(b_img: int, b: int) -> bool:
     return b_img == b or (b_img >= 1 and b % b_img == 0)
 
 
-def unary_from_probs(probs: Tensor, clip: float = 1e-5) -> Tensor:
+def unary_from_probs(probs: Tensor, clip: float | None = 1e-5) -> Tensor:
     """``-log(clip(p, clip, 1))``: pydensecrf.utils.unary_from_softmax on tensors (any shape)."""
     u = probs.clamp(min=clip, max=1.0)
     if u.requires_grad:
@@ -475,7 +476,7 @@ def dense_crf(
     bilateral_compat: Compat = 10.0,
     pairwise: Sequence[tuple[Tensor, Compat]] = (),
     normalization: str = "symmetric",
-    clip: float = 1e-5,
+    clip: float | None = 1e-5,
     check_inputs: bool = True,
 ) -> Tensor:
     r"""Fully connected CRF mean-field inference (Krähenbühl & Koltun 2011) with pydensecrf's semantics.
@@ -500,6 +501,8 @@ def dense_crf(
             ``torch.cat([u_1, u_2])`` with ``image`` of batch B/2).
         probs: (B, L, *S) scores; the unary is ``−log(clip(probs, clip, 1))`` (pydensecrf's
             ``unary_from_softmax``; scores need not sum to 1).
+        clip: the smallest probability, in (0, 1]; None: no clipping (a score of 0 is then an
+            energy of +inf, a forbidden label, as ``unary_from_softmax(p, clip=None)``).
         iterations: mean-field iterations (pydensecrf's ``inference(n)``).
         gaussian_sxy, gaussian_compat: the smoothness kernel over positions (``addPairwiseGaussian``).
         bilateral_sxy, bilateral_srgb, bilateral_compat: the appearance kernel over positions and
@@ -548,9 +551,15 @@ def dense_crf(
     spatial = tuple(src.shape[2:])
     if L < 2:
         raise ValueError(f"{src_name} must have at least 2 labels (dimension 1); got shape {tuple(src.shape)}")
-    if probs is not None:  # unary_from_softmax's clip: the smallest probability, in (0, 1]
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
-            raise ValueError(f"clip must be a number in (0, 1] (the smallest probability); got {clip!r}")
+    if probs is not None and clip is not None:  # unary_from_softmax's clip: the smallest probability
+        try:
+            if isinstance(clip, (bool, str, bytes)):
+                raise TypeError
+            clip = float(clip)
+        except (TypeError, ValueError):
+            raise ValueError(f"clip must be a number in (0, 1] or None; got {clip!r}") from None
+        if not 0 < clip <= 1:
+            raise ValueError(f"clip must be a number in (0, 1] or None (no clipping); got {clip!r}")
     if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int; got {iterations!r}")
     if normalization not in _NORMALIZATIONS:

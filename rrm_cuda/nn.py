@@ -45,7 +45,7 @@ class DenseCRF(nn.Module):
         bilateral_srgb: float | torch.Tensor = 13.0,
         bilateral_compat: F.Compat = 10.0,
         normalization: str = "symmetric",
-        clip: float = 1e-5,
+        clip: float | None = 1e-5,
     ) -> None:
         super().__init__()
         self.iterations = iterations

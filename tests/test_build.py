@@ -116,6 +116,19 @@ def test_tensors_on_other_devices_are_refused_by_name():
                 call()
 
 
+def test_device_check_traces_under_compile():
+    # build_info (a pybind call) cannot be traced: while torch.compile traces, the device check is
+    # skipped (else every op on CUDA tensors would break the graph, or fail fullgraph=True)
+    from rrm_cuda import _validate as V
+
+    def fn(x):
+        V.supported_device(torch.device("cuda", 0), "x")
+        return x + 1
+
+    out = torch.compile(fn, fullgraph=True, backend="eager")(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 2.0))
+
+
 def test_supported_devices_pass():
     from rrm_cuda import _validate as V
 

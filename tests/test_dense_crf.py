@@ -623,9 +623,17 @@ def test_bad_inputs():
         rrm_cuda.dense_crf(unary.int(), image)
     with pytest.raises(ValueError, match="image is required"):
         rrm_cuda.dense_crf(unary)
-    for clip in (0.0, 2.0, -1e-5, "a", None, True):
-        with pytest.raises(ValueError, match=r"clip must be a number in \(0, 1\]"):
-            rrm_cuda.dense_crf(probs=torch.softmax(unary, 1), image=image, clip=clip)
+    sm = torch.softmax(unary, 1)
+    for clip in (0.0, 2.0, -1e-5, "a", True, [1e-5]):
+        with pytest.raises(ValueError, match=r"clip must be a number in \(0, 1\] or None"):
+            rrm_cuda.dense_crf(probs=sm, image=image, clip=clip)
+    want = rrm_cuda.dense_crf(probs=sm, image=image, clip=1e-5)
+    for clip in (np.float32(1e-5), torch.tensor(1e-5)):  # numbers of any kind
+        torch.testing.assert_close(rrm_cuda.dense_crf(probs=sm, image=image, clip=clip), want)
+    sm0 = sm.clone()
+    sm0[:, 1, :3] = 0  # clip=None: no clipping, a score of 0 forbids the label (pydensecrf's clip=None)
+    q = rrm_cuda.dense_crf(probs=sm0, image=image, clip=None)
+    assert bool(torch.isfinite(q).all()) and float(q[:, 1, :3].max()) < 1e-30
     # an empty batch or image: an empty result that still backpropagates
     for shape in ((0, 3, 6, 5), (2, 3, 0, 5)):
         u = torch.randn(*shape, requires_grad=True)
@@ -645,6 +653,10 @@ def test_bad_inputs():
         rrm_cuda.bilateral_features(torch.ones(3, 4), 80.0, 13.0)
     with pytest.raises(TypeError, match="image must be a torch.Tensor; got list"):
         rrm_cuda.bilateral_features([[1.0]], 80.0, 13.0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # plain torch: any device
+        assert rrm_cuda.bilateral_features(torch.zeros(1, 3, 4, 5, device="xpu"), 80.0, 13.0).shape == (1, 5, 20)
     with pytest.raises(ValueError, match="image must have shape"):
         rrm_cuda.dense_crf(unary, image[:, :, :5])
     with pytest.raises(ValueError, match="image must have shape"):

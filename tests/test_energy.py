@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -662,6 +663,13 @@ def test_bad_inputs_module_and_op():
         rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=None)
     with pytest.raises(ValueError, match=r"ignore_index \(2\) must not be a class in \[0, K = 3\)"):
         rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=2)
+    torch.testing.assert_close(  # a numpy integer is an int
+        rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=np.int64(255)),
+        rrm_cuda.dense_energy_loss(images, probs, rois, labels),
+    )
+    # without labels ignore_index is unused: any number of classes (rloss's DenseCRFLoss, K >= 256)
+    many = torch.softmax(torch.randn(2, 300, 6, 6, dtype=probs.dtype), 1)
+    assert E.DenseCRFLoss(1e-3, 15.0, 40.0, 1.0)(images, many, rois).shape == (1,)
     with pytest.raises(ValueError, match="gradient must be 'exact' or 'rloss'; got 'Exact'"):
         rrm_cuda.DenseEnergyLossFunction.apply(*_op_inputs(), "Exact")
     # uint8 labels with ignore_index -1: 255 is a bad label, not "unlabelled" (no wrap-around)

@@ -496,7 +496,7 @@ def test_voc_loader_missing_paths_named(tmp_path):
 def test_voc_loader_skips_corrupt_image_with_warning(tmp_path):
     ids = _write_voc(tmp_path / "VOC2012", n=3, corrupt=1)
     ds = VOCSegmentation(tmp_path / "VOC2012", "train", crop=32)
-    with pytest.warns(RuntimeWarning, match=f"skipping unreadable image .*{ids[1]}.jpg"):
+    with pytest.warns(RuntimeWarning, match=f"skipping unreadable sample {ids[1]}: image .*{ids[1]}.jpg"):
         s = ds[1]
     assert s["name"] == ids[2]
     loader = torch.utils.data.DataLoader(ds, batch_size=3)
@@ -531,11 +531,17 @@ def test_voc_evaluation_never_substitutes_an_image(tmp_path):
     ids2 = _write_voc(root2, n=3, corrupt=2)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root2 / "SegmentationClass" / f"{ids2[0]}.png")
     ev2 = VOCSegmentation(root2, "train", crop=None)
-    with pytest.raises(ValueError, match=rf"mask .*{ids2[0]}.png has shape \(10, 10\), image \(30, 40\)"):
+    with pytest.raises(RuntimeError, match=rf"mask .*{ids2[0]}.png has shape \(10, 10\), image \(30, 40\)"):
         ev2[0]
     assert ev2[1]["name"] == ids2[1]
-    with pytest.raises(RuntimeError, match=rf"cannot decode image .*{ids2[2]}.jpg.*would be scored twice"):
+    with pytest.raises(RuntimeError, match=rf"image .*{ids2[2]}.jpg cannot be decoded.*would be scored twice"):
         ev2[2]
+    # in training the same two are skipped with a warning, never a crash mid-epoch
+    tr2 = VOCSegmentation(root2, "train", crop=16)
+    with pytest.warns(RuntimeWarning, match=rf"skipping unreadable sample {ids2[0]}: mask .* has shape"):
+        assert tr2[0]["name"] == ids2[1]
+    with pytest.warns(RuntimeWarning, match=rf"skipping unreadable sample {ids2[2]}: image"):
+        assert tr2[2]["name"] == ids2[1]
 
 
 def test_train_config_rejects_bad_values_at_start(monkeypatch):
@@ -547,7 +553,10 @@ def test_train_config_rejects_bad_values_at_start(monkeypatch):
         make_config("cpu-demo", log_every=-1)
     assert make_config("cpu-demo", checkpoint_every=0, log_every=0).checkpoint_every == 0
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert resolve_device("cuda") == torch.device("cuda", 3)  # a torchrun process's own GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible GPU per process
+    assert resolve_device("cuda") == torch.device("cuda", 0)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu").type == "cpu"
 
 
@@ -732,6 +741,16 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         assert first["iteration"] == 3 and not (tmp_path / "split" / "model_final.pt").exists()
         missing, unexpected = RRM("small", freeze_bn=False).load_pretrained(tmp_path / "split" / "checkpoint.pt")
         assert not missing and not unexpected
+        # a checkpoint of the earlier format (numpy's RNG state as an array) still loads, still weights_only
+        from rrm_cuda.rrm.model import load_state_file
+        from rrm_cuda.rrm.train import _set_rng_state
+
+        old = {**first, "rng": {**first["rng"], "numpy": np.random.get_state()}}
+        torch.save(old, tmp_path / "old.pt")
+        back = load_state_file(tmp_path / "old.pt")
+        assert back["rng"]["numpy"][1].dtype == np.uint32
+        _set_rng_state(back["rng"])
+        assert np.array_equal(np.random.get_state()[1], old["rng"]["numpy"][1])
         train(_tiny(tmp_path, "split", resume="auto", **kw))
     finally:
         torch.use_deterministic_algorithms(False)

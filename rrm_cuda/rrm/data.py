@@ -185,12 +185,12 @@ class VOCSegmentation(AugmentedDataset):
             False: no masks (inference on a split without ground truth, e.g. VOC test): ``mask``
             is all 255.
 
-    Everything is checked when the dataset is made: a missing folder, list, image or needed mask,
-    or an image without image-level labels, raises FileNotFoundError naming it (and how many more
-    are missing), never a crash mid-epoch. In training an image that cannot be decoded is skipped
-    with a warning (the next readable image takes its place); in evaluation (``crop=None``) it
-    raises, since a substitute would be scored twice. A mask that cannot be read or whose size
-    differs from its image's raises ValueError naming it.
+    What can be checked without decoding is checked when the dataset is made: a missing folder,
+    list, image or needed mask, or an image without image-level labels, raises FileNotFoundError
+    naming it (and how many more are missing). In training an image or mask that cannot be decoded,
+    or a mask whose size differs from its image's, is skipped with a warning (the next readable
+    image takes its place), never a crash mid-epoch; in evaluation (``crop=None``) it raises,
+    naming the file, since a substitute would be scored twice.
     """
 
     def __init__(
@@ -268,16 +268,16 @@ class VOCSegmentation(AugmentedDataset):
             with Image.open(ipath) as im:
                 raw = np.asarray(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as e:  # PIL's decoding errors
-            raise _UnreadableImage(f"{ipath}: {e}") from e
+            raise _UnreadableImage(f"image {ipath} cannot be decoded: {e}") from e
         mpath = self.mask_dir / f"{name}.png"
         if self.masks and mpath.is_file():
             try:
                 with Image.open(mpath) as im:
                     mask = np.asarray(im)
             except (OSError, SyntaxError, ValueError) as e:
-                raise ValueError(f"mask {mpath} cannot be read: {e}") from e
+                raise _UnreadableImage(f"mask {mpath} cannot be read: {e}") from e
             if mask.shape != raw.shape[:2]:
-                raise ValueError(f"mask {mpath} has shape {mask.shape}, image {raw.shape[:2]}")
+                raise _UnreadableImage(f"mask {mpath} has shape {mask.shape}, image {raw.shape[:2]}")
         elif self._need_masks:  # checked at construction: removed since
             raise FileNotFoundError(f"mask not found: {mpath}")
         else:
@@ -298,18 +298,19 @@ class VOCSegmentation(AugmentedDataset):
             except _UnreadableImage as e:
                 if self.crop is None:
                     raise RuntimeError(
-                        f"cannot decode image {e} (evaluation and inference do not skip images: another image "
-                        "in its place would be scored twice)"
+                        f"cannot use {self.ids[i]}: {e} (evaluation and inference do not skip images: another "
+                        "image in its place would be scored twice)"
                     ) from None
                 self._bad.add(i)
-                warnings.warn(f"skipping unreadable image {e}", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"skipping unreadable sample {self.ids[i]}: {e}", RuntimeWarning, stacklevel=2)
                 continue
             return make_sample(raw, mask, labels, self.ids[i], i, self.crop, self.rng(index), self.scale_range)
         raise RuntimeError(f"no readable image in {self.image_dir}")
 
 
 class _UnreadableImage(Exception):
-    """An image file PIL cannot decode (the message names it)."""
+    """An image or mask that cannot be used: not decodable, or a mask of another size (the message
+    names the file)."""
 
 
 def _missing(split: str, paths: list[Path], what: str) -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..functional import dense_crf
 from .data import build_dataset, save_mask_png
-from .model import RRM
+from .model import RRM, load_state_file
 from .train import TrainConfig, build_model, config_from_dict, resolve_device
 
 # SPEC §5 inference CRF (RRM's infer script): Gaussian sxy 3 compat 3; bilateral sxy 83 srgb 5 compat 4.
@@ -32,7 +32,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_file(path)
     cfg = config_from_dict(state["config"])
     model = build_model(dataclasses.replace(cfg, pretrained=None))
     model.load_state_dict(state["model"])

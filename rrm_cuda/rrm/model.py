@@ -8,6 +8,7 @@ ResNet-38), K = 21 segmentation classes (background 0), 20 image-level classes.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -390,7 +391,7 @@ class RRM(nn.Module):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretrained weights not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_file(path)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]
         own = self.state_dict()
@@ -412,6 +413,22 @@ class RRM(nn.Module):
             raise ValueError(f"{path}: no parameter name matched the RRM model (is it a ResNet-38 state dict?)")
         result = self.load_state_dict(mapped, strict=False)
         return list(result.missing_keys), unexpected
+
+
+def load_state_file(path: str | os.PathLike) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and Python values only, no code run
+    from the file. Training checkpoints of this package written before session 18 held numpy's RNG
+    state as an array: for them numpy's array types are allowed too (still no arbitrary code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        core = getattr(np, "_core", None) or np.core
+        allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        if hasattr(torch.serialization, "safe_globals"):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        torch.serialization.add_safe_globals(allowed)  # torch 2.4: no context manager
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def output_size(size: int) -> int:

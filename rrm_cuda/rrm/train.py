@@ -43,7 +43,7 @@ import rrm_cuda
 from . import losses as L
 from .data import IGNORE, AugmentedDataset, build_dataset, colorize
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou
-from .model import RRM
+from .model import RRM, load_state_file
 from .pseudo_labels import ReliableLabels, multiscale_cam, reliable_label_parts
 
 
@@ -224,16 +224,20 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _local_gpu() -> int:
+    """This process's GPU: LOCAL_RANK among the visible ones (modulo their count, so that a launcher
+    that gives each process one GPU through CUDA_VISIBLE_DEVICES gets cuda:0)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) % max(1, torch.cuda.device_count())
+
+
 def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" (no index) -> cuda:LOCAL_RANK,
-    so that each process of a torchrun job takes its own GPU."""
+    """ "auto" -> this process's GPU (``_local_gpu``) when CUDA is available, else cpu; "cuda" (no
+    index) -> the same GPU, so that each process of a torchrun job takes its own."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        return torch.device("cuda", _local_gpu()) if torch.cuda.is_available() else torch.device("cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", _local_gpu())
     return dev
 
 
@@ -478,7 +482,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_path = out / "checkpoint.pt"
     resume = str(ckpt_path) if cfg.resume == "auto" and ckpt_path.is_file() else cfg.resume
     if resume and resume != "auto":
-        state = torch.load(resume, map_location="cpu", weights_only=True)
+        state = load_state_file(resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):

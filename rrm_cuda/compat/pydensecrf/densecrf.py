@@ -66,7 +66,8 @@ def _int_arg(value, name: str) -> int:
 
 
 def _check_energies(e: np.ndarray, name: str) -> None:
-    """Energies (M, N) may be +inf (a forbidden label: Q = 0 there, as in pydensecrf), not NaN or -inf,
+    """Energies (M, N) may be +inf (a forbidden label: Q < 1e-37 there, pydensecrf's exactly 0; its
+    ``klDivergence`` is then +inf where pydensecrf's is NaN: 0 * inf in both), not NaN or -inf,
     and not +inf for every label of one variable (no label left: pydensecrf gives NaN)."""
     if np.isnan(e).any() or np.isneginf(e).any():
         raise ValueError(f"{name} contains NaN or -inf")
