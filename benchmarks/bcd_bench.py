@@ -137,7 +137,11 @@ def main(argv=None) -> None:
         default=2**31,
         help="time the (slow) loop reference only up to this many feature elements (default: always)",
     )
-    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument(
+        "--out-dir",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="folder for bcd_<machine>.json and .png (default: benchmarks/results)",
+    )
     args = p.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.2 if args.quick else 1.0

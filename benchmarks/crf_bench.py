@@ -163,8 +163,8 @@ def reference(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Ten
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes and short timing (CI)")
-    ap.add_argument("--labels", type=int, default=21)
-    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--labels", type=int, default=21, help="labels of the 21-label workloads (default: 21)")
+    ap.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     ap.add_argument("--batch", type=int, default=8, help="batch size of the batched workload")
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
     ap.add_argument("--no-cuda", action="store_true", help="skip CUDA even when available")

@@ -83,7 +83,7 @@ def counts(fn: Callable[[], None]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--out-dir", default=None, help="also write cuda_host_<device>.json there")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cuda_host.py needs a CUDA device")

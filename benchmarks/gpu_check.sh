@@ -84,7 +84,11 @@ has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 } 2>&1 | tee -a "$LOG"
 
 if has build; then
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then # the visible GPU's architecture (one arch: a faster build)
+    arch=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || true)
+    export TORCH_CUDA_ARCH_LIST=${arch:-9.0}
+  fi
+  export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   step build 400 $PY setup.py build_ext --inplace || {
     tail -40 "$LOG"
     exit 1

@@ -83,10 +83,10 @@ def format_table(rows: list[dict[str, float | str]], width: int = 48) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--labels", type=int, default=21)
+    ap.add_argument("--size", type=int, default=512, help="image side of the profiled dense CRF (default: 512)")
+    ap.add_argument("--labels", type=int, default=21, help="labels (default: 21)")
     ap.add_argument("--iterations", type=int, default=2, help="mean-field steps of the profiled CRF call")
-    ap.add_argument("--skip-energy", action="store_true")
+    ap.add_argument("--skip-energy", action="store_true", help="profile the dense CRF's kernels only")
     ap.add_argument("--noise", action="store_true", help="random-noise images for the energy loss")
     ap.add_argument("--table", metavar="NCU_TXT", help="print the per-kernel table of an ncu text report and exit")
     args = ap.parse_args()

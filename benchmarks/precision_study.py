@@ -12,7 +12,7 @@ pydensecrf2 and with the float32 reference.
     python benchmarks/precision_study.py            # six photographs and sizes, ~1 min
     python benchmarks/precision_study.py --quick    # one small case (CI)
 
-Writes precision_<machine>.json (and a PNG chart) to --out-dir.
+Writes precision_cpu.json (precision_quick.json with --quick) and a PNG chart beside it to --out-dir.
 """
 
 from __future__ import annotations
@@ -164,7 +164,11 @@ def chart(rows: list[dict], path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one small case (CI)")
-    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument(
+        "--out-dir",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="folder for precision_cpu.json and .png (precision_quick.* with --quick; default: benchmarks/results)",
+    )
     args = ap.parse_args()
     try:
         import pydensecrf.densecrf  # noqa: F401

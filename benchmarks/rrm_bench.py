@@ -257,7 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=None, help="side of the generated images (default crop + 32)")
     ap.add_argument("--backbone", default="small", choices=("small", "resnet38"), help="random init either way")
     ap.add_argument("--cam-scales", type=float, nargs="+", default=None, help="default 1 0.5 1.5 2 (--quick: 1 0.5)")
-    ap.add_argument("--crf-iterations", type=int, default=10)
+    ap.add_argument("--crf-iterations", type=int, default=10, help="mean-field iterations of the CRFs (default: 10)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
     ap.add_argument(

@@ -33,13 +33,13 @@ from rrm_cuda import _C, functional  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="side of the centre crop of the astronaut photograph")
-    ap.add_argument("--labels", type=int, default=21)
-    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--labels", type=int, default=21, help="labels (default: 21)")
+    ap.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
     ap.add_argument("--min-run-time", type=float, default=0.1, help="seconds of timing per setting")
     ap.add_argument("--tiles", default="128,256,512,1024", help="pixels per tile P (comma-separated)")
     ap.add_argument("--pixel-tiles", default="0,8,16,32", help="square pixel-tile sides of the public API (0: raster)")
     ap.add_argument("--kernels", default="1,2,3", help="mean_field_tile_kernel values")
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--out-dir", default=None, help="also write tile_sweep_<device>.json there")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not rrm_cuda.build_info().get("with_cuda", False):
         raise SystemExit("tile_sweep.py needs a CUDA device and a CUDA build")

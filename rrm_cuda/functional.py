@@ -494,9 +494,10 @@ def dense_crf(
     Args:
         unary: (B, L, *S) energies (−log p). Give this or ``probs``.
         image: (B, c, *S) colours on the 0–255 scale (uint8 or float; a checked float image within
-            [0, 1] gets a warning: ``bilateral_srgb`` is in 0–255 units), any c (RGB, grey,
-            multispectral); needed by the bilateral term. Its batch may also be a divisor B' of B:
-            item b then uses image ``b % B'`` and the lattice of each image is built once and shared
+            [0, 1] gets a warning: ``bilateral_srgb`` is in 0–255 units), any c with len(S) + c <= 16
+            lattice features (RGB, grey, multispectral: up to 14 channels for a 2-D image); needed by
+            the bilateral term. Its batch may also be a divisor B' of B: item b then uses image
+            ``b % B'`` and the lattice of each image is built once and shared
             (several unaries per image, e.g. RRM's two pseudo-label CRFs, as
             ``torch.cat([u_1, u_2])`` with ``image`` of batch B/2).
         probs: (B, L, *S) scores; the unary is ``−log(clip(probs, clip, 1))`` (pydensecrf's

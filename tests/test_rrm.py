@@ -560,6 +560,18 @@ def test_train_config_rejects_bad_values_at_start(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu").type == "cpu"
 
 
+def test_pipeline_dependencies_named_with_the_install_command(monkeypatch):
+    import importlib.util
+
+    from rrm_cuda.rrm import _deps, train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m in ("tqdm", "skimage") else real(m, *a))
+    with pytest.raises(ImportError, match=r"needs skimage, tqdm: pip install 'rrm_cuda\[rrm\]'.*scikit-image tqdm"):
+        train.main(["--iterations", "1"])
+    _deps.require("numpy", "torch")  # present: no error
+
+
 def test_augment_and_labels_from_mask():
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 255, (50, 60, 3), dtype=np.uint8)

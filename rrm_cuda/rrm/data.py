@@ -24,8 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from ._deps import require
+
+require("PIL")
+from PIL import Image  # noqa: E402
 
 IGNORE = 255
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

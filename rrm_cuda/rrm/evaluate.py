@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from ._deps import require
 from .data import AugmentedDataset, build_dataset
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou, pixel_accuracy
 
@@ -24,6 +24,8 @@ def evaluate_predictions(pred_dir: str | Path, dataset: AugmentedDataset, limit:
     """Accumulate the 21×21 confusion matrix of ``<pred_dir>/<name>.png`` against the dataset's
     ground truth (evaluation mode: whole images). A missing prediction raises FileNotFoundError
     naming it."""
+    from PIL import Image  # (the rrm extra: .data has checked it)
+
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
@@ -108,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if (a.pred is None) == (a.checkpoint is None):
         raise SystemExit("give exactly one of --pred (existing masks) and --checkpoint (predict first)")
+    require("matplotlib")  # the confusion chart
     spec = {"data": "embedded", "split": "val", "length": None, "image_size": 96, "seed": 0}
     pred = a.pred
     if a.checkpoint is None:

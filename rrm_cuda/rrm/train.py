@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import rrm_cuda
 
 from . import losses as L
+from ._deps import require
 from .data import IGNORE, AugmentedDataset, build_dataset, colorize
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou
 from .model import RRM, load_state_file
@@ -698,22 +699,85 @@ def train_step(
 # CLI
 
 
+#: --help text of each TrainConfig field (its default is the preset's, shown after it)
+FIELD_HELP: dict[str, str] = {
+    "data": "'embedded' (generated scenes, no download) or a VOC2012 folder",
+    "train_split": "training list: a name under ImageSets/Segmentation (train_aug for SBD) or a path",
+    "val_split": "evaluation list (name or path)",
+    "cls_labels": "PSA's cls_labels.npy (default: <data>/cls_labels.npy if present, else labels from masks)",
+    "train_length": "embedded data: number of generated training images",
+    "val_length": "embedded data: number of generated held-out images",
+    "image_size": "embedded data: side of the generated images",
+    "crop": "training crop side (random scale 0.7-1.3, flip, crop with padding)",
+    "workers": "DataLoader worker processes",
+    "backbone": "'resnet38' (the papers') or 'small' (a CPU-sized network)",
+    "pretrained": "local weights: PSA's res38_cls.pth, a converted MXNet ResNet-38, or an RRM state dict",
+    "rfam_reweight": "R-FAM re-weighting in the segmentation branch (Pattern Recognition 2022)",
+    "freeze_bn": "freeze the backbone's batch-norm statistics",
+    "dropout": "classifier Dropout2d rate (default: 0.5, or 0 for the small backbone)",
+    "batch_size": "images per iteration (over all processes)",
+    "iterations": "training iterations",
+    "lr": "base learning rate (poly schedule; biases 2x, new layers' weights 10x and biases 20x)",
+    "weight_decay": "SGD weight decay",
+    "momentum": "SGD momentum",
+    "poly_power": "poly learning-rate decay power",
+    "grad_clip": "clip the global gradient norm (not in the papers' recipes)",
+    "warmup_cls_iterations": "classification-only iterations first (a CAM to start from)",
+    "seg_head_only_iterations": "then iterations in which the pseudo-label losses train the segmentation branch only",
+    "cls_weight": "classification loss weight",
+    "ce_bg_weight": "cross-entropy weight on reliable background pixels",
+    "ce_fg_weight": "cross-entropy weight on reliable foreground pixels",
+    "energy_weight": "dense-CRF energy loss weight (RRM: 1e-7 at 321-px crops)",
+    "energy_sigma_rgb": "energy loss colour sigma",
+    "energy_sigma_xy": "energy loss position sigma (pixels at full scale)",
+    "energy_scale": "energy loss downscaling factor",
+    "bcd_weight": "BCD feature-centre loss weight (0: off, the AAAI model)",
+    "cam_scales": "multi-scale CAM scales (must contain 1.0)",
+    "crf_iterations": "mean-field iterations of the pseudo-label CRFs",
+    "device": "'auto' (this process's GPU if any, else cpu), 'cpu', 'cuda' or 'cuda:N'",
+    "threads": "torch intra-op CPU threads (default: torch's)",
+    "amp": "torch.autocast on CUDA",
+    "amp_dtype": "autocast dtype: bfloat16 or float16 (with a GradScaler)",
+    "seed": "random seed (also picks the embedded data's scenes)",
+    "deterministic": "torch.use_deterministic_algorithms (slower; see the README)",
+    "out_dir": "folder for log.csv, checkpoint.pt, model_final.pt and panels/",
+    "checkpoint_every": "write checkpoint.pt every N iterations (0: only at the end)",
+    "panel_every": "write a PNG panel every N iterations (0: none)",
+    "log_every": "append to log.csv every N iterations (0: only the last)",
+    "resume": "a checkpoint to resume from, or 'auto' for <out_dir>/checkpoint.pt if present",
+    "stop_at": "end this process after iteration N (for schedulers with time limits; resume later)",
+    "progress": "progress bar",
+    "eval_at_end": "evaluate CAMs, pseudo labels and the segmentation branch on the held-out split at the end",
+    "eval_cam_alpha": "background power of the CAM baseline in the final evaluation",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rrm-train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="The presets set: "
+        + "; ".join(f"{n}: {', '.join(f'{k}={v}' for k, v in sorted(v.items()))}" for n, v in sorted(PRESETS.items())),
     )
-    p.add_argument("--preset", default="cpu-demo", choices=sorted(PRESETS))
+    p.add_argument(
+        "--preset",
+        default="cpu-demo",
+        choices=sorted(PRESETS),
+        help="cpu-demo (embedded data, small backbone, CPU) or aaai / pr2022 (the papers' VOC recipes)",
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = FIELD_HELP.get(f.name, "")
+        if "default:" not in text:
+            preset_set = any(f.name in v for v in PRESETS.values())
+            text += f" (default: {f.default}{'; presets may set it' if preset_set else ''})"
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "cam_scales":
-            p.add_argument(flag, dest=f.name, type=float, nargs="+", default=None)
+            p.add_argument(flag, dest=f.name, type=float, nargs="+", default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
-            p.add_argument(flag, dest=f.name, type=kind, default=None)
+            p.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
     return p
 
 
@@ -728,6 +792,9 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``rrm-train``."""
     cfg = parse_config(argv)
+    needs = ["skimage"] if cfg.data == "embedded" else []  # the generated scenes
+    needs += ["matplotlib"] if cfg.panel_every or cfg.eval_at_end else []  # panels
+    require(*needs, *(["tqdm"] if cfg.progress else []))
     t = time.time()
     result = train(cfg)
     if _rank() == 0:
