@@ -401,7 +401,7 @@ def dense_energy_loss(
 
     dtype = segmentations.dtype if segmentations.dtype in _COMPUTE_DTYPES else torch.float32
     probs = segmentations.to(dtype)
-    roi = rois.to(dtype) if rois is not None else None
+    roi = rois.detach().to(dtype) if rois is not None else None  # a constant mask, on every path
     # RRM's scale 0.5 (and 1): the downscaling, the ROI product and the gate in one pass over the
     # full-resolution probabilities (ops.dense_energy_inputs, with F.interpolate's arithmetic), and
     # its backward in one pass too: no bilinear kernels, zero fills or (B, K, h, w) temporaries.
@@ -533,6 +533,11 @@ class DenseEnergyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_energy, _grad_dir):
+        if torch.is_grad_enabled():  # create_graph=True: the direction is a constant, no second derivative
+            raise RuntimeError(
+                "rrm_cuda::dense_energy: its backward is not differentiable, so a double backward "
+                "(create_graph=True through this op) is not supported"
+            )
         (grad_dir,) = ctx.saved_tensors
         if grad_energy is None:
             return None, None, None, None, None

@@ -323,7 +323,7 @@ def _tiled_positions(spatial: Sequence[int], sxy: float, dtype: torch.dtype, dev
     such (the op keeps the lattice of a cached, unchanged tensor)."""
     device = torch.device(device)
     spatial = tuple(int(s) for s in spatial)
-    key = ("positions_tiled", spatial, sxy, dtype, device)
+    key = ("positions_tiled", spatial, _pixel_tile(spatial, device), sxy, dtype, device)  # the order's tile side
     return _cached(key, lambda: _positions(1, spatial, sxy, dtype, device).index_select(2, order).contiguous())
 
 
@@ -669,10 +669,12 @@ def dense_crf(
             raise TypeError(f"pairwise[{k}] must be a (features, compat) pair")
         f, c = item
         V.tensor(f, f"pairwise[{k}] features", dtypes=V.FLOAT_DTYPES, finite=False)
-        if f.dim() < 2 or not _divides(f.shape[0], B) or math.prod(f.shape[2:]) != N:
+        # (B', d, *S), or flattened (B', d, N): not another arrangement of N pixels (a transpose)
+        shape_ok = tuple(f.shape[2:]) == spatial or (f.dim() == 3 and f.shape[2] == N)
+        if f.dim() < 3 or not _divides(f.shape[0], B) or not shape_ok:
             raise ValueError(
-                f"pairwise[{k}] features must have shape (B', d, *S) with B' = {B} or a divisor of it, "
-                f"S={spatial}; got {tuple(f.shape)}"
+                f"pairwise[{k}] features must have shape (B', d, *S) or (B', d, N) with B' = {B} or a divisor "
+                f"of it, S={spatial}, N={N}; got {tuple(f.shape)}"
             )
         V.same_device({src_name: src, f"pairwise[{k}] features": f})
         add(f, c, f"pairwise[{k}] compat")

@@ -137,3 +137,38 @@ def test_supported_devices_pass():
     assert V._built_with_cuda() == rrm_cuda.build_info()["with_cuda"]
     if V._built_with_cuda():
         V.supported_device(torch.device("cuda", 0), "x")
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    # The backward ops of dense_crf, the energy loss and the BCD losses are not differentiable: a
+    # second derivative through them (create_graph=True) raises instead of treating the first
+    # derivative as a constant. permutohedral_filter's backward is the filter itself: it works.
+    import pytest
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 3, 6, 8, generator=g, dtype=torch.float64) * 255
+    seg = torch.softmax(torch.randn(1, 3, 6, 8, generator=g, dtype=torch.float64), 1).requires_grad_()
+    feats = torch.randn(1, 4, 6, 8, generator=g, dtype=torch.float64).requires_grad_()
+    labels = torch.randint(0, 3, (1, 6, 8), generator=g)
+    cases = {
+        "dense_crf": lambda: rrm_cuda.dense_crf(seg, img, iterations=2).pow(2).sum(),
+        "dense_energy": lambda: rrm_cuda.dense_energy_loss(img, seg, sigma_xy=5.0),
+        "bcd_loss": lambda: rrm_cuda.bcd_loss(seg, feats),
+        "feature_center_cosine": lambda: rrm_cuda.feature_center_cosine(
+            feats, labels, torch.randn(1, 3, 4, dtype=torch.float64)
+        ).sum(),
+    }
+    for name, loss in cases.items():
+        x = feats if name in ("bcd_loss", "feature_center_cosine") else seg
+        with pytest.raises(RuntimeError, match=f"{name}: its backward is not differentiable"):
+            torch.autograd.grad(loss(), x, create_graph=True)
+        (first,) = torch.autograd.grad(loss(), x)  # the first derivative still works
+        assert torch.isfinite(first).all()
+    # the Python autograd.Function form of the energy: the double backward itself raises
+    probs = seg.detach().reshape(1, 3, -1).requires_grad_()
+    gate, f = torch.ones(1, 48, dtype=torch.float64), torch.randn(1, 5, 48, generator=g, dtype=torch.float64)
+    e, _ = rrm_cuda.DenseEnergyLossFunction.apply(probs, gate, f, None, "exact")
+    with pytest.raises(RuntimeError, match="dense_energy: its backward is not differentiable"):
+        torch.autograd.grad(e.sum(), probs, create_graph=True)
+    v = torch.randn(1, 2, 48, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda v: rrm_cuda.permutohedral_filter(v, f), (v,))

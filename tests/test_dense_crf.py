@@ -681,6 +681,12 @@ def test_bad_inputs():
         rrm_cuda.dense_crf(unary, image, bilateral_compat=torch.ones(3, 3))
     with pytest.raises(ValueError, match=r"pairwise\[0\] features must have shape"):
         rrm_cuda.dense_crf(unary, image, pairwise=[(torch.ones(2, 1, 5, 5), 1.0)])
+    H, W = unary.shape[2:]
+    if H != W:  # the same N pixels arranged as (W, H): refused, not paired with the wrong features
+        with pytest.raises(ValueError, match=r"pairwise\[0\] features must have shape"):
+            rrm_cuda.dense_crf(unary, image, pairwise=[(torch.ones(2, 1, W, H), 1.0)])
+    flat = rrm_cuda.dense_crf(unary, image, pairwise=[(torch.ones(2, 1, H * W), 1.0)])  # flattened: fine
+    torch.testing.assert_close(flat, rrm_cuda.dense_crf(unary, image, pairwise=[(torch.ones(2, 1, H, W), 1.0)]))
     with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
         rrm_cuda.dense_crf(unary, image, gaussian_sxy=1e-9)
     with pytest.raises(ValueError, match="compat must have shape"):
@@ -1003,6 +1009,16 @@ def test_pixel_tile_order_gives_the_raster_result(pixel_tile, normalization, lat
             u, img, iterations=4, bilateral_compat=cmat, normalization=normalization, pairwise=[(depth, 2.0)]
         )
     assert torch.equal(q, got[0])
+    # another tile side in the same process: its own order (the cached tiled positions are keyed by it)
+    for tile in (4, 8):
+        pixel_tile("cpu", tile)
+        for a, b in zip(run(), ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        probs = torch.softmax(u[:2], 1)
+        e_tiled = rrm_cuda.dense_energy_loss(img.float(), probs, sigma_xy=5.0)
+        pixel_tile("cpu", 0)
+        e_raster = rrm_cuda.dense_energy_loss(img.float(), probs, sigma_xy=5.0)
+        torch.testing.assert_close(e_tiled, e_raster, rtol=1e-5, atol=1e-6)
 
 
 def test_pixel_tile_order_compiles(pixel_tile):

@@ -680,6 +680,11 @@ def test_bad_inputs_module_and_op():
     want = rrm_cuda.dense_energy_loss(images, probs, rois, lab8.long(), ignore_index=-1, check_inputs=False)
     got = rrm_cuda.dense_energy_loss(images, probs, rois, lab8, ignore_index=-1, check_inputs=False)
     torch.testing.assert_close(got, want)
+    # gradients reach the segmentations only, on the fused and the F.interpolate path alike
+    for scale in (1.0, 0.5, 0.75):
+        r = rois.clone().requires_grad_()
+        out = rrm_cuda.dense_energy_loss(images, probs, r, labels, scale_factor=scale)
+        assert not out.requires_grad
     # unsigned integer dtypes the reductions do not take (uint16): converted, then checked and used
     u16 = rrm_cuda.dense_energy_loss(images.to(torch.uint16), probs, rois.to(torch.uint16), labels.to(torch.uint16))
     torch.testing.assert_close(u16, rrm_cuda.dense_energy_loss(images, probs, rois, labels))

@@ -51,6 +51,7 @@ struct BcdLossFunction : public torch::autograd::Function<BcdLossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(3);
     if (!grads[0].defined() || !ctx->needs_input_grad(1)) return out;
+    refuse_double_backward("bcd_loss");
     const variable_list s = ctx->get_saved_variables();
     out[1] = loss_backward_ops()
                  .get(ctx->saved_data["emulated"].toBool())

@@ -4,8 +4,20 @@
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/util/Exception.h>
 
 namespace rrm {
+
+// Called by the backward of an op whose backward is not itself differentiable (dense_crf,
+// dense_energy, bcd_loss): a double backward -- torch.autograd.grad(..., create_graph=True) through
+// the op, which runs the backward with grad mode on -- would otherwise give silently wrong second
+// derivatives (the backward's outputs as constants).
+inline void refuse_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "rrm_cuda::", op,
+              ": its backward is not differentiable, so a double backward (create_graph=True through this op) "
+              "is not supported");
+}
 
 template <typename Sig>
 struct OpPair {

@@ -62,6 +62,7 @@ struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunctio
     variable_list out(6);  // probs; gate, features and mass are constants of the loss (as in rloss)
     const at::Tensor& grad_energy = grads[0];
     if (!grad_energy.defined()) return out;  // only the direction was used: nothing flows back
+    refuse_double_backward("dense_energy");  // (the direction is a constant of the backward)
     TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0,
                 "rrm_cuda::dense_energy was called with grad_mode=0 (no gradient direction computed); "
                 "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");

@@ -83,6 +83,7 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("dense_crf");
     const variable_list s = ctx->get_saved_variables();
     const std::vector<at::Tensor> features(s.begin() + 2, s.end());
     const size_t F = features.size();

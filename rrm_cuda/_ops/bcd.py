@@ -125,6 +125,11 @@ def _cosine_setup_context(ctx, inputs, output):
 
 
 def _cosine_backward(ctx, grad, grad_dot, grad_norm):
+    if torch.is_grad_enabled():  # create_graph=True: this backward is not differentiable
+        raise RuntimeError(
+            "rrm_cuda::feature_center_cosine: its backward is not differentiable, so a double backward "
+            "(create_graph=True through this op) is not supported"
+        )
     features, labels, centers, dot, norm = ctx.saved_tensors
     if grad is None:
         grad = centers.new_zeros(centers.shape[:2])
