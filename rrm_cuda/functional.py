@@ -40,6 +40,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _COMPUTE_DTYPES else torch.float32
 
 
+#: the largest |feature| taken in float32 (2^16: relative filter errors up to a few 1e-4 below it on
+#: images, several per cent a decade above; benchmarks/NOTES.md §18)
+_FLOAT32_FMAX = 65536.0
+
+
 def _check_key_range(features: Tensor, name: str, fmax: float | None = None) -> None:
     """Lattice keys are int32: refuse features whose elevated coordinates could overflow them.
     ``fmax``: max |features| when already known."""
@@ -54,6 +59,14 @@ def _check_key_range(features: Tensor, name: str, fmax: float | None = None) -> 
             f"{name}: feature values up to {fmax:.3g} overflow the lattice's integer keys "
             f"(|f| * {2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0):.3g} must stay below 2^30); "
             "a standard deviation (sigma) is probably far too small for the coordinates"
+        )
+    if features.dtype != torch.float64 and fmax > _FLOAT32_FMAX:
+        # float32 features keep too few fractional bits there: the embedding's barycentric weights
+        # (differences of large elevated coordinates) err by several per cent, and by far more as
+        # |f| grows (a filter of ones reached 260 instead of <= 1 at 1.5e8)
+        raise ValueError(
+            f"{name}: feature values up to {fmax:.3g} exceed {_FLOAT32_FMAX:g}, beyond which float32 lattice "
+            "weights lose their precision; use float64 inputs, or a larger standard deviation (sigma)"
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,11 +28,13 @@ def _lattice_reference(features: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     d, N = features.shape
     dt = features.dtype
     dev = features.device
-    # In Python floats, as the kernels compute it in double (feature_scale): a tensor division of a
-    # scalar by a tensor (a reciprocal, then a product) can differ in the last bit, and on features
-    # whose residuals tie that bit flips the simplex ranking.
+    # In Python floats, as the kernels compute it (feature_scale: densecrf's rounding, sqrt(2/3)(d+1)
+    # as a float32, the rest in double): a tensor division of a scalar by a tensor (a reciprocal,
+    # then a product) can differ in the last bit, and on features whose residuals tie that bit
+    # flips the simplex ranking.
+    inv_std_dev = float(np.float32(math.sqrt(2.0 / 3.0) * (d + 1)))
     scale = torch.tensor(
-        [math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(float((k + 1) * (k + 2))) for k in range(d)], dtype=torch.float64
+        [1.0 / math.sqrt(float((k + 2) * (k + 1))) * inv_std_dev for k in range(d)], dtype=torch.float64
     )
     scale = scale.to(dt).to(dev)
     cf = features.T * scale  # (N, d)

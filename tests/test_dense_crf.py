@@ -807,7 +807,11 @@ def test_key_range_overflow_bounded_without_reading_features():
     with pytest.raises(ValueError, match="overflow"):  # per-image sigmas: the features' range is read
         rrm_cuda.dense_crf(unary, image, bilateral_srgb=torch.tensor([13.0, 1e-9]))
     # a float image's own range bounds its colours (a dark image allows a smaller srgb than 255 would)
-    rrm_cuda.dense_crf(unary, image.float() * 0.0 + 1.0, bilateral_srgb=1e-5, iterations=1)
+    rrm_cuda.dense_crf(unary, image.float() * 0.0 + 1.0, bilateral_srgb=2e-5, iterations=1)
+    # float32 features beyond 2^16 (no key overflow yet) lose the weights' precision: refused
+    with pytest.raises(ValueError, match=r"bilateral_features: feature values up to 1.27e\+07 exceed 65536"):
+        rrm_cuda.dense_crf(unary, image.float() * 0.0 + 255.0, bilateral_srgb=2e-5, iterations=1)
+    rrm_cuda.dense_crf(unary.double(), image.double() * 0.0 + 255.0, bilateral_srgb=2e-5, iterations=1)
 
 
 # ---- module == functional --------------------------------------------------------------------

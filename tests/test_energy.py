@@ -605,16 +605,16 @@ def test_key_range_refuses_tiny_sigmas(check_inputs, stats_op, monkeypatch):
     per_image = torch.tensor([15.0, 1e-7])
     with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
         rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=per_image, check_inputs=check_inputs)
-    # dark images: the checked path bounds the colours by the images' maximum (10 / 1e-6 fits),
-    # the unchecked one by 255 (255 / 1e-6 does not)
+    # dark images: the checked path bounds the colours by the images' maximum (10 / 2e-4 fits the
+    # float32 limit of 2^16), the unchecked one by 255 (255 / 2e-4 does not)
     dark = images * (10 / 255)
     call = lambda: rrm_cuda.dense_energy_loss(  # noqa: E731
-        dark, probs, rois, labels, sigma_rgb=1e-6, sigma_xy=10.0, check_inputs=check_inputs
+        dark, probs, rois, labels, sigma_rgb=2e-4, sigma_xy=10.0, check_inputs=check_inputs
     )
     if check_inputs:
         assert bool(torch.isfinite(call()))
     else:
-        with pytest.raises(ValueError, match="overflow the lattice's integer keys"):
+        with pytest.raises(ValueError, match="exceed 65536, beyond which float32 lattice weights lose"):
             call()
 
 

@@ -46,12 +46,13 @@ def test_num_vertices_matches_reference():
 def test_reference_matches_on_tied_residuals(dtype):
     # Features on an integer grid: the rounding residuals of many points tie exactly, so the simplex
     # each point falls in hangs on the last bit of the feature scale. The reference must compute it
-    # as the kernels do (in double, sqrt(2/3) (d+1) / sqrt((k+1)(k+2))); a scale one ulp off gave
-    # other vertex counts here (12 against 11 on the first pair of points).
+    # as the kernels do (densecrf's rounding: sqrt(2/3) (d+1) as a float, 1 / sqrt((k+2)(k+1)) times
+    # it in double); a scale one ulp off gives other vertex counts here (11 against 12 in float32,
+    # the count densecrf's own float32 code gives on this pair of points).
     f = torch.tensor([[[0.0, 1.0], [2.0, 2.0], [-2.0, -3.0], [3.0, 3.0], [-2.0, -3.0]]], dtype=dtype)
     n = ops.lattice_num_vertices(f).tolist()
     assert n == lattice_num_vertices_reference(f).tolist()
-    assert n == ([12] if dtype == torch.float64 else [11])  # the float32 scale ties otherwise
+    assert n == ([11] if dtype == torch.float64 else [12])  # the float32 scale ties otherwise
     g = torch.Generator().manual_seed(0)
     for d in (2, 5, 6, 7):
         f = torch.randint(-3, 4, (2, d, 300), generator=g).to(dtype)

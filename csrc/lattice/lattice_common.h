@@ -26,8 +26,14 @@ constexpr int kMaxDim = 16;
 // Scale of feature k before elevation: sqrt(2/3) * (d+1) / sqrt((k+1)(k+2)). The (k+1)(k+2) term
 // is the diagonal of the elevation matrix E (Adams et al. p.5); sqrt(2/3)(d+1) makes the blur's
 // expected standard deviation one lattice step (p.6), i.e. the "accurate" variant densecrf uses.
+// Rounded as densecrf's Permutohedral::init rounds it: inv_std_dev = sqrt(2/3)(d+1) stored as a
+// float, then 1 / sqrt((k+2)(k+1)) * inv_std_dev in double (and the caller's cast to the feature
+// type). One ulp matters: points whose elevated residuals tie (integer-like features, e.g. x / 1)
+// fall in other simplices, which creates other zero-weight vertices and, on sparse lattices, other
+// blur paths (Q off by up to 0.2 against pydensecrf at bilateral sxy = 1 with the exact double).
 RRM_HOST_DEVICE double feature_scale(int k, int d) {
-  return sqrt(2.0 / 3.0) * (d + 1) / sqrt(static_cast<double>((k + 1) * (k + 2)));
+  const float inv_std_dev = static_cast<float>(sqrt(2.0 / 3.0) * (d + 1));
+  return 1.0 / sqrt(static_cast<double>((k + 2) * (k + 1))) * static_cast<double>(inv_std_dev);
 }
 
 // Slice normalisation of the [1/2, 1, 1/2] blur along d+1 axes: alpha = 1 / (1 + 2^-d).
