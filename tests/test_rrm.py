@@ -722,6 +722,8 @@ def test_train_infer_evaluate_end_to_end(tmp_path, capsys):
         == 0
     )
     assert "mIoU" in capsys.readouterr().out
+    assert infer.main(["--checkpoint", str(out / "model_final.pt"), "--out", str(tmp_path / "p1"), "--limit", "1"]) == 0
+    assert "wrote 1 masks" in capsys.readouterr().out and (tmp_path / "p1" / f"{names[0]}.png").is_file()
     # without data flags: the data rrm-infer recorded beside its masks (here the run's 40 px, 2 images)
     assert json.loads((tmp_path / "pred" / "dataset.json").read_text())["image_size"] == 40
     assert evaluate.main(["--pred", str(tmp_path / "pred"), "--out", str(tmp_path / "eval3")]) == 0

@@ -120,23 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = {"data": a.data, "split": a.split, "length": a.length, "image_size": a.image_size, "seed": a.seed}
     spec.update({k: v for k, v in flags.items() if v is not None})
     if a.checkpoint is not None:
-        from .infer import run_inference
+        from .infer import run_from_args
 
         pred = str(Path(a.out) / "pred")
-        run_inference(
-            a.checkpoint,
-            pred,
-            a.data,
-            a.split,
-            a.scales,
-            a.flip,
-            a.crf,
-            a.limit,
-            a.device,
-            seed=a.seed,
-            length=a.length,
-            image_size=a.image_size,
-        )
+        run_from_args(a, pred)
         spec = json.loads((Path(pred) / "dataset.json").read_text())  # the checkpoint's, with the flags
     size = spec["image_size"]
     dataset = build_dataset(spec["data"], spec["split"], None, spec["seed"], spec["length"], (size, size))

@@ -163,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    names = run_inference(
+def run_from_args(a: argparse.Namespace, out_dir: str | Path) -> list[str]:
+    """:func:`run_inference` with the options rrm-infer and rrm-eval's ``--checkpoint`` share."""
+    return run_inference(
         a.checkpoint,
-        a.out,
+        out_dir,
         a.data,
         a.split,
         a.scales,
@@ -179,5 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         length=a.length,
         image_size=a.image_size,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    names = run_from_args(a, a.out)
     print(f"wrote {len(names)} masks to {a.out}")
     return 0
