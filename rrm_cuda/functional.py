@@ -45,9 +45,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 _FLOAT32_FMAX = 65536.0
 
 
-def _check_key_range(features: Tensor, name: str, fmax: float | None = None) -> None:
-    """Lattice keys are int32: refuse features whose elevated coordinates could overflow them.
-    ``fmax``: max |features| when already known."""
+def _check_key_range(features: Tensor, name: str, fmax: float | None = None, dtype: torch.dtype | None = None) -> None:
+    """Lattice keys are int32: refuse features whose elevated coordinates could overflow them, and
+    float32 features beyond _FLOAT32_FMAX. ``fmax``: max |features| when already known; ``dtype``:
+    the dtype the lattice is built in (default: the features')."""
     d = features.shape[1]
     if features.numel() == 0:
         return
@@ -60,7 +61,7 @@ def _check_key_range(features: Tensor, name: str, fmax: float | None = None) -> 
             f"(|f| * {2 * d * math.sqrt(2.0 / 3.0) * (d + 1) / math.sqrt(2.0):.3g} must stay below 2^30); "
             "a standard deviation (sigma) is probably far too small for the coordinates"
         )
-    if features.dtype != torch.float64 and fmax > _FLOAT32_FMAX:
+    if (dtype or features.dtype) != torch.float64 and fmax > _FLOAT32_FMAX:
         # float32 features keep too few fractional bits there: the embedding's barycentric weights
         # (differences of large elevated coordinates) err by several per cent, and by far more as
         # |f| grows (a filter of ones reached 260 instead of <= 1 at 1.5e8)
@@ -107,7 +108,7 @@ def _check_lattice_features(
         return
     rng = V.finite_range(features, name)  # one synchronisation for finiteness and the key range
     if rng is not None:
-        _check_key_range(features, name, max(abs(rng[0]), abs(rng[1])))
+        _check_key_range(features, name, max(abs(rng[0]), abs(rng[1])), dtype)
 
 
 def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = False, cache: bool = False) -> Tensor:
@@ -162,7 +163,7 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
     # the values of both, finite and within the lattice's key range: one device read for the two
     frng, _ = V.finite_ranges([("features", f), ("values", values)])
     if frng is not None:
-        _check_key_range(f, "features", max(abs(frng[0]), abs(frng[1])))
+        _check_key_range(f, "features", max(abs(frng[0]), abs(frng[1])), dtype)  # (f: not yet converted)
     v = _flat(values).to(dtype)
     keep = cache and features.is_contiguous() and features.dtype == dtype  # f is then a view of features
     f = f.to(dtype)

@@ -520,6 +520,12 @@ def test_empty(shape):
 # ---- bad input -------------------------------------------------------------------------------
 def test_bad_inputs():
     v, f = _inputs(dtype=torch.float32)
+    # float32 lattices refuse features beyond 2^16 (precision), judged by the dtype the lattice is
+    # built in: float64 features filtering float32 values are converted to float32 first
+    big = torch.rand(1, 2, 100, dtype=torch.float64) * 1e5
+    with pytest.raises(ValueError, match="features: feature values up to .* exceed 65536"):
+        rrm_cuda.permutohedral_filter(torch.ones(1, 1, 100), big)
+    assert rrm_cuda.permutohedral_filter(torch.ones(1, 1, 100, dtype=torch.float64), big).max() <= 1
     with pytest.raises(TypeError, match="values must be a torch.Tensor"):
         rrm_cuda.permutohedral_filter(v.numpy(), f)
     with pytest.raises(ValueError, match="values must have shape"):

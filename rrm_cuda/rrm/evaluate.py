@@ -111,20 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (a.pred is None) == (a.checkpoint is None):
         raise SystemExit("give exactly one of --pred (existing masks) and --checkpoint (predict first)")
     require("matplotlib")  # the confusion chart
-    spec = {"data": "embedded", "split": "val", "length": None, "image_size": 96, "seed": 0}
-    pred = a.pred
-    if a.checkpoint is None:
-        recorded = Path(a.pred) / "dataset.json"  # what rrm-infer predicted for
-        if recorded.is_file():
-            spec.update(json.loads(recorded.read_text()))
-    flags = {"data": a.data, "split": a.split, "length": a.length, "image_size": a.image_size, "seed": a.seed}
-    spec.update({k: v for k, v in flags.items() if v is not None})
-    if a.checkpoint is not None:
+    if a.checkpoint is not None:  # predict first: the checkpoint's data, with the flags
         from .infer import run_from_args
 
         pred = str(Path(a.out) / "pred")
         run_from_args(a, pred)
-        spec = json.loads((Path(pred) / "dataset.json").read_text())  # the checkpoint's, with the flags
+        spec = json.loads((Path(pred) / "dataset.json").read_text())
+    else:  # what rrm-infer recorded beside the masks (else the embedded defaults), with the flags
+        pred = a.pred
+        spec = {"data": "embedded", "split": "val", "length": None, "image_size": 96, "seed": 0}
+        recorded = Path(pred) / "dataset.json"
+        if recorded.is_file():
+            spec.update(json.loads(recorded.read_text()))
+        flags = {"data": a.data, "split": a.split, "length": a.length, "image_size": a.image_size, "seed": a.seed}
+        spec.update({k: v for k, v in flags.items() if v is not None})
     size = spec["image_size"]
     dataset = build_dataset(spec["data"], spec["split"], None, spec["seed"], spec["length"], (size, size))
     conf = evaluate_predictions(pred, dataset, a.limit)

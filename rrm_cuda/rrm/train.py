@@ -699,7 +699,8 @@ def train_step(
 # CLI
 
 
-#: --help text of each TrainConfig field (its default is the preset's, shown after it)
+#: --help text of each TrainConfig field (build_parser adds its TrainConfig default, and whether a
+#: preset sets it)
 FIELD_HELP: dict[str, str] = {
     "data": "'embedded' (generated scenes, no download) or a VOC2012 folder",
     "train_split": "training list: a name under ImageSets/Segmentation (train_aug for SBD) or a path",

@@ -247,10 +247,10 @@ class DenseCRF:
         return self._unary
 
     def _run(self, iterations: int) -> np.ndarray:
-        dev = self.device
-        u = self._unary_or_zeros().to(dev).unsqueeze(0)
         if self.M == 1:  # one label: Q = 1 (the op needs two)
             return np.ones((1, self.N), np.float32)
+        dev = self.device
+        u = self._unary_or_zeros().to(dev).unsqueeze(0)
         if not self._terms:
             return torch.softmax(-u, 1)[0].cpu().numpy()
         feats, compats, diags, norms, keep = [], [], [], [], []
