@@ -68,9 +68,11 @@ def finite_ranges(items: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[float
 
 def finite_ranges_later(
     items: Sequence[tuple[str, torch.Tensor]],
+    posinf_ok: Sequence[str] = (),
 ) -> Callable[[], list[tuple[float, float] | None]]:
     """``finite_ranges`` in two halves: queues the reductions and returns the function that reads
-    them (and raises). On a GPU the values are copied to pinned host memory behind the reductions,
+    them (and raises). The tensors named in ``posinf_ok`` may hold ``+inf`` (not NaN or ``-inf``):
+    their range's maximum is then ``inf``. On a GPU the values are copied to pinned host memory behind the reductions,
     with an event, so that the read can come after more work is queued: by then a synchronisation
     of that work has usually passed the copy, and the read waits for nothing. While torch.compile
     traces (:func:`checking_values`), nothing is read: every range is None."""
@@ -88,8 +90,12 @@ def finite_ranges_later(
         for k, name, x in todo:
             it = vals[x.device]
             lo, hi = next(it), next(it)
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "Inf"
+            inf_ok = name in posinf_ok
+            if not (
+                (math.isfinite(lo) or (inf_ok and lo == math.inf))
+                and (math.isfinite(hi) or (inf_ok and hi == math.inf))
+            ):
+                bad = "NaN" if math.isnan(lo) or math.isnan(hi) else "-inf" if inf_ok else "Inf"
                 raise ValueError(f"{name} contains {bad} values")
             out[k] = (lo, hi)
         return out

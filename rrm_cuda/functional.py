@@ -506,7 +506,10 @@ def dense_crf(
     (L, L) matrix is an energy (symmetrised). ``0`` or ``None`` switches a term off.
 
     Args:
-        unary: (B, L, *S) energies (−log p). Give this or ``probs``.
+        unary: (B, L, *S) energies (−log p). Give this or ``probs``. ``+inf`` forbids a label
+            (Q < 1e-37 there; pydensecrf's is exactly 0), not NaN or ``−inf``, and not every label
+            of one pixel (checked with ``check_inputs``; unchecked, such a pixel gets the uniform
+            distribution).
         image: (B, c, *S) colours on the 0–255 scale (uint8 or float; a checked float image within
             [0, 1] gets a warning: ``bilateral_srgb`` is in 0–255 units), any c with len(S) + c <= 16
             lattice features (RGB, grey, multispectral: up to 14 channels for a 2-D image); needed by
@@ -517,7 +520,8 @@ def dense_crf(
         probs: (B, L, *S) scores; the unary is ``−log(clip(probs, clip, 1))`` (pydensecrf's
             ``unary_from_softmax``; scores need not sum to 1).
         clip: the smallest probability, in (0, 1]; None: no clipping (a score of 0 is then an
-            energy of +inf, a forbidden label, as ``unary_from_softmax(p, clip=None)``).
+            energy of +inf, a forbidden label, as ``unary_from_softmax(p, clip=None)``; a pixel
+            scoring 0 for every label is refused, as for ``unary``).
         iterations: mean-field iterations (pydensecrf's ``inference(n)``).
         gaussian_sxy, gaussian_compat: the smoothness kernel over positions (``addPairwiseGaussian``).
         bilateral_sxy, bilateral_srgb, bilateral_compat: the appearance kernel over positions and
@@ -583,6 +587,7 @@ def dense_crf(
     device = src.device
     u = unary_from_probs(probs.to(dtype), clip) if probs is not None else unary.to(dtype)
     u = _flat(u)
+    u_flat = u  # before the pixel order's gather: read by the value checks (judge)
     N = u.shape[2]
     tiles = _pixel_order(spatial, device) if N > 0 else None
 
@@ -697,8 +702,23 @@ def dense_crf(
     finish_checks = None  # the deferred value checks (see _DEFER_CHECKS)
 
     def judge(r: dict[str, tuple[float, float] | None]) -> None:
-        if probs is not None and r.get("probs") is not None and r["probs"][0] < 0:
+        rng = r.get(src_name)
+        if probs is not None and rng is not None and rng[0] < 0:
             raise ValueError("probs must be non-negative scores (got negative values)")
+        # +inf energies forbid a label (pydensecrf's unary_from_softmax(p, clip=None) at p = 0); a
+        # pixel with every label forbidden has no distribution (pydensecrf: NaN). Looked for only
+        # when some energy is +inf: one more pass and read, never on the usual path.
+        if rng is not None and (rng[1] == math.inf if probs is None else clip is None and rng[0] == 0):
+            blocked = torch.isposinf(u_flat).all(1)
+            if bool(blocked.any()):
+                b, i = (int(v) for v in blocked.nonzero()[0])
+                where = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), spatial)) if spatial else ()
+                why = "a score of 0 for every label (clip=None)" if probs is not None else "an energy of +inf"
+                raise ValueError(
+                    f"{src_name} leaves no label at item {b}, pixel {where}: {why} forbids every label "
+                    "(pydensecrf gives NaN there); give at least one finite energy per pixel"
+                    + (" or a clip" if probs is not None else "")
+                )
         rng = r.get("image")
         if rng is not None and image.is_floating_point() and 0 <= rng[0] < rng[1] <= 1:
             warnings.warn(
@@ -710,7 +730,7 @@ def dense_crf(
             )
 
     if check_inputs and V.checking_values():
-        read = V.finite_ranges_later(pending)  # raises on NaN/Inf when read
+        read = V.finite_ranges_later(pending, posinf_ok=("unary",))  # raises on NaN/Inf when read
         names = [n for n, _ in pending]
         # Only the scores' values are needed after the op (not before it, unlike a float image's or
         # free features' ranges, which bound the lattice keys): read them then, on a GPU.

@@ -634,6 +634,26 @@ def test_bad_inputs():
     sm0[:, 1, :3] = 0  # clip=None: no clipping, a score of 0 forbids the label (pydensecrf's clip=None)
     q = rrm_cuda.dense_crf(probs=sm0, image=image, clip=None)
     assert bool(torch.isfinite(q).all()) and float(q[:, 1, :3].max()) < 1e-30
+    # the same as +inf energies (pydensecrf's forbidden labels), with a finite gradient equal to that of
+    # a large finite energy there; not NaN or -inf, and not +inf for every label of a pixel
+    torch.testing.assert_close(rrm_cuda.dense_crf(-sm0.log(), image), q, rtol=0, atol=0)
+    u0 = (-sm0.double().log()).requires_grad_()
+    w = torch.randn(q.shape, dtype=torch.float64)
+    (rrm_cuda.dense_crf(u0, image, iterations=3) * w).sum().backward()
+    big = u0.detach().clamp(max=1e3).requires_grad_()
+    (rrm_cuda.dense_crf(big, image, iterations=3) * w).sum().backward()
+    assert bool(torch.isfinite(u0.grad).all())
+    torch.testing.assert_close(u0.grad, big.grad)
+    with pytest.raises(ValueError, match="unary contains -inf"):
+        rrm_cuda.dense_crf(unary.clone().fill_(-math.inf), image)
+    blocked = u0.detach().clone()
+    blocked[-1, :, 1, 2] = math.inf
+    with pytest.raises(ValueError, match=r"unary leaves no label at item 1, pixel \(1, 2\)"):
+        rrm_cuda.dense_crf(blocked, image)
+    sm0[-1, :, 1, 2] = 0
+    with pytest.raises(ValueError, match=r"probs leaves no label at item 1, pixel \(1, 2\).*clip=None"):
+        rrm_cuda.dense_crf(probs=sm0, image=image, clip=None)
+    rrm_cuda.dense_crf(probs=sm0, image=image)  # clipped: every label allowed
     # an empty batch or image: an empty result that still backpropagates
     for shape in ((0, 3, 6, 5), (2, 3, 0, 5)):
         u = torch.randn(*shape, requires_grad=True)
@@ -710,7 +730,7 @@ def test_inputs_checked_with_one_synchronisation(monkeypatch):
 
     calls = []
     real = V.finite_ranges_later
-    monkeypatch.setattr(V, "finite_ranges_later", lambda items: calls.append(len(items)) or real(items))
+    monkeypatch.setattr(V, "finite_ranges_later", lambda items, **kw: calls.append(len(items)) or real(items, **kw))
     monkeypatch.setattr(V, "finite_ranges", lambda *a: pytest.fail("finite_ranges called"))
     monkeypatch.setattr(V, "finite_range", lambda *a: pytest.fail("finite_range called"))
     monkeypatch.setattr(V, "check_finite", lambda *a: pytest.fail("check_finite called"))
@@ -750,9 +770,18 @@ def test_deferred_score_checks(defer, monkeypatch):
                 rrm_cuda.dense_crf(probs=bad, image=img, iterations=3)
             assert log == (["dense_crf"] if deferred else [])
     log.clear()
-    with pytest.raises(ValueError, match="unary contains Inf"):
-        rrm_cuda.dense_crf(unary.masked_fill(unary > 2, float("inf")), image, iterations=3)
-    assert log == (["dense_crf"] if defer else [])
+    for bad, match in (
+        (unary.masked_fill(unary > 2, -math.inf), "unary contains -inf"),
+        (unary.masked_fill(unary > 2, math.inf), r"unary leaves no label at item \d, pixel"),
+    ):
+        log.clear()
+        with pytest.raises(ValueError, match=match):
+            rrm_cuda.dense_crf(bad, image, iterations=3)
+        assert log == (["dense_crf"] if defer else [])
+    allowed = unary.masked_fill((unary > 2) & (unary < unary.amax(1, keepdim=True)), math.inf)
+    assert bool(allowed.isinf().any())
+    q = rrm_cuda.dense_crf(allowed, image, iterations=3)  # +inf: forbidden labels, not every label
+    assert bool(q.isfinite().all()) and float(q[allowed.isinf()].max()) < 1e-30
     monkeypatch.setattr(F, "_DEFER_CHECKS", not defer)
     assert torch.equal(rrm_cuda.dense_crf(probs=probs, image=image, iterations=3), good)
 
