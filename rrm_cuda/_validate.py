@@ -12,11 +12,14 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def checking_values() -> bool:
+def checking_values(*tensors: object) -> bool:
     """Whether value checks (which read the device back) run: not while torch.compile traces, nor
     while the current CUDA stream is captured into a graph (a capture allows no reads; the eager
-    warm-up calls before a capture are checked)."""
+    warm-up calls before a capture are checked), nor for ``meta`` tensors among ``tensors`` (they
+    have shapes, no values: the ops' fake kernels give the result's shape)."""
     if torch.compiler.is_compiling():
+        return False
+    if any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors):
         return False
     return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
@@ -78,7 +81,11 @@ def finite_ranges_later(
     traces (:func:`checking_values`), nothing is read: every range is None."""
     if not checking_values():
         return lambda: [None] * len(items)
-    todo = [(k, name, x) for k, (name, x) in enumerate(items) if x.is_floating_point() and x.numel() > 0]
+    todo = [
+        (k, name, x)
+        for k, (name, x) in enumerate(items)
+        if x.is_floating_point() and x.numel() > 0 and x.device.type != "meta"
+    ]
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for _, _, x in todo:
         by_device.setdefault(x.device, []).extend(torch.aminmax(x.detach() if x.requires_grad else x))
@@ -180,7 +187,7 @@ def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -
                     f"{name} must be a number or a tensor of shape (B,) = ({batch},); got {tuple(value.shape)}"
                 )
             # a CPU tensor is read even inside a CUDA graph capture, but not while torch.compile traces
-            readable = not torch.compiler.is_compiling() and (not on_device or checking_values())
+            readable = not torch.compiler.is_compiling() and (not on_device or checking_values(value))
             if readable and (not bool(torch.isfinite(value).all()) or not bool((value > 0).all())):
                 raise ValueError(f"{name} must be positive and finite; got {value.tolist()}")
             return value
@@ -197,7 +204,7 @@ def memory_limit(device: torch.device) -> int | None:
     """Bytes available to new work on ``device`` (free GPU memory, or the physical memory on the
     host); None when unknown, and while torch.compile traces (a host query it cannot trace). One
     query: callers checking several buffers read it once."""
-    if not checking_values():
+    if not checking_values() or device.type == "meta":
         return None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

@@ -15,6 +15,10 @@ rounding only.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -68,9 +72,21 @@ def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_inde
     return labels.reshape(labels.shape[0], -1), _NO_IGNORE if ignore_index is None else int(ignore_index)
 
 
-def _check_finite(sums: Tensor, name: str = "features") -> None:
-    if V.checking_values() and not bool(torch.isfinite(sums).all()):
+def _check_finite(sums: Tensor, name: str = "features", inputs: Sequence[Tensor] = ()) -> None:
+    """NaN/Inf in the op's output ``sums``: NaN/Inf inputs, or finite ones whose sums overflow (told
+    apart by a pass over ``inputs``, only then)."""
+    if V.checking_values(sums) and not bool(torch.isfinite(sums).all()):
+        if inputs and all(bool(torch.isfinite(x).all()) for x in inputs):
+            raise _too_large(name, sums.dtype, inputs[0])
         raise ValueError(f"{name} contains NaN or Inf values (in pixels that are not ignored)")
+
+
+def _too_large(name: str, dtype: torch.dtype, features: Tensor) -> ValueError:
+    big = float(features.detach().abs().amax())
+    fix = "pass float64 features or scale them down" if dtype != torch.float64 else "scale them down"
+    return ValueError(
+        f"{name} are too large for {dtype}: their sums or dot products overflow (largest |feature| {big:.3g}); {fix}"
+    )
 
 
 def masked_feature_sums(
@@ -101,7 +117,7 @@ def masked_feature_sums(
     f = _flat_features(features)
     lab, ignore = _flat_labels(labels, features, num_classes, ignore_index)
     sums, counts = ops.masked_feature_sums(f, lab, num_classes, ignore)
-    _check_finite(sums)
+    _check_finite(sums, inputs=(features,))
     return sums, counts
 
 
@@ -127,7 +143,8 @@ def masked_feature_centers(
         num_classes: K (required for hard labels; taken from the masks otherwise).
         ignore_index: hard labels only: label of pixels to leave out; None: none.
         reduction: ``"mean"`` (centres) or ``"sum"``.
-        eps: added to the counts in the mean (1e-7 as in the authors' code).
+        eps: added to the counts in the mean (1e-7 as in the authors' code), a finite number >= 0
+            (0: exact means; an absent class still gets a zero centre).
 
     Returns:
         ``(centers (B, K, C), counts (B, K))`` of the compute dtype; differentiable w.r.t. ``features``.
@@ -141,10 +158,12 @@ def masked_feature_centers(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}")
     if isinstance(labels, Tensor) and labels.is_floating_point():
         f = _flat_features(features)
         if V.checking_values():
-            V.tensor(labels, "labels", dtypes=V.FLOAT_DTYPES)
+            V.tensor(labels, "labels", dtypes=V.FLOAT_DTYPES, finite=V.checking_values(labels))
             if (
                 labels.dim() != features.dim()
                 or labels.shape[0] != features.shape[0]
@@ -163,14 +182,16 @@ def masked_feature_centers(
         m = labels.reshape(labels.shape[0], labels.shape[1], -1).to(ct)
         sums = torch.bmm(m, f.to(ct).transpose(1, 2))
         counts = m.sum(-1)
-        _check_finite(sums)
+        _check_finite(sums, inputs=(features, labels))
     else:
         if num_classes is None:
             raise ValueError("num_classes is required with integer labels")
         sums, counts = masked_feature_sums(features, labels, num_classes, ignore_index=ignore_index)
     if reduction == "sum":
         return sums, counts
-    return sums / (counts + eps).unsqueeze(-1), counts
+    # eps = 0: exact means, and still a zero centre (not 0/0) for an absent class
+    denom = counts + eps if eps > 0 else counts.masked_fill(counts == 0, 1)
+    return sums / denom.unsqueeze(-1), counts
 
 
 def feature_center_cosine(
@@ -209,7 +230,7 @@ def feature_center_cosine(
         V.same_device({"features": features, "centers": centers})
     lab, ignore = _flat_labels(labels, features, centers.shape[1], ignore_index)
     out = ops.feature_center_cosine(f, lab, centers.to(_compute_dtype(features.dtype)), ignore)[0]
-    _check_finite(out, "features or centers")
+    _check_finite(out, "features or centers", inputs=(features, centers))
     return out
 
 
@@ -267,19 +288,15 @@ def bcd_loss(seg_logits: Tensor, features: Tensor, *, check_inputs: bool = True)
         V.same_device({"seg_logits": seg_logits, "features": features})
     B, K = seg_logits.shape[:2]
     loss, *_, finite = ops.bcd_loss(seg_logits.detach().reshape(B, K, -1), features.reshape(B, features.shape[1], -1))
-    if check_inputs and V.checking_values():
+    if check_inputs and V.checking_values(seg_logits, features):
         # the one host synchronisation
         seg_finite, sums_finite, loss_finite = torch.cat([finite, torch.isfinite(loss).reshape(1)]).tolist()
         if not seg_finite:
             V.check_finite(seg_logits, "seg_logits")  # raises, naming NaN or Inf
-        if not sums_finite:
+        if not sums_finite and not bool(torch.isfinite(features).all()):
             raise ValueError("features contains NaN or Inf values")
-        if not loss_finite:  # finite features whose products overflow the compute dtype
-            big = float(features.detach().abs().amax())
-            raise ValueError(
-                f"features are too large for {loss.dtype}: the loss's dot products overflow (largest |feature| "
-                f"{big:.3g}); pass float64 features or scale them down"
-            )
+        if not (sums_finite and loss_finite):  # finite features whose sums or products overflow
+            raise _too_large("features", loss.dtype, features)
     return loss
 
 

@@ -443,11 +443,11 @@ def dense_energy_loss(
         h, w = probs.shape[2:]
         s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
     if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
-        if check_inputs and V.checking_values():
+        if check_inputs and V.checking_values(images, segmentations):
             _start_checks(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)()
         return s_hat.sum() * weight
     fname = "images (bilateral features)"
-    checked = check_inputs and V.checking_values()
+    checked = check_inputs and V.checking_values(images, segmentations)
     finish_checks = None  # the deferred value checks (see _DEFER_CHECKS)
     if checked:  # the value checks: one device synchronisation
         finish_checks = _start_checks(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)

@@ -425,7 +425,7 @@ def _compat_matrix(
     if isinstance(compat, Tensor):
         # values are not read where they cannot be: while torch.compile traces (any device), and a device
         # tensor's inside a CUDA graph capture
-        readable = not torch.compiler.is_compiling() and (compat.device.type == "cpu" or V.checking_values())
+        readable = not torch.compiler.is_compiling() and (compat.device.type == "cpu" or V.checking_values(compat))
         if pending is not None and compat.device.type != "cpu" and compat.dim() > 0:
             pending.append((name, compat))
         elif readable and not bool(torch.isfinite(compat).all()):
@@ -729,7 +729,7 @@ def dense_crf(
                 stacklevel=3,
             )
 
-    if check_inputs and V.checking_values():
+    if check_inputs and V.checking_values(src):
         read = V.finite_ranges_later(pending, posinf_ok=("unary",))  # raises on NaN/Inf when read
         names = [n for n, _ in pending]
         # Only the scores' values are needed after the op (not before it, unlike a float image's or

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -445,6 +446,47 @@ def test_features_too_large_for_float32():
                 rrm_cuda.bcd_loss(seg, g)
             assert not torch.isfinite(rrm_cuda.bcd_loss(seg, g, check_inputs=False))
         assert torch.isfinite(ref)
+    # finite features whose per-class sums overflow: named as too large, not as NaN/Inf
+    seg = torch.zeros(1, 2, 1, 4)
+    seg[:, 0, :, :2] = 1
+    seg[:, 1, :, 2:] = 1
+    huge = torch.full((1, 3, 1, 4), 2e38)
+    with pytest.raises(ValueError, match="features are too large for torch.float32: .*pass float64"):
+        rrm_cuda.bcd_loss(seg, huge)
+    with pytest.raises(ValueError, match="features are too large for torch.float32"):
+        rrm_cuda.masked_feature_sums(huge, torch.tensor([[[0, 0, 1, 1]]]), 2)
+    with pytest.raises(ValueError, match=r"features are too large for torch.float64: .*\); scale them down$"):
+        rrm_cuda.bcd_loss(seg.double(), torch.full((1, 3, 1, 4), 1e308, dtype=torch.float64))
+    with pytest.raises(ValueError, match="features contains NaN or Inf"):
+        rrm_cuda.bcd_loss(seg, huge.clone().fill_(math.inf))
+    with pytest.raises(ValueError, match="features contains NaN or Inf"):
+        rrm_cuda.masked_feature_sums(huge.clone().fill_(math.nan), torch.tensor([[[0, 0, 1, 1]]]), 2)
+
+
+def test_center_eps():
+    # eps >= 0 and finite; eps = 0 gives exact means and still a zero centre for an absent class
+    f = torch.arange(8.0).reshape(1, 2, 2, 2)
+    lab = torch.tensor([[[0, 1], [1, 1]]])
+    c, n = rrm_cuda.masked_feature_centers(f, lab, 3, eps=0.0)
+    assert torch.equal(c, torch.tensor([[[0.0, 4.0], [2.0, 6.0], [0.0, 0.0]]])) and n.tolist() == [[1, 3, 0]]
+    c, _ = rrm_cuda.masked_feature_centers(f, lab, 3, eps=np.float32(0.5))
+    torch.testing.assert_close(c[0, 1], torch.tensor([6.0, 18.0]) / 3.5)
+    assert torch.equal(c[0, 2], torch.zeros(2))
+    for eps in (-1.0, math.nan, math.inf, "a", True, None):
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            rrm_cuda.masked_feature_centers(f, lab, 3, eps=eps)
+
+
+def test_meta_tensors_give_shapes():
+    # meta tensors have no values: the eager calls skip the value checks and return the fake kernels' shapes
+    seg, f = torch.randn(2, 4, 4, 5, device="meta"), torch.randn(2, 3, 4, 5, device="meta")
+    lab = torch.zeros(2, 4, 5, dtype=torch.long, device="meta")
+    assert rrm_cuda.bcd_loss(seg, f).shape == () and rrm_cuda.BCDLoss()(seg, f).device.type == "meta"
+    s, n = rrm_cuda.masked_feature_sums(f, lab, 4)
+    assert s.shape == (2, 4, 3) and n.shape == (2, 4)
+    c, n = rrm_cuda.masked_feature_centers(f, torch.rand(2, 4, 4, 5, device="meta"))
+    assert c.shape == (2, 4, 3) and c.device.type == "meta"
+    assert rrm_cuda.feature_center_cosine(f, lab, torch.randn(2, 4, 3, device="meta")).shape == (2, 4)
 
 
 # ---- empty inputs -----------------------------------------------------------------------------------
@@ -659,6 +701,28 @@ def test_emulated_cuda_loss_equals_cpu(dtype, case):
         assert "BcdLossFunction" in loss.grad_fn.name()
         (got,) = torch.autograd.grad(loss * 0.7, fg)
         torch.testing.assert_close(got.double(), want.double(), **tol)
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+def test_gradient_at_large_feature_scales(emulated):
+    # The loss does not depend on the features' scale, so grad(s F) s = grad(F). The GPU path (and
+    # its emulation) accumulates float32 in float32: the cosine's backward coefficients must not form
+    # |F|^3 |c|^2 (overflowing from |F| ~ 6e7 and silently dropping a term of the gradient).
+    B, C, h, w, K = 2, 64, 8, 8, 5
+    g = torch.Generator().manual_seed(3)
+    seg = torch.randn(B, K, h * w, generator=g)
+    f = torch.randn(B, C, h * w, generator=g)
+    loss, bwd = (
+        (ops._bcd_loss_emulated, ops._bcd_loss_backward_emulated) if emulated else (ops.bcd_loss, ops.bcd_loss_backward)
+    )
+    a = ops.bcd_loss(seg.double(), f.double())
+    want = ops.bcd_loss_backward(torch.tensor(1.0, dtype=torch.float64), f.double(), *a[1:7])
+    for s in (1.0, 1e7, 1e8, 1e10, 1e15):
+        fs = f * s
+        a = loss(seg, fs)
+        got = bwd(torch.tensor(1.0), fs, *a[1:7]).double() * s
+        err = float((got - want).abs().max() / want.abs().max())
+        assert err < 1e-4, (s, err)
 
 
 # ---- CPU == CUDA ------------------------------------------------------------------------------------

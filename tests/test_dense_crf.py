@@ -1377,6 +1377,20 @@ def test_emulated_capture_takes_no_cached_lattices(tuning, lattice_cache):
     assert rrm_cuda.lattice_cache_info()["hits"] == before["hits"] + 1
 
 
+def test_meta_tensors_give_shapes():
+    # meta tensors have shapes, no values: eager calls skip the value checks (as torch.compile's
+    # tracing does) and return the fake kernels' shapes, with sigma and compatibility tensors too
+    u, img = torch.randn(2, 3, 8, 8, device="meta"), torch.zeros(2, 3, 8, 8, device="meta")
+    for kw in ({}, dict(bilateral_compat=torch.eye(3, device="meta"), bilateral_sxy=torch.ones(2, device="meta"))):
+        q = rrm_cuda.dense_crf(u, img, **kw)
+        assert q.shape == u.shape and q.device.type == "meta"
+    assert rrm_cuda.dense_crf(probs=u, image=img, clip=None).shape == u.shape
+    v, f = torch.randn(2, 4, 10, device="meta"), torch.randn(2, 3, 10, device="meta")
+    assert rrm_cuda.permutohedral_filter(v, f).shape == v.shape
+    with pytest.raises(ValueError, match="unary and image must be on the same device"):
+        rrm_cuda.dense_crf(torch.randn(2, 3, 8, 8), img)  # device checks still run
+
+
 def test_no_caching_and_no_reads_while_capturing(monkeypatch, lattice_cache):
     # The Python side of the capture rules, on any machine: while the current stream is captured,
     # functional._cached makes CUDA constants without storing them, and the sigma and compatibility

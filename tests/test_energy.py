@@ -657,6 +657,17 @@ def test_value_checks_read_the_device_once(monkeypatch, check_inputs, stats_op):
     assert p.grad is not None
 
 
+def test_meta_tensors_give_shapes():
+    # meta tensors have no values: the value checks are skipped, the fake kernels give the shapes
+    m = "meta"
+    images, probs = torch.zeros(2, 3, 32, 32, device=m), torch.rand(2, 4, 32, 32, device=m)
+    rois, labels = torch.ones(2, 32, 32, device=m), torch.zeros(2, 32, 32, device=m)
+    loss = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, 0.5)(images, probs, rois, labels)
+    assert loss.shape == (1,) and loss.device.type == "meta"
+    for gradient in ("exact", "rloss"):
+        assert rrm_cuda.dense_energy_loss(images, probs, gradient=gradient).shape == ()
+
+
 def test_bad_inputs_module_and_op():
     images, probs, rois, labels = _inputs(H=6, W=6)
     with pytest.raises(TypeError, match="ignore_index must be an int; got NoneType"):

@@ -232,7 +232,8 @@ struct CosineCoefFunctor {
     const acc_t s = static_cast<acc_t>(dot[t]);
     const acc_t D = a * cn + static_cast<acc_t>(kCosEps);
     alpha[t] = static_cast<out_t>(g / D);
-    beta[t] = static_cast<out_t>(a > 0 ? -g * s * cn / (a * D * D) : acc_t(0));
+    // as ratios (each about 1 or 1/D): g s n / (a D^2) formed as a product overflows float from |F| ~ 6e7
+    beta[t] = static_cast<out_t>(a > 0 ? -(g / D) * (s / D) * (cn / a) : acc_t(0));
   }
 };
 
@@ -257,7 +258,7 @@ struct CosineGammaFunctor {
       const int64_t n = b * N + pb[j];
       const acc_t a = static_cast<acc_t>(norm[n]);
       const acc_t D = a * cn + static_cast<acc_t>(kCosEps);
-      acc += static_cast<acc_t>(dot[n]) * a / (D * D);
+      acc += (static_cast<acc_t>(dot[n]) / D) * (a / D);  // not s a / D^2: D^2 overflows float
     }
     gamma[t] = static_cast<out_t>(static_cast<acc_t>(grad[t]) * acc);
   }
@@ -525,7 +526,7 @@ struct CosineChunkFunctor {
       const acc_t a = static_cast<acc_t>(norm[n]);
       const acc_t D = a * cn + static_cast<acc_t>(kCosEps);
       if (kGamma) {
-        acc += static_cast<acc_t>(dot[n]) * a / (D * D);
+        acc += (static_cast<acc_t>(dot[n]) / D) * (a / D);  // as ratios: D^2 overflows float
       } else {
         acc += static_cast<acc_t>(dot[n]) / D;
       }

@@ -207,10 +207,11 @@ Segments make_segments(const Exec&, const at::Tensor& labels, int64_t K, int64_t
 
 inline FeatureView view_of(const at::Tensor& f) { return FeatureView{f.stride(0), f.stride(1), f.stride(2)}; }
 
-// Picks the compute type (out_t) and the accumulation type (acc_t: double on the CPU) for scalar_t.
+// Picks the compute type (out_t) and the accumulation type (acc_t) for scalar_t: double on the CPU,
+// the compute type on CUDA and in its emulation (so that the CPU build tests float32's ranges).
 #define RRM_BCD_TYPES(Exec)                                                          \
   using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>; \
-  using acc_t = std::conditional_t<Exec::kIsCuda, out_t, double>
+  using acc_t = std::conditional_t<Exec::kDeviceAccumulation, out_t, double>
 
 // Segmented (optionally weighted by a (B, N) compute-dtype tensor) sums: (B, K, C) of the compute dtype.
 template <class Exec>

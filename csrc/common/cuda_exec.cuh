@@ -121,6 +121,7 @@ struct CudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr int kMaxDevices = 64;  // per-device caches of launch settings
   static constexpr bool kIsCuda = true;
+  static constexpr bool kDeviceAccumulation = true;
   static constexpr bool kSortCsr = true;
   static constexpr const char* kName = "cuda";
   static int64_t stream_id() { return static_cast<int64_t>(at::cuda::getCurrentCUDAStream().id()); }

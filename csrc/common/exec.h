@@ -178,7 +178,8 @@ struct HostSmem {
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
-  static constexpr bool kSortCsr = false;  // no device-style sorted lists: serial counting sorts
+  static constexpr bool kDeviceAccumulation = false;  // float sums in the compute dtype (the BCD ops): no
+  static constexpr bool kSortCsr = false;             // no device-style sorted lists: serial counting sorts
   static constexpr const char* kName = "cpu";
   static int64_t stream_id() { return 0; }
   static bool capturing() { return false; }
@@ -216,7 +217,8 @@ struct CpuExec {
 struct EmulatedCudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr bool kIsCuda = false;
-  static constexpr bool kSortCsr = true;  // the CUDA path's sort-based splat lists
+  static constexpr bool kDeviceAccumulation = true;  // as CUDA: its rounding and ranges are tested
+  static constexpr bool kSortCsr = true;             // the CUDA path's sort-based splat lists
   static constexpr const char* kName = "emulated_cuda";
   static int64_t stream_id() { return 0; }
   // Knob emulate_capture (tests): act as inside a CUDA graph capture, whose host logic (counted
