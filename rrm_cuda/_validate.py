@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 from collections.abc import Callable, Sequence
 
@@ -49,6 +50,20 @@ def tensor(
     if finite:
         check_finite(x, name)
     return x
+
+
+def int64(value: object, name: str) -> int:
+    """An int (or an integer-like object: numpy, 0-dim integer tensor) that fits in int64, which
+    the ops and tensor comparisons take; not a bool."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}") from None
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{name} must fit in int64; got {v}")
+    return v
 
 
 def finite_range(x: torch.Tensor, name: str) -> tuple[float, float] | None:

@@ -67,7 +67,7 @@ def _flat_labels(labels: Tensor, features: Tensor, num_classes: int, ignore_inde
         V.same_device({"features": features, "labels": labels})
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
-        if ignore_index is not None and 0 <= ignore_index < num_classes:
+        if ignore_index is not None and 0 <= V.int64(ignore_index, "ignore_index") < num_classes:
             raise ValueError(f"ignore_index ({ignore_index}) must not be a class in [0, num_classes = {num_classes})")
     return labels.reshape(labels.shape[0], -1), _NO_IGNORE if ignore_index is None else int(ignore_index)
 

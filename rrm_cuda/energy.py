@@ -13,7 +13,6 @@ default) and :class:`DenseEnergyLossFunction` (a thin ``torch.autograd.Function`
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 from collections.abc import Callable
 
@@ -361,12 +360,7 @@ def dense_energy_loss(
     V.same_device({"segmentations": segmentations, "images": images, "ROIs": rois, "seg_label": seg_label})
     if gradient not in _GRAD_MODES:
         raise ValueError(f"gradient must be 'exact' or 'rloss'; got {gradient!r}")
-    try:
-        if isinstance(ignore_index, bool):
-            raise TypeError
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an int; got {type(ignore_index).__name__}") from None
+    ignore_index = V.int64(ignore_index, "ignore_index")
     if seg_label is not None and 0 <= ignore_index < K:
         raise ValueError(f"ignore_index ({ignore_index}) must not be a class in [0, K = {K})")
     if seg_label is not None and not seg_label.is_floating_point() and seg_label.dtype != torch.int64:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import Union
@@ -190,6 +191,7 @@ def lattice_num_vertices(features: Tensor) -> Tensor:
 # call. Keyed by device and, on CUDA, by the current stream (a cached tensor is only ever freed,
 # by eviction, on the stream it was made and used on); at most _CONST_CACHE_SIZE entries.
 _CONST_CACHE: dict[tuple, Tensor] = {}
+_CONST_LOCK = threading.Lock()
 # A 2-D size takes up to 6 entries: positions raster and tiled, the pixel order and its inverse, the
 # energy loss's sample index.
 _CONST_CACHE_SIZE = 32
@@ -213,9 +215,10 @@ def _cached(key: tuple, make) -> Tensor:
         with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode later
             t = make()
         if type(t) is Tensor:
-            if len(_CONST_CACHE) >= _CONST_CACHE_SIZE:
-                _CONST_CACHE.pop(next(iter(_CONST_CACHE)))
-            _CONST_CACHE[key] = t
+            with _CONST_LOCK:  # calls from several threads: one evicts at a time
+                while len(_CONST_CACHE) >= _CONST_CACHE_SIZE:
+                    _CONST_CACHE.pop(next(iter(_CONST_CACHE)))
+                _CONST_CACHE[key] = t
     return t
 
 

@@ -334,6 +334,14 @@ def test_ignore_index():
     torch.testing.assert_close(s, rs)
     torch.testing.assert_close(n, rn)
     assert float(n.sum()) == B * h * w - 2 * w - 1
+    assert torch.equal(rrm_cuda.masked_feature_sums(f, lab, K, ignore_index=np.int16(255))[0], s)
+    for bad, exc, match in (
+        (2**64, ValueError, "fit in int64"),
+        (1.5, TypeError, "be an int; got float"),
+        (True, TypeError, "be an int; got bool"),
+    ):
+        with pytest.raises(exc, match=f"ignore_index must {match}"):
+            rrm_cuda.masked_feature_sums(f, lab, K, ignore_index=bad)
     # NaN in an ignored pixel is harmless
     f2 = f.clone()
     f2[0, :, 0, 0] = float("nan")

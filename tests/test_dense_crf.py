@@ -1377,6 +1377,40 @@ def test_emulated_capture_takes_no_cached_lattices(tuning, lattice_cache):
     assert rrm_cuda.lattice_cache_info()["hits"] == before["hits"] + 1
 
 
+def test_constants_cache_from_threads(monkeypatch):
+    # functional._cached from several threads at once (dense_crf and the energy loss in a thread
+    # pool): one eviction at a time, every caller gets its own key's constant
+    import sys
+    import threading
+
+    from rrm_cuda import functional as FN
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    monkeypatch.setattr(FN, "_CONST_CACHE_SIZE", 4)
+    errors: list[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(400):
+                k = (t * 1000 + i) % 37
+                got = FN._cached(("test-threads", k, torch.device("cpu")), lambda: torch.full((1,), float(k)))
+                assert float(got) == k
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[0]
+    assert len(FN._CONST_CACHE) <= 4
+
+
 def test_meta_tensors_give_shapes():
     # meta tensors have shapes, no values: eager calls skip the value checks (as torch.compile's
     # tracing does) and return the fake kernels' shapes, with sigma and compatibility tensors too

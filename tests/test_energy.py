@@ -674,6 +674,9 @@ def test_bad_inputs_module_and_op():
         rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=None)
     with pytest.raises(ValueError, match=r"ignore_index \(2\) must not be a class in \[0, K = 3\)"):
         rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=2)
+    for big in (2**70, -(2**70), 2**63):
+        with pytest.raises(ValueError, match=f"ignore_index must fit in int64; got {big}"):
+            rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=big)
     torch.testing.assert_close(  # a numpy integer is an int
         rrm_cuda.dense_energy_loss(images, probs, rois, labels, ignore_index=np.int64(255)),
         rrm_cuda.dense_energy_loss(images, probs, rois, labels),

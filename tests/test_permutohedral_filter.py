@@ -446,6 +446,15 @@ def test_cached_filter_sees_in_place_changes_and_keeps_only_what_it_can(lattice_
         torch.testing.assert_close(got, op(v, f.clone()), rtol=0, atol=0)
         assert not torch.equal(got, first)
         f.div_(1.3)
+        # a new alias of the memory (its own version counter, at 0) after a write the kept tensor saw:
+        # not the stale lattice of the key (pointer, shape, version 0) it matches
+        rrm_cuda.clear_lattice_cache()
+        g = f.clone()
+        op(v, g, False, True)
+        g.mul_(1.3)
+        alias = torch.from_numpy(g.numpy())
+        assert alias._version == 0
+        torch.testing.assert_close(op(v, alias, False, True), op(v, g.clone()), rtol=0, atol=0)
     # a non-contiguous tensor is never kept (contiguous() copies it every call)
     rrm_cuda.clear_lattice_cache()
     ft = torch.randn(1, 120, 3, dtype=torch.float64).transpose(1, 2)

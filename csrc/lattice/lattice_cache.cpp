@@ -43,6 +43,9 @@ Key make_key(const at::Tensor& f, const char* exec, int64_t stream, int64_t chun
 struct Item {
   Key key;
   at::Tensor features;  // keeps the storage (and so the key's pointer) alive
+  // the features' own version counter (shared, not a copy: a detach below the autograd keys would
+  // start a fresh one), to see writes made after the entry through any view of the features
+  c10::VariableVersion version;
   std::shared_ptr<CachedLattice> entry;
 };
 
@@ -73,12 +76,20 @@ std::shared_ptr<CachedLattice> cache_find(const at::Tensor& features, const char
   const Key key = make_key(features, exec, stream, chunk);
   Store& s = store();
   std::lock_guard<std::mutex> lock(s.mu);
-  for (auto it = s.items.begin(); it != s.items.end(); ++it) {
+  for (auto it = s.items.begin(); it != s.items.end();) {
+    // An entry whose own tensor was written in place since (its version counter, shared with every
+    // view and detached alias of the features, moved) is stale for good, even for a key that matches:
+    // a new alias of the same memory (torch.from_numpy(f.numpy()), .data) starts a counter of its own.
+    if (it->version.current_version() != it->key.version) {
+      it = s.items.erase(it);
+      continue;
+    }
     if (it->key == key) {
       s.items.splice(s.items.begin(), s.items, it);
       ++s.hits;
       return s.items.front().entry;
     }
+    ++it;
   }
   ++s.misses;
   return nullptr;
@@ -98,7 +109,8 @@ void cache_put(const at::Tensor& features, const char* exec, int64_t stream, int
     }
   }
   // detached: the entry keeps the storage (and version counter), not an autograd graph
-  s.items.push_front(Item{std::move(key), features.detach(), std::move(entry)});
+  s.items.push_front(
+      Item{std::move(key), features.detach(), features.unsafeGetTensorImpl()->version_counter(), std::move(entry)});
   s.trim();
 }
 
