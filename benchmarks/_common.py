@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +31,7 @@ class Row:
     threads: int | None = None
     device: str = "cpu"
     extra: dict = field(default_factory=dict)
+    runs: int | None = None  # timed calls behind the median
 
 
 def cpu_name() -> str:
@@ -75,6 +77,9 @@ def metadata(device: torch.device) -> dict:
         "device": str(device),
         "rrm_cuda_build": rrm_cuda.build_info(),
         "command": " ".join(sys.argv),
+        # the machine's load when the results are written (1, 5, 15 min): 15 min covers most runs;
+        # above the cores used, other work shared them
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -90,19 +95,39 @@ def metadata(device: torch.device) -> dict:
     return meta
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, min_run_time: float = 1.0) -> tuple[float, float]:
-    """Median and IQR in ms of ``fn()`` by torch.utils.benchmark (CUDA synchronised)."""
+MIN_RUNS = 5
+
+
+def time_fn(
+    fn: Callable[[], object], device: torch.device, min_run_time: float = 1.0, min_runs: int = MIN_RUNS
+) -> tuple[float, float, int]:
+    """(median ms, IQR ms, number of timed calls) of ``fn()`` (CUDA synchronised).
+
+    Fast calls: torch.utils.benchmark's ``blocked_autorange`` (blocks of many calls for at least
+    ``min_run_time`` s). It stops once that time is spent, so a call longer than ``min_run_time``
+    would be timed once: slow calls (``min_runs`` of them would exceed it) are timed one by one,
+    ``min_runs`` times at least."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def run():
         fn()
         sync()
 
-    run()  # warm-up (allocations, lazy init)
+    t0 = time.perf_counter()
+    run()  # warm-up (allocations, lazy init, caches)
+    first = time.perf_counter() - t0
+    if first * min_runs >= min_run_time:
+        times = []
+        while len(times) < min_runs or sum(times) < min_run_time:
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        return float(q[1]) * 1e3, float(q[2] - q[0]) * 1e3, len(times)
     m = tbench.Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time
     )
-    return m.median * 1e3, m.iqr * 1e3
+    return m.median * 1e3, m.iqr * 1e3, m.number_per_run * len(m.times)
 
 
 class threads:  # noqa: N801 - used as a context manager
@@ -189,29 +214,49 @@ def chart(rows: Sequence[Row], path: str, title: str, baseline: str | None) -> N
 # ---- the original rloss / RRM energy-loss filter: the baseline of energy_bench.py and rrm_bench.py
 
 
-def _rloss_worker_init() -> None:
-    torch.set_num_threads(1)
-
-
 def _rloss_filter_image(args: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """One image, one lattice filter per channel (as rloss's ``bilateralfilter`` loops over K)."""
-    import rrm_cuda  # noqa: F401  (registers torch.ops.rrm_cuda in a spawned worker)
-
+    """One image: its lattice built once, then one filter per channel, as rloss's ``bilateralfilter``
+    does (``lattice.init`` once, ``lattice.compute(out_k, in_k, 1)`` for each of the K channels).
+    The op's lattice cache (``cache=True``) holds the lattice from the first channel to the last."""
     s_hat, feats = args  # (K, N), (d, N)
     f = feats.unsqueeze(0).contiguous()
     out = torch.empty_like(s_hat)
     for k in range(s_hat.shape[0]):
-        out[k] = torch.ops.rrm_cuda.permutohedral_filter(s_hat[k].reshape(1, 1, -1).contiguous(), f, False)[0, 0]
+        v = s_hat[k].reshape(1, 1, -1).contiguous()
+        out[k] = torch.ops.rrm_cuda.permutohedral_filter(v, f, False, True)[0, 0]
     return out
 
 
-def rloss_baseline_pool(processes: int):
-    """Worker processes for :func:`rloss_baseline_loss` (each single-threaded): they stand in for
-    rloss's OpenMP threads across images (the op holds the GIL, so threads in one process would
-    not run in parallel). Close and join it when done."""
-    import torch.multiprocessing as mp
+class RlossBaselinePool:
+    """Threads across images for :func:`rloss_baseline_loss`, as rloss's ``bilateralfilter_batch``
+    (``omp parallel for`` over the N images, min(N, cores) threads), each filter single-threaded.
+    The op releases the GIL, so the threads run in parallel, over shared memory as OpenMP's do.
+    Close it when done (``close``/``join``, as a process pool)."""
 
-    return mp.get_context("spawn").Pool(processes, initializer=_rloss_worker_init)
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.threads = max(1, int(threads))
+        self._pool = ThreadPoolExecutor(self.threads)
+
+    def map(self, fn, jobs: Sequence) -> list:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)  # no intra-op threads inside a worker: one core per image
+        try:
+            return list(self._pool.map(fn, jobs))
+        finally:
+            torch.set_num_threads(prev)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def join(self) -> None:
+        pass
+
+
+def rloss_baseline_pool(threads: int) -> RlossBaselinePool:
+    """The worker threads of :func:`rloss_baseline_loss` (see :class:`RlossBaselinePool`)."""
+    return RlossBaselinePool(threads)
 
 
 class _RlossBaselineFunction(torch.autograd.Function):
@@ -251,8 +296,8 @@ def rloss_baseline_loss(
     pool,
 ) -> torch.Tensor:
     """The dense-CRF energy loss computed the way the original rloss / RRM extension does: inputs
-    downscaled by ``scale``, copied to the CPU, one permutohedral filter per image and per channel
-    (images spread over ``pool``, see :func:`rloss_baseline_pool`), the original's gradient
+    downscaled by ``scale``, copied to the CPU, one lattice per image and one filter per channel
+    (images spread over ``pool``'s threads, see :func:`rloss_baseline_pool`), the original's gradient
     ``−2·S·AS·ROI/B`` copied back to the inputs' device. Arguments as ``rrm_cuda.DenseEnergyLoss``:
     images (B, 3, H, W) 0–255, probs (B, K, H, W), rois (B, H, W), labels (B, 1, H, W) with 255 =
     unlabelled. Returns a (1,) tensor on the inputs' device (already multiplied by ``weight``)."""

@@ -89,8 +89,8 @@ def kl_loop_rows(rows: list, H: int, W: int, L: int, iters: int, mrt: float, hav
     img, probs_np = photo("coffee", H, W), scores(L, H, W, seed=0)
     ref_q = kl_loop("pydensecrf", probs_np, img, iters) if have_pydensecrf else None
     if have_pydensecrf:
-        med, iqr = time_fn(lambda: kl_loop("pydensecrf", probs_np, img, iters), torch.device("cpu"), mrt)
-        rows.append(Row(wl, "pydensecrf2 (1 thread)", med, iqr, 1))
+        med, iqr, runs = time_fn(lambda: kl_loop("pydensecrf", probs_np, img, iters), torch.device("cpu"), mrt)
+        rows.append(Row(wl, "pydensecrf2 (1 thread)", med, iqr, 1, runs=runs))
     for n in sorted({1, n_all}):
         with threads(n):
             q = kl_loop("rrm_cuda.compat.pydensecrf", probs_np, img, iters)
@@ -99,10 +99,10 @@ def kl_loop_rows(rows: list, H: int, W: int, L: int, iters: int, mrt: float, hav
                 print(f"   drop-in shim {n} thread(s): labels agree with pydensecrf2 on {100 * agree:.3f}% of pixels")
                 if agree < 0.999:
                     raise SystemExit(f"the drop-in's KL loop disagrees with pydensecrf2 on {wl}")
-            med, iqr = time_fn(
+            med, iqr, runs = time_fn(
                 lambda: kl_loop("rrm_cuda.compat.pydensecrf", probs_np, img, iters), torch.device("cpu"), mrt
             )
-        rows.append(Row(wl, f"rrm_cuda drop-in shim, CPU ({n} thread{'s' if n > 1 else ''})", med, iqr, n))
+        rows.append(Row(wl, f"rrm_cuda drop-in shim, CPU ({n} thread{'s' if n > 1 else ''})", med, iqr, n, runs=runs))
 
 
 def ours(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
@@ -116,6 +116,12 @@ def ours(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
         bilateral_srgb=BIL["srgb"],
         bilateral_compat=BIL["compat"],
     )
+
+
+def cold(probs: torch.Tensor, image: torch.Tensor, iters: int) -> torch.Tensor:
+    """``ours`` with the lattice cache emptied first: both lattices built in the call."""
+    rrm_cuda.clear_lattice_cache()
+    return ours(probs, image, iters)
 
 
 def graphed_call(fn):
@@ -165,8 +171,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes and short timing (CI)")
     ap.add_argument("--labels", type=int, default=21, help="labels of the 21-label workloads (default: 21)")
     ap.add_argument("--iterations", type=int, default=10, help="mean-field iterations (default: 10)")
-    ap.add_argument("--batch", type=int, default=8, help="batch size of the batched workload")
-    ap.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per measurement")
+    ap.add_argument("--batch", type=int, default=8, help="batch size of the batched workload (default: 8)")
+    ap.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds of timing per measurement, at least 5 calls (default: 2; --quick: 0.2)",
+    )
     ap.add_argument("--no-cuda", action="store_true", help="skip CUDA even when available")
     ap.add_argument(
         "--skip-cpu",
@@ -205,6 +216,7 @@ def main() -> None:
     use_cuda = torch.cuda.is_available() and not args.no_cuda and rrm_cuda.build_info()["with_cuda"]
     n_all = os.cpu_count() or 1
     rows: list[Row] = []
+    checks: list[dict] = []  # every result against pydensecrf2 (or the CPU op), kept in the JSON
     names = ["astronaut", "coffee", "chelsea"]
     for name, H, W, B, nl in workloads:
         wl = f"{W}x{H} {name} x{B}, L={nl}"
@@ -216,12 +228,12 @@ def main() -> None:
         ref_q, ref_name = None, "pydensecrf2"
         if have_pydensecrf:
             ref_q = np.stack([pydensecrf_run(p, im, iters) for p, im in zip(probs_np, imgs)])
-            med, iqr = time_fn(
+            med, iqr, runs = time_fn(
                 lambda: [pydensecrf_run(p, im, iters) for p, im in zip(probs_np, imgs)],
                 torch.device("cpu"),
                 mrt,
             )
-            rows.append(Row(wl, "pydensecrf2 (1 thread)", med, iqr, 1))
+            rows.append(Row(wl, "pydensecrf2 (1 thread)", med, iqr, 1, runs=runs))
 
         def check(q: torch.Tensor, method: str) -> None:
             if ref_q is None:
@@ -229,6 +241,7 @@ def main() -> None:
             agree = float((q.cpu().numpy().argmax(1) == ref_q.argmax(1)).mean())
             err = float(np.abs(q.cpu().numpy() - ref_q).max())
             print(f"   {method}: labels agree with {ref_name} on {100 * agree:.3f}% of pixels, max |dQ| {err:.2e}")
+            checks.append(dict(workload=wl, method=method, against=ref_name, labels_agree=agree, max_abs_dq=err))
             if agree < 0.999:
                 raise SystemExit(f"{method} disagrees with {ref_name} on {wl}")
 
@@ -238,26 +251,48 @@ def main() -> None:
         for n in [] if args.skip_cpu else sorted({1, n_all}):
             with threads(n):
                 check(ours(probs, image, iters), f"rrm_cuda CPU {n} thread(s)")
-                med, iqr = time_fn(lambda: ours(probs, image, iters), torch.device("cpu"), mrt)
-            rows.append(Row(wl, f"rrm_cuda CPU ({n} thread{'s' if n > 1 else ''})", med, iqr, n))
+                med, iqr, runs = time_fn(lambda: ours(probs, image, iters), torch.device("cpu"), mrt)
+            rows.append(Row(wl, f"rrm_cuda CPU ({n} thread{'s' if n > 1 else ''})", med, iqr, n, runs=runs))
+        if not args.skip_cpu:
+            # cold: the lattice cache emptied before every call, so that both lattices are built in
+            # each (the rows above keep the Gaussian term's position lattice across calls, as a training
+            # loop over images of one size does; pydensecrf2 builds both every call)
+            with threads(n_all):
+                med, iqr, runs = time_fn(lambda: cold(probs, image, iters), torch.device("cpu"), mrt)
+            rows.append(Row(wl, f"rrm_cuda CPU ({n_all} threads), cold cache", med, iqr, n_all, runs=runs))
         if H * W * B <= ref_max_pixels and not args.skip_cpu:
             check(reference(probs, image, iters), "reference")
-            med, iqr = time_fn(lambda: reference(probs, image, iters), torch.device("cpu"), mrt)
-            rows.append(Row(wl, f"pure-PyTorch reference ({n_all} threads)", med, iqr, n_all))
+            med, iqr, runs = time_fn(lambda: reference(probs, image, iters), torch.device("cpu"), mrt)
+            rows.append(Row(wl, f"pure-PyTorch reference ({n_all} threads)", med, iqr, n_all, runs=runs))
         if use_cuda:
             dev = torch.device("cuda")
             pc, ic = probs.to(dev), image.to(dev)
             check(ours(pc, ic, iters), "rrm_cuda CUDA")
-            med, iqr = time_fn(lambda: ours(pc, ic, iters), dev, mrt)
-            rows.append(Row(wl, f"rrm_cuda CUDA ({torch.cuda.get_device_name(dev)})", med, iqr, None, "cuda"))
+            med, iqr, runs = time_fn(lambda: ours(pc, ic, iters), dev, mrt)
+            rows.append(
+                Row(wl, f"rrm_cuda CUDA ({torch.cuda.get_device_name(dev)})", med, iqr, None, "cuda", runs=runs)
+            )
+            med, iqr, runs = time_fn(lambda: cold(pc, ic, iters), dev, mrt)
+            name = f"rrm_cuda CUDA, cold cache ({torch.cuda.get_device_name(dev)})"
+            rows.append(Row(wl, name, med, iqr, None, "cuda", runs=runs))
             # the same call captured in a CUDA graph (counted lattices): its kernels without the host's
             # work. Session 14, written without a GPU: a failure is printed and the eager rows kept.
             try:
                 replay, out = graphed_call(lambda: ours(pc, ic, iters))
                 replay()
                 check(out, "rrm_cuda CUDA graph")
-                med, iqr = time_fn(replay, dev, mrt)
-                rows.append(Row(wl, f"rrm_cuda CUDA graph ({torch.cuda.get_device_name(dev)})", med, iqr, None, "cuda"))
+                med, iqr, runs = time_fn(replay, dev, mrt)
+                rows.append(
+                    Row(
+                        wl,
+                        f"rrm_cuda CUDA graph ({torch.cuda.get_device_name(dev)})",
+                        med,
+                        iqr,
+                        None,
+                        "cuda",
+                        runs=runs,
+                    )
+                )
             except (Exception, SystemExit) as exc:
                 print(f"   CUDA graph row failed: {exc!r}", flush=True)
             # the experimental tiled mean field (knobs mean_field_tile 256, mean_field_tile_kernel 3, the
@@ -266,9 +301,9 @@ def main() -> None:
             try:
                 with tiled_mean_field():
                     check(ours(pc, ic, iters), "rrm_cuda CUDA tiled mean field")
-                    med, iqr = time_fn(lambda: ours(pc, ic, iters), dev, mrt)
+                    med, iqr, runs = time_fn(lambda: ours(pc, ic, iters), dev, mrt)
                 name = f"rrm_cuda CUDA tiled mean field ({torch.cuda.get_device_name(dev)})"
-                rows.append(Row(wl, name, med, iqr, None, "cuda"))
+                rows.append(Row(wl, name, med, iqr, None, "cuda", runs=runs))
             except (Exception, SystemExit) as exc:
                 print(f"   tiled mean field row failed: {exc!r}", flush=True)
             # both: the tiled mean field captured in a CUDA graph (counted lattices cut by tiles; session 16,
@@ -278,9 +313,9 @@ def main() -> None:
                     replay, out = graphed_call(lambda: ours(pc, ic, iters))
                     replay()
                     check(out, "rrm_cuda CUDA graph, tiled mean field")
-                    med, iqr = time_fn(replay, dev, mrt)
+                    med, iqr, runs = time_fn(replay, dev, mrt)
                 name = f"rrm_cuda CUDA graph, tiled mean field ({torch.cuda.get_device_name(dev)})"
-                rows.append(Row(wl, name, med, iqr, None, "cuda"))
+                rows.append(Row(wl, name, med, iqr, None, "cuda", runs=runs))
             except (Exception, SystemExit) as exc:
                 print(f"   CUDA graph tiled row failed: {exc!r}", flush=True)
     # pydensecrf's step-wise API (the KL loop of its README) through the drop-in shim: one
@@ -303,7 +338,12 @@ def main() -> None:
         iterations=iters,
         quick=args.quick,
         kernels={"gaussian": GAUSS, "bilateral": BIL},
-        includes="lattice build + all iterations",
+        includes=(
+            "lattice builds + all iterations; the Gaussian (positions) lattice is kept across calls by "
+            "the lattice cache except in the 'cold cache' rows, which build both lattices every call"
+        ),
+        min_run_time_s=mrt,
+        checks=checks,
     )
     tag = device_tag(dev) + ("-quick" if args.quick else "")
     kw = {"out_dir": args.out_dir} if args.out_dir else {}

@@ -9,12 +9,12 @@ Compared, in the same run on the same machine:
   * rrm_cuda: ``rrm_cuda.DenseEnergyLoss`` (rloss and exact gradients), 1 thread and all threads;
     CUDA (synchronised) when a GPU is present.
   * baseline: the way the original rloss/RRM extension works (``_common.rloss_baseline_loss``, shared
-    with rrm_bench.py): one lattice filter per image and per
-    channel (``torch.ops.rrm_cuda.permutohedral_filter`` on (1, 1, N)), images spread over worker
-    processes (threads only across images: the op holds the GIL, so processes stand in for rloss's
-    OpenMP threads), each single-threaded; the backward is the original's −2·S·AS·ROI/B. Note: each
-    call rebuilds its lattice, which the original does once per image (its forward alone takes
-    ≈105–115 ms at 160² on the reference 2-core machine, SPEC §7).
+    with rrm_bench.py): per image one lattice, built once, and one filter per channel
+    (``torch.ops.rrm_cuda.permutohedral_filter`` on (1, 1, N), the lattice kept by its cache from
+    the first channel to the last), images spread over threads (threads only across images, as
+    rloss's ``omp parallel for``; the op releases the GIL), each filter single-threaded; the
+    backward is the original's −2·S·AS·ROI/B. rloss's own forward takes ≈105–115 ms at this
+    setting on the reference 2-core machine (SPEC §7).
   * reference: the original module re-stated line by line in pure PyTorch
     (``rrm_cuda.reference.dense_energy_loss_module_reference``).
 
@@ -286,9 +286,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes and short timing (smoke test)")
     ap.add_argument("--batch", type=int, default=8, help="images per batch at RRM's setting (default: 8)")
     ap.add_argument("--classes", type=int, default=21, help="classes K (default: 21)")
-    ap.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange")
+    ap.add_argument(
+        "--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default: 1; --quick: 0.2)"
+    )
     ap.add_argument("--no-full", action="store_true", help="skip the full 513x513 setting")
-    ap.add_argument("--full-batch", type=int, default=4, help="batch of the 513x513 setting")
+    ap.add_argument("--full-batch", type=int, default=4, help="batch of the 513x513 setting (default: 4)")
     ap.add_argument(
         "--reference-full", action="store_true", help="also time the (slow) pure-PyTorch reference at 513x513"
     )

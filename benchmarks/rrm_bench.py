@@ -15,10 +15,11 @@ Its three RRM-specific parts come from ``StepOps``:
   * original: the authors' code path. Pseudo labels: CAMs copied to numpy, pydensecrf2 (two dense
     CRFs per image, one image after the other; ``rrm_cuda.compat.pydensecrf``'s shim, named as
     such, when pydensecrf2 is not installed), RRM's ``compute_seg_label``
-    (``rrm_cuda.rrm.reference_labels``). Energy loss: copied to the CPU, one lattice filter per
-    image and channel, images over worker processes (``_common.rloss_baseline_loss``, shared with
-    energy_bench.py), gradient copied back. BCD: the authors' loops over images and classes in
-    PyTorch on the training device (``rrm_cuda.reference.bcd_loss_reference_loop``).
+    (``rrm_cuda.rrm.reference_labels``). Energy loss: copied to the CPU, one lattice per image and
+    one filter per channel, images over min(batch, torch threads) threads
+    (``_common.rloss_baseline_loss``, shared with energy_bench.py), gradient copied back. BCD: the
+    authors' loops over images and classes in PyTorch on the training device
+    (``rrm_cuda.reference.bcd_loss_reference_loop``).
   * rrm_cuda: ``reliable_label_parts`` (both CRFs of the whole batch in one ``dense_crf`` call),
     ``DenseEnergyLoss`` and ``bcd_loss``, everything on the training device, no numpy.
 
@@ -264,8 +265,8 @@ def main(argv=None) -> int:
         "--skip-original", action="store_true", help="time rrm_cuda's path only (the two paths are still checked)"
     )
     ap.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (1; --quick 0.1)")
-    ap.add_argument("--slow-s", type=float, default=3.0, help="time calls slower than this one by one")
-    ap.add_argument("--slow-repeats", type=int, default=3, help="single runs of a slow call")
+    ap.add_argument("--slow-s", type=float, default=3.0, help="time calls slower than this one by one (default: 3.0)")
+    ap.add_argument("--slow-repeats", type=int, default=3, help="single runs of a slow call (default: 3; --quick: 2)")
     ap.add_argument("--out-dir", "--out", dest="out_dir", default=C.RESULTS, help="where the JSON/PNG go")
     args = ap.parse_args(argv)
     args.batch = args.batch or ([2] if args.quick else [4, 8])
@@ -284,7 +285,8 @@ def main(argv=None) -> int:
     backend = pydensecrf_backend()
     print(f"original path's dense CRF: {backend}; torch threads {torch.get_num_threads()}", flush=True)
     load_start = os.getloadavg()
-    n_workers = max(1, min(max(args.batch), os.cpu_count() or 1))
+    # the original's threads across images: min(batch, threads), as rloss's omp parallel for
+    n_workers = max(1, min(max(args.batch), torch.get_num_threads()))
     pool = C.rloss_baseline_pool(n_workers)
     try:
         results = [run_setting(bs, args, device, pool) for bs in args.batch]
@@ -313,7 +315,7 @@ def main(argv=None) -> int:
         backbone=args.backbone,
         cam_scales=args.cam_scales,
         crf_iterations=args.crf_iterations,
-        energy_pool_processes=n_workers,
+        energy_baseline_threads=n_workers,
         loadavg_start=load_start,
         loadavg_end=os.getloadavg(),
         settings=summaries,
