@@ -6,6 +6,7 @@ import functools
 import math
 import operator
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -216,18 +217,51 @@ def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -
 
 
 def memory_limit(device: torch.device) -> int | None:
-    """Bytes available to new work on ``device`` (free GPU memory, or the physical memory on the
-    host); None when unknown, and while torch.compile traces (a host query it cannot trace). One
-    query: callers checking several buffers read it once."""
+    """Bytes available to new work on ``device`` (free GPU memory; on the host, what the kernel
+    reports available plus free swap, within the cgroup's limit, or else the physical memory);
+    None when unknown, and while torch.compile traces (a host query it cannot trace). One query:
+    callers checking several buffers read it once."""
     if not checking_values() or device.type == "meta":
         return None
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
+    return _host_available()
+
+
+_HOST_AVAILABLE: list = [-1.0, None]  # (time read, bytes): reread at most every 0.5 s (a read costs ~20 us)
+
+
+def _host_available() -> int | None:
+    now = time.monotonic()
+    if now - _HOST_AVAILABLE[0] > 0.5:
+        _HOST_AVAILABLE[:] = [now, _read_host_available()]
+    return _HOST_AVAILABLE[1]
+
+
+def _read_host_available() -> int | None:
+    avail = None
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return None
+        with open("/proc/meminfo", "rb") as fh:
+            text = fh.read()
+        kib = {k: int(text[text.index(k) + len(k) :].split(None, 1)[0]) for k in (b"MemAvailable:", b"SwapFree:")}
+        avail = (kib[b"MemAvailable:"] + kib[b"SwapFree:"]) * 1024
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover
+            return None
+    try:  # a container's limit (cgroup v2), which /proc/meminfo does not show
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            cap = fh.read().strip()
+        if cap.isdigit():
+            with open("/sys/fs/cgroup/memory.current") as fh:
+                avail = min(avail, int(cap) - int(fh.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return max(avail, 0)
 
 
 def memory(nbytes: int, device: torch.device, what: str, limit: int | None = None) -> None:

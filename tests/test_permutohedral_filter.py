@@ -559,6 +559,14 @@ def test_bad_inputs():
         rrm_cuda.permutohedral_filter(
             torch.zeros(1, 1, 1).expand(64, 4096, 2**20), torch.zeros(1, 1, 1).expand(64, 5, 2**20)
         )
+    # the host's limit: what the kernel reports available (+ free swap), not the physical memory
+    from rrm_cuda import _validate as V
+
+    avail = V._read_host_available()
+    assert avail is not None and 0 < avail <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") + 2**40
+    assert V.memory_limit(torch.device("cpu")) == V._host_available() > 0
+    with pytest.raises(MemoryError, match="more than the"):
+        V.memory(avail + 2**33, torch.device("cpu"), "a test buffer")
     # the C++ checks are reached by direct op calls too, and name the argument
     with pytest.raises(ValueError, match="values and features must agree|must agree in B and N"):
         ops.permutohedral_filter(v, f[:, :, :5], False)
