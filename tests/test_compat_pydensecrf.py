@@ -515,3 +515,25 @@ def test_parity_on_tied_features_small_spatial_sigma():
                 d.addPairwiseEnergy(feats, compat=5)
             out.append(np.array(d.inference(3)))
         np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-4, err_msg=f"{sxy} {srgb}")
+
+
+def test_anisotropic_sigmas_match_pydensecrf():
+    # per-axis sxy and per-channel srgb: each divides its own coordinate / colour channel
+    H, W, L = 40, 56, 4
+    img, p = photo("chelsea", (H, W)), smooth_probs(L, H, W, seed=2)
+    outs = []
+    for mod, ut in ((pdcrf, putils), (rdcrf, rutils)):
+        d = mod.DenseCRF2D(W, H, L)
+        d.setUnaryEnergy(np.ascontiguousarray(ut.unary_from_softmax(p)))
+        d.addPairwiseGaussian(sxy=(2, 7), compat=3)
+        d.addPairwiseBilateral(sxy=(30, 50), srgb=(5, 13, 40), rgbim=img, compat=10)
+        outs.append(np.array(d.inference(5)))
+    assert np.abs(outs[0] - outs[1]).max() < 1e-3
+
+
+def test_unary_from_softmax_default_clip():
+    # the default clip (1e-5) binds where scores are exactly 0
+    p = smooth_probs(3, 10, 12, seed=3)
+    p[1:, :3, :4] = 0.0
+    p = (p / p.sum(0, keepdims=True)).astype(np.float32)
+    np.testing.assert_allclose(rutils.unary_from_softmax(p), putils.unary_from_softmax(p), rtol=1e-6)

@@ -1645,3 +1645,32 @@ def test_autograd_is_cpp_and_routes_each_gradient():
         g = torch.randn(out.shape, dtype=torch.float64)
         (got,) = torch.autograd.grad(out, v, g)
         torch.testing.assert_close(got, op(g, f, True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["photo", "zero_scores"])
+def test_defaults_are_pydensecrfs(case):
+    # dense_crf's and nn.DenseCRF's defaults (clip 1e-5, Gaussian 3 / 3, bilateral 80 / 13 / 10, 10
+    # iterations) are pydensecrf's usual call; "zero_scores": a patch where label 1 scores exactly 0,
+    # where the clip decides the result
+    pdcrf = pytest.importorskip("pydensecrf.densecrf")
+    putils = pytest.importorskip("pydensecrf.utils")
+    H, W, L = (48, 64, 5) if case == "photo" else (32, 32, 3)
+    if case == "photo":
+        img, p = photo("astronaut", (H, W)), smooth_probs(L, H, W, seed=3)
+        p[1:, : H // 3, : W // 3] = 0.0
+        p = (p / p.sum(0, keepdims=True)).astype(np.float32)
+    else:
+        img = np.full((H, W, 3), 128, np.uint8)
+        p = np.zeros((L, H, W), np.float32)
+        p[1] = 1.0
+        p[:, 12:20, 12:20] = 0.0
+        p[0, 12:20, 12:20] = 1.0
+    d = pdcrf.DenseCRF2D(W, H, L)
+    d.setUnaryEnergy(np.ascontiguousarray(putils.unary_from_softmax(p)))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=80, srgb=13, rgbim=img, compat=10)
+    ref = np.array(d.inference(10)).reshape(L, H, W)
+    tp = torch.from_numpy(p)[None]
+    ti = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
+    for q in (rrm_cuda.dense_crf(probs=tp, image=ti), rrm_cuda.DenseCRF()(probs=tp, image=ti)):
+        assert np.abs(q[0].numpy() - ref).max() < 1e-3

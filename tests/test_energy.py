@@ -1423,3 +1423,28 @@ def test_backward_of_grad_mode_0_is_refused():
         assert grad_dir.numel() == 0
         with pytest.raises(RuntimeError, match=r"grad_mode=0 \(no gradient direction computed\)"):
             energy.sum().backward()
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.75])
+def test_custom_ignore_index_equals_255(scale):
+    # any unlabelled value gives the 255 result, on the fused paths (scale 1, 0.5) and F.interpolate's
+    g = torch.Generator().manual_seed(0)
+    B, K, H, W = 2, 3, 12, 12
+    images = torch.randint(0, 256, (B, 3, H, W), generator=g).float()
+    probs = torch.softmax(torch.randn(B, K, H, W, generator=g) * 3, 1)
+    rois = torch.ones(B, H, W)
+    rois[:, :, :3] = 0
+    labels = torch.randint(0, K, (B, 1, H, W), generator=g).float()
+    labels[torch.rand(B, 1, H, W, generator=g) < 0.5] = 255
+    ref = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_xy=10.0, scale_factor=scale)
+    for ii in (-1, 254, 1000):
+        got = rrm_cuda.dense_energy_loss(
+            images,
+            probs,
+            rois,
+            labels.masked_fill(labels == 255, ii),
+            sigma_xy=10.0,
+            scale_factor=scale,
+            ignore_index=ii,
+        )
+        torch.testing.assert_close(got, ref)

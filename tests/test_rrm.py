@@ -30,7 +30,16 @@ from rrm_cuda.rrm.data import SyntheticScenes, VOCSegmentation, augment, labels_
 from rrm_cuda.rrm.model import ResNet38, expected_feature_size
 from rrm_cuda.rrm.pseudo_labels import multiscale_cam, normalize_cam
 from rrm_cuda.rrm.reference_labels import compute_seg_label
-from rrm_cuda.rrm.train import energy_settings_for_crop, make_config, param_groups, parse_config, poly_lr, train
+from rrm_cuda.rrm.train import (
+    PRESETS,
+    TrainConfig,
+    energy_settings_for_crop,
+    make_config,
+    param_groups,
+    parse_config,
+    poly_lr,
+    train,
+)
 
 HAS_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
 
@@ -416,6 +425,15 @@ def test_energy_settings_carried_over_to_the_crop():
     assert small["energy_weight"] == pytest.approx(1e-7 * (321 / 64) ** 4)
     cfg = make_config("cpu-demo")
     assert (cfg.energy_weight, cfg.energy_sigma_xy) == pytest.approx(tuple(energy_settings_for_crop(cfg.crop).values()))
+    # the papers' settings at 321-px crops (RRM's train script: weight 1e-7, sigma_rgb 15, sigma_xy 100, scale 0.5)
+    for cfg in [TrainConfig()] + [make_config(p) for p in PRESETS if make_config(p).crop == 321]:
+        assert (cfg.energy_weight, cfg.energy_sigma_rgb, cfg.energy_sigma_xy, cfg.energy_scale) == (
+            1e-7,
+            15.0,
+            100.0,
+            0.5,
+        )
+    assert make_config("cpu-demo").energy_sigma_rgb == 15.0 and make_config("cpu-demo").energy_scale == 0.5
 
 
 def test_cli_presets_and_overrides():
