@@ -91,8 +91,8 @@ def finite_ranges_later(
 ) -> Callable[[], list[tuple[float, float] | None]]:
     """``finite_ranges`` in two halves: queues the reductions and returns the function that reads
     them (and raises). The tensors named in ``posinf_ok`` may hold ``+inf`` (not NaN or ``-inf``):
-    their range's maximum is then ``inf``. On a GPU the values are copied to pinned host memory behind the reductions,
-    with an event, so that the read can come after more work is queued: by then a synchronisation
+    their range's maximum is then ``inf``. On a GPU the values are copied to pinned host memory
+    behind the reductions, with an event, so that the read can come after more work is queued: by then a synchronisation
     of that work has usually passed the copy, and the read waits for nothing. While torch.compile
     traces (:func:`checking_values`), nothing is read: every range is None."""
     if not checking_values():

@@ -590,7 +590,6 @@ def dense_crf(
     device = src.device
     u = unary_from_probs(probs.to(dtype), clip) if probs is not None else unary.to(dtype)
     u = _flat(u)
-    u_flat = u  # before the pixel order's gather: read by the value checks (judge)
     N = u.shape[2]
     tiles = _pixel_order(spatial, device) if N > 0 else None
 
@@ -712,7 +711,8 @@ def dense_crf(
         # pixel with every label forbidden has no distribution (pydensecrf: NaN). Looked for only
         # when some energy is +inf: one more pass and read, never on the usual path.
         if rng is not None and (rng[1] == math.inf if probs is None else clip is None and rng[0] == 0):
-            blocked = torch.isposinf(u_flat).all(1)
+            # (from the caller's tensor: u's +inf are probs' zeros; no copy of u kept for this)
+            blocked = (probs == 0 if probs is not None else torch.isposinf(unary)).reshape(B, L, -1).all(1)
             if bool(blocked.any()):
                 b, i = (int(v) for v in blocked.nonzero()[0])
                 where = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), spatial)) if spatial else ()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from . import functional as F
@@ -39,10 +38,10 @@ class DenseCRF(nn.Module):
     def __init__(
         self,
         iterations: int = 10,
-        gaussian_sxy: float | torch.Tensor = 3.0,
+        gaussian_sxy: float | Tensor = 3.0,
         gaussian_compat: F.Compat = 3.0,
-        bilateral_sxy: float | torch.Tensor = 80.0,
-        bilateral_srgb: float | torch.Tensor = 13.0,
+        bilateral_sxy: float | Tensor = 80.0,
+        bilateral_srgb: float | Tensor = 13.0,
         bilateral_compat: F.Compat = 10.0,
         normalization: str = "symmetric",
         clip: float | None = 1e-5,

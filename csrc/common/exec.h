@@ -178,7 +178,7 @@ struct HostSmem {
 struct CpuExec {
   static constexpr int kChannelsPerThread = 0;  // 0: all channels in one call
   static constexpr bool kIsCuda = false;
-  static constexpr bool kDeviceAccumulation = false;  // float sums in the compute dtype (the BCD ops): no
+  static constexpr bool kDeviceAccumulation = false;  // the BCD ops' sums in double, not the compute dtype
   static constexpr bool kSortCsr = false;             // no device-style sorted lists: serial counting sorts
   static constexpr const char* kName = "cpu";
   static int64_t stream_id() { return 0; }
