@@ -2,7 +2,9 @@
 today. Standalone: ``python benchmarks/energy_bench.py [--quick]``.
 
 Settings (RRM's): batch 8, 21 classes, 321×321 crops downscaled by 0.5 to 160×160 (sigma_rgb 15,
-sigma_xy 100), and the full 513×513 crop at scale 1. Inputs are real photographs from
+sigma_xy 100); the same loss at its working resolution (160×160 inputs at scale 1, sigma_xy 50:
+what is left with the downscaling of the 321×321 inputs and its backward taken out, for both
+sides); and the full 513×513 crop at scale 1. Inputs are real photographs from
 scikit-image (the bilateral lattice's occupancy depends on colour edges; noise would inflate it).
 
 Compared, in the same run on the same machine:
@@ -152,7 +154,7 @@ def check_close(name, a, b, rtol):
     return err
 
 
-def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=True, skip_cpu=False):  # noqa: N803
+def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=True, skip_cpu=False, sigma_xy=None):  # noqa: N803
     torch.set_num_threads(all_threads)
     images, probs, rois, labels = make_inputs(B, K, size)
     h = int(size * scale)
@@ -160,16 +162,17 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         f"\n== {name}: batch {B}, {K} classes, {size}x{size} crops, scale {scale} -> {h}x{h}",
         flush=True,
     )
-    mods = {g: rrm_cuda.DenseEnergyLoss(WEIGHT, SIGMA_RGB, SIGMA_XY, scale, gradient=g) for g in ("rloss", "exact")}
+    sxy = SIGMA_XY if sigma_xy is None else sigma_xy
+    mods = {g: rrm_cuda.DenseEnergyLoss(WEIGHT, SIGMA_RGB, sxy, scale, gradient=g) for g in ("rloss", "exact")}
 
     def ours(g):
         return lambda p: mods[g](images, p, rois, labels)
 
     def ref(p):
-        return R.dense_energy_loss_module_reference(images, p, rois, labels, WEIGHT, SIGMA_RGB, SIGMA_XY, scale)
+        return R.dense_energy_loss_module_reference(images, p, rois, labels, WEIGHT, SIGMA_RGB, sxy, scale)
 
     def base(p):
-        return C.rloss_baseline_loss(images, p, rois, labels, WEIGHT, SIGMA_RGB, SIGMA_XY, scale, pool)
+        return C.rloss_baseline_loss(images, p, rois, labels, WEIGHT, SIGMA_RGB, sxy, scale, pool)
 
     # correctness before timing: values and rloss gradients against the re-stated original
     # (the slow reference is skipped at full scale unless asked for: the baseline is then the check)
@@ -273,7 +276,7 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         scale=scale,
         filtered=[h, h],
         lattice_vertices=rrm_cuda.lattice_num_vertices(
-            rrm_cuda.bilateral_features(F.interpolate(images, scale_factor=scale), SIGMA_XY * scale, SIGMA_RGB)
+            rrm_cuda.bilateral_features(F.interpolate(images, scale_factor=scale), sxy * scale, SIGMA_RGB)
         ).tolist(),
         correctness=checks,
         rows=rows,
@@ -288,6 +291,9 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=21, help="classes K (default: 21)")
     ap.add_argument(
         "--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default: 1; --quick: 0.2)"
+    )
+    ap.add_argument(
+        "--no-working", action="store_true", help="skip the 160x160 setting at scale 1 (RRM's working resolution)"
     )
     ap.add_argument("--no-full", action="store_true", help="skip the full 513x513 setting")
     ap.add_argument("--full-batch", type=int, default=4, help="batch of the 513x513 setting (default: 4)")
@@ -305,6 +311,8 @@ def main() -> None:
         mrt = args.min_run_time or 0.2
     else:
         settings = [("rrm-321-s0.5", args.batch, args.classes, 321, 0.5, True)]
+        if not args.no_working:
+            settings.append(("rrm-160-s1", args.batch, args.classes, 160, 1.0, False, SIGMA_XY * 0.5))
         if not args.no_full:
             settings.append(("full-513-s1", args.full_batch, args.classes, 513, 1.0, args.reference_full))
         mrt = args.min_run_time or 1.0
@@ -312,7 +320,15 @@ def main() -> None:
     pool = C.rloss_baseline_pool(all_threads)
     try:
         results = [
-            run_setting(*st[:5], pool, all_threads, mrt, with_reference=st[5], skip_cpu=args.skip_cpu)
+            run_setting(
+                *st[:5],
+                pool,
+                all_threads,
+                mrt,
+                with_reference=st[5],
+                skip_cpu=args.skip_cpu,
+                sigma_xy=(st[6:] or [None])[0],
+            )
             for st in settings
         ]
     finally:

@@ -211,7 +211,7 @@ def _inputs_restated(seg, rois, labels, stride, ignore_index=255):
 @pytest.mark.parametrize("op", ["dense_energy_inputs", "_dense_energy_inputs_emulated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [(10, 9), (7, 12)])
+@pytest.mark.parametrize("size", [(10, 9), (7, 12), (37, 70)])  # (37, 70): the CPU's blocks of 16 output rows
 def test_inputs_op_bitwise_vs_restatement(op, dtype, stride, size):
     H, W = size
     images, probs, rois, labels = _inputs(B=2, K=4, H=H, W=W, dtype=dtype)
@@ -235,6 +235,24 @@ def test_inputs_op_bitwise_vs_restatement(op, dtype, stride, size):
             x2 = seg.detach().clone().requires_grad_()
             (got,) = torch.autograd.grad(f(x2, roi, unl, stride, True)[0], x2, go)
             assert torch.equal(got, want)
+
+
+def test_inputs_op_backward_large_output_on_huge_pages():
+    # A gradient of >= 32 MiB is allocated on (transparent) huge pages on the CPU (common/host_alloc.h):
+    # the same values as the adjoint of F.interpolate, and an ordinary tensor (resizable, writable).
+    g = torch.randn(1, 2, 1030, 2050, generator=torch.Generator().manual_seed(0))
+    rois = torch.ones(1, 2061, 4101)
+    rois[:, :, -100:] = 0
+    x = torch.zeros(1, 2, 2061, 4101, requires_grad=True)
+    (want,) = torch.autograd.grad(
+        F.interpolate(x, scale_factor=0.5, mode="bilinear") * rois[:, ::2, ::2][:, :1030, :2050].unsqueeze(1), x, g
+    )
+    got = ops.dense_energy_inputs_backward(g, rois, 2061, 4101, 2, 0)
+    assert got.nbytes >= 32 << 20 and torch.equal(got, want)
+    got.add_(1)
+    got.resize_(3, 2061, 4101)  # grows: the storage reallocates through its allocator
+    assert torch.equal(got[:2], want.reshape(2, 2061, 4101) + 1)
+    del got, want
 
 
 def test_inputs_op_nan_propagates_like_amax_and_clamp():
@@ -1004,6 +1022,32 @@ def test_cpu_thread_count_does_not_change_result():
     torch.testing.assert_close(e1, e2, rtol=1e-6, atol=0)
     # the CPU splat sums per-thread partial lattices: the last bits may depend on the thread count
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_images_across_threads_same_bits_as_one_image_at_a_time(threads):
+    # With B >= 2 images and >= 2 threads the CPU op runs whole images on threads (energy_cpu.cpp);
+    # each image must come out as the op computes it alone (B = 1: every stage parallel inside the
+    # image) with the same thread count, bit for bit: terms, both gradients, the mass, float32/64.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for dtype in (torch.float32, torch.float64):
+            probs, gate, feats, mass = _op_inputs(B=5, K=6, N=9000, dtype=dtype, seed=3)
+            feats[1] *= 2  # images of different lattice sizes
+            for m in (None, mass):
+                for mode in (0, 1, 2):
+                    e, g = ops.dense_energy(probs, gate, feats, m, mode)
+                    for b in range(5):
+                        one = m[b : b + 1] if m is not None else None
+                        eb, gb = ops.dense_energy(probs[b : b + 1], gate[b : b + 1], feats[b : b + 1], one, mode)
+                        assert torch.equal(e[b : b + 1], eb), (dtype, m is None, mode, b)
+                        if mode:
+                            assert torch.equal(g[b : b + 1], gb), (dtype, m is None, mode, b)
+                        else:
+                            assert g.shape == gb.shape == (0,)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.cuda

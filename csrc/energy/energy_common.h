@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "common/macros.h"
 #include "lattice/lattice_common.h"  // row_add_scaled
@@ -150,8 +151,59 @@ struct InputsFunctor {
   int64_t K, H, W, h, w;
   int stride;  // 1 or 2
   int tile;    // the pixel order's tile side (0: raster; < w)
+  // Output rows per item: 1, or (the CPU at stride 2 in the raster order, unit column steps) a
+  // block of rows, whole rows each (rows_unit_stride2).
+  int64_t rows = 1;
+
+  // The gate of output columns [t0, t1) of row y from their running maxima (the CPU's rows).
+  void write_gate(int64_t b, int64_t y, int64_t src, int64_t t0, int64_t t1, const scalar_t* mx) const {
+    if (!gate) return;
+    for (int64_t x = t0; x < t1; ++x) {
+      const int64_t q = src + x * stride;
+      gate[b * h * w + y * w + x] = gate_value(roi ? roi[q] : scalar_t(1), mx[x - t0], unlabelled && unlabelled[q]);
+    }
+  }
+
+  // Output rows [y0, y1) of image b in the CPU's raster order at stride 2 with unit column steps
+  // (the item is a block of rows: InputsFunctor::rows): downscaled_tap's sums (the same expression,
+  // so the same bits) in loops without a branch per element, which vectorise; class by class, so
+  // that each class's 2 (y1 - y0) input rows stream in one contiguous run (one run per class and
+  // row of 21 interleaved, as one row at a time reads them, halved the read rate).
+  void rows_unit_stride2(int64_t b, int64_t y0, int64_t y1) const {
+    const scalar_t l = scalar_t(0.5);
+    const int64_t n = y1 - y0;
+    std::vector<scalar_t> mx(static_cast<size_t>(n * w));
+    std::vector<scalar_t> half(static_cast<size_t>(2 * w));  // the two input rows' pair sums
+    scalar_t* h0 = half.data();
+    scalar_t* h1 = h0 + w;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t y = y0; y < y1; ++y) {
+        const scalar_t* s0 = seg + b * sb + k * sk + 2 * y * sy;
+        const scalar_t* s1 = s0 + sy;
+        const scalar_t* rr = roi ? roi + (b * H + 2 * y) * W : nullptr;
+        scalar_t* o = probs + ((b * K + k) * h + y) * w;
+        scalar_t* m = mx.data() + (y - y0) * w;
+        // one input row at a time (each read in one sequential run), then the rows' sum
+        for (int64_t x = 0; x < w; ++x) h0[x] = l * s0[2 * x] + l * s0[2 * x + 1];
+        for (int64_t x = 0; x < w; ++x) h1[x] = l * s1[2 * x] + l * s1[2 * x + 1];
+        for (int64_t x = 0; x < w; ++x) {
+          const scalar_t p = l * h0[x] + l * h1[x];
+          o[x] = rr ? p * rr[2 * x] : p;
+          m[x] = k == 0 ? p : nan_max(m[x], p);
+        }
+      }
+    }
+    for (int64_t y = y0; y < y1; ++y) write_gate(b, y, (b * H + 2 * y) * W, 0, w, mx.data() + (y - y0) * w);
+  }
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x0, int64_t x1) const {
+    if constexpr (Row) {
+      if (rows > 1) {  // item y: the block of output rows [y rows, (y + 1) rows)
+        const int64_t y1 = (y + 1) * rows < h ? (y + 1) * rows : h;
+        rows_unit_stride2(b, y * rows, y1);
+        return;
+      }
+    }
     scalar_t* orow = probs + (b * K * h + y) * w;
     const int64_t plane = h * w;
     if constexpr (Row) {
@@ -171,13 +223,7 @@ struct InputsFunctor {
               mx[x - t0] = k == 0 ? p : nan_max(mx[x - t0], p);
             }
           }
-          if (gate) {
-            for (int64_t x = t0; x < t1; ++x) {
-              const int64_t q = src + x * stride;
-              gate[b * plane + y * w + x] =
-                  gate_value(roi ? roi[q] : scalar_t(1), mx[x - t0], unlabelled && unlabelled[q]);
-            }
-          }
+          write_gate(b, y, src, t0, t1, mx);
         }
         return;
       }
@@ -235,7 +281,32 @@ struct InputsBackwardFunctor {
     }
     int64_t last = -1;  // the x of v: an input pair at stride 2 reads one element
     scalar_t v = 0;
-    for (int64_t X = X0; X < X1; ++X) {
+    int64_t X = X0;
+#if !defined(__CUDA_ARCH__)
+    if (cols == 1 && tile == 0 && stride == 2 && X0 % 2 == 0) {
+      // The CPU's rows in the raster order: the same values as the loop below, in a loop that
+      // vectorises (no branch per element). Pairs (2x, 2x + 1) inside [X0, X1) with x < w here, the
+      // rest (an odd size's last column) below.
+      const int64_t xb = X0 / 2, xe = X1 / 2 < w ? X1 / 2 : w;
+      const scalar_t* gy = g + y * w;
+      constexpr scalar_t q = scalar_t(0.5) * scalar_t(0.5);
+      if (r) {
+        for (int64_t x = xb; x < xe; ++x) {
+          const scalar_t u = q * (gy[x] * r[2 * x]);
+          o[2 * x] = u;
+          o[2 * x + 1] = u;
+        }
+      } else {
+        for (int64_t x = xb; x < xe; ++x) {
+          const scalar_t u = q * gy[x];
+          o[2 * x] = u;
+          o[2 * x + 1] = u;
+        }
+      }
+      X = xe > xb ? 2 * xe : X0;
+    }
+#endif
+    for (; X < X1; ++X) {
       const int64_t x = stride == 2 ? (X >> 1) : X;
       if (x != last) {
         last = x;

@@ -20,6 +20,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "common/host_alloc.h"
 #include "common/tuning.h"
 #include "energy/energy_common.h"
 #include "lattice/lattice_common.h"
@@ -36,16 +37,21 @@ namespace energy {
 //             the gradient; m = ROI gives the non-negative Potts form when s sums to the ROI)
 //   grad_mode kNoGrad, kRlossGrad or kExactGrad
 //   chunk     images per lattice-build chunk (workspace granularity)
+//   grad_out  (B, K, N) contiguous, or undefined: where grad_dir is written (the CPU's images across
+//             threads write their rows of one batch tensor)
 // Returns:
 //   energy    (B,)  per-image e_b (see energy_common.h); the loss divides their sum by B
 //   grad_dir  (B, K, N) d e_b / d s for the chosen mode, or an empty (0,) tensor for kNoGrad
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tensor& probs, const at::Tensor& gate,
                                                 const at::Tensor& features, const std::optional<at::Tensor>& mass,
-                                                int64_t grad_mode, int64_t chunk) {
+                                                int64_t grad_mode, int64_t chunk,
+                                                const at::Tensor& grad_out = at::Tensor()) {
   const int64_t B = probs.size(0), K = probs.size(1), N = probs.size(2);
   // Every entry of grad is written by EnergySliceFunctor (no memset needed).
-  auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options()) : at::empty({B, K, N}, probs.options());
+  auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options())
+              : grad_out.defined() ? grad_out
+                                   : at::empty({B, K, N}, probs.options());
   if (B == 0 || K == 0 || N == 0) return {at::zeros({B}, probs.options()), grad};
   const bool has_mass = mass.has_value() && mass->defined();
   const int64_t C = K + (has_mass ? 1 : 0);
@@ -237,6 +243,11 @@ std::tuple<at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const a
                                     w,
                                     static_cast<int>(stride),
                                     T};
+    if (kRow && T == 0 && stride == 2 && seg.stride(3) == 1) {  // (image, block of output rows)
+      f.rows = 16;
+      exec.for_each_item(B, (h + f.rows - 1) / f.rows, w, f, 1);
+      return;
+    }
     exec.for_each_item(B, h, w, f, 1);  // (image, output row), columns as the item's channels
   });
   return {probs, gate};
@@ -249,7 +260,7 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
   const int64_t B = grad.size(0), K = grad.size(1), h = grad.size(2), w = grad.size(3);
   const int T = tile < w ? static_cast<int>(tile) : 0;  // as the forward's
   const int cols = Exec::kChannelsPerThread == 0 ? 1 : 2;
-  auto out = at::empty({B, K, height, width}, grad.options());
+  auto out = empty_large({B, K, height, width}, grad.options());
   if (out.numel() == 0) return out;
   const at::Tensor g = grad.contiguous();
   const at::Tensor r = rois.defined() ? rois.contiguous() : at::Tensor();

@@ -1,0 +1,82 @@
+// Large CPU outputs on transparent huge pages.
+//
+// glibc's malloc serves a request above its mmap threshold (which adapts up to 32 MiB) with fresh
+// mmap'ed memory and unmaps it when freed, so such a tensor's first write faults in every 4 KiB
+// page, each zeroed by the kernel: again on every call. (Smaller tensors come back from malloc's
+// heap after the first call, already faulted in.) For the energy loss's memory-bound passes that
+// was most of the time: the gradient of RRM's (8, 21, 321, 321) probabilities (69 MB) spent 30 ms
+// of its 36 ms in page faults on the 2-core VM (session 20). Memory advised MADV_HUGEPAGE faults
+// in 2 MiB pages instead (512 times fewer faults) where the kernel's transparent huge pages are in
+// "madvise" or "always" mode; under "never" the advice is ignored and nothing changes. (ATen does
+// this for all its allocations when THP_MEM_ALLOC_ENABLE=1 is set before its first one.) Only
+// tensors that glibc would map afresh take this path: on tensors below the threshold it measured
+// slower (the (8, 21, 160^2) gradient of dense_energy: +20 ms). RRM_CUDA_HUGE_PAGES=0 in the
+// environment turns it off.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <c10/core/Allocator.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace rrm {
+
+namespace detail {
+
+constexpr size_t kHugePage = size_t(2) << 20;
+
+inline bool huge_pages_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("RRM_CUDA_HUGE_PAGES");
+    return !(env && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+}
+
+struct HugePageAllocator final : c10::Allocator {
+  static void release(void* p) { std::free(p); }
+
+  c10::DataPtr allocate(size_t n) override {
+    if (n == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
+    void* p = nullptr;
+    const size_t align = n >= kHugePage ? kHugePage : 64;
+    TORCH_CHECK(posix_memalign(&p, align, n) == 0 && p != nullptr, "rrm_cuda: out of host memory allocating ", n,
+                " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (n >= kHugePage) madvise(p, n / kHugePage * kHugePage, MADV_HUGEPAGE);  // advice: failure changes nothing
+#endif
+    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+};
+
+inline HugePageAllocator* huge_page_allocator() {
+  static HugePageAllocator a;
+  return &a;
+}
+
+}  // namespace detail
+
+// at::empty(sizes, options), on huge pages when it is a CPU tensor of at least `min_bytes` (32 MiB,
+// glibc's largest mmap threshold) and huge pages are on. The tensor is an ordinary resizable CPU
+// tensor (its storage keeps this allocator).
+inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options,
+                              size_t min_bytes = size_t(32) << 20) {
+  if (options.device().is_cpu() && detail::huge_pages_enabled()) {
+    size_t n = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+    for (const int64_t s : sizes) n *= static_cast<size_t>(s);
+    if (n >= min_bytes)
+      return at::detail::empty_generic(sizes, detail::huge_page_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                       c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+  }
+  return at::empty(sizes, options);
+}
+
+}  // namespace rrm
