@@ -338,6 +338,35 @@ def test_hash_table_growth():
     torch.testing.assert_close(ops._permutohedral_filter_emulated(v, f, False), ref)
 
 
+@pytest.mark.parametrize("d", [2, 3, 5, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_serial_build_equals_the_launches(d, dtype):
+    # The CPU builds a batch's lattices image by image on one thread each (lattice_impl.h,
+    # build_image_serial), one image on several threads by the launches (embed, insert, assign,
+    # resolve, neighbours). With the same thread count the filter then runs the same way: every
+    # image's result must be the same bits either way, and the vertex counts equal. The second image
+    # outgrows the serial build's first hash table (rehashed) and the launches' (rebuilt).
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(d)
+        N = 1500
+        f = torch.randn(3, d, N, generator=g, dtype=dtype) * 2
+        f[1] *= 40  # spread out: many vertices
+        f[2, :, N // 2 :] = float("nan")  # refused features: no weight, as the launches give them
+        v = torch.randn(3, 4, N, generator=g, dtype=dtype)
+        batch = ops.permutohedral_filter(v, f, False)  # 3 images: serial builds
+        m = ops.lattice_num_vertices(f)
+        assert int(m[1]) > N * (d + 1) // 4
+        for b in range(3):
+            one = ops.permutohedral_filter(v[b : b + 1], f[b : b + 1], False)  # launches
+            assert torch.equal(batch[b : b + 1], one), b
+            assert torch.equal(m[b : b + 1], ops.lattice_num_vertices(f[b : b + 1])), b
+        assert m.tolist() == lattice_num_vertices_reference(f.nan_to_num(0.0)).tolist()  # NaN: taken as 0
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_deterministic():
     v, f = _inputs(B=2, C=7, N=3000, d=5, dtype=torch.float32)
     a = ops.permutohedral_filter(v, f, False)

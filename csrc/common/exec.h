@@ -94,6 +94,27 @@ inline bool cpu_has_avx2() {
 }
 #endif
 
+// f() on the calling thread, in a copy compiled for AVX2 when the processor has it (serial CPU
+// loops that are not item launches, e.g. lattice::build_image_serial's pixel loop, whose
+// ceil/floor are one instruction each with AVX2's rounding and a call or a dozen without).
+#ifdef RRM_CPU_AVX2_DISPATCH
+template <class F>
+__attribute__((target("avx2"), flatten)) void cpu_call_avx2(const F& f) {
+  f();
+}
+#endif
+
+template <class F>
+inline void cpu_run(const F& f) {
+#ifdef RRM_CPU_AVX2_DISPATCH
+  if (cpu_has_avx2()) {
+    cpu_call_avx2(f);
+    return;
+  }
+#endif
+  f();
+}
+
 // Items [begin, end) of a (B, n) item range on the calling thread, in the AVX2 copy when the
 // processor has it.
 template <class F>

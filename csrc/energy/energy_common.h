@@ -522,7 +522,29 @@ struct EnergySliceFunctor {
     const scalar_t* Ab = adjoint_values ? adjoint_values + b * M * Cs : nullptr;
     const scalar_t S = gate[bi];
     scalar_t acc = 0;
-    if constexpr (Tiled) {
+    if constexpr (Tiled && D > 0) {
+      // The CPU with d fixed: tiles of 8 channels (one AVX register; Cs is a multiple of 8) whose
+      // sums stay in registers across the corners, the corners' rows addressed once. The same sums
+      // in the same order as the tiles of kTile below.
+      const scalar_t* Lr[D + 1];
+      const scalar_t* Ar[D + 1];
+      scalar_t w[D + 1];
+      for (int r = 0; r <= D; ++r) {
+        w[r] = wb[r];
+        Lr[r] = Lb + static_cast<int64_t>(vb[r]) * Cs;
+        Ar[r] = Ab ? Ab + static_cast<int64_t>(vb[r]) * Cs : nullptr;
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += 8) {
+        scalar_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int r = 0; r <= D; ++r)
+          for (int u = 0; u < 8; ++u) s[u] += w[r] * Lr[r][c0 + u];
+        if (Ab)
+          for (int r = 0; r <= D; ++r)
+            for (int u = 0; u < 8; ++u) a[u] += w[r] * Ar[r][c0 + u];
+        const int n = C - c0 < 8 ? static_cast<int>(C - c0) : 8;
+        for (int u = 0; u < n; ++u) channel(b, i, c0 + u, S, s[u], a[u], acc);
+      }
+    } else if constexpr (Tiled) {
       for (int64_t t0 = 0; t0 < C; t0 += kTile) {
         const int64_t t1 = (t0 + kTile < C) ? t0 + kTile : C;
         scalar_t s[kTile], a[kTile];

@@ -184,7 +184,16 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       exec.for_each_item(B, N, 1, f, grain);
     };
     if constexpr (Exec::kChannelsPerThread == 0) {
-      slice(std::true_type{}, std::integral_constant<int, 0>{}, one);
+      switch (d) {  // fixed d: the corners' sums in registers (EnergySliceFunctor's tiles of 8)
+        case 3:
+          slice(std::true_type{}, std::integral_constant<int, 3>{}, one);
+          break;
+        case 5:
+          slice(std::true_type{}, std::integral_constant<int, 5>{}, one);
+          break;
+        default:
+          slice(std::true_type{}, std::integral_constant<int, 0>{}, one);
+      }
     } else {
       const auto four = std::integral_constant<int, 4>{};
       auto fixed = [&](auto fixed_d) {

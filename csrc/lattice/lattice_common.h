@@ -83,12 +83,12 @@ struct EmbedFunctor {
   int64_t N;
   int d_runtime;
 
-  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+  // The enclosing simplex of pixel i of image b: the 0-coloured point rem0, the residuals' ranks,
+  // the (scaled) residuals v and whether the pixel is refused (bad: no weight). Shared by every path.
+  RRM_HOST_DEVICE void simplex(int64_t b, int64_t i, int32_t* rem0, int* rank, scalar_t* v, bool& bad) const {
     const int d = kD > 0 ? kD : d_runtime;
     const scalar_t* f = features + b * d * N + i;
     scalar_t elevated[kMaxDim + 1];
-    int32_t rem0[kMaxDim + 1];
-    int rank[kMaxDim + 1];
     // Elevation e = E f: e_j = sum_{k>=j} c_k - j c_{j-1}, with c_k = f_k * scale_k.
     scalar_t sm = 0;
     for (int j = d; j > 0; --j) {
@@ -101,21 +101,21 @@ struct EmbedFunctor {
     const scalar_t down_factor = scalar_t(1) / static_cast<scalar_t>(d + 1);
     const scalar_t up_factor = static_cast<scalar_t>(d + 1);
     int sum = 0;
-    bool bad = false;
+    bad = false;
     for (int k = 0; k <= d; ++k) {
-      scalar_t v = down_factor * elevated[k];
+      scalar_t q = down_factor * elevated[k];
       // Features the Python layer refuses (NaN, Inf, or so large that the keys overflow int32) must
       // not reach the integer conversions below when the op is called directly: such a coordinate
       // is taken as 0 and the pixel's weights as 0 (it neither sends nor receives anything, and
       // every index stays in range). No-op otherwise.
       if (!(elevated[k] >= static_cast<scalar_t>(-kMaxKeyCoord) &&
             elevated[k] <= static_cast<scalar_t>(kMaxKeyCoord))) {
-        v = 0;
+        q = 0;
         elevated[k] = 0;
         bad = true;
       }
-      const scalar_t up = ceil(v) * up_factor;
-      const scalar_t dn = floor(v) * up_factor;
+      const scalar_t up = ceil(q) * up_factor;
+      const scalar_t dn = floor(q) * up_factor;
       rem0[k] = static_cast<int32_t>((up - elevated[k] < elevated[k] - dn) ? up : dn);
       sum += rem0[k] / (d + 1);  // exact: rem0 is a multiple of d+1
     }
@@ -145,22 +145,51 @@ struct EmbedFunctor {
       }
       rank[k] = rank[k] < 0 ? 0 : (rank[k] > d ? d : rank[k]);  // only a replaced coordinate needs it
     }
-    // Barycentric coordinates from the sorted residuals (Adams et al. p.10), with wrap-around:
-    // residual k adds v_k to slot d - rank[k] and subtracts it from slot d - rank[k] + 1, and slot
-    // d + 1 wraps onto slot 0. Every slot receives its terms in the order of k, whichever way it
-    // is computed below, so the weights are the same bits on every path.
-    scalar_t v[kMaxDim + 1];
+    // The residuals scaled to barycentric units (all_weights, bary_slot): every path forms the
+    // weights from these in the order of k, so the weights are the same bits on every path.
     for (int k = 0; k <= d; ++k) v[k] = (elevated[k] - static_cast<scalar_t>(rem0[k])) * down_factor;
+  }
+
+  // The barycentric weights of all d + 1 corners (bary[0..d]; bary needs d + 2 slots): residual k
+  // adds v_k to slot d - rank[k] and subtracts it from slot d - rank[k] + 1, slot d + 1 wrapping
+  // onto slot 0 (Adams et al. p.10); every slot receives its terms in the order of k, as bary_slot.
+  RRM_HOST_DEVICE static void all_weights(int d, const int* rank, const scalar_t* v, scalar_t* bary) {
+    for (int k = 0; k <= d + 1; ++k) bary[k] = 0;
+    for (int k = 0; k <= d; ++k) {
+      bary[d - rank[k]] += v[k];
+      bary[d - rank[k] + 1] -= v[k];
+    }
+    bary[0] += scalar_t(1) + bary[d + 1];
+  }
+
+  // Every corner of pixel i of image b into the caller's arrays (the CPU's serial build): keys
+  // (d + 1) x d and weights (d + 1), the same values as operator() writes to keys and weights.
+  void corners(int64_t b, int64_t i, int32_t* key_out, scalar_t* w_out) const {
+    const int d = kD > 0 ? kD : d_runtime;
+    int32_t rem0[kMaxDim + 1];
+    int rank[kMaxDim + 1];
+    scalar_t v[kMaxDim + 1], bary[kMaxDim + 2];
+    bool bad;
+    simplex(b, i, rem0, rank, v, bad);
+    all_weights(d, rank, v, bary);
+    for (int r = 0; r <= d; ++r) {
+      corner_key(key_out + r * d, r, d, rem0, rank);
+      w_out[r] = bad ? scalar_t(0) : bary[r];
+    }
+  }
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    const int d = kD > 0 ? kD : d_runtime;
+    int32_t rem0[kMaxDim + 1];
+    int rank[kMaxDim + 1];
+    scalar_t v[kMaxDim + 1];
+    bool bad;
+    simplex(b, i, rem0, rank, v, bad);
     const int64_t E = N * (d + 1);
 #if !defined(__CUDA_ARCH__)
     if (c1 - c0 == d + 1) {  // every corner of the pixel (the CPU): one pass over k
       scalar_t bary[kMaxDim + 2];
-      for (int k = 0; k <= d + 1; ++k) bary[k] = 0;
-      for (int k = 0; k <= d; ++k) {
-        bary[d - rank[k]] += v[k];
-        bary[d - rank[k] + 1] -= v[k];
-      }
-      bary[0] += scalar_t(1) + bary[d + 1];
+      all_weights(d, rank, v, bary);
       for (int r = 0; r <= d; ++r) write_corner(b * E + i * (d + 1) + r, r, d, rem0, rank, bad ? scalar_t(0) : bary[r]);
       return;
     }
@@ -189,9 +218,11 @@ struct EmbedFunctor {
 
   // Corner r of the simplex: rem0 + the canonical simplex's r-th vertex, permuted by rank
   // (canonical[r][rank] = r if rank <= d - r else r - (d + 1)).
-  RRM_HOST_DEVICE void write_corner(int64_t e, int r, int d, const int32_t* rem0, const int* rank, scalar_t w) const {
-    int32_t* key = keys + e * d;
+  RRM_HOST_DEVICE static void corner_key(int32_t* key, int r, int d, const int32_t* rem0, const int* rank) {
     for (int k = 0; k < d; ++k) key[k] = rem0[k] + ((rank[k] <= d - r) ? r : r - (d + 1));
+  }
+  RRM_HOST_DEVICE void write_corner(int64_t e, int r, int d, const int32_t* rem0, const int* rank, scalar_t w) const {
+    corner_key(keys + e * d, r, d, rem0, rank);
     weights[e] = w;
   }
 };

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -260,6 +261,82 @@ inline void assign_vertices_cpu(const int32_t* table, const int32_t* entry_slot,
   });
 }
 
+// The CPU's lattice of one image, built serially on the calling thread: each pixel's simplex
+// (EmbedFunctor::corners, the same keys and weights as the embed launch) and, corner by corner, a
+// lookup-or-insert in a table of the image's own vertices (keys stored once per vertex), then the
+// neighbours from the vertices' keys. One pass over the pixels instead of five launches over the
+// (d + 1) N entries (embed, insert, assign, resolve; an E x d key array written and read back).
+// Vertex ids follow the entries' order of first appearance, as assign_vertices_cpu numbers them:
+// the same lattice as the launches build on one thread. entry_vertex, entry_weight: image b's (E,)
+// rows. Returns the vertex count; nbr: (1, d + 1, M, 2) neighbours (-1: none), as NeighborFunctor.
+template <typename scalar_t, int kD>
+int64_t build_image_serial(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32_t* entry_vertex,
+                           scalar_t* entry_weight, at::Tensor& nbr, const at::TensorOptions& iopt) {
+  const int d = kD > 0 ? kD : f.d_runtime;
+  const int64_t N = f.N;
+  std::vector<int32_t> vkeys;  // (M, d)
+  vkeys.reserve(static_cast<size_t>(std::max<int64_t>(64, N / 4) * d));
+  int64_t cap = next_pow2(std::max<int64_t>(64, N / 2));  // ~ E / 12; grown 4x when half full
+  std::vector<int32_t> table(static_cast<size_t>(cap), -1);
+  int64_t M = 0;
+  auto probe = [&](const int32_t* key) -> int64_t {  // the key's slot: its vertex's, or a free one
+    int64_t slot = hash_key(key, d) & (cap - 1);
+    for (;;) {
+      const int32_t id = table[slot];
+      if (id < 0 || keys_equal(vkeys.data() + static_cast<int64_t>(id) * d, key, d)) return slot;
+      slot = (slot + 1) & (cap - 1);
+    }
+  };
+  cpu_run([&] {  // (vector growth allocates; the table lookups and the simplex are inline)
+    int32_t keys[(kMaxDim + 1) * kMaxDim];
+    scalar_t w[kMaxDim + 1];
+    for (int64_t i = 0; i < N; ++i) {
+      f.corners(b, i, keys, w);
+      for (int r = 0; r <= d; ++r) {
+        const int32_t* key = keys + r * d;
+        const int64_t slot = probe(key);
+        int32_t id = table[slot];
+        if (id < 0) {
+          TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "rrm_cuda: lattice too large");
+          id = static_cast<int32_t>(M++);
+          table[slot] = id;
+          vkeys.insert(vkeys.end(), key, key + d);
+          if (2 * M > cap) {  // rehash in id order
+            cap *= 4;
+            table.assign(static_cast<size_t>(cap), -1);
+            for (int64_t v = 0; v < M; ++v) table[probe(vkeys.data() + v * d)] = static_cast<int32_t>(v);
+          }
+        }
+        entry_vertex[i * (d + 1) + r] = id;
+        entry_weight[i * (d + 1) + r] = w[r];
+      }
+    }
+  });
+  nbr = at::empty({1, d + 1, M, 2}, iopt);
+  int32_t* out = nbr.data_ptr<int32_t>();
+  cpu_run([&] {
+    int32_t n1[kMaxDim], n2[kMaxDim];
+    for (int j = 0; j <= d; ++j) {
+      for (int64_t v = 0; v < M; ++v) {
+        const int32_t* key = vkeys.data() + v * d;
+        for (int k = 0; k < d; ++k) {
+          n1[k] = key[k] - 1;
+          n2[k] = key[k] + 1;
+        }
+        if (j < d) {
+          n1[j] = key[j] + d;
+          n2[j] = key[j] - d;
+        }
+        int32_t* o = out + (j * M + v) * 2;
+        const int64_t s1 = probe(n1), s2 = probe(n2);
+        o[0] = table[s1];  // -1 where the slot is free: not a lattice point
+        o[1] = table[s2];
+      }
+    }
+  });
+  return M;
+}
+
 // Whether an op on `exec` builds a counted lattice (build(..., counted = true)) for B images of N
 // points in d dimensions built `chunk` at a time, with `row_bytes` bytes of its own per vertex (its
 // lattice rows: channels x dtype size x buffers): always inside a CUDA graph capture (the
@@ -306,9 +383,51 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   std::vector<at::Tensor> nbr_chunks;
   std::vector<int64_t> chunk_m;
 
+  // The CPU builds each image serially (build_image_serial) where its threads are better spent on
+  // images than on the stages of one: several images, one thread, or already inside a parallel
+  // region (the energy loss's images across threads). One image on several threads: the launches.
+  bool serial = false;
+  if constexpr (std::is_same_v<Exec, CpuExec>)
+    serial = B >= 2 || at::get_num_threads() == 1 || at::in_parallel_region();
+
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rrm_lattice_build", [&] {
     EmbedFunctor<scalar_t> proto{};  // the per-feature scales, passed to the kernels by value
     for (int k = 0; k < d; ++k) proto.scale[k] = static_cast<scalar_t>(feature_scale(k, d));
+    if (serial) {
+      nbr_chunks.resize(B);
+      chunk_m.resize(B);
+      auto images = [&](auto fixed_d) {
+        EmbedFunctor<scalar_t, decltype(fixed_d)::value> f{};
+        f.features = features.data_ptr<scalar_t>();
+        for (int k = 0; k < d; ++k) f.scale[k] = proto.scale[k];
+        f.N = N;
+        f.d_runtime = d;
+        int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
+        scalar_t* ew = lat.entry_weight.data_ptr<scalar_t>();
+        int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
+        std::atomic<int64_t> next{0};  // threads take the next image as they finish one
+        at::parallel_for(0, B, 1, [&](int64_t, int64_t) {
+          for (int64_t b = next++; b < B; b = next++) {
+            chunk_m[b] = build_image_serial(f, b, ev + b * E, ew + b * E, nbr_chunks[b], iopt);
+            nv[b] = static_cast<int32_t>(chunk_m[b]);
+          }
+        });
+      };
+      switch (d) {
+        case 2:
+          images(std::integral_constant<int, 2>{});
+          break;
+        case 3:
+          images(std::integral_constant<int, 3>{});
+          break;
+        case 5:
+          images(std::integral_constant<int, 5>{});
+          break;
+        default:
+          images(std::integral_constant<int, 0>{});
+      }
+      return;
+    }
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t nb = std::min(chunk, B - b0);
       auto keys = at::empty({nb, E, d}, iopt);
