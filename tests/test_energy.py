@@ -249,10 +249,18 @@ def test_inputs_op_backward_large_output_on_huge_pages():
     )
     got = ops.dense_energy_inputs_backward(g, rois, 2061, 4101, 2, 0)
     assert got.nbytes >= 32 << 20 and torch.equal(got, want)
+    # Freed blocks are reused (host_alloc.h's BlockCache), never while a tensor still holds them.
+    again = ops.dense_energy_inputs_backward(g, rois, 2061, 4101, 2, 0)
+    assert again.data_ptr() != got.data_ptr() and torch.equal(again, want)
+    address = got.data_ptr()
     got.add_(1)
     got.resize_(3, 2061, 4101)  # grows: the storage reallocates through its allocator
     assert torch.equal(got[:2], want.reshape(2, 2061, 4101) + 1)
-    del got, want
+    del got  # its block back to the cache (or freed): the next output may take it
+    third = ops.dense_energy_inputs_backward(g * 2, rois, 2061, 4101, 2, 0)
+    assert torch.equal(third, want * 2) and torch.equal(again, want)
+    assert third.data_ptr() not in (again.data_ptr(),) and address != 0
+    del again, third, want
 
 
 def test_inputs_op_nan_propagates_like_amax_and_clamp():

@@ -10,16 +10,20 @@
 // "madvise" or "always" mode; under "never" the advice is ignored and nothing changes. (ATen does
 // this for all its allocations when THP_MEM_ALLOC_ENABLE=1 is set before its first one.) Only
 // tensors that glibc would map afresh take this path: on tensors below the threshold it measured
-// slower (the (8, 21, 160^2) gradient of dense_energy: +20 ms). RRM_CUDA_HUGE_PAGES=0 in the
-// environment turns it off.
+// slower (the (8, 21, 160^2) gradient of dense_energy: +20 ms). Freed blocks are kept for reuse
+// (BlockCache, at most two): a training loop's next gradient then needs no page zeroed at all.
+// RRM_CUDA_HUGE_PAGES=0 in the environment turns all of it off (plain at::empty).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -39,21 +43,78 @@ inline bool huge_pages_enabled() {
   return on;
 }
 
+// Freed blocks kept for the next large output: a reused block is already faulted in, so the next
+// call writes to it at memory speed instead of waiting for the kernel to zero fresh pages (the
+// energy loss's input gradient is one such block per training step, freed by the step's backward
+// before the next one asks). At most kCachedBlocks blocks, kCachedBytes in all; a request takes the
+// smallest cached block that holds it and is at most twice its size. Leaked on purpose: tensors can
+// be freed during static destruction, after a static cache would be gone.
+struct BlockCache {
+  static constexpr size_t kCachedBlocks = 2;
+  static constexpr size_t kCachedBytes = size_t(1) << 30;
+  struct Block {
+    void* p;
+    size_t n;
+  };
+  std::mutex mu;
+  std::vector<Block> blocks;
+  size_t bytes = 0;
+
+  static BlockCache& get() {
+    static BlockCache* cache = new BlockCache();
+    return *cache;
+  }
+  // A cached block of at least n bytes (and at most 2 n), or {nullptr, 0}.
+  Block take(size_t n) {
+    std::lock_guard<std::mutex> lock(mu);
+    size_t best = blocks.size();
+    for (size_t i = 0; i < blocks.size(); ++i)
+      if (blocks[i].n >= n && blocks[i].n <= 2 * n && (best == blocks.size() || blocks[i].n < blocks[best].n)) best = i;
+    if (best == blocks.size()) return {nullptr, 0};
+    const Block blk = blocks[best];
+    blocks.erase(blocks.begin() + static_cast<std::ptrdiff_t>(best));
+    bytes -= blk.n;
+    return blk;
+  }
+  // Keeps the block if there is room, else frees it.
+  void give(Block blk) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (blocks.size() < kCachedBlocks && bytes + blk.n <= kCachedBytes) {
+        blocks.push_back(blk);
+        bytes += blk.n;
+        return;
+      }
+    }
+    std::free(blk.p);
+  }
+};
+
 struct HugePageAllocator final : c10::Allocator {
-  static void release(void* p) { std::free(p); }
+  static void release_nothing(void*) {}
+  static void release(void* ctx) {
+    auto* blk = static_cast<BlockCache::Block*>(ctx);
+    BlockCache::get().give(*blk);
+    delete blk;
+  }
 
   c10::DataPtr allocate(size_t n) override {
-    if (n == 0) return {nullptr, nullptr, &release, c10::Device(c10::DeviceType::CPU)};
-    void* p = nullptr;
-    const size_t align = n >= kHugePage ? kHugePage : 64;
-    TORCH_CHECK(posix_memalign(&p, align, n) == 0 && p != nullptr, "rrm_cuda: out of host memory allocating ", n,
-                " bytes");
+    if (n == 0) return {nullptr, nullptr, &release_nothing, c10::Device(c10::DeviceType::CPU)};
+    const size_t rounded = (n + kHugePage - 1) / kHugePage * kHugePage;  // whole huge pages: reusable blocks
+    BlockCache::Block blk = BlockCache::get().take(rounded);
+    if (blk.p == nullptr) {
+      void* p = nullptr;
+      TORCH_CHECK(posix_memalign(&p, kHugePage, rounded) == 0 && p != nullptr,
+                  "rrm_cuda: out of host memory allocating ", n, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (n >= kHugePage) madvise(p, n / kHugePage * kHugePage, MADV_HUGEPAGE);  // advice: failure changes nothing
+      madvise(p, rounded, MADV_HUGEPAGE);  // advice: failure changes nothing
 #endif
-    return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
+      blk = {p, rounded};
+    }
+    void* data = blk.p;
+    return {data, new BlockCache::Block(blk), &release, c10::Device(c10::DeviceType::CPU)};
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context is not the data
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 };
 
