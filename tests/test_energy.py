@@ -1033,27 +1033,41 @@ def test_cpu_thread_count_does_not_change_result():
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_cpu_images_across_threads_same_bits_as_one_image_at_a_time(threads):
-    # With B >= 2 images and >= 2 threads the CPU op runs whole images on threads (energy_cpu.cpp);
-    # each image must come out as the op computes it alone (B = 1: every stage parallel inside the
-    # image) with the same thread count, bit for bit: terms, both gradients, the mass, float32/64.
+def test_cpu_images_across_threads_same_bits_as_one_image_on_one_thread(threads):
+    # With at least as many images as threads (>= 2) the CPU op runs whole images on threads
+    # (energy_cpu.cpp); each image must come out as the op computes it alone on one thread, bit for
+    # bit: terms, both gradients, the mass, float32/64, 21 classes (the slice's 8-channel tiles), and
+    # a long image (N >= 32768, where a parallel sum of the terms would split the row).
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(threads)
-        for dtype in (torch.float32, torch.float64):
-            probs, gate, feats, mass = _op_inputs(B=5, K=6, N=9000, dtype=dtype, seed=3)
+        for dtype, B, K, N in ((torch.float32, 5, 21, 3000), (torch.float64, 5, 6, 3000), (torch.float32, 3, 3, 40000)):
+            probs, gate, feats, mass = _op_inputs(B=B, K=K, N=N, dtype=dtype, seed=3)
             feats[1] *= 2  # images of different lattice sizes
             for m in (None, mass):
                 for mode in (0, 1, 2):
+                    torch.set_num_threads(threads)
                     e, g = ops.dense_energy(probs, gate, feats, m, mode)
-                    for b in range(5):
+                    torch.set_num_threads(1)
+                    for b in range(B):
                         one = m[b : b + 1] if m is not None else None
                         eb, gb = ops.dense_energy(probs[b : b + 1], gate[b : b + 1], feats[b : b + 1], one, mode)
-                        assert torch.equal(e[b : b + 1], eb), (dtype, m is None, mode, b)
+                        where = (dtype, K, N, m is None, mode, b)
+                        assert torch.equal(e[b : b + 1], eb), where
                         if mode:
-                            assert torch.equal(g[b : b + 1], gb), (dtype, m is None, mode, b)
+                            assert torch.equal(g[b : b + 1], gb), where
                         else:
                             assert g.shape == gb.shape == (0,)
+        # the workers run under the caller's thread-local state: inference mode works as on one thread
+        torch.set_num_threads(threads)
+        probs, gate, feats, mass = _op_inputs(B=4, K=3, N=500, dtype=torch.float32)
+        with torch.inference_mode():
+            e_inf, g_inf = ops.dense_energy(probs, gate, feats, mass, 2)
+        e, g = ops.dense_energy(probs, gate, feats, mass, 2)
+        assert torch.equal(e_inf, e) and torch.equal(g_inf, g)
+        images, probs4 = torch.rand(4, 3, 20, 25) * 255, torch.softmax(torch.randn(4, 3, 20, 25), 1)
+        with torch.inference_mode():
+            loss = rrm_cuda.dense_energy_loss(images, probs4, sigma_rgb=15.0, sigma_xy=10.0)
+        assert torch.equal(loss, rrm_cuda.dense_energy_loss(images, probs4, sigma_rgb=15.0, sigma_xy=10.0).detach())
     finally:
         torch.set_num_threads(before)
 

@@ -111,16 +111,22 @@ struct HugePageAllocator final : c10::Allocator {
 #endif
       blk = {p, rounded};
     }
-    void* data = blk.p;
-    return {data, new BlockCache::Block(blk), &release, c10::Device(c10::DeviceType::CPU)};
+    BlockCache::Block* ctx = nullptr;
+    try {
+      ctx = new BlockCache::Block(blk);
+    } catch (...) {
+      std::free(blk.p);
+      throw;
+    }
+    return {blk.p, ctx, &release, c10::Device(c10::DeviceType::CPU)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }  // the context is not the data
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 };
 
 inline HugePageAllocator* huge_page_allocator() {
-  static HugePageAllocator a;
-  return &a;
+  static HugePageAllocator* a = new HugePageAllocator();  // leaked, as BlockCache: storages outlive statics
+  return a;
 }
 
 }  // namespace detail

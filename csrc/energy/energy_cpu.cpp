@@ -2,6 +2,7 @@
 // lattice points and pixels of each image, all channels per thread) and, for tests, the CUDA
 // launch decomposition emulated serially (EmulatedCudaExec: one channel per thread, whole batch).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,25 +22,28 @@ std::tuple<at::Tensor, at::Tensor> energy_cpu(const at::Tensor& probs, const at:
   check_energy_args(probs, gate, features, mass, grad_mode);
   const int64_t B = probs.size(0), K = probs.size(1), N = probs.size(2);
   const int threads = at::get_num_threads();
-  if (B < 2 || threads < 2 || K == 0 || N == 0 || at::in_parallel_region()) {
+  if (B < 2 || B < threads || K == 0 || N == 0 || at::in_parallel_region()) {
     // Lattices built one image at a time (small hash-table workspace; each stage parallel inside
     // the image); filtering runs over the whole batch at once.
     return dense_energy(CpuExec{}, probs, gate, features, mass, grad_mode, /*chunk=*/1);
   }
-  // Images across threads, each image's build, filters and slice on one thread (the at::parallel_for
-  // of each stage runs inline inside a parallel region): no synchronisation between the ~15 stages
-  // of an image, and each image's lattice stays in its core's cache from the build to the slice.
-  // Threads take the next image as they finish one (the images' lattices differ in size). Each
-  // image computes what the stage-parallel path above computes for it alone with the same thread
-  // count (splat_scatter_cpu's partial sums depend on at::get_num_threads(), not on where they run):
-  // the same bits (tests/test_energy.py). 2-core VM, 8 x 21 x 160^2 (session 20): see NOTES.md.
+  // At least as many images as threads (>= 2): images across threads, each image's build, filters
+  // and slice on one thread (the at::parallel_for of each stage runs inline inside a parallel
+  // region): no synchronisation between the ~15 stages of an image, and each image's lattice stays
+  // in its core's cache from the build to the slice. Threads take the next image as they finish one
+  // (the images' lattices differ in size). Each image computes what the op computes for it alone on
+  // one thread: the same bits (tests/test_energy.py). The workers run under the caller's
+  // thread-local state (inference mode, grad mode, dispatch keys), which OpenMP's threads do not
+  // inherit. 2-core VM, 8 x 21 x 160^2 (session 20): 48 -> 39 ms on 2 threads (benchmarks/NOTES.md).
   const auto p = probs.contiguous(), g = gate.contiguous(), f = features.contiguous();
   const bool has_mass = mass.has_value() && mass->defined();
   const at::Tensor m = has_mass ? mass->contiguous() : at::Tensor();
   auto terms = at::empty({B}, probs.options());
   auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options()) : at::empty({B, K, N}, probs.options());
   std::atomic<int64_t> next{0};
+  const at::ThreadLocalState tls;
   at::parallel_for(0, std::min<int64_t>(B, threads), 1, [&](int64_t, int64_t) {
+    const at::ThreadLocalStateGuard guard(tls);
     for (int64_t b = next++; b < B; b = next++) {
       const auto one = [&](const at::Tensor& t) { return t.narrow(0, b, 1); };
       auto [e, unused] = dense_energy(CpuExec{}, one(p), one(g), one(f),

@@ -214,7 +214,24 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       }
     }
   });
-  // Fixed-order reduction of the per-pixel terms (deterministic on every device).
+  // Fixed-order reduction of the per-pixel terms (deterministic on every device). The CPU adds each
+  // image's terms in pixel order in double on one thread: the same bits whether the image comes
+  // alone or in a batch, on any thread count (ATen's sum splits a long row across threads).
+  if constexpr (kCpu) {
+    auto energy = at::empty({B}, probs.options());
+    AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "rrm_dense_energy_sum", [&] {
+      const scalar_t* t = terms.data_ptr<scalar_t>();
+      scalar_t* e = energy.data_ptr<scalar_t>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          double acc = 0;
+          for (int64_t i = 0; i < N; ++i) acc += static_cast<double>(t[b * N + i]);
+          e[b] = static_cast<scalar_t>(acc);
+        }
+      });
+    });
+    return {energy, grad};
+  }
   return {terms.sum(1), grad};
 }
 

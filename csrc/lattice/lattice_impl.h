@@ -384,49 +384,52 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   std::vector<int64_t> chunk_m;
 
   // The CPU builds each image serially (build_image_serial) where its threads are better spent on
-  // images than on the stages of one: several images, one thread, or already inside a parallel
-  // region (the energy loss's images across threads). One image on several threads: the launches.
+  // images than on the stages of one: at least as many images as threads (one thread: any batch),
+  // or already inside a parallel region (the energy loss's images across threads). Fewer images
+  // than threads: the launches, every thread on each image.
   bool serial = false;
   if constexpr (std::is_same_v<Exec, CpuExec>)
-    serial = B >= 2 || at::get_num_threads() == 1 || at::in_parallel_region();
+    serial = B >= at::get_num_threads() || at::in_parallel_region();  // (one thread: B >= 1)
 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rrm_lattice_build", [&] {
     EmbedFunctor<scalar_t> proto{};  // the per-feature scales, passed to the kernels by value
     for (int k = 0; k < d; ++k) proto.scale[k] = static_cast<scalar_t>(feature_scale(k, d));
-    if (serial) {
-      nbr_chunks.resize(B);
-      chunk_m.resize(B);
-      auto images = [&](auto fixed_d) {
-        EmbedFunctor<scalar_t, decltype(fixed_d)::value> f{};
-        f.features = features.data_ptr<scalar_t>();
-        for (int k = 0; k < d; ++k) f.scale[k] = proto.scale[k];
-        f.N = N;
-        f.d_runtime = d;
-        int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
-        scalar_t* ew = lat.entry_weight.data_ptr<scalar_t>();
-        int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
-        std::atomic<int64_t> next{0};  // threads take the next image as they finish one
-        at::parallel_for(0, B, 1, [&](int64_t, int64_t) {
-          for (int64_t b = next++; b < B; b = next++) {
-            chunk_m[b] = build_image_serial(f, b, ev + b * E, ew + b * E, nbr_chunks[b], iopt);
-            nv[b] = static_cast<int32_t>(chunk_m[b]);
-          }
-        });
-      };
-      switch (d) {
-        case 2:
-          images(std::integral_constant<int, 2>{});
-          break;
-        case 3:
-          images(std::integral_constant<int, 3>{});
-          break;
-        case 5:
-          images(std::integral_constant<int, 5>{});
-          break;
-        default:
-          images(std::integral_constant<int, 0>{});
+    if constexpr (std::is_same_v<Exec, CpuExec>) {  // (no host copy of it in the CUDA build)
+      if (serial) {
+        nbr_chunks.resize(B);
+        chunk_m.resize(B);
+        auto images = [&](auto fixed_d) {
+          EmbedFunctor<scalar_t, decltype(fixed_d)::value> f{};
+          f.features = features.data_ptr<scalar_t>();
+          for (int k = 0; k < d; ++k) f.scale[k] = proto.scale[k];
+          f.N = N;
+          f.d_runtime = d;
+          int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
+          scalar_t* ew = lat.entry_weight.data_ptr<scalar_t>();
+          int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
+          std::atomic<int64_t> next{0};  // threads take the next image as they finish one
+          at::parallel_for(0, B, 1, [&](int64_t, int64_t) {
+            for (int64_t b = next++; b < B; b = next++) {
+              chunk_m[b] = build_image_serial(f, b, ev + b * E, ew + b * E, nbr_chunks[b], iopt);
+              nv[b] = static_cast<int32_t>(chunk_m[b]);
+            }
+          });
+        };
+        switch (d) {
+          case 2:
+            images(std::integral_constant<int, 2>{});
+            break;
+          case 3:
+            images(std::integral_constant<int, 3>{});
+            break;
+          case 5:
+            images(std::integral_constant<int, 5>{});
+            break;
+          default:
+            images(std::integral_constant<int, 0>{});
+        }
+        return;
       }
-      return;
     }
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t nb = std::min(chunk, B - b0);
@@ -684,7 +687,10 @@ template <typename scalar_t>
 void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out, int64_t C,
                        int64_t Cs, FilterWorkspace& ws) {
   const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 4095) / 4096));
+  // Inside a parallel region (the energy loss's images across threads) one buffer: the thread
+  // count's buffers would be filled and summed serially there (memory and time for nothing).
+  const int64_t T =
+      at::in_parallel_region() ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 4095) / 4096));
   if (!ws.partial.defined() || ws.partial.size(0) != T || ws.partial.size(2) != Cs)
     ws.partial = at::empty({T, M, Cs}, lat.entry_weight.options());
   scalar_t* part = ws.partial.data_ptr<scalar_t>();
