@@ -331,7 +331,19 @@ RRM_HOST_DEVICE int32_t lookup_vertex(const int32_t* tab, const int32_t* kb, con
 
 // 5. Blur neighbours: one thread per (vertex, axis). Along axis j the neighbours of key k are
 //    k - 1 (all coordinates) with k_j + d, and k + 1 with k_j - d (for j == d only the implied last
-//    coordinate moves, so the stored d coordinates are just -1 / +1).
+//    coordinate moves, so the stored d coordinates are just -1 / +1). neighbor_keys forms them
+//    (shared with the CPU's serial build).
+RRM_HOST_DEVICE void neighbor_keys(const int32_t* key, int j, int d, int32_t* n1, int32_t* n2) {
+  for (int k = 0; k < d; ++k) {
+    n1[k] = key[k] - 1;
+    n2[k] = key[k] + 1;
+  }
+  if (j < d) {
+    n1[j] = key[j] + d;
+    n2[j] = key[j] - d;
+  }
+}
+
 struct NeighborFunctor {
   const int32_t* table;
   const int32_t* keys;
@@ -355,14 +367,7 @@ struct NeighborFunctor {
     const int32_t* kb = keys + b * E * d;
     const int32_t* key = kb + static_cast<int64_t>(vertex_owner[b * E + v]) * d;
     int32_t n1[kMaxDim], n2[kMaxDim];
-    for (int k = 0; k < d; ++k) {
-      n1[k] = key[k] - 1;
-      n2[k] = key[k] + 1;
-    }
-    if (j < d) {
-      n1[j] = key[j] + d;
-      n2[j] = key[j] - d;
-    }
+    neighbor_keys(key, j, d, n1, n2);
     const int32_t* tab = table + b * cap;
     out[0] = lookup_vertex(tab, kb, entry_vertex + b * E, n1, cap, d);
     out[1] = lookup_vertex(tab, kb, entry_vertex + b * E, n2, cap, d);

@@ -318,15 +318,7 @@ int64_t build_image_serial(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32
     int32_t n1[kMaxDim], n2[kMaxDim];
     for (int j = 0; j <= d; ++j) {
       for (int64_t v = 0; v < M; ++v) {
-        const int32_t* key = vkeys.data() + v * d;
-        for (int k = 0; k < d; ++k) {
-          n1[k] = key[k] - 1;
-          n2[k] = key[k] + 1;
-        }
-        if (j < d) {
-          n1[j] = key[j] + d;
-          n2[j] = key[j] - d;
-        }
+        neighbor_keys(vkeys.data() + v * d, j, d, n1, n2);
         int32_t* o = out + (j * M + v) * 2;
         const int64_t s1 = probe(n1), s2 = probe(n2);
         o[0] = table[s1];  // -1 where the slot is free: not a lattice point
