@@ -183,36 +183,18 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       // One call per pixel, all channels (see EnergySliceFunctor).
       exec.for_each_item(B, N, 1, f, grain);
     };
-    if constexpr (Exec::kChannelsPerThread == 0) {
-      switch (d) {  // fixed d: the corners' sums in registers (EnergySliceFunctor's tiles of 8)
-        case 3:
-          slice(std::true_type{}, std::integral_constant<int, 3>{}, one);
-          break;
-        case 5:
-          slice(std::true_type{}, std::integral_constant<int, 5>{}, one);
-          break;
-        default:
-          slice(std::true_type{}, std::integral_constant<int, 0>{}, one);
+    // The energy loss's bilateral kernels: d = 2 + image channels (3 greyscale, 5 RGB) fixed.
+    lattice::with_fixed_d<3, 5>(d, [&](auto fixed_d) {
+      if constexpr (Exec::kChannelsPerThread == 0) {  // the CPU: the corners' sums in registers where d is fixed
+        slice(std::true_type{}, fixed_d, one);
+      } else if constexpr (decltype(fixed_d)::value == 0) {
+        slice(std::false_type{}, fixed_d, one);
+      } else if (slice4) {
+        slice(std::false_type{}, fixed_d, std::integral_constant<int, 4>{});
+      } else {
+        slice(std::false_type{}, fixed_d, one);
       }
-    } else {
-      const auto four = std::integral_constant<int, 4>{};
-      auto fixed = [&](auto fixed_d) {
-        if (slice4)
-          slice(std::false_type{}, fixed_d, four);
-        else
-          slice(std::false_type{}, fixed_d, one);
-      };
-      switch (d) {  // the energy loss's bilateral kernels: d = 2 + image channels (RGB: 5)
-        case 3:
-          fixed(std::integral_constant<int, 3>{});
-          break;
-        case 5:
-          fixed(std::integral_constant<int, 5>{});
-          break;
-        default:
-          slice(std::false_type{}, std::integral_constant<int, 0>{}, one);
-      }
-    }
+    });
   });
   // Fixed-order reduction of the per-pixel terms (deterministic on every device). The CPU adds each
   // image's terms in pixel order in double on one thread: the same bits whether the image comes

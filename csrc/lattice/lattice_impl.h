@@ -261,6 +261,13 @@ inline void assign_vertices_cpu(const int32_t* table, const int32_t* entry_slot,
   });
 }
 
+// f(std::integral_constant<int, D>{}) for the D among Ds equal to d, else f(std::integral_constant<int, 0>{})
+// (the kernels' compile-time d: loops unrolled for the feature dimensions the ops use most).
+template <int... Ds, class F>
+void with_fixed_d(int d, const F& f) {
+  if (!((d == Ds ? (f(std::integral_constant<int, Ds>{}), true) : false) || ...)) f(std::integral_constant<int, 0>{});
+}
+
 // The CPU's lattice of one image, built serially on the calling thread: each pixel's simplex
 // (EmbedFunctor::corners, the same keys and weights as the embed launch) and, corner by corner, a
 // lookup-or-insert in a table of the image's own vertices (keys stored once per vertex), then the
@@ -407,19 +414,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
             }
           });
         };
-        switch (d) {
-          case 2:
-            images(std::integral_constant<int, 2>{});
-            break;
-          case 3:
-            images(std::integral_constant<int, 3>{});
-            break;
-          case 5:
-            images(std::integral_constant<int, 5>{});
-            break;
-          default:
-            images(std::integral_constant<int, 0>{});
-        }
+        with_fixed_d<2, 3, 5>(d, images);
         return;
       }
     }
@@ -440,19 +435,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
         f.d_runtime = d;
         exec.for_each_item(nb, N, d + 1, f, 256);  // items (pixel, corner)
       };
-      switch (d) {  // the dense CRF's kernels (d = 2: positions, 5: positions + RGB) and d = 3 unroll
-        case 2:
-          embed(std::integral_constant<int, 2>{});
-          break;
-        case 3:
-          embed(std::integral_constant<int, 3>{});
-          break;
-        case 5:
-          embed(std::integral_constant<int, 5>{});
-          break;
-        default:
-          embed(std::integral_constant<int, 0>{});
-      }
+      with_fixed_d<2, 3, 5>(d, embed);  // the dense CRF's kernels (d = 2: positions, 5: positions + RGB), and 3
       // Hash table sized for ~E/16 distinct points (typical occupancy is 1-15 %, SPEC §1), so that it
       // stays in cache; grown 8x and rebuilt if an image has more. A size that can hold every
       // entry (2E slots) always succeeds. Vertex ids are assigned before the overflow flags are
