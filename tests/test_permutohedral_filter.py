@@ -367,6 +367,41 @@ def test_cpu_serial_build_equals_the_launches(d, dtype):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("d", [2, 3, 5])
+def test_cpu_vector_simplex_edge_values(d):
+    # The serial build takes float32 simplices 8 pixels at a time in AVX2 registers where the
+    # processor has it (simplex_avx2.h), the launches one pixel at a time: the same bits are needed
+    # where rounding is delicate too -- ties between the two nearest lattice points (integer and
+    # half-integer features), coordinates so large that float spacing exceeds d + 1, values at and
+    # beyond the key range (refused lane by lane), -0.0, and a pixel count that leaves a tail.
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(10 + d)
+        N = 8 * 40 + 5
+        ties = torch.randint(-6, 7, (d, N), generator=g).float() * 0.5
+        big = torch.randn(d, N, generator=g) * 3e7
+        mixed = torch.randn(d, N, generator=g) * 4
+        lanes = torch.arange(N)
+        mixed[0, lanes % 8 == 3] = 2.0e9  # beyond the int32 keys: refused
+        mixed[d - 1, lanes % 5 == 1] = float("inf")
+        mixed[1, lanes % 7 == 2] = float("-inf")
+        mixed[0, lanes % 11 == 4] = float("nan")
+        mixed[:, lanes % 13 == 6] = -0.0
+        mixed[0, lanes % 17 == 0] = 5.0e8  # near the edge of the key range
+        f = torch.stack([ties, big, mixed])
+        v = torch.randn(3, 3, N, generator=g)
+        batch = ops.permutohedral_filter(v, f, False)  # 3 images on 2 threads: serial builds
+        m = ops.lattice_num_vertices(f)
+        for b in range(3):
+            one = ops.permutohedral_filter(v[b : b + 1], f[b : b + 1], False)  # launches, scalar simplex
+            assert torch.equal(batch[b : b + 1], one), b
+            assert torch.equal(m[b : b + 1], ops.lattice_num_vertices(f[b : b + 1])), b
+        assert bool(torch.isfinite(batch).all())
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_deterministic():
     v, f = _inputs(B=2, C=7, N=3000, d=5, dtype=torch.float32)
     a = ops.permutohedral_filter(v, f, False)

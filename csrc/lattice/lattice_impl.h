@@ -20,6 +20,7 @@
 
 #include "lattice/lattice_cache.h"
 #include "lattice/lattice_common.h"
+#include "lattice/simplex_avx2.h"
 
 namespace rrm {
 namespace lattice {
@@ -286,37 +287,59 @@ int64_t build_image_serial(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32
   int64_t cap = next_pow2(std::max<int64_t>(64, N / 2));  // ~ E / 12; grown 4x when half full
   std::vector<int32_t> table(static_cast<size_t>(cap), -1);
   int64_t M = 0;
-  auto probe = [&](const int32_t* key) -> int64_t {  // the key's slot: its vertex's, or a free one
-    int64_t slot = hash_key(key, d) & (cap - 1);
+  auto probe_hashed = [&](const int32_t* key, uint32_t hash) -> int64_t {  // its vertex's slot, or a free one
+    int64_t slot = hash & (cap - 1);
     for (;;) {
       const int32_t id = table[slot];
       if (id < 0 || keys_equal(vkeys.data() + static_cast<int64_t>(id) * d, key, d)) return slot;
       slot = (slot + 1) & (cap - 1);
     }
   };
+  auto probe = [&](const int32_t* key) { return probe_hashed(key, hash_key(key, d)); };
+  // Corner r of pixel i: its vertex id (a new vertex where the key is new) and weight.
+  auto add_corner = [&](int64_t i, int r, const int32_t* key, uint32_t hash, scalar_t weight) {
+    const int64_t slot = probe_hashed(key, hash);
+    int32_t id = table[slot];
+    if (id < 0) {
+      TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "rrm_cuda: lattice too large");
+      id = static_cast<int32_t>(M++);
+      table[slot] = id;
+      vkeys.insert(vkeys.end(), key, key + d);
+      if (2 * M > cap) {  // rehash in id order
+        cap *= 4;
+        table.assign(static_cast<size_t>(cap), -1);
+        for (int64_t v = 0; v < M; ++v) table[probe(vkeys.data() + v * d)] = static_cast<int32_t>(v);
+      }
+    }
+    entry_vertex[i * (d + 1) + r] = id;
+    entry_weight[i * (d + 1) + r] = weight;
+  };
   cpu_run([&] {  // (vector growth allocates; the table lookups and the simplex are inline)
-    int32_t keys[(kMaxDim + 1) * kMaxDim];
-    scalar_t w[kMaxDim + 1];
-    for (int64_t i = 0; i < N; ++i) {
-      f.corners(b, i, keys, w);
-      for (int r = 0; r <= d; ++r) {
-        const int32_t* key = keys + r * d;
-        const int64_t slot = probe(key);
-        int32_t id = table[slot];
-        if (id < 0) {
-          TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "rrm_cuda: lattice too large");
-          id = static_cast<int32_t>(M++);
-          table[slot] = id;
-          vkeys.insert(vkeys.end(), key, key + d);
-          if (2 * M > cap) {  // rehash in id order
-            cap *= 4;
-            table.assign(static_cast<size_t>(cap), -1);
-            for (int64_t v = 0; v < M; ++v) table[probe(vkeys.data() + v * d)] = static_cast<int32_t>(v);
+    int64_t i = 0;
+#if defined(RRM_SIMPLEX_AVX2)
+    // float with d fixed, on a processor with AVX2: the simplices of 8 pixels at a time (the same
+    // keys, hashes and weights as corners(), so the same lattice), then their corners in order.
+    if constexpr (std::is_same_v<scalar_t, float> && kD > 0) {
+      if (cpu_has_avx2()) {
+        Simplex8<kD> s8;
+        int32_t key[kD];
+        for (; i + 8 <= N; i += 8) {
+          simplex8(f, b, i, s8);
+          for (int l = 0; l < 8; ++l) {
+            for (int r = 0; r <= kD; ++r) {
+              for (int k = 0; k < kD; ++k) key[k] = s8.key[r][k][l];
+              add_corner(i + l, r, key, s8.hash[r][l], s8.weight[r][l]);
+            }
           }
         }
-        entry_vertex[i * (d + 1) + r] = id;
-        entry_weight[i * (d + 1) + r] = w[r];
       }
+    }
+#endif
+    int32_t keys[(kMaxDim + 1) * kMaxDim];
+    scalar_t w[kMaxDim + 1];
+    for (; i < N; ++i) {
+      f.corners(b, i, keys, w);
+      for (int r = 0; r <= d; ++r) add_corner(i, r, keys + r * d, hash_key(keys + r * d, d), w[r]);
     }
   });
   nbr = at::empty({1, d + 1, M, 2}, iopt);
