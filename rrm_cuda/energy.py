@@ -43,9 +43,8 @@ _FUSED_STRIDES = {1.0: 1, 0.5: 2}
 def _stats_aten(
     images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
 ) -> dict[str, float]:
-    """The check statistics by ATen reductions, one read. The CPU path: at 8 x 21 x 321^2 on 2 cores
-    ATen's vectorised reductions take 10-12 ms, the one-pass op 60-90 ms (22 ms even with row-wise
-    typed loops, which GCC left scalar: benchmarks/NOTES.md §8)."""
+    """The check statistics by ATen reductions, one read (the CPU's path while ``_STATS_OP_ON_CPU``
+    is False: at 8 x 21 x 321^2 on 2 cores about 5.4 ms, the one-pass op 2.8)."""
     K = probs.shape[1]
     st: dict[str, Tensor] = {}
     if images.numel():
@@ -100,8 +99,10 @@ _STATS_DTYPES = {
     torch.float64,
     torch.bool,
 }
-# the one-pass op on the CPU too (tests: both paths make the same decisions)
-_STATS_OP_ON_CPU = False
+# The one-pass op on the CPU too: its CPU form reads the inputs row by row in AVX2 registers
+# (csrc/energy/input_stats_cpu.h), 2.8 ms against the ATen reductions' 5.4 at 8 x 21 x 321^2 on the
+# 2-core VM (benchmarks/NOTES.md §21). False: the ATen reductions (tests: both make the same decisions).
+_STATS_OP_ON_CPU = True
 # Where the one-pass op runs (GPUs), the checked loss reads its statistics after ops.dense_energy is
 # queued: the copy to the host is queued behind the statistics, and by the time the op returns (it
 # reads its lattice's size) the copy is done, so the read costs no wait of its own. Reading first
@@ -111,6 +112,8 @@ _STATS_OP_ON_CPU = False
 # taken as [0, 255] for the lattice-key bound meanwhile; if that bound fails, the statistics are
 # read first, as without deferral.
 _DEFER_CHECKS = True
+# On the CPU the statistics are ready when the op returns: nothing to gain by deferring (tests: True)
+_DEFER_CHECKS_ON_CPU = False
 
 
 def _stats_op(
@@ -445,7 +448,8 @@ def dense_energy_loss(
     finish_checks = None  # the deferred value checks (see _DEFER_CHECKS)
     if checked:  # the value checks: one device synchronisation
         finish_checks = _start_checks(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
-        if not (_DEFER_CHECKS and _uses_stats_op(segmentations)):
+        defer = segmentations.device.type != "cpu" or _DEFER_CHECKS_ON_CPU
+        if not (_DEFER_CHECKS and defer and _uses_stats_op(segmentations)):
             img_max, finish_checks = finish_checks(), None
         else:
             img_max = 255.0 + _IMAGE_SLACK  # until read: the range the checks enforce

@@ -23,6 +23,7 @@
 #include "common/host_alloc.h"
 #include "common/tuning.h"
 #include "energy/energy_common.h"
+#include "energy/input_stats_cpu.h"
 #include "lattice/lattice_common.h"
 #include "lattice/lattice_impl.h"
 
@@ -366,10 +367,13 @@ at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, 
     none.narrow(0, kRoiBad, 2).zero_();
     return none;
   }
-  const int64_t T = std::min(P, want);
-  auto partial = at::empty({T, kNumStats}, probs.options().dtype(at::kDouble));
   const StridedView img = strided_view(images, "images"), roi = strided_view(rois, "rois"),
                     lab = strided_view(labels, "labels");
+  if constexpr (std::is_same_v<Exec, CpuExec>) {  // the CPU: row by row where the classes' rows are
+    if (probs.stride(3) == 1) return input_stats_cpu_rows(images, probs, img, roi, lab, ignore_index, distribution);
+  }
+  const int64_t T = std::min(P, want);
+  auto partial = at::empty({T, kNumStats}, probs.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "rrm_energy_input_stats", [&] {
     InputStatsFunctor<scalar_t, kChunked> f{img,
                                             roi,
