@@ -956,6 +956,21 @@ def test_emulated_cuda_equals_cpu(mode, dtype):
     torch.testing.assert_close(g1, g2, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("K, N", [(5, 16 * 20), (7, 16 * 20 + 9), (70, 203)])
+def test_cpu_slice_blocks(K, N):
+    # The CPU's pack and slice take blocks of 16 pixels (energy_common.h, PackBlocksCpu and
+    # SliceBlocksCpu: the gradient through a (K, 16) tile, directly into its rows beyond 64 classes),
+    # with the probabilities read from the packed copy: the same values as the emulated launch's
+    # pixel at a time, whole blocks, a partial last block, and more classes than the tile holds.
+    probs, gate, feats, mass = _op_inputs(K=K, N=N, dtype=torch.float64)
+    for m in (None, mass):
+        for mode in (0, 1, 2):
+            e1, g1 = ops.dense_energy(probs, gate, feats, m, mode)
+            e2, g2 = ops._dense_energy_emulated(probs, gate, feats, m, mode)
+            torch.testing.assert_close(e1, e2, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
 def test_launch_knobs_do_not_change_results(tuning):
     # The GPU path's launch configurations (common/tuning.h), through the emulated launch: rows of
     # 4 channels with four per thread or unpadded with one, the slice's rows read four channels or

@@ -25,6 +25,8 @@ namespace rrm {
 namespace energy {
 
 constexpr int kTile = 32;
+// Pixels per block of the CPU's slice and pack (SliceBlocksCpu, PackBlocksCpu): 16 floats, a cache line.
+constexpr int kSliceBlock = 16;
 
 // Gradient modes of the op (schema: csrc/rrm.cpp).
 enum GradMode : int64_t { kNoGrad = 0, kRlossGrad = 1, kExactGrad = 2 };
@@ -494,6 +496,15 @@ struct EnergySliceFunctor {
   scalar_t alpha, grad_scale;      // grad_scale: -2 (rloss) or -1 (exact)
   int64_t N, E, M, C, Cs, K;       // Cs: lattice row stride (C padded to 8 on the CPU)
   int d_runtime;
+  // The CPU (Tiled) reads the probabilities from the splat's pixel-major copy (B, N, Cin), the same
+  // values: a pixel's K classes in one run instead of K rows N apart (at N = 160^2 every class row
+  // starts at the same offset in its 4 KiB page, so the K streams fight over one L1 set). With
+  // grad_block (SliceBlocksCpu) the gradient entries of pixels [block_i0, block_i0 + kSliceBlock)
+  // go to a (K, kSliceBlock) tile at grad instead of grad's (B, K, N) rows.
+  const scalar_t* packed = nullptr;
+  int64_t Cin = 0;
+  bool grad_block = false;
+  int64_t block_i0 = 0;
 
   // The energy term of channel c (c < K: a class, c == K: the constant of the mass) and its
   // gradient entry.
@@ -502,11 +513,19 @@ struct EnergySliceFunctor {
     const scalar_t as = alpha * sf;
     if (c < K) {
       const int64_t o = (b * K + c) * N + i;
-      acc -= S * probs[o] * as;
+      scalar_t pv;
+      int64_t go = o;
+      if constexpr (Tiled) {  // the CPU: see packed and grad_block
+        pv = packed[(b * N + i) * Cin + c];
+        if (grad_block) go = c * kSliceBlock + (i - block_i0);
+      } else {
+        pv = probs[o];
+      }
+      acc -= S * pv * as;
       if (grad) {
         scalar_t g = grad_scale * S * as;
         if (adjoint_values) g -= alpha * sa;
-        grad[o] = g;
+        grad[go] = g;
       }
     } else {
       acc += S * mass[b * N + i] * as;
@@ -598,6 +617,55 @@ struct EnergySliceFunctor {
       }
     }
     terms[bi] = acc;
+  }
+};
+
+// The CPU's slice in blocks of kSliceBlock pixels (items (image, block)): each pixel's gradient
+// entries go to a (K, kSliceBlock) tile on the stack, written out afterwards one class row segment
+// (a cache line of floats) at a time, instead of K scattered stores per pixel into rows N apart.
+// The same values in the same places. Classes beyond kSliceTileK: the rows directly.
+constexpr int kSliceTileK = 64;
+template <class F>
+struct SliceBlocksCpu {
+  F f;
+  void operator()(int64_t b, int64_t blk, int64_t, int64_t) const {
+    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(f.grad)>>;
+    const int64_t i0 = blk * kSliceBlock, i1 = i0 + kSliceBlock < f.N ? i0 + kSliceBlock : f.N;
+    if (!f.grad || f.K > kSliceTileK) {
+      for (int64_t i = i0; i < i1; ++i) f(b, i, 0, 1);
+      return;
+    }
+    scalar_t tile[kSliceTileK * kSliceBlock];
+    F g = f;
+    g.grad = tile;
+    g.grad_block = true;
+    g.block_i0 = i0;
+    for (int64_t i = i0; i < i1; ++i) g(b, i, 0, 1);
+    for (int64_t c = 0; c < f.K; ++c) {
+      scalar_t* out = f.grad + (b * f.K + c) * f.N;
+      for (int64_t i = i0; i < i1; ++i) out[i] = tile[c * kSliceBlock + (i - i0)];
+    }
+  }
+};
+
+// The CPU's PackFunctor in blocks of kSliceBlock pixels (items (image, block)): each class row
+// segment read in one run, the block's (kSliceBlock, Cs) output rows (in L1) written column by
+// column. The same values.
+template <typename scalar_t>
+struct PackBlocksCpu {
+  PackFunctor<scalar_t> f;
+  void operator()(int64_t b, int64_t blk, int64_t, int64_t) const {
+    const int64_t i0 = blk * kSliceBlock, i1 = i0 + kSliceBlock < f.N ? i0 + kSliceBlock : f.N;
+    scalar_t* o = f.out + b * f.N * f.Cs;
+    const scalar_t* p = f.probs + b * f.K * f.N;
+    for (int64_t c = 0; c < f.Cs; ++c) {
+      if (c < f.K) {
+        for (int64_t i = i0; i < i1; ++i) o[i * f.Cs + c] = p[c * f.N + i];
+      } else {
+        const scalar_t v = c < f.C ? scalar_t(1) : scalar_t(0);
+        for (int64_t i = i0; i < i1; ++i) o[i * f.Cs + c] = v;
+      }
+    }
   }
 };
 

@@ -116,7 +116,12 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
       return out == bufs[first].data_ptr<scalar_t>() ? first : second;
     };
 
-    exec.for_each_item(B, N, Cin, PackFunctor<scalar_t>{p.data_ptr<scalar_t>(), in_p, N, K, C, Cin}, grain);
+    const PackFunctor<scalar_t> pack{p.data_ptr<scalar_t>(), in_p, N, K, C, Cin};
+    const int64_t blocks = (N + kSliceBlock - 1) / kSliceBlock;
+    if constexpr (kCpu)
+      exec.for_each_item(B, blocks, 1, PackBlocksCpu<scalar_t>{pack}, std::max<int64_t>(1, grain / kSliceBlock));
+    else
+      exec.for_each_item(B, N, Cin, pack, grain);
     // The forward W s: the splat of s blurred. The exact gradient's second half, W^T (S s): the
     // splat of S s blurred in reverse order; sliced together with the forward below. The CPU splats
     // by scatter, one splat after the other; CUDA gathers both splats' rows in one pass.
@@ -181,8 +186,15 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
                                                      Cs,
                                                      K,
                                                      d};
-      // One call per pixel, all channels (see EnergySliceFunctor).
-      exec.for_each_item(B, N, 1, f, grain);
+      // One call per pixel, all channels (see EnergySliceFunctor); the CPU in blocks of pixels,
+      // reading the probabilities from the packed copy.
+      if constexpr (kTiled) {
+        f.packed = in_p;
+        f.Cin = Cin;
+        exec.for_each_item(B, blocks, 1, SliceBlocksCpu<decltype(f)>{f}, std::max<int64_t>(1, grain / kSliceBlock));
+      } else {
+        exec.for_each_item(B, N, 1, f, grain);
+      }
     };
     // The energy loss's bilateral kernels: d = 2 + image channels (3 greyscale, 5 RGB) fixed.
     lattice::with_fixed_d<3, 5>(d, [&](auto fixed_d) {
