@@ -148,26 +148,32 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // gate (B, H/stride, W/stride) = 1 where unlabelled, else max(0, roi - max_k p_k); (0,) for gate=False).
   // tile > 0: both outputs' pixels in the order of tile x tile tiles (rrm_cuda.functional._PIXEL_TILE:
   // row-major inside each tile and across the tiles, partial edge tiles included), as the lattice op
-  // takes its points on a GPU; tile 0 (or >= W/stride): the raster order.
+  // takes its points on a GPU; tile 0 (or >= W/stride): the raster order. stats: a third output, the
+  // segmentations' value statistics (4,) float64 [-min, max of every value, -min, max of the per-pixel
+  // sums over K (in the segmentations' dtype)], NaN where a value is NaN, as dense_energy_input_stats'
+  // entries 2-5 (the loss's value checks on the CPU: read while the downscaling reads the values, one
+  // pass instead of two); (0,) without.
   m.def(
       "dense_energy_inputs(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate, "
-      "int tile=0) -> (Tensor, Tensor)");
+      "int tile=0, bool stats=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "_dense_energy_inputs_emulated(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate, "
-      "int tile=0) -> (Tensor, Tensor)");
+      "int tile=0, bool stats=False) -> (Tensor, Tensor, Tensor)");
   // The value checks of dense_energy_loss in one pass over its inputs: images (B, c, H, W),
   // segmentations (B, K, H, W) floating, rois and labels (B, H, W) or None, any dtypes and strides ->
   // (8,) float64 [-min, max of the images, -min, max of the probabilities, -min, max of their sums over
   // K (with distribution; else -inf), 1 if a ROI value is neither 0 nor 1, 1 if a label is neither
-  // ignore_index nor an integer in [0, K)]; NaN propagates into the ranges. dense_energy_loss uses it on
-  // GPUs (one kernel for about ten ATen reductions); on the CPU ATen's vectorised reductions are faster,
-  // and the CPU kernel (one contiguous pixel range per thread) serves tests and direct calls.
+  // ignore_index nor an integer in [0, K)]; NaN propagates into the ranges. dense_energy_loss uses it
+  // (one kernel for about ten ATen reductions on a GPU; row blocks in AVX2 registers on the CPU, where
+  // the fused path takes the probabilities' entries from dense_energy_inputs' stats instead).
+  // probabilities=False: entries 2-5 are left at -inf and the segmentations are not read (their class
+  // count K still bounds the labels).
   m.def(
       "dense_energy_input_stats(Tensor images, Tensor segmentations, Tensor? rois, Tensor? labels, "
-      "float ignore_index, bool distribution) -> Tensor");
+      "float ignore_index, bool distribution, bool probabilities=True) -> Tensor");
   m.def(
       "_dense_energy_input_stats_emulated(Tensor images, Tensor segmentations, Tensor? rois, Tensor? labels, "
-      "float ignore_index, bool distribution) -> Tensor");
+      "float ignore_index, bool distribution, bool probabilities=True) -> Tensor");
   // Bilateral features of 2-D images in one pass (dense_crf's bilateral term with stride 1; the energy
   // loss's pixels at its working scale with stride 2): images (B, c, H, W), any real dtype and strides
   // -> (B, 2 + c, height * width) of dtype (float32/float64): x / sxy, y / sxy, then the colours of

@@ -117,10 +117,19 @@ _DEFER_CHECKS_ON_CPU = False
 
 
 def _stats_op(
-    images: Tensor, probs: Tensor, rois: Tensor | None, seg_label: Tensor | None, distribution: bool, ignore_index: int
+    images: Tensor,
+    probs: Tensor,
+    rois: Tensor | None,
+    seg_label: Tensor | None,
+    distribution: bool,
+    ignore_index: int,
+    prob_stats: Tensor | None = None,
 ) -> Callable[[], dict[str, float]]:
     """The check statistics in one pass over all four inputs (``ops.dense_energy_input_stats``: on a
     GPU one kernel and one reduction instead of about ten ATen reductions), one read.
+
+    ``prob_stats``: the probabilities' entries already computed (``ops.dense_energy_inputs`` with
+    ``stats``); the op then reads the images, ROIs and labels only.
 
     Queues the work and returns a function that reads and names the statistics (``V.host_later``:
     the read can wait until after the loss's own op is queued, see ``_DEFER_CHECKS``)."""
@@ -134,7 +143,12 @@ def _stats_op(
     lab = seg_label.reshape(B, H, W) if seg_label is not None and seg_label.numel() else None
     if lab is not None and lab.dtype not in _STATS_DTYPES:
         lab = lab.double()
-    get = V.host_later(ops.dense_energy_input_stats(img, probs, roi, lab, float(ignore_index), distribution))
+    st = ops.dense_energy_input_stats(img, probs, roi, lab, float(ignore_index), distribution, prob_stats is None)
+    if prob_stats is not None:  # entries 2-5 from the downscaling's pass
+        st = torch.cat([st[:2], prob_stats, st[6:]])
+        if not distribution:
+            st[4:6] = -math.inf
+    get = V.host_later(st)
 
     def read() -> dict[str, float]:
         vals = get()
@@ -159,6 +173,7 @@ def _start_checks(
     seg_label: Tensor | None,
     distribution: bool,
     ignore_index: int,
+    prob_stats: Tensor | None = None,
 ) -> Callable[[], float | None]:
     """Data-dependent checks (skipped while torch.compile traces: they would break the graph), in two
     halves: queues the statistics and returns the function that reads them, raises on a bad value
@@ -178,7 +193,7 @@ def _start_checks(
 
     with torch.no_grad():
         if _uses_stats_op(probs):
-            read = _stats_op(images, probs, rois, seg_label, distribution, ignore_index)
+            read = _stats_op(images, probs, rois, seg_label, distribution, ignore_index, prob_stats)
         else:
             stats = _stats_aten(images, probs, rois, seg_label, distribution, ignore_index)
             read = lambda: stats  # noqa: E731
@@ -410,6 +425,7 @@ def dense_energy_loss(
     stride = 0 if recompute else _FUSED_STRIDES.get(scale_factor, 0)
     fused = stride > 0 and B * K * (H // stride) * (W // stride) > 0
     order = None  # the fused path's pixel order, if not raster (see below)
+    prob_stats = None  # the fused path's statistics of the probabilities (the CPU's checks)
     if fused:
         h, w = H // stride, W // stride
         unl = seg_label.reshape(B, H, W) == ignore_index if (gate and seg_label is not None) else None
@@ -418,7 +434,17 @@ def dense_energy_loss(
         # 160 x 160). The inputs op writes its outputs in that order (and its backward reads them so),
         # and the images and ROIs are sampled in it: no gather of the (B, K, h w) probabilities.
         tile = _pixel_tile((h, w), probs.device)
-        s_hat, g = ops.dense_energy_inputs(probs, roi, unl, stride, gate, tile)
+        # On the CPU the value checks' statistics of the probabilities come from this pass, which
+        # reads every value anyway (one read of them instead of two); GPUs take them from the
+        # one-pass statistics op with the other inputs'.
+        want = (
+            check_inputs
+            and probs.device.type == "cpu"
+            and _uses_stats_op(probs)
+            and V.checking_values(images, segmentations)
+        )
+        s_hat, g, prob_stats = ops.dense_energy_inputs(probs, roi, unl, stride, gate, tile, want)
+        prob_stats = prob_stats if want else None
         if tile:
             order = _pixel_order((h, w), probs.device)[0]
             src = _sample_index(H, W, stride, tile, order)
@@ -447,7 +473,9 @@ def dense_energy_loss(
     checked = check_inputs and V.checking_values(images, segmentations)
     finish_checks = None  # the deferred value checks (see _DEFER_CHECKS)
     if checked:  # the value checks: one device synchronisation
-        finish_checks = _start_checks(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)
+        finish_checks = _start_checks(
+            images, segmentations, rois, seg_label, gate or nonnegative, ignore_index, prob_stats
+        )
         defer = segmentations.device.type != "cpu" or _DEFER_CHECKS_ON_CPU
         if not (_DEFER_CHECKS and defer and _uses_stats_op(segmentations)):
             img_max, finish_checks = finish_checks(), None

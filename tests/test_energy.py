@@ -222,9 +222,9 @@ def test_inputs_op_bitwise_vs_restatement(op, dtype, stride, size):
         for seg in (probs, probs.contiguous(memory_format=torch.channels_last), strided):
             want_p, want_g = _inputs_restated(seg, roi, lab, stride)
             unl = (lab.reshape(2, H, W) == 255) if lab is not None else None
-            p, g = f(seg, roi, unl, stride, True)
-            assert torch.equal(p, want_p) and torch.equal(g, want_g)
-            p2, g2 = f(seg, roi, unl, stride, False)
+            p, g, st = f(seg, roi, unl, stride, True)
+            assert torch.equal(p, want_p) and torch.equal(g, want_g) and st.shape == (0,)
+            p2, g2, _ = f(seg, roi, unl, stride, False)
             assert torch.equal(p2, want_p) and g2.shape == (0,)
             # backward: the adjoint of the ROI product and of F.interpolate's downscaling, bitwise
             x = seg.detach().clone().requires_grad_()
@@ -269,7 +269,7 @@ def test_inputs_op_nan_propagates_like_amax_and_clamp():
     p[0, 0, 2, 3] = float("nan")  # the first class
     for stride in (1, 2):
         want_p, want_g = _inputs_restated(p, None, None, stride)
-        got_p, got_g = ops.dense_energy_inputs(p, None, None, stride, True)
+        got_p, got_g, _ = ops.dense_energy_inputs(p, None, None, stride, True)
         assert torch.equal(got_p.isnan(), want_p.isnan()) and torch.equal(got_g.isnan(), want_g.isnan())
         assert int(got_g.isnan().sum()) == 2 and torch.equal(got_g.nan_to_num(), want_g.nan_to_num())
 
@@ -310,6 +310,48 @@ def _tile_order(h: int, w: int, T: int) -> torch.Tensor:
 @pytest.mark.parametrize("op", ["dense_energy_inputs", "_dense_energy_inputs_emulated"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(10, 9), (37, 70), (38, 45)])
+def test_inputs_op_stats(op, dtype, stride, size):
+    # stats=True: the segmentations' value statistics as dense_energy_input_stats' entries 2-5 (the
+    # CPU reads them with the downscaling at stride 2: the rows it reads, every column, then the
+    # last row of an odd height on its own), whatever the pixel order or layout; the other outputs
+    # unchanged. NaN and Inf anywhere: in a block's rows, in the last column, in the last row.
+    H, W = size
+    f = getattr(ops, op)
+    _, probs, rois, labels = _inputs(B=2, K=4, H=H, W=W, dtype=dtype, seed=H)
+    unl = labels.reshape(2, H, W) == 255
+    strided = probs.transpose(0, 1).contiguous().transpose(0, 1)
+
+    def want(seg):
+        r = _stats_restated(torch.zeros(2, 1, H, W), seg, None, None, 255, True)[2:6]
+        return r
+
+    for seg in (probs, probs.contiguous(memory_format=torch.channels_last), strided):
+        for tile in (0, 4):
+            p0, g0, st0 = f(seg, rois, unl, stride, True, tile)
+            p, g, st = f(seg, rois, unl, stride, True, tile, True)
+            assert torch.equal(p, p0) and torch.equal(g, g0) and st0.shape == (0,) and st.dtype == torch.float64
+            torch.testing.assert_close(st, want(seg), rtol=1e-6, atol=1e-6)
+    for idx, value in (
+        ((1, 2, 3, 4), float("nan")),
+        ((0, 1, H - 1, 2), float("nan")),  # the last row (odd H: not read by the downscaling)
+        ((1, 3, 5, W - 1), float("nan")),  # the last column (odd W)
+        ((0, 0, H - 1, W - 1), float("inf")),
+        ((1, 1, 2, W - 1), -float("inf")),
+        ((0, 2, H - 1, 0), 7.0),
+        ((1, 0, 0, W - 1), -3.0),
+    ):
+        seg = probs.clone()
+        seg[idx] = value
+        got = f(seg, rois, unl, stride, True, 0, True)[2]
+        torch.testing.assert_close(got, want(seg), rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert not torch.allclose(got, want(probs), equal_nan=True), idx
+    torch.library.opcheck(getattr(ops, op).default, (probs, rois, unl, stride, True, 0, True))
+
+
+@pytest.mark.parametrize("op", ["dense_energy_inputs", "_dense_energy_inputs_emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stride", [1, 2])
 def test_inputs_op_tile_order(op, dtype, stride):
     # tile > 0: the outputs' pixels in the tile order, the raster outputs' values bitwise; the
     # backward reads its gradient in that order. Partial edge tiles, tiles of one pixel, tiles as
@@ -322,12 +364,12 @@ def test_inputs_op_tile_order(op, dtype, stride):
             h, w = H // stride, W // stride
             order = _tile_order(h, w, min(T_, w))
             for seg in (probs, probs.contiguous(memory_format=torch.channels_last)):
-                p0, g0 = f(seg, rois, unl, stride, True, 0)
-                p1, g1 = f(seg, rois, unl, stride, True, T_)
+                p0, g0, _ = f(seg, rois, unl, stride, True, 0)
+                p1, g1, _ = f(seg, rois, unl, stride, True, T_)
                 assert p1.shape == p0.shape and g1.shape == g0.shape
                 assert torch.equal(p1.reshape(2, 3, -1), p0.reshape(2, 3, -1)[..., order])
                 assert torch.equal(g1.reshape(2, -1), g0.reshape(2, -1)[..., order])
-                p2, g2 = f(seg, None, None, stride, False, T_)
+                p2, g2, _ = f(seg, None, None, stride, False, T_)
                 p3 = f(seg, None, None, stride, False)[0]
                 assert torch.equal(p2.reshape(2, 3, -1), p3.reshape(2, 3, -1)[..., order]) and g2.shape == (0,)
             go = torch.randn(2, 3, h * w, dtype=dtype, generator=torch.Generator().manual_seed(5))
@@ -367,9 +409,9 @@ def test_inputs_op_bad_arguments():
         ops.dense_energy_inputs(probs, rois, unl, 2, True, -1)
     with pytest.raises(ValueError, match="tile must be >= 0"):
         ops.dense_energy_inputs_backward(torch.zeros(2, 3, 3, 3, dtype=torch.float64), rois, 6, 6, 2, -16)
-    p, g = ops.dense_energy_inputs(probs[:, :0], rois, unl, 2, False)  # no class and no gate: empty
+    p, g, _ = ops.dense_energy_inputs(probs[:, :0], rois, unl, 2, False)  # no class and no gate: empty
     assert p.shape == (2, 0, 3, 3) and g.shape == (0,)
-    p, g = ops.dense_energy_inputs(probs[:, :, :1], rois[:, :1], unl[:, :1], 2, True)  # one row: h = 0
+    p, g, _ = ops.dense_energy_inputs(probs[:, :, :1], rois[:, :1], unl[:, :1], 2, True)  # one row: h = 0
     assert p.shape == (2, 3, 0, 3) and g.shape == (2, 0, 3)
 
 
@@ -495,10 +537,10 @@ def test_empty_inputs(stats_op, monkeypatch):
     assert float(out) == 0.0
 
 
-def _bad(**over):
+def _bad(scale_factor=1.0, **over):
     images, probs, rois, labels = _inputs(H=6, W=6)
     args = dict(images=images, segmentations=probs, rois=rois, seg_label=labels)
-    kwargs = dict(sigma_rgb=15.0, sigma_xy=10.0)
+    kwargs = dict(sigma_rgb=15.0, sigma_xy=10.0, scale_factor=scale_factor)
     for k, v in over.items():
         (args if k in args else kwargs)[k] = v(args[k]) if callable(v) and k in args else v
     return lambda: rrm_cuda.dense_energy_loss(**args, **kwargs)
@@ -575,9 +617,11 @@ def test_denormalised_images_pass_the_range_check(monkeypatch, stats_op):
         (dict(segmentations=[1.0]), TypeError, "segmentations must be a torch.Tensor"),
     ],
 )
-@pytest.mark.parametrize("stats_op", [False, True])  # the CPU's ATen reductions / the GPU's one-pass op
-def test_bad_inputs(over, exc, match, stats_op, monkeypatch):
+@pytest.mark.parametrize("stats_op", [False, True])  # the ATen reductions / the one-pass op
+@pytest.mark.parametrize("scale", [1.0, 0.5])  # 0.5: the probabilities' statistics from dense_energy_inputs
+def test_bad_inputs(over, exc, match, stats_op, scale, monkeypatch):
     monkeypatch.setattr(E, "_STATS_OP_ON_CPU", stats_op)
+    over = {"scale_factor": scale, **over}
     with pytest.raises(exc, match=match):
         _bad(**over)()
 
@@ -1279,7 +1323,7 @@ def test_cuda_inputs_op_equals_cpu_and_is_deterministic(cuda, dtype):
         outs = []
         for dev in ("cpu", cuda):
             x = probs.detach().to(dev).requires_grad_()
-            p, g = ops.dense_energy_inputs(x, rois.to(dev), unl.to(dev), stride, True)
+            p, g, _ = ops.dense_energy_inputs(x, rois.to(dev), unl.to(dev), stride, True)
             (gx,) = torch.autograd.grad(p, x, gs.to(dev))
             outs.append((p.cpu(), g.cpu(), gx.cpu()))
         for a, b in zip(*outs):
@@ -1445,7 +1489,7 @@ def test_autograd_of_the_ops_is_cpp():
     p = torch.softmax(torch.randn(1, 2, 6), 1).requires_grad_()
     energy, _ = ops.dense_energy(p, torch.ones(1, 6), torch.rand(1, 2, 6), None, 1)
     assert "DenseEnergyFunction" in energy.grad_fn.name()
-    s_hat, _ = ops.dense_energy_inputs(torch.rand(1, 2, 4, 4, requires_grad=True), None, None, 2, True, 0)
+    s_hat, _, _ = ops.dense_energy_inputs(torch.rand(1, 2, 4, 4, requires_grad=True), None, None, 2, True, 0)
     assert "DenseEnergyInputsFunction" in s_hat.grad_fn.name()
 
 

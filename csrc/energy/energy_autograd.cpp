@@ -22,8 +22,9 @@ using torch::autograd::variable_list;
 
 using EnergySig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                      const std::optional<at::Tensor>&, int64_t);
-using InputsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
-                                                     const std::optional<at::Tensor>&, int64_t, bool, int64_t);
+using InputsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                 const std::optional<at::Tensor>&, int64_t, bool,
+                                                                 int64_t, bool);
 using InputsBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
                                      int64_t);
 
@@ -77,10 +78,10 @@ struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunctio
 struct DenseEnergyInputsFunction : public torch::autograd::Function<DenseEnergyInputsFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& segmentations,
                                const std::optional<at::Tensor>& rois, const std::optional<at::Tensor>& unlabelled,
-                               int64_t stride, bool gate, int64_t tile, bool emulated) {
+                               int64_t stride, bool gate, int64_t tile, bool stats, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [probs, g] = inputs_ops().get(emulated).call(segmentations, rois, unlabelled, stride, gate, tile);
-    ctx->mark_non_differentiable({g});
+    auto [probs, g, st] = inputs_ops().get(emulated).call(segmentations, rois, unlabelled, stride, gate, tile, stats);
+    ctx->mark_non_differentiable({g, st});
     ctx->set_materialize_grads(false);
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["tile"] = tile;
@@ -88,11 +89,11 @@ struct DenseEnergyInputsFunction : public torch::autograd::Function<DenseEnergyI
     ctx->saved_data["width"] = segmentations.size(3);
     ctx->saved_data["emulated"] = emulated;
     ctx->save_for_backward({rois.has_value() ? *rois : at::Tensor()});
-    return {probs, g};
+    return {probs, g, st};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(7);  // segmentations only
+    variable_list out(8);  // segmentations only
     const at::Tensor& grad_probs = grads[0];
     if (!grad_probs.defined()) return out;
     const at::Tensor rois = ctx->get_saved_variables()[0];
@@ -119,12 +120,12 @@ std::tuple<at::Tensor, at::Tensor> energy_autograd(const at::Tensor& probs, cons
 }
 
 template <bool kEmulated>
-std::tuple<at::Tensor, at::Tensor> inputs_autograd(const at::Tensor& segmentations,
-                                                   const std::optional<at::Tensor>& rois,
-                                                   const std::optional<at::Tensor>& unlabelled, int64_t stride,
-                                                   bool gate, int64_t tile) {
-  auto out = DenseEnergyInputsFunction::apply(segmentations, rois, unlabelled, stride, gate, tile, kEmulated);
-  return {out[0], out[1]};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_autograd(const at::Tensor& segmentations,
+                                                               const std::optional<at::Tensor>& rois,
+                                                               const std::optional<at::Tensor>& unlabelled,
+                                                               int64_t stride, bool gate, int64_t tile, bool stats) {
+  auto out = DenseEnergyInputsFunction::apply(segmentations, rois, unlabelled, stride, gate, tile, stats, kEmulated);
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/macros.h"
+#include "energy/prob_rows_cpu.h"
 #include "lattice/lattice_common.h"  // row_add_scaled
 
 namespace rrm {
@@ -156,6 +157,11 @@ struct InputsFunctor {
   // Output rows per item: 1, or (the CPU at stride 2 in the raster order, unit column steps) a
   // block of rows, whole rows each (rows_unit_stride2).
   int64_t rows = 1;
+  // With rows > 1: where each item writes the statistics of the full-resolution rows it read (its
+  // 2 rows input rows, every column): 4 doubles at item (b, block) b * blocks + block, see
+  // prob_stats_finish; nullptr: none.
+  double* stats = nullptr;
+  int64_t blocks = 0;
 
   // The gate of output columns [t0, t1) of row y from their running maxima (the CPU's rows).
   void write_gate(int64_t b, int64_t y, int64_t src, int64_t t0, int64_t t1, const scalar_t* mx) const {
@@ -174,17 +180,29 @@ struct InputsFunctor {
   void rows_unit_stride2(int64_t b, int64_t y0, int64_t y1) const {
     const scalar_t l = scalar_t(0.5);
     const int64_t n = y1 - y0;
-    std::vector<scalar_t> mx(static_cast<size_t>(n * w));
-    std::vector<scalar_t> half(static_cast<size_t>(2 * w));  // the two input rows' pair sums
-    scalar_t* h0 = half.data();
+    // Work space, the calling thread's own and kept across calls (a fresh allocation per item
+    // measured as page faults on 2 threads): the running maxima (n w), the two input rows' pair
+    // sums (2 w) and, with stats, the input rows' per-pixel sums over the classes (2 n W).
+    thread_local std::vector<scalar_t> work;
+    const size_t need = static_cast<size_t>(n * w + 2 * w + (stats ? 2 * n * W : 0));
+    if (work.size() < need) work.resize(need);
+    scalar_t* mx = work.data();
+    scalar_t* h0 = mx + n * w;
     scalar_t* h1 = h0 + w;
+    scalar_t* psum = h1 + w;
+    scalar_t lo[kProbLanes], hi[kProbLanes];
+    prob_lanes_init(lo, hi);
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t y = y0; y < y1; ++y) {
         const scalar_t* s0 = seg + b * sb + k * sk + 2 * y * sy;
         const scalar_t* s1 = s0 + sy;
+        if (stats) {  // the rows just read, every column (W may be odd)
+          prob_row(s0, W, psum + 2 * (y - y0) * W, k == 0, lo, hi);
+          prob_row(s1, W, psum + (2 * (y - y0) + 1) * W, k == 0, lo, hi);
+        }
         const scalar_t* rr = roi ? roi + (b * H + 2 * y) * W : nullptr;
         scalar_t* o = probs + ((b * K + k) * h + y) * w;
-        scalar_t* m = mx.data() + (y - y0) * w;
+        scalar_t* m = mx + (y - y0) * w;
         // one input row at a time (each read in one sequential run), then the rows' sum
         for (int64_t x = 0; x < w; ++x) h0[x] = l * s0[2 * x] + l * s0[2 * x + 1];
         for (int64_t x = 0; x < w; ++x) h1[x] = l * s1[2 * x] + l * s1[2 * x + 1];
@@ -195,7 +213,12 @@ struct InputsFunctor {
         }
       }
     }
-    for (int64_t y = y0; y < y1; ++y) write_gate(b, y, (b * H + 2 * y) * W, 0, w, mx.data() + (y - y0) * w);
+    for (int64_t y = y0; y < y1; ++y) write_gate(b, y, (b * H + 2 * y) * W, 0, w, mx + (y - y0) * w);
+    if (stats) {
+      double* st = stats + (b * blocks + y0 / rows) * 4;
+      for (int j = 0; j < 4; ++j) st[j] = -std::numeric_limits<double>::infinity();
+      prob_stats_finish(psum, 2 * n * W, lo, hi, st);
+    }
   }
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x0, int64_t x1) const {
@@ -424,6 +447,7 @@ struct InputStatsFunctor {
   double ignore;
   bool distribution;
   double* out;
+  bool probabilities = true;  // false: the probabilities are not read (their entries stay -inf)
 
   RRM_HOST_DEVICE void operator()(int64_t t) const {
     double m[kNumStats];
@@ -440,17 +464,18 @@ struct InputStatsFunctor {
         m[kImgMax] = nan_max(m[kImgMax], v);
       }
       const prob_t* pp = prob + b * psb + y * psy + x * psx;
+      const int64_t Kr = probabilities ? K : 0;  // the classes read
       double sum = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll 4
 #endif
-      for (int64_t k = 0; k < K; ++k) {  // unrolled: several loads in flight per thread
+      for (int64_t k = 0; k < Kr; ++k) {  // unrolled: several loads in flight per thread
         const double v = static_cast<double>(pp[k * psk]);
         m[kProbNegMin] = nan_max(m[kProbNegMin], -v);
         m[kProbMax] = nan_max(m[kProbMax], v);
         sum += v;
       }
-      if (distribution) {
+      if (distribution && probabilities) {
         m[kSumNegMin] = nan_max(m[kSumNegMin], -sum);
         m[kSumMax] = nan_max(m[kSumMax], sum);
       }

@@ -63,12 +63,12 @@ std::tuple<at::Tensor, at::Tensor> energy_emulated(const at::Tensor& probs, cons
 }
 
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor> inputs_impl(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
-                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
-                                               int64_t tile) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_impl(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                                                           const std::optional<at::Tensor>& unlabelled, int64_t stride,
+                                                           bool gate, int64_t tile, bool stats) {
   check_energy_inputs_args(seg, rois, unlabelled, stride, gate, tile);
   return dense_energy_inputs(Exec{}, seg, rois.value_or(at::Tensor()), unlabelled.value_or(at::Tensor()), stride, gate,
-                             tile);
+                             tile, stats);
 }
 
 template <class Exec>
@@ -87,10 +87,11 @@ at::Tensor features_impl(const at::Tensor& images, int64_t stride, int64_t heigh
 
 template <class Exec>
 at::Tensor input_stats_impl(const at::Tensor& images, const at::Tensor& seg, const std::optional<at::Tensor>& rois,
-                            const std::optional<at::Tensor>& labels, double ignore_index, bool distribution) {
+                            const std::optional<at::Tensor>& labels, double ignore_index, bool distribution,
+                            bool probabilities) {
   check_energy_input_stats_args(images, seg, rois, labels);
   return dense_energy_input_stats(Exec{}, images, seg, rois.value_or(at::Tensor()), labels.value_or(at::Tensor()),
-                                  ignore_index, distribution);
+                                  ignore_index, distribution, probabilities);
 }
 
 }  // namespace

@@ -20,13 +20,13 @@ std::tuple<at::Tensor, at::Tensor> energy_cuda(const at::Tensor& probs, const at
   return dense_energy(CudaExec{}, probs, gate, features, mass, grad_mode, probs.size(0));
 }
 
-std::tuple<at::Tensor, at::Tensor> inputs_cuda(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
-                                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
-                                               int64_t tile) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_cuda(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                                                           const std::optional<at::Tensor>& unlabelled, int64_t stride,
+                                                           bool gate, int64_t tile, bool stats) {
   check_energy_inputs_args(seg, rois, unlabelled, stride, gate, tile);
   const c10::cuda::CUDAGuard guard(seg.device());
   return dense_energy_inputs(CudaExec{}, seg, rois.value_or(at::Tensor()), unlabelled.value_or(at::Tensor()), stride,
-                             gate, tile);
+                             gate, tile, stats);
 }
 
 at::Tensor inputs_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& rois, int64_t height,
@@ -44,11 +44,12 @@ at::Tensor features_cuda(const at::Tensor& images, int64_t stride, int64_t heigh
 }
 
 at::Tensor input_stats_cuda(const at::Tensor& images, const at::Tensor& seg, const std::optional<at::Tensor>& rois,
-                            const std::optional<at::Tensor>& labels, double ignore_index, bool distribution) {
+                            const std::optional<at::Tensor>& labels, double ignore_index, bool distribution,
+                            bool probabilities) {
   check_energy_input_stats_args(images, seg, rois, labels);
   const c10::cuda::CUDAGuard guard(seg.device());
   return dense_energy_input_stats(CudaExec{}, images, seg, rois.value_or(at::Tensor()), labels.value_or(at::Tensor()),
-                                  ignore_index, distribution);
+                                  ignore_index, distribution, probabilities);
 }
 
 }  // namespace

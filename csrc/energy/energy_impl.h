@@ -230,22 +230,41 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   return {terms.sum(1), grad};
 }
 
+template <class Exec>
+at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, const at::Tensor& probs,
+                                    const at::Tensor& rois, const at::Tensor& labels, double ignore_index,
+                                    bool distribution, bool probabilities = true);
+
 // The energy's inputs at its working scale (InputsFunctor): segmentations (B, K, H, W) with any
 // strides, rois (B, H, W) or undefined, unlabelled (B, H, W) bool or undefined -> (probs (B, K, h, w),
 // gate (B, h, w), or (0,) without the gate), h = H / stride, w = W / stride, their pixels in the
-// order of T x T tiles (tile_position; tile = 0: raster).
+// order of T x T tiles (tile_position; tile = 0: raster); with_stats: also the segmentations' value
+// statistics (4,) float64 (-min, max of every value, -min, max of the per-pixel sums over the
+// classes; NaN where one is NaN), else (0,).
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const at::Tensor& seg, const at::Tensor& rois,
-                                                       const at::Tensor& unlabelled, int64_t stride, bool with_gate,
-                                                       int64_t tile) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const at::Tensor& seg,
+                                                                   const at::Tensor& rois, const at::Tensor& unlabelled,
+                                                                   int64_t stride, bool with_gate, int64_t tile,
+                                                                   bool with_stats = false) {
   const int64_t B = seg.size(0), K = seg.size(1), H = seg.size(2), W = seg.size(3);
   const int64_t h = H / stride, w = W / stride;
   const int T = tile < w ? static_cast<int>(tile) : 0;  // tiles as wide as the image: the raster order
   auto probs = at::empty({B, K, h, w}, seg.options());
   auto gate = with_gate ? at::empty({B, h, w}, seg.options()) : at::empty({0}, seg.options());
-  if (B * K * h * w == 0) return {probs, gate};  // (K >= 1 with the gate: checked)
+  const auto dopt = seg.options().dtype(at::kDouble);
+  // The statistics by the one-pass statistics op (no images, ROIs or labels) where the downscaling
+  // does not read every value itself
+  auto separate_stats = [&] {
+    return with_stats
+               ? dense_energy_input_stats(exec, seg.new_empty({B, 0, H, W}), seg, at::Tensor(), at::Tensor(), 0.0, true)
+                     .narrow(0, kProbNegMin, 4)
+                     .clone()
+               : at::empty({0}, dopt);
+  };
+  if (B * K * h * w == 0) return {probs, gate, separate_stats()};  // (K >= 1 with the gate: checked)
   const at::Tensor r = rois.defined() ? rois.contiguous() : at::Tensor();
   const at::Tensor u = unlabelled.defined() ? unlabelled.contiguous() : at::Tensor();
+  at::Tensor stats;
   AT_DISPATCH_FLOATING_TYPES(seg.scalar_type(), "rrm_dense_energy_inputs", [&] {
     constexpr bool kRow = Exec::kChannelsPerThread == 0;  // whole rows on the CPU
     InputsFunctor<scalar_t, kRow> f{seg.data_ptr<scalar_t>(),
@@ -266,12 +285,26 @@ std::tuple<at::Tensor, at::Tensor> dense_energy_inputs(const Exec& exec, const a
                                     T};
     if (kRow && T == 0 && stride == 2 && seg.stride(3) == 1) {  // (image, block of output rows)
       f.rows = 16;
-      exec.for_each_item(B, (h + f.rows - 1) / f.rows, w, f, 1);
+      f.blocks = (h + f.rows - 1) / f.rows;
+      // with stats: each block's statistics of the input rows it reads (rows [0, 2 h), every column)
+      at::Tensor part = with_stats ? at::empty({B * f.blocks, 4}, dopt) : at::Tensor();
+      if (with_stats) f.stats = part.data_ptr<double>();
+      exec.for_each_item(B, f.blocks, w, f, 1);
+      if (with_stats) {
+        stats = part.amax(0);  // NaN propagates as through nan_max
+        if (H > 2 * h) {       // odd H: the last row, which the downscaling does not read
+          auto rest = dense_energy_input_stats(exec, seg.new_empty({B, 0, H - 2 * h, W}),
+                                               seg.narrow(2, 2 * h, H - 2 * h), at::Tensor(), at::Tensor(), 0.0, true)
+                          .narrow(0, kProbNegMin, 4);
+          stats = at::stack({stats, rest}).amax(0);
+        }
+      }
       return;
     }
     exec.for_each_item(B, h, w, f, 1);  // (image, output row), columns as the item's channels
   });
-  return {probs, gate};
+  if (!stats.defined()) stats = separate_stats();
+  return {probs, gate, stats};
 }
 
 // Backward of dense_energy_inputs' probs: grad (B, K, h, w) -> (B, K, height, width).
@@ -367,7 +400,7 @@ at::Tensor bilateral_features_2d(const Exec& exec, const at::Tensor& images, int
 template <class Exec>
 at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, const at::Tensor& probs,
                                     const at::Tensor& rois, const at::Tensor& labels, double ignore_index,
-                                    bool distribution) {
+                                    bool distribution, bool probabilities) {
   const int64_t B = probs.size(0), K = probs.size(1), H = probs.size(2), W = probs.size(3);
   const int64_t P = B * H * W;
   constexpr bool kChunked = Exec::kChannelsPerThread == 0;  // the CPU: contiguous pixel ranges
@@ -382,7 +415,8 @@ at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, 
   const StridedView img = strided_view(images, "images"), roi = strided_view(rois, "rois"),
                     lab = strided_view(labels, "labels");
   if constexpr (std::is_same_v<Exec, CpuExec>) {  // the CPU: row by row where the classes' rows are
-    if (probs.stride(3) == 1) return input_stats_cpu_rows(images, probs, img, roi, lab, ignore_index, distribution);
+    if (probs.stride(3) == 1 || !probabilities)
+      return input_stats_cpu_rows(images, probs, img, roi, lab, ignore_index, distribution, probabilities);
   }
   const int64_t T = std::min(P, want);
   auto partial = at::empty({T, kNumStats}, probs.options().dtype(at::kDouble));
@@ -403,7 +437,8 @@ at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, 
                                             T,
                                             ignore_index,
                                             distribution,
-                                            partial.data_ptr<double>()};
+                                            partial.data_ptr<double>(),
+                                            probabilities};
     exec.for_each(T, f, 1);
   });
   return partial.amax(0);

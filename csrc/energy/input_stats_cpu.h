@@ -22,6 +22,7 @@
 
 #include "common/exec.h"
 #include "energy/energy_common.h"
+#include "energy/prob_rows_cpu.h"
 
 #if defined(RRM_CPU_AVX2_DISPATCH)
 #include <immintrin.h>
@@ -133,54 +134,6 @@ inline void flag_row(const T* p, int64_t sx, int64_t n, int32_t* bad, const Ok& 
 }
 
 #if defined(RRM_CPU_AVX2_DISPATCH)
-// The probabilities' part of a block for float32 in AVX2 registers: the range over rows [0, rows)
-// of every class (lanes lo, hi: min/max instructions, which skip a NaN value) and each pixel's
-// sum over the classes (sum: rows x W). base: class 0's first row; classes psk apart, rows psy.
-__attribute__((target("avx2"))) inline void prob_block_avx2(const float* base, int64_t psk, int64_t psy, int64_t K,
-                                                            int64_t rows, int64_t W, float* sum, float* lo, float* hi) {
-  __m256 vlo = _mm256_loadu_ps(lo), vhi = _mm256_loadu_ps(hi);
-  for (int64_t k = 0; k < K; ++k) {
-    for (int64_t y = 0; y < rows; ++y) {
-      const float* p = base + k * psk + y * psy;
-      float* sr = sum + y * W;
-      int64_t x = 0;
-      if (k == 0) {
-        for (; x + 8 <= W; x += 8) {
-          const __m256 v = _mm256_loadu_ps(p + x);
-          vlo = _mm256_min_ps(v, vlo);
-          vhi = _mm256_max_ps(v, vhi);
-          _mm256_storeu_ps(sr + x, v);
-        }
-      } else {
-        for (; x + 8 <= W; x += 8) {
-          const __m256 v = _mm256_loadu_ps(p + x);
-          vlo = _mm256_min_ps(v, vlo);
-          vhi = _mm256_max_ps(v, vhi);
-          _mm256_storeu_ps(sr + x, _mm256_add_ps(_mm256_loadu_ps(sr + x), v));
-        }
-      }
-      for (; x < W; ++x) {
-        const float v = p[x];
-        lo[0] = v < lo[0] ? v : lo[0];
-        hi[0] = v > hi[0] ? v : hi[0];
-        sr[x] = k == 0 ? v : sr[x] + v;
-      }
-    }
-  }
-  // lane 0 holds the scalar tails' range too
-  float l8[8], h8[8];
-  _mm256_storeu_ps(l8, vlo);
-  _mm256_storeu_ps(h8, vhi);
-  l8[0] = lo[0] < l8[0] ? lo[0] : l8[0];
-  h8[0] = hi[0] > h8[0] ? hi[0] : h8[0];
-  for (int u = 0; u < 8; ++u) {
-    lo[u] = l8[u];
-    hi[u] = h8[u];
-  }
-}
-#endif
-
-#if defined(RRM_CPU_AVX2_DISPATCH)
 // range_row for float elements in unit steps, in AVX2 registers (min/max skip NaN; the NaN lanes
 // from an unordered compare).
 __attribute__((target("avx2"))) inline void range_f32_avx2(const float* p, int64_t n, float* lo, float* hi,
@@ -237,6 +190,7 @@ struct InputStatsRows {
   int64_t C, K, H, W;
   double ignore;
   bool distribution;
+  bool probabilities;  // false: the probabilities are not read (their entries stay -inf)
 
   // Rows [y0, y1) of image b (a block: each class's rows of the block are one sequential run),
   // merged into m (kNumStats maxima).
@@ -270,53 +224,41 @@ struct InputStatsRows {
         merge_range(lo, hi, nan, m, kImgNegMin, kImgMax);
       });
     }
-    // probabilities: their range in registers (eight lanes) and each pixel's sum over the classes
-    // (in P: the loss checks it to 1e-2) in a row-block buffer that stays in L1, class by class
-    // (each class's rows of the block: one sequential run). A running per-pixel minimum and
-    // maximum as well would cost two more stores per element (3x slower on the 2-core VM).
-    if (K > 0 && n > 0) {
-      P lo[kLanes], hi[kLanes], slo[kLanes], shi[kLanes];
-      int32_t nan[kLanes], unused_nan[kLanes];
-      init_range(lo, hi, unused_nan);
-      init_range(slo, shi, nan);
+    // probabilities: their range and each pixel's sum over the classes (in the probabilities'
+    // dtype, float32 for float16/bfloat16: the loss checks it to 1e-2), class by class over the
+    // block (each class's rows of the block: one sequential run), the sums in a row-block buffer.
+    // float and double: prob_rows_cpu.h (float in AVX2 registers), shared with dense_energy_inputs.
+    if (probabilities && K > 0 && n > 0) {
       P* sum = buf;
-#if defined(RRM_CPU_AVX2_DISPATCH)
-      if constexpr (std::is_same_v<prob_t, float>) {
-        if (cpu_has_avx2()) {
-          prob_block_avx2(prob + b * psb + y0 * psy, psk, psy, K, y1 - y0, W, sum, lo, hi);
-          goto sums;
-        }
-      }
-#endif
-      for (int64_t k = 0; k < K; ++k) {
-        for (int64_t y = y0; y < y1; ++y) {
-          const prob_t* p = prob + b * psb + k * psk + y * psy;
-          P* sr = sum + (y - y0) * W;
-          int64_t x = 0;
-          for (; x + kLanes <= W; x += kLanes) {
-            for (int u = 0; u < kLanes; ++u) {
-              const P v = static_cast<P>(p[x + u]);
-              lo[u] = v < lo[u] ? v : lo[u];
-              hi[u] = v > hi[u] ? v : hi[u];
-              sr[x + u] = k == 0 ? v : sr[x + u] + v;
+      double st[4];
+      for (int j = 0; j < 4; ++j) st[j] = -std::numeric_limits<double>::infinity();
+      P lo[kProbLanes], hi[kProbLanes];
+      prob_lanes_init(lo, hi);
+      if constexpr (std::is_same_v<prob_t, P>) {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t y = y0; y < y1; ++y)
+            prob_row(prob + b * psb + k * psk + y * psy, W, sum + (y - y0) * W, k == 0, lo, hi);
+      } else {  // float16, bfloat16: converted element by element
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t y = y0; y < y1; ++y) {
+            const prob_t* p = prob + b * psb + k * psk + y * psy;
+            P* sr = sum + (y - y0) * W;
+            for (int64_t x = 0; x < W; ++x) {
+              const P v = static_cast<P>(p[x]);
+              lo[0] = v < lo[0] ? v : lo[0];
+              hi[0] = v > hi[0] ? v : hi[0];
+              sr[x] = k == 0 ? v : sr[x] + v;
             }
           }
-          for (; x < W; ++x) {
-            const P v = static_cast<P>(p[x]);
-            lo[0] = v < lo[0] ? v : lo[0];
-            hi[0] = v > hi[0] ? v : hi[0];
-            sr[x] = k == 0 ? v : sr[x] + v;
-          }
         }
       }
-#if defined(RRM_CPU_AVX2_DISPATCH)
-    sums:
-#endif
-      // A NaN probability makes its pixel's sum NaN (so does +Inf with -Inf in one pixel, which
-      // the range check refuses all the same).
-      range_row(sum, 1, n, slo, shi, nan);
-      merge_range(lo, hi, nan, m, kProbNegMin, kProbMax);
-      if (distribution) merge_range(slo, shi, nan, m, kSumNegMin, kSumMax);
+      prob_stats_finish(sum, n, lo, hi, st);
+      m[kProbNegMin] = nan_max(m[kProbNegMin], st[0]);
+      m[kProbMax] = nan_max(m[kProbMax], st[1]);
+      if (distribution) {
+        m[kSumNegMin] = nan_max(m[kSumNegMin], st[2]);
+        m[kSumMax] = nan_max(m[kSumMax], st[3]);
+      }
     }
     for (int64_t y = y0; y < y1; ++y) {
       if (roi.p) {
@@ -367,7 +309,7 @@ struct InputStatsRows {
 // undefined, any dtypes and strides -> (kNumStats,) float64.
 inline at::Tensor input_stats_cpu_rows(const at::Tensor& images, const at::Tensor& probs, const StridedView& img,
                                        const StridedView& roi, const StridedView& lab, double ignore_index,
-                                       bool distribution) {
+                                       bool distribution, bool probabilities) {
   const int64_t B = probs.size(0), K = probs.size(1), H = probs.size(2), W = probs.size(3);
   const int threads = at::get_num_threads();
   std::vector<std::array<double, kNumStats>> part(static_cast<size_t>(threads));
@@ -386,7 +328,8 @@ inline at::Tensor input_stats_cpu_rows(const at::Tensor& images, const at::Tenso
                                      H,
                                      W,
                                      ignore_index,
-                                     distribution};
+                                     distribution,
+                                     probabilities};
     // items: blocks of 32 rows of an image (each class's rows of a block: one run of 32 W elements;
     // the block's sums, 32 W, stay in L1 / L2 at W ~ 320; 8 and 16 rows measured 10-20 % slower)
     constexpr int64_t kRows = 32;

@@ -31,12 +31,13 @@ torch.library.register_fake("rrm_cuda::_dense_energy_emulated")(_energy_fake)
 # ---- the energy's inputs at its working scale (downscale, ROI product and gate in one pass) ----
 
 
-def _inputs_fake(segmentations, rois=None, unlabelled=None, stride=1, gate=True, tile=0):
+def _inputs_fake(segmentations, rois=None, unlabelled=None, stride=1, gate=True, tile=0, stats=False):
     torch._check(segmentations.dim() == 4 and stride in (1, 2) and tile >= 0)
     B, K, H, W = segmentations.shape
     probs = segmentations.new_empty((B, K, H // stride, W // stride))
     g = segmentations.new_empty((B, H // stride, W // stride)) if gate else segmentations.new_empty((0,))
-    return probs, g
+    st = segmentations.new_empty((4 if stats else 0,), dtype=torch.float64)
+    return probs, g, st
 
 
 def _inputs_backward_fake(grad, rois, height, width, stride, tile=0):
@@ -67,7 +68,9 @@ for _name in ("rrm_cuda::bilateral_features_2d", "rrm_cuda::_bilateral_features_
 # ---- the value checks' statistics, one pass (no autograd: a check, not a function of the loss) ----
 
 
-def _input_stats_fake(images, segmentations, rois=None, labels=None, ignore_index=255.0, distribution=False):
+def _input_stats_fake(
+    images, segmentations, rois=None, labels=None, ignore_index=255.0, distribution=False, probabilities=True
+):
     torch._check(images.dim() == 4 and segmentations.dim() == 4)
     return segmentations.new_empty((8,), dtype=torch.float64)
 
