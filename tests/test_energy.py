@@ -263,6 +263,31 @@ def test_inputs_op_backward_large_output_on_huge_pages():
     del again, third, want
 
 
+def test_cached_cpu_outputs_of_8_to_32_mib():
+    # The energy loss's CPU outputs of 8-32 MiB (its working-scale probabilities, its gradient
+    # direction) come from host_alloc.h's block cache in plain pages: the same values as the
+    # emulated launch, reused once freed (never while held), ordinary resizable tensors.
+    g = torch.Generator().manual_seed(3)
+    seg = torch.softmax(torch.randn(1, 8, 1100, 1102, generator=g), 1)
+    rois = torch.ones(1, 1100, 1102)
+    rois[..., -9:] = 0
+    p, gate, _ = ops.dense_energy_inputs(seg, rois, None, 2, True)
+    want_p, want_g, _ = ops._dense_energy_inputs_emulated(seg, rois, None, 2, True)
+    assert 8 << 20 <= p.nbytes < 32 << 20 and torch.equal(p, want_p) and torch.equal(gate, want_g)
+    q, _, _ = ops.dense_energy_inputs(seg * 0.5, rois, None, 2, True)
+    assert q.data_ptr() != p.data_ptr() and torch.equal(q, want_p * 0.5) and torch.equal(p, want_p)
+    address = p.data_ptr()
+    del p
+    r, _, _ = ops.dense_energy_inputs(seg, rois, None, 2, True)  # may take the freed block
+    assert torch.equal(r, want_p) and torch.equal(q, want_p * 0.5) and address != 0
+    r.resize_(2, 8, 550, 551)  # grows through its allocator
+    assert torch.equal(r[:1], want_p)
+    probs = r[:1].reshape(1, 8, -1)
+    feats = torch.rand(1, 5, probs.shape[2], generator=g) * 3
+    e, d = ops.dense_energy(probs, torch.rand(1, probs.shape[2], generator=g), feats, None, 1)
+    assert d.nbytes >= 8 << 20 and bool(torch.isfinite(d).all()) and bool(torch.isfinite(e).all())
+
+
 def test_inputs_op_nan_propagates_like_amax_and_clamp():
     p = torch.softmax(torch.randn(1, 3, 4, 6, generator=torch.Generator().manual_seed(0)), 1)
     p[0, 1, 0, 0] = float("nan")  # a later class

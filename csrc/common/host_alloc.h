@@ -11,7 +11,7 @@
 // this for all its allocations when THP_MEM_ALLOC_ENABLE=1 is set before its first one.) Only
 // tensors that glibc would map afresh take this path: on tensors below the threshold it measured
 // slower (the (8, 21, 160^2) gradient of dense_energy: +20 ms). Freed blocks are kept for reuse
-// (BlockCache, at most two): a training loop's next gradient then needs no page zeroed at all.
+// (BlockCache, at most six): a training loop's next gradient then needs no page zeroed at all.
 // RRM_CUDA_HUGE_PAGES=0 in the environment turns all of it off (plain at::empty).
 #pragma once
 
@@ -50,7 +50,7 @@ inline bool huge_pages_enabled() {
 // smallest cached block that holds it and is at most twice its size. Leaked on purpose: tensors can
 // be freed during static destruction, after a static cache would be gone.
 struct BlockCache {
-  static constexpr size_t kCachedBlocks = 2;
+  static constexpr size_t kCachedBlocks = 6;
   static constexpr size_t kCachedBytes = size_t(1) << 30;
   struct Block {
     void* p;
@@ -90,6 +90,7 @@ struct BlockCache {
   }
 };
 
+template <bool kHuge>
 struct HugePageAllocator final : c10::Allocator {
   static void release_nothing(void*) {}
   static void release(void* ctx) {
@@ -107,7 +108,7 @@ struct HugePageAllocator final : c10::Allocator {
       TORCH_CHECK(posix_memalign(&p, kHugePage, rounded) == 0 && p != nullptr,
                   "rrm_cuda: out of host memory allocating ", n, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-      madvise(p, rounded, MADV_HUGEPAGE);  // advice: failure changes nothing
+      if (kHuge) madvise(p, rounded, MADV_HUGEPAGE);  // advice: failure changes nothing
 #endif
       blk = {p, rounded};
     }
@@ -124,26 +125,38 @@ struct HugePageAllocator final : c10::Allocator {
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 };
 
-inline HugePageAllocator* huge_page_allocator() {
-  static HugePageAllocator* a = new HugePageAllocator();  // leaked, as BlockCache: storages outlive statics
+template <bool kHuge>
+inline HugePageAllocator<kHuge>* huge_page_allocator() {
+  static auto* a = new HugePageAllocator<kHuge>();  // leaked, as BlockCache: storages outlive statics
   return a;
 }
 
 }  // namespace detail
 
-// at::empty(sizes, options), on huge pages when it is a CPU tensor of at least `min_bytes` (32 MiB,
-// glibc's largest mmap threshold) and huge pages are on. The tensor is an ordinary resizable CPU
-// tensor (its storage keeps this allocator).
+// at::empty(sizes, options) for a CPU tensor of at least `min_bytes` (and huge pages on): from the
+// block cache, on huge pages at 32 MiB or more (glibc's largest mmap threshold, where a fresh block
+// is mapped on every call), in plain pages below (huge pages there measured slower: +20 ms for the
+// (8, 21, 160^2) gradient of dense_energy, session 20). Below 32 MiB glibc's heap usually serves a
+// freed block again, but not always: the energy loss's 17 MB outputs (its working-scale
+// probabilities and gradient direction) were faulted in afresh on some calls and not others, 1-4k
+// page faults per training step on the 2-core VM (session 21); from the cache they never are after
+// the first. The tensor is an ordinary resizable CPU tensor (its storage keeps this allocator).
 inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options,
                               size_t min_bytes = size_t(32) << 20) {
   if (options.device().is_cpu() && detail::huge_pages_enabled()) {
     size_t n = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
     for (const int64_t s : sizes) n *= static_cast<size_t>(s);
-    if (n >= min_bytes)
-      return at::detail::empty_generic(sizes, detail::huge_page_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+    if (n >= min_bytes) {
+      c10::Allocator* a = n >= (size_t(32) << 20) ? static_cast<c10::Allocator*>(detail::huge_page_allocator<true>())
+                                                  : static_cast<c10::Allocator*>(detail::huge_page_allocator<false>());
+      return at::detail::empty_generic(sizes, a, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                        c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+    }
   }
   return at::empty(sizes, options);
 }
+
+// The size from which the energy loss's CPU outputs come from the block cache.
+constexpr size_t kCachedOutputBytes = size_t(8) << 20;
 
 }  // namespace rrm

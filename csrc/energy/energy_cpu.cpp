@@ -39,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> energy_cpu(const at::Tensor& probs, const at:
   const bool has_mass = mass.has_value() && mass->defined();
   const at::Tensor m = has_mass ? mass->contiguous() : at::Tensor();
   auto terms = at::empty({B}, probs.options());
-  auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options()) : at::empty({B, K, N}, probs.options());
+  auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options())
+                                   : empty_large({B, K, N}, probs.options(), kCachedOutputBytes);
   std::atomic<int64_t> next{0};
   const at::ThreadLocalState tls;
   at::parallel_for(0, std::min<int64_t>(B, threads), 1, [&](int64_t, int64_t) {

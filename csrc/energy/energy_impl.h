@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   // Every entry of grad is written by EnergySliceFunctor (no memset needed).
   auto grad = grad_mode == kNoGrad ? at::empty({0}, probs.options())
               : grad_out.defined() ? grad_out
-                                   : at::empty({B, K, N}, probs.options());
+                                   : empty_large({B, K, N}, probs.options(), kCachedOutputBytes);
   if (B == 0 || K == 0 || N == 0) return {at::zeros({B}, probs.options()), grad};
   const bool has_mass = mass.has_value() && mass->defined();
   const int64_t C = K + (has_mass ? 1 : 0);
@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_energy_inputs(const Exec& e
   const int64_t B = seg.size(0), K = seg.size(1), H = seg.size(2), W = seg.size(3);
   const int64_t h = H / stride, w = W / stride;
   const int T = tile < w ? static_cast<int>(tile) : 0;  // tiles as wide as the image: the raster order
-  auto probs = at::empty({B, K, h, w}, seg.options());
+  auto probs = empty_large({B, K, h, w}, seg.options(), kCachedOutputBytes);
   auto gate = with_gate ? at::empty({B, h, w}, seg.options()) : at::empty({0}, seg.options());
   const auto dopt = seg.options().dtype(at::kDouble);
   // The statistics by the one-pass statistics op (no images, ROIs or labels) where the downscaling
