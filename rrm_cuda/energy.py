@@ -180,9 +180,11 @@ def _start_checks(
     and returns the images' maximum (None when they are empty: it bounds the bilateral features'
     colours).
 
-    On a GPU one pass over the inputs and one reduction (``ops.dense_energy_input_stats``), on the
-    CPU a few ATen reductions; read back with a single device synchronisation (on a GPU each read
-    stalls the host until the queue drains, hence ``_DEFER_CHECKS``). NaN propagates into the ranges
+    One pass over the inputs (``ops.dense_energy_input_stats``: one kernel and one reduction on a GPU,
+    row blocks in AVX2 registers on the CPU; ``prob_stats``: the probabilities' part already read by
+    ``ops.dense_energy_inputs``), or ATen reductions while ``_STATS_OP_ON_CPU`` is False; read back
+    with a single device synchronisation (on a GPU each read stalls the host until the queue drains,
+    hence ``_DEFER_CHECKS``). NaN propagates into the ranges
     and ±Inf falls outside them, so the finiteness checks cost nothing extra on valid inputs.
     """
     K = probs.shape[1]

@@ -522,6 +522,19 @@ def test_input_stats_op_vs_restatement(op):
     # no class: every label must be the ignore index
     got = f(images, probs[:, :0], None, lab3, 255.0, False)
     assert got[7] == 1.0 and f(images, probs[:, :0], None, torch.full_like(lab3, 255), 255.0, False)[7] == 0.0
+    # no class with the distribution: the empty sums are 0 on every path
+    for dist in (True, False):
+        want = ops._dense_energy_input_stats_emulated(images, probs[:, :0], None, lab3, 255.0, dist)
+        torch.testing.assert_close(f(images, probs[:, :0], None, lab3, 255.0, dist), want, rtol=0, atol=0)
+    # probabilities=False: the probabilities' entries left at -inf, the rest as with them (K still
+    # bounds the labels)
+    no_p = f(images, probs, rois, lab3, 255.0, True, False)
+    full = f(images, probs, rois, lab3, 255.0, True)
+    rest = [0, 1, 6, 7]
+    assert torch.equal(no_p[rest], full[rest]) and bool((no_p[2:6] == -float("inf")).all())
+    bad = lab3.clone()
+    bad[0, 0, 0] = 4.0  # = K: a bad label with or without the probabilities
+    assert f(images, probs, rois, bad, 255.0, True, False)[7] == 1.0
 
 
 def test_input_stats_op_opcheck_and_bad_arguments():

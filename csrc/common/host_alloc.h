@@ -114,7 +114,7 @@ struct HugePageAllocator final : c10::Allocator {
     }
     BlockCache::Block* ctx = nullptr;
     try {
-      ctx = new BlockCache::Block(blk);
+      ctx = new BlockCache::Block{blk};  // (braces: nvcc in C++20 rejects the parentheses here)
     } catch (...) {
       std::free(blk.p);
       throw;

@@ -228,6 +228,10 @@ struct InputStatsRows {
     // dtype, float32 for float16/bfloat16: the loss checks it to 1e-2), class by class over the
     // block (each class's rows of the block: one sequential run), the sums in a row-block buffer.
     // float and double: prob_rows_cpu.h (float in AVX2 registers), shared with dense_energy_inputs.
+    if (probabilities && K == 0 && n > 0 && distribution) {  // empty sums: 0, as InputStatsFunctor's
+      m[kSumNegMin] = nan_max(m[kSumNegMin], -0.0);
+      m[kSumMax] = nan_max(m[kSumMax], 0.0);
+    }
     if (probabilities && K > 0 && n > 0) {
       P* sum = buf;
       double st[4];
@@ -311,8 +315,12 @@ inline at::Tensor input_stats_cpu_rows(const at::Tensor& images, const at::Tenso
                                        const StridedView& roi, const StridedView& lab, double ignore_index,
                                        bool distribution, bool probabilities) {
   const int64_t B = probs.size(0), K = probs.size(1), H = probs.size(2), W = probs.size(3);
-  const int threads = at::get_num_threads();
-  std::vector<std::array<double, kNumStats>> part(static_cast<size_t>(threads));
+  // items: blocks of 32 rows of an image (each class's rows of a block: one run of 32 W elements;
+  // the block's sums, 32 W, stay in L1 / L2 at W ~ 320; 8 and 16 rows measured 10-20 % slower),
+  // one partial per item (not per thread: safe inside other parallel regions too)
+  constexpr int64_t kRows = 32;
+  const int64_t blocks = (H + kRows - 1) / kRows;
+  std::vector<std::array<double, kNumStats>> part(static_cast<size_t>(B * blocks));
   for (auto& m : part)
     for (int j = 0; j < kNumStats; ++j) m[j] = j >= kRoiBad ? 0.0 : -std::numeric_limits<double>::infinity();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, probs.scalar_type(), "rrm_energy_input_stats_rows", [&] {
@@ -330,29 +338,21 @@ inline at::Tensor input_stats_cpu_rows(const at::Tensor& images, const at::Tenso
                                      ignore_index,
                                      distribution,
                                      probabilities};
-    // items: blocks of 32 rows of an image (each class's rows of a block: one run of 32 W elements;
-    // the block's sums, 32 W, stay in L1 / L2 at W ~ 320; 8 and 16 rows measured 10-20 % slower)
-    constexpr int64_t kRows = 32;
-    const int64_t blocks = (H + kRows - 1) / kRows;
     at::parallel_for(0, B * blocks, 1, [&](int64_t i0, int64_t i1) {
-      double m[kNumStats];
-      auto& slot = part[static_cast<size_t>(at::get_thread_num())];
-      for (int j = 0; j < kNumStats; ++j) m[j] = slot[j];
-      std::vector<range_t<scalar_t>> buf(static_cast<size_t>(kRows * W));
+      std::vector<range_t<scalar_t>> buf(probabilities ? static_cast<size_t>(kRows * W) : 0);
       cpu_run([&] {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t b = i / blocks, y0 = (i - b * blocks) * kRows;
-          f(b, y0, std::min(H, y0 + kRows), m, buf.data());
+          f(b, y0, std::min(H, y0 + kRows), part[static_cast<size_t>(i)].data(), buf.data());
         }
       });
-      for (int j = 0; j < kNumStats; ++j) slot[j] = m[j];
     });
   });
   auto out = at::empty({kNumStats}, probs.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
   for (int j = 0; j < kNumStats; ++j) {
-    o[j] = part[0][j];
-    for (size_t t = 1; t < part.size(); ++t) o[j] = nan_max(o[j], part[t][j]);
+    o[j] = j >= kRoiBad ? 0.0 : -std::numeric_limits<double>::infinity();
+    for (const auto& m : part) o[j] = nan_max(o[j], m[j]);
   }
   return out;
 }
