@@ -44,12 +44,12 @@ inline bool huge_pages_enabled() {
 }
 
 // Freed blocks kept for the next large output (one cache for both kinds of block, huge-page-advised
-// and plain: a block of either kind may serve a request of the other, which changes speed only): a reused block is already faulted in, so the next
-// call writes to it at memory speed instead of waiting for the kernel to zero fresh pages (the
-// energy loss's input gradient is one such block per training step, freed by the step's backward
-// before the next one asks). At most kCachedBlocks blocks, kCachedBytes in all; a request takes the
-// smallest cached block that holds it and is at most twice its size. Leaked on purpose: tensors can
-// be freed during static destruction, after a static cache would be gone.
+// and plain: a block of either kind may serve a request of the other, which changes speed only): a reused block is
+// already faulted in, so the next call writes to it at memory speed instead of waiting for the kernel to zero fresh
+// pages (the energy loss's input gradient is one such block per training step, freed by the step's backward before the
+// next one asks). At most kCachedBlocks blocks, kCachedBytes in all; a request takes the smallest cached block that
+// holds it and is at most twice its size. Leaked on purpose: tensors can be freed during static destruction, after a
+// static cache would be gone.
 struct BlockCache {
   static constexpr size_t kCachedBlocks = 6;
   static constexpr size_t kCachedBytes = size_t(1) << 30;
