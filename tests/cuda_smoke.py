@@ -141,6 +141,11 @@ def main() -> None:
         b = ops.dense_energy_inputs(seg, roi, unl, stride, True, tile)
         for k, (u, w) in enumerate(zip(a, b)):
             close(f"dense_energy_inputs stride={stride} tile={tile} out{k}", u, w, 0.0)
+        # stats=True (session 21): on CUDA through the statistics op, sums in double; the CPU's
+        # stride-2 path sums in the dtype (float64 here: the same to rounding)
+        sa = ops.dense_energy_inputs(seg.to(dev), roi.to(dev), unl.to(dev), stride, True, tile, True)[2]
+        sb = ops.dense_energy_inputs(seg, roi, unl, stride, True, tile, True)[2]
+        close(f"dense_energy_inputs stride={stride} tile={tile} stats", sa, sb, 1e-12)
         go = torch.randn(b[0].shape, generator=g, dtype=torch.float64)
         u = ops.dense_energy_inputs_backward(go.to(dev), roi.to(dev), 13, 10, stride, tile)
         close(
