@@ -414,7 +414,9 @@ at::Tensor dense_energy_input_stats(const Exec& exec, const at::Tensor& images, 
   }
   const StridedView img = strided_view(images, "images"), roi = strided_view(rois, "rois"),
                     lab = strided_view(labels, "labels");
-  if constexpr (std::is_same_v<Exec, CpuExec>) {  // the CPU: row by row where the classes' rows are
+  // The CPU: blocks of rows (input_stats_cpu.h) where the probabilities' rows have unit column steps
+  // or are not read; otherwise (and CUDA, the emulation) the functor, a pixel at a time.
+  if constexpr (std::is_same_v<Exec, CpuExec>) {
     if (probs.stride(3) == 1 || !probabilities)
       return input_stats_cpu_rows(images, probs, img, roi, lab, ignore_index, distribution, probabilities);
   }

@@ -63,7 +63,7 @@ void with_elem(Elem t, F&& f) {
   }
 }
 
-constexpr int kLanes = 8;
+constexpr int kLanes = kProbLanes;  // (prob_rows_cpu.h's lanes: 8)
 
 // Range of n elements (stride sx) into lanes lo, hi, and whether any is NaN into lanes nan (the
 // plain selects ignore NaN; min and max instructions each).
@@ -243,18 +243,9 @@ struct InputStatsRows {
           for (int64_t y = y0; y < y1; ++y)
             prob_row(prob + b * psb + k * psk + y * psy, W, sum + (y - y0) * W, k == 0, lo, hi);
       } else {  // float16, bfloat16: converted element by element
-        for (int64_t k = 0; k < K; ++k) {
-          for (int64_t y = y0; y < y1; ++y) {
-            const prob_t* p = prob + b * psb + k * psk + y * psy;
-            P* sr = sum + (y - y0) * W;
-            for (int64_t x = 0; x < W; ++x) {
-              const P v = static_cast<P>(p[x]);
-              lo[0] = v < lo[0] ? v : lo[0];
-              hi[0] = v > hi[0] ? v : hi[0];
-              sr[x] = k == 0 ? v : sr[x] + v;
-            }
-          }
-        }
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t y = y0; y < y1; ++y)
+            prob_row_generic(prob + b * psb + k * psk + y * psy, W, sum + (y - y0) * W, k == 0, lo, hi);
       }
       prob_stats_finish(sum, n, lo, hi, st);
       m[kProbNegMin] = nan_max(m[kProbNegMin], st[0]);

@@ -29,9 +29,10 @@ inline void prob_lanes_init(T* lo, T* hi) {
   }
 }
 
-template <typename T>
-inline void prob_row_generic(const T* p, int64_t W, T* sum, bool init, T* lo, T* hi) {
-  T l[kProbLanes], h[kProbLanes];  // local lanes (registers)
+// A: the running type (T itself, or float for float16 / bfloat16 elements, converted one by one).
+template <typename T, typename A = T>
+inline void prob_row_generic(const T* p, int64_t W, A* sum, bool init, A* lo, A* hi) {
+  A l[kProbLanes], h[kProbLanes];  // local lanes (registers)
   for (int u = 0; u < kProbLanes; ++u) {
     l[u] = lo[u];
     h[u] = hi[u];
@@ -39,14 +40,14 @@ inline void prob_row_generic(const T* p, int64_t W, T* sum, bool init, T* lo, T*
   int64_t x = 0;
   for (; x + kProbLanes <= W; x += kProbLanes) {
     for (int u = 0; u < kProbLanes; ++u) {
-      const T v = p[x + u];
+      const A v = static_cast<A>(p[x + u]);
       l[u] = v < l[u] ? v : l[u];
       h[u] = v > h[u] ? v : h[u];
       sum[x + u] = init ? v : sum[x + u] + v;
     }
   }
   for (; x < W; ++x) {
-    const T v = p[x];
+    const A v = static_cast<A>(p[x]);
     l[0] = v < l[0] ? v : l[0];
     h[0] = v > h[0] ? v : h[0];
     sum[x] = init ? v : sum[x] + v;
