@@ -43,6 +43,9 @@ TORCH_LIBRARY(rrm_cuda, m) {
       "Tensor");
   // (B, d, N) -> (B,) int64: lattice points per image (occupancy diagnostics, memory planning).
   m.def("lattice_num_vertices(Tensor features) -> Tensor", host_sync());
+  // For tests: the lattices' tables, (B, N, d+1) int32 entry vertices and (B, N, d+1) weights, (B, d+1, M, 2)
+  // int32 neighbours (-1: none; M the largest vertex count); emulated (CPU): the CUDA build's passes emulated.
+  m.def("_lattice_tables(Tensor features, bool emulated=False) -> (Tensor, Tensor, Tensor)", host_sync());
   // Mean-field inference with densecrf's semantics. unary (B, L, N) energies; features T x (B_t, d_t, N)
   // with B_t dividing B (image b uses features[t][b % B_t]: lattices shared by several unaries);
   // compat (T, L, L) in the energy convention (Potts w -> -w I); diagonal: T flags (compat[t] is

@@ -281,6 +281,7 @@ def test_tuning_knobs(tuning):
         "mean_field_tile_kernel",
         "insert_corner_major",
         "emulate_capture",
+        "cpu_build_passes",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -340,12 +341,14 @@ def test_hash_table_growth():
 
 @pytest.mark.parametrize("d", [2, 3, 5, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_serial_build_equals_the_launches(d, dtype):
+def test_cpu_serial_build_equals_the_launches(d, dtype, tuning):
     # The CPU builds a batch's lattices image by image on one thread each (lattice_impl.h,
-    # build_image_serial), one image on several threads by the launches (embed, insert, assign,
-    # resolve, neighbours). With the same thread count the filter then runs the same way: every
-    # image's result must be the same bits either way, and the vertex counts equal. The second image
-    # outgrows the serial build's first hash table (rehashed) and the launches' (rebuilt).
+    # build_image_cpu), one image on several threads by the launches (embed, insert, assign,
+    # resolve, neighbours) under knob cpu_build_passes. With the same thread count the filter then
+    # runs the same way: every image's result must be the same bits either way, and the vertex counts
+    # equal. The second image outgrows the serial build's first hash table (rehashed) and the
+    # launches' (rebuilt).
+    tuning("cpu_build_passes", 1)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -367,13 +370,117 @@ def test_cpu_serial_build_equals_the_launches(d, dtype):
         torch.set_num_threads(before)
 
 
+def _assert_same_lattice(tables, features, first_appearance):
+    """The op's lattice tables (_lattice_tables) of each image equal the reference's
+    (_lattice_reference: vertices numbered by torch.unique) up to the vertex numbering: one id of
+    the op for each of the reference's, the same weights and the same neighbours. first_appearance:
+    the ids also follow the entries' order of first appearance (the CPU's numbering)."""
+    from rrm_cuda.reference import _lattice_reference
+
+    ev, ew, nbr = tables
+    for b in range(features.shape[0]):
+        vertex, weight, ref_nbr, M = _lattice_reference(features[b])
+        ours = ev[b].long()
+        assert int(ours.max()) + 1 == M and int(ours.min()) == 0, b
+        to_ours = torch.full((M,), -1, dtype=torch.long)
+        to_ours[vertex.reshape(-1)] = ours.reshape(-1)
+        assert torch.equal(to_ours[vertex], ours), b  # one id of ours per reference vertex
+        assert torch.equal(torch.sort(to_ours).values, torch.arange(M)), b  # and a bijection
+        torch.testing.assert_close(ew[b], weight, rtol=1e-6 if ew.dtype == torch.float32 else 1e-13, atol=1e-6)
+        mapped = torch.where(ref_nbr < 0, -1, to_ours[ref_nbr.clamp(min=0)])  # (d+1, M, 2) in our ids
+        ours_nbr = torch.full_like(mapped, -2)
+        ours_nbr[:, to_ours] = mapped
+        assert torch.equal(nbr[b, :, :M].long(), ours_nbr), b
+        assert bool((nbr[b, :, M:] == -1).all()), b  # rows beyond the image's vertices
+        if first_appearance:
+            flat = ours.reshape(-1)
+            seen = torch.cat([flat.new_tensor([-1]), flat.cummax(0).values[:-1]])
+            assert bool((flat <= seen + 1).all()), b
+
+
+@pytest.mark.parametrize("d", [2, 3, 5, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lattice_tables_equal_the_reference(d, dtype, tuning):
+    # The lattice itself, not only what a filter computes with it: entries, weights and blur
+    # neighbours from every CPU build (one pass per image; the launches' passes; the emulated CUDA
+    # passes) against the reference's torch.unique lattice. Three images: smooth (few vertices),
+    # spread (the first tables outgrown: rehashed, rebuilt), integer-valued (tied residuals).
+    g = torch.Generator().manual_seed(20 + d)
+    N = 700
+    f = torch.randn(3, d, N, generator=g, dtype=dtype)
+    f[0] *= 0.7
+    f[1] *= 40
+    f[2] = torch.randint(-3, 4, (d, N), generator=g).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        for threads, passes in ((1, 0), (2, 0), (4, 0), (4, 1)):
+            torch.set_num_threads(threads)
+            tuning("cpu_build_passes", passes)
+            # the passes' vertex ids follow the entries that won the slots' races: not first appearance
+            ordered = passes == 0
+            for b in range(3):  # one image: fewer images than threads (pixel ranges or the passes)
+                _assert_same_lattice(ops._lattice_tables(f[b : b + 1]), f[b : b + 1], first_appearance=ordered)
+            _assert_same_lattice(ops._lattice_tables(f), f, first_appearance=ordered or threads <= 3)
+    finally:
+        torch.set_num_threads(before)
+    _assert_same_lattice(ops._lattice_tables(f, True), f, first_appearance=False)
+
+
+@pytest.mark.parametrize("d", [2, 5, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_build_in_pixel_ranges_gives_the_one_pass_lattice(d, dtype, tuning):
+    # One image on several threads: its pixels cut into ranges, each built into a table of its own,
+    # merged in range order (lattice_impl.h, build_image_cpu). The result must be the one-pass
+    # lattice bit for bit -- the same vertex ids (first appearance over the whole image), weights and
+    # neighbours -- whatever the number of ranges; the launches' passes number the vertices
+    # otherwise, and filter the same. The image's halves differ (smooth, then spread out: the merge
+    # outgrows the first range's table), and a band of refused (NaN) features crosses a range
+    # boundary; without it, the lattice equals the reference's.
+    g = torch.Generator().manual_seed(d)
+    N = 3 * 8192 + 77  # three ranges of at least 8192 pixels
+    clean = torch.randn(1, d, N, generator=g, dtype=dtype)
+    clean[..., N // 2 :] *= 30
+    f = clean.clone()
+    f[..., N // 3 - 50 : N // 3 + 50] = float("nan")
+    v = torch.randn(1, 3, N, generator=g, dtype=dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops._lattice_tables(f)
+        filtered = ops.permutohedral_filter(v, f, False)
+        for threads, passes in ((2, 0), (3, 0), (4, 0), (3, 1)):
+            torch.set_num_threads(threads)
+            tuning("cpu_build_passes", passes)
+            if passes == 0:
+                for a, b in zip(one, ops._lattice_tables(f)):
+                    assert torch.equal(a, b), threads
+            tol = 1e-4 if dtype == torch.float32 else 1e-10  # other threads: other partial sums' rounding
+            torch.testing.assert_close(
+                ops.permutohedral_filter(v, f, False), filtered, rtol=tol, atol=tol * float(filtered.abs().max())
+            )
+        tuning("cpu_build_passes", 0)
+        _assert_same_lattice(ops._lattice_tables(clean), clean, first_appearance=True)  # 3 threads: 3 ranges
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_lattice_tables_bad_input():
+    with pytest.raises(ValueError, match="features must have 3 dimensions"):
+        ops._lattice_tables(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="features"):
+        ops._lattice_tables(torch.zeros(1, 2, 5, dtype=torch.int32))
+    ev, ew, nbr = ops._lattice_tables(torch.zeros(2, 3, 0))
+    assert ev.shape == (2, 0, 4) and ew.shape == (2, 0, 4) and nbr.shape == (2, 4, 0, 2)
+
+
 @pytest.mark.parametrize("d", [2, 3, 5])
-def test_cpu_vector_simplex_edge_values(d):
+def test_cpu_vector_simplex_edge_values(d, tuning):
     # The serial build takes float32 simplices 8 pixels at a time in AVX2 registers where the
     # processor has it (simplex_avx2.h), the launches one pixel at a time: the same bits are needed
     # where rounding is delicate too -- ties between the two nearest lattice points (integer and
     # half-integer features), coordinates so large that float spacing exceeds d + 1, values at and
     # beyond the key range (refused lane by lane), -0.0, and a pixel count that leaves a tail.
+    tuning("cpu_build_passes", 1)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -3,7 +3,7 @@
 // benchmarks/cuda_profile.py). Results never depend on them: every setting gives the same bits, on
 // CUDA and in the emulated launch (tests/test_permutohedral_filter.py, tests/test_energy.py), except
 // kMeanFieldTile, which regroups sums (see there). The CPU
-// kernels ignore them.
+// kernels ignore them, but for kCpuBuildPasses.
 #pragma once
 
 #include <cstdint>
@@ -46,6 +46,10 @@ enum Knob : int {
   kEmulateCapture,       // tests: the emulated launch acts as inside a CUDA graph capture (exec.capturing():
                          // counted lattices, no lattice cache), so that CPU CI runs a capture's host
                          // logic; 0. Not read by CUDA (a real capture is asked of the stream).
+  kCpuBuildPasses,       // CPU lattice build of fewer images than threads: 0 one pass per image, its pixels
+                         // cut into a range per thread (build_image_cpu), or 1 the launches' passes
+                         // (embed, insert, assign, resolve, neighbours) with every thread on each; 0.
+                         // The same lattice either way (tests compare them).
   kNumKnobs
 };
 

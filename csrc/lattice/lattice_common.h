@@ -39,17 +39,27 @@ RRM_HOST_DEVICE double feature_scale(int k, int d) {
 // Slice normalisation of the [1/2, 1, 1/2] blur along d+1 axes: alpha = 1 / (1 + 2^-d).
 RRM_HOST_DEVICE double slice_alpha(int d) { return 1.0 / (1.0 + pow(2.0, -d)); }
 
-RRM_HOST_DEVICE uint32_t hash_key(const int32_t* key, int d) {
+// A key's hash: hash_mix(hash_linear(key)). The linear part, sum_i key[i] P^(d-i) (mod 2^32), moves
+// by a constant per lattice axis between a key and its blur neighbours (the CPU's serial build
+// forms the neighbours' hashes from it: hash_linear_step).
+constexpr uint32_t kHashPrime = 2531011u;
+RRM_HOST_DEVICE uint32_t hash_linear(const int32_t* key, int d) {
   uint32_t h = 0;
   for (int i = 0; i < d; ++i) {
     h += static_cast<uint32_t>(key[i]);
-    h *= 2531011u;
+    h *= kHashPrime;
   }
+  return h;
+}
+
+RRM_HOST_DEVICE uint32_t hash_mix(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85ebca6bu;
   h ^= h >> 13;
   return h;
 }
+
+RRM_HOST_DEVICE uint32_t hash_key(const int32_t* key, int d) { return hash_mix(hash_linear(key, d)); }
 
 RRM_HOST_DEVICE bool keys_equal(const int32_t* a, const int32_t* b, int d) {
   for (int i = 0; i < d; ++i)

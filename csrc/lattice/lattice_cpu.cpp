@@ -70,9 +70,18 @@ at::Tensor num_vertices_cpu(const at::Tensor& features) {
   return build(CpuExec{}, features.contiguous(), 1).num_vertices.to(at::kLong);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tables_cpu(const at::Tensor& features, bool emulated) {
+  RRM_CHECK_DIM(features, 3, "features");
+  RRM_CHECK_FLOATING(features, "features");
+  check_filter_args(at::empty({features.size(0), 1, features.size(2)}, features.options()), features);
+  if (emulated) return lattice_tables(EmulatedCudaExec{}, features, features.size(0));
+  return lattice_tables(CpuExec{}, features, 1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
+  m.impl("_lattice_tables", &tables_cpu);
   m.impl("permutohedral_filter", &filter_cpu);
   m.impl("_permutohedral_filter_emulated", &filter_emulated);
   m.impl("dense_crf", &crf_cpu);

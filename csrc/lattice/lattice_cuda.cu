@@ -48,9 +48,19 @@ at::Tensor num_vertices_cuda(const at::Tensor& features) {
   return build(CudaExec{}, features.contiguous(), features.size(0)).num_vertices.to(at::kLong);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tables_cuda(const at::Tensor& features, bool emulated) {
+  RRM_CHECK_DIM(features, 3, "features");
+  RRM_CHECK_FLOATING(features, "features");
+  TORCH_CHECK_VALUE(!emulated, "rrm_cuda: _lattice_tables(emulated=True) takes CPU features, got ", features.device());
+  check_filter_args(at::empty({features.size(0), 1, features.size(2)}, features.options()), features);
+  const c10::cuda::CUDAGuard guard(features.device());
+  return lattice_tables(CudaExec{}, features, features.size(0));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
+  m.impl("_lattice_tables", &tables_cuda);
   m.impl("permutohedral_filter", &filter_cuda);
   m.impl("dense_crf", &crf_cuda);
   m.impl("lattice_num_vertices", &num_vertices_cuda);

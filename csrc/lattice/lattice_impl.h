@@ -269,53 +269,70 @@ void with_fixed_d(int d, const F& f) {
   if (!((d == Ds ? (f(std::integral_constant<int, Ds>{}), true) : false) || ...)) f(std::integral_constant<int, 0>{});
 }
 
-// The CPU's lattice of one image, built serially on the calling thread: each pixel's simplex
-// (EmbedFunctor::corners, the same keys and weights as the embed launch) and, corner by corner, a
-// lookup-or-insert in a table of the image's own vertices (keys stored once per vertex), then the
-// neighbours from the vertices' keys. One pass over the pixels instead of five launches over the
-// (d + 1) N entries (embed, insert, assign, resolve; an E x d key array written and read back).
-// Vertex ids follow the entries' order of first appearance, as assign_vertices_cpu numbers them:
-// the same lattice as the launches build on one thread. entry_vertex, entry_weight: image b's (E,)
-// rows. Returns the vertex count; nbr: (1, d + 1, M, 2) neighbours (-1: none), as NeighborFunctor.
-template <typename scalar_t, int kD>
-int64_t build_image_serial(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32_t* entry_vertex,
-                           scalar_t* entry_weight, at::Tensor& nbr, const at::TensorOptions& iopt) {
-  const int d = kD > 0 ? kD : f.d_runtime;
-  const int64_t N = f.N;
-  std::vector<int32_t> vkeys;  // (M, d)
-  vkeys.reserve(static_cast<size_t>(std::max<int64_t>(64, N / 4) * d));
-  int64_t cap = next_pow2(std::max<int64_t>(64, N / 2));  // ~ E / 12; grown 4x when half full
-  std::vector<int32_t> table(static_cast<size_t>(cap), -1);
-  int64_t M = 0;
-  auto probe_hashed = [&](const int32_t* key, uint32_t hash) -> int64_t {  // its vertex's slot, or a free one
-    int64_t slot = hash & (cap - 1);
+// The vertices of one image's lattice on the host (the CPU build): keys stored once per vertex, in
+// order of first appearance, and an open-addressing table of their ids (linear probing, at most
+// half full; grown 4x and refilled in id order, so the ids never change).
+template <int kD>
+class HostVertices {
+ public:
+  HostVertices(int d, int64_t pixels) : d_(kD > 0 ? kD : d), cap_(next_pow2(std::max<int64_t>(64, pixels))) {
+    vkeys_.reserve(static_cast<size_t>(std::max<int64_t>(64, pixels / 4) * d));
+    table_.assign(static_cast<size_t>(cap_), -1);
+  }
+  int d() const { return d_; }
+  int64_t size() const { return M_; }
+  const int32_t* key(int64_t v) const { return vkeys_.data() + v * d_; }
+  // The id of key (hash: hash_key(key)), or -1 where it is not a vertex.
+  int32_t find(const int32_t* key, uint32_t hash) const { return table_[slot(key, hash)]; }
+  // The id of key, the next new one where it is new.
+  int32_t insert(const int32_t* key, uint32_t hash) {
+    const int64_t s = slot(key, hash);
+    if (table_[s] >= 0) return table_[s];
+    TORCH_CHECK(M_ < std::numeric_limits<int32_t>::max(), "rrm_cuda: lattice too large");
+    const auto id = static_cast<int32_t>(M_++);
+    table_[s] = id;
+    vkeys_.insert(vkeys_.end(), key, key + d_);
+    if (2 * M_ > cap_) {
+      cap_ *= 4;
+      table_.assign(static_cast<size_t>(cap_), -1);
+      for (int64_t v = 0; v < M_; ++v) table_[slot(this->key(v), hash_key(this->key(v), d_))] = static_cast<int32_t>(v);
+    }
+    return id;
+  }
+
+ private:
+  int64_t slot(const int32_t* key, uint32_t hash) const {  // key's slot, or the free one where it would go
+    int64_t s = hash & (cap_ - 1);
     for (;;) {
-      const int32_t id = table[slot];
-      if (id < 0 || keys_equal(vkeys.data() + static_cast<int64_t>(id) * d, key, d)) return slot;
-      slot = (slot + 1) & (cap - 1);
+      const int32_t id = table_[s];
+      if (id < 0 || same_key(vkeys_.data() + static_cast<int64_t>(id) * d_, key)) return s;
+      s = (s + 1) & (cap_ - 1);
     }
-  };
-  auto probe = [&](const int32_t* key) { return probe_hashed(key, hash_key(key, d)); };
-  // Corner r of pixel i: its vertex id (a new vertex where the key is new) and weight.
-  auto add_corner = [&](int64_t i, int r, const int32_t* key, uint32_t hash, scalar_t weight) {
-    const int64_t slot = probe_hashed(key, hash);
-    int32_t id = table[slot];
-    if (id < 0) {
-      TORCH_CHECK(M < std::numeric_limits<int32_t>::max(), "rrm_cuda: lattice too large");
-      id = static_cast<int32_t>(M++);
-      table[slot] = id;
-      vkeys.insert(vkeys.end(), key, key + d);
-      if (2 * M > cap) {  // rehash in id order
-        cap *= 4;
-        table.assign(static_cast<size_t>(cap), -1);
-        for (int64_t v = 0; v < M; ++v) table[probe(vkeys.data() + v * d)] = static_cast<int32_t>(v);
-      }
+  }
+  bool same_key(const int32_t* a, const int32_t* b) const {  // fixed d: one branch, not d
+    if constexpr (kD > 0) {
+      int32_t diff = 0;
+      for (int k = 0; k < kD; ++k) diff |= a[k] ^ b[k];
+      return diff == 0;
+    } else {
+      return keys_equal(a, b, d_);
     }
-    entry_vertex[i * (d + 1) + r] = id;
-    entry_weight[i * (d + 1) + r] = weight;
-  };
+  }
+  int d_;
+  int64_t cap_, M_ = 0;
+  std::vector<int32_t> vkeys_;  // (M, d)
+  std::vector<int32_t> table_;  // cap slots: a vertex id or -1
+};
+
+// Pixels [i0, i1) of image b into vt, serially on the calling thread: each pixel's simplex
+// (EmbedFunctor::corners, the same keys and weights as the embed launch) and, corner by corner, a
+// lookup-or-insert. entry_vertex, entry_weight: the image's (E,) rows; the ids written are vt's.
+template <typename scalar_t, int kD>
+void insert_pixels(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int64_t i0, int64_t i1, int32_t* entry_vertex,
+                   scalar_t* entry_weight, HostVertices<kD>& vt) {
+  const int d = kD > 0 ? kD : f.d_runtime;
   cpu_run([&] {  // (vector growth allocates; the table lookups and the simplex are inline)
-    int64_t i = 0;
+    int64_t i = i0;
 #if defined(RRM_SIMPLEX_AVX2)
     // float with d fixed, on a processor with AVX2: the simplices of 8 pixels at a time (the same
     // keys, hashes and weights as corners(), so the same lattice), then their corners in order.
@@ -323,12 +340,13 @@ int64_t build_image_serial(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32
       if (cpu_has_avx2()) {
         Simplex8<kD> s8;
         int32_t key[kD];
-        for (; i + 8 <= N; i += 8) {
+        for (; i + 8 <= i1; i += 8) {
           simplex8(f, b, i, s8);
           for (int l = 0; l < 8; ++l) {
             for (int r = 0; r <= kD; ++r) {
               for (int k = 0; k < kD; ++k) key[k] = s8.key[r][k][l];
-              add_corner(i + l, r, key, s8.hash[r][l], s8.weight[r][l]);
+              entry_vertex[(i + l) * (kD + 1) + r] = vt.insert(key, s8.hash[r][l]);
+              entry_weight[(i + l) * (kD + 1) + r] = s8.weight[r][l];
             }
           }
         }
@@ -337,25 +355,94 @@ int64_t build_image_serial(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32
 #endif
     int32_t keys[(kMaxDim + 1) * kMaxDim];
     scalar_t w[kMaxDim + 1];
-    for (; i < N; ++i) {
+    for (; i < i1; ++i) {
       f.corners(b, i, keys, w);
-      for (int r = 0; r <= d; ++r) add_corner(i, r, keys + r * d, hash_key(keys + r * d, d), w[r]);
-    }
-  });
-  nbr = at::empty({1, d + 1, M, 2}, iopt);
-  int32_t* out = nbr.data_ptr<int32_t>();
-  cpu_run([&] {
-    int32_t n1[kMaxDim], n2[kMaxDim];
-    for (int j = 0; j <= d; ++j) {
-      for (int64_t v = 0; v < M; ++v) {
-        neighbor_keys(vkeys.data() + v * d, j, d, n1, n2);
-        int32_t* o = out + (j * M + v) * 2;
-        const int64_t s1 = probe(n1), s2 = probe(n2);
-        o[0] = table[s1];  // -1 where the slot is free: not a lattice point
-        o[1] = table[s2];
+      for (int r = 0; r <= d; ++r) {
+        entry_vertex[i * (d + 1) + r] = vt.insert(keys + r * d, hash_key(keys + r * d, d));
+        entry_weight[i * (d + 1) + r] = w[r];
       }
     }
   });
+}
+
+// Blur neighbours of vertices [v0, v1) of vt into out (d + 1, M, 2), whose entries must be -1
+// beforehand. Along axis j, n2 of v (key + 1 with coordinate j - d: neighbor_keys) is u exactly when
+// n1 of u is v, so each pair is looked up once, from its lower side: v writes its own n2 and u's n1
+// (u may lie outside [v0, v1): ranges on several threads write disjoint words). The neighbour's hash
+// comes from v's linear hash plus the axis's constant step (hash_linear).
+template <int kD>
+void host_neighbors(const HostVertices<kD>& vt, int32_t* out, int64_t v0, int64_t v1) {
+  const int d = kD > 0 ? kD : vt.d();
+  const int64_t M = vt.size();
+  uint32_t coef[kMaxDim], step[kMaxDim + 1], all = 0, pw = kHashPrime;
+  for (int i = d - 1; i >= 0; --i, pw *= kHashPrime) {  // key[i]'s factor in hash_linear: P^(d - i)
+    coef[i] = pw;
+    all += pw;
+  }
+  for (int j = 0; j < d; ++j) step[j] = all - static_cast<uint32_t>(d + 1) * coef[j];
+  step[d] = all;
+  int32_t n2[kMaxDim];
+  for (int64_t v = v0; v < v1; ++v) {
+    const int32_t* key = vt.key(v);
+    const uint32_t lin = hash_linear(key, d);
+    for (int j = 0; j <= d; ++j) {
+      for (int k = 0; k < d; ++k) n2[k] = key[k] + 1;
+      if (j < d) n2[j] = key[j] - d;
+      const int32_t u = vt.find(n2, hash_mix(lin + step[j]));
+      out[(j * M + v) * 2 + 1] = u;
+      if (u >= 0) out[(j * M + u) * 2] = static_cast<int32_t>(v);
+    }
+  }
+}
+
+// Pixels per part below which an image's CPU build stays on one thread (build_image_cpu).
+constexpr int64_t kMinBuildPart = 8192;
+
+// The CPU's lattice of image b in one pass over the pixels instead of five launches over the (d + 1) N
+// entries (embed, insert, assign, resolve; an E x d key array written and read back): the launches'
+// lattice, its vertices numbered by the entries' order of first appearance (the launches number them
+// by the entries that won their slots, first appearance on one thread only: assign_vertices_cpu). parts > 1 (at most
+// one per kMinBuildPart pixels): the pixels cut into that many consecutive ranges, each built into a table of its own
+// on a thread of its own; then, in range order, each range's vertices looked up or added in the first range's table
+// (which numbers every vertex by its first appearance, as one pass would) and its entries renumbered; then the
+// neighbours, vertices across threads. parts = 1: all of it on the calling thread. entry_vertex,
+// entry_weight: the image's (E,) rows. Returns the vertex count; nbr: (1, d + 1, M, 2) neighbours
+// (-1: none), as NeighborFunctor.
+template <typename scalar_t, int kD>
+int64_t build_image_cpu(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32_t* entry_vertex, scalar_t* entry_weight,
+                        at::Tensor& nbr, const at::TensorOptions& iopt, int64_t parts) {
+  const int d = kD > 0 ? kD : f.d_runtime;
+  const int64_t N = f.N;
+  parts = std::max<int64_t>(1, std::min(parts, N / kMinBuildPart));
+  auto lo = [&](int64_t p) { return N * p / parts; };
+  std::vector<HostVertices<kD>> vts;
+  vts.reserve(static_cast<size_t>(parts));
+  for (int64_t p = 0; p < parts; ++p) vts.emplace_back(d, lo(p + 1) - lo(p));
+  if (parts == 1) {
+    insert_pixels(f, b, 0, N, entry_vertex, entry_weight, vts[0]);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) insert_pixels(f, b, lo(p), lo(p + 1), entry_vertex, entry_weight, vts[p]);
+    });
+    std::vector<std::vector<int32_t>> ids(static_cast<size_t>(parts));  // part's id -> the image's
+    for (int64_t p = 1; p < parts; ++p) {
+      const HostVertices<kD>& part = vts[p];
+      ids[p].resize(static_cast<size_t>(part.size()));
+      for (int64_t v = 0; v < part.size(); ++v) ids[p][v] = vts[0].insert(part.key(v), hash_key(part.key(v), d));
+    }
+    at::parallel_for(1, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t e = lo(p) * (d + 1); e < lo(p + 1) * (d + 1); ++e) entry_vertex[e] = ids[p][entry_vertex[e]];
+    });
+  }
+  const HostVertices<kD>& vt = vts[0];
+  const int64_t M = vt.size();
+  nbr = at::full({1, d + 1, M, 2}, -1, iopt);
+  int32_t* out = nbr.data_ptr<int32_t>();
+  if (parts == 1)
+    cpu_run([&] { host_neighbors(vt, out, 0, M); });
+  else
+    at::parallel_for(0, M, 1024, [&](int64_t v0, int64_t v1) { cpu_run([&] { host_neighbors(vt, out, v0, v1); }); });
   return M;
 }
 
@@ -405,19 +492,25 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   std::vector<at::Tensor> nbr_chunks;
   std::vector<int64_t> chunk_m;
 
-  // The CPU builds each image serially (build_image_serial) where its threads are better spent on
-  // images than on the stages of one: at least as many images as threads (one thread: any batch),
-  // or already inside a parallel region (the energy loss's images across threads). Fewer images
-  // than threads: the launches, every thread on each image.
-  bool serial = false;
-  if constexpr (std::is_same_v<Exec, CpuExec>)
-    serial = B >= at::get_num_threads() || at::in_parallel_region();  // (one thread: B >= 1)
+  // The CPU builds each image in one pass (build_image_cpu). At least as many images as threads (one
+  // thread: any batch), or inside a parallel region (the energy loss's images across threads): an
+  // image per thread. Fewer images than threads: one image after another, its pixels cut into a
+  // range per thread. Knob cpu_build_passes = 1 (tests): fewer images than threads take the
+  // launches instead, every thread on each pass over one image.
+  int64_t parts = 0;  // pixel ranges per image; 0: the launches
+  if constexpr (std::is_same_v<Exec, CpuExec>) {
+    const int64_t threads = at::get_num_threads();
+    if (B >= threads || at::in_parallel_region())
+      parts = 1;
+    else if (tuning::get(tuning::kCpuBuildPasses) == 0)
+      parts = threads;
+  }
 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rrm_lattice_build", [&] {
     EmbedFunctor<scalar_t> proto{};  // the per-feature scales, passed to the kernels by value
     for (int k = 0; k < d; ++k) proto.scale[k] = static_cast<scalar_t>(feature_scale(k, d));
     if constexpr (std::is_same_v<Exec, CpuExec>) {  // (no host copy of it in the CUDA build)
-      if (serial) {
+      if (parts > 0) {
         nbr_chunks.resize(B);
         chunk_m.resize(B);
         auto images = [&](auto fixed_d) {
@@ -429,12 +522,17 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
           int32_t* ev = lat.entry_vertex.data_ptr<int32_t>();
           scalar_t* ew = lat.entry_weight.data_ptr<scalar_t>();
           int32_t* nv = lat.num_vertices.data_ptr<int32_t>();
+          auto one = [&](int64_t b) {
+            chunk_m[b] = build_image_cpu(f, b, ev + b * E, ew + b * E, nbr_chunks[b], iopt, parts);
+            nv[b] = static_cast<int32_t>(chunk_m[b]);
+          };
+          if (parts > 1) {
+            for (int64_t b = 0; b < B; ++b) one(b);
+            return;
+          }
           std::atomic<int64_t> next{0};  // threads take the next image as they finish one
           at::parallel_for(0, B, 1, [&](int64_t, int64_t) {
-            for (int64_t b = next++; b < B; b = next++) {
-              chunk_m[b] = build_image_serial(f, b, ev + b * E, ew + b * E, nbr_chunks[b], iopt);
-              nv[b] = static_cast<int32_t>(chunk_m[b]);
-            }
+            for (int64_t b = next++; b < B; b = next++) one(b);
           });
         };
         with_fixed_d<2, 3, 5>(d, images);
@@ -532,6 +630,20 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   // (splat_scatter_cpu) and needs none, which saves a sort and three (B, E) arrays per build.
   if constexpr (Exec::kSortCsr) splat_lists_sorted(exec, lat, chunk_tile);
   return lat;
+}
+
+// For tests (op _lattice_tables): the lattices of features (B, d, N), built `chunk` images at a time:
+// entry vertices and weights (B, N, d + 1) and neighbours (B, d + 1, M, 2), M the largest vertex
+// count (an image's rows beyond its own count: -1).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lattice_tables(const Exec& exec, const at::Tensor& features,
+                                                              int64_t chunk) {
+  const int64_t B = features.size(0), d = features.size(1), N = features.size(2);
+  if (B == 0 || N == 0)
+    return {at::empty({B, N, d + 1}, features.options().dtype(at::kInt)), at::empty({B, N, d + 1}, features.options()),
+            at::empty({B, d + 1, 0, 2}, features.options().dtype(at::kInt))};
+  const Lattice lat = build(exec, features.contiguous(), chunk);
+  return {lat.entry_vertex.view({B, N, d + 1}), lat.entry_weight.view({B, N, d + 1}), lat.neighbors};
 }
 
 // Work buffers of one filter call, reusable across calls on the same lattice and channel count.

@@ -24,6 +24,14 @@ def _num_vertices_fake(features):
     return features.new_empty((features.shape[0],), dtype=torch.long)
 
 
+@torch.library.register_fake("rrm_cuda::_lattice_tables")
+def _tables_fake(features, emulated=False):
+    B, d, N = features.shape
+    m = torch.library.get_ctx().new_dynamic_size()
+    int_entries = features.new_empty((B, N, d + 1), dtype=torch.int32)
+    return int_entries, features.new_empty((B, N, d + 1)), features.new_empty((B, d + 1, m, 2), dtype=torch.int32)
+
+
 @torch.library.register_fake("rrm_cuda::dense_crf")
 def _crf_fake(unary, features, compat, diagonal, normalization, iterations, cache=()):
     return unary.new_empty(unary.shape)
