@@ -783,6 +783,20 @@ def test_cuda_matches_cpu(cuda):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_lattice_tables_equal_the_reference(cuda, dtype):
+    # The device's lattice itself (hash insert, vertex ids, neighbours) against the reference, up to
+    # the vertex numbering (the device's follows the slots' races)
+    g = torch.Generator().manual_seed(3)
+    for d in (2, 5):
+        f = torch.randn(3, d, 700, generator=g, dtype=dtype)
+        f[1] *= 40
+        f[2] = torch.randint(-3, 4, (d, 700), generator=g).to(dtype)
+        tables = [t.cpu() for t in ops._lattice_tables(f.to(cuda))]
+        _assert_same_lattice(tables, f, first_appearance=False)
+
+
+@pytest.mark.cuda
 def test_cuda_cached_filter(cuda, lattice_cache):
     # cache=True on the device: a fresh build's bits (forward, reverse, backward), one entry per
     # stream, and the step-wise pydensecrf API building each term's lattice once

@@ -95,7 +95,7 @@ inline bool cpu_has_avx2() {
 #endif
 
 // f() on the calling thread, in a copy compiled for AVX2 when the processor has it (serial CPU
-// loops that are not item launches, e.g. lattice::build_image_serial's pixel loop, whose
+// loops that are not item launches, e.g. lattice::insert_pixels' pixel loop, whose
 // ceil/floor are one instruction each with AVX2's rounding and a call or a dozen without).
 #ifdef RRM_CPU_AVX2_DISPATCH
 template <class F>

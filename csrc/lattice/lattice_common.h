@@ -40,8 +40,8 @@ RRM_HOST_DEVICE double feature_scale(int k, int d) {
 RRM_HOST_DEVICE double slice_alpha(int d) { return 1.0 / (1.0 + pow(2.0, -d)); }
 
 // A key's hash: hash_mix(hash_linear(key)). The linear part, sum_i key[i] P^(d-i) (mod 2^32), moves
-// by a constant per lattice axis between a key and its blur neighbours (the CPU's serial build
-// forms the neighbours' hashes from it: hash_linear_step).
+// by a constant per lattice axis between a key and its blur neighbours (the CPU's one-pass build
+// forms the neighbours' hashes from it: host_neighbors).
 constexpr uint32_t kHashPrime = 2531011u;
 RRM_HOST_DEVICE uint32_t hash_linear(const int32_t* key, int d) {
   uint32_t h = 0;
@@ -172,7 +172,7 @@ struct EmbedFunctor {
     bary[0] += scalar_t(1) + bary[d + 1];
   }
 
-  // Every corner of pixel i of image b into the caller's arrays (the CPU's serial build): keys
+  // Every corner of pixel i of image b into the caller's arrays (the CPU's one-pass build): keys
   // (d + 1) x d and weights (d + 1), the same values as operator() writes to keys and weights.
   void corners(int64_t b, int64_t i, int32_t* key_out, scalar_t* w_out) const {
     const int d = kD > 0 ? kD : d_runtime;
@@ -342,7 +342,7 @@ RRM_HOST_DEVICE int32_t lookup_vertex(const int32_t* tab, const int32_t* kb, con
 // 5. Blur neighbours: one thread per (vertex, axis). Along axis j the neighbours of key k are
 //    k - 1 (all coordinates) with k_j + d, and k + 1 with k_j - d (for j == d only the implied last
 //    coordinate moves, so the stored d coordinates are just -1 / +1). neighbor_keys forms them
-//    (shared with the CPU's serial build).
+//    (the CPU's one-pass build forms the second, host_neighbors, and takes the first from it).
 RRM_HOST_DEVICE void neighbor_keys(const int32_t* key, int j, int d, int32_t* n1, int32_t* n2) {
   for (int k = 0; k < d; ++k) {
     n1[k] = key[k] - 1;

@@ -1,6 +1,6 @@
 #pragma once
 // The enclosing simplices of 8 pixels at once, in AVX2 registers (float features, d fixed): the
-// CPU's serial lattice build (lattice_impl.h, build_image_serial). The same operations in the same
+// CPU's one-pass lattice build (lattice_impl.h, insert_pixels). The same operations in the same
 // order as EmbedFunctor::simplex, all_weights, corner_key and hash_key, lane by lane, so that the
 // keys, weights and hashes are the same bits as the scalar path's (the build is compiled with FP
 // contraction off: no fused multiply-adds on either side). Only x86-64 host code with the run-time
