@@ -239,9 +239,13 @@ struct InputStatsRows {
       P lo[kProbLanes], hi[kProbLanes];
       prob_lanes_init(lo, hi);
       if constexpr (std::is_same_v<prob_t, P>) {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t y = y0; y < y1; ++y)
-            prob_row(prob + b * psb + k * psk + y * psy, W, sum + (y - y0) * W, k == 0, lo, hi);
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t y = y0; y < y1; ++y) {
+            const prob_t* row = prob + b * psb + k * psk + y * psy;
+            prefetch_ahead(row, 4 * psy, W);
+            prob_row(row, W, sum + (y - y0) * W, k == 0, lo, hi);
+          }
+        }
       } else {  // float16, bfloat16: converted element by element
         for (int64_t k = 0; k < K; ++k)
           for (int64_t y = y0; y < y1; ++y)
