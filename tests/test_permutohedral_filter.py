@@ -398,7 +398,7 @@ def _assert_same_lattice(tables, features, first_appearance):
             assert bool((flat <= seen + 1).all()), b
 
 
-@pytest.mark.parametrize("d", [2, 3, 5, 7])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 7, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lattice_tables_equal_the_reference(d, dtype, tuning):
     # The lattice itself, not only what a filter computes with it: entries, weights and blur
@@ -406,7 +406,7 @@ def test_lattice_tables_equal_the_reference(d, dtype, tuning):
     # passes) against the reference's torch.unique lattice. Three images: smooth (few vertices),
     # spread (the first tables outgrown: rehashed, rebuilt), integer-valued (tied residuals).
     g = torch.Generator().manual_seed(20 + d)
-    N = 700
+    N = 700 if d <= 7 else 100  # (the reference's neighbour search grows with d)
     f = torch.randn(3, d, N, generator=g, dtype=dtype)
     f[0] *= 0.7
     f[1] *= 40
@@ -437,29 +437,37 @@ def test_cpu_build_in_pixel_ranges_gives_the_one_pass_lattice(d, dtype, tuning):
     # outgrows the first range's table), and a band of refused (NaN) features crosses a range
     # boundary; without it, the lattice equals the reference's.
     g = torch.Generator().manual_seed(d)
-    N = 3 * 8192 + 77  # three ranges of at least 8192 pixels
-    clean = torch.randn(1, d, N, generator=g, dtype=dtype)
+    N = 4 * 8192 + 77  # up to four ranges of at least 8192 pixels
+    clean = torch.randn(2, d, N, generator=g, dtype=dtype)
     clean[..., N // 2 :] *= 30
+    clean[1] = clean[1].flip(-1)  # spread out first, then smooth
     f = clean.clone()
     f[..., N // 3 - 50 : N // 3 + 50] = float("nan")
-    v = torch.randn(1, 3, N, generator=g, dtype=dtype)
+    v = torch.randn(2, 3, N, generator=g, dtype=dtype)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = ops._lattice_tables(f)
         filtered = ops.permutohedral_filter(v, f, False)
-        for threads, passes in ((2, 0), (3, 0), (4, 0), (3, 1)):
-            torch.set_num_threads(threads)
+        for threads, passes in ((2, 0), (3, 0), (4, 0), (5, 0), (3, 1)):
+            torch.set_num_threads(threads)  # 2 images: one per thread at 2, cut into ranges beyond
             tuning("cpu_build_passes", passes)
             if passes == 0:
                 for a, b in zip(one, ops._lattice_tables(f)):
                     assert torch.equal(a, b), threads
+                for i in range(2):  # one image alone: cut into up to 4 ranges
+                    ev, ew, nbr = ops._lattice_tables(f[i : i + 1])
+                    m = nbr.shape[2]  # its own vertex count (the batch's rows beyond it: -1)
+                    assert torch.equal(ev, one[0][i : i + 1]) and torch.equal(ew, one[1][i : i + 1]), threads
+                    assert torch.equal(nbr, one[2][i : i + 1, :, :m]), threads
             tol = 1e-4 if dtype == torch.float32 else 1e-10  # other threads: other partial sums' rounding
             torch.testing.assert_close(
                 ops.permutohedral_filter(v, f, False), filtered, rtol=tol, atol=tol * float(filtered.abs().max())
             )
         tuning("cpu_build_passes", 0)
-        _assert_same_lattice(ops._lattice_tables(clean), clean, first_appearance=True)  # 3 threads: 3 ranges
+        torch.set_num_threads(3)
+        if d <= 5:  # (the reference's time grows with d; the other d match it in the test above)
+            _assert_same_lattice(ops._lattice_tables(clean[:1]), clean[:1], first_appearance=True)  # 3 ranges
     finally:
         torch.set_num_threads(before)
 
@@ -469,8 +477,18 @@ def test_lattice_tables_bad_input():
         ops._lattice_tables(torch.zeros(2, 3))
     with pytest.raises(TypeError, match="features"):
         ops._lattice_tables(torch.zeros(1, 2, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="features"):
+        ops._lattice_tables(torch.zeros(1, 0, 5))  # d = 0
+    with pytest.raises(ValueError, match="features"):
+        ops._lattice_tables(torch.zeros(1, 17, 5))  # d beyond 16
     ev, ew, nbr = ops._lattice_tables(torch.zeros(2, 3, 0))
     assert ev.shape == (2, 0, 4) and ew.shape == (2, 0, 4) and nbr.shape == (2, 4, 0, 2)
+
+
+def test_lattice_tables_opcheck():
+    g = torch.Generator().manual_seed(0)
+    for emulated in (False, True):
+        torch.library.opcheck(ops._lattice_tables, (torch.randn(2, 3, 50, generator=g), emulated))
 
 
 @pytest.mark.parametrize("d", [2, 3, 5])

@@ -49,7 +49,9 @@ enum Knob : int {
   kCpuBuildPasses,       // CPU lattice build of fewer images than threads: 0 one pass per image, its pixels
                          // cut into a range per thread (build_image_cpu), or 1 the launches' passes
                          // (embed, insert, assign, resolve, neighbours) with every thread on each; 0.
-                         // The same lattice either way (tests compare them).
+                         // The same lattice either way but for the vertex numbering (the passes number
+                         // vertices by the entries that won the slots' races), so the same filter
+                         // results (tests compare both).
   kNumKnobs
 };
 

@@ -196,7 +196,8 @@ struct InputsFunctor {
       for (int64_t y = y0; y < y1; ++y) {
         const scalar_t* s0 = seg + b * sb + k * sk + 2 * y * sy;
         const scalar_t* s1 = s0 + sy;
-        prefetch_ahead(s0, 4 * sy, 2 * W);
+        prefetch_ahead(s0, 4 * sy, W);  // the rows two pairs ahead
+        prefetch_ahead(s1, 4 * sy, W);
         if (stats) {  // the rows just read, every column (W may be odd)
           prob_row(s0, W, psum + 2 * (y - y0) * W, k == 0, lo, hi);
           prob_row(s1, W, psum + (2 * (y - y0) + 1) * W, k == 0, lo, hi);

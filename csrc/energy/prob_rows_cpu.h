@@ -26,7 +26,7 @@ template <typename T>
 inline void prefetch_ahead(const T* p, int64_t ahead, int64_t n) {
 #if defined(__GNUC__)
   const auto at = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * sizeof(T);
-  for (uintptr_t a = at; a < at + static_cast<uintptr_t>(n) * sizeof(T); a += 64)
+  for (uintptr_t a = at & ~uintptr_t{63}; a < at + static_cast<uintptr_t>(n) * sizeof(T); a += 64)
     __builtin_prefetch(reinterpret_cast<const void*>(a));
 #endif
 }

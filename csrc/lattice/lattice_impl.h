@@ -11,6 +11,7 @@
 #include <array>
 #include <atomic>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -415,27 +416,29 @@ int64_t build_image_cpu(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32_t*
   const int64_t N = f.N;
   parts = std::max<int64_t>(1, std::min(parts, N / kMinBuildPart));
   auto lo = [&](int64_t p) { return N * p / parts; };
-  std::vector<HostVertices<kD>> vts;
-  vts.reserve(static_cast<size_t>(parts));
-  for (int64_t p = 0; p < parts; ++p) vts.emplace_back(d, lo(p + 1) - lo(p));
+  std::vector<std::unique_ptr<HostVertices<kD>>> vts(static_cast<size_t>(parts));  // made on their threads
+  auto range = [&](int64_t p) {
+    vts[p] = std::make_unique<HostVertices<kD>>(d, lo(p + 1) - lo(p));
+    insert_pixels(f, b, lo(p), lo(p + 1), entry_vertex, entry_weight, *vts[p]);
+  };
   if (parts == 1) {
-    insert_pixels(f, b, 0, N, entry_vertex, entry_weight, vts[0]);
+    range(0);
   } else {
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) insert_pixels(f, b, lo(p), lo(p + 1), entry_vertex, entry_weight, vts[p]);
+      for (int64_t p = p0; p < p1; ++p) range(p);
     });
     std::vector<std::vector<int32_t>> ids(static_cast<size_t>(parts));  // part's id -> the image's
     for (int64_t p = 1; p < parts; ++p) {
-      const HostVertices<kD>& part = vts[p];
+      const HostVertices<kD>& part = *vts[p];
       ids[p].resize(static_cast<size_t>(part.size()));
-      for (int64_t v = 0; v < part.size(); ++v) ids[p][v] = vts[0].insert(part.key(v), hash_key(part.key(v), d));
+      for (int64_t v = 0; v < part.size(); ++v) ids[p][v] = vts[0]->insert(part.key(v), hash_key(part.key(v), d));
     }
     at::parallel_for(1, parts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p)
         for (int64_t e = lo(p) * (d + 1); e < lo(p + 1) * (d + 1); ++e) entry_vertex[e] = ids[p][entry_vertex[e]];
     });
   }
-  const HostVertices<kD>& vt = vts[0];
+  const HostVertices<kD>& vt = *vts[0];
   const int64_t M = vt.size();
   nbr = at::full({1, d + 1, M, 2}, -1, iopt);
   int32_t* out = nbr.data_ptr<int32_t>();
@@ -495,7 +498,8 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   // The CPU builds each image in one pass (build_image_cpu). At least as many images as threads (one
   // thread: any batch), or inside a parallel region (the energy loss's images across threads): an
   // image per thread. Fewer images than threads: one image after another, its pixels cut into a
-  // range per thread. Knob cpu_build_passes = 1 (tests): fewer images than threads take the
+  // range per thread (at least kMinBuildPart pixels each; images too small for two ranges take a
+  // thread each instead). Knob cpu_build_passes = 1 (tests): fewer images than threads take the
   // launches instead, every thread on each pass over one image.
   int64_t parts = 0;  // pixel ranges per image; 0: the launches
   if constexpr (std::is_same_v<Exec, CpuExec>) {
@@ -503,7 +507,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
     if (B >= threads || at::in_parallel_region())
       parts = 1;
     else if (tuning::get(tuning::kCpuBuildPasses) == 0)
-      parts = threads;
+      parts = std::max<int64_t>(1, std::min(threads, N / kMinBuildPart));
   }
 
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "rrm_lattice_build", [&] {
