@@ -21,7 +21,8 @@ namespace energy {
 
 // A hint that the n elements from p + ahead are read soon (the readers of class rows below: the
 // processor's own prefetch falls behind on K interleaved runs of rows; 4 rows ahead measured best
-// for the downscaling at 321^2, 2-3x fewer stalls). Never faults, wherever it points.
+// for the downscaling at 321^2 against 2, 8 and 16: 4.6 -> 2.5 ms on 2 threads). Never faults,
+// wherever it points.
 template <typename T>
 inline void prefetch_ahead(const T* p, int64_t ahead, int64_t n) {
 #if defined(__GNUC__)

@@ -399,22 +399,22 @@ void host_neighbors(const HostVertices<kD>& vt, int32_t* out, int64_t v0, int64_
 // Pixels per part below which an image's CPU build stays on one thread (build_image_cpu).
 constexpr int64_t kMinBuildPart = 8192;
 
-// The CPU's lattice of image b in one pass over the pixels instead of five launches over the (d + 1) N
-// entries (embed, insert, assign, resolve; an E x d key array written and read back): the launches'
-// lattice, its vertices numbered by the entries' order of first appearance (the launches number them
-// by the entries that won their slots, first appearance on one thread only: assign_vertices_cpu). parts > 1 (at most
-// one per kMinBuildPart pixels): the pixels cut into that many consecutive ranges, each built into a table of its own
-// on a thread of its own; then, in range order, each range's vertices looked up or added in the first range's table
-// (which numbers every vertex by its first appearance, as one pass would) and its entries renumbered; then the
-// neighbours, vertices across threads. parts = 1: all of it on the calling thread. entry_vertex,
-// entry_weight: the image's (E,) rows. Returns the vertex count; nbr: (1, d + 1, M, 2) neighbours
-// (-1: none), as NeighborFunctor.
+// The CPU's lattice of image b in one pass over the pixels instead of five launches over the
+// (d + 1) N entries (embed, insert, assign, resolve; an E x d key array written and read back). Its
+// vertices are numbered by the entries' order of first appearance (the launches number them by the
+// entries that won their slots, which is that order on one thread only). parts (1 to N /
+// kMinBuildPart, build() picks it): the pixels cut into that many consecutive ranges, each built
+// into a table of its own on a thread of its own; then, in range order, each range's vertices
+// looked up or added in the first range's table (so every vertex keeps its first appearance over
+// the whole image) and its entries renumbered; then the neighbours, vertices across threads. The
+// same lattice, bit for bit, for any parts. entry_vertex, entry_weight: the image's (E,) rows.
+// Returns the vertex count; nbr: (1, d + 1, M, 2) neighbours (-1: none), as NeighborFunctor.
 template <typename scalar_t, int kD>
 int64_t build_image_cpu(const EmbedFunctor<scalar_t, kD>& f, int64_t b, int32_t* entry_vertex, scalar_t* entry_weight,
                         at::Tensor& nbr, const at::TensorOptions& iopt, int64_t parts) {
   const int d = kD > 0 ? kD : f.d_runtime;
   const int64_t N = f.N;
-  parts = std::max<int64_t>(1, std::min(parts, N / kMinBuildPart));
+  TORCH_INTERNAL_ASSERT(parts == 1 || (parts > 1 && parts <= N / kMinBuildPart));
   auto lo = [&](int64_t p) { return N * p / parts; };
   std::vector<std::unique_ptr<HostVertices<kD>>> vts(static_cast<size_t>(parts));  // made on their threads
   auto range = [&](int64_t p) {
