@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common/exec.h"
+#include "common/host_alloc.h"
 #include "common/tuning.h"
 
 #include "lattice/lattice_cache.h"
@@ -925,7 +926,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
     return x.defined() ? x.data_ptr<scalar_t>() + off : nullptr;
   };
   // Rows padded to W: the unary with kSoftmaxPad, the compatibilities with 0 (fixed-width loops).
-  at::Tensor base_w = at::empty({N, W}, opt);
+  at::Tensor base_w = empty_large({N, W}, opt, kCachedOutputBytes);  // (a cached block: no page faults)
   const at::Tensor unary_c = unary.contiguous();  // the op takes any strides; read below as (B, L, N)
   std::vector<at::Tensor> coef_w(T);
   for (int t = 0; t < T; ++t) coef_w[t] = at::constant_pad_nd(coefs[t], {0, W - L}, 0);
@@ -1572,7 +1573,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
 #if !defined(__CUDACC__)
     if constexpr (std::is_same_v<Exec, CpuExec>) {
       if (fused) {
-        q_lmajor = at::empty({B, L, N}, unary.options());
+        q_lmajor = empty_large({B, L, N}, unary.options(), kCachedOutputBytes);
         const auto& lats = terms.lats;
         const auto &pre = terms.pre, &post = terms.post, &coefs = terms.coefs;
         if (L <= 4) return mean_field_cpu<scalar_t, 4>(lats, pre, post, coefs, unary, q_lmajor, iterations);
