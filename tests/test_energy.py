@@ -336,8 +336,8 @@ def _tile_order(h: int, w: int, T: int) -> torch.Tensor:
 @pytest.mark.parametrize("size", [(10, 9), (37, 70), (38, 45)])
 def test_inputs_op_stats(op, dtype, stride, size):
     # stats=True: the segmentations' value statistics as dense_energy_input_stats' entries 2-5 (the
-    # CPU reads them with the downscaling at stride 2: the rows it reads, every column, then the
-    # last row of an odd height on its own), whatever the pixel order or layout; the other outputs
+    # CPU reads them with the downscaling in the raster order: the rows it reads, every column, then
+    # at stride 2 the last row of an odd height on its own), whatever the pixel order or layout; the other outputs
     # unchanged. NaN and Inf anywhere: in a block's rows, in the last column, in the last row.
     H, W = size
     f = getattr(ops, op)

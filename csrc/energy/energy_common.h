@@ -154,8 +154,8 @@ struct InputsFunctor {
   int64_t K, H, W, h, w;
   int stride;  // 1 or 2
   int tile;    // the pixel order's tile side (0: raster; < w)
-  // Output rows per item: 1, or (the CPU at stride 2 in the raster order, unit column steps) a
-  // block of rows, whole rows each (rows_unit_stride2).
+  // Output rows per item: 1, or (the CPU in the raster order, unit column steps) a block of rows,
+  // whole rows each (rows_unit_stride1, rows_unit_stride2).
   int64_t rows = 1;
   // With rows > 1: where each item writes the statistics of the full-resolution rows it read (its
   // 2 rows input rows, every column): 4 doubles at item (b, block) b * blocks + block, see
@@ -223,11 +223,53 @@ struct InputsFunctor {
     }
   }
 
+  // The same at stride 1 (RRM's scale 1: nothing downscaled): each class's input rows of the block
+  // in one run, the ROI product and the running maxima, with the statistics of the rows read.
+  void rows_unit_stride1(int64_t b, int64_t y0, int64_t y1) const {
+    const int64_t n = y1 - y0;
+    thread_local std::vector<scalar_t> work;  // the running maxima (n w), with stats the sums (n W)
+    const size_t need = static_cast<size_t>(n * w + (stats ? n * W : 0));
+    if (work.size() < need) work.resize(need);
+    scalar_t* mx = work.data();
+    scalar_t* psum = mx + n * w;
+    scalar_t lo[kProbLanes], hi[kProbLanes];
+    prob_lanes_init(lo, hi);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t y = y0; y < y1; ++y) {
+        const scalar_t* s = seg + b * sb + k * sk + y * sy;
+        prefetch_ahead(s, 4 * sy, W);  // the row four ahead
+        if (stats) prob_row(s, W, psum + (y - y0) * W, k == 0, lo, hi);
+        const scalar_t* rr = roi ? roi + (b * H + y) * W : nullptr;
+        scalar_t* o = probs + ((b * K + k) * h + y) * w;
+        scalar_t* m = mx + (y - y0) * w;
+        if (rr) {
+          for (int64_t x = 0; x < w; ++x) o[x] = s[x] * rr[x];
+        } else {
+          for (int64_t x = 0; x < w; ++x) o[x] = s[x];
+        }
+        if (k == 0) {
+          for (int64_t x = 0; x < w; ++x) m[x] = s[x];
+        } else {
+          for (int64_t x = 0; x < w; ++x) m[x] = nan_max(m[x], s[x]);
+        }
+      }
+    }
+    for (int64_t y = y0; y < y1; ++y) write_gate(b, y, (b * H + y) * W, 0, w, mx + (y - y0) * w);
+    if (stats) {
+      double* st = stats + (b * blocks + y0 / rows) * 4;
+      for (int j = 0; j < 4; ++j) st[j] = -std::numeric_limits<double>::infinity();
+      prob_stats_finish(psum, n * W, lo, hi, st);
+    }
+  }
+
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x0, int64_t x1) const {
     if constexpr (Row) {
       if (rows > 1) {  // item y: the block of output rows [y rows, (y + 1) rows)
         const int64_t y1 = (y + 1) * rows < h ? (y + 1) * rows : h;
-        rows_unit_stride2(b, y * rows, y1);
+        if (stride == 1)
+          rows_unit_stride1(b, y * rows, y1);
+        else
+          rows_unit_stride2(b, y * rows, y1);
         return;
       }
     }
@@ -331,6 +373,16 @@ struct InputsBackwardFunctor {
         }
       }
       X = xe > xb ? 2 * xe : X0;
+    }
+    if (cols == 1 && tile == 0 && stride == 1) {  // the same at stride 1: the ROI product, or a copy
+      const int64_t xe = X1 < w ? X1 : w;
+      const scalar_t* gy = g + y * w;
+      if (r) {
+        for (int64_t x = X0; x < xe; ++x) o[x] = gy[x] * r[x];
+      } else {
+        for (int64_t x = X0; x < xe; ++x) o[x] = gy[x];
+      }
+      X = xe > X0 ? xe : X0;
     }
 #endif
     for (; X < X1; ++X) {

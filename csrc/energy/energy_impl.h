@@ -288,16 +288,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_energy_inputs(const Exec& e
                                     w,
                                     static_cast<int>(stride),
                                     T};
-    if (kRow && T == 0 && stride == 2 && seg.stride(3) == 1) {  // (image, block of output rows)
+    if (kRow && T == 0 && seg.stride(3) == 1) {  // (image, block of output rows)
       f.rows = 16;
       f.blocks = (h + f.rows - 1) / f.rows;
-      // with stats: each block's statistics of the input rows it reads (rows [0, 2 h), every column)
+      // with stats: each block's statistics of the input rows it reads (rows [0, stride h), every
+      // column)
       at::Tensor part = with_stats ? at::empty({B * f.blocks, 4}, dopt) : at::Tensor();
       if (with_stats) f.stats = part.data_ptr<double>();
       exec.for_each_item(B, f.blocks, w, f, 1);
       if (with_stats) {
         stats = part.amax(0);  // NaN propagates as through nan_max
-        if (H > 2 * h) {       // odd H: the last row, which the downscaling does not read
+        if (H > stride * h) {  // odd H at stride 2: the last row, which the downscaling does not read
           auto rest = dense_energy_input_stats(exec, seg.new_empty({B, 0, H - 2 * h, W}),
                                                seg.narrow(2, 2 * h, H - 2 * h), at::Tensor(), at::Tensor(), 0.0, true)
                           .narrow(0, kProbNegMin, 4);
