@@ -153,9 +153,9 @@ TORCH_LIBRARY(rrm_cuda, m) {
   // row-major inside each tile and across the tiles, partial edge tiles included), as the lattice op
   // takes its points on a GPU; tile 0 (or >= W/stride): the raster order. stats: a third output, the
   // segmentations' value statistics (4,) float64 [-min, max of every value, -min, max of the per-pixel
-  // sums over K (on the CPU's stride-2 path in the segmentations' dtype, elsewhere in double)], NaN where a value is
-  // NaN, as dense_energy_input_stats' entries 2-5 (the loss's value checks on the CPU: read while the downscaling reads
-  // the values, one pass instead of two); (0,) without.
+  // sums over K (on the CPU's raster-order paths in the segmentations' dtype, elsewhere in double)],
+  // NaN where a value is NaN, as dense_energy_input_stats' entries 2-5 (the loss's value checks on the
+  // CPU: read while the downscaling reads the values, one pass instead of two); (0,) without.
   m.def(
       "dense_energy_inputs(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate, "
       "int tile=0, bool stats=False) -> (Tensor, Tensor, Tensor)");

@@ -158,7 +158,7 @@ struct InputsFunctor {
   // whole rows each (rows_unit_stride1, rows_unit_stride2).
   int64_t rows = 1;
   // With rows > 1: where each item writes the statistics of the full-resolution rows it read (its
-  // 2 rows input rows, every column): 4 doubles at item (b, block) b * blocks + block, see
+  // stride * rows input rows, every column): 4 doubles at item (b, block) b * blocks + block, see
   // prob_stats_finish; nullptr: none.
   double* stats = nullptr;
   int64_t blocks = 0;
