@@ -70,15 +70,11 @@ struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunctio
                 "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");
     const at::Tensor grad_dir = ctx->get_saved_variables()[0];
     const at::Tensor scale = grad_energy.reshape({-1, 1, 1}).to(grad_dir.scalar_type());
-    // On the CPU into a block of the large-output cache (common/host_alloc.h): a fresh (B, K, N)
-    // product is mapped afresh and faulted in page by page on every call (2-core VM, 4 x 21 x 513^2:
-    // 18 ms for the product, most of it page faults).
-    if (grad_dir.device().is_cpu()) {
-      out[0] = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
-      at::mul_out(out[0], grad_dir, scale);
-    } else {
-      out[0] = grad_dir * scale;
-    }
+    // On the CPU into a block of the large-output cache (common/host_alloc.h; at::empty on CUDA): a
+    // fresh (B, K, N) product is mapped afresh and faulted in page by page on every call (2-core VM,
+    // 4 x 21 x 513^2: 18 ms for the product, most of it page faults).
+    out[0] = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
+    at::mul_out(out[0], grad_dir, scale);
     return out;
   }
 };

@@ -172,6 +172,19 @@ struct InputsFunctor {
     }
   }
 
+  // The end of a block of output rows [y0, y1) (rows_unit_stride1, rows_unit_stride2): their gate
+  // from the running maxima mx, and with stats the block's statistics from the per-pixel sums psum
+  // of its stride (y1 - y0) input rows and the range lanes lo, hi.
+  void finish_rows(int64_t b, int64_t y0, int64_t y1, const scalar_t* mx, const scalar_t* psum, const scalar_t* lo,
+                   const scalar_t* hi) const {
+    for (int64_t y = y0; y < y1; ++y) write_gate(b, y, (b * H + stride * y) * W, 0, w, mx + (y - y0) * w);
+    if (stats) {
+      double* st = stats + (b * blocks + y0 / rows) * 4;
+      for (int j = 0; j < 4; ++j) st[j] = -std::numeric_limits<double>::infinity();
+      prob_stats_finish(psum, stride * (y1 - y0) * W, lo, hi, st);
+    }
+  }
+
   // Output rows [y0, y1) of image b in the CPU's raster order at stride 2 with unit column steps
   // (the item is a block of rows: InputsFunctor::rows): downscaled_tap's sums (the same expression,
   // so the same bits) in loops without a branch per element, which vectorise; class by class, so
@@ -215,12 +228,7 @@ struct InputsFunctor {
         }
       }
     }
-    for (int64_t y = y0; y < y1; ++y) write_gate(b, y, (b * H + 2 * y) * W, 0, w, mx + (y - y0) * w);
-    if (stats) {
-      double* st = stats + (b * blocks + y0 / rows) * 4;
-      for (int j = 0; j < 4; ++j) st[j] = -std::numeric_limits<double>::infinity();
-      prob_stats_finish(psum, 2 * n * W, lo, hi, st);
-    }
+    finish_rows(b, y0, y1, mx, psum, lo, hi);
   }
 
   // The same at stride 1 (RRM's scale 1: nothing downscaled): each class's input rows of the block
@@ -254,12 +262,7 @@ struct InputsFunctor {
         }
       }
     }
-    for (int64_t y = y0; y < y1; ++y) write_gate(b, y, (b * H + y) * W, 0, w, mx + (y - y0) * w);
-    if (stats) {
-      double* st = stats + (b * blocks + y0 / rows) * 4;
-      for (int j = 0; j < 4; ++j) st[j] = -std::numeric_limits<double>::infinity();
-      prob_stats_finish(psum, n * W, lo, hi, st);
-    }
+    finish_rows(b, y0, y1, mx, psum, lo, hi);
   }
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x0, int64_t x1) const {

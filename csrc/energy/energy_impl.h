@@ -87,9 +87,8 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
   // exact gradient 13.5 -> 13.1 ms, with the rloss gradient unchanged; at K = 2 unchanged).
   const int64_t Cin = Cs;  // row stride of the packed input
   // (From the large-output cache on the CPU, like grad: at 513^2 a fresh block faulted in page by
-  // page was half the op's page faults, 2-core VM.)
-  auto in =
-      kCpu ? empty_large({B, N, Cin}, probs.options(), kCachedOutputBytes) : at::empty({B, N, Cin}, probs.options());
+  // page was half the op's page faults, 2-core VM. On CUDA at::empty.)
+  auto in = empty_large({B, N, Cin}, probs.options(), kCachedOutputBytes);
   // Lattice buffers: the forward blur ping-pongs between the first two; the exact gradient's
   // reverse blur between the one the forward did not end in and the third, or, when both splats
   // are made in one pass before either blur (CUDA; knob kEnergyPairSplat), between the third and
@@ -300,9 +299,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_energy_inputs(const Exec& e
       if (with_stats) {
         stats = part.amax(0);  // NaN propagates as through nan_max
         if (H > stride * h) {  // odd H at stride 2: the last row, which the downscaling does not read
-          auto rest = dense_energy_input_stats(exec, seg.new_empty({B, 0, H - 2 * h, W}),
-                                               seg.narrow(2, 2 * h, H - 2 * h), at::Tensor(), at::Tensor(), 0.0, true)
-                          .narrow(0, kProbNegMin, 4);
+          auto rest =
+              dense_energy_input_stats(exec, seg.new_empty({B, 0, H - stride * h, W}),
+                                       seg.narrow(2, stride * h, H - stride * h), at::Tensor(), at::Tensor(), 0.0, true)
+                  .narrow(0, kProbNegMin, 4);
           stats = at::stack({stats, rest}).amax(0);
         }
       }
