@@ -166,7 +166,11 @@ def main() -> None:
             0.0,
         )
     a = ops.dense_energy_input_stats(img.to(dev), seg.float().to(dev), roi.to(dev), lab.to(dev), 255.0, True)
-    close("dense_energy_input_stats", a, ops.dense_energy_input_stats(img, seg.float(), roi, lab, 255.0, True), 1e-12)
+    b = ops.dense_energy_input_stats(img, seg.float(), roi, lab, 255.0, True)
+    # entries 4, 5: the extremes of the per-pixel sums over the classes, which the CPU adds in the
+    # probabilities' dtype (csrc/energy/input_stats_cpu.h) and CUDA in double; the rest are exact
+    close("dense_energy_input_stats (ranges, flags)", a[[0, 1, 2, 3, 6, 7]], b[[0, 1, 2, 3, 6, 7]], 0.0)
+    close("dense_energy_input_stats (class sums)", a[4:6], b[4:6], 1e-6)
     # BCD ops through the loss, forward and backward, float32 and float16
     for dtype in (torch.float32, torch.float16):
         feat = torch.randn(2, 16, 9, 11, generator=g).to(dtype)

@@ -1320,12 +1320,13 @@ def test_cuda_capture_keeps_no_cached_tensors(cuda, lattice_cache):
         bilateral_sxy=torch.tensor([30.0], device=cuda),
         bilateral_compat=torch.tensor(7.0, device=cuda),
     )
+    pos = rrm_cuda.position_features(1, (48, 64), 3.0, device=cuda).reshape(1, 2, 48, 64)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):
             rrm_cuda.dense_crf(probs=static, image=img, **kw)
-            rrm_cuda.permutohedral_filter(static, rrm_cuda.position_features(1, (48, 64), 3.0, device=cuda), cache=True)
+            rrm_cuda.permutohedral_filter(static, pos, cache=True)
     assert rrm_cuda.lattice_cache_info()["entries"] >= 1
     n_const, hits = len(FN._CONST_CACHE), rrm_cuda.lattice_cache_info()["hits"]
     graph = torch.cuda.CUDAGraph()

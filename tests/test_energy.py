@@ -1387,7 +1387,12 @@ def test_cuda_input_stats_equal_cpu(cuda):
             args = (args[0][: args[1].shape[0]],) + args[1:]
         want = ops.dense_energy_input_stats(*args, 255.0, True)
         got = ops.dense_energy_input_stats(*(a.to(cuda) if a is not None else None for a in args), 255.0, True)
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0, equal_nan=True)
+        # entries 4, 5 are the extremes of the per-pixel sums over the classes, which the CPU adds in
+        # the probabilities' dtype (float32 for half; csrc/energy/input_stats_cpu.h) and CUDA in
+        # double: equal to float32 rounding; the ranges and flags are exact
+        keep = [0, 1, 2, 3, 6, 7]
+        torch.testing.assert_close(got.cpu()[keep], want[keep], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got.cpu()[4:6], want[4:6], rtol=1e-6, atol=0, equal_nan=True)
 
 
 # ---------------------------------------------------------------------------------------------
