@@ -119,6 +119,11 @@ def bench_one(name, shape, device, n_threads, args, rows):
             print(f"  {workload:<26} {method:<22} {med:10.2f} ms (IQR {iqr:.2f}, {runs} runs)", flush=True)
 
 
+def peak_gbps(gpu: str) -> float:
+    """The datasheet memory bandwidth (GB/s) of a GPU by its name: H200 4800, else the H100 SXM's 3350."""
+    return 4800.0 if "H200" in gpu else 3350.0
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CI-sized shapes and short timings")
@@ -129,8 +134,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--peak-gbps",
         type=float,
-        default=3350.0,
-        help="GPU memory bandwidth for the bound (default 3350: H100 SXM HBM3)",
+        default=None,
+        help="GPU memory bandwidth for the bound in GB/s (default: the datasheet's for the GPU's name, "
+        "H200 4800, H100 SXM 3350, else 3350)",
     )
     p.add_argument(
         "--loop-max-elements",
@@ -146,6 +152,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.2 if args.quick else 1.0
+    if args.peak_gbps is None:
+        args.peak_gbps = peak_gbps(torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     sizes = QUICK_SIZES if args.quick else SIZES
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
