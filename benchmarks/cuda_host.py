@@ -3,7 +3,10 @@ CPU): per call, how many kernels are launched, how many synchronisations (stream
 and copies between host and device (cudaMemcpy*, either way; a device-to-host one drains the queue)
 the host makes, how many ATen ops run (nested ones included), and how the wall time compares
 with the kernels' time. Where the kernels are faster than the host can queue them, these counts
-(times this machine's cost of a launch, printed as the floor) bound a call from below.
+(times this machine's cost of a launch, printed as the floor) bound a call from below. Then the
+host's timeline of one 512² dense CRF and one energy loss fwd+bwd: each top-level op in order with
+its host time, the host's own time before it (Python, autograd), its nested launches and ATen ops,
+and each wait on the device with the chain of ops that made it.
 
     python benchmarks/cuda_host.py                # prints the table
     python benchmarks/cuda_host.py --out-dir DIR  # also writes cuda_host_<gpu>.json
@@ -81,6 +84,75 @@ def counts(fn: Callable[[], None]) -> dict[str, float]:
     }
 
 
+def _path(e) -> str:
+    """The event's chain of enclosing ops, outermost first (a > b > c)."""
+    names = []
+    while e is not None:
+        names.append(e.name)
+        e = e.cpu_parent
+    return " > ".join(reversed(names))
+
+
+def timeline(fn: Callable[[], None], cuda: bool = True) -> list[dict[str, object]]:
+    """Where one call of fn spends its host time: its top-level ops in order (host start and
+    duration in µs, the launches, waits and ATen ops nested in each, and the host's own time before
+    it: Python, autograd), then every wait on the device with the ops around it. Runs on the CPU
+    too (cuda=False: no launches or waits), as the tests' dry run."""
+    for _ in range(3):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+    evs = sorted(
+        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU),
+        key=lambda e: (e.time_range.start, -e.time_range.end),
+    )
+    if not evs:
+        return []
+    evs = [e for e in evs if e.thread == evs[0].thread]  # the calling thread (not a CPU op's workers)
+    t0, prev_end = evs[0].time_range.start, evs[0].time_range.start
+    rows: list[dict[str, object]] = []
+    for e in evs:
+        if e.cpu_parent is not None:
+            continue
+        nested = [e]
+        stack = list(e.cpu_children)
+        while stack:
+            c = stack.pop()
+            nested.append(c)
+            stack.extend(c.cpu_children)
+        waits = [c for c in nested if c.name in _SYNC or c.name in _COPY]
+        rows.append(
+            {
+                "op": e.name,
+                "start us": e.time_range.start - t0,
+                "host us": e.time_range.elapsed_us(),
+                "gap before us": max(0.0, e.time_range.start - prev_end),
+                "launches": sum(c.name in _LAUNCH for c in nested),
+                "aten ops": sum(c.name.startswith("aten::") for c in nested),
+                "waits": [(_path(c), c.time_range.elapsed_us()) for c in waits],
+            }
+        )
+        prev_end = max(prev_end, e.time_range.end)
+    return rows
+
+
+def print_timeline(name: str, rows: list[dict[str, object]]) -> None:
+    print(f"\nhost timeline of one call: {name}")
+    print(f"{'start us':>9} {'gap us':>7} {'host us':>8} {'launch':>6} {'aten':>5}  op")
+    for r in rows:
+        print(
+            f"{r['start us']:9.1f} {r['gap before us']:7.1f} {r['host us']:8.1f} {r['launches']:6d} "
+            f"{r['aten ops']:5d}  {r['op']}"
+        )
+        for path, us in r["waits"]:
+            print(f"{'':>33}  wait {us:8.1f} us  {path}")
+    total = sum(r["host us"] + r["gap before us"] for r in rows)
+    print(f"{'':>9} {'':>7} {total:8.1f}  (ops and gaps, µs)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", default=None, help="also write cuda_host_<device>.json there")
@@ -137,12 +209,18 @@ def main() -> None:
     print(f"\n{'workload':<44}" + "".join(f"{c:>17}" for c in cols))
     for name, row in rows.items():
         print(f"{name:<44}" + "".join(f"{row[c]:>17.3f}" if "ms" in c else f"{int(row[c]):>17d}" for c in cols))
+    # where the host time of the two calls the issues time goes, op by op
+    timelines = {}
+    for name in ("dense_crf 512x512x21x10", "energy fwd+bwd 8x21x160^2 [rloss]"):
+        timelines[name] = timeline(work[name])
+        print_timeline(name, timelines[name])
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         slug = gpu.lower().replace("nvidia ", "").replace(" ", "-")
         path = os.path.join(args.out_dir, f"cuda_host_{slug}.json")
+        out = {"device": gpu, "torch": torch.__version__, "floor_us": floor, "workloads": rows, "timelines": timelines}
         with open(path, "w") as f:
-            json.dump({"device": gpu, "torch": torch.__version__, "floor_us": floor, "workloads": rows}, f, indent=1)
+            json.dump(out, f, indent=1)
         print(f"wrote {path}")
 
 

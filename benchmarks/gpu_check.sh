@@ -90,7 +90,7 @@ if has build; then
   fi
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
   AB_SRC=${AB_SRC:-.baseline.tgz}
-  BASE=/tmp/rrm-base
+  BASE=${TMPDIR:-/tmp}/rrm-base
   if has ab && [ -f "$AB_SRC" ]; then
     # the baseline builds beside this tree, at the same time: a build waits mostly on its longest
     # nvcc file, so two at once cost little more than one; the ab step waits for it
@@ -135,7 +135,7 @@ if has ab; then
   # .baseline.tgz REV, then carry .baseline.tgz), built beside this tree; cuda_host and the energy
   # benchmark then run in both trees, twice, alternating. Results under results/ab_<tree>_<round>.
   AB_SRC=${AB_SRC:-.baseline.tgz}
-  BASE=/tmp/rrm-base
+  BASE=${TMPDIR:-/tmp}/rrm-base
   if [ -f "$AB_SRC" ]; then
     if [ -n "${AB_PID:-}" ]; then  # started with the build step
       step ab_build 400 bash -c "while [ ! -f '$BASE/.build_rc' ]; do sleep 1; done; tail -3 '$OUT_DIR/ab_build.txt'; exit \$(cat '$BASE/.build_rc')"

@@ -1,5 +1,6 @@
 """The benchmark helpers that run without a GPU: ncu_kernels.py's condensing of an ncu report,
-precision_study.py's quick run, and gpu_check.sh's packing and time budget (with a stand-in python)."""
+precision_study.py's quick run, cuda_host.py's host timeline (dry run on the CPU), and gpu_check.sh's
+packing, time budget and background A/B build (with a stand-in python)."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def test_precision_study_quick(tmp_path):
     assert "the parity contract" in out
 
 
-def _gpu_check(tmp_path, steps, budget, sleeps, timeout):
+def _gpu_check(tmp_path, steps, budget, sleeps, timeout, extra_env=None):
     """benchmarks/gpu_check.sh STEPS under a stand-in $OUT with a stand-in python, which writes a JSON
     into --out-dir and sleeps ``sleeps[script]`` seconds; killed (its process group) after
     ``timeout`` s. -> (return code or None when killed, the files in $OUT, the log)."""
@@ -116,7 +117,7 @@ def _gpu_check(tmp_path, steps, budget, sleeps, timeout):
     stub.chmod(0o755)
     out = tmp_path / "out"
     out.mkdir()
-    env = dict(os.environ, OUT=str(out), BUDGET=str(budget), PY=str(stub), TMPDIR=str(tmp_path))
+    env = dict(os.environ, OUT=str(out), BUDGET=str(budget), PY=str(stub), TMPDIR=str(tmp_path), **(extra_env or {}))
     env.pop("OUT_DIR", None)
     root = os.path.join(os.path.dirname(__file__), os.pardir)
     proc = subprocess.Popen(
@@ -172,3 +173,51 @@ def test_gpu_check_packs_results_after_every_step(tmp_path):
     assert rc is None and "=== cuda_host: rc=0" in log, log
     with tarfile.open(files["results.tgz"]) as tar:
         assert {"results/cuda_profile.json", "results/cuda_host.json"} <= set(tar.getnames())
+
+
+def test_gpu_check_builds_the_ab_baseline_beside_the_build(tmp_path):
+    # the ab step's baseline (a tarball of sources) builds in the background during the build step,
+    # so the ab step finds it built; then cuda_host and energy_bench run in both trees
+    import tarfile
+
+    src = tmp_path / "src"
+    (src / "benchmarks").mkdir(parents=True)
+    (src / "setup.py").write_text("")
+    with tarfile.open(tmp_path / "base.tgz", "w:gz") as tar:
+        tar.add(src, arcname=".")
+    env = {"AB_SRC": str(tmp_path / "base.tgz"), "AB_ROUNDS": "1", "TORCH_CUDA_ARCH_LIST": "9.0"}
+    rc, files, log = _gpu_check(tmp_path, ["build", "ab"], 0, {"setup": 3}, 60, env)
+    assert rc == 0, log
+    assert "=== ab_build: started in the background" in log and "=== build: rc=0 in 3s" in log, log
+    waited = int(log.split("=== ab_build: rc=0 in ")[1].split("s")[0])
+    assert waited <= 1, log  # built while the main build ran, not after it
+    for tag in ("base_1", "head_1"):
+        assert f"=== ab cuda_host {tag}: rc=0" in log and f"=== ab energy_bench {tag}: rc=0" in log, log
+    assert "ab_build.txt" in files
+    with tarfile.open(files["results.tgz"]) as tar:
+        assert {"results/ab_base_1/cuda_host.json", "results/ab_head_1/energy_bench.json"} <= set(tar.getnames())
+
+
+def test_cuda_host_timeline_dry_run_on_the_cpu():
+    # cuda_host.py's per-op host timeline, on the CPU (no launches or waits there): the calling
+    # thread's top-level ops in order, with the ops nested in each counted
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "cuda_host", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "cuda_host.py")
+    )
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    x = torch.randn(64, 64)
+
+    def fn():
+        y = torch.mm(x, x)
+        torch.nn.functional.softmax(y, 1).sum()
+
+    rows = host.timeline(fn, cuda=False)
+    names = [r["op"] for r in rows]
+    assert names[:2] == ["aten::mm", "aten::softmax"] and "aten::sum" in names, names
+    soft = rows[1]
+    assert soft["aten ops"] >= 2 and soft["launches"] == 0 and soft["waits"] == []  # softmax > _softmax
+    assert all(r["host us"] >= 0 and r["gap before us"] >= 0 for r in rows)
+    assert [r["start us"] for r in rows] == sorted(r["start us"] for r in rows)
