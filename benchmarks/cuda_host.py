@@ -84,20 +84,13 @@ def counts(fn: Callable[[], None]) -> dict[str, float]:
     }
 
 
-def _path(e) -> str:
-    """The event's chain of enclosing ops, outermost first (a > b > c)."""
-    names = []
-    while e is not None:
-        names.append(e.name)
-        e = e.cpu_parent
-    return " > ".join(reversed(names))
-
-
 def timeline(fn: Callable[[], None], cuda: bool = True) -> list[dict[str, object]]:
     """Where one call of fn spends its host time: its top-level ops in order (host start and
     duration in µs, the launches, waits and ATen ops nested in each, and the host's own time before
-    it: Python, autograd), then every wait on the device with the ops around it. Runs on the CPU
-    too (cuda=False: no launches or waits), as the tests' dry run."""
+    it: Python, autograd), each wait on the device with the chain of ops around it. Runtime calls
+    (launches, waits, copies) go to the ops that enclose them in time, whatever thread the profiler
+    gives them. Runs on the CPU too (cuda=False: no launches or waits; only the calling thread's ops,
+    not those of a CPU op's workers), as the tests' dry run."""
     for _ in range(3):
         fn()
     if cuda:
@@ -105,37 +98,73 @@ def timeline(fn: Callable[[], None], cuda: bool = True) -> list[dict[str, object
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         fn()
-    evs = sorted(
-        (e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU),
-        key=lambda e: (e.time_range.start, -e.time_range.end),
-    )
-    if not evs:
+    cpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    return timeline_rows(cpu, one_thread=not cuda)
+
+
+def timeline_rows(cpu: list, one_thread: bool) -> list[dict[str, object]]:
+    """timeline's table from the profiler's host-side events (name, thread, time_range, cpu_parent,
+    cpu_children); one_thread: only the ops of the thread of the first op."""
+    runtime_names = set(_LAUNCH) | set(_SYNC) | set(_COPY)
+    ops = [e for e in cpu if not e.name.startswith("cu")]
+    runtime = [e for e in cpu if e.name in runtime_names]
+    if not ops:
         return []
-    evs = [e for e in evs if e.thread == evs[0].thread]  # the calling thread (not a CPU op's workers)
-    t0, prev_end = evs[0].time_range.start, evs[0].time_range.start
+    if one_thread:  # the CPU's parallel_for workers run nested ops on threads of their own
+        first = min(ops, key=lambda e: e.time_range.start)
+        ops = [e for e in ops if e.thread == first.thread]
+    ops.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
+
+    def within(e, t: float) -> bool:
+        return e.time_range.start <= t <= e.time_range.end
+
+    def chain(t: float, top) -> str:  # the ops enclosing time t inside top, outermost first
+        inner = [e for e in ops if e.thread == top.thread and within(e, t) and within(top, e.time_range.start)]
+        inner.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
+        return " > ".join(e.name for e in inner) or "(no op)"
+
+    tops = [e for e in ops if e.cpu_parent is None]
+    t0 = min([tops[0].time_range.start] + [r.time_range.start for r in runtime])
+    prev_end = t0
     rows: list[dict[str, object]] = []
-    for e in evs:
-        if e.cpu_parent is not None:
-            continue
-        nested = [e]
-        stack = list(e.cpu_children)
+    for e in tops:
+        nested, stack = [], list(e.cpu_children)
         while stack:
             c = stack.pop()
             nested.append(c)
             stack.extend(c.cpu_children)
-        waits = [c for c in nested if c.name in _SYNC or c.name in _COPY]
+        mine = [r for r in runtime if within(e, r.time_range.start)]
         rows.append(
             {
                 "op": e.name,
                 "start us": e.time_range.start - t0,
                 "host us": e.time_range.elapsed_us(),
                 "gap before us": max(0.0, e.time_range.start - prev_end),
-                "launches": sum(c.name in _LAUNCH for c in nested),
-                "aten ops": sum(c.name.startswith("aten::") for c in nested),
-                "waits": [(_path(c), c.time_range.elapsed_us()) for c in waits],
+                "launches": sum(r.name in _LAUNCH for r in mine),
+                "aten ops": sum(c.name.startswith("aten::") for c in [e, *nested]),
+                "waits": [
+                    (f"{chain(r.time_range.start, e)} > {r.name}", r.time_range.elapsed_us())
+                    for r in mine
+                    if r.name in _SYNC or r.name in _COPY
+                ],
             }
         )
         prev_end = max(prev_end, e.time_range.end)
+    # runtime calls outside every top-level op (a wait of the autograd engine's, say)
+    for r in runtime:
+        if not any(within(e, r.time_range.start) for e in tops):
+            rows.append(
+                {
+                    "op": f"({r.name} outside the ops)",
+                    "start us": r.time_range.start - t0,
+                    "host us": r.time_range.elapsed_us(),
+                    "gap before us": 0.0,
+                    "launches": int(r.name in _LAUNCH),
+                    "aten ops": 0,
+                    "waits": [] if r.name in _LAUNCH else [(r.name, r.time_range.elapsed_us())],
+                }
+            )
+    rows.sort(key=lambda r: r["start us"])
     return rows
 
 

@@ -221,3 +221,48 @@ def test_cuda_host_timeline_dry_run_on_the_cpu():
     assert soft["aten ops"] >= 2 and soft["launches"] == 0 and soft["waits"] == []  # softmax > _softmax
     assert all(r["host us"] >= 0 and r["gap before us"] >= 0 for r in rows)
     assert [r["start us"] for r in rows] == sorted(r["start us"] for r in rows)
+
+
+def test_cuda_host_timeline_places_runtime_calls_by_time():
+    # On a GPU the profiler's launches and waits may carry another thread id than the ops and no
+    # parent: they go to the top-level op that encloses them in time, a wait with its op chain, and
+    # a call outside every op gets a row of its own (made-up events, as the profiler gives them).
+    from types import SimpleNamespace as E
+
+    spec = importlib.util.spec_from_file_location(
+        "cuda_host", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "cuda_host.py")
+    )
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+
+    def ev(name, t0, t1, thread=1, parent=None):
+        e = E(name=name, thread=thread, time_range=E(start=t0, end=t1, elapsed_us=lambda: t1 - t0))
+        e.cpu_parent, e.cpu_children = parent, []
+        if parent is not None:
+            parent.cpu_children.append(e)
+        return e
+
+    op = ev("rrm_cuda::dense_energy", 10.0, 100.0)
+    item = ev("aten::item", 40.0, 80.0, parent=op)
+    dense = ev("aten::_local_scalar_dense", 41.0, 79.0, parent=item)
+    other = ev("aten::sum", 120.0, 130.0)
+    events = [
+        op,
+        item,
+        dense,
+        other,
+        ev("cudaLaunchKernel", 12.0, 15.0, thread=99),
+        ev("cudaLaunchKernel", 20.0, 23.0, thread=99),
+        ev("cudaMemcpyAsync", 42.0, 78.0, thread=99),
+        ev("cudaLaunchKernel", 121.0, 124.0, thread=99),
+        ev("cudaStreamSynchronize", 140.0, 150.0, thread=99),
+    ]
+    rows = host.timeline_rows(events, one_thread=False)
+    assert [r["op"] for r in rows] == ["rrm_cuda::dense_energy", "aten::sum", "(cudaStreamSynchronize outside the ops)"]
+    first, second, outside = rows
+    assert first["launches"] == 2 and first["aten ops"] == 2 and first["host us"] == 90.0
+    assert first["waits"] == [
+        ("rrm_cuda::dense_energy > aten::item > aten::_local_scalar_dense > cudaMemcpyAsync", 36.0)
+    ]
+    assert second["launches"] == 1 and second["gap before us"] == 20.0 and second["waits"] == []
+    assert outside["waits"] == [("cudaStreamSynchronize", 10.0)] and outside["start us"] == 130.0
