@@ -250,7 +250,7 @@ def test_cam_sure_batched_formulation_equals_per_class_loop():
     cam_img = cam.argmax(1)
     la = cam_img.clone()
     la[0][la[0] == 8] = 0  # class 7 absent from the CRF label of image 0
-    for p in (0.6, 0.0, 0.95):
+    for p in (0.6, 0.0, 0.95, 0.999):  # 0.999: the last selected value (k = n - 1)
         for bg_t, cmin in ((0.8, 0.1), (-1.0, 0.0), (0.8, -0.5), (-0.2, -0.1)):
             args = (cam, cam_img, la, present, bg_t, cmin, p)
             loop = _cam_sure(*args, vectorised=False)
@@ -283,6 +283,52 @@ def test_reliable_label_parts_gpu_formulations_equal_cpu_ones(monkeypatch):
         assert bool((q.permute(0, 2, 3, 1)[absent[:, None, None].expand(-1, S, S, -1)] == 0).all())
         assert not bool(torch.signbit(q).any())
         assert q.is_contiguous()
+
+
+def test_reliable_label_parts_without_probabilities(cuda_or_cpu):
+    """probabilities=False (the training step's and reliable_labels' call) leaves out the two
+    (B, 21, H, W) CRF probability tensors and gives every label bit for bit, with padding labels, an
+    image without a class and a batch where no image has one."""
+    g = torch.Generator().manual_seed(7)
+    B, S = 4, 19
+    dev = cuda_or_cpu
+    image = torch.randint(0, 256, (B, 3, S, S), generator=g).to(torch.uint8).to(dev)
+    labels = torch.zeros(B, 20)
+    for b, n in enumerate((2, 0, 1, 3)):
+        labels[b, torch.randperm(20, generator=g)[:n]] = 1
+    cams = ((torch.rand(B, 20, S, S, generator=g) * 10).round() / 10 * labels[:, :, None, None]).to(dev)
+    parts = []
+    for lab in (labels, torch.zeros_like(labels)):
+        full = reliable_label_parts(image, cams * lab.to(dev)[:, :, None, None], lab, iterations=3)
+        lean = reliable_label_parts(image, cams * lab.to(dev)[:, :, None, None], lab, iterations=3, probabilities=False)
+        assert lean.crf_la is None and lean.crf_ha is None
+        for f in ("label", "crf_label", "cam_sure"):
+            assert torch.equal(getattr(lean, f), getattr(full, f)), f
+        assert torch.equal(reliable_labels(image, cams * lab.to(dev)[:, :, None, None], lab, iterations=3), full.label)
+        # the label restated from the returned parts: confidence = max(α=32 background, α=4 foreground)
+        confidence = torch.maximum(full.crf_ha[:, 0], full.crf_la[:, 1:].amax(1))
+        want = full.crf_label.masked_fill((confidence < 0.8) | ~full.cam_sure, 255)
+        assert torch.equal(full.label, want)
+        parts.append(full)
+    # A threshold between the two confidences at a labelled, CAM-reliable pixel: there the α=4
+    # background in place of the α=32 one would change the label.
+    full = parts[0]
+    conf_ha = torch.maximum(full.crf_ha[:, 0], full.crf_la[:, 1:].amax(1))
+    conf_la = torch.maximum(full.crf_la[:, 0], full.crf_la[:, 1:].amax(1))
+    where = (full.crf_label != 255) & full.cam_sure & (conf_ha != conf_la)
+    assert bool(where.any())
+    t = float((conf_ha[where][0] + conf_la[where][0]) / 2)
+    for probabilities in (True, False):
+        got = reliable_label_parts(
+            image,
+            cams * labels.to(dev)[:, :, None, None],
+            labels,
+            iterations=3,
+            crf_threshold=t,
+            probabilities=probabilities,
+        ).label
+        assert torch.equal(got, full.crf_label.masked_fill((conf_ha < t) | ~full.cam_sure, 255))
+        assert not torch.equal(got, full.crf_label.masked_fill((conf_la < t) | ~full.cam_sure, 255))
 
 
 def test_reliable_labels_unchecked_equal_checked_and_host_labels(cuda_or_cpu):

@@ -95,13 +95,13 @@ def multiscale_cam(
 class ReliableLabels:
     """label (B, H, W) int64 final pseudo label; crf_label (B, H, W) the CRF label before the
     CAM-reliability test; cam_sure (B, H, W) bool CAM-reliable region; crf_la / crf_ha (B, 21, H, W)
-    CRF probabilities at α = 4 / 32 (zero for absent classes)."""
+    CRF probabilities at α = 4 / 32 (zero for absent classes; None when not asked for)."""
 
     label: Tensor
     crf_label: Tensor
     cam_sure: Tensor
-    crf_la: Tensor
-    crf_ha: Tensor
+    crf_la: Tensor | None
+    crf_ha: Tensor | None
 
 
 def _host_to(rows: list, device: torch.device) -> Tensor:
@@ -127,7 +127,8 @@ def _batched_crf(
     iterations: int,
     crf_params: dict,
     check_inputs: bool = True,
-) -> tuple[Tensor, Tensor, Tensor]:
+    probabilities: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """CRFs on [bg_α, present-class CAMs] for every α in one batched call, sharing each image's
     lattices between its α CRFs. Each image keeps only its present classes (as the original does),
     padded to a common label count with labels of energy ``_PAD_ENERGY`` that stay at probability 0.
@@ -135,9 +136,10 @@ def _batched_crf(
     Args: ``cams`` (B, 20, H, W) with absent classes zeroed, ``one_minus_max`` (B, H, W) ``1 − max_c
     cams``, ``present`` (B, 20) bool on the host.
 
-    Returns (item a·B + b for α ``alphas[a]`` and image b): the (A·B, 21, H, W) probabilities, the
-    (A·B, H, W) argmax class of each (taken on the CRF's few labels) and, for ``alphas[0]``, the
-    (B, H, W) largest foreground probability."""
+    Returns (item a·B + b for α ``alphas[a]`` and image b): the (A·B, 21, H, W) probabilities (None
+    with ``probabilities=False``: the training step needs only the next three), the (A·B, H, W)
+    argmax class of each (taken on the CRF's few labels), for ``alphas[0]`` the (B, H, W) largest
+    foreground probability, and the (A·B, H, W) background probabilities."""
     A = len(alphas)
     B, _, H, W = cams.shape
     dev = cams.device
@@ -149,7 +151,8 @@ def _batched_crf(
     if L == 1:
         out = cams.new_zeros(A * B, 21, H, W)
         out[:, 0] = 1.0
-        return out, cams.new_zeros(A * B, H, W, dtype=torch.long), cams.new_zeros(B, H, W)
+        none = cams.new_zeros(A * B, H, W, dtype=torch.long)
+        return out if probabilities else None, none, cams.new_zeros(B, H, W), out[:, 0]
     # Per image b and CRF label j: cls, the class of the label (0 background, c + 1 for CAM channel
     # c; 0 for padding, never the argmax); dst, the output channel it is scattered to (padding labels,
     # their Q zeroed, to distinct absent classes, which stay 0); sel, the CAM channel of its unary
@@ -177,15 +180,18 @@ def _batched_crf(
     img = image if image.dtype in (torch.uint8, torch.float32) else image.float()
     q = dense_crf(u.view(A * B, L, H, W), img, iterations=iterations, check_inputs=check_inputs, **crf_params)
     q5 = q.view(A, B, L, H, W)
-    out = cams.new_zeros(A * B, 21, H, W)  # after the CRF's launch: off the host-bound stretch
     # padding labels keep Q ~ 0 (<= 1e-37) < any real label's Q, and classes keep their order: the
     # argmax of the (·, 21) tensor, first maximum included
     labels = cls.expand(A, B, L).gather(2, _channel_argmax(q).view(A, B, H * W)).view(A * B, H, W)
     # padding labels' Q set to exactly 0 (the absent classes they are scattered to stay 0)
     q5.masked_fill_(padb[None, :, :, None, None], 0.0)
-    out.view(A, B, 21, H, W).scatter_(2, dst[None, :, :, None, None].expand(A, -1, -1, H, W), q5)
-    # absent classes and padding labels are 0 <= the probabilities: the same maximum as over the 20
-    return out, labels, q5[0, :, 1:].amax(1)
+    out = None
+    if probabilities:  # (A·B, 21, H, W): 69 MB at B 4, 321²; its fill and scatter are 4 % of a CPU step
+        out = cams.new_zeros(A * B, 21, H, W)  # after the CRF's launch: off the host-bound stretch
+        out.view(A, B, 21, H, W).scatter_(2, dst[None, :, :, None, None].expand(A, -1, -1, H, W), q5)
+    # absent classes and padding labels are 0 <= the probabilities: the same maximum as over the 20;
+    # label 0 is every image's background (dst 0)
+    return out, labels, q5[0, :, 1:].amax(1), q.view(A * B, L, H, W)[:, 0]
 
 
 def _cam_sure(
@@ -219,10 +225,13 @@ def _cam_sure(
                 if c == 0:
                     cam_sure[b] |= cam_c > bg_threshold
                     continue
-                values = cam_c[cam_c > cam_min].sort().values
-                if values.numel() == 0:  # the original raises IndexError here: no reliable pixel for c
+                values = cam_c[cam_c > cam_min]
+                n = values.numel()
+                if n == 0:  # the original raises IndexError here: no reliable pixel for c
                     continue
-                cam_sure[b] |= cam_c > values[int(values.numel() * cam_percentile)]
+                k = int(n * cam_percentile)  # the original's sorted(values)[k]: a selection, not a sort
+                kth = torch.kthvalue(values, k + 1).values if 0 <= k < n else values.sort().values[k]
+                cam_sure[b] |= cam_c > kth
         return cam_sure
     # Each class c of image b contributes the pixels of its region (cam_img == c) whose CAM exceeds
     # its threshold T[b, c] (bg_threshold for the background, the percentile value for a present
@@ -270,8 +279,11 @@ def reliable_label_parts(
     cam_min: float = 0.1,
     cam_percentile: float = 0.6,
     check_inputs: bool = True,
+    probabilities: bool = True,
 ) -> ReliableLabels:
-    """:func:`reliable_labels` with its intermediate results (for panels and tests)."""
+    """:func:`reliable_labels` with its intermediate results (for panels and tests);
+    ``probabilities=False`` leaves out the two (B, 21, H, W) CRF probability tensors (``crf_la``,
+    ``crf_ha`` None), which a training step does not use."""
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must have shape (B, 3, H, W); got {tuple(image.shape)}")
     if cams.dim() != 4 or cams.shape[1] != 20 or cams.shape[0] != image.shape[0] or cams.shape[2:] != image.shape[2:]:
@@ -303,7 +315,7 @@ def reliable_label_parts(
     # holds only the unaries.
     present_h = present.cpu()  # free for host labels
 
-    crf, crf_labels, fg_max = _batched_crf(
+    crf, crf_labels, fg_max, bg = _batched_crf(
         image.detach() if image.requires_grad else image,
         cam_np,
         one_minus_max,
@@ -312,14 +324,15 @@ def reliable_label_parts(
         iterations,
         crf_params,
         check_inputs,
+        probabilities,
     )
-    crf_la, crf_ha = crf[:B], crf[B:]
+    crf_la, crf_ha = (crf[:B], crf[B:]) if crf is not None else (None, None)
     la_label, ha_label = crf_labels[:B], crf_labels[B:]
     crf_label = la_label.masked_fill(la_label == 0, IGNORE)
 
     cam_sure = _cam_sure(cam_all, cam_img, la_label, present_h, bg_threshold, cam_min, cam_percentile)
     crf_label.masked_fill_(ha_label == 0, 0)
-    confidence = torch.maximum(crf_ha[:, 0], fg_max)  # max(α32 bg probability, α4 fg probabilities)
+    confidence = torch.maximum(bg[B:], fg_max)  # max(α32 bg probability, α4 fg probabilities)
     label = crf_label.masked_fill((confidence < crf_threshold) | ~cam_sure, IGNORE)
     return ReliableLabels(label, crf_label, cam_sure, crf_la, crf_ha)
 
@@ -384,4 +397,5 @@ def reliable_labels(
         cam_min=cam_min,
         cam_percentile=cam_percentile,
         check_inputs=check_inputs,
+        probabilities=False,
     ).label

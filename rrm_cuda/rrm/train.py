@@ -448,7 +448,9 @@ class StepOps:
     """
 
     # unchecked: the step checks its CAMs for NaN/Inf in its one host read instead
-    reliable_labels: Callable[..., ReliableLabels] = functools.partial(reliable_label_parts, check_inputs=False)
+    reliable_labels: Callable[..., ReliableLabels] = functools.partial(
+        reliable_label_parts, check_inputs=False, probabilities=False
+    )
     energy_loss: Callable[..., Tensor] = L.energy_loss
     bcd_loss: Callable[[Tensor, Tensor], Tensor] = L.bcd_loss
 
