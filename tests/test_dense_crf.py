@@ -115,6 +115,47 @@ def test_shared_lattices(gauss_sxy):
         ops.dense_crf(unary.reshape(B, L, -1), [pos[:1], bil[:1].repeat(3, 1, 1)], args[2], args[3], [0, 0], 3)
 
 
+@pytest.mark.parametrize("L", [2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_mean_field_pairs_give_the_same_bits(tuning, L, dtype):
+    # The CPU's fused mean field takes images that share every lattice in pairs (knob cpu_crf_pairs,
+    # rows of up to 8 labels): the same bits as one at a time. Unary batches of 2, 3 (a pair and a
+    # single left over) and 5 per image over two images; a Gaussian term of one lattice for all
+    # (scalar sxy) and of one per item (per-item sxy: no pairs); per-label compatibilities, the
+    # 'after' normalisation, and 2 threads (the splat buffers' thread spans).
+    unary, image = _crf_inputs(B=10, L=L, H=65, W=70, seed=11, dtype=dtype)  # > 4096 pixels: 2 spans
+    img2 = image[:2]
+    cases = [
+        dict(),
+        dict(gaussian_sxy=torch.tensor([3.0, 5.0, 2.0, 4.0, 6.0, 3.5], dtype=torch.float64)),
+        dict(bilateral_compat=torch.linspace(3.0, 9.0, L, dtype=torch.float64), normalization="after"),
+    ]
+    threads = torch.get_num_threads()
+    try:
+        for per_image in (2, 3, 5):
+            u = unary[: 2 * per_image]
+            for kw in cases:
+                if "gaussian_sxy" in kw:
+                    if per_image != 3:
+                        continue
+                    kw = dict(gaussian_sxy=kw["gaussian_sxy"])
+                for n_threads in (1, 2):
+                    torch.set_num_threads(n_threads)
+                    got = {}
+                    for pairs in (0, 1):
+                        tuning("cpu_crf_pairs", pairs)
+                        got[pairs] = rrm_cuda.dense_crf(u, img2, iterations=4, bilateral_sxy=6.0, **kw)
+                    assert torch.equal(got[0], got[1]), (per_image, kw, n_threads)
+    finally:
+        torch.set_num_threads(threads)
+    # and one at a time, item by item: item b uses image b % 2
+    tuning("cpu_crf_pairs", 1)
+    q = rrm_cuda.dense_crf(unary[:6], img2, iterations=4, bilateral_sxy=6.0)
+    for b in range(6):
+        qb = rrm_cuda.dense_crf(unary[b : b + 1], img2[b % 2 : b % 2 + 1], iterations=4, bilateral_sxy=6.0)
+        assert torch.equal(q[b : b + 1], qb), b
+
+
 def test_layouts_and_half():
     unary, image = _crf_inputs(dtype=torch.float32)
     ref = rrm_cuda.dense_crf(unary, image)

@@ -282,6 +282,7 @@ def test_tuning_knobs(tuning):
         "insert_corner_major",
         "emulate_capture",
         "cpu_build_passes",
+        "cpu_crf_pairs",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

@@ -3,7 +3,7 @@
 // benchmarks/cuda_profile.py). Results never depend on them: every setting gives the same bits, on
 // CUDA and in the emulated launch (tests/test_permutohedral_filter.py, tests/test_energy.py), except
 // kMeanFieldTile, which regroups sums (see there). The CPU
-// kernels ignore them, but for kCpuBuildPasses.
+// kernels ignore them, but for kCpuBuildPasses and kCpuCrfPairs.
 #pragma once
 
 #include <cstdint>
@@ -52,6 +52,8 @@ enum Knob : int {
                          // The same lattice either way but for the vertex numbering (the passes number
                          // vertices by the entries that won the slots' races), so the same filter
                          // results (tests compare both).
+  kCpuCrfPairs,          // dense_crf's CPU mean field: images that share every lattice in pairs, one pass
+                         // over the lattice entries for both (1), or one at a time (0); 1. The same bits.
   kNumKnobs
 };
 

@@ -1490,6 +1490,9 @@ struct TermTotalsFunctor {
 // Terms without a blurred buffer (the first step) contribute nothing: q_i = softmax(base_i).
 // W = the lattice row width (L padded to 4 or a multiple of 8); the arithmetic per term is that of
 // SliceFunctor (with coef and base) and ScatterFunctor, in the same order.
+// G > 1: the rows hold G images that share every lattice (dense_crf's unaries of one image, such as
+// RRM's two CRFs per crop), each in its own W / G columns with its own softmax: one pass over the
+// lattice entries serves all G, and every channel's arithmetic is the G = 1 pass's (the same bits).
 
 template <typename scalar_t>
 struct MeanFieldTerm {
@@ -1504,11 +1507,13 @@ struct MeanFieldTerm {
   int d;
 };
 
-template <typename scalar_t, int W>
+template <typename scalar_t, int W, int G = 1>
 struct MeanFieldCpuFunctor {
+  static_assert(W % G == 0, "G images of W / G columns each");
+  static constexpr int Wg = W / G;
   const scalar_t* base;  // (N, W) -unary, padded with kSoftmaxPad
-  scalar_t* q_out;       // (L, N) or nullptr
-  scalar_t mask[W];      // 1 for the L labels, 0 for the padding
+  scalar_t* q_out[G];    // (L, N) each, or nullptr
+  scalar_t mask[W];      // 1 for the L labels of each image, 0 for the padding
   MeanFieldTerm<scalar_t> terms[kMaxFusedTerms];
   int T;
   int64_t N, L;
@@ -1530,9 +1535,10 @@ struct MeanFieldCpuFunctor {
     }
     scalar_t v[W], qi[W];
     row.store(v);
-    softmax_masked<scalar_t, W>(v, mask, qi);
-    if (q_out) {
-      for (int64_t c = 0; c < L; ++c) q_out[c * N + i] = qi[c];
+    for (int g = 0; g < G; ++g) softmax_masked<scalar_t, Wg>(v + g * Wg, mask + g * Wg, qi + g * Wg);
+    if (q_out[0]) {
+      for (int g = 0; g < G; ++g)
+        for (int64_t c = 0; c < L; ++c) q_out[g][c * N + i] = qi[g * Wg + c];
       return;
     }
     Row q;

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -913,11 +914,15 @@ void softmax_rows(const Exec& exec, const at::Tensor& x, at::Tensor& q) {
 // are summed are those of splat_scatter_cpu, so the splat sums are the same as lattice::filter's.
 //   unary (B, L, N); q (B, L, N) out; coefs[t] (L,); lats[t].B divides B (image b uses lattice
 //   b % lats[t].B); pre/post[t] (lats[t].B, N) or undefined.
-template <typename scalar_t, int W>
+// units: the images, G at a time, the G of a unit sharing every lattice: their rows lie side by
+// side, Wg columns each (MeanFieldCpuFunctor's G), so that one pass over the lattice entries serves
+// all G (mean_field_cpu_units pairs them).
+template <typename scalar_t, int Wg, int G = 1>
 void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tensor>& pre,
                     const std::vector<at::Tensor>& post, const std::vector<at::Tensor>& coefs, const at::Tensor& unary,
-                    at::Tensor& q, int64_t iterations) {
-  const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
+                    at::Tensor& q, int64_t iterations, const std::vector<std::array<int64_t, G>>& units) {
+  constexpr int W = Wg * G;
+  const int64_t L = unary.size(1), N = unary.size(2);
   const int T = static_cast<int>(lats.size());
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + 4095) / 4096));
   const int64_t span = (N + P - 1) / P;
@@ -935,22 +940,24 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
   at::Tensor base_w = empty_large({N, W}, opt, kCachedOutputBytes);  // (a cached block: no page faults)
   const at::Tensor unary_c = unary.contiguous();  // the op takes any strides; read below as (B, L, N)
   std::vector<at::Tensor> coef_w(T);
-  for (int t = 0; t < T; ++t) coef_w[t] = at::constant_pad_nd(coefs[t], {0, W - L}, 0);
-  MeanFieldCpuFunctor<scalar_t, W> proto{};
-  for (int c = 0; c < W; ++c) proto.mask[c] = c < L ? scalar_t(1) : scalar_t(0);
-  for (int64_t b = 0; b < B; ++b) {
-    // -unary[b] transposed into the padded rows, in blocks of pixels (ATen's strided neg_out into
-    // the (N, L) view took 6 ms at 500x375x21 on one thread, and did not use a second one).
-    {
-      const scalar_t* u = unary_c.data_ptr<scalar_t>() + b * L * N;
-      scalar_t* bw = base_w.data_ptr<scalar_t>();
+  for (int t = 0; t < T; ++t) coef_w[t] = at::constant_pad_nd(coefs[t], {0, Wg - L}, 0).repeat({G});
+  MeanFieldCpuFunctor<scalar_t, W, G> proto{};
+  for (int c = 0; c < W; ++c) proto.mask[c] = c % Wg < L ? scalar_t(1) : scalar_t(0);
+  for (const std::array<int64_t, G>& unit : units) {
+    const int64_t b = unit[0];  // the unit's lattices: those of its first image (all share them)
+    // -unary of each image transposed into its columns of the padded rows, in blocks of pixels
+    // (ATen's strided neg_out into the (N, L) view took 6 ms at 500x375x21 on one thread, and did
+    // not use a second one).
+    for (int g = 0; g < G; ++g) {
+      const scalar_t* u = unary_c.data_ptr<scalar_t>() + unit[g] * L * N;
+      scalar_t* bw = base_w.data_ptr<scalar_t>() + g * Wg;
       at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t i0 = k * 64, i1 = std::min(N, i0 + 64);
           for (int64_t l = 0; l < L; ++l)
             for (int64_t i = i0; i < i1; ++i) bw[i * W + l] = -u[l * N + i];
           for (int64_t i = i0; i < i1; ++i)
-            for (int64_t l = L; l < W; ++l) bw[i * W + l] = static_cast<scalar_t>(kSoftmaxPad);
+            for (int64_t l = L; l < Wg; ++l) bw[i * W + l] = static_cast<scalar_t>(kSoftmaxPad);
         }
       });
     }
@@ -965,9 +972,9 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t i0 = p * span, i1 = std::min(N, (p + 1) * span);
           if (i0 >= i1) continue;
-          MeanFieldCpuFunctor<scalar_t, W> f = proto;
+          MeanFieldCpuFunctor<scalar_t, W, G> f = proto;
           f.base = base_w.data_ptr<scalar_t>();
-          f.q_out = last ? q.data_ptr<scalar_t>() + b * L * N : nullptr;
+          for (int g = 0; g < G; ++g) f.q_out[g] = last ? q.data_ptr<scalar_t>() + unit[g] * L * N : nullptr;
           f.T = T;
           f.N = N;
           f.L = L;
@@ -1029,6 +1036,33 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
       }
     }
   }
+}
+
+// dense_crf's CPU mean field with rows Wg wide: images that share every lattice (image b uses lattice
+// b % lats[t].B, so b and b + S do for S the lcm of the lattice counts; RRM's pseudo labels: each
+// crop's two CRFs) go through it in pairs, rows 2 Wg wide, the others one at a time; the same bits
+// either way (knob cpu_crf_pairs, default 1). At 321^2 with 3 labels a pass of rows 8 wide costs
+// little more than one of rows 4 wide: the lattice entries, not the channels, are most of it.
+constexpr int kMaxPairedWidth = 8;  // rows of 16 labels in pairs were slower (9-16 labels, 321^2, 1 thread)
+template <typename scalar_t, int Wg>
+void mean_field_cpu_units(const std::vector<Lattice>& lats, const std::vector<at::Tensor>& pre,
+                          const std::vector<at::Tensor>& post, const std::vector<at::Tensor>& coefs,
+                          const at::Tensor& unary, at::Tensor& q, int64_t iterations) {
+  const int64_t B = unary.size(0);
+  int64_t S = 1;
+  for (const Lattice& lat : lats) S = std::lcm(S, lat.B);
+  std::vector<std::array<int64_t, 1>> singles;
+  std::vector<std::array<int64_t, 2>> pairs;
+  const bool pair = Wg <= kMaxPairedWidth && tuning::get(tuning::kCpuCrfPairs) != 0;
+  for (int64_t r = 0; r < std::min(S, B); ++r) {
+    int64_t b = r;
+    for (; pair && b + S < B; b += 2 * S) pairs.push_back({b, b + S});
+    for (; b < B; b += S) singles.push_back({b});
+  }
+  if constexpr (Wg <= kMaxPairedWidth) {
+    if (!pairs.empty()) mean_field_cpu<scalar_t, Wg, 2>(lats, pre, post, coefs, unary, q, iterations, pairs);
+  }
+  if (!singles.empty()) mean_field_cpu<scalar_t, Wg, 1>(lats, pre, post, coefs, unary, q, iterations, singles);
 }
 #endif
 
@@ -1582,16 +1616,16 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
         q_lmajor = empty_large({B, L, N}, unary.options(), kCachedOutputBytes);
         const auto& lats = terms.lats;
         const auto &pre = terms.pre, &post = terms.post, &coefs = terms.coefs;
-        if (L <= 4) return mean_field_cpu<scalar_t, 4>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+        if (L <= 4) return mean_field_cpu_units<scalar_t, 4>(lats, pre, post, coefs, unary, q_lmajor, iterations);
         switch ((L + 7) / 8) {
           case 1:
-            return mean_field_cpu<scalar_t, 8>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+            return mean_field_cpu_units<scalar_t, 8>(lats, pre, post, coefs, unary, q_lmajor, iterations);
           case 2:
-            return mean_field_cpu<scalar_t, 16>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+            return mean_field_cpu_units<scalar_t, 16>(lats, pre, post, coefs, unary, q_lmajor, iterations);
           case 3:
-            return mean_field_cpu<scalar_t, 24>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+            return mean_field_cpu_units<scalar_t, 24>(lats, pre, post, coefs, unary, q_lmajor, iterations);
           default:
-            return mean_field_cpu<scalar_t, 32>(lats, pre, post, coefs, unary, q_lmajor, iterations);
+            return mean_field_cpu_units<scalar_t, 32>(lats, pre, post, coefs, unary, q_lmajor, iterations);
         }
       }
     }
