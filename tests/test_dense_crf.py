@@ -156,6 +156,19 @@ def test_cpu_mean_field_pairs_give_the_same_bits(tuning, L, dtype):
         assert torch.equal(q[b : b + 1], qb), b
 
 
+def test_cpu_softmax_gives_exact_zeros_below_its_range():
+    # A label of energy far above the others (RRM's padding labels: 1e4) gets Q exactly 0 on the
+    # CPU, not exp(-86) ~ 4e-38 (its products with lattice weights were denormals, 1.6x the CRF's
+    # time), and sends nothing: the other labels are those of the CRF without it, bit for bit.
+    unary, image = _crf_inputs(B=2, L=3, H=30, W=40, seed=5, dtype=torch.float32)
+    padded = unary.clone()
+    padded[:, 2] = 1.0e4
+    q3 = rrm_cuda.dense_crf(padded, image, iterations=5)
+    q2 = rrm_cuda.dense_crf(unary[:, :2].contiguous(), image, iterations=5)
+    assert bool((q3[:, 2] == 0).all())
+    assert torch.equal(q3[:, :2], q2)
+
+
 def test_layouts_and_half():
     unary, image = _crf_inputs(dtype=torch.float32)
     ref = rrm_cuda.dense_crf(unary, image)

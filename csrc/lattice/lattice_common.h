@@ -1082,7 +1082,9 @@ constexpr double kSoftmaxPad = -1e30;
 // clamped range) and ln2 split in two (Cody-Waite), exp(r) on |r| <= ln2/2 by Cephes' expf
 // polynomial (relative error ~1e-7, like libm's), 2^n through the exponent bits. x is clamped to
 // [-86, 88], so that 2^n and the result stay normal numbers (a denormal result would cost a
-// microcode assist; exp(-86) ~ 4e-38 stands for 0), by integer
+// microcode assist), and the result below -86 is exactly 0: a tiny normal result (exp(-86) ~ 4e-38,
+// what the clamp alone gave) made the mean field's splats, blurs and slices multiply it by weights
+// below 1 into denormals on every step (RRM's padding labels: 1.6x the whole CRF's time). By integer
 // comparisons of the bit patterns: float comparisons would stop GCC from vectorising the loop
 // (they may trap), integer ones become blends. As unsigned integers, the floats below -86 are
 // exactly those above its pattern (sign-magnitude); as signed integers, those above 88 likewise.
@@ -1090,7 +1092,8 @@ inline float exp_cpu(float x) {
   int32_t xi;
   __builtin_memcpy(&xi, &x, sizeof xi);
   uint32_t xu = static_cast<uint32_t>(xi);
-  xu = xu < 0xc2ac0000u ? xu : 0xc2ac0000u;  // -86.0f (min/max forms: no branch)
+  const int32_t keep = xu <= 0xc2ac0000u ? -1 : 0;  // all result bits kept, or none (x < -86: 0)
+  xu = xu < 0xc2ac0000u ? xu : 0xc2ac0000u;         // -86.0f (min/max forms: no branch)
   xi = static_cast<int32_t>(xu);
   xi = xi < 0x42b00000 ? xi : 0x42b00000;  // 88.0f
   __builtin_memcpy(&x, &xi, sizeof x);
@@ -1108,7 +1111,13 @@ inline float exp_cpu(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float p2;
   __builtin_memcpy(&p2, &bits, sizeof p2);
-  return y * p2;
+  const float e = y * p2;
+  int32_t ei;
+  __builtin_memcpy(&ei, &e, sizeof ei);
+  ei &= keep;
+  float out;
+  __builtin_memcpy(&out, &ei, sizeof out);
+  return out;
 }
 inline double exp_cpu(double x) { return exp(x); }
 
