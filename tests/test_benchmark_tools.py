@@ -8,11 +8,18 @@ import importlib.util
 import math
 import os
 
-_SPEC = importlib.util.spec_from_file_location(
-    "ncu_kernels", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "ncu_kernels.py")
-)
-ncu = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(ncu)
+
+def _load(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ncu = _load("ncu_kernels")
 
 # Two kernels of an ncu text report (H100, session 7), trimmed; the second with a time in ms and a
 # count with a thousands separator, and a kernel that is not rrm_cuda's.
@@ -203,11 +210,7 @@ def test_cuda_host_timeline_dry_run_on_the_cpu():
     # thread's top-level ops in order, with the ops nested in each counted
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "cuda_host", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "cuda_host.py")
-    )
-    host = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host)
+    host = _load("cuda_host")
     x = torch.randn(64, 64)
 
     def fn():
@@ -229,11 +232,7 @@ def test_cuda_host_timeline_places_runtime_calls_by_time():
     # a call outside every op gets a row of its own (made-up events, as the profiler gives them).
     from types import SimpleNamespace as E
 
-    spec = importlib.util.spec_from_file_location(
-        "cuda_host", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "cuda_host.py")
-    )
-    host = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(host)
+    host = _load("cuda_host")
 
     def ev(name, t0, t1, thread=1, parent=None):
         e = E(name=name, thread=thread, time_range=E(start=t0, end=t1, elapsed_us=lambda: t1 - t0))

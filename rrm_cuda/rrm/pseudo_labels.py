@@ -17,9 +17,10 @@ from ..functional import dense_crf
 
 IGNORE = 255
 PSEUDO_CRF = dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0)
-# Energy of a padding label: a padded label keeps Q ~ 0 (below 1e-37) in every mean-field iteration
-# and, with Potts compatibilities, sends no message to the real labels; its Q is set to exactly 0
-# before it reaches the outputs.
+# Energy of a padding label: a padded label keeps Q = 0 in every mean-field iteration (exactly on
+# the CPU, whose softmax gives 0 below exp(-86); a denormal at most on a GPU) and, with Potts
+# compatibilities, sends no message to the real labels; its Q is set to exactly 0 before it reaches
+# the outputs.
 _PAD_ENERGY = 1.0e4
 
 
@@ -151,8 +152,8 @@ def _batched_crf(
     if L == 1:
         out = cams.new_zeros(A * B, 21, H, W)
         out[:, 0] = 1.0
-        none = cams.new_zeros(A * B, H, W, dtype=torch.long)
-        return out if probabilities else None, none, cams.new_zeros(B, H, W), out[:, 0]
+        background = cams.new_zeros(A * B, H, W, dtype=torch.long)  # every pixel's CRF label
+        return out if probabilities else None, background, cams.new_zeros(B, H, W), out[:, 0]
     # Per image b and CRF label j: cls, the class of the label (0 background, c + 1 for CAM channel
     # c; 0 for padding, never the argmax); dst, the output channel it is scattered to (padding labels,
     # their Q zeroed, to distinct absent classes, which stay 0); sel, the CAM channel of its unary
@@ -180,8 +181,8 @@ def _batched_crf(
     img = image if image.dtype in (torch.uint8, torch.float32) else image.float()
     q = dense_crf(u.view(A * B, L, H, W), img, iterations=iterations, check_inputs=check_inputs, **crf_params)
     q5 = q.view(A, B, L, H, W)
-    # padding labels keep Q ~ 0 (<= 1e-37) < any real label's Q, and classes keep their order: the
-    # argmax of the (·, 21) tensor, first maximum included
+    # padding labels keep Q ~ 0 (see _PAD_ENERGY) < any real label's Q, and classes keep their order:
+    # the argmax of the (·, 21) tensor, first maximum included
     labels = cls.expand(A, B, L).gather(2, _channel_argmax(q).view(A, B, H * W)).view(A * B, H, W)
     # padding labels' Q set to exactly 0 (the absent classes they are scattered to stay 0)
     q5.masked_fill_(padb[None, :, :, None, None], 0.0)
@@ -191,7 +192,7 @@ def _batched_crf(
         out.view(A, B, 21, H, W).scatter_(2, dst[None, :, :, None, None].expand(A, -1, -1, H, W), q5)
     # absent classes and padding labels are 0 <= the probabilities: the same maximum as over the 20;
     # label 0 is every image's background (dst 0)
-    return out, labels, q5[0, :, 1:].amax(1), q.view(A * B, L, H, W)[:, 0]
+    return out, labels, q5[0, :, 1:].amax(1), q[:, 0]
 
 
 def _cam_sure(
