@@ -293,6 +293,14 @@ def main() -> None:
             "energy fwd+bwd [rloss], checked": lambda: energy_fb(m6),
         },
     )
+
+    def counted_energy() -> None:  # the energy loss's lattice counted, as in a CUDA graph
+        _C.set_tuning("counted_lattice", 1)
+        try:
+            energy_rloss()
+        finally:
+            _C.set_tuning("counted_lattice", knobs["counted_lattice"])
+
     # the lattice build's hash insert: threads over the entries pixel by pixel (all d + 1 corners of a
     # pixel side by side) or corner-major (a warp inserts one corner of 32 neighbouring pixels: mostly
     # the same few keys, whose probes share their loads)
@@ -308,6 +316,28 @@ def main() -> None:
             "energy fwd+bwd [rloss], unchecked": energy_rloss,
         },
     )
+
+    # the hash insert's claim counters (knob insert_shards): one per image on every table, on which
+    # every claim and every probe that met an empty slot serialised (0, before session 25), against
+    # up to 32 per image on 128-byte lines of their own and none on tables of 2E slots (the counted
+    # lattices of a CUDA graph). Session 13-24 profiles: 90-100 us per insert, for 0.8-1.6 M entries.
+    def shards_label(s: int) -> str:
+        return f"up to {s} per image" if s else "one per image, every table"
+
+    summary += ab_group(
+        res,
+        "insert counters",
+        [(shards_label(s), setting(insert_shards=s)) for s in sorted({0, 32, knobs["insert_shards"]})],
+        {
+            "build bilateral (d=5)": lambda: ops.lattice_num_vertices(bil),
+            "build positions (d=2)": lambda: ops.lattice_num_vertices(pos),
+            "dense_crf op alone": raw,
+            "energy fwd+bwd [rloss], unchecked": energy_rloss,
+            "energy fwd+bwd [rloss], unchecked, counted lattice": counted_energy,
+        },
+        default=shards_label(knobs["insert_shards"]),
+    )
+    knob("insert_shards", knobs["insert_shards"])
     # the pixel order of the public dense CRF and energy loss: 16 x 16 tiles (functional._PIXEL_TILE) or raster
     tile_saved = FN._PIXEL_TILE["cuda"]
 

@@ -73,6 +73,10 @@ PyObject* lattice_counted_builds(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::counted_builds()));
 }
 
+PyObject* lattice_table_retries(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::table_retries()));
+}
+
 PyObject* set_lattice_cache_capacity(PyObject*, PyObject* arg) {
   const long long n = PyLong_AsLongLong(arg);
   if (n == -1 && PyErr_Occurred()) return nullptr;
@@ -140,6 +144,8 @@ PyMethodDef methods[] = {
      "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
     {"lattice_counted_builds", lattice_counted_builds, METH_NOARGS,
      "Counted lattices (built without a host read of their size; knob counted_lattice) built so far."},
+    {"lattice_table_retries", lattice_table_retries, METH_NOARGS,
+     "Hash tables of the GPU-style lattice build given up as too full and rebuilt larger so far."},
     {"tiled_mean_field_steps", tiled_mean_field_steps, METH_NOARGS,
      "Mean-field steps run so far by the tiled mean field's block kernels (knob mean_field_tile)."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,

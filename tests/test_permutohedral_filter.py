@@ -283,6 +283,7 @@ def test_tuning_knobs(tuning):
         "emulate_capture",
         "cpu_build_passes",
         "cpu_crf_pairs",
+        "insert_shards",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -338,6 +339,45 @@ def test_hash_table_growth():
     ref = permutohedral_filter_reference(v, f)
     torch.testing.assert_close(ops.permutohedral_filter(v, f, False), ref)
     torch.testing.assert_close(ops._permutohedral_filter_emulated(v, f, False), ref)
+
+
+@pytest.mark.parametrize("shards", [0, 1, 4, 32])
+def test_hash_table_given_up_at_half_full(shards, tuning):
+    # The launches' build (GPU, emulated, CPU passes) keeps a hash table only if at most half of it is
+    # claimed (InsertFunctor, BuildStatsFunctor). N = 3000 points in 5-D: E = 18000 entries, a first
+    # table of 4096 slots with min(knob insert_shards, 4) claim counters (4: each given up at 768
+    # claims; 1: at 2048), then 32768 slots, then 65536 >= 2E (no counter but with knob 0).
+    # Image 0 has 2048 < M < 3072 vertices: with one counter the insert gives up at 2048 claims, with
+    # 4 no thread does and BuildStatsFunctor's count rejects the table. Image 1 outgrows the first
+    # table by far (threads give up), image 3 the second too (M > 16384), image 2 fits. The lattice
+    # and the filter are the reference's every way.
+    from rrm_cuda import _C
+
+    tuning("insert_shards", shards)
+    g = torch.Generator().manual_seed(7)
+    N, d = 3000, 5
+    base = torch.randn(1, d, N, generator=g, dtype=torch.float64)
+    f = torch.cat([base * 0.9, base * 2.0, base * 0.5, base * 10.0])
+    v = torch.randn(4, 2, N, generator=g, dtype=torch.float64)
+    m = lattice_num_vertices_reference(f).tolist()
+    assert 2048 < m[0] < 3072 and 8192 < m[1] < 16384 and m[2] < 1024 and m[3] > 16384, m
+    ref = permutohedral_filter_reference(v, f)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tuning("cpu_build_passes", 1)  # one image on two threads: the CPU's launches
+        for b, retries in enumerate((1, 1, 0, 2)):
+            for op in (ops._permutohedral_filter_emulated, ops.permutohedral_filter):
+                r0 = _C.lattice_table_retries()
+                out = op(v[b : b + 1], f[b : b + 1], False)
+                assert _C.lattice_table_retries() - r0 == retries, (b, op)
+                torch.testing.assert_close(out, ref[b : b + 1])
+            assert int(ops.lattice_num_vertices(f[b : b + 1])[0]) == m[b]
+        r0 = _C.lattice_table_retries()
+        torch.testing.assert_close(ops._permutohedral_filter_emulated(v, f, False), ref)  # one table size for all
+        assert _C.lattice_table_retries() - r0 == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("d", [2, 3, 5, 7])

@@ -54,6 +54,13 @@ enum Knob : int {
                          // results (tests compare both).
   kCpuCrfPairs,          // dense_crf's CPU mean field: images that share every lattice in pairs, one pass
                          // over the lattice entries for both (1), or one at a time (0); 1. The same bits.
+  kInsertShards,         // lattice build: the hash insert's count of claimed slots per image split over up
+                         // to this many counters, each on its own 128-byte line (a slot's claim counts on
+                         // counter slot mod S), so that the claims of an image do not all serialise on
+                         // one word, and no counter at all on a table of 2E slots (it holds every
+                         // entry: counted lattices, last retries); 32. 0: one counter per image on every
+                         // table (the insert before session 25). The same lattice for every value
+                         // (lattice_common.h, InsertFunctor).
   kNumKnobs
 };
 

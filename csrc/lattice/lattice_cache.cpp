@@ -153,12 +153,15 @@ void cache_set_capacity(int64_t capacity) {
 namespace {
 std::atomic<int64_t> g_counted_builds{0};
 std::atomic<int64_t> g_tiled_steps{0};
+std::atomic<int64_t> g_table_retries{0};
 }  // namespace
 
 void note_counted_build() { g_counted_builds.fetch_add(1, std::memory_order_relaxed); }
 int64_t counted_builds() { return g_counted_builds.load(std::memory_order_relaxed); }
 void note_tiled_steps(int64_t n) { g_tiled_steps.fetch_add(n, std::memory_order_relaxed); }
 int64_t tiled_steps() { return g_tiled_steps.load(std::memory_order_relaxed); }
+void note_table_retry() { g_table_retries.fetch_add(1, std::memory_order_relaxed); }
+int64_t table_retries() { return g_table_retries.load(std::memory_order_relaxed); }
 
 int64_t cache_evict(const void* data) {
   Store& s = store();

@@ -238,17 +238,29 @@ struct EmbedFunctor {
 };
 
 // ---------------------------------------------------------------------------------------------
+// int32 words between the insert's claim counters: one 128-byte line each.
+constexpr int64_t kInsertCounterStride = 32;
+
 // 2. Insert: one thread per entry. Open addressing with linear probing; a slot holds the id of the
 //    first entry whose key claimed it (atomic CAS from -1), keys are compared through that entry.
 //    Keys were written by EmbedFunctor in an earlier launch, so they are visible to every thread.
 //    Which entry owns a slot depends on thread timing; the filter's result does not (see
 //    lattice_impl.h). The table is sized from an estimate of the vertex count (small tables stay
-//    in cache): once half of it is claimed, or a probe sequence runs through the whole table, the
-//    image's overflow flag is raised and the host retries with a larger table.
+//    in cache) and must end at most half full: BuildStatsFunctor raises the image's overflow flag
+//    when more than cap / 2 slots were claimed, and the host retries with a larger table. So that a
+//    table being outgrown is given up early rather than filled, the claims are counted as they
+//    happen, on S counters per image (slot mod S; each on its own 128-byte line): a thread that
+//    finds an empty slot whose counter already holds `limit` claims gives up (raises the flag).
+//    With S = 1 and limit = cap / 2 that is exactly "half the table claimed"; with S > 1 the limit
+//    is 3/4 of the counter's even share of cap, i.e. the table is given up about three quarters full
+//    (never before half full but by chance), and the exact half-full rule is BuildStatsFunctor's.
+//    The counters spread what was one word per image, on which every claim and every probe that
+//    met an empty slot queued (knob insert_shards; benchmarks/NOTES.md §26: unmeasured). A table of
+//    2E slots holds every entry: it has no counters (claimed == nullptr) and never gives up.
 struct InsertFunctor {
   int32_t* table;       // (chunk, cap) initialised to -1
   int32_t* entry_slot;  // (chunk, E) out: slot of the entry's key (-1 on overflow)
-  int32_t* claimed;     // (chunk,) slots claimed so far
+  int32_t* claimed;     // (chunk, S, kInsertCounterStride) claims per counter (zeroed), or nullptr
   int32_t* overflow;    // (chunk,) set to 1 when the table is too small
   const int32_t* keys;  // (chunk, E, d)
   int64_t E, cap;       // cap is a power of two
@@ -258,6 +270,8 @@ struct InsertFunctor {
   // pixels -- mostly one or a few distinct keys, whose probes share their loads -- instead of all
   // d + 1 corners of 5 pixels. Which entry claims a slot changes, the lattice does not.
   int64_t N = 0;
+  int64_t shards = 1;  // S, a power of two
+  int64_t limit = 0;   // claims on a counter at which a thread gives up
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
     int64_t e = i;
@@ -273,10 +287,11 @@ struct InsertFunctor {
     for (int64_t probe = 0; probe < cap; ++probe) {
       int32_t cur = atomic_load(tab + slot);
       if (cur == -1) {
-        if (atomic_load(claimed + b) >= cap / 2) break;  // too full: give up, the host retries
+        int32_t* counter = claimed ? claimed + (b * shards + (slot & (shards - 1))) * kInsertCounterStride : nullptr;
+        if (counter && atomic_load(counter) >= limit) break;  // too full: give up, the host retries
         cur = atomic_cas(tab + slot, -1, static_cast<int32_t>(e));
         if (cur == -1) {  // claimed
-          atomic_add(claimed + b, 1);
+          if (counter) atomic_add(counter, 1);
           *out = static_cast<int32_t>(slot);
           return;
         }
@@ -400,10 +415,12 @@ struct BuildStatsFunctor {
   const int32_t* num_vertices;  // (chunk,)
   int32_t* stats;               // (2,) out
   int64_t nb;
+  int64_t half_cap;  // an image with more vertices overflowed its table (InsertFunctor)
   RRM_HOST_DEVICE void operator()(int64_t) const {
     int32_t o = 0, m = 0;
     for (int64_t b = 0; b < nb; ++b) {
       o = overflow[b] > o ? overflow[b] : o;
+      o = num_vertices[b] > half_cap ? 1 : o;
       m = num_vertices[b] > m ? num_vertices[b] : m;
     }
     stats[0] = o;

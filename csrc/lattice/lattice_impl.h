@@ -583,12 +583,21 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
       auto nv_chunk = lat.num_vertices.narrow(0, b0, nb);
       for (;;) {
         table = at::full({nb, cap}, -1, iopt);
-        // claimed slots (nb), overflow flags (nb), then BuildStatsFunctor's (any overflow, max M)
-        auto counters = at::zeros({2 * nb + 2}, iopt);
+        // The insert's claim counters (InsertFunctor): none for a table of 2E slots, else S per image,
+        // S = min(knob insert_shards, cap / 1024) (a power of two), so that each counter's share stays
+        // large next to its chance deviations. Knob 0: one counter on every table (before session 25).
+        const int64_t max_shards = tuning::get(tuning::kInsertShards);
+        const bool whole = max_shards > 0 && cap >= 2 * E;
+        int64_t shards = 1;
+        while (!whole && shards * 2 <= std::min<int64_t>(max_shards, cap / 1024)) shards *= 2;
+        const int64_t per = kInsertCounterStride;
+        // overflow flags (nb), BuildStatsFunctor's (any overflow, max M), then the claim counters
+        auto counters = at::zeros({nb + 2 + (whole ? 0 : nb * shards * per)}, iopt);
+        int32_t* cnt = counters.data_ptr<int32_t>();
         exec.for_each_item(nb, E, 1,
                            InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(),
-                                         counters.data_ptr<int32_t>(), counters.data_ptr<int32_t>() + nb,
-                                         keys.data_ptr<int32_t>(), E, cap, d, corner_major ? N : 0});
+                                         whole ? nullptr : cnt + nb + 2, cnt, keys.data_ptr<int32_t>(), E, cap, d,
+                                         corner_major ? N : 0, shards, shards == 1 ? cap / 2 : 3 * (cap / shards) / 4});
         if constexpr (std::is_same_v<Exec, CpuExec>) {
           assign_vertices_cpu(table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, owner.data_ptr<int32_t>(), nv,
                               nb, E, cap);
@@ -602,12 +611,12 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
           M = E;
           break;
         }
-        int32_t* cnt = counters.data_ptr<int32_t>();
-        exec.for_each(1, BuildStatsFunctor{cnt + nb, nv, cnt + 2 * nb, nb}, 1);
-        const at::Tensor stats = counters.narrow(0, 2 * nb, 2).cpu();
+        exec.for_each(1, BuildStatsFunctor{cnt, nv, cnt + nb, nb, cap / 2}, 1);
+        const at::Tensor stats = counters.narrow(0, nb, 2).cpu();
         const int32_t* st = stats.data_ptr<int32_t>();
         M = st[1];
         if (cap >= 2 * E || st[0] == 0) break;
+        note_table_retry();
         cap = std::min(next_pow2(2 * E), cap * 8);
         nv_chunk.zero_();
       }
