@@ -338,6 +338,25 @@ def main() -> None:
         default=shards_label(knobs["insert_shards"]),
     )
     knob("insert_shards", knobs["insert_shards"])
+    # the build's per-image scans of chunk counts (rows of M + 1; a counted lattice's N (d + 1) + 1)
+    # in a batch: ATen's row kernel (one block per row, 1024 elements a round) or one flat cub scan
+    # rebased per row (knob flat_scan_min: rows at least this long go flat)
+    summary += ab_group(
+        res,
+        "row scans",
+        [
+            ("row kernel", setting(flat_scan_min=10**9)),
+            (f"flat from {knobs['flat_scan_min']}", setting(flat_scan_min=knobs["flat_scan_min"])),
+            ("always flat", setting(flat_scan_min=1)),
+        ],
+        {
+            "dense_crf op batch 8": batch8,
+            "energy fwd+bwd [rloss], unchecked": energy_rloss,
+            "energy fwd+bwd [rloss], unchecked, counted lattice": counted_energy,
+        },
+        default=f"flat from {knobs['flat_scan_min']}",
+    )
+    knob("flat_scan_min", knobs["flat_scan_min"])
     # the pixel order of the public dense CRF and energy loss: 16 x 16 tiles (functional._PIXEL_TILE) or raster
     tile_saved = FN._PIXEL_TILE["cuda"]
 

@@ -199,6 +199,50 @@ def test_launch_fusions_do_not_change_results(tuning, dtype, knob):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_scans_give_the_same_bits(tuning, dtype):
+    # The GPU build's per-image scans (chunk offsets; the tiled mean field's chunk numbers) in
+    # batches of two or more images: ATen's row kernel, or one flat scan rebased per row
+    # (row_cumsum, rows of at least knob flat_scan_min elements). Bitwise the same results through
+    # the emulated launch: a batch of images with different vertex counts, read back and counted
+    # (rows of N (d + 1) + 1, mostly zero), the tiled mean field's chunks, and the energy loss.
+    from skimage import data
+
+    img = torch.from_numpy(data.astronaut()[:40, :48].copy()).permute(2, 0, 1)[None]
+    img = torch.cat([img, torch.from_numpy(data.coffee()[:40, :48].copy()).permute(2, 0, 1)[None]])
+    bil = rrm_cuda.bilateral_features(img, 20.0, 13.0).to(dtype)
+    pos = rrm_cuda.position_features(2, (40, 48), 3.0).to(dtype)
+    g = torch.Generator().manual_seed(13)
+    N = 40 * 48
+    noise = (torch.randn(3, 3, N, generator=g) * 3).to(dtype)
+    noise[1, :, N // 2 :] = 0  # fewer vertices in image 1
+    v = torch.rand(3, 5, N, generator=g, dtype=dtype)
+    u = (torch.rand(2, 6, N, generator=g) * 3).to(dtype)
+    compat = torch.stack([-3 * torch.eye(6), -10 * torch.eye(6)]).to(dtype)
+    probs = torch.softmax(u[:, :4], 1)
+    gate = torch.rand(2, N, generator=g, dtype=dtype)
+
+    def run():
+        out = []
+        for counted in (0, 1):
+            tuning("counted_lattice", counted)
+            out += [ops._permutohedral_filter_emulated(v, noise, rev) for rev in (False, True)]
+            out += [ops._permutohedral_filter_emulated(v[:2], bil, False)]
+            out += list(ops._dense_energy_emulated(probs, gate, bil, None, 1))
+        tuning("counted_lattice", 0)
+        for tile in (0, 64):  # the tiled mean field cuts its chunks by tiles (per-image scans of the heads)
+            tuning("mean_field_tile", tile)
+            out.append(ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 0], 2))
+        tuning("mean_field_tile", 0)
+        return out
+
+    tuning("flat_scan_min", 10**9)  # rows by ATen's row kernel
+    ref = run()
+    tuning("flat_scan_min", 1)  # every batch's rows flat
+    for k, (a, b) in enumerate(zip(run(), ref)):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_counted_lattice_filter_gives_the_same_bits(tuning, dtype):
     # Knob counted_lattice (and, on a GPU, any CUDA graph capture): the filter's lattice built
     # without reading its vertex count back, every launch over vertices or chunks over the counts in
@@ -284,6 +328,7 @@ def test_tuning_knobs(tuning):
         "cpu_build_passes",
         "cpu_crf_pairs",
         "insert_shards",
+        "flat_scan_min",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

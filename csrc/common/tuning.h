@@ -61,6 +61,10 @@ enum Knob : int {
                          // entry: counted lattices, last retries); 32. 0: one counter per image on every
                          // table (the insert before session 25). The same lattice for every value
                          // (lattice_common.h, InsertFunctor).
+  kFlatScanMin,          // GPU lattice build: rows of per-image sums (chunk offsets) of at least this many
+                         // elements, in batches of two or more images, are scanned as one flat row by
+                         // cub and then rebased per row (row_cumsum), not by ATen's row kernel; 32768.
+                         // The same sums either way.
   kNumKnobs
 };
 

@@ -428,6 +428,17 @@ struct BuildStatsFunctor {
   }
 };
 
+// Rows of a flat inclusive scan (row_cumsum): each row's sums less the sum of the rows before it.
+struct RowBaseFunctor {
+  const int32_t* flat;  // (B n,) inclusive sums over all rows
+  int32_t* out;         // (B, n) out: inclusive sums within each row
+  int64_t n;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t j, int64_t, int64_t) const {
+    const int64_t t = b * n + j;
+    out[t] = b ? flat[t] - flat[b * n - 1] : flat[t];
+  }
+};
+
 // Sort keys of the entries: image-major, then vertex (b M + v), in 32 bits when B M fits; the
 // values the sort carries: each entry's index e in its image.
 template <typename key_t>

@@ -51,6 +51,25 @@ at::Tensor counted_empty(at::IntArrayRef sizes, const at::TensorOptions& options
   return t;
 }
 
+// Inclusive sums along the rows of x (B, n) int32, whose sums over all rows stay below total_bound.
+// at::cumsum along dim 1 of more than one row runs ATen's row kernel (one block of at most 512
+// threads per row, walking it 1024 elements at a time with ten barriers each): at a counted
+// lattice's chunk counts, rows of N (d + 1) + 1, that is ~150 rounds per row at 8 x 160^2 and
+// ~1500 at 4 x 513^2, on B SMs. A single row takes cub's device-wide scan instead; so rows of at
+// least knob flat_scan_min elements are scanned as one flat row, then each row less the sum of the
+// rows before it (RowBaseFunctor). Shorter rows (the read-back lattices' M + 1) keep the row
+// kernel: one launch instead of three.
+template <class Exec>
+at::Tensor row_cumsum(const Exec& exec, const at::Tensor& x, int64_t total_bound) {
+  const int64_t B = x.size(0), n = x.size(1);
+  if (B <= 1 || n < tuning::get(tuning::kFlatScanMin) || total_bound >= (int64_t(1) << 31))
+    return at::cumsum(x, /*dim=*/1, /*dtype=*/at::kInt);
+  const at::Tensor flat = at::cumsum(x.reshape({B * n}), /*dim=*/0, /*dtype=*/at::kInt);
+  at::Tensor out = at::empty({B, n}, x.options().dtype(at::kInt));
+  exec.for_each_item(B, n, 1, RowBaseFunctor{flat.data_ptr<int32_t>(), out.data_ptr<int32_t>(), n});
+  return out;
+}
+
 template <class Exec>
 void chunks_by_tile(const Exec& exec, Lattice& lat, int64_t tile, bool offsets = false);
 
@@ -69,7 +88,7 @@ void tile_chunks(const Exec& exec, Lattice& lat, const at::Tensor& sorted_entrie
                      TileChunkHeadFunctor{sorted_entries.data_ptr<int32_t>(), lat.entry_vertex.data_ptr<int32_t>(),
                                           lat.offsets.data_ptr<int32_t>(), lat.splat_pixel.data_ptr<int32_t>(),
                                           heads.data_ptr<int32_t>(), E, M, P});
-  const at::Tensor numbers = at::cumsum(heads, /*dim=*/1, /*dtype=*/at::kInt);
+  const at::Tensor numbers = row_cumsum(exec, heads, B * E);  // heads are 0 or 1
   if (lat.counted) {
     lat.K = E;
     lat.num_chunks = numbers.select(1, E - 1).contiguous();
@@ -155,9 +174,9 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) 
                            lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
   });
   if (chunk_tile > 0) return tile_chunks(exec, lat, sorted_entries, chunk_tile);
-  lat.chunk_offsets = at::cumsum(nchunks, /*dim=*/1, /*dtype=*/at::kInt);
   // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
   lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
+  lat.chunk_offsets = row_cumsum(exec, nchunks, B * lat.K);
   // Unused chunks stay empty: [0, 0), no vertex (a counted lattice's are never launched: unwritten).
   const at::Tensor chunk_be = counted ? counted_empty<Exec>({3, B, lat.K}, iopt) : at::zeros({3, B, lat.K}, iopt);
   lat.chunk_begin = chunk_be[0];
