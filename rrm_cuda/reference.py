@@ -25,6 +25,13 @@ def _lattice_reference(features: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     with its tie rule, the wrap-around barycentric term), but vertices are found with torch.unique
     instead of a hash table.
     """
+    return _lattice_from_keys(*lattice_keys_reference(features))
+
+
+def lattice_keys_reference(features: Tensor) -> tuple[Tensor, Tensor]:
+    """The lattice points of one image's simplices: features (d, N) -> (keys (N, d+1, d) long: the
+    first d coordinates of each pixel's d + 1 enclosing lattice points, the last being minus their
+    sum; barycentric weights (N, d+1)), in densecrf's corner order (see ``_lattice_reference``)."""
     d, N = features.shape
     dt = features.dtype
     dev = features.device
@@ -73,6 +80,13 @@ def _lattice_reference(features: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
     r = torch.arange(d + 1, device=dev).view(1, d + 1, 1)
     canon = torch.where(rank.unsqueeze(1) <= d - r, r, r - (d + 1))  # (N, d+1 corners, d+1 coords)
     keys = (rem0.unsqueeze(1) + canon)[:, :, :d]  # (N, d+1, d)
+    return keys, weight
+
+
+def _lattice_from_keys(keys: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """The lattice of ``lattice_keys_reference``'s points: vertices numbered by torch.unique."""
+    N, _, d = keys.shape
+    dev = keys.device
     uniq, inverse = torch.unique(keys.reshape(-1, d), dim=0, return_inverse=True)
     M = uniq.shape[0]
     vertex = inverse.reshape(N, d + 1)

@@ -1,6 +1,6 @@
 """The benchmark helpers that run without a GPU: ncu_kernels.py's condensing of an ncu report,
-precision_study.py's quick run, cuda_host.py's host timeline (dry run on the CPU), and gpu_check.sh's
-packing, time budget and background A/B build (with a stand-in python)."""
+precision_study.py's and lattice_stats.py's quick runs, cuda_host.py's host timeline (dry run on the
+CPU), and gpu_check.sh's packing, time budget and background A/B build (with a stand-in python)."""
 
 from __future__ import annotations
 
@@ -265,3 +265,40 @@ def test_cuda_host_timeline_places_runtime_calls_by_time():
     ]
     assert second["launches"] == 1 and second["gap before us"] == 20.0 and second["waits"] == []
     assert outside["waits"] == [("cudaStreamSynchronize", 10.0)] and outside["start us"] == 130.0
+
+
+def test_lattice_stats_quick(tmp_path):
+    # benchmarks/lattice_stats.py --quick: the reference lattice's points are the C++ op's (its
+    # vertex counts are checked inside), the hash simulation places every key, and the JSON and the
+    # chart are written.
+    import json
+
+    stats = _load("lattice_stats")
+    results = stats.main(["--quick", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "lattice_stats_quick.json").read_text())
+    assert (tmp_path / "lattice_stats_quick.png").stat().st_size > 0
+    assert [r["lattice"] for r in data["results"]] == [r["lattice"] for r in results] and len(results) == 3
+    for r in data["results"]:
+        for s in r["images"]:
+            assert s["E"] == s["N"] * (s["d"] + 1) and 0 < s["M"] <= s["E"]
+            assert s["entries_per_vertex_mean"] == s["E"] / s["M"]
+            assert 1 <= s["probes_per_entry_mean"] <= s["probes_max"] <= s["first_table_slots"]
+            assert 1 <= s["distinct_keys_per_warp_corner_major"] <= 32
+            assert s["claims_on_busiest_counter"] * s["claim_counters"] >= min(s["M"], s["first_table_slots"])
+        rs = r["row_scan"]
+        assert rs["counted_row"] == r["images"][0]["E"] + 1
+        assert (rs["counted_rounds"] > 0) == (r["B"] > 1)
+
+    # the numpy hash against lattice_common.h's hash_key written out in Python integers (uint32
+    # wrap-around, negative coordinates as their two's complement)
+    def hash_key(key):
+        h = 0
+        for k in key:
+            h = ((h + (k & 0xFFFFFFFF)) * 2531011) & 0xFFFFFFFF
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        return h ^ (h >> 13)
+
+    keys = [[0, 0], [1, 0], [-3, 3], [5, -12, 7, 0, -1], [2**30, -(2**30), 6, -6, 1]]
+    for key in keys:
+        assert int(stats.hash_keys(stats.np.array([key], dtype=stats.np.int64))[0]) == hash_key(key), key
