@@ -490,6 +490,15 @@ def main() -> None:
         torch.cuda.synchronize()
     print("\nkernels of one energy-loss fwd+bwd (exact):")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=32, max_name_column_width=110))
+    # the same loss (rloss) on a counted lattice, as a CUDA graph replays it: buffers and scans sized
+    # by the bound N (d + 1) (benchmarks/NOTES.md §26: the per-image scans, the insert's counters)
+    counted_energy()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        counted_energy()
+        torch.cuda.synchronize()
+    print("\nkernels of one energy-loss fwd+bwd (rloss), counted lattice:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=32, max_name_column_width=110))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         bcd_fb()
         torch.cuda.synchronize()
