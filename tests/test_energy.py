@@ -237,6 +237,27 @@ def test_inputs_op_bitwise_vs_restatement(op, dtype, stride, size):
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inputs_backward_blocks_give_the_same_bits(tuning, dtype):
+    # The GPU form of the inputs' backward (knob energy_backward_blocks): a thread per gradient pixel
+    # writes the stride x stride input block of every class, or (0) a thread per input column pair
+    # and class. Through the emulated launch, bitwise one another and the CPU op: odd and even sizes
+    # (the dropped last row and column), class counts below, at and above the 4 loads in flight,
+    # with and without ROIs, raster and tile orders.
+    g = torch.Generator().manual_seed(8)
+    for (H, W), K, T in (((9, 11), 3, 0), ((10, 12), 4, 0), ((37, 70), 9, 16), ((7, 5), 1, 2), ((16, 15), 21, 0)):
+        for stride in (1, 2):
+            h, w = H // stride, W // stride
+            go = torch.randn(2, K, h, w, generator=g, dtype=dtype)
+            rois = (torch.rand(2, H, W, generator=g) > 0.3).to(dtype)
+            for roi in (rois, None):
+                want = ops.dense_energy_inputs_backward(go, roi, H, W, stride, T)
+                for blocks in (0, 1):
+                    tuning("energy_backward_blocks", blocks)
+                    got = ops._dense_energy_inputs_backward_emulated(go, roi, H, W, stride, T)
+                    assert torch.equal(got, want), (H, W, K, T, stride, roi is None, blocks)
+
+
 def test_inputs_op_backward_large_output_on_huge_pages():
     # A gradient of >= 32 MiB is allocated on (transparent) huge pages on the CPU (common/host_alloc.h):
     # the same values as the adjoint of F.interpolate, and an ordinary tensor (resizable, writable).

@@ -329,6 +329,7 @@ def test_tuning_knobs(tuning):
         "cpu_crf_pairs",
         "insert_shards",
         "flat_scan_min",
+        "energy_backward_blocks",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

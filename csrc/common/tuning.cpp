@@ -6,12 +6,24 @@ namespace rrm {
 namespace tuning {
 namespace {
 
-std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768};
-const char* const g_names[kNumKnobs] = {
-    "splat_tile",       "energy_rows4",           "energy_pair_splat",   "slice_group4",
-    "energy_slice4",    "splat_fused_reduce",     "blur_pairs",          "counted_lattice",
-    "mean_field_tile",  "mean_field_tile_kernel", "insert_corner_major", "emulate_capture",
-    "cpu_build_passes", "cpu_crf_pairs",          "insert_shards",       "flat_scan_min"};
+std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768, 1};
+const char* const g_names[kNumKnobs] = {"splat_tile",
+                                        "energy_rows4",
+                                        "energy_pair_splat",
+                                        "slice_group4",
+                                        "energy_slice4",
+                                        "splat_fused_reduce",
+                                        "blur_pairs",
+                                        "counted_lattice",
+                                        "mean_field_tile",
+                                        "mean_field_tile_kernel",
+                                        "insert_corner_major",
+                                        "emulate_capture",
+                                        "cpu_build_passes",
+                                        "cpu_crf_pairs",
+                                        "insert_shards",
+                                        "flat_scan_min",
+                                        "energy_backward_blocks"};
 
 }  // namespace
 

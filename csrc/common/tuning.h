@@ -65,6 +65,9 @@ enum Knob : int {
                          // elements, in batches of two or more images, are scanned as one flat row by
                          // cub and then rebased per row (row_cumsum), not by ATen's row kernel; 32768.
                          // The same sums either way.
+  kEnergyBwdBlocks,      // energy loss inputs' backward on the GPU: one thread per gradient pixel writing its
+                         // stride x stride input block of every class (1), or one per input column pair
+                         // and class (0, before session 25); 1. The same values. Name energy_backward_blocks.
   kNumKnobs
 };
 

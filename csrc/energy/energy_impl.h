@@ -325,7 +325,22 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
   if (out.numel() == 0) return out;
   const at::Tensor g = grad.contiguous();
   const at::Tensor r = rois.defined() ? rois.contiguous() : at::Tensor();
+  const bool blocks = cols == 2 && tuning::get(tuning::kEnergyBwdBlocks) != 0;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rrm_dense_energy_inputs_backward", [&] {
+    if (blocks) {  // (image, gradient row), gradient columns: each a stride x stride block of every class
+      const InputsBackwardBlockFunctor<scalar_t> f{g.data_ptr<scalar_t>(),
+                                                   r.defined() ? r.data_ptr<scalar_t>() : nullptr,
+                                                   out.data_ptr<scalar_t>(),
+                                                   K,
+                                                   height,
+                                                   width,
+                                                   h,
+                                                   w,
+                                                   static_cast<int>(stride),
+                                                   T};
+      exec.for_each_item(B, (height + stride - 1) / stride, (width + stride - 1) / stride, f, 4);
+      return;
+    }
     InputsBackwardFunctor<scalar_t> f{g.data_ptr<scalar_t>(),
                                       r.defined() ? r.data_ptr<scalar_t>() : nullptr,
                                       out.data_ptr<scalar_t>(),
