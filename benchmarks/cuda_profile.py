@@ -357,6 +357,18 @@ def main() -> None:
         default=f"flat from {knobs['flat_scan_min']}",
     )
     knob("flat_scan_min", knobs["flat_scan_min"])
+    # the energy loss's packing of its (B, K, N) probabilities into lattice rows: one thread per
+    # (pixel, channel), or a transpose through shared memory (session 24's profile: 34 us, 37 MB)
+    summary += switch(
+        "pack",
+        "energy_pack_blocks",
+        "thread per (pixel, channel)",
+        "shared-memory transpose",
+        {
+            "energy fwd+bwd [rloss], unchecked": energy_rloss,
+            "energy fwd+bwd [exact], unchecked": energy_exact,
+        },
+    )
     # the energy loss inputs' backward (the (B, K, 321, 321) gradient from the (B, K, 160, 160) one):
     # a thread per input column pair and class, or a thread per gradient pixel writing the 2 x 2
     # input block of every class (session 24's profile: 92 us for 86 MB moved)

@@ -138,6 +138,26 @@ def test_gradcheck_exact(with_mass, op):
     assert torch.autograd.gradcheck(lambda p: fn(p, gate, feats, m, 2)[0], (probs,), fast_mode=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pack_blocks_give_the_same_bits(tuning, dtype):
+    # The GPU's packing of the (B, K, N) probabilities into lattice rows (knob energy_pack_blocks): a
+    # transpose through shared memory in blocks of 32 pixels, or one thread per (pixel, channel).
+    # Through the emulated launch, bitwise: pixel counts that are and are not a multiple of the
+    # block, one to 21 classes, the mass channel (rows of K + 1), every gradient mode, and a class
+    # count whose tile exceeds 48 KiB of shared memory (the per-channel threads then).
+    for K, N, B in ((1, 32, 1), (3, 70, 2), (4, 33, 2), (21, 100, 2), (400, 40, 1)):
+        probs, gate, feats, mass = _op_inputs(B=B, K=K, N=N)
+        probs, gate, feats, mass = (t.to(dtype) for t in (probs, gate, feats, mass))
+        for m in (None, mass):
+            for mode in (0, 1, 2):
+                outs = []
+                for blocks in (0, 1):
+                    tuning("energy_pack_blocks", blocks)
+                    outs.append(ops._dense_energy_emulated(probs, gate, feats, m, mode))
+                for a, b in zip(*outs):
+                    assert torch.equal(a, b), (K, N, m is None, mode)
+
+
 def test_gradcheck_functional_through_downscale():
     # Gate off (S = 1 is constant) so the value's true gradient is what the exact mode returns;
     # the gradient flows through the ROI mask and the bilinear downscaling.

@@ -68,6 +68,9 @@ enum Knob : int {
   kEnergyBwdBlocks,      // energy loss inputs' backward on the GPU: one thread per gradient pixel writing its
                          // stride x stride input block of every class (1), or one per input column pair
                          // and class (0, before session 25); 1. The same values. Name energy_backward_blocks.
+  kEnergyPackBlocks,     // energy loss on the GPU: its (B, K, N) probabilities packed into lattice rows by a
+                         // transpose through shared memory (1) or one thread per (pixel, channel) (0,
+                         // before session 25); 1. The same values. Name energy_pack_blocks.
   kNumKnobs
 };
 

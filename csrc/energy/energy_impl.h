@@ -123,10 +123,16 @@ std::tuple<at::Tensor, at::Tensor> dense_energy(const Exec& exec, const at::Tens
 
     const PackFunctor<scalar_t> pack{p.data_ptr<scalar_t>(), in_p, N, K, C, Cin};
     const int64_t blocks = (N + kSliceBlock - 1) / kSliceBlock;
-    if constexpr (kCpu)
+    if constexpr (kCpu) {
       exec.for_each_item(B, blocks, 1, PackBlocksCpu<scalar_t>{pack}, std::max<int64_t>(1, grain / kSliceBlock));
-    else
-      exec.for_each_item(B, N, Cin, pack, grain);
+    } else {
+      using Block = PackBlockFunctor<scalar_t>;
+      const int64_t smem = Block::smem_bytes(K);
+      if (tuning::get(tuning::kEnergyPackBlocks) != 0 && smem <= 48 * 1024)  // no opt-in: K <= 372 floats
+        exec.for_each_block(B, (N + Block::P - 1) / Block::P, smem, Block{p.data_ptr<scalar_t>(), in_p, N, K, C, Cin});
+      else
+        exec.for_each_item(B, N, Cin, pack, grain);
+    }
     // The forward W s: the splat of s blurred. The exact gradient's second half, W^T (S s): the
     // splat of S s blurred in reverse order; sliced together with the forward below. The CPU splats
     // by scatter, one splat after the other; CUDA gathers both splats' rows in one pass.
