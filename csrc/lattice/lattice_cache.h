@@ -84,11 +84,11 @@ void note_counted_build();
 int64_t counted_builds();
 // Mean-field steps run by the tiled mean field's block kernels (knob mean_field_tile_kernel >= 1).
 void note_tiled_steps(int64_t n);
+int64_t tiled_steps();
 // Hash tables of the launches' build (GPU, emulated, CPU passes) given up as too full and built anew
 // larger (InsertFunctor; tests check when a table is outgrown).
 void note_table_retry();
 int64_t table_retries();
-int64_t tiled_steps();
 void cache_clear();  // drops every entry and zeroes the counters
 // Drops the entries of the features whose data starts at `data` (an owner's tensor going away, e.g.
 // a pydensecrf DenseCRF's copies of its features); returns how many.
