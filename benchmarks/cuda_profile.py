@@ -259,7 +259,16 @@ def main() -> None:
     crf_ops = {"dense_crf op alone": raw, "dense_crf op batch 8": batch8}
     # the fused slice: vertex rows whole (96 registers at 21 labels) or 4 channels at a time (64)
     summary += switch("slice", "slice_group4", "whole rows", "4 channels at a time", crf_ops)
-    # the splats' per-vertex sums of the chunk sums: by the last chunk in the splat's launch, or a second launch
+
+    def counted_crf() -> None:  # the dense CRF's lattices counted, as in a CUDA graph
+        _C.set_tuning("counted_lattice", 1)
+        try:
+            raw()
+        finally:
+            _C.set_tuning("counted_lattice", knobs["counted_lattice"])
+
+    # the splats' per-vertex sums of the chunk sums: by the last chunk in the splat's launch, or a
+    # second launch (counted lattices in the mean field: since session 25 in the splat's launch too)
     summary += switch(
         "chunk sums",
         "splat_fused_reduce",
@@ -267,6 +276,7 @@ def main() -> None:
         "in the splat launch",
         {
             **crf_ops,
+            "dense_crf op alone, counted lattices": counted_crf,
             "energy fwd+bwd [rloss], unchecked": energy_rloss,
             "energy fwd+bwd [exact], unchecked": energy_exact,
         },

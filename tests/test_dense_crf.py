@@ -1287,8 +1287,9 @@ def test_counted_lattices_give_the_same_bits(tuning):
     # the emulated launch, whose counted workspaces are filled with NaN (0 for indices): bitwise the
     # read-back build's Q and gradients, for 3 and 21 labels, lattices shared by several unaries, a
     # cached (read-back) Gaussian lattice beside a counted bilateral one, every normalization, a full
-    # compatibility matrix (the generic path) and the backward. A mutation that drops one item of
-    # each image's totals fails 12 of the 16 cases.
+    # compatibility matrix (the generic path) and the backward, with the chunk sums in the splat's
+    # launch or in a second one. A mutation that drops one item of each image's totals fails 12 of
+    # the 16 cases.
     _C = rrm_cuda._ext._C
     per_image = torch.tensor([0.3, 30.0]).reshape(2, 1, 1)  # the noise's scale per image
     for dtype, L, u, eye, pos, bil, noise, g in _crf_bit_inputs(3, per_image):
@@ -1301,16 +1302,19 @@ def test_counted_lattices_give_the_same_bits(tuning):
         ]
         for feats, compat, diag, norms, cache, counted_terms in cases:
             outs = []
-            for c in (0, 1):
+            # read back; counted with the chunk sums in the splat's launch, and in a second launch
+            for c, fused in ((0, 1), (1, 1), (1, 0)):
                 tuning("counted_lattice", c)
+                tuning("splat_fused_reduce", fused)
                 before = _C.lattice_counted_builds()
                 q = ops._dense_crf_emulated(u, feats, compat, diag, norms, 3, cache)
                 grads = ops._dense_crf_backward_emulated(0.1 * torch.ones_like(u), u, feats, compat, diag, norms, 2)
                 # forward and backward each build the uncached terms (counted only with the knob)
                 assert _C.lattice_counted_builds() - before == (c * counted_terms + c * len(feats))
                 outs.append((q, *grads))
-            for a, b in zip(*outs):
-                assert torch.equal(a, b), (dtype, L, norms)
+            for other in outs[1:]:
+                for a, b in zip(outs[0], other):
+                    assert torch.equal(a, b), (dtype, L, norms)
 
 
 def _capture_public_crf_and_replay(img: torch.Tensor) -> int:

@@ -1296,8 +1296,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
                 256);
   constexpr int V = W >= 16 ? 4 : 1;  // channels per thread of the chunk splats
   // Counted lattices (Lattice::counted: in a CUDA graph capture, or by knob): every stage a counted
-  // launch (CountedTermItems) over per-image totals of the terms' counts, the chunk sums by a
-  // second launch.
+  // launch (CountedTermItems) over per-image totals of the terms' counts; the chunk sums in the
+  // splat's launch as for read-back lattices (before session 25: a second launch every step).
   bool counted = false;
   for (int t = 0; t < T; ++t) counted = counted || terms.lats[t].counted;
   // Tiled (Lattice::chunk_tile = P, every term's chunks cut by the same tiles; knob mean_field_tile):
@@ -1320,7 +1320,10 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     tile_kernel = 0;  // too wide a block for this device or kTileSmemMax, or more blocks than a grid takes
   const int64_t smem = (tile_kernel == 3 ? 3 * P : P) * row_bytes;
   const bool block_splat = tile_kernel >= 1, block_slice = tile_kernel >= 2;
-  const bool fuse = !counted && !block_splat && fused_reduce();  // the chunk sums in the splat's launch
+  // The chunk sums in the splat's launch (SplatChunkFunctor's kFuse), counted lattices too: their
+  // counters are sized by the bound M (N (d + 1) per image) and zeroed once per call (~0.06 GB at
+  // 512^2 x 21, one fill), against a second launch in every step.
+  const bool fuse = !block_splat && fused_reduce();
   // Q's padded rows between steps; kernels 2 and 3 keep them in shared memory and never use these.
   auto q = at::empty({B, block_slice ? 0 : N, W}, opt);
   std::vector<at::Tensor> part(T), bufa(T), bufb(T);
@@ -1373,8 +1376,9 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   TermItems<SplatChunkFunctor<scalar_t, V, false, true>> splat_sums{};  // the chunk sums in the same launch
   TermItems<SplatReduceFunctor<scalar_t>> reduce{};
   CountedTermItems<SplatChunkFunctor<scalar_t, V>> csplat{};
+  CountedTermItems<SplatChunkFunctor<scalar_t, V, false, true>> csplat_sums{};
   CountedTermItems<SplatReduceFunctor<scalar_t>> creduce{};
-  splat.T = splat_sums.T = reduce.T = csplat.T = creduce.T = T;
+  splat.T = splat_sums.T = reduce.T = csplat.T = csplat_sums.T = creduce.T = T;
   // counts of a counted lattice's vertices or chunks (nullptr: the host's n)
   auto vertex_counts = [](const Lattice& lat) { return lat.counted ? lat.num_vertices.data_ptr<int32_t>() : nullptr; };
   int max_d = 0;
@@ -1403,6 +1407,10 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     csplat.counts[t] = lat.counted ? lat.num_chunks.data_ptr<int32_t>() : nullptr;
     csplat.n[t] = lat.K;
     csplat.LB[t] = lat.B;
+    csplat_sums.f[t] = splat_sums.f[t];
+    csplat_sums.counts[t] = csplat.counts[t];
+    csplat_sums.n[t] = lat.K;
+    csplat_sums.LB[t] = lat.B;
     creduce.f[t] = reduce.f[t];
     creduce.counts[t] = vertex_counts(lat);
     creduce.n[t] = lat.M;
@@ -1537,8 +1545,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   CountedStage s_splat{}, s_reduce{};
   std::vector<CountedStage> s_blur, s_blur2;
   if (counted) {
-    s_splat = {total_of(csplat), csplat.capacity()};
-    s_reduce = {total_of(creduce), creduce.capacity()};
+    s_splat = {total_of(csplat), csplat.capacity()};  // csplat_sums's too (the same counts)
+    if (!fuse) s_reduce = {total_of(creduce), creduce.capacity()};
     for (const auto& c : cblur) s_blur.push_back({total_of(c), c.capacity()});
     for (const auto& c : cblur2) s_blur2.push_back({total_of(c), c.capacity()});
   }
@@ -1547,6 +1555,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   for (int64_t it = 0; it < iterations; ++it) {
     if (block_splat) {  // the splat (kernels 2 and 3: the slice too), one block per tile
       block_step();
+    } else if (counted && fuse) {  // the chunk sums too
+      exec.for_each_counted(B, s_splat.totals, 0, s_splat.cap, W / V, csplat_sums, 256);
     } else if (counted) {
       exec.for_each_counted(B, s_splat.totals, 0, s_splat.cap, W / V, csplat, 256);
     } else if (fuse) {  // the chunk sums too
@@ -1555,7 +1565,7 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       exec.for_each_item(B, splat.total(), W / V, splat, 256);
     }
     if (counted) {
-      exec.for_each_counted(B, s_reduce.totals, 0, s_reduce.cap, W, creduce, 256);
+      if (!fuse) exec.for_each_counted(B, s_reduce.totals, 0, s_reduce.cap, W, creduce, 256);
       for (size_t k = 0; k < cblur.size(); ++k)
         exec.for_each_counted(B, s_blur[k].totals, 0, s_blur[k].cap, W / VR, cblur[k], 256);
       for (size_t k = 0; k < cblur2.size(); ++k)
@@ -1582,10 +1592,11 @@ int64_t crf_chunk_tile(int64_t N) {
 }
 
 // Bytes of a dense CRF term's lattice rows per vertex: two blur buffers and the chunk sums, rows of
-// L labels padded as the fused mean field pads them (for use_counted).
+// L labels padded as the fused mean field pads them, and the fused chunk sums' counters (an int32
+// per 4 channels, or per channel below 16) (for use_counted).
 inline int64_t crf_row_bytes(int64_t L, const at::Tensor& unary) {
   const int64_t W = L <= 4 ? 4 : (L + 7) / 8 * 8;
-  return 3 * W * static_cast<int64_t>(unary.element_size());
+  return 3 * W * static_cast<int64_t>(unary.element_size()) + 4 * (W >= 16 ? W / 4 : W);
 }
 
 // Dense-CRF mean field (densecrf semantics).
