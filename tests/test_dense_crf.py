@@ -1317,6 +1317,26 @@ def test_counted_lattices_give_the_same_bits(tuning):
                     assert torch.equal(a, b), (dtype, L, norms)
 
 
+def test_counted_knob_keeps_cached_lattices_read_back(tuning):
+    # Knob counted_lattice on eager calls: a term whose lattice the op keeps (constant features, the
+    # positions) is built with the read of its size on a cache miss and kept, so later calls take it
+    # from the cache; only the other terms are counted builds, on every call. The same bits as
+    # without the knob. (A capture uses no cache: there every lattice is counted.)
+    _C = rrm_cuda._ext._C
+    dtype, L, u, eye, pos, bil, noise, g = next(_crf_bit_inputs(4, torch.tensor([1.0, 2.0]).reshape(2, 1, 1)))
+    compat = torch.stack([-3 * eye, -10 * eye])
+    tuning("counted_lattice", 0)
+    want = ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 0], 3, [True, False])
+    rrm_cuda.clear_lattice_cache()
+    tuning("counted_lattice", 1)
+    for call in range(3):
+        before, entries = _C.lattice_counted_builds(), rrm_cuda.lattice_cache_info()["entries"]
+        q = ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 0], 3, [True, False])
+        assert _C.lattice_counted_builds() - before == 1, call  # the bilateral term only
+        assert rrm_cuda.lattice_cache_info()["entries"] == (entries + 1 if call == 0 else entries), call
+        assert torch.equal(q, want), call
+
+
 def _capture_public_crf_and_replay(img: torch.Tensor) -> int:
     """The public dense_crf (5 labels, 5 iterations) on ``img`` captured in a CUDA graph after an eager
     warm-up on a side stream, replayed twice on new probabilities against eager calls; returns the

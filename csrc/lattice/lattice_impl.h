@@ -1107,8 +1107,11 @@ bool cache_ok(const Exec& exec) {
 // tensor, never changed in place outside autograd's view -- and an entry cut by the same tiles is
 // there; else built (counted: a counted build) and, when keep, stored. Only a contiguous tensor is
 // kept (contiguous() of any other is a new tensor every call), never a counted lattice (sized for
-// every possible vertex), and nothing while a CUDA graph is captured (cache_ok). An entry cut by
-// other tiles is replaced when `replace` (dense_crf), else left to its owner (the filter).
+// every possible vertex), and nothing while a CUDA graph is captured (cache_ok). A lattice that
+// will be kept is built with the read of its size even when `counted` asks otherwise (knob
+// counted_lattice on eager calls): one host wait on its first call instead of a counted build on
+// every call. An entry cut by other tiles is replaced when `replace` (dense_crf), else left to its
+// owner (the filter).
 template <class Exec>
 std::shared_ptr<CachedLattice> cached_or_built(const Exec& exec, const at::Tensor& features, int64_t chunk, bool keep,
                                                bool counted, int64_t chunk_tile, bool replace) {
@@ -1119,8 +1122,8 @@ std::shared_ptr<CachedLattice> cached_or_built(const Exec& exec, const at::Tenso
   if (cached && cached->lat.chunk_tile == chunk_tile) return cached;
   if (cached) cacheable = cacheable && replace;
   cached = std::make_shared<CachedLattice>();
-  cached->lat = build(exec, features.contiguous(), chunk, counted, chunk_tile);
-  if (cacheable && !counted) cache_put(features, Exec::kName, Exec::stream_id(), eff_chunk, cached);  // replaces
+  cached->lat = build(exec, features.contiguous(), chunk, counted && !cacheable, chunk_tile);
+  if (cacheable) cache_put(features, Exec::kName, Exec::stream_id(), eff_chunk, cached);  // replaces
   return cached;
 }
 
