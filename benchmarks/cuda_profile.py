@@ -260,12 +260,19 @@ def main() -> None:
     # the fused slice: vertex rows whole (96 registers at 21 labels) or 4 channels at a time (64)
     summary += switch("slice", "slice_group4", "whole rows", "4 channels at a time", crf_ops)
 
-    def counted_crf() -> None:  # the dense CRF's lattices counted, as in a CUDA graph
-        _C.set_tuning("counted_lattice", 1)
-        try:
-            raw()
-        finally:
-            _C.set_tuning("counted_lattice", knobs["counted_lattice"])
+    def counted(fn: Callable[[], None]) -> Callable[[], None]:
+        """fn with its lattices counted (knob counted_lattice), as a CUDA graph builds them."""
+
+        def run() -> None:
+            _C.set_tuning("counted_lattice", 1)
+            try:
+                fn()
+            finally:
+                _C.set_tuning("counted_lattice", knobs["counted_lattice"])
+
+        return run
+
+    counted_crf = counted(raw)
 
     # the splats' per-vertex sums of the chunk sums: by the last chunk in the splat's launch, or a
     # second launch (counted lattices in the mean field: since session 25 in the splat's launch too)
@@ -304,12 +311,7 @@ def main() -> None:
         },
     )
 
-    def counted_energy() -> None:  # the energy loss's lattice counted, as in a CUDA graph
-        _C.set_tuning("counted_lattice", 1)
-        try:
-            energy_rloss()
-        finally:
-            _C.set_tuning("counted_lattice", knobs["counted_lattice"])
+    counted_energy = counted(energy_rloss)
 
     # the lattice build's hash insert: threads over the entries pixel by pixel (all d + 1 corners of a
     # pixel side by side) or corner-major (a warp inserts one corner of 32 neighbouring pixels: mostly

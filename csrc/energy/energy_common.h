@@ -448,9 +448,10 @@ struct InputsBackwardFunctor {
 // it reads the ROI once and each class's gradient element once, and writes the class's stride x
 // stride block of inputs (rows Y = y stride + dy < H, columns X = x stride + dx < W; zeros where the
 // forward dropped the last odd row or column, y >= h or x >= w). A warp writes each class's two rows
-// as runs of consecutive pairs. The column-pair form above makes 2 inputs a thread and costs a
-// division per thread; its index arithmetic was its time (92 us for 8 x 21 x 321^2 on the H200,
-// 86 MB moved). The same values: v = g, then v * roi, then (1/2 1/2) v.
+// as runs of consecutive pairs. The column-pair form above makes 2 inputs a thread and costs three
+// divisions per thread: 92 us for 8 x 21 x 321^2 on the H200 (session 24) for 86 MB moved, most of
+// it index arithmetic by an instruction count (unmeasured; benchmarks/NOTES.md §26). The same
+// values: v = g, then v * roi, then (1/2 1/2) v.
 template <typename scalar_t>
 struct InputsBackwardBlockFunctor {
   static constexpr int U = 4;  // classes whose gradient loads are in flight together
