@@ -8,6 +8,7 @@
 #include <set>
 #include <string>
 
+#include "common/exec.h"
 #include "common/tuning.h"
 #include "lattice/lattice_cache.h"
 
@@ -75,6 +76,11 @@ PyObject* lattice_counted_builds(PyObject*, PyObject*) {
 
 PyObject* lattice_table_retries(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::table_retries()));
+}
+
+PyObject* emulated_launches(PyObject*, PyObject*) {
+  const auto& c = rrm::emulated_counts();
+  return Py_BuildValue("(LL)", static_cast<long long>(c.launches.load()), static_cast<long long>(c.memsets.load()));
 }
 
 PyObject* set_lattice_cache_capacity(PyObject*, PyObject* arg) {
@@ -146,6 +152,9 @@ PyMethodDef methods[] = {
      "Counted lattices (built without a host read of their size; knob counted_lattice) built so far."},
     {"lattice_table_retries", lattice_table_retries, METH_NOARGS,
      "Hash tables of the GPU-style lattice build given up as too full and rebuilt larger so far."},
+    {"emulated_launches", emulated_launches, METH_NOARGS,
+     "(launches, memsets) the emulated CUDA launch has run so far: what the same calls launch on a GPU besides "
+     "ATen's own kernels."},
     {"tiled_mean_field_steps", tiled_mean_field_steps, METH_NOARGS,
      "Mean-field steps run so far by the tiled mean field's block kernels (knob mean_field_tile)."},
     {"clear_lattice_cache", clear_lattice_cache, METH_NOARGS,

@@ -1077,6 +1077,42 @@ def test_emulated_cuda_equals_cpu(mode, dtype):
     torch.testing.assert_close(g1, g2, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("mode", [1, 2])
+def test_emulated_cuda_makes_no_fill_launches(mode, tuning):
+    # The GPU path of the op zeroes its buffers without ATen fills (each a kernel launch and ~10 us of
+    # host time on a GPU): the lattice's tables by the threads of its own launches, the fused splat's
+    # counters by one memset (see test_permutohedral_filter's test_gpu_path_makes_no_fill_launches).
+    from torch.profiler import ProfilerActivity, profile
+
+    from rrm_cuda import _C
+    from tests.conftest import photo
+
+    tuning("splat_fused_reduce", 1)
+    tuning("energy_pair_splat", 0)  # the exact gradient's two splats one after the other: one workspace
+    img = torch.from_numpy(photo("coffee", (40, 48))).permute(2, 0, 1)[None].float()
+    feats = rrm_cuda.bilateral_features(img, 50.0, 15.0)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 6, 40 * 48, generator=g), 1)
+    gate = torch.rand(1, 40 * 48, generator=g)
+    r0 = _C.lattice_table_retries()
+    m0 = _C.emulated_launches()[1]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        e, gd = ops._dense_energy_emulated(probs, gate, feats, None, mode)
+    assert _C.lattice_table_retries() == r0
+    # (the CPU's sum of the per-pixel terms initialises its output with a fill; CUDA's does not)
+    fills = [
+        e.name
+        for e in prof.events()
+        if e.name.split("::")[-1] in ("fill_", "zero_", "zeros", "full", "ones")
+        and not (e.cpu_parent is not None and e.cpu_parent.name == "aten::sum")
+    ]
+    assert fills == []
+    assert _C.emulated_launches()[1] - m0 == 1
+    e1, g1 = ops.dense_energy(probs, gate, feats, None, mode)
+    torch.testing.assert_close(e, e1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gd, g1, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("K, N", [(5, 16 * 20), (7, 16 * 20 + 9), (70, 203)])
 def test_cpu_slice_blocks(K, N):
     # The CPU's pack and slice take blocks of 16 pixels (energy_common.h, PackBlocksCpu and

@@ -388,6 +388,37 @@ def test_hash_table_growth():
     torch.testing.assert_close(ops._permutohedral_filter_emulated(v, f, False), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_path_makes_no_fill_launches(dtype, tuning):
+    # On a GPU every at::zeros / at::full is a TensorIterator and a kernel launch (~10 us of host time
+    # each on session 24's H200). The GPU path's lattice build and splat lists have their hash table
+    # (-1), claim counters, vertex counts and chunk tables (0) written by the threads of launches they
+    # make anyway (common/exec.h, for_each_item_filling); the fused splat's counters take one memset.
+    # Through the emulated launch, which fills those buffers with another pattern first (a buffer
+    # the launch left unfilled would show in the result), and which counts its launches.
+    from torch.profiler import ProfilerActivity, profile
+
+    from rrm_cuda import _C
+    from tests.conftest import photo
+
+    tuning("splat_fused_reduce", 1)
+    img = torch.from_numpy(photo("astronaut", (48, 64))).permute(2, 0, 1)[None].to(dtype)
+    f = rrm_cuda.bilateral_features(img, 80.0, 13.0, dtype=dtype)  # pydensecrf's bilateral sigmas
+    v = torch.randn(1, 5, 48 * 64, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    r0 = _C.lattice_table_retries()
+    l0, m0 = _C.emulated_launches()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = ops._permutohedral_filter_emulated(v, f, False)
+    l1, m1 = _C.emulated_launches()
+    assert _C.lattice_table_retries() == r0  # the first table held: no rebuild (whose fills are ATen's)
+    fills = [e.name for e in prof.events() if e.name.split("::")[-1] in ("fill_", "zero_", "zeros", "full", "ones")]
+    assert fills == []
+    assert m1 - m0 == 1  # the fused splat's counters
+    assert l1 - l0 >= 10  # embed, insert, assign, resolve, stats, neighbours, keys, bounds, lists, ...
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out, permutohedral_filter_reference(v, f), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("shards", [0, 1, 4, 32])
 def test_hash_table_given_up_at_half_full(shards, tuning):
     # The launches' build (GPU, emulated, CPU passes) keeps a hash table only if at most half of it is

@@ -125,6 +125,13 @@ struct CudaExec {
   static constexpr bool kSortCsr = true;
   static constexpr const char* kName = "cuda";
   static int64_t stream_id() { return static_cast<int64_t>(at::cuda::getCurrentCUDAStream().id()); }
+  // A tensor's bytes set to zero on the current stream: one cudaMemsetAsync (a memset node in a
+  // graph), where at::zeros is a TensorIterator and a fill kernel.
+  static void zero_bytes(const at::Tensor& t) {
+    TORCH_INTERNAL_ASSERT(t.is_contiguous());
+    if (t.numel() > 0)
+      C10_CUDA_CHECK(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(), at::cuda::getCurrentCUDAStream().stream()));
+  }
   // Whether the current stream is being captured into a CUDA graph (no host reads allowed).
   static bool capturing() {
     return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;

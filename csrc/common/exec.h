@@ -50,9 +50,12 @@
 #include "common/tuning.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 // ATen products inside an op (at::mm) would be autocast to 16 bits when the op is called under
@@ -138,6 +141,58 @@ inline std::tuple<at::Tensor, at::Tensor> stable_sort_pairs(const at::Tensor& ke
   return {sorted, values.index_select(0, order)};
 }
 
+// Fills that ride along an item launch: int32 ranges set to a value by the launch's own threads
+// (thread t of T writes elements t, t + T, ...), so that a buffer a later launch needs zeroed (or
+// -1) costs no fill launch of its own: on a GPU each at::zeros / at::full is a TensorIterator and a
+// launch, ~10 us of host time on session 24's H200 host. The launch's functor must not read them;
+// the launches after it see them (stream order). Made with FillList::rides() on the host.
+struct IntFills {
+  static constexpr int kMax = 4;
+  int32_t* ptr[kMax] = {};
+  int64_t n[kMax] = {};
+  int32_t value[kMax] = {};
+  int count = 0;
+  RRM_HOST_DEVICE void apply(int64_t t, int64_t T) const {
+    for (int k = 0; k < count; ++k)
+      for (int64_t j = t; j < n[k]; j += T) ptr[k][j] = value[k];
+  }
+};
+
+// An item functor with fills riding along: thread (b, i, c) of a (B, n, C) launch is thread
+// (b n + i) C + c of T = B n C.
+template <class F>
+struct WithFills {
+  F f;
+  IntFills fills;
+  int64_t n, C, T;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    for (int64_t c = c0; c < c1; ++c) fills.apply((b * n + i) * C + c, T);
+    f(b, i, c0, c1);
+  }
+};
+
+// The host side: int32 tensors (contiguous) and their values.
+struct FillList {
+  std::vector<std::pair<at::Tensor, int32_t>> items;
+  void add(const at::Tensor& t, int32_t value) {
+    TORCH_INTERNAL_ASSERT(t.scalar_type() == at::kInt && t.is_contiguous());
+    TORCH_INTERNAL_ASSERT(items.size() < static_cast<size_t>(IntFills::kMax));
+    items.emplace_back(t, value);
+  }
+  IntFills rides() const {
+    IntFills r;
+    for (const auto& [t, v] : items) {
+      r.ptr[r.count] = t.data_ptr<int32_t>();
+      r.n[r.count] = t.numel();
+      r.value[r.count++] = v;
+    }
+    return r;
+  }
+  void run_aten() const {
+    for (const auto& [t, v] : items) t.fill_(v);
+  }
+};
+
 // Items of image b in a counted launch: counts[b] + add, clamped to [0, cap].
 RRM_HOST_DEVICE int64_t counted_extent(const int32_t* counts, int64_t b, int64_t add, int64_t cap) {
   const int64_t n = counts[b] + add;
@@ -203,6 +258,8 @@ struct CpuExec {
   static constexpr bool kSortCsr = false;             // no device-style sorted lists: serial counting sorts
   static constexpr const char* kName = "cpu";
   static int64_t stream_id() { return 0; }
+  // A tensor's bytes set to zero (CUDA: one cudaMemsetAsync, no TensorIterator and no kernel).
+  static void zero_bytes(const at::Tensor& t) { t.zero_(); }
   static bool capturing() { return false; }
   static std::tuple<at::Tensor, at::Tensor> sort_keys(const at::Tensor& keys, int64_t /*max_key*/) {
     return stable_sort_keys(keys);
@@ -235,6 +292,17 @@ struct CpuExec {
   }
 };
 
+// What the emulation ran: its launches (for_each, for_each_item, for_each_counted, for_each_block
+// calls with work) and memsets (zero_bytes): what the same call launches on a GPU besides ATen's own
+// kernels (rrm_cuda._C.emulated_launches(); tests and benchmarks/host_overhead.py).
+struct EmulatedCounts {
+  std::atomic<int64_t> launches{0}, memsets{0};
+};
+inline EmulatedCounts& emulated_counts() {
+  static EmulatedCounts counts;
+  return counts;
+}
+
 struct EmulatedCudaExec {
   static constexpr int kChannelsPerThread = 1;
   static constexpr bool kIsCuda = false;
@@ -242,6 +310,12 @@ struct EmulatedCudaExec {
   static constexpr bool kSortCsr = true;             // the CUDA path's sort-based splat lists
   static constexpr const char* kName = "emulated_cuda";
   static int64_t stream_id() { return 0; }
+  static void zero_bytes(const at::Tensor& t) {
+    TORCH_INTERNAL_ASSERT(t.is_contiguous());
+    if (t.numel() == 0) return;
+    emulated_counts().memsets.fetch_add(1, std::memory_order_relaxed);
+    std::memset(t.data_ptr(), 0, t.nbytes());
+  }
   // Knob emulate_capture (tests): act as inside a CUDA graph capture, whose host logic (counted
   // lattices, no lattice cache) the CPU then runs.
   static bool capturing() { return tuning::get(tuning::kEmulateCapture) != 0; }
@@ -256,6 +330,7 @@ struct EmulatedCudaExec {
   template <class F>
   void for_each(int64_t n, const F& f, int64_t /*grain*/ = 0) const {
     if (n <= 0) return;
+    emulated_counts().launches.fetch_add(1, std::memory_order_relaxed);
     const int64_t blocks = (n + kBlock - 1) / kBlock;
     for (int64_t b = blocks - 1; b >= 0; --b) {
       for (int64_t th = kBlock - 1; th >= 0; --th) {
@@ -279,6 +354,7 @@ struct EmulatedCudaExec {
   template <class F>
   void for_each_block(int64_t B, int64_t nblocks, int64_t smem_bytes, const F& f) const {
     if (B <= 0 || nblocks <= 0) return;
+    emulated_counts().launches.fetch_add(1, std::memory_order_relaxed);
     TORCH_CHECK(smem_bytes <= max_block_smem(), "for_each_block: ", smem_bytes,
                 " bytes of shared memory per block exceed the device's opt-in limit of ", max_block_smem());
     HostSmem smem;
@@ -299,6 +375,7 @@ struct EmulatedCudaExec {
   void for_each_counted(int64_t B, const int32_t* counts, int64_t add, int64_t cap, int64_t C, const F& f,
                         int64_t /*grain*/ = 0) const {
     if (B <= 0 || cap <= 0 || C <= 0) return;
+    emulated_counts().launches.fetch_add(1, std::memory_order_relaxed);
     const int64_t G = std::min(kCountedGrid, (B * cap * C + kBlock - 1) / kBlock * kBlock);
     for (int64_t t0 = G - 1; t0 >= 0; --t0) {
       int64_t b = 0, base = 0, nb = counted_extent(counts, 0, add, cap) * C;
@@ -314,5 +391,25 @@ struct EmulatedCudaExec {
     }
   }
 };
+
+// exec.for_each_item(B, n, C, f) with `fills` riding along; a launch with no threads fills them
+// with ATen instead. The emulation first fills them with a pattern that is neither value, so a
+// test sees an element the launch left unwritten.
+template <class Exec, class F>
+void for_each_item_filling(const Exec& exec, int64_t B, int64_t n, int64_t C, const F& f, const FillList& fills,
+                           int64_t grain) {
+  const int64_t T = B * n * C;
+  if (B <= 0 || n <= 0 || C <= 0) {
+    fills.run_aten();
+    return;
+  }
+  if constexpr (std::is_same_v<Exec, EmulatedCudaExec>) {
+    for (const auto& item : fills.items) {  // (host memory: no ATen call, which would count as a fill)
+      int32_t* p = item.first.data_ptr<int32_t>();
+      std::fill(p, p + item.first.numel(), 0x5A5A5A5A);
+    }
+  }
+  exec.for_each_item(B, n, C, WithFills<F>{f, fills.rides(), n, C, T}, grain);
+}
 
 }  // namespace rrm

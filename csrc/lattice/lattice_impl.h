@@ -139,10 +139,22 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) 
   // A counted lattice: every launch over its vertices (chunks) runs over the counts in device
   // memory; the chunk counts come out of the chunk ranges' launch, into the tail of nchunks'
   // allocation (zeroed: the scan reads all M + 1 columns).
+  // The zeros (nchunks_all; the read-back lattice's chunk tables) are filled by the sort keys'
+  // launch's threads, not by fill launches of their own.
   const bool counted = lat.counted;
-  const at::Tensor nchunks_all = counted ? at::zeros({B * (M + 1) + B}, iopt) : at::Tensor();
+  FillList fills;
+  const at::Tensor nchunks_all = counted ? at::empty({B * (M + 1) + B}, iopt) : at::Tensor();
+  if (counted) fills.add(nchunks_all, 0);
   const at::Tensor nchunks =
       counted ? nchunks_all.narrow(0, 0, B * (M + 1)).view({B, M + 1}) : at::empty({B, M + 1}, iopt);
+  // Chunks (untiled): sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
+  // Unused chunks stay empty: [0, 0), no vertex (a counted lattice's are never launched: unwritten).
+  const int64_t K = (E + kSplatChunk - 1) / kSplatChunk + M;
+  at::Tensor chunk_be;
+  if (chunk_tile == 0) {
+    chunk_be = counted ? counted_empty<Exec>({3, B, K}, iopt) : at::empty({3, B, K}, iopt);
+    if (!counted) fills.add(chunk_be, 0);
+  }
   auto over_vertices = [&](int64_t add, const auto& f) {  // f(b, v) for v < M + add (counted: num_vertices[b] + add)
     if (counted)
       exec.for_each_counted(B, lat.num_vertices.data_ptr<int32_t>(), add, M + add, 1, f);
@@ -153,9 +165,10 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) 
     using key_t = decltype(key_zero);
     const at::Tensor keys = at::empty({B * E}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
     const at::Tensor entries = at::empty({B * E}, iopt);
-    exec.for_each_item(B, E, 1,
-                       SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
-                                             entries.data_ptr<int32_t>(), E, M});
+    for_each_item_filling(exec, B, E, 1,
+                          SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
+                                                entries.data_ptr<int32_t>(), E, M},
+                          fills, 1024);
     at::Tensor sorted, sorted_entries;
     std::tie(sorted, sorted_entries) = exec.sort_pairs(keys, entries, B * M - 1);                 // keys b M + v < B M
     lat.offsets = counted ? counted_empty<Exec>({B, M + 1}, iopt) : at::empty({B, M + 1}, iopt);  // < E < 2^30
@@ -174,11 +187,8 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) 
                            lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
   });
   if (chunk_tile > 0) return tile_chunks(exec, lat, sorted_entries, chunk_tile);
-  // Chunks: sum_v ceil(n_v / S) <= E / S + M bounds every image's count without a host sync.
-  lat.K = (E + kSplatChunk - 1) / kSplatChunk + M;
+  lat.K = K;
   lat.chunk_offsets = row_cumsum(exec, nchunks, B * lat.K);
-  // Unused chunks stay empty: [0, 0), no vertex (a counted lattice's are never launched: unwritten).
-  const at::Tensor chunk_be = counted ? counted_empty<Exec>({3, B, lat.K}, iopt) : at::zeros({3, B, lat.K}, iopt);
   lat.chunk_begin = chunk_be[0];
   lat.chunk_end = chunk_be[1];
   lat.chunk_vertex = chunk_be[2];
@@ -517,7 +527,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   const auto iopt = features.options().dtype(at::kInt);
   lat.entry_vertex = at::empty({B, E}, iopt);
   lat.entry_weight = at::empty({B, E}, features.options());
-  lat.num_vertices = at::zeros({B}, iopt);
+  lat.num_vertices = at::empty({B}, iopt);  // zeroed by each chunk's embed launch (or set by the CPU's build)
   chunk = std::max<int64_t>(1, std::min(chunk, B));
   std::vector<at::Tensor> nbr_chunks;
   std::vector<int64_t> chunk_m;
@@ -577,6 +587,35 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
       auto owner = at::empty({nb, E}, iopt);
       int32_t* ev = lat.entry_vertex.data_ptr<int32_t>() + b0 * E;
       int32_t* nv = lat.num_vertices.data_ptr<int32_t>() + b0;
+      auto nv_chunk = lat.num_vertices.narrow(0, b0, nb);
+      // Hash table sized for ~E/16 distinct points (typical occupancy is 1-15 %, SPEC §1), so that it
+      // stays in cache; grown 8x and rebuilt if an image has more. A size that can hold every
+      // entry (2E slots) always succeeds. Vertex ids are assigned before the overflow flags are
+      // read, so that one host synchronisation (on CUDA) reads both the flags and the vertex count
+      // that sizes everything that follows; after an overflow the ids are discarded.
+      int64_t cap = counted ? next_pow2(std::max<int64_t>(64, 2 * E)) : next_pow2(std::max<int64_t>(64, E / 8));
+      // The insert's claim counters (InsertFunctor): none for a table of 2E slots, else S per image,
+      // S = min(knob insert_shards, cap / 1024) (a power of two), so that each counter's share stays
+      // large next to its chance deviations. Knob 0: one counter on every table (before session 25).
+      const int64_t max_shards = tuning::get(tuning::kInsertShards);
+      const int64_t per = kInsertCounterStride;
+      bool whole = false;
+      int64_t shards = 1;
+      auto layout = [&] {  // for the current cap
+        whole = max_shards > 0 && cap >= 2 * E;
+        shards = 1;
+        while (!whole && shards * 2 <= std::min<int64_t>(max_shards, cap / 1024)) shards *= 2;
+        // overflow flags (nb), BuildStatsFunctor's (any overflow, max M), then the claim counters
+        return nb + 2 + (whole ? 0 : nb * shards * per);
+      };
+      // The first table (-1), its counters and the chunk's vertex counts (0) are filled by the embed
+      // launch's threads (no fill launches); a rebuilt table's by ATen.
+      at::Tensor table = at::empty({nb, cap}, iopt);
+      at::Tensor counters = at::empty({layout()}, iopt);
+      FillList fills;
+      fills.add(table, -1);
+      fills.add(counters, 0);
+      fills.add(nv_chunk, 0);
       auto embed = [&](auto fixed_d) {
         EmbedFunctor<scalar_t, decltype(fixed_d)::value> f{};
         f.features = features.data_ptr<scalar_t>() + b0 * d * N;
@@ -585,33 +624,18 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
         for (int k = 0; k < d; ++k) f.scale[k] = proto.scale[k];
         f.N = N;
         f.d_runtime = d;
-        exec.for_each_item(nb, N, d + 1, f, 256);  // items (pixel, corner)
+        for_each_item_filling(exec, nb, N, d + 1, f, fills, 256);  // items (pixel, corner)
       };
       with_fixed_d<2, 3, 5>(d, embed);  // the dense CRF's kernels (d = 2: positions, 5: positions + RGB), and 3
-      // Hash table sized for ~E/16 distinct points (typical occupancy is 1-15 %, SPEC §1), so that it
-      // stays in cache; grown 8x and rebuilt if an image has more. A size that can hold every
-      // entry (2E slots) always succeeds. Vertex ids are assigned before the overflow flags are
-      // read, so that one host synchronisation (on CUDA) reads both the flags and the vertex count
-      // that sizes everything that follows; after an overflow the ids are discarded.
       // The GPU launch's thread order of the insert (knob insert_corner_major); the CPU keeps entry
       // order (its vertex numbering follows the claiming entries, assign_vertices_cpu).
       const bool corner_major = !std::is_same_v<Exec, CpuExec> && tuning::get(tuning::kInsertCornerMajor) != 0;
-      int64_t cap = counted ? next_pow2(std::max<int64_t>(64, 2 * E)) : next_pow2(std::max<int64_t>(64, E / 8));
-      at::Tensor table;
       int64_t M = 0;
-      auto nv_chunk = lat.num_vertices.narrow(0, b0, nb);
-      for (;;) {
-        table = at::full({nb, cap}, -1, iopt);
-        // The insert's claim counters (InsertFunctor): none for a table of 2E slots, else S per image,
-        // S = min(knob insert_shards, cap / 1024) (a power of two), so that each counter's share stays
-        // large next to its chance deviations. Knob 0: one counter on every table (before session 25).
-        const int64_t max_shards = tuning::get(tuning::kInsertShards);
-        const bool whole = max_shards > 0 && cap >= 2 * E;
-        int64_t shards = 1;
-        while (!whole && shards * 2 <= std::min<int64_t>(max_shards, cap / 1024)) shards *= 2;
-        const int64_t per = kInsertCounterStride;
-        // overflow flags (nb), BuildStatsFunctor's (any overflow, max M), then the claim counters
-        auto counters = at::zeros({nb + 2 + (whole ? 0 : nb * shards * per)}, iopt);
+      for (bool first = true;; first = false) {
+        if (!first) {
+          table = at::full({nb, cap}, -1, iopt);
+          counters = at::zeros({layout()}, iopt);
+        }
         int32_t* cnt = counters.data_ptr<int32_t>();
         exec.for_each_item(nb, E, 1,
                            InsertFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(),
@@ -787,8 +811,10 @@ void splat_gather(const Exec& exec, const Lattice& lat, const scalar_t* in, cons
   int32_t* counters = nullptr;
   if (fuse) {
     if (!ws.counters.defined() || ws.counters.size(0) != B || ws.counters.size(1) != lat.M ||
-        ws.counters.size(2) != C / V)
-      ws.counters = at::zeros({B, lat.M, C / V}, lat.entry_vertex.options());
+        ws.counters.size(2) != C / V) {
+      ws.counters = at::empty({B, lat.M, C / V}, lat.entry_vertex.options());
+      exec.zero_bytes(ws.counters);
+    }
     counters = ws.counters.data_ptr<int32_t>();
   }
   auto chunk_sums = [&](auto pair, auto fused) {  // the second sums compiled in only where used
@@ -1335,7 +1361,8 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
   if (fuse) {
     int64_t total = 0;
     for (int t = 0; t < T; ++t) total += B * terms.lats[t].M * (W / V);
-    counters = at::zeros({total}, terms.lats[0].entry_vertex.options());
+    counters = at::empty({total}, terms.lats[0].entry_vertex.options());
+    exec.zero_bytes(counters);
   }
   int64_t counter_at = 0;
   MeanFieldSliceArgs<scalar_t> f{};
