@@ -18,8 +18,10 @@ A *host read* is a read of a value of a (would-be) device tensor on the host: ``
 ``.numpy()``, and ops whose output size depends on the values (``nonzero``, ``masked_select``,
 ``unique``). On a GPU each one waits for the queue to drain. Tensors made on the host (factory ops
 without a device, ``.cpu()`` results and what is computed from them only) are tracked and not
-counted. ``memory`` counts ``rrm_cuda._validate.memory`` calls (``torch.cuda.mem_get_info`` on a
-GPU). The custom op ``rrm_cuda::dense_crf`` is counted as one op.
+counted. ``memory`` counts free-memory queries (``rrm_cuda._validate.memory_limit``: on the CPU a
+cached read per checked buffer; on a GPU ``torch.cuda.mem_get_info``, which since session 26 only work
+above 1/16 of the device's memory makes, so none at these sizes). The custom op
+``rrm_cuda::dense_crf`` is counted as one op.
 """
 
 from __future__ import annotations

@@ -264,10 +264,33 @@ def _read_host_available() -> int | None:
     return max(avail, 0)
 
 
+_SMALL_FRACTION = 16  # GPU work under 1/16 of the device's memory is not checked against its free memory
+
+
+def small_bytes(device: torch.device) -> int:
+    """Bytes of work on ``device`` small enough to skip the free-memory query: on a GPU 1/16 of its
+    total memory (read once per device), where an allocation that does not fit raises PyTorch's own
+    OutOfMemoryError anyway, and the query (``cudaMemGetInfo``, a driver call) costs host time on
+    every call of the ops; on the host 0 (a process that outgrows it is killed, not told)."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = _CUDA_TOTAL.get(index)
+    if total is None:
+        total = _CUDA_TOTAL[index] = int(torch.cuda.get_device_properties(index).total_memory)
+    return total // _SMALL_FRACTION
+
+
+_CUDA_TOTAL: dict[int, int] = {}
+
+
 def memory(nbytes: int, device: torch.device, what: str, limit: int | None = None) -> None:
     """Refuse work whose buffers cannot fit, instead of letting the OS kill the process. ``limit``:
-    the :func:`memory_limit` already read for ``device`` (queried here when None)."""
+    the :func:`memory_limit` already read for ``device`` (queried here when None, unless the work is
+    :func:`small_bytes`)."""
     if limit is None:
+        if nbytes <= small_bytes(device):
+            return
         limit = memory_limit(device)
         if limit is None:  # pragma: no cover
             return

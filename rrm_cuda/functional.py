@@ -601,7 +601,6 @@ def dense_crf(
     bounds: dict[str, tuple[float, float | None]] = {}
     feat_names: list[str] = []
     keep: list[bool] = []  # per term: constant features (the cached positions), lattice cached by the op
-    mem_limit: list[int | None] = []  # the device's free memory, read once per call
 
     def add(
         features: Tensor,
@@ -626,9 +625,7 @@ def dense_crf(
         if tiles is not None and not ordered:
             f = f.index_select(2, tiles[0])
         fname = name.replace("compat", "features")
-        if not mem_limit:
-            mem_limit.append(V.memory_limit(device))
-        _check_lattice_features(f, fname, L, dtype, batch=B, values=False, limit=mem_limit[0])
+        _check_lattice_features(f, fname, L, dtype, batch=B, values=False)  # (small work on a GPU: no query)
         if fmax is None:
             pending.append((fname, f))
         else:
@@ -766,7 +763,7 @@ def dense_crf(
         compat = torch.stack([_potts_matrix(c, L, dtype, device) if isinstance(c, float) else c for c in compats])
     norms = [_NORMALIZATIONS[normalization]] * len(feats)
     if torch.is_grad_enabled() and (u.requires_grad or compat.requires_grad):
-        _check_crf_backward_memory(B, L, N, iterations, dtype, device, mem_limit[0] if mem_limit else None)
+        _check_crf_backward_memory(B, L, N, iterations, dtype, device)
     if tiles is not None:
         u = _gather(u, tiles[0], tiles[1])
     q = ops.dense_crf(

@@ -875,6 +875,26 @@ def test_bad_inputs():
     assert V.memory_limit(torch.device("cpu")) == V._host_available() > 0
     with pytest.raises(MemoryError, match="more than the"):
         V.memory(avail + 2**33, torch.device("cpu"), "a test buffer")
+    # On a GPU, work under 1/16 of the device's memory is not checked against its free memory (a
+    # driver call on every call of the ops; an allocation that does not fit raises PyTorch's own
+    # OutOfMemoryError); larger work is. The host is always checked (a cached read).
+    queries: list = []
+    saved_limit, saved_total = V.memory_limit, dict(V._CUDA_TOTAL)
+    try:
+        V.memory_limit = lambda device: queries.append(device) or 2**30
+        V._CUDA_TOTAL[0] = 80 * 2**30
+        gpu = torch.device("cuda", 0)
+        V.memory(5 * 2**30, gpu, "small work")
+        assert queries == []
+        with pytest.raises(MemoryError, match="more than the"):
+            V.memory(5 * 2**30 + 1, gpu, "larger work")
+        assert queries == [gpu]
+        V.memory(2**20, torch.device("cpu"), "host work")
+        assert len(queries) == 2
+    finally:
+        V.memory_limit = saved_limit
+        V._CUDA_TOTAL.clear()
+        V._CUDA_TOTAL.update(saved_total)
     # the C++ checks are reached by direct op calls too, and name the argument
     with pytest.raises(ValueError, match="values and features must agree|must agree in B and N"):
         ops.permutohedral_filter(v, f[:, :, :5], False)
