@@ -13,6 +13,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -126,8 +127,17 @@ void tile_chunks(const Exec& exec, Lattice& lat, const at::Tensor& sorted_entrie
 // splat sums are deterministic; list bounds by binary searches of the sorted keys; chunk offsets by
 // one scan. Few ATen calls (each one costs host time on a GPU): the keys, the bounds, the chunk
 // counts and the lists from the sort's permutation are functors.
+// The neighbour launch of a build of one chunk (read back), left to ride with the sort keys' launch
+// (splat_lists_sorted): the buffers it reads, kept until then, and its items per image.
+struct PendingNeighbors {
+  NeighborFunctor f;
+  int64_t n;
+  at::Tensor table, keys, owner;
+};
+
 template <class Exec>
-void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) {
+void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0,
+                        const PendingNeighbors* nbrs = nullptr) {
   const int64_t B = lat.B, E = lat.E, M = lat.M;
   const auto iopt = lat.entry_vertex.options();
   // Sort the entries by (image, vertex), carrying each entry's index -- keys in 32 bits when they
@@ -165,27 +175,41 @@ void splat_lists_sorted(const Exec& exec, Lattice& lat, int64_t chunk_tile = 0) 
     using key_t = decltype(key_zero);
     const at::Tensor keys = at::empty({B * E}, iopt.dtype(c10::CppTypeToScalarType<key_t>::value));
     const at::Tensor entries = at::empty({B * E}, iopt);
-    for_each_item_filling(exec, B, E, 1,
-                          SortKeyFunctor<key_t>{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
-                                                entries.data_ptr<int32_t>(), E, M},
-                          fills, 1024);
+    const SortKeyFunctor<key_t> sort_keys{lat.entry_vertex.data_ptr<int32_t>(), keys.data_ptr<key_t>(),
+                                          entries.data_ptr<int32_t>(), E, M};
+    if (nbrs) {  // the build's neighbour launch too (independent: it writes lat.neighbors only)
+      for_each_item_filling(exec, B, std::max(E, nbrs->n), 1,
+                            ItemPair<SortKeyFunctor<key_t>, NeighborFunctor>{sort_keys, nbrs->f, E, nbrs->n}, fills,
+                            1024);
+    } else {
+      for_each_item_filling(exec, B, E, 1, sort_keys, fills, 1024);
+    }
     at::Tensor sorted, sorted_entries;
     std::tie(sorted, sorted_entries) = exec.sort_pairs(keys, entries, B * M - 1);                 // keys b M + v < B M
     lat.offsets = counted ? counted_empty<Exec>({B, M + 1}, iopt) : at::empty({B, M + 1}, iopt);  // < E < 2^30
-    over_vertices(1, ListOffsetsFunctor<key_t>{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M,
-                                               nchunks.data_ptr<int32_t>()});
+    const ListOffsetsFunctor<key_t> bounds{sorted.data_ptr<key_t>(), lat.offsets.data_ptr<int32_t>(), E, M,
+                                           nchunks.data_ptr<int32_t>()};
+    AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
+      const SplatListFunctor<scalar_t> lists{sorted_entries.data_ptr<int32_t>(),
+                                             lat.entry_weight.data_ptr<scalar_t>(),
+                                             lat.splat_pixel.data_ptr<int32_t>(),
+                                             lat.splat_weight.data_ptr<scalar_t>(),
+                                             E,
+                                             lat.d};
+      if (counted) {
+        over_vertices(1, bounds);
+        exec.for_each_item(B, E, 1, lists);
+      } else {  // one launch for both (independent)
+        exec.for_each_item(B, std::max(M + 1, E), 1,
+                           ItemPair<ListOffsetsFunctor<key_t>, SplatListFunctor<scalar_t>>{bounds, lists, M + 1, E});
+      }
+    });
     return sorted_entries;
   };
-  const at::Tensor sorted_entries =
-      B * M < (int64_t(1) << 31) ? sort_and_bound(int32_t{0}) : sort_and_bound(int64_t{0});
   lat.splat_pixel = at::empty({B, E}, iopt);
   lat.splat_weight = at::empty({B, E}, lat.entry_weight.options());
-  AT_DISPATCH_FLOATING_TYPES(lat.entry_weight.scalar_type(), "rrm_splat_lists", [&] {
-    exec.for_each_item(B, E, 1,
-                       SplatListFunctor<scalar_t>{
-                           sorted_entries.data_ptr<int32_t>(), lat.entry_weight.data_ptr<scalar_t>(),
-                           lat.splat_pixel.data_ptr<int32_t>(), lat.splat_weight.data_ptr<scalar_t>(), E, lat.d});
-  });
+  const at::Tensor sorted_entries =
+      B * M < (int64_t(1) << 31) ? sort_and_bound(int32_t{0}) : sort_and_bound(int64_t{0});
   if (chunk_tile > 0) return tile_chunks(exec, lat, sorted_entries, chunk_tile);
   lat.K = K;
   lat.chunk_offsets = row_cumsum(exec, nchunks, B * lat.K);
@@ -531,6 +555,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   chunk = std::max<int64_t>(1, std::min(chunk, B));
   std::vector<at::Tensor> nbr_chunks;
   std::vector<int64_t> chunk_m;
+  std::optional<PendingNeighbors> pending_nbrs;
 
   // The CPU builds each image in one pass (build_image_cpu). At least as many images as threads (one
   // thread: any batch), or inside a parallel region (the energy loss's images across threads): an
@@ -649,12 +674,20 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
                              AssignFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev,
                                            owner.data_ptr<int32_t>(), nv, E, cap});
         }
-        exec.for_each_item(nb, E, 1, ResolveFunctor{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap});
+        const ResolveFunctor resolve{table.data_ptr<int32_t>(), slot.data_ptr<int32_t>(), ev, E, cap};
         if (counted) {  // 2 E slots hold every entry: no overflow, and M is the capacity E
+          exec.for_each_item(nb, E, 1, resolve);
           M = E;
           break;
         }
-        exec.for_each(1, BuildStatsFunctor{cnt, nv, cnt + nb, nb, cap / 2}, 1);
+        // The overflow flags and the largest vertex count (final once the assign launch is done), by
+        // the first thread of the resolve launch.
+        const BuildStatsFunctor stats_f{cnt, nv, cnt + nb, nb, cap / 2};
+        if (E > 0) {
+          exec.for_each_item(nb, E, 1, WithFirst<ResolveFunctor, BuildStatsFunctor>{resolve, stats_f});
+        } else {
+          exec.for_each(1, stats_f, 1);
+        }
         const at::Tensor stats = counters.narrow(0, nb, 2).cpu();
         const int32_t* st = stats.data_ptr<int32_t>();
         M = st[1];
@@ -676,6 +709,8 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
                                d};
       if (counted)
         exec.for_each_counted(nb, nv, 0, M, d + 1, NeighborAxesFunctor{nf}, 256);
+      else if (Exec::kSortCsr && nb == B)  // one chunk: launched with the sort keys (splat_lists_sorted)
+        pending_nbrs = PendingNeighbors{nf, (d + 1) * M, table, keys, owner};
       else
         exec.for_each_item(nb, (d + 1) * M, 1, nf, 256);
       nbr_chunks.push_back(nbr);
@@ -692,7 +727,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
   }
   // Splat lists for the gather splat of CUDA (and its emulation). The CPU splats by scatter
   // (splat_scatter_cpu) and needs none, which saves a sort and three (B, E) arrays per build.
-  if constexpr (Exec::kSortCsr) splat_lists_sorted(exec, lat, chunk_tile);
+  if constexpr (Exec::kSortCsr) splat_lists_sorted(exec, lat, chunk_tile, pending_nbrs ? &*pending_nbrs : nullptr);
   return lat;
 }
 
