@@ -1753,3 +1753,55 @@ def test_defaults_are_pydensecrfs(case):
     ti = torch.from_numpy(img).permute(2, 0, 1)[None].contiguous()
     for q in (rrm_cuda.dense_crf(probs=tp, image=ti), rrm_cuda.DenseCRF()(probs=tp, image=ti)):
         assert np.abs(q[0].numpy() - ref).max() < 1e-3
+
+
+def test_emulated_thread_order_does_not_change_results(tuning):
+    # The GPU kernels' results must not depend on the order in which a launch's threads run: a
+    # thread that reads what another thread of the same launch writes (a fill riding along, a pair
+    # of launches run as one, the fused chunk sums' last-chunk rule, a block's phases) would give
+    # other bits in another order. The emulated launch visits threads in reverse by default; knob
+    # emulate_order runs them in order (1) and in seeded permutations (s >= 2), blocks and each
+    # block's threads per phase too. Read-back and counted lattices, the untiled and the tiled mean
+    # field (its block kernels), the backward, the filter both ways, the energy loss with both
+    # gradients and the BCD loss: bitwise the same in every order. (Vertex numbers follow the
+    # hash insert's races and may differ; no result depends on them.)
+    from tests.test_bcd import _features, _seg
+
+    _C = rrm_cuda._ext._C
+    per_image = torch.tensor([0.3, 30.0]).reshape(2, 1, 1)
+    inputs = []
+    for dtype, L, u, eye, pos, bil, _noise, g in _crf_bit_inputs(11, per_image):
+        if (dtype == torch.float64) == (L == 3):  # float32 at 21 labels, float64 at 3
+            gate_mass = torch.rand(2, 2, u.shape[2], generator=g, dtype=dtype)
+            inputs.append((u, eye, pos, bil, gate_mass))
+    bcd_in = (_seg(2, 5, 6, 7, bg_bias=1.0).reshape(2, 5, -1), _features(2, 8, 6, 7, torch.float32).reshape(2, 8, -1))
+
+    def run() -> list[torch.Tensor]:
+        outs = []
+        for u, eye, pos, bil, (gate, mass) in inputs:
+            compat = torch.stack([-3 * eye, -10 * eye])
+            for counted, tile in ((0, 0), (1, 0), (0, 64)):
+                tuning("counted_lattice", counted)
+                tuning("mean_field_tile", tile)
+                rrm_cuda.clear_lattice_cache()
+                outs.append(ops._dense_crf_emulated(u, [pos, bil], compat, [True, True], [0, 0], 2, []))
+            tuning("counted_lattice", 0)
+            tuning("mean_field_tile", 0)
+            grad_q = 0.1 * torch.ones_like(u)
+            outs += ops._dense_crf_backward_emulated(grad_q, u, [pos, bil], compat, [True, True], [0, 0], 2)
+            v = torch.softmax(-u[:2], 1)
+            for reverse in (False, True):
+                outs.append(ops._permutohedral_filter_emulated(v, bil.expand(2, -1, -1).contiguous(), reverse))
+            for mode in (1, 2):
+                for m in (None, mass):
+                    outs += ops._dense_energy_emulated(v, gate, bil.expand(2, -1, -1).contiguous(), m, mode)
+        outs += [t for t in ops._bcd_loss_emulated(*bcd_in) if t.is_floating_point()]
+        return outs
+
+    want = run()
+    for order in (1, 2, 7):
+        tuning("emulate_order", order)
+        got = run()
+        assert len(got) == len(want)
+        for k, (a, b) in enumerate(zip(want, got)):
+            assert torch.equal(a, b), (order, k)

@@ -331,6 +331,7 @@ def test_tuning_knobs(tuning):
         "flat_scan_min",
         "energy_backward_blocks",
         "energy_pack_blocks",
+        "emulate_order",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

@@ -9,9 +9,10 @@
 // and the launchers choose the policy:
 //   CpuExec          at::parallel_for over chunks of t (OpenMP threads), the production CPU path;
 //   EmulatedCudaExec serial, but with the CUDA launch's decomposition (one thread per (item, channel),
-//                    blocks of 256) visited in reverse block and thread order, so that CPU-only CI
-//                    exercises the GPU algorithm -- hash insertion races excepted -- and shows that
-//                    its result does not depend on the order threads run in;
+//                    blocks of 256) visited in reverse block and thread order (or in order, or in a
+//                    seeded permutation: test knob emulate_order), so that CPU-only CI exercises the
+//                    GPU algorithm -- hash insertion races excepted -- and shows that its result does
+//                    not depend on the order threads run in;
 //   CudaExec         (csrc/common/cuda_exec.cuh) a grid-stride kernel on the current stream.
 //     exec.for_each_counted(B, counts, add, cap, C, functor)
 //                                 calls functor(b, i, c0, c1) for every b < B, i < min(counts[b] + add,
@@ -233,10 +234,25 @@ RRM_HOST_DEVICE int64_t counted_extent(const int32_t* counts, int64_t b, int64_t
 // (What the emulation cannot show: a block-level local that a phase changes is one variable here
 // but one per thread on the GPU, so code between phases must not depend on what phases write to
 // locals; it reads shared or global memory instead.)
+// The order in which the emulation visits n threads (knob emulate_order): the j-th visited is
+// order(j, n). 0: in reverse; 1: in order; s >= 2: i -> (a i + c) mod n, a bijection (a a prime
+// that divides no n below 2^31, c from s).
+struct EmulatedOrder {
+  int64_t seed = 0;
+  static EmulatedOrder current() { return EmulatedOrder{tuning::get(tuning::kEmulateOrder)}; }
+  int64_t operator()(int64_t j, int64_t n) const {
+    if (seed == 0) return n - 1 - j;
+    if (seed == 1) return j;
+    const unsigned __int128 a = 2654435761u, c = (static_cast<uint64_t>(seed) * 0x9E3779B97F4A7C15ull) % n;
+    return static_cast<int64_t>((a * static_cast<uint64_t>(j) + c) % static_cast<uint64_t>(n));
+  }
+};
+
 struct EmulatedBlock {
   char* smem;
   int nthreads;
   bool* in_phase;
+  EmulatedOrder order;
   int threads() const { return nthreads; }
   template <typename T>
   T* shared() const {
@@ -246,7 +262,7 @@ struct EmulatedBlock {
   void phase(const G& g) const {
     TORCH_CHECK(!*in_phase, "emulated block: a phase inside a phase (a divergent __syncthreads on the GPU)");
     *in_phase = true;
-    for (int t = nthreads - 1; t >= 0; --t) g(t);
+    for (int j = 0; j < nthreads; ++j) g(static_cast<int>(order(j, nthreads)));
     *in_phase = false;
   }
 };
@@ -357,13 +373,9 @@ struct EmulatedCudaExec {
   void for_each(int64_t n, const F& f, int64_t /*grain*/ = 0) const {
     if (n <= 0) return;
     emulated_counts().launches.fetch_add(1, std::memory_order_relaxed);
-    const int64_t blocks = (n + kBlock - 1) / kBlock;
-    for (int64_t b = blocks - 1; b >= 0; --b) {
-      for (int64_t th = kBlock - 1; th >= 0; --th) {
-        const int64_t t = b * kBlock + th;
-        if (t < n) f(t);
-      }
-    }
+    // (knob 0, the default: blocks and their threads in reverse, i.e. t from n - 1 down)
+    const EmulatedOrder order = EmulatedOrder::current();
+    for (int64_t j = 0; j < n; ++j) f(order(j, n));
   }
   template <class F>
   void for_each_item(int64_t B, int64_t n, int64_t C, const F& f, int64_t /*grain*/ = 0) const {
@@ -386,8 +398,10 @@ struct EmulatedCudaExec {
     HostSmem smem;
     char* const p = smem.get(smem_bytes);
     bool in_phase = false;
-    const EmulatedBlock blk{p, static_cast<int>(kBlock), &in_phase};
-    for (int64_t t = B * nblocks - 1; t >= 0; --t) {
+    const EmulatedOrder order = EmulatedOrder::current();
+    const EmulatedBlock blk{p, static_cast<int>(kBlock), &in_phase, order};
+    for (int64_t j = 0; j < B * nblocks; ++j) {
+      const int64_t t = order(j, B * nblocks);
       smem.poison();
       f(blk, t / nblocks, t % nblocks);
       TORCH_CHECK(smem.guard_intact(), "emulated block ", t % nblocks, " of image ", t / nblocks, " wrote beyond its ",
@@ -403,7 +417,9 @@ struct EmulatedCudaExec {
     if (B <= 0 || cap <= 0 || C <= 0) return;
     emulated_counts().launches.fetch_add(1, std::memory_order_relaxed);
     const int64_t G = std::min(kCountedGrid, (B * cap * C + kBlock - 1) / kBlock * kBlock);
-    for (int64_t t0 = G - 1; t0 >= 0; --t0) {
+    const EmulatedOrder order = EmulatedOrder::current();
+    for (int64_t j = 0; j < G; ++j) {
+      const int64_t t0 = order(j, G);
       int64_t b = 0, base = 0, nb = counted_extent(counts, 0, add, cap) * C;
       for (int64_t u = t0;; u += G) {
         while (b < B && u - base >= nb) {

@@ -71,6 +71,10 @@ enum Knob : int {
   kEnergyPackBlocks,     // energy loss on the GPU: its (B, K, N) probabilities packed into lattice rows by a
                          // transpose through shared memory (1) or one thread per (pixel, channel) (0,
                          // before session 25); 1. The same values. Name energy_pack_blocks.
+  kEmulateOrder,         // tests: the order in which the emulated launch visits a launch's threads (and a
+                         // block's threads in each phase): 0 in reverse, 1 in order, s >= 2 a permutation
+                         // seeded by s; 0. Results must not depend on it (a launch whose threads read what
+                         // other threads of it write would show). Not read by CUDA.
   kNumKnobs
 };
 
