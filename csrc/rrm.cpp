@@ -142,6 +142,16 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "_dense_energy_emulated(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0) -> "
       "(Tensor, Tensor)");
+  // The loss itself: factor * dense_energy(...)[0].sum(), 0-dim (dense_energy_loss: factor = weight / B), with
+  // one autograd node whose backward is grad_dir * (grad * factor): the same values as the sum, the
+  // product and dense_energy's own backward, without their two autograd nodes and Python ops per call.
+  m.def(
+      "dense_energy_sum(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0, "
+      "float factor=1.0) -> Tensor",
+      host_sync());
+  m.def(
+      "_dense_energy_sum_emulated(Tensor probs, Tensor gate, Tensor features, Tensor? mass=None, int grad_mode=0, "
+      "float factor=1.0) -> Tensor");
   // The energy's inputs at its working scale, in one pass over the full-resolution ones (the loss's
   // F.interpolate calls, ROI product and gate fused). segmentations (B, K, H, W) float32/float64, any
   // strides; rois (B, H, W) of its dtype or None; unlabelled (B, H, W) bool (seg_label == ignore_index) or

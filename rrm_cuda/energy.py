@@ -531,10 +531,12 @@ def dense_energy_loss(
         g = g.index_select(1, tiles[0]) if gate else g  # without the gate: ones in any order
         feats = feats.index_select(2, tiles[0])
         mass = mass.index_select(1, tiles[0]) if mass is not None else None
-    energy, _ = ops.dense_energy(s_hat, g, feats, mass, mode)
+    # weight * the energies' sum / B in the op, as one autograd node (the same values as
+    # dense_energy(...)[0].sum() * (weight / B), two nodes and two Python ops fewer per call)
+    loss = ops.dense_energy_sum(s_hat, g, feats, mass, mode, weight / max(B, 1))
     if finish_checks is not None:
         finish_checks()
-    return energy.sum() * (weight / max(B, 1))
+    return loss
 
 
 class DenseEnergyLossFunction(torch.autograd.Function):

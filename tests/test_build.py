@@ -152,7 +152,7 @@ def test_double_backward_is_refused_not_silently_wrong():
     labels = torch.randint(0, 3, (1, 6, 8), generator=g)
     cases = {
         "dense_crf": lambda: rrm_cuda.dense_crf(seg, img, iterations=2).pow(2).sum(),
-        "dense_energy": lambda: rrm_cuda.dense_energy_loss(img, seg, sigma_xy=5.0),
+        "dense_energy_sum": lambda: rrm_cuda.dense_energy_loss(img, seg, sigma_xy=5.0),
         "bcd_loss": lambda: rrm_cuda.bcd_loss(seg, feats),
         "feature_center_cosine": lambda: rrm_cuda.feature_center_cosine(
             feats, labels, torch.randn(1, 3, 4, dtype=torch.float64)

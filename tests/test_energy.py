@@ -201,6 +201,37 @@ def test_opcheck():
         torch.library.opcheck(ops.dense_energy.default, args)
 
 
+@pytest.mark.parametrize("op", ["dense_energy_sum", "_dense_energy_sum_emulated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_energy_sum_op_equals_the_composition(op, dtype):
+    # dense_energy_sum (what dense_energy_loss calls): factor * dense_energy(...)[0].sum() in one
+    # autograd node. Loss and gradient are the bits of the composition it replaces (sum, product,
+    # dense_energy's backward), with and without a mass, for both gradients; float64 gradcheck;
+    # opcheck; no gradient without a direction.
+    base = "dense_energy" if op == "dense_energy_sum" else "_dense_energy_emulated"
+    probs, gate, feats, mass = _op_inputs(K=4, N=60, dtype=dtype)
+    factor = 1e-3 / 3
+    for m in (None, mass):
+        for mode in (1, 2):
+            p1, p2 = probs.clone().requires_grad_(), probs.clone().requires_grad_()
+            want = getattr(ops, base)(p1, gate, feats, m, mode)[0].sum() * factor
+            got = getattr(ops, op)(p2, gate, feats, m, mode, factor)
+            assert got.shape == () and torch.equal(got, want)
+            (g1,) = torch.autograd.grad(want * 0.7, p1)
+            (g2,) = torch.autograd.grad(got * 0.7, p2)
+            assert torch.equal(g1, g2)
+    with torch.no_grad():  # below autograd: the device kernel
+        assert torch.equal(getattr(ops, op)(probs, gate, feats, mass, 1, factor), want.detach())
+    if dtype == torch.float64:
+        fn = lambda p: getattr(ops, op)(p, gate, feats, mass, 2, 0.5)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (probs.clone().requires_grad_(),), fast_mode=True)
+        torch.library.opcheck(getattr(ops, op).default, (probs.clone().requires_grad_(), gate, feats, mass, 2, 0.5))
+        torch.library.opcheck(getattr(ops, op).default, (probs, gate, feats, None, 0, 1.0))
+    p = probs.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="grad_mode=0"):
+        getattr(ops, op)(p, gate, feats, None, 0, 1.0).backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # the inputs op: downscaling, ROI product and gate in one pass
 
@@ -730,16 +761,16 @@ def test_valid_label_and_roi_dtypes(stats_op, monkeypatch):
 @pytest.mark.parametrize("defer", [False, True])
 def test_deferred_value_checks(defer, monkeypatch):
     # Where the one-pass statistics op runs (GPUs; here forced on the CPU), the checked loss reads
-    # them after ops.dense_energy is queued (E._DEFER_CHECKS): a bad input raises the same error,
+    # them after ops.dense_energy_sum is queued (E._DEFER_CHECKS): a bad input raises the same error,
     # after the op ran on it (safe: the lattice gives bad features no weight), instead of before.
     monkeypatch.setattr(E, "_STATS_OP_ON_CPU", True)
     monkeypatch.setattr(E, "_DEFER_CHECKS", defer)
     monkeypatch.setattr(E, "_DEFER_CHECKS_ON_CPU", True)
     log = []
-    monkeypatch.setattr(E, "ops", OpSpy(E.ops, "dense_energy", log))
+    monkeypatch.setattr(E, "ops", OpSpy(E.ops, "dense_energy_sum", log))
     images, probs, rois, labels = _inputs(H=8, W=8, dtype=torch.float32)
     good = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
-    assert log == ["dense_energy"] and torch.isfinite(good)
+    assert log == ["dense_energy_sum"] and torch.isfinite(good)
     cases = [
         (images * 300, "images must be on the 0-255 scale"),
         (images.masked_fill(images > 200, float("nan")), "images contains NaN"),
@@ -748,12 +779,12 @@ def test_deferred_value_checks(defer, monkeypatch):
         log.clear()
         with pytest.raises(ValueError, match=match):
             rrm_cuda.dense_energy_loss(bad_images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
-        assert log == (["dense_energy"] if defer else [])
+        assert log == (["dense_energy_sum"] if defer else [])
     bad_labels = labels.masked_fill(labels == 1, 7)
     log.clear()
     with pytest.raises(ValueError, match="seg_label must hold class indices"):
         rrm_cuda.dense_energy_loss(images, probs, rois, bad_labels, sigma_rgb=15.0, sigma_xy=10.0)
-    assert log == (["dense_energy"] if defer else [])
+    assert log == (["dense_energy_sum"] if defer else [])
     # the result is the same either way
     monkeypatch.setattr(E, "_DEFER_CHECKS", not defer)
     other = rrm_cuda.dense_energy_loss(images, probs, rois, labels, sigma_rgb=15.0, sigma_xy=10.0)
@@ -1604,13 +1635,20 @@ def test_compile_fullgraph_loss_and_gradient(gradient, scale):
 
 
 def test_autograd_of_the_ops_is_cpp():
-    # dense_energy and dense_energy_inputs (and the emulated twins) have C++ autograd kernels: no
-    # Python wrapper on the hot path (host time per call, benchmarks/NOTES.md section 13)
-    for name in ("dense_energy", "_dense_energy_emulated", "dense_energy_inputs", "_dense_energy_inputs_emulated"):
+    # dense_energy, dense_energy_sum and dense_energy_inputs (and the emulated twins) have C++ autograd
+    # kernels: no Python wrapper on the hot path (host time per call, benchmarks/NOTES.md section 13)
+    names = ("dense_energy", "dense_energy_sum", "dense_energy_inputs")
+    for name in names + tuple(f"_{n}_emulated" for n in names):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rrm_cuda::{name}", "Autograd"), name
     p = torch.softmax(torch.randn(1, 2, 6), 1).requires_grad_()
     energy, _ = ops.dense_energy(p, torch.ones(1, 6), torch.rand(1, 2, 6), None, 1)
     assert "DenseEnergyFunction" in energy.grad_fn.name()
+    loss = ops.dense_energy_sum(p, torch.ones(1, 6), torch.rand(1, 2, 6), None, 1, 0.5)
+    assert "DenseEnergySumFunction" in loss.grad_fn.name()
+    # the loss's graph: the op's node directly under the user's (no sum or product nodes of its own)
+    images, probs, rois, labels = _inputs(B=2, K=3, H=8, W=8, dtype=torch.float32)
+    out = rrm_cuda.dense_energy_loss(images, probs.requires_grad_(), rois, labels, scale_factor=0.5)
+    assert "DenseEnergySumFunction" in out.grad_fn.name()
     s_hat, _, _ = ops.dense_energy_inputs(torch.rand(1, 2, 4, 4, requires_grad=True), None, None, 2, True, 0)
     assert "DenseEnergyInputsFunction" in s_hat.grad_fn.name()
 

@@ -79,6 +79,38 @@ struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunctio
   }
 };
 
+// dense_energy_sum: factor * sum_b energy_b in one node. Forward: dense_energy below autograd, then
+// ATen's sum and product (the ops dense_energy_loss ran in Python: the same bits). Backward:
+// grad * factor (the product's backward), then grad_dir times it (dense_energy's backward with
+// the sum's expanded gradient): the same values, two autograd nodes fewer per call.
+struct DenseEnergySumFunction : public torch::autograd::Function<DenseEnergySumFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& probs, const at::Tensor& gate,
+                            const at::Tensor& features, const std::optional<at::Tensor>& mass, int64_t grad_mode,
+                            double factor, bool emulated) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [energy, grad_dir] = energy_ops().get(emulated).call(probs, gate, features, mass, grad_mode);
+    ctx->saved_data["grad_mode"] = grad_mode;
+    ctx->saved_data["factor"] = factor;
+    ctx->save_for_backward({grad_dir});
+    return at::mul(energy.sum(), factor);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(7);  // probs only
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    refuse_double_backward("dense_energy_sum");
+    TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0,
+                "rrm_cuda::dense_energy_sum was called with grad_mode=0 (no gradient direction computed); "
+                "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");
+    const at::Tensor grad_dir = ctx->get_saved_variables()[0];
+    const at::Tensor scale = at::mul(grad, ctx->saved_data["factor"].toDouble()).to(grad_dir.scalar_type());
+    out[0] = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
+    at::mul_out(out[0], grad_dir, scale);
+    return out;
+  }
+};
+
 // dense_energy_inputs: the probabilities at the working scale (downscaled, ROI-masked, in the
 // requested pixel order) and the gate, a constant of the loss.
 struct DenseEnergyInputsFunction : public torch::autograd::Function<DenseEnergyInputsFunction> {
@@ -126,6 +158,12 @@ std::tuple<at::Tensor, at::Tensor> energy_autograd(const at::Tensor& probs, cons
 }
 
 template <bool kEmulated>
+at::Tensor energy_sum_autograd(const at::Tensor& probs, const at::Tensor& gate, const at::Tensor& features,
+                               const std::optional<at::Tensor>& mass, int64_t grad_mode, double factor) {
+  return DenseEnergySumFunction::apply(probs, gate, features, mass, grad_mode, factor, kEmulated);
+}
+
+template <bool kEmulated>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_autograd(const at::Tensor& segmentations,
                                                                const std::optional<at::Tensor>& rois,
                                                                const std::optional<at::Tensor>& unlabelled,
@@ -139,6 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_autograd(const at::Tensor&
 TORCH_LIBRARY_IMPL(rrm_cuda, Autograd, m) {
   m.impl("dense_energy", &energy_autograd<false>);
   m.impl("_dense_energy_emulated", &energy_autograd<true>);
+  m.impl("dense_energy_sum", &energy_sum_autograd<false>);
+  m.impl("_dense_energy_sum_emulated", &energy_sum_autograd<true>);
   m.impl("dense_energy_inputs", &inputs_autograd<false>);
   m.impl("_dense_energy_inputs_emulated", &inputs_autograd<true>);
 }

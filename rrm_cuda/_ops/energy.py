@@ -24,7 +24,16 @@ torch.library.register_fake("rrm_cuda::dense_energy")(_energy_fake)
 torch.library.register_fake("rrm_cuda::_dense_energy_emulated")(_energy_fake)
 
 
-# The autograd of dense_energy and dense_energy_inputs (and their emulated twins) is C++:
+def _energy_sum_fake(probs, gate, features, mass=None, grad_mode=0, factor=1.0):
+    torch._check(probs.dim() == 3 and gate.dim() == 2 and features.dim() == 3)
+    return probs.new_empty(())
+
+
+torch.library.register_fake("rrm_cuda::dense_energy_sum")(_energy_sum_fake)
+torch.library.register_fake("rrm_cuda::_dense_energy_sum_emulated")(_energy_sum_fake)
+
+
+# The autograd of dense_energy, dense_energy_sum and dense_energy_inputs (and their emulated twins) is C++:
 # csrc/energy/energy_autograd.cpp (host time per call; see there).
 
 
