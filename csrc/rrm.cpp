@@ -199,11 +199,25 @@ TORCH_LIBRARY(rrm_cuda, m) {
       "_bilateral_features_2d_emulated(Tensor images, int stride, int height, int width, float sxy, float srgb, "
       "ScalarType dtype) -> Tensor");
   // Backward of dense_energy_inputs' probs: grad (B, K, H/stride, W/stride), in the forward's pixel order
-  // (tile), -> (B, K, height, width).
+  // (tile), -> (B, K, height, width). scale (one element) or None: the gradient of grad * scale (each
+  // element multiplied first, as at::mul would: the loss's factor, dense_energy_loss_fused).
   m.def(
-      "dense_energy_inputs_backward(Tensor grad, Tensor? rois, int height, int width, int stride, int tile=0) -> "
-      "Tensor");
+      "dense_energy_inputs_backward(Tensor grad, Tensor? rois, int height, int width, int stride, int tile=0, "
+      "Tensor? scale=None) -> Tensor");
   m.def(
       "_dense_energy_inputs_backward_emulated(Tensor grad, Tensor? rois, int height, int width, int stride, "
-      "int tile=0) -> Tensor");
+      "int tile=0, Tensor? scale=None) -> Tensor");
+  // The loss at the fused scales in one op and one autograd node: dense_energy_inputs (raster order),
+  // then dense_energy_sum on its outputs: segmentations (B, K, H, W), rois, unlabelled, stride and gate
+  // as dense_energy_inputs; features (B, d, N), mass (B, N) or None, grad_mode and factor as
+  // dense_energy_sum, N = (H / stride) (W / stride). -> 0-dim loss. Its backward is
+  // dense_energy_inputs_backward of grad_dir with the scale grad * factor: one pass, the same values
+  // as the two ops' backwards.
+  m.def(
+      "dense_energy_loss_fused(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, bool gate, "
+      "Tensor features, Tensor? mass=None, int grad_mode=0, float factor=1.0) -> Tensor",
+      host_sync());
+  m.def(
+      "_dense_energy_loss_fused_emulated(Tensor segmentations, Tensor? rois, Tensor? unlabelled, int stride, "
+      "bool gate, Tensor features, Tensor? mass=None, int grad_mode=0, float factor=1.0) -> Tensor");
 }

@@ -445,8 +445,15 @@ def dense_energy_loss(
             and _uses_stats_op(probs)
             and V.checking_values(images, segmentations)
         )
-        s_hat, g, prob_stats = ops.dense_energy_inputs(probs, roi, unl, stride, gate, tile, want)
-        prob_stats = prob_stats if want else None
+        # In raster order without the CPU's statistics, the inputs op runs inside the loss's own op
+        # (ops.dense_energy_loss_fused, below: one autograd node for both, its backward one pass).
+        late = not tile and not want
+        roi_full = roi
+        if late:
+            s_hat = g = None
+        else:
+            s_hat, g, prob_stats = ops.dense_energy_inputs(probs, roi, unl, stride, gate, tile, want)
+            prob_stats = prob_stats if want else None
         if tile:
             order = _pixel_order((h, w), probs.device)[0]
             src = _sample_index(H, W, stride, tile, order)
@@ -457,6 +464,7 @@ def dense_energy_loss(
             # the ROI at the working scale is needed only for the mass (nearest: the blocks' first pixels)
             roi = roi[:, ::stride, ::stride][:, :h, :w] if (roi is not None and nonnegative) else None
     else:
+        late = False
         img = images.to(dtype)
         lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
         if scale_factor != 1.0:
@@ -467,7 +475,7 @@ def dense_energy_loss(
             lab = F.interpolate(lab.to(dtype), mode="nearest", **kw) if lab is not None else None
         h, w = probs.shape[2:]
         s_hat = probs * roi.unsqueeze(1) if roi is not None else probs
-    if s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
+    if not late and s_hat.numel() == 0:  # no image, class or pixel: the energy is an empty sum
         if check_inputs and V.checking_values(images, segmentations):
             _start_checks(images, segmentations, rois, seg_label, gate or nonnegative, ignore_index)()
         return s_hat.sum() * weight
@@ -486,7 +494,7 @@ def dense_energy_loss(
     else:
         img_max = 255.0 + _IMAGE_SLACK  # unchecked: images are taken to be on the 0-255 scale
     with torch.no_grad():  # the gate, the features and the mass are constants of the op
-        if not gate:
+        if not gate and not late:  # (the fused op makes its own)
             g = probs.new_ones((B, h, w))
         elif not fused:  # S = max(0, roi - max_k p_k), 1 where unlabelled
             g = probs.amax(1)
@@ -521,7 +529,13 @@ def dense_energy_loss(
                 raise
             img_max, finish_checks = finish_checks(), None  # the images' real range (or their error)
             _check_key_range(feats, fname, max(pos_fmax, (img_max or 0.0) / _min(sigma_rgb)))
-    mode = _GRAD_MODES[gradient] if (s_hat.requires_grad and torch.is_grad_enabled()) else 0
+    differentiable = (probs if late else s_hat).requires_grad and torch.is_grad_enabled()
+    mode = _GRAD_MODES[gradient] if differentiable else 0
+    if late:  # the inputs op, the energy, its sum and weight / B in one op and one autograd node
+        loss = ops.dense_energy_loss_fused(probs, roi_full, unl, stride, gate, feats, mass, mode, weight / max(B, 1))
+        if finish_checks is not None:
+            finish_checks()
+        return loss
     s_hat, g = s_hat.reshape(B, K, -1), g.reshape(B, -1)
     # Other scales: the op's points into the pixel order by gathers (a sum over the pixels is what
     # comes back; the gradient returns to the raster order through _Gather).

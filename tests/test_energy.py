@@ -220,8 +220,9 @@ def test_energy_sum_op_equals_the_composition(op, dtype):
             (g1,) = torch.autograd.grad(want * 0.7, p1)
             (g2,) = torch.autograd.grad(got * 0.7, p2)
             assert torch.equal(g1, g2)
-    with torch.no_grad():  # below autograd: the device kernel
-        assert torch.equal(getattr(ops, op)(probs, gate, feats, mass, 1, factor), want.detach())
+    with torch.inference_mode():  # below autograd: the op's own kernel
+        below = getattr(ops, op)(probs, gate, feats, mass, 1, factor)
+    assert torch.equal(below, want.detach())
     if dtype == torch.float64:
         fn = lambda p: getattr(ops, op)(p, gate, feats, mass, 2, 0.5)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (probs.clone().requires_grad_(),), fast_mode=True)
@@ -230,6 +231,79 @@ def test_energy_sum_op_equals_the_composition(op, dtype):
     p = probs.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="grad_mode=0"):
         getattr(ops, op)(p, gate, feats, None, 0, 1.0).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_fused_loss_op_gives_the_unfused_bits(dtype, scale):
+    # dense_energy_loss_fused (the loss in raster order without the CPU's statistics: GPUs, and the
+    # unchecked CPU call): the inputs op and the summed energy in one autograd node, whose backward
+    # reads the scale grad * factor in the inputs' backward kernel. Loss and gradient are the bits of
+    # the unfused path (the checked CPU call runs dense_energy_inputs and dense_energy_sum), for both
+    # gradients, with and without the gate, ROIs, labels and the mass.
+    images, probs, rois, labels = _inputs(B=3, K=4, H=10, W=9, dtype=dtype, seed=5)
+    for kw in (
+        dict(gradient="rloss"),
+        dict(gradient="exact", nonnegative=True),
+        dict(gradient="exact", gate=False),
+        dict(gradient="rloss", rois_none=True),
+    ):
+        kw = dict(kw)
+        r = None if kw.pop("rois_none", False) else rois
+        outs = []
+        for check in (True, False):
+            p = probs.clone().requires_grad_()
+            loss = rrm_cuda.dense_energy_loss(
+                images,
+                p,
+                r,
+                labels,
+                sigma_rgb=15.0,
+                sigma_xy=6.0,
+                scale_factor=scale,
+                weight=0.3,
+                check_inputs=check,
+                **kw,
+            )
+            name = loss.grad_fn.name()
+            assert ("DenseEnergyLossFused" in name) == (not check), name
+            (grad,) = torch.autograd.grad(loss * 1.7, p)
+            outs.append((loss, grad))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), kw
+
+
+@pytest.mark.parametrize("op", ["dense_energy_loss_fused", "_dense_energy_loss_fused_emulated"])
+def test_fused_loss_op_checks_gradcheck_and_opcheck(op):
+    # The op against the two ops it fuses, bitwise (the emulated twin too: through the emulated
+    # launch), at both strides; float64 gradcheck (without the gate, which the gradient holds
+    # constant); opcheck; no gradient without a direction.
+    base = (
+        ("dense_energy_inputs", "dense_energy_sum")
+        if op[0] != "_"
+        else ("_dense_energy_inputs_emulated", "_dense_energy_sum_emulated")
+    )
+    images, probs, rois, labels = _inputs(B=2, K=3, H=8, W=10, dtype=torch.float64, seed=6)
+    unl = labels.reshape(2, 8, 10) == 255
+    for stride in (1, 2):
+        feats = rrm_cuda.bilateral_features(images[:, :, ::stride, ::stride], 5.0, 15.0, dtype=torch.float64)
+        mass = rois[:, ::stride, ::stride].reshape(2, -1)
+        p1, p2 = probs.clone().requires_grad_(), probs.clone().requires_grad_()
+        s_hat, g, _ = getattr(ops, base[0])(p1, rois, unl, stride, True, 0, False)
+        want = getattr(ops, base[1])(s_hat.reshape(2, 3, -1), g.reshape(2, -1), feats, mass, 2, 0.25)
+        got = getattr(ops, op)(p2, rois, unl, stride, True, feats, mass, 2, 0.25)
+        assert got.shape == () and torch.equal(got, want)
+        assert torch.equal(torch.autograd.grad(want, p1)[0], torch.autograd.grad(got, p2)[0])
+        with torch.inference_mode():  # below autograd: the op's own kernel
+            below = getattr(ops, op)(probs, rois, unl, stride, True, feats, mass, 2, 0.25)
+        assert torch.equal(below, want.detach())
+        fn = lambda p, s=stride, f=feats: getattr(ops, op)(p, rois, None, s, False, f, None, 2, 0.5)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (probs.clone().requires_grad_(),), fast_mode=True)
+        torch.library.opcheck(
+            getattr(ops, op).default, (probs.clone().requires_grad_(), rois, unl, stride, True, feats, mass, 1, 0.5)
+        )
+    p = probs.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="grad_mode=0"):
+        getattr(ops, op)(p, rois, unl, 2, True, feats, None, 0, 1.0).backward()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1637,7 +1711,7 @@ def test_compile_fullgraph_loss_and_gradient(gradient, scale):
 def test_autograd_of_the_ops_is_cpp():
     # dense_energy, dense_energy_sum and dense_energy_inputs (and the emulated twins) have C++ autograd
     # kernels: no Python wrapper on the hot path (host time per call, benchmarks/NOTES.md section 13)
-    names = ("dense_energy", "dense_energy_sum", "dense_energy_inputs")
+    names = ("dense_energy", "dense_energy_sum", "dense_energy_loss_fused", "dense_energy_inputs")
     for name in names + tuple(f"_{n}_emulated" for n in names):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"rrm_cuda::{name}", "Autograd"), name
     p = torch.softmax(torch.randn(1, 2, 6), 1).requires_grad_()
@@ -1645,10 +1719,14 @@ def test_autograd_of_the_ops_is_cpp():
     assert "DenseEnergyFunction" in energy.grad_fn.name()
     loss = ops.dense_energy_sum(p, torch.ones(1, 6), torch.rand(1, 2, 6), None, 1, 0.5)
     assert "DenseEnergySumFunction" in loss.grad_fn.name()
-    # the loss's graph: the op's node directly under the user's (no sum or product nodes of its own)
+    # the loss's graph: the op's node directly under the user's (no sum or product nodes of its own);
+    # unchecked (and on a GPU) one node for the inputs op and the energy
     images, probs, rois, labels = _inputs(B=2, K=3, H=8, W=8, dtype=torch.float32)
     out = rrm_cuda.dense_energy_loss(images, probs.requires_grad_(), rois, labels, scale_factor=0.5)
     assert "DenseEnergySumFunction" in out.grad_fn.name()
+    out = rrm_cuda.dense_energy_loss(images, probs, rois, labels, scale_factor=0.5, check_inputs=False)
+    assert "DenseEnergyLossFusedFunction" in out.grad_fn.name()
+    assert out.grad_fn.next_functions[0][0].name() == "torch::autograd::AccumulateGrad"
     s_hat, _, _ = ops.dense_energy_inputs(torch.rand(1, 2, 4, 4, requires_grad=True), None, None, 2, True, 0)
     assert "DenseEnergyInputsFunction" in s_hat.grad_fn.name()
 

@@ -104,7 +104,13 @@ inline void check_bilateral_features_2d_args(const at::Tensor& images, int64_t s
 
 // dense_energy_inputs_backward: grad (B, K, h, w) with h = height / stride, w = width / stride.
 inline void check_energy_inputs_backward_args(const at::Tensor& grad, const std::optional<at::Tensor>& rois,
-                                              int64_t height, int64_t width, int64_t stride, int64_t tile) {
+                                              int64_t height, int64_t width, int64_t stride, int64_t tile,
+                                              const std::optional<at::Tensor>& scale = std::nullopt) {
+  if (scale.has_value() && scale->defined()) {
+    RRM_CHECK_SAME_DTYPE(grad, *scale, "grad", "scale");
+    RRM_CHECK_SAME_DEVICE(grad, *scale, "grad", "scale");
+    TORCH_CHECK_VALUE(scale->numel() == 1, "scale must hold one element; got shape ", scale->sizes());
+  }
   RRM_CHECK_DIM(grad, 4, "grad");
   RRM_CHECK_FLOATING(grad, "grad");
   TORCH_CHECK_VALUE(stride == 1 || stride == 2, "stride must be 1 or 2; got ", stride);

@@ -27,7 +27,7 @@ using InputsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tenso
                                                                  const std::optional<at::Tensor>&, int64_t, bool,
                                                                  int64_t, bool);
 using InputsBackwardSig = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
-                                     int64_t);
+                                     int64_t, const std::optional<at::Tensor>&);
 
 const OpPair<EnergySig>& energy_ops() {
   static const OpPair<EnergySig> p("rrm_cuda::dense_energy", "rrm_cuda::_dense_energy_emulated");
@@ -144,7 +144,73 @@ struct DenseEnergyInputsFunction : public torch::autograd::Function<DenseEnergyI
     const std::optional<at::Tensor> r = rois.defined() ? std::optional<at::Tensor>(rois) : std::nullopt;
     out[0] = inputs_backward_ops()
                  .get(ctx->saved_data["emulated"].toBool())
-                 .call(grad_probs, r, height, width, stride, tile);
+                 .call(grad_probs, r, height, width, stride, tile, std::nullopt);
+    return out;
+  }
+};
+
+// The inputs at the working scale (raster order) and the summed energy below autograd: the values of
+// dense_energy_inputs followed by dense_energy_sum.
+std::tuple<at::Tensor, at::Tensor> fused_loss_forward(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                                                      const std::optional<at::Tensor>& unlabelled, int64_t stride,
+                                                      bool gate, const at::Tensor& features,
+                                                      const std::optional<at::Tensor>& mass, int64_t grad_mode,
+                                                      double factor, bool emulated) {
+  auto [probs, g, st] = inputs_ops().get(emulated).call(seg, rois, unlabelled, stride, gate, 0, false);
+  const int64_t B = probs.size(0), K = probs.size(1), N = probs.size(2) * probs.size(3);
+  // without the gate the op returns none: ones, as dense_energy_loss makes them
+  const at::Tensor gate_n = gate ? g.reshape({B, N}) : at::ones({B, N}, probs.options());
+  auto [energy, grad_dir] =
+      energy_ops().get(emulated).call(probs.reshape({B, K, N}), gate_n, features, mass, grad_mode);
+  return {at::mul(energy.sum(), factor), grad_dir};
+}
+
+// dense_energy_loss_fused: one node for the inputs op and the summed energy. Its backward is the
+// inputs' backward of grad_dir with the scale grad * factor read by the kernel (no (B, K, N) product
+// of its own): element by element the products the two ops' backwards make, in the same order.
+struct DenseEnergyLossFusedFunction : public torch::autograd::Function<DenseEnergyLossFusedFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                            const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
+                            const at::Tensor& features, const std::optional<at::Tensor>& mass, int64_t grad_mode,
+                            double factor, bool emulated) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, grad_dir] =
+        fused_loss_forward(seg, rois, unlabelled, stride, gate, features, mass, grad_mode, factor, emulated);
+    ctx->saved_data["grad_mode"] = grad_mode;
+    ctx->saved_data["factor"] = factor;
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["height"] = seg.size(2);
+    ctx->saved_data["width"] = seg.size(3);
+    ctx->saved_data["emulated"] = emulated;
+    ctx->save_for_backward({grad_dir, rois.has_value() ? *rois : at::Tensor()});
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(10);  // segmentations only
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    refuse_double_backward("dense_energy_loss_fused");
+    TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0,
+                "rrm_cuda::dense_energy_loss_fused was called with grad_mode=0 (no gradient direction computed); "
+                "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_dir = saved[0];
+    const at::Tensor& rois = saved[1];
+    const int64_t stride = ctx->saved_data["stride"].toInt();
+    const int64_t height = ctx->saved_data["height"].toInt(), width = ctx->saved_data["width"].toInt();
+    const int64_t B = grad_dir.size(0), K = grad_dir.size(1);
+    const at::Tensor scale = at::mul(grad, ctx->saved_data["factor"].toDouble()).to(grad_dir.scalar_type());
+    if (stride == 1 && !rois.defined()) {  // the inputs op is the identity here
+      at::Tensor g = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
+      at::mul_out(g, grad_dir, scale);
+      out[0] = g.view({B, K, height, width});
+      return out;
+    }
+    const std::optional<at::Tensor> r = rois.defined() ? std::optional<at::Tensor>(rois) : std::nullopt;
+    out[0] = inputs_backward_ops()
+                 .get(ctx->saved_data["emulated"].toBool())
+                 .call(grad_dir.view({B, K, height / stride, width / stride}), r, height, width, stride, 0, scale);
     return out;
   }
 };
@@ -164,6 +230,25 @@ at::Tensor energy_sum_autograd(const at::Tensor& probs, const at::Tensor& gate, 
 }
 
 template <bool kEmulated>
+at::Tensor loss_fused_autograd(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                               const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
+                               const at::Tensor& features, const std::optional<at::Tensor>& mass, int64_t grad_mode,
+                               double factor) {
+  return DenseEnergyLossFusedFunction::apply(seg, rois, unlabelled, stride, gate, features, mass, grad_mode, factor,
+                                             kEmulated);
+}
+
+// Below autograd (inference mode, tracing): the forward alone, through the two ops' own kernels.
+template <bool kEmulated>
+at::Tensor loss_fused_kernel(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
+                             const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
+                             const at::Tensor& features, const std::optional<at::Tensor>& mass, int64_t grad_mode,
+                             double factor) {
+  return std::get<0>(
+      fused_loss_forward(seg, rois, unlabelled, stride, gate, features, mass, grad_mode, factor, kEmulated));
+}
+
+template <bool kEmulated>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_autograd(const at::Tensor& segmentations,
                                                                const std::optional<at::Tensor>& rois,
                                                                const std::optional<at::Tensor>& unlabelled,
@@ -179,9 +264,20 @@ TORCH_LIBRARY_IMPL(rrm_cuda, Autograd, m) {
   m.impl("_dense_energy_emulated", &energy_autograd<true>);
   m.impl("dense_energy_sum", &energy_sum_autograd<false>);
   m.impl("_dense_energy_sum_emulated", &energy_sum_autograd<true>);
+  m.impl("dense_energy_loss_fused", &loss_fused_autograd<false>);
+  m.impl("_dense_energy_loss_fused_emulated", &loss_fused_autograd<true>);
   m.impl("dense_energy_inputs", &inputs_autograd<false>);
   m.impl("_dense_energy_inputs_emulated", &inputs_autograd<true>);
 }
+
+TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
+  m.impl("dense_energy_loss_fused", &loss_fused_kernel<false>);
+  m.impl("_dense_energy_loss_fused_emulated", &loss_fused_kernel<true>);
+}
+
+#ifdef RRM_WITH_CUDA
+TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) { m.impl("dense_energy_loss_fused", &loss_fused_kernel<false>); }
+#endif
 
 }  // namespace energy
 }  // namespace rrm

@@ -371,6 +371,8 @@ struct InputsBackwardFunctor {
   int tile;  // the forward's (0: raster; < w)
   int cols;  // columns per item: 1 (whole rows come as column ranges: the CPU), or 2 (CUDA: a thread
              // writes an input pair, which at stride 2 shares one gradient element)
+  const scalar_t* scale = nullptr;  // (1,) or nullptr: grad times it first (the loss's factor; the
+                                    // product at::mul(grad, scale) would give, element by element)
 
   RRM_HOST_DEVICE void operator()(int64_t bk, int64_t Y, int64_t C0, int64_t C1) const {
     // one 32-bit division, only with ROIs (B K < 2^31: checked by the launcher); stride is 1 or 2.
@@ -399,7 +401,14 @@ struct InputsBackwardFunctor {
       const int64_t xb = X0 / 2, xe = X1 / 2 < w ? X1 / 2 : w;
       const scalar_t* gy = g + y * w;
       constexpr scalar_t q = scalar_t(0.5) * scalar_t(0.5);
-      if (r) {
+      if (scale) {  // (the loss's fused op: grad times its factor first)
+        const scalar_t s = *scale;
+        for (int64_t x = xb; x < xe; ++x) {
+          const scalar_t u = q * (r ? (gy[x] * s) * r[2 * x] : gy[x] * s);
+          o[2 * x] = u;
+          o[2 * x + 1] = u;
+        }
+      } else if (r) {
         for (int64_t x = xb; x < xe; ++x) {
           const scalar_t u = q * (gy[x] * r[2 * x]);
           o[2 * x] = u;
@@ -417,7 +426,10 @@ struct InputsBackwardFunctor {
     if (cols == 1 && tile == 0 && stride == 1) {  // the same at stride 1: the ROI product, or a copy
       const int64_t xe = X1 < w ? X1 : w;
       const scalar_t* gy = g + y * w;
-      if (r) {
+      if (scale) {
+        const scalar_t s = *scale;
+        for (int64_t x = X0; x < xe; ++x) o[x] = r ? (gy[x] * s) * r[x] : gy[x] * s;
+      } else if (r) {
         for (int64_t x = X0; x < xe; ++x) o[x] = gy[x] * r[x];
       } else {
         for (int64_t x = X0; x < xe; ++x) o[x] = gy[x];
@@ -434,6 +446,7 @@ struct InputsBackwardFunctor {
           v = g[tile ? tile_position(static_cast<int32_t>(y), static_cast<int32_t>(x), static_cast<int32_t>(h),
                                      static_cast<int32_t>(w), tile)
                      : y * w + x];
+          if (scale) v = v * *scale;
           if (r) v = v * r[x * stride];
           if (stride == 2) v = scalar_t(0.5) * scalar_t(0.5) * v;
         }
@@ -461,6 +474,7 @@ struct InputsBackwardBlockFunctor {
   int64_t K, H, W, h, w;
   int stride;
   int tile;
+  const scalar_t* scale = nullptr;  // as InputsBackwardFunctor's
 
   RRM_HOST_DEVICE void operator()(int64_t b, int64_t y, int64_t x, int64_t) const {
     const bool in = y < h && x < w;
@@ -482,6 +496,7 @@ struct InputsBackwardBlockFunctor {
         v[u] = 0;
         if (in && k0 + u < K) {
           v[u] = g[(k0 + u) * h * w];
+          if (scale) v[u] = v[u] * *scale;
           if (roi) v[u] = v[u] * r;
           if (stride == 2) v[u] = scalar_t(0.5) * scalar_t(0.5) * v[u];
         }

@@ -74,9 +74,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_impl(const at::Tensor& seg
 
 template <class Exec>
 at::Tensor inputs_backward_impl(const at::Tensor& grad, const std::optional<at::Tensor>& rois, int64_t height,
-                                int64_t width, int64_t stride, int64_t tile) {
-  check_energy_inputs_backward_args(grad, rois, height, width, stride, tile);
-  return dense_energy_inputs_backward(Exec{}, grad, rois.value_or(at::Tensor()), height, width, stride, tile);
+                                int64_t width, int64_t stride, int64_t tile, const std::optional<at::Tensor>& scale) {
+  check_energy_inputs_backward_args(grad, rois, height, width, stride, tile, scale);
+  return dense_energy_inputs_backward(Exec{}, grad, rois.value_or(at::Tensor()), height, width, stride, tile,
+                                      scale.value_or(at::Tensor()));
 }
 
 template <class Exec>

@@ -30,10 +30,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inputs_cuda(const at::Tensor& seg
 }
 
 at::Tensor inputs_backward_cuda(const at::Tensor& grad, const std::optional<at::Tensor>& rois, int64_t height,
-                                int64_t width, int64_t stride, int64_t tile) {
-  check_energy_inputs_backward_args(grad, rois, height, width, stride, tile);
+                                int64_t width, int64_t stride, int64_t tile, const std::optional<at::Tensor>& scale) {
+  check_energy_inputs_backward_args(grad, rois, height, width, stride, tile, scale);
   const c10::cuda::CUDAGuard guard(grad.device());
-  return dense_energy_inputs_backward(CudaExec{}, grad, rois.value_or(at::Tensor()), height, width, stride, tile);
+  return dense_energy_inputs_backward(CudaExec{}, grad, rois.value_or(at::Tensor()), height, width, stride, tile,
+                                      scale.value_or(at::Tensor()));
 }
 
 at::Tensor features_cuda(const at::Tensor& images, int64_t stride, int64_t height, int64_t width, double sxy,

@@ -323,7 +323,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_energy_inputs(const Exec& e
 // Backward of dense_energy_inputs' probs: grad (B, K, h, w) -> (B, K, height, width).
 template <class Exec>
 at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad, const at::Tensor& rois,
-                                        int64_t height, int64_t width, int64_t stride, int64_t tile) {
+                                        int64_t height, int64_t width, int64_t stride, int64_t tile,
+                                        const at::Tensor& scale = at::Tensor()) {
   const int64_t B = grad.size(0), K = grad.size(1), h = grad.size(2), w = grad.size(3);
   const int T = tile < w ? static_cast<int>(tile) : 0;  // as the forward's
   const int cols = Exec::kChannelsPerThread == 0 ? 1 : 2;
@@ -331,8 +332,10 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
   if (out.numel() == 0) return out;
   const at::Tensor g = grad.contiguous();
   const at::Tensor r = rois.defined() ? rois.contiguous() : at::Tensor();
+  const at::Tensor sc = scale.defined() ? scale.reshape({1}).contiguous() : at::Tensor();
   const bool blocks = cols == 2 && tuning::get(tuning::kEnergyBwdBlocks) != 0;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "rrm_dense_energy_inputs_backward", [&] {
+    const scalar_t* s = sc.defined() ? sc.data_ptr<scalar_t>() : nullptr;
     if (blocks) {  // (image, gradient row), gradient columns: each a stride x stride block of every class
       const InputsBackwardBlockFunctor<scalar_t> f{g.data_ptr<scalar_t>(),
                                                    r.defined() ? r.data_ptr<scalar_t>() : nullptr,
@@ -343,7 +346,8 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
                                                    h,
                                                    w,
                                                    static_cast<int>(stride),
-                                                   T};
+                                                   T,
+                                                   s};
       exec.for_each_item(B, (height + stride - 1) / stride, (width + stride - 1) / stride, f, 4);
       return;
     }
@@ -357,7 +361,8 @@ at::Tensor dense_energy_inputs_backward(const Exec& exec, const at::Tensor& grad
                                       w,
                                       static_cast<int>(stride),
                                       T,
-                                      cols};
+                                      cols,
+                                      s};
     // (image and class, input row), columns (CUDA and its emulation: column pairs)
     exec.for_each_item(B * K, height, (width + cols - 1) / cols, f, 4);
   });

@@ -33,6 +33,15 @@ torch.library.register_fake("rrm_cuda::dense_energy_sum")(_energy_sum_fake)
 torch.library.register_fake("rrm_cuda::_dense_energy_sum_emulated")(_energy_sum_fake)
 
 
+def _loss_fused_fake(segmentations, rois, unlabelled, stride, gate, features, mass=None, grad_mode=0, factor=1.0):
+    torch._check(segmentations.dim() == 4 and features.dim() == 3 and stride in (1, 2))
+    return segmentations.new_empty(())
+
+
+torch.library.register_fake("rrm_cuda::dense_energy_loss_fused")(_loss_fused_fake)
+torch.library.register_fake("rrm_cuda::_dense_energy_loss_fused_emulated")(_loss_fused_fake)
+
+
 # The autograd of dense_energy, dense_energy_sum and dense_energy_inputs (and their emulated twins) is C++:
 # csrc/energy/energy_autograd.cpp (host time per call; see there).
 
@@ -49,7 +58,7 @@ def _inputs_fake(segmentations, rois=None, unlabelled=None, stride=1, gate=True,
     return probs, g, st
 
 
-def _inputs_backward_fake(grad, rois, height, width, stride, tile=0):
+def _inputs_backward_fake(grad, rois, height, width, stride, tile=0, scale=None):
     torch._check(grad.dim() == 4 and tile >= 0)
     return grad.new_empty((grad.shape[0], grad.shape[1], height, width))
 
