@@ -1492,6 +1492,42 @@ def test_cuda_op_matches_cpu_and_gradcheck(cuda, grad_mode, d):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("scale", [0.5, 1.0])
+def test_cuda_fused_loss_matches_cpu(cuda, scale):
+    # On a GPU the loss runs dense_energy_loss_fused (one node; its backward hands grad * factor to the
+    # inputs' backward kernel) and dense_energy_sum: loss and gradient as the CPU's, with and without
+    # the gate, ROIs and the mass; the op itself against the CPU's; opcheck on CUDA tensors.
+    images, probs, rois, labels = _inputs(B=3, K=4, H=14, W=13, dtype=torch.float64, seed=9)
+    for kw in (dict(gradient="rloss"), dict(gradient="exact", nonnegative=True), dict(gradient="exact", gate=False)):
+        outs = []
+        for dev in ("cpu", cuda):
+            p = probs.to(dev).requires_grad_()
+            loss = rrm_cuda.dense_energy_loss(
+                images.to(dev),
+                p,
+                rois.to(dev),
+                labels.to(dev),
+                sigma_rgb=15.0,
+                sigma_xy=5.0,
+                scale_factor=scale,
+                weight=0.7,
+                check_inputs=False,
+                **kw,
+            )
+            assert "DenseEnergyLossFused" in loss.grad_fn.name()
+            outs.append((loss.detach().cpu(), torch.autograd.grad(loss, p)[0].cpu()))
+        torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-10, atol=1e-12)
+    stride = 2 if scale == 0.5 else 1
+    unl = (labels.reshape(3, 14, 13) == 255).to(cuda)
+    small = images[:, :, ::stride, ::stride][:, :, : 14 // stride, : 13 // stride]
+    feats = rrm_cuda.bilateral_features(small, 5.0, 15.0, dtype=torch.float64).to(cuda)
+    p = probs.to(cuda).requires_grad_()
+    args = (rois.to(cuda), unl, stride, True, feats, None, 2, 0.25)
+    torch.library.opcheck(ops.dense_energy_loss_fused, (p,) + args)
+
+
+@pytest.mark.cuda
 def test_cuda_modules_take_host_images_rois_and_labels(cuda):
     # RRM and rloss call their modules with images, ROIs and labels from numpy (CPU tensors) and the
     # probabilities on the GPU: the drop-ins move them (the functional form refuses mixed devices)
