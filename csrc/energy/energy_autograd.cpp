@@ -45,6 +45,17 @@ const OpPair<InputsBackwardSig>& inputs_backward_ops() {
   return p;
 }
 
+// The start of the energy ops' backwards: false when no gradient flows back; refuses a double
+// backward, and a call made without a gradient direction (grad_mode 0).
+bool energy_backward_needed(AutogradContext* ctx, const at::Tensor& grad, const char* op) {
+  if (!grad.defined()) return false;
+  refuse_double_backward(op);
+  TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0, "rrm_cuda::", op,
+              " was called with grad_mode=0 (no gradient direction computed); call it with grad_mode=1 (rloss) or "
+              "2 (exact) to differentiate it");
+  return true;
+}
+
 // dense_energy returns, beside the per-image energy, its gradient direction d energy_b / d probs
 // (grad_mode 1: rloss, 2: exact; 0: none), so the backward is a product: no lattice in it.
 struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunction> {
@@ -63,11 +74,9 @@ struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunctio
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(6);  // probs; gate, features and mass are constants of the loss (as in rloss)
     const at::Tensor& grad_energy = grads[0];
-    if (!grad_energy.defined()) return out;  // only the direction was used: nothing flows back
-    refuse_double_backward("dense_energy");  // (the direction is a constant of the backward)
-    TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0,
-                "rrm_cuda::dense_energy was called with grad_mode=0 (no gradient direction computed); "
-                "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");
+    // (undefined: only the direction was used, nothing flows back; the direction is a constant of the
+    // backward, so no double backward)
+    if (!energy_backward_needed(ctx, grad_energy, "dense_energy")) return out;
     const at::Tensor grad_dir = ctx->get_saved_variables()[0];
     const at::Tensor scale = grad_energy.reshape({-1, 1, 1}).to(grad_dir.scalar_type());
     // On the CPU into a block of the large-output cache (common/host_alloc.h; at::empty on CUDA): a
@@ -98,11 +107,7 @@ struct DenseEnergySumFunction : public torch::autograd::Function<DenseEnergySumF
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(7);  // probs only
     const at::Tensor& grad = grads[0];
-    if (!grad.defined()) return out;
-    refuse_double_backward("dense_energy_sum");
-    TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0,
-                "rrm_cuda::dense_energy_sum was called with grad_mode=0 (no gradient direction computed); "
-                "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");
+    if (!energy_backward_needed(ctx, grad, "dense_energy_sum")) return out;
     const at::Tensor grad_dir = ctx->get_saved_variables()[0];
     const at::Tensor scale = at::mul(grad, ctx->saved_data["factor"].toDouble()).to(grad_dir.scalar_type());
     out[0] = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
@@ -189,11 +194,7 @@ struct DenseEnergyLossFusedFunction : public torch::autograd::Function<DenseEner
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(10);  // segmentations only
     const at::Tensor& grad = grads[0];
-    if (!grad.defined()) return out;
-    refuse_double_backward("dense_energy_loss_fused");
-    TORCH_CHECK(ctx->saved_data["grad_mode"].toInt() != 0,
-                "rrm_cuda::dense_energy_loss_fused was called with grad_mode=0 (no gradient direction computed); "
-                "call it with grad_mode=1 (rloss) or 2 (exact) to differentiate it");
+    if (!energy_backward_needed(ctx, grad, "dense_energy_loss_fused")) return out;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad_dir = saved[0];
     const at::Tensor& rois = saved[1];
