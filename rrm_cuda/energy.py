@@ -531,23 +531,22 @@ def dense_energy_loss(
             _check_key_range(feats, fname, max(pos_fmax, (img_max or 0.0) / _min(sigma_rgb)))
     differentiable = (probs if late else s_hat).requires_grad and torch.is_grad_enabled()
     mode = _GRAD_MODES[gradient] if differentiable else 0
+    factor = weight / max(B, 1)
     if late:  # the inputs op, the energy, its sum and weight / B in one op and one autograd node
-        loss = ops.dense_energy_loss_fused(probs, roi_full, unl, stride, gate, feats, mass, mode, weight / max(B, 1))
-        if finish_checks is not None:
-            finish_checks()
-        return loss
-    s_hat, g = s_hat.reshape(B, K, -1), g.reshape(B, -1)
-    # Other scales: the op's points into the pixel order by gathers (a sum over the pixels is what
-    # comes back; the gradient returns to the raster order through _Gather).
-    tiles = _pixel_order((h, w), s_hat.device) if not fused else None
-    if tiles is not None:
-        s_hat = _gather(s_hat, tiles[0], tiles[1])
-        g = g.index_select(1, tiles[0]) if gate else g  # without the gate: ones in any order
-        feats = feats.index_select(2, tiles[0])
-        mass = mass.index_select(1, tiles[0]) if mass is not None else None
-    # weight * the energies' sum / B in the op, as one autograd node (the same values as
-    # dense_energy(...)[0].sum() * (weight / B), two nodes and two Python ops fewer per call)
-    loss = ops.dense_energy_sum(s_hat, g, feats, mass, mode, weight / max(B, 1))
+        loss = ops.dense_energy_loss_fused(probs, roi_full, unl, stride, gate, feats, mass, mode, factor)
+    else:
+        s_hat, g = s_hat.reshape(B, K, -1), g.reshape(B, -1)
+        # Other scales: the op's points into the pixel order by gathers (a sum over the pixels is
+        # what comes back; the gradient returns to the raster order through _Gather).
+        tiles = _pixel_order((h, w), s_hat.device) if not fused else None
+        if tiles is not None:
+            s_hat = _gather(s_hat, tiles[0], tiles[1])
+            g = g.index_select(1, tiles[0]) if gate else g  # without the gate: ones in any order
+            feats = feats.index_select(2, tiles[0])
+            mass = mass.index_select(1, tiles[0]) if mass is not None else None
+        # weight * the energies' sum / B in the op, as one autograd node (the same values as
+        # dense_energy(...)[0].sum() * (weight / B), two nodes and two Python ops fewer per call)
+        loss = ops.dense_energy_sum(s_hat, g, feats, mass, mode, factor)
     if finish_checks is not None:
         finish_checks()
     return loss

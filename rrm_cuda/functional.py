@@ -90,13 +90,12 @@ def _check_lattice_features(
     dtype: torch.dtype,
     batch: int | None = None,
     values: bool = True,
-    limit: int | None = None,
 ) -> None:
     """Features (B, d, N): dimension, size, memory, finiteness and integer-key range. ``batch``: the
     number of images the lattices serve when larger than B (shared lattices are repeated).
     ``values=False`` leaves finiteness and the key range to the caller (``_check_key_range`` on a
-    range it read together with other tensors': one device synchronisation). ``limit``: the
-    device's available memory when already read (``V.memory_limit``: one query per call)."""
+    range it read together with other tensors': one device synchronisation). The memory check asks
+    for the free memory only for work that is not small (``V.small_bytes``)."""
     B, d, N = features.shape
     B = max(B, batch or 0)
     if d < 1 or d > 16:
@@ -104,7 +103,7 @@ def _check_lattice_features(
     if N * (d + 1) >= 2**30:
         raise ValueError(f"{name}: N * (d + 1) must be < 2^30 lattice entries per image; got N={N}, d={d}")
     itemsize = torch.finfo(dtype).bits // 8
-    V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}", limit)
+    V.memory(_lattice_bytes(B, N, d, C, itemsize, features.device), features.device, f"the lattice of {name}")
     if not values:
         return
     rng = V.finite_range(features, name)  # one synchronisation for finiteness and the key range
@@ -625,7 +624,7 @@ def dense_crf(
         if tiles is not None and not ordered:
             f = f.index_select(2, tiles[0])
         fname = name.replace("compat", "features")
-        _check_lattice_features(f, fname, L, dtype, batch=B, values=False)  # (small work on a GPU: no query)
+        _check_lattice_features(f, fname, L, dtype, batch=B, values=False)
         if fmax is None:
             pending.append((fname, f))
         else:
@@ -782,10 +781,8 @@ def dense_crf(
     return q.reshape(B, L, *spatial)
 
 
-def _check_crf_backward_memory(
-    B: int, L: int, N: int, iterations: int, dtype: torch.dtype, device, limit: int | None = None
-) -> None:
+def _check_crf_backward_memory(B: int, L: int, N: int, iterations: int, dtype: torch.dtype, device) -> None:
     """dense_crf's backward keeps Q of every iteration, (iterations + 1)·B·L·N values, plus ~7 (B, N, L)
     work arrays (its lattices are those the forward's check counted)."""
     itemsize = torch.finfo(dtype).bits // 8
-    V.memory((iterations + 8) * B * L * N * itemsize, torch.device(device), "dense_crf's backward", limit)
+    V.memory((iterations + 8) * B * L * N * itemsize, torch.device(device), "dense_crf's backward")

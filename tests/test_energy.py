@@ -304,6 +304,30 @@ def test_fused_loss_op_checks_gradcheck_and_opcheck(op):
     p = probs.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="grad_mode=0"):
         getattr(ops, op)(p, rois, unl, 2, True, feats, None, 0, 1.0).backward()
+    # bad arguments name themselves: features of another size than the working scale's, a bad stride
+    with pytest.raises(ValueError, match="features must have shape"):
+        getattr(ops, op)(probs, rois, unl, 1, True, feats, None, 1, 1.0)  # feats are stride 2's
+    with pytest.raises(ValueError, match="stride must be 1 or 2"):
+        getattr(ops, op)(probs, rois, unl, 3, True, feats, None, 1, 1.0)
+
+
+@pytest.mark.parametrize("name", ["dense_energy_inputs_backward", "_dense_energy_inputs_backward_emulated"])
+def test_inputs_backward_scale_argument(name):
+    # The optional scale of the inputs' backward (the fused loss's factor): the gradient of grad * scale,
+    # bitwise; a scale of the wrong size, dtype or device is refused by name.
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    rois = (torch.rand(2, 8, 10, generator=g) > 0.3).double()
+    op = getattr(ops, name)
+    s = torch.tensor(0.37, dtype=torch.float64)
+    for r in (None, rois):
+        assert torch.equal(op(grad, r, 8, 10, 2, 0, s), op(grad * s, r, 8, 10, 2, 0))
+    # an odd size (the forward dropped the last row and column) and a (1,) scale
+    assert torch.equal(op(grad, None, 9, 11, 2, 0, s.reshape(1)), op(grad * s, None, 9, 11, 2, 0))
+    with pytest.raises(ValueError, match="scale must hold one element"):
+        op(grad, None, 8, 10, 2, 0, torch.ones(2, dtype=torch.float64))
+    with pytest.raises((TypeError, RuntimeError), match="scale"):
+        op(grad, None, 8, 10, 2, 0, torch.ones(1, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------

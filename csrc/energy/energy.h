@@ -5,7 +5,6 @@
 
 #include <cmath>
 #include <optional>
-#include <tuple>
 
 #include "common/checks.h"
 #include "energy/energy_common.h"
@@ -13,16 +12,6 @@
 
 namespace rrm {
 namespace energy {
-
-// dense_energy_sum's kernel (below autograd: its autograd is DenseEnergySumFunction), from a device's
-// dense_energy kernel: factor * energy.sum(), as the autograd function's forward computes it.
-template <std::tuple<at::Tensor, at::Tensor> (*EnergyFn)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                         const std::optional<at::Tensor>&, int64_t)>
-at::Tensor energy_sum_kernel(const at::Tensor& probs, const at::Tensor& gate, const at::Tensor& features,
-                             const std::optional<at::Tensor>& mass, int64_t grad_mode, double factor) {
-  const at::Tensor energy = std::get<0>(EnergyFn(probs, gate, features, mass, grad_mode));
-  return at::mul(energy.sum(), factor);
-}
 
 // probs (B, K, N), gate (B, N), features (B, d, N), mass (B, N) or none; same dtype and device.
 inline void check_energy_args(const at::Tensor& probs, const at::Tensor& gate, const at::Tensor& features,

@@ -56,6 +56,30 @@ bool energy_backward_needed(AutogradContext* ctx, const at::Tensor& grad, const 
   return true;
 }
 
+// grad * factor (the product's backward in dense_energy_loss), in the direction's dtype.
+at::Tensor factor_scale(AutogradContext* ctx, const at::Tensor& grad, const at::Tensor& grad_dir) {
+  return at::mul(grad, ctx->saved_data["factor"].toDouble()).to(grad_dir.scalar_type());
+}
+
+// dense_energy (below autograd) and its energies summed and scaled: (factor * sum_b energy_b,
+// grad_dir), with ATen's sum and product, the ops dense_energy_loss ran in Python (the same bits).
+std::tuple<at::Tensor, at::Tensor> energy_sum_forward(const at::Tensor& probs, const at::Tensor& gate,
+                                                      const at::Tensor& features, const std::optional<at::Tensor>& mass,
+                                                      int64_t grad_mode, double factor, bool emulated) {
+  auto [energy, grad_dir] = energy_ops().get(emulated).call(probs, gate, features, mass, grad_mode);
+  return {at::mul(energy.sum(), factor), grad_dir};
+}
+
+// grad_dir * scale (a (B, 1, 1) or one-element scale) into a block of the large-output cache on the
+// CPU (common/host_alloc.h; at::empty on CUDA): a fresh (B, K, N) product is mapped afresh and
+// faulted in page by page on every call (2-core VM, 4 x 21 x 513^2: 18 ms for the product, most of
+// it page faults).
+at::Tensor scaled_direction(const at::Tensor& grad_dir, const at::Tensor& scale) {
+  at::Tensor out = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
+  at::mul_out(out, grad_dir, scale);
+  return out;
+}
+
 // dense_energy returns, beside the per-image energy, its gradient direction d energy_b / d probs
 // (grad_mode 1: rloss, 2: exact; 0: none), so the backward is a product: no lattice in it.
 struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunction> {
@@ -78,30 +102,24 @@ struct DenseEnergyFunction : public torch::autograd::Function<DenseEnergyFunctio
     // backward, so no double backward)
     if (!energy_backward_needed(ctx, grad_energy, "dense_energy")) return out;
     const at::Tensor grad_dir = ctx->get_saved_variables()[0];
-    const at::Tensor scale = grad_energy.reshape({-1, 1, 1}).to(grad_dir.scalar_type());
-    // On the CPU into a block of the large-output cache (common/host_alloc.h; at::empty on CUDA): a
-    // fresh (B, K, N) product is mapped afresh and faulted in page by page on every call (2-core VM,
-    // 4 x 21 x 513^2: 18 ms for the product, most of it page faults).
-    out[0] = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
-    at::mul_out(out[0], grad_dir, scale);
+    out[0] = scaled_direction(grad_dir, grad_energy.reshape({-1, 1, 1}).to(grad_dir.scalar_type()));
     return out;
   }
 };
 
-// dense_energy_sum: factor * sum_b energy_b in one node. Forward: dense_energy below autograd, then
-// ATen's sum and product (the ops dense_energy_loss ran in Python: the same bits). Backward:
-// grad * factor (the product's backward), then grad_dir times it (dense_energy's backward with
-// the sum's expanded gradient): the same values, two autograd nodes fewer per call.
+// dense_energy_sum: factor * sum_b energy_b in one node (energy_sum_forward). Backward: grad *
+// factor (the product's backward), then grad_dir times it (dense_energy's backward with the sum's
+// expanded gradient): the same values, two autograd nodes fewer per call.
 struct DenseEnergySumFunction : public torch::autograd::Function<DenseEnergySumFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& probs, const at::Tensor& gate,
                             const at::Tensor& features, const std::optional<at::Tensor>& mass, int64_t grad_mode,
                             double factor, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [energy, grad_dir] = energy_ops().get(emulated).call(probs, gate, features, mass, grad_mode);
+    auto [loss, grad_dir] = energy_sum_forward(probs, gate, features, mass, grad_mode, factor, emulated);
     ctx->saved_data["grad_mode"] = grad_mode;
     ctx->saved_data["factor"] = factor;
     ctx->save_for_backward({grad_dir});
-    return at::mul(energy.sum(), factor);
+    return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -109,9 +127,7 @@ struct DenseEnergySumFunction : public torch::autograd::Function<DenseEnergySumF
     const at::Tensor& grad = grads[0];
     if (!energy_backward_needed(ctx, grad, "dense_energy_sum")) return out;
     const at::Tensor grad_dir = ctx->get_saved_variables()[0];
-    const at::Tensor scale = at::mul(grad, ctx->saved_data["factor"].toDouble()).to(grad_dir.scalar_type());
-    out[0] = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
-    at::mul_out(out[0], grad_dir, scale);
+    out[0] = scaled_direction(grad_dir, factor_scale(ctx, grad, grad_dir));
     return out;
   }
 };
@@ -165,9 +181,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_forward(const at::Tensor& seg, con
   const int64_t B = probs.size(0), K = probs.size(1), N = probs.size(2) * probs.size(3);
   // without the gate the op returns none: ones, as dense_energy_loss makes them
   const at::Tensor gate_n = gate ? g.reshape({B, N}) : at::ones({B, N}, probs.options());
-  auto [energy, grad_dir] =
-      energy_ops().get(emulated).call(probs.reshape({B, K, N}), gate_n, features, mass, grad_mode);
-  return {at::mul(energy.sum(), factor), grad_dir};
+  return energy_sum_forward(probs.reshape({B, K, N}), gate_n, features, mass, grad_mode, factor, emulated);
 }
 
 // dense_energy_loss_fused: one node for the inputs op and the summed energy. Its backward is the
@@ -201,11 +215,9 @@ struct DenseEnergyLossFusedFunction : public torch::autograd::Function<DenseEner
     const int64_t stride = ctx->saved_data["stride"].toInt();
     const int64_t height = ctx->saved_data["height"].toInt(), width = ctx->saved_data["width"].toInt();
     const int64_t B = grad_dir.size(0), K = grad_dir.size(1);
-    const at::Tensor scale = at::mul(grad, ctx->saved_data["factor"].toDouble()).to(grad_dir.scalar_type());
+    const at::Tensor scale = factor_scale(ctx, grad, grad_dir);
     if (stride == 1 && !rois.defined()) {  // the inputs op is the identity here
-      at::Tensor g = empty_large(grad_dir.sizes(), grad_dir.options(), kCachedOutputBytes);
-      at::mul_out(g, grad_dir, scale);
-      out[0] = g.view({B, K, height, width});
+      out[0] = scaled_direction(grad_dir, scale).view({B, K, height, width});
       return out;
     }
     const std::optional<at::Tensor> r = rois.defined() ? std::optional<at::Tensor>(rois) : std::nullopt;
@@ -239,7 +251,13 @@ at::Tensor loss_fused_autograd(const at::Tensor& seg, const std::optional<at::Te
                                              kEmulated);
 }
 
-// Below autograd (inference mode, tracing): the forward alone, through the two ops' own kernels.
+// Below autograd (inference mode, tracing): the forwards alone, through the fused ops' own kernels.
+template <bool kEmulated>
+at::Tensor energy_sum_kernel(const at::Tensor& probs, const at::Tensor& gate, const at::Tensor& features,
+                             const std::optional<at::Tensor>& mass, int64_t grad_mode, double factor) {
+  return std::get<0>(energy_sum_forward(probs, gate, features, mass, grad_mode, factor, kEmulated));
+}
+
 template <bool kEmulated>
 at::Tensor loss_fused_kernel(const at::Tensor& seg, const std::optional<at::Tensor>& rois,
                              const std::optional<at::Tensor>& unlabelled, int64_t stride, bool gate,
@@ -271,13 +289,19 @@ TORCH_LIBRARY_IMPL(rrm_cuda, Autograd, m) {
   m.impl("_dense_energy_inputs_emulated", &inputs_autograd<true>);
 }
 
+// (kernels made of the device's own ops, so one definition serves both devices)
 TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
+  m.impl("dense_energy_sum", &energy_sum_kernel<false>);
+  m.impl("_dense_energy_sum_emulated", &energy_sum_kernel<true>);
   m.impl("dense_energy_loss_fused", &loss_fused_kernel<false>);
   m.impl("_dense_energy_loss_fused_emulated", &loss_fused_kernel<true>);
 }
 
 #ifdef RRM_WITH_CUDA
-TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) { m.impl("dense_energy_loss_fused", &loss_fused_kernel<false>); }
+TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
+  m.impl("dense_energy_sum", &energy_sum_kernel<false>);
+  m.impl("dense_energy_loss_fused", &loss_fused_kernel<false>);
+}
 #endif
 
 }  // namespace energy

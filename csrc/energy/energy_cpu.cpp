@@ -105,8 +105,6 @@ TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
   m.impl("_bilateral_features_2d_emulated", &features_impl<EmulatedCudaExec>);
   m.impl("dense_energy", &energy_cpu);
   m.impl("_dense_energy_emulated", &energy_emulated);
-  m.impl("dense_energy_sum", &energy_sum_kernel<&energy_cpu>);
-  m.impl("_dense_energy_sum_emulated", &energy_sum_kernel<&energy_emulated>);
   m.impl("dense_energy_inputs", &inputs_impl<CpuExec>);
   m.impl("_dense_energy_inputs_emulated", &inputs_impl<EmulatedCudaExec>);
   m.impl("dense_energy_inputs_backward", &inputs_backward_impl<CpuExec>);

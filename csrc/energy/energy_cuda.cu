@@ -59,7 +59,6 @@ TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
   m.impl("dense_energy_input_stats", &input_stats_cuda);
   m.impl("bilateral_features_2d", &features_cuda);
   m.impl("dense_energy", &energy_cuda);
-  m.impl("dense_energy_sum", &energy_sum_kernel<&energy_cuda>);
   m.impl("dense_energy_inputs", &inputs_cuda);
   m.impl("dense_energy_inputs_backward", &inputs_backward_cuda);
 }
