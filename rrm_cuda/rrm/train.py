@@ -173,7 +173,7 @@ PRESETS: dict[str, dict] = {
         crop=64,
         batch_size=4,
         # 600 classification-only iterations, then 1000 with the segmentation losses: with 400 of
-        # them the branch stayed below the CAM baseline on 3 of 4 runs (README, RRM pipeline)
+        # them the branch stayed below the CAM baseline on 3 of 4 runs (benchmarks/NOTES.md §28)
         iterations=1600,
         warmup_cls_iterations=600,
         # the first 200 pseudo-label iterations train the segmentation branch only (backbone features
@@ -181,7 +181,7 @@ PRESETS: dict[str, dict] = {
         # is random its CE spikes (5-12), and the CE's gradient on the from-scratch backbone is ~30x
         # the classification loss's, so it reshaped the features the CAMs (and the next pseudo labels)
         # come from (one run: CAM 35.7 -> 26.3 mIoU in those 200 iterations, two classes lost for
-        # good). Measured over seeds 0-3 (README): segmentation > CAM baseline on 3 of 4 seeds
+        # good). Measured over seeds 0-3 (benchmarks/NOTES.md §28): segmentation > CAM baseline on 3 of 4 seeds
         # instead of 2, mean segmentation 76.6 vs 73.9 and + CRF 85.5 vs 82.1 mIoU (24 images;
         # seed 1 fell from 72.2 to 64.1), no slower.
         seg_head_only_iterations=200,
