@@ -60,7 +60,7 @@ def colorize(mask: np.ndarray) -> np.ndarray:
 
 def save_mask_png(mask: np.ndarray, path: str | os.PathLike) -> None:
     """Write (H, W) labels as a palettised ("P" mode) PNG with the VOC palette, as VOC's own masks."""
-    img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8))  # "L"; putpalette makes it "P"
     img.putpalette(voc_palette().reshape(-1).tolist())
     img.save(path)
 

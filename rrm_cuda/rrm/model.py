@@ -7,6 +7,7 @@ ResNet-38), K = 21 segmentation classes (background 0), 20 image-level classes.
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -423,7 +424,8 @@ def load_state_file(path: str | os.PathLike) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         core = getattr(np, "_core", None) or np.core
-        allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        # codecs.encode rebuilds the array's bytes; torch >= 2.5 allows it by default, 2.4 does not
+        allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), codecs.encode]
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
