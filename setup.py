@@ -66,7 +66,11 @@ def build_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++20", "-ffp-contract=off", *omp]
+    # No -std here: torch's BuildExtension adds the standard its own headers need (C++17 up to the
+    # torch releases built for CUDA 11.8, C++20 in recent ones), for g++ and nvcc alike. The sources
+    # are C++17 (.ci/run checks them with g++ -std=c++17), so that an older torch builds with an
+    # older nvcc (11.8 has no C++20) and compiler.
+    cxx += ["-ffp-contract=off", *omp]
     define_macros = [] if debug else [("NDEBUG", None)]
     include_dirs = [os.path.join(HERE, "csrc")]
     extra_link = list(omp)
@@ -81,7 +85,7 @@ def build_extension():
         # --fmad=false: no fused multiply-adds, like -ffp-contract=off on the CPU, so that CPU and CUDA
         # round the lattice embedding alike (an FMA moves pixels whose elevated coordinates sit on a
         # rounding tie, e.g. integer colours, to another simplex: seen on an H200 as CPU != CUDA).
-        nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "--fmad=false"]
+        nvcc += ["--expt-relaxed-constexpr", "--fmad=false"]
         nvcc += [f"-Xcompiler={f}" for f in omp]
         ext = cpp_extension.CUDAExtension(
             "rrm_cuda._C",
