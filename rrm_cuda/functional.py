@@ -118,7 +118,8 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
     (already divided by their standard deviations), computed in O(N·d·C) by splatting onto the
     lattice, blurring along its d+1 axes and slicing, exactly as densecrf does (no normalisation,
     self term included). Differentiable w.r.t. ``values``: the backward is the exact adjoint (the
-    same filter with the blur order reversed, ``reverse=True``).
+    same filter with the blur order reversed, ``reverse=True``). Not w.r.t. ``features``: a backward
+    that needs their gradient raises (pass ``features.detach()`` when they are constants).
 
     Args:
         values: (B, C, *S) floating tensor, any C >= 1.

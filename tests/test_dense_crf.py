@@ -539,6 +539,23 @@ def test_gradcheck_public_probs_and_tensor_compat(kind):
     assert not q.requires_grad  # features (image) are constants
 
 
+@pytest.mark.parametrize("emulated", [False, True])
+def test_op_refuses_feature_gradient(emulated):
+    # The public dense_crf passes its features detached (constants, as in pydensecrf: the test
+    # above); the op itself, given features that need a gradient, raises in the backward instead of
+    # leaving them without one. The unary's gradient alone still works.
+    unary, feats, c = _grad_inputs()
+    op = ops._dense_crf_emulated if emulated else ops.dense_crf
+    u = unary.clone().requires_grad_()
+    f0 = feats[0].clone().requires_grad_()
+    fs = [f0, *feats[1:]]
+    (gu,) = torch.autograd.grad(op(u, fs, c, [False, False], [1, 1], 2).sum(), u)
+    (ref,) = torch.autograd.grad(op(u, feats, c, [False, False], [1, 1], 2).sum(), u)
+    assert torch.equal(gu, ref)
+    with pytest.raises(RuntimeError, match=r"dense_crf: no gradient w\.r\.t\. the pairwise features"):
+        op(u, fs, c, [False, False], [1, 1], 2).sum().backward()
+
+
 def test_grad_unary_input_and_module_parameter():
     """unary= gets its gradient; an nn.Parameter compatibility of the module is learnable."""
     unary, image = _crf_inputs(B=1, L=3, H=6, W=5)

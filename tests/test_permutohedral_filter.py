@@ -719,6 +719,37 @@ def test_autograd_function_form():
     torch.testing.assert_close(v.grad, ops.permutohedral_filter(torch.ones_like(v), f, True))
 
 
+@pytest.mark.parametrize("form", ["public", "op", "emulated", "function"])
+def test_feature_gradient_refused_not_dropped(form):
+    # No derivative w.r.t. the positions: a backward that needs one raises (as ATen's ops without one
+    # do) instead of leaving features.grad silently None; a gradient of the values alone still works.
+    from rrm_cuda._ops.lattice import PermutohedralFilterFunction
+
+    call = {
+        "public": rrm_cuda.permutohedral_filter,
+        "op": lambda v, f: ops.permutohedral_filter(v, f, False, False),
+        "emulated": lambda v, f: ops._permutohedral_filter_emulated(v, f, False),
+        "function": lambda v, f: PermutohedralFilterFunction.apply(v, f, False),
+    }[form]
+    v, f = _inputs(B=1, C=2, N=40, d=3)
+    v.requires_grad_(True)
+    f.requires_grad_(True)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=v.dtype)
+    if form == "function":  # a Python Function's needs_input_grad says requires_grad: refused too
+        with pytest.raises(RuntimeError, match=r"no gradient w\.r\.t\. features"):
+            torch.autograd.grad((call(v, f) * w).sum(), v)
+    else:  # the C++ autograd asks whether this backward needs the features' edge: it does not
+        (gv,) = torch.autograd.grad((call(v, f) * w).sum(), v)
+        torch.testing.assert_close(gv, ops.permutohedral_filter(w, f.detach(), True, False))
+    with pytest.raises(RuntimeError, match=r"no gradient w\.r\.t\. features .*features\.detach\(\)"):
+        (call(v, f) * w).sum().backward()
+    with pytest.raises(RuntimeError, match=r"no gradient w\.r\.t\. features"):
+        torch.autograd.grad(call(v.detach(), f).sum(), f)
+    out = call(v, f.detach())
+    out.sum().backward()
+    assert v.grad is not None and f.grad is None
+
+
 # ---- the lattice cache (cache=True) -------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cached_lattice_gives_the_same_bits(lattice_cache, dtype):

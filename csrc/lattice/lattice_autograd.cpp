@@ -2,7 +2,8 @@
 // Autograd key, like the energy and BCD losses' (csrc/energy/energy_autograd.cpp says why: host time
 // per call). permutohedral_filter's backward is the filter with the blur order reversed (its exact
 // adjoint); dense_crf's is dense_crf_backward, which rebuilds the lattices and reruns the forward.
-// The features get no gradient. The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
+// The features get no gradient (a backward that needs one raises). The fake kernels stay in Python
+// (rrm_cuda/_ops/lattice.py).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -54,6 +55,11 @@ struct FilterFunction : public torch::autograd::Function<FilterFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // No derivative w.r.t. the lattice positions: an error when one is needed, as ATen's ops without
+    // one raise, rather than a gradient that silently stays None.
+    TORCH_CHECK(!ctx->needs_input_grad(1),
+                "permutohedral_filter: no gradient w.r.t. features (the lattice positions) is implemented; pass "
+                "features.detach() if they are constants of the loss (only values get a gradient)");
     variable_list out(5);  // values only
     const at::Tensor features = ctx->get_saved_variables()[0];
     // K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order
@@ -90,6 +96,11 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
     // inputs: unary, the F features, compat (the tensors' edges: compat is edge F + 1), then five
     // non-tensor arguments
     variable_list out(F + 7);
+    for (size_t f = 0; f < F; ++f)
+      TORCH_CHECK(!ctx->needs_input_grad(1 + f),
+                  "dense_crf: no gradient w.r.t. the pairwise features (made from `image`, and any extra "
+                  "`features` terms) is implemented; pass them detached (e.g. image.detach()): they are constants "
+                  "of the CRF, as in pydensecrf (unary/probs and compat get gradients)");
     const bool want_unary = ctx->needs_input_grad(0), want_compat = ctx->needs_input_grad(F + 1);
     // Without a compatibility gradient the op skips recomputing the messages (one filter per term
     // and step).

@@ -61,7 +61,15 @@ def _filter_setup_context(ctx, inputs, output):
     ctx.cache = inputs[3] if len(inputs) > 3 else False
 
 
+_NO_FEATURE_GRAD = (
+    "permutohedral_filter: no gradient w.r.t. features (the lattice positions) is implemented; pass "
+    "features.detach() if they are constants of the loss (only values get a gradient)"
+)
+
+
 def _filter_backward(ctx, grad):
+    if ctx.needs_input_grad[1]:  # as the C++ autograd: an error, not a gradient that stays None
+        raise RuntimeError(_NO_FEATURE_GRAD)
     (features,) = ctx.saved_tensors
     # K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order.
     grad_values = ops.permutohedral_filter(grad.contiguous(), features, not ctx.reverse, ctx.cache)
@@ -74,7 +82,9 @@ def _filter_backward(ctx, grad):
 
 class PermutohedralFilterFunction(torch.autograd.Function):
     """``torch.autograd.Function`` form of :func:`rrm_cuda.permutohedral_filter` (values only are
-    differentiable; the backward is the exact adjoint: the same filter with the blur order reversed)."""
+    differentiable; the backward is the exact adjoint: the same filter with the blur order reversed).
+    Features that require a gradient make its backward raise (a Python Function cannot tell whether
+    a backward needs their edge): pass them detached."""
 
     @staticmethod
     def forward(values, features, reverse=False, cache=False):
