@@ -8,6 +8,7 @@ ResNet-38), K = 21 segmentation classes (background 0), 20 image-level classes.
 from __future__ import annotations
 
 import codecs
+import importlib
 import os
 import pickle
 from collections.abc import Mapping, Sequence
@@ -416,6 +417,9 @@ class RRM(nn.Module):
         return list(result.missing_keys), unexpected
 
 
+_NUMPY_2 = int(np.__version__.split(".")[0]) >= 2
+
+
 def load_state_file(path: str | os.PathLike) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU: tensors and Python values only, no code run
     from the file. Training checkpoints of this package written before session 18 held numpy's RNG
@@ -423,9 +427,11 @@ def load_state_file(path: str | os.PathLike) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        core = getattr(np, "_core", None) or np.core
+        # the module that names _reconstruct in this numpy's pickles (numpy 1.26 also has a numpy._core,
+        # a shim without multiarray until imported, whose functions are still numpy.core's)
+        multiarray = importlib.import_module("numpy._core.multiarray" if _NUMPY_2 else "numpy.core.multiarray")
         # codecs.encode rebuilds the array's bytes; torch >= 2.5 allows it by default, 2.4 does not
-        allowed = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), codecs.encode]
+        allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)), codecs.encode]
         if hasattr(torch.serialization, "safe_globals"):
             with torch.serialization.safe_globals(allowed):
                 return torch.load(path, map_location="cpu", weights_only=True)
