@@ -114,6 +114,8 @@ def build_extension():
     return ext
 
 
+_PYDENSECRF2 = "pydensecrf2; python_version < '3.13'"
+
 setup(
     name="rrm_cuda",
     version="0.1.0",
@@ -124,8 +126,10 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy"],
     extras_require={
-        "test": ["pytest", "scipy", "scikit-image", "matplotlib", "pillow", "tqdm", "pydensecrf2", "expecttest"],
-        "bench": ["scipy", "matplotlib", "scikit-image", "pydensecrf2"],
+        # pydensecrf2 (the parity reference) does not build on Python 3.13 (1.1 calls CPython API that
+        # changed): there the extras leave it out, and its tests and benchmark columns skip
+        "test": ["pytest", "scipy", "scikit-image", "matplotlib", "pillow", "tqdm", _PYDENSECRF2, "expecttest"],
+        "bench": ["scipy", "matplotlib", "scikit-image", _PYDENSECRF2],
         "rrm": ["scipy", "scikit-image", "matplotlib", "pillow", "tqdm"],
     },
     entry_points={
