@@ -114,7 +114,12 @@ def build_extension():
     return ext
 
 
-_PYDENSECRF2 = "pydensecrf2; python_version < '3.13'"
+def _requirements(extra: str) -> list[str]:
+    """An extra's requirements from requirements/EXTRA.txt, the one list that CI installs too."""
+    with open(os.path.join(HERE, "requirements", f"{extra}.txt"), encoding="utf-8") as f:
+        lines = (line.split("#", 1)[0].strip() for line in f)
+        return [line for line in lines if line]
+
 
 setup(
     name="rrm_cuda",
@@ -125,13 +130,7 @@ setup(
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["numpy"],
-    extras_require={
-        # pydensecrf2 (the parity reference) does not build on Python 3.13 (1.1 calls CPython API that
-        # changed): there the extras leave it out, and its tests and benchmark columns skip
-        "test": ["pytest", "scipy", "scikit-image", "matplotlib", "pillow", "tqdm", _PYDENSECRF2, "expecttest"],
-        "bench": ["scipy", "matplotlib", "scikit-image", _PYDENSECRF2],
-        "rrm": ["scipy", "scikit-image", "matplotlib", "pillow", "tqdm"],
-    },
+    extras_require={extra: _requirements(extra) for extra in ("test", "bench", "rrm")},
     entry_points={
         "console_scripts": [
             "rrm-train = rrm_cuda.rrm.train:main",
