@@ -77,6 +77,33 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 
+# The extension built on a CPU machine for this one's stack (benchmarks/prebuild_for_device.sh, carried
+# as .prebuilt), taken instead of a build when its stamp matches: the same csrc/ and setup.py, torch,
+# Python, and an architecture this GPU runs. NO_PREBUILT=1 always builds.
+take_prebuilt() {
+  local so stamp want cap
+  so=$(ls .prebuilt/_C.cpython-*.so 2>/dev/null | head -n 1 || true)
+  [ -n "$so" ] && [ -f .prebuilt/stamp ] && [ -z "${NO_PREBUILT:-}" ] || return 1
+  stamp=$(cat .prebuilt/stamp)
+  want=$(printf 'source %s\ntorch %s\npython %s' "$(bash benchmarks/source_hash.sh)" \
+    "$($PY -c 'import torch; print(torch.__version__)')" "$($PY -c 'import sys; print("%d.%d" % sys.version_info[:2])')")
+  cap=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo none)
+  case "$(sed -n 's/^arch //p' .prebuilt/stamp)" in
+    "$cap" | "$cap"a | "$cap"+PTX) ;;
+    *) want="$want (arch for $cap)" ;;
+  esac
+  if [ "$(head -n 3 .prebuilt/stamp)" != "$want" ]; then
+    printf '=== prebuilt: not taken, it was built from\n%s\nand this tree and torch are\n%s\n' "$stamp" "$want" | tee -a "$LOG"
+    return 1
+  fi
+  cp "$so" rrm_cuda/ && $PY -c "import rrm_cuda; assert rrm_cuda.build_info()['with_cuda']" >>"$LOG" 2>&1 || {
+    echo "=== prebuilt: does not import here (log above); building instead" | tee -a "$LOG"
+    rm -f "rrm_cuda/$(basename "$so")"
+    return 1
+  }
+  echo "=== build: prebuilt extension taken (stamp: $(echo "$stamp" | tr '\n' ' '))" | tee -a "$LOG"
+}
+
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
@@ -100,10 +127,12 @@ if has build; then
       echo $? >"$BASE/.build_rc") &
     AB_PID=$!
   fi
-  step build 400 $PY setup.py build_ext --inplace || {
-    tail -40 "$LOG"
-    exit 1
-  }
+  if ! take_prebuilt; then
+    step build 400 $PY setup.py build_ext --inplace || {
+      tail -40 "$LOG"
+      exit 1
+    }
+  fi
   $PY -c "import rrm_cuda; print(rrm_cuda.build_info())" 2>&1 | tee -a "$LOG"
 fi
 has smoke && step smoke 120 $PY tests/cuda_smoke.py
