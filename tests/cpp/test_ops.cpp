@@ -56,6 +56,18 @@ int main() {
   auto q2 = crf.call(unary, {pos}, compat, c10::List<bool>({true}), {0}, 5, c10::List<bool>({true}));
   expect(at::equal(q, q1) && at::equal(q, q2), "dense_crf with a cached lattice equals a fresh build");
 
+  // With CUDA kernels and a GPU: the same ops on the device give the CPU's values (float64; the
+  // sums' order differs between the two).
+  if (at::hasCUDA()) {
+    const auto gpu = [](const at::Tensor& t) { return t.to(at::kCUDA); };
+    const auto yc = filter.call(gpu(x), gpu(feats), false, false).cpu();
+    expect(at::allclose(yc, filter.call(x, feats, false, false), 1e-9, 1e-12), "CUDA filter equals the CPU's");
+    const auto qc = crf.call(gpu(unary), {gpu(pos)}, gpu(compat), c10::List<bool>({true}), {0}, 5, c10::List<bool>());
+    expect(at::allclose(qc.cpu(), q, 1e-9, 1e-12), "CUDA dense_crf equals the CPU's");
+  } else {
+    std::printf("SKIP: the CUDA checks (no CUDA device)\n");
+  }
+
   // The emulated block launch: phases separated by barriers (a block sum through shared memory);
   // a phase inside a phase (a divergent __syncthreads on the GPU) and shared memory beyond the
   // device's limit are refused.
