@@ -118,8 +118,11 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
     (already divided by their standard deviations), computed in O(N·d·C) by splatting onto the
     lattice, blurring along its d+1 axes and slicing, exactly as densecrf does (no normalisation,
     self term included). Differentiable w.r.t. ``values``: the backward is the exact adjoint (the
-    same filter with the blur order reversed, ``reverse=True``). Not w.r.t. ``features``: a backward
-    that needs their gradient raises (pass ``features.detach()`` when they are constants).
+    same filter with the blur order reversed, ``reverse=True``). And w.r.t. ``features`` (learnable
+    positions or feature scales): the lattice's simplices are piecewise constant in the features and
+    its barycentric weights linear, so the gradient is the weights' derivative, exact almost
+    everywhere (two splats and blurs and one pass over the pixels; not differentiable again: a
+    double backward that needs it raises).
 
     Args:
         values: (B, C, *S) floating tensor, any C >= 1.

@@ -719,35 +719,116 @@ def test_autograd_function_form():
     torch.testing.assert_close(v.grad, ops.permutohedral_filter(torch.ones_like(v), f, True))
 
 
-@pytest.mark.parametrize("form", ["public", "op", "emulated", "function"])
-def test_feature_gradient_refused_not_dropped(form):
-    # No derivative w.r.t. the positions: a backward that needs one raises (as ATen's ops without one
-    # do) instead of leaving features.grad silently None; a gradient of the values alone still works.
+def _filter_call(form):
     from rrm_cuda._ops.lattice import PermutohedralFilterFunction
 
-    call = {
-        "public": rrm_cuda.permutohedral_filter,
-        "op": lambda v, f: ops.permutohedral_filter(v, f, False, False),
-        "emulated": lambda v, f: ops._permutohedral_filter_emulated(v, f, False),
-        "function": lambda v, f: PermutohedralFilterFunction.apply(v, f, False),
+    return {
+        "public": lambda v, f, rev: rrm_cuda.permutohedral_filter(v, f, reverse=rev),
+        "op": lambda v, f, rev: ops.permutohedral_filter(v, f, rev, False),
+        "emulated": lambda v, f, rev: ops._permutohedral_filter_emulated(v, f, rev),
+        "function": lambda v, f, rev: PermutohedralFilterFunction.apply(v, f, rev),
     }[form]
-    v, f = _inputs(B=1, C=2, N=40, d=3)
+
+
+def _feature_grad_reference(v, f, w, reverse):
+    # autograd through the dense reference lattice: its weights are torch ops of the features, its
+    # vertices integers (no derivative), as the lattice's
+    fr = f.detach().clone().requires_grad_(True)
+    (gf,) = torch.autograd.grad((permutohedral_filter_reference(v.detach(), fr, reverse) * w).sum(), fr)
+    return gf
+
+
+@pytest.mark.parametrize("form", ["public", "op", "emulated", "function"])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 7])
+def test_feature_gradient_equals_reference_autograd(form, d):
+    # The features' gradient (the barycentric weights' derivative, the simplices held) equals autograd
+    # through the independent dense reference, for the kernels' fixed d (2, 3, 5) and runtime d, both
+    # blur orders; the values' gradient in the same backward is still the adjoint.
+    call = _filter_call(form)
+    for reverse in (False, True):
+        v, f = _inputs(B=2, C=3, N=70, d=d, seed=10 + d)
+        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(d), dtype=v.dtype)
+        v.requires_grad_(True)
+        f.requires_grad_(True)
+        gv, gf = torch.autograd.grad((call(v, f, reverse) * w).sum(), (v, f))
+        ref = _feature_grad_reference(v, f, w, reverse)
+        assert float(ref.abs().max()) > 1e-3  # not a vacuous comparison
+        torch.testing.assert_close(gf, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+        torch.testing.assert_close(gv, permutohedral_filter_reference(w, f.detach(), not reverse))
+
+
+@pytest.mark.parametrize("emulated", [False, True])
+@pytest.mark.parametrize("d", [2, 4])
+def test_feature_gradcheck(emulated, d):
+    # float64 gradcheck of values and features together (finite differences: the features lie away
+    # from the simplices' boundaries by more than eps at these seeds)
+    op = ops._permutohedral_filter_emulated if emulated else ops.permutohedral_filter
+    v, f = _inputs(B=2, C=2, N=30, d=d, seed=3)
     v.requires_grad_(True)
     f.requires_grad_(True)
-    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=v.dtype)
-    if form == "function":  # a Python Function's needs_input_grad says requires_grad: refused too
-        with pytest.raises(RuntimeError, match=r"no gradient w\.r\.t\. features"):
-            torch.autograd.grad((call(v, f) * w).sum(), v)
-    else:  # the C++ autograd asks whether this backward needs the features' edge: it does not
-        (gv,) = torch.autograd.grad((call(v, f) * w).sum(), v)
-        torch.testing.assert_close(gv, ops.permutohedral_filter(w, f.detach(), True, False))
-    with pytest.raises(RuntimeError, match=r"no gradient w\.r\.t\. features .*features\.detach\(\)"):
-        (call(v, f) * w).sum().backward()
-    with pytest.raises(RuntimeError, match=r"no gradient w\.r\.t\. features"):
-        torch.autograd.grad(call(v.detach(), f).sum(), f)
-    out = call(v, f.detach())
-    out.sum().backward()
-    assert v.grad is not None and f.grad is None
+    assert torch.autograd.gradcheck(lambda a, b: op(a, b, False, False), (v, f), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda a, b: rrm_cuda.permutohedral_filter(a, b, reverse=True), (v, f), eps=1e-6, atol=1e-6
+    )
+
+
+def test_feature_gradient_alone_and_with_float32_and_images():
+    # Only the features require a gradient (the values are constants); float32; (B, d, H, W) images
+    v, f = _inputs(B=2, C=3, N=64, d=5, dtype=torch.float32, seed=5)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+    f.requires_grad_(True)
+    (gf,) = torch.autograd.grad((rrm_cuda.permutohedral_filter(v, f) * w).sum(), f)
+    ref = _feature_grad_reference(v.double(), f.double(), w.double(), False)
+    torch.testing.assert_close(gf.double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    f4 = f.detach().reshape(2, 5, 8, 8).requires_grad_(True)
+    (g4,) = torch.autograd.grad(
+        (rrm_cuda.permutohedral_filter(v.reshape(2, 3, 8, 8), f4) * w.reshape(2, 3, 8, 8)).sum(), f4
+    )
+    torch.testing.assert_close(g4.reshape(2, 5, 64), gf)
+
+
+def test_feature_gradient_with_cached_and_counted_lattices(lattice_cache, tuning):
+    # cache=True (the forward's kept lattice) and counted lattices (emulated: a CUDA graph's build)
+    # give the same features' gradient as a fresh build
+    v, f = _inputs(B=3, C=4, N=90, d=3, seed=8)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(4), dtype=v.dtype)
+    f.requires_grad_(True)
+
+    def grad_f(op, cache):
+        (g,) = torch.autograd.grad((op(v, f, False, cache) * w).sum(), f)
+        return g
+
+    want = grad_f(ops.permutohedral_filter, False)
+    for k in range(2):  # the first call builds and keeps the lattice, the second takes it from the cache
+        assert torch.equal(grad_f(ops.permutohedral_filter, True), want), k
+    emu = grad_f(ops._permutohedral_filter_emulated, False)
+    torch.testing.assert_close(emu, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    tuning("counted_lattice", 1)
+    assert torch.equal(grad_f(ops._permutohedral_filter_emulated, False), emu)
+
+
+def test_feature_gradient_is_not_differentiable_again():
+    # the features' gradient is computed by an op without a derivative: a double backward through it
+    # raises instead of silently dropping terms; the values' double backward still works
+    v, f = _inputs(B=1, C=2, N=40, d=3)
+    v.requires_grad_(True)
+    for form in ("public", "function"):
+        fr = f.clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(_filter_call(form)(v, fr, False).sum(), (v, fr), create_graph=True)
+    (gv,) = torch.autograd.grad((rrm_cuda.permutohedral_filter(v, f) ** 2).sum(), v, create_graph=True)
+    gv.sum().backward()
+    assert v.grad is not None
+
+
+def test_feature_gradient_op_bad_inputs():
+    v, f = _inputs(B=2, C=3, N=20, d=2)
+    with pytest.raises(ValueError, match="grad must have the shape of values"):
+        ops._permutohedral_filter_features_backward(v, f, v[:, :2].contiguous(), False, False)
+    with pytest.raises(TypeError, match="values and grad must have the same dtype"):
+        ops._permutohedral_filter_features_backward(v, f, v.float(), False, False)
+    empty = ops._permutohedral_filter_features_backward(v[:, :0], f, v[:, :0], False, False)
+    assert empty.shape == f.shape and not empty.any()
 
 
 # ---- the lattice cache (cache=True) -------------------------------------------------------------
@@ -858,6 +939,10 @@ def test_opcheck(args):
     torch.library.opcheck(ops.permutohedral_filter, (v, f, rev))
     torch.library.opcheck(ops.permutohedral_filter, (v, f, rev, True))
     torch.library.opcheck(ops.lattice_num_vertices, (f,), test_utils=("test_schema", "test_faketensor"))
+    f.requires_grad_(True)  # the features' gradient through the autograd registration
+    torch.library.opcheck(ops.permutohedral_filter, (v, f, rev))
+    g = torch.randn_like(v.detach())
+    torch.library.opcheck(ops._permutohedral_filter_features_backward, (v.detach(), f.detach(), g, rev, False))
 
 
 # ---- empty inputs ----------------------------------------------------------------------------
@@ -1118,6 +1203,24 @@ def test_cuda_gradcheck_and_opcheck(cuda):
     f = f.to(cuda)
     assert torch.autograd.gradcheck(lambda x: rrm_cuda.permutohedral_filter(x, f), (v,), fast_mode=True)
     torch.library.opcheck(ops.permutohedral_filter, (v, f, False))
+    f = f.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, y: rrm_cuda.permutohedral_filter(x, y), (v, f), eps=1e-6, atol=1e-6)
+    torch.library.opcheck(ops.permutohedral_filter, (v, f, False))
+
+
+@pytest.mark.cuda
+def test_cuda_feature_gradient_matches_cpu(cuda):
+    for d in (2, 5, 7):
+        v, f = _inputs(B=3, C=21, N=3000, d=d, seed=d)
+        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(d), dtype=v.dtype)
+        for rev in (False, True):
+            grads = []
+            for dev in ("cpu", cuda):
+                vd, fd = v.to(dev).requires_grad_(True), f.to(dev).requires_grad_(True)
+                grads.append(
+                    torch.autograd.grad((ops.permutohedral_filter(vd, fd, rev) * w.to(dev)).sum(), fd)[0].cpu()
+                )
+            torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-11 * float(grads[0].abs().max()))
 
 
 @pytest.mark.cuda

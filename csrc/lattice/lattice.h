@@ -28,6 +28,14 @@ inline void check_filter_args(const at::Tensor& values, const at::Tensor& featur
                     ", d = ", features.size(1));
 }
 
+// grad: the gradient of a filter's output, the values' shape, dtype and device.
+inline void check_filter_grad(const at::Tensor& values, const at::Tensor& grad) {
+  RRM_CHECK_SAME_DTYPE(values, grad, "values", "grad");
+  RRM_CHECK_SAME_DEVICE(values, grad, "values", "grad");
+  TORCH_CHECK_VALUE(grad.sizes() == values.sizes(), "grad must have the shape of values ", values.sizes(), "; got ",
+                    grad.sizes());
+}
+
 // unary (B, L, N); features: T tensors (B_t, d_t, N), B_t dividing B; compat (T, L, L); diagonal: T flags.
 inline void check_crf_args(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
                            const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations,

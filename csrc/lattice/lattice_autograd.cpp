@@ -1,9 +1,10 @@
 // Autograd of the lattice ops (schemas: csrc/rrm.cpp) as C++ autograd functions registered for the
 // Autograd key, like the energy and BCD losses' (csrc/energy/energy_autograd.cpp says why: host time
 // per call). permutohedral_filter's backward is the filter with the blur order reversed (its exact
-// adjoint); dense_crf's is dense_crf_backward, which rebuilds the lattices and reruns the forward.
-// The features get no gradient (a backward that needs one raises). The fake kernels stay in Python
-// (rrm_cuda/_ops/lattice.py).
+// adjoint), and the features' _permutohedral_filter_features_backward (the barycentric weights'
+// derivative; not differentiable again); dense_crf's is dense_crf_backward, which rebuilds the
+// lattices and reruns the forward (its features get no gradient: a backward that needs one raises).
+// The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -32,6 +33,13 @@ const OpPair<FilterSig>& filter_ops() {
   return p;
 }
 
+using FilterFeaturesBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool);
+const OpPair<FilterFeaturesBackwardSig>& filter_features_backward_ops() {
+  static const OpPair<FilterFeaturesBackwardSig> p("rrm_cuda::_permutohedral_filter_features_backward",
+                                                   "rrm_cuda::_permutohedral_filter_features_backward_emulated");
+  return p;
+}
+
 const OpPair<CrfSig>& crf_ops() {
   static const OpPair<CrfSig> p("rrm_cuda::dense_crf", "rrm_cuda::_dense_crf_emulated");
   return p;
@@ -47,7 +55,8 @@ struct FilterFunction : public torch::autograd::Function<FilterFunction> {
                                bool cache, bool emulated) {
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor out = filter_ops().get(emulated).call(values, features, reverse, cache);
-    ctx->save_for_backward({features});
+    // the values only when the features' gradient may be asked for (it needs them)
+    ctx->save_for_backward({features, features.requires_grad() ? values : at::Tensor()});
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["cache"] = cache;
     ctx->saved_data["emulated"] = emulated;
@@ -55,18 +64,18 @@ struct FilterFunction : public torch::autograd::Function<FilterFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // No derivative w.r.t. the lattice positions: an error when one is needed, as ATen's ops without
-    // one raise, rather than a gradient that silently stays None.
-    TORCH_CHECK(!ctx->needs_input_grad(1),
-                "permutohedral_filter: no gradient w.r.t. features (the lattice positions) is implemented; pass "
-                "features.detach() if they are constants of the loss (only values get a gradient)");
-    variable_list out(5);  // values only
-    const at::Tensor features = ctx->get_saved_variables()[0];
+    variable_list out(5);
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& features = saved[0];
+    const bool emulated = ctx->saved_data["emulated"].toBool(), reverse = ctx->saved_data["reverse"].toBool();
+    const bool cache = ctx->saved_data["cache"].toBool();
+    const at::Tensor grad = grads[0].contiguous();
+    if (ctx->needs_input_grad(1)) {
+      refuse_double_backward("permutohedral_filter (with a gradient w.r.t. features)");
+      out[1] = filter_features_backward_ops().get(emulated).call(saved[1], features, grad, reverse, cache);
+    }
     // K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order
-    out[0] = filter_ops()
-                 .get(ctx->saved_data["emulated"].toBool())
-                 .call(grads[0].contiguous(), features, !ctx->saved_data["reverse"].toBool(),
-                       ctx->saved_data["cache"].toBool());
+    if (ctx->needs_input_grad(0)) out[0] = filter_ops().get(emulated).call(grad, features, !reverse, cache);
     return out;
   }
 };

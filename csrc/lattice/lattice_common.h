@@ -1417,6 +1417,69 @@ struct SliceFunctor {
 };
 
 // ---------------------------------------------------------------------------------------------
+// The features' gradient of the filter out = alpha S^T B S in (B the blur, forward or reversed),
+// one thread per pixel. A pixel's simplex (its vertices) is piecewise constant in its features: it
+// changes only where a residual crosses another or a rounding boundary, a set of measure zero. So
+// only the barycentric weights carry a derivative. Weight r of pixel i (vertex v_r) slices
+// Lf = B S in and splats in_i, which the adjoint La = B^T S g slices: d<g, out>/dw_r = s_r =
+// alpha (<g_i, Lf[v_r]> + <in_i, La[v_r]>). The weights are linear in the residuals
+// v_k = (e_k - rem0_k) / (d + 1) (EmbedFunctor::all_weights: slot d - rank_k gets +v_k, slot
+// d + 1 - rank_k, d + 1 wrapping onto 0, gets -v_k), the elevation e = E c in c_m = f_m scale_m
+// (e_0 = sum_m c_m, e_j = sum_{m >= j} c_m - j c_{j-1}); so with t_k = (s_{d - rank_k} -
+// s_{(d + 1 - rank_k) mod (d + 1)}) / (d + 1), grad f_m = scale_m (sum_{j <= m} t_j - (m + 1) t_{m+1}).
+// A pixel the embedding refuses (no weight) gets 0. (The same derivative as autograd through
+// rrm_cuda.reference's dense lattice: tests.)
+template <typename scalar_t, int kD = 0>
+struct FeatureGradFunctor {
+  EmbedFunctor<scalar_t, kD> embed;  // the features (B, d, N) and scales: the pixels' simplices
+  const scalar_t* in;                // (B, N, C) the filtered values, pixel-major
+  const scalar_t* g;                 // (B, N, C) the output's gradient, pixel-major
+  const scalar_t* lf;                // (B, M, Cs) B S in
+  const scalar_t* la;                // (B, M, Cs) B^T S g
+  const int32_t* entry_vertex;       // (B, E)
+  scalar_t* grad;                    // (B, d, N) out
+  scalar_t alpha;
+  int64_t M, C, Cs;
+
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t, int64_t) const {
+    const int d = kD > 0 ? kD : embed.d_runtime;
+    const int64_t N = embed.N, E = N * (d + 1);
+    int32_t rem0[kMaxDim + 1];
+    int rank[kMaxDim + 1];
+    scalar_t v[kMaxDim + 1];
+    bool bad;
+    embed.simplex(b, i, rem0, rank, v, bad);
+    scalar_t* out = grad + b * d * N + i;
+    if (bad) {
+      for (int m = 0; m < d; ++m) out[m * N] = 0;
+      return;
+    }
+    const scalar_t* gi = g + (b * N + i) * C;
+    const scalar_t* xi = in + (b * N + i) * C;
+    const int32_t* vb = entry_vertex + b * E + i * (d + 1);
+    scalar_t s[kMaxDim + 1];
+    for (int r = 0; r <= d; ++r) {
+      const scalar_t* rf = lf + (b * M + vb[r]) * Cs;
+      const scalar_t* ra = la + (b * M + vb[r]) * Cs;
+      scalar_t acc = 0;
+      for (int64_t c = 0; c < C; ++c) acc += gi[c] * rf[c] + xi[c] * ra[c];
+      s[r] = alpha * acc;
+    }
+    const scalar_t down = scalar_t(1) / static_cast<scalar_t>(d + 1);
+    scalar_t t[kMaxDim + 1];
+    for (int k = 0; k <= d; ++k) {
+      const int lo = d + 1 - rank[k];
+      t[k] = (s[d - rank[k]] - s[lo > d ? 0 : lo]) * down;
+    }
+    scalar_t prefix = 0;
+    for (int m = 0; m < d; ++m) {
+      prefix += t[m];
+      out[m * N] = embed.scale[m] * (prefix - static_cast<scalar_t>(m + 1) * t[m + 1]);
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // Mean-field helpers (one thread per pixel; labels are few, the loop over them is short).
 
 // acc[i] -= C m[i] for a full (L, L) compatibility matrix (energy convention). Also the backward's

@@ -942,14 +942,13 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
   }
 }
 
-// out = alpha * S^T B S (pre * in), optionally post-multiplied / accumulated (see SliceFunctor).
-// B = B_d ... B_0 (forward) or B_0 ... B_d (reverse: the exact adjoint of the forward filter).
-// in, out: (B, N, C) contiguous, same dtype as the lattice weights.
+// The lattice rows of B S (pre * in) in ws's buffers, Cs channels (ws.a.size(2)) per row; returns
+// the buffer that holds them. B = B_d ... B_0 (forward) or B_0 ... B_d (reverse).
+// in: (B, N, C) contiguous, same dtype as the lattice weights.
 template <class Exec, typename scalar_t>
-void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out,
-            const scalar_t* post, const scalar_t* coef, int64_t C, bool reverse, FilterWorkspace& ws,
-            const scalar_t* base = nullptr) {
-  const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
+scalar_t* splat_blur(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, int64_t C,
+                     bool reverse, FilterWorkspace& ws) {
+  const int64_t B = lat.B, M = lat.M;
   const int d = lat.d;
   // CPU lattice rows are padded to a multiple of 8 channels (one AVX register), see SliceFunctor.
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
@@ -968,8 +967,22 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
   } else {
     splat_gather<Exec, scalar_t>(exec, lat, in, pre, cur, C, ws, grain);
   }
-  cur = blur_axes<Exec, scalar_t, 1>(exec, B, M, Cs, lat.neighbors.data_ptr<int32_t>(),
-                                     lat.num_vertices.data_ptr<int32_t>(), d, reverse, cur, nxt, grain, lat.counted);
+  return blur_axes<Exec, scalar_t, 1>(exec, B, M, Cs, lat.neighbors.data_ptr<int32_t>(),
+                                      lat.num_vertices.data_ptr<int32_t>(), d, reverse, cur, nxt, grain, lat.counted);
+}
+
+// out = alpha * S^T B S (pre * in), optionally post-multiplied / accumulated (see SliceFunctor).
+// B = B_d ... B_0 (forward) or B_0 ... B_d (reverse: the exact adjoint of the forward filter).
+// in, out: (B, N, C) contiguous, same dtype as the lattice weights.
+template <class Exec, typename scalar_t>
+void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out,
+            const scalar_t* post, const scalar_t* coef, int64_t C, bool reverse, FilterWorkspace& ws,
+            const scalar_t* base = nullptr) {
+  const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
+  const int d = lat.d;
+  const scalar_t* cur = splat_blur<Exec, scalar_t>(exec, lat, in, pre, C, reverse, ws);
+  const int64_t Cs = ws.a.size(2);
+  const int64_t grain = std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C));
   exec.for_each_item(
       B, N, C,
       SliceFunctor<scalar_t>{cur, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), post,
@@ -1207,6 +1220,50 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
                            reverse, ws);
   });
   return out.transpose(1, 2).contiguous();
+}
+
+// The features' gradient of permutohedral_filter (FeatureGradFunctor): values (B, C, N), features
+// (B, d, N), grad (B, C, N) the output's gradient -> (B, d, N). The lattice (the forward's, from the
+// cache when keep), the splat and blur of the values in the filter's blur order and of grad in the
+// reversed one, then one pass over the pixels.
+template <class Exec>
+at::Tensor permutohedral_filter_features_backward(const Exec& exec, const at::Tensor& values,
+                                                  const at::Tensor& features, const at::Tensor& grad, bool reverse,
+                                                  int64_t chunk, bool keep = false) {
+  const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
+  const int d = static_cast<int>(features.size(1));
+  if (B == 0 || C == 0 || N == 0) return at::zeros({B, d, N}, features.options());
+  // its rows: two filters' blur buffers and chunk sums
+  const bool counted = use_counted(exec, B, chunk, N, d, 6 * C * values.element_size());
+  const Lattice lat = cached_or_built(exec, features, chunk, keep, counted, /*chunk_tile=*/0, /*replace=*/false)->lat;
+  auto in = values.transpose(1, 2).contiguous();  // pixel-major
+  auto g = grad.transpose(1, 2).contiguous();
+  auto f = features.contiguous();
+  auto out = at::empty({B, d, N}, features.options());
+  FilterWorkspace ws_in, ws_g;
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter_features_backward", [&] {
+    const scalar_t* lf = splat_blur<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, C, reverse, ws_in);
+    const scalar_t* la = splat_blur<Exec, scalar_t>(exec, lat, g.data_ptr<scalar_t>(), nullptr, C, !reverse, ws_g);
+    with_fixed_d<2, 3, 5>(d, [&](auto fixed_d) {
+      FeatureGradFunctor<scalar_t, decltype(fixed_d)::value> fg{};
+      fg.embed.features = f.data_ptr<scalar_t>();
+      for (int k = 0; k < d; ++k) fg.embed.scale[k] = static_cast<scalar_t>(feature_scale(k, d));
+      fg.embed.N = N;
+      fg.embed.d_runtime = d;
+      fg.in = in.data_ptr<scalar_t>();
+      fg.g = g.data_ptr<scalar_t>();
+      fg.lf = lf;
+      fg.la = la;
+      fg.entry_vertex = lat.entry_vertex.data_ptr<int32_t>();
+      fg.grad = out.data_ptr<scalar_t>();
+      fg.alpha = static_cast<scalar_t>(slice_alpha(d));
+      fg.M = lat.M;
+      fg.C = C;
+      fg.Cs = ws_in.a.size(2);
+      exec.for_each_item(B, N, 1, fg, std::max<int64_t>(16, 4096 / std::max<int64_t>(1, C)));
+    });
+  });
+  return out;
 }
 
 // The lattices of `lat` repeated `reps` times along the batch (image b of the result is image

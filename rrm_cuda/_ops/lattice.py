@@ -19,6 +19,17 @@ def _filter_emulated_fake(values, features, reverse=False, cache=False):
     return values.new_empty(values.shape)
 
 
+@torch.library.register_fake("rrm_cuda::_permutohedral_filter_features_backward")
+def _filter_features_backward_fake(values, features, grad, reverse=False, cache=False):
+    torch._check(values.dim() == 3 and features.dim() == 3 and grad.shape == values.shape)
+    return features.new_empty(features.shape)
+
+
+@torch.library.register_fake("rrm_cuda::_permutohedral_filter_features_backward_emulated")
+def _filter_features_backward_emulated_fake(values, features, grad, reverse=False, cache=False):
+    return features.new_empty(features.shape)
+
+
 @torch.library.register_fake("rrm_cuda::lattice_num_vertices")
 def _num_vertices_fake(features):
     return features.new_empty((features.shape[0],), dtype=torch.long)
@@ -55,25 +66,27 @@ def _crf_backward_emulated_fake(
 
 
 def _filter_setup_context(ctx, inputs, output):
-    features, reverse = inputs[1], inputs[2]
-    ctx.save_for_backward(features)
+    values, features, reverse = inputs[0], inputs[1], inputs[2]
+    ctx.save_for_backward(features, values if features.requires_grad else None)
     ctx.reverse = reverse
     ctx.cache = inputs[3] if len(inputs) > 3 else False
 
 
-_NO_FEATURE_GRAD = (
-    "permutohedral_filter: no gradient w.r.t. features (the lattice positions) is implemented; pass "
-    "features.detach() if they are constants of the loss (only values get a gradient)"
-)
-
-
 def _filter_backward(ctx, grad):
-    if ctx.needs_input_grad[1]:  # as the C++ autograd: an error, not a gradient that stays None
-        raise RuntimeError(_NO_FEATURE_GRAD)
-    (features,) = ctx.saved_tensors
-    # K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order.
-    grad_values = ops.permutohedral_filter(grad.contiguous(), features, not ctx.reverse, ctx.cache)
-    return grad_values, None, None, None
+    features, values = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_values = grad_features = None
+    if ctx.needs_input_grad[1]:  # the barycentric weights' derivative (not differentiable again)
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "rrm_cuda::permutohedral_filter (with a gradient w.r.t. features): its backward is not "
+                "differentiable, so a double backward (create_graph=True through this op) is not supported"
+            )
+        grad_features = ops._permutohedral_filter_features_backward(values, features, grad, ctx.reverse, ctx.cache)
+    if ctx.needs_input_grad[0]:
+        # K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order.
+        grad_values = ops.permutohedral_filter(grad, features, not ctx.reverse, ctx.cache)
+    return grad_values, grad_features, None, None
 
 
 # permutohedral_filter's and dense_crf's autograd is C++ (csrc/lattice/lattice_autograd.cpp: host time
@@ -81,10 +94,9 @@ def _filter_backward(ctx, grad):
 
 
 class PermutohedralFilterFunction(torch.autograd.Function):
-    """``torch.autograd.Function`` form of :func:`rrm_cuda.permutohedral_filter` (values only are
-    differentiable; the backward is the exact adjoint: the same filter with the blur order reversed).
-    Features that require a gradient make its backward raise (a Python Function cannot tell whether
-    a backward needs their edge): pass them detached."""
+    """``torch.autograd.Function`` form of :func:`rrm_cuda.permutohedral_filter` (the values' gradient
+    is the exact adjoint: the same filter with the blur order reversed; the features' is the
+    barycentric weights' derivative, as the op's C++ autograd)."""
 
     @staticmethod
     def forward(values, features, reverse=False, cache=False):
