@@ -205,6 +205,64 @@ def test_gpu_check_builds_the_ab_baseline_beside_the_build(tmp_path):
         assert {"results/ab_base_1/cuda_host.json", "results/ab_head_1/energy_bench.json"} <= set(tar.getnames())
 
 
+def test_gpu_check_takes_a_matching_prebuilt_extension(tmp_path):
+    # benchmarks/prebuild_for_device.sh's .prebuilt/ in a small tree: taken when its stamp matches
+    # the sources, torch, Python and the GPU; built from source after a change to csrc/, and when the
+    # prebuilt copy does not import (a stand-in python answers the script's queries)
+    import shutil
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    for name in ("gpu_check.sh", "source_hash.sh"):
+        shutil.copy(os.path.join(root, "benchmarks", name), tree / "benchmarks" / name)
+    (tree / "csrc").mkdir()
+    (tree / "csrc" / "op.cpp").write_text("int x;\n")
+    (tree / "setup.py").write_text("")
+    (tree / "rrm_cuda").mkdir()
+    (tree / ".prebuilt").mkdir()
+    so = "_C.cpython-312-x86_64-linux-gnu.so"
+    (tree / ".prebuilt" / so).write_text("prebuilt")
+    source = subprocess.run(
+        ["bash", "benchmarks/source_hash.sh"], cwd=tree, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    (tree / ".prebuilt" / "stamp").write_text(f"source {source}\ntorch 2.11.0+cu130\npython 3.12\narch 9.0a\n")
+    stub = tmp_path / "py"
+    stub.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        "  *get_device_capability*) echo 9.0 ;;\n"
+        "  *torch.__version__*) echo 2.11.0+cu130 ;;\n"
+        "  *sys.version_info*) echo 3.12 ;;\n"
+        '  *"import rrm_cuda"*) [ -f FAIL_IMPORT ] && exit 1; echo with_cuda ;;\n'
+        "  *setup.py*) echo source > rrm_cuda/built ;;\n"
+        "esac\n"
+    )
+    stub.chmod(0o755)
+
+    def build(out):
+        env = dict(os.environ, OUT_DIR=str(tmp_path / out), PY=str(stub), TMPDIR=str(tmp_path))
+        env.pop("TORCH_CUDA_ARCH_LIST", None)
+        subprocess.run(["bash", "benchmarks/gpu_check.sh", "build"], cwd=tree, env=env, capture_output=True, timeout=60)
+        return (tmp_path / out / "logs.txt").read_text()
+
+    log = build("o1")
+    assert "=== build: prebuilt extension taken" in log and "=== build (limit" not in log, log
+    assert (tree / "rrm_cuda" / so).read_text() == "prebuilt" and not (tree / "rrm_cuda" / "built").exists()
+    (tree / "rrm_cuda" / so).unlink()
+    (tree / "csrc" / "op.cpp").write_text("int y;\n")  # a change to the sources: built anew
+    log = build("o2")
+    assert "=== prebuilt: not taken" in log and f"source {source}" in log and "=== build: rc=0" in log, log
+    assert (tree / "rrm_cuda" / "built").exists() and not (tree / "rrm_cuda" / so).exists()
+    (tree / "csrc" / "op.cpp").write_text("int x;\n")
+    (tree / "rrm_cuda" / "built").unlink()
+    (tree / "FAIL_IMPORT").write_text("")
+    log = build("o3")
+    assert "=== prebuilt: does not import here" in log and "=== build: rc=0" in log, log
+    assert (tree / "rrm_cuda" / "built").exists() and not (tree / "rrm_cuda" / so).exists()
+
+
 def test_cuda_host_timeline_dry_run_on_the_cpu():
     # cuda_host.py's per-op host timeline, on the CPU (no launches or waits there): the calling
     # thread's top-level ops in order, with the ops nested in each counted
