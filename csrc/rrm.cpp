@@ -41,17 +41,18 @@ TORCH_LIBRARY(rrm_cuda, m) {
   m.def(
       "_permutohedral_filter_emulated(Tensor values, Tensor features, bool reverse=False, bool cache=False) -> "
       "Tensor");
-  // The features' gradient of permutohedral_filter (its autograd's, when features require one):
-  // values (B, C, N), features (B, d, N), grad (B, C, N) the output's gradient -> (B, d, N). Exact
-  // almost everywhere: the lattice is piecewise constant in the features, the barycentric weights
-  // linear (csrc/lattice/lattice_common.h, FeatureGradFunctor). Not differentiable itself.
+  // permutohedral_filter's backward when the features need a gradient: values (B, C, N), features
+  // (B, d, N), grad (B, C, N) the output's gradient -> (the values' gradient (B, C, N), the features'
+  // (B, d, N)) from one lattice. The features' is exact almost everywhere: the lattice is piecewise
+  // constant in them, the barycentric weights linear (csrc/lattice/lattice_common.h,
+  // FeatureGradFunctor). Not differentiable itself.
   m.def(
-      "_permutohedral_filter_features_backward(Tensor values, Tensor features, Tensor grad, bool reverse=False, "
-      "bool cache=False) -> Tensor",
+      "_permutohedral_filter_backward(Tensor values, Tensor features, Tensor grad, bool reverse=False, "
+      "bool cache=False) -> (Tensor, Tensor)",
       host_sync());
   m.def(
-      "_permutohedral_filter_features_backward_emulated(Tensor values, Tensor features, Tensor grad, "
-      "bool reverse=False, bool cache=False) -> Tensor");
+      "_permutohedral_filter_backward_emulated(Tensor values, Tensor features, Tensor grad, bool reverse=False, "
+      "bool cache=False) -> (Tensor, Tensor)");
   // (B, d, N) -> (B,) int64: lattice points per image (occupancy diagnostics, memory planning).
   m.def("lattice_num_vertices(Tensor features) -> Tensor", host_sync());
   // For tests: the lattices' tables, (B, N, d+1) int32 entry vertices and (B, N, d+1) weights, (B, d+1, M, 2)

@@ -185,11 +185,18 @@ def same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
     return dev  # (each tensor's device kind was checked by ``tensor``)
 
 
-def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -> float | torch.Tensor:
+def positive(
+    value: float | torch.Tensor, name: str, batch: int | None = None, *, keep_grad: bool = False
+) -> float | torch.Tensor:
     """A positive finite scalar, or a per-image tensor of shape (B,). A device tensor's values are
-    not read while they cannot be (``checking_values``: a CUDA graph capture, torch.compile)."""
+    not read while they cannot be (``checking_values``: a CUDA graph capture, torch.compile).
+    ``keep_grad`` (with ``batch``): a 0-dim tensor that requires grad (a learnable sigma) comes back
+    as that tensor expanded to (B,), so that the gradient reaches it; otherwise it is read as a
+    number."""
     if isinstance(value, torch.Tensor):
         on_device = value.device.type != "cpu"
+        if value.dim() == 0 and keep_grad and batch is not None and value.requires_grad:
+            value = value.expand(batch)
         if value.dim() == 0:
             if on_device and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                 raise ValueError(
@@ -205,7 +212,7 @@ def positive(value: float | torch.Tensor, name: str, batch: int | None = None) -
             # a CPU tensor is read even inside a CUDA graph capture, but not while torch.compile traces
             readable = not torch.compiler.is_compiling() and (not on_device or checking_values(value))
             if readable and (not bool(torch.isfinite(value).all()) or not bool((value > 0).all())):
-                raise ValueError(f"{name} must be positive and finite; got {value.tolist()}")
+                raise ValueError(f"{name} must be positive and finite; got {value.detach().tolist()}")
             return value
     try:
         v = float(value)

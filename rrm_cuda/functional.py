@@ -356,7 +356,8 @@ def position_features(
     batch: int, spatial: Sequence[int], sxy: float | Tensor, *, dtype=torch.float32, device=None
 ) -> Tensor:
     """(B, len(S), N) pixel positions divided by ``sxy``, in densecrf's order: x (the last, column
-    axis) first, then y (rows), then z. ``sxy``: a number or a per-image (B,) tensor."""
+    axis) first, then y (rows), then z. ``sxy``: a number or a tensor, 0-dim or per-image (B,); one
+    that requires grad gets it through the positions."""
     try:
         batch, spatial = operator.index(batch), tuple(operator.index(n) for n in spatial)
     except TypeError:
@@ -365,14 +366,17 @@ def position_features(
         raise ValueError(f"batch must be >= 0 and spatial a non-empty sequence of sizes >= 0; got {batch}, {spatial}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
-    sxy = V.positive(sxy, "sxy", batch)
+    sxy = V.positive(sxy, "sxy", batch, keep_grad=True)
     pos = _positions(batch, spatial, sxy, dtype, device)
     return pos if isinstance(sxy, Tensor) else pos.clone()  # a fresh tensor, not the cached one
 
 
 def bilateral_features(image: Tensor, sxy: float | Tensor, srgb: float | Tensor, *, dtype=torch.float32) -> Tensor:
     """(B, len(S) + c, N) features ``(x/sxy, y/sxy, I_1/srgb, …, I_c/srgb)`` of pydensecrf's
-    addPairwiseBilateral, for an image (B, c, *S) of any channel count on the 0–255 scale."""
+    addPairwiseBilateral, for an image (B, c, *S) of any channel count on the 0–255 scale.
+    ``sxy``/``srgb``: numbers, or tensors (0-dim or per-image (B,)); tensors that require grad get
+    it through the features (learnable bandwidths of :func:`permutohedral_filter`), as does the
+    image."""
     if not isinstance(image, Tensor):  # (plain torch: any device)
         raise TypeError(f"image must be a torch.Tensor; got {type(image).__name__}")
     if image.dim() < 3 or image.is_complex() or image.dtype == torch.bool:
@@ -394,8 +398,8 @@ def _bilateral_features(
     the pixel order ``order`` (``colours[..., p]`` is pixel ``order[p]``; None: the raster order). The
     same values as the raster features gathered by ``order``."""
     B = colours.shape[0]
-    srgb = V.positive(srgb, "srgb", B)
-    sxy = V.positive(sxy, "sxy", B)
+    srgb = V.positive(srgb, "srgb", B, keep_grad=True)
+    sxy = V.positive(sxy, "sxy", B, keep_grad=True)
     if order is None:
         pos = _positions(B, spatial, sxy, dtype, colours.device)
     elif isinstance(sxy, Tensor):

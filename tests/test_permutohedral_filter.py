@@ -829,6 +829,30 @@ def test_feature_gradient_learns_bandwidths():
     torch.testing.assert_close(log_sigma.exp().detach(), true, rtol=0.02, atol=0)
 
 
+def test_feature_gradient_reaches_tensor_sigmas():
+    # bilateral_features / position_features keep a learnable sigma's graph (a 0-dim tensor that
+    # requires grad used to be read as a number: its gradient silently lost); generic sigmas, so that
+    # no pixel sits on a simplex boundary within the finite differences' eps
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 12, 12, dtype=torch.float64, generator=g) * 255
+    v = torch.randn(2, 4, 144, dtype=torch.float64, generator=g)
+    sxy = torch.tensor(7.3, dtype=torch.float64, requires_grad=True)
+    srgb = torch.tensor([13.7, 11.1], dtype=torch.float64, requires_grad=True)  # per image
+
+    def filt(a, b):
+        return rrm_cuda.permutohedral_filter(v, rrm_cuda.bilateral_features(img, a, b, dtype=torch.float64))
+
+    assert torch.autograd.gradcheck(filt, (sxy, srgb), eps=1e-7, atol=1e-6)
+    pos = rrm_cuda.position_features(2, (12, 12), sxy, dtype=torch.float64)
+    assert pos.requires_grad and pos.shape == (2, 2, 144)
+    # the values are those of number sigmas
+    torch.testing.assert_close(pos.detach(), rrm_cuda.position_features(2, (12, 12), 7.3, dtype=torch.float64))
+    feats = rrm_cuda.bilateral_features(img, sxy, 13.7, dtype=torch.float64)
+    torch.testing.assert_close(feats.detach(), rrm_cuda.bilateral_features(img, 7.3, 13.7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sxy must be positive and finite"):
+        rrm_cuda.bilateral_features(img, torch.tensor(-1.0, requires_grad=True), 13.0)
+
+
 def test_feature_gradient_is_not_differentiable_again():
     # the features' gradient is computed by an op without a derivative: a double backward through it
     # raises instead of silently dropping terms; the values' double backward still works
@@ -846,11 +870,23 @@ def test_feature_gradient_is_not_differentiable_again():
 def test_feature_gradient_op_bad_inputs():
     v, f = _inputs(B=2, C=3, N=20, d=2)
     with pytest.raises(ValueError, match="grad must have the shape of values"):
-        ops._permutohedral_filter_features_backward(v, f, v[:, :2].contiguous(), False, False)
+        ops._permutohedral_filter_backward(v, f, v[:, :2].contiguous(), False, False)
     with pytest.raises(TypeError, match="values and grad must have the same dtype"):
-        ops._permutohedral_filter_features_backward(v, f, v.float(), False, False)
-    empty = ops._permutohedral_filter_features_backward(v[:, :0], f, v[:, :0], False, False)
-    assert empty.shape == f.shape and not empty.any()
+        ops._permutohedral_filter_backward(v, f, v.float(), False, False)
+    gv, gf = ops._permutohedral_filter_backward(v[:, :0], f, v[:, :0], False, False)
+    assert gv.shape == (2, 0, 20) and gf.shape == f.shape and not gf.any()
+
+
+@pytest.mark.parametrize("op", ["_permutohedral_filter_backward", "_permutohedral_filter_backward_emulated"])
+def test_joint_backward_gives_the_adjoints_bits(op):
+    # the values' gradient of the joint backward (one lattice for both) is the adjoint filter's, bit
+    # for bit: the same splat, blurs and slice of grad
+    v, f = _inputs(B=2, C=5, N=120, d=5, seed=6)
+    g = torch.randn(v.shape, generator=torch.Generator().manual_seed(7), dtype=v.dtype)
+    filt = ops.permutohedral_filter if op == "_permutohedral_filter_backward" else ops._permutohedral_filter_emulated
+    for rev in (False, True):
+        gv, _ = getattr(ops, op)(v, f, g, rev, False)
+        assert torch.equal(gv, filt(g, f, not rev, False))
 
 
 # ---- the lattice cache (cache=True) -------------------------------------------------------------
@@ -964,7 +1000,7 @@ def test_opcheck(args):
     f.requires_grad_(True)  # the features' gradient through the autograd registration
     torch.library.opcheck(ops.permutohedral_filter, (v, f, rev))
     g = torch.randn_like(v.detach())
-    torch.library.opcheck(ops._permutohedral_filter_features_backward, (v.detach(), f.detach(), g, rev, False))
+    torch.library.opcheck(ops._permutohedral_filter_backward, (v.detach(), f.detach(), g, rev, False))
 
 
 # ---- empty inputs ----------------------------------------------------------------------------

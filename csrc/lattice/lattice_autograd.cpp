@@ -1,8 +1,9 @@
 // Autograd of the lattice ops (schemas: csrc/rrm.cpp) as C++ autograd functions registered for the
 // Autograd key, like the energy and BCD losses' (csrc/energy/energy_autograd.cpp says why: host time
 // per call). permutohedral_filter's backward is the filter with the blur order reversed (its exact
-// adjoint), and the features' _permutohedral_filter_features_backward (the barycentric weights'
-// derivative; not differentiable again); dense_crf's is dense_crf_backward, which rebuilds the
+// adjoint) and, when the features need a gradient too, _permutohedral_filter_backward gives both
+// from one lattice (the features': the barycentric weights' derivative; not differentiable again);
+// dense_crf's is dense_crf_backward, which rebuilds the
 // lattices and reruns the forward (its features get no gradient: a backward that needs one raises).
 // The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
 #include <ATen/ATen.h>
@@ -33,10 +34,11 @@ const OpPair<FilterSig>& filter_ops() {
   return p;
 }
 
-using FilterFeaturesBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, bool);
-const OpPair<FilterFeaturesBackwardSig>& filter_features_backward_ops() {
-  static const OpPair<FilterFeaturesBackwardSig> p("rrm_cuda::_permutohedral_filter_features_backward",
-                                                   "rrm_cuda::_permutohedral_filter_features_backward_emulated");
+using FilterBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             bool, bool);
+const OpPair<FilterBackwardSig>& filter_backward_ops() {
+  static const OpPair<FilterBackwardSig> p("rrm_cuda::_permutohedral_filter_backward",
+                                           "rrm_cuda::_permutohedral_filter_backward_emulated");
   return p;
 }
 
@@ -70,9 +72,13 @@ struct FilterFunction : public torch::autograd::Function<FilterFunction> {
     const bool emulated = ctx->saved_data["emulated"].toBool(), reverse = ctx->saved_data["reverse"].toBool();
     const bool cache = ctx->saved_data["cache"].toBool();
     const at::Tensor grad = grads[0].contiguous();
-    if (ctx->needs_input_grad(1)) {
+    if (ctx->needs_input_grad(1)) {  // both from one lattice
       refuse_double_backward("permutohedral_filter (with a gradient w.r.t. features)");
-      out[1] = filter_features_backward_ops().get(emulated).call(saved[1], features, grad, reverse, cache);
+      auto [grad_values, grad_features] =
+          filter_backward_ops().get(emulated).call(saved[1], features, grad, reverse, cache);
+      if (ctx->needs_input_grad(0)) out[0] = grad_values;
+      out[1] = grad_features;
+      return out;
     }
     // K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order
     if (ctx->needs_input_grad(0)) out[0] = filter_ops().get(emulated).call(grad, features, !reverse, cache);

@@ -22,19 +22,18 @@ at::Tensor filter_emulated(const at::Tensor& values, const at::Tensor& features,
   return permutohedral_filter(EmulatedCudaExec{}, values, features, reverse, values.size(0), cache);
 }
 
-at::Tensor features_backward_cpu(const at::Tensor& values, const at::Tensor& features, const at::Tensor& grad,
-                                 bool reverse, bool cache) {
+std::tuple<at::Tensor, at::Tensor> filter_backward_cpu(const at::Tensor& values, const at::Tensor& features,
+                                                       const at::Tensor& grad, bool reverse, bool cache) {
   check_filter_args(values, features);
   check_filter_grad(values, grad);
-  return permutohedral_filter_features_backward(CpuExec{}, values, features, grad, reverse, /*chunk=*/1, cache);
+  return permutohedral_filter_backward(CpuExec{}, values, features, grad, reverse, /*chunk=*/1, cache);
 }
 
-at::Tensor features_backward_emulated(const at::Tensor& values, const at::Tensor& features, const at::Tensor& grad,
-                                      bool reverse, bool cache) {
+std::tuple<at::Tensor, at::Tensor> filter_backward_emulated(const at::Tensor& values, const at::Tensor& features,
+                                                            const at::Tensor& grad, bool reverse, bool cache) {
   check_filter_args(values, features);
   check_filter_grad(values, grad);
-  return permutohedral_filter_features_backward(EmulatedCudaExec{}, values, features, grad, reverse, values.size(0),
-                                                cache);
+  return permutohedral_filter_backward(EmulatedCudaExec{}, values, features, grad, reverse, values.size(0), cache);
 }
 
 std::vector<bool> to_vector(const c10::List<bool>& l) { return std::vector<bool>(l.begin(), l.end()); }
@@ -99,8 +98,8 @@ TORCH_LIBRARY_IMPL(rrm_cuda, CPU, m) {
   m.impl("_lattice_tables", &tables_cpu);
   m.impl("permutohedral_filter", &filter_cpu);
   m.impl("_permutohedral_filter_emulated", &filter_emulated);
-  m.impl("_permutohedral_filter_features_backward", &features_backward_cpu);
-  m.impl("_permutohedral_filter_features_backward_emulated", &features_backward_emulated);
+  m.impl("_permutohedral_filter_backward", &filter_backward_cpu);
+  m.impl("_permutohedral_filter_backward_emulated", &filter_backward_emulated);
   m.impl("dense_crf", &crf_cpu);
   m.impl("_dense_crf_emulated", &crf_emulated);
   m.impl("lattice_num_vertices", &num_vertices_cpu);

@@ -17,12 +17,12 @@ at::Tensor filter_cuda(const at::Tensor& values, const at::Tensor& features, boo
   return permutohedral_filter(CudaExec{}, values, features, reverse, values.size(0), cache);
 }
 
-at::Tensor features_backward_cuda(const at::Tensor& values, const at::Tensor& features, const at::Tensor& grad,
-                                  bool reverse, bool cache) {
+std::tuple<at::Tensor, at::Tensor> filter_backward_cuda(const at::Tensor& values, const at::Tensor& features,
+                                                        const at::Tensor& grad, bool reverse, bool cache) {
   check_filter_args(values, features);
   check_filter_grad(values, grad);
   const c10::cuda::CUDAGuard guard(values.device());
-  return permutohedral_filter_features_backward(CudaExec{}, values, features, grad, reverse, values.size(0), cache);
+  return permutohedral_filter_backward(CudaExec{}, values, features, grad, reverse, values.size(0), cache);
 }
 
 at::Tensor crf_cuda(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tables_cuda(const at::Tensor& fea
 TORCH_LIBRARY_IMPL(rrm_cuda, CUDA, m) {
   m.impl("_lattice_tables", &tables_cuda);
   m.impl("permutohedral_filter", &filter_cuda);
-  m.impl("_permutohedral_filter_features_backward", &features_backward_cuda);
+  m.impl("_permutohedral_filter_backward", &filter_backward_cuda);
   m.impl("dense_crf", &crf_cuda);
   m.impl("lattice_num_vertices", &num_vertices_cuda);
   m.impl("dense_crf_backward", &crf_backward_cuda);

@@ -1222,28 +1222,39 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
   return out.transpose(1, 2).contiguous();
 }
 
-// The features' gradient of permutohedral_filter (FeatureGradFunctor): values (B, C, N), features
-// (B, d, N), grad (B, C, N) the output's gradient -> (B, d, N). The lattice (the forward's, from the
-// cache when keep), the splat and blur of the values in the filter's blur order and of grad in the
-// reversed one, then one pass over the pixels.
+// Both gradients of permutohedral_filter from one lattice: values (B, C, N), features (B, d, N),
+// grad (B, C, N) the output's gradient -> (the values' (B, C, N), the features' (B, d, N)). The
+// lattice (the forward's, from the cache when keep), the splat and blur of grad in the reversed
+// blur order, whose slice is the values' gradient (the filter of grad with !reverse, the same bits),
+// and of the values in the filter's own order, then one pass over the pixels for the features'
+// (FeatureGradFunctor). One build and three splats and blurs where the two gradients apart took two
+// builds and four.
 template <class Exec>
-at::Tensor permutohedral_filter_features_backward(const Exec& exec, const at::Tensor& values,
-                                                  const at::Tensor& features, const at::Tensor& grad, bool reverse,
-                                                  int64_t chunk, bool keep = false) {
+std::tuple<at::Tensor, at::Tensor> permutohedral_filter_backward(const Exec& exec, const at::Tensor& values,
+                                                                 const at::Tensor& features, const at::Tensor& grad,
+                                                                 bool reverse, int64_t chunk, bool keep = false) {
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   const int d = static_cast<int>(features.size(1));
-  if (B == 0 || C == 0 || N == 0) return at::zeros({B, d, N}, features.options());
+  if (B == 0 || C == 0 || N == 0) return {at::zeros_like(values), at::zeros({B, d, N}, features.options())};
   // its rows: two filters' blur buffers and chunk sums
   const bool counted = use_counted(exec, B, chunk, N, d, 6 * C * values.element_size());
   const Lattice lat = cached_or_built(exec, features, chunk, keep, counted, /*chunk_tile=*/0, /*replace=*/false)->lat;
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
   auto g = grad.transpose(1, 2).contiguous();
   auto f = features.contiguous();
-  auto out = at::empty({B, d, N}, features.options());
+  auto grad_values = at::empty({B, N, C}, values.options());
+  auto grad_features = at::empty({B, d, N}, features.options());
   FilterWorkspace ws_in, ws_g;
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter_features_backward", [&] {
-    const scalar_t* lf = splat_blur<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, C, reverse, ws_in);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter_backward", [&] {
+    const scalar_t alpha = static_cast<scalar_t>(slice_alpha(d));
     const scalar_t* la = splat_blur<Exec, scalar_t>(exec, lat, g.data_ptr<scalar_t>(), nullptr, C, !reverse, ws_g);
+    const int64_t Cs = ws_g.a.size(2);
+    exec.for_each_item(
+        B, N, C,
+        SliceFunctor<scalar_t>{la, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), nullptr,
+                               nullptr, nullptr, grad_values.data_ptr<scalar_t>(), alpha, N, lat.E, lat.M, C, Cs, d},
+        std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C)));
+    const scalar_t* lf = splat_blur<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, C, reverse, ws_in);
     with_fixed_d<2, 3, 5>(d, [&](auto fixed_d) {
       FeatureGradFunctor<scalar_t, decltype(fixed_d)::value> fg{};
       fg.embed.features = f.data_ptr<scalar_t>();
@@ -1255,15 +1266,15 @@ at::Tensor permutohedral_filter_features_backward(const Exec& exec, const at::Te
       fg.lf = lf;
       fg.la = la;
       fg.entry_vertex = lat.entry_vertex.data_ptr<int32_t>();
-      fg.grad = out.data_ptr<scalar_t>();
-      fg.alpha = static_cast<scalar_t>(slice_alpha(d));
+      fg.grad = grad_features.data_ptr<scalar_t>();
+      fg.alpha = alpha;
       fg.M = lat.M;
       fg.C = C;
-      fg.Cs = ws_in.a.size(2);
+      fg.Cs = Cs;
       exec.for_each_item(B, N, 1, fg, std::max<int64_t>(16, 4096 / std::max<int64_t>(1, C)));
     });
   });
-  return out;
+  return {grad_values.transpose(1, 2).contiguous(), grad_features};
 }
 
 // The lattices of `lat` repeated `reps` times along the batch (image b of the result is image

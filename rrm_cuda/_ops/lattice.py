@@ -19,15 +19,15 @@ def _filter_emulated_fake(values, features, reverse=False, cache=False):
     return values.new_empty(values.shape)
 
 
-@torch.library.register_fake("rrm_cuda::_permutohedral_filter_features_backward")
-def _filter_features_backward_fake(values, features, grad, reverse=False, cache=False):
+@torch.library.register_fake("rrm_cuda::_permutohedral_filter_backward")
+def _filter_backward_fake(values, features, grad, reverse=False, cache=False):
     torch._check(values.dim() == 3 and features.dim() == 3 and grad.shape == values.shape)
-    return features.new_empty(features.shape)
+    return values.new_empty(values.shape), features.new_empty(features.shape)
 
 
-@torch.library.register_fake("rrm_cuda::_permutohedral_filter_features_backward_emulated")
-def _filter_features_backward_emulated_fake(values, features, grad, reverse=False, cache=False):
-    return features.new_empty(features.shape)
+@torch.library.register_fake("rrm_cuda::_permutohedral_filter_backward_emulated")
+def _filter_backward_emulated_fake(values, features, grad, reverse=False, cache=False):
+    return values.new_empty(values.shape), features.new_empty(features.shape)
 
 
 @torch.library.register_fake("rrm_cuda::lattice_num_vertices")
@@ -76,13 +76,14 @@ def _filter_backward(ctx, grad):
     features, values = ctx.saved_tensors
     grad = grad.contiguous()
     grad_values = grad_features = None
-    if ctx.needs_input_grad[1]:  # the barycentric weights' derivative (not differentiable again)
+    if ctx.needs_input_grad[1]:  # both from one lattice; the features': the barycentric weights' derivative
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "rrm_cuda::permutohedral_filter (with a gradient w.r.t. features): its backward is not "
                 "differentiable, so a double backward (create_graph=True through this op) is not supported"
             )
-        grad_features = ops._permutohedral_filter_features_backward(values, features, grad, ctx.reverse, ctx.cache)
+        grad_values, grad_features = ops._permutohedral_filter_backward(values, features, grad, ctx.reverse, ctx.cache)
+        return (grad_values if ctx.needs_input_grad[0] else None), grad_features, None, None
     if ctx.needs_input_grad[0]:
         # K = alpha S^T B_d..B_0 S; each B_j is symmetric, so K^T blurs the axes in reverse order.
         grad_values = ops.permutohedral_filter(grad, features, not ctx.reverse, ctx.cache)
