@@ -121,8 +121,8 @@ def permutohedral_filter(values: Tensor, features: Tensor, *, reverse: bool = Fa
     same filter with the blur order reversed, ``reverse=True``). And w.r.t. ``features`` (learnable
     positions or feature scales): the lattice's simplices are piecewise constant in the features and
     its barycentric weights linear, so the gradient is the weights' derivative, exact almost
-    everywhere (two splats and blurs and one pass over the pixels; not differentiable again: a
-    double backward that needs it raises).
+    everywhere (both gradients from one lattice, rebuilt unless ``cache``: two splats and blurs and
+    two passes over the pixels; not differentiable again: a double backward that needs it raises).
 
     Args:
         values: (B, C, *S) floating tensor, any C >= 1.

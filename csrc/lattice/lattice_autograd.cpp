@@ -2,10 +2,10 @@
 // Autograd key, like the energy and BCD losses' (csrc/energy/energy_autograd.cpp says why: host time
 // per call). permutohedral_filter's backward is the filter with the blur order reversed (its exact
 // adjoint) and, when the features need a gradient too, _permutohedral_filter_backward gives both
-// from one lattice (the features': the barycentric weights' derivative; not differentiable again);
-// dense_crf's is dense_crf_backward, which rebuilds the
-// lattices and reruns the forward (its features get no gradient: a backward that needs one raises).
-// The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
+// from one lattice (the features': the barycentric weights' derivative; not differentiable again).
+// Both rebuild the lattice unless the call keeps it (cache=True). dense_crf's is dense_crf_backward,
+// which rebuilds the lattices and reruns the forward (its features get no gradient: a backward that
+// needs one raises). The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
