@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -145,6 +146,47 @@ class threads:  # noqa: N801 - used as a context manager
         torch.set_num_threads(self.old)
 
 
+def photo(name: str, H: int, W: int):
+    """A scikit-image bundled photograph (uint8 (H, W, 3) numpy array), upscaled when smaller than
+    H x W, centre-cropped to it."""
+    import numpy as np
+    from skimage import data, transform
+
+    img = getattr(data, name)()[..., :3]
+    if img.shape[0] < H or img.shape[1] < W:
+        s = max(H / img.shape[0], W / img.shape[1])
+        img = (transform.rescale(img, s, channel_axis=-1, anti_aliasing=True) * 255).astype(np.uint8)
+    y0, x0 = (img.shape[0] - H) // 2, (img.shape[1] - W) // 2
+    return np.ascontiguousarray(img[y0 : y0 + H, x0 : x0 + W])
+
+
+def for_each_size(
+    sizes: dict,
+    devices: Sequence[torch.device],
+    check: Callable[[object, torch.device], dict],
+    bench: Callable[[str, object, torch.device, int | None], None],
+    skip_cpu: bool = False,
+) -> dict:
+    """Every size on every device: ``check(spec, device)`` first (printed, and returned by
+    "<name> <device>"), then ``bench(name, spec, device, threads)`` on the CPU with 1 thread and with
+    all of torch's threads (not with ``skip_cpu``), once on CUDA (threads None)."""
+    all_threads = torch.get_num_threads()
+    checks = {}
+    for name, spec in sizes.items():
+        for device in devices:
+            checks[f"{name} {device}"] = check(spec, device)
+            print(f"correct: {name} on {device}: {checks[f'{name} {device}']}", flush=True)
+            if device.type == "cpu" and skip_cpu:
+                continue
+            if device.type != "cpu":
+                bench(name, spec, device, None)
+                continue
+            for n in sorted({1, all_threads}):
+                with threads(n):
+                    bench(name, spec, device, n)
+    return checks
+
+
 def print_table(rows: Sequence[Row], baseline: str | None) -> None:
     base = {r.workload: r.median_ms for r in rows if r.method == baseline}
     head = f"{'workload':<34} {'method':<34} {'median ms':>10} {'IQR ms':>8}"
@@ -199,7 +241,7 @@ def chart(rows: Sequence[Row], path: str, title: str, baseline: str | None) -> N
             ax.text(x, y, f"{y:.0f}" if y >= 100 else f"{y:.3g}", ha="center", va="bottom", fontsize=6, rotation=90)
         del bars
     ax.set_xticks(range(len(workloads)))
-    ax.set_xticklabels(workloads, fontsize=7)
+    ax.set_xticklabels([textwrap.fill(w, 18) for w in workloads], fontsize=7)  # long names side by side
     ax.set_yscale("log")
     lo, hi = ax.get_ylim()
     ax.set_ylim(lo, hi * 6)  # room above the tallest bar for its label and the legend

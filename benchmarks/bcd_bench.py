@@ -28,7 +28,7 @@ except ImportError:  # a development checkout built in place (python setup.py bu
 from rrm_cuda import reference as R  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, device_tag, metadata, print_table, threads, time_fn, write_results  # noqa: E402
+from _common import Row, device_tag, for_each_size, metadata, print_table, time_fn, write_results  # noqa: E402
 
 SIZES = {  # name: (B, C, h, w, K)
     "authors B8 C1024 41x41 K21": (8, 1024, 41, 41, 21),
@@ -158,22 +158,14 @@ def main(argv=None) -> None:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.cpu_only:
         devices.append(torch.device("cuda"))
-    all_threads = torch.get_num_threads()
     rows: list[Row] = []
-    checks = {}
-    for name, shape in sizes.items():
-        for device in devices:
-            checks[f"{name} {device}"] = check(shape, device)
-            print(f"correct: {name} on {device}: {checks[f'{name} {device}']}", flush=True)
-            if device.type == "cpu" and args.skip_cpu:
-                continue
-            thread_counts = sorted({1, all_threads}) if device.type == "cpu" else [None]
-            for n in thread_counts:
-                if n is None:
-                    bench_one(name, shape, device, None, args, rows)
-                else:
-                    with threads(n):
-                        bench_one(name, shape, device, n, args, rows)
+    checks = for_each_size(
+        sizes,
+        devices,
+        check,
+        lambda name, shape, device, n: bench_one(name, shape, device, n, args, rows),
+        args.skip_cpu,
+    )
     print()
     print_table(rows, BASELINE)
     for r in rows:

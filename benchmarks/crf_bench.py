@@ -24,21 +24,10 @@ import rrm_cuda
 from rrm_cuda.reference import dense_crf_reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, device_tag, metadata, print_table, threads, time_fn, write_results  # noqa: E402
+from _common import Row, device_tag, metadata, photo, print_table, threads, time_fn, write_results  # noqa: E402
 
 GAUSS = dict(sxy=3, compat=3)
 BIL = dict(sxy=80, srgb=13, compat=10)
-
-
-def photo(name: str, H: int, W: int) -> np.ndarray:
-    from skimage import data, transform
-
-    img = getattr(data, name)()[..., :3]
-    if img.shape[0] < H or img.shape[1] < W:
-        s = max(H / img.shape[0], W / img.shape[1])
-        img = (transform.rescale(img, s, channel_axis=-1, anti_aliasing=True) * 255).astype(np.uint8)
-    y0, x0 = (img.shape[0] - H) // 2, (img.shape[1] - W) // 2
-    return np.ascontiguousarray(img[y0 : y0 + H, x0 : x0 + W])
 
 
 def scores(L: int, H: int, W: int, seed: int) -> np.ndarray:

@@ -19,7 +19,7 @@
 #   OUT_DIR=/tmp/gpu bash benchmarks/gpu_check.sh build smoke tests
 #
 # Default steps: build smoke tests sanitize bench profile. SANITIZERS (default memcheck racecheck) and
-# BENCHES (default crf energy bcd) choose within a step. Needs nvcc (CUDA_HOME) and a CUDA torch.
+# BENCHES (default crf energy bcd; also filter) choose within a step. Needs nvcc (CUDA_HOME) and a CUDA torch.
 set -u
 OUT_DIR=${OUT_DIR:-${OUT:-/tmp/rrm-gpu}}
 mkdir -p "$OUT_DIR"
@@ -152,6 +152,7 @@ if has bench; then
       energy) step energy_bench 200 $PY benchmarks/energy_bench.py --skip-cpu --min-run-time 0.5 --out-dir "$R" ;;
       bcd) step bcd_bench 150 $PY benchmarks/bcd_bench.py --skip-cpu --skip reference_loop --min-run-time 0.5 \
         --out-dir "$R" ;;
+      filter) step filter_bench 120 $PY benchmarks/filter_bench.py --skip-cpu --min-run-time 0.5 --out-dir "$R" ;;
     esac
   done
 fi

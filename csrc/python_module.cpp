@@ -74,6 +74,10 @@ PyObject* lattice_counted_builds(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::counted_builds()));
 }
 
+PyObject* lattice_builds(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::builds()));
+}
+
 PyObject* lattice_table_retries(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::table_retries()));
 }
@@ -150,6 +154,8 @@ PyMethodDef methods[] = {
      "Keep at most n lattices of constant features (0 disables the cache); drops the rest."},
     {"lattice_counted_builds", lattice_counted_builds, METH_NOARGS,
      "Counted lattices (built without a host read of their size; knob counted_lattice) built so far."},
+    {"lattice_builds", lattice_builds, METH_NOARGS,
+     "Permutohedral lattices built so far in this process (every build; the cache's hits build none)."},
     {"lattice_table_retries", lattice_table_retries, METH_NOARGS,
      "Hash tables of the GPU-style lattice build given up as too full and rebuilt larger so far."},
     {"emulated_launches", emulated_launches, METH_NOARGS,

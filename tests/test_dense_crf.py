@@ -620,6 +620,39 @@ def test_grad_without_compat_grad_skips_it():
         assert not bool(gc.any()) and bool(full[1].any())
 
 
+@pytest.mark.parametrize("op", ["dense_crf", "_dense_crf_emulated"])
+@pytest.mark.parametrize("diagonal,norm,iterations", GRAD_CASES[:3])
+def test_forward_hands_its_lattices_to_the_backward(op, diagonal, norm, iterations, tuning, lattice_cache):
+    """The autograd node keeps the forward's lattices with their normalisers: the backward (which
+    reruns the forward's steps) builds none, where with knob lattice_to_backward 0 it builds every
+    term's again; the same bits either way. A term the lattice cache keeps (cache flag) is taken from
+    the cache by both as before, and a second backward (retain_graph=True) builds again."""
+    from rrm_cuda import _C
+
+    unary, feats, c = _grad_inputs(B=2, L=3, H=7, W=6, seed=21)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
+    fn = getattr(ops, op)
+
+    def fwd_bwd(cache, keep, backwards=1):
+        tuning("lattice_to_backward", keep)
+        u, cc = unary.clone().requires_grad_(), c.clone().requires_grad_()
+        q = fn(u, feats, cc, diagonal, [norm] * 2, iterations, cache)
+        counts, grads = [_C.lattice_builds()], []
+        for k in range(backwards):
+            grads.append(torch.autograd.grad(q, (u, cc), gq, retain_graph=k + 1 < backwards))
+            counts.append(_C.lattice_builds())
+        return grads, [b - a for a, b in zip(counts, counts[1:])]
+
+    for cache in ([False, False], [True, False]):
+        rrm_cuda.clear_lattice_cache()
+        fn(unary, feats, c, diagonal, [norm] * 2, iterations, cache)  # the cached term's entry, if any
+        kept, kept_builds = fwd_bwd(cache, 1, backwards=2)
+        rebuilt, rebuilt_builds = fwd_bwd(cache, 0)
+        assert kept_builds == [0, 2 - sum(cache)] and rebuilt_builds == [2 - sum(cache)], cache
+        for a, b in zip(kept[0] + kept[1], rebuilt[0] + rebuilt[0]):
+            assert torch.equal(a, b)
+
+
 def test_grad_float32_close_to_float64():
     unary, feats, c = _grad_inputs(B=1, L=5, H=12, W=10, seed=5)
     gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)

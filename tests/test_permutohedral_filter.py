@@ -332,6 +332,7 @@ def test_tuning_knobs(tuning):
         "energy_backward_blocks",
         "energy_pack_blocks",
         "emulate_order",
+        "lattice_to_backward",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -889,9 +890,136 @@ def test_joint_backward_gives_the_adjoints_bits(op):
         assert torch.equal(gv, filt(g, f, not rev, False))
 
 
+# ---- the forward's lattice handed to the backward ----------------------------------------------
+def _fwd_bwd(fn, v, f, w, want, rev=False, **grad_kw):
+    """(gradients, lattices built) of one forward and backward of fn(v, f, rev, False) * w."""
+    from rrm_cuda import _C
+
+    vv = v.detach().clone().requires_grad_(want != "features")
+    ff = f.detach().clone().requires_grad_(want != "values")
+    before = _C.lattice_builds()
+    grads = torch.autograd.grad((fn(vv, ff, rev, False) * w).sum(), [t for t in (vv, ff) if t.requires_grad], **grad_kw)
+    return grads, _C.lattice_builds() - before
+
+
+@pytest.mark.parametrize("op", ["permutohedral_filter", "_permutohedral_filter_emulated"])
+@pytest.mark.parametrize("want", ["values", "features", "both"])
+def test_forward_hands_its_lattice_to_the_backward(op, want, tuning, lattice_cache):
+    # The autograd node keeps the lattice its forward built (and, for the features' gradient, the
+    # forward's blurred rows): a forward and backward build one lattice, not two, and give the bits of
+    # the backward that builds it again (knob lattice_to_backward 0), in both blur orders and with
+    # non-contiguous features (keyed by the tensor the caller passed, as the cache's entries).
+    from rrm_cuda import _C
+
+    fn = getattr(ops, op)
+    v, f = _inputs(B=2, C=5, N=150, d=5, seed=11)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(12), dtype=v.dtype)
+    f_nc = f.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not f_nc.is_contiguous()
+    for feats in (f, f_nc):
+        for rev in (False, True):
+            got, builds = _fwd_bwd(fn, v, feats, w, want, rev)
+            tuning("lattice_to_backward", 0)
+            ref, builds0 = _fwd_bwd(fn, v, feats, w, want, rev)
+            tuning("lattice_to_backward", 1)
+            assert (builds, builds0) == (1, 2)
+            assert len(got) == len(ref) == (2 if want == "both" else 1)
+            for a, b in zip(got, ref):
+                assert torch.equal(a, b)
+    # nothing is left behind for later calls: a plain call builds its lattice
+    before = _C.lattice_builds()
+    fn(v, f, False, False)
+    assert _C.lattice_builds() - before == 1
+    assert rrm_cuda.lattice_cache_info()["entries"] == 0  # the cache is not used for it
+
+
+def test_handed_over_rows_spare_the_backward_a_splat_and_blurs(tuning):
+    # With the features' gradient the backward also takes the forward's blurred rows B S values: the
+    # emulated GPU path launches the build's launches fewer (values' gradient) and, with the features',
+    # a splat and three paired blurs (d = 5) fewer on top
+    from rrm_cuda import _C
+
+    v, f = _inputs(B=2, C=4, N=120, d=5, seed=13)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(14), dtype=v.dtype)
+
+    def launches(keep, want):
+        tuning("lattice_to_backward", keep)
+        before = _C.emulated_launches()[0]
+        _fwd_bwd(ops._permutohedral_filter_emulated, v, f, w, want)
+        return _C.emulated_launches()[0] - before
+
+    before = _C.emulated_launches()[0]
+    ops._lattice_tables(f, True)
+    build = _C.emulated_launches()[0] - before
+    assert build >= 5
+    assert launches(0, "values") - launches(1, "values") == build
+    assert launches(0, "both") - launches(1, "both") == build + 4
+    assert launches(0, "features") - launches(1, "features") == build + 4
+
+
+def test_handed_over_lattice_goes_with_the_first_backward(tuning):
+    # The node lets the lattice go in its first backward: a second one (retain_graph=True) builds it
+    # again, with the same bits; a double backward of the values' gradient (create_graph=True) hands
+    # the lattice on to the node of its backward's filter.
+    from rrm_cuda import _C
+
+    v, f = _inputs(B=1, C=3, N=90, d=3, seed=15)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(16), dtype=v.dtype)
+    for want in ("values", "both"):
+        vv = v.clone().requires_grad_(True)
+        ff = f.clone().requires_grad_(want == "both")
+        inputs = [vv, ff] if want == "both" else [vv]
+        loss = (rrm_cuda.permutohedral_filter(vv, ff) * w).sum()
+        counts = [_C.lattice_builds()]
+        first = torch.autograd.grad(loss, inputs, retain_graph=True)
+        counts.append(_C.lattice_builds())
+        second = torch.autograd.grad(loss, inputs)
+        counts.append(_C.lattice_builds())
+        assert (counts[1] - counts[0], counts[2] - counts[1]) == (0, 1)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+    def double(keep):
+        tuning("lattice_to_backward", keep)
+        vv = v.clone().requires_grad_(True)
+        before = _C.lattice_builds()
+        (gv,) = torch.autograd.grad((rrm_cuda.permutohedral_filter(vv, f) ** 2).sum(), vv, create_graph=True)
+        (ggv,) = torch.autograd.grad((gv * w).sum(), vv)
+        return gv, ggv, _C.lattice_builds() - before
+
+    kept, rebuilt = double(1), double(0)
+    assert torch.equal(kept[0], rebuilt[0]) and torch.equal(kept[1], rebuilt[1])
+    # forward 1; first backward 0 (handed over), recorded by its filter's node; that node's backward 0;
+    # the first node again (its lattice gone with its first backward) 1. Without: one per filter call.
+    assert (kept[2], rebuilt[2]) == (2, 4)
+
+
+def test_nothing_is_handed_over_in_a_capture_or_without_a_graph(tuning):
+    # Inside a CUDA graph capture (emulated: counted lattices, no cache) the backward builds its own
+    # lattice, as before; under no_grad, or with no input requiring a gradient, nothing is recorded.
+    from rrm_cuda import _C
+
+    v, f = _inputs(B=2, C=3, N=100, d=5, seed=17)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(18), dtype=v.dtype)
+    ref, _ = _fwd_bwd(ops._permutohedral_filter_emulated, v, f, w, "both")
+    tuning("emulate_capture", 1)
+    counted = _C.lattice_counted_builds()
+    got, builds = _fwd_bwd(ops._permutohedral_filter_emulated, v, f, w, "both")
+    assert builds == 2 and _C.lattice_counted_builds() - counted == 2
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    tuning("emulate_capture", 0)
+    with torch.no_grad():
+        out = rrm_cuda.permutohedral_filter(v.clone().requires_grad_(True), f)
+    assert out.grad_fn is None
+    assert rrm_cuda.permutohedral_filter(v, f).grad_fn is None
+
+
 # ---- the lattice cache (cache=True) -------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cached_lattice_gives_the_same_bits(lattice_cache, dtype):
+    from rrm_cuda import _C
+
     # cache=True: the first call builds and keeps the lattice, later calls (other values, either
     # blur order, the backward) reuse it with the bits of a fresh build; one entry per executor.
     v, f = _inputs(B=2, C=4, N=180, d=5, dtype=dtype, seed=4)
@@ -904,13 +1032,16 @@ def test_cached_lattice_gives_the_same_bits(lattice_cache, dtype):
                     torch.testing.assert_close(op(x, f, rev, True), fresh, rtol=0, atol=0)
     info = rrm_cuda.lattice_cache_info()
     assert info["entries"] == 2 and info["misses"] == 2 and info["hits"] == 14 and info["bytes"] > 0
-    # the public API and its backward (the adjoint reuses the forward's entry)
+    # the public API and its backward (the adjoint reuses the forward's entry, which the forward's
+    # autograd node hands to it: one cache hit, in the forward, and no build)
     vg = v.clone().requires_grad_()
+    builds = _C.lattice_builds()
     out = rrm_cuda.permutohedral_filter(vg, f, cache=True)
     (out * w).sum().backward()
+    assert _C.lattice_builds() == builds
     torch.testing.assert_close(out, ops.permutohedral_filter(v, f), rtol=0, atol=0)
     torch.testing.assert_close(vg.grad, ops.permutohedral_filter(w, f, True), rtol=0, atol=0)
-    assert rrm_cuda.lattice_cache_info()["hits"] == 16
+    assert rrm_cuda.lattice_cache_info()["hits"] == 15
     # a lattice dense_crf keeps for the same tensor is the filter's too (one build per executor)
     rrm_cuda.clear_lattice_cache()
     u = torch.randn(2, 3, 180, dtype=dtype)

@@ -75,6 +75,11 @@ enum Knob : int {
                          // block's threads in each phase): 0 in reverse, 1 in order, s >= 2 a permutation
                          // seeded by s; 0. Results must not depend on it (a launch whose threads read what
                          // other threads of it write would show). Not read by CUDA.
+  kLatticeToBackward,    // the C++ autograd of permutohedral_filter and dense_crf: the forward hands its
+                         // lattices to the backward (the filter, with the features' gradient, its
+                         // blurred rows too; dense_crf its normalisers), which then builds none (1), or
+                         // the backward builds them again (0, before session 29); 1. The same bits.
+                         // Read by each forward that records a graph. Name lattice_to_backward.
   kNumKnobs
 };
 

@@ -3,9 +3,13 @@
 // per call). permutohedral_filter's backward is the filter with the blur order reversed (its exact
 // adjoint) and, when the features need a gradient too, _permutohedral_filter_backward gives both
 // from one lattice (the features': the barycentric weights' derivative; not differentiable again).
-// Both rebuild the lattice unless the call keeps it (cache=True). dense_crf's is dense_crf_backward,
-// which rebuilds the lattices and reruns the forward (its features get no gradient: a backward that
-// needs one raises). The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
+// The forward hands its lattice to the backward (a Handoff kept by the node, lattice_cache.h; knob
+// lattice_to_backward), and with the features' gradient its blurred rows B S values too, so the
+// backward neither builds the lattice again nor splats and blurs the values again; the node lets
+// them go in its first backward (a second one, retain_graph=True, builds again), and a CUDA graph
+// capture hands nothing over. dense_crf's is dense_crf_backward, which reruns the forward on the
+// forward's lattices and normalisers, handed over the same way (its features get no gradient: a
+// backward that needs one raises). The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -14,6 +18,8 @@
 #include <vector>
 
 #include "common/op_pair.h"
+#include "common/tuning.h"
+#include "lattice/lattice_cache.h"
 
 namespace rrm {
 namespace lattice {
@@ -52,11 +58,38 @@ const OpPair<CrfBackwardSig>& crf_backward_ops() {
   return p;
 }
 
+// The forward's lattices, recorded by `call` when keep, into the node's saved data.
+template <class Call>
+at::Tensor recording_lattices(AutogradContext* ctx, bool keep, bool want_rows, const Call& call) {
+  if (!keep || tuning::get(tuning::kLatticeToBackward) == 0) return call();
+  auto handoff = c10::make_intrusive<Handoff>();
+  handoff->want_rows = want_rows;
+  at::Tensor out;
+  {
+    HandoffScope scope(handoff.get(), /*record=*/true);
+    out = call();
+  }
+  if (!handoff->items.empty()) ctx->saved_data["lattice"] = c10::IValue::make_capsule(handoff);
+  return out;
+}
+
+// The forward's lattices, taken out of the node (their memory goes with this backward), or null.
+c10::intrusive_ptr<Handoff> take_lattices(AutogradContext* ctx) {
+  auto it = ctx->saved_data.find("lattice");
+  if (it == ctx->saved_data.end()) return {};
+  auto handoff = c10::static_intrusive_pointer_cast<Handoff>(it->second.toCapsule());
+  ctx->saved_data.erase(it);
+  return handoff;
+}
+
 struct FilterFunction : public torch::autograd::Function<FilterFunction> {
+  // keep: a backward will follow (the node records its inputs), so the op hands its lattice over
   static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& features, bool reverse,
-                               bool cache, bool emulated) {
+                               bool cache, bool emulated, bool keep) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor out = filter_ops().get(emulated).call(values, features, reverse, cache);
+    at::Tensor out = recording_lattices(ctx, keep, features.requires_grad(), [&] {
+      return filter_ops().get(emulated).call(values, features, reverse, cache);
+    });
     // the values only when the features' gradient may be asked for (it needs them)
     ctx->save_for_backward({features, features.requires_grad() ? values : at::Tensor()});
     ctx->saved_data["reverse"] = reverse;
@@ -66,12 +99,14 @@ struct FilterFunction : public torch::autograd::Function<FilterFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list out(5);
+    variable_list out(6);
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& features = saved[0];
     const bool emulated = ctx->saved_data["emulated"].toBool(), reverse = ctx->saved_data["reverse"].toBool();
     const bool cache = ctx->saved_data["cache"].toBool();
     const at::Tensor grad = grads[0].contiguous();
+    const auto handoff = take_lattices(ctx);
+    HandoffScope scope(handoff.get(), /*record=*/false);
     if (ctx->needs_input_grad(1)) {  // both from one lattice
       refuse_double_backward("permutohedral_filter (with a gradient w.r.t. features)");
       auto [grad_values, grad_features] =
@@ -89,9 +124,11 @@ struct FilterFunction : public torch::autograd::Function<FilterFunction> {
 struct CrfFunction : public torch::autograd::Function<CrfFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& unary, at::TensorList features,
                                const at::Tensor& compat, const c10::List<bool>& diagonal, at::IntArrayRef normalization,
-                               int64_t iterations, const c10::List<bool>& cache, bool emulated) {
+                               int64_t iterations, const c10::List<bool>& cache, bool emulated, bool keep) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor q = crf_ops().get(emulated).call(unary, features, compat, diagonal, normalization, iterations, cache);
+    at::Tensor q = recording_lattices(ctx, keep, false, [&] {
+      return crf_ops().get(emulated).call(unary, features, compat, diagonal, normalization, iterations, cache);
+    });
     std::vector<at::Tensor> saved{unary, compat};
     saved.insert(saved.end(), features.begin(), features.end());
     ctx->save_for_backward(saved);
@@ -108,9 +145,9 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
     const variable_list s = ctx->get_saved_variables();
     const std::vector<at::Tensor> features(s.begin() + 2, s.end());
     const size_t F = features.size();
-    // inputs: unary, the F features, compat (the tensors' edges: compat is edge F + 1), then five
+    // inputs: unary, the F features, compat (the tensors' edges: compat is edge F + 1), then six
     // non-tensor arguments
-    variable_list out(F + 7);
+    variable_list out(F + 8);
     for (size_t f = 0; f < F; ++f)
       TORCH_CHECK(!ctx->needs_input_grad(1 + f),
                   "dense_crf: no gradient w.r.t. the pairwise features (made from `image`, and any extra "
@@ -119,6 +156,8 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
     const bool want_unary = ctx->needs_input_grad(0), want_compat = ctx->needs_input_grad(F + 1);
     // Without a compatibility gradient the op skips recomputing the messages (one filter per term
     // and step).
+    const auto handoff = take_lattices(ctx);
+    HandoffScope scope(handoff.get(), /*record=*/false);
     auto [grad_unary, grad_compat] =
         crf_backward_ops()
             .get(ctx->saved_data["emulated"].toBool())
@@ -133,14 +172,16 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
 
 template <bool kEmulated>
 at::Tensor filter_autograd(const at::Tensor& values, const at::Tensor& features, bool reverse, bool cache) {
-  return FilterFunction::apply(values, features, reverse, cache, kEmulated)[0];
+  const bool keep = at::GradMode::is_enabled() && (values.requires_grad() || features.requires_grad());
+  return FilterFunction::apply(values, features, reverse, cache, kEmulated, keep)[0];
 }
 
 template <bool kEmulated>
 at::Tensor crf_autograd(const at::Tensor& unary, at::TensorList features, const at::Tensor& compat,
                         const c10::List<bool>& diagonal, at::IntArrayRef normalization, int64_t iterations,
                         const c10::List<bool>& cache) {
-  return CrfFunction::apply(unary, features, compat, diagonal, normalization, iterations, cache, kEmulated)[0];
+  const bool keep = at::GradMode::is_enabled() && (unary.requires_grad() || compat.requires_grad());
+  return CrfFunction::apply(unary, features, compat, diagonal, normalization, iterations, cache, kEmulated, keep)[0];
 }
 
 }  // namespace

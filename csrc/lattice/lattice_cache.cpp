@@ -114,6 +114,47 @@ void cache_put(const at::Tensor& features, const char* exec, int64_t stream, int
   s.trim();
 }
 
+namespace {
+thread_local Handoff* t_record = nullptr;
+thread_local Handoff* t_supply = nullptr;
+}  // namespace
+
+HandoffScope::HandoffScope(Handoff* h, bool record) : record_(record) {
+  Handoff*& slot = record ? t_record : t_supply;
+  prev_ = slot;
+  slot = h;
+}
+
+HandoffScope::~HandoffScope() { (record_ ? t_record : t_supply) = prev_; }
+
+HandoffClaim handoff_claim() {
+  HandoffClaim c{t_record, t_supply};
+  t_record = t_supply = nullptr;
+  return c;
+}
+
+std::shared_ptr<CachedLattice> handoff_find(const Handoff& h, const at::Tensor& features, const char* exec,
+                                            int64_t stream, int64_t chunk) {
+  if (h.items.empty() || !cacheable(features)) return nullptr;
+  const Key key = make_key(features, exec, stream, chunk);
+  for (const auto& it : h.items)
+    if (*static_cast<const Key*>(it.key.get()) == key) return it.entry;
+  return nullptr;
+}
+
+void handoff_put(Handoff& h, const at::Tensor& features, const char* exec, int64_t stream, int64_t chunk,
+                 std::shared_ptr<CachedLattice> entry) {
+  if (!cacheable(features)) return;
+  auto key = std::make_shared<const Key>(make_key(features, exec, stream, chunk));
+  for (auto& it : h.items) {
+    if (*static_cast<const Key*>(it.key.get()) == *key) {
+      it.entry = std::move(entry);
+      return;
+    }
+  }
+  h.items.push_back({std::move(key), std::move(entry)});
+}
+
 at::Tensor cache_norm(const CachedLattice& entry, int64_t norm) {
   std::lock_guard<std::mutex> lock(store().mu);
   return entry.norm.at(norm);
@@ -151,11 +192,14 @@ void cache_set_capacity(int64_t capacity) {
 }
 
 namespace {
+std::atomic<int64_t> g_builds{0};
 std::atomic<int64_t> g_counted_builds{0};
 std::atomic<int64_t> g_tiled_steps{0};
 std::atomic<int64_t> g_table_retries{0};
 }  // namespace
 
+void note_build() { g_builds.fetch_add(1, std::memory_order_relaxed); }
+int64_t builds() { return g_builds.load(std::memory_order_relaxed); }
 void note_counted_build() { g_counted_builds.fetch_add(1, std::memory_order_relaxed); }
 int64_t counted_builds() { return g_counted_builds.load(std::memory_order_relaxed); }
 void note_tiled_steps(int64_t n) { g_tiled_steps.fetch_add(n, std::memory_order_relaxed); }

@@ -9,10 +9,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
 
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 namespace rrm {
 namespace lattice {
@@ -71,6 +73,59 @@ void cache_put(const at::Tensor& features, const char* exec, int64_t stream, int
                std::shared_ptr<CachedLattice> entry);
 at::Tensor cache_norm(const CachedLattice& entry, int64_t norm);
 void cache_set_norm(CachedLattice& entry, int64_t norm, const at::Tensor& n);
+
+// Lattices handed from an autograd node's forward to its backward, outside the cache: the C++
+// autograd of the filter and of dense_crf (lattice_autograd.cpp) opens a record scope around its
+// forward op, which stores each lattice it used here (and the filter, when asked, its blurred rows
+// B S in); the node keeps the Handoff (a capsule in its saved data) and opens a supply scope around
+// its backward op, which takes a lattice from it instead of building one again when it was built
+// for the same features (the cache's key: the tensor's storage, geometry and version, the executor,
+// stream and images per build). A lattice's normalisers, once computed, go with it (CachedLattice).
+// Scopes are per thread, nest (each restores what it replaced), and each op claims them once, at
+// its start (handoff_claim), so a nested op never sees its caller's. Nothing is recorded or
+// supplied while a CUDA graph is captured (cache_ok).
+struct Handoff : torch::CustomClassHolder {
+  struct Item {
+    std::shared_ptr<const void> key;  // what it was built for (opaque)
+    std::shared_ptr<CachedLattice> entry;
+  };
+  std::vector<Item> items;                 // one per lattice recorded
+  bool want_rows = false;                  // the filter: record the blurred rows too (the features' gradient)
+  at::Tensor rows;                         // (B, M, Cs): B S in, blurred in the order `rows_reverse`
+  std::shared_ptr<CachedLattice> rows_of;  // the lattice they were blurred on
+  bool rows_reverse = false;
+};
+
+class HandoffScope {
+ public:
+  // record: the op records its lattice into h; else it takes h's lattice if it is for its features.
+  HandoffScope(Handoff* h, bool record);
+  ~HandoffScope();
+  HandoffScope(const HandoffScope&) = delete;
+  HandoffScope& operator=(const HandoffScope&) = delete;
+
+ private:
+  Handoff* prev_;
+  bool record_;
+};
+
+struct HandoffClaim {
+  Handoff* record = nullptr;  // where to record this op's lattice, or null
+  Handoff* supply = nullptr;  // a lattice offered to this op, or null
+};
+// This thread's open scopes, cleared for anything the op calls.
+HandoffClaim handoff_claim();
+// The supplied lattice if it was recorded for `features` (built `chunk` images at a time by executor
+// `exec` on `stream`), else null.
+std::shared_ptr<CachedLattice> handoff_find(const Handoff& h, const at::Tensor& features, const char* exec,
+                                            int64_t stream, int64_t chunk);
+// Records `entry`, built for `features`, into h (replacing one recorded for the same key).
+void handoff_put(Handoff& h, const at::Tensor& features, const char* exec, int64_t stream, int64_t chunk,
+                 std::shared_ptr<CachedLattice> entry);
+
+// Lattices built so far in this process (every build: tests count the builds a call makes).
+void note_build();
+int64_t builds();
 
 struct CacheStats {
   int64_t entries = 0, capacity = 0, hits = 0, misses = 0, bytes = 0;

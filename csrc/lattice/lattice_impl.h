@@ -541,6 +541,7 @@ Lattice build(const Exec& exec, const at::Tensor& features, int64_t chunk, bool 
               "can be captured; lattice_num_vertices cannot). Run it outside the captured region.");
   Lattice lat;
   lat.counted = counted;
+  note_build();
   if (counted) note_counted_build();
   lat.B = features.size(0);
   lat.d = static_cast<int>(features.size(1));
@@ -974,10 +975,11 @@ scalar_t* splat_blur(const Exec& exec, const Lattice& lat, const scalar_t* in, c
 // out = alpha * S^T B S (pre * in), optionally post-multiplied / accumulated (see SliceFunctor).
 // B = B_d ... B_0 (forward) or B_0 ... B_d (reverse: the exact adjoint of the forward filter).
 // in, out: (B, N, C) contiguous, same dtype as the lattice weights.
+// Returns the blurred rows (B S (pre * in), in ws.a or ws.b).
 template <class Exec, typename scalar_t>
-void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out,
-            const scalar_t* post, const scalar_t* coef, int64_t C, bool reverse, FilterWorkspace& ws,
-            const scalar_t* base = nullptr) {
+const scalar_t* filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scalar_t* pre, scalar_t* out,
+                       const scalar_t* post, const scalar_t* coef, int64_t C, bool reverse, FilterWorkspace& ws,
+                       const scalar_t* base = nullptr) {
   const int64_t B = lat.B, N = lat.N, E = lat.E, M = lat.M;
   const int d = lat.d;
   const scalar_t* cur = splat_blur<Exec, scalar_t>(exec, lat, in, pre, C, reverse, ws);
@@ -988,6 +990,7 @@ void filter(const Exec& exec, const Lattice& lat, const scalar_t* in, const scal
       SliceFunctor<scalar_t>{cur, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), post,
                              coef, base, out, static_cast<scalar_t>(slice_alpha(d)), N, E, M, C, Cs, d},
       grain);
+  return cur;
 }
 
 // q = softmax(x) over the last dimension of (rows, L), max-subtracted as densecrf's expAndNormalize.
@@ -1201,24 +1204,51 @@ std::shared_ptr<CachedLattice> cached_or_built(const Exec& exec, const at::Tenso
   return cached;
 }
 
+// An op's lattice of `features`: the one handed over by the caller's autograd node (a supply
+// scope, lattice_cache.h) when it was built for these features and cut by the same tiles, else
+// cached_or_built's; recorded into the caller's node when it asks (a record scope). Neither while a
+// CUDA graph is captured.
+template <class Exec>
+std::shared_ptr<CachedLattice> op_lattice(const Exec& exec, const HandoffClaim& claim, const at::Tensor& features,
+                                          int64_t chunk, bool keep, bool counted, int64_t chunk_tile = 0,
+                                          bool replace = false) {
+  const bool handoff = cache_ok(exec);
+  const int64_t eff_chunk = std::max<int64_t>(1, std::min(chunk, features.size(0)));
+  std::shared_ptr<CachedLattice> entry;
+  if (handoff && claim.supply) entry = handoff_find(*claim.supply, features, Exec::kName, Exec::stream_id(), eff_chunk);
+  if (entry && entry->lat.chunk_tile != chunk_tile) entry = nullptr;
+  if (!entry) entry = cached_or_built(exec, features, chunk, keep, counted, chunk_tile, replace);
+  if (handoff && claim.record) handoff_put(*claim.record, features, Exec::kName, Exec::stream_id(), eff_chunk, entry);
+  return entry;
+}
+
 // values (B, C, N) -> (B, C, N): the lattice filter of every channel, one lattice per image.
 // keep: features is constant, its lattice may come from and go to the cache (cached_or_built).
 template <class Exec>
 at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, const at::Tensor& features, bool reverse,
                                 int64_t chunk, bool keep = false) {
+  const HandoffClaim claim = handoff_claim();
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
   // A counted lattice (use_counted): in a CUDA graph capture, or by knob. Its rows: the two blur
   // buffers and the chunk sums.
   const bool counted = use_counted(exec, B, chunk, N, features.size(1), 3 * C * values.element_size());
-  const Lattice lat = cached_or_built(exec, features, chunk, keep, counted, /*chunk_tile=*/0, /*replace=*/false)->lat;
+  const auto entry = op_lattice(exec, claim, features, chunk, keep, counted);
+  const Lattice& lat = entry->lat;
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
   FilterWorkspace ws;
+  const void* rows = nullptr;
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "rrm_permutohedral_filter", [&] {
-    filter<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), nullptr, nullptr, C,
-                           reverse, ws);
+    rows = filter<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), nullptr,
+                                  nullptr, C, reverse, ws);
   });
+  if (claim.record && claim.record->want_rows && !claim.record->items.empty()) {
+    // the blurred rows B S in, which the features' gradient needs (permutohedral_filter_backward's lf)
+    claim.record->rows = rows == ws.a.data_ptr() ? ws.a : ws.b;
+    claim.record->rows_of = entry;
+    claim.record->rows_reverse = reverse;
+  }
   return out.transpose(1, 2).contiguous();
 }
 
@@ -1233,12 +1263,19 @@ template <class Exec>
 std::tuple<at::Tensor, at::Tensor> permutohedral_filter_backward(const Exec& exec, const at::Tensor& values,
                                                                  const at::Tensor& features, const at::Tensor& grad,
                                                                  bool reverse, int64_t chunk, bool keep = false) {
+  const HandoffClaim claim = handoff_claim();
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   const int d = static_cast<int>(features.size(1));
   if (B == 0 || C == 0 || N == 0) return {at::zeros_like(values), at::zeros({B, d, N}, features.options())};
   // its rows: two filters' blur buffers and chunk sums
   const bool counted = use_counted(exec, B, chunk, N, d, 6 * C * values.element_size());
-  const Lattice lat = cached_or_built(exec, features, chunk, keep, counted, /*chunk_tile=*/0, /*replace=*/false)->lat;
+  const auto entry = op_lattice(exec, claim, features, chunk, keep, counted);
+  const Lattice& lat = entry->lat;
+  // the forward's blurred rows B S in, when its node handed them over with this lattice
+  at::Tensor fwd_rows;
+  if (claim.supply && claim.supply->rows_of == entry && claim.supply->rows.defined() &&
+      claim.supply->rows_reverse == reverse && claim.supply->rows.scalar_type() == values.scalar_type())
+    fwd_rows = claim.supply->rows;
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
   auto g = grad.transpose(1, 2).contiguous();
   auto f = features.contiguous();
@@ -1254,7 +1291,10 @@ std::tuple<at::Tensor, at::Tensor> permutohedral_filter_backward(const Exec& exe
         SliceFunctor<scalar_t>{la, lat.entry_weight.data_ptr<scalar_t>(), lat.entry_vertex.data_ptr<int32_t>(), nullptr,
                                nullptr, nullptr, grad_values.data_ptr<scalar_t>(), alpha, N, lat.E, lat.M, C, Cs, d},
         std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C)));
-    const scalar_t* lf = splat_blur<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, C, reverse, ws_in);
+    const scalar_t* lf =
+        fwd_rows.defined() && fwd_rows.size(2) == Cs
+            ? fwd_rows.data_ptr<scalar_t>()
+            : splat_blur<Exec, scalar_t>(exec, lat, in.data_ptr<scalar_t>(), nullptr, C, reverse, ws_in);
     with_fixed_d<2, 3, 5>(d, [&](auto fixed_d) {
       FeatureGradFunctor<scalar_t, decltype(fixed_d)::value> fg{};
       fg.embed.features = f.data_ptr<scalar_t>();
@@ -1331,7 +1371,8 @@ template <class Exec, typename scalar_t>
 CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, const at::Tensor& compat_c,
                    const std::vector<bool>& diagonal, const std::vector<int64_t>& norms, int64_t N,
                    const at::TensorOptions& opt, int64_t chunk, int64_t tile_to, const std::vector<bool>& keep = {},
-                   bool need_coefs = true, int64_t row_bytes = 0, int64_t row_images = 0, int64_t chunk_tile = 0) {
+                   bool need_coefs = true, int64_t row_bytes = 0, int64_t row_images = 0, int64_t chunk_tile = 0,
+                   const HandoffClaim& claim = HandoffClaim{}) {
   const int64_t T = static_cast<int64_t>(features.size());
   CrfTerms terms;
   terms.wss.resize(T);
@@ -1346,8 +1387,9 @@ CrfTerms crf_terms(const Exec& exec, const std::vector<at::Tensor>& features, co
     const int64_t per_lattice = std::max<int64_t>(1, row_images / std::max<int64_t>(1, ft.size(0)));
     const bool counted = row_bytes > 0 && use_counted(exec, ft.size(0), chunk, N, ft.size(1), row_bytes * per_lattice);
     const bool kept = t < static_cast<int64_t>(keep.size()) && keep[t];
-    // an entry of other tiles is rebuilt and replaced; a private entry's normaliser stays private
-    std::shared_ptr<CachedLattice> cached = cached_or_built(exec, ft, chunk, kept, counted, chunk_tile, true);
+    // an entry of other tiles is rebuilt and replaced; a private entry's normaliser stays private (or
+    // goes with it to the backward: op_lattice)
+    std::shared_ptr<CachedLattice> cached = op_lattice(exec, claim, ft, chunk, kept, counted, chunk_tile, true);
     terms.lats.push_back(cached->lat);
     const int64_t Bt = terms.lats[t].B;
     if (norm != 3) {  // NO_NORMALIZATION: densecrf computes a mean norm but never applies it
@@ -1746,6 +1788,7 @@ template <class Exec>
 at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vector<at::Tensor>& features,
                      const at::Tensor& compat, const std::vector<bool>& diagonal, const std::vector<int64_t>& norms,
                      int64_t iterations, int64_t chunk, const std::vector<bool>& keep = {}) {
+  const HandoffClaim claim = handoff_claim();  // dense_crf's autograd: the lattices go to its backward
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   if (B == 0 || N == 0) return at::empty({B, L, N}, unary.options());
@@ -1765,7 +1808,7 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     auto compat_c = compat.contiguous();
     CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk,
                                                fused ? 0 : B, keep, /*need_coefs=*/!(fused && Exec::kSortCsr),
-                                               crf_row_bytes(L, unary), B, fused ? crf_chunk_tile<Exec>(N) : 0);
+                                               crf_row_bytes(L, unary), B, fused ? crf_chunk_tile<Exec>(N) : 0, claim);
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
@@ -1856,7 +1899,8 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
                                                       const std::vector<int64_t>& norms, int64_t iterations,
                                                       int64_t chunk, bool compat_grad = true,
                                                       const std::vector<bool>& keep = {}) {
-  RRM_NO_AUTOCAST();  // grad_compat's products (at::mm) in the unary's dtype
+  RRM_NO_AUTOCAST();                           // grad_compat's products (at::mm) in the unary's dtype
+  const HandoffClaim claim = handoff_claim();  // the forward's lattices, from dense_crf's autograd node
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int64_t T = static_cast<int64_t>(features.size());
   const auto opt = unary.options();
@@ -1874,10 +1918,11 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
     softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
     if (S > 0) {
       auto compat_c = compat.contiguous();
-      // the forward's lattices (and its cached ones): chunks cut by the same tiles (mean_field_tile)
+      // the forward's lattices (handed over by its node, or its cached ones, with their normalisers;
+      // else built again): chunks cut by the same tiles (mean_field_tile)
       CrfTerms terms =
           crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, opt, chunk, B, keep,
-                                    /*need_coefs=*/true, crf_row_bytes(L, unary), B, crf_chunk_tile<Exec>(N));
+                                    /*need_coefs=*/true, crf_row_bytes(L, unary), B, crf_chunk_tile<Exec>(N), claim);
       auto acc = at::empty({B, N, L}, opt);
       auto m = at::empty({B, N, L}, opt);
       for (int64_t s = 1; s <= S; ++s) {

@@ -97,7 +97,9 @@ def _filter_backward(ctx, grad):
 class PermutohedralFilterFunction(torch.autograd.Function):
     """``torch.autograd.Function`` form of :func:`rrm_cuda.permutohedral_filter` (the values' gradient
     is the exact adjoint: the same filter with the blur order reversed; the features' is the
-    barycentric weights' derivative, as the op's C++ autograd)."""
+    barycentric weights' derivative, as the op's C++ autograd). Unlike the op's C++ autograd, its
+    backward builds the lattice again (unless ``cache``): the hand-over of the forward's lattice is
+    C++ only."""
 
     @staticmethod
     def forward(values, features, reverse=False, cache=False):
