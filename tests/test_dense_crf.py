@@ -1068,6 +1068,26 @@ def test_cuda_grad_matches_cpu(cuda, dtype, diagonal, norm, iterations):
     assert float((pg[1] - pg[0]).abs().max()) <= tol * 10 * float(pg[0].abs().max())
 
 
+@pytest.mark.cuda
+def test_cuda_forward_hands_its_lattices_to_the_backward(cuda, tuning):
+    """On the GPU: the backward builds no lattice, with the bits of the rebuilding one."""
+    from rrm_cuda import _C
+
+    unary, feats, c = _grad_inputs(B=2, L=5, H=23, W=19, seed=23)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    unary, feats, c, gq = unary.to(cuda), [f.to(cuda) for f in feats], c.to(cuda), gq.to(cuda)
+    out = []
+    for keep in (1, 0):
+        tuning("lattice_to_backward", keep)
+        u, cc = unary.clone().requires_grad_(), c.clone().requires_grad_()
+        q = ops.dense_crf(u, feats, cc, [True, False], [0, 0], 3)
+        before = _C.lattice_builds()
+        out.append((torch.autograd.grad(q, (u, cc), gq), _C.lattice_builds() - before))
+    assert (out[0][1], out[1][1]) == (0, 2)
+    for a, b in zip(out[0][0], out[1][0]):
+        assert torch.equal(a, b)
+
+
 # ---- pixel order: 16 x 16 tiles (the GPU's default) ---------------------------------------------
 def test_pixel_tile_order():
     # 16 x 16 tiles, row-major inside each and across them; the whole tiles first (each starts at a

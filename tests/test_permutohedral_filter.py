@@ -1398,6 +1398,23 @@ def test_cuda_gradcheck_and_opcheck(cuda):
 
 
 @pytest.mark.cuda
+def test_cuda_forward_hands_its_lattice_to_the_backward(cuda, tuning):
+    # on the GPU too: one build per forward and backward, the bits of the rebuilding backward (the
+    # CUDA ops are deterministic), the values' gradient and both
+    v, f = _inputs(B=2, C=21, N=4000, d=5, seed=19)
+    w = torch.randn(v.shape, generator=torch.Generator().manual_seed(20), dtype=v.dtype)
+    v, f, w = v.to(cuda), f.to(cuda), w.to(cuda)
+    for want in ("values", "both"):
+        got, builds = _fwd_bwd(ops.permutohedral_filter, v, f, w, want)
+        tuning("lattice_to_backward", 0)
+        ref, builds0 = _fwd_bwd(ops.permutohedral_filter, v, f, w, want)
+        tuning("lattice_to_backward", 1)
+        assert (builds, builds0) == (1, 2)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
 def test_cuda_feature_gradient_matches_cpu(cuda):
     for d in (2, 5, 7):
         v, f = _inputs(B=3, C=21, N=3000, d=d, seed=d)
