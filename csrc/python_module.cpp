@@ -78,6 +78,10 @@ PyObject* lattice_builds(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::builds()));
 }
 
+PyObject* crf_backward_reruns(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::crf_reruns()));
+}
+
 PyObject* lattice_table_retries(PyObject*, PyObject*) {
   return PyLong_FromLongLong(static_cast<long long>(rrm::lattice::table_retries()));
 }
@@ -156,6 +160,8 @@ PyMethodDef methods[] = {
      "Counted lattices (built without a host read of their size; knob counted_lattice) built so far."},
     {"lattice_builds", lattice_builds, METH_NOARGS,
      "Permutohedral lattices built so far in this process (every build; the cache's hits build none)."},
+    {"crf_backward_reruns", crf_backward_reruns, METH_NOARGS,
+     "dense_crf backwards so far that reran the forward's mean-field steps (no trajectory handed over)."},
     {"lattice_table_retries", lattice_table_retries, METH_NOARGS,
      "Hash tables of the GPU-style lattice build given up as too full and rebuilt larger so far."},
     {"emulated_launches", emulated_launches, METH_NOARGS,

@@ -653,6 +653,61 @@ def test_forward_hands_its_lattices_to_the_backward(op, diagonal, norm, iteratio
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("op", ["dense_crf", "_dense_crf_emulated"])
+@pytest.mark.parametrize("diagonal,norm,iterations", GRAD_CASES[:4])
+def test_forward_hands_its_trajectory_to_the_backward(op, diagonal, norm, iterations, tuning):
+    """The forward also keeps every step's Q (a saved variable): the backward sweeps back without
+    rerunning the steps (the fused mean fields and the per-term loop alike), and gives the rerun's
+    gradients up to rounding (the fused forward rounds differently from the rerun's loop); a second
+    backward (retain_graph=True) gives the first one's bits (gradcheck's reentrancy); the knobs
+    are independent."""
+    from rrm_cuda import _C
+
+    unary, feats, c = _grad_inputs(B=2, L=3, H=7, W=6, seed=25)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
+    fn = getattr(ops, op)
+
+    def fwd_bwd(traj, lattices=1):
+        tuning("crf_trajectory_to_backward", traj)
+        tuning("lattice_to_backward", lattices)
+        u, cc = unary.clone().requires_grad_(), c.clone().requires_grad_()
+        q = fn(u, feats, cc, diagonal, [norm] * 2, iterations)
+        reruns, builds = _C.crf_backward_reruns(), _C.lattice_builds()
+        first = torch.autograd.grad(q, (u, cc), gq, retain_graph=True)
+        second = torch.autograd.grad(q, (u, cc), gq)
+        return first, second, _C.crf_backward_reruns() - reruns, _C.lattice_builds() - builds
+
+    kept, kept2, reruns, builds = fwd_bwd(1)
+    rerun, rerun2, reruns0, _ = fwd_bwd(0)
+    assert (reruns, reruns0) == (0, 2) and builds == 2  # the second backward builds its lattices again
+    for a, b, a2, b2 in zip(kept, rerun, kept2, rerun2):
+        assert torch.equal(a, a2) and torch.equal(b, b2)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _, _, reruns, builds = fwd_bwd(1, lattices=0)  # trajectory without lattices: both backwards build
+    assert (reruns, builds) == (0, 4)
+
+
+@pytest.mark.parametrize("kernel,kept", [(0, True), (1, True), (2, False), (3, False)])
+def test_tiled_mean_field_trajectory(kernel, kept, tuning):
+    """The tiled GPU mean field (emulated): kernels 0 and 1 leave Q in the padded rows at every step,
+    so the trajectory is kept; 2 and 3 keep Q in shared memory, so the backward reruns the steps."""
+    from rrm_cuda import _C
+
+    unary, feats, c = _grad_inputs(B=2, L=3, H=12, W=11, seed=27)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(28), dtype=torch.float64)
+    tuning("mean_field_tile", 32)
+    tuning("mean_field_tile_kernel", kernel)
+    grads = {}
+    for traj in (1, 0):
+        tuning("crf_trajectory_to_backward", traj)
+        u = unary.clone().requires_grad_()
+        q = ops._dense_crf_emulated(u, feats, c, [True, True], [0, 0], 3)
+        reruns = _C.crf_backward_reruns()
+        (grads[traj],) = torch.autograd.grad(q, u, gq)
+        assert _C.crf_backward_reruns() - reruns == (0 if kept and traj else 1)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
 def test_grad_float32_close_to_float64():
     unary, feats, c = _grad_inputs(B=1, L=5, H=12, W=10, seed=5)
     gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
@@ -1086,6 +1141,25 @@ def test_cuda_forward_hands_its_lattices_to_the_backward(cuda, tuning):
     assert (out[0][1], out[1][1]) == (0, 2)
     for a, b in zip(out[0][0], out[1][0]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+def test_cuda_forward_hands_its_trajectory_to_the_backward(cuda, tuning):
+    """On the GPU: the backward does not rerun the steps; the rerun's gradients up to rounding."""
+    from rrm_cuda import _C
+
+    unary, feats, c = _grad_inputs(B=2, L=5, H=23, W=19, seed=29)
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
+    unary, feats, c, gq = unary.to(cuda), [f.to(cuda) for f in feats], c.to(cuda), gq.to(cuda)
+    out = []
+    for traj in (1, 0):
+        tuning("crf_trajectory_to_backward", traj)
+        u = unary.clone().requires_grad_()
+        q = ops.dense_crf(u, feats, c, [True, True], [0, 0], 4)
+        reruns = _C.crf_backward_reruns()
+        out.append((torch.autograd.grad(q, u, gq)[0], _C.crf_backward_reruns() - reruns))
+    assert (out[0][1], out[1][1]) == (0, 1)
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
 
 
 # ---- pixel order: 16 x 16 tiles (the GPU's default) ---------------------------------------------

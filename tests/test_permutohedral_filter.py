@@ -333,6 +333,7 @@ def test_tuning_knobs(tuning):
         "energy_pack_blocks",
         "emulate_order",
         "lattice_to_backward",
+        "crf_trajectory_to_backward",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):

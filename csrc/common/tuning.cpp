@@ -6,7 +6,7 @@ namespace rrm {
 namespace tuning {
 namespace {
 
-std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768, 1, 1, 0, 1};
+std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768, 1, 1, 0, 1, 1};
 const char* const g_names[kNumKnobs] = {"splat_tile",
                                         "energy_rows4",
                                         "energy_pair_splat",
@@ -26,7 +26,8 @@ const char* const g_names[kNumKnobs] = {"splat_tile",
                                         "energy_backward_blocks",
                                         "energy_pack_blocks",
                                         "emulate_order",
-                                        "lattice_to_backward"};
+                                        "lattice_to_backward",
+                                        "crf_trajectory_to_backward"};
 
 }  // namespace
 

@@ -7,14 +7,16 @@
 // lattice_to_backward), and with the features' gradient its blurred rows B S values too, so the
 // backward neither builds the lattice again nor splats and blurs the values again; the node lets
 // them go in its first backward (a second one, retain_graph=True, builds again), and a CUDA graph
-// capture hands nothing over. dense_crf's is dense_crf_backward, which reruns the forward on the
-// forward's lattices and normalisers, handed over the same way (its features get no gradient: a
-// backward that needs one raises). The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
+// capture hands nothing over. dense_crf's is dense_crf_backward, handed the forward's lattices and
+// normalisers the same way, and every step's Q (the trajectory, knob crf_trajectory_to_backward), so
+// that it sweeps back without rerunning the steps (its features get no gradient: a backward that
+// needs one raises). The fake kernels stay in Python (rrm_cuda/_ops/lattice.py).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/op_pair.h"
@@ -58,17 +60,28 @@ const OpPair<CrfBackwardSig>& crf_backward_ops() {
   return p;
 }
 
-// The forward's lattices, recorded by `call` when keep, into the node's saved data.
+// What `call` (the forward op) records for the backward when keep: its lattices (knob
+// lattice_to_backward), with want_rows the filter's blurred rows, into the node's saved data (they
+// go with the first backward: a later one rebuilds the same bits); with `trajectory` dense_crf's
+// every step's Q (knob crf_trajectory_to_backward), into *trajectory, which the caller saves as a
+// saved variable: the rerun it spares would round differently, so a second backward
+// (retain_graph=True) must find it too, and the engine frees it with the others.
 template <class Call>
-at::Tensor recording_lattices(AutogradContext* ctx, bool keep, bool want_rows, const Call& call) {
-  if (!keep || tuning::get(tuning::kLatticeToBackward) == 0) return call();
+at::Tensor recording_lattices(AutogradContext* ctx, bool keep, bool want_rows, const Call& call,
+                              at::Tensor* trajectory = nullptr) {
+  const bool lattices = tuning::get(tuning::kLatticeToBackward) != 0;
+  const bool want_trajectory = trajectory && tuning::get(tuning::kCrfTrajectoryToBackward) != 0;
+  if (!keep || (!lattices && !want_trajectory)) return call();
   auto handoff = c10::make_intrusive<Handoff>();
-  handoff->want_rows = want_rows;
+  handoff->want_lattices = lattices;
+  handoff->want_rows = lattices && want_rows;
+  handoff->want_trajectory = want_trajectory;
   at::Tensor out;
   {
     HandoffScope scope(handoff.get(), /*record=*/true);
     out = call();
   }
+  if (trajectory) *trajectory = std::exchange(handoff->trajectory, at::Tensor());
   if (!handoff->items.empty()) ctx->saved_data["lattice"] = c10::IValue::make_capsule(handoff);
   return out;
 }
@@ -126,11 +139,16 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
                                const at::Tensor& compat, const c10::List<bool>& diagonal, at::IntArrayRef normalization,
                                int64_t iterations, const c10::List<bool>& cache, bool emulated, bool keep) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor q = recording_lattices(ctx, keep, false, [&] {
-      return crf_ops().get(emulated).call(unary, features, compat, diagonal, normalization, iterations, cache);
-    });
+    at::Tensor trajectory;  // Q^0 .. Q^S, or undefined
+    at::Tensor q = recording_lattices(
+        ctx, keep, false,
+        [&] {
+          return crf_ops().get(emulated).call(unary, features, compat, diagonal, normalization, iterations, cache);
+        },
+        &trajectory);
     std::vector<at::Tensor> saved{unary, compat};
     saved.insert(saved.end(), features.begin(), features.end());
+    saved.push_back(trajectory);  // last, defined or not
     ctx->save_for_backward(saved);
     ctx->saved_data["diagonal"] = diagonal;
     ctx->saved_data["normalization"] = normalization.vec();
@@ -143,7 +161,7 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     refuse_double_backward("dense_crf");
     const variable_list s = ctx->get_saved_variables();
-    const std::vector<at::Tensor> features(s.begin() + 2, s.end());
+    const std::vector<at::Tensor> features(s.begin() + 2, s.end() - 1);
     const size_t F = features.size();
     // inputs: unary, the F features, compat (the tensors' edges: compat is edge F + 1), then six
     // non-tensor arguments
@@ -156,7 +174,11 @@ struct CrfFunction : public torch::autograd::Function<CrfFunction> {
     const bool want_unary = ctx->needs_input_grad(0), want_compat = ctx->needs_input_grad(F + 1);
     // Without a compatibility gradient the op skips recomputing the messages (one filter per term
     // and step).
-    const auto handoff = take_lattices(ctx);
+    auto handoff = take_lattices(ctx);
+    if (s.back().defined()) {  // the forward's trajectory
+      if (!handoff) handoff = c10::make_intrusive<Handoff>();
+      handoff->trajectory = s.back();
+    }
     HandoffScope scope(handoff.get(), /*record=*/false);
     auto [grad_unary, grad_compat] =
         crf_backward_ops()

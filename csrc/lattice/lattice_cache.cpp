@@ -193,11 +193,14 @@ void cache_set_capacity(int64_t capacity) {
 
 namespace {
 std::atomic<int64_t> g_builds{0};
+std::atomic<int64_t> g_crf_reruns{0};
 std::atomic<int64_t> g_counted_builds{0};
 std::atomic<int64_t> g_tiled_steps{0};
 std::atomic<int64_t> g_table_retries{0};
 }  // namespace
 
+void note_crf_rerun() { g_crf_reruns.fetch_add(1, std::memory_order_relaxed); }
+int64_t crf_reruns() { return g_crf_reruns.load(std::memory_order_relaxed); }
 void note_build() { g_builds.fetch_add(1, std::memory_order_relaxed); }
 int64_t builds() { return g_builds.load(std::memory_order_relaxed); }
 void note_counted_build() { g_counted_builds.fetch_add(1, std::memory_order_relaxed); }

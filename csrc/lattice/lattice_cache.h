@@ -89,11 +89,14 @@ struct Handoff : torch::CustomClassHolder {
     std::shared_ptr<const void> key;  // what it was built for (opaque)
     std::shared_ptr<CachedLattice> entry;
   };
+  bool want_lattices = true;               // record the lattices (knob lattice_to_backward)
   std::vector<Item> items;                 // one per lattice recorded
   bool want_rows = false;                  // the filter: record the blurred rows too (the features' gradient)
   at::Tensor rows;                         // (B, M, Cs): B S in, blurred in the order `rows_reverse`
   std::shared_ptr<CachedLattice> rows_of;  // the lattice they were blurred on
   bool rows_reverse = false;
+  bool want_trajectory = false;  // dense_crf: record every step's Q too
+  at::Tensor trajectory;         // (S + 1, B, N, L): Q^0 .. Q^S of the forward
 };
 
 class HandoffScope {
@@ -123,6 +126,9 @@ std::shared_ptr<CachedLattice> handoff_find(const Handoff& h, const at::Tensor& 
 void handoff_put(Handoff& h, const at::Tensor& features, const char* exec, int64_t stream, int64_t chunk,
                  std::shared_ptr<CachedLattice> entry);
 
+// dense_crf backwards that reran the forward's mean-field steps (no trajectory handed over).
+void note_crf_rerun();
+int64_t crf_reruns();
 // Lattices built so far in this process (every build: tests count the builds a call makes).
 void note_build();
 int64_t builds();

@@ -1612,7 +1612,8 @@ struct MeanFieldCpuFunctor {
   static_assert(W % G == 0, "G images of W / G columns each");
   static constexpr int Wg = W / G;
   const scalar_t* base;  // (N, W) -unary, padded with kSoftmaxPad
-  scalar_t* q_out[G];    // (L, N) each, or nullptr
+  scalar_t* q_out[G];    // (L, N) each (element (c, i) at c * q_c + i * q_i), or nullptr
+  int64_t q_c, q_i;      // q_out's strides: (N, 1) label-major, or (1, L) pixel-major
   scalar_t mask[W];      // 1 for the L labels of each image, 0 for the padding
   MeanFieldTerm<scalar_t> terms[kMaxFusedTerms];
   int T;
@@ -1638,9 +1639,9 @@ struct MeanFieldCpuFunctor {
     for (int g = 0; g < G; ++g) softmax_masked<scalar_t, Wg>(v + g * Wg, mask + g * Wg, qi + g * Wg);
     if (q_out[0]) {
       for (int g = 0; g < G; ++g)
-        for (int64_t c = 0; c < L; ++c) q_out[g][c * N + i] = qi[g * Wg + c];
-      return;
+        for (int64_t c = 0; c < L; ++c) q_out[g][c * q_c + i * q_i] = qi[g * Wg + c];
     }
+    if (!terms[0].splat) return;  // the last step (every term's splat is null there)
     Row q;
     q.load(qi);
     for (int t = 0; t < T; ++t) {

@@ -1022,10 +1022,13 @@ void softmax_rows(const Exec& exec, const at::Tensor& x, at::Tensor& q) {
 // units: the images, G at a time, the G of a unit sharing every lattice: their rows lie side by
 // side, Wg columns each (MeanFieldCpuFunctor's G), so that one pass over the lattice entries serves
 // all G (mean_field_cpu_units pairs them).
+// traj (iterations, B, N, L), or undefined: each step but the last also writes its Q there,
+// pixel-major (Q^0 .. Q^{S-1}; dense_crf's trajectory for its backward).
 template <typename scalar_t, int Wg, int G = 1>
 void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tensor>& pre,
                     const std::vector<at::Tensor>& post, const std::vector<at::Tensor>& coefs, const at::Tensor& unary,
-                    at::Tensor& q, int64_t iterations, const std::vector<std::array<int64_t, G>>& units) {
+                    at::Tensor& q, int64_t iterations, const std::vector<std::array<int64_t, G>>& units,
+                    const at::Tensor& traj = at::Tensor()) {
   constexpr int W = Wg * G;
   const int64_t L = unary.size(1), N = unary.size(2);
   const int T = static_cast<int>(lats.size());
@@ -1079,7 +1082,13 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
           if (i0 >= i1) continue;
           MeanFieldCpuFunctor<scalar_t, W, G> f = proto;
           f.base = base_w.data_ptr<scalar_t>();
-          for (int g = 0; g < G; ++g) f.q_out[g] = last ? q.data_ptr<scalar_t>() + unit[g] * L * N : nullptr;
+          const int64_t B = unary.size(0);
+          for (int g = 0; g < G; ++g)
+            f.q_out[g] = last             ? q.data_ptr<scalar_t>() + unit[g] * L * N
+                         : traj.defined() ? traj.data_ptr<scalar_t>() + (step * B + unit[g]) * N * L
+                                          : nullptr;
+          f.q_c = last ? N : 1;
+          f.q_i = last ? 1 : L;
           f.T = T;
           f.N = N;
           f.L = L;
@@ -1152,7 +1161,8 @@ constexpr int kMaxPairedWidth = 8;  // rows of 16 labels in pairs were slower (9
 template <typename scalar_t, int Wg>
 void mean_field_cpu_units(const std::vector<Lattice>& lats, const std::vector<at::Tensor>& pre,
                           const std::vector<at::Tensor>& post, const std::vector<at::Tensor>& coefs,
-                          const at::Tensor& unary, at::Tensor& q, int64_t iterations) {
+                          const at::Tensor& unary, at::Tensor& q, int64_t iterations,
+                          const at::Tensor& traj = at::Tensor()) {
   const int64_t B = unary.size(0);
   int64_t S = 1;
   for (const Lattice& lat : lats) S = std::lcm(S, lat.B);
@@ -1165,9 +1175,9 @@ void mean_field_cpu_units(const std::vector<Lattice>& lats, const std::vector<at
     for (; b < B; b += S) singles.push_back({b});
   }
   if constexpr (Wg <= kMaxPairedWidth) {
-    if (!pairs.empty()) mean_field_cpu<scalar_t, Wg, 2>(lats, pre, post, coefs, unary, q, iterations, pairs);
+    if (!pairs.empty()) mean_field_cpu<scalar_t, Wg, 2>(lats, pre, post, coefs, unary, q, iterations, pairs, traj);
   }
-  if (!singles.empty()) mean_field_cpu<scalar_t, Wg, 1>(lats, pre, post, coefs, unary, q, iterations, singles);
+  if (!singles.empty()) mean_field_cpu<scalar_t, Wg, 1>(lats, pre, post, coefs, unary, q, iterations, singles, traj);
 }
 #endif
 
@@ -1218,7 +1228,8 @@ std::shared_ptr<CachedLattice> op_lattice(const Exec& exec, const HandoffClaim& 
   if (handoff && claim.supply) entry = handoff_find(*claim.supply, features, Exec::kName, Exec::stream_id(), eff_chunk);
   if (entry && entry->lat.chunk_tile != chunk_tile) entry = nullptr;
   if (!entry) entry = cached_or_built(exec, features, chunk, keep, counted, chunk_tile, replace);
-  if (handoff && claim.record) handoff_put(*claim.record, features, Exec::kName, Exec::stream_id(), eff_chunk, entry);
+  if (handoff && claim.record && claim.record->want_lattices)
+    handoff_put(*claim.record, features, Exec::kName, Exec::stream_id(), eff_chunk, entry);
   return entry;
 }
 
@@ -1458,9 +1469,12 @@ constexpr int64_t kTileSmemMax = 96 * 1024;
 // then one per-pixel pass for the slices of all terms, the unary and the softmax. Q stays in (B, N, W) rows between
 // steps and is written label-major at the last one. Lattices are not tiled: image b uses lattice b % lats[t].B.
 //   unary (B, L, N); q_out (B, L, N); terms from crf_terms(..., tile_to = 0).
+//   traj (iterations + 1, B, N, L) or undefined: every step's Q (Q^0 .. Q^S, dense_crf's trajectory
+//   for its backward), copied from the padded rows after each slice; left undefined (reset) by the
+//   tiled kernels that keep Q in shared memory (mean_field_tile_kernel 2 and 3).
 template <class Exec, typename scalar_t, int W>
 void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_c, const at::Tensor& unary,
-                    at::Tensor& q_out, int64_t iterations) {
+                    at::Tensor& q_out, int64_t iterations, at::Tensor* traj = nullptr) {
   const int64_t B = unary.size(0), L = unary.size(1), N = unary.size(2);
   const int T = static_cast<int>(terms.lats.size());
   const auto opt = unary.options();
@@ -1726,7 +1740,10 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
     for (const auto& c : cblur2) s_blur2.push_back({total_of(c), c.capacity()});
   }
   if (block_splat) note_tiled_steps(iterations);
+  if (traj && block_slice) *traj = at::Tensor();
+  const bool keep_traj = traj && traj->defined();
   if (!block_slice) slice();  // q = softmax(-U) (block_slice: in the first step's blocks)
+  if (keep_traj) traj->select(0, 0).copy_(q.narrow(2, 0, L));
   for (int64_t it = 0; it < iterations; ++it) {
     if (block_splat) {  // the splat (kernels 2 and 3: the slice too), one block per tile
       block_step();
@@ -1756,7 +1773,9 @@ void mean_field_gpu(const Exec& exec, CrfTerms& terms, const at::Tensor& compat_
       f.q_lmajor = q_out.data_ptr<scalar_t>();
     }
     if (!block_slice || it == iterations - 1) slice();
+    if (keep_traj && it < iterations - 1) traj->select(0, it + 1).copy_(q.narrow(2, 0, L));
   }
+  if (keep_traj) traj->select(0, iterations).copy_(q_out.transpose(1, 2));
 }
 
 // The tile size the dense CRF's GPU lattices are cut by (knob mean_field_tile, at most the image;
@@ -1802,6 +1821,11 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     q = at::empty_like(neg_unary);
   }
   at::Tensor q_lmajor;  // (B, L, N), written directly by the fused mean fields
+  // Q^0 .. Q^S (S + 1, B, N, L) for the backward, when dense_crf's autograd node asks (a record
+  // scope wanting the trajectory): the backward then sweeps back without rerunning the steps.
+  at::Tensor traj;
+  if (claim.record && claim.record->want_trajectory && iterations > 0 && T > 0 && cache_ok(exec))
+    traj = at::empty({iterations + 1, B, N, L}, unary.options());
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf", [&] {
     if (!fused) softmax_rows<Exec, scalar_t>(exec, neg_unary, q);
     if (iterations == 0 || T == 0) return;
@@ -1809,19 +1833,20 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
     CrfTerms terms = crf_terms<Exec, scalar_t>(exec, features, compat_c, diagonal, norms, N, unary.options(), chunk,
                                                fused ? 0 : B, keep, /*need_coefs=*/!(fused && Exec::kSortCsr),
                                                crf_row_bytes(L, unary), B, fused ? crf_chunk_tile<Exec>(N) : 0, claim);
+    at::Tensor* tr = traj.defined() ? &traj : nullptr;
     if constexpr (Exec::kSortCsr) {
       if (fused) {
         q_lmajor = at::empty({B, L, N}, unary.options());
-        if (L <= 4) return mean_field_gpu<Exec, scalar_t, 4>(exec, terms, compat_c, unary, q_lmajor, iterations);
+        if (L <= 4) return mean_field_gpu<Exec, scalar_t, 4>(exec, terms, compat_c, unary, q_lmajor, iterations, tr);
         switch ((L + 7) / 8) {
           case 1:
-            return mean_field_gpu<Exec, scalar_t, 8>(exec, terms, compat_c, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 8>(exec, terms, compat_c, unary, q_lmajor, iterations, tr);
           case 2:
-            return mean_field_gpu<Exec, scalar_t, 16>(exec, terms, compat_c, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 16>(exec, terms, compat_c, unary, q_lmajor, iterations, tr);
           case 3:
-            return mean_field_gpu<Exec, scalar_t, 24>(exec, terms, compat_c, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 24>(exec, terms, compat_c, unary, q_lmajor, iterations, tr);
           default:
-            return mean_field_gpu<Exec, scalar_t, 32>(exec, terms, compat_c, unary, q_lmajor, iterations);
+            return mean_field_gpu<Exec, scalar_t, 32>(exec, terms, compat_c, unary, q_lmajor, iterations, tr);
         }
       }
     }
@@ -1831,26 +1856,37 @@ at::Tensor dense_crf(const Exec& exec, const at::Tensor& unary, const std::vecto
         q_lmajor = empty_large({B, L, N}, unary.options(), kCachedOutputBytes);
         const auto& lats = terms.lats;
         const auto &pre = terms.pre, &post = terms.post, &coefs = terms.coefs;
-        if (L <= 4) return mean_field_cpu_units<scalar_t, 4>(lats, pre, post, coefs, unary, q_lmajor, iterations);
-        switch ((L + 7) / 8) {
-          case 1:
-            return mean_field_cpu_units<scalar_t, 8>(lats, pre, post, coefs, unary, q_lmajor, iterations);
-          case 2:
-            return mean_field_cpu_units<scalar_t, 16>(lats, pre, post, coefs, unary, q_lmajor, iterations);
-          case 3:
-            return mean_field_cpu_units<scalar_t, 24>(lats, pre, post, coefs, unary, q_lmajor, iterations);
-          default:
-            return mean_field_cpu_units<scalar_t, 32>(lats, pre, post, coefs, unary, q_lmajor, iterations);
-        }
+        // Q^0 .. Q^{S-1} written by the steps, Q^S from the output
+        const at::Tensor head = traj.defined() ? traj.narrow(0, 0, iterations) : at::Tensor();
+        auto run = [&](auto wg) {
+          mean_field_cpu_units<scalar_t, decltype(wg)::value>(lats, pre, post, coefs, unary, q_lmajor, iterations,
+                                                              head);
+        };
+        if (L <= 4)
+          run(std::integral_constant<int, 4>{});
+        else if (L <= 8)
+          run(std::integral_constant<int, 8>{});
+        else if (L <= 16)
+          run(std::integral_constant<int, 16>{});
+        else if (L <= 24)
+          run(std::integral_constant<int, 24>{});
+        else
+          run(std::integral_constant<int, 32>{});
+        if (traj.defined()) traj.select(0, iterations).copy_(q_lmajor.transpose(1, 2));
+        return;
       }
     }
 #endif
     auto acc = at::empty_like(neg_unary);
     at::Tensor m;  // full-matrix terms only
     if (std::find(diagonal.begin(), diagonal.end(), false) != diagonal.end()) m = at::empty_like(neg_unary);
-    for (int64_t it = 0; it < iterations; ++it)
+    if (traj.defined()) traj.select(0, 0).copy_(q);
+    for (int64_t it = 0; it < iterations; ++it) {
       mean_field_step<Exec, scalar_t>(exec, terms, compat_c, diagonal, neg_unary, q, acc, m, q);
+      if (traj.defined()) traj.select(0, it + 1).copy_(q);
+    }
   });
+  if (claim.record && traj.defined()) claim.record->trajectory = traj;
   if (q_lmajor.defined()) return q_lmajor;
   return q.transpose(1, 2).contiguous();
 }
@@ -1908,14 +1944,22 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
   if (B == 0 || N == 0) return {at::zeros_like(unary, at::MemoryFormat::Contiguous), grad_compat};
   const int64_t S = T == 0 ? 0 : iterations;  // without pairwise terms Q = Q^0 = softmax(-U)
   const int64_t BN = B * N;
-  auto neg_unary = unary.neg().transpose(1, 2).contiguous();  // (B, N, L)
-  auto g = at::empty({B, N, L}, opt);                         // a copy: g is overwritten by the sweep
+  auto g = at::empty({B, N, L}, opt);  // a copy: g is overwritten by the sweep
   g.copy_(grad.transpose(1, 2));
   auto grad_acc = at::zeros({B, N, L}, opt);  // dL/dU, pixel-major
-  auto qs = at::empty({S + 1, B, N, L}, opt);
+  // Q^0 .. Q^S: the forward's, when its autograd node handed them over (dense_crf's trajectory),
+  // else recomputed here (the forward's steps rerun on its lattices)
+  at::Tensor qs;
+  const at::Tensor* handed = claim.supply ? &claim.supply->trajectory : nullptr;
+  const bool have_qs = handed && handed->defined() && handed->sizes() == at::IntArrayRef{S + 1, B, N, L} &&
+                       handed->scalar_type() == unary.scalar_type() && handed->device() == unary.device();
+  qs = have_qs ? *handed : at::empty({S + 1, B, N, L}, opt);
+  at::Tensor neg_unary;  // (B, N, L), for the rerun only
+  if (!have_qs) neg_unary = unary.neg().transpose(1, 2).contiguous();
+  if (!have_qs && S > 0) note_crf_rerun();
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "rrm_dense_crf_backward", [&] {
     auto q0 = qs.select(0, 0);
-    softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
+    if (!have_qs) softmax_rows<Exec, scalar_t>(exec, neg_unary, q0);
     if (S > 0) {
       auto compat_c = compat.contiguous();
       // the forward's lattices (handed over by its node, or its cached ones, with their normalisers;
@@ -1925,7 +1969,7 @@ std::tuple<at::Tensor, at::Tensor> dense_crf_backward(const Exec& exec, const at
                                     /*need_coefs=*/true, crf_row_bytes(L, unary), B, crf_chunk_tile<Exec>(N), claim);
       auto acc = at::empty({B, N, L}, opt);
       auto m = at::empty({B, N, L}, opt);
-      for (int64_t s = 1; s <= S; ++s) {
+      for (int64_t s = 1; s <= S && !have_qs; ++s) {
         auto qn = qs.select(0, s);
         mean_field_step<Exec, scalar_t>(exec, terms, compat_c, diagonal, neg_unary, qs.select(0, s - 1), acc, m, qn);
       }
