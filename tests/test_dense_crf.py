@@ -687,6 +687,31 @@ def test_forward_hands_its_trajectory_to_the_backward(op, diagonal, norm, iterat
     assert (reruns, builds) == (0, 4)
 
 
+@pytest.mark.parametrize("op", ["dense_crf", "_dense_crf_emulated"])
+def test_trajectory_of_unaries_sharing_lattices(op, tuning):
+    """Unaries of batch 4 over features of batch 2 and 1 (RRM's two pseudo-label CRFs per image):
+    the CPU's fused mean field takes them in pairs (knob cpu_crf_pairs), each image of a pair
+    writing its own trajectory; the gradients are the rerun's, paired or not."""
+    from rrm_cuda import _C
+
+    unary, feats, c = _grad_inputs(B=4, L=3, H=6, W=7, seed=31)
+    shared = [feats[0][:1], feats[1][:2]]
+    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    fn = getattr(ops, op)
+    grads = {}
+    for pairs in (1, 0):
+        tuning("cpu_crf_pairs", pairs)
+        for traj in (1, 0):
+            tuning("crf_trajectory_to_backward", traj)
+            u = unary.clone().requires_grad_()
+            q = fn(u, shared, c, [True, True], [0, 1], 3)
+            reruns = _C.crf_backward_reruns()
+            (grads[pairs, traj],) = torch.autograd.grad(q, u, gq)
+            assert _C.crf_backward_reruns() - reruns == 1 - traj
+    for key, g in grads.items():
+        torch.testing.assert_close(g, grads[0, 0], rtol=1e-12, atol=1e-14, msg=str(key))
+
+
 @pytest.mark.parametrize("kernel,kept", [(0, True), (1, True), (2, False), (3, False)])
 def test_tiled_mean_field_trajectory(kernel, kept, tuning):
     """The tiled GPU mean field (emulated): kernels 0 and 1 leave Q in the padded rows at every step,
