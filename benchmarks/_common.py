@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -144,6 +145,44 @@ class threads:  # noqa: N801 - used as a context manager
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.old)
+
+
+@contextlib.contextmanager
+def tuned(**knobs: int):
+    """The extension's tuning knobs (rrm_cuda._C.set_tuning) set for the block, restored after."""
+    from rrm_cuda import _C
+
+    saved, done = _C.tuning(), []
+    try:
+        for name, value in knobs.items():
+            _C.set_tuning(name, value)  # an unknown name raises, naming the known ones
+            done.append(name)
+        yield
+    finally:
+        for name in done:
+            _C.set_tuning(name, saved[name])
+
+
+def add_bench_args(p, name: str) -> None:
+    """The options the per-op benchmarks share: --quick, --cpu-only, --skip-cpu, --min-run-time and
+    --out-dir (for <name>_<machine>.json and .png)."""
+    p.add_argument("--quick", action="store_true", help="CI-sized inputs and short timings")
+    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
+    p.add_argument("--skip-cpu", action="store_true", help="time CUDA only (CPU results are still checked)")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0; quick 0.2)")
+    p.add_argument(
+        "--out-dir", default=RESULTS, help=f"folder for {name}_<machine>.json and .png (default: benchmarks/results)"
+    )
+
+
+def bench_setup(args) -> list[torch.device]:
+    """Fills in --min-run-time's default; returns the devices to run on (the CPU, CUDA when present)."""
+    if args.min_run_time is None:
+        args.min_run_time = 0.2 if args.quick else 1.0
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available() and not args.cpu_only:
+        devices.append(torch.device("cuda"))
+    return devices
 
 
 def photo(name: str, H: int, W: int):

@@ -28,7 +28,17 @@ except ImportError:  # a development checkout built in place (python setup.py bu
 from rrm_cuda import reference as R  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, device_tag, for_each_size, metadata, print_table, time_fn, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    Row,
+    add_bench_args,
+    bench_setup,
+    device_tag,
+    for_each_size,
+    metadata,
+    print_table,
+    time_fn,
+    write_results,
+)
 
 SIZES = {  # name: (B, C, h, w, K)
     "authors B8 C1024 41x41 K21": (8, 1024, 41, 41, 21),
@@ -126,10 +136,7 @@ def peak_gbps(gpu: str) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CI-sized shapes and short timings")
-    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
-    p.add_argument("--skip-cpu", action="store_true", help="time CUDA only (CPU results are still checked)")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0; quick 0.2)")
+    add_bench_args(p, "bcd")
     p.add_argument("--skip", nargs="*", default=[], choices=list(METHODS), help="methods not to time")
     p.add_argument(
         "--peak-gbps",
@@ -144,20 +151,11 @@ def main(argv=None) -> None:
         default=2**31,
         help="time the (slow) loop reference only up to this many feature elements (default: always)",
     )
-    p.add_argument(
-        "--out-dir",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-        help="folder for bcd_<machine>.json and .png (default: benchmarks/results)",
-    )
     args = p.parse_args(argv)
-    if args.min_run_time is None:
-        args.min_run_time = 0.2 if args.quick else 1.0
+    devices = bench_setup(args)
     if args.peak_gbps is None:
         args.peak_gbps = peak_gbps(torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     sizes = QUICK_SIZES if args.quick else SIZES
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available() and not args.cpu_only:
-        devices.append(torch.device("cuda"))
     rows: list[Row] = []
     checks = for_each_size(
         sizes,

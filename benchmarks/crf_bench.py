@@ -24,7 +24,7 @@ import rrm_cuda
 from rrm_cuda.reference import dense_crf_reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, device_tag, metadata, photo, print_table, threads, time_fn, write_results  # noqa: E402
+from _common import Row, device_tag, metadata, photo, print_table, threads, time_fn, tuned, write_results  # noqa: E402
 
 GAUSS = dict(sxy=3, compat=3)
 BIL = dict(sxy=80, srgb=13, compat=10)
@@ -131,18 +131,14 @@ def graphed_call(fn):
 @contextlib.contextmanager
 def tiled_mean_field(tile: int = 256, kernel: int = 3, pixel_tile: int = 16):
     """The tiled mean field's knobs and the public API's square pixel tiles for the block, restored after."""
-    from rrm_cuda import _C, functional
+    from rrm_cuda import functional
 
-    saved = _C.tuning()
     saved_pixel = functional._PIXEL_TILE["cuda"]
     try:
-        _C.set_tuning("mean_field_tile", tile)
-        _C.set_tuning("mean_field_tile_kernel", kernel)
-        functional._PIXEL_TILE["cuda"] = pixel_tile
-        yield
+        with tuned(mean_field_tile=tile, mean_field_tile_kernel=kernel):
+            functional._PIXEL_TILE["cuda"] = pixel_tile
+            yield
     finally:
-        for name in ("mean_field_tile", "mean_field_tile_kernel"):
-            _C.set_tuning(name, saved[name])
         functional._PIXEL_TILE["cuda"] = saved_pixel
 
 

@@ -39,7 +39,19 @@ from rrm_cuda import _C  # noqa: E402
 from rrm_cuda import reference as R  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import Row, device_tag, for_each_size, metadata, photo, print_table, time_fn, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    Row,
+    add_bench_args,
+    bench_setup,
+    device_tag,
+    for_each_size,
+    metadata,
+    photo,
+    print_table,
+    time_fn,
+    tuned,
+    write_results,
+)
 
 SIZES = {"500x375 C21": ("chelsea", 375, 500, 21), "512x512 C21": ("astronaut", 512, 512, 21)}
 QUICK_SIZES = {"96x64 C21": ("chelsea", 64, 96, 21), "128x128 C8": ("astronaut", 128, 128, 8)}
@@ -47,20 +59,6 @@ SXY, SRGB = 80.0, 13.0
 MODES = ("fwd", "fwd+bwd values", "fwd+bwd values+features")
 BASELINE = "rebuild in backward"
 REFERENCE_MAX_PIXELS = 128 * 128
-
-
-class knob:  # noqa: N801 - a context manager
-    """Sets a tuning knob of the extension for the block."""
-
-    def __init__(self, name: str, value: int) -> None:
-        self.name, self.value = name, value
-
-    def __enter__(self):
-        self.old = _C.tuning()[self.name]
-        _C.set_tuning(self.name, self.value)
-
-    def __exit__(self, *exc):
-        _C.set_tuning(self.name, self.old)
 
 
 def make_inputs(spec, device, dtype=torch.float32):
@@ -91,7 +89,7 @@ def run(method: str, mode: str, values, features, weights):
 
 def call(method: str, mode: str, values, features, weights):
     if method == BASELINE:
-        with knob("lattice_to_backward", 0):
+        with tuned(lattice_to_backward=0):
             return run(method, mode, values, features, weights)
     return run(method, mode, values, features, weights)
 
@@ -141,23 +139,11 @@ def bench_one(name, spec, device, n_threads, args, rows, methods):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CI-sized images and short timings")
-    p.add_argument("--cpu-only", action="store_true", help="skip CUDA even when available")
-    p.add_argument("--skip-cpu", action="store_true", help="time CUDA only (CPU results are still checked)")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0; quick 0.2)")
-    p.add_argument(
-        "--out-dir",
-        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-        help="folder for filter_<machine>.json and .png (default: benchmarks/results)",
-    )
+    add_bench_args(p, "filter")
     args = p.parse_args(argv)
-    if args.min_run_time is None:
-        args.min_run_time = 0.2 if args.quick else 1.0
+    devices = bench_setup(args)
     sizes = QUICK_SIZES if args.quick else SIZES
     methods = ["rrm_cuda", BASELINE, "cache=True"] + (["reference"] if args.quick else [])
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available() and not args.cpu_only:
-        devices.append(torch.device("cuda"))
     rows: list[Row] = []
     checks = for_each_size(
         sizes,

@@ -620,6 +620,18 @@ def test_grad_without_compat_grad_skips_it():
         assert not bool(gc.any()) and bool(full[1].any())
 
 
+def _crf_grad_counted(fn, unary, feats, c, diagonal, norms, iterations, gq, compat_grad=False):
+    """One forward of fn (an op of dense_crf's schema) and one backward: (the gradients w.r.t. the
+    unary (and compat), the lattices the backward built, the backwards that reran the steps)."""
+    from rrm_cuda import _C
+
+    u, cc = unary.clone().requires_grad_(), c.clone().requires_grad_(compat_grad)
+    q = fn(u, feats, cc, diagonal, norms, iterations)
+    builds, reruns = _C.lattice_builds(), _C.crf_backward_reruns()
+    grads = torch.autograd.grad(q, (u, cc) if compat_grad else (u,), gq)
+    return grads, _C.lattice_builds() - builds, _C.crf_backward_reruns() - reruns
+
+
 @pytest.mark.parametrize("op", ["dense_crf", "_dense_crf_emulated"])
 @pytest.mark.parametrize("diagonal,norm,iterations", GRAD_CASES[:3])
 def test_forward_hands_its_lattices_to_the_backward(op, diagonal, norm, iterations, tuning, lattice_cache):
@@ -692,22 +704,18 @@ def test_trajectory_of_unaries_sharing_lattices(op, tuning):
     """Unaries of batch 4 over features of batch 2 and 1 (RRM's two pseudo-label CRFs per image):
     the CPU's fused mean field takes them in pairs (knob cpu_crf_pairs), each image of a pair
     writing its own trajectory; the gradients are the rerun's, paired or not."""
-    from rrm_cuda import _C
-
     unary, feats, c = _grad_inputs(B=4, L=3, H=6, W=7, seed=31)
     shared = [feats[0][:1], feats[1][:2]]
     gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
-    fn = getattr(ops, op)
     grads = {}
     for pairs in (1, 0):
         tuning("cpu_crf_pairs", pairs)
         for traj in (1, 0):
             tuning("crf_trajectory_to_backward", traj)
-            u = unary.clone().requires_grad_()
-            q = fn(u, shared, c, [True, True], [0, 1], 3)
-            reruns = _C.crf_backward_reruns()
-            (grads[pairs, traj],) = torch.autograd.grad(q, u, gq)
-            assert _C.crf_backward_reruns() - reruns == 1 - traj
+            (grads[pairs, traj],), _, reruns = _crf_grad_counted(
+                getattr(ops, op), unary, shared, c, [True, True], [0, 1], 3, gq
+            )
+            assert reruns == 1 - traj
     for key, g in grads.items():
         torch.testing.assert_close(g, grads[0, 0], rtol=1e-12, atol=1e-14, msg=str(key))
 
@@ -716,8 +724,6 @@ def test_trajectory_of_unaries_sharing_lattices(op, tuning):
 def test_tiled_mean_field_trajectory(kernel, kept, tuning):
     """The tiled GPU mean field (emulated): kernels 0 and 1 leave Q in the padded rows at every step,
     so the trajectory is kept; 2 and 3 keep Q in shared memory, so the backward reruns the steps."""
-    from rrm_cuda import _C
-
     unary, feats, c = _grad_inputs(B=2, L=3, H=12, W=11, seed=27)
     gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(28), dtype=torch.float64)
     tuning("mean_field_tile", 32)
@@ -725,11 +731,10 @@ def test_tiled_mean_field_trajectory(kernel, kept, tuning):
     grads = {}
     for traj in (1, 0):
         tuning("crf_trajectory_to_backward", traj)
-        u = unary.clone().requires_grad_()
-        q = ops._dense_crf_emulated(u, feats, c, [True, True], [0, 0], 3)
-        reruns = _C.crf_backward_reruns()
-        (grads[traj],) = torch.autograd.grad(q, u, gq)
-        assert _C.crf_backward_reruns() - reruns == (0 if kept and traj else 1)
+        (grads[traj],), _, reruns = _crf_grad_counted(
+            ops._dense_crf_emulated, unary, feats, c, [True, True], [0, 0], 3, gq
+        )
+        assert reruns == (0 if kept and traj else 1)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
 
 
@@ -1149,40 +1154,26 @@ def test_cuda_grad_matches_cpu(cuda, dtype, diagonal, norm, iterations):
 
 
 @pytest.mark.cuda
-def test_cuda_forward_hands_its_lattices_to_the_backward(cuda, tuning):
-    """On the GPU: the backward builds no lattice, with the bits of the rebuilding one."""
-    from rrm_cuda import _C
-
+def test_cuda_forward_hands_its_lattices_and_trajectory_to_the_backward(cuda, tuning):
+    """On the GPU: the backward builds no lattice, with the bits of the rebuilding one; and it does
+    not rerun the steps, with the rerun's gradients up to rounding."""
     unary, feats, c = _grad_inputs(B=2, L=5, H=23, W=19, seed=23)
     gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
     unary, feats, c, gq = unary.to(cuda), [f.to(cuda) for f in feats], c.to(cuda), gq.to(cuda)
     out = []
     for keep in (1, 0):
         tuning("lattice_to_backward", keep)
-        u, cc = unary.clone().requires_grad_(), c.clone().requires_grad_()
-        q = ops.dense_crf(u, feats, cc, [True, False], [0, 0], 3)
-        before = _C.lattice_builds()
-        out.append((torch.autograd.grad(q, (u, cc), gq), _C.lattice_builds() - before))
+        grads, builds, _ = _crf_grad_counted(ops.dense_crf, unary, feats, c, [True, False], [0, 0], 3, gq, True)
+        out.append((grads, builds))
     assert (out[0][1], out[1][1]) == (0, 2)
     for a, b in zip(out[0][0], out[1][0]):
         assert torch.equal(a, b)
-
-
-@pytest.mark.cuda
-def test_cuda_forward_hands_its_trajectory_to_the_backward(cuda, tuning):
-    """On the GPU: the backward does not rerun the steps; the rerun's gradients up to rounding."""
-    from rrm_cuda import _C
-
-    unary, feats, c = _grad_inputs(B=2, L=5, H=23, W=19, seed=29)
-    gq = torch.randn(unary.shape, generator=torch.Generator().manual_seed(30), dtype=torch.float64)
-    unary, feats, c, gq = unary.to(cuda), [f.to(cuda) for f in feats], c.to(cuda), gq.to(cuda)
+    tuning("lattice_to_backward", 1)
     out = []
     for traj in (1, 0):
         tuning("crf_trajectory_to_backward", traj)
-        u = unary.clone().requires_grad_()
-        q = ops.dense_crf(u, feats, c, [True, True], [0, 0], 4)
-        reruns = _C.crf_backward_reruns()
-        out.append((torch.autograd.grad(q, u, gq)[0], _C.crf_backward_reruns() - reruns))
+        (grad,), _, reruns = _crf_grad_counted(ops.dense_crf, unary, feats, c, [True, True], [0, 0], 4, gq)
+        out.append((grad, reruns))
     assert (out[0][1], out[1][1]) == (0, 1)
     torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-10, atol=1e-12)
 
