@@ -259,6 +259,19 @@ def main() -> None:
     crf_ops = {"dense_crf op alone": raw, "dense_crf op batch 8": batch8}
     # the fused slice: vertex rows whole (96 registers at 21 labels) or 4 channels at a time (64)
     summary += switch("slice", "slice_group4", "whole rows", "4 channels at a time", crf_ops)
+    # the mean field's float4 splat and four-channel slice compiled for 5 or 6 resident blocks per SM
+    # (at most 48 or 40 registers, with spills) or as the compiler likes (56 and 64 registers, 50 % occupancy on
+    # the H200 of session 30, latency-bound): do more warps in flight beat the spills? The energy
+    # loss's float4 splats and the filter's take the cap too.
+    caps = [(f"min {c} blocks" if c else "uncapped", setting(item_min_blocks=c)) for c in (0, 5, 6)]
+    summary += ab_group(
+        res,
+        "register cap",
+        caps,
+        {**crf_ops, "energy fwd+bwd [rloss], unchecked": energy_rloss},
+        default=f"min {knobs['item_min_blocks']} blocks" if knobs["item_min_blocks"] else "uncapped",
+    )
+    knob("item_min_blocks", knobs["item_min_blocks"])
 
     def counted(fn: Callable[[], None]) -> Callable[[], None]:
         """fn with its lattices counted (knob counted_lattice), as a CUDA graph builds them."""

@@ -20,6 +20,11 @@ Compared, in the same run on the same machine:
   * reference: the original module re-stated line by line in pure PyTorch
     (``rrm_cuda.reference.dense_energy_loss_module_reference``).
 
+On a GPU also: the loss replayed from a CUDA graph and through ``make_graphed_callables``, and
+"behind GPU work": what the loss fwd+bwd adds to a training step whose GPU queue is already full
+(5 ms of ``torch.cuda._sleep`` queued first; the time of both less that of the sleep alone), as
+checked by default, unchecked, and unchecked with a counted lattice (no host wait at all).
+
 Medians and IQRs from ``torch.utils.benchmark.Timer.blocked_autorange``; correctness is checked
 before timing. Writes ``benchmarks/results/energy_<device-tag>.json`` and ``.png`` (benchmarks/_common.py helpers).
 """
@@ -120,6 +125,39 @@ def fwd(loss_fn, probs):
     def run():
         with torch.no_grad():
             loss_fn(probs)
+
+    return run
+
+
+def busy_cycles(ms: float) -> int:
+    """``torch.cuda._sleep`` cycles that keep the GPU busy for about ``ms`` milliseconds (calibrated)."""
+    torch.cuda._sleep(1000)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    end.synchronize()
+    return max(1, int(ms / (start.elapsed_time(end) / 1e6)))
+
+
+def marginal(with_work: dict, work: dict) -> dict:
+    """What a call adds to a step whose GPU queue is already full: the median of (work, then the
+    call) less the median of the work alone; IQRs added (an upper bound of the difference's)."""
+    return {
+        "median_ms": with_work["median_ms"] - work["median_ms"],
+        "iqr_ms": with_work["iqr_ms"] + work["iqr_ms"],
+        "runs": min(with_work["runs"], work["runs"]),
+    }
+
+
+def behind_work(fn, cycles: int):
+    """fn queued behind ``cycles`` of GPU work, as a loss is behind the network's kernels in a
+    training step: the host launches it while the GPU is still busy, unless it waits for the device."""
+
+    def run():
+        torch.cuda._sleep(cycles)
+        fn()
 
     return run
 
@@ -248,6 +286,36 @@ def run_setting(name, B, K, size, scale, pool, all_threads, mrt, with_reference=
         except (Exception, SystemExit) as exc:  # check_close exits on a mismatch
             checks["cuda graph rows"] = f"failed: {exc!r}"
             print(f"  CUDA graph rows failed: {exc!r}", flush=True)
+        # What the loss adds to a training step whose GPU is busy (the network's kernels queued ahead
+        # of it: 5 ms of torch.cuda._sleep here): its kernels, plus whatever host time it spends after
+        # waiting for the device (the checked call reads its statistics and the lattice's size;
+        # unchecked with a counted lattice, nothing). Rows "behind GPU work": marginal times.
+        try:
+            from rrm_cuda import _C
+
+            cycles = busy_cycles(5.0)
+            work = measure(lambda: torch.cuda._sleep(cycles), mrt, sync=True)
+            unchecked = {
+                g: rrm_cuda.DenseEnergyLoss(WEIGHT, SIGMA_RGB, sxy, scale, gradient=g, check_inputs=False)
+                for g in ("rloss", "exact")
+            }
+            counted0 = _C.tuning()["counted_lattice"]
+            for g in ("rloss", "exact"):
+                variants = [
+                    ("", gpu[g], 0),
+                    (" unchecked", lambda p, g=g: unchecked[g](ci, p, cr, cl), 0),
+                    (" unchecked, counted", lambda p, g=g: unchecked[g](ci, p, cr, cl), 1),
+                ]
+                for tag, fn, counted in variants:
+                    _C.set_tuning("counted_lattice", counted)
+                    try:
+                        timing = measure(behind_work(fwd_bwd(fn, cp), cycles), mrt, sync=True)
+                    finally:
+                        _C.set_tuning("counted_lattice", counted0)
+                    add(f"rrm_cuda[{g}]{tag} behind GPU work", 0, "cuda", "fwd+bwd", marginal(timing, work))
+        except Exception as exc:
+            checks["behind GPU work rows"] = f"failed: {exc!r}"
+            print(f"  behind-GPU-work rows failed: {exc!r}", flush=True)
 
     def med(impl, mode, threads=all_threads, device="cpu"):
         for r in rows:

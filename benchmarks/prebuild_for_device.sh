@@ -7,6 +7,7 @@
 #   .prebuilt/_C.cpython-312-x86_64-linux-gnu.so   stripped, the GPU's architecture only
 #   .prebuilt/stamp                                  what it was built from: a hash of csrc/ and
 #                                                    setup.py, torch, Python, TORCH_CUDA_ARCH_LIST
+#   .prebuilt/build.log                              the build's log
 # gpu_check.sh's build step takes it when the stamp matches the tree and torch it runs on, and builds
 # from source otherwise (or when the copy does not import), so a stale prebuild costs nothing but its
 # transfer. Rebuild after every change under csrc/ or to setup.py.
@@ -44,10 +45,13 @@ t0=$(date +%s)
   exit 1
 }
 grep -E "\[rrm_cuda\]" "$WORK/build.log"
+# the log stays beside the extension (with NVCC_APPEND_FLAGS="-Xptxas -v" in the environment it
+# lists every kernel's registers and spills: python benchmarks/ptxas_table.py .prebuilt/build.log)
 so=$(ls "$WORK"/rrm_cuda/_C.cpython-312-*.so)
 mkdir -p "$ROOT/.prebuilt"
 rm -f "$ROOT"/.prebuilt/*.so
 strip --strip-debug -o "$ROOT/.prebuilt/$(basename "$so")" "$so"
+cp "$WORK/build.log" "$ROOT/.prebuilt/build.log"
 # it imports beside this torch (no GPU here: nothing runs)
 (cd "$WORK" && cp "$ROOT/.prebuilt/$(basename "$so")" rrm_cuda/ &&
   "$VENV/bin/python" -c "import rrm_cuda; i = rrm_cuda.build_info(); print(i); assert i['with_cuda']")

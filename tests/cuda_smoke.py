@@ -81,8 +81,14 @@ def main() -> None:
     from rrm_cuda import _C
 
     # the slice's two groupings; the splats' chunk sums by each vertex's last chunk (fence, counter,
-    # L2 loads: twice, the counters must come back to zero) or by a second launch; blur axes in pairs
-    for name, values in (("slice_group4", (0, 1)), ("splat_fused_reduce", (0, 1, 1)), ("blur_pairs", (0, 1))):
+    # L2 loads: twice, the counters must come back to zero) or by a second launch; blur axes in pairs;
+    # the splat and slice compiled with register caps
+    for name, values in (
+        ("slice_group4", (0, 1)),
+        ("splat_fused_reduce", (0, 1, 1)),
+        ("blur_pairs", (0, 1)),
+        ("item_min_blocks", (5, 6)),
+    ):
         saved = _C.tuning()[name]
         for value in values:
             _C.set_tuning(name, value)

@@ -75,6 +75,56 @@ def test_parse_ncu_ignores_text_before_the_first_kernel():
     assert ncu.parse_ncu("==PROF== Connected\n    Duration   us   3.0\n") == []
 
 
+ptxas = _load("ptxas_table")
+
+# nvcc 13's ptxas -v lines for two kernels (sm_90a, session 30's prebuild), one with spills, and a
+# line that belongs to no entry
+PTXAS_LOG = """ptxas info    : 28 bytes gmem
+ptxas info    : Compiling entry function '_ZN3rrm27for_each_item_kernel_cappedINS_7lattice17SplatChunkFunctorIfLi4ELb0ELb0EEELi6EEEvlllT_' for 'sm_90a'
+ptxas info    : Function properties for _ZN3rrm27for_each_item_kernel_cappedINS_7lattice17SplatChunkFunctorIfLi4ELb0ELb0EEELi6EEEvlllT_
+    24 bytes stack frame, 44 bytes spill stores, 52 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers, 24 bytes cumulative stack size
+ptxas info    : Compile time = 18.873 ms
+ptxas info    : Compiling entry function '_ZN3rrm15for_each_kernelINS_3bcd15GradSumsFunctorIfEEEEvlT_' for 'sm_80'
+ptxas info    : Function properties for _ZN3rrm15for_each_kernelINS_3bcd15GradSumsFunctorIfEEEEvlT_
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 26 registers, used 0 barriers, 384 bytes cmem[0]
+"""  # noqa: E501
+
+
+def test_ptxas_table_parses_registers_and_spills():
+    rows = ptxas.parse(PTXAS_LOG)
+    assert [(r["arch"], r["regs"], r["stack"], r["spill_stores"], r["spill_loads"]) for r in rows] == [
+        ("sm_90a", 40, 24, 44, 52),
+        ("sm_80", 26, 0, 0, 0),
+    ]
+    assert rows[0]["name"].startswith("_ZN3rrm27for_each_item_kernel_capped")
+    # demangled names shortened to the functor; a parameter list with parentheses of its own
+    assert (
+        ptxas.short(
+            "void rrm::for_each_item_kernel_capped<rrm::lattice::SplatChunkFunctor<float, 4, false, false>, 6>"
+            "(long, long, long, rrm::lattice::SplatChunkFunctor<float, 4, false, false>)"
+        )
+        == "SplatChunkFunctor<float, 4, false, false> [min 6 blocks]"
+    )
+    assert (
+        ptxas.short(
+            "void rrm::for_each_kernel<rrm::energy::(anonymous namespace)::F<float>>(long, "
+            "rrm::energy::(anonymous namespace)::F<float>)"
+        )
+        == "(anonymous namespace)::F<float>"
+    )
+    assert ptxas.short("at::native::reduce_kernel<512, 1>(int)") == "at::native::reduce_kernel<512, 1>"
+    assert ptxas.parse("no ptxas here\n") == []
+
+
+def test_energy_bench_marginal_time():
+    # "behind GPU work" rows: the work-and-loss median less the work's, the IQRs added (a bound)
+    energy = _load("energy_bench")
+    got = energy.marginal({"median_ms": 5.6, "iqr_ms": 0.02, "runs": 9}, {"median_ms": 5.0, "iqr_ms": 0.01, "runs": 12})
+    assert math.isclose(got["median_ms"], 0.6) and math.isclose(got["iqr_ms"], 0.03) and got["runs"] == 9
+
+
 def test_precision_study_quick(tmp_path):
     # benchmarks/precision_study.py --quick: the float32 reference mean field meets the parity
     # contract against pydensecrf2 (so the study's comparison is sound), and the 16-bit variants are

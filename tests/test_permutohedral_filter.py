@@ -334,6 +334,7 @@ def test_tuning_knobs(tuning):
         "emulate_order",
         "lattice_to_backward",
         "crf_trajectory_to_backward",
+        "item_min_blocks",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -1303,11 +1304,16 @@ def test_cuda_splat_launch_order(cuda, tuning):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("knob", ["splat_fused_reduce", "blur_pairs", "insert_corner_major"])
-def test_cuda_launch_fusions(cuda, tuning, knob):
+@pytest.mark.parametrize(
+    "knob, on",
+    [("splat_fused_reduce", (1,)), ("blur_pairs", (1,)), ("insert_corner_major", (1,)), ("item_min_blocks", (5, 6))],
+)
+def test_cuda_launch_fusions(cuda, tuning, knob, on):
     # the chunk sums added up by each vertex's last chunk in the splat's launch give the bits of the
     # second launch on the device too (float4 and double2 rows through L2, the fence and counter);
-    # repeated calls find the counters at zero; a batch with unused rows; the mean field and the loss
+    # repeated calls find the counters at zero; a batch with unused rows; the mean field and the loss.
+    # Likewise the other launch knobs: blur axes in pairs, the insert's thread order, and the splat
+    # and slice kernels compiled with register caps (item_min_blocks 5, 6)
     g = torch.Generator().manual_seed(8)
     for dtype in (torch.float32, torch.float64):
         v = torch.rand(2, 21, 30000, generator=g, dtype=dtype).to(cuda)
@@ -1329,10 +1335,11 @@ def test_cuda_launch_fusions(cuda, tuning, knob):
 
         tuning(knob, 0)
         ref = run()
-        tuning(knob, 1)
-        for _ in range(3):
-            for k, (a, b) in enumerate(zip(run(), ref)):
-                assert torch.equal(a, b), (dtype, k)
+        for value in on:
+            tuning(knob, value)
+            for _ in range(3):
+                for k, (a, b) in enumerate(zip(run(), ref)):
+                    assert torch.equal(a, b), (dtype, value, k)
 
 
 @pytest.mark.cuda

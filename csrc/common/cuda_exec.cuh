@@ -32,7 +32,7 @@ __global__ void for_each_kernel(int64_t n, F f) {
 // 64-bit division is a ~70-instruction subroutine on the GPU, three of them per thread cost more
 // than a blur pass's own arithmetic. One call site of the functor, so it is inlined once.
 template <class F>
-__global__ void for_each_item_kernel(int64_t B, int64_t n, int64_t C, F f) {
+__device__ __forceinline__ void item_loop(int64_t B, int64_t n, int64_t C, const F& f) {
   const int64_t total = B * n * C;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const bool narrow = total + stride < (int64_t(1) << 31);
@@ -52,6 +52,18 @@ __global__ void for_each_item_kernel(int64_t B, int64_t n, int64_t C, F f) {
     }
     f(b, i, c, c + 1);
   }
+}
+
+template <class F>
+__global__ void for_each_item_kernel(int64_t B, int64_t n, int64_t C, F f) {
+  item_loop(B, n, C, f);
+}
+
+// The same kernel compiled for at least kMinBlocks resident blocks of kBlock (256) threads per SM:
+// the compiler keeps its registers within 65536 / (256 kMinBlocks) per thread (knob item_min_blocks).
+template <class F, int kMinBlocks>
+__global__ void __launch_bounds__(256, kMinBlocks) for_each_item_kernel_capped(int64_t B, int64_t n, int64_t C, F f) {
+  item_loop(B, n, C, f);
 }
 
 // Items (b, i < counts[b] + add (at most cap), c < C) of all images in turn, c fastest, flattened
@@ -196,7 +208,20 @@ struct CudaExec {
     if (total <= 0) return;
     const int64_t want = (total + kBlock - 1) / kBlock;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535LL * 32));
-    for_each_item_kernel<F><<<blocks, kBlock, 0, at::cuda::getCurrentCUDAStream()>>>(B, n, C, f);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if constexpr (min_blocks_variants<F>::value) {
+      static_assert(kBlock == 256, "the capped kernels' __launch_bounds__ assume blocks of 256 threads");
+      const int64_t cap = tuning::get(tuning::kItemMinBlocks);
+      if (cap == 5 || cap == 6) {
+        if (cap == 5)
+          for_each_item_kernel_capped<F, 5><<<blocks, kBlock, 0, stream>>>(B, n, C, f);
+        else
+          for_each_item_kernel_capped<F, 6><<<blocks, kBlock, 0, stream>>>(B, n, C, f);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    for_each_item_kernel<F><<<blocks, kBlock, 0, stream>>>(B, n, C, f);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   // The most dynamic shared memory a block of this device can opt into (227 KiB on sm_90, 163 on

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define RRM_HOST_DEVICE __host__ __device__ __forceinline__
@@ -13,6 +14,15 @@
 #endif
 
 namespace rrm {
+
+// Whether CUDA compiles F's item launch also with register caps (knob item_min_blocks, common/cuda_exec.cuh): F
+// declares `static constexpr bool kMinBlocksVariants = true;`. Only the few functors worth the experiment do, since
+// each variant is another kernel to compile.
+template <class F, class = void>
+struct min_blocks_variants : std::false_type {};
+template <class F>
+struct min_blocks_variants<F, std::void_t<decltype(F::kMinBlocksVariants)>>
+    : std::integral_constant<bool, F::kMinBlocksVariants> {};
 
 // Compare-and-swap on a 32-bit word; returns the value that was there before.
 RRM_HOST_DEVICE int32_t atomic_cas(int32_t* addr, int32_t expected, int32_t desired) {

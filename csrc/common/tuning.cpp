@@ -6,7 +6,7 @@ namespace rrm {
 namespace tuning {
 namespace {
 
-std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768, 1, 1, 0, 1, 1};
+std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768, 1, 1, 0, 1, 1, 0};
 const char* const g_names[kNumKnobs] = {"splat_tile",
                                         "energy_rows4",
                                         "energy_pair_splat",
@@ -27,7 +27,8 @@ const char* const g_names[kNumKnobs] = {"splat_tile",
                                         "energy_pack_blocks",
                                         "emulate_order",
                                         "lattice_to_backward",
-                                        "crf_trajectory_to_backward"};
+                                        "crf_trajectory_to_backward",
+                                        "item_min_blocks"};
 
 }  // namespace
 

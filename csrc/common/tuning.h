@@ -85,6 +85,17 @@ enum Knob : int {
                              // the backward reruns them (0, before session 29); 1. The gradients differ in
                              // the last bits (the fused forward's Q against the rerun's generic loop).
                              // Name crf_trajectory_to_backward.
+  kItemMinBlocks,            // GPU, float: the mean field's splat and slice kernels (the two that the H200's
+                             // profile found latency-bound at 50 % occupancy, capped by their 56 and 64
+                             // registers; also the filter's and energy loss's float4 splats) compiled for at
+                             // least this many resident blocks of 256 threads per SM (__launch_bounds__: 5
+                             // allows 48 registers, 6 allows 40: more warps in flight, at the price of
+                             // spills: ptxas, sm_90a, 5: the mean field's splat and slice spill 84 and 72
+                             // bytes per thread, 6: 172 and 136; benchmarks/ptxas_table.py), or as the
+                             // compiler likes (0); 0. Other values act as 0. The same bits: registers do not
+                             // change the arithmetic. Item launches only (not counted ones: a graph's).
+                             // Name item_min_blocks. An experiment for a GPU session (cuda_profile.py's
+                             // "register cap" group).
   kNumKnobs
 };
 

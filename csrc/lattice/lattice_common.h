@@ -775,6 +775,8 @@ RRM_HOST_DEVICE void row_add_scaled_any(scalar_t* acc, scalar_t w, const scalar_
 // Rows of vertices >= num_vertices are not written (the blurs skip them and no slice reads them).
 template <typename scalar_t, int V = 1, bool kPair = false, bool kFuse = false>
 struct SplatChunkFunctor {
+  // CUDA: the float4 splat also compiled with register caps (knob item_min_blocks, common/exec.h)
+  static constexpr bool kMinBlocksVariants = std::is_same<scalar_t, float>::value && V == 4 && !kPair;
   static constexpr int U = V == 1 ? 8 : 4;  // entries in flight per thread
   const scalar_t* in;                       // (B, N, C)
   const scalar_t* pre;                      // (LB, N) per-pixel factor, or nullptr
@@ -1513,6 +1515,7 @@ constexpr int kMaxFusedTerms = 4;
 // The loop over terms unrolls, so each f[t] is read from the kernel's parameters with a constant index.
 template <class F>
 struct TermItems {
+  static constexpr bool kMinBlocksVariants = min_blocks_variants<F>::value;
   F f[kMaxFusedTerms];
   int64_t n[kMaxFusedTerms];
   int T;
@@ -1725,6 +1728,8 @@ struct MeanFieldSliceArgs {
 // slice_group4. Each channel's sums are the same terms in the same order: the same bits.
 template <typename scalar_t, int W, int G = W>
 struct MeanFieldSliceFunctor : MeanFieldSliceArgs<scalar_t> {
+  // CUDA: the four-channel slice also compiled with register caps (knob item_min_blocks, common/exec.h)
+  static constexpr bool kMinBlocksVariants = std::is_same<scalar_t, float>::value && G == 4;
   static_assert(W % G == 0, "G must divide W");
   using MeanFieldSliceArgs<scalar_t>::unary;
   using MeanFieldSliceArgs<scalar_t>::q;
