@@ -272,6 +272,22 @@ def main() -> None:
         default=f"min {knobs['item_min_blocks']} blocks" if knobs["item_min_blocks"] else "uncapped",
     )
     knob("item_min_blocks", knobs["item_min_blocks"])
+    # the generic filter's lattice rows (permutohedral_filter, its gradients, dense_crf's backward): one
+    # channel per thread, or padded to rows of four taken four at a time (session 30, not yet timed)
+    vg = vals.clone().requires_grad_()
+    summary += switch(
+        "filter rows",
+        "filter_rows4",
+        "one channel per thread",
+        "rows of four",
+        {
+            "build + 1 filter, d=5, 21 ch": lambda: ops.permutohedral_filter(vals, bil, False),
+            "filter fwd+bwd (values), d=5, 21 ch": lambda: rrm_cuda.permutohedral_filter(vg, bil).sum().backward(),
+            "dense_crf fwd+bwd (unary grad)": lambda: (
+                ops.dense_crf(ug, [pos, bil], compat, [True, True], [0, 0], args.iterations).sum().backward()
+            ),
+        },
+    )
 
     def counted(fn: Callable[[], None]) -> Callable[[], None]:
         """fn with its lattices counted (knob counted_lattice), as a CUDA graph builds them."""

@@ -308,6 +308,76 @@ def test_slice_grouping_does_not_change_results(tuning, dtype):
             torch.testing.assert_close(outs[1].sum(1), torch.ones_like(outs[1][:, 0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_filter_rows_of_four_do_not_change_results(tuning, dtype):
+    # The GPU filter's lattice rows padded to a multiple of 4 channels, splat and blurs four channels
+    # per thread (filter_rows4 = 1, C >= 4), or one channel per thread (0): the same terms in the same
+    # order per channel, so the same bits through the emulated launch, for the filter in both blur
+    # orders, its two gradients, and dense_crf's backward (two generic filters per step), at channel
+    # counts that need padding (5, 21) and that do not (4, 8), and below the threshold (1, 3).
+    g = torch.Generator().manual_seed(11)
+    f = (torch.randn(2, 5, 900, generator=g) * 2).to(dtype)
+    for C in (1, 3, 4, 5, 8, 21):
+        v = torch.randn(2, C, 900, generator=g, dtype=dtype)
+        grad = torch.randn(2, C, 900, generator=g, dtype=dtype)
+        outs = []
+        for rows4 in (0, 1):
+            tuning("filter_rows4", rows4)
+            out = [ops._permutohedral_filter_emulated(v, f, rev) for rev in (False, True)]
+            out += list(ops._permutohedral_filter_backward_emulated(v, f, grad, False))
+            outs.append(out)
+        for k, (a, b) in enumerate(zip(*outs)):
+            assert torch.equal(a, b), (C, k)
+    pos = (torch.randn(1, 2, 900, generator=g) * 4).to(dtype)
+    for L in (3, 21):
+        u = (torch.rand(2, L, 900, generator=g) * 3).to(dtype)
+        compat = torch.stack([-3 * torch.eye(L), -torch.rand(L, L, generator=g)]).to(dtype)
+        gq = torch.randn(2, L, 900, generator=g, dtype=dtype)
+        for diag in ([True, True], [True, False]):
+            args = (u, [pos, f], compat, diag, [0, 0], 3)
+            grads = []
+            for rows4 in (0, 1):
+                tuning("filter_rows4", rows4)
+                grads.append(ops._dense_crf_backward_emulated(gq, *args))
+            for a, b in zip(*grads):
+                assert torch.equal(a, b), (L, diag)
+
+
+def test_filter_rows_of_four_copy_a_misaligned_input(tuning):
+    # Rows of four are read 16 bytes at a time: a caller's (B, C, 1) view whose storage starts one
+    # element in gives pixel-major rows that are not 16-byte aligned (the transpose is a view), so
+    # the filter copies them into its padded buffer first (one more launch) instead of reading them
+    # in place, as it does for aligned rows of a multiple of 4 channels; the same values either way.
+    from rrm_cuda import _C
+
+    tuning("filter_rows4", 1)
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(2, 3, 1, generator=g)
+    base = torch.randn(2 * 4 + 1, generator=g)
+    shifted = base[1:].view(2, 4, 1)
+    assert shifted.storage_offset() == 1
+    aligned = shifted.clone()  # its own storage, offset 0
+    counts, outs = [], []
+    for v in (aligned, shifted):
+        l0, _ = _C.emulated_launches()
+        outs.append(ops._permutohedral_filter_emulated(v, f, False))
+        counts.append(_C.emulated_launches()[0] - l0)
+    assert counts[1] == counts[0] + 1, counts
+    assert torch.equal(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], ops.permutohedral_filter(aligned, f, False))
+
+
+@pytest.mark.cuda
+def test_cuda_filter_rows_of_four_misaligned_input(cuda):
+    # the same misaligned view on the device: copied, not read with 16-byte loads (which would fault)
+    g = torch.Generator().manual_seed(2)
+    f = torch.randn(2, 3, 1, generator=g)
+    base = torch.randn(2 * 4 + 1, generator=g)
+    shifted = base.to(cuda)[1:].view(2, 4, 1)
+    out = ops.permutohedral_filter(shifted, f.to(cuda), False).cpu()
+    torch.testing.assert_close(out, ops.permutohedral_filter(base[1:].view(2, 4, 1).clone(), f, False))
+
+
 def test_tuning_knobs(tuning):
     from rrm_cuda import _C
 
@@ -335,6 +405,7 @@ def test_tuning_knobs(tuning):
         "lattice_to_backward",
         "crf_trajectory_to_backward",
         "item_min_blocks",
+        "filter_rows4",
     }
     assert all(isinstance(v, int) and v >= 0 for v in saved.values())
     with pytest.raises(ValueError, match="tuning value must be >= 0"):
@@ -392,8 +463,9 @@ def test_hash_table_growth():
     torch.testing.assert_close(ops._permutohedral_filter_emulated(v, f, False), ref)
 
 
+@pytest.mark.parametrize("rows4", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_gpu_path_makes_no_fill_launches(dtype, tuning):
+def test_gpu_path_makes_no_fill_launches(dtype, rows4, tuning):
     # On a GPU every at::zeros / at::full is a TensorIterator and a kernel launch (~10 us of host time
     # each on session 24's H200). The GPU path's lattice build and splat lists have their hash table
     # (-1), claim counters, vertex counts and chunk tables (0) written by the threads of launches they
@@ -406,6 +478,7 @@ def test_gpu_path_makes_no_fill_launches(dtype, tuning):
     from tests.conftest import photo
 
     tuning("splat_fused_reduce", 1)
+    tuning("filter_rows4", rows4)
     img = torch.from_numpy(photo("astronaut", (48, 64))).permute(2, 0, 1)[None].to(dtype)
     f = rrm_cuda.bilateral_features(img, 80.0, 13.0, dtype=dtype)  # pydensecrf's bilateral sigmas
     v = torch.randn(1, 5, 48 * 64, generator=torch.Generator().manual_seed(0), dtype=dtype)
@@ -421,8 +494,9 @@ def test_gpu_path_makes_no_fill_launches(dtype, tuning):
     # The launches (besides the sort's and the chunk counts' scan): embed (with the fills), insert,
     # assign, resolve (with the table's statistics), sort keys (with the neighbours), list bounds
     # (with the splat lists), chunk ranges, the splat (with its chunk sums), three blurs (two axes
-    # each), the slice. A change that adds one shows here.
-    assert l1 - l0 == 12
+    # each), the slice; with rows of four (filter_rows4), the 5 channels' padding to 8 before the
+    # splat. A change that adds one shows here.
+    assert l1 - l0 == 12 + rows4
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(out, permutohedral_filter_reference(v, f), rtol=tol, atol=tol)
 
@@ -1306,7 +1380,13 @@ def test_cuda_splat_launch_order(cuda, tuning):
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     "knob, on",
-    [("splat_fused_reduce", (1,)), ("blur_pairs", (1,)), ("insert_corner_major", (1,)), ("item_min_blocks", (5, 6))],
+    [
+        ("splat_fused_reduce", (1,)),
+        ("blur_pairs", (1,)),
+        ("insert_corner_major", (1,)),
+        ("item_min_blocks", (5, 6)),
+        ("filter_rows4", (1,)),
+    ],
 )
 def test_cuda_launch_fusions(cuda, tuning, knob, on):
     # the chunk sums added up by each vertex's last chunk in the splat's launch give the bits of the

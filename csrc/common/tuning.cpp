@@ -6,7 +6,7 @@ namespace rrm {
 namespace tuning {
 namespace {
 
-std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768, 1, 1, 0, 1, 1, 0};
+std::atomic<int64_t> g_values[kNumKnobs] = {0, 1, 1, 1, 1, 1, 1, 0, 0, 2, 0, 0, 0, 1, 32, 32768, 1, 1, 0, 1, 1, 0, 1};
 const char* const g_names[kNumKnobs] = {"splat_tile",
                                         "energy_rows4",
                                         "energy_pair_splat",
@@ -28,7 +28,8 @@ const char* const g_names[kNumKnobs] = {"splat_tile",
                                         "emulate_order",
                                         "lattice_to_backward",
                                         "crf_trajectory_to_backward",
-                                        "item_min_blocks"};
+                                        "item_min_blocks",
+                                        "filter_rows4"};
 
 }  // namespace
 

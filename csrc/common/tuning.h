@@ -96,6 +96,11 @@ enum Knob : int {
                              // change the arithmetic. Item launches only (not counted ones: a graph's).
                              // Name item_min_blocks. An experiment for a GPU session (cuda_profile.py's
                              // "register cap" group).
+  kFilterRows4,              // GPU: the generic filter's lattice rows (permutohedral_filter and its gradients,
+                             // dense_crf's backward and per-term loop) padded to a multiple of 4 channels,
+                             // its splat and blurs four channels per thread (1, for C >= 4), as the energy
+                             // loss's and the fused mean field's are, or one channel per thread (0, before
+                             // session 30); 1. The same bits. Name filter_rows4.
   kNumKnobs
 };
 

@@ -1695,6 +1695,21 @@ struct MeanFieldRowTerm {
   int d;
 };
 
+// Rows of C channels copied into rows of Cs >= C channels, zero-padded: out (B, N, Cs) from in
+// (B, N, C), both contiguous. One item per (b, i, channel of out); the generic filter's float4
+// lattice rows on the GPU (knob filter_rows4).
+template <typename scalar_t>
+struct PadRowsFunctor {
+  const scalar_t* in;
+  scalar_t* out;
+  int64_t N, C, Cs;
+  RRM_HOST_DEVICE void operator()(int64_t b, int64_t i, int64_t c0, int64_t c1) const {
+    const scalar_t* src = in + (b * N + i) * C;
+    scalar_t* dst = out + (b * N + i) * Cs;
+    for (int64_t c = c0; c < c1; ++c) dst[c] = c < C ? src[c] : scalar_t(0);
+  }
+};
+
 // The fused GPU mean field's compatibility rows, one functor instead of several ATen calls:
 // coef[t, :] = (-compat[t, l, l] for l < L, 0...).
 template <typename scalar_t>

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cstdint>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -748,7 +749,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lattice_tables(const Exec& exec, 
 
 // Work buffers of one filter call, reusable across calls on the same lattice and channel count.
 struct FilterWorkspace {
-  at::Tensor a, b;      // (B, M, C)
+  at::Tensor a, b;      // (B, M, Cs): C channels padded to Cs (see splat_blur)
+  at::Tensor packed;    // GPU rows of four: the input's rows padded to Cs, (B, N, Cs)
   at::Tensor partial;   // CPU splat: (threads, M, C); CUDA splat: (B, K, C) chunk sums
   at::Tensor partial2;  // CUDA splat's second sums (splat_gather's pre2), (B, K, C)
   at::Tensor counters;  // CUDA splat with the chunk sums in its launch: (B, M, C / V), zero between launches
@@ -943,6 +945,11 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
   }
 }
 
+// The GPU filter's lattice rows are padded to a multiple of 4 channels, which its splat and blurs
+// take four at a time (float4 / double2 pairs), for C >= 4 unless the knob says one channel per
+// thread; the same bits either way (each channel's sums are the same terms in the same order).
+inline bool filter_rows4(int64_t C) { return C >= 4 && tuning::get(tuning::kFilterRows4) != 0; }
+
 // The lattice rows of B S (pre * in) in ws's buffers, Cs channels (ws.a.size(2)) per row; returns
 // the buffer that holds them. B = B_d ... B_0 (forward) or B_0 ... B_d (reverse).
 // in: (B, N, C) contiguous, same dtype as the lattice weights.
@@ -951,9 +958,11 @@ scalar_t* splat_blur(const Exec& exec, const Lattice& lat, const scalar_t* in, c
                      bool reverse, FilterWorkspace& ws) {
   const int64_t B = lat.B, M = lat.M;
   const int d = lat.d;
-  // CPU lattice rows are padded to a multiple of 8 channels (one AVX register), see SliceFunctor.
+  // CPU lattice rows are padded to a multiple of 8 channels (one AVX register), see SliceFunctor;
+  // the GPU's (and its emulation's) to a multiple of 4 (filter_rows4) or not at all.
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
-  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : C;
+  const bool rows4 = !kCpu && filter_rows4(C);
+  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : rows4 ? (C + 3) / 4 * 4 : C;
   if (!ws.a.defined() || ws.a.size(2) != Cs) {
     ws.a = lat.counted ? counted_empty<Exec>({B, M, Cs}, lat.entry_weight.options())
                        : at::empty({B, M, Cs}, lat.entry_weight.options());
@@ -965,6 +974,20 @@ scalar_t* splat_blur(const Exec& exec, const Lattice& lat, const scalar_t* in, c
   const int64_t grain = std::max<int64_t>(16, 8192 / std::max<int64_t>(1, C));
   if constexpr (kCpu) {
     splat_scatter_cpu<scalar_t>(lat, in, pre, cur, C, Cs, ws);
+  } else if (rows4) {
+    // the splat reads whole rows of four (16-byte loads): the input padded to Cs first where C is not
+    // a multiple of 4 or the rows do not start on 16 bytes (a caller's view with an odd offset)
+    const scalar_t* src = in;
+    if (Cs != C || reinterpret_cast<std::uintptr_t>(in) % 16 != 0) {
+      const int64_t N = lat.N;
+      if (!ws.packed.defined() || ws.packed.size(0) != B || ws.packed.size(1) != N || ws.packed.size(2) != Cs)
+        ws.packed = at::empty({B, N, Cs}, lat.entry_weight.options());
+      exec.for_each_item(B, N, Cs, PadRowsFunctor<scalar_t>{in, ws.packed.data_ptr<scalar_t>(), N, C, Cs}, 256);
+      src = ws.packed.data_ptr<scalar_t>();
+    }
+    splat_gather<Exec, scalar_t, 4>(exec, lat, src, pre, cur, Cs, ws, grain);
+    return blur_axes<Exec, scalar_t, 4>(exec, B, M, Cs, lat.neighbors.data_ptr<int32_t>(),
+                                        lat.num_vertices.data_ptr<int32_t>(), d, reverse, cur, nxt, grain, lat.counted);
   } else {
     splat_gather<Exec, scalar_t>(exec, lat, in, pre, cur, C, ws, grain);
   }
