@@ -21,6 +21,13 @@ import torch.utils.benchmark as tbench
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
+# The scripts import rrm_cuda after this module: the installed package, or else a development
+# checkout built in place (python setup.py build_ext --inplace), whose root is put on the path here.
+try:
+    import rrm_cuda  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(HERE))
+
 
 @dataclass
 class Row:

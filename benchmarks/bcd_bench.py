@@ -20,15 +20,8 @@ import sys
 
 import torch
 
-try:
-    import rrm_cuda
-except ImportError:  # a development checkout built in place (python setup.py build_ext --inplace)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import rrm_cuda
-from rrm_cuda import reference as R  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
+from _common import (  # noqa: E402  (first: it makes rrm_cuda importable from a checkout)
     Row,
     add_bench_args,
     bench_setup,
@@ -39,6 +32,10 @@ from _common import (  # noqa: E402
     time_fn,
     write_results,
 )
+
+# isort: split
+import rrm_cuda  # noqa: E402
+from rrm_cuda import reference as R  # noqa: E402
 
 SIZES = {  # name: (B, C, h, w, K)
     "authors B8 C1024 41x41 K21": (8, 1024, 41, 41, 21),

@@ -20,11 +20,12 @@ import sys
 import numpy as np
 import torch
 
-import rrm_cuda
-from rrm_cuda.reference import dense_crf_reference
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Row, device_tag, metadata, photo, print_table, threads, time_fn, tuned, write_results  # noqa: E402
+
+# isort: split
+import rrm_cuda  # noqa: E402  (after _common, which makes it importable from a checkout)
+from rrm_cuda.reference import dense_crf_reference  # noqa: E402
 
 GAUSS = dict(sxy=3, compat=3)
 BIL = dict(sxy=80, srgb=13, compat=10)

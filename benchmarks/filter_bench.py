@@ -30,16 +30,8 @@ import sys
 
 import torch
 
-try:
-    import rrm_cuda
-except ImportError:  # a development checkout built in place (python setup.py build_ext --inplace)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import rrm_cuda
-from rrm_cuda import _C  # noqa: E402
-from rrm_cuda import reference as R  # noqa: E402
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (  # noqa: E402
+from _common import (  # noqa: E402  (first: it makes rrm_cuda importable from a checkout)
     Row,
     add_bench_args,
     bench_setup,
@@ -52,6 +44,11 @@ from _common import (  # noqa: E402
     tuned,
     write_results,
 )
+
+# isort: split
+import rrm_cuda  # noqa: E402
+from rrm_cuda import _C  # noqa: E402
+from rrm_cuda import reference as R  # noqa: E402
 
 SIZES = {"500x375 C21": ("chelsea", 375, 500, 21), "512x512 C21": ("astronaut", 512, 512, 21)}
 QUICK_SIZES = {"96x64 C21": ("chelsea", 64, 96, 21), "128x128 C8": ("astronaut", 128, 128, 8)}

@@ -46,20 +46,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:
-    import rrm_cuda  # noqa: F401  (the extension, or the fallback below)
-except ImportError:  # a development checkout built in place (python setup.py build_ext --inplace)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import rrm_cuda  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402  (first: it makes rrm_cuda importable from a checkout)
+
+# isort: split
 from rrm_cuda import reference as R  # noqa: E402
 from rrm_cuda.rrm import losses as L  # noqa: E402
 from rrm_cuda.rrm.data import build_dataset  # noqa: E402
 from rrm_cuda.rrm.pseudo_labels import ReliableLabels, multiscale_cam  # noqa: E402
 from rrm_cuda.rrm.reference_labels import compute_seg_label, crf_inference  # noqa: E402
 from rrm_cuda.rrm.train import StepOps, build_model, make_config, param_groups, resolve_device, train_step  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
 
 PARTS = ("pseudo labels", "energy fwd+bwd", "BCD fwd+bwd")
 
