@@ -29,7 +29,7 @@ def _apply_tuning_env() -> None:
             if not sep:
                 raise ValueError("expected name=value")
             _C.set_tuning(name.strip(), int(value))
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # OverflowError: a value beyond int64
             raise ValueError(f"RRM_CUDA_TUNING: bad item {item!r} ({exc})") from None
 
 

@@ -668,6 +668,11 @@ def dense_crf(
             )
         if image.dtype == torch.bool or image.is_complex():
             raise TypeError(f"image must be uint8 or floating; got {image.dtype}")
+        if len(spatial) + image.shape[1] > 16:  # the lattice's d: positions and channels
+            raise ValueError(
+                f"image must have at most {16 - len(spatial)} channels: the bilateral term's features are "
+                f"{len(spatial)} positions and the channels, at most 16 in all; got {image.shape[1]} channels"
+            )
         V.same_device({src_name: src, "image": image})
         pending.append(("image", image))
         bsxy = V.positive(bilateral_sxy, "bilateral_sxy", B)

@@ -228,6 +228,33 @@ def test_fused_cpu_mean_field_matches_per_term_path(L, dtype):
         torch.testing.assert_close(ops.dense_crf(*args), ops._dense_crf_emulated(*args), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [3, 5, 21, 33])
+def test_huge_finite_energies(L, dtype):
+    # Finite energies above 1e30 (accepted by the checks): the fused mean fields padded their softmax
+    # rows at -1e30, which was then every row's max, and every q came out NaN (a fuzz find, session
+    # 31). Rows whose energies differ by 2e30 give one-hot q, equal rows 1/L: the pairwise messages
+    # (order 10) vanish beside them in either dtype. L = 33 takes the per-term path (ATen's softmax).
+    B, H, W = 2, 7, 6
+    _, image = _crf_inputs(B=B, L=L, H=H, W=W, dtype=dtype, seed=3)
+    pos, bil = _ref_features(B, H, W, image, dtype, bsxy=5.0)
+    N = H * W
+    unary = torch.full((B, L, N), 2e30, dtype=dtype)
+    unary[:, :, : N // 2] *= torch.arange(1, L + 1, dtype=dtype)[:, None]  # label 0 lowest by 2e30
+    want = torch.full((B, L, N), 1.0 / L, dtype=dtype)
+    want[:, :, : N // 2] = 0
+    want[:, 0, : N // 2] = 1
+    eye = torch.eye(L, dtype=dtype)
+    c = torch.stack([-3 * eye, -10 * eye])
+    for iterations in (0, 3):
+        args = (unary, [pos, bil], c, [True, True], [0, 0], iterations)
+        for op in (ops.dense_crf, ops._dense_crf_emulated):
+            torch.testing.assert_close(op(*args), want, rtol=1e-6, atol=1e-7)
+    # through the public call, checks included
+    q = rrm_cuda.dense_crf(unary.view(B, L, H, W), image, iterations=2, bilateral_sxy=5.0)
+    torch.testing.assert_close(q, want.view(B, L, H, W), rtol=1e-6, atol=1e-7)
+
+
 def test_unchecked_inputs_read_nothing_and_equal_checked():
     # check_inputs=False: the same result without reading values back; bad values are not refused
     unary, image = _crf_inputs(B=2, L=4, seed=7)
@@ -872,6 +899,8 @@ def test_bad_inputs():
         rrm_cuda.dense_crf(unary, torch.cat([image, image, image]))  # batch 3 does not divide 2
     with pytest.raises(ValueError, match="image contains Inf"):
         rrm_cuda.dense_crf(unary, image.float().fill_(math.inf))
+    with pytest.raises(ValueError, match="image must have at most 14 channels: .* got 15 channels"):
+        rrm_cuda.dense_crf(unary, image[:, :1].expand(-1, 15, -1, -1))
     with pytest.raises(ValueError, match="bilateral_sxy must be positive"):
         rrm_cuda.dense_crf(unary, image, bilateral_sxy=0.0)
     with pytest.raises(ValueError, match="gaussian_sxy must be positive"):

@@ -438,6 +438,7 @@ def test_tuning_from_the_environment():
         ("nope=1", "unknown tuning knob nope"),
         ("blur_pairs", "expected name=value"),
         ("splat_tile=-2", ">= 0"),
+        ("splat_tile=99999999999999999999", "int too big"),  # beyond int64: named too
     ):
         run = subprocess.run(
             [sys.executable, "-c", code], env=dict(env, RRM_CUDA_TUNING=bad), capture_output=True, text=True

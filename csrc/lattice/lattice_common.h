@@ -1099,8 +1099,17 @@ struct BlurPairFunctor {
   }
 };
 
-// Padding of the rows of the fused mean fields: far below any label's value, so never the max.
-constexpr double kSoftmaxPad = -1e30;
+// Padding of the rows of the fused mean fields' softmax: the lowest finite value of the type, so
+// that no label's finite value lies below it and the row's max is a label's (a label at exactly that
+// value ties with it: the same max). Its q is 0 (masked). A fixed -1e30 made every q NaN once all of
+// a pixel's -unary lay below it (finite energies above 1e30: the max was the padding's, every
+// label's exp underflowed to 0, and the sum was 0).
+template <typename scalar_t>
+RRM_HOST_DEVICE constexpr scalar_t softmax_pad() {
+  // -FLT_MAX and -DBL_MAX
+  return std::is_same<scalar_t, float>::value ? static_cast<scalar_t>(-3.4028234663852886e+38)
+                                              : static_cast<scalar_t>(-1.7976931348623157e+308);
+}
 
 // ---------------------------------------------------------------------------------------------
 // CPU softmax of one row (host code; CUDA runs ATen's softmax). Written so that GCC vectorises it
@@ -1152,7 +1161,7 @@ inline float exp_cpu(float x) {
 inline double exp_cpu(double x) { return exp(x); }
 
 // q[0, W) = softmax of the labels of v[0, W): mask[c] is 1 for a label and 0 for padding, whose v
-// must be kSoftmaxPad (it cannot be the max; its q is 0). Every loop has the fixed length W (4 or a
+// must be softmax_pad (it cannot be the max; its q is 0). Every loop has the fixed length W (4 or a
 // multiple of 8): no partial vectors, no store-forwarding stalls. v is overwritten.
 // Max and sum of W values (W a multiple of 8) in 8 lanes, reduced in a fixed order (W = 4: the same
 // order, so that padding a row from 4 to 8 labels changes nothing). float: with GCC
@@ -1284,7 +1293,7 @@ template <typename scalar_t, int W>
 inline void softmax_padded_row(const scalar_t* x, int64_t L, scalar_t* q) {
   scalar_t v[W], mask[W], out[W];
   for (int c = 0; c < W; ++c) {
-    v[c] = c < L ? x[c] : static_cast<scalar_t>(kSoftmaxPad);
+    v[c] = c < L ? x[c] : softmax_pad<scalar_t>();
     mask[c] = c < L ? scalar_t(1) : scalar_t(0);
   }
   softmax_masked<scalar_t, W>(v, mask, out);
@@ -1614,7 +1623,7 @@ template <typename scalar_t, int W, int G = 1>
 struct MeanFieldCpuFunctor {
   static_assert(W % G == 0, "G images of W / G columns each");
   static constexpr int Wg = W / G;
-  const scalar_t* base;  // (N, W) -unary, padded with kSoftmaxPad
+  const scalar_t* base;  // (N, W) -unary, padded with softmax_pad
   scalar_t* q_out[G];    // (L, N) each (element (c, i) at c * q_c + i * q_i), or nullptr
   int64_t q_c, q_i;      // q_out's strides: (N, 1) label-major, or (1, L) pixel-major
   scalar_t mask[W];      // 1 for the L labels of each image, 0 for the padding
@@ -1665,7 +1674,7 @@ struct MeanFieldCpuFunctor {
 // one thread per pixel slices every term, adds the unary, takes the softmax and writes Q
 // (MeanFieldSliceFunctor) -- instead of, per term, a slice pass over (N, L) arrays with one thread
 // per channel, and an ATen softmax. Rows are W wide (W = 4, 8, 16, 24 or 32 >= L; the padding of Q
-// and of the lattice rows is 0, that of the unary kSoftmaxPad): a thread holds whole rows in
+// and of the lattice rows is 0, that of the unary softmax_pad): a thread holds whole rows in
 // registers and reads a row of floats as W/4 float4 loads (16-byte aligned: W * 4 bytes is a
 // multiple of 16). The arithmetic is that of SplatChunkFunctor and SliceFunctor (with coef and
 // base), in the same order. Lattices may be shared: image b uses lattice b % LB of each term.
@@ -1786,7 +1795,7 @@ struct MeanFieldSliceFunctor : MeanFieldSliceArgs<scalar_t> {
   template <class Rows>
   RRM_HOST_DEVICE void compute_with(int64_t b, int64_t i, scalar_t* row, const Rows& rows) const {
     const scalar_t* u = unary + b * sb + i * sn;
-    for (int c = 0; c < W; ++c) row[c] = c < L ? -u[c * sl] : static_cast<scalar_t>(kSoftmaxPad);
+    for (int c = 0; c < W; ++c) row[c] = c < L ? -u[c * sl] : softmax_pad<scalar_t>();
     for (int t = 0; t < T; ++t) {
       const MeanFieldRowTerm<scalar_t>& m = terms[t];
       if (!m.blurred) continue;

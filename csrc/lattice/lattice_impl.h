@@ -1067,7 +1067,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
   auto ptr = [](const at::Tensor& x, int64_t off) -> const scalar_t* {
     return x.defined() ? x.data_ptr<scalar_t>() + off : nullptr;
   };
-  // Rows padded to W: the unary with kSoftmaxPad, the compatibilities with 0 (fixed-width loops).
+  // Rows padded to W: the unary with softmax_pad, the compatibilities with 0 (fixed-width loops).
   at::Tensor base_w = empty_large({N, W}, opt, kCachedOutputBytes);  // (a cached block: no page faults)
   const at::Tensor unary_c = unary.contiguous();  // the op takes any strides; read below as (B, L, N)
   std::vector<at::Tensor> coef_w(T);
@@ -1088,7 +1088,7 @@ void mean_field_cpu(const std::vector<Lattice>& lats, const std::vector<at::Tens
           for (int64_t l = 0; l < L; ++l)
             for (int64_t i = i0; i < i1; ++i) bw[i * W + l] = -u[l * N + i];
           for (int64_t i = i0; i < i1; ++i)
-            for (int64_t l = L; l < Wg; ++l) bw[i * W + l] = static_cast<scalar_t>(kSoftmaxPad);
+            for (int64_t l = L; l < Wg; ++l) bw[i * W + l] = softmax_pad<scalar_t>();
         }
       });
     }
