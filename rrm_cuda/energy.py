@@ -467,7 +467,7 @@ def dense_energy_loss(
         late = False
         img = images.to(dtype)
         lab = seg_label.reshape(B, 1, H, W) if seg_label is not None else None
-        if scale_factor != 1.0:
+        if scale_factor != 1.0 and probs.numel():  # (empty: F.interpolate refuses it; the sum is 0)
             kw = {"scale_factor": scale_factor, "recompute_scale_factor": recompute or None}
             img = F.interpolate(img, **kw)
             probs = F.interpolate(probs, mode="bilinear", align_corners=False, **kw)

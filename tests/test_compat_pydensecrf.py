@@ -359,6 +359,13 @@ def test_bad_inputs():
         with pytest.raises(TypeError, match="n_iterations must be an integer"):
             d.inference(n)
     assert d.inference(np.int64(1)).shape == (3, 48)
+    # beyond a C int: OverflowError, as pydensecrf's Cython signatures raise (not hours of iterations)
+    for n in (2**31, -(2**31) - 1, 1e10, np.int64(2**40)):
+        with pytest.raises(OverflowError, match="n_iterations must fit a C int"):
+            d.inference(n)
+    np.testing.assert_array_equal(d.inference(-1), d.inference(0))  # n <= 0: the softmax, as there
+    with pytest.raises(OverflowError, match="nlabels must fit a C int"):
+        rdcrf.DenseCRF(10, 2**32)
     with pytest.raises(TypeError, match="W must be an integer; got str '5'"):
         rdcrf.DenseCRF2D("5", 5, 2)
     with pytest.raises(TypeError, match="nlabels must be an integer; got inf"):

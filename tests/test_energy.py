@@ -741,6 +741,13 @@ def test_empty_inputs(stats_op, monkeypatch):
     images, probs, rois, labels = _inputs(H=4, W=4)
     out = rrm_cuda.dense_energy_loss(images[:, :, :0], probs[:, :, :0], rois[:, :0], labels[:, :, :0])
     assert float(out) == 0.0
+    # no class (K = 0) at every scale, the general (F.interpolate) path's 0.3 included: an empty sum
+    for scale in (1.0, 0.5, 0.3):
+        seg = probs[:, :0].clone().requires_grad_()
+        out = rrm_cuda.DenseEnergyLoss(1e-7, 15.0, 100.0, scale)(images, seg, rois, torch.full_like(labels, 255))
+        assert float(out.detach()) == 0.0
+        out.sum().backward()
+        assert seg.grad.shape == seg.shape
 
 
 def _bad(scale_factor=1.0, **over):

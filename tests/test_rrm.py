@@ -347,11 +347,29 @@ def test_reliable_labels_unchecked_equal_checked_and_host_labels(cuda_or_cpu):
         got = reliable_label_parts(image.to(dev), cams.to(dev), lab, iterations=3, check_inputs=check)
         for f in ("label", "crf_label", "cam_sure", "crf_la", "crf_ha"):
             assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    c0 = int(labels[0].nonzero()[0, 0])  # a class of image 0
     bad = cams.clone()
-    bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    bad[0, c0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="cams contains NaN values in a present class"):
         reliable_labels(image.to(dev), bad.to(dev), labels, iterations=3)
     reliable_labels(image.to(dev), bad.to(dev), labels, iterations=3, check_inputs=False)  # no error
+    bad[0, c0, 0, 0] = float("inf")  # Inf would pass the CRF's checks (clipped into its unary)
+    with pytest.raises(ValueError, match="cams contains Inf values in a present class"):
+        reliable_labels(image.to(dev), bad.to(dev), labels, iterations=3)
+    # an absent class's CAM is never read, NaN included (as in the original, which reads present ones)
+    absent = cams.clone()
+    absent[labels == 0] = float("nan")
+    got = reliable_label_parts(image.to(dev), absent.to(dev), labels, iterations=3)
+    for f in ("label", "crf_label", "cam_sure", "crf_la", "crf_ha"):
+        assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    for kw, msg in (
+        (dict(alphas=(4.0, 32.0, 8.0)), "alphas must be two positive numbers"),
+        (dict(alphas=(4.0, -1.0)), "alphas must be two positive numbers"),
+        (dict(cam_percentile=1.0), r"cam_percentile must be a number in \[0, 1\)"),
+        (dict(cam_percentile=-0.1), r"cam_percentile must be a number in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            reliable_labels(image.to(dev), cams.to(dev), labels, iterations=3, **kw)
 
 
 def test_train_step_stops_on_non_finite_cams(tmp_path, monkeypatch):
@@ -616,12 +634,27 @@ def test_train_config_rejects_bad_values_at_start(monkeypatch):
     with pytest.raises(ValueError, match="log_every must be >= 0"):
         make_config("cpu-demo", log_every=-1)
     assert make_config("cpu-demo", checkpoint_every=0, log_every=0).checkpoint_every == 0
+    for name, value, low in (("batch_size", 0, 1), ("crop", 1, 16), ("iterations", -1, 0), ("workers", -2, 0)):
+        with pytest.raises(ValueError, match=f"{name} must be >= {low}; got {value}"):
+            make_config("cpu-demo", **{name: value})
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert resolve_device("cuda") == torch.device("cuda", 3)  # a torchrun process's own GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible GPU per process
     assert resolve_device("cuda") == torch.device("cuda", 0)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu").type == "cpu"
+
+
+def test_scripts_refuse_a_limit_below_one(capsys):
+    # --limit 0 evaluated no image and reported mIoU nan with exit code 0: now a usage error
+    from rrm_cuda.rrm import evaluate, infer
+
+    for mod, args in ((infer, ["--checkpoint", "x.pt", "--out", "o"]), (evaluate, ["--pred", "p", "--out", "o"])):
+        for bad in ("0", "-3", "two"):
+            with pytest.raises(SystemExit) as e:
+                mod.build_parser().parse_args([*args, "--limit", bad])
+            assert e.value.code == 2 and "--limit: expected an integer >= 1" in capsys.readouterr().err
+        assert mod.build_parser().parse_args([*args, "--limit", "2"]).limit == 2
 
 
 def test_pipeline_dependencies_named_with_the_install_command(monkeypatch):

@@ -950,6 +950,15 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
 // thread; the same bits either way (each channel's sums are the same terms in the same order).
 inline bool filter_rows4(int64_t C) { return C >= 4 && tuning::get(tuning::kFilterRows4) != 0; }
 
+// The generic filter's lattice row width for C channels on Exec: CPU rows padded to a multiple of 8
+// channels (one AVX register, see SliceFunctor), the GPU's (and its emulation's) to a multiple of 4
+// (filter_rows4) or not at all.
+template <class Exec>
+int64_t filter_row_width(int64_t C) {
+  if constexpr (std::is_same_v<Exec, CpuExec>) return (C + 7) / 8 * 8;
+  return filter_rows4(C) ? (C + 3) / 4 * 4 : C;
+}
+
 // The lattice rows of B S (pre * in) in ws's buffers, Cs channels (ws.a.size(2)) per row; returns
 // the buffer that holds them. B = B_d ... B_0 (forward) or B_0 ... B_d (reverse).
 // in: (B, N, C) contiguous, same dtype as the lattice weights.
@@ -958,11 +967,9 @@ scalar_t* splat_blur(const Exec& exec, const Lattice& lat, const scalar_t* in, c
                      bool reverse, FilterWorkspace& ws) {
   const int64_t B = lat.B, M = lat.M;
   const int d = lat.d;
-  // CPU lattice rows are padded to a multiple of 8 channels (one AVX register), see SliceFunctor;
-  // the GPU's (and its emulation's) to a multiple of 4 (filter_rows4) or not at all.
   constexpr bool kCpu = std::is_same_v<Exec, CpuExec>;
   const bool rows4 = !kCpu && filter_rows4(C);
-  const int64_t Cs = kCpu ? (C + 7) / 8 * 8 : rows4 ? (C + 3) / 4 * 4 : C;
+  const int64_t Cs = filter_row_width<Exec>(C);
   if (!ws.a.defined() || ws.a.size(2) != Cs) {
     ws.a = lat.counted ? counted_empty<Exec>({B, M, Cs}, lat.entry_weight.options())
                        : at::empty({B, M, Cs}, lat.entry_weight.options());
@@ -1266,8 +1273,9 @@ at::Tensor permutohedral_filter(const Exec& exec, const at::Tensor& values, cons
   auto out = at::empty({B, N, C}, values.options());
   if (B == 0 || C == 0 || N == 0) return out.permute({0, 2, 1}).contiguous();
   // A counted lattice (use_counted): in a CUDA graph capture, or by knob. Its rows: the two blur
-  // buffers and the chunk sums.
-  const bool counted = use_counted(exec, B, chunk, N, features.size(1), 3 * C * values.element_size());
+  // buffers and the chunk sums, each of the padded width.
+  const bool counted =
+      use_counted(exec, B, chunk, N, features.size(1), 3 * filter_row_width<Exec>(C) * values.element_size());
   const auto entry = op_lattice(exec, claim, features, chunk, keep, counted);
   const Lattice& lat = entry->lat;
   auto in = values.transpose(1, 2).contiguous();  // pixel-major
@@ -1301,8 +1309,8 @@ std::tuple<at::Tensor, at::Tensor> permutohedral_filter_backward(const Exec& exe
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   const int d = static_cast<int>(features.size(1));
   if (B == 0 || C == 0 || N == 0) return {at::zeros_like(values), at::zeros({B, d, N}, features.options())};
-  // its rows: two filters' blur buffers and chunk sums
-  const bool counted = use_counted(exec, B, chunk, N, d, 6 * C * values.element_size());
+  // its rows: two filters' blur buffers and chunk sums, each of the padded width
+  const bool counted = use_counted(exec, B, chunk, N, d, 6 * filter_row_width<Exec>(C) * values.element_size());
   const auto entry = op_lattice(exec, claim, features, chunk, keep, counted);
   const Lattice& lat = entry->lat;
   // the forward's blurred rows B S in, when its node handed them over with this lattice

@@ -1,5 +1,6 @@
 """The RRM pipeline's optional dependencies (the ``rrm`` extra), checked up front with one message
-that says what to install, instead of an ImportError from deep inside a run."""
+that says what to install, instead of an ImportError from deep inside a run; and the scripts' shared
+argument type."""
 
 from __future__ import annotations
 
@@ -19,3 +20,17 @@ def require(*modules: str) -> None:
             f"the RRM pipeline needs {', '.join(missing)}: pip install 'rrm_cuda[rrm]' (from a checkout: "
             f"pip install '.[rrm]'), or pip install {pkgs}"
         )
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the scripts' counts (``--limit``): an int >= 1, else a usage error that names
+    the value (``--limit 0`` evaluated no image and reported an mIoU of nan)."""
+    import argparse
+
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {v}")
+    return v

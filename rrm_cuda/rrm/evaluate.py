@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._deps import require
+from ._deps import positive_int, require
 from .data import AugmentedDataset, build_dataset
 from .metrics import VOC_CLASSES, confusion_matrix, iou_from_confusion, mean_iou, pixel_accuracy
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0])
     p.add_argument("--flip", action="store_true")
     p.add_argument("--crf", action="store_true")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
     p.add_argument("--device", default="auto")
     return p
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..functional import dense_crf
+from ._deps import positive_int
 from .data import build_dataset, save_mask_png
 from .model import RRM, load_state_file
 from .train import TrainConfig, build_model, config_from_dict, resolve_device
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="e.g. 0.5 1 1.5 2 for multi-scale")
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped inputs")
     p.add_argument("--crf", action="store_true", help="dense-CRF post-processing (sxy 3/3, 83/5/4)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N images")
     p.add_argument("--length", type=int, default=None, help="embedded data: number of images (default: as trained)")
     p.add_argument("--image-size", type=int, default=None, help="embedded data: image side (default: as trained)")
     p.add_argument("--seed", type=int, default=None, help="embedded data: scene seed (default: as trained)")

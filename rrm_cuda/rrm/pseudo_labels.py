@@ -6,6 +6,7 @@ Shapes: B batch, H×W crop, 20 foreground classes, 21 labels (background 0), 255
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -231,7 +232,7 @@ def _cam_sure(
                 if n == 0:  # the original raises IndexError here: no reliable pixel for c
                     continue
                 k = int(n * cam_percentile)  # the original's sorted(values)[k]: a selection, not a sort
-                kth = torch.kthvalue(values, k + 1).values if 0 <= k < n else values.sort().values[k]
+                kth = torch.kthvalue(values, k + 1).values  # 0 <= k < n for cam_percentile in [0, 1)
                 cam_sure[b] |= cam_c > kth
         return cam_sure
     # Each class c of image b contributes the pixels of its region (cam_img == c) whose CAM exceeds
@@ -253,10 +254,7 @@ def _cam_sure(
         # the selected values first, ascending (the rest inf); the k-th of them is the threshold
         # (inf when none is selected: k = 0)
         srt = torch.where(sel, cam_c, math.inf).sort(1).values
-        if 0.0 <= cam_percentile < 1.0:  # floor(n * p) < n <= HW
-            k = (sel.sum(1).double() * cam_percentile).long()
-        else:
-            k = (sel.sum(1).double() * cam_percentile).floor().long().clamp(max=x.shape[1] - 1)
+        k = (sel.sum(1).double() * cam_percentile).long()  # floor(n p) < n <= HW: p in [0, 1)
         T.index_put_((bi, ci), srt.gather(1, k[:, None])[:, 0])
     T.masked_fill_(~occurs, math.inf)
     cam_sure = cam_all.gather(1, cam_img[:, None])[:, 0] > T.gather(1, cam_img.flatten(1)).view(B, H, W)
@@ -293,6 +291,10 @@ def reliable_label_parts(
         )
     if labels.shape != (cams.shape[0], 20):
         raise ValueError(f"labels must have shape (B, 20) = ({cams.shape[0]}, 20); got {tuple(labels.shape)}")
+    if len(alphas) != 2 or not all(isinstance(a, numbers.Real) and math.isfinite(a) and a > 0 for a in alphas):
+        raise ValueError(f"alphas must be two positive numbers (the background's low and high powers); got {alphas!r}")
+    if not (isinstance(cam_percentile, numbers.Real) and 0.0 <= cam_percentile < 1.0):
+        raise ValueError(f"cam_percentile must be a number in [0, 1); got {cam_percentile!r}")
     crf_params = dict(PSEUDO_CRF if crf_params is None else crf_params)
     B, _, H, W = cams.shape
     if cams.requires_grad:
@@ -304,9 +306,12 @@ def reliable_label_parts(
         # the device back; the device copy is asynchronous (pinned memory)
         pinned = present.pin_memory() if cams.device.type == "cuda" else present
         present_d = pinned.to(cams.device, non_blocking=True)
-    # cam_all = [bg_α1, cams of the present classes] written in place (no concatenation pass)
+    # cam_all = [bg_α1, cams of the present classes] written in place (no concatenation pass); an
+    # absent class's CAM is never read (0 there, even where it is NaN: the original reads present
+    # classes only)
     cam_all = cams.new_empty(B, 21, H, W, dtype=torch.float32)
-    cam_np = torch.mul(cams, present_d.reshape(B, 20, 1, 1), out=cam_all[:, 1:])
+    c32 = cams if cams.dtype == torch.float32 else cams.float()  # where's out takes its inputs' dtype
+    cam_np = torch.where(present_d.reshape(B, 20, 1, 1), c32, c32.new_zeros(()), out=cam_all[:, 1:])
     one_minus_max = 1.0 - cam_np.amax(1)
     torch.pow(one_minus_max, alphas[1], out=cam_all[:, 0])
     cam_img = _channel_argmax(cam_all)
@@ -316,6 +321,9 @@ def reliable_label_parts(
     # holds only the unaries.
     present_h = present.cpu()  # free for host labels
 
+    if check_inputs and not bool(torch.isfinite(cam_np).all()):  # clipped into the unary, Inf would pass
+        bad = "NaN" if bool(cam_np.isnan().any()) else "Inf"
+        raise ValueError(f"cams contains {bad} values in a present class")
     crf, crf_labels, fg_max, bg = _batched_crf(
         image.detach() if image.requires_grad else image,
         cam_np,
@@ -371,9 +379,10 @@ def reliable_labels(
         labels: (B, 20) image-level labels; classes with label <= 1e-5 are ignored. On any
             device: host labels (as a data loader gives them) spare the one read of the device
             that finds each image's classes.
-        check_inputs: check the CRF's inputs for NaN/Inf (one more device synchronisation), as
-            :func:`rrm_cuda.dense_crf` does; unchecked, non-finite CAMs give meaningless labels
-            instead of an error (the training loop checks its CAMs with its logged values).
+        check_inputs: check the present classes' CAMs and the CRF's inputs for NaN/Inf (device
+            synchronisations), as :func:`rrm_cuda.dense_crf` does; unchecked, non-finite CAMs give
+            meaningless labels instead of an error (the training loop checks its CAMs with its
+            logged values). Absent classes' CAMs are never read, NaN or not.
 
     Returns:
         (B, H, W) int64 labels in {0..20, 255}.

@@ -117,6 +117,9 @@ class TrainConfig:
         for name in ("checkpoint_every", "panel_every", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: off); got {getattr(self, name)}")
+        for name, low in (("batch_size", 1), ("crop", 16), ("iterations", 0), ("crf_iterations", 0), ("workers", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low}; got {getattr(self, name)}")
 
 
 #: the crop RRM's energy-loss settings (weight 1e-7, sigma_xy 100) were chosen for

@@ -49,25 +49,28 @@ class DTypeError(TypeError, ValueError):
 def _int_arg(value, name: str) -> int:
     """An integer argument. pydensecrf's Cython signatures take C ints and convert a Python or
     numpy float by truncation (``DenseCRF2D(640.0, 480, 21)`` works there), so this does too; a
-    string or a non-finite number is a TypeError."""
+    string or a non-finite number is a TypeError, and a value beyond a C int an OverflowError (as
+    there: ``inference(2**31)`` would otherwise run for hours)."""
     try:
-        return operator.index(value)
+        v = operator.index(value)
     except TypeError:
-        pass
-    if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, np.ndarray)):
-        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}") from None
-    if not math.isfinite(v):
-        raise TypeError(f"{name} must be an integer; got {value!r}")
-    return int(v)
+        if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, np.ndarray)):
+            raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}") from None
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be an integer; got {type(value).__name__} {value!r}") from None
+        if not math.isfinite(f):
+            raise TypeError(f"{name} must be an integer; got {value!r}") from None
+        v = int(f)
+    if not -(2**31) <= v < 2**31:
+        raise OverflowError(f"{name} must fit a C int (pydensecrf's type); got {v}")
+    return v
 
 
 def _check_energies(e: np.ndarray, name: str) -> None:
     """Energies (M, N) may be +inf (a forbidden label: Q < 1e-37 there, pydensecrf's exactly 0; its
-    ``klDivergence`` is then +inf where pydensecrf's is NaN: 0 * inf in both), not NaN or -inf,
+    ``klDivergence`` is then NaN, as pydensecrf's: 0 * inf), not NaN or -inf,
     and not +inf for every label of one variable (no label left: pydensecrf gives NaN)."""
     if np.isnan(e).any() or np.isneginf(e).any():
         raise ValueError(f"{name} contains NaN or -inf")
