@@ -794,7 +794,7 @@ RRM_HOST_DEVICE void row_add_scaled_any(scalar_t* acc, scalar_t w, const scalar_
 // Rows of vertices >= num_vertices are not written (the blurs skip them and no slice reads them).
 template <typename scalar_t, int V = 1, bool kPair = false, bool kFuse = false>
 struct SplatChunkFunctor {
-  // CUDA: the float4 splat also compiled with register caps (knob item_min_blocks, common/exec.h)
+  // CUDA: the float4 splat also compiled with register caps (knob item_min_blocks, common/cuda_exec.cuh)
   static constexpr bool kMinBlocksVariants = std::is_same<scalar_t, float>::value && V == 4 && !kPair;
   static constexpr int U = V == 1 ? 8 : 4;  // entries in flight per thread
   const scalar_t* in;                       // (B, N, C)
@@ -1771,7 +1771,7 @@ struct MeanFieldSliceArgs {
 // slice_group4. Each channel's sums are the same terms in the same order: the same bits.
 template <typename scalar_t, int W, int G = W>
 struct MeanFieldSliceFunctor : MeanFieldSliceArgs<scalar_t> {
-  // CUDA: the four-channel slice also compiled with register caps (knob item_min_blocks, common/exec.h)
+  // CUDA: the four-channel slice also compiled with register caps (knob item_min_blocks, common/cuda_exec.cuh)
   static constexpr bool kMinBlocksVariants = std::is_same<scalar_t, float>::value && G == 4;
   static_assert(W % G == 0, "G must divide W");
   using MeanFieldSliceArgs<scalar_t>::unary;

@@ -946,8 +946,9 @@ void splat_scatter_cpu(const Lattice& lat, const scalar_t* in, const scalar_t* p
 }
 
 // The GPU filter's lattice rows are padded to a multiple of 4 channels, which its splat and blurs
-// take four at a time (float4 / double2 pairs), for C >= 4 unless the knob says one channel per
-// thread; the same bits either way (each channel's sums are the same terms in the same order).
+// take four at a time (float rows as float4 loads and stores; double rows four scalars per thread),
+// for C >= 4 unless the knob says one channel per thread; the same bits either way (each channel's
+// sums are the same terms in the same order).
 inline bool filter_rows4(int64_t C) { return C >= 4 && tuning::get(tuning::kFilterRows4) != 0; }
 
 // The generic filter's lattice row width for C channels on Exec: CPU rows padded to a multiple of 8
